@@ -1,0 +1,162 @@
+"""Decoding caches as pytrees: one typed entry per layer plus per-row lengths.
+
+A `Cache` holds a tuple of layer entries and `lengths[B]`, the number of committed tokens of
+each row. Every entry type implements the same three operations, so a hybrid model mixes
+entry types without the decode loop knowing:
+
+- `write(new, lengths)`: store the T new tokens' state at slots [length, length + T);
+- `commit(lengths, accepted_slots, n_accepted)`: keep the accepted path of the tokens just
+  written (a tree's accepted nodes, in order) as contiguous positions from `length` on;
+- `axes()`: logical axis names per leaf, mapped to mesh axes by `jaxdec.parallel`.
+
+Today there is `KVLayer` (attention); state-space entries (conv + ssm state) arrive with the
+Mamba2 models and commit the state of the accepted node instead.
+
+Shape legend: B batch, S cache slots (max_len), K KV heads, D head dim, N accepted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _pytree_dataclass(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+@_pytree_dataclass
+class KVLayer:
+    """Keys and values of one attention layer: k, v [B, S, K, D], rotated keys."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @staticmethod
+    def axes() -> "KVLayer":
+        names = ("batch", "cache_seq", "cache_heads", "head_dim")
+        return KVLayer(k=names, v=names)
+
+    def write(self, k_BTKD: jax.Array, v_BTKD: jax.Array, lengths_B: jax.Array) -> "KVLayer":
+        """Writes T new keys/values per row at slots [length, length + T); slots past the end
+        of the cache are dropped (callers keep writes in range)."""
+        T = k_BTKD.shape[1]
+        rows = jnp.arange(k_BTKD.shape[0])[:, None]
+        slots = lengths_B[:, None] + jnp.arange(T, dtype=lengths_B.dtype)[None, :]
+        return KVLayer(
+            k=self.k.at[rows, slots].set(k_BTKD.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[rows, slots].set(v_BTKD.astype(self.v.dtype), mode="drop"),
+        )
+
+    def commit(self, lengths_B, accepted_slots_BN, n_accepted_B) -> "KVLayer":
+        B, N = accepted_slots_BN.shape
+        S = self.k.shape[1]
+        rows = jnp.arange(B)[:, None]
+        src = lengths_B[:, None] + accepted_slots_BN
+        dst = lengths_B[:, None] + jnp.arange(N, dtype=lengths_B.dtype)[None, :]
+        # Slots past the accepted count are not written (sent out of range and dropped).
+        dst = jnp.where(jnp.arange(N)[None, :] < n_accepted_B[:, None], dst, S)
+
+        def move(x):
+            picked = x[rows, jnp.clip(src, 0, S - 1)]  # gather all first: sources may overlap
+            return x.at[rows, dst].set(picked, mode="drop")
+
+        return KVLayer(k=move(self.k), v=move(self.v))
+
+
+@_pytree_dataclass
+class Cache:
+    """Per-layer entries and per-row committed lengths (int32 [B])."""
+
+    layers: tuple[Any, ...]
+    lengths: jax.Array
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        """Number of slots per row (the static capacity)."""
+        return self.layers[0].k.shape[1]
+
+    def replace(self, **changes) -> "Cache":
+        return dataclasses.replace(self, **changes)
+
+
+def init_cache(
+    config,
+    batch_size: int,
+    max_len: int,
+    *,
+    dtype=jnp.float32,
+    mesh=None,
+) -> Cache:
+    """Allocates an empty cache (zeros, lengths 0), placed with the mesh's sharding.
+
+    KV heads are sharded over the `tp` mesh axis. When tp exceeds the model's KV heads, each
+    shard holds the one KV head its query heads read, so the cache has max(K, tp) heads.
+    """
+    from jaxdec import parallel
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    mesh = parallel.resolve_mesh(mesh)
+    parallel.check_divisibility(config, mesh)
+    heads = parallel.cache_kv_heads(config, mesh)
+    shape = (batch_size, max_len, heads, config.head_dim)
+    shardings = parallel.shardings(mesh, cache_axes(config), config)
+
+    def make():
+        layers = tuple(
+            KVLayer(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            for _ in range(config.num_layers)
+        )
+        return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def cache_axes(config) -> Cache:
+    """Logical axis names of every cache leaf (same structure as the cache)."""
+    return Cache(
+        layers=tuple(KVLayer.axes() for _ in range(config.num_layers)), lengths=("batch",)
+    )
+
+
+def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array) -> Cache:
+    """Keeps the accepted path of the tokens written by the last forward.
+
+    The last forward wrote T tokens per row at slots [length, length + T) without advancing
+    the lengths. `accepted_slots[b, i]` is the index (0..T-1) among those tokens of the i-th
+    accepted one, in path order; the first `n_accepted[b]` of them are moved to slots
+    length + i, and the row's length grows by `n_accepted[b]`. Plain decoding is the special
+    case accepted_slots = [[0]], n_accepted = 1. Rejected slots are left to be overwritten.
+
+    Args:
+      cache: the cache after the forward.
+      accepted_slots: int [B, N] with N <= T, increasing along a path (a tree lists parents
+        before children).
+      n_accepted: int [B], 0 <= n_accepted <= N.
+    Returns:
+      The cache with the path made contiguous and lengths advanced.
+    """
+    accepted_slots = jnp.asarray(accepted_slots, jnp.int32)
+    n_accepted = jnp.asarray(n_accepted, jnp.int32)
+    if accepted_slots.ndim != 2 or accepted_slots.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"accepted_slots must be [batch={cache.batch_size}, N], got {accepted_slots.shape}"
+        )
+    if n_accepted.shape != (cache.batch_size,):
+        raise ValueError(f"n_accepted must be [{cache.batch_size}], got {n_accepted.shape}")
+    layers = tuple(
+        entry.commit(cache.lengths, accepted_slots, n_accepted) for entry in cache.layers
+    )
+    return Cache(layers=layers, lengths=cache.lengths + n_accepted)

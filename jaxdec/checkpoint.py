@@ -1,0 +1,389 @@
+"""Hugging Face checkpoints <-> jaxdec param pytrees, without torch.
+
+`load_pretrained` reads a safetensors directory (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`) straight from memory-mapped files into the param pytree, in
+the requested dtype, each tensor placed with the mesh's sharding. `save_pretrained` writes a
+directory transformers loads (`config.json`, safetensors, `generation_config.json`, and
+`tokenizer.json` when the model has a tokenizer), atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxdec import parallel
+from jaxdec.config import ModelConfig
+from jaxdec.model import Model, param_shardings
+from jaxdec.models import llama
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_MAX_HEADER_BYTES = 100 * 2**20
+# Tensors some checkpoints carry that the model recomputes or shares.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing pieces, corrupt, or does not fit the config."""
+
+
+# --------------------------------------------------------------------- safetensors files
+
+
+class _TensorInfo:
+    __slots__ = ("path", "dtype", "shape", "offset", "nbytes")
+
+    def __init__(self, path, dtype, shape, offset, nbytes):
+        self.path, self.dtype, self.shape, self.offset, self.nbytes = path, dtype, shape, offset, nbytes
+
+    def read(self) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor."""
+        if self.nbytes == 0:
+            return np.zeros(self.shape, self.dtype)
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.nbytes,))
+        return raw.view(self.dtype).reshape(self.shape)
+
+
+def read_safetensors_index(path: str) -> dict[str, _TensorInfo]:
+    """Parses one safetensors file's header, validating it against the file size."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise FileNotFoundError(f"missing checkpoint file {path}") from None
+
+    def corrupt(why):
+        return CheckpointError(f"corrupt safetensors file {path}: {why}")
+
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt("shorter than its 8-byte header length")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise corrupt(f"header length {header_len} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad entry for tensor {name!r}: {info!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise corrupt(f"tensor {name!r} {shape} {info['dtype']} has data offsets "
+                          f"{[begin, end]} outside the {data_size} data bytes or of the wrong size")
+        tensors[name] = _TensorInfo(path, dtype, shape, data_start + begin, nbytes)
+    return tensors
+
+
+def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
+    index_path = os.path.join(directory, INDEX_FILE)
+    single_path = os.path.join(directory, SINGLE_FILE)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"corrupt index {index_path}: {e!r}") from None
+        tensors = {}
+        for file in sorted(set(weight_map.values())):
+            found = read_safetensors_index(os.path.join(directory, file))
+            tensors.update({k: v for k, v in found.items() if weight_map.get(k) == file})
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index_path} lists tensors its shards lack: {missing[:5]}")
+        return tensors
+    if os.path.exists(single_path):
+        return read_safetensors_index(single_path)
+    present = sorted(os.listdir(directory))
+    hint = " (torch .bin checkpoints are not supported: convert to safetensors)" if any(
+        p.endswith(".bin") for p in present) else ""
+    raise FileNotFoundError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}{hint}; found {present}"
+    )
+
+
+# ------------------------------------------------------------------------- name mapping
+
+
+class _Entry:
+    """One parameter: its HF name and HF shape, and the layout changes between the two."""
+
+    def __init__(self, hf_name: str, hf_shape: tuple, to_ours: Callable, to_hf: Callable):
+        self.hf_name, self.hf_shape, self.to_ours, self.to_hf = hf_name, hf_shape, to_ours, to_hf
+
+
+def _linear(shape_out_in: tuple, ours_shape: tuple) -> tuple[Callable, Callable]:
+    """HF Linear weight [out, in] <-> ours [in, *out] (or [*in, out] reshaped)."""
+    return (lambda w: np.ascontiguousarray(w.T).reshape(ours_shape),
+            lambda w: np.ascontiguousarray(w.reshape(shape_out_in[1], shape_out_in[0]).T))
+
+
+def _param_table(config: ModelConfig) -> dict[str, _Entry]:
+    """Our param path (jax keystr) -> _Entry, for every parameter of the config."""
+    E, H, K, D, F, V = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                        config.head_dim, config.intermediate_size, config.vocab_size)
+    table: dict[str, _Entry] = {}
+
+    def add(path, hf_name, hf_shape, ours_shape, kind):
+        if kind == "linear":
+            to_ours, to_hf = _linear(hf_shape, ours_shape)
+        else:  # a vector or a bias reshaped to heads
+            to_ours = lambda w, s=ours_shape: np.asarray(w).reshape(s)
+            to_hf = lambda w, s=hf_shape: np.asarray(w).reshape(s)
+        table[path] = _Entry(hf_name, hf_shape, to_ours, to_hf)
+
+    add("['embed']", "model.embed_tokens.weight", (V, E), (V, E), "vector")
+    add("['final_norm']", "model.norm.weight", (E,), (E,), "vector")
+    if not config.tie_word_embeddings:
+        add("['lm_head']", "lm_head.weight", (V, E), (E, V), "linear")
+    for i in range(config.num_layers):
+        p, h = f"['layers'][{i}]", f"model.layers.{i}."
+        add(p + "['attn_norm']", h + "input_layernorm.weight", (E,), (E,), "vector")
+        add(p + "['mlp_norm']", h + "post_attention_layernorm.weight", (E,), (E,), "vector")
+        add(p + "['q']", h + "self_attn.q_proj.weight", (H * D, E), (E, H, D), "linear")
+        add(p + "['k']", h + "self_attn.k_proj.weight", (K * D, E), (E, K, D), "linear")
+        add(p + "['v']", h + "self_attn.v_proj.weight", (K * D, E), (E, K, D), "linear")
+        add(p + "['o']", h + "self_attn.o_proj.weight", (E, H * D), (H, D, E), "linear")
+        add(p + "['gate']", h + "mlp.gate_proj.weight", (F, E), (E, F), "linear")
+        add(p + "['up']", h + "mlp.up_proj.weight", (F, E), (E, F), "linear")
+        add(p + "['down']", h + "mlp.down_proj.weight", (E, F), (F, E), "linear")
+        if config.qkv_bias:
+            add(p + "['q_bias']", h + "self_attn.q_proj.bias", (H * D,), (H, D), "vector")
+            add(p + "['k_bias']", h + "self_attn.k_proj.bias", (K * D,), (K, D), "vector")
+            add(p + "['v_bias']", h + "self_attn.v_proj.bias", (K * D,), (K, D), "vector")
+        if config.o_bias:
+            add(p + "['o_bias']", h + "self_attn.o_proj.bias", (E,), (E,), "vector")
+        if config.mlp_bias:
+            add(p + "['gate_bias']", h + "mlp.gate_proj.bias", (F,), (F,), "vector")
+            add(p + "['up_bias']", h + "mlp.up_proj.bias", (F,), (F,), "vector")
+            add(p + "['down_bias']", h + "mlp.down_proj.bias", (E,), (E,), "vector")
+    return table
+
+
+def _resolve_dtype(dtype, config: ModelConfig):
+    if dtype is None:
+        dtype = config.dtype
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype={dtype!r} is not a dtype") from None
+
+
+def load_tokenizer(directory: str):
+    """`tokenizers.Tokenizer` from `tokenizer.json`, or None when the directory has none."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises its own exception type
+        raise CheckpointError(f"corrupt tokenizer file {path}: {e}") from None
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
+    """Loads an HF safetensors directory (Llama, Mistral, Qwen2 families).
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      dtype: parameter dtype (e.g. jnp.bfloat16); None keeps the checkpoint's declared dtype.
+      mesh: the mesh to shard over (`jaxdec.make_mesh(tp=...)`); None is one device.
+    Returns:
+      A Model whose params are placed with the mesh's sharding; `.tokenizer` is set when the
+      directory has tokenizer.json.
+    """
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = ModelConfig.from_hf(directory)
+    dtype = _resolve_dtype(dtype, config)
+    mesh = parallel.resolve_mesh(mesh)
+    parallel.check_divisibility(config, mesh)
+    tensors = _checkpoint_tensors(directory)
+    table = _param_table(config)
+    vocab = parallel.padded_vocab(config, mesh)
+
+    for path_str, entry in table.items():
+        info = tensors.get(entry.hf_name)
+        if info is None:
+            raise CheckpointError(f"tensor {entry.hf_name!r} is missing from {directory}")
+        if info.shape != entry.hf_shape:
+            raise CheckpointError(
+                f"tensor {entry.hf_name!r} has shape {info.shape}, expected {entry.hf_shape} "
+                "from config.json"
+            )
+    known = {e.hf_name for e in table.values()}
+    if config.tie_word_embeddings:
+        known.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    unexpected = sorted(n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        warnings.warn(f"ignoring {len(unexpected)} unexpected tensors in {directory}: {unexpected[:5]}")
+
+    axes = llama.param_axes(config)
+    shardings = param_shardings(config, mesh)
+    flat_shardings = dict(
+        (jax.tree_util.keystr(p), s)
+        for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+    )
+
+    def place(path_str: str) -> jax.Array:
+        entry = table[path_str]
+        array = entry.to_ours(tensors[entry.hf_name].read()).astype(dtype)
+        if path_str == "['embed']" and vocab != config.vocab_size:
+            array = np.pad(array, ((0, vocab - config.vocab_size), (0, 0)))
+        elif path_str == "['lm_head']" and vocab != config.vocab_size:
+            array = np.pad(array, ((0, 0), (0, vocab - config.vocab_size)))
+        return jax.device_put(array, flat_shardings[path_str])
+
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(
+        axes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+    )
+    params = jax.tree.unflatten(
+        treedef, [place(jax.tree_util.keystr(p)) for p, _ in leaves_with_paths]
+    )
+    return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory))
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def save_pretrained(
+    model: Model,
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Writes `model` as an HF directory that transformers and `load_pretrained` both load.
+
+    The directory appears atomically: files are written to a temporary sibling directory that
+    is renamed into place, so an interrupted export never leaves a half-written checkpoint.
+
+    Args:
+      model: the Model to export.
+      path: target directory; must not exist (or be empty) unless `overwrite`.
+      dtype: dtype of the written tensors (default: the params' dtype).
+      max_shard_bytes: above this size the weights are split into shards with an index.
+    Returns:
+      The directory path.
+    """
+    target = os.path.abspath(os.fspath(path))
+    if os.path.exists(target) and os.listdir(target) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    config = model.config
+    table = _param_table(config)
+    flat = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    if set(flat) != set(table):
+        raise ValueError(
+            f"params do not match the config: missing {sorted(set(table) - set(flat))[:5]}, "
+            f"unexpected {sorted(set(flat) - set(table))[:5]}"
+        )
+    tensors = {}
+    for path_str, entry in table.items():
+        array = np.asarray(jax.device_get(flat[path_str]))
+        if path_str == "['embed']":
+            array = array[: config.vocab_size]
+        elif path_str == "['lm_head']":
+            array = array[:, : config.vocab_size]
+        if dtype is not None:
+            array = array.astype(jnp.dtype(dtype))
+        tensors[entry.hf_name] = np.ascontiguousarray(entry.to_hf(array))
+    written_dtype = str(next(iter(tensors.values())).dtype)
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
+    try:
+        _write_weights(staging, tensors, max_shard_bytes)
+        hf_config = config.to_hf()
+        hf_config["torch_dtype"] = written_dtype
+        _write_json(os.path.join(staging, "config.json"), hf_config)
+        generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+                      "eos_token_id": hf_config["eos_token_id"]}
+        _write_json(os.path.join(staging, "generation_config.json"),
+                    {k: v for k, v in generation.items() if v is not None})
+        if model.tokenizer is not None:
+            model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _write_weights(directory: str, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}  # transformers expects the torch layout tag
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SINGLE_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    _write_json(os.path.join(directory, INDEX_FILE),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _swap_into_place(staging: str, target: str) -> None:
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    retired = tempfile.mkdtemp(prefix=".jaxdec-old-", dir=os.path.dirname(target))
+    os.rmdir(retired)
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,327 @@
+"""Model configuration: one frozen, hashable dataclass (a static argument to `jax.jit`).
+
+`ModelConfig.from_hf` reads a Hugging Face `config.json` (both the transformers 4.x layout with
+`rope_theta` / `rope_scaling` and the 5.x layout with `rope_parameters`); `to_hf` writes one
+back that both versions read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+# model_type -> HF architecture class name. The Llama family shares one implementation.
+SUPPORTED_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding parameters.
+
+    `rope_type` is one of SUPPORTED_ROPE_TYPES: "default" (plain RoPE), "linear" (positions
+    divided by `factor`) or "llama3" (Llama 3.1 frequency-dependent scaling).
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self):
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_type={self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+        if self.theta <= 0:
+            raise ValueError(f"rope theta must be positive, got {self.theta}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3":
+            if self.original_max_position_embeddings is None:
+                raise ValueError("llama3 rope scaling needs original_max_position_embeddings")
+            if self.high_freq_factor <= self.low_freq_factor:
+                raise ValueError(
+                    "llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                    f"{self.high_freq_factor} <= {self.low_freq_factor}"
+                )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only Llama-family transformer (Llama 1/2/3, Mistral, Qwen2/2.5).
+
+    Attributes:
+      model_type: "llama", "mistral" or "qwen2" (the HF `model_type`).
+      vocab_size, hidden_size, intermediate_size, num_layers: the usual sizes.
+      num_heads, num_kv_heads, head_dim: attention geometry; any GQA/MQA ratio.
+      layer_windows: per layer, the sliding-window size (a query at position p sees keys at
+        positions > p - window) or None for full causal attention.
+      qkv_bias / o_bias / mlp_bias: which projections carry a bias.
+      tie_word_embeddings: the output projection is the embedding matrix (no `lm_head`).
+      eos_token_ids: the checkpoint's end-of-sequence ids (the CLI's default stop tokens).
+      dtype: the checkpoint's dtype name, the default dtype when loading.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 4096
+    layer_windows: tuple[int | None, ...] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"model_type={self.model_type!r} is not supported; supported: "
+                f"{sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported; supported: {SUPPORTED_ACTIVATIONS}"
+            )
+        if self.layer_windows is None:
+            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
+        else:
+            object.__setattr__(self, "layer_windows", tuple(self.layer_windows))
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(
+                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
+            )
+        for w in self.layer_windows:
+            if w is not None and (not isinstance(w, int) or w < 1):
+                raise ValueError(f"a sliding window must be a positive int or None, got {w!r}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads per KV head (the GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF conversion
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from an HF `config.json` (a path, a model directory or a dict)."""
+        hf = _read_hf_config(source) if not isinstance(source, Mapping) else dict(source)
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            archs = hf.get("architectures") or []
+            by_arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            model_type = next((by_arch[a] for a in archs if a in by_arch), model_type)
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture: model_type={hf.get('model_type')!r}, "
+                f"architectures={hf.get('architectures')!r}; supported: "
+                + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+            )
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            required = {
+                "vocab_size": int(hf["vocab_size"]),
+                "intermediate_size": int(hf["intermediate_size"]),
+                "num_layers": int(hf["num_hidden_layers"]),
+            }
+        except KeyError as e:
+            raise ValueError(f"config.json is missing the required field {e.args[0]!r}") from None
+        head_dim = hf.get("head_dim") or hidden // heads
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        num_layers = required["num_layers"]
+        if model_type == "llama":
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+            mlp_bias = bool(hf.get("mlp_bias", False))
+        elif model_type == "qwen2":
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        else:  # mistral
+            qkv_bias = o_bias = mlp_bias = False
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        return cls(
+            model_type=model_type,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            layer_windows=_windows_from_hf(hf, model_type, num_layers),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
+            pad_token_id=hf.get("pad_token_id"),
+            dtype=str(dtype).replace("torch.", ""),
+            **required,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """An HF `config.json` dict that transformers 4.x and 5.x both load."""
+        windows = {w for w in self.layer_windows if w is not None}
+        if len(windows) > 1:
+            raise ValueError(f"cannot express several window sizes {sorted(windows)} in HF config")
+        window = windows.pop() if windows else None
+        hf: dict[str, Any] = {
+            "architectures": [SUPPORTED_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) > 1
+                             else (self.eos_token_ids[0] if self.eos_token_ids else None)),
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.dtype,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": _rope_to_hf(self.rope),
+        }
+        if self.model_type == "llama":
+            if self.qkv_bias != self.o_bias:
+                raise ValueError("Llama checkpoints have one attention_bias for q, k, v and o")
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        elif (self.qkv_bias, self.o_bias, self.mlp_bias) != (self.model_type == "qwen2", False, False):
+            raise ValueError(f"{self.model_type} checkpoints cannot express these bias settings")
+        if self.model_type == "mistral":
+            if window is not None and any(w is None for w in self.layer_windows):
+                raise ValueError("Mistral applies one sliding window to every layer")
+            hf["sliding_window"] = window
+        elif self.model_type == "qwen2":
+            hf["sliding_window"] = window
+            hf["use_sliding_window"] = window is not None
+            hf["layer_types"] = [
+                "full_attention" if w is None else "sliding_attention" for w in self.layer_windows
+            ]
+            # transformers 4.x derives the layer types from max_window_layers instead.
+            first = next((i for i, w in enumerate(self.layer_windows) if w is not None), self.num_layers)
+            if any(w is None for w in self.layer_windows[first:]):
+                raise ValueError("Qwen2 sliding layers must be a suffix of the layer stack")
+            hf["max_window_layers"] = first
+        elif window is not None:
+            raise ValueError("Llama checkpoints have no sliding window")
+        return hf
+
+
+def _read_hf_config(source) -> dict[str, Any]:
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return hf
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
+    # transformers 5 keeps theta and scaling together in `rope_parameters`; 4.x has top-level
+    # `rope_theta` and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        kwargs["factor"] = float(merged.get("factor", 1.0))
+    if rope_type == "llama3":
+        kwargs.update(
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings")
+                                                 or hf.get("max_position_embeddings", 8192)),
+        )
+    return RopeConfig(**kwargs)
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any] | None:
+    if rope.rope_type == "default":
+        return None
+    out: dict[str, Any] = {"rope_type": rope.rope_type, "factor": rope.factor}
+    if rope.rope_type == "llama3":
+        out.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    return out
+
+
+def _windows_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int):
+    window = hf.get("sliding_window")
+    if model_type == "llama" or window is None:
+        return (None,) * num_layers
+    window = int(window)
+    if model_type == "mistral":
+        return (window,) * num_layers
+    # qwen2: the window applies only with use_sliding_window, to the layers named by
+    # layer_types (transformers 5) or else to those from max_window_layers on.
+    if not hf.get("use_sliding_window", False):
+        return (None,) * num_layers
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    first = int(hf.get("max_window_layers", num_layers))
+    return tuple(window if i >= first else None for i in range(num_layers))

@@ -1,0 +1,373 @@
+"""Autoregressive generation: prefill + one `lax.while_loop`, compiled as one program.
+
+Two layers:
+
+- `generate_padded(model, tokens, prompt_lengths, cache, key, ...)` is pure and jittable:
+  right-padded prompts in, tokens out. Jit it yourself (donating the cache) to embed
+  generation in your own programs.
+- `generate(model, prompts, ...)` takes ragged Python token lists, validates them before
+  anything is traced, pads prompts to a length bucket (so a new length within a bucket does
+  not recompile), allocates and donates the cache, and runs the compiled program.
+
+Sampling keys: row b uses `fold_in(key, b)` and step i `fold_in(row_key, i)`, so rows draw
+independent randomness and a run is reproducible from its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxdec import parallel
+from jaxdec.cache import Cache, init_cache
+from jaxdec.model import Model, forward_with_cache
+from jaxdec.sampling import Greedy, Sampler, check_sampler
+
+MIN_BUCKET = 16
+_POW2_BUCKETS_UP_TO = 1024  # powers of two up to here, then multiples of this
+
+
+def bucket_length(n: int) -> int:
+    """The padded prompt length for a prompt of n tokens: the next power of two >= 16 up to
+    1024, then the next multiple of 1024 (at most ~2x padding for short prompts, < 1024 extra
+    tokens for long ones)."""
+    if n <= _POW2_BUCKETS_UP_TO:
+        return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // _POW2_BUCKETS_UP_TO) * _POW2_BUCKETS_UP_TO
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """Output of `generate`.
+
+    Attributes:
+      tokens: int32 [B, max_new_tokens]; after a row stops, `pad_id`.
+      lengths: int32 [B], generated tokens per row (a stop token counts).
+      prefill_s, decode_s: seconds from the program's start to the first token, and from the
+        first token to the last (None unless `return_timings=True`; compile time excluded).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    prefill_s: float | None = None
+    decode_s: float | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Decode throughput over all rows (tokens after the first / decode_s)."""
+        if self.decode_s is None or self.decode_s <= 0:
+            return None
+        return float(np.sum(np.maximum(self.lengths - 1, 0)) / self.decode_s)
+
+    def to_lists(self) -> list[list[int]]:
+        """Each row's generated tokens, without padding."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _LoopState:
+    step: jax.Array  # scalar int32: index of the next token to produce
+    last_BT: jax.Array  # [B, 1] the last produced token, fed next
+    cache: Cache
+    out_BN: jax.Array  # [B, max_new_tokens]
+    n_gen_B: jax.Array  # [B] tokens produced per row
+    done_B: jax.Array  # [B] bool
+
+
+def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+
+
+def _draw(sampler, logits_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
+    if sampler.is_greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.vmap(sampler.sample)(logits_BV, keys_B)
+
+
+def _is_stop(tokens_B: jax.Array, stop_BM: jax.Array) -> jax.Array:
+    return jnp.any(tokens_B[:, None] == stop_BM, axis=-1)
+
+
+def generate_padded(
+    model: Model,
+    tokens_BT: jax.Array,
+    prompt_lengths_B: jax.Array,
+    cache: Cache,
+    key: jax.Array,
+    stop_tokens_BM: jax.Array | None = None,
+    *,
+    max_new_tokens: int,
+    sampler: Greedy | Sampler | None = None,
+    pad_id: int = 0,
+    stream: Callable | None = None,
+):
+    """Generates from right-padded prompts; pure and jittable (jit with the cache donated).
+
+    Args:
+      model: the Model (a pytree; its config and mesh are static).
+      tokens_BT: int32 prompts, right-padded to a common length T.
+      prompt_lengths_B: int32 true prompt lengths (>= 1).
+      cache: an empty cache (`jaxdec.init_cache`) with max_len >= T + max_new_tokens - 1.
+      key: PRNG key (unused by greedy sampling).
+      stop_tokens_BM: int32 stop ids per row, padded with -1 (None: no stop tokens).
+      max_new_tokens: static number of tokens to produce per row.
+      sampler: Greedy() (the default) or Sampler(...).
+      pad_id: written after a row stops.
+      stream: optional host function called after every step as stream(step, tokens[B],
+        active[B]) (through `jax.debug.callback`; in step order on one device, possibly out of
+        order on a multi-device mesh, where `step` tells the order).
+    Returns:
+      ((tokens [B, max_new_tokens], lengths [B]), cache): the cache holds every produced token
+      except the last one of each row.
+    """
+    sampler = check_sampler(sampler)
+    row_keys = _row_keys(key, tokens_BT.shape[0])
+    first, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler)
+    return _decode(model, first, cache, row_keys, stop_tokens_BM, max_new_tokens=max_new_tokens,
+                   sampler=sampler, pad_id=pad_id, stream=stream)
+
+
+def _row_keys(key: jax.Array, batch: int) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+
+
+def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):
+    """Writes the whole padded block, keeps only the true lengths, and draws the first token
+    from each row's last prompt position. Padding slots past a row's length are overwritten
+    by later tokens."""
+    B, T = tokens_BT.shape
+    prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cache = cache.replace(lengths=jnp.zeros((B,), jnp.int32))
+    logits, _, cache = forward_with_cache(
+        model, tokens_BT.astype(jnp.int32), positions_BT, cache,
+        logits_indices_BN=(prompt_lengths_B - 1)[:, None],
+    )
+    first = _draw(sampler, logits[:, 0], _step_keys(row_keys, jnp.int32(0)))
+    return first, cache.replace(lengths=prompt_lengths_B)
+
+
+def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
+            stream):
+    """The decode `lax.while_loop`: runs until every row stopped or produced N tokens."""
+    B, N = first_B.shape[0], max_new_tokens
+    if stop_tokens_BM is None:
+        stop_tokens_BM = jnp.full((B, 1), -1, jnp.int32)
+    # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
+    ordered = model.mesh.size == 1
+    if stream is not None:
+        jax.debug.callback(stream, jnp.int32(0), first_B, jnp.ones((B,), bool), ordered=ordered)
+    state = _LoopState(
+        step=jnp.int32(1), last_BT=first_B[:, None], cache=cache,
+        out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
+        n_gen_B=jnp.ones((B,), jnp.int32),
+        done_B=_is_stop(first_B, stop_tokens_BM) | (N <= 1),
+    )
+
+    def cond(s: _LoopState):
+        return (s.step < N) & ~jnp.all(s.done_B)
+
+    def body(s: _LoopState):
+        active = ~s.done_B
+        logits, _, cache = forward_with_cache(model, s.last_BT, s.cache.lengths[:, None], s.cache)
+        # Stopped rows keep their length, so their (ignored) writes stay in range.
+        cache = cache.replace(lengths=s.cache.lengths + active.astype(jnp.int32))
+        token = _draw(sampler, logits[:, 0], _step_keys(row_keys, s.step))
+        token = jnp.where(active, token, pad_id)
+        if stream is not None:
+            jax.debug.callback(stream, s.step, token, active, ordered=ordered)
+        done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= N)
+        return _LoopState(
+            step=s.step + 1, last_BT=token[:, None], cache=cache,
+            out_BN=s.out_BN.at[:, s.step].set(token),
+            n_gen_B=s.n_gen_B + active.astype(jnp.int32), done_B=done,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return (state.out_BN, state.n_gen_B), state.cache
+
+
+# -------------------------------------------------------------------- the host-side API
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise TypeError("prompts must be a non-empty list of token-id lists")
+    checked = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise TypeError(f"prompts[{i}] is a string; tokenize it first (token-id lists)")
+        try:
+            row = [int(t) for t in np.asarray(p).reshape(-1).tolist()] if not isinstance(p, list) else p
+            row = [int(t) for t in row]
+        except (TypeError, ValueError):
+            raise TypeError(f"prompts[{i}] must be a list of token ids") from None
+        if not row:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5]}")
+        checked.append(row)
+    return checked
+
+
+def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
+    """Shared ids (a flat list) or one list per row -> int32 [B, M] padded with -1."""
+    stop_tokens = list(stop_tokens) if stop_tokens is not None else []
+    per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens)
+    if per_row:
+        if len(stop_tokens) != batch:
+            raise ValueError(
+                f"stop_tokens has {len(stop_tokens)} per-row lists for {batch} prompts"
+            )
+        rows = [[int(t) for t in s] for s in stop_tokens]
+    else:
+        try:
+            shared = [int(t) for t in stop_tokens]
+        except (TypeError, ValueError):
+            raise TypeError("stop_tokens must be token ids, or one list of ids per prompt") from None
+        rows = [shared] * batch
+    for row in rows:
+        bad = [t for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop_tokens has ids outside [0, {vocab_size}): {bad[:5]}")
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((batch, width), -1, np.int32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _host_clock(*_dependencies) -> np.ndarray:
+    """perf_counter_ns as int32 [seconds mod 2**30, nanoseconds] (x64 is off by default)."""
+    ns = time.perf_counter_ns()
+    return np.array([(ns // 10**9) % 2**30, ns % 10**9], np.int32)
+
+
+def _seconds_between(start: np.ndarray, end: np.ndarray) -> float:
+    return float((int(end[0]) - int(start[0])) % 2**30 + (int(end[1]) - int(start[1])) * 1e-9)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed"),
+    donate_argnames=("cache",),
+)
+def _program(model, tokens, lengths, cache, key, stop, *, max_new_tokens, sampler, pad_id,
+             stream, timed):
+    """`generate_padded`, optionally with two host timestamps read from inside the program:
+    the prefill waits on the first, the second waits on the first tokens (data dependencies,
+    so no ordered effect is needed), and compile and dispatch time are excluded."""
+    row_keys = _row_keys(key, tokens.shape[0])
+    clock = jax.ShapeDtypeStruct((2,), jnp.int32)
+    stamps = None
+    if timed:
+        start = io_callback(_host_clock, clock)
+        start, tokens = jax.lax.optimization_barrier((start, tokens))
+    first, cache = _prefill(model, tokens, lengths, cache, row_keys, sampler)
+    if timed:
+        stamps = jnp.stack([start, io_callback(_host_clock, clock, first)])
+    result = _decode(model, first, cache, row_keys, stop, max_new_tokens=max_new_tokens,
+                     sampler=sampler, pad_id=pad_id, stream=stream)
+    return result, stamps
+
+
+def generate(
+    model: Model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampler: Greedy | Sampler | None = None,
+    key: jax.Array | None = None,
+    stop_tokens=(),
+    pad_id: int = 0,
+    max_len: int | None = None,
+    stream: Callable | None = None,
+    return_timings: bool = False,
+) -> GenerateResult:
+    """Generates continuations of ragged prompts with one compiled program.
+
+    Args:
+      model: a Model from `load_pretrained` or `init_model`.
+      prompts: a list of token-id lists (lengths may differ; none empty).
+      max_new_tokens: tokens to produce per row (>= 1).
+      sampler: Greedy() when None, or Sampler(temperature=..., top_k=..., top_p=..., min_p=...).
+      key: PRNG key for sampling (default PRNGKey(0)).
+      stop_tokens: ids that end a row (the stop token is kept), shared by all rows, or one
+        list per row.
+      pad_id: written after a row stops.
+      max_len: cache capacity (default: the prompt bucket + max_new_tokens).
+      stream: host function called after each step with (step, tokens[B], active[B]); passing
+        a new function object recompiles.
+      return_timings: also measure prefill and decode seconds (compile excluded).
+    Returns:
+      GenerateResult with tokens [B, max_new_tokens] and lengths [B].
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+    config = model.config
+    sampler = check_sampler(sampler)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be callable")
+    prompts = _check_prompts(prompts, config.vocab_size)
+    longest = max(len(p) for p in prompts)
+    needed = longest + max_new_tokens
+    if needed > config.max_position_embeddings:
+        raise ValueError(
+            f"the longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {needed} "
+            f"exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+        )
+    bucket = bucket_length(longest)
+    if max_len is None:
+        max_len = bucket + max_new_tokens
+    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < needed - 1:
+        raise ValueError(
+            f"max_len={max_len!r} is too small: the longest prompt ({longest}) + max_new_tokens "
+            f"({max_new_tokens}) needs {needed - 1} cache slots"
+        )
+    bucket = min(bucket, max_len)
+    stop = _check_stop_tokens(stop_tokens, len(prompts), config.vocab_size)
+    if key is None:
+        key = jax.random.PRNGKey(0)
+
+    # A data-parallel mesh splits the batch: pad it with copies of the first row.
+    batch = len(prompts)
+    dp = parallel.dp_size(model.mesh)
+    padded_batch = -(-batch // dp) * dp
+    rows = prompts + [prompts[0]] * (padded_batch - batch)
+    stop = np.concatenate([stop, np.repeat(stop[:1], padded_batch - batch, axis=0)])
+    tokens = np.zeros((padded_batch, bucket), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    lengths = np.array([len(r) for r in rows], np.int32)
+
+    cache = init_cache(config, padded_batch, max_len, dtype=_cache_dtype(model), mesh=model.mesh)
+    ((out, n_gen), _), stamps = _program(
+        model, tokens, lengths, cache, key, stop, max_new_tokens=max_new_tokens,
+        sampler=sampler, pad_id=pad_id, stream=stream, timed=return_timings,
+    )
+    out = jax.block_until_ready(out)
+    timings = {}
+    if return_timings:
+        end = _host_clock()
+        stamps = np.asarray(stamps)
+        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
+                       decode_s=_seconds_between(stamps[1], end))
+    return GenerateResult(tokens=np.asarray(out)[:batch], lengths=np.asarray(n_gen)[:batch],
+                          **timings)
+
+
+def _cache_dtype(model: Model):
+    return jax.tree.leaves(model.params)[0].dtype

@@ -1,0 +1,163 @@
+"""`Model` (config + params + mesh) and the global-view forward.
+
+A Model is a pytree: its params are the leaves, its config and mesh are static, so a Model
+can be passed straight into a function you `jax.jit` yourself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxdec import parallel
+from jaxdec.cache import Cache, cache_axes
+from jaxdec.config import ModelConfig
+from jaxdec.models import llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded model.
+
+    Attributes:
+      config: the static ModelConfig.
+      params: the param pytree, placed with the mesh's sharding (see jaxdec.models.llama).
+      mesh: the ("dp", "tp") mesh the params live on.
+      tokenizer: a `tokenizers.Tokenizer` when the checkpoint has tokenizer.json (not part of
+        the pytree: inside jit it is None).
+    """
+
+    config: ModelConfig
+    params: Any
+    mesh: Mesh
+    tokenizer: Any = None
+
+    @property
+    def tp(self) -> int:
+        return parallel.tp_size(self.mesh)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+
+jax.tree_util.register_pytree_node(
+    Model,
+    lambda m: ((m.params,), (m.config, m.mesh)),
+    lambda aux, children: Model(config=aux[0], params=children[0], mesh=aux[1]),
+)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh):
+    return parallel.shardings(mesh, llama.param_axes(config), config)
+
+
+def init_model(
+    config: ModelConfig, key: jax.Array, *, dtype=jnp.float32, mesh: Mesh | None = None,
+    std: float = 0.02,
+) -> Model:
+    """A randomly initialised model, created directly in its sharded layout (weights are never
+    materialised on one device first)."""
+    mesh = parallel.resolve_mesh(mesh)
+    parallel.check_divisibility(config, mesh)
+    vocab = parallel.padded_vocab(config, mesh)
+
+    def make(k):
+        params = llama.init_params(config, k, dtype=dtype, vocab_size=vocab, std=std)
+        return _zero_padded_vocab(params, config)
+
+    params = jax.jit(make, out_shardings=param_shardings(config, mesh))(key)
+    return Model(config=config, params=params, mesh=mesh)
+
+
+def _zero_padded_vocab(params, config: ModelConfig):
+    """Rows/columns beyond the true vocabulary (tp padding) are zero."""
+    V = config.vocab_size
+    out = dict(params)
+    if params["embed"].shape[0] > V:
+        out["embed"] = params["embed"].at[V:].set(0)
+        if "lm_head" in params:
+            out["lm_head"] = params["lm_head"].at[:, V:].set(0)
+    return out
+
+
+def _batch_axis(mesh: Mesh):
+    return parallel.DP if parallel.DP in mesh.axis_names else None
+
+
+def forward_with_cache(
+    model: Model,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    cache: Cache | None,
+    *,
+    mask_BTT: jax.Array | None = None,
+    logits_indices_BN: jax.Array | None = None,
+    check_vma: bool = True,
+):
+    """The one forward (prefill, decode, verification), in the global view.
+
+    Runs `jaxdec.models.llama.forward` under `jax.shard_map` on the model's mesh. New K/V are
+    written at each row's current length; lengths are not advanced (see `jaxdec.cache.commit`).
+
+    Args:
+      model: the Model.
+      tokens_BT, positions_BT: int32 [B, T].
+      cache: a Cache from `jaxdec.init_cache` (or None: no cache, positions start at 0).
+      mask_BTT: bool, which new tokens each new token attends to (causal when None).
+      logits_indices_BN: token indices to compute logits at (all T when None).
+    Returns:
+      (logits [B, N or T, V] fp32, hidden [B, T, E] after the final norm, cache).
+    """
+    config, mesh = model.config, model.mesh
+    batch = _batch_axis(mesh)
+    tp_axis = parallel.TP if parallel.TP in mesh.axis_names else None
+    cache_specs = None if cache is None else parallel.specs(mesh, cache_axes(config), config)
+    args = [model.params, tokens_BT, positions_BT]
+    in_specs = [parallel.specs(mesh, llama.param_axes(config), config), P(batch, None), P(batch, None)]
+    optional = {"cache": (cache, cache_specs), "mask": (mask_BTT, P(batch, None, None)),
+                "logits_indices": (logits_indices_BN, P(batch, None))}
+    present = [name for name, (value, _) in optional.items() if value is not None]
+    for name in present:
+        args.append(optional[name][0])
+        in_specs.append(optional[name][1])
+
+    def per_shard(params, tokens, positions, *rest):
+        given = dict(zip(present, rest))
+        return llama.forward(
+            params, tokens, positions, given.get("cache"), given.get("mask"),
+            given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
+        )
+
+    out_specs = (P(batch, None, tp_axis), P(batch, None, None), cache_specs)
+    logits, hidden, cache = jax.shard_map(
+        per_shard, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=check_vma,
+    )(*args)
+    if logits.shape[-1] != config.vocab_size:
+        logits = logits[..., : config.vocab_size]
+    return logits, hidden, cache
+
+
+def forward(model: Model, tokens: jax.Array) -> jax.Array:
+    """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
+
+    Works eagerly or inside your own `jax.jit`.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    if tokens.shape[1] > model.config.max_position_embeddings:
+        raise ValueError(
+            f"tokens length {tokens.shape[1]} exceeds the model's max_position_embeddings="
+            f"{model.config.max_position_embeddings}"
+        )
+    tokens = tokens.astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _, _ = forward_with_cache(model, tokens, positions, None)
+    return logits

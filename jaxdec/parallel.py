@@ -1,0 +1,152 @@
+"""Meshes and sharding rules.
+
+Every model function is written per shard (local heads, explicit collectives over the `tp`
+axis) and runs under `jax.shard_map` over a mesh with axes ("dp", "tp"): `tp` splits
+attention heads, the MLP width and the vocabulary; `dp` splits the batch. One device is a
+mesh of size 1, so there is one code path.
+
+Arrays carry logical axis names (e.g. ("embed", "q_heads", "head_dim")); `rules` maps each
+name to a mesh axis for a given model and mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+TP = "tp"
+DP = "dp"
+_MESH_AXES = (DP, TP)
+
+
+def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("dp", "tp") mesh over the first dp * tp devices.
+
+    Args:
+      tp: tensor-parallel degree (heads, MLP width and vocabulary are split tp ways).
+      dp: data-parallel degree (the batch is split dp ways).
+      devices: the devices to use, default `jax.devices()`.
+    """
+    for name, value in (("tp", tp), ("dp", dp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    if dp * tp > len(devices):
+        raise ValueError(
+            f"dp * tp = {dp} * {tp} = {dp * tp} exceeds the {len(devices)} available devices"
+        )
+    grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
+    return Mesh(grid, _MESH_AXES)
+
+
+def resolve_mesh(mesh: Mesh | None) -> Mesh:
+    """`mesh`, or a one-device mesh when None; rejects meshes with axes we do not know."""
+    if mesh is None:
+        return make_mesh()
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    unknown = [a for a in mesh.axis_names if a not in _MESH_AXES]
+    if unknown:
+        raise ValueError(
+            f"mesh axes {unknown} are not understood; jaxdec meshes use the axes {_MESH_AXES} "
+            "(a missing axis counts as size 1)"
+        )
+    return mesh
+
+
+def axis_size(mesh: Mesh, name: str) -> int:
+    return dict(zip(mesh.axis_names, mesh.devices.shape)).get(name, 1)
+
+
+def tp_size(mesh: Mesh) -> int:
+    return axis_size(mesh, TP)
+
+
+def dp_size(mesh: Mesh) -> int:
+    return axis_size(mesh, DP)
+
+
+def check_divisibility(config, mesh: Mesh) -> None:
+    """Raises a ValueError naming `tp` when the model cannot be split tp ways."""
+    tp = tp_size(mesh)
+    if config.num_heads % tp:
+        raise ValueError(f"tp={tp} does not divide the model's {config.num_heads} attention heads")
+    kv = config.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(
+            f"tp={tp} and the model's {kv} KV heads must divide one another (KV heads are split "
+            "when tp divides them and replicated when they divide tp)"
+        )
+    if config.intermediate_size % tp:
+        raise ValueError(
+            f"tp={tp} does not divide the model's intermediate_size={config.intermediate_size}"
+        )
+
+
+def kv_heads_replicated(config, mesh: Mesh) -> bool:
+    """True when tp exceeds the KV heads: every shard then keeps all KV projections and uses
+    the one head its query heads belong to."""
+    return tp_size(mesh) > config.num_kv_heads
+
+
+def cache_kv_heads(config, mesh: Mesh) -> int:
+    """KV heads in the cache: the model's, or one per tp shard when they are replicated."""
+    return max(config.num_kv_heads, tp_size(mesh))
+
+
+def padded_vocab(config, mesh: Mesh) -> int:
+    """Vocabulary rounded up to a multiple of tp (vocab-parallel embedding and logits)."""
+    tp = tp_size(mesh)
+    return -(-config.vocab_size // tp) * tp
+
+
+def rules(mesh: Mesh, config) -> dict[str, str | None]:
+    """Logical axis name -> mesh axis (or None: replicated) for this model on this mesh."""
+    has = set(mesh.axis_names)
+    tp = TP if TP in has else None
+    return {
+        "batch": DP if DP in has else None,
+        "vocab": tp,
+        "embed": None,
+        "q_heads": tp,
+        "kv_heads": None if kv_heads_replicated(config, mesh) else tp,
+        "cache_heads": tp,
+        "head_dim": None,
+        "mlp": tp,
+        "cache_seq": None,
+        "seq": None,
+    }
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
+
+
+def spec(axes: tuple[str | None, ...], axis_rules: dict[str, str | None]) -> P:
+    """PartitionSpec for one array's logical axes; a mesh axis may appear only once."""
+    mapped = []
+    for name in axes:
+        if name is not None and name not in axis_rules:
+            raise KeyError(f"no sharding rule for logical axis {name!r}")
+        mapped.append(None if name is None else axis_rules[name])
+    used = [a for a in mapped if a is not None]
+    if len(used) != len(set(used)):
+        raise ValueError(f"logical axes {axes} map mesh axis twice: {mapped}")
+    return P(*mapped)
+
+
+def specs(mesh: Mesh, axes_tree: Any, config) -> Any:
+    """PartitionSpecs for a pytree of logical axes (same structure)."""
+    axis_rules = rules(mesh, config)
+    return jax.tree.map(lambda a: spec(a, axis_rules), axes_tree, is_leaf=_is_axes)
+
+
+def shardings(mesh: Mesh, axes_tree: Any, config) -> Any:
+    """NamedShardings for a pytree of logical axes (same structure)."""
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs(mesh, axes_tree, config),
+        is_leaf=lambda x: isinstance(x, P),
+    )

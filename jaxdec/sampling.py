@@ -1,0 +1,133 @@
+"""Samplers: frozen, hashable dataclasses (static arguments to jit) with one interface.
+
+- `probs(logits)`: the processed distribution [..., V] in fp32 that a token is drawn from.
+  Lossless speculative verification needs exactly this distribution.
+- `sample(logits, key)`: draws token ids [...] from `probs(logits)`. For batched logits
+  each row gets its own key split from `key`, so rows draw independent randomness.
+
+`Sampler` applies, in order: temperature, top-k, top-p (nucleus), min-p. Ties at a top-k or
+top-p boundary are all kept, so the distribution does not depend on sort order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
+    logits = jnp.asarray(logits)
+    if logits.ndim == 0:
+        raise ValueError("logits must have a vocabulary axis")
+
+    def one(row, k):
+        p = probs_fn(row)
+        return jax.random.categorical(k, jnp.log(p)).astype(jnp.int32)
+
+    if logits.ndim == 1:
+        return one(logits, key)
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    keys = jax.random.split(key, flat.shape[0])
+    return jax.vmap(one)(flat, keys).reshape(lead)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Greedy:
+    """Always the most likely token (the first one on ties, as `argmax`)."""
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        logits = jnp.asarray(logits)
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+    def sample(self, logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        del key
+        return jnp.argmax(jnp.asarray(logits), axis=-1).astype(jnp.int32)
+
+    @property
+    def is_greedy(self) -> bool:
+        return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampler:
+    """Temperature sampling with optional top-k, top-p and min-p truncation.
+
+    Args:
+      temperature: >= 0; 0 means greedy (the argmax).
+      top_k: keep the k most likely tokens (>= 1), or None.
+      top_p: keep the smallest set of most likely tokens whose mass reaches top_p, in (0, 1],
+        or None.
+      min_p: keep tokens with probability >= min_p * (the top probability), in [0, 1], or None.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+            or not 0 < self.top_p <= 1
+        ):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.min_p is not None and (
+            isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
+            or not 0 <= self.min_p <= 1
+        ):
+            raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
+        object.__setattr__(self, "temperature", float(t))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probs(self, logits: jax.Array) -> jax.Array:
+        """The processed distribution [..., V] (fp32, sums to 1)."""
+        logits = jnp.asarray(logits).astype(jnp.float32)
+        if self.is_greedy:
+            return Greedy().probs(logits)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+            logits = jnp.where(logits >= kth, logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if self.top_p is not None and self.top_p < 1:
+            desc = -jnp.sort(-probs, axis=-1)
+            mass_before = jnp.cumsum(desc, axis=-1) - desc
+            # The smallest kept probability: the last token needed to reach top_p.
+            n_kept = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)
+            threshold = jnp.take_along_axis(desc, n_kept - 1, axis=-1)
+            probs = jnp.where(probs >= threshold, probs, 0.0)
+        if self.min_p is not None and self.min_p > 0:
+            top = jnp.max(probs, axis=-1, keepdims=True)
+            probs = jnp.where(probs >= self.min_p * top, probs, 0.0)
+        return probs / jnp.sum(probs, axis=-1, keepdims=True)
+
+    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """Token ids [...] drawn from `probs(logits)`; batch rows use independent keys."""
+        if self.is_greedy:
+            return Greedy().sample(logits)
+        return _sample_rows(self.probs, logits, key)
+
+
+def check_sampler(sampler) -> Greedy | Sampler:
+    """`sampler` itself (Greedy when None); a TypeError for anything else."""
+    if sampler is None:
+        return Greedy()
+    if not isinstance(sampler, (Greedy, Sampler)):
+        raise TypeError(
+            f"sampler must be jaxdec.Greedy() or jaxdec.Sampler(...), got {type(sampler).__name__}"
+        )
+    return sampler

@@ -1,0 +1,1 @@
+"""Model families as pure functions over parameter pytrees (installed as jaxdec.models)."""

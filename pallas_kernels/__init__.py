@@ -1,0 +1,1 @@
+"""Pallas kernels with jnp references (installed as jaxdec.pallas_kernels)."""
