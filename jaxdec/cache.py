@@ -113,15 +113,11 @@ def init_cache(
     heads = parallel.cache_kv_heads(config, mesh)
     shape = (batch_size, max_len, heads, config.head_dim)
     shardings = parallel.shardings(mesh, cache_axes(config), config)
-
-    def make():
-        layers = tuple(
-            KVLayer(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-            for _ in range(config.num_layers)
-        )
-        return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
-
-    return jax.jit(make, out_shardings=shardings)()
+    layers = tuple(
+        KVLayer(k=jnp.zeros(shape, dtype, device=s.k), v=jnp.zeros(shape, dtype, device=s.v))
+        for s in shardings.layers
+    )
+    return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32, device=shardings.lengths))
 
 
 def cache_axes(config) -> Cache:

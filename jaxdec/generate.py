@@ -239,7 +239,8 @@ def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_tokens has ids outside [0, {vocab_size}): {bad[:5]}")
-    width = max(1, max(len(r) for r in rows))
+    # Padded to a power of two >= 8, so a few more or fewer stop ids do not recompile.
+    width = max(8, 1 << (max(len(r) for r in rows) - 1).bit_length())
     out = np.full((batch, width), -1, np.int32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row

@@ -7,6 +7,7 @@ can be passed straight into a function you `jax.jit` yourself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -89,6 +90,7 @@ def _batch_axis(mesh: Mesh):
     return parallel.DP if parallel.DP in mesh.axis_names else None
 
 
+@functools.partial(jax.jit, static_argnames=("check_vma",))
 def forward_with_cache(
     model: Model,
     tokens_BT: jax.Array,
@@ -101,8 +103,9 @@ def forward_with_cache(
 ):
     """The one forward (prefill, decode, verification), in the global view.
 
-    Runs `jaxdec.models.llama.forward` under `jax.shard_map` on the model's mesh. New K/V are
-    written at each row's current length; lengths are not advanced (see `jaxdec.cache.commit`).
+    Jitted (and inlined when called inside your own jit). Runs `jaxdec.models.llama.forward`
+    under `jax.shard_map` on the model's mesh. New K/V are written at each row's current
+    length; lengths are not advanced (see `jaxdec.cache.commit`).
 
     Args:
       model: the Model.
@@ -157,7 +160,16 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
             f"tokens length {tokens.shape[1]} exceeds the model's max_position_embeddings="
             f"{model.config.max_position_embeddings}"
         )
-    tokens = tokens.astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, _, _ = forward_with_cache(model, tokens, positions, None)
+    if tokens.shape[0] % parallel.dp_size(model.mesh):
+        raise ValueError(
+            f"batch size {tokens.shape[0]} is not a multiple of the mesh's "
+            f"dp={parallel.dp_size(model.mesh)}"
+        )
+    return _causal_logits(model, tokens.astype(jnp.int32))
+
+
+@jax.jit
+def _causal_logits(model: Model, tokens_BT: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+    logits, _, _ = forward_with_cache(model, tokens_BT, positions, None)
     return logits

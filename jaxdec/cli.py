@@ -1,0 +1,87 @@
+"""The `jaxdec` console script.
+
+    jaxdec generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+                    [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdec", description="Fast, exact LLM decoding in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint")
+    gen.add_argument("--model", required=True, help="HF safetensors directory with tokenizer.json")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (the default) decodes greedily")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--min-p", type=float, default=None)
+    gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    return parser
+
+
+def _generate(args) -> None:
+    import jax
+
+    import jaxdec
+
+    # Validate the sampler settings before loading anything.
+    if args.temperature == 0 and (args.top_p, args.top_k, args.min_p) == (None, None, None):
+        sampler = jaxdec.Greedy()
+    else:
+        sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, min_p=args.min_p)
+    mesh = jaxdec.make_mesh(tp=args.tp)
+    model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json to encode --prompt with")
+    prompt = model.tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise ValueError("--prompt encodes to no tokens")
+    stop = () if args.ignore_eos else model.config.eos_token_ids
+    started = time.perf_counter()
+    result = jaxdec.generate(
+        model, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler,
+        key=jax.random.PRNGKey(args.seed), stop_tokens=stop, return_timings=True,
+    )
+    wall = time.perf_counter() - started
+    tokens = result.to_lists()[0]
+    print(args.prompt + model.tokenizer.decode(tokens))
+    rate = result.decode_tokens_per_s
+    rate_text = f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"
+    print(
+        f"[{len(tokens)} tokens, {rate_text}, prefill {result.prefill_s * 1e3:.1f} ms, "
+        f"{wall:.1f} s wall including compilation]"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"jaxdec: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Shared test setup: 8 fake CPU devices (for tensor parallelism), IEEE fp32 matmuls, and
+small random Hugging Face checkpoints written once per session."""
+
+import os
+
+# Must happen before jax initialises its backends.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from hf_models import write_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> (checkpoint directory, the transformers model), built lazily and cached."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            directory = tmp_path_factory.mktemp(f"hf-{name}")
+            cache[name] = (str(directory), write_checkpoint(name, directory))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(hf_checkpoints):
+    """name -> jaxdec Model (fp32, one device), cached."""
+    import jaxdec
+
+    models = {}
+
+    def get(name):
+        if name not in models:
+            models[name] = jaxdec.load_pretrained(hf_checkpoints(name)[0])
+        return models[name]
+
+    return get
+

@@ -1,0 +1,108 @@
+"""Cache pytrees: allocation, per-row writes, and `commit` of an accepted tree path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec.cache import Cache, KVLayer, commit
+from jaxdec.model import forward_with_cache
+
+
+def _filled_layer(B=2, S=8, K=1, D=1):
+    # Slot s of row b holds 100 * b + s: every move is visible in the values.
+    values = (100 * np.arange(B)[:, None] + np.arange(S)[None, :]).astype(np.float32)
+    kv = jnp.asarray(np.broadcast_to(values[:, :, None, None], (B, S, K, D)))
+    return KVLayer(k=kv, v=-kv)
+
+
+def test_write_at_per_row_lengths():
+    layer = KVLayer(k=jnp.zeros((2, 6, 1, 1)), v=jnp.zeros((2, 6, 1, 1)))
+    new = jnp.array([[1.0, 2.0], [3.0, 4.0]])[:, :, None, None]
+    out = layer.write(new, -new, jnp.array([1, 4]))
+    np.testing.assert_array_equal(out.k[..., 0, 0], [[0, 1, 2, 0, 0, 0], [0, 0, 0, 0, 3, 4]])
+    np.testing.assert_array_equal(out.v, -out.k)
+
+
+def test_write_past_the_end_is_dropped_not_clamped():
+    layer = KVLayer(k=jnp.zeros((1, 4, 1, 1)), v=jnp.zeros((1, 4, 1, 1)))
+    new = jnp.array([[7.0, 8.0]])[:, :, None, None]
+    out = layer.write(new, new, jnp.array([3]))
+    np.testing.assert_array_equal(out.k[0, :, 0, 0], [0, 0, 0, 7])
+
+
+def test_commit_hand_computed():
+    layer = _filled_layer()
+    cache = Cache(layers=(layer,), lengths=jnp.array([2, 3]))
+    # Row 0: tokens were written at slots 2..; accept new tokens 0, 2, 3 -> slots 2, 4, 5.
+    # Row 1: written at slots 3..; accept only new token 1 -> slot 4.
+    out = commit(cache, jnp.array([[0, 2, 3], [1, 0, 0]]), jnp.array([3, 1]))
+    np.testing.assert_array_equal(out.lengths, [5, 4])
+    np.testing.assert_array_equal(out.layers[0].k[0, :, 0, 0], [0, 1, 2, 4, 5, 5, 6, 7])
+    np.testing.assert_array_equal(out.layers[0].k[1, :, 0, 0], [100, 101, 102, 104, 104, 105, 106, 107])
+    np.testing.assert_array_equal(out.layers[0].v, -out.layers[0].k)
+
+
+def test_commit_nothing_and_plain_decode_are_identities():
+    cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
+    none = commit(cache, jnp.zeros((2, 2), jnp.int32), jnp.array([0, 0]))
+    np.testing.assert_array_equal(none.layers[0].k, cache.layers[0].k)
+    np.testing.assert_array_equal(none.lengths, [2, 3])
+    step = commit(cache, jnp.zeros((2, 1), jnp.int32), jnp.array([1, 1]))
+    np.testing.assert_array_equal(step.layers[0].k, cache.layers[0].k)
+    np.testing.assert_array_equal(step.lengths, [3, 4])
+
+
+def test_commit_rejects_bad_shapes():
+    cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
+    with pytest.raises(ValueError, match="accepted_slots"):
+        commit(cache, jnp.zeros((3, 2), jnp.int32), jnp.array([0, 0]))
+    with pytest.raises(ValueError, match="n_accepted"):
+        commit(cache, jnp.zeros((2, 2), jnp.int32), jnp.array([0, 0, 0]))
+
+
+def test_commit_of_a_verified_tree_equals_decoding_the_accepted_path(loaded):
+    """A tree forward (ancestor mask, positions = length + depth) followed by commit leaves
+    the same cache as running only the accepted tokens."""
+    model = loaded("llama-gqa")
+    prompt = jnp.array([[5, 17, 33, 8]])
+    positions = jnp.arange(4)[None]
+    cache = jaxdec.init_cache(model.config, 1, 16)
+    _, _, cache = forward_with_cache(model, prompt, positions, cache)
+    cache = cache.replace(lengths=jnp.array([4]))
+
+    # Tree: node 0 (root), nodes 1 and 2 children of 0, node 3 child of 2.
+    tree_tokens = jnp.array([[40, 41, 42, 43]])
+    depth = jnp.array([0, 1, 1, 2])
+    ancestors = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], bool)
+    tree_logits, _, tree_cache = forward_with_cache(
+        model, tree_tokens, 4 + depth[None], cache, mask_BTT=ancestors[None])
+    committed = commit(tree_cache, jnp.array([[0, 2, 3]]), jnp.array([3]))
+
+    path_logits, _, path_cache = forward_with_cache(
+        model, jnp.array([[40, 42, 43]]), jnp.arange(4, 7)[None], cache)
+    path_cache = path_cache.replace(lengths=path_cache.lengths + 3)
+
+    np.testing.assert_array_equal(committed.lengths, [7])
+    for got, want in zip(committed.layers, path_cache.layers):
+        np.testing.assert_allclose(got.k[:, :7], want.k[:, :7], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.v[:, :7], want.v[:, :7], rtol=1e-6, atol=1e-6)
+    # The tree's logits on the accepted path equal the path's own logits.
+    np.testing.assert_allclose(tree_logits[0, jnp.array([0, 2, 3])], path_logits[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_init_cache_shapes_and_sharding(loaded):
+    config = loaded("llama-gqa").config
+    cache = jaxdec.init_cache(config, 2, 10, dtype=jnp.bfloat16, mesh=jaxdec.make_mesh(tp=2))
+    assert len(cache.layers) == config.num_layers
+    assert cache.layers[0].k.shape == (2, 10, 2, 8) and cache.layers[0].k.dtype == jnp.bfloat16
+    assert cache.layers[0].k.sharding.spec == jax.sharding.PartitionSpec("dp", None, "tp", None)
+    assert cache.max_len == 10 and cache.batch_size == 2
+    np.testing.assert_array_equal(cache.lengths, [0, 0])
+    # tp above the KV heads: one (replicated) KV head per shard.
+    wide = jaxdec.init_cache(config, 1, 4, mesh=jaxdec.make_mesh(tp=4))
+    assert wide.layers[0].k.shape == (1, 4, 4, 8)
+    with pytest.raises(ValueError, match="max_len"):
+        jaxdec.init_cache(config, 1, 0)

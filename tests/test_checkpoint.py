@@ -1,0 +1,156 @@
+"""Loading and exporting Hugging Face safetensors directories."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxdec
+from jaxdec.checkpoint import CheckpointError
+from hf_models import make_tokenizer
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _params_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_export_round_trip_through_transformers(loaded, tmp_path):
+    model = loaded("qwen2-mqa-tied")
+    out = jaxdec.save_pretrained(model, tmp_path / "export")
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    tokens = np.random.RandomState(0).randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(jaxdec.forward(model, tokens))
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
+    _params_equal(jaxdec.load_pretrained(out).params, model.params)
+
+
+def test_sharded_index_and_dtype(loaded, tmp_path):
+    model = loaded("llama-gqa")
+    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    files = os.listdir(out)
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+    _params_equal(jaxdec.load_pretrained(out).params, model.params)
+    bf16 = jaxdec.load_pretrained(out, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(bf16.params)} == {jnp.dtype(jnp.bfloat16)}
+    # Exported in bf16, the checkpoint's declared dtype becomes the default.
+    half = jaxdec.save_pretrained(bf16, tmp_path / "bf16")
+    assert json.load(open(os.path.join(half, "config.json")))["torch_dtype"] == "bfloat16"
+    assert jaxdec.load_pretrained(half).params["embed"].dtype == jnp.bfloat16
+
+
+def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
+    model = jaxdec.load_pretrained(directory)
+    assert model.tokenizer.decode(model.tokenizer.encode("hello the fox").ids) == "hello the fox"
+    out = jaxdec.save_pretrained(model, tmp_path / "export")
+    assert jaxdec.load_pretrained(out).tokenizer.get_vocab() == model.tokenizer.get_vocab()
+
+
+def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints):
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=2))
+    q = model.params["layers"][0]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
+    assert q.addressable_shards[0].data.shape == (64, 4, 8)
+    # 97 rows do not split two ways: the vocabulary is padded with zero rows.
+    assert model.params["embed"].shape == (98, 64)
+    np.testing.assert_array_equal(np.asarray(model.params["embed"][97]), 0)
+
+
+def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        jaxdec.save_pretrained(loaded("llama-gqa"), target)
+    assert (target / "precious.txt").read_text() == "keep me"
+    jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True)
+    assert not (target / "precious.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_directory_and_files(hf_checkpoints, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        jaxdec.load_pretrained(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        jaxdec.load_pretrained(empty)
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    os.remove(os.path.join(directory, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        jaxdec.load_pretrained(directory)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage-header", "short"])
+def test_corrupt_safetensors(hf_checkpoints, tmp_path, damage):
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    path = os.path.join(directory, "model.safetensors")
+    data = open(path, "rb").read()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage-header":
+        data = data[:8] + b"\xff" * 64 + data[72:]
+    else:
+        data = data[:5]
+    open(path, "wb").write(data)
+    with pytest.raises(CheckpointError, match="corrupt safetensors file"):
+        jaxdec.load_pretrained(directory)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(hf_checkpoints, tmp_path):
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config["intermediate_size"] = 96
+    json.dump(config, open(os.path.join(directory, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate_proj.weight.*\(128, 64\).*\(96, 64\)"):
+        jaxdec.load_pretrained(directory)
+
+
+def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
+    from safetensors.numpy import save_file
+
+    from jaxdec.checkpoint import read_safetensors_index
+
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    path = os.path.join(directory, "model.safetensors")
+    tensors = {k: np.array(v.read()) for k, v in read_safetensors_index(path).items()
+               if k != "model.norm.weight"}
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="'model.norm.weight' is missing"):
+        jaxdec.load_pretrained(directory)
+
+
+def test_unsupported_architecture(hf_checkpoints, tmp_path):
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    config = json.load(open(os.path.join(directory, "config.json")))
+    config.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    json.dump(config, open(os.path.join(directory, "config.json"), "w"))
+    with pytest.raises(ValueError, match="supported: llama"):
+        jaxdec.load_pretrained(directory)
+
+
+def test_bad_dtype_argument(hf_checkpoints):
+    with pytest.raises(TypeError, match="dtype"):
+        jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="not-a-dtype")

@@ -1,0 +1,104 @@
+"""ModelConfig from / to Hugging Face config.json."""
+
+import json
+
+import pytest
+
+from jaxdec import ModelConfig, RopeConfig
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=8, num_key_value_heads=2)
+
+
+def test_llama_v4_layout_with_legacy_rope_scaling():
+    hf = dict(BASE, model_type="llama", rope_theta=500000.0, torch_dtype="bfloat16",
+              eos_token_id=[5, 6], rope_scaling={"type": "llama3", "factor": 8.0,
+              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192})
+    c = ModelConfig.from_hf(hf)
+    assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (3, 8, 2, 8)
+    assert c.rope == RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0,
+                                low_freq_factor=1.0, high_freq_factor=4.0,
+                                original_max_position_embeddings=8192)
+    assert c.dtype == "bfloat16" and c.eos_token_ids == (5, 6)
+    assert not (c.qkv_bias or c.o_bias or c.mlp_bias or c.tie_word_embeddings)
+
+
+def test_v5_rope_parameters_and_explicit_head_dim():
+    hf = dict(BASE, model_type="mistral", head_dim=32, sliding_window=4096,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    c = ModelConfig.from_hf(hf)
+    assert c.head_dim == 32 and c.rope.theta == 1e6
+    assert c.layer_windows == (4096,) * 3
+
+
+def test_qwen2_bias_and_sliding_layers():
+    hf = dict(BASE, model_type="qwen2", tie_word_embeddings=True, sliding_window=16,
+              use_sliding_window=True, max_window_layers=1)
+    c = ModelConfig.from_hf(hf)
+    assert c.qkv_bias and not c.o_bias and c.tie_word_embeddings
+    assert c.layer_windows == (None, 16, 16)
+    # Qwen2.5 releases ship a window that is off: use_sliding_window false.
+    off = ModelConfig.from_hf(dict(hf, use_sliding_window=False,
+                                   layer_types=["sliding_attention"] * 3))
+    assert off.layer_windows == (None, None, None)
+
+
+def test_architecture_found_from_architectures_list():
+    c = ModelConfig.from_hf(dict(BASE, model_type="custom", architectures=["Qwen2ForCausalLM"]))
+    assert c.model_type == "qwen2"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_to_hf_round_trip(model_type):
+    extra = {"mistral": dict(sliding_window=8), "qwen2": dict(sliding_window=8,
+             use_sliding_window=True, max_window_layers=2)}.get(model_type, {})
+    c = ModelConfig.from_hf(dict(BASE, model_type=model_type, rope_scaling={
+        "rope_type": "linear", "factor": 2.0}, **extra))
+    assert ModelConfig.from_hf(json.loads(json.dumps(c.to_hf()))) == c
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    with pytest.raises(ValueError, match=r"unsupported architecture.*gpt2.*llama.*mistral.*qwen2"):
+        ModelConfig.from_hf(dict(BASE, model_type="gpt2", architectures=["GPT2LMHeadModel"]))
+
+
+def test_unsupported_rope_type_is_named():
+    with pytest.raises(ValueError, match="'yarn' is not supported"):
+        ModelConfig.from_hf(dict(BASE, model_type="llama", rope_scaling={"rope_type": "yarn",
+                                                                           "factor": 4.0}))
+
+
+def test_missing_field_is_named():
+    hf = dict(BASE, model_type="llama")
+    del hf["intermediate_size"]
+    with pytest.raises(ValueError, match="intermediate_size"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(num_kv_heads=3), "not a multiple of num_kv_heads"),
+    (dict(head_dim=7), "head_dim must be even"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(layer_windows=(4,)), "layer_windows has 1 entries"),
+    (dict(vocab_size=0), "vocab_size must be a positive int"),
+])
+def test_invalid_configs(change, match):
+    kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=4)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**kwargs)
+
+
+def test_config_is_hashable_static_argument():
+    c = ModelConfig.from_hf(dict(BASE, model_type="llama"))
+    assert hash(c) == hash(ModelConfig.from_hf(dict(BASE, model_type="llama")))
+
+
+def test_missing_and_corrupt_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_hf(tmp_path)

@@ -1,0 +1,170 @@
+"""`generate`: ragged batches, buckets without recompiles, stop tokens, streaming, timings,
+the jittable `generate_padded`, and bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import gammaincc
+
+import jaxdec
+from jaxdec.generate import bucket_length
+
+VARIANT = "llama-gqa"
+_compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None
+)
+
+
+def _prompts(lengths, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 97, n).tolist() for n in lengths]
+
+
+def test_ragged_batch_equals_per_row_runs(loaded):
+    model = loaded(VARIANT)
+    prompts = _prompts((3, 14, 9))
+    batch = jaxdec.generate(model, prompts, max_new_tokens=10)
+    for i, prompt in enumerate(prompts):
+        alone = jaxdec.generate(model, [prompt], max_new_tokens=10)
+        np.testing.assert_array_equal(batch.tokens[i], alone.tokens[0])
+
+
+def test_no_recompilation_within_a_bucket(loaded):
+    model = loaded(VARIANT)
+    assert bucket_length(5) == bucket_length(12) == 16
+    jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=6)
+    _compiles.clear()
+    jaxdec.generate(model, _prompts((12, 7), seed=1), max_new_tokens=6, stop_tokens=[4, 5])
+    assert _compiles == []
+    # A new bucket compiles (the counter works).
+    jaxdec.generate(model, _prompts((20, 7)), max_new_tokens=6)
+    assert _compiles
+
+
+def test_bucket_lengths():
+    assert [bucket_length(n) for n in (1, 16, 17, 1000, 1024, 1025, 5000)] == [
+        16, 16, 32, 1024, 1024, 2048, 5120]
+
+
+def test_stop_tokens_shared_and_per_row(loaded):
+    model = loaded(VARIANT)
+    prompts = _prompts((4, 6))
+    free = jaxdec.generate(model, prompts, max_new_tokens=12)
+    stop_a, stop_b = int(free.tokens[0, 3]), int(free.tokens[1, 5])
+    first_a = list(free.tokens[0]).index(stop_a)
+    shared = jaxdec.generate(model, prompts, max_new_tokens=12, stop_tokens=[stop_a], pad_id=-1)
+    assert shared.lengths[0] == first_a + 1
+    np.testing.assert_array_equal(shared.tokens[0, : first_a + 1], free.tokens[0, : first_a + 1])
+    assert np.all(shared.tokens[0, first_a + 1:] == -1)
+    per_row = jaxdec.generate(model, prompts, max_new_tokens=12, stop_tokens=[[], [stop_b]])
+    assert per_row.lengths[0] == 12
+    first_b = list(free.tokens[1]).index(stop_b)
+    assert per_row.lengths[1] == first_b + 1
+    assert per_row.to_lists()[1] == free.tokens[1, : first_b + 1].tolist()
+
+
+def test_single_new_token_and_full_rows(loaded):
+    model = loaded(VARIANT)
+    prompts = _prompts((5, 1))
+    one = jaxdec.generate(model, prompts, max_new_tokens=1)
+    np.testing.assert_array_equal(one.lengths, [1, 1])
+    logits = np.asarray(jaxdec.forward(model, np.array([prompts[0]])))
+    assert one.tokens[0, 0] == np.argmax(logits[0, -1])
+
+
+def test_streaming_callback_sees_every_step_in_order(loaded):
+    model = loaded(VARIANT)
+    seen = []
+    result = jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7,
+                             stream=lambda step, tokens, active: seen.append((int(step), np.array(tokens))))
+    assert [s for s, _ in seen] == list(range(7))
+    np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), result.tokens)
+
+
+def test_timings(loaded):
+    result = jaxdec.generate(loaded(VARIANT), _prompts((3, 5)), max_new_tokens=8,
+                             return_timings=True)
+    assert 0 < result.prefill_s < 60 and 0 < result.decode_s < 60
+    assert result.decode_tokens_per_s > 0
+    plain = jaxdec.generate(loaded(VARIANT), _prompts((3, 5)), max_new_tokens=8)
+    assert plain.prefill_s is None
+    np.testing.assert_array_equal(plain.tokens, result.tokens)
+
+
+def test_sampled_first_tokens_follow_the_processed_distribution(loaded):
+    model = loaded(VARIANT)
+    prompt = _prompts((6,))[0]
+    sampler = jaxdec.Sampler(temperature=1.5, top_k=6)
+    n = 3000
+    result = jaxdec.generate(model, [prompt] * n, max_new_tokens=1, sampler=sampler,
+                             key=jax.random.PRNGKey(11))
+    probs = np.asarray(sampler.probs(jaxdec.forward(model, np.array([prompt]))[0, -1]), np.float64)
+    counts = np.bincount(result.tokens[:, 0], minlength=probs.size)
+    keep = probs > 0
+    assert counts[~keep].sum() == 0
+    expected = n * probs[keep]
+    stat = np.sum((counts[keep] - expected) ** 2 / expected)
+    assert float(gammaincc((keep.sum() - 1) / 2, stat / 2)) > 1e-3
+
+
+def test_sampling_is_reproducible_from_the_key(loaded):
+    model, prompts = loaded(VARIANT), _prompts((4, 8))
+    sampler = jaxdec.Sampler(temperature=1.0, top_p=0.95)
+    a = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(1))
+    b = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(1))
+    c = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_generate_padded_under_your_own_jit_with_donation(loaded):
+    model = loaded(VARIANT)
+    prompts = _prompts((3, 9))
+    tokens = np.zeros((2, 16), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.array([3, 9], np.int32)
+    step = jax.jit(functools.partial(jaxdec.generate_padded, max_new_tokens=6),
+                   donate_argnames="cache")
+    cache = jaxdec.init_cache(model.config, 2, 32)
+    (out, n), cache = step(model, tokens, lengths, cache, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out, jaxdec.generate(model, prompts, max_new_tokens=6).tokens)
+    np.testing.assert_array_equal(cache.lengths, lengths + 5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("prompts,kwargs,error,match", [
+    ([[1, 2], []], {}, ValueError, r"prompts\[1\] is empty"),
+    ([], {}, TypeError, "non-empty list"),
+    ("hello", {}, TypeError, "non-empty list"),
+    (["hello"], {}, TypeError, "tokenize it first"),
+    ([[1, 200]], {}, ValueError, r"outside \[0, 97\)"),
+    ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+    ([[1, 2]], dict(max_new_tokens=2048), ValueError, "max_position_embeddings"),
+    ([[1, 2, 3]], dict(max_len=3), ValueError, "max_len=3 is too small"),
+    ([[1, 2]], dict(sampler="greedy"), TypeError, "sampler"),
+    ([[1, 2]], dict(stop_tokens=[[1], [2]]), ValueError, "per-row lists for 1 prompts"),
+    ([[1, 2]], dict(stop_tokens=[500]), ValueError, "stop_tokens"),
+])
+def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    _compiles.clear()
+    with pytest.raises(error, match=match):
+        jaxdec.generate(loaded(VARIANT), prompts, **kwargs)
+    assert _compiles == []
+
+
+def test_forward_bad_input(loaded):
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        jaxdec.forward(loaded(VARIANT), np.array([1, 2, 3]))
+    with pytest.raises(TypeError, match="integers"):
+        jaxdec.forward(loaded(VARIANT), np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        jaxdec.forward(loaded(VARIANT), np.ones((1, 3000), np.int32))

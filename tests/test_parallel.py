@@ -1,0 +1,89 @@
+"""Tensor (and data) parallelism on 8 fake CPU devices: the same logits and greedy tokens for
+every tp, KV heads split or replicated, and clear errors for meshes that cannot work."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jaxdec
+
+PROMPTS = [[5, 9, 31, 2, 77], [40, 41], [3, 8, 19, 60, 61, 62, 11, 4, 90]]
+
+
+@pytest.fixture(scope="module")
+def reference(loaded):
+    model = loaded("llama-gqa")  # 8 query heads, 2 KV heads
+    tokens = np.random.RandomState(0).randint(0, 97, (2, 24))
+    return tokens, np.asarray(jaxdec.forward(model, tokens)), jaxdec.generate(
+        model, PROMPTS, max_new_tokens=16).tokens
+
+
+def test_fake_devices_are_available():
+    assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (4, 1), (2, 2), (8, 1)])
+def test_same_logits_and_greedy_tokens(tp, dp, hf_checkpoints, reference):
+    """tp=2 splits the 2 KV heads; tp=4 and 8 replicate them; 97 vocab rows are padded."""
+    tokens, ref_logits, ref_tokens = reference
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=tp, dp=dp))
+    logits = np.asarray(jaxdec.forward(model, tokens))
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    np.testing.assert_array_equal(jaxdec.generate(model, PROMPTS, max_new_tokens=16).tokens, ref_tokens)
+
+
+def test_mqa_with_tied_vocab_parallel_embeddings(hf_checkpoints, loaded):
+    tokens = np.random.RandomState(1).randint(0, 97, (1, 20))
+    ref = np.asarray(jaxdec.forward(loaded("qwen2-mqa-tied"), tokens))
+    model = jaxdec.load_pretrained(hf_checkpoints("qwen2-mqa-tied")[0], mesh=jaxdec.make_mesh(tp=4))
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def test_params_are_split_by_heads(hf_checkpoints):
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=4))
+    layer = model.params["layers"][0]
+    assert layer["q"].addressable_shards[0].data.shape == (64, 2, 8)
+    assert layer["o"].addressable_shards[0].data.shape == (2, 8, 64)
+    assert layer["gate"].addressable_shards[0].data.shape == (64, 32)
+    assert layer["k"].addressable_shards[0].data.shape == (64, 2, 8)  # replicated: 2 KV < tp
+    assert model.params["lm_head"].addressable_shards[0].data.shape == (64, 25)  # 100 / 4
+
+
+def test_your_own_mesh(hf_checkpoints, reference):
+    tokens, ref_logits, _ = reference
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(1, 2), ("dp", "tp"))
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=mesh)
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    tp_only = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=tp_only)
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_tp_not_dividing_the_heads(hf_checkpoints):
+    with pytest.raises(ValueError, match="tp=3 does not divide the model's 8 attention heads"):
+        jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=3))
+
+
+def test_kv_heads_and_tp_must_divide_one_another():
+    config = jaxdec.ModelConfig(vocab_size=32, hidden_size=24, intermediate_size=48,
+                                num_layers=1, num_heads=12, num_kv_heads=3, head_dim=2)
+    with pytest.raises(ValueError, match="tp=2 and the model's 3 KV heads"):
+        jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=jaxdec.make_mesh(tp=2))
+
+
+def test_bad_meshes():
+    with pytest.raises(ValueError, match="exceeds the 8 available devices"):
+        jaxdec.make_mesh(tp=4, dp=4)
+    with pytest.raises(ValueError, match="tp must be a positive int"):
+        jaxdec.make_mesh(tp=0)
+    with pytest.raises(ValueError, match="not understood"):
+        jaxdec.parallel.resolve_mesh(Mesh(np.array(jax.devices()[:2]), ("model",)))
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        jaxdec.parallel.resolve_mesh("tp=2")

@@ -1,0 +1,103 @@
+"""Samplers: processed distributions against hand-computed ones, sampled frequencies against
+`probs()` (chi-square), and argument validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import gammaincc
+
+from jaxdec import Greedy, Sampler
+
+P = np.array([0.5, 0.3, 0.15, 0.05])
+LOGITS = jnp.log(jnp.asarray(P)) + 3.0  # any shift: softmax(LOGITS) == P
+
+
+@pytest.mark.parametrize("sampler,expected", [
+    (Sampler(), P),
+    (Sampler(temperature=2.0), np.sqrt(P) / np.sqrt(P).sum()),
+    (Sampler(temperature=0.5), P**2 / (P**2).sum()),
+    (Sampler(top_k=2), [0.625, 0.375, 0, 0]),
+    (Sampler(top_k=1), [1, 0, 0, 0]),
+    (Sampler(top_p=0.8), [0.625, 0.375, 0, 0]),  # 0.5 + 0.3 reaches 0.8
+    (Sampler(top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+    (Sampler(top_p=0.4), [1, 0, 0, 0]),
+    (Sampler(top_p=1.0), P),
+    (Sampler(min_p=0.4), [0.625, 0.375, 0, 0]),  # keeps p >= 0.2
+    (Sampler(min_p=0.3), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0]),
+    (Sampler(top_k=3, top_p=0.6), [0.625, 0.375, 0, 0]),  # top-p on the renormalised top-3
+    (Sampler(temperature=0.0), [1, 0, 0, 0]),
+    (Greedy(), [1, 0, 0, 0]),
+])
+def test_probs_hand_computed(sampler, expected):
+    np.testing.assert_allclose(sampler.probs(LOGITS), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ties_at_the_boundary_are_kept():
+    logits = jnp.log(jnp.array([0.4, 0.2, 0.2, 0.2]))
+    np.testing.assert_allclose(Sampler(top_k=2).probs(logits), [0.4, 0.2, 0.2, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(Sampler(top_p=0.5).probs(logits), [0.4, 0.2, 0.2, 0.2], rtol=1e-6)
+
+
+def test_probs_batched_and_greedy_sample():
+    logits = jnp.stack([LOGITS, LOGITS[::-1]])
+    np.testing.assert_allclose(Sampler(top_k=1).probs(logits), [[1, 0, 0, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(Greedy().sample(logits), [0, 3])
+    np.testing.assert_array_equal(Sampler(temperature=0).sample(logits, jax.random.PRNGKey(0)), [0, 3])
+
+
+def _chi_square_p_value(counts, probs):
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "sampled a token with zero probability"
+    expected = counts.sum() * probs[keep]
+    stat = float(np.sum((counts[keep] - expected) ** 2 / expected))
+    dof = int(keep.sum()) - 1
+    return float(gammaincc(dof / 2, stat / 2))
+
+
+@pytest.mark.parametrize("sampler", [
+    Sampler(temperature=0.7),
+    Sampler(temperature=1.3, top_p=0.9),
+    Sampler(temperature=1.0, top_k=5, min_p=0.05),
+])
+def test_sampled_frequencies_match_probs(sampler):
+    logits = jax.random.normal(jax.random.PRNGKey(3), (12,)) * 1.5
+    n = 40_000
+    # One call over a batch of identical rows: each row draws from its own split key.
+    samples = np.asarray(sampler.sample(jnp.broadcast_to(logits, (n, 12)), jax.random.PRNGKey(7)))
+    counts = np.bincount(samples, minlength=12)
+    probs = np.asarray(sampler.probs(logits), np.float64)
+    assert _chi_square_p_value(counts, probs) > 1e-3
+    # Power: the same samples are rejected against the unprocessed softmax.
+    raw = np.asarray(jax.nn.softmax(logits), np.float64)
+    assert _chi_square_p_value(counts, raw) < 1e-6
+
+
+def test_batch_rows_draw_independent_randomness():
+    logits = jnp.zeros((4, 1000))
+    draws = np.asarray(Sampler().sample(logits, jax.random.PRNGKey(0)))
+    assert len(set(draws.tolist())) == 4
+    # A single row and a batch are both accepted; same key, same draw for 1-D logits.
+    one = Sampler().sample(logits[0], jax.random.PRNGKey(1))
+    assert one.shape == () and int(one) == int(Sampler().sample(logits[0], jax.random.PRNGKey(1)))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(min_p=-0.1), "min_p"),
+    (dict(min_p=1.1), "min_p"),
+])
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Sampler(**kwargs)
+
+
+def test_samplers_are_hashable_static_arguments():
+    assert hash(Sampler(top_p=0.9)) == hash(Sampler(top_p=0.9))
+    assert Sampler(top_p=0.9) != Sampler(top_p=0.8)
+    assert hash(Greedy()) == hash(Greedy())
