@@ -202,20 +202,19 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise TypeError("prompts must be a non-empty list of token-id lists")
     checked = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, (str, bytes)):
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)):
             raise TypeError(f"prompts[{i}] is a string; tokenize it first (token-id lists)")
-        try:
-            row = [int(t) for t in np.asarray(p).reshape(-1).tolist()] if not isinstance(p, list) else p
-            row = [int(t) for t in row]
-        except (TypeError, ValueError):
-            raise TypeError(f"prompts[{i}] must be a list of token ids") from None
-        if not row:
+        row = np.asarray(prompt)
+        if row.ndim != 1 or not (row.size == 0 or np.issubdtype(row.dtype, np.integer)):
+            raise TypeError(f"prompts[{i}] must be a flat list of integer token ids")
+        if row.size == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-        bad = [t for t in row if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5]}")
-        checked.append(row)
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if bad.size:
+            raise ValueError(
+                f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5].tolist()}")
+        checked.append(row.tolist())
     return checked
 
 

@@ -117,6 +117,7 @@ def forward_with_cache(
       (logits [B, N or T, V] fp32, hidden [B, T, E] after the final norm, cache).
     """
     config, mesh = model.config, model.mesh
+    _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN)
     batch = _batch_axis(mesh)
     tp_axis = parallel.TP if parallel.TP in mesh.axis_names else None
     cache_specs = None if cache is None else parallel.specs(mesh, cache_axes(config), config)
@@ -145,6 +146,27 @@ def forward_with_cache(
     return logits, hidden, cache
 
 
+def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN):
+    """Static shape checks, raised while tracing (before anything compiles)."""
+    if tokens_BT.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
+    B, T = tokens_BT.shape
+    if positions_BT.shape != (B, T):
+        raise ValueError(f"positions shape {positions_BT.shape} != tokens shape {(B, T)}")
+    if mask_BTT is not None and mask_BTT.shape != (B, T, T):
+        raise ValueError(f"mask must be [batch, T, T] = {(B, T, T)}, got {mask_BTT.shape}")
+    if logits_indices_BN is not None and (
+        logits_indices_BN.ndim != 2 or logits_indices_BN.shape[0] != B
+    ):
+        raise ValueError(f"logits_indices must be [batch={B}, N], got {logits_indices_BN.shape}")
+    if cache is not None and cache.batch_size != B:
+        raise ValueError(f"cache batch {cache.batch_size} != tokens batch {B}")
+    if B % parallel.dp_size(model.mesh):
+        raise ValueError(
+            f"batch size {B} is not a multiple of the mesh's dp={parallel.dp_size(model.mesh)}"
+        )
+
+
 def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
@@ -159,11 +181,6 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
         raise ValueError(
             f"tokens length {tokens.shape[1]} exceeds the model's max_position_embeddings="
             f"{model.config.max_position_embeddings}"
-        )
-    if tokens.shape[0] % parallel.dp_size(model.mesh):
-        raise ValueError(
-            f"batch size {tokens.shape[0]} is not a multiple of the mesh's "
-            f"dp={parallel.dp_size(model.mesh)}"
         )
     return _causal_logits(model, tokens.astype(jnp.int32))
 

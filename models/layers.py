@@ -159,6 +159,7 @@ def attention(
     mask_BTT: jax.Array | None = None,
     window: int | None = None,
     impl: AttentionImpl = AttentionImpl.AUTO,
+    query_chunk: int = 512,
 ) -> jax.Array:
     """The one attention entry point: T new queries against a row's cache.
 
@@ -171,7 +172,10 @@ def attention(
       q_BTHD: queries, already rotated.
       k_BSKD, v_BSKD: the cache (one layer), K dividing H.
       lengths_B: int32 number of cached tokens per row (before the new ones).
-      positions_BT: int32 positions of the new tokens (length + depth for a tree).
+      positions_BT: int32 positions of the new tokens (length + depth for a tree; with a
+        causal mask, length + t).
+      query_chunk: causal blocks longer than this (long prefills) are processed this many
+        queries at a time, so memory grows with chunk x S instead of T x S.
     Returns:
       [B, T, H, D] in the query dtype.
     """
@@ -181,6 +185,33 @@ def attention(
         raise ValueError(
             f"query heads {q_BTHD.shape[2]} are not a multiple of KV heads {k_BSKD.shape[2]}"
         )
-    return attention_reference(
-        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
+    T = q_BTHD.shape[1]
+    if mask_BTT is not None or T <= query_chunk:
+        return attention_reference(
+            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
+        )
+    return _causal_in_query_chunks(
+        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk
     )
+
+
+def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, window, chunk):
+    """Causal attention one query chunk at a time (`lax.map`). For chunk i, the new tokens of
+    earlier chunks are simply part of the cached prefix (length + i * chunk), which is exact
+    because a causal block's token t sits at slot length + t with position length + t."""
+    B, T, H, D = q_BTHD.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    q = jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0)))  # padded queries are dropped
+    positions = jnp.pad(positions_BT, ((0, 0), (0, pad)))
+    q_nBCHD = q.reshape(B, n, chunk, H, D).swapaxes(0, 1)
+    pos_nBC = positions.reshape(B, n, chunk).swapaxes(0, 1)
+
+    def one(args):
+        i, q_BCHD, pos_BC = args
+        return attention_reference(
+            q_BCHD, k_BSKD, v_BSKD, lengths_B + i * chunk, pos_BC, window=window
+        )
+
+    out = jax.lax.map(one, (jnp.arange(n, dtype=lengths_B.dtype), q_nBCHD, pos_nBC))
+    return out.swapaxes(0, 1).reshape(B, n * chunk, H, D)[:, :T]

@@ -21,7 +21,7 @@ VARIANTS = {
     "llama-gqa": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
     # Llama 3.1 rope scaling with a tiny original context, so tests run past it.
     "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=4, max_position_embeddings=512, rope_theta=500000.0,
+        num_key_value_heads=4, max_position_embeddings=1024, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     # qkv bias, tied embeddings, MQA (one KV head).

@@ -168,3 +168,31 @@ def test_forward_bad_input(loaded):
         jaxdec.forward(loaded(VARIANT), np.ones((1, 3), np.float32))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         jaxdec.forward(loaded(VARIANT), np.ones((1, 3000), np.int32))
+
+
+def test_prompts_may_be_arrays(loaded):
+    prompts = _prompts((3, 6))
+    as_arrays = [np.array(p, np.int64) for p in prompts]
+    np.testing.assert_array_equal(
+        jaxdec.generate(loaded(VARIANT), as_arrays, max_new_tokens=3).tokens,
+        jaxdec.generate(loaded(VARIANT), prompts, max_new_tokens=3).tokens)
+    with pytest.raises(TypeError, match="flat list of integer"):
+        jaxdec.generate(loaded(VARIANT), [[1.5, 2.0]], max_new_tokens=3)
+
+
+def test_forward_with_cache_shape_errors(loaded):
+    from jaxdec.model import forward_with_cache
+
+    model = loaded(VARIANT)
+    tokens, positions = jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), jnp.int32)
+    cache = jaxdec.init_cache(model.config, 2, 8)
+    with pytest.raises(ValueError, match="positions shape"):
+        forward_with_cache(model, tokens, positions[:, :2], cache)
+    with pytest.raises(ValueError, match=r"mask must be \[batch, T, T\]"):
+        forward_with_cache(model, tokens, positions, cache, mask_BTT=jnp.ones((2, 3, 2), bool))
+    with pytest.raises(ValueError, match="cache batch 1 != tokens batch 2"):
+        forward_with_cache(model, tokens, positions, jaxdec.init_cache(model.config, 1, 8))
+    dp_model = jaxdec.Model(config=model.config, params=model.params,
+                            mesh=jaxdec.make_mesh(dp=2))
+    with pytest.raises(ValueError, match="not a multiple of the mesh's dp=2"):
+        jaxdec.forward(dp_model, np.zeros((3, 4), np.int32))

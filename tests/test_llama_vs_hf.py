@@ -65,3 +65,17 @@ def test_the_parity_cases_exercise_their_feature(variant, change, loaded):
     ours = np.asarray(jaxdec.forward(model, tokens))
     other = np.asarray(jaxdec.forward(altered, tokens))
     assert _relative_error(other, ours) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["mistral-window", "llama3-rope"])
+def test_long_prefill_in_query_chunks_vs_hf(variant, hf_checkpoints, loaded):
+    """700 tokens exceed the attention entry point's 512-query chunk."""
+    _, hf_model = hf_checkpoints(variant)
+    tokens = _tokens(1, 700, seed=2)
+    ours = np.asarray(jaxdec.forward(loaded(variant), tokens))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(tokens)).logits.numpy()
+    assert _relative_error(ours, ref) < 1e-4
+    prompt = tokens[0, :600].tolist()
+    ours = jaxdec.generate(loaded(variant), [prompt, prompt[:40]], max_new_tokens=8)
+    np.testing.assert_array_equal(ours.tokens, hf_greedy(hf_model, [prompt, prompt[:40]], 8))

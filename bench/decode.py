@@ -1,0 +1,732 @@
+"""Greedy decode speed of jaxdec against Hugging Face transformers, on one machine, in one run.
+
+Usage (on the lent GPU machine, one call; results land in $OUT):
+
+    python3 -m pip install --no-deps --no-build-isolation -e . && \\
+        python3 bench/decode.py --preset h100 --out $OUT
+
+and on a CPU, in seconds: `python3 bench/decode.py --preset cpu-tiny --out /tmp/bench`.
+`--batch-sizes 1,16 --context 2048 --new-tokens 128 --impls jaxdec,hf-eager,hf-compile`
+override the preset. Writes `decode-<device>.json` (a list of records, one per impl and batch
+size) and `decode-<device>.md` (a table) to `--out` (default `bench/results/`).
+
+What runs
+  - `jaxdec`: `jaxdec.generate` on a model with random bf16 weights (`jaxdec.init_model`).
+  - `hf-eager`: `LlamaForCausalLM.generate` with the default dynamic cache.
+  - `hf-compile`: the same with `cache_implementation="static"` and torch.compile
+    (mode="reduce-overhead", fullgraph=True). Where transformers' `generate` compiles the
+    decode step itself (it does with a static cache on CUDA, configured by `CompileConfig`),
+    we configure that; on older versions we set `model.forward = torch.compile(...)`, the
+    recipe their docs give. The record's `notes` say which was used.
+  Both sides get the same config, the same random prompts and greedy decoding with no stop
+  token, so every row produces exactly `new_tokens` tokens.
+
+Context
+  `context` is the average number of cached tokens a decode step attends to: the prompt has
+  `context - new_tokens // 2` tokens, so over the `new_tokens - 1` decode steps the KV length
+  averages `context` (the h100 preset: a 1984-token prompt + 128 new tokens = context 2048).
+
+Timing (compile excluded; median over `--repeats` runs after `--warmup` runs)
+  - jaxdec: `GenerateResult.decode_s`, stamped inside the compiled program from the first
+    token to the last.
+  - transformers: a streamer receives the prompt, then each new token as it reaches the host
+    (`generate` copies it with `.cpu()`, which waits for the device). decode = last token's
+    arrival - first token's arrival; prefill = first token's arrival - the prompt's (this
+    includes generate's setup, e.g. allocating the static cache).
+  tokens_per_s = batch * (new_tokens - 1) / decode; step_ms = decode / (new_tokens - 1).
+
+Bytes per step and the roofline
+  Each decode step must read every weight once and the KV cache up to the current length:
+
+      weight_bytes = param_bytes - embed_bytes + batch * hidden * 2   (untied embeddings:
+                     lm_head is read whole, the embedding gather reads only `batch` rows)
+      weight_bytes = param_bytes                                      (tied: the table is read
+                     once, as the output projection)
+      kv_bytes     = 2 (k and v) * layers * batch * context * kv_heads * head_dim * 2
+      bytes_per_step = weight_bytes + kv_bytes                         (bf16: 2 bytes/value)
+
+  param_bytes counts every parameter (norms included) of the Llama-family layout (each record
+  also has `param_bytes` as the impl counted its own model: they agree); writing the
+  new token's K/V (2 * layers * batch * kv_heads * head_dim * 2 bytes) is left out. These are
+  the bytes a step cannot avoid: whatever an implementation reads beyond them (e.g. attention
+  over unused cache slots) shows up as a lower hbm_fraction. For the h100 preset at batch 1
+  that is 15.3 GB, so ~3.0 TB/s gives a roofline of ~196 tokens/s.
+  The ceiling `hbm_gbps` is the best memory bandwidth measured in this run: a jitted JAX
+  elementwise op (`x + 1` on a bf16 array; bytes = read + write) and, in the transformers
+  workers, torch `dst.copy_(src)`. Then
+
+      achieved_gbps         = bytes_per_step / step time
+      hbm_fraction          = achieved_gbps / hbm_gbps
+      roofline_tokens_per_s = batch * hbm_gbps / bytes_per_step
+
+  (hbm_fraction is also tokens_per_s / roofline_tokens_per_s.)
+
+Process layout
+  Each impl runs in its own worker subprocess (this file with `--worker`), one after the
+  other in the order `--impls` gives (the riskiest, hf-compile, last by default). A crash, an
+  out-of-memory error or a hang in one costs only its own records; JAX's preallocated GPU
+  memory pool and torch's caching allocator never share the device; the 16 GB model never
+  exists twice. Workers append JSON events to a file; the parent turns them into records and
+  rewrites both outputs after every worker, so a run cut short still leaves the finished
+  impls' results. `--budget-s` bounds the workers' total wall time (a worker still running
+  when it runs out is killed and its missing batch sizes are recorded as errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+IMPLS = ("jaxdec", "hf-eager", "hf-compile")
+GOAL_FRACTION = 0.85  # the issue's goal: jaxdec at batch 1 reaches 85% of the roofline
+BF16_BYTES = 2
+MEMORY_BOUND_INTENSITY = 100  # FLOP/byte; GPUs balance at a few hundred
+PROMPT_SEED = 0
+
+_LLAMA3_ROPE = dict(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                 num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                 max_position_embeddings=131072, tie_word_embeddings=False, rope=_LLAMA3_ROPE)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=131072,
+            tie_word_embeddings=False, rope=_LLAMA3_ROPE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A benchmark configuration (the command line overrides batch sizes, context, new tokens,
+    impls and budget)."""
+
+    description: str
+    model: dict  # ModelConfig fields (llama), `rope` as a dict of RopeConfig fields
+    batch_sizes: tuple[int, ...]
+    context: int
+    new_tokens: int
+    impls: tuple[str, ...]
+    copy_mib: int  # size of the array the bandwidth measurement copies
+    budget_s: float | None  # total wall time for the workers (None: unbounded)
+
+
+PRESETS = {
+    "h100": Preset(
+        description="Llama-3-8B-shaped model, random bf16 weights",
+        model=LLAMA3_8B, batch_sizes=(1, 16), context=2048, new_tokens=128,
+        impls=IMPLS, copy_mib=1024,
+        budget_s=520,  # the device call allows 600 s, pip install and startup included
+    ),
+    "cpu-tiny": Preset(
+        description="tiny Llama-shaped model (2 layers, width 64), random bf16 weights",
+        model=TINY, batch_sizes=(1, 2), context=64, new_tokens=8,
+        impls=("jaxdec", "hf-eager"),  # torch.compile on a CPU takes minutes: ask for it
+        copy_mib=64, budget_s=None,
+    ),
+}
+
+
+# ------------------------------------------------------------------ roofline arithmetic
+
+
+def param_count(model: dict) -> int:
+    """Parameters of the Llama-family layout (no biases): embedding, per layer q/k/v/o, the
+    gated MLP and two norms, the final norm, and lm_head unless the embeddings are tied."""
+    E, F, V = model["hidden_size"], model["intermediate_size"], model["vocab_size"]
+    H, K, D = model["num_heads"], model["num_kv_heads"], model["head_dim"]
+    per_layer = E * H * D * 2 + E * K * D * 2 + 3 * E * F + 2 * E
+    lm_head = 0 if model["tie_word_embeddings"] else E * V
+    return V * E + model["num_layers"] * per_layer + E + lm_head
+
+
+def bytes_per_step(model: dict, batch: int, context: int) -> dict[str, int]:
+    """The bytes a decode step must read (see the module docstring): weights and KV cache."""
+    params = param_count(model) * BF16_BYTES
+    if model["tie_word_embeddings"]:
+        weights = params
+    else:
+        embed = model["vocab_size"] * model["hidden_size"] * BF16_BYTES
+        weights = params - embed + batch * model["hidden_size"] * BF16_BYTES
+    kv = (2 * model["num_layers"] * batch * context * model["num_kv_heads"]
+          * model["head_dim"] * BF16_BYTES)
+    return {"weight_bytes": weights, "kv_bytes": kv, "bytes_per_step": weights + kv}
+
+
+def flops_per_step(model: dict, batch: int, context: int) -> int:
+    """Matmul FLOPs of one decode step (2 per weight per row, plus attention scores and
+    values over `context` keys); for the arithmetic intensity only."""
+    matmul_params = param_count(model) - model["vocab_size"] * model["hidden_size"]
+    if model["tie_word_embeddings"]:
+        matmul_params += model["vocab_size"] * model["hidden_size"]
+    attention = 4 * model["num_layers"] * model["num_heads"] * model["head_dim"] * context
+    return batch * (2 * matmul_params + attention)
+
+
+def add_roofline(record: dict, model: dict, hbm_gbps: float | None) -> dict:
+    """Fills the bandwidth fields of a record that has `step_ms` (None where unknown)."""
+    out = dict(record, **bytes_per_step(model, record["batch"], record["context"]))
+    step_s = None if out.get("step_ms") is None else out["step_ms"] / 1e3
+    achieved = None if not step_s else out["bytes_per_step"] / step_s / 1e9
+    out["achieved_gbps"] = achieved
+    out["hbm_gbps"] = hbm_gbps
+    out["hbm_fraction"] = achieved / hbm_gbps if achieved and hbm_gbps else None
+    out["roofline_tokens_per_s"] = (
+        out["batch"] * hbm_gbps * 1e9 / out["bytes_per_step"] if hbm_gbps else None
+    )
+    return out
+
+
+# ------------------------------------------------------------------ workers (subprocesses)
+
+
+def _prompts(vocab_size: int, batch: int, length: int):
+    """The same random prompts for every impl: int64 [batch, length]."""
+    import numpy as np
+
+    return np.random.default_rng(PROMPT_SEED).integers(0, vocab_size, (batch, length))
+
+
+def _check_tokens(shape: tuple, batch: int, new_tokens: int) -> None:
+    if tuple(shape) != (batch, new_tokens):
+        raise RuntimeError(f"expected {batch} x {new_tokens} new tokens, got shape {shape}")
+
+
+def _timed_runs(run: Callable[[], tuple[float, float]], warmup: int, repeats: int) -> dict:
+    """Calls `run` (-> prefill_s, decode_s) warmup + repeats times; medians of the timed runs."""
+    for _ in range(warmup):
+        run()
+    timings = [run() for _ in range(repeats)]
+    return {"prefill_s": statistics.median(t[0] for t in timings),
+            "decode_s": statistics.median(t[1] for t in timings),
+            "decode_s_runs": [t[1] for t in timings]}
+
+
+def _best_seconds(step: Callable[[], None], sync: Callable[[], None], *, trials: int = 5,
+                  iters: int = 10) -> float:
+    """The fastest per-call time of `step` over `trials` bursts of `iters` calls."""
+    step()
+    sync()
+    best = math.inf
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync()
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
+
+
+def _jax_copy_gbps(nbytes: int) -> float:
+    """Bandwidth of a jitted elementwise op over a bf16 array (bytes = read + write)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // BF16_BYTES,), jnp.bfloat16)
+    bump = jax.jit(lambda a: a + 1)
+    out = []
+
+    def step():
+        out[:] = [bump(x)]
+
+    seconds = _best_seconds(step, lambda: jax.block_until_ready(out))
+    del x, out
+    return 2 * nbytes / seconds / 1e9
+
+
+def run_jaxdec(spec: dict, emit: Callable[..., None]) -> None:
+    import jax
+    import jax.numpy as jnp
+    import jaxdec
+
+    emit("env", device=jax.devices()[0].device_kind, platform=jax.default_backend())
+    emit("bandwidth", source="jax x + 1 (bf16)",
+         gbps=_jax_copy_gbps(spec["copy_mib"] << 20))
+    fields = dict(spec["model"], rope=jaxdec.RopeConfig(**spec["model"]["rope"]))
+    config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    N = spec["new_tokens"]
+    for batch in spec["batch_sizes"]:
+        try:
+            prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
+
+            def run():
+                res = jaxdec.generate(model, prompts, max_new_tokens=N, return_timings=True)
+                _check_tokens(res.tokens.shape, batch, N)
+                if not (res.lengths == N).all():
+                    raise RuntimeError(f"rows stopped early: lengths {res.lengths.tolist()}")
+                return res.prefill_s, res.decode_s
+
+            emit("result", batch=batch, notes="jaxdec.generate", param_bytes=param_bytes,
+                 **_timed_runs(run, spec["warmup"], spec["repeats"]))
+        except Exception as e:  # one batch size failing (e.g. out of memory) is a record
+            emit("error", batch=batch, error=_describe(e))
+
+
+def _torch_copy_gbps(nbytes: int, device: str) -> float:
+    """Bandwidth of torch `dst.copy_(src)` over a bf16 tensor (bytes = read + write)."""
+    import torch
+
+    src = torch.ones(nbytes // BF16_BYTES, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seconds = _best_seconds(lambda: dst.copy_(src), sync)
+    del src, dst
+    return 2 * nbytes / seconds / 1e9
+
+
+def hf_config_kwargs(model: dict) -> dict:
+    """`transformers.LlamaConfig` kwargs for the model spec (the 4.x rope layout, which 5.x
+    also reads); no bos/eos so greedy decoding never stops early."""
+    rope = model["rope"]
+    return dict(
+        vocab_size=model["vocab_size"], hidden_size=model["hidden_size"],
+        intermediate_size=model["intermediate_size"], num_hidden_layers=model["num_layers"],
+        num_attention_heads=model["num_heads"], num_key_value_heads=model["num_kv_heads"],
+        head_dim=model["head_dim"], rms_norm_eps=model["rms_norm_eps"],
+        max_position_embeddings=model["max_position_embeddings"],
+        tie_word_embeddings=model["tie_word_embeddings"], hidden_act="silu",
+        attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None, rope_theta=rope["theta"],
+        rope_scaling={key: rope[key] for key in ("rope_type", "factor", "low_freq_factor",
+                                                 "high_freq_factor",
+                                                 "original_max_position_embeddings")},
+        attn_implementation="sdpa",
+    )
+
+
+def _hf_model(model: dict, device: str):
+    """A randomly initialised bf16 LlamaForCausalLM, created directly on `device`."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**hf_config_kwargs(model))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return hf.to(device=device, dtype=torch.bfloat16).eval()
+
+
+def _enable_compile(hf, device: str) -> tuple[dict, str]:
+    """Static cache + torch.compile, the way this transformers version documents it.
+    Returns (GenerationConfig kwargs, a note saying which way was used)."""
+    import torch
+    import transformers
+
+    compile_config = getattr(transformers, "CompileConfig", None)
+    static = {"cache_implementation": "static"}
+    if device == "cuda" and compile_config is not None and hasattr(hf, "get_compiled_call"):
+        # generate() compiles the decode step itself when the cache is static.
+        config = compile_config(fullgraph=True, dynamic=False, mode="reduce-overhead")
+        return dict(static, compile_config=config), (
+            "static cache; generate() compiles the decode step "
+            "(CompileConfig mode=reduce-overhead, fullgraph, dynamic=False)")
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True,
+                               dynamic=False)
+    return static, "static cache; model.forward = torch.compile(mode=reduce-overhead, fullgraph)"
+
+
+def run_hf(spec: dict, emit: Callable[..., None], *, compiled: bool) -> None:
+    import torch
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    emit("env", device=name, platform=device)
+    emit("bandwidth", source="torch copy_ (bf16)",
+         gbps=_torch_copy_gbps(spec["copy_mib"] << 20, device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    class ArrivalClock(BaseStreamer):
+        """Stamps each `put` (the prompt, then each new token on the host)."""
+
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, value):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    hf = _hf_model(spec["model"], device)
+    param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    extra, notes = _enable_compile(hf, device) if compiled else ({}, "dynamic cache, eager")
+    N = spec["new_tokens"]
+    generation = transformers.GenerationConfig(
+        max_new_tokens=N, do_sample=False, eos_token_id=None, bos_token_id=None,
+        pad_token_id=0, **extra)
+    # reduce-overhead records CUDA graphs over the first calls: warm up at least twice.
+    warmup = max(spec["warmup"], 2) if compiled else spec["warmup"]
+    for batch in spec["batch_sizes"]:
+        try:
+            ids = torch.as_tensor(_prompts(spec["model"]["vocab_size"], batch,
+                                           spec["prompt_len"]), device=device)
+            mask = torch.ones_like(ids)
+
+            def run():
+                clock = ArrivalClock()
+                sync()
+                out = hf.generate(input_ids=ids, attention_mask=mask,
+                                  generation_config=generation, streamer=clock)
+                sync()
+                _check_tokens((out.shape[0], out.shape[1] - ids.shape[1]), batch, N)
+                if len(clock.stamps) != N + 1:
+                    raise RuntimeError(f"the streamer saw {len(clock.stamps) - 1} of {N} tokens")
+                return clock.stamps[1] - clock.stamps[0], clock.stamps[-1] - clock.stamps[1]
+
+            emit("result", batch=batch, notes=notes, param_bytes=param_bytes,
+                 **_timed_runs(run, warmup, spec["repeats"]))
+        except Exception as e:  # one batch size failing (e.g. out of memory) is a record
+            emit("error", batch=batch, error=_describe(e))
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def worker_main(impl: str, spec: dict, events_path: str) -> int:
+    """Runs one impl, appending JSON events to `events_path`."""
+
+    def emit(event: str, **fields):
+        with open(events_path, "a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    try:
+        if impl == "jaxdec":
+            run_jaxdec(spec, emit)
+        else:
+            run_hf(spec, emit, compiled=impl == "hf-compile")
+    except Exception as e:  # a failure before the first batch: every batch gets it
+        emit("error", batch=None, error=_describe(e))
+        raise
+    return 0
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def _worker_env(impl: str) -> dict:
+    env = dict(os.environ)
+    if impl != "jaxdec":  # in case anything imports jax next to torch: no preallocated pool
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+
+def run_worker(impl: str, spec: dict, timeout_s: float | None) -> tuple[list[dict], str | None]:
+    """Runs one impl in a subprocess; returns its events and why it ended badly (or None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        events_path = os.path.join(tmp, "events.jsonl")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl,
+               "--spec", json.dumps(spec), "--events", events_path]
+        # Its own process group, so a timeout also ends compile helpers it started.
+        proc = subprocess.Popen(cmd, env=_worker_env(impl), start_new_session=True)
+        failure = None
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            if rc != 0:
+                failure = f"worker exited with code {rc}"
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {timeout_s:.0f} s"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return _read_events(events_path), failure
+
+
+def _read_events(path: str) -> list[dict]:
+    events = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut off when the worker was killed
+                    pass
+    return events
+
+
+def _versions() -> dict:
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {f"{p}_version": version(p) for p in ("jax", "jaxdec", "torch", "transformers")}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
+                 common: dict) -> list[dict]:
+    """One record per batch size from a worker's events (without the bandwidth fields)."""
+    env = next((e for e in events if e["event"] == "env"), {})
+    results = {e["batch"]: e for e in events if e["event"] == "result"}
+    errors = {e["batch"]: e["error"] for e in events if e["event"] == "error"}
+    steps = spec["new_tokens"] - 1
+    records = []
+    for batch in spec["batch_sizes"]:
+        record = dict(impl=impl, batch=batch, **common, device=env.get("device"),
+                      tokens_per_s=None, step_ms=None, prefill_s=None, decode_s=None,
+                      param_bytes=None, error=None, notes=None)
+        result = results.get(batch)
+        if result is not None:
+            decode_s = result["decode_s"]
+            record.update(tokens_per_s=batch * steps / decode_s, step_ms=decode_s / steps * 1e3,
+                          prefill_s=result["prefill_s"], decode_s=decode_s,
+                          decode_s_runs=result["decode_s_runs"],
+                          param_bytes=result["param_bytes"], notes=result["notes"])
+        else:
+            record["error"] = errors.get(batch) or errors.get(None) or failure or "no result"
+        records.append(record)
+    return records
+
+
+def hbm_ceiling(bandwidths: dict[str, float]) -> float | None:
+    return max(bandwidths.values()) if bandwidths else None
+
+
+def device_slug(name: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified."""
+    if not name:
+        return "unknown"
+    lowered = name.lower()
+    if lowered == "cpu" or lowered.startswith("cpu"):
+        return "cpu"
+    for token in re.findall(r"[a-z0-9]+", lowered):
+        if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not token.endswith("gb"):
+            return token
+    return re.sub(r"[^a-z0-9]+", "-", lowered).strip("-")
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "–" if value is None else f"{value:{spec}}"
+
+
+def _pct(fraction) -> str:
+    return "–" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def _fmt_gbps(value) -> str:
+    return "–" if value is None else f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _ratio(a, b) -> str:
+    return "–" if not a or not b else f"{a / b:.2f}x"
+
+
+def render_markdown(records: list[dict], bandwidths: dict[str, float], meta: dict) -> str:
+    """The results table, the bandwidths, the bytes per step and what bounds decode speed."""
+    model, ceiling = meta["model"], hbm_ceiling(bandwidths)
+    by_key = {(r["impl"], r["batch"]): r for r in records}
+    devices = sorted({r["device"] for r in records if r["device"]})
+    first = records[0] if records else {}
+    lines = [
+        f"# Greedy decode: jaxdec vs transformers on {', '.join(devices) or 'an unknown device'}",
+        "",
+        f"Preset `{meta['preset']}`: {meta['description']}; context {meta['context']} (prompt "
+        f"{meta['prompt_len']} + {meta['new_tokens']} new tokens, so decode attends to "
+        f"{meta['context']} cached tokens on average); median of {meta['repeats']} runs after "
+        f"warm-up; tokens/s are decode tokens summed over the batch. Run {first.get('date')}, "
+        f"jax {first.get('jax_version')}, torch {first.get('torch_version')}, "
+        f"transformers {first.get('transformers_version')}, commit {first.get('commit')}.",
+        "",
+        "Memory bandwidth measured in this run: "
+        + (", ".join(f"{src} {_fmt_gbps(gbps)} GB/s" for src, gbps in sorted(bandwidths.items()))
+           or "none")
+        + (f"; the ceiling used is the best, {_fmt_gbps(ceiling)} GB/s." if ceiling else "."),
+        "",
+        "| impl | batch | tokens/s | step ms | prefill s | GB/s | HBM fraction "
+        "| roofline tokens/s | vs hf-eager | vs hf-compile |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        eager = by_key.get(("hf-eager", r["batch"]), {}).get("tokens_per_s")
+        compiled = by_key.get(("hf-compile", r["batch"]), {}).get("tokens_per_s")
+        lines.append(
+            f"| {r['impl']} | {r['batch']} | {_fmt(r['tokens_per_s'])} "
+            f"| {_fmt(r['step_ms'], '.2f')} | {_fmt(r['prefill_s'], '.3f')} "
+            f"| {_fmt_gbps(r['achieved_gbps'])} | {_pct(r['hbm_fraction'])} "
+            f"| {_fmt(r['roofline_tokens_per_s'])} | {_ratio(r['tokens_per_s'], eager)} "
+            f"| {_ratio(r['tokens_per_s'], compiled)} |"
+        )
+    failed = [r for r in records if r["error"]]
+    if failed:
+        lines += ["", "Failures:", ""]
+        lines += [f"- {r['impl']} batch {r['batch']}: {r['error']}" for r in failed]
+    notes = sorted({(r["impl"], r["notes"]) for r in records if r["notes"]})
+    if notes:
+        lines += ["", "How each impl ran: " + "; ".join(f"{i}: {n}" for i, n in notes) + "."]
+    lines += ["", "## What bounds decode speed", ""]
+    for batch in meta["batch_sizes"]:
+        lines.append(_bound_line(model, batch, meta["context"], ceiling,
+                                 by_key.get(("jaxdec", batch))))
+    lines += ["", _goal_line(by_key.get(("jaxdec", 1)))]
+    return "\n".join(lines) + "\n"
+
+
+def _bound_line(model: dict, batch: int, context: int, ceiling: float | None,
+                jaxdec: dict | None) -> str:
+    sizes = bytes_per_step(model, batch, context)
+    intensity = flops_per_step(model, batch, context) / sizes["bytes_per_step"]
+    memory_bound = intensity < MEMORY_BOUND_INTENSITY
+    line = (f"- Batch {batch}: a step reads {sizes['weight_bytes'] / 1e9:.3g} GB of weights and "
+            f"{sizes['kv_bytes'] / 1e9:.3g} GB of KV cache and does {intensity:.0f} FLOP per "
+            "byte read; current GPUs do hundreds of FLOPs per byte of HBM bandwidth (H100: "
+            "~780 TFLOP/s over ~3 TB/s), so "
+            + ("memory bandwidth, not compute, bounds the step." if memory_bound
+               else "compute may bound the step as much as memory does."))
+    if ceiling and jaxdec and jaxdec.get("step_ms"):
+        floor_ms = sizes["bytes_per_step"] / (ceiling * 1e9) * 1e3
+        gap = jaxdec["step_ms"] - floor_ms
+        line += (f" Streaming those bytes at {_fmt_gbps(ceiling)} GB/s takes {floor_ms:.2f} ms; "
+                 f"jaxdec's step takes {jaxdec['step_ms']:.2f} ms, so {gap:.2f} ms per step "
+                 f"({100 * gap / jaxdec['step_ms']:.0f}%) goes to something other than reading "
+                 "memory at full speed.")
+    return line
+
+
+def _goal_line(record: dict | None) -> str:
+    goal = f"Goal: jaxdec at batch 1 reaches >= {GOAL_FRACTION:.0%} of the roofline"
+    if not record or record.get("hbm_fraction") is None:
+        return goal + ": not measured in this run."
+    met = "met" if record["hbm_fraction"] >= GOAL_FRACTION else "not met"
+    return (f"{goal}: measured {record['hbm_fraction']:.1%} "
+            f"({record['tokens_per_s']:.1f} of {record['roofline_tokens_per_s']:.1f} tokens/s), "
+            f"{met}.")
+
+
+def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, float],
+                  meta: dict) -> tuple[Path, Path]:
+    """Writes decode-<device>.json and .md; returns their paths."""
+    slug = device_slug(next((r["device"] for r in records if r["device"]), None))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
+    json_path.write_text(json.dumps(records, indent=2) + "\n")
+    md_path.write_text(render_markdown(records, bandwidths, meta))
+    return json_path, md_path
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16, got {text!r}")
+    return values
+
+
+def _impl_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in IMPLS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"impls must be among {', '.join(IMPLS)}; got {text!r}")
+    return names
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="h100")
+    parser.add_argument("--batch-sizes", type=_int_list, help="e.g. 1,16 (default: the preset's)")
+    parser.add_argument("--context", type=int, help="average KV length during decode")
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per row (>= 2)")
+    parser.add_argument("--impls", type=_impl_list,
+                        help=f"comma-separated among {', '.join(IMPLS)} (default: the preset's)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiles)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median is reported)")
+    parser.add_argument("--budget-s", type=float, help="total worker wall time (default: preset's)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--events", help=argparse.SUPPRESS)
+    return parser, parser.parse_args(argv)
+
+
+def make_spec(args, preset: Preset) -> dict:
+    """What every worker needs, as JSON; validates the overrides."""
+    context = args.context or preset.context
+    new_tokens = args.new_tokens or preset.new_tokens
+    prompt_len = context - new_tokens // 2
+    if new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (decode speed needs steps after the first)")
+    if prompt_len < 1:
+        raise ValueError(f"--context {context} is too short for {new_tokens} new tokens")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    return dict(model=preset.model, batch_sizes=list(args.batch_sizes or preset.batch_sizes),
+                context=context, prompt_len=prompt_len, new_tokens=new_tokens,
+                warmup=args.warmup, repeats=args.repeats, copy_mib=preset.copy_mib)
+
+
+def main(argv=None) -> int:
+    """Runs the benchmark; 0 when every impl produced every batch size's result."""
+    parser, args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.spec), args.events)
+    preset = PRESETS[args.preset]
+    try:
+        spec = make_spec(args, preset)
+    except ValueError as e:
+        parser.error(str(e))
+    budget = args.budget_s if args.budget_s is not None else preset.budget_s
+    deadline = None if budget is None else time.monotonic() + budget
+    common = dict(context=spec["context"], prompt_len=spec["prompt_len"],
+                  new_tokens=spec["new_tokens"], preset=args.preset, repeats=spec["repeats"],
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  commit=_git_commit(), **_versions())
+    meta = dict(spec, preset=args.preset, description=preset.description)
+    records, bandwidths, raw = [], {}, []
+    for impl in args.impls or preset.impls:
+        left = None if deadline is None else deadline - time.monotonic()
+        print(f"[decode bench] {impl}: batch sizes {spec['batch_sizes']}, context "
+              f"{spec['context']}, {spec['new_tokens']} new tokens", flush=True)
+        started = time.monotonic()
+        if left is not None and left < 1:
+            events, failure = [], "skipped: the time budget (--budget-s) was used up"
+        else:
+            events, failure = run_worker(impl, spec, left)
+        print(f"[decode bench] {impl}: {failure or 'finished'} after "
+              f"{time.monotonic() - started:.0f} s", flush=True)
+        for e in events:
+            if e["event"] == "bandwidth":
+                bandwidths[e["source"]] = max(e["gbps"], bandwidths.get(e["source"], 0.0))
+        raw += impl_records(impl, events, failure, spec, common)
+        records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
+        json_path, md_path = write_outputs(args.out, records, bandwidths, meta)
+    print(md_path.read_text(), flush=True)
+    print(f"[decode bench] wrote {json_path} and {md_path}", flush=True)
+    return 0 if all(r["error"] is None for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

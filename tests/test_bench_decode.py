@@ -1,0 +1,95 @@
+"""bench/decode.py: the cpu-tiny preset end to end (as a user runs it), and its byte arithmetic."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+REQUIRED = ("impl", "batch", "context", "new_tokens", "tokens_per_s", "step_ms", "prefill_s",
+            "bytes_per_step", "achieved_gbps", "hbm_gbps", "hbm_fraction",
+            "roofline_tokens_per_s", "device", "jax_version", "date", "preset", "error")
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def cpu_tiny_run(tmp_path_factory):
+    """Runs `bench/decode.py --preset cpu-tiny` once (jaxdec and hf-eager, batch 1 and 2)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the suite's 8 fake CPU devices: run as a user would
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "2", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_cpu_tiny_records(cpu_tiny_run):
+    records = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
+    assert {(r["impl"], r["batch"]) for r in records} == {
+        (impl, batch) for impl in ("jaxdec", "hf-eager") for batch in (1, 2)
+    }
+    for r in records:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert r["error"] is None
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["prefill_s"] > 0
+        assert r["hbm_gbps"] > 0 and r["hbm_fraction"] > 0 and r["roofline_tokens_per_s"] > 0
+        assert r["hbm_fraction"] == pytest.approx(r["tokens_per_s"] / r["roofline_tokens_per_s"])
+        assert (r["context"], r["new_tokens"], r["preset"]) == (64, 8, "cpu-tiny")
+        assert r["device"] == "cpu" and r["jax_version"] == jax.__version__ and r["date"]
+        # Each impl counted its own model's bytes: the same model, matching the formula.
+        assert r["param_bytes"] == 2 * bench.param_count(bench.TINY)
+
+
+def test_cpu_tiny_markdown(cpu_tiny_run):
+    text = (cpu_tiny_run / "decode-cpu.md").read_text()
+    assert "| impl | batch | tokens/s |" in text
+    assert "| jaxdec | 1 |" in text and "| hf-eager | 2 |" in text
+    assert "GB/s" in text and "Goal: jaxdec at batch 1" in text
+
+
+def test_llama3_8b_bytes_per_step():
+    assert bench.param_count(bench.LLAMA3_8B) == 8_030_261_248  # Llama-3-8B's parameter count
+    embed = 128256 * 4096 * 2
+    b1 = bench.bytes_per_step(bench.LLAMA3_8B, batch=1, context=2048)
+    assert b1["weight_bytes"] == 8_030_261_248 * 2 - embed + 4096 * 2
+    assert b1["kv_bytes"] == 2 * 32 * 2048 * 8 * 128 * 2
+    b16 = bench.bytes_per_step(bench.LLAMA3_8B, batch=16, context=2048)
+    assert b16["kv_bytes"] == 16 * b1["kv_bytes"]
+    # 15.3 GB per step: about 196 tokens/s at batch 1 on 3 TB/s (an H100's copy bandwidth).
+    record = bench.add_roofline(dict(batch=1, context=2048, step_ms=None), bench.LLAMA3_8B, 3000.0)
+    assert 195 < record["roofline_tokens_per_s"] < 197 and record["hbm_fraction"] is None
+
+
+def test_roofline_fields():
+    r = bench.add_roofline(dict(batch=2, context=64, step_ms=0.5), bench.TINY, 100.0)
+    assert r["achieved_gbps"] == pytest.approx(r["bytes_per_step"] / 0.5e-3 / 1e9)
+    assert r["hbm_fraction"] == pytest.approx(r["achieved_gbps"] / 100.0)
+    tokens_per_s = 2 / 0.5e-3
+    assert r["hbm_fraction"] == pytest.approx(tokens_per_s / r["roofline_tokens_per_s"])
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), (None, "unknown"),
+])
+def test_device_slug(name, slug):
+    assert bench.device_slug(name) == slug
