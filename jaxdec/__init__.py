@@ -1,9 +1,38 @@
-"""jaxdec: fast, exact LLM decoding in JAX."""
+"""jaxdec: fast, exact LLM decoding in JAX.
 
-from jaxdec.config import ModelConfig, RopeConfig
-from jaxdec.parallel import make_mesh
-from jaxdec.model import Model, forward, init_model
-from jaxdec.cache import Cache, init_cache, commit
+Load a Hugging Face checkpoint and generate:
+
+    model = jaxdec.load_pretrained("path/to/model", dtype="bfloat16")
+    result = jaxdec.generate(model, [[1, 2, 3]], max_new_tokens=32)
+
+Models and caches are pytrees; `generate_padded` is the pure, jittable form of `generate`.
+"""
+
+from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checkpoint import load_pretrained, save_pretrained
+from jaxdec.config import ModelConfig, RopeConfig
+from jaxdec.generate import GenerateResult, generate, generate_padded
+from jaxdec.model import Model, forward, init_model
+from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
-from jaxdec.generate import generate, generate_padded, GenerateResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache",
+    "GenerateResult",
+    "Greedy",
+    "Model",
+    "ModelConfig",
+    "RopeConfig",
+    "Sampler",
+    "commit",
+    "forward",
+    "generate",
+    "generate_padded",
+    "init_cache",
+    "init_model",
+    "load_pretrained",
+    "make_mesh",
+    "save_pretrained",
+]

@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,6 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
-from jaxdec.models import llama
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,6 +38,8 @@ _SAFETENSORS_DTYPES = {
     "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _MAX_HEADER_BYTES = 100 * 2**20
+# Which axis of our layout is the vocabulary (padded to a multiple of tp).
+_VOCAB_ROWS = {"model.embed_tokens.weight": 0, "lm_head.weight": 1}
 # Tensors some checkpoints carry that the model recomputes or shares.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -136,17 +137,22 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
 # ------------------------------------------------------------------------- name mapping
 
 
-class _Entry:
-    """One parameter: its HF name and HF shape, and the layout changes between the two."""
+class _Entry(NamedTuple):
+    """One parameter: its HF name and shape, our shape, and whether it is an HF Linear weight
+    ([out, in], transposed to our [in, out] with heads split out)."""
 
-    def __init__(self, hf_name: str, hf_shape: tuple, to_ours: Callable, to_hf: Callable):
-        self.hf_name, self.hf_shape, self.to_ours, self.to_hf = hf_name, hf_shape, to_ours, to_hf
+    hf_name: str
+    hf_shape: tuple
+    ours_shape: tuple
+    transposed: bool
 
+    def to_ours(self, w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(w.T if self.transposed else w).reshape(self.ours_shape)
 
-def _linear(shape_out_in: tuple, ours_shape: tuple) -> tuple[Callable, Callable]:
-    """HF Linear weight [out, in] <-> ours [in, *out] (or [*in, out] reshaped)."""
-    return (lambda w: np.ascontiguousarray(w.T).reshape(ours_shape),
-            lambda w: np.ascontiguousarray(w.reshape(shape_out_in[1], shape_out_in[0]).T))
+    def to_hf(self, w: np.ndarray) -> np.ndarray:
+        if self.transposed:
+            return np.ascontiguousarray(w.reshape(self.hf_shape[::-1]).T)
+        return np.asarray(w).reshape(self.hf_shape)
 
 
 def _param_table(config: ModelConfig) -> dict[str, _Entry]:
@@ -156,12 +162,7 @@ def _param_table(config: ModelConfig) -> dict[str, _Entry]:
     table: dict[str, _Entry] = {}
 
     def add(path, hf_name, hf_shape, ours_shape, kind):
-        if kind == "linear":
-            to_ours, to_hf = _linear(hf_shape, ours_shape)
-        else:  # a vector or a bias reshaped to heads
-            to_ours = lambda w, s=ours_shape: np.asarray(w).reshape(s)
-            to_hf = lambda w, s=hf_shape: np.asarray(w).reshape(s)
-        table[path] = _Entry(hf_name, hf_shape, to_ours, to_hf)
+        table[path] = _Entry(hf_name, hf_shape, ours_shape, transposed=kind == "linear")
 
     add("['embed']", "model.embed_tokens.weight", (V, E), (V, E), "vector")
     add("['final_norm']", "model.norm.weight", (E,), (E,), "vector")
@@ -251,28 +252,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     if unexpected:
         warnings.warn(f"ignoring {len(unexpected)} unexpected tensors in {directory}: {unexpected[:5]}")
 
-    axes = llama.param_axes(config)
-    shardings = param_shardings(config, mesh)
-    flat_shardings = dict(
-        (jax.tree_util.keystr(p), s)
-        for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
-    )
-
-    def place(path_str: str) -> jax.Array:
-        entry = table[path_str]
+    def place(path, sharding) -> jax.Array:
+        entry = table[jax.tree_util.keystr(path)]
         array = entry.to_ours(tensors[entry.hf_name].read()).astype(dtype)
-        if path_str == "['embed']" and vocab != config.vocab_size:
-            array = np.pad(array, ((0, vocab - config.vocab_size), (0, 0)))
-        elif path_str == "['lm_head']" and vocab != config.vocab_size:
-            array = np.pad(array, ((0, 0), (0, vocab - config.vocab_size)))
-        return jax.device_put(array, flat_shardings[path_str])
+        if entry.hf_name in _VOCAB_ROWS and vocab != config.vocab_size:
+            pad = [(0, 0)] * array.ndim
+            pad[_VOCAB_ROWS[entry.hf_name]] = (0, vocab - config.vocab_size)
+            array = np.pad(array, pad)
+        return jax.device_put(array, sharding)
 
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(
-        axes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)
-    )
-    params = jax.tree.unflatten(
-        treedef, [place(jax.tree_util.keystr(p)) for p, _ in leaves_with_paths]
-    )
+    # One tensor at a time from the memory-mapped files onto its devices.
+    params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory))
 
 
@@ -317,10 +307,8 @@ def save_pretrained(
     tensors = {}
     for path_str, entry in table.items():
         array = np.asarray(jax.device_get(flat[path_str]))
-        if path_str == "['embed']":
-            array = array[: config.vocab_size]
-        elif path_str == "['lm_head']":
-            array = array[:, : config.vocab_size]
+        if entry.hf_name in _VOCAB_ROWS:  # drop tp padding rows
+            array = np.take(array, np.arange(config.vocab_size), axis=_VOCAB_ROWS[entry.hf_name])
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
         tensors[entry.hf_name] = np.ascontiguousarray(entry.to_hf(array))

@@ -65,7 +65,7 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     assert jaxdec.load_pretrained(out).tokenizer.get_vocab() == model.tokenizer.get_vocab()
 
 
-def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints):
+def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=2))
     q = model.params["layers"][0]["q"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
@@ -73,6 +73,9 @@ def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints):
     # 97 rows do not split two ways: the vocabulary is padded with zero rows.
     assert model.params["embed"].shape == (98, 64)
     np.testing.assert_array_equal(np.asarray(model.params["embed"][97]), 0)
+    # The padding never reaches an exported checkpoint.
+    out = jaxdec.save_pretrained(model, tmp_path / "export")
+    _params_equal(jaxdec.load_pretrained(out).params, loaded("llama-gqa").params)
 
 
 def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tmp_path):
