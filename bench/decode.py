@@ -241,7 +241,6 @@ def _jax_copy_gbps(nbytes: int) -> float:
         out[:] = [bump(x)]
 
     seconds = _best_seconds(step, lambda: jax.block_until_ready(out))
-    del x, out
     return 2 * nbytes / seconds / 1e9
 
 
@@ -283,7 +282,6 @@ def _torch_copy_gbps(nbytes: int, device: str) -> float:
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seconds = _best_seconds(lambda: dst.copy_(src), sync)
-    del src, dst
     return 2 * nbytes / seconds / 1e9
 
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from hf_models import write_checkpoint  # noqa: E402
+from hf_models import make_tokenizer, write_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +46,14 @@ def loaded(hf_checkpoints):
 
     return get
 
+
+
+@pytest.fixture(scope="session")
+def tokenized_checkpoint(hf_checkpoints, tmp_path_factory):
+    """The llama-gqa checkpoint plus a tokenizer.json (for the CLI and README tests)."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("tokenized") / "model"
+    shutil.copytree(hf_checkpoints("llama-gqa")[0], directory)
+    make_tokenizer().save(str(directory / "tokenizer.json"))
+    return str(directory)

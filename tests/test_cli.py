@@ -1,36 +1,24 @@
 """The `jaxdec generate` command."""
 
-import os
-import shutil
-
 import pytest
 
 import jaxdec
 from jaxdec.cli import main
-from hf_models import make_tokenizer
 
 
-@pytest.fixture(scope="module")
-def checkpoint(hf_checkpoints, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cli") / "model"
-    shutil.copytree(hf_checkpoints("llama-gqa")[0], directory)
-    make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
-    return str(directory)
-
-
-def test_generate_prints_the_continuation_and_speed(checkpoint, capsys):
-    assert main(["generate", "--model", checkpoint, "--prompt", "hello the fox",
+def test_generate_prints_the_continuation_and_speed(tokenized_checkpoint, capsys):
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
                  "--max-new-tokens", "6", "--ignore-eos"]) == 0
     text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
-    model = jaxdec.load_pretrained(checkpoint)
+    model = jaxdec.load_pretrained(tokenized_checkpoint)
     ids = model.tokenizer.encode("hello the fox").ids
     expected = jaxdec.generate(model, [ids], max_new_tokens=6).tokens[0]
     assert text == "hello the fox" + model.tokenizer.decode(expected.tolist())
     assert "6 tokens" in stats and "tokens/s decode" in stats
 
 
-def test_generate_sampling_with_tp(checkpoint, capsys):
-    assert main(["generate", "--model", checkpoint, "--prompt", "quick brown",
+def test_generate_sampling_with_tp(tokenized_checkpoint, capsys):
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "quick brown",
                  "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9",
                  "--top-k", "20", "--tp", "2", "--seed", "3"]) == 0
     assert "tokens/s" in capsys.readouterr().out
@@ -42,8 +30,8 @@ def test_generate_sampling_with_tp(checkpoint, capsys):
     (["--top-k", "0"], "top_k"),
     (["--tp", "3"], "tp=3 does not divide"),
 ])
-def test_bad_arguments(checkpoint, capsys, args, message):
-    assert main(["generate", "--model", checkpoint, "--prompt", "x", *args]) == 2
+def test_bad_arguments(tokenized_checkpoint, capsys, args, message):
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -54,6 +42,6 @@ def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
-def test_max_new_tokens_must_be_positive(checkpoint):
+def test_max_new_tokens_must_be_positive(tokenized_checkpoint):
     with pytest.raises(SystemExit):
-        main(["generate", "--model", checkpoint, "--prompt", "x", "--max-new-tokens", "0"])
+        main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--max-new-tokens", "0"])

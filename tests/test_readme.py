@@ -3,13 +3,11 @@
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from hf_models import make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md")).read()
@@ -18,21 +16,13 @@ ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
            JAX_PLATFORMS="cpu")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(hf_checkpoints, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("readme") / "model"
-    shutil.copytree(hf_checkpoints("llama-gqa")[0], directory)
-    make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
-    return str(directory)
-
-
 def test_readme_has_python_blocks():
     assert len(BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_python_block_runs(index, checkpoint, tmp_path):
-    code = re.sub(r'"path/to/[^"]+"', repr(checkpoint), BLOCKS[index])
+def test_python_block_runs(index, tokenized_checkpoint, tmp_path):
+    code = re.sub(r'"path/to/[^"]+"', repr(tokenized_checkpoint), BLOCKS[index])
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, check=True,
                    capture_output=True, text=True, timeout=300)
 
