@@ -77,11 +77,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -90,6 +88,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import device_slug, git_commit, versions  # noqa: E402
 
 IMPLS = ("jaxdec", "hf-eager", "hf-compile")
 GOAL_FRACTION = 0.85  # the issue's goal: jaxdec at batch 1 reaches 85% of the roofline
@@ -466,27 +468,6 @@ def _read_events(path: str) -> list[dict]:
     return events
 
 
-def _versions() -> dict:
-    def version(package):
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {f"{p}_version": version(p) for p in ("jax", "jaxdec", "torch", "transformers")}
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
 def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
                  common: dict) -> list[dict]:
     """One record per batch size from a worker's events (without the bandwidth fields)."""
@@ -514,19 +495,6 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
 
 def hbm_ceiling(bandwidths: dict[str, float]) -> float | None:
     return max(bandwidths.values()) if bandwidths else None
-
-
-def device_slug(name: str | None) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified."""
-    if not name:
-        return "unknown"
-    lowered = name.lower()
-    if lowered == "cpu" or lowered.startswith("cpu"):
-        return "cpu"
-    for token in re.findall(r"[a-z0-9]+", lowered):
-        if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not token.endswith("gb"):
-            return token
-    return re.sub(r"[^a-z0-9]+", "-", lowered).strip("-")
 
 
 def _fmt(value, spec: str = ".1f") -> str:
@@ -701,7 +669,7 @@ def main(argv=None) -> int:
     common = dict(context=spec["context"], prompt_len=spec["prompt_len"],
                   new_tokens=spec["new_tokens"], preset=args.preset, repeats=spec["repeats"],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=_git_commit(), **_versions())
+                  commit=git_commit(), **versions())
     meta = dict(spec, preset=args.preset, description=preset.description)
     records, bandwidths, raw = [], {}, []
     for impl in args.impls or preset.impls:

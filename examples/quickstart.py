@@ -2,7 +2,7 @@
 
 No model hub is needed: the script writes a small randomly initialised Llama-family model as
 a Hugging Face safetensors directory and uses it like any downloaded checkpoint. (Random
-weights produce arbitrary tokens; trained demo models are on the roadmap.)
+weights produce arbitrary tokens; `jaxdec demo` trains and runs real models.)
 
     python examples/quickstart.py [--layers N] [--width E] [--tp N]
 """

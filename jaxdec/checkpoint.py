@@ -279,8 +279,10 @@ def save_pretrained(
 ) -> str:
     """Writes `model` as an HF directory that transformers and `load_pretrained` both load.
 
-    The directory appears atomically: files are written to a temporary sibling directory that
-    is renamed into place, so an interrupted export never leaves a half-written checkpoint.
+    Files are written to a temporary folder first. A new directory appears atomically (the
+    folder is renamed into place); into an existing one (`overwrite=True`) each file moves
+    atomically, weights first and config.json last, stale weight shards are removed, and other
+    files (e.g. training checkpoints) are kept, as transformers' save_pretrained does.
 
     Args:
       model: the Model to export.
@@ -314,7 +316,8 @@ def save_pretrained(
         tensors[entry.hf_name] = np.ascontiguousarray(entry.to_hf(array))
     written_dtype = str(next(iter(tensors.values())).dtype)
 
-    parent = os.path.dirname(target)
+    exists = os.path.isdir(target)
+    parent = target if exists else os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
     try:
@@ -328,10 +331,12 @@ def save_pretrained(
                     {k: v for k, v in generation.items() if v is not None})
         if model.tokenizer is not None:
             model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
-        _swap_into_place(staging, target)
-    except BaseException:
+        if exists:
+            _move_files_into(staging, target)
+        else:
+            os.replace(staging, target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -366,12 +371,12 @@ def _write_weights(directory: str, tensors: dict[str, np.ndarray], max_shard_byt
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _swap_into_place(staging: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.replace(staging, target)
-        return
-    retired = tempfile.mkdtemp(prefix=".jaxdec-old-", dir=os.path.dirname(target))
-    os.rmdir(retired)
-    os.replace(target, retired)
-    os.replace(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+def _move_files_into(staging: str, target: str) -> None:
+    new = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+    for name in os.listdir(target):
+        stale_weights = name.startswith("model") and (name.endswith(".safetensors") or
+                                                      name == INDEX_FILE)
+        if stale_weights and name not in new:
+            os.remove(os.path.join(target, name))
+    for name in new:
+        os.replace(os.path.join(staging, name), os.path.join(target, name))

@@ -1,7 +1,10 @@
 """The `jaxdec` console script.
 
+    jaxdec demo [--preset P] [--max-new-tokens N]
     jaxdec generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
+    jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
+    jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
 
 from __future__ import annotations
@@ -34,6 +37,31 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+
+    demo = commands.add_parser("demo", help="train (once) and run jaxdec's demo models")
+    demo.add_argument("--preset", default=None,
+                      help="cpu-tiny on CPUs, gpu-small on accelerators (default)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=64)
+
+    train = commands.add_parser("train", help="train a language model or distil a draft")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    lm = kinds.add_parser("lm", help="a Llama-family model from scratch")
+    draft = kinds.add_parser("draft", help="a small draft distilled from a target")
+    draft.add_argument("--target", required=True, help="the target's HF directory")
+    draft.add_argument("--objective", choices=("tv", "kl"), default="tv",
+                       help="total variation (maximises acceptance) or forward KL")
+    for sub in (lm, draft):
+        sub.add_argument("--preset", required=True, help="cpu-tiny, gpu-small or gpu-base")
+        sub.add_argument("--out", required=True, help="run directory (becomes an HF checkpoint)")
+        sub.add_argument("--corpus", default=None,
+                         help="directory of text files (default: the standard library's sources)")
+        sub.add_argument("--steps", type=_positive_int, default=None)
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--dp", type=_positive_int, default=None,
+                         help="data-parallel devices (default: all accelerators, 1 CPU)")
+        again = sub.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue the run in --out")
+        again.add_argument("--force", action="store_true", help="delete the run in --out first")
     return parser
 
 
@@ -72,14 +100,36 @@ def _generate(args) -> None:
     )
 
 
+def _train(args) -> None:
+    from jaxdec.train import train_draft, train_lm
+
+    common = dict(corpus=args.corpus, steps=args.steps, resume=args.resume, force=args.force,
+                  seed=args.seed, dp=args.dp)
+    if args.kind == "lm":
+        train_lm(args.preset, args.out, **common)
+    else:
+        train_draft(args.target, args.preset, args.out, objective=args.objective, **common)
+
+
+def _demo(args) -> None:
+    from jaxdec.demo import run_demo
+
+    run_demo(preset=args.preset, max_new_tokens=args.max_new_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from jaxdec.train.loop import Interrupted
+
     args = _parser().parse_args(argv)
+    run = {"generate": _generate, "train": _train, "demo": _demo}[args.command]
     try:
-        if args.command == "generate":
-            _generate(args)
+        run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"jaxdec: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -53,8 +53,16 @@ jax.tree_util.register_pytree_node(
 )
 
 
+def family(config: ModelConfig):
+    """The module implementing a config's model family: `init_params`, `param_axes` and a
+    per-shard `forward`. Every supported architecture is a Llama-family model today; state-space
+    and hybrid families plug in here."""
+    del config
+    return llama
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh):
-    return parallel.shardings(mesh, llama.param_axes(config), config)
+    return parallel.shardings(mesh, family(config).param_axes(config), config)
 
 
 def init_model(
@@ -68,7 +76,7 @@ def init_model(
     vocab = parallel.padded_vocab(config, mesh)
 
     def make(k):
-        params = llama.init_params(config, k, dtype=dtype, vocab_size=vocab, std=std)
+        params = family(config).init_params(config, k, dtype=dtype, vocab_size=vocab, std=std)
         return _zero_padded_vocab(params, config)
 
     params = jax.jit(make, out_shardings=param_shardings(config, mesh))(key)
@@ -103,9 +111,9 @@ def forward_with_cache(
 ):
     """The one forward (prefill, decode, verification), in the global view.
 
-    Jitted (and inlined when called inside your own jit). Runs `jaxdec.models.llama.forward`
-    under `jax.shard_map` on the model's mesh. New K/V are written at each row's current
-    length; lengths are not advanced (see `jaxdec.cache.commit`).
+    Jitted (and inlined when called inside your own jit). Runs the family's per-shard forward
+    (`jaxdec.models.llama.forward`) under `jax.shard_map` on the model's mesh. New K/V are
+    written at each row's current length; lengths are not advanced (see `jaxdec.cache.commit`).
 
     Args:
       model: the Model.
@@ -122,7 +130,8 @@ def forward_with_cache(
     tp_axis = parallel.TP if parallel.TP in mesh.axis_names else None
     cache_specs = None if cache is None else parallel.specs(mesh, cache_axes(config), config)
     args = [model.params, tokens_BT, positions_BT]
-    in_specs = [parallel.specs(mesh, llama.param_axes(config), config), P(batch, None), P(batch, None)]
+    in_specs = [parallel.specs(mesh, family(config).param_axes(config), config), P(batch, None),
+                P(batch, None)]
     optional = {"cache": (cache, cache_specs), "mask": (mask_BTT, P(batch, None, None)),
                 "logits_indices": (logits_indices_BN, P(batch, None))}
     present = [name for name, (value, _) in optional.items() if value is not None]
@@ -132,7 +141,7 @@ def forward_with_cache(
 
     def per_shard(params, tokens, positions, *rest):
         given = dict(zip(present, rest))
-        return llama.forward(
+        return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
         )

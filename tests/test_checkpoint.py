@@ -84,9 +84,14 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
     (target / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
         jaxdec.save_pretrained(loaded("llama-gqa"), target)
-    assert (target / "precious.txt").read_text() == "keep me"
+    assert sorted(os.listdir(target)) == ["precious.txt"]
+    # Overwriting keeps unrelated files and replaces stale weight shards.
+    jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True, max_shard_bytes=64 * 1024)
+    assert "model.safetensors.index.json" in os.listdir(target)
     jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True)
-    assert not (target / "precious.txt").exists()
+    assert sorted(os.listdir(target)) == ["config.json", "generation_config.json",
+                                          "model.safetensors", "precious.txt"]
+    _params_equal(jaxdec.load_pretrained(target).params, loaded("llama-gqa").params)
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 

@@ -1,5 +1,5 @@
 """The README stays true: its Python blocks run (with a local checkpoint standing in for
-"path/to/..." model paths), its demo command runs, and CI runs its test command."""
+"path/to/..." model paths), its demo commands exist and run, and CI runs its test command."""
 
 import os
 import re
@@ -27,7 +27,13 @@ def test_python_block_runs(index, tokenized_checkpoint, tmp_path):
                    capture_output=True, text=True, timeout=300)
 
 
-def test_demo_command_runs(tmp_path):
+def test_demo_command():
+    """The demo itself runs end to end in tests/test_demo.py (with a micro preset)."""
+    demo_section = README.split("## Run the demo")[1].split("##")[0]
+    assert "```bash\njaxdec demo\n```" in demo_section
+
+
+def test_quickstart_example_runs(tmp_path):
     assert "python examples/quickstart.py" in README
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "examples", "quickstart.py"), "--layers", "1",

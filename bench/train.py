@@ -1,0 +1,116 @@
+"""Training throughput and quality of a preset: its target and its distilled draft, in one run.
+
+Usage (on the lent GPU machine, one call per preset; results land in $OUT):
+
+    python3 -m pip install --no-deps --no-build-isolation -e . && \\
+        cp bench/results/train-h100.json $OUT/ 2>/dev/null; \\
+        python3 bench/train.py --preset gpu-small --out $OUT
+
+Writes `train-<device>.json` (one record per preset; a record for the same preset already in
+the file is replaced, so calls for different presets accumulate) and `train-<device>.md`.
+
+Each record: preset, params (target), tokens_per_s and mfu of the target's training (model
+FLOPs per second / the bf16 matmul peak measured in the same run; compile excluded),
+heldout_loss / heldout_ppl of the target, the draft's acceptance_before / acceptance_after
+(held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
+throughput, wall seconds per phase, device, jax version and date.
+
+`--steps`, `--draft-steps` and `--max-train-bytes` shrink a preset (the test suite runs
+`cpu-tiny` this way in seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
+
+
+def run(preset, work: Path) -> dict:
+    """Trains the target then the draft under `work`; returns the record."""
+    import jax
+
+    from jaxdec.train import loop, train_draft, train_lm
+
+    started = time.perf_counter()
+    target = train_lm(preset, work / "target", force=True)
+    target_s = time.perf_counter() - started
+    started = time.perf_counter()
+    draft = train_draft(work / "target", preset, work / "draft", force=True)
+    draft_s = time.perf_counter() - started
+    return {
+        "preset": preset.name, "params": target["params"], "steps": target["steps"],
+        "tokens_per_s": target["tokens_per_s"], "mfu": target["mfu"],
+        "heldout_loss": target["heldout_loss"], "heldout_ppl": target["heldout_ppl"],
+        "draft_params": draft["params"], "draft_steps": draft["steps"],
+        "draft_objective": draft["objective"], "acceptance_before": draft["acceptance_before"],
+        "acceptance_after": draft["acceptance_after"], "draft_tokens_per_s": draft["tokens_per_s"],
+        "draft_mfu": draft["mfu"], "target_seconds": target_s, "draft_seconds": draft_s,
+        "matmul_peak_tflops": loop.measure_matmul_peak() / 1e12,
+        "device": jax.devices()[0].device_kind, "date": utc_now(), "commit": git_commit(),
+        **versions(),
+    }
+
+
+def _fmt(value, spec=".3g", scale=1.0, suffix=""):
+    return "–" if value is None else format(value / scale, spec) + suffix
+
+
+def render_markdown(records: list[dict]) -> str:
+    devices = sorted({r["device"] for r in records if r.get("device")})
+    lines = [
+        f"# Training: targets and distilled drafts on {', '.join(devices)}",
+        "",
+        "MFU = model FLOPs per second (6 per matmul weight per token plus attention) / the bf16 "
+        "matmul peak measured in the same run. Acceptance = held-out mean of sum_v min(p, q).",
+        "",
+        "| preset | params | steps | tokens/s | MFU | held-out loss | ppl | draft params "
+        "| acceptance before | after | target s | draft s | date | jax |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in records:
+        cells = [r.get("preset"), _fmt(r.get("params"), ".1f", 1e6, "M"), r.get("steps"),
+                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("mfu"), ".2f"),
+                 _fmt(r.get("heldout_loss"), ".3f"), _fmt(r.get("heldout_ppl"), ".1f"),
+                 _fmt(r.get("draft_params"), ".1f", 1e6, "M"), _fmt(r.get("acceptance_before"), ".3f"),
+                 _fmt(r.get("acceptance_after"), ".3f"), _fmt(r.get("target_seconds"), ".0f"),
+                 _fmt(r.get("draft_seconds"), ".0f"), r.get("date"), r.get("jax_version")]
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from jaxdec.train import get_preset
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, help="cpu-tiny, gpu-small or gpu-base")
+    parser.add_argument("--steps", type=int, help="override the target's steps")
+    parser.add_argument("--draft-steps", type=int, help="override the draft's steps")
+    parser.add_argument("--max-train-bytes", type=int, help="override the corpus budget")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    preset = get_preset(args.preset)
+    overrides = {"target_steps": args.steps, "draft_steps": args.draft_steps,
+                 "max_train_bytes": args.max_train_bytes}
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    with tempfile.TemporaryDirectory(prefix="jaxdec-bench-train-") as work:
+        record = run(preset, Path(work))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train-{device_slug(record['device'])}.json"
+    records = merge_records(path, [record], key="preset")
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    path.with_suffix(".md").write_text(render_markdown(records))
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Training data from an offline corpus: by default the running interpreter's own standard
+library sources, which every Python installation carries.
+
+- `load_corpus` lists the files (the standard library's `.py` files, or every readable text
+  file under a directory), splits them deterministically by file into train and held-out
+  sets, and reads them.
+- `train_tokenizer` trains a byte-level BPE `tokenizers.Tokenizer` on the training texts.
+- `encode` turns texts into one token stream (documents separated by the end-of-text token);
+  `pack` cuts the stream into fixed-length training sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import sysconfig
+
+import numpy as np
+
+END_OF_TEXT = "<|endoftext|>"
+HELDOUT_FRACTION = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Texts split by file. `heldout_*` files are never trained on."""
+
+    train_files: tuple[str, ...]
+    heldout_files: tuple[str, ...]
+    train_texts: tuple[str, ...]
+    heldout_texts: tuple[str, ...]
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(len(t.encode("utf-8")) for t in self.train_texts)
+
+
+def stdlib_dir() -> str:
+    """The running interpreter's standard library directory."""
+    return sysconfig.get_paths()["stdlib"]
+
+
+def site_packages_dirs() -> list[str]:
+    paths = sysconfig.get_paths()
+    return sorted({paths["purelib"], paths["platlib"]})
+
+
+def _walk(root: str, suffix: str | None, skip_dirs: set[str]) -> list[str]:
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs and not d.startswith("."))
+        found += [os.path.join(directory, f) for f in sorted(files)
+                  if suffix is None or f.endswith(suffix)]
+    return found
+
+
+def _file_key(path: str, root: str) -> str:
+    """A stable pseudo-random sort key: the hash of the path relative to its corpus root."""
+    return hashlib.sha1(os.path.relpath(path, root).encode()).hexdigest()
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.strip() and "\x00" not in text else None
+
+
+def split_heldout(files: list[str], root: str, fraction: float = HELDOUT_FRACTION):
+    """(train, heldout): the `ceil(fraction * n)` files (at least one) with the smallest path
+    hashes are held out. Deterministic, and independent of which machine lists the files."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"heldout fraction must be in (0, 1), got {fraction}")
+    if len(files) < 2:
+        raise ValueError(f"the corpus needs at least 2 readable files to hold one out, got {len(files)}")
+    ordered = sorted(files, key=lambda f: _file_key(f, root))
+    n_heldout = max(1, math.ceil(fraction * len(files)))
+    return ordered[n_heldout:], ordered[:n_heldout]
+
+
+def load_corpus(
+    corpus: str | os.PathLike | None = None,
+    *,
+    extra_dirs: tuple[str, ...] = (),
+    max_train_bytes: int | None = None,
+    heldout_fraction: float = HELDOUT_FRACTION,
+) -> Corpus:
+    """Lists, splits and reads a corpus.
+
+    Args:
+      corpus: a directory of text files (every file readable as UTF-8 text counts), or None
+        for the interpreter's standard-library `.py` files (site-packages excluded).
+      extra_dirs: more directories whose `.py` files join the training set only (e.g. the
+        site-packages sources on accelerators); the held-out files come from `corpus` alone.
+      max_train_bytes: keep training files (in path-hash order) up to about this many bytes.
+    Returns:
+      A Corpus; raises ValueError when no readable files are found.
+    """
+    if corpus is None:
+        root = stdlib_dir()
+        files = _walk(root, ".py", {"site-packages", "dist-packages", "__pycache__"})
+    else:
+        root = os.fspath(corpus)
+        if not os.path.isdir(root):
+            raise ValueError(f"corpus directory {root} does not exist")
+        files = _walk(root, None, {"__pycache__"})
+    texts = {f: t for f in files if (t := _read_text(f)) is not None}
+    if not texts:
+        raise ValueError(f"the corpus {root} has no readable text files")
+    train, heldout = split_heldout(sorted(texts), root, heldout_fraction)
+    train = sorted(train, key=lambda f: _file_key(f, root))
+    for directory in extra_dirs:
+        extra = _walk(directory, ".py", {"__pycache__"})
+        extra = sorted(extra, key=lambda f: _file_key(f, directory))
+        texts.update({f: t for f in extra if f not in texts and (t := _read_text(f)) is not None})
+        train += [f for f in extra if f in texts and f not in heldout]
+    if max_train_bytes is not None:
+        kept, size = [], 0
+        for f in train:
+            if size >= max_train_bytes:
+                break
+            kept.append(f)
+            size += len(texts[f].encode("utf-8"))
+        train = kept
+    return Corpus(
+        train_files=tuple(train), heldout_files=tuple(heldout),
+        train_texts=tuple(texts[f] for f in train), heldout_texts=tuple(texts[f] for f in heldout),
+    )
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer (every byte sequence encodes; id 0 is END_OF_TEXT)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257 + 1:
+        raise ValueError(f"a byte-level vocabulary needs more than 257 entries, got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def end_of_text_id(tokenizer) -> int:
+    token_id = tokenizer.token_to_id(END_OF_TEXT)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+    return token_id
+
+
+def encode(tokenizer, texts) -> np.ndarray:
+    """One int32 token stream: each text followed by the end-of-text token."""
+    eot = end_of_text_id(tokenizer)
+    pieces = []
+    for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False):
+        pieces.append(np.asarray(encoding.ids, np.int32))
+        pieces.append(np.array([eot], np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+
+def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """[N, seq_len + 1] windows with stride seq_len: inputs [:, :-1] predict [:, 1:], and every
+    token after the first is a target exactly once."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    n = (len(tokens) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(tokens)} tokens do not fill one sequence of {seq_len + 1}")
+    starts = np.arange(n) * seq_len
+    return tokens[starts[:, None] + np.arange(seq_len + 1)[None, :]]

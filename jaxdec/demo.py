@@ -1,0 +1,127 @@
+"""`jaxdec demo`: jaxdec's own demo models, trained on first use, continuing held-out code.
+
+The target and its distilled draft live under `$JAXDEC_HOME/demo/<preset>/{target,draft}`
+(default `~/.cache/jaxdec`). Missing ones are trained (`cpu-tiny` on CPUs, `gpu-small` on
+accelerators); an interrupted training resumes. The demo then continues the openings of
+held-out standard-library files (never trained on) and prints tokens/s per decoding method,
+the target's held-out perplexity and one sample completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxdec import data
+from jaxdec.checkpoint import load_pretrained
+from jaxdec.generate import generate
+from jaxdec.sampling import Sampler
+from jaxdec.train import loop
+from jaxdec.train.distill import train_draft
+from jaxdec.train.lm import train_lm
+from jaxdec.train.presets import get_preset
+
+METRICS = "metrics.json"
+
+
+def jaxdec_home() -> str:
+    return os.environ.get("JAXDEC_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "jaxdec")
+
+
+def default_preset() -> str:
+    return "cpu-tiny" if jax.default_backend() == "cpu" else "gpu-small"
+
+
+def _trained(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, METRICS))
+
+
+def ensure_demo_models(preset: str, home: str, log: Callable[[str], None] = print):
+    """(target_dir, draft_dir), training whichever is missing (resuming a partial run)."""
+    base = os.path.join(home, "demo", preset)
+    target_dir, draft_dir = os.path.join(base, "target"), os.path.join(base, "draft")
+    if not _trained(target_dir):
+        partial = os.path.exists(os.path.join(target_dir, loop.RUN_FILE))
+        log(f"training the {preset} demo target in {target_dir}"
+            + (" (resuming)" if partial else ""))
+        train_lm(preset, target_dir, resume=partial, log=log)
+    if not _trained(draft_dir):
+        partial = os.path.exists(os.path.join(draft_dir, loop.RUN_FILE))
+        log(f"distilling the {preset} demo draft in {draft_dir}" + (" (resuming)" if partial else ""))
+        train_draft(target_dir, preset, draft_dir, resume=partial, log=log)
+    return target_dir, draft_dir
+
+
+def heldout_prompts(tokenizer, *, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `count` held-out files that are long enough."""
+    prompts = []
+    for text in data.load_corpus().heldout_texts:
+        ids = tokenizer.encode(text).ids
+        if len(ids) > length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            return prompts
+    if not prompts:
+        raise ValueError(f"no held-out file has more than {length} tokens")
+    return prompts
+
+
+def run_demo(
+    *,
+    preset: str | None = None,
+    home: str | None = None,
+    max_new_tokens: int = 64,
+    num_prompts: int = 4,
+    prompt_tokens: int = 48,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Trains the demo models if needed, decodes, prints a table; returns the figures."""
+    preset = get_preset(preset or default_preset()).name
+    home = home or jaxdec_home()
+    target_dir, draft_dir = ensure_demo_models(preset, home, log)
+    target = load_pretrained(target_dir)
+    target_metrics = _read_metrics(target_dir)
+    draft_metrics = _read_metrics(draft_dir)
+    prompts = heldout_prompts(target.tokenizer, count=num_prompts, length=prompt_tokens)
+
+    plain = dict(max_new_tokens=max_new_tokens, stop_tokens=target.config.eos_token_ids)
+    generate(target, prompts, **plain)  # compile
+    result = generate(target, prompts, return_timings=True, **plain)
+    rows = [("plain decoding (greedy)", result.decode_tokens_per_s, 1.0, 1.0)]
+
+    log("")
+    log(f"jaxdec demo: {preset} target ({target_metrics['params'] / 1e6:.1f}M parameters, "
+        f"held-out perplexity {target_metrics['heldout_ppl']:.1f}), draft "
+        f"({draft_metrics['params'] / 1e6:.1f}M, held-out expected acceptance "
+        f"{draft_metrics['acceptance_after']:.2f}), {len(prompts)} held-out prompts of "
+        f"{prompt_tokens} tokens, up to {max_new_tokens} new tokens, on {jax.devices()[0].device_kind}")
+    log("")
+    log("| method | tokens/s | speedup | mean accepted length |")
+    log("|---|---:|---:|---:|")
+    for name, rate, speedup, accepted in rows:
+        log(f"| {name} | {rate:.1f} | {speedup:.2f}x | {accepted:.2f} |")
+    log("")
+    log("speculative decoding methods join this table as they land")
+    sampled = generate(target, prompts[:1], sampler=Sampler(temperature=0.8, top_p=0.95),
+                       key=jax.random.PRNGKey(0), **plain)
+    sample = target.tokenizer.decode(prompts[0])
+    completion = target.tokenizer.decode(sampled.to_lists()[0])
+    log("")
+    log("sample completion (temperature 0.8, top-p 0.95; the prompt, then >>> and the model's "
+        "continuation):")
+    log(sample + ">>>" + completion)
+    return {"preset": preset, "heldout_ppl": target_metrics["heldout_ppl"],
+            "acceptance": draft_metrics["acceptance_after"],
+            "methods": [{"method": n, "tokens_per_s": r, "speedup": s, "mean_accepted": a}
+                        for n, r, s, a in rows],
+            "sample": {"prompt": sample, "completion": completion},
+            "tokens": np.asarray(result.tokens)}
+
+
+def _read_metrics(directory: str) -> dict:
+    with open(os.path.join(directory, METRICS)) as f:
+        return json.load(f)

@@ -1,0 +1,178 @@
+"""`jaxdec train draft`: a small draft model distilled from a target's distributions.
+
+The draft shares the target's tokenizer and vocabulary and learns to match the target's
+next-token distribution p with its own q on the training corpus, under one of two objectives:
+
+- "kl": forward KL(p || q) = sum_v p (log p - log q), the usual distillation loss;
+- "tv": total variation 1/2 sum_v |p - q| = 1 - sum_v min(p, q), which is one minus the
+  expected acceptance rate of speculative sampling, so it optimises acceptance directly.
+
+The held-out expected acceptance rate, the mean over tokens of sum_v min(p, q), is reported
+before (at initialisation, or from `init`) and after distillation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdec import data
+from jaxdec.checkpoint import load_pretrained, save_pretrained
+from jaxdec.model import Model, init_model
+from jaxdec.train import loop
+from jaxdec.train.lm import (build_dataset, causal_logits, default_corpus, evaluate_lm,
+                             heldout_batches, new_train_state, throughput)
+from jaxdec.train.presets import Preset, get_preset
+
+OBJECTIVES = ("kl", "tv")
+
+
+def divergence(target_logits, draft_logits, objective: str) -> jax.Array:
+    """Per-token distillation loss [...] between target and draft logits (fp32)."""
+    log_p = jax.nn.log_softmax(target_logits.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(log_p)
+    if objective == "kl":
+        return jnp.sum(p * (log_p - log_q), axis=-1)
+    if objective == "tv":
+        return 0.5 * jnp.sum(jnp.abs(p - jnp.exp(log_q)), axis=-1)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def acceptance(target_logits, draft_logits) -> jax.Array:
+    """Expected acceptance of speculative sampling at temperature 1: sum_v min(p, q) [...]."""
+    p = jax.nn.softmax(target_logits.astype(jnp.float32), axis=-1)
+    q = jax.nn.softmax(draft_logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.minimum(p, q), axis=-1)
+
+
+def evaluate_acceptance(target: Model, draft_params, sequences, *, draft_config, mesh,
+                        batch_size: int, dtype) -> float:
+    """Mean expected acceptance over every held-out token."""
+
+    @jax.jit
+    def batch_acceptance(target_params, draft_params, batch, weights):
+        inputs = batch[:, :-1]
+        p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh, dtype=dtype)
+        q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
+        rate = acceptance(p_logits, q_logits)
+        return jnp.sum(rate * weights[:, None]), jnp.sum(weights) * rate.shape[1]
+
+    total = count = 0.0
+    for batch, weights in heldout_batches(sequences, batch_size, mesh):
+        rate_sum, n = batch_acceptance(target.params, draft_params, batch, weights)
+        total, count = total + float(rate_sum), count + float(n)
+    return total / count
+
+
+def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: str, dtype):
+    def loss_fn(draft_params, target_params, batch):
+        inputs = batch[:, :-1]
+        p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh, dtype=dtype)
+        q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
+        return divergence(jax.lax.stop_gradient(p_logits), q_logits, objective).mean()
+
+    @jax.jit
+    def step(state, target_params, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], target_params, batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state}, loss
+
+    return lambda state, batch: step(state, target.params, batch)
+
+
+def train_draft(
+    target_dir: str | os.PathLike,
+    preset: str | Preset,
+    out: str | os.PathLike,
+    *,
+    objective: str = "tv",
+    corpus: str | os.PathLike | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    dp: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Distils the preset's draft shape from the target at `target_dir`.
+
+    Args:
+      target_dir: an HF checkpoint directory with tokenizer.json (e.g. `jaxdec train lm`'s).
+      preset: the preset whose draft shape, steps and batch to use.
+      out: the run directory (becomes the draft's HF checkpoint directory).
+      objective: "tv" (total variation, maximises acceptance) or "kl" (forward KL).
+      corpus, steps, resume, force, seed, dp: as in `train_lm`.
+    Returns:
+      The metrics written to metrics.json, including acceptance_before / acceptance_after.
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    steps = preset.draft_steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    out = os.fspath(out)
+    mesh = loop.train_mesh(dp)
+    dtype = loop.compute_dtype()
+    target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
+    if target.tokenizer is None:
+        raise ValueError(f"the target {target_dir} has no tokenizer.json for the draft to share")
+    run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
+           "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
+           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
+    corpus_data = default_corpus(corpus, preset)
+    resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
+    dataset = build_dataset(target.tokenizer, corpus_data, preset)
+    eot = data.end_of_text_id(target.tokenizer)
+    draft_config = preset.draft.config(
+        target.config.vocab_size, target.config.max_position_embeddings, eot)
+
+    optimizer = loop.make_optimizer(
+        learning_rate=preset.draft_learning_rate, steps=steps,
+        warmup_steps=int(preset.warmup_fraction * steps), weight_decay=preset.weight_decay,
+        grad_clip=preset.grad_clip)
+    draft = init_model(draft_config, jax.random.PRNGKey(seed + 1), mesh=mesh)
+    evaluate = dict(draft_config=draft_config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
+    before = evaluate_acceptance(target, draft.params, dataset.heldout, **evaluate)
+    log(f"held-out expected acceptance before distillation: {before:.3f}")
+
+    state = new_train_state(draft.params, optimizer)
+    checkpoints = loop.Checkpoints(out)
+    if resuming and checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+        log(f"resuming from step {int(state['step'])}")
+    state, stats = loop.run_steps(
+        state, make_distill_step(target, draft_config, mesh, optimizer, objective, dtype),
+        lambda i: loop.shard_batch(dataset.train[loop.batch_indices(
+            i, num_sequences=len(dataset.train), batch_size=preset.batch_size, seed=seed)], mesh),
+        total_steps=steps, checkpoints=checkpoints, checkpoint_every=preset.checkpoint_every,
+        tokens_per_step=preset.batch_size * preset.seq_len,
+        label=f"train draft {preset.name} ({objective})",
+    )
+
+    after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)
+    draft_loss = evaluate_lm(state["params"], dataset.heldout, config=draft_config, mesh=mesh,
+                             batch_size=preset.batch_size, dtype=dtype)
+    # Each step runs the target forward and the draft forward + backward.
+    flops = (loop.training_flops_per_token(draft_config, preset.seq_len)
+             + loop.training_flops_per_token(target.config, preset.seq_len) / 3)
+    metrics = {
+        "kind": "draft", "preset": preset.name, "objective": objective,
+        "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))), "steps": steps,
+        "acceptance_before": before, "acceptance_after": after, "heldout_loss": draft_loss,
+        "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+        **throughput(stats, preset.batch_size * preset.seq_len, flops,
+                     loop.measure_matmul_peak(dtype)),
+    }
+    save_pretrained(Model(config=draft_config, params=state["params"], mesh=mesh,
+                          tokenizer=target.tokenizer), out, overwrite=True)
+    loop.write_json(os.path.join(out, "metrics.json"), metrics)
+    log(f"held-out expected acceptance after distillation: {after:.3f} (before {before:.3f}); "
+        f"exported to {out}")
+    return metrics

@@ -1,0 +1,207 @@
+"""`jaxdec train lm`: a Llama-family language model trained from scratch on a corpus.
+
+The output directory is itself a Hugging Face checkpoint when training ends (config.json,
+model.safetensors, tokenizer.json, generation_config.json, loadable by `jaxdec.load_pretrained`
+and transformers), plus `checkpoints/` (orbax, for --resume), `train.json` (the run settings)
+and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdec import data
+from jaxdec.checkpoint import load_tokenizer, save_pretrained
+from jaxdec.model import Model, forward_with_cache, init_model
+from jaxdec.train import loop
+from jaxdec.train.presets import Preset, get_preset
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Packed token sequences [N, seq_len + 1] for training and held-out evaluation."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+    train_files: int
+    heldout_files: int
+
+
+def build_dataset(tokenizer, corpus: data.Corpus, preset: Preset) -> Dataset:
+    heldout = data.pack(data.encode(tokenizer, corpus.heldout_texts), preset.seq_len)
+    return Dataset(
+        train=data.pack(data.encode(tokenizer, corpus.train_texts), preset.seq_len),
+        heldout=heldout[: max(1, preset.eval_tokens // preset.seq_len)],
+        train_files=len(corpus.train_files), heldout_files=len(corpus.heldout_files),
+    )
+
+
+def default_corpus(corpus, preset: Preset) -> data.Corpus:
+    """The given directory, or the standard library (plus site-packages on accelerators when
+    the preset asks for more data; held-out files always come from the standard library)."""
+    extra = ()
+    if corpus is None and preset.site_packages and jax.default_backend() != "cpu":
+        extra = tuple(data.site_packages_dirs())
+    return data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes)
+
+
+def causal_logits(params, tokens_BT, *, config, mesh, dtype) -> jax.Array:
+    """fp32 logits [B, T, V] of a full causal forward, computing in `dtype`."""
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    model = Model(config=config, params=params, mesh=mesh)
+    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+    logits, _, _ = forward_with_cache(model, tokens_BT, positions, None)
+    return logits
+
+
+def make_lm_step(config, mesh, optimizer: optax.GradientTransformation, dtype) -> Callable:
+    def loss_fn(params, batch):
+        logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+    @jax.jit
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                "opt_state": opt_state}, loss
+
+    return step
+
+
+def heldout_batches(sequences: np.ndarray, batch_size: int, mesh):
+    """(batch, weights) pairs covering every held-out sequence; the last batch is padded with
+    zero-weight rows so every batch has the same shape (one compile)."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        weights = np.ones((batch_size,), np.float32)
+        if len(chunk) < batch_size:
+            weights[len(chunk):] = 0
+            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:],
+                                                    chunk.dtype)])
+        yield loop.shard_batch(chunk, mesh), loop.shard_batch(weights, mesh)
+
+
+def evaluate_lm(params, sequences: np.ndarray, *, config, mesh, batch_size: int, dtype) -> float:
+    """Mean next-token cross-entropy (nats) over the held-out sequences."""
+
+    @jax.jit
+    def batch_loss(params, batch, weights):
+        logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        return jnp.sum(losses * weights[:, None]), jnp.sum(weights) * losses.shape[1]
+
+    total = count = 0.0
+    for batch, weights in heldout_batches(sequences, batch_size, mesh):
+        loss_sum, n = batch_loss(params, batch, weights)
+        total, count = total + float(loss_sum), count + float(n)
+    return total / count
+
+
+def new_train_state(params, optimizer) -> dict:
+    return {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
+
+
+def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: float,
+               peak: float) -> dict:
+    if not stats.timed_steps:
+        return {"tokens_per_s": None, "mfu": None}
+    tokens_per_s = stats.timed_steps * tokens_per_step / stats.timed_seconds
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+
+
+def train_lm(
+    preset: str | Preset,
+    out: str | os.PathLike,
+    *,
+    corpus: str | os.PathLike | None = None,
+    steps: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    dp: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Trains a preset's target model; returns the metrics also written to metrics.json.
+
+    Args:
+      preset: a preset name ("cpu-tiny", "gpu-small", "gpu-base") or a Preset.
+      out: the run directory (becomes an HF checkpoint directory).
+      corpus: a directory of text files (default: the standard library's sources).
+      steps: override the preset's step count.
+      resume: continue the run in `out` from its last checkpoint.
+      force: delete an earlier run in `out` and start over.
+      seed: initialisation and data-order seed.
+      dp: data-parallel degree (default: all devices on accelerators, 1 on CPUs).
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    steps = preset.target_steps if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    out = os.fspath(out)
+    run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
+           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
+    corpus_data = default_corpus(corpus, preset)  # validate the corpus before touching `out`
+    resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
+    mesh = loop.train_mesh(dp)
+    dtype = loop.compute_dtype()
+
+    tokenizer = load_tokenizer(out) if resuming else None
+    if tokenizer is None:
+        log(f"training a {preset.vocab_size}-token byte-level BPE tokenizer on "
+            f"{len(corpus_data.train_files)} files ({corpus_data.train_bytes / 1e6:.1f} MB)")
+        tokenizer = data.train_tokenizer(corpus_data.train_texts, preset.vocab_size)
+        tokenizer.save(os.path.join(out, "tokenizer.json"))
+    dataset = build_dataset(tokenizer, corpus_data, preset)
+    eot = data.end_of_text_id(tokenizer)
+    config = preset.target.config(tokenizer.get_vocab_size(), preset.max_positions, eot)
+    log(f"{len(dataset.train)} training sequences of {preset.seq_len} tokens, "
+        f"{len(dataset.heldout)} held-out sequences from {dataset.heldout_files} files")
+
+    optimizer = loop.make_optimizer(
+        learning_rate=preset.target_learning_rate, steps=steps,
+        warmup_steps=int(preset.warmup_fraction * steps), weight_decay=preset.weight_decay,
+        grad_clip=preset.grad_clip)
+    model = init_model(config, jax.random.PRNGKey(seed), mesh=mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(model.params))
+    evaluate = dict(config=config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
+    initial_loss = evaluate_lm(model.params, dataset.heldout, **evaluate)
+    state = new_train_state(model.params, optimizer)
+    checkpoints = loop.Checkpoints(out)
+    if resuming and checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+        log(f"resuming from step {int(state['step'])}")
+    state, stats = loop.run_steps(
+        state, make_lm_step(config, mesh, optimizer, dtype),
+        lambda i: loop.shard_batch(dataset.train[loop.batch_indices(
+            i, num_sequences=len(dataset.train), batch_size=preset.batch_size, seed=seed)], mesh),
+        total_steps=steps, checkpoints=checkpoints, checkpoint_every=preset.checkpoint_every,
+        tokens_per_step=preset.batch_size * preset.seq_len, label=f"train lm {preset.name}",
+    )
+
+    heldout_loss = evaluate_lm(state["params"], dataset.heldout, **evaluate)
+    flops = loop.training_flops_per_token(config, preset.seq_len)
+    metrics = {
+        "kind": "lm", "preset": preset.name, "params": int(n_params), "steps": steps,
+        "train_tokens_seen": steps * preset.batch_size * preset.seq_len,
+        "heldout_loss_before": initial_loss, "heldout_loss": heldout_loss,
+        "heldout_ppl": math.exp(heldout_loss),
+        "heldout_tokens": int(dataset.heldout[:, 1:].size),
+        "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+        **throughput(stats, preset.batch_size * preset.seq_len, flops,
+                     loop.measure_matmul_peak(dtype)),
+    }
+    save_pretrained(Model(config=config, params=state["params"], mesh=mesh, tokenizer=tokenizer),
+                    out, overwrite=True)
+    loop.write_json(os.path.join(out, "metrics.json"), metrics)
+    log(f"held-out loss {heldout_loss:.3f} (perplexity {metrics['heldout_ppl']:.1f}); "
+        f"exported to {out}")
+    return metrics

@@ -1,0 +1,295 @@
+"""The pieces every jaxdec training run shares: the optimizer, the output directory rules,
+orbax checkpoints, a deterministic batch order, the step loop with its progress bar, and the
+FLOP accounting behind MFU.
+
+Resume determinism: the batch of step i depends only on (seed, i) and the train state holds
+everything else (params, optimizer state, step), so a run resumed from its last checkpoint
+ends with the same parameters as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxdec import parallel
+
+RUN_FILE = "train.json"  # marks a directory as a jaxdec training run
+CHECKPOINTS = "checkpoints"
+
+
+class Interrupted(RuntimeError):
+    """Training stopped early (Ctrl-C); the last finished checkpoint is intact."""
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
+                   weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay (to 10%), after global-norm clipping.
+    Weight decay applies to matrices only (not to norms and biases)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=max(1, warmup_steps),
+        decay_steps=max(steps, warmup_steps + 1), end_value=0.1 * learning_rate,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay,
+                    mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+    )
+
+
+def train_mesh(dp: int | None = None):
+    """A data-parallel mesh: every device on accelerators, one CPU device otherwise."""
+    if dp is None:
+        dp = 1 if jax.default_backend() == "cpu" else len(jax.devices())
+    return parallel.make_mesh(dp=dp)
+
+
+def compute_dtype():
+    """bf16 compute on accelerators (fp32 master weights), fp32 on CPUs."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> bool:
+    """Creates or validates the run directory; returns True when resuming an earlier run.
+
+    An existing non-empty directory needs `resume` (same run settings) or `force` (start over;
+    only a directory jaxdec created is ever deleted).
+    """
+    run_file = os.path.join(out, RUN_FILE)
+    if os.path.isdir(out) and os.listdir(out):
+        if resume:
+            if not os.path.exists(run_file):
+                raise ValueError(f"{out} is not a jaxdec training directory (no {RUN_FILE})")
+            with open(run_file) as f:
+                earlier = json.load(f)
+            if earlier != run:
+                changed = sorted(k for k in set(earlier) | set(run) if earlier.get(k) != run.get(k))
+                raise ValueError(f"cannot resume {out}: the run settings changed ({', '.join(changed)})")
+            return True
+        if not force:
+            raise ValueError(
+                f"output directory {out} exists and is not empty; pass --resume to continue "
+                "its training or --force to start over"
+            )
+        if not os.path.exists(run_file):
+            raise ValueError(f"refusing to delete {out}: jaxdec did not create it (no {RUN_FILE})")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    tmp = run_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(run, f, indent=2)
+    os.replace(tmp, run_file)
+    return False
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_indices(step: int, *, num_sequences: int, batch_size: int, seed: int) -> np.ndarray:
+    """Sequence indices of step `step`: epochs are seeded permutations, consumed in order.
+    A function of (seed, step) only, so resumed runs see the same batches."""
+    if num_sequences < batch_size:
+        raise ValueError(
+            f"the training data holds {num_sequences} sequences, fewer than one batch of "
+            f"{batch_size}: use a larger corpus or a smaller batch"
+        )
+    per_epoch = num_sequences // batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_sequences)
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def shard_batch(batch: np.ndarray, mesh) -> jax.Array:
+    """Places a host batch with its leading axis split over the mesh's dp axis."""
+    dp = parallel.DP if parallel.DP in mesh.axis_names else None
+    return jax.device_put(batch, NamedSharding(mesh, P(dp)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """orbax checkpoints of a train state under `<out>/checkpoints`.
+
+    orbax writes each step to a temporary directory and renames it when complete, so a kill
+    during a save leaves the previous checkpoint as the latest one.
+    """
+
+    def __init__(self, out: str, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(out, CHECKPOINTS)),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+
+    def restore(self, like: Any) -> Any:
+        """The latest checkpoint, with the structure, dtypes and shardings of `like`."""
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        return self.manager.restore(self.latest_step(),
+                                    args=self._ocp.args.StandardRestore(target))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Progress:
+    """One status line: step, loss, tokens/s and ETA (redrawn on a terminal, printed every
+    ~10% otherwise)."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total = label, total
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self._printed = -1
+
+    def update(self, step: int, loss: float, tokens_per_s: float | None, eta_s: float | None):
+        rate = f"{tokens_per_s / 1e3:.1f}k tok/s" if tokens_per_s else "compiling"
+        eta = f"ETA {_duration(eta_s)}" if eta_s is not None else ""
+        line = f"{self.label} step {step}/{self.total} loss {loss:.3f} {rate} {eta}".rstrip()
+        if self.live:
+            self.stream.write("\r" + line.ljust(78))
+        elif step == self.total or step * 10 // self.total > self._printed:
+            self._printed = step * 10 // self.total
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@dataclasses.dataclass
+class LoopStats:
+    steps_run: int = 0
+    timed_steps: int = 0  # steps after the first of this process (compile excluded)
+    timed_seconds: float = 0.0
+    last_loss: float = float("nan")
+
+
+def run_steps(
+    state: dict,
+    step_fn: Callable,
+    batch_at: Callable[[int], jax.Array],
+    *,
+    total_steps: int,
+    checkpoints: Checkpoints,
+    checkpoint_every: int,
+    tokens_per_step: int,
+    label: str,
+    progress_every: int = 10,
+) -> tuple[dict, LoopStats]:
+    """Runs `state = step_fn(state, batch_at(step))` from the state's step to `total_steps`,
+    saving a checkpoint every `checkpoint_every` steps and at the end.
+
+    `step_fn` returns (state, loss). Losses are read back only every `progress_every` steps,
+    so the host does not stall the device every step. Ctrl-C waits for any checkpoint being
+    written and raises `Interrupted`.
+    """
+    stats = LoopStats()
+    progress = Progress(label, total_steps)
+    start = int(state["step"])
+    clock = None
+    try:
+        for step in range(start, total_steps):
+            state, loss = step_fn(state, batch_at(step))
+            done = step + 1
+            stats.steps_run += 1
+            if done % checkpoint_every == 0 or done == total_steps:
+                checkpoints.save(done, state)
+            if clock is None:  # the first step compiles: time from its end
+                jax.block_until_ready(loss)
+                clock, clock_step = time.perf_counter(), done
+            if done % progress_every == 0 or done == total_steps:
+                stats.last_loss = float(loss)  # waits for the device
+                elapsed = time.perf_counter() - clock
+                timed = done - clock_step
+                rate = timed * tokens_per_step / elapsed if timed else None
+                eta = elapsed / timed * (total_steps - done) if timed else None
+                progress.update(done, stats.last_loss, rate, eta)
+        if clock is not None:
+            jax.block_until_ready(state)
+            stats.timed_seconds = time.perf_counter() - clock
+            stats.timed_steps = total_steps - clock_step
+    except KeyboardInterrupt:
+        progress.close()
+        checkpoints.close()
+        raise Interrupted(
+            f"{label} interrupted; the checkpoint at step {checkpoints.latest_step()} is intact: "
+            "rerun with --resume to continue"
+        ) from None
+    progress.close()
+    checkpoints.close()
+    return state, stats
+
+
+# --------------------------------------------------------------------------- FLOPs and MFU
+
+
+def training_flops_per_token(config, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6 per matmul weight (forward + backward; the output
+    projection counts, the embedding gather does not) plus 12 * layers * seq_len * (heads x
+    head_dim) for attention scores and values (the PaLM accounting)."""
+    E, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    qkvo = E * config.head_dim * (2 * config.num_heads + 2 * config.num_kv_heads)
+    matmul_weights = L * (qkvo + 3 * E * F) + E * config.vocab_size
+    attention = 12 * L * seq_len * config.num_heads * config.head_dim
+    return 6.0 * matmul_weights + attention
+
+
+def measure_matmul_peak(dtype=None, *, size: int | None = None) -> float:
+    """Measured dense matmul FLOP/s on the default device (bf16 on accelerators)."""
+    dtype = dtype or compute_dtype()
+    size = size or (8192 if jax.default_backend() != "cpu" else 1024)
+    a = jnp.ones((size, size), dtype)
+    b = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(matmul(a, b))
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomically (a temporary file renamed into place)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

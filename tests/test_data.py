@@ -1,0 +1,99 @@
+"""Corpora, the held-out split, the byte-level tokenizer and sequence packing."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxdec import data
+
+
+def _write(root, files):
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+
+
+def test_stdlib_corpus_split():
+    corpus = data.load_corpus()
+    n = len(corpus.train_files) + len(corpus.heldout_files)
+    assert n > 500 and all(f.endswith(".py") for f in corpus.train_files)
+    assert not any("site-packages" in f for f in corpus.train_files + corpus.heldout_files)
+    assert len(corpus.heldout_files) >= 0.02 * n
+    assert not set(corpus.heldout_files) & set(corpus.train_files)
+    # Deterministic, and a byte budget keeps the held-out set unchanged.
+    small = data.load_corpus(max_train_bytes=100_000)
+    assert small.heldout_files == corpus.heldout_files
+    last = len(small.train_texts[-1].encode("utf-8"))
+    assert small.train_bytes - last < 100_000 <= small.train_bytes
+    assert small.train_files == corpus.train_files[: len(small.train_files)]
+
+
+def test_directory_corpus_skips_unreadable_files(tmp_path):
+    files = {f"doc{i}.txt": f"text number {i}\n" for i in range(60)}
+    files.update({"binary.bin": b"\x00\x01\x02\xff" * 10, "latin1.txt": "caf\xe9".encode("latin-1"),
+                  "empty.txt": "   \n", "sub/deep.md": "# nested file\n"})
+    _write(tmp_path, files)
+    corpus = data.load_corpus(tmp_path)
+    names = {os.path.relpath(f, tmp_path) for f in corpus.train_files + corpus.heldout_files}
+    assert names == {f"doc{i}.txt" for i in range(60)} | {"sub/deep.md"}
+    assert len(corpus.heldout_files) == 2  # ceil(2% of 61)
+    again = data.load_corpus(tmp_path)
+    assert again.heldout_files == corpus.heldout_files
+
+
+def test_extra_dirs_only_add_training_files(tmp_path):
+    _write(tmp_path / "main", {f"m{i}.txt": f"main {i}" for i in range(10)})
+    _write(tmp_path / "extra", {"a.py": "x = 1\n", "b.py": "y = 2\n", "skip.txt": "not python"})
+    corpus = data.load_corpus(tmp_path / "main", extra_dirs=(str(tmp_path / "extra"),))
+    main, extra_dir = str(tmp_path / "main"), str(tmp_path / "extra")
+    assert all(f.startswith(main) for f in corpus.heldout_files)
+    extra = [os.path.basename(f) for f in corpus.train_files if f.startswith(extra_dir)]
+    assert sorted(extra) == ["a.py", "b.py"]
+
+
+@pytest.mark.parametrize("files,match", [
+    ({}, "no readable text files"),
+    ({"a.bin": b"\x00\xff\x00"}, "no readable text files"),
+    ({"only.txt": "one file"}, "at least 2 readable files"),
+])
+def test_bad_corpora(tmp_path, files, match):
+    _write(tmp_path, files)
+    with pytest.raises(ValueError, match=match):
+        data.load_corpus(tmp_path)
+
+
+def test_missing_corpus_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_corpus(tmp_path / "nope")
+
+
+def test_byte_level_tokenizer_round_trips_anything():
+    texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n"] * 20
+    tokenizer = data.train_tokenizer(texts, 300)
+    assert tokenizer.get_vocab_size() <= 300
+    assert data.end_of_text_id(tokenizer) == 0
+    for text in ["def g(y):  # unseen ✓ ünïcode\n\treturn {'k': [1, 2]}", "\x01\x7f"]:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    with pytest.raises(ValueError, match="more than 257"):
+        data.train_tokenizer(texts, 100)
+
+
+def test_encode_separates_documents():
+    tokenizer = data.train_tokenizer(["ab cd"] * 10, 280)
+    stream = data.encode(tokenizer, ["ab", "cd"])
+    eot = data.end_of_text_id(tokenizer)
+    assert stream.dtype == np.int32 and stream[-1] == eot
+    assert list(stream).count(eot) == 2
+    assert tokenizer.decode([t for t in stream.tolist() if t != eot]) == "abcd"
+
+
+def test_pack_hand_computed():
+    packed = data.pack(np.arange(10, dtype=np.int32), 3)
+    np.testing.assert_array_equal(packed, [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]])
+    with pytest.raises(ValueError, match="do not fill one sequence"):
+        data.pack(np.arange(3), 3)

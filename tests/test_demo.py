@@ -1,0 +1,64 @@
+"""`jaxdec demo` end to end with the micro preset: trains once, reuses the cached models,
+resumes an interrupted training, prints the table and the held-out perplexity."""
+
+import os
+
+import pytest
+
+from jaxdec import demo
+from jaxdec.train import presets
+from train_presets import MICRO
+
+
+@pytest.fixture
+def micro(monkeypatch):
+    monkeypatch.setitem(presets.PRESETS, MICRO.name, MICRO)
+    return MICRO.name
+
+
+def test_demo_trains_once_then_reuses(micro, tmp_path):
+    lines = []
+    figures = demo.run_demo(preset=micro, home=str(tmp_path), max_new_tokens=8, num_prompts=2,
+                            prompt_tokens=16, log=lines.append)
+    text = "\n".join(lines)
+    assert "training the test-micro demo target" in text and "distilling" in text
+    assert "| plain decoding (greedy) |" in text and "held-out perplexity" in text
+    assert figures["heldout_ppl"] > 1 and figures["methods"][0]["tokens_per_s"] > 0
+    assert figures["tokens"].shape == (2, 8)
+    assert ">>>" in text and figures["sample"]["prompt"] in text
+
+    lines.clear()
+    again = demo.run_demo(preset=micro, home=str(tmp_path), max_new_tokens=8, num_prompts=2,
+                          prompt_tokens=16, log=lines.append)
+    assert not any("training" in line or "distilling" in line for line in lines)
+    assert (again["tokens"] == figures["tokens"]).all()
+
+
+def test_demo_resumes_an_interrupted_training(micro, tmp_path, monkeypatch):
+    target = os.path.join(str(tmp_path), "demo", micro, "target")
+    calls = []
+    real = demo.train_lm
+
+    def interrupted_once(preset, out, resume, log):
+        calls.append(resume)
+        if len(calls) == 1:
+            os.makedirs(out)
+            open(os.path.join(out, "train.json"), "w").write("{}")
+            raise KeyboardInterrupt
+        return real(preset, out, resume=resume, log=log)
+
+    monkeypatch.setattr(demo, "train_lm", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        demo.ensure_demo_models(micro, str(tmp_path), log=lambda _: None)
+    assert os.path.exists(target)
+    with pytest.raises(ValueError, match="run settings changed"):  # resumes (and checks) it
+        demo.ensure_demo_models(micro, str(tmp_path), log=lambda _: None)
+    assert calls == [False, True]
+
+
+def test_home_and_preset_defaults(monkeypatch):
+    monkeypatch.setenv("JAXDEC_HOME", "/somewhere")
+    assert demo.jaxdec_home() == "/somewhere"
+    monkeypatch.delenv("JAXDEC_HOME")
+    assert demo.jaxdec_home().endswith(os.path.join(".cache", "jaxdec"))
+    assert demo.default_preset() == "cpu-tiny"

@@ -1,0 +1,197 @@
+"""Training: loss goes down, resume is exact (also after a kill during a save), exports load
+in transformers, distillation raises acceptance, and bad input is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxdec
+from jaxdec.train import Interrupted, loop, train_draft, train_lm
+from train_presets import MICRO
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted micro run: (directory, metrics)."""
+    out = tmp_path_factory.mktemp("train") / "lm"
+    metrics = train_lm(MICRO, out, log=lambda _: None)
+    return str(out), metrics
+
+
+def test_training_lowers_heldout_loss(trained):
+    out, metrics = trained
+    assert metrics["heldout_loss"] < metrics["heldout_loss_before"] - 0.5
+    assert metrics["heldout_ppl"] == pytest.approx(np.exp(metrics["heldout_loss"]))
+    assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1.5
+    assert json.load(open(os.path.join(out, "metrics.json"))) == metrics
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+                "checkpoints", "train.json", "metrics.json"}
+    assert expected <= set(os.listdir(out))
+
+
+def test_export_loads_in_transformers_with_equal_logits(trained):
+    out, _ = trained
+    model = jaxdec.load_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.array([model.tokenizer.encode("import os\nprint(os.getcwd())\n").ids])
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(jaxdec.forward(model, tokens))
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
+
+
+_KILL_DURING_SAVE = """
+import os, signal, sys
+from jaxdec.train import loop, train_lm
+from train_presets import MICRO
+
+original = loop.Checkpoints.save
+
+def save_then_die(self, step, state):
+    original(self, step, state)  # the asynchronous write has started, not finished
+    if step == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+loop.Checkpoints.save = save_then_die
+train_lm(MICRO, sys.argv[1], log=lambda _: None)
+"""
+
+
+def test_kill_during_save_then_resume_is_exact(trained, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _KILL_DURING_SAVE, str(out), "16"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    # The save of step 16 never completed: step 8 is the latest loadable checkpoint.
+    assert loop.Checkpoints(str(out)).latest_step() == 8
+    with pytest.raises(ValueError, match="--resume"):
+        train_lm(MICRO, out, log=lambda _: None)
+    resumed = train_lm(MICRO, out, resume=True, log=lambda _: None)
+    uninterrupted = jaxdec.load_pretrained(trained[0]).params
+    for a, b in zip(jax.tree.leaves(jaxdec.load_pretrained(out).params),
+                    jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed["heldout_loss"] == trained[1]["heldout_loss"]
+
+
+def test_distillation_raises_acceptance(trained, tmp_path):
+    for objective in ("tv", "kl"):
+        metrics = train_draft(trained[0], MICRO, tmp_path / objective, objective=objective,
+                              log=lambda _: None)
+        assert metrics["acceptance_after"] > metrics["acceptance_before"] + 0.05
+        draft = jaxdec.load_pretrained(tmp_path / objective)
+        assert draft.config.num_layers == 1
+        assert draft.config.vocab_size == jaxdec.load_pretrained(trained[0]).config.vocab_size
+        assert draft.tokenizer is not None
+
+
+def test_divergences_hand_computed():
+    from jaxdec.train.distill import acceptance, divergence
+
+    p = jnp.log(jnp.array([0.5, 0.5, 0.0 + 1e-30]))
+    q = jnp.log(jnp.array([0.25, 0.25, 0.5]))
+    assert float(acceptance(p, q)) == pytest.approx(0.5)
+    assert float(divergence(p, q, "tv")) == pytest.approx(0.5)
+    assert float(divergence(p, q, "kl")) == pytest.approx(np.log(2), rel=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        divergence(p, q, "js")
+
+
+def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
+    """KeyboardInterrupt mid-run: Interrupted, and the last finished checkpoint restores."""
+    state = {"step": jnp.int32(0), "params": {"w": jnp.zeros(3)}}
+
+    def step_fn(state, batch):
+        return {"step": state["step"] + 1, "params": {"w": state["params"]["w"] + batch}}, \
+            jnp.float32(0)
+
+    def batch_at(step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return jnp.ones(3)
+
+    checkpoints = loop.Checkpoints(str(tmp_path))
+    with pytest.raises(Interrupted, match="step 4 is intact"):
+        loop.run_steps(state, step_fn, batch_at, total_steps=10, checkpoints=checkpoints,
+                       checkpoint_every=2, tokens_per_step=1, label="toy")
+    restored = loop.Checkpoints(str(tmp_path)).restore(state)
+    assert int(restored["step"]) == 4
+    np.testing.assert_array_equal(restored["params"]["w"], 4)
+
+
+def test_batch_order_depends_only_on_seed_and_step():
+    a = [loop.batch_indices(i, num_sequences=10, batch_size=3, seed=1) for i in range(7)]
+    b = [loop.batch_indices(i, num_sequences=10, batch_size=3, seed=1) for i in range(7)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    first_epoch = np.concatenate(a[:3])
+    assert len(set(first_epoch.tolist())) == 9  # no repeats within an epoch
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        loop.batch_indices(0, num_sequences=2, batch_size=3, seed=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_output_directory_rules(trained, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        train_lm(MICRO, foreign, log=lambda _: None)
+    with pytest.raises(ValueError, match="refusing to delete"):
+        train_lm(MICRO, foreign, force=True, log=lambda _: None)
+    with pytest.raises(ValueError, match="not a jaxdec training directory"):
+        train_lm(MICRO, foreign, resume=True, log=lambda _: None)
+    assert (foreign / "notes.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
+        train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
+
+
+def test_unknown_preset_and_bad_corpus(tmp_path):
+    with pytest.raises(ValueError, match="valid presets: cpu-tiny, gpu-small, gpu-base"):
+        train_lm("huge", tmp_path / "a")
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(ValueError, match="no readable text files"):
+        train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        train_lm(MICRO, tmp_path / "c", steps=0)
+
+
+def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d")
+    with pytest.raises(ValueError, match="objective"):
+        train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d", objective="js")
+
+
+def test_cli_wiring(monkeypatch, tmp_path, capsys):
+    from jaxdec import cli, train
+
+    calls = []
+    monkeypatch.setattr(train, "train_lm", lambda *a, **k: calls.append(("lm", a, k)))
+    monkeypatch.setattr(train, "train_draft", lambda *a, **k: calls.append(("draft", a, k)))
+    assert cli.main(["train", "lm", "--preset", "cpu-tiny", "--out", "o", "--steps", "5",
+                     "--resume"]) == 0
+    assert cli.main(["train", "draft", "--target", "t", "--preset", "gpu-small", "--out", "d",
+                     "--objective", "kl", "--force"]) == 0
+    assert calls[0] == ("lm", ("cpu-tiny", "o"), dict(corpus=None, steps=5, resume=True,
+                                                     force=False, seed=0, dp=None))
+    assert calls[1][0] == "draft" and calls[1][1] == ("t", "gpu-small", "d")
+    assert calls[1][2]["objective"] == "kl" and calls[1][2]["force"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "lm", "--preset", "cpu-tiny", "--out", "o", "--resume", "--force"])
+    monkeypatch.undo()
+    assert cli.main(["train", "lm", "--preset", "nope", "--out", str(tmp_path)]) == 2
+    assert "valid presets" in capsys.readouterr().err
