@@ -8,6 +8,7 @@ query heads per KV head, D head dim, E model width, F MLP width.
 from __future__ import annotations
 
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -187,12 +188,18 @@ def attention(
         )
     T = q_BTHD.shape[1]
     if mask_BTT is not None or T <= query_chunk:
-        return attention_reference(
-            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
+        return _rematerialized(attention_reference, window=window)(
+            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT
         )
     return _causal_in_query_chunks(
         q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk
     )
+
+
+def _rematerialized(fn, **static):
+    """`fn` whose backward pass recomputes the [B, H, T, S] scores instead of storing them
+    (training memory then stays linear in the number of layers); no cost without gradients."""
+    return jax.checkpoint(functools.partial(fn, **static))
 
 
 def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, window, chunk):
@@ -207,11 +214,11 @@ def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, 
     q_nBCHD = q.reshape(B, n, chunk, H, D).swapaxes(0, 1)
     pos_nBC = positions.reshape(B, n, chunk).swapaxes(0, 1)
 
+    reference = _rematerialized(attention_reference, window=window)
+
     def one(args):
         i, q_BCHD, pos_BC = args
-        return attention_reference(
-            q_BCHD, k_BSKD, v_BSKD, lengths_B + i * chunk, pos_BC, window=window
-        )
+        return reference(q_BCHD, k_BSKD, v_BSKD, lengths_B + i * chunk, pos_BC)
 
     out = jax.lax.map(one, (jnp.arange(n, dtype=lengths_B.dtype), q_nBCHD, pos_nBC))
     return out.swapaxes(0, 1).reshape(B, n * chunk, H, D)[:, :T]
