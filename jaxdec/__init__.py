@@ -15,6 +15,8 @@ from jaxdec.generate import GenerateResult, generate, generate_padded
 from jaxdec.model import Model, forward, init_model
 from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
+from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
+from jaxdec import drafters, tree  # noqa: E402  (jaxdec.drafters, jaxdec.tree)
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,10 @@ __all__ = [
     "ModelConfig",
     "RopeConfig",
     "Sampler",
+    "SpecStats",
+    "SpeculativeResult",
     "commit",
+    "drafters",
     "forward",
     "generate",
     "generate_padded",
@@ -35,4 +40,6 @@ __all__ = [
     "load_pretrained",
     "make_mesh",
     "save_pretrained",
+    "speculative_generate",
+    "tree",
 ]

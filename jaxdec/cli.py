@@ -3,6 +3,7 @@
     jaxdec demo [--preset P] [--max-new-tokens N]
     jaxdec generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
+                    [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
     jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
@@ -37,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    method = gen.add_mutually_exclusive_group()
+    method.add_argument("--draft", default=None,
+                        help="speculative decoding with this draft model (HF directory)")
+    method.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding with drafts copied from the prompt")
+    method.add_argument("--retrieval", default=None, metavar="CORPUS",
+                        help="speculative decoding with drafts retrieved from a directory of text")
+    gen.add_argument("--tree", default=None,
+                     help="draft tree: chain:K, kary:DEPTH:WIDTH or a JSON choices list")
 
     demo = commands.add_parser("demo", help="train (once) and run jaxdec's demo models")
     demo.add_argument("--preset", default=None,
@@ -76,6 +86,9 @@ def _generate(args) -> None:
     else:
         sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
                                  top_p=args.top_p, min_p=args.min_p)
+    topology = jaxdec.tree.parse(args.tree) if args.tree else None
+    if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
+        raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     if model.tokenizer is None:
@@ -83,21 +96,41 @@ def _generate(args) -> None:
     prompt = model.tokenizer.encode(args.prompt).ids
     if not prompt:
         raise ValueError("--prompt encodes to no tokens")
-    stop = () if args.ignore_eos else model.config.eos_token_ids
+    common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler,
+                  key=jax.random.PRNGKey(args.seed),
+                  stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
+                  return_timings=True)
+    drafter = _drafter(args, model)
     started = time.perf_counter()
-    result = jaxdec.generate(
-        model, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler,
-        key=jax.random.PRNGKey(args.seed), stop_tokens=stop, return_timings=True,
-    )
+    if drafter is None:
+        result = jaxdec.generate(model, [prompt], **common)
+    else:
+        result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology, **common)
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     print(args.prompt + model.tokenizer.decode(tokens))
     rate = result.decode_tokens_per_s
-    rate_text = f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"
-    print(
-        f"[{len(tokens)} tokens, {rate_text}, prefill {result.prefill_s * 1e3:.1f} ms, "
-        f"{wall:.1f} s wall including compilation]"
-    )
+    facts = [f"{len(tokens)} tokens",
+             f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"]
+    if drafter is not None:
+        facts.append(f"{result.stats.tau:.2f} tokens per target forward")
+    facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
+              f"{wall:.1f} s wall including compilation"]
+    print("[" + ", ".join(facts) + "]")
+
+
+def _drafter(args, model):
+    import jaxdec
+    from jaxdec import drafters
+
+    if args.draft:
+        return drafters.DraftModel(jaxdec.load_pretrained(args.draft, dtype=args.dtype,
+                                                          mesh=model.mesh))
+    if args.prompt_lookup:
+        return drafters.PromptLookup()
+    if args.retrieval:
+        return drafters.Retrieval.from_directory(args.retrieval, model.tokenizer)
+    return None
 
 
 def _train(args) -> None:

@@ -134,6 +134,11 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes`; a new num_layers keeps a uniform sliding window."""
+        if "num_layers" in changes and "layer_windows" not in changes:
+            if len(set(self.layer_windows)) > 1:
+                raise ValueError("changing num_layers needs new layer_windows (they differ per layer)")
+            changes["layer_windows"] = self.layer_windows[:1] * changes["num_layers"]
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ HF conversion

@@ -149,20 +149,27 @@ def train_tokenizer(texts, vocab_size: int):
     return tokenizer
 
 
-def end_of_text_id(tokenizer) -> int:
-    token_id = tokenizer.token_to_id(END_OF_TEXT)
-    if token_id is None:
-        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
-    return token_id
+def end_of_text_id(tokenizer, *, required: bool = True) -> int | None:
+    """The tokenizer's document separator: END_OF_TEXT, or another common end-of-sequence
+    token ("</s>", "<|end_of_text|>", "<eos>"); None (or a ValueError) when it has none."""
+    for token in (END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    if required:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} (or other end-of-text) token")
+    return None
 
 
 def encode(tokenizer, texts) -> np.ndarray:
-    """One int32 token stream: each text followed by the end-of-text token."""
-    eot = end_of_text_id(tokenizer)
+    """One int32 token stream: each text followed by the end-of-text token (when the
+    tokenizer has one)."""
+    eot = end_of_text_id(tokenizer, required=False)
     pieces = []
     for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False):
         pieces.append(np.asarray(encoding.ids, np.int32))
-        pieces.append(np.array([eot], np.int32))
+        if eot is not None:
+            pieces.append(np.array([eot], np.int32))
     return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
 
 

@@ -3,8 +3,10 @@
 The target and its distilled draft live under `$JAXDEC_HOME/demo/<preset>/{target,draft}`
 (default `~/.cache/jaxdec`). Missing ones are trained (`cpu-tiny` on CPUs, `gpu-small` on
 accelerators); an interrupted training resumes. The demo then continues the openings of
-held-out standard-library files (never trained on) and prints tokens/s per decoding method,
-the target's held-out perplexity and one sample completion.
+held-out standard-library files (never trained on), greedily, with plain decoding and with
+each speculative method (draft model chain and tree, prompt lookup, retrieval from the
+training corpus), and prints tokens/s, speedup, mean accepted length and whether the tokens
+match plain decoding, then the target's held-out perplexity and a sampled completion.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxdec import data
+from jaxdec import data, tree
 from jaxdec.checkpoint import load_pretrained
 from jaxdec.generate import generate
+from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from jaxdec.sampling import Sampler
+from jaxdec.speculative import speculative_generate
 from jaxdec.train import loop
 from jaxdec.train.distill import train_draft
 from jaxdec.train.lm import train_lm
 from jaxdec.train.presets import get_preset
 
 METRICS = "metrics.json"
+DEMO_TREE = tree.from_choices([[0], [1], [0, 0], [1, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]])
 
 
 def jaxdec_home() -> str:
@@ -91,21 +96,30 @@ def run_demo(
     plain = dict(max_new_tokens=max_new_tokens, stop_tokens=target.config.eos_token_ids)
     generate(target, prompts, **plain)  # compile
     result = generate(target, prompts, return_timings=True, **plain)
-    rows = [("plain decoding (greedy)", result.decode_tokens_per_s, 1.0, 1.0)]
+    base = result.decode_tokens_per_s
+    rows = [("plain decoding (greedy)", base, 1.0, 1.0, True)]
+    for name, drafter, topology in demo_methods(target, load_pretrained(draft_dir), preset):
+        speculative_generate(target, drafter, prompts, tree=topology, **plain)  # compile
+        spec = speculative_generate(target, drafter, prompts, tree=topology,
+                                    return_timings=True, **plain)
+        same = bool(np.array_equal(spec.tokens, result.tokens))
+        rows.append((name, spec.decode_tokens_per_s, spec.decode_tokens_per_s / base,
+                     spec.stats.tau, same))
 
     log("")
     log(f"jaxdec demo: {preset} target ({target_metrics['params'] / 1e6:.1f}M parameters, "
         f"held-out perplexity {target_metrics['heldout_ppl']:.1f}), draft "
         f"({draft_metrics['params'] / 1e6:.1f}M, held-out expected acceptance "
         f"{draft_metrics['acceptance_after']:.2f}), {len(prompts)} held-out prompts of "
-        f"{prompt_tokens} tokens, up to {max_new_tokens} new tokens, on {jax.devices()[0].device_kind}")
+        f"{prompt_tokens} tokens, up to {max_new_tokens} new tokens, greedy, on "
+        f"{jax.devices()[0].device_kind}")
     log("")
-    log("| method | tokens/s | speedup | mean accepted length |")
-    log("|---|---:|---:|---:|")
-    for name, rate, speedup, accepted in rows:
-        log(f"| {name} | {rate:.1f} | {speedup:.2f}x | {accepted:.2f} |")
+    log("| method | tokens/s | speedup | mean accepted length | same tokens as plain |")
+    log("|---|---:|---:|---:|---|")
+    for name, rate, speedup, accepted, same in rows:
+        log(f"| {name} | {rate:.1f} | {speedup:.2f}x | {accepted:.2f} | {'yes' if same else 'NO'} |")
     log("")
-    log("speculative decoding methods join this table as they land")
+    log("mean accepted length: tokens emitted per target forward (accepted drafts + 1)")
     sampled = generate(target, prompts[:1], sampler=Sampler(temperature=0.8, top_p=0.95),
                        key=jax.random.PRNGKey(0), **plain)
     sample = target.tokenizer.decode(prompts[0])
@@ -116,10 +130,22 @@ def run_demo(
     log(sample + ">>>" + completion)
     return {"preset": preset, "heldout_ppl": target_metrics["heldout_ppl"],
             "acceptance": draft_metrics["acceptance_after"],
-            "methods": [{"method": n, "tokens_per_s": r, "speedup": s, "mean_accepted": a}
-                        for n, r, s, a in rows],
+            "methods": [{"method": n, "tokens_per_s": r, "speedup": s, "mean_accepted": a,
+                         "same_tokens": same} for n, r, s, a, same in rows],
             "sample": {"prompt": sample, "completion": completion},
             "tokens": np.asarray(result.tokens)}
+
+
+def demo_methods(target, draft, preset: str):
+    """(name, drafter, tree) for each speculative method the demo compares."""
+    corpus = data.load_corpus(max_train_bytes=get_preset(preset).max_train_bytes)
+    return [
+        ("draft model, chain(4)", DraftModel(draft), tree.chain(4)),
+        ("draft model, tree (8 nodes)", DraftModel(draft), DEMO_TREE),
+        ("prompt lookup", PromptLookup(), None),
+        ("retrieval (training corpus)", Retrieval.from_texts(corpus.train_texts, target.tokenizer),
+         None),
+    ]
 
 
 def _read_metrics(directory: str) -> dict:

@@ -27,7 +27,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, init_cache
-from jaxdec.model import Model, forward_with_cache
+from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 
 MIN_BUCKET = 16
@@ -311,16 +311,57 @@ def generate(
     Returns:
       GenerateResult with tokens [B, max_new_tokens] and lengths [B].
     """
+    sampler = check_sampler(sampler)
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be callable")
+    batch = prepare_batch(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                          pad_id=pad_id, max_len=max_len)
+    key = jax.random.PRNGKey(0) if key is None else key
+    cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
+                       dtype=param_dtype(model), mesh=model.mesh)
+    ((out, n_gen), _), stamps = _program(
+        model, batch.tokens, batch.lengths, cache, key, batch.stop,
+        max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, stream=stream,
+        timed=return_timings,
+    )
+    out = jax.block_until_ready(out)
+    timings = {}
+    if return_timings:
+        end = _host_clock()
+        stamps = np.asarray(stamps)
+        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
+                       decode_s=_seconds_between(stamps[1], end))
+    return GenerateResult(tokens=np.asarray(out)[:batch.size],
+                          lengths=np.asarray(n_gen)[:batch.size], **timings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Validated prompts ready for a compiled program: tokens [B', T] right-padded to a bucket,
+    lengths [B'], stop ids [B', M] (-1 padded); B' is the batch padded to a multiple of the
+    mesh's dp with copies of the first row, `size` the real batch."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stop: np.ndarray
+    size: int
+    max_len: int
+
+
+def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,
+                  max_len: int | None, extra_slots: int = 0) -> Batch:
+    """Validates everything before tracing and lays the prompts out.
+
+    The cache needs (longest prompt + max_new_tokens - 1) slots; by default it gets the
+    prompt bucket + max_new_tokens + `extra_slots` (room a speculative tree writes ahead).
+    """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
     config = model.config
-    sampler = check_sampler(sampler)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):
         raise TypeError(f"pad_id must be an int, got {pad_id!r}")
-    if stream is not None and not callable(stream):
-        raise TypeError("stream must be callable")
     prompts = _check_prompts(prompts, config.vocab_size)
     longest = max(len(p) for p in prompts)
     needed = longest + max_new_tokens
@@ -331,7 +372,7 @@ def generate(
         )
     bucket = bucket_length(longest)
     if max_len is None:
-        max_len = bucket + max_new_tokens
+        max_len = bucket + max_new_tokens + extra_slots
     elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < needed - 1:
         raise ValueError(
             f"max_len={max_len!r} is too small: the longest prompt ({longest}) + max_new_tokens "
@@ -339,35 +380,14 @@ def generate(
         )
     bucket = min(bucket, max_len)
     stop = _check_stop_tokens(stop_tokens, len(prompts), config.vocab_size)
-    if key is None:
-        key = jax.random.PRNGKey(0)
-
-    # A data-parallel mesh splits the batch: pad it with copies of the first row.
-    batch = len(prompts)
+    size = len(prompts)
     dp = parallel.dp_size(model.mesh)
-    padded_batch = -(-batch // dp) * dp
-    rows = prompts + [prompts[0]] * (padded_batch - batch)
-    stop = np.concatenate([stop, np.repeat(stop[:1], padded_batch - batch, axis=0)])
-    tokens = np.zeros((padded_batch, bucket), np.int32)
+    padded = -(-size // dp) * dp
+    rows = prompts + [prompts[0]] * (padded - size)
+    tokens = np.zeros((padded, bucket), np.int32)
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = row
-    lengths = np.array([len(r) for r in rows], np.int32)
+    return Batch(tokens=tokens, lengths=np.array([len(r) for r in rows], np.int32),
+                 stop=np.concatenate([stop, np.repeat(stop[:1], padded - size, axis=0)]),
+                 size=size, max_len=max_len)
 
-    cache = init_cache(config, padded_batch, max_len, dtype=_cache_dtype(model), mesh=model.mesh)
-    ((out, n_gen), _), stamps = _program(
-        model, tokens, lengths, cache, key, stop, max_new_tokens=max_new_tokens,
-        sampler=sampler, pad_id=pad_id, stream=stream, timed=return_timings,
-    )
-    out = jax.block_until_ready(out)
-    timings = {}
-    if return_timings:
-        end = _host_clock()
-        stamps = np.asarray(stamps)
-        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
-                       decode_s=_seconds_between(stamps[1], end))
-    return GenerateResult(tokens=np.asarray(out)[:batch], lengths=np.asarray(n_gen)[:batch],
-                          **timings)
-
-
-def _cache_dtype(model: Model):
-    return jax.tree.leaves(model.params)[0].dtype

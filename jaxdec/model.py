@@ -61,6 +61,11 @@ def family(config: ModelConfig):
     return llama
 
 
+def param_dtype(model: Model):
+    """The dtype of the model's parameters (and so of its caches)."""
+    return jax.tree.leaves(model.params)[0].dtype
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh):
     return parallel.shardings(mesh, family(config).param_axes(config), config)
 

@@ -45,3 +45,29 @@ def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
 def test_max_new_tokens_must_be_positive(tokenized_checkpoint):
     with pytest.raises(SystemExit):
         main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--max-new-tokens", "0"])
+
+
+@pytest.mark.parametrize("method", [["--draft", "SELF", "--tree", "kary:2:2"], ["--prompt-lookup"],
+                                    ["--retrieval", "CORPUS", "--tree", "chain:3"]])
+def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, method):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text("hello the fox jumps over the lazy dog " * 3)
+    method = [{"SELF": tokenized_checkpoint, "CORPUS": str(corpus)}.get(a, a) for a in method]
+    base = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+            "--max-new-tokens", "6", "--ignore-eos"]
+    assert main(base) == 0
+    plain_text = capsys.readouterr().out.strip().split("\n")[-2]
+    assert main(base + method) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    assert text == plain_text  # greedy: the same continuation
+    assert "tokens per target forward" in stats
+
+
+def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
+    base = ["generate", "--model", tokenized_checkpoint, "--prompt", "x"]
+    assert main(base + ["--tree", "chain:3"]) == 2
+    assert "--tree needs a speculative method" in capsys.readouterr().err
+    assert main(base + ["--prompt-lookup", "--tree", "star"]) == 2
+    assert "bad tree spec" in capsys.readouterr().err

@@ -1,0 +1,10 @@
+"""Drafters propose token trees for the target to verify: `DraftModel` (a small model),
+`PromptLookup` (n-gram matches in the row's own text) and `Retrieval` (suffix matches in a
+datastore built from your corpus)."""
+
+from jaxdec.drafters.base import Drafter, Proposal
+from jaxdec.drafters.draft_model import DraftModel
+from jaxdec.drafters.prompt_lookup import PromptLookup
+from jaxdec.drafters.retrieval import Retrieval
+
+__all__ = ["DraftModel", "Drafter", "PromptLookup", "Proposal", "Retrieval"]

@@ -1,0 +1,113 @@
+"""The drafter interface shared by every drafter.
+
+A drafter is a pytree (its arrays are leaves, its settings static), so it is an ordinary
+argument of the jitted speculative loop. Each step the loop calls
+
+    proposal, state = drafter.propose(state, root_B, lengths_B, key, topology=..., sampler=...)
+    ... the target verifies proposal.tree ...
+    state = drafter.update(state, proposal, verdict, n_commit_B, emitted_BL)
+
+Invariants: the target's cache holds every output token except the last one (the root of the
+next tree); `lengths_B` is that cache length, so node i sits at slot length + i and position
+length + depth[i]. `update` receives the accepted path and how many of its nodes the target
+committed (n_commit: the root and the first n_commit - 1 accepted nodes), plus the tokens the
+step emitted (the first n_commit of `emitted_BL`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.tree import Topology, TokenTree, from_parents
+from jaxdec.verify import ProposalKind
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """A drafted tree per row; q [B, N, V] is the drafter's distribution at each node (the
+    one its children were drawn from), needed only for sampled (non-deterministic) children."""
+
+    tree: TokenTree
+    q: jax.Array | None
+    kind: ProposalKind = dataclasses.field(metadata=dict(static=True))
+
+
+class Drafter:
+    """Base class: subclasses implement init / propose / update and may override the rest."""
+
+    def default_topology(self) -> Topology:
+        raise NotImplementedError
+
+    def prepare(self, target) -> "Drafter":
+        """Host-side checks and placement against the target model, before tracing."""
+        del target
+        return self
+
+    def proposal_kind(self, sampler, topology: Topology) -> ProposalKind:
+        """How `propose` chooses children for this sampler and tree (deterministic unless a
+        subclass samples them)."""
+        del sampler, topology
+        return ProposalKind.DETERMINISTIC
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def propose(self, state, root_B, lengths_B, key, *, topology: Topology, sampler):
+        raise NotImplementedError
+
+    def update(self, state, proposal: Proposal, verdict, n_commit_B, emitted_BL):
+        raise NotImplementedError
+
+
+def candidates_topology(num_candidates: int, depth: int) -> Topology:
+    """The node budget for C candidate continuations of D tokens: C disjoint chains under the
+    root (the largest trie they can form)."""
+    parents = [-1]
+    for _ in range(num_candidates):
+        parents += [0] + [len(parents) + d for d in range(depth - 1)]
+    return from_parents(parents)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class History:
+    """Every token of each row so far (prompt, then output; the last one is the root):
+    tokens [B, H], length [B]."""
+
+    tokens: jax.Array
+    length: jax.Array
+
+    @staticmethod
+    def from_prompts(tokens_BT, prompt_lengths_B, capacity: int) -> "History":
+        B, T = tokens_BT.shape
+        buffer = jnp.zeros((B, capacity), jnp.int32).at[:, :T].set(tokens_BT[:, :capacity])
+        return History(tokens=buffer, length=prompt_lengths_B.astype(jnp.int32))
+
+    def append(self, emitted_BL, n_B) -> "History":
+        L = emitted_BL.shape[1]
+        slots = self.length[:, None] + jnp.arange(L)[None, :]
+        slots = jnp.where(jnp.arange(L)[None, :] < n_B[:, None], slots, self.tokens.shape[1])
+        rows = jnp.arange(self.tokens.shape[0])[:, None]
+        return History(tokens=self.tokens.at[rows, slots].set(emitted_BL, mode="drop"),
+                       length=self.length + n_B)
+
+    def last(self, n: int) -> jax.Array:
+        """[B, n]: the last n tokens of each row (clipped at the start)."""
+        idx = jnp.clip(self.length[:, None] - n + jnp.arange(n)[None, :], 0, None)
+        return jnp.take_along_axis(self.tokens, idx, axis=1)
+
+
+def history_capacity(prompt_bucket: int, max_new_tokens: int) -> int:
+    return int(prompt_bucket + max_new_tokens + 1)
+
+
+def check_positive(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)

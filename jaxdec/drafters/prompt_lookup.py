@@ -1,0 +1,108 @@
+"""`PromptLookup`: training-free drafts copied from the row's own prompt and output.
+
+The last n tokens (n from `max_ngram` down to `min_ngram`, the longest that occurs earlier)
+are looked up in everything the row has seen; the tokens that followed the most recent
+`num_candidates` occurrences are candidate continuations, merged into one tree (shared
+prefixes once). Code and documents repeat themselves, so this often drafts long runs for free.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
+                                  check_positive)
+from jaxdec.tree import Topology, from_candidates
+from jaxdec.verify import ProposalKind
+
+
+class PromptLookup(Drafter):
+    """Args:
+      max_ngram, min_ngram: the n-gram lengths matched, longest first.
+      depth: tokens per candidate continuation (the tree's depth).
+      num_candidates: matches merged into the tree (the most recent ones).
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, depth: int = 6,
+                 num_candidates: int = 3):
+        self.max_ngram = check_positive("max_ngram", max_ngram)
+        self.min_ngram = check_positive("min_ngram", min_ngram)
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
+        self.depth = check_positive("depth", depth)
+        self.num_candidates = check_positive("num_candidates", num_candidates)
+
+    def _settings(self):
+        return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other._settings() == self._settings()
+
+    def __hash__(self):
+        return hash((type(self), self._settings()))
+
+    def default_topology(self) -> Topology:
+        return candidates_topology(self.num_candidates, self.depth)
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> History:
+        return History.from_prompts(tokens_BT, prompt_lengths_B, max_len + 1)
+
+    def propose(self, history: History, root_B, lengths_B, key, *, topology: Topology, sampler):
+        del lengths_B, key, sampler
+        ends_BH = _latest_match_ends(history, self.max_ngram, self.min_ngram)
+        H = history.tokens.shape[1]
+        scores = jnp.where(ends_BH, jnp.arange(H)[None, :], -1)
+        ends_BC = jax.lax.top_k(scores, min(self.num_candidates, H))[0]
+        cand, valid = _continuations(history.tokens, history.length, ends_BC,
+                                     topology.max_depth)
+        tree = from_candidates(root_B, cand, valid, topology.num_nodes)
+        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC), history
+
+    def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
+        del proposal, verdict
+        return history.append(emitted_BL, n_commit_B)
+
+
+def _match_ends(history: History, n: int) -> jax.Array:
+    """bool [B, H]: position i ends an earlier occurrence of the row's last n tokens (and is
+    followed by at least one token)."""
+    tokens, length = history.tokens, history.length
+    H = tokens.shape[1]
+    i = jnp.arange(H)[None, :]
+    query = history.last(n)
+    ok = (i >= n - 1) & (i <= length[:, None] - 2) & (length[:, None] >= n)
+    for j in range(n):
+        earlier = jnp.take_along_axis(tokens, jnp.broadcast_to(jnp.clip(i - (n - 1) + j, 0, H - 1),
+                                                               tokens.shape), axis=1)
+        ok &= earlier == query[:, j:j + 1]
+    return ok
+
+
+def _latest_match_ends(history: History, max_ngram: int, min_ngram: int) -> jax.Array:
+    """The match ends of the longest n-gram (max_ngram down to min_ngram) that matches."""
+    ends = jnp.zeros(history.tokens.shape, bool)
+    found = jnp.zeros(history.tokens.shape[:1], bool)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        matches = _match_ends(history, n)
+        take = ~found & jnp.any(matches, axis=1)
+        ends = jnp.where(take[:, None], matches, ends)
+        found = found | take
+    return ends
+
+
+def _continuations(source_BH, length_B, ends_BC, depth: int):
+    """The `depth` tokens after each match end (-1: no match) and which of them exist."""
+    H = source_BH.shape[1]
+    pos = ends_BC[:, :, None] + 1 + jnp.arange(depth)[None, None, :]
+    B, C, _ = pos.shape
+    tokens = jnp.take_along_axis(source_BH, jnp.clip(pos, 0, H - 1).reshape(B, C * depth), axis=1)
+    valid = (ends_BC[:, :, None] >= 0) & (pos < length_B[:, None, None])
+    return tokens.reshape(B, C, depth), valid
+
+
+jax.tree_util.register_pytree_node(
+    PromptLookup,
+    lambda d: ((), d._settings()),
+    lambda aux, _: PromptLookup(*aux),
+)

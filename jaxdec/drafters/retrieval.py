@@ -1,0 +1,174 @@
+"""`Retrieval`: training-free drafts from a token datastore built from your own corpus.
+
+The datastore is one token stream (documents separated by the end-of-text token) plus its
+suffix order (positions sorted by their next `max_ngram` tokens), built on the host. Each
+step the row's last n tokens (longest first) are found by binary search, and the
+continuations of up to `num_candidates` occurrences, spread over all of them so frequent
+continuations are picked more often, are merged into one tree by shared prefix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
+                                  check_positive)
+from jaxdec.tree import Topology, from_candidates
+from jaxdec.verify import ProposalKind
+
+
+class Retrieval(Drafter):
+    """Args:
+      tokens: the datastore, a 1-D array of token ids (see `from_texts`, `from_directory`).
+      max_ngram, min_ngram: the context n-gram lengths looked up, longest first.
+      depth: tokens per candidate continuation.
+      num_candidates: occurrences whose continuations are merged into the tree.
+    """
+
+    def __init__(self, tokens, *, max_ngram: int = 4, min_ngram: int = 1, depth: int = 6,
+                 num_candidates: int = 4, _suffixes=None):
+        # `_suffixes` is given only when the suffix order is already built (see `prepare`).
+        self.max_ngram = check_positive("max_ngram", max_ngram)
+        self.min_ngram = check_positive("min_ngram", min_ngram)
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
+        self.depth = check_positive("depth", depth)
+        self.num_candidates = check_positive("num_candidates", num_candidates)
+        if _suffixes is None:  # built on the host from a token stream
+            stream = np.asarray(tokens)
+            if stream.ndim != 1 or stream.size < 2 or not np.issubdtype(stream.dtype, np.integer):
+                raise ValueError("the datastore must be a 1-D integer token stream of >= 2 tokens")
+            if stream.min() < 0:
+                raise ValueError("datastore token ids must be >= 0")
+            # A -1 sentinel tail, so reading past the end never matches a token.
+            padded = np.concatenate([stream.astype(np.int32),
+                                     np.full(self.max_ngram + self.depth, -1, np.int32)])
+            _suffixes = _suffix_order(padded, stream.size, self.max_ngram)
+            tokens = padded
+        self.tokens = tokens
+        self.suffixes = _suffixes
+
+    @classmethod
+    def from_texts(cls, texts, tokenizer, **kwargs) -> "Retrieval":
+        """A datastore of `texts` encoded with `tokenizer` (end-of-text between documents)."""
+        from jaxdec import data
+
+        stream = data.encode(tokenizer, list(texts))
+        if stream.size < 2:
+            raise ValueError("the retrieval corpus encodes to fewer than 2 tokens")
+        return cls(stream, **kwargs)
+
+    @classmethod
+    def from_directory(cls, path, tokenizer, **kwargs) -> "Retrieval":
+        """A datastore of every readable text file under `path` (`.py` files of the standard
+        library when path is None)."""
+        from jaxdec import data
+
+        corpus = data.load_corpus(None if path is None else os.fspath(path))
+        return cls.from_texts(corpus.train_texts + corpus.heldout_texts, tokenizer, **kwargs)
+
+    @property
+    def size(self) -> int:
+        return int(self.suffixes.shape[0])
+
+    def _settings(self):
+        return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
+
+    def default_topology(self) -> Topology:
+        return candidates_topology(self.num_candidates, self.depth)
+
+    def prepare(self, target) -> "Retrieval":
+        """Checks the ids against the target and copies the datastore onto its mesh once."""
+        if int(np.max(np.asarray(self.tokens))) >= target.config.vocab_size:
+            raise ValueError(
+                f"the datastore has token ids >= the target's vocabulary size "
+                f"{target.config.vocab_size}: was it encoded with the target's tokenizer?"
+            )
+        replicated = NamedSharding(target.mesh, PartitionSpec())
+        return Retrieval(jax.device_put(self.tokens, replicated), max_ngram=self.max_ngram,
+                         min_ngram=self.min_ngram, depth=self.depth,
+                         num_candidates=self.num_candidates,
+                         _suffixes=jax.device_put(self.suffixes, replicated))
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> History:
+        return History.from_prompts(tokens_BT, prompt_lengths_B, max_len + 1)
+
+    def propose(self, history: History, root_B, lengths_B, key, *, topology: Topology, sampler):
+        del lengths_B, key, sampler
+        B = root_B.shape[0]
+        lo = jnp.zeros((B,), jnp.int32)
+        hi = jnp.zeros((B,), jnp.int32)
+        n_used = jnp.zeros((B,), jnp.int32)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            query = history.last(n)
+            lo_n = _search(self.tokens, self.suffixes, query, strict=False)
+            hi_n = _search(self.tokens, self.suffixes, query, strict=True)
+            take = (n_used == 0) & (hi_n > lo_n) & (history.length >= n)
+            lo, hi = jnp.where(take, lo_n, lo), jnp.where(take, hi_n, hi)
+            n_used = jnp.where(take, n, n_used)
+        C = self.num_candidates
+        count = hi - lo
+        picks = lo[:, None] + ((2 * jnp.arange(C)[None, :] + 1) * count[:, None]) // (2 * C)
+        have = jnp.arange(C)[None, :] < count[:, None]
+        starts = jnp.take(self.suffixes, jnp.clip(picks, 0, self.size - 1))
+        # The continuation follows the matched n-gram: "ends" is the n-gram's last token.
+        pos = starts[:, :, None] + n_used[:, None, None] + jnp.arange(topology.max_depth)
+        cand = jnp.take(self.tokens, jnp.minimum(pos, self.tokens.shape[0] - 1))
+        valid = have[:, :, None] & (cand >= 0)  # -1: the sentinel tail
+        tree = from_candidates(root_B, cand, valid, topology.num_nodes)
+        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC), history
+
+    def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
+        del proposal, verdict
+        return history.append(emitted_BL, n_commit_B)
+
+
+def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
+    """Positions 0..size-1 sorted by their next `width` tokens (lexicographically)."""
+    keys = [padded[j:j + size] for j in range(width)]
+    return np.lexsort(keys[::-1]).astype(np.int32)
+
+
+def _search(tokens, suffixes, query_Bn, *, strict: bool):
+    """Per row, the first suffix index whose first n tokens are >= query (strict: > query)."""
+    n = query_Bn.shape[1]
+    size = suffixes.shape[0]
+    B = query_Bn.shape[0]
+
+    def compare(mid):  # -1, 0, +1: suffix at `mid` vs the query, on n tokens
+        start = jnp.take(suffixes, jnp.clip(mid, 0, size - 1))
+        window = jnp.take(tokens, start[:, None] + jnp.arange(n)[None, :])
+        differs = window != query_Bn
+        first = jnp.argmax(differs, axis=1)
+        diff = jnp.take_along_axis(window - query_Bn, first[:, None], axis=1)[:, 0]
+        return jnp.where(jnp.any(differs, axis=1), jnp.sign(diff), 0)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        c = compare(mid)
+        go_right = (c <= 0) if strict else (c < 0)
+        active = lo < hi
+        return (jnp.where(active & go_right, mid + 1, lo),
+                jnp.where(active & ~go_right, mid, hi))
+
+    bounds = (jnp.zeros((B,), jnp.int32), jnp.full((B,), size, jnp.int32))
+    lo, _ = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(size + 1))) + 1, step, bounds)
+    return lo
+
+
+def _unflatten(aux, children) -> Retrieval:
+    drafter = object.__new__(Retrieval)  # no validation: leaves may be tracers or placeholders
+    drafter.tokens, drafter.suffixes = children
+    drafter.max_ngram, drafter.min_ngram, drafter.depth, drafter.num_candidates = aux
+    return drafter
+
+
+jax.tree_util.register_pytree_node(
+    Retrieval, lambda d: ((d.tokens, d.suffixes), d._settings()), _unflatten)

@@ -1,0 +1,298 @@
+"""Speculative decoding: draft -> verify -> commit, the whole loop one jitted program.
+
+Prefill writes every prompt token but the last into the target's cache; the last prompt token
+is the root of the first tree. Each step the drafter proposes a tree per row, the target
+runs once over all its nodes (ancestor mask, positions length + depth), `jaxdec.verify`
+accepts a path and draws a bonus token, the path is committed to the cache, and the bonus
+becomes the next root. Rows stop independently (stop tokens, max_new_tokens); output is
+lossless: greedy matches `generate` token for token, sampling follows the target's processed
+distribution exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxdec.cache import Cache, commit, init_cache
+from jaxdec.drafters.base import Drafter
+from jaxdec.generate import _host_clock, _seconds_between, prepare_batch
+from jaxdec.model import Model, forward_with_cache, param_dtype
+from jaxdec.sampling import Greedy, Sampler, check_sampler
+from jaxdec.tree import Topology, as_topology
+from jaxdec.verify import check_proposal, emitted_tokens, verify
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecStats:
+    """Statistics of a speculative run (over the real rows, while they were active).
+
+    Attributes:
+      steps: loop iterations (target forwards after the prefill).
+      tau: mean tokens emitted per verification step and row (accepted drafts + 1).
+      acceptance_by_depth: [D] fraction of row-steps that accepted a node at depth d = 1..D.
+      row_steps: [B] verification steps per row.
+      draft_s, verify_s: seconds spent drafting and verifying (None unless profiled).
+    """
+
+    steps: int
+    tau: float
+    acceptance_by_depth: np.ndarray
+    row_steps: np.ndarray
+    draft_s: float | None = None
+    verify_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeResult:
+    """tokens [B, max_new_tokens] (pad_id after a row stops), lengths [B], stats; prefill_s
+    and decode_s when timed (compile excluded)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stats: SpecStats
+    prefill_s: float | None = None
+    decode_s: float | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        if not self.decode_s:
+            return None
+        return float(np.sum(self.lengths) / self.decode_s)
+
+    def to_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _State:
+    step: jax.Array
+    root_B: jax.Array
+    cache: Cache
+    drafter_state: object
+    out_BN: jax.Array
+    n_gen_B: jax.Array
+    done_B: jax.Array
+    row_steps_B: jax.Array
+    emitted_sum_B: jax.Array
+    depth_hits_BD: jax.Array
+    seconds: jax.Array  # [2]: drafting, verifying (timed runs)
+
+
+def _elapsed(start, end) -> jax.Array:
+    return ((end[0] - start[0]) % 2**30).astype(jnp.float32) + (end[1] - start[1]) * 1e-9
+
+
+def _clock(*deps):
+    return io_callback(_host_clock, jax.ShapeDtypeStruct((2,), jnp.int32), *deps)
+
+
+def speculative_padded(
+    target: Model,
+    drafter: Drafter,
+    tokens_BT: jax.Array,
+    prompt_lengths_B: jax.Array,
+    cache: Cache,
+    key: jax.Array,
+    stop_tokens_BM: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampler: Greedy | Sampler,
+    topology: Topology,
+    pad_id: int = 0,
+    timed: bool = False,
+    profile: bool = False,
+):
+    """The jittable speculative program on right-padded prompts (see `speculative_generate`).
+
+    `drafter` must already be `prepare`d for the target. `timed` reads two host timestamps
+    (after the start and after the prefill); `profile` also times drafting and verifying in
+    every step (a host round trip each: it slows the loop). Returns ((tokens, lengths),
+    statistics arrays, cache, timestamps or None).
+    """
+    B, T = tokens_BT.shape
+    N, depth = topology.num_nodes, topology.max_depth
+    kind = drafter.proposal_kind(sampler, topology)
+    tokens_BT = tokens_BT.astype(jnp.int32)
+    prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
+    stamps = []
+    if timed:
+        start = _clock()
+        start, tokens_BT = jax.lax.optimization_barrier((start, tokens_BT))
+        stamps.append(start)
+
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    _, _, cache = forward_with_cache(target, tokens_BT, positions, cache,
+                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32))
+    cache = cache.replace(lengths=prompt_lengths_B - 1)
+    root = jnp.take_along_axis(tokens_BT, (prompt_lengths_B - 1)[:, None], axis=1)[:, 0]
+    drafter_state = drafter.init(tokens_BT, prompt_lengths_B, max_len=cache.max_len)
+    if timed:  # after both prefills: depend on one element of every cache array
+        done = [x.reshape(-1)[:1] for x in jax.tree.leaves((cache, drafter_state))]
+        stamps.append(_clock(*done))
+
+    state = _State(
+        step=jnp.int32(0), root_B=root, cache=cache, drafter_state=drafter_state,
+        out_BN=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+        n_gen_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
+        row_steps_B=jnp.zeros((B,), jnp.int32), emitted_sum_B=jnp.zeros((B,), jnp.int32),
+        depth_hits_BD=jnp.zeros((B, depth), jnp.int32), seconds=jnp.zeros((2,), jnp.float32),
+    )
+
+    def cond(s: _State):
+        return ~jnp.all(s.done_B)
+
+    def body(s: _State):
+        step_key = jax.random.fold_in(key, s.step)
+        root = s.root_B
+        if profile:
+            t0 = _clock(root)
+            t0, root = jax.lax.optimization_barrier((t0, root))
+        proposal, dstate = drafter.propose(
+            s.drafter_state, root, s.cache.lengths, jax.random.fold_in(step_key, 0),
+            topology=topology, sampler=sampler)
+        tree = proposal.tree
+        # Nodes past the cache's end are never accepted: near the end the tree is shallower.
+        room = s.cache.lengths[:, None] + jnp.arange(N)[None, :] < s.cache.max_len
+        tree = dataclasses.replace(tree, tokens=tree.tokens.at[:, 0].set(root),
+                                   valid=tree.valid & room)
+        if profile:
+            t1 = _clock(tree.tokens)
+            t1, tree = jax.lax.optimization_barrier((t1, tree))
+        logits, _, written = forward_with_cache(
+            target, tree.tokens, tree.positions(s.cache.lengths), s.cache,
+            mask_BTT=tree.ancestors)
+        verdict = verify(tree, logits, sampler=sampler, key=jax.random.fold_in(step_key, 1),
+                         max_depth=depth, kind=kind, q_BNV=proposal.q, topology=topology)
+        emitted = emitted_tokens(tree, verdict)  # [B, depth + 1]
+
+        active = ~s.done_B
+        index = jnp.arange(depth + 1)[None, :]
+        is_stop = jnp.any(emitted[:, :, None] == stop_tokens_BM[:, None, :], axis=2)
+        is_stop &= index < verdict.n_path[:, None]
+        stopped = jnp.any(is_stop, axis=1)
+        keep = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, verdict.n_path)
+        keep = jnp.minimum(keep, max_new_tokens - s.n_gen_B)
+        keep = jnp.where(active, keep, 0)
+
+        slots = s.n_gen_B[:, None] + index
+        slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
+        out = s.out_BN.at[jnp.arange(B)[:, None], slots].set(emitted, mode="drop")
+        new_cache = commit(written, verdict.path, keep)
+        dstate = drafter.update(dstate, proposal, verdict, keep, emitted)
+        last = jnp.take_along_axis(emitted, jnp.maximum(keep - 1, 0)[:, None], axis=1)[:, 0]
+        n_gen = s.n_gen_B + keep
+        done = s.done_B | (active & stopped & (keep > 0)) | (n_gen >= max_new_tokens)
+        seconds = s.seconds
+        if profile:
+            t2 = _clock(emitted, keep)
+            seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
+        hits = active[:, None] & (verdict.n_path[:, None] > jnp.arange(1, depth + 1))
+        return _State(
+            step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
+            drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,
+            row_steps_B=s.row_steps_B + active, emitted_sum_B=s.emitted_sum_B +
+            jnp.where(active, verdict.n_path, 0), depth_hits_BD=s.depth_hits_BD + hits,
+            seconds=seconds,
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    stats = dict(steps=s.step, row_steps=s.row_steps_B, emitted_sum=s.emitted_sum_B,
+                 depth_hits=s.depth_hits_BD, seconds=s.seconds)
+    return (s.out_BN, s.n_gen_B), stats, s.cache, (jnp.stack(stamps) if timed else None)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "timed", "profile"),
+    donate_argnames=("cache",),
+)
+def _program(target, drafter, tokens, lengths, cache, key, stop, *, max_new_tokens, sampler,
+             topology, pad_id, timed, profile):
+    return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
+                              max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
+                              pad_id=pad_id, timed=timed, profile=profile)
+
+
+def speculative_generate(
+    target: Model,
+    drafter: Drafter,
+    prompts,
+    *,
+    max_new_tokens: int,
+    sampler: Greedy | Sampler | None = None,
+    key: jax.Array | None = None,
+    tree: Topology | None = None,
+    stop_tokens=(),
+    pad_id: int = 0,
+    max_len: int | None = None,
+    return_timings: bool = False,
+    profile: bool = False,
+) -> SpeculativeResult:
+    """Generates with speculative decoding; same outputs as `jaxdec.generate` (greedy: the
+    same tokens; sampling: the same distribution), fewer target forwards.
+
+    Args:
+      target: the Model whose distribution the output follows.
+      drafter: `jaxdec.drafters.DraftModel(model)`, `PromptLookup()` or `Retrieval(...)`.
+      prompts: a list of token-id lists (ragged).
+      max_new_tokens: tokens to produce per row.
+      sampler: Greedy() when None, or Sampler(...); verification is lossless for both.
+      key: PRNG key for drafting and verification.
+      tree: a `jaxdec.tree` topology (chain(k), kary(d, w), from_choices(...)); None lets the
+        drafter pick. For PromptLookup / Retrieval it is the node and depth budget.
+      stop_tokens: ids that end a row (kept), shared or per row.
+      pad_id: written after a row stops.
+      max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes).
+      return_timings: also measure prefill and decode seconds (compile excluded).
+      profile: also measure the seconds spent drafting and verifying (stats.draft_s,
+        stats.verify_s); this adds a host round trip to every step, so it slows the run.
+    Returns:
+      SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats.
+    """
+    sampler = check_sampler(sampler)
+    if not isinstance(drafter, Drafter):
+        raise TypeError(
+            "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval), "
+            f"got {type(drafter).__name__}"
+        )
+    topology = drafter.default_topology() if tree is None else as_topology(tree)
+    kind = drafter.proposal_kind(sampler, topology)
+    check_proposal(kind, topology)
+    batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                          pad_id=pad_id, max_len=max_len, extra_slots=topology.num_nodes)
+    drafter = drafter.prepare(target)
+    key = jax.random.PRNGKey(0) if key is None else key
+    cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
+                       dtype=param_dtype(target), mesh=target.mesh)
+    (out, n_gen), stats, _, stamps = _program(
+        target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
+        max_new_tokens=max_new_tokens, sampler=sampler, topology=topology, pad_id=pad_id,
+        timed=return_timings, profile=profile)
+    out = jax.block_until_ready(out)
+    timings = {}
+    if return_timings:
+        end = _host_clock()
+        stamps = np.asarray(stamps)
+        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
+                       decode_s=_seconds_between(stamps[1], end))
+    rows = slice(0, batch.size)
+    row_steps = np.asarray(stats["row_steps"])[rows]
+    total_steps = max(int(row_steps.sum()), 1)
+    seconds = np.asarray(stats["seconds"])
+    spec_stats = SpecStats(
+        steps=int(stats["steps"]),
+        tau=float(np.asarray(stats["emitted_sum"])[rows].sum() / total_steps),
+        acceptance_by_depth=np.asarray(stats["depth_hits"])[rows].sum(axis=0) / total_steps,
+        row_steps=row_steps,
+        draft_s=float(seconds[0]) if profile else None,
+        verify_s=float(seconds[1]) if profile else None,
+    )
+    return SpeculativeResult(tokens=np.asarray(out)[rows], lengths=np.asarray(n_gen)[rows],
+                             stats=spec_stats, **timings)

@@ -1,0 +1,300 @@
+"""Token trees for speculative decoding.
+
+A tree has a static number of nodes N. Node 0 is the root: the last token already produced
+(not yet in the cache); every other node is a draft token whose parent comes earlier
+(`parents[i] < i`), so a forward over the N nodes in index order sees parents before
+children. The target verifies all nodes in one forward under the ancestor mask, at positions
+length + depth.
+
+- `Topology`: a tree's static shape (parents and each node's rank among its siblings),
+  hashable, so it can be a static argument to `jax.jit`. Built by `chain(k)`,
+  `kary(depth, width)`, `from_choices(paths)` or `from_parents(parents)`, all validated.
+- `TokenTree`: a pytree of per-row arrays [..., N] (tokens, parents, depth, valid, ancestor
+  mask); drafters fill one per batch row, and rows may differ in shape (prompt lookup and
+  retrieval build a trie per row with `from_candidates`).
+
+Shape legend: B batch, N nodes, C candidate sequences, D candidate depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_NODES = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenTree:
+    """Per-row token trees (leading axes are batch axes; the last is the node axis).
+
+    Attributes:
+      tokens: int32 [..., N]; tokens[..., 0] is the root.
+      parents: int32 [..., N]; -1 for the root (and for unused nodes).
+      depth: int32 [..., N]; 0 for the root.
+      valid: bool [..., N]; unused node slots are False (never accepted).
+      ancestors: bool [..., N, N]; ancestors[i, j] when j is i or an ancestor of i (the
+        attention mask among the tree's nodes).
+    """
+
+    tokens: jax.Array
+    parents: jax.Array
+    depth: jax.Array
+    valid: jax.Array
+    ancestors: jax.Array
+
+    @property
+    def num_nodes(self) -> int:
+        return self.tokens.shape[-1]
+
+    def positions(self, lengths_B: jax.Array) -> jax.Array:
+        """Positions of the nodes when the row's cache holds `lengths` tokens: length + depth."""
+        return lengths_B[:, None] + self.depth
+
+    def with_tokens(self, tokens: jax.Array) -> "TokenTree":
+        return dataclasses.replace(self, tokens=tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A static tree shape: `parents[i]` (-1 for the root) and `ranks[i]`, node i's index among
+    its parent's children (for a draft model: the i-th most likely / i-th drawn token).
+    Hashable; build it with the functions below (they validate)."""
+
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parents)
+
+    @functools.cached_property
+    def depth(self) -> np.ndarray:
+        depth = np.zeros(self.num_nodes, np.int32)
+        for i, p in enumerate(self.parents[1:], start=1):
+            depth[i] = depth[p] + 1
+        return depth
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @functools.cached_property
+    def ancestors(self) -> np.ndarray:
+        """bool [N, N]: j is i or an ancestor of i."""
+        anc = np.eye(self.num_nodes, dtype=bool)
+        for i, p in enumerate(self.parents[1:], start=1):
+            anc[i] |= anc[p]
+        return anc
+
+    @functools.cached_property
+    def children(self) -> np.ndarray:
+        """int32 [N, K]: node i's children by rank (-1 where none); K = the most children."""
+        width = max(1, max(self.ranks[1:], default=0) + 1)
+        table = np.full((self.num_nodes, width), -1, np.int32)
+        for i, (p, r) in enumerate(zip(self.parents[1:], self.ranks[1:]), start=1):
+            table[p, r] = i
+        return table
+
+    @property
+    def max_children(self) -> int:
+        return self.children.shape[1]
+
+    @property
+    def ranks_contiguous(self) -> bool:
+        """Every node's children have ranks 0..m-1 (needed when children are sampled)."""
+        return all(np.all((row >= 0) == (np.arange(row.size) < np.sum(row >= 0)))
+                   for row in self.children)
+
+    def template(self, batch: int) -> TokenTree:
+        """A TokenTree of this shape for `batch` rows, tokens zero."""
+        n = self.num_nodes
+
+        def rows(x, dtype):
+            return jnp.broadcast_to(jnp.asarray(x, dtype), (batch,) + np.shape(x))
+
+        return TokenTree(
+            tokens=jnp.zeros((batch, n), jnp.int32), parents=rows(self.parents, jnp.int32),
+            depth=rows(self.depth, jnp.int32), valid=jnp.ones((batch, n), bool),
+            ancestors=rows(self.ancestors, bool),
+        )
+
+
+# ------------------------------------------------------------------------------ builders
+
+
+def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> Topology:
+    """A tree from each node's parent index (-1 for the root, node 0).
+
+    Raises ValueError unless there is exactly one root, every parent comes before its child
+    (which also rules out cycles), and there are at most MAX_NODES nodes. Ranks default to
+    each node's order of appearance among its siblings.
+    """
+    parents = [int(p) for p in parents]
+    if not parents:
+        raise ValueError("a tree needs at least its root node")
+    if len(parents) > MAX_NODES:
+        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got {len(parents)}")
+    if parents[0] != -1:
+        raise ValueError(f"node 0 must be the root (parent -1), got parent {parents[0]}")
+    for i, p in enumerate(parents[1:], start=1):
+        if p == -1:
+            raise ValueError(f"node {i} is a second root: a tree has exactly one root")
+        if not 0 <= p < i:
+            raise ValueError(
+                f"node {i} has parent {p}: parents must come before their children "
+                "(this also rules out cycles)"
+            )
+    if ranks is None:
+        seen: dict[int, int] = {}
+        ranks = [0]
+        for p in parents[1:]:
+            ranks.append(seen.get(p, 0))
+            seen[p] = ranks[-1] + 1
+    ranks = [int(r) for r in ranks]
+    if len(ranks) != len(parents) or any(r < 0 for r in ranks):
+        raise ValueError("ranks must be one non-negative int per node")
+    siblings = {(p, r) for p, r in zip(parents[1:], ranks[1:])}
+    if len(siblings) != len(parents) - 1:
+        raise ValueError("two children of one node have the same rank")
+    return Topology(parents=tuple(parents), ranks=tuple(ranks))
+
+
+def chain(k: int) -> Topology:
+    """A chain of k draft tokens (k + 1 nodes with the root)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"chain length must be an int >= 1, got {k!r}")
+    return from_parents([-1] + list(range(k)))
+
+
+def kary(depth: int, width: int) -> Topology:
+    """A full tree: every node down to `depth` has `width` children (breadth-first order)."""
+    for name, v in (("depth", depth), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    total = sum(width**d for d in range(depth + 1))
+    if total > MAX_NODES:
+        raise ValueError(f"kary({depth}, {width}) has {total} nodes, more than {MAX_NODES}")
+    parents, level = [-1], [0]
+    for _ in range(depth):
+        nxt = []
+        for p in level:
+            for _ in range(width):
+                parents.append(p)
+                nxt.append(len(parents) - 1)
+        level = nxt
+    return from_parents(parents)
+
+
+def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
+    """A tree from Medusa-style choices: each path lists child ranks from the root, e.g.
+    [[0], [1], [0, 0], [0, 1]] is the root's two best children and two children of the best.
+    Every path's prefix must itself be a path. Nodes are ordered by depth, then path."""
+    try:
+        paths = sorted({tuple(int(c) for c in p) for p in paths}, key=lambda p: (len(p), p))
+    except (TypeError, ValueError):
+        raise ValueError("choices must be a list of lists of child ranks") from None
+    if any(not p for p in paths):
+        raise ValueError("a choice path is empty (the root is implicit)")
+    if any(c < 0 for p in paths for c in p):
+        raise ValueError("child ranks must be >= 0")
+    index = {(): 0}
+    parents, ranks = [-1], [0]
+    for p in paths:
+        if p[:-1] not in index:
+            raise ValueError(f"choice {list(p)} has no parent: {list(p[:-1])} is not a choice")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+    return from_parents(parents, ranks)
+
+
+def parse(spec: str) -> Topology:
+    """A topology from a command-line spec: "chain:K", "kary:DEPTH:WIDTH" or a JSON choices
+    list such as "[[0],[1],[0,0]]"."""
+    import json
+
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "chain":
+            return chain(int(rest))
+        if kind == "kary":
+            depth, width = rest.split(":")
+            return kary(int(depth), int(width))
+        return from_choices(json.loads(spec))
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"bad tree spec {spec!r} (chain:K, kary:D:W or a JSON choices list): {e}") from None
+
+
+def as_topology(tree) -> Topology:
+    """`tree` as a validated Topology (TypeError for anything else)."""
+    if isinstance(tree, Topology):
+        return from_parents(tree.parents, tree.ranks)
+    raise TypeError(f"tree must be a jaxdec.tree Topology (chain, kary, from_choices), got {tree!r}")
+
+
+# ------------------------------------------------------------------- tries from candidates
+
+
+def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.Array,
+                    num_nodes: int) -> TokenTree:
+    """Merges C candidate continuations per row into one trie (shared prefixes become one
+    path), in breadth-first order, keeping at most `num_nodes` nodes (root included): the
+    shallowest nodes survive, so a tree too big for its budget becomes a shallower one.
+
+    Args:
+      root_B: the root token of each row.
+      cand_BCD: candidate continuations (token d of candidate c).
+      cand_valid_BCD: which candidate tokens exist (a candidate's valid tokens are a prefix).
+      num_nodes: N, the static node budget.
+    """
+    B, C, D = cand_BCD.shape
+    valid = jnp.cumprod(cand_valid_BCD.astype(jnp.int32), axis=2).astype(bool)
+    # same[b, c', c, d]: candidates c' and c agree on tokens 0..d (and both exist there).
+    eq = (cand_BCD[:, :, None, :] == cand_BCD[:, None, :, :]) & valid[:, :, None, :] & valid[:, None, :, :]
+    same = jnp.cumprod(eq.astype(jnp.int32), axis=3).astype(bool)
+    owner = jnp.argmax(same, axis=1)  # [B, C, D]: first candidate with this prefix
+    is_new = valid & (owner == jnp.arange(C)[None, :, None])
+    # Breadth-first ids: order new nodes by (depth, candidate).
+    new_DC = jnp.swapaxes(is_new, 1, 2).reshape(B, D * C)
+    ids_DC = 1 + jnp.cumsum(new_DC, axis=1) - new_DC
+    ids = jnp.swapaxes(ids_DC.reshape(B, D, C), 1, 2)  # [B, C, D]
+    # Node (c, d) of every candidate, new or shared, is the owner's node.
+    node = jnp.take_along_axis(ids, owner, axis=1)
+    parent = jnp.concatenate([jnp.zeros((B, C, 1), ids.dtype), node[:, :, :-1]], axis=2)
+    depth = jnp.broadcast_to(jnp.arange(1, D + 1, dtype=jnp.int32), (B, C, D))
+    keep = is_new & (ids < num_nodes)
+    slot = jnp.where(keep, ids, num_nodes)  # dropped nodes go out of range
+    rows = jnp.arange(B)[:, None, None]
+
+    def scatter(base, values):
+        return base.at[rows, slot].set(values, mode="drop")
+
+    tokens = scatter(jnp.zeros((B, num_nodes), jnp.int32).at[:, 0].set(root_B), cand_BCD)
+    parents = scatter(jnp.full((B, num_nodes), -1, jnp.int32), parent.astype(jnp.int32))
+    depths = scatter(jnp.zeros((B, num_nodes), jnp.int32), depth)
+    present = scatter(jnp.zeros((B, num_nodes), bool).at[:, 0].set(True), keep)
+    return TokenTree(tokens=tokens, parents=parents, depth=depths, valid=present,
+                     ancestors=ancestor_mask(parents, present))
+
+
+def ancestor_mask(parents_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
+    """bool [B, N, N] from per-row parents (parents before children; invalid nodes see only
+    themselves)."""
+    B, N = parents_BN.shape
+    eye = jnp.broadcast_to(jnp.eye(N, dtype=bool), (B, N, N))
+    parents = jnp.where(valid_BN, parents_BN, -1)
+
+    def add_parent_rows(i, anc):
+        p = parents[:, i]
+        inherited = jnp.take_along_axis(anc, jnp.maximum(p, 0)[:, None, None], axis=1)[:, 0]
+        row = anc[:, i] | (inherited & (p >= 0)[:, None])
+        return anc.at[:, i].set(row)
+
+    return jax.lax.fori_loop(1, N, add_parent_rows, eye)

@@ -1,0 +1,192 @@
+"""Lossless verification of a token tree against the target's distributions.
+
+Every rule walks down the tree from the root, one level at a time, and returns the accepted
+path plus one bonus token drawn from the target, so each step emits between 1 and depth + 1
+tokens whose distribution is exactly the target's processed distribution (`sampler.probs`):
+
+- greedy (the sampler is greedy): move to the child whose token is the target's argmax;
+  the bonus is the argmax where no child matches.
+- `ProposalKind.DETERMINISTIC` (children are fixed choices: top-k expansion, prompt lookup,
+  retrieval; q is one-hot): draw y ~ p at the current node and move to the child whose token
+  is y. Trying the candidates in turn, each accepted with its residual probability, is
+  exactly this.
+- `ProposalKind.IID` (children drawn independently from q; a chain is the one-child case):
+  recursive rejection sampling (SpecInfer): child x_j is accepted with min(1, r(x_j)/q(x_j))
+  where r starts at p and after each rejection becomes norm(max(0, r - q)); the bonus is
+  drawn from the final residual.
+- `ProposalKind.WITHOUT_REPLACEMENT` (children drawn without replacement, e.g. Gumbel-top-k;
+  Recursive Speculative Decoding): the same with q_j = q renormalised without the earlier
+  siblings' tokens.
+
+Legend: B batch, N nodes, V vocabulary, K children per node, L path length (max depth + 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.sampling import Greedy, Sampler
+from jaxdec.tree import Topology, TokenTree
+
+
+class ProposalKind(enum.Enum):
+    """How a drafter chose each node's children (verification must know)."""
+
+    DETERMINISTIC = "deterministic"
+    IID = "iid"
+    WITHOUT_REPLACEMENT = "without_replacement"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """path [B, L]: accepted node indices from the root (0), padded with 0 after n_path;
+    n_path [B]: accepted nodes including the root; bonus [B]: the target's next token after
+    the path. The step emits the path's draft tokens then the bonus: n_path tokens."""
+
+    path: jax.Array
+    n_path: jax.Array
+    bonus: jax.Array
+
+
+def _renormalize(v: jax.Array, fallback: jax.Array) -> jax.Array:
+    total = jnp.sum(v, axis=-1, keepdims=True)
+    return jnp.where(total > 0, v / jnp.where(total > 0, total, 1.0), fallback)
+
+
+def _residual(r_BV: jax.Array, q_BV: jax.Array) -> jax.Array:
+    """norm(max(0, r - q)): what is left of the target distribution after a rejection."""
+    return _renormalize(jnp.maximum(r_BV - q_BV, 0.0), r_BV)
+
+
+def _node_rows(x_BN, node_B):
+    return jnp.take_along_axis(x_BN, node_B[:, None], axis=1)[:, 0]
+
+
+def _node_dists(x_BNV, node_B):
+    return jnp.take_along_axis(x_BNV, node_B[:, None, None], axis=1)[:, 0]
+
+
+def verify(
+    tree: TokenTree,
+    target_logits_BNV: jax.Array,
+    *,
+    sampler: Greedy | Sampler,
+    key: jax.Array,
+    max_depth: int,
+    kind: ProposalKind = ProposalKind.DETERMINISTIC,
+    q_BNV: jax.Array | None = None,
+    topology: Topology | None = None,
+) -> Verdict:
+    """Accepts a path of `tree` given the target's logits at every node.
+
+    Args:
+      tree: the drafted trees, one per row.
+      target_logits_BNV: the target's logits at each node (its next-token distribution).
+      sampler: the target's sampler; its `probs` define the output distribution.
+      key: PRNG key (one per call; rows draw independent randomness from it).
+      max_depth: static bound on the tree depth (levels walked).
+      kind: how the drafter chose children (see the module docstring).
+      q_BNV: for IID / WITHOUT_REPLACEMENT, the drafter's distribution at each node.
+      topology: for IID / WITHOUT_REPLACEMENT, the static tree shape (children by rank).
+    """
+    if sampler.is_greedy:
+        next_BN = jnp.argmax(target_logits_BNV, axis=-1).astype(jnp.int32)
+        return _walk_matching(tree, next_BN, max_depth)
+    p_BNV = sampler.probs(target_logits_BNV)
+    if kind == ProposalKind.DETERMINISTIC:
+        B, N, V = p_BNV.shape
+        keys = jax.random.split(key, B * N).reshape(B, N, -1)
+        draws = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p))))(keys, p_BNV)
+        return _walk_matching(tree, draws.astype(jnp.int32), max_depth)
+    if q_BNV is None or topology is None:
+        raise ValueError(f"{kind} verification needs the draft distributions and the topology")
+    return _recursive_rejection(tree, p_BNV, q_BNV, topology, key, max_depth,
+                                without_replacement=kind == ProposalKind.WITHOUT_REPLACEMENT)
+
+
+def _walk_matching(tree: TokenTree, next_BN: jax.Array, max_depth: int) -> Verdict:
+    """From the root, follow the child whose token equals the target's next token at the
+    current node (its argmax, or a sample). Works on any per-row tree."""
+    B, N = tree.tokens.shape
+    cur = jnp.zeros((B,), jnp.int32)
+    alive = jnp.ones((B,), bool)
+    path = [cur]
+    for _ in range(max_depth):
+        want = _node_rows(next_BN, cur)
+        match = (tree.parents == cur[:, None]) & tree.valid & (tree.tokens == want[:, None])
+        found = alive & jnp.any(match, axis=1)
+        cur = jnp.where(found, jnp.argmax(match, axis=1).astype(jnp.int32), cur)
+        alive = found
+        path.append(jnp.where(found, cur, 0))
+    path = jnp.stack(path, axis=1)
+    n_path = 1 + jnp.sum(jnp.cumprod(path[:, 1:] > 0, axis=1), axis=1)
+    return Verdict(path=path, n_path=n_path.astype(jnp.int32), bonus=_node_rows(next_BN, cur))
+
+
+def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth: int, *,
+                         without_replacement: bool) -> Verdict:
+    B, N, V = p_BNV.shape
+    children = jnp.asarray(topology.children)  # [N, K] static table
+    K = children.shape[1]
+    uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (max_depth, K, B))
+    cur = jnp.zeros((B,), jnp.int32)
+    alive = jnp.ones((B,), bool)
+    residual_BV = _node_dists(p_BNV, cur)
+    path = [cur]
+    for level in range(max_depth):
+        r = _node_dists(p_BNV, cur)
+        q_base = _node_dists(q_BNV, cur)
+        removed = jnp.zeros((B, V), q_base.dtype)
+        moved = jnp.zeros((B,), bool)
+        nxt = cur
+        for j in range(K):
+            child = children[cur, j]
+            exists = alive & ~moved & (child >= 0) & _node_rows(tree.valid, jnp.maximum(child, 0))
+            x = _node_rows(tree.tokens, jnp.maximum(child, 0))
+            q_j = _renormalize(q_base * (1 - removed), q_base) if without_replacement else q_base
+            q_x = jnp.take_along_axis(q_j, x[:, None], axis=1)[:, 0]
+            r_x = jnp.take_along_axis(r, x[:, None], axis=1)[:, 0]
+            accept = exists & (uniforms[level, j] * q_x < r_x)
+            nxt = jnp.where(accept, child, nxt)
+            moved = moved | accept
+            rejected = exists & ~accept
+            r = jnp.where(rejected[:, None], _residual(r, q_j), r)
+            if without_replacement:
+                removed = jnp.where(exists[:, None], removed + jax.nn.one_hot(x, V, dtype=removed.dtype),
+                                    removed)
+        # A row that stops here draws its bonus from what is left of p at its node.
+        residual_BV = jnp.where((alive & ~moved)[:, None], r, residual_BV)
+        alive = alive & moved
+        cur = jnp.where(moved, nxt, cur)
+        path.append(jnp.where(moved, cur, 0))
+        # Rows that keep going take p at their new node as the bonus distribution for now.
+        residual_BV = jnp.where(alive[:, None], _node_dists(p_BNV, cur), residual_BV)
+    path = jnp.stack(path, axis=1)
+    n_path = 1 + jnp.sum(jnp.cumprod(path[:, 1:] > 0, axis=1), axis=1)
+    keys = jax.random.split(jax.random.fold_in(key, 1), B)
+    bonus = jax.vmap(lambda k, r: jax.random.categorical(k, jnp.log(r)))(keys, residual_BV)
+    return Verdict(path=path, n_path=n_path.astype(jnp.int32), bonus=bonus.astype(jnp.int32))
+
+
+def emitted_tokens(tree: TokenTree, verdict: Verdict) -> jax.Array:
+    """[B, L]: the step's output tokens: the path's draft tokens, then the bonus (padding
+    after n_path)."""
+    drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
+    L = verdict.path.shape[1]
+    out = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1)
+    index = jnp.arange(L)[None, :]
+    return jnp.where(index == verdict.n_path[:, None] - 1, verdict.bonus[:, None], out)
+
+
+def check_proposal(kind: ProposalKind, topology: Topology | None) -> None:
+    """Static checks: sampled children need a static tree with contiguous sibling ranks."""
+    if kind != ProposalKind.DETERMINISTIC:
+        if topology is None:
+            raise ValueError(f"{kind.value} proposals need a static tree topology")
+        if not topology.ranks_contiguous:
+            raise ValueError("sampled children need contiguous sibling ranks 0..m-1 in the tree")

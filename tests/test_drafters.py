@@ -1,0 +1,117 @@
+"""Drafters in isolation: prompt-lookup matches, retrieval suffix search, and the draft
+model's level-by-level tree drafting, against hand-computed expectations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import tree
+from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
+from jaxdec.drafters.base import History, candidates_topology
+from jaxdec.drafters.retrieval import _search, _suffix_order
+
+
+def _history(rows, capacity=32):
+    tokens = np.zeros((len(rows), capacity), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    return History(tokens=jnp.asarray(tokens), length=jnp.array([len(r) for r in rows]))
+
+
+def test_prompt_lookup_hand_computed():
+    # Row 0 ends with "1 2": earlier "1 2" occurrences are followed by 3 4 and by 7 8.
+    # Row 1 has no earlier match of its last token: nothing is drafted.
+    history = _history([[1, 2, 3, 4, 9, 1, 2, 7, 8, 5, 1, 2], [5, 6, 7]])
+    drafter = PromptLookup(max_ngram=2, min_ngram=1, depth=3, num_candidates=2)
+    topology = drafter.default_topology()
+    proposal, _ = drafter.propose(history, jnp.array([2, 7]), None, None, topology=topology,
+                                  sampler=jaxdec.Greedy())
+    t = proposal.tree
+    # Most recent match first: "7 8 5" then "3 4 9".
+    np.testing.assert_array_equal(t.tokens[0, :7], [2, 7, 3, 8, 4, 5, 9])
+    np.testing.assert_array_equal(t.parents[0, :7], [-1, 0, 0, 1, 2, 3, 4])
+    assert t.valid[0, :7].all()
+    np.testing.assert_array_equal(t.valid[1], [True] + [False] * (topology.num_nodes - 1))
+
+
+def test_prompt_lookup_prefers_the_longest_ngram_and_stops_at_the_end():
+    # Last 2 tokens "5 6" occur once (followed by 5 6 ...); "6" alone occurs more often.
+    history = _history([[6, 0, 5, 6, 5, 6]])
+    drafter = PromptLookup(max_ngram=2, min_ngram=1, depth=4, num_candidates=1)
+    proposal, _ = drafter.propose(history, jnp.array([6]), None, None,
+                                  topology=tree.chain(4), sampler=jaxdec.Greedy())
+    # "5 6" at 2..3 is followed by 5 6 and then the history ends.
+    np.testing.assert_array_equal(proposal.tree.tokens[0, :3], [6, 5, 6])
+    np.testing.assert_array_equal(proposal.tree.valid[0], [True, True, True, False, False])
+
+
+def test_history_append():
+    history = _history([[1, 2], [3]], capacity=5)
+    out = history.append(jnp.array([[7, 8, 9], [4, 5, 6]]), jnp.array([2, 3]))
+    np.testing.assert_array_equal(out.tokens, [[1, 2, 7, 8, 0], [3, 4, 5, 6, 0]])
+    np.testing.assert_array_equal(out.length, [4, 4])
+    np.testing.assert_array_equal(out.last(3), [[2, 7, 8], [4, 5, 6]])
+
+
+def test_suffix_search_hand_computed():
+    stream = np.array([3, 1, 2, 3, 1, 2, 4, 1, 3], np.int32)
+    padded = np.concatenate([stream, np.full(6, -1, np.int32)])
+    order = _suffix_order(padded, stream.size, 3)
+    keys = [tuple(padded[i:i + 3]) for i in order]
+    assert keys == sorted(keys)
+    query = jnp.array([[1, 2], [9, 9], [3, 1]])
+    lo = _search(jnp.asarray(padded), jnp.asarray(order), query, strict=False)
+    hi = _search(jnp.asarray(padded), jnp.asarray(order), query, strict=True)
+    found = [sorted(order[a:b].tolist()) for a, b in zip(np.asarray(lo), np.asarray(hi))]
+    assert found == [[1, 4], [], [0, 3]]
+
+
+def test_retrieval_proposes_continuations():
+    stream = np.array([5, 1, 2, 3, 4, 0, 7, 1, 2, 8, 9, 0], np.int32)
+    drafter = Retrieval(stream, max_ngram=2, min_ngram=1, depth=3, num_candidates=2)
+    history = _history([[6, 6, 1, 2]])
+    proposal, _ = drafter.propose(history, jnp.array([2]), None, None,
+                                  topology=drafter.default_topology(), sampler=jaxdec.Greedy())
+    t = proposal.tree
+    children = sorted(int(t.tokens[0, i]) for i in range(t.num_nodes)
+                      if t.valid[0, i] and t.parents[0, i] == 0)
+    assert children == [3, 8]  # "1 2" is followed by 3 4 0 and by 8 9 0
+    assert int(np.sum(t.valid[0])) == 7
+
+
+def test_retrieval_from_texts(hf_checkpoints):
+    from hf_models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    drafter = Retrieval.from_texts(["the quick brown fox", "hello world"], tokenizer)
+    assert drafter.size > 5
+    with pytest.raises(ValueError, match="fewer than 2 tokens"):
+        Retrieval.from_texts([""], tokenizer)
+
+
+def test_candidates_topology_budget():
+    t = candidates_topology(3, 2)
+    assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3
+
+
+def test_draft_model_topk_tree_follows_the_draft(loaded):
+    """Each drafted child is the parent's rank-th most likely token under the draft itself."""
+    model = loaded("llama-gqa")
+    topology = tree.kary(2, 2)
+    prompt = [5, 9, 31, 2]
+    drafter = DraftModel(model).prepare(model)
+    cache = drafter.init(jnp.array([prompt]), jnp.array([4]), max_len=16)
+    proposal, _ = drafter.propose(cache, jnp.array([prompt[-1]]), cache.lengths,
+                                  jax.random.PRNGKey(0), topology=topology,
+                                  sampler=jaxdec.Greedy())
+    tokens = np.asarray(proposal.tree.tokens[0])
+    for node in range(1, topology.num_nodes):
+        path, p = [], node
+        while p > 0:
+            path.append(int(tokens[p]))
+            p = topology.parents[p]
+        context = prompt + path[::-1][:-1]
+        logits = np.asarray(jaxdec.forward(model, np.array([context]))[0, -1])
+        assert tokens[node] == np.argsort(-logits)[topology.ranks[node]]

@@ -1,0 +1,262 @@
+"""speculative_generate end to end: greedy output identical to generate for every drafter and
+tree, the target's cache identical to plain decoding's, sampled output following the target's
+exact distribution (chi-square), tensor parallelism, and bad input."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.scipy.special import gammaincc
+
+import jaxdec
+from jaxdec import tree
+from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
+
+TARGET = "llama-gqa"
+PROMPTS_SEED = 0
+
+
+def _prompts(lengths=(3, 14, 9), seed=PROMPTS_SEED):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 97, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def unrelated_draft(hf_checkpoints):
+    """A different random model with the same vocabulary: most drafts get rejected."""
+    return jaxdec.load_pretrained(hf_checkpoints("qwen2-mqa-tied")[0])
+
+
+def _repetitive_prompts():
+    base = [11, 12, 13, 14, 15, 16, 17, 18]
+    return [base * 3, [40, 41, 42, 40, 41, 42, 40], base[:5] + [30, 31] + base]
+
+
+DRAFTERS = {
+    "self-chain4": (lambda m, u: DraftModel(m), tree.chain(4)),
+    "self-kary": (lambda m, u: DraftModel(m), tree.kary(2, 2)),
+    "self-choices": (lambda m, u: DraftModel(m),
+                     tree.from_choices([[0], [1], [0, 0], [1, 0], [0, 0, 0], [0, 1]])),
+    "unrelated-chain3": (lambda m, u: DraftModel(u), tree.chain(3)),
+    "unrelated-kary": (lambda m, u: DraftModel(u), tree.kary(1, 4)),
+    "prompt-lookup": (lambda m, u: PromptLookup(), None),
+    "prompt-lookup-chain": (lambda m, u: PromptLookup(max_ngram=2), tree.chain(5)),
+    "retrieval": (lambda m, u: Retrieval(np.array(sum(_repetitive_prompts(), []) * 2)), None),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_greedy_is_token_identical_to_generate(name, loaded, unrelated_draft):
+    model = loaded(TARGET)
+    make, topology = DRAFTERS[name]
+    prompts = _prompts() + _repetitive_prompts()
+    plain = jaxdec.generate(model, prompts, max_new_tokens=20)
+    spec = jaxdec.speculative_generate(model, make(model, unrelated_draft), prompts,
+                                       max_new_tokens=20, tree=topology)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    np.testing.assert_array_equal(spec.lengths, plain.lengths)
+    stats = spec.stats
+    assert stats.steps == stats.row_steps.max() and 1 <= stats.tau
+    if name.startswith("self"):  # the target drafting for itself: every draft accepted
+        depth = topology.max_depth
+        np.testing.assert_allclose(stats.acceptance_by_depth, 1.0)
+        assert stats.tau == pytest.approx(depth + 1)
+    if name.startswith("unrelated"):
+        assert stats.acceptance_by_depth[0] < 0.5
+
+
+def test_retrieval_from_the_targets_own_text_pays_off(loaded):
+    """A datastore holding the target's own continuations: retrieval drafts them back."""
+    model = loaded(TARGET)
+    prompts = _prompts()
+    plain = jaxdec.generate(model, prompts, max_new_tokens=24)
+    store = np.concatenate([np.array(p + o, np.int32) for p, o in zip(prompts, plain.to_lists())])
+    spec = jaxdec.speculative_generate(model, Retrieval(store, min_ngram=2), prompts,
+                                       max_new_tokens=24)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    assert spec.stats.tau > 3
+
+
+def test_stop_tokens_and_the_end_of_the_cache(loaded):
+    model = loaded(TARGET)
+    prompts = _prompts()
+    free = jaxdec.generate(model, prompts, max_new_tokens=16)
+    stops = [[int(free.tokens[0, 5])], [], [int(free.tokens[2, 2]), int(free.tokens[2, 9])]]
+    plain = jaxdec.generate(model, prompts, max_new_tokens=16, stop_tokens=stops, pad_id=-1)
+    # The tightest cache: the longest row fills it exactly, so its last trees are cut short.
+    tight = max(len(p) for p in prompts) + 16 - 1
+    spec = jaxdec.speculative_generate(model, DraftModel(model), prompts, max_new_tokens=16,
+                                       stop_tokens=stops, pad_id=-1, tree=tree.chain(6),
+                                       max_len=tight)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    np.testing.assert_array_equal(spec.lengths, plain.lengths)
+    assert spec.lengths[1] == 16 and spec.lengths[0] < 16
+
+
+def test_target_cache_equals_plain_decoding(loaded):
+    from jaxdec.generate import prepare_batch
+    from jaxdec.speculative import speculative_padded
+
+    model = loaded(TARGET)
+    prompts = _prompts()
+    batch = prepare_batch(model, prompts, max_new_tokens=12, stop_tokens=(), pad_id=0,
+                          max_len=48)
+    key = jax.random.PRNGKey(0)
+
+    plain_run = jax.jit(functools.partial(jaxdec.generate_padded, max_new_tokens=12))
+    (plain_out, plain_n), plain_cache = plain_run(
+        model, batch.tokens, batch.lengths, jaxdec.init_cache(model.config, 3, 48), key, batch.stop)
+    spec_run = jax.jit(functools.partial(
+        speculative_padded, max_new_tokens=12, sampler=jaxdec.Greedy(), topology=tree.kary(2, 2)))
+    drafter = DraftModel(model).prepare(model)
+    (spec_out, spec_n), _, spec_cache, _ = spec_run(
+        model, drafter, batch.tokens, batch.lengths, jaxdec.init_cache(model.config, 3, 48), key,
+        batch.stop)
+    np.testing.assert_array_equal(spec_out, plain_out)
+    np.testing.assert_array_equal(spec_cache.lengths, plain_cache.lengths)
+    np.testing.assert_array_equal(plain_cache.lengths, batch.lengths + 11)
+    for got, want in zip(spec_cache.layers, plain_cache.layers):
+        for b, n in enumerate(np.asarray(plain_cache.lengths)):
+            np.testing.assert_allclose(got.k[b, :n], want.k[b, :n], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.v[b, :n], want.v[b, :n], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- lossless sampling
+
+V = 8
+SMALL = jaxdec.ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+PROMPT = [1, 5, 2, 7, 1, 5]
+ROWS = 20_000
+
+
+@pytest.fixture(scope="module")
+def small_models():
+    target = jaxdec.init_model(SMALL, jax.random.PRNGKey(0), std=0.5)
+    draft = jaxdec.init_model(SMALL.replace(num_layers=1), jax.random.PRNGKey(1), std=0.5)
+    return target, draft
+
+
+def _exact_joint(target, sampler):
+    p1 = np.asarray(sampler.probs(jaxdec.forward(target, np.array([PROMPT]))[0, -1]), np.float64)
+    nxt = np.array([PROMPT + [t] for t in range(V)])
+    p2 = np.asarray(sampler.probs(jaxdec.forward(target, nxt)[:, -1]), np.float64)
+    return (p1[:, None] * p2).ravel()
+
+
+def _p_value(tokens, joint):
+    counts = np.bincount(tokens[:, 0] * V + tokens[:, 1], minlength=V * V).astype(np.float64)
+    assert counts[joint == 0].sum() == 0, "sampled a pair the target never produces"
+    expected = len(tokens) * joint
+    keep = expected >= 5
+    stat = np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep])
+    return float(gammaincc((keep.sum() - 1) / 2, stat / 2))
+
+
+SAMPLED = {
+    "chain-iid": ("auto", tree.chain(3), jaxdec.Sampler(temperature=1.3)),
+    "tree-iid": ("iid", tree.kary(2, 2), jaxdec.Sampler(temperature=0.9, top_p=0.8)),
+    "tree-without-replacement": ("auto", tree.kary(2, 2), jaxdec.Sampler(temperature=1.3)),
+    "chain-without-replacement-top-p": ("without_replacement", tree.chain(3),
+                                        jaxdec.Sampler(temperature=0.9, top_p=0.8)),
+    "topk-deterministic": ("topk", tree.kary(2, 2), jaxdec.Sampler(temperature=0.9, top_p=0.8)),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLED))
+def test_sampling_follows_the_target_distribution(name, small_models):
+    target, draft = small_models
+    proposal, topology, sampler = SAMPLED[name]
+    result = jaxdec.speculative_generate(
+        target, DraftModel(draft, proposal=proposal), [PROMPT] * ROWS, max_new_tokens=2,
+        sampler=sampler, tree=topology, key=jax.random.PRNGKey(3))
+    assert _p_value(result.tokens, _exact_joint(target, sampler)) > 1e-3
+    assert result.stats.acceptance_by_depth[0] > 0.02  # accepted drafts are exercised too
+
+
+def test_prompt_lookup_sampling_follows_the_target_distribution(small_models):
+    target, _ = small_models
+    sampler = jaxdec.Sampler(temperature=1.3)
+    result = jaxdec.speculative_generate(target, PromptLookup(max_ngram=2), [PROMPT] * ROWS,
+                                         max_new_tokens=2, sampler=sampler,
+                                         key=jax.random.PRNGKey(4))
+    assert _p_value(result.tokens, _exact_joint(target, sampler)) > 1e-3
+
+
+def test_a_wrong_verifier_fails_the_same_test(small_models, monkeypatch):
+    from jaxdec import verify
+
+    target, draft = small_models
+    sampler = jaxdec.Sampler(temperature=1.3)
+    monkeypatch.setattr(verify, "_residual", lambda r, q: r)  # bonus from p, not the residual
+    jax.clear_caches()
+    try:
+        result = jaxdec.speculative_generate(
+            target, DraftModel(draft), [PROMPT] * ROWS, max_new_tokens=2, sampler=sampler,
+            tree=tree.chain(3), key=jax.random.PRNGKey(3))
+    finally:
+        jax.clear_caches()
+    assert _p_value(result.tokens, _exact_joint(target, sampler)) < 1e-6
+
+
+# ----------------------------------------------------------------- tensor parallelism
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_greedy_matches_tp1(tp, hf_checkpoints, loaded):
+    reference = loaded(TARGET)
+    prompts = _prompts() + _repetitive_prompts()[:1]
+    expected = jaxdec.generate(reference, prompts, max_new_tokens=12).tokens
+    model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(tp=tp))
+    for drafter, topology in ((DraftModel(reference), tree.kary(2, 2)), (PromptLookup(), None)):
+        got = jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=12,
+                                          tree=topology)
+        np.testing.assert_array_equal(got.tokens, expected)
+
+
+def test_timings(loaded):
+    model = loaded(TARGET)
+    result = jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=8,
+                                         tree=tree.chain(2), return_timings=True)
+    assert result.prefill_s > 0 and result.decode_s > 0 and result.decode_tokens_per_s > 0
+    assert result.stats.draft_s is None
+    profiled = jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=8,
+                                           tree=tree.chain(2), profile=True)
+    assert profiled.stats.draft_s > 0 and profiled.stats.verify_s > 0
+    np.testing.assert_array_equal(profiled.tokens, result.tokens)
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def test_bad_drafters_and_trees(loaded):
+    model = loaded(TARGET)
+    with pytest.raises(TypeError, match="drafter must be"):
+        jaxdec.speculative_generate(model, model, _prompts(), max_new_tokens=4)
+    with pytest.raises(TypeError, match="Topology"):
+        jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
+                                    tree=[[0], [1]])
+    with pytest.raises(ValueError, match="contiguous"):
+        jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=4,
+                                    sampler=jaxdec.Sampler(), tree=tree.from_choices([[1], [0], [0, 2]]))
+    with pytest.raises(ValueError, match="max_ngram"):
+        PromptLookup(max_ngram=1, min_ngram=2)
+    with pytest.raises(ValueError, match="proposal"):
+        DraftModel(model, proposal="beam")
+    with pytest.raises(ValueError, match="1-D integer"):
+        Retrieval(np.zeros((2, 2), np.int32))
+
+
+def test_draft_vocabulary_padding_and_mismatch(loaded):
+    model = loaded(TARGET)
+    config = model.config
+    padded = jaxdec.init_model(config.replace(vocab_size=100, num_layers=1), jax.random.PRNGKey(5))
+    plain = jaxdec.generate(model, _prompts(), max_new_tokens=10)
+    spec = jaxdec.speculative_generate(model, DraftModel(padded), _prompts(), max_new_tokens=10)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    alien = jaxdec.init_model(config.replace(vocab_size=4000, num_layers=1), jax.random.PRNGKey(5))
+    with pytest.raises(ValueError, match=r"\(4000\) and the target's \(97\)"):
+        jaxdec.speculative_generate(model, DraftModel(alien), _prompts(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="encoded with the target's tokenizer"):
+        jaxdec.speculative_generate(model, Retrieval(np.arange(200)), _prompts(), max_new_tokens=4)

@@ -1,0 +1,107 @@
+"""Token trees: builders, validation, and tries merged from candidate continuations."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdec import tree
+
+
+def test_chain():
+    t = tree.chain(3)
+    assert t.parents == (-1, 0, 1, 2) and t.ranks == (0, 0, 0, 0)
+    np.testing.assert_array_equal(t.depth, [0, 1, 2, 3])
+    np.testing.assert_array_equal(t.ancestors, np.tril(np.ones((4, 4), bool)))
+    np.testing.assert_array_equal(t.children, [[1], [2], [3], [-1]])
+    assert (t.num_nodes, t.max_depth, t.max_children) == (4, 3, 1)
+
+
+def test_kary_breadth_first():
+    t = tree.kary(2, 2)
+    assert t.parents == (-1, 0, 0, 1, 1, 2, 2)
+    assert t.ranks == (0, 0, 1, 0, 1, 0, 1)
+    np.testing.assert_array_equal(t.depth, [0, 1, 1, 2, 2, 2, 2])
+    np.testing.assert_array_equal(t.children[:3], [[1, 2], [3, 4], [5, 6]])
+    assert t.ancestors[6].tolist() == [True, False, True, False, False, False, True]
+
+
+def test_from_choices_medusa_style():
+    t = tree.from_choices([[0, 1], [1], [0], [0, 0], [2]])
+    # depth 1: [0], [1], [2]; depth 2: [0, 0], [0, 1]
+    assert t.parents == (-1, 0, 0, 0, 1, 1)
+    assert t.ranks == (0, 0, 1, 2, 0, 1)
+    assert t.ranks_contiguous
+    gappy = tree.from_choices([[1], [0], [0, 2]])
+    assert not gappy.ranks_contiguous
+    with pytest.raises(ValueError, match=r"choice \[1, 0\] has no parent"):
+        tree.from_choices([[0], [1, 0]])
+    with pytest.raises(ValueError, match="empty"):
+        tree.from_choices([[]])
+
+
+@pytest.mark.parametrize("parents,match", [
+    ([0, 0], "node 0 must be the root"),
+    ([-1, 0, -1], "second root"),
+    ([-1, 2, 1], "parents must come before their children"),  # a cycle 1 <-> 2
+    ([-1, 1], "parents must come before"),  # its own parent
+    ([-1] + [0] * tree.MAX_NODES, "at most"),
+    ([], "at least its root"),
+])
+def test_invalid_trees(parents, match):
+    with pytest.raises(ValueError, match=match):
+        tree.from_parents(parents)
+
+
+def test_builder_arguments_and_specs():
+    with pytest.raises(ValueError, match="chain length"):
+        tree.chain(0)
+    with pytest.raises(ValueError, match="width"):
+        tree.kary(2, 0)
+    with pytest.raises(ValueError, match="more than"):
+        tree.kary(8, 3)
+    assert tree.parse("chain:5") == tree.chain(5)
+    assert tree.parse("kary:2:3") == tree.kary(2, 3)
+    assert tree.parse("[[0],[1],[0,0]]") == tree.from_choices([[0], [1], [0, 0]])
+    with pytest.raises(ValueError, match="bad tree spec"):
+        tree.parse("star:3")
+    with pytest.raises(TypeError, match="Topology"):
+        tree.as_topology([0, 1])
+
+
+def test_template_and_positions():
+    t = tree.kary(1, 3).template(batch=2)
+    assert t.tokens.shape == (2, 4) and t.ancestors.shape == (2, 4, 4)
+    np.testing.assert_array_equal(t.positions(jnp.array([10, 20])), [[10, 11, 11, 11],
+                                                                      [20, 21, 21, 21]])
+
+
+def test_trie_from_candidates_hand_computed():
+    cands = jnp.array([[[1, 2, 3], [1, 2, 4], [5, 6, 7]]])
+    valid = jnp.ones((1, 3, 3), bool)
+    t = tree.from_candidates(jnp.array([9]), cands, valid, num_nodes=8)
+    # Breadth first: depth 1 {1, 5}, depth 2 {2, 6}, depth 3 {3, 4, 7}.
+    np.testing.assert_array_equal(t.tokens[0], [9, 1, 5, 2, 6, 3, 4, 7])
+    np.testing.assert_array_equal(t.parents[0], [-1, 0, 0, 1, 2, 3, 3, 4])
+    np.testing.assert_array_equal(t.depth[0], [0, 1, 1, 2, 2, 3, 3, 3])
+    assert t.valid[0].all()
+    expected = tree.from_parents([-1, 0, 0, 1, 2, 3, 3, 4]).ancestors
+    np.testing.assert_array_equal(t.ancestors[0], expected)
+
+
+def test_trie_budget_keeps_the_shallow_nodes_and_skips_missing_tokens():
+    cands = jnp.array([[[1, 2, 3], [1, 2, 4], [5, 6, 7]]])
+    valid = jnp.array([[[1, 1, 1], [1, 1, 1], [1, 0, 1]]], bool)  # candidate 2 stops after 5
+    t = tree.from_candidates(jnp.array([9]), cands, valid, num_nodes=5)
+    np.testing.assert_array_equal(t.tokens[0], [9, 1, 5, 2, 3])
+    np.testing.assert_array_equal(t.parents[0], [-1, 0, 0, 1, 3])
+    assert t.valid[0].all()
+    none = tree.from_candidates(jnp.array([9]), cands, jnp.zeros_like(valid), num_nodes=5)
+    np.testing.assert_array_equal(none.valid[0], [True, False, False, False, False])
+
+
+def test_ancestor_mask_matches_the_static_one():
+    rs = np.random.RandomState(0)
+    parents = [-1] + [int(rs.randint(0, i)) for i in range(1, 12)]
+    static = tree.from_parents(parents).ancestors
+    dynamic = tree.ancestor_mask(jnp.array([parents]), jnp.ones((1, 12), bool))
+    np.testing.assert_array_equal(dynamic[0], static)

@@ -1,0 +1,167 @@
+"""Verification rules: hand-computed greedy walks, and statistical losslessness of every rule
+against synthetic target / draft distributions (with a deliberately wrong verifier to show
+the test has power)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.special import gammaincc
+
+from jaxdec import Greedy, Sampler, tree, verify
+from jaxdec.verify import ProposalKind, Verdict, emitted_tokens
+
+
+def _tree_of(topology, tokens, valid=None):
+    t = topology.template(len(tokens))
+    valid = t.valid if valid is None else jnp.asarray(valid, bool)
+    return t.__class__(tokens=jnp.asarray(tokens, jnp.int32), parents=t.parents, depth=t.depth,
+                       valid=valid, ancestors=t.ancestors)
+
+
+def _logits_with_argmax(argmax_BN, V=10):
+    return jax.nn.one_hot(jnp.asarray(argmax_BN), V) * 5.0
+
+
+@pytest.mark.parametrize("argmax,path,bonus,emitted", [
+    ([3, 4, 5, 0], [0, 1, 2, 3], 0, [3, 4, 5, 0]),  # everything accepted, then the bonus
+    ([3, 2, 5, 0], [0, 1, 0, 0], 2, [3, 2]),  # rejected at depth 2
+    ([1, 4, 5, 0], [0, 0, 0, 0], 1, [1]),  # rejected at once
+])
+def test_greedy_chain_hand_computed(argmax, path, bonus, emitted):
+    t = _tree_of(tree.chain(3), [[9, 3, 4, 5]])
+    v = verify.verify(t, _logits_with_argmax([argmax]), sampler=Greedy(),
+                      key=jax.random.PRNGKey(0), max_depth=3)
+    np.testing.assert_array_equal(v.path[0], path)
+    assert int(v.n_path[0]) == len(emitted) and int(v.bonus[0]) == bonus
+    np.testing.assert_array_equal(emitted_tokens(t, v)[0, : len(emitted)], emitted)
+
+
+def test_greedy_tree_picks_the_matching_child_and_skips_invalid_nodes():
+    t = _tree_of(tree.kary(1, 3), [[9, 7, 8, 9], [9, 7, 8, 9]],
+                 valid=[[1, 1, 1, 1], [1, 1, 1, 0]])
+    v = verify.verify(t, _logits_with_argmax([[9, 0, 0, 4], [9, 0, 0, 4]]), sampler=Greedy(),
+                      key=jax.random.PRNGKey(0), max_depth=1)
+    np.testing.assert_array_equal(v.path, [[0, 3], [0, 0]])
+    np.testing.assert_array_equal(v.n_path, [2, 1])
+    np.testing.assert_array_equal(v.bonus, [4, 9])  # row 1: node 3 is invalid
+
+
+def test_certain_draft_is_always_accepted_by_rejection_sampling():
+    t = _tree_of(tree.chain(2), [[0, 1, 2]] * 4)
+    logits = jnp.log(jax.nn.one_hot(jnp.array([[1, 2, 3]] * 4), 4) + 1e-30)
+    q = jax.nn.one_hot(jnp.array([[1, 2, 0]] * 4), 4)
+    v = verify.verify(t, logits, sampler=Sampler(), key=jax.random.PRNGKey(0), max_depth=2,
+                      kind=ProposalKind.IID, q_BNV=q, topology=tree.chain(2))
+    np.testing.assert_array_equal(v.n_path, 3)
+    np.testing.assert_array_equal(v.bonus, 3)
+
+
+# ------------------------------------------------------------- statistical losslessness
+
+V = 6
+N_ROWS = 30_000
+P0 = np.array([0.30, 0.25, 0.2, 0.15, 0.07, 0.03])
+Q0 = np.array([0.05, 0.1, 0.4, 0.25, 0.15, 0.05])
+P2 = np.random.RandomState(0).dirichlet(np.ones(V), size=V)  # next-token law after token x
+Q2 = np.random.RandomState(1).dirichlet(np.ones(V) * 0.7, size=V)
+
+
+def _draw_children(key, q_BV, k, kind):
+    B = q_BV.shape[0]
+    logq = jnp.log(q_BV)
+    if kind == ProposalKind.IID:
+        return jax.random.categorical(key, logq[:, None, :], shape=(B, k))
+    if kind == ProposalKind.WITHOUT_REPLACEMENT:
+        return jax.lax.top_k(logq + jax.random.gumbel(key, logq.shape), k)[1]
+    return jax.lax.top_k(logq, k)[1]
+
+
+def _synthetic_step(kind, topology, sampler, seed):
+    """Drafts a depth-2 tree per row from (Q0, Q2), verifies it against (P0, P2), and returns
+    the first two output tokens (drawing the second from the target where the step emitted
+    only one, as the next step would)."""
+    k1 = int(np.sum(np.array(topology.parents) == 0))
+    k2 = topology.max_children
+    key = jax.random.PRNGKey(seed)
+    kc, kg, kv, kn = jax.random.split(key, 4)
+    B = N_ROWS
+    first = _draw_children(kc, jnp.broadcast_to(jnp.asarray(Q0, jnp.float32), (B, V)), k1, kind)
+    tokens = jnp.zeros((B, topology.num_nodes), jnp.int32)
+    parents = np.array(topology.parents)
+    ranks = np.array(topology.ranks)
+    depth1 = np.where(parents == 0)[0]
+    tokens = tokens.at[:, depth1].set(first[:, ranks[depth1]])
+    for node in depth1:
+        kids = np.where(parents == node)[0]
+        if len(kids):
+            q = jnp.asarray(Q2, jnp.float32)[tokens[:, node]]
+            drawn = _draw_children(jax.random.fold_in(kg, int(node)), q, k2, kind)
+            tokens = tokens.at[:, kids].set(drawn[:, ranks[kids]])
+    depth = np.asarray(topology.depth)
+    p_nodes = jnp.where((depth == 0)[None, :, None], jnp.asarray(P0, jnp.float32),
+                        jnp.asarray(P2, jnp.float32)[tokens])
+    q_nodes = jnp.where((depth == 0)[None, :, None], jnp.asarray(Q0, jnp.float32),
+                        jnp.asarray(Q2, jnp.float32)[tokens])
+    t = _tree_of(topology, tokens)
+    v = verify.verify(t, jnp.log(p_nodes), sampler=sampler, key=kv,
+                      max_depth=topology.max_depth, kind=kind, q_BNV=q_nodes, topology=topology)
+    out = emitted_tokens(t, v)
+    x1 = out[:, 0]
+    p_next = sampler.probs(jnp.log(jnp.asarray(P2, jnp.float32))[x1])
+    fallback = jax.random.categorical(kn, jnp.log(p_next))
+    x2 = jnp.where(v.n_path >= 2, out[:, 1], fallback)
+    return np.asarray(x1), np.asarray(x2), np.asarray(v.n_path)
+
+
+def _joint_p_value(x1, x2, sampler):
+    p0 = np.asarray(sampler.probs(jnp.log(jnp.asarray(P0, jnp.float32))), np.float64)
+    p2 = np.asarray(sampler.probs(jnp.log(jnp.asarray(P2, jnp.float32))), np.float64)
+    joint = (p0[:, None] * p2).ravel()
+    counts = np.bincount(x1 * V + x2, minlength=V * V).astype(np.float64)
+    assert counts[joint == 0].sum() == 0, "an impossible pair was sampled"
+    expected = len(x1) * joint
+    keep = expected >= 5
+    stat = np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep])
+    stat += (counts[~keep].sum() - expected[~keep].sum()) ** 2 / max(expected[~keep].sum(), 1e-9)
+    dof = int(keep.sum())
+    return float(gammaincc(dof / 2, stat / 2))
+
+
+CASES = [
+    (ProposalKind.IID, tree.chain(2)),
+    (ProposalKind.IID, tree.kary(2, 3)),
+    (ProposalKind.WITHOUT_REPLACEMENT, tree.kary(2, 3)),
+    (ProposalKind.DETERMINISTIC, tree.kary(2, 2)),
+]
+SAMPLERS = [Sampler(), Sampler(temperature=0.8, top_p=0.85)]
+
+
+@pytest.mark.parametrize("kind,topology", CASES, ids=lambda x: getattr(x, "value", None))
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["t1", "t0.8-p0.85"])
+def test_verification_is_lossless(kind, topology, sampler):
+    x1, x2, n_path = _synthetic_step(kind, topology, sampler, seed=7)
+    assert _joint_p_value(x1, x2, sampler) > 1e-3
+    assert n_path.mean() > 1.2  # the drafts are used, not just the bonus
+
+
+def test_a_wrong_residual_fails_the_same_test(monkeypatch):
+    """Drawing the bonus from p instead of the residual is biased; the test detects it."""
+    monkeypatch.setattr(verify, "_residual", lambda r, q: r)
+    sampler = Sampler()
+    x1, x2, _ = _synthetic_step(ProposalKind.IID, tree.chain(2), sampler, seed=7)
+    assert _joint_p_value(x1, x2, sampler) < 1e-6
+
+
+def test_emitted_tokens_layout():
+    t = _tree_of(tree.chain(2), [[9, 3, 4]])
+    v = Verdict(path=jnp.array([[0, 1, 0]]), n_path=jnp.array([2]), bonus=jnp.array([7]))
+    np.testing.assert_array_equal(emitted_tokens(t, v)[0, :2], [3, 7])
+
+
+def test_sampled_children_need_a_static_tree():
+    with pytest.raises(ValueError, match="static tree"):
+        verify.check_proposal(ProposalKind.IID, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        verify.check_proposal(ProposalKind.WITHOUT_REPLACEMENT, tree.from_choices([[1], [0], [0, 2]]))
+    verify.check_proposal(ProposalKind.DETERMINISTIC, tree.from_choices([[1], [0], [0, 2]]))
