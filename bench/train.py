@@ -15,8 +15,8 @@ heldout_loss / heldout_ppl of the target, the draft's acceptance_before / accept
 (held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
 throughput, wall seconds per phase, device, jax version and date.
 
-`--steps`, `--draft-steps` and `--max-train-bytes` shrink a preset (the test suite runs
-`cpu-tiny` this way in seconds).
+`--steps`, `--draft-steps`, `--max-train-bytes` and `--eval-tokens` shrink a preset (the test
+suite runs `cpu-tiny` this way in seconds).
 """
 
 from __future__ import annotations
@@ -95,11 +95,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="override the target's steps")
     parser.add_argument("--draft-steps", type=int, help="override the draft's steps")
     parser.add_argument("--max-train-bytes", type=int, help="override the corpus budget")
+    parser.add_argument("--eval-tokens", type=int, help="override the held-out tokens evaluated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
     overrides = {"target_steps": args.steps, "draft_steps": args.draft_steps,
-                 "max_train_bytes": args.max_train_bytes}
+                 "max_train_bytes": args.max_train_bytes, "eval_tokens": args.eval_tokens}
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory(prefix="jaxdec-bench-train-") as work:
         record = run(preset, Path(work))

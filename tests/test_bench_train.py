@@ -24,7 +24,8 @@ def test_cpu_tiny_shrunk(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train.py"), "--preset", "cpu-tiny", "--steps", "3",
-         "--draft-steps", "3", "--max-train-bytes", "100000", "--out", str(out)],
+         "--draft-steps", "3", "--max-train-bytes", "100000", "--eval-tokens", "4096",
+         "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((out / "train-cpu.json").read_text())
