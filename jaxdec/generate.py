@@ -256,6 +256,17 @@ def _seconds_between(start: np.ndarray, end: np.ndarray) -> float:
     return float((int(end[0]) - int(start[0])) % 2**30 + (int(end[1]) - int(start[1])) * 1e-9)
 
 
+def read_timings(stamps) -> dict:
+    """{prefill_s, decode_s} from a timed program's [start, first token] stamps (read once
+    its output is ready), or {} for an untimed run."""
+    if stamps is None:
+        return {}
+    end = _host_clock()
+    stamps = np.asarray(stamps)
+    return dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
+                decode_s=_seconds_between(stamps[1], end))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed"),
@@ -325,14 +336,8 @@ def generate(
         timed=return_timings,
     )
     out = jax.block_until_ready(out)
-    timings = {}
-    if return_timings:
-        end = _host_clock()
-        stamps = np.asarray(stamps)
-        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
-                       decode_s=_seconds_between(stamps[1], end))
     return GenerateResult(tokens=np.asarray(out)[:batch.size],
-                          lengths=np.asarray(n_gen)[:batch.size], **timings)
+                          lengths=np.asarray(n_gen)[:batch.size], **read_timings(stamps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from jax.experimental import io_callback
 
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
-from jaxdec.generate import _host_clock, _seconds_between, prepare_batch
+from jaxdec.generate import _host_clock, prepare_batch, read_timings
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -276,12 +276,7 @@ def speculative_generate(
         max_new_tokens=max_new_tokens, sampler=sampler, topology=topology, pad_id=pad_id,
         timed=return_timings, profile=profile)
     out = jax.block_until_ready(out)
-    timings = {}
-    if return_timings:
-        end = _host_clock()
-        stamps = np.asarray(stamps)
-        timings = dict(prefill_s=_seconds_between(stamps[0], stamps[1]),
-                       decode_s=_seconds_between(stamps[1], end))
+    timings = read_timings(stamps)
     rows = slice(0, batch.size)
     row_steps = np.asarray(stats["row_steps"])[rows]
     total_steps = max(int(row_steps.sum()), 1)

@@ -111,3 +111,12 @@ def check_positive(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def lookup_settings(max_ngram, min_ngram, depth, num_candidates) -> tuple[int, int, int, int]:
+    """Validated settings of an n-gram lookup drafter (PromptLookup, Retrieval)."""
+    settings = (check_positive("max_ngram", max_ngram), check_positive("min_ngram", min_ngram),
+                check_positive("depth", depth), check_positive("num_candidates", num_candidates))
+    if settings[1] > settings[0]:
+        raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
+    return settings

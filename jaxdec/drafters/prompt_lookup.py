@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
-                                  check_positive)
+                                  lookup_settings)
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
 
@@ -26,12 +26,8 @@ class PromptLookup(Drafter):
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, depth: int = 6,
                  num_candidates: int = 3):
-        self.max_ngram = check_positive("max_ngram", max_ngram)
-        self.min_ngram = check_positive("min_ngram", min_ngram)
-        if self.min_ngram > self.max_ngram:
-            raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
-        self.depth = check_positive("depth", depth)
-        self.num_candidates = check_positive("num_candidates", num_candidates)
+        self.max_ngram, self.min_ngram, self.depth, self.num_candidates = lookup_settings(
+            max_ngram, min_ngram, depth, num_candidates)
 
     def _settings(self):
         return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)

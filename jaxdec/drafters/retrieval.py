@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
-                                  check_positive)
+                                  lookup_settings)
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
 
@@ -34,12 +34,8 @@ class Retrieval(Drafter):
     def __init__(self, tokens, *, max_ngram: int = 4, min_ngram: int = 1, depth: int = 6,
                  num_candidates: int = 4, _suffixes=None):
         # `_suffixes` is given only when the suffix order is already built (see `prepare`).
-        self.max_ngram = check_positive("max_ngram", max_ngram)
-        self.min_ngram = check_positive("min_ngram", min_ngram)
-        if self.min_ngram > self.max_ngram:
-            raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
-        self.depth = check_positive("depth", depth)
-        self.num_candidates = check_positive("num_candidates", num_candidates)
+        self.max_ngram, self.min_ngram, self.depth, self.num_candidates = lookup_settings(
+            max_ngram, min_ngram, depth, num_candidates)
         if _suffixes is None:  # built on the host from a token stream
             stream = np.asarray(tokens)
             if stream.ndim != 1 or stream.size < 2 or not np.issubdtype(stream.dtype, np.integer):

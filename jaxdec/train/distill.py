@@ -25,7 +25,7 @@ from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
 from jaxdec.train.lm import (build_dataset, causal_logits, default_corpus, evaluate_lm,
-                             heldout_batches, new_train_state, throughput)
+                             heldout_batches, throughput, train_params)
 from jaxdec.train.presets import Preset, get_preset
 
 OBJECTIVES = ("kl", "tv")
@@ -133,28 +133,16 @@ def train_draft(
     draft_config = preset.draft.config(
         target.config.vocab_size, target.config.max_position_embeddings, eot)
 
-    optimizer = loop.make_optimizer(
-        learning_rate=preset.draft_learning_rate, steps=steps,
-        warmup_steps=int(preset.warmup_fraction * steps), weight_decay=preset.weight_decay,
-        grad_clip=preset.grad_clip)
     draft = init_model(draft_config, jax.random.PRNGKey(seed + 1), mesh=mesh)
     evaluate = dict(draft_config=draft_config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
     before = evaluate_acceptance(target, draft.params, dataset.heldout, **evaluate)
     log(f"held-out expected acceptance before distillation: {before:.3f}")
-
-    state = new_train_state(draft.params, optimizer)
-    checkpoints = loop.Checkpoints(out)
-    if resuming and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        log(f"resuming from step {int(state['step'])}")
-    state, stats = loop.run_steps(
-        state, make_distill_step(target, draft_config, mesh, optimizer, objective, dtype),
-        lambda i: loop.shard_batch(dataset.train[loop.batch_indices(
-            i, num_sequences=len(dataset.train), batch_size=preset.batch_size, seed=seed)], mesh),
-        total_steps=steps, checkpoints=checkpoints, checkpoint_every=preset.checkpoint_every,
-        tokens_per_step=preset.batch_size * preset.seq_len,
-        label=f"train draft {preset.name} ({objective})",
-    )
+    state, stats = train_params(
+        draft.params,
+        lambda optimizer: make_distill_step(target, draft_config, mesh, optimizer, objective, dtype),
+        preset=preset, learning_rate=preset.draft_learning_rate, steps=steps, dataset=dataset,
+        out=out, mesh=mesh, seed=seed, resuming=resuming,
+        label=f"train draft {preset.name} ({objective})", log=log)
 
     after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)
     draft_loss = evaluate_lm(state["params"], dataset.heldout, config=draft_config, mesh=mesh,

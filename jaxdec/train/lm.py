@@ -110,6 +110,30 @@ def new_train_state(params, optimizer) -> dict:
     return {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
 
 
+def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: float, steps: int,
+                 dataset: Dataset, out: str, mesh, seed: int, resuming: bool, label: str,
+                 log: Callable[[str], None]):
+    """The shared training run: the preset's optimizer, a fresh or resumed train state, and
+    `make_step(optimizer)` applied to batches in seed order, with checkpoints in `out`."""
+    optimizer = loop.make_optimizer(
+        learning_rate=learning_rate, steps=steps, warmup_steps=int(preset.warmup_fraction * steps),
+        weight_decay=preset.weight_decay, grad_clip=preset.grad_clip)
+    state = new_train_state(params, optimizer)
+    checkpoints = loop.Checkpoints(out)
+    if resuming and checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+        log(f"resuming from step {int(state['step'])}")
+
+    def batch_at(step: int):
+        rows = loop.batch_indices(step, num_sequences=len(dataset.train),
+                                  batch_size=preset.batch_size, seed=seed)
+        return loop.shard_batch(dataset.train[rows], mesh)
+
+    return loop.run_steps(state, make_step(optimizer), batch_at, total_steps=steps,
+                          checkpoints=checkpoints, checkpoint_every=preset.checkpoint_every,
+                          tokens_per_step=preset.batch_size * preset.seq_len, label=label)
+
+
 def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: float,
                peak: float) -> dict:
     if not stats.timed_steps:
@@ -166,26 +190,15 @@ def train_lm(
     log(f"{len(dataset.train)} training sequences of {preset.seq_len} tokens, "
         f"{len(dataset.heldout)} held-out sequences from {dataset.heldout_files} files")
 
-    optimizer = loop.make_optimizer(
-        learning_rate=preset.target_learning_rate, steps=steps,
-        warmup_steps=int(preset.warmup_fraction * steps), weight_decay=preset.weight_decay,
-        grad_clip=preset.grad_clip)
     model = init_model(config, jax.random.PRNGKey(seed), mesh=mesh)
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     evaluate = dict(config=config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
     initial_loss = evaluate_lm(model.params, dataset.heldout, **evaluate)
-    state = new_train_state(model.params, optimizer)
-    checkpoints = loop.Checkpoints(out)
-    if resuming and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
-        log(f"resuming from step {int(state['step'])}")
-    state, stats = loop.run_steps(
-        state, make_lm_step(config, mesh, optimizer, dtype),
-        lambda i: loop.shard_batch(dataset.train[loop.batch_indices(
-            i, num_sequences=len(dataset.train), batch_size=preset.batch_size, seed=seed)], mesh),
-        total_steps=steps, checkpoints=checkpoints, checkpoint_every=preset.checkpoint_every,
-        tokens_per_step=preset.batch_size * preset.seq_len, label=f"train lm {preset.name}",
-    )
+    state, stats = train_params(
+        model.params, lambda optimizer: make_lm_step(config, mesh, optimizer, dtype),
+        preset=preset, learning_rate=preset.target_learning_rate, steps=steps,
+        dataset=dataset, out=out, mesh=mesh, seed=seed, resuming=resuming,
+        label=f"train lm {preset.name}", log=log)
 
     heldout_loss = evaluate_lm(state["params"], dataset.heldout, **evaluate)
     flops = loop.training_flops_per_token(config, preset.seq_len)
