@@ -53,11 +53,17 @@ def device_slug(name: str | None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", lowered).strip("-")
 
 
-def merge_records(path: Path, records: list[dict], key: str) -> list[dict]:
-    """The records already in `path` (if any) with those sharing `key` values replaced, so
-    runs made in separate calls (one preset per device call) accumulate in one file."""
+def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -> list[dict]:
+    """The records already in `path` (if any) with those matching a new record on `key` (one
+    field or several) replaced, so runs made in separate calls (one preset, or one subset of
+    methods, per device call) accumulate in one file."""
+    fields = (key,) if isinstance(key, str) else tuple(key)
+
+    def ident(r):
+        return tuple(r.get(f) for f in fields)
+
     kept = []
     if path.exists():
-        new_keys = {r[key] for r in records}
-        kept = [r for r in json.loads(path.read_text()) if r.get(key) not in new_keys]
+        new_keys = {ident(r) for r in records}
+        kept = [r for r in json.loads(path.read_text()) if ident(r) not in new_keys]
     return kept + records

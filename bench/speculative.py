@@ -22,7 +22,8 @@ Every speculative run is compared with `jaxdec.generate` on the same prompts, ba
 sampler in the same process: speedup_vs_ar = plain seconds / speculative seconds for the same
 number of tokens (prefill + decode, compile excluded, best of `--repeats`). Greedy runs also
 check that the tokens are identical. Writes `speculative-<device>.json` (records of other
-presets already there are kept) and `speculative-<device>.md` to `--out`.
+runs already there are kept unless this run repeats them, so `--methods` subsets run in
+separate calls accumulate) and `speculative-<device>.md` to `--out`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
     "kary:3:2": "kary(3, 2)", "choices": "from_choices (8 nodes)",
 }
+RECORD_KEY = ("preset", "method", "tree", "batch", "temperature")
 METHODS = ("draft:chain:4", "draft:chain:6", "draft:chain:8", "draft:kary:3:2",
            "draft:choices", "lookup", "retrieval")
 
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
 
     def emit(rec):  # rewrite the outputs after every record: a cut-off run keeps its results
         records.append(rec)
-        merged = merge_records(path, records, key="preset")
+        merged = merge_records(path, records, key=RECORD_KEY)
         path.write_text(json.dumps(merged, indent=2) + "\n")
         path.with_suffix(".md").write_text(render_markdown(merged))
         print(json.dumps(rec), flush=True)

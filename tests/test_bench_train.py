@@ -44,3 +44,6 @@ def test_merge_records(tmp_path):
     path.write_text(json.dumps([{"k": "a", "v": 1}, {"k": "b", "v": 2}]))
     assert merge_records(path, [{"k": "a", "v": 3}], key="k") == [{"k": "b", "v": 2},
                                                                    {"k": "a", "v": 3}]
+    path.write_text(json.dumps([{"k": "a", "j": 1}, {"k": "a", "j": 2}]))
+    assert merge_records(path, [{"k": "a", "j": 2, "v": 0}], key=("k", "j")) == [
+        {"k": "a", "j": 1}, {"k": "a", "j": 2, "v": 0}]

@@ -37,7 +37,8 @@ class DraftModel(Drafter):
     """Drafts with a (small) jaxdec Model that shares the target's tokenizer.
 
     Args:
-      model: the draft Model (e.g. from `jaxdec train draft`).
+      model: the draft Model (e.g. from `jaxdec train draft`). Load it on the target's mesh
+        (`mesh=target.mesh`); otherwise every call copies it there first.
       proposal: how children are chosen (see the module docstring).
       tree: the default tree when `speculative_generate` gets none (chain(4)).
     """
