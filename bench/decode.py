@@ -11,7 +11,10 @@ override the preset. Writes `decode-<device>.json` (a list of records, one per i
 size) and `decode-<device>.md` (a table) to `--out` (default `bench/results/`).
 
 What runs
-  - `jaxdec`: `jaxdec.generate` on a model with random bf16 weights (`jaxdec.init_model`).
+  - `jaxdec`: `jaxdec.generate` on a model with random bf16 weights (`jaxdec.init_model`),
+    default attention (the Pallas tree-attention kernel on GPU/TPU).
+  - `jaxdec-reference`: the same with the jnp reference attention (`with_attention(
+    "reference")`), so the kernel's effect on whole-model decode is measured side by side.
   - `hf-eager`: `LlamaForCausalLM.generate` with the default dynamic cache.
   - `hf-compile`: the same with `cache_implementation="static"` and torch.compile
     (mode="reduce-overhead", fullgraph=True). Where transformers' `generate` compiles the
@@ -93,7 +96,9 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import device_slug, git_commit, versions  # noqa: E402
 
-IMPLS = ("jaxdec", "hf-eager", "hf-compile")
+IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
+# jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
+JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference"}
 GOAL_FRACTION = 0.85  # the issue's goal: jaxdec at batch 1 reaches 85% of the roofline
 BF16_BYTES = 2
 MEMORY_BOUND_INTENSITY = 100  # FLOP/byte; GPUs balance at a few hundred
@@ -246,7 +251,7 @@ def _jax_copy_gbps(nbytes: int) -> float:
     return 2 * nbytes / seconds / 1e9
 
 
-def run_jaxdec(spec: dict, emit: Callable[..., None]) -> None:
+def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -> None:
     import jax
     import jax.numpy as jnp
     import jaxdec
@@ -257,6 +262,7 @@ def run_jaxdec(spec: dict, emit: Callable[..., None]) -> None:
     fields = dict(spec["model"], rope=jaxdec.RopeConfig(**spec["model"]["rope"]))
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+    model = model.with_attention(attention)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     N = spec["new_tokens"]
     for batch in spec["batch_sizes"]:
@@ -270,7 +276,8 @@ def run_jaxdec(spec: dict, emit: Callable[..., None]) -> None:
                     raise RuntimeError(f"rows stopped early: lengths {res.lengths.tolist()}")
                 return res.prefill_s, res.decode_s
 
-            emit("result", batch=batch, notes="jaxdec.generate", param_bytes=param_bytes,
+            notes = f"jaxdec.generate, attention={attention}"
+            emit("result", batch=batch, notes=notes, param_bytes=param_bytes,
                  **_timed_runs(run, spec["warmup"], spec["repeats"]))
         except Exception as e:  # one batch size failing (e.g. out of memory) is a record
             emit("error", batch=batch, error=_describe(e))
@@ -414,8 +421,8 @@ def worker_main(impl: str, spec: dict, events_path: str) -> int:
             f.write(json.dumps({"event": event, **fields}) + "\n")
 
     try:
-        if impl == "jaxdec":
-            run_jaxdec(spec, emit)
+        if impl in JAXDEC_ATTENTION:
+            run_jaxdec(spec, emit, JAXDEC_ATTENTION[impl])
         else:
             run_hf(spec, emit, compiled=impl == "hf-compile")
     except Exception as e:  # a failure before the first batch: every batch gets it
@@ -429,7 +436,7 @@ def worker_main(impl: str, spec: dict, events_path: str) -> int:
 
 def _worker_env(impl: str) -> dict:
     env = dict(os.environ)
-    if impl != "jaxdec":  # in case anything imports jax next to torch: no preallocated pool
+    if impl not in JAXDEC_ATTENTION:  # in case anything imports jax next to torch: no preallocated pool
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 

@@ -16,7 +16,9 @@ Presets:
                         probability 1 - rate (rates 0.6 / 0.8 / 0.9): the regime real
                         deployments live in (a cheap, good draft against a big target).
   cpu-tiny, synthetic-tiny   the same on CPU-sized models (tests run them).
-`--target DIR --draft DIR` reuse trained models instead of training.
+`--target DIR --draft DIR` reuse trained models instead of training. `--attention reference`
+runs target and draft on the jnp attention path instead of the Pallas tree-attention kernel
+(the default on GPU/TPU); records of both accumulate side by side.
 
 Every speculative run is compared with `jaxdec.generate` on the same prompts, batch and
 sampler in the same process: speedup_vs_ar = plain seconds / speculative seconds for the same
@@ -53,7 +55,7 @@ TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
     "kary:3:2": "kary(3, 2)", "choices": "from_choices (8 nodes)",
 }
-RECORD_KEY = ("preset", "method", "tree", "batch", "temperature")
+RECORD_KEY = ("preset", "attention", "method", "tree", "batch", "temperature")
 METHODS = ("draft:chain:4", "draft:chain:6", "draft:chain:8", "draft:kary:3:2",
            "draft:choices", "lookup", "retrieval")
 
@@ -134,8 +136,8 @@ def run_trained(preset: Preset, args, common, deadline, emit):
     if draft_dir is None:
         draft_dir = str(work / "draft")
         train_draft(target_dir, train_preset, draft_dir)
-    target = jaxdec.load_pretrained(target_dir)
-    draft = jaxdec.load_pretrained(draft_dir)
+    target = jaxdec.load_pretrained(target_dir).with_attention(args.attention)
+    draft = jaxdec.load_pretrained(draft_dir).with_attention(args.attention)
     prompts = heldout_prompts(target.tokenizer, count=max(preset.batches),
                               length=preset.prompt_tokens)
     prompts = (prompts * max(preset.batches))[: max(preset.batches)]
@@ -189,6 +191,7 @@ def run_synthetic(preset: Preset, args, common, deadline, emit):
     config = _synthetic_config(args.preset)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     target = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
+    target = target.with_attention(args.attention)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (max(preset.batches), preset.prompt_tokens))
     longest_chain = max(preset.chains)
@@ -269,10 +272,13 @@ def render_markdown(records: list[dict]) -> str:
     lines = [f"# Speculative decoding vs plain decoding on {', '.join(devices)}", "",
              "speedup = plain seconds / speculative seconds for the same tokens (prefill + "
              "decode, compile excluded, same process); tau = tokens per target forward.", ""]
-    for preset in sorted({r["preset"] for r in records}):
-        rows = [r for r in records if r["preset"] == preset]
+    groups = sorted({(r["preset"], r.get("attention", "auto")) for r in records})
+    for preset, attention in groups:
+        rows = [r for r in records
+                if r["preset"] == preset and r.get("attention", "auto") == attention]
         first = rows[0]
-        lines += [f"## {preset} ({first.get('date')}, jax {first.get('jax_version')})", "",
+        lines += [f"## {preset}, attention {attention} ({first.get('date')}, "
+                  f"jax {first.get('jax_version')})", "",
                   "| method | tree | batch | temperature | tau | tokens/s | speedup | same tokens |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
@@ -310,6 +316,9 @@ def main(argv=None) -> int:
     parser.add_argument("--temperatures", type=_csv(float))
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention", choices=("auto", "reference"), default="auto",
+                        help="attention of target and draft: auto = the Pallas tree-attention "
+                             "kernel on GPU/TPU; reference = the jnp path")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -320,7 +329,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; methods: {', '.join(METHODS)}")
 
-    common = dict(preset=args.preset, device=jax.devices()[0].device_kind, date=utc_now(),
+    common = dict(preset=args.preset, attention=args.attention,
+                  device=jax.devices()[0].device_kind, date=utc_now(),
                   commit=git_commit(), max_new_tokens=preset.max_new_tokens, **versions())
     deadline = None if preset.budget_s is None else time.monotonic() + preset.budget_s
     records = []

@@ -13,6 +13,7 @@ from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.config import ModelConfig, RopeConfig
 from jaxdec.generate import GenerateResult, generate, generate_padded
 from jaxdec.model import Model, forward, init_model
+from jaxdec.models.layers import AttentionImpl
 from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
@@ -21,6 +22,7 @@ from jaxdec import drafters, tree  # noqa: E402  (jaxdec.drafters, jaxdec.tree)
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionImpl",
     "Cache",
     "GenerateResult",
     "Greedy",

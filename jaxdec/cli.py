@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
+                     default="auto", help="attention implementation (auto: the Pallas "
+                     "tree-attention kernel on GPU/TPU, the jnp reference on CPU)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     method = gen.add_mutually_exclusive_group()
     method.add_argument("--draft", default=None,
@@ -91,6 +94,7 @@ def _generate(args) -> None:
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+    model = model.with_attention(args.attention)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json to encode --prompt with")
     prompt = model.tokenizer.encode(args.prompt).ids
@@ -124,8 +128,8 @@ def _drafter(args, model):
     from jaxdec import drafters
 
     if args.draft:
-        return drafters.DraftModel(jaxdec.load_pretrained(args.draft, dtype=args.dtype,
-                                                          mesh=model.mesh))
+        draft = jaxdec.load_pretrained(args.draft, dtype=args.dtype, mesh=model.mesh)
+        return drafters.DraftModel(draft.with_attention(model.attention))
     if args.prompt_lookup:
         return drafters.PromptLookup()
     if args.retrieval:

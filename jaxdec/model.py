@@ -18,6 +18,7 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
+from jaxdec.models.layers import AttentionImpl, attention_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,26 @@ class Model:
       mesh: the ("dp", "tp") mesh the params live on.
       tokenizer: a `tokenizers.Tokenizer` when the checkpoint has tokenizer.json (not part of
         the pytree: inside jit it is None).
+      attention: which attention implementation the forward runs (static; see
+        `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
+        GPU/TPU for decode and verification, the jnp reference on CPU.
     """
 
     config: ModelConfig
     params: Any
     mesh: Mesh
     tokenizer: Any = None
+    attention: AttentionImpl = AttentionImpl.AUTO
+
+    def with_attention(self, attention: "AttentionImpl | str") -> "Model":
+        """This model with another attention implementation ("auto", "reference", "pallas",
+        "pallas_interpret" or an AttentionImpl)."""
+        try:
+            attention = AttentionImpl(attention)
+        except ValueError:
+            choices = [a.value for a in AttentionImpl]
+            raise ValueError(f"attention must be one of {choices}, got {attention!r}") from None
+        return dataclasses.replace(self, attention=attention)
 
     @property
     def tp(self) -> int:
@@ -48,8 +63,8 @@ class Model:
 
 jax.tree_util.register_pytree_node(
     Model,
-    lambda m: ((m.params,), (m.config, m.mesh)),
-    lambda aux, children: Model(config=aux[0], params=children[0], mesh=aux[1]),
+    lambda m: ((m.params,), (m.config, m.mesh, m.attention)),
+    lambda aux, children: Model(config=aux[0], params=children[0], mesh=aux[1], attention=aux[2]),
 )
 
 
@@ -149,7 +164,13 @@ def forward_with_cache(
         return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
+            attention=model.attention,
         )
+
+    if attention_kernel(model.attention) is not None:
+        # A pallas_call's outputs carry no varying-manual-axes annotation (and interpreted
+        # kernels fail the check), so the check is off wherever a kernel may run.
+        check_vma = False
 
     out_specs = (P(batch, None, tp_axis), P(batch, None, None), cache_specs)
     logits, hidden, cache = jax.shard_map(

@@ -1,5 +1,6 @@
 """Building blocks shared by the model families: RMSNorm, rotary embeddings, the gated MLP,
-and the single attention entry point.
+and the single attention entry point (which dispatches to the Pallas tree-attention kernel or
+its jnp reference, both in `jaxdec.pallas_kernels.tree_attention`).
 
 Shape legend: B batch, T new tokens, S cache slots, H query heads, K KV heads, G = H // K
 query heads per KV head, D head dim, E model width, F MLP width.
@@ -15,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.config import RopeConfig
+from jaxdec.pallas_kernels import tree_attention
 
-# Large but finite: a query that sees no key at all (a padding row) gets a uniform
-# distribution instead of NaNs, and exp(_MASKED - max) underflows to exactly 0 otherwise.
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
-
+# The reference and its visibility rule live beside the kernels; the models use them from here.
+attention_reference = tree_attention.tree_attention_reference
+visible_slots = tree_attention.visible_slots
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with the statistics in fp32; the scale is applied in the input dtype."""
@@ -82,72 +83,38 @@ def gated_mlp(x_BTE, gate_EF, up_EF, down_FE, biases=None) -> jax.Array:
 
 
 class AttentionImpl(enum.Enum):
-    """Which attention implementation the entry point runs. AUTO picks the best available for
-    the backend (today: the jnp reference everywhere; Pallas kernels plug in here)."""
+    """Which attention implementation the entry point runs.
+
+    AUTO: the Pallas tree-attention kernel on GPU (Triton) and TPU (Mosaic) wherever it takes
+      the shapes (decode and verification: at most `MAX_QUERIES` new tokens per row), the jnp
+      reference otherwise (CPU, long prefills).
+    REFERENCE: always the jnp reference.
+    PALLAS: the backend's kernel where it takes the shapes; raises on a backend without one.
+    PALLAS_INTERPRET: the GPU kernel through Pallas's interpreter on any backend (tests).
+    """
 
     AUTO = "auto"
     REFERENCE = "reference"
+    PALLAS = "pallas"
+    PALLAS_INTERPRET = "pallas_interpret"
 
 
-def visible_slots(
-    lengths_B: jax.Array,
-    positions_BT: jax.Array,
-    num_slots: int,
-    *,
-    mask_BTT: jax.Array | None = None,
-    window: int | None = None,
-) -> jax.Array:
-    """Which cache slots each new token may attend to: bool [B, T, S].
-
-    Slots below the row's length hold the cached prefix (slot index == position). The T new
-    tokens sit at slots [length, length + T): token t sees new token u when `mask[b, t, u]`
-    (causal, u <= t, when mask is None). With a sliding window, a key is visible only when
-    query position - key position < window.
-    """
-    T = positions_BT.shape[1]
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    rel_BS = slots[None, :] - lengths_B[:, None].astype(jnp.int32)  # index among the new tokens
-    cached_BS = rel_BS < 0
-    is_new_BS = (rel_BS >= 0) & (rel_BS < T)
-    rel_idx_BS = jnp.clip(rel_BS, 0, T - 1)
-    if mask_BTT is None:
-        new_ok_BTS = rel_BS[:, None, :] <= jnp.arange(T, dtype=jnp.int32)[None, :, None]
-    else:
-        idx_BTS = jnp.broadcast_to(rel_idx_BS[:, None, :], (mask_BTT.shape[0], T, num_slots))
-        new_ok_BTS = jnp.take_along_axis(mask_BTT.astype(bool), idx_BTS, axis=2)
-    visible_BTS = cached_BS[:, None, :] | (is_new_BS[:, None, :] & new_ok_BTS)
-    if window is not None:
-        new_pos_BS = jnp.take_along_axis(positions_BT, rel_idx_BS, axis=1)
-        key_pos_BS = jnp.where(cached_BS, slots[None, :], new_pos_BS)
-        distance_BTS = positions_BT[:, :, None] - key_pos_BS[:, None, :]
-        visible_BTS &= distance_BTS < window
-    return visible_BTS
-
-
-def attention_reference(
-    q_BTHD: jax.Array,
-    k_BSKD: jax.Array,
-    v_BSKD: jax.Array,
-    lengths_B: jax.Array,
-    positions_BT: jax.Array,
-    *,
-    mask_BTT: jax.Array | None = None,
-    window: int | None = None,
-) -> jax.Array:
-    """Readable jnp attention over the cache, fp32 scores and softmax. See `attention`."""
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32
-    ) * (D**-0.5)
-    visible_BTS = visible_slots(lengths_B, positions_BT, S, mask_BTT=mask_BTT, window=window)
-    scores = jnp.where(visible_BTS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bkgts,bskd->btkgd", probs.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
-    )
-    return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
+def attention_kernel(impl: AttentionImpl) -> tuple[tree_attention.Impl, bool] | None:
+    """The (kernel, interpret) an implementation choice resolves to on this backend, or None
+    when only the reference runs."""
+    if impl is AttentionImpl.REFERENCE:
+        return None
+    if impl is AttentionImpl.PALLAS_INTERPRET:
+        return tree_attention.Impl.TRITON, True
+    kernel = tree_attention.backend_kernel()
+    if kernel is None:
+        if impl is AttentionImpl.PALLAS:
+            raise ValueError(
+                f"attention=PALLAS: no Pallas kernel for the {jax.default_backend()!r} backend "
+                "(use AUTO, REFERENCE, or PALLAS_INTERPRET to run the kernel interpreted)"
+            )
+        return None
+    return kernel, False
 
 
 def attention(
@@ -175,6 +142,7 @@ def attention(
       lengths_B: int32 number of cached tokens per row (before the new ones).
       positions_BT: int32 positions of the new tokens (length + depth for a tree; with a
         causal mask, length + t).
+      impl: see `AttentionImpl`. The kernel path differentiates through the reference.
       query_chunk: causal blocks longer than this (long prefills) are processed this many
         queries at a time, so memory grows with chunk x S instead of T x S.
     Returns:
@@ -187,6 +155,12 @@ def attention(
             f"query heads {q_BTHD.shape[2]} are not a multiple of KV heads {k_BSKD.shape[2]}"
         )
     T = q_BTHD.shape[1]
+    kernel = attention_kernel(impl)
+    if kernel is not None and tree_attention.unsupported_reason(
+        kernel[0], q_BTHD.shape, k_BSKD.shape
+    ) is None:
+        return _kernel_with_reference_grad(kernel, window, q_BTHD, k_BSKD, v_BSKD, lengths_B,
+                                           positions_BT, mask_BTT)
     if mask_BTT is not None or T <= query_chunk:
         return _rematerialized(attention_reference, window=window)(
             q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT
@@ -194,6 +168,35 @@ def attention(
     return _causal_in_query_chunks(
         q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_with_reference_grad(kernel, window, q, k, v, lengths, positions, mask):
+    """The Pallas kernel forward; gradients (training on short sequences) come from the
+    reference, whose result the kernel's equals."""
+    impl, interpret = kernel
+    return tree_attention.tree_attention(
+        q, k, v, lengths, positions, mask_BTT=mask, window=window, impl=impl,
+        interpret=interpret,
+    )
+
+
+def _kernel_fwd(kernel, window, q, k, v, lengths, positions, mask):
+    out = _kernel_with_reference_grad(kernel, window, q, k, v, lengths, positions, mask)
+    return out, (q, k, v, lengths, positions, mask)
+
+
+def _kernel_bwd(kernel, window, saved, g):
+    q, k, v, lengths, positions, mask = saved
+    _, vjp = jax.vjp(
+        lambda q, k, v: attention_reference(q, k, v, lengths, positions, mask_BTT=mask,
+                                            window=window),
+        q, k, v,
+    )
+    return (*vjp(g), None, None, None)
+
+
+_kernel_with_reference_grad.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def _rematerialized(fn, **static):

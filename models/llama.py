@@ -118,7 +118,7 @@ def _local_kv(weight_EKD, bias_KD, config: ModelConfig, tp: int):
 
 
 def _attention_block(layer: dict, x_BTE, positions_BT, kv_entry, lengths_B, mask_BTT, *,
-                     config: ModelConfig, tp: int, window, inv_freq):
+                     config: ModelConfig, tp: int, window, inv_freq, impl):
     q = jnp.einsum("bte,ehd->bthd", x_BTE, layer["q"])
     k_w, k_b = _local_kv(layer["k"], layer.get("k_bias"), config, tp)
     v_w, v_b = _local_kv(layer["v"], layer.get("v_bias"), config, tp)
@@ -133,7 +133,8 @@ def _attention_block(layer: dict, x_BTE, positions_BT, kv_entry, lengths_B, mask
     else:
         kv_entry = kv_entry.write(k, v, lengths_B)
         keys, values = kv_entry.k, kv_entry.v
-    attn = L.attention(q, keys, values, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window)
+    attn = L.attention(q, keys, values, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window,
+                       impl=impl)
     out = jax.lax.psum(jnp.einsum("bthd,hde->bte", attn, layer["o"]), TP)
     if config.o_bias:
         out = out + layer["o_bias"]
@@ -158,6 +159,7 @@ def forward(
     *,
     config: ModelConfig,
     tp: int,
+    attention: L.AttentionImpl = L.AttentionImpl.AUTO,
 ):
     """One forward over T new tokens per row, per tensor-parallel shard.
 
@@ -170,7 +172,8 @@ def forward(
       mask_BTT: which new tokens each new token sees (causal when None).
       logits_indices_BN: compute logits only at these token indices (e.g. each row's last
         prompt token); all T positions when None.
-      config: the model config; tp: the tensor-parallel degree (static).
+      config: the model config; tp: the tensor-parallel degree (static); attention: the
+        attention implementation (static).
     Returns:
       (logits [B, N or T, V/tp] fp32 for this shard's vocabulary rows,
        hidden [B, T, E] after the final norm, the updated cache or None).
@@ -188,6 +191,7 @@ def forward(
         attn, entry = _attention_block(
             layer, h, positions_BT, entry, lengths, mask_BTT,
             config=config, tp=tp, window=config.layer_windows[i], inv_freq=inv_freq,
+            impl=attention,
         )
         x = x + attn
         x = x + _mlp_block(layer, L.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), config)

@@ -1,5 +1,6 @@
 """The `jaxdec generate` command."""
 
+import jax
 import pytest
 
 import jaxdec
@@ -7,8 +8,9 @@ from jaxdec.cli import main
 
 
 def test_generate_prints_the_continuation_and_speed(tokenized_checkpoint, capsys):
+    """Through the (interpreted) attention kernel: the reference path's continuation."""
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
-                 "--max-new-tokens", "6", "--ignore-eos"]) == 0
+                 "--max-new-tokens", "6", "--ignore-eos", "--attention", "pallas_interpret"]) == 0
     text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
     model = jaxdec.load_pretrained(tokenized_checkpoint)
     ids = model.tokenizer.encode("hello the fox").ids
@@ -33,6 +35,13 @@ def test_generate_sampling_with_tp(tokenized_checkpoint, capsys):
 def test_bad_arguments(tokenized_checkpoint, capsys, args, message):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU has no Pallas kernel")
+def test_pallas_attention_is_refused_on_cpu(tokenized_checkpoint, capsys):
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
+                 "--attention", "pallas"]) == 2
+    assert "no Pallas kernel for the 'cpu' backend" in capsys.readouterr().err
 
 
 def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):

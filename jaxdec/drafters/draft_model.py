@@ -84,7 +84,7 @@ class DraftModel(Drafter):
             params = _resize_vocab(params, rows, vocab)
             params = jax.device_put(params, param_shardings(draft.config, target.mesh))
             draft = Model(config=draft.config, params=params, mesh=target.mesh,
-                          tokenizer=draft.tokenizer)
+                          tokenizer=draft.tokenizer, attention=draft.attention)
         return self._replace(model=draft, target_vocab=target.config.vocab_size)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):

@@ -1,0 +1,280 @@
+"""Tree-verification attention: the Pallas kernel against the XLA reference and the roofline.
+
+Usage (on the lent GPU machine, one call; results land in $OUT):
+
+    python3 -m pip install --no-deps --no-build-isolation -e . && \\
+        python3 bench/kernels.py --preset h100 --out $OUT
+
+and on a CPU (the kernel interpreted; checks the script, not speed):
+`python3 bench/kernels.py --preset cpu-tiny --out /tmp/bench`. Writes `kernels-<device>.json`
+(one record per impl and case) and `kernels-<device>.md` to `--out` (default bench/results/).
+
+Cases (the h100 preset): Llama-3-8B attention heads (32 query, 8 KV, head dim 128), bf16,
+batch 1 and 8, `context` cached tokens per row (1K, 4K, 16K, 64K) and T = 1 (decode), 16 and
+64 new tokens under a random tree mask (positions = context + depth). The cache has
+context + T slots, so the reference (which scores every slot) does no extra work.
+
+Timing: each impl runs `--inner` times inside one jitted `fori_loop` (the queries depend on
+the previous iteration through a scalar, so nothing is hoisted), and the best of `--trials`
+such loops divided by `--inner` is the time per call, launch overhead included, compile
+excluded. The Pallas path's time covers its whole op (packing, kernel, combine).
+
+Roofline, with both ceilings measured in the same run:
+    bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
+             + queries and outputs (2 * B * T * H * D * 2)
+    flops  = 4 * B * T * H * (context + T) * D          (Q K^T and P V)
+    roofline_us  = max(bytes / hbm_bandwidth, flops / bf16_matmul_peak)
+    hbm_fraction = bytes / time / hbm_bandwidth
+HBM bandwidth: a jitted elementwise op on a 1 GiB bf16 array (read + write); matmul peak:
+an 8192^3 bf16 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
+
+PRESETS = {
+    "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
+                 heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", inner=20, trials=5,
+                 hbm_bytes=1 << 30, matmul_size=8192, interpret=False),
+    "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
+                     head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
+                     matmul_size=256, interpret=True),
+}
+KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
+
+
+def case_inputs(batch, context, T, spec, seed=0):
+    """Random q/k/v (drawn on the device), lengths = context, a random tree over the T new
+    tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    S = context + T
+    dtype = jnp.dtype(spec["dtype"])
+    parents = [-1] + [int(rng.integers(0, t)) for t in range(1, T)]
+    mask = np.zeros((T, T), bool)
+    for t in range(T):
+        u = t
+        while u >= 0:
+            mask[t, u], u = True, parents[u]
+    depth = mask.sum(1) - 1
+    return dict(
+        q=jax.random.normal(kq, (batch, T, H, D), dtype),
+        k=jax.random.normal(kk, (batch, S, K, D), dtype),
+        v=jax.random.normal(kv, (batch, S, K, D), dtype),
+        lengths=jnp.full((batch,), context, jnp.int32),
+        positions=jnp.asarray(np.broadcast_to(context + depth, (batch, T)), jnp.int32),
+        mask=jnp.asarray(np.broadcast_to(mask, (batch, T, T))),
+    )
+
+
+def timed_loop(attn, inputs, inner: int, trials: int) -> float:
+    """Seconds per call: `inner` calls chained in one jitted loop, best of `trials`."""
+    import jax
+    import jax.numpy as jnp
+
+    def loop(q, k, v, lengths, positions, mask):
+        def body(_, carry):
+            bump, acc = carry
+            out = attn(q + bump.astype(q.dtype), k, v, lengths, positions, mask)
+            first = out[0, 0, 0, 0].astype(jnp.float32)
+            return bump + first * 1e-30, acc + first
+        return jax.lax.fori_loop(0, inner, body, (jnp.float32(0), jnp.float32(0)))
+
+    run = jax.jit(loop)
+    args = (inputs["q"], inputs["k"], inputs["v"], inputs["lengths"], inputs["positions"],
+            inputs["mask"])
+    jax.block_until_ready(run(*args))
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        best = min(best, time.perf_counter() - start)
+    return best / inner
+
+
+def measure_hbm_gbps(nbytes: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    bump = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(bump(x))
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        jax.block_until_ready(bump(x))
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best / 1e9
+
+
+def case_cost(batch, context, T, spec) -> tuple[int, int]:
+    """(bytes, flops) a call cannot avoid (see the module doc)."""
+    H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    itemsize = np.dtype(spec["dtype"]).itemsize
+    slots = context + T
+    nbytes = 2 * batch * slots * K * D * itemsize + 2 * batch * T * H * D * itemsize
+    flops = 4 * batch * T * H * slots * D
+    return nbytes, flops
+
+
+def run(preset: str, spec: dict, emit) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdec.pallas_kernels import tree_attention as TA
+    from jaxdec.train.loop import measure_matmul_peak
+
+    hbm_gbps = measure_hbm_gbps(spec["hbm_bytes"])
+    peak_tflops = measure_matmul_peak(jnp.dtype("bfloat16"), size=spec["matmul_size"]) / 1e12
+    emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
+    kernel_impl = TA.backend_kernel() or TA.Impl.TRITON
+    impls = {
+        "pallas": lambda q, k, v, l, p, m: TA.tree_attention(
+            q, k, v, l, p, mask_BTT=m, impl=kernel_impl, interpret=spec["interpret"]),
+        "reference": lambda q, k, v, l, p, m: TA.tree_attention(
+            q, k, v, l, p, mask_BTT=m, impl=TA.Impl.REFERENCE),
+    }
+    meta = dict(preset=preset, kernel="tree_attention", device=jax.devices()[0].device_kind,
+                dtype=spec["dtype"], heads=spec["heads"], kv_heads=spec["kv_heads"],
+                head_dim=spec["head_dim"], hbm_gbps=hbm_gbps, matmul_peak_tflops=peak_tflops,
+                pallas_variant=kernel_impl.value, interpret=spec["interpret"], date=utc_now(),
+                commit=git_commit(), **versions())
+    records = []
+    for batch in spec["batches"]:
+        for context in spec["contexts"]:
+            for T in spec["queries"]:
+                nbytes, flops = case_cost(batch, context, T, spec)
+                roofline_s = max(nbytes / (hbm_gbps * 1e9), flops / (peak_tflops * 1e12))
+                inputs = case_inputs(batch, context, T, spec)
+                times = {}
+                for name, attn in impls.items():
+                    record = dict(meta, impl=name, batch=batch, context=context, T=T,
+                                  bytes=nbytes, flops=flops, roofline_us=roofline_s * 1e6)
+                    try:
+                        seconds = timed_loop(attn, inputs, spec["inner"], spec["trials"])
+                    except Exception as e:  # noqa: BLE001  (record it, keep going)
+                        record.update(time_us=None, hbm_fraction=None, error=repr(e)[:300])
+                    else:
+                        times[name] = seconds
+                        record.update(
+                            time_us=seconds * 1e6, error=None,
+                            hbm_fraction=nbytes / seconds / (hbm_gbps * 1e9),
+                            flop_fraction=flops / seconds / (peak_tflops * 1e12),
+                            vs_roofline=seconds / roofline_s,
+                        )
+                    records.append(record)
+                if len(times) == 2:
+                    records[-2]["speedup_vs_reference"] = times["reference"] / times["pallas"]
+                emit(f"B={batch} context={context} T={T}: " + ", ".join(
+                    f"{n} {t * 1e6:.1f} us" for n, t in times.items())
+                    + f" (roofline {roofline_s * 1e6:.1f} us)")
+                del inputs
+    return records
+
+
+def _fmt(value, spec=".1f"):
+    return "–" if value is None else format(value, spec)
+
+
+def render_markdown(records: list[dict]) -> str:
+    if not records:
+        return "# Tree-attention kernel\n\nNo records.\n"
+    first = records[0]
+    lines = [
+        "# Tree-attention kernel vs XLA reference",
+        "",
+        f"Device {first['device']}, jax {first.get('jax_version')}, {first['date']}, "
+        f"preset `{first['preset']}`; {first['heads']} query / {first['kv_heads']} KV heads, "
+        f"head dim {first['head_dim']}, {first['dtype']}. Ceilings measured in the same run: "
+        f"HBM {first['hbm_gbps']:.0f} GB/s, matmul {first['matmul_peak_tflops']:.3g} TFLOP/s. "
+        "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak).",
+        "",
+        "| batch | context | T | pallas us | reference us | roofline us | pallas / roofline "
+        "| speedup vs reference | pallas HBM fraction | reference HBM fraction |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cases = {}
+    for r in records:
+        cases.setdefault((r["batch"], r["context"], r["T"]), {})[r["impl"]] = r
+    for (batch, context, T), by_impl in sorted(cases.items()):
+        p, ref = by_impl.get("pallas", {}), by_impl.get("reference", {})
+        roof = (p or ref).get("roofline_us")
+        lines.append(
+            f"| {batch} | {context} | {T} | {_fmt(p.get('time_us'))} | "
+            f"{_fmt(ref.get('time_us'))} | {_fmt(roof)} | {_fmt(p.get('vs_roofline'), '.2f')} | "
+            f"{_fmt(p.get('speedup_vs_reference'), '.2f')} | "
+            f"{_fmt(p.get('hbm_fraction'), '.2f')} | {_fmt(ref.get('hbm_fraction'), '.2f')} |"
+        )
+    pallas = [r for r in records if r["impl"] == "pallas" and r.get("time_us")]
+    long = [r for r in pallas if r["context"] >= 4096]
+    wide = [r for r in pallas if r["T"] == 64 and r.get("speedup_vs_reference")]
+    lines.append("")
+    if long:
+        worst = max(long, key=lambda r: r["vs_roofline"])
+        lines.append(f"Goal (context >= 4K within 1.4x of roofline): worst case "
+                     f"{worst['vs_roofline']:.2f}x (batch {worst['batch']}, context "
+                     f"{worst['context']}, T {worst['T']}) -> "
+                     f"{'met' if worst['vs_roofline'] <= 1.4 else 'not met'}.")
+    if wide:
+        slowest = min(wide, key=lambda r: r["speedup_vs_reference"])
+        lines.append(f"Goal (>= 3x over the reference at T = 64): smallest speedup "
+                     f"{slowest['speedup_vs_reference']:.2f}x -> "
+                     f"{'met' if slowest['speedup_vs_reference'] >= 3 else 'not met'}.")
+    errors = [r for r in records if r.get("error")]
+    for r in errors:
+        lines.append(f"- error: {r['impl']} batch {r['batch']} context {r['context']} T {r['T']}: "
+                     f"{r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: Path, records: list[dict]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(records[0]["device"]) if records else "unknown"
+    path = out_dir / f"kernels-{slug}.json"
+    records = merge_records(path, records, KEY)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    (out_dir / f"kernels-{slug}.md").write_text(render_markdown(records))
+    return path
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="h100")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--inner", type=int, help="calls per timed loop")
+    parser.add_argument("--trials", type=int, help="timed loops (best is kept)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    spec = dict(PRESETS[args.preset])
+    for name in ("inner", "trials"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"--{name} must be >= 1, got {value}")
+            spec[name] = value
+    records = run(args.preset, spec, lambda line: print(line, flush=True))
+    path = write_outputs(args.out, records)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0 if all(r.get("error") is None for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Tree-verification attention: one kernel for decode (T = 1), chain and tree verification
+over the KV cache, with a GPU (Triton) and a TPU (Mosaic) variant and a jnp reference.
+
+    out_BTHD = tree_attention(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT,
+                              mask_BTT=tree_mask, window=None)
+
+`Impl.AUTO` runs the kernel for the current backend when it supports the shapes (see
+`unsupported_reason`) and the reference otherwise; naming a kernel runs it or raises.
+`interpret=True` runs a kernel through Pallas's interpreter (any backend, for tests).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+
+from jaxdec.pallas_kernels.tree_attention import common, gpu, tpu
+from jaxdec.pallas_kernels.tree_attention.common import MAX_QUERIES, BlockSizes
+from jaxdec.pallas_kernels.tree_attention.reference import (
+    tree_attention_reference,
+    visible_slots,
+)
+
+__all__ = [
+    "BlockSizes", "Impl", "MAX_QUERIES", "tree_attention", "tree_attention_reference",
+    "unsupported_reason", "visible_slots",
+]
+
+
+class Impl(enum.Enum):
+    """Which implementation `tree_attention` runs."""
+
+    AUTO = "auto"  # the backend's kernel when it takes the shapes, else the reference
+    REFERENCE = "reference"  # jnp (any backend)
+    TRITON = "triton"  # gpu.py: Triton-lowered Pallas (CUDA / ROCm, or interpret)
+    MOSAIC = "mosaic"  # tpu.py: Mosaic TPU Pallas (TPU, or interpret)
+
+
+_KERNELS = {Impl.TRITON: gpu, Impl.MOSAIC: tpu}
+_BACKEND_KERNEL = {"gpu": Impl.TRITON, "cuda": Impl.TRITON, "rocm": Impl.TRITON,
+                   "tpu": Impl.MOSAIC}
+
+
+def backend_kernel(backend: str | None = None) -> Impl | None:
+    """The kernel for a backend (the default backend when None), or None (e.g. CPU)."""
+    return _BACKEND_KERNEL.get(backend or jax.default_backend())
+
+
+def default_block_sizes(impl: Impl, num_slots: int) -> BlockSizes:
+    """Block sizes for a kernel and a cache length: TPU blocks must divide the cache."""
+    if impl is Impl.MOSAIC:
+        for block_k in (512, 256, 128, 64, 32, 16, 8):
+            if num_slots % block_k == 0:
+                return BlockSizes(block_k=block_k)
+        return BlockSizes(block_k=num_slots)
+    block_k = 64
+    while block_k > 16 and block_k > num_slots:
+        block_k //= 2
+    return BlockSizes(block_k=block_k)
+
+
+def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes: BlockSizes | None = None
+                       ) -> str | None:
+    """Why a kernel cannot run these shapes (None when it can)."""
+    T, D = q_shape[1], q_shape[3]
+    S = k_shape[1]
+    if T > MAX_QUERIES:
+        return f"{T} new tokens per row; the kernels take at most {MAX_QUERIES}"
+    block_sizes = block_sizes or default_block_sizes(impl, S)
+    return _KERNELS[impl].check_config(D, S, block_sizes)
+
+
+def tree_attention(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    lengths_B: jax.Array,
+    positions_BT: jax.Array,
+    *,
+    mask_BTT: jax.Array | None = None,
+    window: int | None = None,
+    impl: Impl = Impl.AUTO,
+    interpret: bool = False,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """T new queries per row against the KV cache, under a tree (or causal) mask.
+
+    Args:
+      q_BTHD: queries, already rotated; bf16, fp16 or fp32 (fp32 accumulation throughout).
+      k_BSKD, v_BSKD: one layer's cache, the new tokens' K/V written at slots
+        [length, length + T); K divides H.
+      lengths_B: int32 cached tokens per row before the new ones.
+      positions_BT: int32 positions of the new tokens (length + depth in a tree).
+      mask_BTT: bool, new token t sees new token u when mask[b, t, u] (causal when None).
+      window: sliding-window size, or None.
+      impl: see `Impl`; interpret: run the kernel in Pallas's interpreter.
+      block_sizes: kernel tiling (defaults from `default_block_sizes`).
+    Returns:
+      [B, T, H, D] in the query dtype.
+    """
+    if not isinstance(impl, Impl):
+        raise TypeError(f"impl must be a tree_attention.Impl, got {impl!r}")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
+    if impl is Impl.AUTO:
+        kernel = backend_kernel()
+        if kernel is not None and unsupported_reason(
+            kernel, q_BTHD.shape, k_BSKD.shape, block_sizes
+        ) is None:
+            impl = kernel
+        else:
+            impl = Impl.REFERENCE
+    if impl is Impl.REFERENCE:
+        return tree_attention_reference(
+            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
+        )
+    reason = unsupported_reason(impl, q_BTHD.shape, k_BSKD.shape, block_sizes)
+    if reason is not None:
+        raise ValueError(f"tree_attention impl={impl.value}: {reason}")
+    block_sizes = block_sizes or default_block_sizes(impl, k_BSKD.shape[1])
+    fn = gpu.tree_attention_gpu if impl is Impl.TRITON else tpu.tree_attention_tpu
+    return fn(
+        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
+        num_heads=q_BTHD.shape[2], window=window, block_sizes=block_sizes, interpret=interpret,
+    )

@@ -1,0 +1,173 @@
+"""Tree-verification attention as a Triton-lowered Pallas kernel (GPU), flash-decoding style.
+
+Grid (B, K * row_tiles, N): each program takes one row of the batch, one KV head, one tile of
+packed query rows (the G heads x T new tokens of that KV head, see `common`) and one of N
+splits of the slots [lo, hi) the row's queries can see. It streams its split's key/value
+blocks once, applies the visibility rule (cached prefix + bit-packed tree mask + window) and
+keeps an online softmax in fp32; `common.combine` merges the N partials.
+
+Triton rules kept by construction (and checked in `check_config`, since CUDA lowering on older
+jax does not): power-of-two block shapes, every dot's contraction (D and block_k) >= 16, at
+most 3 grid dimensions, index tables read inside the kernel rather than prefetched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxdec.pallas_kernels.tree_attention import common
+from jaxdec.pallas_kernels.tree_attention.reference import MASKED
+
+
+def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes) -> str | None:
+    """Why the Triton kernel cannot take these shapes, or None when it can."""
+    bk, bm = block_sizes.block_k, block_sizes.block_m
+    if not common._is_pow2(head_dim) or head_dim < 16:
+        return f"head_dim={head_dim} must be a power of two >= 16 (Triton dot contraction)"
+    if not common._is_pow2(bk) or bk < 16:
+        return f"block_k={bk} must be a power of two >= 16 (Triton dot contraction)"
+    if not common._is_pow2(bm) or bm < 16:
+        return f"block_m={bm} must be a power of two >= 16"
+    if num_slots < bk:
+        return f"the cache has {num_slots} slots, fewer than block_k={bk}"
+    return None
+
+
+def _kernel(
+    lengths_ref,  # [] int32: cached tokens of this row
+    lo_ref,  # [] int32: first slot any query of this row may see (block aligned)
+    hi_ref,  # [] int32: length + T
+    q_ref,  # [block_m, D]
+    k_ref,  # [S, D]: this row's keys for this KV head
+    v_ref,  # [S, D]
+    pos_ref,  # [block_m] int32 query positions
+    words_ref,  # [W, block_m] int32 mask words
+    o_ref,  # [block_m, D] f32 unnormalised output
+    m_ref,  # [block_m] f32 running max
+    l_ref,  # [block_m] f32 running denominator
+    *,
+    block_k: int,
+    num_splits: int,
+    num_words: int,
+    num_slots: int,
+    window: int | None,
+    scale: float,
+    precision,
+):
+    split = pl.program_id(2)
+    length, lo, hi = lengths_ref[()], lo_ref[()], hi_ref[()]
+    n_blocks = pl.cdiv(hi - lo, block_k)
+    per_split = pl.cdiv(n_blocks, num_splits)
+    first = split * per_split
+    count = jnp.clip(n_blocks - first, 0, per_split)
+
+    q = q_ref[...]
+    pos = pos_ref[...][:, None]
+    words = [words_ref[w, :][:, None] for w in range(num_words)]
+    iota = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+
+    def body(i, carry):
+        o, m, l = carry
+        start = lo + (first + i) * block_k
+        # The last block may run past the cache end: shift it back and hide the slots the
+        # previous block already covered (slots < start).
+        off = jnp.minimum(start, num_slots - block_k)
+        k = k_ref[pl.ds(off, block_k), :]
+        v = v_ref[pl.ds(off, block_k), :]
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32,
+        ) * scale  # [block_m, block_k]
+        visible = common.visibility(off + iota, length, hi, start, pos, words, window)
+        s = jnp.where(visible, s, MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = correction * l + jnp.sum(p, axis=1)
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        return correction[:, None] * o + pv, m_new, l
+
+    block_m, D = q_ref.shape
+    init = (
+        jnp.zeros((block_m, D), jnp.float32),
+        jnp.full((block_m,), MASKED, jnp.float32),
+        jnp.zeros((block_m,), jnp.float32),
+    )
+    o, m, l = jax.lax.fori_loop(0, count, body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_heads", "window", "block_sizes", "interpret")
+)
+def tree_attention_gpu(
+    q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
+    num_heads: int, window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
+):
+    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=TRITON)."""
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    G = H // K
+    bk = block_sizes.block_k
+    rows = common.num_rows(T, G, 16)
+    block_m = min(block_sizes.block_m, rows)
+    row_tiles = rows // block_m
+    N = block_sizes.num_splits or common.default_num_splits(B, K, row_tiles, S, rows, bk)
+    W = common.num_words(T)
+
+    q_BKMD = common.pack_queries(q_BTHD, K, rows)
+    pos_BM = common.row_positions(positions_BT, G, rows)
+    words_BWM = common.mask_words(positions_BT, mask_BTT, window, G, rows)
+    lo_B, hi_B = common.kv_ranges(lengths_B, positions_BT, window, bk)
+    precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+
+    kernel = functools.partial(
+        _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, window=window,
+        scale=D**-0.5, precision=(precision, precision) if precision else None,
+    )
+    scalar = pl.BlockSpec((None,), lambda b, i, n: (b,))
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(B, K * row_tiles, N),
+        in_specs=[
+            scalar, scalar, scalar,
+            pl.BlockSpec((None, None, block_m, D), lambda b, i, n: (b, i // row_tiles, i % row_tiles, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, i, n: (b, 0, i // row_tiles, 0)),
+            pl.BlockSpec((None, S, None, D), lambda b, i, n: (b, 0, i // row_tiles, 0)),
+            pl.BlockSpec((None, block_m), lambda b, i, n: (b, i % row_tiles)),
+            pl.BlockSpec((None, W, block_m), lambda b, i, n: (b, 0, i % row_tiles)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, block_m, D),
+                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles, 0)),
+            pl.BlockSpec((None, None, None, block_m),
+                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles)),
+            pl.BlockSpec((None, None, None, block_m),
+                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, N, rows, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, N, rows), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, N, rows), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+        ),
+        interpret=interpret,
+        name="tree_attention",
+    )(lengths_B.astype(jnp.int32), lo_B, hi_B, q_BKMD, k_BSKD, v_BSKD, pos_BM, words_BWM)
+    # A barrier between the kernel and the combine: fusing the combine's max into its
+    # consumers has produced NaNs in flash-decoding combines on GPU; it costs nothing.
+    m = jax.lax.optimization_barrier(m)
+    out = common.combine(o, m, l)
+    return common.unpack_output(out, T, H).astype(q_BTHD.dtype)

@@ -1,0 +1,175 @@
+"""Tree-verification attention as a Mosaic TPU Pallas kernel.
+
+Grid (B, K, N, blocks per split): the last axis walks one split's key blocks sequentially
+(the TPU grid is a loop), accumulating an online softmax in VMEM scratch; the first three are
+parallel (megacore). Row lengths and slot ranges are scalar-prefetched so each step's key
+block index is data dependent: steps past a row's last block re-point at that block (no new
+DMA) and skip their compute. All packed query rows (G heads x T tokens) are one tile.
+
+Mosaic rules kept: the cache is viewed as [B, S, K * D] so a (block_k, D) block of one KV head
+has a lane dimension of D (D a multiple of 128) and a sublane dimension block_k (a multiple of
+8 dividing S); per-row vectors are [M, 1] columns.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxdec.pallas_kernels.tree_attention import common
+from jaxdec.pallas_kernels.tree_attention.reference import MASKED
+
+
+def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes) -> str | None:
+    """Why the Mosaic kernel cannot take these shapes, or None when it can."""
+    bk = block_sizes.block_k
+    if head_dim % 128:
+        return f"head_dim={head_dim} must be a multiple of 128 (TPU lane width)"
+    if bk % 8:
+        return f"block_k={bk} must be a multiple of 8"
+    if num_slots % bk:
+        return f"block_k={bk} must divide the cache's {num_slots} slots"
+    return None
+
+
+def _kernel(
+    lengths_ref,  # SMEM [B] int32
+    lo_ref,  # SMEM [B] int32, block aligned
+    hi_ref,  # SMEM [B] int32
+    q_ref,  # [M, D]
+    k_ref,  # [block_k, D]
+    v_ref,  # [block_k, D]
+    pos_ref,  # [M, 1] int32
+    words_ref,  # [M, W] int32
+    o_ref,  # [M, D] f32
+    m_ref,  # [M, 1] f32
+    l_ref,  # [M, 1] f32
+    o_scr, m_scr, l_scr,  # VMEM accumulators, shaped as the outputs
+    *,
+    block_k: int,
+    blocks_per_split: int,
+    num_words: int,
+    window: int | None,
+    scale: float,
+    precision,
+):
+    b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    length, hi = lengths_ref[b], hi_ref[b]
+    # lax.div (truncation) rather than //: the values are non-negative, and floor division
+    # lowers through `sign`, which Mosaic lowers only for a known TPU generation.
+    block = jax.lax.div(lo_ref[b], block_k) + split * blocks_per_split + i
+    start = block * block_k
+
+    @pl.when(i == 0)
+    def _init():
+        o_scr[...] = jnp.zeros_like(o_scr)
+        m_scr[...] = jnp.full_like(m_scr, MASKED)
+        l_scr[...] = jnp.zeros_like(l_scr)
+
+    @pl.when(start < hi)
+    def _step():
+        q = q_ref[...]
+        s = jax.lax.dot_general(
+            q, k_ref[...], (((1,), (1,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32,
+        ) * scale  # [M, block_k]
+        slots = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        words = [words_ref[:, w : w + 1] for w in range(num_words)]
+        visible = common.visibility(slots, length, hi, start, pos_ref[...], words, window)
+        s = jnp.where(visible, s, MASKED)
+        m_prev = m_scr[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        correction = jnp.exp(m_prev - m_new)
+        l_scr[...] = correction * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        v = v_ref[...]
+        pv = jax.lax.dot_general(
+            p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        o_scr[...] = correction * o_scr[...] + pv
+        m_scr[...] = m_new
+
+    @pl.when(i == blocks_per_split - 1)
+    def _finish():
+        o_ref[...] = o_scr[...]
+        m_ref[...] = m_scr[...]
+        l_ref[...] = l_scr[...]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_heads", "window", "block_sizes", "interpret")
+)
+def tree_attention_tpu(
+    q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
+    num_heads: int, window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
+):
+    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC)."""
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    G = H // K
+    bk = block_sizes.block_k
+    rows = common.num_rows(T, G, 16)
+    N = block_sizes.num_splits or 1  # the grid is sequential: splits only feed megacore
+    blocks_per_split = -(-(S // bk) // N)
+    W = common.num_words(T)
+
+    q_BKMD = common.pack_queries(q_BTHD, K, rows)
+    pos_BM1 = common.row_positions(positions_BT, G, rows)[..., None]
+    words_BMW = common.mask_words(positions_BT, mask_BTT, window, G, rows).transpose(0, 2, 1)
+    lo_B, hi_B = common.kv_ranges(lengths_B, positions_BT, window, bk)
+    k_BSX = k_BSKD.reshape(B, S, K * D)  # free: contiguous
+    v_BSX = v_BSKD.reshape(B, S, K * D)
+    precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+
+    def kv_index(b, k, n, i, lengths_ref, lo_ref, hi_ref):
+        last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, bk) - 1, 0)
+        return b, jnp.minimum(jax.lax.div(lo_ref[b], bk) + n * blocks_per_split + i, last), k
+
+    row_block = lambda b, k, n, i, *_: (b, 0, 0)  # noqa: E731
+    out_block = lambda b, k, n, i, *_: (b, k, n, 0, 0)  # noqa: E731
+    kernel = functools.partial(
+        _kernel, block_k=bk, blocks_per_split=blocks_per_split, num_words=W, window=window,
+        scale=D**-0.5, precision=precision,
+    )
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(B, K, N, blocks_per_split),
+        in_specs=[
+            pl.BlockSpec((None, None, rows, D), lambda b, k, n, i, *_: (b, k, 0, 0)),
+            pl.BlockSpec((None, bk, D), kv_index),
+            pl.BlockSpec((None, bk, D), kv_index),
+            pl.BlockSpec((None, rows, 1), row_block),
+            pl.BlockSpec((None, rows, W), row_block),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, D), out_block),
+            pl.BlockSpec((None, None, None, rows, 1), out_block),
+            pl.BlockSpec((None, None, None, rows, 1), out_block),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((rows, D), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((rows, 1), jnp.float32),
+        ],
+    )
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, N, rows, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, N, rows, 1), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, N, rows, 1), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="tree_attention",
+    )(lengths_B.astype(jnp.int32), lo_B, hi_B, q_BKMD, k_BSX, v_BSX, pos_BM1, words_BMW)
+    out = common.combine(o, m[..., 0], l[..., 0])
+    return common.unpack_output(out, T, H).astype(q_BTHD.dtype)

@@ -1,0 +1,48 @@
+"""bench/kernels.py: the cpu-tiny preset end to end (kernel interpreted), its cost arithmetic
+and its table."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import kernels as bench  # noqa: E402
+
+REQUIRED = ("kernel", "impl", "batch", "context", "T", "time_us", "roofline_us", "hbm_fraction",
+            "bytes", "flops", "hbm_gbps", "matmul_peak_tflops", "device", "jax_version", "date",
+            "preset", "error")
+
+
+def test_case_cost_hand_computed():
+    spec = dict(heads=32, kv_heads=8, head_dim=128, dtype="bfloat16")
+    nbytes, flops = bench.case_cost(1, 1024, 16, spec)
+    slots = 1024 + 16
+    assert nbytes == 2 * slots * 8 * 128 * 2 + 2 * 16 * 32 * 128 * 2
+    assert flops == 4 * 16 * 32 * slots * 128
+
+
+def test_cpu_tiny_run(tmp_path):
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    spec = bench.PRESETS["cpu-tiny"]
+    cases = {(b, c, t) for b in spec["batches"] for c in spec["contexts"] for t in spec["queries"]}
+    assert {(r["impl"], r["batch"], r["context"], r["T"]) for r in records} == {
+        (impl, *case) for impl in ("pallas", "reference") for case in cases}
+    for r in records:
+        assert not [k for k in REQUIRED if k not in r]
+        assert r["error"] is None and r["time_us"] > 0 and r["roofline_us"] > 0
+        nbytes, flops = bench.case_cost(r["batch"], r["context"], r["T"], spec)
+        assert r["roofline_us"] == pytest.approx(1e6 * max(
+            nbytes / (r["hbm_gbps"] * 1e9), flops / (r["matmul_peak_tflops"] * 1e12)))
+        assert r["hbm_fraction"] == pytest.approx(nbytes / (r["time_us"] * 1e-6)
+                                                  / (r["hbm_gbps"] * 1e9))
+        if r["impl"] == "pallas":
+            assert r["interpret"] and r["speedup_vs_reference"] > 0
+    table = (tmp_path / "kernels-cpu.md").read_text()
+    assert "| batch | context | T | pallas us" in table
+    assert table.count("\n| 1 | 64 |") == 2
+    # A second run (e.g. another call on the device) replaces its own records only.
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
+    assert len(json.loads((tmp_path / "kernels-cpu.json").read_text())) == len(records)

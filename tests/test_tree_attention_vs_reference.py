@@ -1,0 +1,356 @@
+"""The tree-attention kernels against their jnp reference, and the reference against a
+hand-computed case.
+
+On a CPU the kernels run in Pallas's interpreter (generic for the Triton kernel,
+`pltpu.InterpretParams` for the Mosaic one) and are also *lowered* for their real platforms,
+so block-shape violations fail here. On a GPU, `TestTritonOnGPU` runs the same checks
+compiled (bf16 and fp32): `python -m pytest tests/test_tree_attention_vs_reference.py`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from jax._src.mesh import AbstractDevice, AbstractMesh
+from jax.experimental.pallas import tpu as pltpu
+
+import jaxdec
+from jaxdec.models import layers as L
+from jaxdec.pallas_kernels import tree_attention as TA
+from jaxdec.pallas_kernels.tree_attention import common, gpu, tpu
+
+ON_GPU = jax.default_backend() in ("gpu", "cuda")
+
+
+# ----------------------------------------------------------------------------- test cases
+
+
+def ancestor_mask(parents):
+    """bool [T, T] from a parent list (-1 for the root): node t sees itself and its ancestors."""
+    T = len(parents)
+    mask = np.zeros((T, T), bool)
+    for t in range(T):
+        u = t
+        while u >= 0:
+            mask[t, u] = True
+            u = parents[u]
+    return mask
+
+
+def tree_parents(kind, T, rng):
+    if kind == "chain":
+        return [t - 1 for t in range(T)]
+    if kind == "star":
+        return [-1] + [0] * (T - 1)
+    if kind == "random":
+        return [-1] + [int(rng.integers(0, t)) for t in range(1, T)]
+    raise ValueError(kind)
+
+
+def make_case(*, B, T, K, G, D, S, tree, window, dtype, seed, causal=False):
+    """Random q/k/v, per-row lengths (different rows, different lengths) and per-row trees."""
+    rng = np.random.default_rng(seed)
+    H = K * G
+    q = rng.normal(size=(B, T, H, D))
+    k = rng.normal(size=(B, S, K, D))
+    v = rng.normal(size=(B, S, K, D))
+    lengths = rng.integers(0, S - T + 1, size=B)
+    masks = np.stack([ancestor_mask(tree_parents(tree, T, rng)) for _ in range(B)])
+    depth = masks.sum(-1) - 1
+    positions = lengths[:, None] + (np.arange(T)[None] if causal else depth)
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return dict(
+        q_BTHD=cast(q), k_BSKD=cast(k), v_BSKD=cast(v), lengths_B=jnp.asarray(lengths, jnp.int32),
+        positions_BT=jnp.asarray(positions, jnp.int32),
+        mask_BTT=None if causal else jnp.asarray(masks), window=window,
+    )
+
+
+def reference_of(case):
+    """The reference on the same (possibly bf16-rounded) inputs, computed in fp32."""
+    f32 = {n: (x.astype(jnp.float32) if n[0] in "qkv" else x) for n, x in case.items()}
+    return TA.tree_attention(**f32, impl=TA.Impl.REFERENCE)
+
+
+def tolerance(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- the reference
+
+
+def test_reference_tree_hand_computed():
+    """Two cached keys, then a root (slot 2) with two children (slots 3, 4); D = 1, H = K = 1.
+    Child 2 sees slots 0, 1, 2 and itself, not its sibling."""
+    q = jnp.array([0.0, 1.0, 2.0]).reshape(1, 3, 1, 1)
+    keys = np.array([1.0, -1.0, 0.5, 2.0, 3.0])
+    vals = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    k = jnp.asarray(keys).reshape(1, 5, 1, 1)
+    v = jnp.asarray(vals).reshape(1, 5, 1, 1)
+    mask = jnp.asarray(ancestor_mask([-1, 0, 0]))[None]
+    positions = jnp.array([[2, 3, 3]])
+    out = TA.tree_attention_reference(q, k, v, jnp.array([2]), positions, mask_BTT=mask)
+    for t, slots in enumerate([[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 4]]):
+        scores = np.array([float(q[0, t, 0, 0]) * keys[s] for s in slots])
+        p = np.exp(scores - scores.max())
+        want = (p / p.sum()) @ vals[slots]
+        np.testing.assert_allclose(out[0, t, 0, 0], want, rtol=1e-6)
+    # With window 2 the root (position 2) sees slots 1 and 2; child 1 (position 3) sees the
+    # root and itself.
+    out = TA.tree_attention_reference(q, k, v, jnp.array([2]), positions, mask_BTT=mask, window=2)
+    np.testing.assert_allclose(out[0, 0, 0, 0], (20.0 + 30.0) / 2, rtol=1e-6)  # q = 0: uniform
+    s = np.array([0.5, 2.0])
+    np.testing.assert_allclose(out[0, 1, 0, 0], (np.exp(s) / np.exp(s).sum()) @ [30.0, 40.0],
+                               rtol=1e-6)
+
+
+def test_mask_words_pack_every_bit():
+    rng = np.random.default_rng(0)
+    T, G = 40, 2  # two words per row
+    mask = rng.random((1, T, T)) < 0.5
+    positions = jnp.zeros((1, T), jnp.int32)
+    words = np.asarray(common.mask_words(positions, jnp.asarray(mask), None, G, 128))
+    assert words.shape == (1, 2, 128)
+    unpacked = (words[0][:, :, None].view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+    bits = unpacked.transpose(1, 0, 2).reshape(128, 64)[:, :T]  # [rows, u]
+    np.testing.assert_array_equal(bits[: T * G], np.repeat(mask[0], G, axis=0))
+    assert not bits[T * G:].any()
+
+
+def test_combine_equals_one_softmax():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(6,))
+    vals = rng.normal(size=(6, 3))
+    parts = [(scores[:2], vals[:2]), (scores[2:], vals[2:]), (np.array([]), np.zeros((0, 3)))]
+    o, m, l = [], [], []
+    for s, x in parts:
+        mx = s.max() if len(s) else -1e30
+        p = np.exp(s - mx)
+        o.append(p @ x), m.append(mx), l.append(p.sum())
+    got = common.combine(jnp.asarray(np.array(o))[None, None, :, None],
+                         jnp.asarray(np.array(m))[None, None, :, None],
+                         jnp.asarray(np.array(l))[None, None, :, None])
+    p = np.exp(scores - scores.max())
+    np.testing.assert_allclose(got[0, 0, 0], (p / p.sum()) @ vals, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ kernels vs reference
+
+
+class TritonSuite:
+    """Kernel-vs-reference checks for one implementation; subclasses set how it runs."""
+
+    IMPL = TA.Impl.TRITON
+    INTERPRET = True
+    HEAD_DIMS = (16, 32)
+    DTYPES = (jnp.float32,)
+    EXAMPLES = 8
+
+    def run(self, case, block_sizes=None):
+        return TA.tree_attention(**case, impl=self.IMPL, interpret=self.INTERPRET,
+                                 block_sizes=block_sizes)
+
+    def check(self, case, block_sizes=None):
+        got = self.run(case, block_sizes)
+        dtype = case["q_BTHD"].dtype
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), reference_of(case),
+                                   **tolerance(dtype))
+
+    @pytest.mark.parametrize("tree,T", [("chain", 1), ("chain", 7), ("star", 9),
+                                        ("chain-causal", 16), ("random", 33)])
+    def test_named_shapes(self, tree, T):
+        """T = 1 (decode), a chain given as a mask, a star, a causal block (no mask), a
+        random tree spanning two mask words; rows of different lengths; GQA 4."""
+        for dtype in self.DTYPES:
+            case = make_case(B=3, T=T, K=2, G=4, D=self.HEAD_DIMS[-1], S=160,
+                             tree=tree.split("-")[0], causal=tree.endswith("causal"),
+                             window=None, dtype=dtype, seed=T)
+            self.check(case, TA.BlockSizes(block_k=32, block_m=32, num_splits=3))
+
+    def test_one_deep_path_with_window(self):
+        for dtype in self.DTYPES:
+            case = make_case(B=2, T=24, K=1, G=2, D=self.HEAD_DIMS[0], S=96, tree="chain",
+                             window=20, dtype=dtype, seed=5)
+            self.check(case, TA.BlockSizes(block_k=16, num_splits=2))
+
+    def test_hypothesis_shapes(self):
+        @settings(max_examples=self.EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(
+            B=st.integers(1, 3), T=st.sampled_from([1, 2, 5, 16, 31, 40]),
+            K=st.sampled_from([1, 2]), G=st.sampled_from([1, 2, 4, 8]),
+            D=st.sampled_from(self.HEAD_DIMS), extra=st.integers(0, 100),
+            tree=st.sampled_from(["chain", "star", "random"]),
+            window=st.sampled_from([None, 3, 50]), splits=st.sampled_from([None, 1, 4]),
+            seed=st.integers(0, 2**16), dtype=st.sampled_from(self.DTYPES),
+        )
+        def prop(B, T, K, G, D, extra, tree, window, splits, seed, dtype):
+            S = self.round_slots(T + extra + 16)
+            case = make_case(B=B, T=T, K=K, G=G, D=D, S=S, tree=tree, window=window,
+                             dtype=dtype, seed=seed)
+            self.check(case, TA.BlockSizes(block_k=16, num_splits=splits))
+
+        prop()
+
+    @staticmethod
+    def round_slots(n):
+        return n
+
+
+class TestTritonInterpret(TritonSuite):
+    pass
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+class TestTritonOnGPU(TritonSuite):
+    INTERPRET = False
+    HEAD_DIMS = (64, 128)
+    DTYPES = (jnp.float32, jnp.bfloat16)
+    EXAMPLES = 40
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="TPU interpret mode: CPU runs")
+class TestMosaicInterpret(TritonSuite):
+    IMPL = TA.Impl.MOSAIC
+    HEAD_DIMS = (128,)
+    EXAMPLES = 4
+
+    def run(self, case, block_sizes=None):
+        try:
+            return TA.tree_attention(**case, impl=self.IMPL, interpret=True,
+                                     block_sizes=block_sizes)
+        finally:
+            pltpu.reset_tpu_interpret_mode_state()
+
+    @staticmethod
+    def round_slots(n):
+        return -(-n // 16) * 16  # TPU key blocks divide the cache
+
+
+# ------------------------------------------------------------ lowering for real platforms
+
+SD = jax.ShapeDtypeStruct
+
+
+def abstract_args(B=2, T=16, H=32, K=8, D=128, S=256, dtype=jnp.bfloat16):
+    return (SD((B, T, H, D), dtype), SD((B, S, K, D), dtype), SD((B, S, K, D), dtype),
+            SD((B,), jnp.int32), SD((B, T), jnp.int32), SD((B, T, T), jnp.bool_))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("T,window", [(1, None), (16, None), (64, 100)])
+def test_mosaic_lowers_for_tpu(dtype, T, window):
+    def f(*args):
+        return tpu.tree_attention_tpu(*args, num_heads=32, window=window,
+                                      block_sizes=TA.default_block_sizes(TA.Impl.MOSAIC, 256))
+
+    jax.jit(f).trace(*abstract_args(T=T, dtype=dtype)).lower(lowering_platforms=("tpu",))
+
+
+def _lower_cuda(fn, args):
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=device)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("T,window", [(1, None), (16, None), (64, 100)])
+def test_triton_lowers_for_cuda(dtype, T, window):
+    def f(*args):
+        return gpu.tree_attention_gpu(*args, num_heads=32, window=window,
+                                      block_sizes=TA.BlockSizes())
+
+    assert "tree_attention" in _lower_cuda(f, abstract_args(T=T, dtype=dtype)).as_text()
+
+
+def test_block_rule_violations_are_caught():
+    # Mosaic: a key block of 12 rows breaks the (8, 128) tiling rule when lowering.
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        jax.jit(lambda *a: tpu.tree_attention_tpu(
+            *a, num_heads=32, window=None, block_sizes=TA.BlockSizes(block_k=12))
+        ).trace(*abstract_args(S=48)).lower(lowering_platforms=("tpu",))
+    # Triton: the wrapper's static check names the rule before anything is traced.
+    q = jnp.zeros((1, 1, 4, 24))
+    kv = jnp.zeros((1, 32, 2, 24))
+    with pytest.raises(ValueError, match="head_dim=24 must be a power of two"):
+        TA.tree_attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]), impl=TA.Impl.TRITON)
+    with pytest.raises(ValueError, match="block_k=8 must be a power of two >= 16"):
+        TA.tree_attention(jnp.zeros((1, 1, 4, 32)), jnp.zeros((1, 32, 2, 32)),
+                          jnp.zeros((1, 32, 2, 32)), jnp.array([0]), jnp.array([[0]]),
+                          impl=TA.Impl.TRITON, block_sizes=TA.BlockSizes(block_k=8))
+    with pytest.raises(ValueError, match="at most 128"):
+        TA.tree_attention(jnp.zeros((1, 129, 4, 32)), jnp.zeros((1, 256, 2, 32)),
+                          jnp.zeros((1, 256, 2, 32)), jnp.array([0]), jnp.zeros((1, 129), int),
+                          impl=TA.Impl.MOSAIC)
+
+
+# --------------------------------------------------------------------- dispatch and wiring
+
+
+def test_dispatch_and_bad_arguments():
+    case = make_case(B=1, T=3, K=1, G=2, D=16, S=32, tree="star", window=None,
+                     dtype=jnp.float32, seed=0)
+    if jax.default_backend() == "cpu":  # AUTO is the reference on CPU
+        np.testing.assert_array_equal(TA.tree_attention(**case), reference_of(case))
+        with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' backend"):
+            L.attention_kernel(L.AttentionImpl.PALLAS)
+    with pytest.raises(TypeError, match="Impl"):
+        TA.tree_attention(**case, impl="triton")
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        TA.tree_attention(**{**case, "window": 0})
+    with pytest.raises(ValueError, match="mask must be"):
+        TA.tree_attention(**{**case, "mask_BTT": case["mask_BTT"][:, :2]})
+    with pytest.raises(ValueError, match="not a multiple of KV heads"):
+        TA.tree_attention(**{**case, "k_BSKD": jnp.zeros((1, 32, 3, 16)),
+                             "v_BSKD": jnp.zeros((1, 32, 3, 16))})
+
+
+def test_entry_point_kernel_gradients_come_from_the_reference():
+    case = make_case(B=2, T=5, K=2, G=2, D=16, S=32, tree="random", window=None,
+                     dtype=jnp.float32, seed=3)
+    rest = (case["lengths_B"], case["positions_BT"])
+
+    def loss(impl, q, k, v):
+        out = L.attention(q, k, v, *rest, mask_BTT=case["mask_BTT"], impl=impl)
+        return jnp.sum(jnp.sin(out))
+
+    args = (case["q_BTHD"], case["k_BSKD"], case["v_BSKD"])
+    got = jax.value_and_grad(lambda *a: loss(L.AttentionImpl.PALLAS_INTERPRET, *a),
+                             argnums=(0, 1, 2))(*args)
+    want = jax.value_and_grad(lambda *a: loss(L.AttentionImpl.REFERENCE, *a),
+                              argnums=(0, 1, 2))(*args)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_model_with_the_kernel_decodes_like_the_reference(loaded):
+    """Generate and tree speculative decoding with the (interpreted) kernel give the same
+    greedy tokens as the reference path, on a ragged batch and under tp = 2."""
+    model = loaded("llama-gqa")
+    prompts = [[3, 17, 9, 22, 5], [8, 1], [40, 41, 42]]
+    want = jaxdec.generate(model, prompts, max_new_tokens=6).tokens
+    kernel_model = model.with_attention("pallas_interpret")
+    assert kernel_model.attention is jaxdec.AttentionImpl.PALLAS_INTERPRET
+    np.testing.assert_array_equal(jaxdec.generate(kernel_model, prompts, max_new_tokens=6).tokens,
+                                  want)
+    spec = jaxdec.speculative_generate(kernel_model, jaxdec.drafters.DraftModel(kernel_model),
+                                       prompts, max_new_tokens=6, tree=jaxdec.tree.kary(2, 2))
+    np.testing.assert_array_equal(spec.tokens, want)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        model.with_attention("flash")
+
+
+def test_pallas_impl_is_refused_without_a_kernel_backend():
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU only")
+    q = jnp.zeros((1, 1, 2, 16))
+    kv = jnp.zeros((1, 16, 1, 16))
+    with pytest.raises(ValueError, match="PALLAS_INTERPRET"):
+        L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]), impl=L.AttentionImpl.PALLAS)
+    assert math.isfinite(float(L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]))[0, 0, 0, 0]))
