@@ -132,7 +132,9 @@ def case_cost(batch, context, T, spec) -> tuple[int, int]:
     return nbytes, flops
 
 
-def run(preset: str, spec: dict, emit) -> list[dict]:
+def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dict]:
+    """Every case of a preset; `on_case(records so far)` after each (so a run cut off by the
+    device call's time limit keeps what it measured)."""
     import jax
     import jax.numpy as jnp
 
@@ -184,6 +186,7 @@ def run(preset: str, spec: dict, emit) -> list[dict]:
                     f"{n} {t * 1e6:.1f} us" for n, t in times.items())
                     + f" (roofline {roofline_s * 1e6:.1f} us)")
                 del inputs
+                on_case(records)
     return records
 
 
@@ -270,7 +273,9 @@ def main(argv=None) -> int:
             if value < 1:
                 raise SystemExit(f"--{name} must be >= 1, got {value}")
             spec[name] = value
-    records = run(args.preset, spec, lambda line: print(line, flush=True))
+    out = args.out
+    records = run(args.preset, spec, lambda line: print(line, flush=True),
+                  on_case=lambda so_far: write_outputs(out, list(so_far)))
     path = write_outputs(args.out, records)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0 if all(r.get("error") is None for r in records) else 1
