@@ -22,6 +22,7 @@ from jaxdec.pallas_kernels import tree_attention
 attention_reference = tree_attention.tree_attention_reference
 visible_slots = tree_attention.visible_slots
 
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with the statistics in fp32; the scale is applied in the input dtype."""
     x32 = x.astype(jnp.float32)

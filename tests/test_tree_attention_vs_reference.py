@@ -363,4 +363,9 @@ def test_pallas_impl_is_refused_without_a_kernel_backend():
     kv = jnp.zeros((1, 16, 1, 16))
     with pytest.raises(ValueError, match="PALLAS_INTERPRET"):
         L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]), impl=L.AttentionImpl.PALLAS)
+    config = jaxdec.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+    model = jaxdec.init_model(config, jax.random.key(0)).with_attention("pallas")
+    with pytest.raises(ValueError, match="no Pallas kernel"):  # in generate's checks
+        jaxdec.generate(model, [[1, 2]], max_new_tokens=2)
     assert math.isfinite(float(L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]))[0, 0, 0, 0]))
