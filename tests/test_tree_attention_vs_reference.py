@@ -256,7 +256,7 @@ def abstract_args(B=2, T=16, H=32, K=8, D=128, S=256, dtype=jnp.bfloat16):
 @pytest.mark.parametrize("T,window", [(1, None), (16, None), (64, 100)])
 def test_mosaic_lowers_for_tpu(dtype, T, window):
     def f(*args):
-        return tpu.tree_attention_tpu(*args, num_heads=32, window=window,
+        return tpu.tree_attention_tpu(*args, window=window,
                                       block_sizes=TA.default_block_sizes(TA.Impl.MOSAIC, 256))
 
     jax.jit(f).trace(*abstract_args(T=T, dtype=dtype)).lower(lowering_platforms=("tpu",))
@@ -272,7 +272,7 @@ def _lower_cuda(fn, args):
 @pytest.mark.parametrize("T,window", [(1, None), (16, None), (64, 100)])
 def test_triton_lowers_for_cuda(dtype, T, window):
     def f(*args):
-        return gpu.tree_attention_gpu(*args, num_heads=32, window=window,
+        return gpu.tree_attention_gpu(*args, window=window,
                                       block_sizes=TA.BlockSizes())
 
     assert "tree_attention" in _lower_cuda(f, abstract_args(T=T, dtype=dtype)).as_text()
@@ -282,7 +282,7 @@ def test_block_rule_violations_are_caught():
     # Mosaic: a key block of 12 rows breaks the (8, 128) tiling rule when lowering.
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         jax.jit(lambda *a: tpu.tree_attention_tpu(
-            *a, num_heads=32, window=None, block_sizes=TA.BlockSizes(block_k=12))
+            *a, window=None, block_sizes=TA.BlockSizes(block_k=12))
         ).trace(*abstract_args(S=48)).lower(lowering_platforms=("tpu",))
     # Triton: the wrapper's static check names the rule before anything is traced.
     q = jnp.zeros((1, 1, 4, 24))

@@ -125,5 +125,5 @@ def tree_attention(
     fn = gpu.tree_attention_gpu if impl is Impl.TRITON else tpu.tree_attention_tpu
     return fn(
         q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
-        num_heads=q_BTHD.shape[2], window=window, block_sizes=block_sizes, interpret=interpret,
+        window=window, block_sizes=block_sizes, interpret=interpret,
     )

@@ -20,6 +20,7 @@ D head dim, M packed query rows, N splits, W mask words.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,32 @@ def mask_words(
     words = jnp.repeat(words, G, axis=1)  # [B, T * G, W]
     words = jnp.pad(words, ((0, 0), (0, rows - T * G), (0, 0)))  # padded rows see no new key
     return words.transpose(0, 2, 1)
+
+
+class Packed(NamedTuple):
+    """The kernels' inputs besides the cache (see the module doc for the layout)."""
+
+    q_BKMD: jax.Array
+    pos_BM: jax.Array
+    words_BWM: jax.Array
+    lengths_B: jax.Array
+    lo_B: jax.Array
+    hi_B: jax.Array
+    precision: Any  # HIGHEST for fp32 inputs (IEEE dots, not TF32), else None
+
+
+def pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, *, num_kv_heads: int, rows: int,
+                window: int | None, block_k: int) -> Packed:
+    """Everything both kernels read besides the cache, in the packed layout."""
+    G = q_BTHD.shape[2] // num_kv_heads
+    lo_B, hi_B = kv_ranges(lengths_B, positions_BT, window, block_k)
+    return Packed(
+        q_BKMD=pack_queries(q_BTHD, num_kv_heads, rows),
+        pos_BM=row_positions(positions_BT, G, rows),
+        words_BWM=mask_words(positions_BT, mask_BTT, window, G, rows),
+        lengths_B=lengths_B.astype(jnp.int32), lo_B=lo_B, hi_B=hi_B,
+        precision=jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None,
+    )
 
 
 def kv_ranges(

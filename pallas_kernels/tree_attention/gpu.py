@@ -108,11 +108,11 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_heads", "window", "block_sizes", "interpret")
+    jax.jit, static_argnames=("window", "block_sizes", "interpret")
 )
 def tree_attention_gpu(
     q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
-    num_heads: int, window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
+    window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
 ):
     """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=TRITON)."""
     B, T, H, D = q_BTHD.shape
@@ -124,16 +124,13 @@ def tree_attention_gpu(
     row_tiles = rows // block_m
     N = block_sizes.num_splits or common.default_num_splits(B, K, row_tiles, S, rows, bk)
     W = common.num_words(T)
-
-    q_BKMD = common.pack_queries(q_BTHD, K, rows)
-    pos_BM = common.row_positions(positions_BT, G, rows)
-    words_BWM = common.mask_words(positions_BT, mask_BTT, window, G, rows)
-    lo_B, hi_B = common.kv_ranges(lengths_B, positions_BT, window, bk)
-    precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
+    packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
+                                rows=rows, window=window, block_k=bk)
 
     kernel = functools.partial(
         _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, window=window,
-        scale=D**-0.5, precision=(precision, precision) if precision else None,
+        scale=D**-0.5,
+        precision=(packed.precision,) * 2 if packed.precision else None,
     )
     scalar = pl.BlockSpec((None,), lambda b, i, n: (b,))
     o, m, l = pl.pallas_call(
@@ -165,7 +162,8 @@ def tree_attention_gpu(
         ),
         interpret=interpret,
         name="tree_attention",
-    )(lengths_B.astype(jnp.int32), lo_B, hi_B, q_BKMD, k_BSKD, v_BSKD, pos_BM, words_BWM)
+    )(packed.lengths_B, packed.lo_B, packed.hi_B, packed.q_BKMD, k_BSKD, v_BSKD, packed.pos_BM,
+      packed.words_BWM)
     # A barrier between the kernel and the combine: fusing the combine's max into its
     # consumers has produced NaNs in flash-decoding combines on GPU; it costs nothing.
     m = jax.lax.optimization_barrier(m)

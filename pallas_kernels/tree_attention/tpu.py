@@ -102,11 +102,11 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_heads", "window", "block_sizes", "interpret")
+    jax.jit, static_argnames=("window", "block_sizes", "interpret")
 )
 def tree_attention_tpu(
     q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
-    num_heads: int, window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
+    window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
 ):
     """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC)."""
     B, T, H, D = q_BTHD.shape
@@ -118,13 +118,12 @@ def tree_attention_tpu(
     blocks_per_split = -(-(S // bk) // N)
     W = common.num_words(T)
 
-    q_BKMD = common.pack_queries(q_BTHD, K, rows)
-    pos_BM1 = common.row_positions(positions_BT, G, rows)[..., None]
-    words_BMW = common.mask_words(positions_BT, mask_BTT, window, G, rows).transpose(0, 2, 1)
-    lo_B, hi_B = common.kv_ranges(lengths_B, positions_BT, window, bk)
+    packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
+                                rows=rows, window=window, block_k=bk)
+    pos_BM1 = packed.pos_BM[..., None]  # per-row vectors as [M, 1] columns
+    words_BMW = packed.words_BWM.transpose(0, 2, 1)
     k_BSX = k_BSKD.reshape(B, S, K * D)  # free: contiguous
     v_BSX = v_BSKD.reshape(B, S, K * D)
-    precision = jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None
 
     def kv_index(b, k, n, i, lengths_ref, lo_ref, hi_ref):
         last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, bk) - 1, 0)
@@ -134,7 +133,7 @@ def tree_attention_tpu(
     out_block = lambda b, k, n, i, *_: (b, k, n, 0, 0)  # noqa: E731
     kernel = functools.partial(
         _kernel, block_k=bk, blocks_per_split=blocks_per_split, num_words=W, window=window,
-        scale=D**-0.5, precision=precision,
+        scale=D**-0.5, precision=packed.precision,
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -170,6 +169,7 @@ def tree_attention_tpu(
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="tree_attention",
-    )(lengths_B.astype(jnp.int32), lo_B, hi_B, q_BKMD, k_BSX, v_BSX, pos_BM1, words_BMW)
+    )(packed.lengths_B, packed.lo_B, packed.hi_B, packed.q_BKMD, k_BSX, v_BSX, pos_BM1,
+      words_BMW)
     out = common.combine(o, m[..., 0], l[..., 0])
     return common.unpack_output(out, T, H).astype(q_BTHD.dtype)
