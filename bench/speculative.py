@@ -16,9 +16,16 @@ Presets:
                         probability 1 - rate (rates 0.6 / 0.8 / 0.9): the regime real
                         deployments live in (a cheap, good draft against a big target).
   cpu-tiny, synthetic-tiny   the same on CPU-sized models (tests run them).
-`--target DIR --draft DIR` reuse trained models instead of training. `--attention reference`
-runs target and draft on the jnp attention path instead of the Pallas tree-attention kernel
-(the default on GPU/TPU); records of both accumulate side by side.
+`--target DIR --draft DIR` reuse trained models instead of training; when the call trains
+both, it also writes the training record (`train-<device>.json/.md`, as bench/train.py does),
+so one call measures training and decoding. `--attention reference` runs target and draft on
+the jnp attention path instead of the Pallas tree-attention kernel (the default on GPU/TPU);
+`--attention auto,reference` runs both side by side in one call (each batch size and
+temperature on both paths before the next). `--budget-s` overrides the preset's time budget;
+runs it leaves out are recorded as skipped, and `--resume` runs only what the output file does
+not hold yet (training again: a trained preset's models do not outlive the call), so calls cut
+short by the device's limits add up to the whole table. Each record's speedup compares runs of
+one process (same models, same prompts).
 
 Every speculative run is compared with `jaxdec.generate` on the same prompts, batch and
 sampler in the same process: speedup_vs_ar = plain seconds / speculative seconds for the same
@@ -107,67 +114,123 @@ def record(common, **fields):
 # ------------------------------------------------------------------- trained targets
 
 
+def method_label(method: str) -> tuple[str, str]:
+    """(record method, record tree) of a --methods entry, e.g. 'draft:chain:4' ->
+    ('draft', 'chain(4)'); a skipped run is recorded under the same key as a finished one."""
+    if method.startswith("draft:"):
+        return "draft", TREES[method.removeprefix("draft:")]
+    if method == "lookup":
+        return "lookup", "trie (3 x 6)"
+    if method == "retrieval":
+        return "retrieval", "trie (4 x 6)"
+    raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+
+
 def _drafter_for(method, target, draft, corpus_texts):
+    """(drafter, topology or None for the drafter's default)."""
+    method_label(method)  # rejects unknown methods
     if method.startswith("draft:"):
         spec = method.removeprefix("draft:")
         topology = (jaxdec.tree.from_choices([[0], [1], [0, 0], [1, 0], [0, 1], [0, 0, 0],
                                               [0, 0, 0, 0]])
                     if spec == "choices" else jaxdec.tree.parse(spec))
-        return drafters.DraftModel(draft), topology, TREES[spec]
+        return drafters.DraftModel(draft), topology
     if method == "lookup":
-        d = drafters.PromptLookup()
-        return d, None, "trie (3 x 6)"
-    if method == "retrieval":
-        d = drafters.Retrieval.from_texts(corpus_texts, target.tokenizer)
-        return d, None, "trie (4 x 6)"
-    raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+        return drafters.PromptLookup(), None
+    return drafters.Retrieval.from_texts(corpus_texts, target.tokenizer), None
 
 
-def run_trained(preset: Preset, args, common, deadline, emit):
+def run_trained(preset: Preset, args, common, deadline, emit, measured):
     from jaxdec.demo import heldout_prompts
     from jaxdec.train import get_preset, train_draft, train_lm
 
-    train_preset = get_preset(preset.train_preset)
+    from bench import train as train_bench
+
+    def pending(attention, batch, temperature):
+        return [m for m in preset.methods
+                if (attention, *method_label(m), batch, temperature) not in measured]
+
+    if not any(pending(a, b, t) for a in args.attention for b in preset.batches
+               for t in preset.temperatures):
+        print("every run of this preset is already measured (--resume)", flush=True)
+        return
+    train_preset = train_bench.shrunk(get_preset(preset.train_preset), args)
     work = Path(tempfile.mkdtemp(prefix="jaxdec-bench-spec-"))
     target_dir, draft_dir = args.target, args.draft
+    if target_dir is None and draft_dir is None:
+        # Both trained here: the training figures (bench/train.py's record) come for free.
+        train_record = train_bench.run(train_preset, work)
+        target_dir, draft_dir = str(work / "target"), str(work / "draft")
+        path = args.out / f"train-{device_slug(train_record['device'])}.json"
+        train_bench.write_outputs(path, train_record)
+        print(json.dumps(train_record), flush=True)
     if target_dir is None:
         target_dir = str(work / "target")
         train_lm(train_preset, target_dir)
     if draft_dir is None:
         draft_dir = str(work / "draft")
         train_draft(target_dir, train_preset, draft_dir)
-    target = jaxdec.load_pretrained(target_dir).with_attention(args.attention)
-    draft = jaxdec.load_pretrained(draft_dir).with_attention(args.attention)
-    prompts = heldout_prompts(target.tokenizer, count=max(preset.batches),
-                              length=preset.prompt_tokens)
+    models = {attention: (jaxdec.load_pretrained(target_dir).with_attention(attention),
+                          jaxdec.load_pretrained(draft_dir).with_attention(attention))
+              for attention in args.attention}
+    tokenizer = models[args.attention[0]][0].tokenizer
+    prompts = heldout_prompts(tokenizer, count=max(preset.batches), length=preset.prompt_tokens)
     prompts = (prompts * max(preset.batches))[: max(preset.batches)]
     corpus = data.load_corpus(max_train_bytes=train_preset.max_train_bytes).train_texts
+    built = {}  # drafters are built once (retrieval encodes and indexes the whole corpus)
+
+    def drafter_for(method, attention, target, draft):
+        key = method if method == "retrieval" else (method, attention)
+        if key not in built:
+            built[key] = _drafter_for(method, target, draft, corpus)
+        return built[key]
+
+    def out_of_time():
+        return deadline is not None and time.monotonic() > deadline
+
     for temperature in preset.temperatures:
         sampler = jaxdec.Greedy() if temperature == 0 else jaxdec.Sampler(temperature=temperature)
         for batch in preset.batches:
             rows = prompts[:batch]
             gen = dict(max_new_tokens=preset.max_new_tokens, sampler=sampler,
                        key=jax.random.PRNGKey(0), return_timings=True)
-            plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen), args.repeats)
-            tokens = int(plain.lengths.sum())
-            emit(record(common, method="plain", tree=None, batch=batch, temperature=temperature,
-                        tau=1.0, tokens_per_s=tokens / plain_s, speedup_vs_ar=1.0,
-                        seconds=plain_s))
-            for method in preset.methods:
-                if deadline is not None and time.monotonic() > deadline:
-                    emit(record(common, method=method, batch=batch, temperature=temperature,
-                                error="skipped: time budget used up"))
+            # Both attention paths for one (temperature, batch) before the next, so a run cut
+            # short by its budget still has side-by-side figures.
+            for attention, (target, draft) in models.items():
+                methods = pending(attention, batch, temperature)
+                at = dict(common, attention=attention)
+                if out_of_time():
+                    for method in methods:
+                        name, tree_name = method_label(method)
+                        emit(record(at, method=name, tree=tree_name, batch=batch,
+                                    temperature=temperature,
+                                    error="skipped: time budget used up"))
                     continue
-                drafter, topology, tree_name = _drafter_for(method, target, draft, corpus)
-                spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
-                    target, drafter, rows, tree=topology, **gen), args.repeats)
-                same = bool(np.array_equal(spec.tokens, plain.tokens)) if temperature == 0 else None
-                emit(record(common, method=method.split(":")[0], tree=tree_name, batch=batch,
-                            temperature=temperature, tau=spec.stats.tau,
-                            acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
-                            tokens_per_s=int(spec.lengths.sum()) / spec_s,
-                            speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
-                            same_tokens_as_ar=same))
+                if not methods:
+                    continue
+                plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen),
+                                           args.repeats)
+                emit(record(at, method="plain", tree=None, batch=batch, temperature=temperature,
+                            tau=1.0, tokens_per_s=int(plain.lengths.sum()) / plain_s,
+                            speedup_vs_ar=1.0, seconds=plain_s))
+                for method in methods:
+                    name, tree_name = method_label(method)
+                    if out_of_time():
+                        emit(record(at, method=name, tree=tree_name, batch=batch,
+                                    temperature=temperature,
+                                    error="skipped: time budget used up"))
+                        continue
+                    drafter, topology = drafter_for(method, attention, target, draft)
+                    spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
+                        target, drafter, rows, tree=topology, **gen), args.repeats)
+                    same = (bool(np.array_equal(spec.tokens, plain.tokens)) if temperature == 0
+                            else None)
+                    emit(record(at, method=name, tree=tree_name, batch=batch,
+                                temperature=temperature, tau=spec.stats.tau,
+                                acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
+                                tokens_per_s=int(spec.lengths.sum()) / spec_s,
+                                speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
+                                same_tokens_as_ar=same))
 
 
 # --------------------------------------------------------------- the synthetic regime
@@ -187,33 +250,48 @@ def _synthetic_config(name: str):
                               max_position_embeddings=1024)
 
 
-def run_synthetic(preset: Preset, args, common, deadline, emit):
+def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
     config = _synthetic_config(args.preset)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    target = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
-    target = target.with_attention(args.attention)
+    base = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (max(preset.batches), preset.prompt_tokens))
     longest_chain = max(preset.chains)
     for batch in preset.batches:
         rows = prompts[:batch].tolist()
         gen = dict(max_new_tokens=preset.max_new_tokens, return_timings=True)
-        plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen), args.repeats)
-        emit(record(common, method="plain", tree=None, batch=batch, temperature=0.0, tau=1.0,
-                    tokens_per_s=int(plain.lengths.sum()) / plain_s, speedup_vs_ar=1.0,
-                    seconds=plain_s))
-        reference = jaxdec.generate(target, rows,
-                                    max_new_tokens=preset.max_new_tokens + longest_chain)
-        for chain in preset.chains:
-            for rate in preset.rates:
+        for attention in args.attention:  # side by side per batch size (see run_trained)
+            cells = [(chain, rate) for chain in preset.chains for rate in preset.rates
+                     if (attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
+                     not in measured]
+            at = dict(common, attention=attention)
+            if deadline is not None and time.monotonic() > deadline:
+                for chain, rate in cells:
+                    emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
+                                batch=batch, temperature=0.0,
+                                error="skipped: time budget used up"))
+                continue
+            if not cells:
+                continue
+            target = base.with_attention(attention)
+            plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen), args.repeats)
+            emit(record(at, method="plain", tree=None, batch=batch, temperature=0.0, tau=1.0,
+                        tokens_per_s=int(plain.lengths.sum()) / plain_s, speedup_vs_ar=1.0,
+                        seconds=plain_s))
+            # The continuation the oracle drafts from, on this attention path (bf16 paths may
+            # round differently).
+            reference = jaxdec.generate(target, rows,
+                                        max_new_tokens=preset.max_new_tokens + longest_chain)
+            for chain, rate in cells:
                 if deadline is not None and time.monotonic() > deadline:
-                    emit(record(common, method=f"oracle@{rate}", batch=batch, temperature=0.0,
+                    emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
+                                batch=batch, temperature=0.0,
                                 error="skipped: time budget used up"))
                     continue
                 drafter = CorruptedOracle(reference.tokens, rate, vocab_size=config.vocab_size)
                 spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
                     target, drafter, rows, tree=jaxdec.tree.chain(chain), **gen), args.repeats)
-                emit(record(common, method=f"oracle@{rate}", tree=f"chain({chain})",
+                emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
                             batch=batch, temperature=0.0, tau=spec.stats.tau,
                             acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
                             tokens_per_s=int(spec.lengths.sum()) / spec_s,
@@ -283,7 +361,8 @@ def render_markdown(records: list[dict]) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r.get("error"):
-                lines.append(f"| {r['method']} | – | {r['batch']} | {r['temperature']} | "
+                lines.append(f"| {r['method']} | {r.get('tree') or '–'} | {r['batch']} | "
+                             f"{r['temperature']} | "
                              f"{r['error']} | | | |")
                 continue
             same = {True: "yes", False: "NO", None: "–"}[r.get("same_tokens_as_ar")]
@@ -306,6 +385,14 @@ def _csv(kind):
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
 
+def _attention_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not names or any(n not in ("auto", "reference") for n in names):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, reference or auto,reference; got {text!r}")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -316,9 +403,19 @@ def main(argv=None) -> int:
     parser.add_argument("--temperatures", type=_csv(float))
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--attention", choices=("auto", "reference"), default="auto",
-                        help="attention of target and draft: auto = the Pallas tree-attention "
-                             "kernel on GPU/TPU; reference = the jnp path")
+    parser.add_argument("--attention", type=_attention_list, default=("auto",),
+                        help="attention of target and draft, one or both of auto,reference: "
+                             "auto = the Pallas tree-attention kernel on GPU/TPU; reference = "
+                             "the jnp path (both: side by side, the models trained once)")
+    parser.add_argument("--budget-s", type=float,
+                        help="stop starting runs after this many seconds, training included "
+                             "(default: the preset's)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the runs already measured without error in the output file "
+                             "(a call cut short by its budget is finished by the next)")
+    from bench.train import add_shrink_arguments
+
+    add_shrink_arguments(parser)  # for the trained presets' training
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -329,10 +426,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; methods: {', '.join(METHODS)}")
 
-    common = dict(preset=args.preset, attention=args.attention,
-                  device=jax.devices()[0].device_kind, date=utc_now(),
+    common = dict(preset=args.preset, device=jax.devices()[0].device_kind, date=utc_now(),
                   commit=git_commit(), max_new_tokens=preset.max_new_tokens, **versions())
-    deadline = None if preset.budget_s is None else time.monotonic() + preset.budget_s
+    budget_s = args.budget_s if args.budget_s is not None else preset.budget_s
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     records = []
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"speculative-{device_slug(common['device'])}.json"
@@ -344,8 +441,13 @@ def main(argv=None) -> int:
         path.with_suffix(".md").write_text(render_markdown(merged))
         print(json.dumps(rec), flush=True)
 
+    measured = set()
+    if args.resume and path.exists():
+        measured = {(r.get("attention", "auto"), r["method"], r.get("tree"), r["batch"],
+                     r["temperature"]) for r in json.loads(path.read_text())
+                    if r.get("preset") == args.preset and not r.get("error")}
     run = run_trained if preset.kind == "trained" else run_synthetic
-    run(preset, args, common, deadline, emit)
+    run(preset, args, common, deadline, emit, measured)
     print(path.with_suffix(".md").read_text())
     return 0 if all(not r.get("error") for r in records) else 1
 

@@ -87,30 +87,45 @@ def render_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shrink a training preset (tests run CPU presets in seconds with them)."""
+    parser.add_argument("--steps", type=int, help="override the target's training steps")
+    parser.add_argument("--draft-steps", type=int, help="override the draft's training steps")
+    parser.add_argument("--max-train-bytes", type=int, help="override the corpus budget")
+    parser.add_argument("--eval-tokens", type=int, help="override the held-out tokens evaluated")
+
+
+def shrunk(preset, args):
+    """`preset` with the overrides of `add_shrink_arguments` applied."""
+    overrides = {"target_steps": args.steps, "draft_steps": args.draft_steps,
+                 "max_train_bytes": args.max_train_bytes, "eval_tokens": args.eval_tokens}
+    return dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def main(argv=None) -> int:
     from jaxdec.train import get_preset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, help="cpu-tiny, gpu-small or gpu-base")
-    parser.add_argument("--steps", type=int, help="override the target's steps")
-    parser.add_argument("--draft-steps", type=int, help="override the draft's steps")
-    parser.add_argument("--max-train-bytes", type=int, help="override the corpus budget")
-    parser.add_argument("--eval-tokens", type=int, help="override the held-out tokens evaluated")
+    add_shrink_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    preset = get_preset(args.preset)
-    overrides = {"target_steps": args.steps, "draft_steps": args.draft_steps,
-                 "max_train_bytes": args.max_train_bytes, "eval_tokens": args.eval_tokens}
-    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    preset = shrunk(get_preset(args.preset), args)
     with tempfile.TemporaryDirectory(prefix="jaxdec-bench-train-") as work:
         record = run(preset, Path(work))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train-{device_slug(record['device'])}.json"
+    write_outputs(path, record)
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
+def write_outputs(path: Path, record: dict) -> None:
+    """Merges `record` into `path` (replacing one of the same preset) and rewrites the
+    Markdown table beside it."""
     records = merge_records(path, [record], key="preset")
     path.write_text(json.dumps(records, indent=2) + "\n")
     path.with_suffix(".md").write_text(render_markdown(records))
-    print(path.with_suffix(".md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

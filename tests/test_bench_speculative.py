@@ -11,12 +11,12 @@ REQUIRED = ("method", "tree", "batch", "temperature", "tau", "tokens_per_s", "sp
             "device", "jax_version", "date")
 
 
-def _run(args, out):
+def _run(args, out, returncode=0):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "speculative.py"), *args,
                            "--repeats", "1", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / "speculative-cpu.json").read_text())
 
 
@@ -41,3 +41,37 @@ def test_trained_models_path(tokenized_checkpoint, tmp_path):
     assert keys == {(m, t) for m in ("plain", "draft", "lookup") for t in (0.0, 1.0)}
     greedy_self = next(r for r in records if r["method"] == "draft" and r["temperature"] == 0)
     assert greedy_self["same_tokens_as_ar"] is True and greedy_self["tau"] == 5.0
+
+
+def test_training_inside_the_call_and_both_attention_paths(tmp_path):
+    """A trained preset with no --target/--draft trains both (shrunk here), writes the
+    training record beside its own, and `--attention auto,reference` records both paths."""
+    records = _run(["--preset", "cpu-tiny", "--steps", "3", "--draft-steps", "3",
+                    "--max-train-bytes", "100000", "--eval-tokens", "2048",
+                    "--methods", "draft:chain:4", "--batches", "1", "--temperatures", "0",
+                    "--max-new-tokens", "6", "--attention", "auto,reference"], tmp_path)
+    assert {(r["attention"], r["method"]) for r in records} == {
+        (a, m) for a in ("auto", "reference") for m in ("plain", "draft")}
+    assert all(r["same_tokens_as_ar"] for r in records if r["method"] == "draft")
+    train = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert [r["preset"] for r in train] == ["cpu-tiny"] and train[0]["steps"] == 3
+    assert 0 < train[0]["acceptance_after"] < 1
+    assert "| cpu-tiny |" in (tmp_path / "train-cpu.md").read_text()
+
+
+def test_resume_finishes_what_the_budget_left_out(tmp_path):
+    """Runs skipped for time are recorded under the key their finished run will have, and
+    `--resume` runs exactly those."""
+    sys.path.insert(0, str(REPO))
+    from bench.speculative import RECORD_KEY, method_label
+
+    assert method_label("draft:kary:3:2") == ("draft", "kary(3, 2)")
+    assert method_label("lookup")[0] == "lookup"
+    args = ["--preset", "synthetic-tiny", "--batches", "1", "--resume"]
+    skipped = _run(args + ["--budget-s", "0"], tmp_path, returncode=1)  # incomplete: says so
+    assert len(skipped) == 3 and all(r["error"].startswith("skipped") for r in skipped)
+    done = _run(args, tmp_path)
+    assert len(done) == 4 and not any(r.get("error") for r in done)  # plain + 3 rates
+    assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
+        tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
+    assert _run(args, tmp_path) == done  # nothing left to run

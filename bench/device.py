@@ -1,0 +1,353 @@
+"""Every outstanding accelerator measurement, in one device call, within a time budget.
+
+A lent GPU machine comes for minutes at a time and keeps nothing between calls, so this runs
+the checks and benchmarks in priority order, each as a subprocess with its own time limit,
+skips those whose results for this device are already committed in `bench/results/`, and
+hands back everything in one archive. Usage on the lent machine (one call):
+
+    python3 bench/device.py --out $OUT
+
+then here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
+
+Steps of the `gpu` plan, in order (`--list` prints them with their commands):
+  gpu-tests        the tree-attention kernel tests compiled on the card (`pytest -k OnGPU`,
+                   fp32 / bf16 / fp16), recorded as `gpu-tests-<device>.json/.md`
+  kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
+  decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
+                   attention vs transformers)
+  spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto,reference (trains
+                   the preset's target and draft, so it also writes `train-<device>.json`)
+  spec-gpu-base    the same for gpu-base
+  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention auto,reference
+
+A step is started only while at least its `min_s` of the budget is left, and is stopped (its
+whole process group) at its own cap or when the budget runs out; the benchmarks write their
+outputs after every case, so a stopped step keeps what it measured and a later call (with
+`--redo STEP`, or automatically when the step recorded errors) finishes it. The `cpu-tiny`
+plan runs the same steps on CPU presets in a minute (the test suite runs it so this file
+cannot rot).
+
+Outputs under `--out`: `results.tar.gz` (every result file of this device, the committed ones
+merged with this call's: JSON and Markdown), `device-log.txt` (all output) and
+`device-summary.json` (per step: status, seconds, return code). The archive is rewritten after
+every step, so even a call cut off by its own limit returns what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (  # noqa: E402
+    RESULTS, device_slug, git_commit, merge_records, utc_now, versions)
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ARCHIVE = "results.tar.gz"
+
+
+def _records(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return records if isinstance(records, list) else []
+
+
+def _complete(file: str, **match) -> Callable[[Path, str], bool]:
+    """Done when `<file>-<device>.json` has records matching `match` (field -> one value or a
+    tuple of values, every value present) and none of them carries an error."""
+
+    def done(results: Path, slug: str) -> bool:
+        rows = [r for r in _records(results / f"{file}-{slug}.json")
+                if all(r.get(k) in (v if isinstance(v, tuple) else (v,))
+                       for k, v in match.items())]
+        if not rows or any(r.get("error") for r in rows):
+            return False
+        return all({r.get(k) for r in rows} >= set(v if isinstance(v, tuple) else (v,))
+                   for k, v in match.items())
+
+    return done
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]  # after the interpreter; `{out}` is the results folder, `{budget}`
+    # the seconds this step may still use
+    done: Callable[[Path, str], bool]
+    min_s: float  # not started with less budget left than this
+    cap_s: float  # stopped after this long at the latest
+    pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
+
+
+def plan(name: str) -> list[Step]:
+    both = ("auto", "reference")
+    if name == "gpu":
+        return [
+            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_tree_attention_vs_reference.py", "-k", "OnGPU"),
+                 _complete("gpu-tests", plan="gpu"), min_s=60, cap_s=300, pytest=True),
+            Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
+                 _complete("kernels", preset="h100", impl=("pallas", "reference")),
+                 min_s=90, cap_s=300),
+            Step("decode", ("bench/decode.py", "--preset", "h100", "--budget-s", "{budget}",
+                            "--out", "{out}"),
+                 # hf-compile is welcome but not required: a torch.compile failure there
+                 # should not make every later call repeat the whole step.
+                 _complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference",
+                                                          "hf-eager")),
+                 min_s=240, cap_s=540),
+            Step("spec-gpu-small", ("bench/speculative.py", "--preset", "gpu-small",
+                                    "--attention", "auto,reference", "--resume",
+                                    "--budget-s", "{budget}", "--out", "{out}"),
+                 _complete("speculative", preset="gpu-small", attention=both),
+                 min_s=300, cap_s=560),
+            Step("spec-gpu-base", ("bench/speculative.py", "--preset", "gpu-base",
+                                   "--attention", "auto,reference", "--resume",
+                                   "--budget-s", "{budget}", "--out", "{out}"),
+                 _complete("speculative", preset="gpu-base", attention=both),
+                 min_s=480, cap_s=560),
+            Step("spec-synthetic-8b", ("bench/speculative.py", "--preset", "synthetic-8b",
+                                       "--attention", "auto,reference", "--resume",
+                                       "--budget-s", "{budget}", "--out", "{out}"),
+                 _complete("speculative", preset="synthetic-8b", attention=both),
+                 min_s=240, cap_s=560),
+        ]
+    if name == "cpu-tiny":  # the same machinery on CPU presets, in about a minute
+        return [
+            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_tree_attention_vs_reference.py", "-k",
+                               "TestTritonInterpret and chain-1"),
+                 _complete("gpu-tests", plan="cpu-tiny"), min_s=5, cap_s=300, pytest=True),
+            Step("kernels", ("bench/kernels.py", "--preset", "cpu-tiny", "--out", "{out}"),
+                 _complete("kernels", preset="cpu-tiny", impl=("pallas", "reference")),
+                 min_s=5, cap_s=300),
+            Step("spec-synthetic-tiny", ("bench/speculative.py", "--preset", "synthetic-tiny",
+                                         "--batches", "1", "--repeats", "1",
+                                         "--attention", "auto,reference", "--resume",
+                                         "--budget-s", "{budget}", "--out", "{out}"),
+                 _complete("speculative", preset="synthetic-tiny", attention=both),
+                 min_s=5, cap_s=300),
+        ]
+    raise ValueError(f"unknown plan {name!r}; plans: gpu, cpu-tiny")
+
+
+# ------------------------------------------------------------------------- running
+
+
+class Log:
+    """Writes to the log file and to stdout (the device call returns stdout's tail)."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a", buffering=1)
+
+    def __call__(self, line: str) -> None:
+        line = line.rstrip("\n")
+        self.file.write(line + "\n")
+        print(line, flush=True)
+
+
+def run_command(argv: list[str], timeout_s: float, log: Log, env: dict) -> tuple[int | None, float]:
+    """(return code, or None when stopped at `timeout_s`; seconds). The command runs in its
+    own process group, so stopping it also stops the workers it started."""
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    reader = threading.Thread(target=lambda: [log(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=max(timeout_s, 1))
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        code = None
+    reader.join(timeout=5)
+    return code, time.monotonic() - started
+
+
+def device_name(env: dict) -> str:
+    """The accelerator's name, asked of a short-lived process (this one never initialises a
+    backend, so it holds no device memory while the steps run)."""
+    proc = subprocess.run([PY, "-c", "import jax; print(jax.devices()[0].device_kind)"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"could not query the device:\n{proc.stderr[-2000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
+                  seconds: float) -> dict:
+    counts = dict(tests=0, failures=0, errors=0, skipped=0)
+    try:
+        root = ET.parse(junit).getroot()
+        for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+            for k in counts:
+                counts[k] += int(suite.get(k, 0))
+    except (OSError, ET.ParseError):
+        pass
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    error = None
+    if code is None:
+        error = "stopped at its time limit"
+    elif code != 0 or counts["failures"] or counts["errors"] or passed <= 0:
+        error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
+                 f"errors, {passed} passed")
+    return dict(plan=plan_name, suite="tests/test_tree_attention_vs_reference.py",
+                passed=passed, failed=counts["failures"], errors=counts["errors"],
+                skipped=counts["skipped"], seconds=round(seconds, 1), error=error,
+                device=device, date=utc_now(), commit=git_commit(), **versions())
+
+
+def render_tests_markdown(records: list[dict]) -> str:
+    lines = ["# Kernel tests compiled on the device", "",
+             "| plan | device | passed | failed | errors | skipped | seconds | date | jax | "
+             "commit |", "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['plan']} | {r['device']} | {r['passed']} | {r['failed']} | "
+                     f"{r['errors']} | {r['skipped']} | {r['seconds']} | {r['date']} | "
+                     f"{r.get('jax_version')} | {r.get('commit')} |")
+    for r in records:
+        if r.get("error"):
+            lines.append(f"\n- {r['plan']}: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def pack(work: Path, slug: str, out: Path) -> None:
+    """Writes every `*-<slug>.{json,md}` under `work` to out/results.tar.gz (atomically)."""
+    partial = out / (ARCHIVE + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(work.glob(f"*-{slug}.*")):
+            if path.suffix in (".json", ".md"):
+                tar.add(path, arcname=path.name)
+    partial.replace(out / ARCHIVE)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plan", default="gpu", choices=("gpu", "cpu-tiny"))
+    parser.add_argument("--out", type=Path, help="where the archive, log and summary go")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall time for all steps (default 540: a device call allows 600)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="the committed results, merged into and used to skip steps")
+    parser.add_argument("--only", help="comma-separated step names to consider (default: all)")
+    parser.add_argument("--redo", default="",
+                        help="comma-separated step names to run even if their results are "
+                             "committed ('all' for every step)")
+    parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    steps = plan(args.plan)
+    names = [s.name for s in steps]
+    for flag in ("only", "redo"):
+        chosen = [n for n in (getattr(args, flag) or "").split(",") if n and n != "all"]
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            parser.error(f"--{flag}: unknown steps {unknown}; steps: {', '.join(names)}")
+    if args.only:
+        steps = [s for s in steps if s.name in args.only.split(",")]
+    if args.list:
+        for s in steps:
+            print(f"{s.name:18s} min {s.min_s:>4.0f} s, cap {s.cap_s:>4.0f} s: "
+                  f"python3 {' '.join(s.argv)}")
+        return 0
+    if args.out is None:
+        parser.error("--out is required (the folder the device call returns)")
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(args.out / "device-log.txt")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)  # never the test suite's fake CPU devices
+
+    try:  # (not find_spec: the checkout's own jaxdec/ folder is importable from here)
+        importlib.metadata.distribution("jaxdec")
+    except importlib.metadata.PackageNotFoundError:  # a bare machine: install the checkout
+        log("[device] installing jaxdec (editable, no dependencies)")
+        code, _ = run_command([PY, "-m", "pip", "install", "-q", "--no-deps",
+                               "--no-build-isolation", "-e", "."], 300, log, env)
+        if code != 0:
+            log("[device] pip install failed")
+            return 2
+    device = device_name(env)
+    slug = device_slug(device)
+    work = Path(tempfile.mkdtemp(prefix="jaxdec-device-"))
+    try:
+        return run_steps(args, steps, names, device, slug, work, log, env, started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
+    for path in args.results.glob(f"*-{slug}.*"):
+        shutil.copy(path, work / path.name)
+    redo = set(names) if args.redo == "all" else set(filter(None, args.redo.split(",")))
+    log(f"[device] {device} ({slug}), plan {args.plan}, budget {args.budget_s:.0f} s, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    summary = []
+    for step in steps:
+        left = args.budget_s - (time.monotonic() - started)
+        status, code, seconds = None, None, 0.0
+        if step.name not in redo and step.done(work, slug):
+            status = "already measured"
+        elif left < step.min_s:
+            status = f"not started: {left:.0f} s left, needs {step.min_s:.0f}"
+        else:
+            limit = min(step.cap_s, left)
+            budget = max(limit - 30, 1)  # the step's own budget leaves it time to write
+            argv = [PY] + [a.replace("{out}", str(work)).replace("{budget}", f"{budget:.0f}")
+                           for a in step.argv]
+            junit = work / "junit.xml"
+            if step.pytest:
+                argv += [f"--junitxml={junit}"]
+            log(f"[device] {step.name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
+            code, seconds = run_command(argv, limit, log, env)
+            if step.pytest:
+                record = pytest_record(junit, args.plan, device, code, seconds)
+                path = work / f"gpu-tests-{slug}.json"
+                merged = merge_records(path, [record], key=("plan", "device"))
+                path.write_text(json.dumps(merged, indent=2) + "\n")
+                path.with_suffix(".md").write_text(render_tests_markdown(merged))
+            status = ("stopped at its limit" if code is None
+                      else "finished" if code == 0 else f"exit code {code}")
+        summary.append(dict(step=step.name, status=status, return_code=code,
+                            seconds=round(seconds, 1)))
+        log(f"[device] {step.name}: {status}" + (f" after {seconds:.0f} s" if seconds else ""))
+        pack(work, slug, args.out)
+        (args.out / "device-summary.json").write_text(json.dumps(
+            dict(device=device, plan=args.plan, date=utc_now(), commit=git_commit(),
+                 steps=summary), indent=2) + "\n")
+    log("[device] summary: " + "; ".join(f"{s['step']} {s['status']}" for s in summary))
+    log(f"[device] results: {args.out / ARCHIVE} (tar -xzf it into bench/results)")
+    return 0 if all(s["status"] in ("finished", "already measured") for s in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench/device.py: the one-call device driver, on its CPU plan."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench import device  # noqa: E402
+
+
+def _drive(*args, returncode=0):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "device.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _archive(out: Path) -> dict[str, bytes]:
+    with tarfile.open(out / device.ARCHIVE) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "kernels-h100.json").write_text("[]")  # another device's file stays out
+    _drive("--plan", "cpu-tiny", "--out", tmp_path / "first", "--results", committed)
+    files = _archive(tmp_path / "first")
+    assert sorted(files) == sorted(f"{n}-cpu.{e}" for n in ("gpu-tests", "kernels", "speculative")
+                                   for e in ("json", "md"))
+    tests = json.loads(files["gpu-tests-cpu.json"])
+    assert len(tests) == 1 and tests[0]["passed"] >= 1 and tests[0]["error"] is None
+    kernels = json.loads(files["kernels-cpu.json"])
+    assert {r["impl"] for r in kernels} == {"pallas", "reference"}
+    spec = json.loads(files["speculative-cpu.json"])
+    assert {r["attention"] for r in spec} == {"auto", "reference"}
+    summary = json.loads((tmp_path / "first" / "device-summary.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["finished"] * 3
+    assert "[device] summary" in (tmp_path / "first" / "device-log.txt").read_text()
+
+    # The next call starts from those results (as if committed) and measures nothing again.
+    for name, data in files.items():
+        (committed / name).write_bytes(data)
+    _drive("--plan", "cpu-tiny", "--out", tmp_path / "second", "--results", committed)
+    summary = json.loads((tmp_path / "second" / "device-summary.json").read_text())
+    assert [s["status"] for s in summary["steps"]] == ["already measured"] * 3
+    assert _archive(tmp_path / "second") == files
+
+
+def test_budget_and_step_names(tmp_path):
+    out = _drive("--plan", "cpu-tiny", "--only", "kernels", "--budget-s", "2", "--out", tmp_path,
+                 returncode=1)
+    assert "kernels: not started" in out
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "device.py"), "--redo", "kernal",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown steps ['kernal']" in proc.stderr
+    listing = _drive("--list")
+    assert [line.split()[0] for line in listing.splitlines()] == [s.name for s in device.plan("gpu")]
+
+
+def test_completeness_rule(tmp_path):
+    done = device._complete("speculative", preset="p", attention=("auto", "reference"))
+    path = tmp_path / "speculative-h100.json"
+    assert not done(tmp_path, "h100")  # no file
+    rows = [{"preset": "p", "attention": "auto"}, {"preset": "q", "attention": "reference"}]
+    path.write_text(json.dumps(rows))
+    assert not done(tmp_path, "h100")  # the reference path is missing for preset p
+    rows.append({"preset": "p", "attention": "reference"})
+    path.write_text(json.dumps(rows))
+    assert done(tmp_path, "h100")
+    rows.append({"preset": "p", "attention": "auto", "error": "skipped: time budget used up"})
+    path.write_text(json.dumps(rows))
+    assert not done(tmp_path, "h100")
+
+
+def test_a_stopped_step_takes_its_children_with_it(tmp_path):
+    pid_file = tmp_path / "child"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen(['sleep', '120']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+              "time.sleep(120)")
+    lines = []
+    started = time.monotonic()
+    code, seconds = device.run_command([sys.executable, "-c", script], 3, lines.append,
+                                       dict(os.environ))
+    assert code is None and seconds < 30 and time.monotonic() - started < 60
+    assert lines == ["started\n"]
+    status = Path(f"/proc/{int(pid_file.read_text())}/status")
+    for _ in range(50):  # gone, or a zombie waiting to be reaped
+        if not status.exists() or "State:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the step's child process outlived the step")
