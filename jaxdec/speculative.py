@@ -21,7 +21,7 @@ from jax.experimental import io_callback
 
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
-from jaxdec.generate import _host_clock, prepare_batch, read_timings
+from jaxdec.generate import _host_clock, after_clock, prepare_batch, read_timings
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -124,7 +124,7 @@ def speculative_padded(
     stamps = []
     if timed:
         start = _clock()
-        start, tokens_BT = jax.lax.optimization_barrier((start, tokens_BT))
+        tokens_BT = after_clock(start, tokens_BT)
         stamps.append(start)
 
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -153,7 +153,7 @@ def speculative_padded(
         root = s.root_B
         if profile:
             t0 = _clock(root)
-            t0, root = jax.lax.optimization_barrier((t0, root))
+            root = after_clock(t0, root)
         proposal, dstate = drafter.propose(
             s.drafter_state, root, s.cache.lengths, jax.random.fold_in(step_key, 0),
             topology=topology, sampler=sampler)
@@ -164,7 +164,7 @@ def speculative_padded(
                                    valid=tree.valid & room)
         if profile:
             t1 = _clock(tree.tokens)
-            t1, tree = jax.lax.optimization_barrier((t1, tree))
+            tree = dataclasses.replace(tree, tokens=after_clock(t1, tree.tokens))
         logits, _, written = forward_with_cache(
             target, tree.tokens, tree.positions(s.cache.lengths), s.cache,
             mask_BTT=tree.ancestors)
