@@ -72,17 +72,16 @@ def _records(path: Path) -> list[dict]:
 
 
 def _complete(file: str, **match) -> Callable[[Path, str], bool]:
-    """Done when `<file>-<device>.json` has records matching `match` (field -> one value or a
-    tuple of values, every value present) and none of them carries an error."""
+    """Done when `<file>-<device>.json` has records matching `match` (field -> one value, or a
+    tuple of values that must all be present) and none of them carries an error."""
+    wanted = {k: v if isinstance(v, tuple) else (v,) for k, v in match.items()}
 
     def done(results: Path, slug: str) -> bool:
         rows = [r for r in _records(results / f"{file}-{slug}.json")
-                if all(r.get(k) in (v if isinstance(v, tuple) else (v,))
-                       for k, v in match.items())]
+                if all(r.get(k) in values for k, values in wanted.items())]
         if not rows or any(r.get("error") for r in rows):
             return False
-        return all({r.get(k) for r in rows} >= set(v if isinstance(v, tuple) else (v,))
-                   for k, v in match.items())
+        return all({r.get(k) for r in rows} >= set(values) for k, values in wanted.items())
 
     return done
 
@@ -90,10 +89,11 @@ def _complete(file: str, **match) -> Callable[[Path, str], bool]:
 @dataclasses.dataclass(frozen=True)
 class Step:
     name: str
-    argv: tuple[str, ...]  # after the interpreter; `{out}` is the results folder, `{budget}`
-    # the seconds this step may still use
-    done: Callable[[Path, str], bool]
-    min_s: float  # not started with less budget left than this
+    # The command after the interpreter: `{out}` stands for the results folder, `{budget}` for
+    # the seconds the step may use (less a margin for writing its outputs).
+    argv: tuple[str, ...]
+    done: Callable[[Path, str], bool]  # (results folder, device slug) -> measured already?
+    min_s: float  # not started with less of the budget left than this
     cap_s: float  # stopped after this long at the latest
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
 
