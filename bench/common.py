@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +52,17 @@ def device_slug(name: str | None) -> str:
         if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not token.endswith("gb"):
             return token
     return re.sub(r"[^a-z0-9]+", "-", lowered).strip("-")
+
+
+def device_name(env: dict | None = None) -> str:
+    """The name of jax's first device, asked of a short-lived process, so the caller never
+    initialises a backend (nor holds accelerator memory while its workers run)."""
+    proc = subprocess.run([sys.executable, "-c",
+                           "import jax; print(jax.devices()[0].device_kind)"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not query the device:\n{proc.stderr[-2000:]}")
+    return proc.stdout.strip().splitlines()[-1]
 
 
 def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -> list[dict]:

@@ -7,7 +7,9 @@ Usage (on the lent GPU machine, one call; results land in $OUT):
 
 and on a CPU, in seconds: `python3 bench/decode.py --preset cpu-tiny --out /tmp/bench`.
 `--batch-sizes 1,16 --context 2048 --new-tokens 128 --impls jaxdec,hf-eager,hf-compile`
-override the preset. Writes `decode-<device>.json` (a list of records, one per impl and batch
+override the preset; `--resume` keeps the impls the output file already holds (same
+configuration, every batch size finished) and runs only the others, so a call cut short is
+finished by the next. Writes `decode-<device>.json` (a list of records, one per impl and batch
 size) and `decode-<device>.md` (a table) to `--out` (default `bench/results/`).
 
 What runs
@@ -612,6 +614,29 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     return json_path, md_path
 
 
+def finished_records(out_dir: Path, preset: str, spec: dict) -> tuple[list[dict], float | None]:
+    """For --resume: the records in this device's output file of impls that finished every
+    batch size of the same configuration, and the bandwidth ceiling they were measured
+    against (the merged table uses the best ceiling of both calls)."""
+    from bench.common import device_name
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    path = out_dir / f"decode-{device_slug(device_name(env))}.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [], None
+    same = [r for r in old if r.get("preset") == preset and r.get("context") == spec["context"]
+            and r.get("new_tokens") == spec["new_tokens"]]
+    kept = []
+    for impl in dict.fromkeys(r["impl"] for r in same):
+        rows = {r["batch"]: r for r in same if r["impl"] == impl and r.get("error") is None}
+        if set(spec["batch_sizes"]) <= set(rows):
+            kept += [rows[b] for b in spec["batch_sizes"]]
+    ceiling = max((r["hbm_gbps"] for r in kept if r.get("hbm_gbps")), default=None)
+    return kept, ceiling
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     values = tuple(int(v) for v in text.split(",") if v.strip())
     if not values or min(values) < 1:
@@ -638,6 +663,9 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiles)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median is reported)")
     parser.add_argument("--budget-s", type=float, help="total worker wall time (default: preset's)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the impls the output file already holds for every batch size "
+                             "(same preset, context and new tokens) and run only the others")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -679,7 +707,15 @@ def main(argv=None) -> int:
                   commit=git_commit(), **versions())
     meta = dict(spec, preset=args.preset, description=preset.description)
     records, bandwidths, raw = [], {}, []
+    if args.resume:
+        raw, ceiling = finished_records(args.out, args.preset, spec)
+        if ceiling:
+            bandwidths["an earlier call's ceiling"] = ceiling
+    finished = {r["impl"] for r in raw}
     for impl in args.impls or preset.impls:
+        if impl in finished:
+            print(f"[decode bench] {impl}: already measured (--resume)", flush=True)
+            continue
         left = None if deadline is None else deadline - time.monotonic()
         print(f"[decode bench] {impl}: batch sizes {spec['batch_sizes']}, context "
               f"{spec['context']}, {spec['new_tokens']} new tokens", flush=True)
@@ -695,7 +731,12 @@ def main(argv=None) -> int:
                 bandwidths[e["source"]] = max(e["gbps"], bandwidths.get(e["source"], 0.0))
         raw += impl_records(impl, events, failure, spec, common)
         records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
-        json_path, md_path = write_outputs(args.out, records, bandwidths, meta)
+        write_outputs(args.out, records, bandwidths, meta)  # after every impl
+    records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
+    if not records:
+        print("[decode bench] nothing to run", flush=True)
+        return 0
+    json_path, md_path = write_outputs(args.out, records, bandwidths, meta)
     print(md_path.read_text(), flush=True)
     print(f"[decode bench] wrote {json_path} and {md_path}", flush=True)
     return 0 if all(r["error"] is None for r in records) else 1

@@ -23,7 +23,8 @@ Steps of the `gpu` plan, in order (`--list` prints them with their commands):
 A step is started only while at least its `min_s` of the budget is left, and is stopped (its
 whole process group) at its own cap or when the budget runs out; the benchmarks write their
 outputs after every case, so a stopped step keeps what it measured and a later call (with
-`--redo STEP`, or automatically when the step recorded errors) finishes it. The `cpu-tiny`
+`--redo STEP`, or automatically when the step recorded errors) finishes it (decode and the
+speculative steps run with `--resume`: only what is missing). The `cpu-tiny`
 plan runs the same steps on CPU presets in a minute (the test suite runs it so this file
 cannot rot).
 
@@ -56,7 +57,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    RESULTS, device_slug, git_commit, merge_records, utc_now, versions)
+    RESULTS, device_name, device_slug, git_commit, merge_records, utc_now, versions)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -108,10 +109,11 @@ def plan(name: str) -> list[Step]:
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  _complete("kernels", preset="h100", impl=("pallas", "reference")),
                  min_s=90, cap_s=300),
-            Step("decode", ("bench/decode.py", "--preset", "h100", "--budget-s", "{budget}",
-                            "--out", "{out}"),
-                 # hf-compile is welcome but not required: a torch.compile failure there
-                 # should not make every later call repeat the whole step.
+            Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
+                            "--budget-s", "{budget}", "--out", "{out}"),
+                 # hf-compile is wanted but not required here, so a torch.compile failure
+                 # does not make every later call retry it: `--redo decode` runs what is
+                 # missing or failed (--resume keeps the finished impls).
                  _complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference",
                                                           "hf-eager")),
                  min_s=240, cap_s=540),
@@ -190,16 +192,6 @@ def run_command(argv: list[str], timeout_s: float, log: Log, env: dict) -> tuple
         code = None
     reader.join(timeout=5)
     return code, time.monotonic() - started
-
-
-def device_name(env: dict) -> str:
-    """The accelerator's name, asked of a short-lived process (this one never initialises a
-    backend, so it holds no device memory while the steps run)."""
-    proc = subprocess.run([PY, "-c", "import jax; print(jax.devices()[0].device_kind)"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        raise SystemExit(f"could not query the device:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip().splitlines()[-1]
 
 
 def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
@@ -296,7 +288,10 @@ def main(argv=None) -> int:
         if code != 0:
             log("[device] pip install failed")
             return 2
-    device = device_name(env)
+    try:
+        device = device_name(env)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     slug = device_slug(device)
     work = Path(tempfile.mkdtemp(prefix="jaxdec-device-"))
     try:

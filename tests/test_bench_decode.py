@@ -59,6 +59,30 @@ def test_cpu_tiny_records(cpu_tiny_run):
         assert r["param_bytes"] == 2 * bench.param_count(bench.TINY)
 
 
+def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
+    """--resume keeps hf-eager and jaxdec (finished for both batch sizes) and runs
+    jaxdec-reference; an impl that failed would be run again."""
+    before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
+    failed = dict(before[0], impl="jaxdec-reference", tokens_per_s=None, error="timed out")
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(before + [failed]))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "1", "--resume",
+         "--impls", "jaxdec,jaxdec-reference,hf-eager", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "jaxdec: already measured" in proc.stdout
+    assert "hf-eager: already measured" in proc.stdout
+    after = {(r["impl"], r["batch"]): r for r in
+             json.loads((tmp_path / "decode-cpu.json").read_text())}
+    assert set(after) == {(i, b) for i in ("jaxdec", "jaxdec-reference", "hf-eager")
+                          for b in (1, 2)}
+    for r in before:  # kept as measured (the ceiling is the best of both calls)
+        assert after[r["impl"], r["batch"]]["decode_s"] == r["decode_s"]
+        assert after[r["impl"], r["batch"]]["hbm_gbps"] >= r["hbm_gbps"]
+    assert all(r["error"] is None for r in after.values())
+
+
 def test_cpu_tiny_markdown(cpu_tiny_run):
     text = (cpu_tiny_run / "decode-cpu.md").read_text()
     assert "| impl | batch | tokens/s |" in text
