@@ -11,7 +11,8 @@ then here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
 Steps of the `gpu` plan, in order (`--list` prints them with their commands):
   gpu-tests        the tree-attention kernel tests compiled on the card (`pytest -k OnGPU`,
-                   fp32 / bf16 / fp16), recorded as `gpu-tests-<device>.json/.md`
+                   fp32 / bf16 / fp16), recorded as `gpu-tests-<device>.json/.md` with a hash
+                   of the kernel sources (a change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
                    attention vs transformers)
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -99,13 +101,28 @@ class Step:
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
 
 
+KERNEL_SOURCES = ("pallas_kernels/tree_attention", "tests/test_tree_attention_vs_reference.py")
+
+
+def sources_digest() -> str:
+    """A hash of the kernel sources and their tests: the device test record is current only
+    while these are unchanged."""
+    digest = hashlib.sha256()
+    for root in KERNEL_SOURCES:
+        path = REPO / root
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def plan(name: str) -> list[Step]:
     both = ("auto", "reference")
     if name == "gpu":
         return [
             Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
                                "tests/test_tree_attention_vs_reference.py", "-k", "OnGPU"),
-                 _complete("gpu-tests", plan="gpu"), min_s=60, cap_s=300, pytest=True),
+                 _complete("gpu-tests", plan="gpu", sources=sources_digest()),
+                 min_s=60, cap_s=300, pytest=True),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  _complete("kernels", preset="h100", impl=("pallas", "reference")),
                  min_s=90, cap_s=300),
@@ -138,7 +155,8 @@ def plan(name: str) -> list[Step]:
             Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
                                "tests/test_tree_attention_vs_reference.py", "-k",
                                "TestTritonInterpret and chain-1"),
-                 _complete("gpu-tests", plan="cpu-tiny"), min_s=5, cap_s=300, pytest=True),
+                 _complete("gpu-tests", plan="cpu-tiny", sources=sources_digest()),
+                 min_s=5, cap_s=300, pytest=True),
             Step("kernels", ("bench/kernels.py", "--preset", "cpu-tiny", "--out", "{out}"),
                  _complete("kernels", preset="cpu-tiny", impl=("pallas", "reference")),
                  min_s=5, cap_s=300),
@@ -212,6 +230,7 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
         error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
                  f"errors, {passed} passed")
     return dict(plan=plan_name, suite="tests/test_tree_attention_vs_reference.py",
+                sources=sources_digest(),
                 passed=passed, failed=counts["failures"], errors=counts["errors"],
                 skipped=counts["skipped"], seconds=round(seconds, 1), error=error,
                 device=device, date=utc_now(), commit=git_commit(), **versions())

@@ -100,3 +100,12 @@ def test_a_stopped_step_takes_its_children_with_it(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("the step's child process outlived the step")
+
+
+def test_kernel_changes_make_the_device_tests_due_again(tmp_path):
+    step = next(s for s in device.plan("gpu") if s.name == "gpu-tests")
+    record = dict(plan="gpu", passed=40, error=None, sources=device.sources_digest())
+    (tmp_path / "gpu-tests-h100.json").write_text(json.dumps([record]))
+    assert step.done(tmp_path, "h100")
+    (tmp_path / "gpu-tests-h100.json").write_text(json.dumps([dict(record, sources="0" * 16)]))
+    assert not step.done(tmp_path, "h100")
