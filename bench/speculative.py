@@ -38,8 +38,10 @@ separate calls accumulate) and `speculative-<device>.md` to `--out`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -126,6 +128,13 @@ def method_label(method: str) -> tuple[str, str]:
     raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
 
 
+def skipped(common, method: str, batch: int, temperature: float) -> dict:
+    """The record of a run left out for time (keyed like its finished run)."""
+    name, tree_name = method_label(method)
+    return record(common, method=name, tree=tree_name, batch=batch, temperature=temperature,
+                  error="skipped: time budget used up")
+
+
 def _drafter_for(method, target, draft, corpus_texts):
     """(drafter, topology or None for the drafter's default)."""
     method_label(method)  # rejects unknown methods
@@ -156,6 +165,7 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
         return
     train_preset = train_bench.shrunk(get_preset(preset.train_preset), args)
     work = Path(tempfile.mkdtemp(prefix="jaxdec-bench-spec-"))
+    atexit.register(shutil.rmtree, work, True)  # the models trained here are not kept
     target_dir, draft_dir = args.target, args.draft
     if target_dir is None and draft_dir is None:
         # Both trained here: the training figures (bench/train.py's record) come for free.
@@ -201,10 +211,7 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
                 at = dict(common, attention=attention)
                 if out_of_time():
                     for method in methods:
-                        name, tree_name = method_label(method)
-                        emit(record(at, method=name, tree=tree_name, batch=batch,
-                                    temperature=temperature,
-                                    error="skipped: time budget used up"))
+                        emit(skipped(at, method, batch, temperature))
                     continue
                 if not methods:
                     continue
@@ -214,12 +221,10 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
                             tau=1.0, tokens_per_s=int(plain.lengths.sum()) / plain_s,
                             speedup_vs_ar=1.0, seconds=plain_s))
                 for method in methods:
-                    name, tree_name = method_label(method)
                     if out_of_time():
-                        emit(record(at, method=name, tree=tree_name, batch=batch,
-                                    temperature=temperature,
-                                    error="skipped: time budget used up"))
+                        emit(skipped(at, method, batch, temperature))
                         continue
+                    name, tree_name = method_label(method)
                     drafter, topology = drafter_for(method, attention, target, draft)
                     spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
                         target, drafter, rows, tree=topology, **gen), args.repeats)
@@ -257,6 +262,10 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (max(preset.batches), preset.prompt_tokens))
     longest_chain = max(preset.chains)
+
+    def out_of_time():
+        return deadline is not None and time.monotonic() > deadline
+
     for batch in preset.batches:
         rows = prompts[:batch].tolist()
         gen = dict(max_new_tokens=preset.max_new_tokens, return_timings=True)
@@ -265,11 +274,14 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
                      if (attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
                      not in measured]
             at = dict(common, attention=attention)
-            if deadline is not None and time.monotonic() > deadline:
+
+            def skip(chain, rate):
+                emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})", batch=batch,
+                            temperature=0.0, error="skipped: time budget used up"))
+
+            if out_of_time():
                 for chain, rate in cells:
-                    emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
-                                batch=batch, temperature=0.0,
-                                error="skipped: time budget used up"))
+                    skip(chain, rate)
                 continue
             if not cells:
                 continue
@@ -283,10 +295,8 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
             reference = jaxdec.generate(target, rows,
                                         max_new_tokens=preset.max_new_tokens + longest_chain)
             for chain, rate in cells:
-                if deadline is not None and time.monotonic() > deadline:
-                    emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
-                                batch=batch, temperature=0.0,
-                                error="skipped: time budget used up"))
+                if out_of_time():
+                    skip(chain, rate)
                     continue
                 drafter = CorruptedOracle(reference.tokens, rate, vocab_size=config.vocab_size)
                 spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
