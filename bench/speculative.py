@@ -403,7 +403,7 @@ def _attention_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--target", help="a trained target directory (skip training)")
@@ -427,6 +427,11 @@ def main(argv=None) -> int:
 
     add_shrink_arguments(parser)  # for the trained presets' training
     parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     overrides = {"methods": args.methods, "batches": args.batches,

@@ -109,3 +109,18 @@ def test_kernel_changes_make_the_device_tests_due_again(tmp_path):
     assert step.done(tmp_path, "h100")
     (tmp_path / "gpu-tests-h100.json").write_text(json.dumps([dict(record, sources="0" * 16)]))
     assert not step.done(tmp_path, "h100")
+
+
+def test_every_gpu_step_parses_with_its_benchmark():
+    """A flag renamed in a benchmark would otherwise fail only on the device."""
+    from bench import decode, kernels, speculative
+
+    parsers = {"bench/decode.py": lambda a: decode.parse_args(a)[1],
+               "bench/kernels.py": kernels.parse_args,
+               "bench/speculative.py": lambda a: speculative.build_parser().parse_args(a)}
+    for step in device.plan("gpu"):
+        if step.pytest:
+            continue
+        argv = [a.replace("{out}", "/tmp/out").replace("{budget}", "100") for a in step.argv]
+        args = parsers[argv[0]](argv[1:])  # SystemExit on an unknown or malformed flag
+        assert str(args.out) == "/tmp/out"
