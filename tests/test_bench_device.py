@@ -34,16 +34,14 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
     (committed / "kernels-h100.json").write_text("[]")  # another device's file stays out
     _drive("--plan", "cpu-tiny", "--out", tmp_path / "first", "--results", committed)
     files = _archive(tmp_path / "first")
-    assert sorted(files) == sorted(f"{n}-cpu.{e}" for n in ("gpu-tests", "kernels", "speculative")
+    assert sorted(files) == sorted(f"{n}-cpu.{e}" for n in ("gpu-tests", "speculative")
                                    for e in ("json", "md"))
     tests = json.loads(files["gpu-tests-cpu.json"])
     assert len(tests) == 1 and tests[0]["passed"] >= 1 and tests[0]["error"] is None
-    kernels = json.loads(files["kernels-cpu.json"])
-    assert {r["impl"] for r in kernels} == {"pallas", "reference"}
     spec = json.loads(files["speculative-cpu.json"])
     assert {r["attention"] for r in spec} == {"auto", "reference"}
     summary = json.loads((tmp_path / "first" / "device-summary.json").read_text())
-    assert [s["status"] for s in summary["steps"]] == ["finished"] * 3
+    assert [s["status"] for s in summary["steps"]] == ["finished"] * 2
     assert "[device] summary" in (tmp_path / "first" / "device-log.txt").read_text()
 
     # The next call starts from those results (as if committed) and measures nothing again.
@@ -51,14 +49,14 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
         (committed / name).write_bytes(data)
     _drive("--plan", "cpu-tiny", "--out", tmp_path / "second", "--results", committed)
     summary = json.loads((tmp_path / "second" / "device-summary.json").read_text())
-    assert [s["status"] for s in summary["steps"]] == ["already measured"] * 3
+    assert [s["status"] for s in summary["steps"]] == ["already measured"] * 2
     assert _archive(tmp_path / "second") == files
 
 
 def test_budget_and_step_names(tmp_path):
-    out = _drive("--plan", "cpu-tiny", "--only", "kernels", "--budget-s", "2", "--out", tmp_path,
-                 returncode=1)
-    assert "kernels: not started" in out
+    out = _drive("--plan", "cpu-tiny", "--only", "gpu-tests", "--budget-s", "2", "--out",
+                 tmp_path, returncode=1)
+    assert "gpu-tests: not started" in out
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "device.py"), "--redo", "kernal",
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown steps ['kernal']" in proc.stderr
