@@ -115,8 +115,17 @@ def sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float) -> Step:
+    """bench/speculative.py for one preset, both attention paths, resuming what is missing."""
+    return Step(f"spec-{preset}",
+                ("bench/speculative.py", "--preset", preset, *extra,
+                 "--attention", "auto,reference", "--resume", "--budget-s", "{budget}",
+                 "--out", "{out}"),
+                _complete("speculative", preset=preset, attention=("auto", "reference")),
+                min_s=min_s, cap_s=cap_s)
+
+
 def plan(name: str) -> list[Step]:
-    both = ("auto", "reference")
     if name == "gpu":
         return [
             Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -134,21 +143,9 @@ def plan(name: str) -> list[Step]:
                  _complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference",
                                                           "hf-eager")),
                  min_s=240, cap_s=540),
-            Step("spec-gpu-small", ("bench/speculative.py", "--preset", "gpu-small",
-                                    "--attention", "auto,reference", "--resume",
-                                    "--budget-s", "{budget}", "--out", "{out}"),
-                 _complete("speculative", preset="gpu-small", attention=both),
-                 min_s=300, cap_s=560),
-            Step("spec-gpu-base", ("bench/speculative.py", "--preset", "gpu-base",
-                                   "--attention", "auto,reference", "--resume",
-                                   "--budget-s", "{budget}", "--out", "{out}"),
-                 _complete("speculative", preset="gpu-base", attention=both),
-                 min_s=480, cap_s=560),
-            Step("spec-synthetic-8b", ("bench/speculative.py", "--preset", "synthetic-8b",
-                                       "--attention", "auto,reference", "--resume",
-                                       "--budget-s", "{budget}", "--out", "{out}"),
-                 _complete("speculative", preset="synthetic-8b", attention=both),
-                 min_s=240, cap_s=560),
+            speculative_step("gpu-small", min_s=300, cap_s=560),
+            speculative_step("gpu-base", min_s=480, cap_s=560),
+            speculative_step("synthetic-8b", min_s=240, cap_s=560),
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [
@@ -157,12 +154,8 @@ def plan(name: str) -> list[Step]:
                                "TestTritonInterpret and chain-1"),
                  _complete("gpu-tests", plan="cpu-tiny", sources=sources_digest()),
                  min_s=5, cap_s=300, pytest=True),
-            Step("spec-synthetic-tiny", ("bench/speculative.py", "--preset", "synthetic-tiny",
-                                         "--batches", "1", "--repeats", "1",
-                                         "--attention", "auto,reference", "--resume",
-                                         "--budget-s", "{budget}", "--out", "{out}"),
-                 _complete("speculative", preset="synthetic-tiny", attention=both),
-                 min_s=5, cap_s=300),
+            speculative_step("synthetic-tiny", "--batches", "1", "--repeats", "1",
+                             min_s=5, cap_s=300),
         ]
     raise ValueError(f"unknown plan {name!r}; plans: gpu, cpu-tiny")
 
