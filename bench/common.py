@@ -1,15 +1,20 @@
-"""Helpers every benchmark shares: where results go and what each record says about the run
-(device, versions, commit, date)."""
+"""Helpers every benchmark shares: where results go, what each record says about the run
+(device, versions, commit, date), and compiling a grid's programs ahead of its timed runs."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import re
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
+from typing import Callable, Hashable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,3 +84,109 @@ def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -
         new_keys = {ident(r) for r in records}
         kept = [r for r in json.loads(path.read_text()) if ident(r) not in new_keys]
     return kept + records
+
+
+class CompileAhead:
+    """Compiles a benchmark's programs in worker threads before they are timed.
+
+    A job is a jaxdec call with `compile_only=True`, usually on `jaxdec.abstract_model`s, so
+    the programs of a whole grid compile side by side (XLA releases the GIL while it compiles)
+    and beside training, before the weights exist. Call `wait` before timing anything: no
+    compile then runs beside a timed run (XLA's GPU autotuner runs kernels on the device), and
+    the timed calls find their programs compiled. A job that fails is reported and left to the
+    timed call, which compiles inline (and raises properly if the call itself is wrong).
+    With `workers=0` nothing is compiled ahead. While jobs run, Python switches threads every
+    millisecond (instead of 5), so a training loop beside them waits less for the interpreter
+    lock that tracing holds.
+    """
+
+    SWITCH_INTERVAL_S = 0.001
+
+    def __init__(self, workers: int, log: Callable[[str], None] = print):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+        self.log = log
+        self.jobs: dict[Hashable, concurrent.futures.Future] = {}
+        self._pool = (concurrent.futures.ThreadPoolExecutor(workers, "compile-ahead")
+                      if workers else None)
+        self._switch_interval = None
+        if self._pool is not None:
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(self.SWITCH_INTERVAL_S)
+
+    def _restore_switch_interval(self) -> None:
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
+            self._switch_interval = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._pool is not None
+
+    def submit(self, key: Hashable, compile_fn: Callable[[], object]) -> None:
+        if self._pool is None or key in self.jobs:
+            return
+
+        def job():
+            start = time.perf_counter()
+            try:
+                compile_fn()
+            except Exception:
+                self.log(f"compile-ahead {key}: failed, the timed call compiles it\n"
+                         + traceback.format_exc(limit=3))
+                raise
+            return time.perf_counter() - start
+
+        self.jobs[key] = self._pool.submit(job)
+
+    def wait(self, deadline: float | None = None) -> None:
+        """Blocks until every job is done or `deadline` (time.monotonic) passes; jobs not
+        started by then are dropped."""
+        if not self.jobs:
+            self._restore_switch_interval()
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        start = time.perf_counter()
+        done, pending = concurrent.futures.wait(list(self.jobs.values()), timeout=timeout)
+        for future in pending:
+            future.cancel()
+        self._restore_switch_interval()
+        failed = sum(1 for f in done if not f.cancelled() and f.exception() is not None)
+        self.log(f"compile-ahead: {len(done) - failed} of {len(self.jobs)} programs compiled "
+                 f"({failed} failed, {len(pending)} left to the timed calls), waited "
+                 f"{time.perf_counter() - start:.1f} s")
+
+    def seconds(self, key: Hashable) -> float | None:
+        """Wall seconds the job for `key` took (None: no job, or it failed or never ran)."""
+        future = self.jobs.get(key)
+        if future is None or not future.done() or future.cancelled() or future.exception():
+            return None
+        return round(future.result(), 3)
+
+    def close(self) -> None:
+        self._restore_switch_interval()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Counts XLA compiles (in any thread) while the block runs: `with counting_compiles() as
+    n: ...; n[0]`. A timed call whose program was compiled ahead counts 0."""
+    import jax
+
+    count = [0]
+
+    def listener(event, duration, **_):
+        del duration
+        if event == BACKEND_COMPILE_EVENT:
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -27,6 +27,12 @@ not hold yet (training again: a trained preset's models do not outlive the call)
 short by the device's limits add up to the whole table. Each record's speedup compares runs of
 one process (same models, same prompts).
 
+Programs compile ahead (`--compile-ahead THREADS`, on by default on an accelerator): every
+program of the grid is compiled with `compile_only=True` on `jaxdec.abstract_model`s in worker
+threads while the models train, and the timed runs start once those compiles are done, so no
+compile overlaps a timed run and the first call of each finds its program ready (records:
+`compile_ahead_s`, `first_call_compiles`).
+
 Every speculative run is compared with `jaxdec.generate` on the same prompts, batch and
 sampler in the same process: speedup_vs_ar = plain seconds / speculative seconds for the same
 number of tokens (prefill + decode, compile excluded, best of `--repeats`). Greedy runs also
@@ -40,7 +46,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import functools
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -58,7 +66,8 @@ from jaxdec.verify import ProposalKind
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
+from bench.common import (RESULTS, CompileAhead, counting_compiles, device_slug,  # noqa: E402
+                          git_commit, merge_records, utc_now, versions)
 
 TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
@@ -100,13 +109,21 @@ PRESETS = {
 
 
 def best_time(run, repeats: int):
-    """(best seconds of prefill + decode, last result) after one untimed compile run."""
-    run()
+    """(best seconds of prefill + decode, last result, XLA compiles during the first call)
+    after one untimed run (which compiles, unless the program was compiled ahead)."""
+    with counting_compiles() as compiles:
+        run()
     best, result = float("inf"), None
     for _ in range(repeats):
         result = run()
         best = min(best, result.prefill_s + result.decode_s)
-    return best, result
+    return best, result, compiles[0]
+
+
+def compile_fields(ahead: CompileAhead, key, compiles: int) -> dict:
+    """What a record says about its program's compile: the seconds its compile-ahead job took
+    (None: compiled inline) and the compiles its first call still needed (0 when ahead)."""
+    return dict(compile_ahead_s=ahead.seconds(key), first_call_compiles=compiles)
 
 
 def record(common, **fields):
@@ -149,6 +166,23 @@ def _drafter_for(method, target, draft, corpus_texts):
     return drafters.Retrieval.from_texts(corpus_texts, target.tokenizer), None
 
 
+def _planned_config(directory, shape, train_preset):
+    """The config a model will load with: its directory's, or, for one this call trains, the
+    one `jaxdec train` exports (the tokenizer's only special token, end-of-text, is id 0)."""
+    if directory is not None:
+        return jaxdec.ModelConfig.from_hf(directory)
+    config = shape.config(train_preset.vocab_size, train_preset.max_positions, eos_token_id=0)
+    return jaxdec.ModelConfig.from_hf(config.to_hf())
+
+
+def _abstract(config):
+    return jaxdec.abstract_model(config, dtype=jnp.dtype(config.dtype))
+
+
+def _sampler(temperature: float):
+    return jaxdec.Greedy() if temperature == 0 else jaxdec.Sampler(temperature=temperature)
+
+
 def run_trained(preset: Preset, args, common, deadline, emit, measured):
     from jaxdec.demo import heldout_prompts
     from jaxdec.train import get_preset, train_draft, train_lm
@@ -159,17 +193,42 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
         return [m for m in preset.methods
                 if (attention, *method_label(m), batch, temperature) not in measured]
 
-    if not any(pending(a, b, t) for a in args.attention for b in preset.batches
-               for t in preset.temperatures):
+    cells = [(t, b, a, pending(a, b, t)) for t in preset.temperatures for b in preset.batches
+             for a in args.attention]
+    if not any(methods for *_, methods in cells):
         print("every run of this preset is already measured (--resume)", flush=True)
         return
     train_preset = train_bench.shrunk(get_preset(preset.train_preset), args)
     work = Path(tempfile.mkdtemp(prefix="jaxdec-bench-spec-"))
     atexit.register(shutil.rmtree, work, True)  # the models trained here are not kept
+
+    # Every program compiles in worker threads while the models train: only shapes are needed.
+    ahead = CompileAhead(args.compile_ahead)
+    atexit.register(ahead.close)
+    planned = (_planned_config(args.target, train_preset.target, train_preset),
+               _planned_config(args.draft, train_preset.draft, train_preset))
+    gen = dict(max_new_tokens=preset.max_new_tokens, key=jax.random.PRNGKey(0),
+               return_timings=True)
+    for temperature, batch, attention, methods in cells if ahead.enabled else ():
+        if not methods:
+            continue
+        target, draft = (_abstract(c).with_attention(attention) for c in planned)
+        rows = [[1] * preset.prompt_tokens] * batch  # the shape of the held-out prompts
+        at = dict(gen, sampler=_sampler(temperature), compile_only=True)
+        ahead.submit(("plain", attention, batch, temperature),
+                     functools.partial(jaxdec.generate, target, rows, **at))
+        for method in methods:
+            if method == "retrieval":  # its datastore's size is known only once it is built
+                continue
+            drafter, topology = _drafter_for(method, target, draft, None)
+            ahead.submit((method, attention, batch, temperature), functools.partial(
+                jaxdec.speculative_generate, target, drafter, rows, tree=topology, **at))
+
     target_dir, draft_dir = args.target, args.draft
     if target_dir is None and draft_dir is None:
         # Both trained here: the training figures (bench/train.py's record) come for free.
         train_record = train_bench.run(train_preset, work)
+        train_record["compile_ahead_workers"] = args.compile_ahead  # they ran beside it
         target_dir, draft_dir = str(work / "target"), str(work / "draft")
         path = args.out / f"train-{device_slug(train_record['device'])}.json"
         train_bench.write_outputs(path, train_record)
@@ -183,7 +242,12 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
     models = {attention: (jaxdec.load_pretrained(target_dir).with_attention(attention),
                           jaxdec.load_pretrained(draft_dir).with_attention(attention))
               for attention in args.attention}
-    tokenizer = models[args.attention[0]][0].tokenizer
+    loaded = models[args.attention[0]]
+    for name, config, model in zip(("target", "draft"), planned, loaded):
+        if ahead.enabled and config != model.config:
+            print(f"compile-ahead planned the {name} as {config}, it loaded as {model.config}: "
+                  "its programs compile inline", flush=True)
+    tokenizer = loaded[0].tokenizer
     prompts = heldout_prompts(tokenizer, count=max(preset.batches), length=preset.prompt_tokens)
     prompts = (prompts * max(preset.batches))[: max(preset.batches)]
     corpus = data.load_corpus(max_train_bytes=train_preset.max_train_bytes).train_texts
@@ -198,44 +262,44 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
     def out_of_time():
         return deadline is not None and time.monotonic() > deadline
 
-    for temperature in preset.temperatures:
-        sampler = jaxdec.Greedy() if temperature == 0 else jaxdec.Sampler(temperature=temperature)
-        for batch in preset.batches:
-            rows = prompts[:batch]
-            gen = dict(max_new_tokens=preset.max_new_tokens, sampler=sampler,
-                       key=jax.random.PRNGKey(0), return_timings=True)
-            # Both attention paths for one (temperature, batch) before the next, so a run cut
-            # short by its budget still has side-by-side figures.
-            for attention, (target, draft) in models.items():
-                methods = pending(attention, batch, temperature)
-                at = dict(common, attention=attention)
-                if out_of_time():
-                    for method in methods:
-                        emit(skipped(at, method, batch, temperature))
-                    continue
-                if not methods:
-                    continue
-                plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen),
-                                           args.repeats)
-                emit(record(at, method="plain", tree=None, batch=batch, temperature=temperature,
-                            tau=1.0, tokens_per_s=int(plain.lengths.sum()) / plain_s,
-                            speedup_vs_ar=1.0, seconds=plain_s))
-                for method in methods:
-                    if out_of_time():
-                        emit(skipped(at, method, batch, temperature))
-                        continue
-                    name, tree_name = method_label(method)
-                    drafter, topology = drafter_for(method, attention, target, draft)
-                    spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
-                        target, drafter, rows, tree=topology, **gen), args.repeats)
-                    same = (bool(np.array_equal(spec.tokens, plain.tokens)) if temperature == 0
-                            else None)
-                    emit(record(at, method=name, tree=tree_name, batch=batch,
-                                temperature=temperature, tau=spec.stats.tau,
-                                acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
-                                tokens_per_s=int(spec.lengths.sum()) / spec_s,
-                                speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
-                                same_tokens_as_ar=same))
+    ahead.wait(deadline)  # nothing compiles beside a timed run
+    for temperature, batch, attention, methods in cells:
+        target, draft = models[attention]
+        rows = prompts[:batch]
+        run_gen = dict(gen, sampler=_sampler(temperature))
+        at = dict(common, attention=attention)
+        # Both attention paths for one (temperature, batch) before the next (the cells' order),
+        # so a run cut short by its budget still has side-by-side figures.
+        if out_of_time():
+            for method in methods:
+                emit(skipped(at, method, batch, temperature))
+            continue
+        if not methods:
+            continue
+        plain_s, plain, compiles = best_time(lambda: jaxdec.generate(target, rows, **run_gen),
+                                             args.repeats)
+        emit(record(at, method="plain", tree=None, batch=batch, temperature=temperature,
+                    tau=1.0, tokens_per_s=int(plain.lengths.sum()) / plain_s,
+                    speedup_vs_ar=1.0, seconds=plain_s,
+                    **compile_fields(ahead, ("plain", attention, batch, temperature), compiles)))
+        for method in methods:
+            if out_of_time():
+                emit(skipped(at, method, batch, temperature))
+                continue
+            name, tree_name = method_label(method)
+            drafter, topology = drafter_for(method, attention, target, draft)
+            spec_s, spec, compiles = best_time(lambda: jaxdec.speculative_generate(
+                target, drafter, rows, tree=topology, **run_gen), args.repeats)
+            same = (bool(np.array_equal(spec.tokens, plain.tokens)) if temperature == 0
+                    else None)
+            emit(record(at, method=name, tree=tree_name, batch=batch,
+                        temperature=temperature, tau=spec.stats.tau,
+                        acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
+                        tokens_per_s=int(spec.lengths.sum()) / spec_s,
+                        speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
+                        same_tokens_as_ar=same,
+                        **compile_fields(ahead, (method, attention, batch, temperature),
+                                         compiles)))
 
 
 # --------------------------------------------------------------- the synthetic regime
@@ -258,55 +322,82 @@ def _synthetic_config(name: str):
 def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
     config = _synthetic_config(args.preset)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    base = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, config.vocab_size, (max(preset.batches), preset.prompt_tokens))
     longest_chain = max(preset.chains)
+    gen = dict(max_new_tokens=preset.max_new_tokens, return_timings=True)
+    # (batch, attention, cells still to measure) in timing order: both paths per batch size.
+    groups = [(batch, attention, [(chain, rate) for chain in preset.chains
+                                  for rate in preset.rates
+                                  if (attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
+                                  not in measured])
+              for batch in preset.batches for attention in args.attention]
+
+    # The programs compile side by side (the rate is an argument: one program per chain).
+    ahead = CompileAhead(args.compile_ahead)
+    atexit.register(ahead.close)
+    for batch, attention, cells in groups if ahead.enabled else ():
+        if not cells:
+            continue
+        target = jaxdec.abstract_model(config, dtype=dtype).with_attention(attention)
+        rows = prompts[:batch].tolist()
+        ahead.submit(("plain", attention, batch), functools.partial(
+            jaxdec.generate, target, rows, compile_only=True, **gen))
+        ahead.submit(("reference", attention, batch), functools.partial(
+            jaxdec.generate, target, rows, compile_only=True,
+            max_new_tokens=preset.max_new_tokens + longest_chain))
+        blank = np.zeros((batch, preset.max_new_tokens + longest_chain), np.int32)
+        for chain in sorted({chain for chain, _ in cells}):
+            drafter = CorruptedOracle(blank, 0.5, vocab_size=config.vocab_size)
+            ahead.submit((f"chain({chain})", attention, batch), functools.partial(
+                jaxdec.speculative_generate, target, drafter, rows,
+                tree=jaxdec.tree.chain(chain), compile_only=True, **gen))
+    base = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
 
     def out_of_time():
         return deadline is not None and time.monotonic() > deadline
 
-    for batch in preset.batches:
+    ahead.wait(deadline)  # nothing compiles beside a timed run
+    for batch, attention, cells in groups:
         rows = prompts[:batch].tolist()
-        gen = dict(max_new_tokens=preset.max_new_tokens, return_timings=True)
-        for attention in args.attention:  # side by side per batch size (see run_trained)
-            cells = [(chain, rate) for chain in preset.chains for rate in preset.rates
-                     if (attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
-                     not in measured]
-            at = dict(common, attention=attention)
+        at = dict(common, attention=attention)
 
-            def skip(chain, rate):
-                emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})", batch=batch,
-                            temperature=0.0, error="skipped: time budget used up"))
+        def skip(chain, rate):
+            emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})", batch=batch,
+                        temperature=0.0, error="skipped: time budget used up"))
 
-            if out_of_time():
-                for chain, rate in cells:
-                    skip(chain, rate)
-                continue
-            if not cells:
-                continue
-            target = base.with_attention(attention)
-            plain_s, plain = best_time(lambda: jaxdec.generate(target, rows, **gen), args.repeats)
-            emit(record(at, method="plain", tree=None, batch=batch, temperature=0.0, tau=1.0,
-                        tokens_per_s=int(plain.lengths.sum()) / plain_s, speedup_vs_ar=1.0,
-                        seconds=plain_s))
-            # The continuation the oracle drafts from, on this attention path (bf16 paths may
-            # round differently).
-            reference = jaxdec.generate(target, rows,
-                                        max_new_tokens=preset.max_new_tokens + longest_chain)
+        if out_of_time():
             for chain, rate in cells:
-                if out_of_time():
-                    skip(chain, rate)
-                    continue
-                drafter = CorruptedOracle(reference.tokens, rate, vocab_size=config.vocab_size)
-                spec_s, spec = best_time(lambda: jaxdec.speculative_generate(
-                    target, drafter, rows, tree=jaxdec.tree.chain(chain), **gen), args.repeats)
-                emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
-                            batch=batch, temperature=0.0, tau=spec.stats.tau,
-                            acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
-                            tokens_per_s=int(spec.lengths.sum()) / spec_s,
-                            speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
-                            same_tokens_as_ar=bool(np.array_equal(spec.tokens, plain.tokens))))
+                skip(chain, rate)
+            continue
+        if not cells:
+            continue
+        target = base.with_attention(attention)
+        plain_s, plain, compiles = best_time(lambda: jaxdec.generate(target, rows, **gen),
+                                             args.repeats)
+        emit(record(at, method="plain", tree=None, batch=batch, temperature=0.0, tau=1.0,
+                    tokens_per_s=int(plain.lengths.sum()) / plain_s, speedup_vs_ar=1.0,
+                    seconds=plain_s,
+                    **compile_fields(ahead, ("plain", attention, batch), compiles)))
+        # The continuation the oracle drafts from, on this attention path (bf16 paths may
+        # round differently).
+        reference = jaxdec.generate(target, rows,
+                                    max_new_tokens=preset.max_new_tokens + longest_chain)
+        for chain, rate in cells:
+            if out_of_time():
+                skip(chain, rate)
+                continue
+            drafter = CorruptedOracle(reference.tokens, rate, vocab_size=config.vocab_size)
+            spec_s, spec, compiles = best_time(lambda: jaxdec.speculative_generate(
+                target, drafter, rows, tree=jaxdec.tree.chain(chain), **gen), args.repeats)
+            emit(record(at, method=f"oracle@{rate}", tree=f"chain({chain})",
+                        batch=batch, temperature=0.0, tau=spec.stats.tau,
+                        acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
+                        tokens_per_s=int(spec.lengths.sum()) / spec_s,
+                        speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
+                        same_tokens_as_ar=bool(np.array_equal(spec.tokens, plain.tokens)),
+                        **compile_fields(ahead, (f"chain({chain})", attention, batch),
+                                         compiles)))
 
 
 class CorruptedOracle(Drafter):
@@ -403,6 +494,12 @@ def _attention_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def default_compile_workers() -> int:
+    if jax.default_backend() == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
@@ -417,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention of target and draft, one or both of auto,reference: "
                              "auto = the Pallas tree-attention kernel on GPU/TPU; reference = "
                              "the jnp path (both: side by side, the models trained once)")
+    parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
+                        help="threads that compile the programs before they are timed, "
+                             "beside training (0: each compiles at its first call; default: "
+                             "half the CPU cores up to 8 on an accelerator, 0 on a CPU, whose "
+                             "cores the runs themselves use)")
     parser.add_argument("--budget-s", type=float,
                         help="stop starting runs after this many seconds, training included "
                              "(default: the preset's)")
@@ -437,6 +539,10 @@ def main(argv=None) -> int:
     overrides = {"methods": args.methods, "batches": args.batches,
                  "temperatures": args.temperatures, "max_new_tokens": args.max_new_tokens}
     preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
+    if args.compile_ahead is None:
+        args.compile_ahead = default_compile_workers()
+    elif args.compile_ahead < 0:
+        parser.error(f"--compile-ahead must be >= 0, got {args.compile_ahead}")
     unknown = [m for m in preset.methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; methods: {', '.join(METHODS)}")

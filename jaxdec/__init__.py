@@ -12,7 +12,7 @@ from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.config import ModelConfig, RopeConfig
 from jaxdec.generate import GenerateResult, generate, generate_padded
-from jaxdec.model import Model, forward, init_model
+from jaxdec.model import Model, abstract_model, forward, init_model
 from jaxdec.models.layers import AttentionImpl
 from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
@@ -32,6 +32,7 @@ __all__ = [
     "Sampler",
     "SpecStats",
     "SpeculativeResult",
+    "abstract_model",
     "commit",
     "drafters",
     "forward",

@@ -27,7 +27,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, init_cache
-from jaxdec.model import Model, forward_with_cache, param_dtype
+from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 
@@ -247,6 +247,16 @@ def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
     return out
 
 
+def check_compile_only(compile_only, **models) -> None:
+    """Abstract models (shapes only) can compile programs, never run them."""
+    if not isinstance(compile_only, bool):
+        raise TypeError(f"compile_only must be a bool, got {compile_only!r}")
+    for name, model in models.items():
+        if not compile_only and is_abstract(model):
+            raise ValueError(f"the {name}'s params are shapes only (jaxdec.abstract_model): it "
+                             "can compile programs (compile_only=True), not run them")
+
+
 def _host_clock(*_dependencies) -> np.ndarray:
     """perf_counter_ns as int32 [seconds mod 2**30, nanoseconds] (x64 is off by default)."""
     ns = time.perf_counter_ns()
@@ -312,7 +322,8 @@ def generate(
     max_len: int | None = None,
     stream: Callable | None = None,
     return_timings: bool = False,
-) -> GenerateResult:
+    compile_only: bool = False,
+) -> GenerateResult | None:
     """Generates continuations of ragged prompts with one compiled program.
 
     Args:
@@ -328,10 +339,15 @@ def generate(
       stream: host function called after each step with (step, tokens[B], active[B]); passing
         a new function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).
+      compile_only: compile the program for these prompts' shapes and these settings, run
+        nothing and return None; a later call with the same shapes and settings starts at once.
+        The model may be `jaxdec.abstract_model(config, ...)` (shapes only), so programs can
+        compile before the weights exist, several at a time in threads.
     Returns:
-      GenerateResult with tokens [B, max_new_tokens] and lengths [B].
+      GenerateResult with tokens [B, max_new_tokens] and lengths [B] (None with compile_only).
     """
     sampler = check_sampler(sampler)
+    check_compile_only(compile_only, model=model)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     batch = prepare_batch(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
@@ -339,11 +355,13 @@ def generate(
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh)
-    ((out, n_gen), _), stamps = _program(
-        model, batch.tokens, batch.lengths, cache, key, batch.stop,
-        max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, stream=stream,
-        timed=return_timings,
-    )
+    args = (model, batch.tokens, batch.lengths, cache, key, batch.stop)
+    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, stream=stream,
+                    timed=return_timings)
+    if compile_only:
+        _program.lower(*args, **settings).compile()
+        return None
+    ((out, n_gen), _), stamps = _program(*args, **settings)
     out = jax.block_until_ready(out)
     return GenerateResult(tokens=np.asarray(out)[:batch.size],
                           lengths=np.asarray(n_gen)[:batch.size], **read_timings(stamps))

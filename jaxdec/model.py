@@ -69,9 +69,9 @@ jax.tree_util.register_pytree_node(
 
 
 def family(config: ModelConfig):
-    """The module implementing a config's model family: `init_params`, `param_axes` and a
-    per-shard `forward`. Every supported architecture is a Llama-family model today; state-space
-    and hybrid families plug in here."""
+    """The module implementing a config's model family: `init_params`, `param_axes`,
+    `param_shapes` and a per-shard `forward`. Every supported architecture is a Llama-family
+    model today; state-space and hybrid families plug in here."""
     del config
     return llama
 
@@ -101,6 +101,29 @@ def init_model(
 
     params = jax.jit(make, out_shardings=param_shardings(config, mesh))(key)
     return Model(config=config, params=params, mesh=mesh)
+
+
+def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
+    """A Model whose params are `jax.ShapeDtypeStruct`s (shape, dtype and sharding, no data):
+    what `generate(..., compile_only=True)` and `speculative_generate(..., compile_only=True)`
+    need to compile a program before the weights exist (while they train or load). A program
+    compiled for it serves any Model with the same config, dtype and mesh (`init_model`,
+    `load_pretrained`) without compiling again."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
+    mesh = parallel.resolve_mesh(mesh)
+    parallel.check_divisibility(config, mesh)
+    vocab = parallel.padded_vocab(config, mesh)
+    shapes = family(config).param_shapes(config, vocab_size=vocab)
+    params = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding),
+        shapes, param_shardings(config, mesh), is_leaf=lambda x: isinstance(x, tuple))
+    return Model(config=config, params=params, mesh=mesh)
+
+
+def is_abstract(tree) -> bool:
+    """Whether a Model (or any pytree, e.g. a drafter) holds shapes only (see `abstract_model`)."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
 def _zero_padded_vocab(params, config: ModelConfig):

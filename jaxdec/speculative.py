@@ -21,7 +21,8 @@ from jax.experimental import io_callback
 
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
-from jaxdec.generate import _host_clock, after_clock, prepare_batch, read_timings
+from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
+                             read_timings)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -234,7 +235,8 @@ def speculative_generate(
     max_len: int | None = None,
     return_timings: bool = False,
     profile: bool = False,
-) -> SpeculativeResult:
+    compile_only: bool = False,
+) -> SpeculativeResult | None:
     """Generates with speculative decoding; same outputs as `jaxdec.generate` (greedy: the
     same tokens; sampling: the same distribution), fewer target forwards.
 
@@ -253,8 +255,11 @@ def speculative_generate(
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
+      compile_only: compile the program, run nothing and return None (see `generate`); the
+        target and a DraftModel's model may be `jaxdec.abstract_model`s.
     Returns:
-      SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats.
+      SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats (None with
+      compile_only).
     """
     sampler = check_sampler(sampler)
     if not isinstance(drafter, Drafter):
@@ -262,6 +267,7 @@ def speculative_generate(
             "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval), "
             f"got {type(drafter).__name__}"
         )
+    check_compile_only(compile_only, target=target, drafter=drafter)
     topology = drafter.default_topology() if tree is None else as_topology(tree)
     kind = drafter.proposal_kind(sampler, topology)
     check_proposal(kind, topology)
@@ -271,10 +277,13 @@ def speculative_generate(
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh)
-    (out, n_gen), stats, _, stamps = _program(
-        target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
-        max_new_tokens=max_new_tokens, sampler=sampler, topology=topology, pad_id=pad_id,
-        timed=return_timings, profile=profile)
+    args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop)
+    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
+                    pad_id=pad_id, timed=return_timings, profile=profile)
+    if compile_only:
+        _program.lower(*args, **settings).compile()
+        return None
+    (out, n_gen), stats, _, stamps = _program(*args, **settings)
     out = jax.block_until_ready(out)
     timings = read_timings(stamps)
     rows = slice(0, batch.size)

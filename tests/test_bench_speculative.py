@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("method", "tree", "batch", "temperature", "tau", "tokens_per_s", "speedup_vs_ar",
             "device", "jax_version", "date")
@@ -21,9 +23,12 @@ def _run(args, out, returncode=0):
 
 
 def test_synthetic_tiny(tmp_path):
-    records = _run(["--preset", "synthetic-tiny", "--batches", "1"], tmp_path)
+    records = _run(["--preset", "synthetic-tiny", "--batches", "1", "--compile-ahead", "2"],
+                   tmp_path)
     oracle = [r for r in records if r["method"].startswith("oracle")]
     assert len(oracle) == 3
+    for r in records:  # compiled ahead, side by side: the timed calls compiled nothing
+        assert r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0
     for r in records:
         assert all(r.get(k) is not None for k in REQUIRED if not (r["method"] == "plain" and k == "tree"))
     for r in oracle:
@@ -49,12 +54,17 @@ def test_training_inside_the_call_and_both_attention_paths(tmp_path):
     records = _run(["--preset", "cpu-tiny", "--steps", "3", "--draft-steps", "3",
                     "--max-train-bytes", "100000", "--eval-tokens", "2048",
                     "--methods", "draft:chain:4", "--batches", "1", "--temperatures", "0",
-                    "--max-new-tokens", "6", "--attention", "auto,reference"], tmp_path)
+                    "--max-new-tokens", "6", "--attention", "auto,reference",
+                    "--compile-ahead", "2"], tmp_path)
     assert {(r["attention"], r["method"]) for r in records} == {
         (a, m) for a in ("auto", "reference") for m in ("plain", "draft")}
+    # Every program compiled beside the training, from the configs the models would export
+    # with: the timed calls on the trained models compiled nothing.
+    assert all(r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0 for r in records)
     assert all(r["same_tokens_as_ar"] for r in records if r["method"] == "draft")
     train = json.loads((tmp_path / "train-cpu.json").read_text())
     assert [r["preset"] for r in train] == ["cpu-tiny"] and train[0]["steps"] == 3
+    assert train[0]["compile_ahead_workers"] == 2
     assert 0 < train[0]["acceptance_after"] < 1
     assert "| cpu-tiny |" in (tmp_path / "train-cpu.md").read_text()
 
@@ -75,3 +85,44 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
         tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
     assert _run(args, tmp_path) == done  # nothing left to run
+
+
+def test_compile_ahead_reports_failures_and_drops_what_the_deadline_leaves():
+    import threading
+    import time
+
+    sys.path.insert(0, str(REPO))
+    from bench.common import CompileAhead
+
+    release = threading.Event()
+    lines = []
+    interval = sys.getswitchinterval()
+    ahead = CompileAhead(1, log=lines.append)
+    assert sys.getswitchinterval() == CompileAhead.SWITCH_INTERVAL_S  # restored by wait
+    ahead.submit("slow", release.wait)
+    ahead.submit("never started", lambda: None)
+    ahead.wait(deadline=time.monotonic() + 0.2)  # one worker, busy: the second is dropped
+    release.set()
+    assert sys.getswitchinterval() == interval
+    assert ahead.seconds("never started") is None and ahead.jobs["never started"].cancelled()
+    ahead.close()
+    assert "0 of 2 programs compiled (0 failed, 2 left to the timed calls)" in lines[-1]
+
+    def broken():
+        raise ValueError("no such shape")
+
+    ahead = CompileAhead(2, log=lines.append)
+    ahead.submit("ok", lambda: time.sleep(0.01))
+    ahead.submit("broken", broken)
+    ahead.submit("ok", broken)  # a key is compiled once
+    ahead.wait()
+    assert ahead.seconds("ok") >= 0.01 and ahead.seconds("broken") is None
+    assert any("compile-ahead broken: failed" in line and "no such shape" in line for line in lines)
+    assert "1 of 2 programs compiled (1 failed, 0 left" in lines[-1]
+    ahead.close()
+    disabled = CompileAhead(0)
+    disabled.submit("x", broken)
+    disabled.wait()
+    assert not disabled.enabled and disabled.seconds("x") is None
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        CompileAhead(-1)

@@ -196,3 +196,36 @@ def test_forward_with_cache_shape_errors(loaded):
                             mesh=jaxdec.make_mesh(dp=2))
     with pytest.raises(ValueError, match="not a multiple of the mesh's dp=2"):
         jaxdec.forward(dp_model, np.zeros((3, 4), np.int32))
+
+
+def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(loaded):
+    """`abstract_model` + `compile_only`: the program compiles before the weights exist, and
+    the loaded model's first call finds it (same config, dtype and mesh)."""
+    model = loaded(VARIANT)
+    abstract = jaxdec.abstract_model(model.config, dtype=jax.tree.leaves(model.params)[0].dtype)
+    for real, shape in zip(jax.tree.leaves(model.params), jax.tree.leaves(abstract.params)):
+        assert isinstance(shape, jax.ShapeDtypeStruct)
+        assert (shape.shape, shape.dtype, shape.sharding) == (real.shape, real.dtype, real.sharding)
+    prompts = _prompts((37, 20))  # a bucket (64) and a length no other test compiles
+    settings = dict(max_new_tokens=11, sampler=jaxdec.Sampler(temperature=0.7, top_k=5),
+                    key=jax.random.PRNGKey(3), return_timings=True)
+    _compiles.clear()
+    assert jaxdec.generate(abstract, prompts, compile_only=True, **settings) is None
+    assert _compiles  # it compiled...
+    _compiles.clear()
+    result = jaxdec.generate(model, _prompts((40, 33), seed=4), **settings)
+    assert _compiles == [] and result.tokens.shape == (2, 11)  # ...once, for the real call
+    with pytest.raises(ValueError, match="model's params are shapes only"):
+        jaxdec.generate(abstract, prompts, max_new_tokens=4)
+    with pytest.raises(TypeError, match="compile_only must be a bool"):
+        jaxdec.generate(model, prompts, max_new_tokens=4, compile_only="yes")
+    with pytest.raises(TypeError, match="config must be a jaxdec ModelConfig"):
+        jaxdec.abstract_model({"vocab_size": 8})
+
+
+def test_abstract_model_on_a_tp_mesh_matches_the_sharded_params(hf_checkpoints):
+    mesh = jaxdec.make_mesh(tp=2)
+    model = jaxdec.load_pretrained(hf_checkpoints(VARIANT)[0], mesh=mesh)
+    abstract = jaxdec.abstract_model(model.config, mesh=mesh)
+    got = [(s.shape, s.dtype, s.sharding) for s in jax.tree.leaves(abstract.params)]
+    assert got == [(p.shape, p.dtype, p.sharding) for p in jax.tree.leaves(model.params)]

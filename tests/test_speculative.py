@@ -260,3 +260,37 @@ def test_draft_vocabulary_padding_and_mismatch(loaded):
         jaxdec.speculative_generate(model, DraftModel(alien), _prompts(), max_new_tokens=4)
     with pytest.raises(ValueError, match="encoded with the target's tokenizer"):
         jaxdec.speculative_generate(model, Retrieval(np.arange(200)), _prompts(), max_new_tokens=4)
+
+
+def test_compile_only_with_abstract_target_and_draft(loaded):
+    """Speculative programs compile from shapes alone; the real models' first call compiles
+    nothing. Abstract models cannot run, and an abstract draft must share the target's mesh."""
+    model, draft = loaded(TARGET), loaded(TARGET)
+    abstract = jaxdec.abstract_model(model.config)
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    settings = dict(max_new_tokens=9, tree=tree.kary(2, 3), sampler=jaxdec.Sampler(top_p=0.8),
+                    key=jax.random.PRNGKey(2))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = jaxdec.speculative_generate(abstract, DraftModel(abstract), _prompts(),
+                                          compile_only=True, **settings)
+        assert out is None and compiles
+        compiles.clear()
+        result = jaxdec.speculative_generate(model, DraftModel(draft), _prompts(seed=9),
+                                             **settings)
+        assert compiles == [] and result.tokens.shape == (3, 9)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    with pytest.raises(ValueError, match="drafter's params are shapes only"):
+        jaxdec.speculative_generate(model, DraftModel(abstract), _prompts(), max_new_tokens=4)
+    with pytest.raises(ValueError, match="target's params are shapes only"):
+        jaxdec.speculative_generate(abstract, PromptLookup(), _prompts(), max_new_tokens=4)
+    elsewhere = jaxdec.abstract_model(model.config, mesh=jaxdec.make_mesh(tp=2))
+    with pytest.raises(ValueError, match="on the target's mesh"):
+        jaxdec.speculative_generate(abstract, DraftModel(elsewhere), _prompts(), max_new_tokens=4,
+                                    compile_only=True)

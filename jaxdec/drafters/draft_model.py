@@ -26,7 +26,7 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.cache import commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
-from jaxdec.model import Model, forward_with_cache, param_dtype, param_shardings
+from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype, param_shardings
 from jaxdec.tree import Topology, chain
 from jaxdec.verify import ProposalKind
 
@@ -77,6 +77,9 @@ class DraftModel(Drafter):
         draft = self.model
         check_vocabularies(target, draft)
         if draft.mesh != target.mesh:
+            if is_abstract(draft):
+                raise ValueError("an abstract draft model (jaxdec.abstract_model) must be built "
+                                 "on the target's mesh (mesh=target.mesh)")
             parallel.check_divisibility(draft.config, target.mesh)
             vocab = parallel.padded_vocab(draft.config, target.mesh)
             params = jax.tree.map(np.asarray, draft.params)
