@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
@@ -167,6 +168,16 @@ class CompileAhead:
         self._restore_switch_interval()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_compile_workers() -> int:
+    """Compile-ahead threads by default: half the CPU cores, up to 8, on an accelerator; none
+    on a CPU, whose cores the timed runs themselves use."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"

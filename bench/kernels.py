@@ -17,7 +17,10 @@ context + T slots, so the reference (which scores every slot) does no extra work
 Timing: each impl runs `--inner` times inside one jitted `fori_loop` (the queries depend on
 the previous iteration through a scalar, so nothing is hoisted), and the best of `--trials`
 such loops divided by `--inner` is the time per call, launch overhead included, compile
-excluded. The Pallas path's time covers its whole op (packing, kernel, combine).
+excluded. The Pallas path's time covers its whole op (packing, kernel, combine). Every
+case's programs compile first, side by side in `--compile-ahead` threads (on by default on an
+accelerator), and nothing is timed until they are done; records carry `compile_ahead_s` and
+`first_call_compiles` (0 when the program was compiled ahead).
 
 Roofline, with both ceilings measured in the same run:
     bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
@@ -41,7 +44,9 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
+from bench.common import (RESULTS, CompileAhead, counting_compiles,  # noqa: E402
+                          default_compile_workers, device_slug, git_commit, merge_records,
+                          utc_now, versions)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -82,8 +87,22 @@ def case_inputs(batch, context, T, spec, seed=0):
     )
 
 
-def timed_loop(attn, inputs, inner: int, trials: int) -> float:
-    """Seconds per call: `inner` calls chained in one jitted loop, best of `trials`."""
+def case_shapes(batch, context, T, spec) -> tuple:
+    """The abstract arguments of a case (what `case_inputs` draws), for compiling ahead."""
+    import jax
+    import jax.numpy as jnp
+
+    H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
+    S, dtype = context + T, jnp.dtype(spec["dtype"])
+    shape = jax.ShapeDtypeStruct
+    return (shape((batch, T, H, D), dtype), shape((batch, S, K, D), dtype),
+            shape((batch, S, K, D), dtype), shape((batch,), jnp.int32),
+            shape((batch, T), jnp.int32), shape((batch, T, T), jnp.bool_))
+
+
+def chained(attn, inner: int):
+    """`inner` calls of `attn` chained in one jitted loop (the queries depend on the previous
+    call through a scalar, so nothing is hoisted)."""
     import jax
     import jax.numpy as jnp
 
@@ -95,16 +114,24 @@ def timed_loop(attn, inputs, inner: int, trials: int) -> float:
             return bump + first * 1e-30, acc + first
         return jax.lax.fori_loop(0, inner, body, (jnp.float32(0), jnp.float32(0)))
 
-    run = jax.jit(loop)
+    return jax.jit(loop)
+
+
+def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
+    """(seconds per call: a `chained` program's time / `inner`, best of `trials`; the XLA
+    compiles its first, untimed call needed: 0 when it was compiled ahead)."""
+    import jax
+
     args = (inputs["q"], inputs["k"], inputs["v"], inputs["lengths"], inputs["positions"],
             inputs["mask"])
-    jax.block_until_ready(run(*args))
+    with counting_compiles() as compiles:
+        jax.block_until_ready(program(*args))
     best = float("inf")
     for _ in range(trials):
         start = time.perf_counter()
-        jax.block_until_ready(run(*args))
+        jax.block_until_ready(program(*args))
         best = min(best, time.perf_counter() - start)
-    return best / inner
+    return best / inner, compiles[0]
 
 
 def measure_hbm_gbps(nbytes: int) -> float:
@@ -132,18 +159,17 @@ def case_cost(batch, context, T, spec) -> tuple[int, int]:
     return nbytes, flops
 
 
-def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dict]:
+def run(preset: str, spec: dict, emit, on_case=lambda records: None,
+        compile_ahead: int = 0) -> list[dict]:
     """Every case of a preset; `on_case(records so far)` after each (so a run cut off by the
-    device call's time limit keeps what it measured)."""
+    device call's time limit keeps what it measured). `compile_ahead` threads compile every
+    case's programs first, side by side (nothing is timed until they are done)."""
     import jax
     import jax.numpy as jnp
 
     from jaxdec.pallas_kernels import tree_attention as TA
     from jaxdec.train.loop import measure_matmul_peak
 
-    hbm_gbps = measure_hbm_gbps(spec["hbm_bytes"])
-    peak_tflops = measure_matmul_peak(jnp.dtype("bfloat16"), size=spec["matmul_size"]) / 1e12
-    emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
     kernel_impl = TA.backend_kernel() or TA.Impl.TRITON
     impls = {
         "pallas": lambda q, k, v, l, p, m: TA.tree_attention(
@@ -151,42 +177,56 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dic
         "reference": lambda q, k, v, l, p, m: TA.tree_attention(
             q, k, v, l, p, mask_BTT=m, impl=TA.Impl.REFERENCE),
     }
+    cases = [(b, c, t) for b in spec["batches"] for c in spec["contexts"] for t in spec["queries"]]
+    programs = {(*case, name): chained(attn, spec["inner"]) for case in cases
+                for name, attn in impls.items()}
+    ahead = CompileAhead(compile_ahead, log=emit)
+    for key, program in programs.items():
+        shapes = case_shapes(*key[:3], spec)
+        ahead.submit(key, lambda program=program, shapes=shapes: program.lower(*shapes).compile())
+    ahead.wait()
+    ahead.close()
+
+    hbm_gbps = measure_hbm_gbps(spec["hbm_bytes"])
+    peak_tflops = measure_matmul_peak(jnp.dtype("bfloat16"), size=spec["matmul_size"]) / 1e12
+    emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
     meta = dict(preset=preset, kernel="tree_attention", device=jax.devices()[0].device_kind,
                 dtype=spec["dtype"], heads=spec["heads"], kv_heads=spec["kv_heads"],
                 head_dim=spec["head_dim"], hbm_gbps=hbm_gbps, matmul_peak_tflops=peak_tflops,
                 pallas_variant=kernel_impl.value, interpret=spec["interpret"], date=utc_now(),
                 commit=git_commit(), **versions())
     records = []
-    for batch in spec["batches"]:
-        for context in spec["contexts"]:
-            for T in spec["queries"]:
-                nbytes, flops = case_cost(batch, context, T, spec)
-                roofline_s = max(nbytes / (hbm_gbps * 1e9), flops / (peak_tflops * 1e12))
-                inputs = case_inputs(batch, context, T, spec)
-                times = {}
-                for name, attn in impls.items():
-                    record = dict(meta, impl=name, batch=batch, context=context, T=T,
-                                  bytes=nbytes, flops=flops, roofline_us=roofline_s * 1e6)
-                    try:
-                        seconds = timed_loop(attn, inputs, spec["inner"], spec["trials"])
-                    except Exception as e:  # noqa: BLE001  (record it, keep going)
-                        record.update(time_us=None, hbm_fraction=None, error=repr(e)[:300])
-                    else:
-                        times[name] = seconds
-                        record.update(
-                            time_us=seconds * 1e6, error=None,
-                            hbm_fraction=nbytes / seconds / (hbm_gbps * 1e9),
-                            flop_fraction=flops / seconds / (peak_tflops * 1e12),
-                            vs_roofline=seconds / roofline_s,
-                        )
-                    records.append(record)
-                if len(times) == 2:
-                    records[-2]["speedup_vs_reference"] = times["reference"] / times["pallas"]
-                emit(f"B={batch} context={context} T={T}: " + ", ".join(
-                    f"{n} {t * 1e6:.1f} us" for n, t in times.items())
-                    + f" (roofline {roofline_s * 1e6:.1f} us)")
-                del inputs
-                on_case(records)
+    for batch, context, T in cases:
+        nbytes, flops = case_cost(batch, context, T, spec)
+        roofline_s = max(nbytes / (hbm_gbps * 1e9), flops / (peak_tflops * 1e12))
+        inputs = case_inputs(batch, context, T, spec)
+        times = {}
+        for name in impls:
+            key = (batch, context, T, name)
+            record = dict(meta, impl=name, batch=batch, context=context, T=T,
+                          bytes=nbytes, flops=flops, roofline_us=roofline_s * 1e6,
+                          compile_ahead_s=ahead.seconds(key))
+            try:
+                seconds, compiles = timed_loop(programs[key], inputs, spec["inner"],
+                                               spec["trials"])
+            except Exception as e:  # noqa: BLE001  (record it, keep going)
+                record.update(time_us=None, hbm_fraction=None, error=repr(e)[:300])
+            else:
+                times[name] = seconds
+                record.update(
+                    time_us=seconds * 1e6, error=None, first_call_compiles=compiles,
+                    hbm_fraction=nbytes / seconds / (hbm_gbps * 1e9),
+                    flop_fraction=flops / seconds / (peak_tflops * 1e12),
+                    vs_roofline=seconds / roofline_s,
+                )
+            records.append(record)
+        if len(times) == 2:
+            records[-2]["speedup_vs_reference"] = times["reference"] / times["pallas"]
+        emit(f"B={batch} context={context} T={T}: " + ", ".join(
+            f"{n} {t * 1e6:.1f} us" for n, t in times.items())
+            + f" (roofline {roofline_s * 1e6:.1f} us)")
+        del inputs
+        on_case(records)
     return records
 
 
@@ -261,6 +301,10 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--inner", type=int, help="calls per timed loop")
     parser.add_argument("--trials", type=int, help="timed loops (best is kept)")
+    parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
+                        help="threads that compile every case's programs before any is timed "
+                             "(0: each compiles at its first call; default: half the CPU "
+                             "cores up to 8 on an accelerator, 0 on a CPU)")
     return parser.parse_args(argv)
 
 
@@ -273,9 +317,12 @@ def main(argv=None) -> int:
             if value < 1:
                 raise SystemExit(f"--{name} must be >= 1, got {value}")
             spec[name] = value
+    workers = default_compile_workers() if args.compile_ahead is None else args.compile_ahead
+    if workers < 0:
+        raise SystemExit(f"--compile-ahead must be >= 0, got {workers}")
     out = args.out
     records = run(args.preset, spec, lambda line: print(line, flush=True),
-                  on_case=lambda so_far: write_outputs(out, list(so_far)))
+                  on_case=lambda so_far: write_outputs(out, list(so_far)), compile_ahead=workers)
     path = write_outputs(args.out, records)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0 if all(r.get("error") is None for r in records) else 1

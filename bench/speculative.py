@@ -48,7 +48,6 @@ import atexit
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -66,8 +65,9 @@ from jaxdec.verify import ProposalKind
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, CompileAhead, counting_compiles, device_slug,  # noqa: E402
-                          git_commit, merge_records, utc_now, versions)
+from bench.common import (RESULTS, CompileAhead, counting_compiles,  # noqa: E402
+                          default_compile_workers, device_slug, git_commit, merge_records,
+                          utc_now, versions)
 
 TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
@@ -492,12 +492,6 @@ def _attention_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(
             f"expected auto, reference or auto,reference; got {text!r}")
     return names
-
-
-def default_compile_workers() -> int:
-    if jax.default_backend() == "cpu":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def build_parser() -> argparse.ArgumentParser:

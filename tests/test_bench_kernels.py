@@ -24,8 +24,10 @@ def test_case_cost_hand_computed():
 
 
 def test_cpu_tiny_run(tmp_path):
-    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--compile-ahead", "2"]) == 0
     records = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    # Every program compiled ahead, side by side: the timed loops compiled nothing.
+    assert all(r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0 for r in records)
     spec = bench.PRESETS["cpu-tiny"]
     cases = {(b, c, t) for b in spec["batches"] for c in spec["contexts"] for t in spec["queries"]}
     assert {(r["impl"], r["batch"], r["context"], r["T"]) for r in records} == {
@@ -45,4 +47,7 @@ def test_cpu_tiny_run(tmp_path):
     assert table.count("\n| 1 | 64 |") == 2
     # A second run (e.g. another call on the device) replaces its own records only.
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
-    assert len(json.loads((tmp_path / "kernels-cpu.json").read_text())) == len(records)
+    again = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert len(again) == len(records)
+    # The CPU default compiles inline: each first call compiles its own program.
+    assert all(r["compile_ahead_s"] is None and r["first_call_compiles"] > 0 for r in again)
