@@ -33,7 +33,9 @@ Context
 
 Timing (compile excluded; median over `--repeats` runs after `--warmup` runs)
   - jaxdec: `GenerateResult.decode_s`, stamped inside the compiled program from the first
-    token to the last.
+    token to the last. Each batch size's program compiles (`--compile-ahead` threads, on by
+    default on an accelerator) while the random weights are drawn, before anything is
+    measured; records carry `compile_ahead_s` and `first_call_compiles` (0 when ahead).
   - transformers: a streamer receives the prompt, then each new token as it reaches the host
     (`generate` copies it with `.cpu()`, which waits for the device). decode = last token's
     arrival - first token's arrival; prefill = first token's arrival - the prompt's (this
@@ -82,6 +84,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -96,7 +99,8 @@ from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import device_slug, git_commit, versions  # noqa: E402
+from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
+                          default_compile_workers, device_slug, git_commit, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
@@ -259,14 +263,26 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
     import jaxdec
 
     emit("env", device=jax.devices()[0].device_kind, platform=jax.default_backend())
-    emit("bandwidth", source="jax x + 1 (bf16)",
-         gbps=_jax_copy_gbps(spec["copy_mib"] << 20))
     fields = dict(spec["model"], rope=jaxdec.RopeConfig(**spec["model"]["rope"]))
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
+    N = spec["new_tokens"]
+    # Each batch size's program compiles in a thread while the weights are drawn; nothing is
+    # measured until they are done.
+    workers = spec.get("compile_ahead")
+    workers = default_compile_workers() if workers is None else workers
+    ahead = CompileAhead(workers, log=lambda line: emit("log", line=line))
+    shapes = jaxdec.abstract_model(config, dtype=jnp.bfloat16).with_attention(attention)
+    for batch in spec["batch_sizes"]:
+        prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
+        ahead.submit(batch, functools.partial(jaxdec.generate, shapes, prompts, max_new_tokens=N,
+                                              return_timings=True, compile_only=True))
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
     model = model.with_attention(attention)
+    ahead.wait()
+    ahead.close()
+    emit("bandwidth", source="jax x + 1 (bf16)",
+         gbps=_jax_copy_gbps(spec["copy_mib"] << 20))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    N = spec["new_tokens"]
     for batch in spec["batch_sizes"]:
         try:
             prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
@@ -279,8 +295,10 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
                 return res.prefill_s, res.decode_s
 
             notes = f"jaxdec.generate, attention={attention}"
+            with counting_compiles() as compiles:  # in the first (warmup) call: 0 when ahead
+                timed = _timed_runs(run, spec["warmup"], spec["repeats"])
             emit("result", batch=batch, notes=notes, param_bytes=param_bytes,
-                 **_timed_runs(run, spec["warmup"], spec["repeats"]))
+                 compile_ahead_s=ahead.seconds(batch), first_call_compiles=compiles[0], **timed)
         except Exception as e:  # one batch size failing (e.g. out of memory) is a record
             emit("error", batch=batch, error=_describe(e))
 
@@ -496,6 +514,9 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
                           prefill_s=result["prefill_s"], decode_s=decode_s,
                           decode_s_runs=result["decode_s_runs"],
                           param_bytes=result["param_bytes"], notes=result["notes"])
+            for field in ("compile_ahead_s", "first_call_compiles"):  # jaxdec impls only
+                if field in result:
+                    record[field] = result[field]
         else:
             record["error"] = errors.get(batch) or errors.get(None) or failure or "no result"
         records.append(record)
@@ -663,6 +684,10 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiles)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median is reported)")
     parser.add_argument("--budget-s", type=float, help="total worker wall time (default: preset's)")
+    parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
+                        help="jaxdec impls: threads that compile each batch size's program "
+                             "while the weights are drawn (0: at the first call; default: half "
+                             "the CPU cores up to 8 on an accelerator, 0 on a CPU)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the impls the output file already holds for every batch size "
                              "(same preset, context and new tokens) and run only the others")
@@ -684,9 +709,12 @@ def make_spec(args, preset: Preset) -> dict:
         raise ValueError(f"--context {context} is too short for {new_tokens} new tokens")
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    if args.compile_ahead is not None and args.compile_ahead < 0:
+        raise ValueError(f"--compile-ahead must be >= 0, got {args.compile_ahead}")
     return dict(model=preset.model, batch_sizes=list(args.batch_sizes or preset.batch_sizes),
                 context=context, prompt_len=prompt_len, new_tokens=new_tokens,
-                warmup=args.warmup, repeats=args.repeats, copy_mib=preset.copy_mib)
+                warmup=args.warmup, repeats=args.repeats, copy_mib=preset.copy_mib,
+                compile_ahead=args.compile_ahead)
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,8 @@ def cpu_tiny_run(tmp_path_factory):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the suite's 8 fake CPU devices: run as a user would
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "2", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "2", "--out", str(out),
+         "--compile-ahead", "2"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,6 +58,8 @@ def test_cpu_tiny_records(cpu_tiny_run):
         assert r["device"] == "cpu" and r["jax_version"] == jax.__version__ and r["date"]
         # Each impl counted its own model's bytes: the same model, matching the formula.
         assert r["param_bytes"] == 2 * bench.param_count(bench.TINY)
+        if r["impl"] == "jaxdec":  # compiled while the weights were drawn
+            assert r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0
 
 
 def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
