@@ -229,3 +229,7 @@ def test_abstract_model_on_a_tp_mesh_matches_the_sharded_params(hf_checkpoints):
     abstract = jaxdec.abstract_model(model.config, mesh=mesh)
     got = [(s.shape, s.dtype, s.sharding) for s in jax.tree.leaves(abstract.params)]
     assert got == [(p.shape, p.dtype, p.sharding) for p in jax.tree.leaves(model.params)]
+    jaxdec.generate(abstract, _prompts((9, 4)), max_new_tokens=5, compile_only=True)
+    _compiles.clear()
+    jaxdec.generate(model, _prompts((11, 2), seed=6), max_new_tokens=5)
+    assert _compiles == []
