@@ -33,6 +33,11 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """The checked-out commit (short hash): `$JAXDEC_COMMIT` when set (a lent device gets a
+    copy of the working tree without `.git`, so its call passes the hash), else git's."""
+    given = os.environ.get("JAXDEC_COMMIT", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)

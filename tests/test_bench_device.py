@@ -79,6 +79,27 @@ def test_completeness_rule(tmp_path):
     assert not done(tmp_path, "h100")
 
 
+def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
+    """The decode step needs the jaxdec impls and hf-eager finished, and hf-compile tried: a
+    crash of it is not retried by every call, a run cut by time is."""
+    decode = next(s for s in device.plan("gpu") if s.name == "decode")
+    path = tmp_path / "decode-h100.json"
+    rows = [{"preset": "h100", "impl": impl, "batch": b} for b in (1, 16)
+            for impl in ("jaxdec", "jaxdec-reference", "hf-eager")]
+    path.write_text(json.dumps(rows))
+    assert not decode.done(tmp_path, "h100")  # hf-compile never ran
+    for error, done in (("timed out after 300 s", False),
+                        ("skipped: the time budget (--budget-s) was used up", False),
+                        ("worker exited with code 1", True), (None, True)):
+        tried = [{"preset": "h100", "impl": "hf-compile", "batch": b, "error": error}
+                 for b in (1, 16)]
+        path.write_text(json.dumps(rows + tried))
+        assert decode.done(tmp_path, "h100") is done, error
+    rows[0]["error"] = "worker exited with code 1"  # a jaxdec impl must finish
+    path.write_text(json.dumps(rows + tried))
+    assert not decode.done(tmp_path, "h100")
+
+
 def test_a_stopped_step_takes_its_children_with_it(tmp_path):
     pid_file = tmp_path / "child"
     script = ("import subprocess, sys, time; "
@@ -122,3 +143,13 @@ def test_every_gpu_step_parses_with_its_benchmark():
         argv = [a.replace("{out}", "/tmp/out").replace("{budget}", "100") for a in step.argv]
         args = parsers[argv[0]](argv[1:])  # SystemExit on an unknown or malformed flag
         assert str(args.out) == "/tmp/out"
+
+
+def test_records_name_the_commit_from_the_environment(monkeypatch):
+    """A device's copy of the tree has no .git: JAXDEC_COMMIT names the commit there."""
+    from bench.common import git_commit
+
+    monkeypatch.setenv("JAXDEC_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("JAXDEC_COMMIT")
+    assert git_commit() != "abc1234"  # git's answer here (or None without git)
