@@ -3,11 +3,14 @@ small random Hugging Face checkpoints written once per session."""
 
 import os
 
-# Must happen before jax initialises its backends.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+from runenv import FAST_CPU_COMPILES
+
+# Must happen before jax initialises its backends. The suite compiles far more than it
+# computes, so XLA's CPU backend skips LLVM's optimizations (semantics unchanged; about a sixth
+# less CPU time for the suite).
+for flag in ("--xla_force_host_platform_device_count=8", FAST_CPU_COMPILES):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402

@@ -2,13 +2,13 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import pytest
+from runenv import user_env
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
 REQUIRED = ("impl", "batch", "context", "new_tokens", "tokens_per_s", "step_ms", "prefill_s",
@@ -31,8 +31,7 @@ bench = _load_bench()
 def cpu_tiny_run(tmp_path_factory):
     """Runs `bench/decode.py --preset cpu-tiny` once (jaxdec and hf-eager, batch 1 and 2)."""
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the suite's 8 fake CPU devices: run as a user would
+    env = user_env()  # not the suite's 8 fake CPU devices: run as a user would
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "2", "--out", str(out),
          "--compile-ahead", "2"],
@@ -68,7 +67,7 @@ def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
     before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
     failed = dict(before[0], impl="jaxdec-reference", tokens_per_s=None, error="timed out")
     (tmp_path / "decode-cpu.json").write_text(json.dumps(before + [failed]))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = user_env()
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "1", "--resume",
          "--impls", "jaxdec,jaxdec-reference,hf-eager", "--out", str(tmp_path)],

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runenv import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -16,7 +17,7 @@ from bench import device  # noqa: E402
 
 
 def _drive(*args, returncode=0):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = user_env()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "device.py"), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,12 +1,12 @@
 """bench/speculative.py: the synthetic regime and the trained-model path on CPU presets."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from runenv import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("method", "tree", "batch", "temperature", "tau", "tokens_per_s", "speedup_vs_ar",
@@ -14,7 +14,7 @@ REQUIRED = ("method", "tree", "batch", "temperature", "tau", "tokens_per_s", "sp
 
 
 def _run(args, out, returncode=0):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = user_env()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "speculative.py"), *args,
                            "--repeats", "1", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -1,8 +1,6 @@
-"""bench/train.py: the cpu-tiny preset, shrunk to a few steps, end to end."""
+"""bench/train.py: a small preset, shrunk to a few steps, end to end; merging records."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,31 +9,35 @@ import jax
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import merge_records  # noqa: E402
+from train_presets import MICRO  # noqa: E402
 
 REQUIRED = ("preset", "params", "tokens_per_s", "mfu", "heldout_loss", "acceptance_before",
             "acceptance_after", "device", "jax_version", "date")
 
 
-def test_cpu_tiny_shrunk(tmp_path):
+def test_micro_preset_end_to_end(tmp_path, monkeypatch):
+    """bench/train.py's main on the test preset (in process: the cpu-tiny preset trains in the
+    speculative benchmark's test, through the same `run` and writer)."""
+    from jaxdec.train import presets
+
+    from bench import train as bench_train
+
+    monkeypatch.setitem(presets.PRESETS, MICRO.name, MICRO)
     out = tmp_path / "results"
     out.mkdir()
     # A record of another preset already there survives (runs accumulate per device).
     (out / "train-cpu.json").write_text(json.dumps([{"preset": "gpu-small", "params": 1}]))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "train.py"), "--preset", "cpu-tiny", "--steps", "3",
-         "--draft-steps", "3", "--max-train-bytes", "100000", "--eval-tokens", "4096",
-         "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert bench_train.main(["--preset", MICRO.name, "--steps", "3", "--draft-steps", "3",
+                             "--eval-tokens", "1024", "--out", str(out)]) == 0
     records = json.loads((out / "train-cpu.json").read_text())
-    assert [r["preset"] for r in records] == ["gpu-small", "cpu-tiny"]
+    assert [r["preset"] for r in records] == ["gpu-small", MICRO.name]
     record = records[1]
     assert all(record.get(k) is not None for k in REQUIRED), record
     assert record["device"] == "cpu" and record["jax_version"] == jax.__version__
-    assert record["params"] > 1e6 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1.5
+    assert record["steps"] == 3 and record["params"] > 5e4
+    assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1.5
     assert 0 < record["acceptance_before"] < 1 and 0 < record["acceptance_after"] < 1
-    assert "| cpu-tiny |" in (out / "train-cpu.md").read_text()
+    assert f"| {MICRO.name} |" in (out / "train-cpu.md").read_text()
 
 
 def test_merge_records(tmp_path):
