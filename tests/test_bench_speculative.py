@@ -98,12 +98,12 @@ def test_compile_ahead_reports_failures_and_drops_what_the_deadline_leaves():
     lines = []
     interval = sys.getswitchinterval()
     ahead = CompileAhead(1, log=lines.append)
-    assert sys.getswitchinterval() == CompileAhead.SWITCH_INTERVAL_S  # restored by wait
+    assert sys.getswitchinterval() == CompileAhead.SWITCH_INTERVAL_S  # while jobs run
     ahead.submit("slow", release.wait)
     ahead.submit("never started", lambda: None)
     ahead.wait(deadline=time.monotonic() + 0.2)  # one worker, busy: the second is dropped
     release.set()
-    assert sys.getswitchinterval() == interval
+    assert sys.getswitchinterval() == interval  # wait restored it
     assert ahead.seconds("never started") is None and ahead.jobs["never started"].cancelled()
     ahead.close()
     assert "0 of 2 programs compiled (0 failed, 2 left to the timed calls)" in lines[-1]
