@@ -75,34 +75,24 @@ def _records(path: Path) -> list[dict]:
     return records if isinstance(records, list) else []
 
 
-def _complete(file: str, **match) -> Callable[[Path, str], bool]:
-    """Done when `<file>-<device>.json` has records matching `match` (field -> one value, or a
-    tuple of values that must all be present) and none of them carries an error."""
-    wanted = {k: v if isinstance(v, tuple) else (v,) for k, v in match.items()}
-
-    def done(results: Path, slug: str) -> bool:
-        rows = [r for r in _records(results / f"{file}-{slug}.json")
-                if all(r.get(k) in values for k, values in wanted.items())]
-        if not rows or any(r.get("error") for r in rows):
-            return False
-        return all({r.get(k) for r in rows} >= set(values) for k, values in wanted.items())
-
-    return done
-
-
 TIME_ERRORS = ("skipped", "timed out")  # how a benchmark records a run its budget cut
 
 
-def _attempted(file: str, **match) -> Callable[[Path, str], bool]:
-    """Like `_complete`, but a run that failed for a reason other than time counts as done:
-    for a wanted-but-optional run (a broken one would otherwise be retried by every call;
-    `--redo` retries it on purpose). One cut short by a budget or timeout is still due."""
+def _complete(file: str, *, failures_count: bool = False, **match) -> Callable[[Path, str], bool]:
+    """Done when `<file>-<device>.json` has records matching `match` (field -> one value, or a
+    tuple of values that must all be present) and none of them carries an error. With
+    `failures_count` (a wanted-but-optional run, which a broken impl would otherwise make every
+    call retry; `--redo` retries it on purpose), only an error of time (a budget skip, a
+    timeout) keeps it due."""
     wanted = {k: v if isinstance(v, tuple) else (v,) for k, v in match.items()}
+
+    def blocks(error) -> bool:
+        return bool(error) and (not failures_count or str(error).startswith(TIME_ERRORS))
 
     def done(results: Path, slug: str) -> bool:
         rows = [r for r in _records(results / f"{file}-{slug}.json")
                 if all(r.get(k) in values for k, values in wanted.items())]
-        if not rows or any(str(r.get("error") or "").startswith(TIME_ERRORS) for r in rows):
+        if not rows or any(blocks(r.get("error")) for r in rows):
             return False
         return all({r.get(k) for r in rows} >= set(values) for k, values in wanted.items())
 
@@ -166,7 +156,8 @@ def plan(name: str) -> list[Step]:
                  # (--resume keeps the finished impls).
                  _all(_complete("decode", preset="h100",
                                 impl=("jaxdec", "jaxdec-reference", "hf-eager")),
-                      _attempted("decode", preset="h100", impl="hf-compile")),
+                      _complete("decode", preset="h100", impl="hf-compile",
+                                failures_count=True)),
                  min_s=240, cap_s=540),
             speculative_step("gpu-small", min_s=300, cap_s=560),
             speculative_step("gpu-base", min_s=480, cap_s=560),

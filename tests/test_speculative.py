@@ -265,7 +265,7 @@ def test_draft_vocabulary_padding_and_mismatch(loaded):
 def test_compile_only_with_abstract_target_and_draft(loaded):
     """Speculative programs compile from shapes alone; the real models' first call compiles
     nothing. Abstract models cannot run, and an abstract draft must share the target's mesh."""
-    model, draft = loaded(TARGET), loaded(TARGET)
+    model = loaded(TARGET)
     abstract = jaxdec.abstract_model(model.config)
     compiles = []
 
@@ -281,7 +281,7 @@ def test_compile_only_with_abstract_target_and_draft(loaded):
                                           compile_only=True, **settings)
         assert out is None and compiles
         compiles.clear()
-        result = jaxdec.speculative_generate(model, DraftModel(draft), _prompts(seed=9),
+        result = jaxdec.speculative_generate(model, DraftModel(model), _prompts(seed=9),
                                              **settings)
         assert compiles == [] and result.tokens.shape == (3, 9)
     finally:
