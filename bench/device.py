@@ -274,7 +274,8 @@ def main(argv=None) -> int:
                         help="wall time for all steps (default 540: a device call allows 600)")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="the committed results, merged into and used to skip steps")
-    parser.add_argument("--only", help="comma-separated step names to consider (default: all)")
+    parser.add_argument("--only", help="comma-separated step names to consider, run in the order "
+                                       "given (default: all, in the plan's order)")
     parser.add_argument("--redo", default="",
                         help="comma-separated step names to run even if their results are "
                              "committed ('all' for every step)")
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--{flag}: unknown steps {unknown}; steps: {', '.join(names)}")
     if args.only:
-        steps = [s for s in steps if s.name in args.only.split(",")]
+        by_name = {s.name: s for s in steps}
+        steps = [by_name[n] for n in dict.fromkeys(filter(None, args.only.split(",")))]
     if args.list:
         for s in steps:
             print(f"{s.name:18s} min {s.min_s:>4.0f} s, cap {s.cap_s:>4.0f} s: "

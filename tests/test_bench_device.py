@@ -63,6 +63,8 @@ def test_budget_and_step_names(tmp_path):
     assert proc.returncode == 2 and "unknown steps ['kernal']" in proc.stderr
     listing = _drive("--list")
     assert [line.split()[0] for line in listing.splitlines()] == [s.name for s in device.plan("gpu")]
+    listing = _drive("--list", "--only", "decode,gpu-tests,decode")  # --only's order, once each
+    assert [line.split()[0] for line in listing.splitlines()] == ["decode", "gpu-tests"]
 
 
 def test_completeness_rule(tmp_path):
