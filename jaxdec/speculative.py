@@ -137,6 +137,7 @@ def speculative_padded(
     if timed:  # after both prefills: depend on one element of every cache array
         done = [x.reshape(-1)[:1] for x in jax.tree.leaves((cache, drafter_state))]
         stamps.append(_clock(*done))
+        root = after_clock(stamps[-1], root)  # the loop waits on it (see generate's _program)
 
     state = _State(
         step=jnp.int32(0), root_B=root, cache=cache, drafter_state=drafter_state,
@@ -194,6 +195,7 @@ def speculative_padded(
         if profile:
             t2 = _clock(emitted, keep)
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
+            last = after_clock(t2, last)  # the next step waits on the stamp
         hits = active[:, None] & (verdict.n_path[:, None] > jnp.arange(1, depth + 1))
         return _State(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,

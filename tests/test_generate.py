@@ -11,6 +11,7 @@ from jax.scipy.special import gammaincc
 
 import jaxdec
 from jaxdec.generate import bucket_length
+from program_deps import clocks_the_loop_waits_on, trace_program
 
 VARIANT = "llama-gqa"
 _compiles = []
@@ -94,6 +95,15 @@ def test_timings(loaded):
     plain = jaxdec.generate(loaded(VARIANT), _prompts((3, 5)), max_new_tokens=8)
     assert plain.prefill_s is None
     np.testing.assert_array_equal(plain.tokens, result.tokens)
+
+
+def test_the_decode_loop_waits_on_the_timing_clocks(loaded):
+    """Both host clocks are inputs of the decode loop: a clock nothing waits on ran after the
+    loop on a GPU (decode_s ~0)."""
+    model = loaded(VARIANT)
+    jaxpr = trace_program("jaxdec.generate", lambda: jaxdec.generate(
+        model, _prompts((3, 5)), max_new_tokens=8, return_timings=True, compile_only=True))
+    assert clocks_the_loop_waits_on(jaxpr) == (2, 2)
 
 
 def test_sampled_first_tokens_follow_the_processed_distribution(loaded):

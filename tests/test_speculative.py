@@ -12,6 +12,7 @@ from jax.scipy.special import gammaincc
 import jaxdec
 from jaxdec import tree
 from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
+from program_deps import clocks_the_loop_waits_on, trace_program
 
 TARGET = "llama-gqa"
 PROMPTS_SEED = 0
@@ -225,6 +226,15 @@ def test_timings(loaded):
                                            tree=tree.chain(2), profile=True)
     assert profiled.stats.draft_s > 0 and profiled.stats.verify_s > 0
     np.testing.assert_array_equal(profiled.tokens, result.tokens)
+
+
+def test_the_loop_waits_on_the_timing_clocks(loaded):
+    """As in plain generate: the clock after the prefills is an input of the loop."""
+    model = loaded(TARGET)
+    jaxpr = trace_program("jaxdec.speculative", lambda: jaxdec.speculative_generate(
+        model, DraftModel(model), _prompts(), max_new_tokens=8, tree=tree.chain(2),
+        return_timings=True, compile_only=True))
+    assert clocks_the_loop_waits_on(jaxpr) == (2, 2)
 
 
 # -------------------------------------------------------------------------- bad input
