@@ -1,5 +1,6 @@
 """Helpers every benchmark shares: where results go, what each record says about the run
-(device, versions, commit, date), and compiling a grid's programs ahead of its timed runs."""
+(device, versions, commit, date), compiling a grid's programs ahead of its timed runs, and
+the memory-bandwidth ceiling."""
 
 from __future__ import annotations
 
@@ -206,3 +207,51 @@ def counting_compiles():
         yield count
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# How `measure_hbm` times its probes; records name it, so results taken another way (the
+# first device runs timed one dispatched x + 1 each, which read 2.5-3.2 TB/s on an H200 whose
+# kernels reached 3.9) are known to be due again.
+HBM_METHOD = "jax loop probes: (t(2n) - t(n)) / n"
+
+
+def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, float]:
+    """GB/s of two memory-bound JAX programs over an fp32 array of `nbytes`: 'jax x + 1'
+    (read + write: a copy's traffic) and 'jax sum' (read only, as attention and decode mostly
+    do). fp32, so the compiler has no dtype conversion to hoist out of the loop (an upcast of
+    a bf16 input would be loop-invariant). Each pass runs inside one jitted loop whose trip
+    count is an argument (never unrolled or fused across passes) and depends on the pass
+    before (nothing is hoisted); the time per pass is the difference between the best times
+    of `2 * passes` and `passes` passes over `passes`, so dispatch and synchronization cancel
+    out."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+
+    @jax.jit
+    def bump(n, a):
+        return jax.lax.fori_loop(0, n, lambda _, a: a + 1, a)
+
+    @jax.jit
+    def read(n, a):
+        def body(_, acc):
+            return acc + jnp.sum(a + acc * 1e-30)
+        return jax.lax.fori_loop(0, n, body, jnp.float32(0))
+
+    def per_pass(program) -> float:
+        def best(n):
+            jax.block_until_ready(program(jnp.int32(n), x))  # compile, warm up
+            times = []
+            for _ in range(trials):
+                start = time.perf_counter()
+                jax.block_until_ready(program(jnp.int32(n), x))
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        once, twice = best(passes), best(2 * passes)
+        # Noise can exceed the difference on a loaded host: then the plain average.
+        return (twice - once) / passes if twice > once else twice / (2 * passes)
+
+    return {"jax x + 1": 2 * nbytes / per_pass(bump) / 1e9,
+            "jax sum": nbytes / per_pass(read) / 1e9}

@@ -58,9 +58,10 @@ Bytes per step and the roofline
   the bytes a step cannot avoid: whatever an implementation reads beyond them (e.g. attention
   over unused cache slots) shows up as a lower hbm_fraction. For the h100 preset at batch 1
   that is 15.3 GB, so ~3.0 TB/s gives a roofline of ~196 tokens/s.
-  The ceiling `hbm_gbps` is the best memory bandwidth measured in this run: a jitted JAX
-  elementwise op (`x + 1` on a bf16 array; bytes = read + write) and, in the transformers
-  workers, torch `dst.copy_(src)`. Then
+  The ceiling `hbm_gbps` is the best memory bandwidth measured in this run: in the jaxdec
+  workers, `bench.common.measure_hbm`'s two JAX probes (`x + 1`, bytes = read + write, and a
+  read-only `sum`, each timed per pass inside one jitted loop) and, in the transformers
+  workers, torch `dst.copy_(src)` (read + write). Then
 
       achieved_gbps         = bytes_per_step / step time
       hbm_fraction          = achieved_gbps / hbm_gbps
@@ -100,7 +101,8 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
-                          default_compile_workers, device_slug, git_commit, versions)
+                          default_compile_workers, device_slug, git_commit, measure_hbm,
+                          versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
@@ -241,22 +243,6 @@ def _best_seconds(step: Callable[[], None], sync: Callable[[], None], *, trials:
     return best
 
 
-def _jax_copy_gbps(nbytes: int) -> float:
-    """Bandwidth of a jitted elementwise op over a bf16 array (bytes = read + write)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((nbytes // BF16_BYTES,), jnp.bfloat16)
-    bump = jax.jit(lambda a: a + 1)
-    out = []
-
-    def step():
-        out[:] = [bump(x)]
-
-    seconds = _best_seconds(step, lambda: jax.block_until_ready(out))
-    return 2 * nbytes / seconds / 1e9
-
-
 def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -> None:
     import jax
     import jax.numpy as jnp
@@ -280,8 +266,8 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
     model = model.with_attention(attention)
     ahead.wait()
     ahead.close()
-    emit("bandwidth", source="jax x + 1 (bf16)",
-         gbps=_jax_copy_gbps(spec["copy_mib"] << 20))
+    for source, gbps in measure_hbm(spec["copy_mib"] << 20).items():
+        emit("bandwidth", source=f"{source} (fp32, in a loop)", gbps=gbps)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     for batch in spec["batch_sizes"]:
         try:

@@ -28,8 +28,10 @@ Roofline, with both ceilings measured in the same run:
     flops  = 4 * B * T * H * (context + T) * D          (Q K^T and P V)
     roofline_us  = max(bytes / hbm_bandwidth, flops / bf16_matmul_peak)
     hbm_fraction = bytes / time / hbm_bandwidth
-HBM bandwidth: a jitted elementwise op on a 1 GiB bf16 array (read + write); matmul peak:
-an 8192^3 bf16 matmul.
+HBM bandwidth: the better of `bench.common.measure_hbm`'s probes over a 1 GiB array (`x + 1`,
+read + write, and a read-only `sum`, each timed per pass inside one jitted loop, so dispatch
+and synchronization drop out; records carry both as `hbm_probes`); matmul peak: an 8192^3
+bf16 matmul.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, CompileAhead, counting_compiles,  # noqa: E402
-                          default_compile_workers, device_slug, git_commit, merge_records,
-                          utc_now, versions)
+from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
+                          counting_compiles, default_compile_workers, device_slug, git_commit,
+                          measure_hbm, merge_records, utc_now, versions)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -134,21 +136,6 @@ def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
     return best / inner, compiles[0]
 
 
-def measure_hbm_gbps(nbytes: int) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    bump = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(bump(x))
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(bump(x))
-        best = min(best, time.perf_counter() - start)
-    return 2 * nbytes / best / 1e9
-
-
 def case_cost(batch, context, T, spec) -> tuple[int, int]:
     """(bytes, flops) a call cannot avoid (see the module doc)."""
     H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
@@ -187,12 +174,16 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
     ahead.wait()
     ahead.close()
 
-    hbm_gbps = measure_hbm_gbps(spec["hbm_bytes"])
+    hbm_probes = measure_hbm(spec["hbm_bytes"])
+    hbm_gbps = max(hbm_probes.values())
     peak_tflops = measure_matmul_peak(jnp.dtype("bfloat16"), size=spec["matmul_size"]) / 1e12
-    emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s, bf16 matmul {peak_tflops:.0f} TFLOP/s")
+    emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s (" + ", ".join(
+        f"{name} {gbps:.0f}" for name, gbps in hbm_probes.items())
+        + f"), bf16 matmul {peak_tflops:.0f} TFLOP/s")
     meta = dict(preset=preset, kernel="tree_attention", device=jax.devices()[0].device_kind,
                 dtype=spec["dtype"], heads=spec["heads"], kv_heads=spec["kv_heads"],
-                head_dim=spec["head_dim"], hbm_gbps=hbm_gbps, matmul_peak_tflops=peak_tflops,
+                head_dim=spec["head_dim"], hbm_gbps=hbm_gbps, hbm_probes=hbm_probes,
+                hbm_method=HBM_METHOD, matmul_peak_tflops=peak_tflops,
                 pallas_variant=kernel_impl.value, interpret=spec["interpret"], date=utc_now(),
                 commit=git_commit(), **versions())
     records = []
@@ -234,6 +225,14 @@ def _fmt(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
 
 
+def _probes(record: dict) -> str:
+    probes = record.get("hbm_probes")
+    if not probes:
+        method = record.get("hbm_method", "one dispatched x + 1, before the loop probes")
+        return f" (method: {method})"
+    return " (best of " + ", ".join(f"{k} {v:.0f}" for k, v in probes.items()) + ")"
+
+
 def render_markdown(records: list[dict]) -> str:
     if not records:
         return "# Tree-attention kernel\n\nNo records.\n"
@@ -244,7 +243,8 @@ def render_markdown(records: list[dict]) -> str:
         f"Device {first['device']}, jax {first.get('jax_version')}, {first['date']}, "
         f"preset `{first['preset']}`; {first['heads']} query / {first['kv_heads']} KV heads, "
         f"head dim {first['head_dim']}, {first['dtype']}. Ceilings measured in the same run: "
-        f"HBM {first['hbm_gbps']:.0f} GB/s, matmul {first['matmul_peak_tflops']:.3g} TFLOP/s. "
+        f"HBM {first['hbm_gbps']:.0f} GB/s{_probes(first)}, matmul "
+        f"{first['matmul_peak_tflops']:.3g} TFLOP/s. "
         "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak).",
         "",
         "| batch | context | T | pallas us | reference us | roofline us | pallas / roofline "

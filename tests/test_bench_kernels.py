@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import kernels as bench  # noqa: E402
+from bench.common import HBM_METHOD  # noqa: E402
 
 REQUIRED = ("kernel", "impl", "batch", "context", "T", "time_us", "roofline_us", "hbm_fraction",
             "bytes", "flops", "hbm_gbps", "matmul_peak_tflops", "device", "jax_version", "date",
@@ -35,6 +36,10 @@ def test_cpu_tiny_run(tmp_path):
     for r in records:
         assert not [k for k in REQUIRED if k not in r]
         assert r["error"] is None and r["time_us"] > 0 and r["roofline_us"] > 0
+        # The ceiling is the better of the two loop probes (copy traffic, read only).
+        assert r["hbm_method"] == HBM_METHOD and sorted(r["hbm_probes"]) == ["jax sum",
+                                                                             "jax x + 1"]
+        assert r["hbm_gbps"] == max(r["hbm_probes"].values()) > 0
         nbytes, flops = bench.case_cost(r["batch"], r["context"], r["T"], spec)
         assert r["roofline_us"] == pytest.approx(1e6 * max(
             nbytes / (r["hbm_gbps"] * 1e9), flops / (r["matmul_peak_tflops"] * 1e12)))
@@ -43,7 +48,7 @@ def test_cpu_tiny_run(tmp_path):
         if r["impl"] == "pallas":
             assert r["interpret"] and r["speedup_vs_reference"] > 0
     table = (tmp_path / "kernels-cpu.md").read_text()
-    assert "| batch | context | T | pallas us" in table
+    assert "| batch | context | T | pallas us" in table and "(best of jax x + 1 " in table
     assert table.count("\n| 1 | 64 |") == 2
     # A second run (e.g. another call on the device) replaces its own records only.
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
