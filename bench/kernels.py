@@ -278,6 +278,11 @@ def render_markdown(records: list[dict]) -> str:
         lines.append(f"Goal (>= 3x over the reference at T = 64): smallest speedup "
                      f"{slowest['speedup_vs_reference']:.2f}x -> "
                      f"{'met' if slowest['speedup_vs_reference'] >= 3 else 'not met'}.")
+    above = [r for r in records if (r.get("hbm_fraction") or 0) > 1.05]
+    if above:  # faster than streaming the bytes at the ceiling: the ceiling is too low
+        lines.append(f"Warning: {len(above)} timings read faster than the measured HBM ceiling "
+                     f"(up to {max(r['hbm_fraction'] for r in above):.2f}x): the ceiling was "
+                     "under-measured, so the rooflines and goal lines above are too lenient.")
     errors = [r for r in records if r.get("error")]
     for r in errors:
         lines.append(f"- error: {r['impl']} batch {r['batch']} context {r['context']} T {r['T']}: "
