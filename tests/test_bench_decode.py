@@ -113,6 +113,18 @@ def test_roofline_fields():
     assert r["hbm_fraction"] == pytest.approx(tokens_per_s / r["roofline_tokens_per_s"])
 
 
+def test_a_step_faster_than_the_ceiling_is_an_error():
+    """The first H200 run timed jaxdec's steps at 0.02 ms (a clock read after the loop): such
+    a record is flagged, is no goal, and is measured again by a resumed run."""
+    fast = bench.add_roofline(dict(batch=1, context=2048, step_ms=0.02, impl="jaxdec",
+                                   tokens_per_s=5e4), bench.LLAMA3_8B, 4000.0)
+    assert fast["error"].startswith("implausible: ") and fast["hbm_fraction"] > 100
+    assert "no valid measurement" in bench._goal_line(fast)
+    fine = bench.add_roofline(dict(batch=1, context=2048, step_ms=4.0, error=None),
+                              bench.LLAMA3_8B, 4000.0)
+    assert fine["error"] is None and 0.9 < fine["hbm_fraction"] < 1
+
+
 @pytest.mark.parametrize("name, slug", [
     ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"),
     ("NVIDIA A100-SXM4-80GB", "a100"), (None, "unknown"),
