@@ -140,6 +140,20 @@ def test_combine_equals_one_softmax():
     np.testing.assert_allclose(got[0, 0, 0], (p / p.sum()) @ vals, rtol=1e-5)
 
 
+def test_default_splits_hand_computed():
+    """Llama-3-8B heads (8 KV heads, 132 multiprocessors): two waves of programs, at least 4
+    key blocks per split, fp32 partials within a quarter of the cache bytes a split reads."""
+    splits = common.default_num_splits
+    # Context 4K, T = 64: 256 rows in 4 tiles of 64; the bytes rule allows 4160 // 1024.
+    assert splits(1, 8, 4, 4160, 256, 64) == 4
+    # Context 4K, T = 16: the blocks rule (4112 // 256) binds before the bytes rule.
+    assert splits(1, 8, 1, 4112, 64, 64) == 16
+    # Context 64K at batch 8, T = 1: two waves need ceil(264 / 64) splits.
+    assert splits(8, 8, 1, 65537, 16, 64) == 5
+    # A short cache and many rows: one split.
+    assert splits(1, 8, 4, 1088, 256, 64) == 1
+
+
 # ------------------------------------------------------------------ kernels vs reference
 
 

@@ -4,7 +4,9 @@ Grid (B, K * row_tiles, N): each program takes one row of the batch, one KV head
 packed query rows (the G heads x T new tokens of that KV head, see `common`) and one of N
 splits of the slots [lo, hi) the row's queries can see. It streams its split's key/value
 blocks once, applies the visibility rule (cached prefix + bit-packed tree mask + window) and
-keeps an online softmax in fp32; `common.combine` merges the N partials.
+keeps an online softmax in fp32; `common.combine` merges the N partials. Blocks wholly inside
+the cached prefix (without a window: all but the last one or two) skip the visibility rule,
+whose integer work per score would otherwise rival the matrix products.
 
 Triton rules kept by construction (and checked in `check_config`, since CUDA lowering on older
 jax does not): power-of-two block shapes, every dot's contraction (D and block_k) >= 16, at
@@ -71,22 +73,19 @@ def _kernel(
     words = [words_ref[w, :][:, None] for w in range(num_words)]
     iota = jnp.arange(block_k, dtype=jnp.int32)[None, :]
 
-    def body(i, carry):
+    def update(carry, k, v, visible):
+        """One key block into the online softmax; `visible` None: every slot is visible."""
         o, m, l = carry
-        start = lo + (first + i) * block_k
-        # The last block may run past the cache end: shift it back and hide the slots the
-        # previous block already covered (slots < start).
-        off = jnp.minimum(start, num_slots - block_k)
-        k = k_ref[pl.ds(off, block_k), :]
-        v = v_ref[pl.ds(off, block_k), :]
         s = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision,
             preferred_element_type=jnp.float32,
         ) * scale  # [block_m, block_k]
-        visible = common.visibility(off + iota, length, hi, start, pos, words, window)
-        s = jnp.where(visible, s, MASKED)
+        if visible is not None:
+            s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.exp(s - m_new[:, None])
+        if visible is not None:
+            p = jnp.where(visible, p, 0.0)
         correction = jnp.exp(m - m_new)
         l = correction * l + jnp.sum(p, axis=1)
         pv = jax.lax.dot_general(
@@ -95,13 +94,34 @@ def _kernel(
         )
         return correction[:, None] * o + pv, m_new, l
 
+    def cached_block(i, carry):
+        # Wholly inside the cached prefix (and no window): every row sees every slot, so the
+        # visibility rule and its masking are skipped; the block is aligned and in range.
+        start = pl.multiple_of(lo + (first + i) * block_k, block_k)
+        return update(carry, k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :],
+                      None)
+
+    def masked_block(i, carry):
+        start = lo + (first + i) * block_k
+        # The last block may run past the cache end: shift it back and hide the slots the
+        # previous block already covered (slots < start).
+        off = jnp.minimum(start, num_slots - block_k)
+        visible = common.visibility(off + iota, length, hi, start, pos, words, window)
+        return update(carry, k_ref[pl.ds(off, block_k), :], v_ref[pl.ds(off, block_k), :],
+                      visible)
+
     block_m, D = q_ref.shape
     init = (
         jnp.zeros((block_m, D), jnp.float32),
         jnp.full((block_m,), MASKED, jnp.float32),
         jnp.zeros((block_m,), jnp.float32),
     )
-    o, m, l = jax.lax.fori_loop(0, count, body, init)
+    # This split's blocks [first, first + count): the leading ones that lie wholly in the
+    # cached prefix take the unmasked loop (all but the last block or two of a long context).
+    n_cached = 0 if window is not None else jnp.maximum(length - lo, 0) // block_k
+    unmasked = jnp.clip(n_cached - first, 0, count)
+    carry = jax.lax.fori_loop(0, unmasked, cached_block, init)
+    o, m, l = jax.lax.fori_loop(unmasked, count, masked_block, carry)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l

@@ -4,7 +4,8 @@ Grid (B, K, N, blocks per split): the last axis walks one split's key blocks seq
 (the TPU grid is a loop), accumulating an online softmax in VMEM scratch; the first three are
 parallel (megacore). Row lengths and slot ranges are scalar-prefetched so each step's key
 block index is data dependent: steps past a row's last block re-point at that block (no new
-DMA) and skip their compute. All packed query rows (G heads x T tokens) are one tile.
+DMA) and skip their compute. All packed query rows (G heads x T tokens) are one tile. Blocks
+wholly inside the cached prefix (without a window) skip the visibility rule and its masking.
 
 Mosaic rules kept: the cache is viewed as [B, S, K * D] so a (block_k, D) block of one KV head
 has a lane dimension of D (D a multiple of 128) and a sublane dimension block_k (a multiple of
@@ -70,20 +71,19 @@ def _kernel(
         m_scr[...] = jnp.full_like(m_scr, MASKED)
         l_scr[...] = jnp.zeros_like(l_scr)
 
-    @pl.when(start < hi)
-    def _step():
-        q = q_ref[...]
+    def update(visible):
+        """One key block into the online softmax; `visible` None: every slot is visible."""
         s = jax.lax.dot_general(
-            q, k_ref[...], (((1,), (1,)), ((), ())), precision=precision,
+            q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), precision=precision,
             preferred_element_type=jnp.float32,
         ) * scale  # [M, block_k]
-        slots = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        words = [words_ref[:, w : w + 1] for w in range(num_words)]
-        visible = common.visibility(slots, length, hi, start, pos_ref[...], words, window)
-        s = jnp.where(visible, s, MASKED)
+        if visible is not None:
+            s = jnp.where(visible, s, MASKED)
         m_prev = m_scr[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+        p = jnp.exp(s - m_new)
+        if visible is not None:
+            p = jnp.where(visible, p, 0.0)
         correction = jnp.exp(m_prev - m_new)
         l_scr[...] = correction * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
         v = v_ref[...]
@@ -93,6 +93,19 @@ def _kernel(
         )
         o_scr[...] = correction * o_scr[...] + pv
         m_scr[...] = m_new
+
+    def masked():
+        slots = start + jax.lax.broadcasted_iota(jnp.int32, (q_ref.shape[0], block_k), 1)
+        words = [words_ref[:, w : w + 1] for w in range(num_words)]
+        update(common.visibility(slots, length, hi, start, pos_ref[...], words, window))
+
+    if window is None:
+        # A block wholly inside the cached prefix is visible to every row: no masking.
+        cached = start + block_k <= length
+        pl.when(cached)(lambda: update(None))
+        pl.when(jnp.logical_not(cached) & (start < hi))(masked)
+    else:
+        pl.when(start < hi)(masked)
 
     @pl.when(i == blocks_per_split - 1)
     def _finish():
