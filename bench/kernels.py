@@ -14,10 +14,12 @@ batch 1 and 8, `context` cached tokens per row (1K, 4K, 16K, 64K) and T = 1 (dec
 64 new tokens under a random tree mask (positions = context + depth). The cache has
 context + T slots, so the reference (which scores every slot) does no extra work.
 
-Timing: each impl runs `--inner` times inside one jitted `fori_loop` (the queries depend on
-the previous iteration through a scalar, so nothing is hoisted), and the best of `--trials`
-such loops divided by `--inner` is the time per call, launch overhead included, compile
-excluded. The Pallas path's time covers its whole op (packing, kernel, combine). Every
+Timing: each impl runs `--inner` rounds inside one jitted `fori_loop`, a round calling it once
+on each of the case's cache copies (`kv_copies`: as many as make a round read ~100 MB, twice
+the L2, up to 8, so the keys and values come from HBM as they do in decoding rather than from
+a warm L2; small caches may still partly hit), each call's queries depending on the previous
+call's output through a scalar (nothing is hoisted); the best of `--trials` such loops
+divided by its calls is the time per call, launch overhead included, compile excluded. The Pallas path's time covers its whole op (packing, kernel, combine). Every
 case's programs compile first, side by side in `--compile-ahead` threads (on by default on an
 accelerator), and nothing is timed until they are done; records carry `compile_ahead_s` and
 `first_call_compiles` (0 when the program was compiled ahead).
@@ -53,22 +55,33 @@ from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
                  heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", inner=20, trials=5,
-                 hbm_bytes=1 << 30, matmul_size=8192, interpret=False),
+                 hbm_bytes=1 << 30, matmul_size=8192, interpret=False,
+                 rotate_bytes=100 << 20, max_copies=8),  # twice the H100/H200's 50 MB L2
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
-                     matmul_size=256, interpret=True),
+                     matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2),
 }
 KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
 
 
+def kv_copies(batch, context, T, spec) -> int:
+    """Cache copies a case's calls rotate through: enough that one pass over them outgrows the
+    last-level cache (`rotate_bytes`), so each call reads its keys and values from HBM as in
+    decoding, where every layer reads its own cache (at most `max_copies`: small caches may
+    still partly hit)."""
+    itemsize = np.dtype(spec["dtype"]).itemsize
+    cache_bytes = 2 * batch * (context + T) * spec["kv_heads"] * spec["head_dim"] * itemsize
+    return int(min(spec["max_copies"], max(1, -(-spec["rotate_bytes"] // cache_bytes))))
+
+
 def case_inputs(batch, context, T, spec, seed=0):
-    """Random q/k/v (drawn on the device), lengths = context, a random tree over the T new
-    tokens."""
+    """Random q and `kv_copies` caches k/v (drawn on the device), lengths = context, a random
+    tree over the T new tokens."""
     import jax
     import jax.numpy as jnp
 
     rng = np.random.default_rng(seed)
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    kq, *kkv = jax.random.split(jax.random.key(seed), 1 + 2 * kv_copies(batch, context, T, spec))
     H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
     S = context + T
     dtype = jnp.dtype(spec["dtype"])
@@ -79,10 +92,10 @@ def case_inputs(batch, context, T, spec, seed=0):
         while u >= 0:
             mask[t, u], u = True, parents[u]
     depth = mask.sum(1) - 1
+    draw = [jax.random.normal(key, (batch, S, K, D), dtype) for key in kkv]
     return dict(
         q=jax.random.normal(kq, (batch, T, H, D), dtype),
-        k=jax.random.normal(kk, (batch, S, K, D), dtype),
-        v=jax.random.normal(kv, (batch, S, K, D), dtype),
+        k=tuple(draw[0::2]), v=tuple(draw[1::2]),
         lengths=jnp.full((batch,), context, jnp.int32),
         positions=jnp.asarray(np.broadcast_to(context + depth, (batch, T)), jnp.int32),
         mask=jnp.asarray(np.broadcast_to(mask, (batch, T, T))),
@@ -97,30 +110,33 @@ def case_shapes(batch, context, T, spec) -> tuple:
     H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
     S, dtype = context + T, jnp.dtype(spec["dtype"])
     shape = jax.ShapeDtypeStruct
-    return (shape((batch, T, H, D), dtype), shape((batch, S, K, D), dtype),
-            shape((batch, S, K, D), dtype), shape((batch,), jnp.int32),
+    cache = (shape((batch, S, K, D), dtype),) * kv_copies(batch, context, T, spec)
+    return (shape((batch, T, H, D), dtype), cache, cache, shape((batch,), jnp.int32),
             shape((batch, T), jnp.int32), shape((batch, T, T), jnp.bool_))
 
 
 def chained(attn, inner: int):
-    """`inner` calls of `attn` chained in one jitted loop (the queries depend on the previous
-    call through a scalar, so nothing is hoisted)."""
+    """`inner` rounds of calls of `attn` in one jitted loop, each round one call per cache
+    copy (unrolled), chained: every call's queries depend on the previous call's output
+    through a scalar, so the calls run in order and nothing is hoisted or merged."""
     import jax
     import jax.numpy as jnp
 
-    def loop(q, k, v, lengths, positions, mask):
+    def loop(q, ks, vs, lengths, positions, mask):
         def body(_, carry):
             bump, acc = carry
-            out = attn(q + bump.astype(q.dtype), k, v, lengths, positions, mask)
-            first = out[0, 0, 0, 0].astype(jnp.float32)
-            return bump + first * 1e-30, acc + first
+            for k, v in zip(ks, vs):
+                out = attn(q + bump.astype(q.dtype), k, v, lengths, positions, mask)
+                first = out[0, 0, 0, 0].astype(jnp.float32)
+                bump, acc = bump + first * 1e-30, acc + first
+            return bump, acc
         return jax.lax.fori_loop(0, inner, body, (jnp.float32(0), jnp.float32(0)))
 
     return jax.jit(loop)
 
 
 def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
-    """(seconds per call: a `chained` program's time / `inner`, best of `trials`; the XLA
+    """(seconds per call: a `chained` program's time / its calls, best of `trials`; the XLA
     compiles its first, untimed call needed: 0 when it was compiled ahead)."""
     import jax
 
@@ -133,7 +149,7 @@ def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
         start = time.perf_counter()
         jax.block_until_ready(program(*args))
         best = min(best, time.perf_counter() - start)
-    return best / inner, compiles[0]
+    return best / (inner * len(inputs["k"])), compiles[0]
 
 
 def case_cost(batch, context, T, spec) -> tuple[int, int]:
@@ -195,6 +211,7 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
         for name in impls:
             key = (batch, context, T, name)
             record = dict(meta, impl=name, batch=batch, context=context, T=T,
+                          kv_copies=kv_copies(batch, context, T, spec),
                           bytes=nbytes, flops=flops, roofline_us=roofline_s * 1e6,
                           compile_ahead_s=ahead.seconds(key))
             try:
@@ -233,6 +250,14 @@ def _probes(record: dict) -> str:
     return " (best of " + ", ".join(f"{k} {v:.0f}" for k, v in probes.items()) + ")"
 
 
+def _rotation(records: list[dict]) -> str:
+    copies = [r["kv_copies"] for r in records if r.get("kv_copies")]
+    if not copies:
+        return " Every call read the same cache (small ones may have been served from L2)."
+    return (f" Each case's calls rotate through {min(copies)} to {max(copies)} copies of its "
+            "cache (`kv_copies`), so reads come from HBM rather than a warm L2.")
+
+
 def render_markdown(records: list[dict]) -> str:
     if not records:
         return "# Tree-attention kernel\n\nNo records.\n"
@@ -245,7 +270,7 @@ def render_markdown(records: list[dict]) -> str:
         f"head dim {first['head_dim']}, {first['dtype']}. Ceilings measured in the same run: "
         f"HBM {first['hbm_gbps']:.0f} GB/s{_probes(first)}, matmul "
         f"{first['matmul_peak_tflops']:.3g} TFLOP/s. "
-        "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak).",
+        "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak)." + _rotation(records),
         "",
         "| batch | context | T | pallas us | reference us | roofline us | pallas / roofline "
         "| speedup vs reference | pallas HBM fraction | reference HBM fraction |",

@@ -24,6 +24,13 @@ def test_case_cost_hand_computed():
     assert flops == 4 * 16 * 32 * slots * 128
 
 
+def test_kv_copies_outgrow_the_l2():
+    spec = bench.PRESETS["h100"]
+    assert bench.kv_copies(1, 1024, 1, spec) == 8  # 4.2 MB a copy: capped
+    assert bench.kv_copies(1, 16384, 1, spec) == 2  # 67 MB: two make 134 MB
+    assert bench.kv_copies(8, 65536, 64, spec) == 1
+
+
 def test_cpu_tiny_run(tmp_path):
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--compile-ahead", "2"]) == 0
     records = json.loads((tmp_path / "kernels-cpu.json").read_text())
@@ -36,6 +43,7 @@ def test_cpu_tiny_run(tmp_path):
     for r in records:
         assert not [k for k in REQUIRED if k not in r]
         assert r["error"] is None and r["time_us"] > 0 and r["roofline_us"] > 0
+        assert r["kv_copies"] == 2  # the preset rotates two caches in every case
         # The ceiling is the better of the two loop probes (copy traffic, read only).
         assert r["hbm_method"] == HBM_METHOD and sorted(r["hbm_probes"]) == ["jax sum",
                                                                              "jax x + 1"]
