@@ -255,3 +255,47 @@ def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, f
 
     return {"jax x + 1": 2 * nbytes / per_pass(bump) / 1e9,
             "jax sum": nbytes / per_pass(read) / 1e9}
+
+
+def profile_kernels(run: Callable[[], object], *, top: int = 12) -> dict:
+    """Runs `run()` once under the JAX profiler and sums the device's kernel time by kernel
+    name: {wall_s, kernel_s (summed over every device event), kernels: [{name, ms, calls}]
+    (the `top` longest in total)}, or {wall_s, error} when the trace has no device events
+    (a CPU, or a profiler without device tracing). The traced run is slower than a plain one:
+    use it to see where time goes, never as the timing."""
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            jax.block_until_ready(run())
+        wall = time.perf_counter() - start
+        traces = sorted(Path(tmp).rglob("perfetto_trace.json.gz"))
+        if not traces:
+            return dict(wall_s=wall, error="the profiler wrote no perfetto trace")
+        with gzip.open(traces[-1], "rt") as f:
+            trace = json.load(f)
+    return dict(wall_s=round(wall, 4), **summarize_trace(trace, top=top))
+
+
+def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
+    """Kernel time by name from a Chrome/perfetto trace: complete events ("X", microseconds)
+    of the processes named "/device:..." (the GPU's or TPU's streams)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in devices:
+            entry = totals.setdefault(e.get("name", "?"), [0.0, 0])
+            entry[0] += float(e.get("dur", 0))
+            entry[1] += 1
+    if not totals:
+        return dict(error="no device events in the trace")
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return dict(kernel_s=round(sum(us for us, _ in totals.values()) / 1e6, 6),
+                kernels=[dict(name=name[:120], ms=round(us / 1e3, 3), calls=calls)
+                         for name, (us, calls) in ranked[:top]])

@@ -69,6 +69,11 @@ Bytes per step and the roofline
 
   (hbm_fraction is also tokens_per_s / roofline_tokens_per_s.)
 
+  Where the time goes: after its timed runs, each jaxdec batch size runs once more under the
+  JAX profiler (`--no-profile` skips it); the record's `profile` holds that run's summed
+  device kernel time against its wall time and the kernels longest in total, and the table's
+  notes quote them. The timings never come from the traced run.
+
 Process layout
   Each impl runs in its own worker subprocess (this file with `--worker`), one after the
   other in the order `--impls` gives (the riskiest, hf-compile, last by default). A crash, an
@@ -102,7 +107,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
-                          versions)
+                          profile_kernels, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
@@ -270,8 +275,11 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
                                               return_timings=True, compile_only=True))
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
     model = model.with_attention(attention)
+    jax.block_until_ready(model.params)
+    emit("phase", name="weights drawn")
     ahead.wait()
     ahead.close()
+    emit("phase", name="programs compiled")
     for source, gbps in measure_hbm(spec["copy_mib"] << 20).items():
         emit("bandwidth", source=f"{source} (fp32, in a loop)", gbps=gbps)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
@@ -293,6 +301,13 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
                  compile_ahead_s=ahead.seconds(batch), first_call_compiles=compiles[0], **timed)
         except Exception as e:  # one batch size failing (e.g. out of memory) is a record
             emit("error", batch=batch, error=_describe(e))
+            continue
+        if spec.get("profile"):  # after the timed runs: where a step's time goes
+            try:
+                summary = profile_kernels(run)
+            except Exception as e:  # noqa: BLE001  (the timings stand without it)
+                summary = dict(error=_describe(e))
+            emit("profile", batch=batch, profile=summary)
 
 
 def _torch_copy_gbps(nbytes: int, device: str) -> float:
@@ -386,6 +401,8 @@ def run_hf(spec: dict, emit: Callable[..., None], *, compiled: bool) -> None:
             pass
 
     hf = _hf_model(spec["model"], device)
+    sync()
+    emit("phase", name="weights drawn")
     param_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     extra, notes = _enable_compile(hf, device) if compiled else ({}, "dynamic cache, eager")
     N = spec["new_tokens"]
@@ -428,9 +445,15 @@ def _describe(e: BaseException) -> str:
 def worker_main(impl: str, spec: dict, events_path: str) -> int:
     """Runs one impl, appending JSON events to `events_path`."""
 
+    started = time.monotonic()
+
     def emit(event: str, **fields):
+        elapsed = round(time.monotonic() - started, 1)
         with open(events_path, "a") as f:
-            f.write(json.dumps({"event": event, **fields}) + "\n")
+            f.write(json.dumps({"event": event, "t": elapsed, **fields}) + "\n")
+        # A timeline in the output (the device log), so a slow phase shows where time went.
+        brief = ", ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, list))
+        print(f"[decode {impl} +{elapsed:.0f} s] {event}: {brief}"[:300], flush=True)
 
     try:
         if impl in JAXDEC_ATTENTION:
@@ -493,6 +516,7 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
     env = next((e for e in events if e["event"] == "env"), {})
     results = {e["batch"]: e for e in events if e["event"] == "result"}
     errors = {e["batch"]: e["error"] for e in events if e["event"] == "error"}
+    profiles = {e["batch"]: e["profile"] for e in events if e["event"] == "profile"}
     steps = spec["new_tokens"] - 1
     records = []
     for batch in spec["batch_sizes"]:
@@ -509,6 +533,8 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
             for field in ("compile_ahead_s", "first_call_compiles"):  # jaxdec impls only
                 if field in result:
                     record[field] = result[field]
+            if batch in profiles:
+                record["profile"] = profiles[batch]
         else:
             record["error"] = errors.get(batch) or errors.get(None) or failure or "no result"
         records.append(record)
@@ -603,7 +629,20 @@ def _bound_line(model: dict, batch: int, context: int, ceiling: float | None,
                  f"jaxdec's step takes {jaxdec['step_ms']:.2f} ms, so {gap:.2f} ms per step "
                  f"({100 * gap / jaxdec['step_ms']:.0f}%) goes to something other than reading "
                  "memory at full speed.")
+    profile = (jaxdec or {}).get("profile")
+    if profile:
+        line += " " + _profile_text(profile)
     return line
+
+
+def _profile_text(profile: dict) -> str:
+    """One traced run (prefill and every step) of jaxdec: kernel time and the top kernels."""
+    if profile.get("error"):
+        return f"(No kernel profile: {profile['error']}.)"
+    top = "; ".join(f"`{k['name']}` {k['ms']:.1f} ms x{k['calls']}" for k in profile["kernels"])
+    return (f"In one traced run (prefill and all steps) the device's kernels ran "
+            f"{profile['kernel_s']:.3f} s of {profile['wall_s']:.3f} s wall (the rest: launch "
+            f"gaps and host work); the longest kernels in total: {top}.")
 
 
 def _goal_line(record: dict | None) -> str:
@@ -682,6 +721,10 @@ def parse_args(argv):
                         help="jaxdec impls: threads that compile each batch size's program "
                              "while the weights are drawn (0: at the first call; default: half "
                              "the CPU cores up to 8 on an accelerator, 0 on a CPU)")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="jaxdec impls: after the timed runs, one run under the JAX "
+                             "profiler, whose kernel time by kernel goes into the record and "
+                             "the table's notes (default: on)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the impls the output file already holds for every batch size "
                              "(same preset, context and new tokens) and run only the others")
@@ -708,7 +751,7 @@ def make_spec(args, preset: Preset) -> dict:
     return dict(model=preset.model, batch_sizes=list(args.batch_sizes or preset.batch_sizes),
                 context=context, prompt_len=prompt_len, new_tokens=new_tokens,
                 warmup=args.warmup, repeats=args.repeats, copy_mib=preset.copy_mib,
-                compile_ahead=args.compile_ahead)
+                compile_ahead=args.compile_ahead, profile=args.profile)
 
 
 def main(argv=None) -> int:

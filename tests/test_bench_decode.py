@@ -25,6 +25,8 @@ def _load_bench():
 
 
 bench = _load_bench()
+sys.path.insert(0, str(SCRIPT.parents[1]))
+from bench import common as bench_common  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,28 @@ def test_cpu_tiny_records(cpu_tiny_run):
         assert r["param_bytes"] == 2 * bench.param_count(bench.TINY)
         if r["impl"] == "jaxdec":  # compiled while the weights were drawn
             assert r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0
+            # A traced run followed the timed ones; a CPU trace has no device kernels.
+            assert r["profile"]["wall_s"] > 0
+            assert r["profile"]["error"] == "no device events in the trace"
+
+
+def test_trace_summary_hand_computed():
+    """Kernel time by name, from the device's processes only (a GPU trace's layout)."""
+    trace = {"traceEvents": [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "name": "PjitFunction", "dur": 5000.0},
+        {"ph": "X", "pid": 7, "name": "tree_attention", "dur": 20.0},
+        {"ph": "X", "pid": 7, "name": "gemm_fusion", "dur": 300.0},
+        {"ph": "X", "pid": 7, "name": "tree_attention", "dur": 30.0},
+        {"ph": "i", "pid": 7, "name": "marker"},
+    ]}
+    summary = bench_common.summarize_trace(trace, top=1)
+    assert summary == dict(kernel_s=0.00035,
+                           kernels=[dict(name="gemm_fusion", ms=0.3, calls=1)])
+    assert bench_common.summarize_trace(trace)["kernels"][1] == dict(
+        name="tree_attention", ms=0.05, calls=2)
+    assert "error" in bench_common.summarize_trace(trace["traceEvents"][:3])
 
 
 def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
