@@ -10,13 +10,14 @@ hands back everything in one archive. Usage on the lent machine (one call):
 (the copy of the tree there has no .git: the variable names the commit in the records), then
 here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
-Steps of the `gpu` plan, in order (`--list` prints them with their commands):
+Steps of the `gpu` plan, in order (issue order: decode closes the foundation issue; `--only`
+takes the steps in the order it names them; `--list` prints them with their commands):
+  decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
+                   attention vs transformers; `--resume` keeps the impls already measured)
   gpu-tests        the tree-attention kernel tests compiled on the card (`pytest -k OnGPU`,
                    fp32 / bf16 / fp16), recorded as `gpu-tests-<device>.json/.md` with a hash
                    of the kernel sources (a change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
-  decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
-                   attention vs transformers)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto,reference (trains
                    the preset's target and draft, so it also writes `train-<device>.json`)
   spec-gpu-base    the same for gpu-base
@@ -142,15 +143,6 @@ def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float) -> St
 def plan(name: str) -> list[Step]:
     if name == "gpu":
         return [
-            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/test_tree_attention_vs_reference.py", "-k", "OnGPU"),
-                 _complete("gpu-tests", plan="gpu", sources=sources_digest()),
-                 min_s=60, cap_s=300, pytest=True),
-            Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
-                 # Results whose HBM ceiling was measured another way are due again.
-                 _complete("kernels", preset="h100", impl=("pallas", "reference"),
-                           hbm_method=HBM_METHOD),
-                 min_s=90, cap_s=300),
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),
                  # hf-compile must have been tried, but a torch.compile failure does not make
@@ -161,6 +153,15 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
+            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_tree_attention_vs_reference.py", "-k", "OnGPU"),
+                 _complete("gpu-tests", plan="gpu", sources=sources_digest()),
+                 min_s=60, cap_s=300, pytest=True),
+            Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
+                 # Results whose HBM ceiling was measured another way are due again.
+                 _complete("kernels", preset="h100", impl=("pallas", "reference"),
+                           hbm_method=HBM_METHOD),
+                 min_s=90, cap_s=300),
             speculative_step("gpu-small", min_s=300, cap_s=560),
             speculative_step("gpu-base", min_s=480, cap_s=560),
             speculative_step("synthetic-8b", min_s=240, cap_s=560),
