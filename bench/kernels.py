@@ -24,6 +24,12 @@ case's programs compile first, side by side in `--compile-ahead` threads (on by 
 accelerator), and nothing is timed until they are done; records carry `compile_ahead_s` and
 `first_call_compiles` (0 when the program was compiled ahead).
 
+Tilings: where the goals are hardest (the h100 preset: T = 16 and 64 at contexts 4K and 64K)
+the kernel is also timed with a few other `BlockSizes` (bigger key blocks, bigger row tiles
+with more warps, a deeper pipeline), so one device call also says which tiling the defaults
+should take; the pallas record keeps them as `sweep` and the Markdown has a
+table of them. The main table is always the default tiling.
+
 Roofline, with both ceilings measured in the same run:
     bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
              + queries and outputs (2 * B * T * H * D * 2)
@@ -56,10 +62,15 @@ PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
                  heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", inner=20, trials=5,
                  hbm_bytes=1 << 30, matmul_size=8192, interpret=False,
-                 rotate_bytes=100 << 20, max_copies=8),  # twice the H100/H200's 50 MB L2
+                 rotate_bytes=100 << 20, max_copies=8,  # twice the H100/H200's 50 MB L2
+                 # Other GPU tilings timed beside the default where the goals are hardest.
+                 sweep_queries=(16, 64), sweep_contexts=(4096, 65536),
+                 sweep=(dict(block_k=128), dict(block_m=128, num_warps=8),
+                        dict(num_stages=3))),
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
-                     matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2),
+                     matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2,
+                     sweep_queries=(4,), sweep_contexts=(64,), sweep=(dict(block_k=32),)),
 }
 KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
 
@@ -152,6 +163,14 @@ def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
     return best / (inner * len(inputs["k"])), compiles[0]
 
 
+def swept(batch, context, T, spec) -> list[dict]:
+    """The other GPU tilings (BlockSizes fields over the defaults) a case is also timed with:
+    the preset's `sweep`, for T in `sweep_queries` and contexts in `sweep_contexts`."""
+    if T not in spec.get("sweep_queries", ()) or context not in spec.get("sweep_contexts", ()):
+        return []
+    return [dict(t) for t in spec.get("sweep", ())]
+
+
 def case_cost(batch, context, T, spec) -> tuple[int, int]:
     """(bytes, flops) a call cannot avoid (see the module doc)."""
     H, K, D = spec["heads"], spec["kv_heads"], spec["head_dim"]
@@ -183,6 +202,13 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
     cases = [(b, c, t) for b in spec["batches"] for c in spec["contexts"] for t in spec["queries"]]
     programs = {(*case, name): chained(attn, spec["inner"]) for case in cases
                 for name, attn in impls.items()}
+    for case in cases:  # the sweep's tilings, on the cases it covers
+        for i, tiling in enumerate(swept(*case, spec)):
+            sizes = TA.BlockSizes(**tiling)
+            programs[(*case, f"sweep{i}")] = chained(
+                lambda q, k, v, l, p, m, sizes=sizes: TA.tree_attention(
+                    q, k, v, l, p, mask_BTT=m, impl=kernel_impl, interpret=spec["interpret"],
+                    block_sizes=sizes), spec["inner"])
     ahead = CompileAhead(compile_ahead, log=emit)
     for key, program in programs.items():
         shapes = case_shapes(*key[:3], spec)
@@ -230,6 +256,19 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
             records.append(record)
         if len(times) == 2:
             records[-2]["speedup_vs_reference"] = times["reference"] / times["pallas"]
+        sweep = []
+        for i, tiling in enumerate(swept(batch, context, T, spec)):
+            entry = dict(tiling)
+            try:
+                seconds, _ = timed_loop(programs[(batch, context, T, f"sweep{i}")], inputs,
+                                        spec["inner"], spec["trials"])
+            except Exception as e:  # noqa: BLE001  (an invalid tiling is a finding too)
+                entry.update(time_us=None, error=repr(e)[:200])
+            else:
+                entry.update(time_us=seconds * 1e6, error=None)
+            sweep.append(entry)
+        if sweep:  # kept on the pallas record (the default tiling is its own time)
+            records[-2]["sweep"] = sweep
         emit(f"B={batch} context={context} T={T}: " + ", ".join(
             f"{n} {t * 1e6:.1f} us" for n, t in times.items())
             + f" (roofline {roofline_s * 1e6:.1f} us)")
@@ -240,6 +279,30 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
 
 def _fmt(value, spec=".1f"):
     return "–" if value is None else format(value, spec)
+
+
+def _tiling(entry: dict) -> str:
+    return ", ".join(f"{k}={entry[k]}" for k in ("block_k", "block_m", "num_warps", "num_stages")
+                     if k in entry) or "default"
+
+
+def _sweep_table(pallas: list[dict]) -> list[str]:
+    """The kernel's time with other tilings, beside its default's, where a sweep ran."""
+    swept = [r for r in pallas if r.get("sweep")]
+    if not swept:
+        return []
+    tilings = [_tiling(e) for e in swept[0]["sweep"]]
+    lines = ["", "Other tilings of the kernel (BlockSizes fields changed from the defaults), "
+             "us per call; the best of each row in bold:", "",
+             "| batch | context | T | default | " + " | ".join(tilings) + " |",
+             "|---:|---:|---:|---:|" + "---:|" * len(tilings)]
+    for r in swept:
+        times = [r.get("time_us")] + [e.get("time_us") for e in r["sweep"]]
+        best = min((t for t in times if t is not None), default=None)
+        cells = ["–" if t is None else f"**{t:.1f}**" if t == best else f"{t:.1f}"
+                 for t in times]
+        lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _probes(record: dict) -> str:
@@ -303,6 +366,7 @@ def render_markdown(records: list[dict]) -> str:
         lines.append(f"Goal (>= 3x over the reference at T = 64): smallest speedup "
                      f"{slowest['speedup_vs_reference']:.2f}x -> "
                      f"{'met' if slowest['speedup_vs_reference'] >= 3 else 'not met'}.")
+    lines += _sweep_table(pallas)
     above = [r for r in records if (r.get("hbm_fraction") or 0) > 1.05]
     if above:  # faster than streaming the bytes at the ceiling: the ceiling is too low
         lines.append(f"Warning: {len(above)} timings read faster than the measured HBM ceiling "

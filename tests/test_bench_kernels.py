@@ -55,9 +55,17 @@ def test_cpu_tiny_run(tmp_path):
                                                   / (r["hbm_gbps"] * 1e9))
         if r["impl"] == "pallas":
             assert r["interpret"] and r["speedup_vs_reference"] > 0
+            # The preset's other tiling ran beside the default on its T = 4 cases only.
+            if r["T"] == 4:
+                (swept,) = r["sweep"]
+                assert swept["block_k"] == 32 and swept["error"] is None
+                assert swept["time_us"] > 0
+            else:
+                assert "sweep" not in r
     table = (tmp_path / "kernels-cpu.md").read_text()
     assert "| batch | context | T | pallas us" in table and "(best of jax x + 1 " in table
-    assert table.count("\n| 1 | 64 |") == 2
+    assert "| batch | context | T | default | block_k=32 |" in table
+    assert table.count("\n| 1 | 64 |") == 3  # T = 1 and 4, and the T = 4 tiling row
     # A second run (e.g. another call on the device) replaces its own records only.
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
     again = json.loads((tmp_path / "kernels-cpu.json").read_text())
