@@ -156,3 +156,21 @@ def test_records_name_the_commit_from_the_environment(monkeypatch):
     assert git_commit() == "abc1234"
     monkeypatch.delenv("JAXDEC_COMMIT")
     assert git_commit() != "abc1234"  # git's answer here (or None without git)
+
+
+def test_kernels_are_done_only_with_every_case(tmp_path):
+    """A kernels run cut off mid-way keeps its cases but leaves the step due."""
+    from bench.common import HBM_METHOD
+
+    (step,) = [s for s in device.plan("gpu") if s.name == "kernels"]
+    cases = sorted(device.kernel_cases("h100"))
+    assert len(cases) == 2 * 2 * 4 * 3  # impls x batches x contexts x T
+    rows = [dict(preset="h100", impl=i, batch=b, context=c, T=t, hbm_method=HBM_METHOD)
+            for i, b, c, t in cases]
+    path = tmp_path / "kernels-h100.json"
+    path.write_text(json.dumps(rows[:-1]))
+    assert not step.done(tmp_path, "h100")
+    path.write_text(json.dumps(rows))
+    assert step.done(tmp_path, "h100")
+    path.write_text(json.dumps([dict(r, hbm_method=None) for r in rows]))  # the old ceiling
+    assert not step.done(tmp_path, "h100")
