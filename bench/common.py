@@ -285,8 +285,13 @@ def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
     """Kernel time by name from a Chrome/perfetto trace: complete events ("X", microseconds)
     of the processes named "/device:..." (the GPU's or TPU's streams)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
+
+    def is_device(name: str) -> bool:  # "/device:GPU:0", or a GPU/TPU named another way
+        return name.startswith("/device:") or (
+            ("GPU" in name or "TPU" in name) and "host" not in name.lower())
+
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+               and is_device(str(e.get("args", {}).get("name", "")))}
     totals: dict[str, list] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in devices:
