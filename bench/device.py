@@ -100,12 +100,14 @@ def _complete(file: str, *, failures_count: bool = False, **match) -> Callable[[
     return done
 
 
-def _every_case(file: str, *, preset: str, cases: set[tuple]) -> Callable[[Path, str], bool]:
-    """Done when `<file>-<device>.json` has a record of `preset` for every (impl, batch,
-    context, T) in `cases`."""
+def _every_case(file: str, *, cases: set[tuple], **match) -> Callable[[Path, str], bool]:
+    """Done when `<file>-<device>.json` has a record matching `match` (field -> value) for
+    every (impl, batch, context, T) in `cases` (so a run cut off, whose missing cases keep
+    older records, stays due)."""
     def done(results: Path, slug: str) -> bool:
         have = {(r.get("impl"), r.get("batch"), r.get("context"), r.get("T"))
-                for r in _records(results / f"{file}-{slug}.json") if r.get("preset") == preset}
+                for r in _records(results / f"{file}-{slug}.json")
+                if all(r.get(k) == v for k, v in match.items())}
         return cases <= have
 
     return done
@@ -177,11 +179,11 @@ def plan(name: str) -> list[Step]:
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  min_s=60, cap_s=300, pytest=True),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
-                 # Every case, with the HBM ceiling measured the current way (a run cut off
-                 # keeps the cases it timed, but the step stays due).
+                 # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
                                 hbm_method=HBM_METHOD),
-                      _every_case("kernels", preset="h100", cases=kernel_cases("h100"))),
+                      _every_case("kernels", cases=kernel_cases("h100"), preset="h100",
+                                  hbm_method=HBM_METHOD)),
                  min_s=200, cap_s=360),
             speculative_step("gpu-small", min_s=300, cap_s=560),
             speculative_step("gpu-base", min_s=480, cap_s=560),

@@ -19,16 +19,17 @@ on each of the case's cache copies (`kv_copies`: as many as make a round read ~1
 the L2, up to 8, so the keys and values come from HBM as they do in decoding rather than from
 a warm L2; small caches may still partly hit), each call's queries depending on the previous
 call's output through a scalar (nothing is hoisted); the best of `--trials` such loops
-divided by its calls is the time per call, launch overhead included, compile excluded. The Pallas path's time covers its whole op (packing, kernel, combine). Every
-case's programs compile first, side by side in `--compile-ahead` threads (on by default on an
-accelerator), and nothing is timed until they are done; records carry `compile_ahead_s` and
+divided by its calls is the time per call, launch overhead included, compile excluded. The
+Pallas path's time covers its whole op (packing, kernel, combine). Every case's programs
+compile first, side by side in `--compile-ahead` threads (on by default on an accelerator),
+and nothing is timed until they are done; records carry `compile_ahead_s` and
 `first_call_compiles` (0 when the program was compiled ahead).
 
 Tilings: where the goals are hardest (the h100 preset: T = 16 and 64 at contexts 4K and 64K)
 the kernel is also timed with a few other `BlockSizes` (bigger key blocks, bigger row tiles
 with more warps, a deeper pipeline), so one device call also says which tiling the defaults
-should take; the pallas record keeps them as `sweep` and the Markdown has a
-table of them. The main table is always the default tiling.
+should take; the pallas record keeps them as `sweep` and the Markdown tables them. The main
+table is always the default tiling.
 
 Roofline, with both ceilings measured in the same run:
     bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
@@ -38,8 +39,8 @@ Roofline, with both ceilings measured in the same run:
     hbm_fraction = bytes / time / hbm_bandwidth
 HBM bandwidth: the better of `bench.common.measure_hbm`'s probes over a 1 GiB array (`x + 1`,
 read + write, and a read-only `sum`, each timed per pass inside one jitted loop, so dispatch
-and synchronization drop out; records carry both as `hbm_probes`); matmul peak: an 8192^3
-bf16 matmul.
+and synchronization drop out; records carry both as `hbm_probes`); matmul peak: 8192^3 bf16
+products on random data, timed per product the same way (`measure_matmul_peak`).
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ def render_markdown(records: list[dict]) -> str:
         f"head dim {first['head_dim']}, {first['dtype']}. Ceilings measured in the same run: "
         f"HBM {first['hbm_gbps']:.0f} GB/s{_probes(first)}, matmul "
         f"{first['matmul_peak_tflops']:.3g} TFLOP/s. "
-        "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak)." + _rotation(records),
+        "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak)."
+        + _rotation(records),
         "",
         "| batch | context | T | pallas us | reference us | roofline us | pallas / roofline "
         "| speedup vs reference | pallas HBM fraction | reference HBM fraction |",

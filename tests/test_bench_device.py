@@ -174,3 +174,6 @@ def test_kernels_are_done_only_with_every_case(tmp_path):
     assert step.done(tmp_path, "h100")
     path.write_text(json.dumps([dict(r, hbm_method=None) for r in rows]))  # the old ceiling
     assert not step.done(tmp_path, "h100")
+    # A new run cut off after one case: the other cases still hold the old method's records.
+    path.write_text(json.dumps(rows[:2] + [dict(r, hbm_method=None) for r in rows[2:]]))
+    assert not step.done(tmp_path, "h100")
