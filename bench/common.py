@@ -221,11 +221,12 @@ def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, f
     do). fp32, so the compiler has no dtype conversion to hoist out of the loop (an upcast of
     a bf16 input would be loop-invariant). Each pass runs inside one jitted loop whose trip
     count is an argument (never unrolled or fused across passes) and depends on the pass
-    before (nothing is hoisted); the time per pass is the difference between the best times
-    of `2 * passes` and `passes` passes over `passes`, so dispatch and synchronization cancel
-    out."""
+    before (nothing is hoisted), timed per pass by `jaxdec.train.loop.seconds_per_pass` (the
+    difference of 2n and n passes, so dispatch and synchronization cancel out)."""
     import jax
     import jax.numpy as jnp
+
+    from jaxdec.train.loop import seconds_per_pass
 
     x = jnp.ones((nbytes // 4,), jnp.float32)
 
@@ -240,18 +241,7 @@ def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, f
         return jax.lax.fori_loop(0, n, body, jnp.float32(0))
 
     def per_pass(program) -> float:
-        def best(n):
-            jax.block_until_ready(program(jnp.int32(n), x))  # compile, warm up
-            times = []
-            for _ in range(trials):
-                start = time.perf_counter()
-                jax.block_until_ready(program(jnp.int32(n), x))
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        once, twice = best(passes), best(2 * passes)
-        # Noise can exceed the difference on a loaded host: then the plain average.
-        return (twice - once) / passes if twice > once else twice / (2 * passes)
+        return seconds_per_pass(program, x, passes=passes, trials=trials)
 
     return {"jax x + 1": 2 * nbytes / per_pass(bump) / 1e9,
             "jax sum": nbytes / per_pass(read) / 1e9}

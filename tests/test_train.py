@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.experimental import io_callback
 
 import jaxdec
 from jaxdec.train import Interrupted, loop, train_draft, train_lm
@@ -106,6 +108,25 @@ def test_divergences_hand_computed():
     assert float(divergence(p, q, "kl")) == pytest.approx(np.log(2), rel=1e-5)
     with pytest.raises(ValueError, match="objective"):
         divergence(p, q, "js")
+
+
+def test_seconds_per_pass_drops_the_fixed_cost():
+    """A loop whose passes each sleep 20 ms on the host, behind a 60 ms fixed cost per call:
+    the per-pass time excludes the fixed cost (an average over one call would not)."""
+    def nap(seconds):
+        time.sleep(float(seconds))
+        return np.float32(0)
+
+    def sleep(seconds, x):
+        return x + io_callback(nap, jax.ShapeDtypeStruct((), jnp.float32), seconds + 0 * x)
+
+    @jax.jit
+    def program(n, x):
+        x = sleep(jnp.float32(0.06), x)  # the fixed cost
+        return jax.lax.fori_loop(0, n, lambda _, x: sleep(jnp.float32(0.02), x), x)
+
+    seconds = loop.seconds_per_pass(program, jnp.float32(0), passes=2, trials=2)
+    assert 0.018 < seconds < 0.03
 
 
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):

@@ -270,14 +270,31 @@ def training_flops_per_token(config, seq_len: int) -> float:
     return 6.0 * matmul_weights + attention
 
 
+def seconds_per_pass(program: Callable, *args, passes: int, trials: int) -> float:
+    """Seconds per pass of `program(n, *args)`, a jitted loop running `n` dependent passes (`n`
+    an argument, so never unrolled): the difference of the best of `trials` times of 2n and n
+    passes over n, so dispatch and synchronization drop out (the plain average when noise
+    exceeds the difference)."""
+    def best(n: int) -> float:
+        jax.block_until_ready(program(jnp.int32(n), *args))  # compile, warm up
+        times = []
+        for _ in range(trials):
+            start = time.perf_counter()
+            jax.block_until_ready(program(jnp.int32(n), *args))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    once, twice = best(passes), best(2 * passes)
+    return (twice - once) / passes if twice > once else twice / (2 * passes)
+
+
 def measure_matmul_peak(dtype=None, *, size: int | None = None) -> float:
     """Measured dense matmul FLOP/s on the default device (bf16 on accelerators).
 
     `size`^3 products on random data (zeros and ones can multiply faster than real data,
-    overstating the peak), chained inside one jitted loop whose trip count is an argument; the
-    time per product is the difference of the best times of 2n and n products over n, so
-    dispatch and synchronization drop out (timing one dispatched product would understate the
-    peak and so overstate MFU)."""
+    overstating the peak), chained inside one jitted loop and timed per product by
+    `seconds_per_pass` (timing one dispatched product would understate the peak and so
+    overstate MFU)."""
     dtype = dtype or compute_dtype()
     accelerator = jax.default_backend() != "cpu"
     size = size or (8192 if accelerator else 512)
@@ -291,18 +308,7 @@ def measure_matmul_peak(dtype=None, *, size: int | None = None) -> float:
     def chain(n, x, y):
         return jax.lax.fori_loop(0, n, lambda _, x: x @ y, x)
 
-    def best(n: int) -> float:
-        jax.block_until_ready(chain(jnp.int32(n), a, b))  # compile, warm up
-        times = []
-        for _ in range(trials):
-            start = time.perf_counter()
-            jax.block_until_ready(chain(jnp.int32(n), a, b))
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    once, twice = best(passes), best(2 * passes)
-    seconds = (twice - once) / passes if twice > once else twice / (2 * passes)
-    return 2.0 * size**3 / seconds
+    return 2.0 * size**3 / seconds_per_pass(chain, a, b, passes=passes, trials=trials)
 
 
 def write_json(path: str, obj: Any) -> None:
