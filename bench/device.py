@@ -14,9 +14,10 @@ Steps of the `gpu` plan, in order (issue order: decode closes the foundation iss
 takes the steps in the order it names them; `--list` prints them with their commands):
   decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
                    attention vs transformers; `--resume` keeps the impls already measured)
-  gpu-tests        the tree-attention kernel tests compiled on the card (`pytest -k OnGPU`,
-                   fp32 / bf16 / fp16), recorded as `gpu-tests-<device>.json/.md` with a hash
-                   of the kernel sources (a change to them makes the step due again)
+  gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernel
+                   compiled (fp32 / bf16 / fp16) and cuDNN's fused attention for training,
+                   recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
+                   change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto,reference (trains
                    the preset's target and draft, so it also writes `train-<device>.json`)
@@ -137,14 +138,15 @@ class Step:
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
 
 
-KERNEL_SOURCES = ("pallas_kernels/tree_attention", "tests/test_tree_attention_vs_reference.py")
+GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py")
+GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "models/layers.py", *GPU_TESTS)
 
 
 def sources_digest() -> str:
-    """A hash of the kernel sources and their tests: the device test record is current only
-    while these are unchanged."""
+    """A hash of what the GPU tests check and the tests themselves: the device test record is
+    current only while these are unchanged."""
     digest = hashlib.sha256()
-    for root in KERNEL_SOURCES:
+    for root in GPU_TEST_SOURCES:
         path = REPO / root
         for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
@@ -174,8 +176,8 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
-            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/test_tree_attention_vs_reference.py", "-k", "OnGPU"),
+            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS,
+                               "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  min_s=60, cap_s=300, pytest=True),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),

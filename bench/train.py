@@ -13,7 +13,9 @@ Each record: preset, params (target), tokens_per_s and mfu of the target's train
 FLOPs per second / the bf16 matmul peak measured in the same run; compile excluded),
 heldout_loss / heldout_ppl of the target, the draft's acceptance_before / acceptance_after
 (held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
-throughput, wall seconds per phase, device, jax version and date.
+throughput, wall seconds per phase, the attention the training ran (`cudnn`: cuDNN's fused
+attention, what AUTO picks on a GPU where it works; `reference`: the jnp reference), device,
+jax version and date.
 
 `--steps`, `--draft-steps`, `--max-train-bytes` and `--eval-tokens` shrink a preset (the test
 suite runs `cpu-tiny` this way in seconds).
@@ -54,6 +56,7 @@ def run(preset, work: Path) -> dict:
         "draft_objective": draft["objective"], "acceptance_before": draft["acceptance_before"],
         "acceptance_after": draft["acceptance_after"], "draft_tokens_per_s": draft["tokens_per_s"],
         "draft_mfu": draft["mfu"], "target_seconds": target_s, "draft_seconds": draft_s,
+        "attention": target["attention"],
         "matmul_peak_tflops": loop.measure_matmul_peak() / 1e12,
         "device": jax.devices()[0].device_kind, "date": utc_now(), "commit": git_commit(),
         **versions(),
@@ -72,14 +75,14 @@ def render_markdown(records: list[dict]) -> str:
         "MFU = model FLOPs per second (6 per matmul weight per token plus attention) / the bf16 "
         "matmul peak measured in the same run. Acceptance = held-out mean of sum_v min(p, q).",
         "",
-        "| preset | params | steps | tokens/s | MFU | held-out loss | ppl | draft params "
-        "| acceptance before | after | target s | draft s | date | jax |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| preset | params | steps | tokens/s | MFU | attention | held-out loss | ppl "
+        "| draft params | acceptance before | after | target s | draft s | date | jax |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         cells = [r.get("preset"), _fmt(r.get("params"), ".1f", 1e6, "M"), r.get("steps"),
                  _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("mfu"), ".2f"),
-                 _fmt(r.get("heldout_loss"), ".3f"), _fmt(r.get("heldout_ppl"), ".1f"),
+                 r.get("attention"), _fmt(r.get("heldout_loss"), ".3f"), _fmt(r.get("heldout_ppl"), ".1f"),
                  _fmt(r.get("draft_params"), ".1f", 1e6, "M"), _fmt(r.get("acceptance_before"), ".3f"),
                  _fmt(r.get("acceptance_after"), ".3f"), _fmt(r.get("target_seconds"), ".0f"),
                  _fmt(r.get("draft_seconds"), ".0f"), r.get("date"), r.get("jax_version")]

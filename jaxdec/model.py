@@ -18,7 +18,7 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
-from jaxdec.models.layers import AttentionImpl, attention_kernel
+from jaxdec.models.layers import AttentionImpl, attention_kernel, fused_causal_usable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Model:
         the pytree: inside jit it is None).
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
-        GPU/TPU for decode and verification, the jnp reference on CPU.
+        GPU/TPU for decode and verification and, on GPU, cuDNN's fused attention for causal
+        blocks without a cache (training); the jnp reference on CPU.
     """
 
     config: ModelConfig
@@ -44,7 +45,7 @@ class Model:
 
     def with_attention(self, attention: "AttentionImpl | str") -> "Model":
         """This model with another attention implementation ("auto", "reference", "pallas",
-        "pallas_interpret" or an AttentionImpl)."""
+        "pallas_interpret", "cudnn" or an AttentionImpl)."""
         try:
             attention = AttentionImpl(attention)
         except ValueError:
@@ -182,15 +183,22 @@ def forward_with_cache(
         args.append(optional[name][0])
         in_specs.append(optional[name][1])
 
+    attention = model.attention
+    if attention is AttentionImpl.CUDNN and jax.default_backend() != "gpu":
+        raise ValueError(f"attention=CUDNN needs a GPU, not the {jax.default_backend()!r} "
+                         "backend (use AUTO or REFERENCE)")
+    if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:
+        attention = cache_free_attention(config, model.tp, param_dtype(model))
+
     def per_shard(params, tokens, positions, *rest):
         given = dict(zip(present, rest))
         return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
-            attention=model.attention,
+            attention=attention,
         )
 
-    if attention_kernel(model.attention) is not None:
+    if attention_kernel(attention) is not None:
         # A pallas_call's outputs carry no varying-manual-axes annotation (and interpreted
         # kernels fail the check), so the check is off wherever a kernel may run.
         check_vma = False
@@ -202,6 +210,17 @@ def forward_with_cache(
     if logits.shape[-1] != config.vocab_size:
         logits = logits[..., : config.vocab_size]
     return logits, hidden, cache
+
+
+def cache_free_attention(config: ModelConfig, tp: int, dtype) -> AttentionImpl:
+    """What AUTO runs for a causal block with no cache (training, `jaxdec.forward`): CUDNN
+    (cuDNN's fused attention) where it works for the per-shard heads, the compute dtype and
+    the windows (probed once per shape on a GPU), else AUTO's other choices."""
+    kv_heads = config.num_kv_heads // tp if tp <= config.num_kv_heads else 1
+    if fused_causal_usable(dtype, config.num_heads // tp, kv_heads, config.head_dim,
+                           config.layer_windows):
+        return AttentionImpl.CUDNN
+    return AttentionImpl.AUTO
 
 
 def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -87,17 +88,22 @@ class AttentionImpl(enum.Enum):
     """Which attention implementation the entry point runs.
 
     AUTO: the Pallas tree-attention kernel on GPU (Triton) and TPU (Mosaic) wherever it takes
-      the shapes (decode and verification: at most `MAX_QUERIES` new tokens per row), the jnp
-      reference otherwise (CPU, long prefills).
+      the shapes (decode and verification: at most `MAX_QUERIES` new tokens per row); on GPU,
+      CUDNN for causal blocks with no cache (training, `jaxdec.forward`) where cuDNN works
+      for the shapes (`fused_causal_usable`, resolved by `jaxdec.model.forward_with_cache`);
+      the jnp reference otherwise (CPU, long prefills).
     REFERENCE: always the jnp reference.
     PALLAS: the backend's kernel where it takes the shapes; raises on a backend without one.
     PALLAS_INTERPRET: the GPU kernel through Pallas's interpreter on any backend (tests).
+    CUDNN: cuDNN's fused (flash) attention for causal blocks with no cache, AUTO's choices
+      elsewhere; GPU only.
     """
 
     AUTO = "auto"
     REFERENCE = "reference"
     PALLAS = "pallas"
     PALLAS_INTERPRET = "pallas_interpret"
+    CUDNN = "cudnn"
 
 
 def attention_kernel(impl: AttentionImpl) -> tuple[tree_attention.Impl, bool] | None:
@@ -122,7 +128,7 @@ def attention(
     q_BTHD: jax.Array,
     k_BSKD: jax.Array,
     v_BSKD: jax.Array,
-    lengths_B: jax.Array,
+    lengths_B: jax.Array | None,
     positions_BT: jax.Array,
     *,
     mask_BTT: jax.Array | None = None,
@@ -140,7 +146,9 @@ def attention(
     Args:
       q_BTHD: queries, already rotated.
       k_BSKD, v_BSKD: the cache (one layer), K dividing H.
-      lengths_B: int32 number of cached tokens per row (before the new ones).
+      lengths_B: int32 number of cached tokens per row (before the new ones), or None when
+        there is no cache: `k`/`v` are the T new tokens' own keys and values, at positions
+        0..T-1.
       positions_BT: int32 positions of the new tokens (length + depth for a tree; with a
         causal mask, length + t).
       impl: see `AttentionImpl`. The kernel path differentiates through the reference.
@@ -156,6 +164,10 @@ def attention(
             f"query heads {q_BTHD.shape[2]} are not a multiple of KV heads {k_BSKD.shape[2]}"
         )
     T = q_BTHD.shape[1]
+    if lengths_B is None:
+        if impl is AttentionImpl.CUDNN and mask_BTT is None:
+            return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
+        lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
     kernel = attention_kernel(impl)
     if kernel is not None and tree_attention.unsupported_reason(
         kernel[0], q_BTHD.shape, k_BSKD.shape
@@ -226,3 +238,82 @@ def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, 
 
     out = jax.lax.map(one, (jnp.arange(n, dtype=lengths_B.dtype), q_nBCHD, pos_nBC))
     return out.swapaxes(0, 1).reshape(B, n * chunk, H, D)[:, :T]
+
+
+# ------------------------------------------------------- fused causal attention (cuDNN, GPU)
+
+
+FUSED_IMPLEMENTATION = "cudnn"  # jax.nn.dot_product_attention's; tests run "xla" on CPUs
+
+
+def fused_causal(q_BTHD, k_BTKD, v_BTKD, *, window: int | None,
+                 implementation: str | None = None) -> jax.Array:
+    """Causal self-attention of a block with no cached prefix through
+    `jax.nn.dot_product_attention` (cuDNN's flash attention on GPU: the [T, T] scores never
+    reach HBM, forward or backward). Same visibility as the reference: a query sees the keys
+    at or before it, fewer than `window` positions back. `implementation="xla"` runs the same
+    call anywhere (tests)."""
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q_BTHD, k_BTKD, v_BTKD, is_causal=True, local_window_size=local,
+        implementation=implementation or FUSED_IMPLEMENTATION)
+
+
+FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
+
+
+def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
+                        windows=(None,)) -> bool:
+    """Whether cuDNN runs a cache-free causal block: on a GPU, in bf16 / fp16, and only once
+    a small probe of these (per-shard) head counts, head dim and each window (forward and
+    gradients under `shard_map`, as the models call it) compiled, ran and matched the
+    reference there. A failed probe warns once and leaves the reference in charge. Call it
+    outside `shard_map` (it runs a program of its own; inside `jit` is fine)."""
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES):
+        return False
+    return all(_probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, window,
+                                   FUSED_IMPLEMENTATION) for window in sorted(set(windows), key=str))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fused_causal(dtype: str, heads: int, kv_heads: int, head_dim: int,
+                        window: int | None, implementation: str) -> bool:
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    with jax.ensure_compile_time_eval():  # a concrete run, even while a caller is traced
+        T = 256
+        kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+        q = jax.random.normal(kq, (2, T, heads, head_dim), dtype)
+        k = jax.random.normal(kk, (2, T, kv_heads, head_dim), dtype)
+        v = jax.random.normal(kv, (2, T, kv_heads, head_dim), dtype)
+        g = jax.random.normal(kg, (2, T, heads, head_dim), jnp.float32)
+        lengths = jnp.zeros((2,), jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+        mesh = Mesh(np.array(jax.devices()[:1]), ("probe",))
+
+        def outputs(fn):
+            def loss(q, k, v):
+                return jnp.sum(fn(q, k, v).astype(jnp.float32) * g)
+
+            def both(q, k, v):
+                return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+            run = jax.shard_map(both, mesh=mesh, in_specs=(P(),) * 3, out_specs=P(),
+                                check_vma=False)
+            return [np.asarray(x, np.float32) for x in jax.tree.leaves(jax.jit(run)(q, k, v))]
+
+        try:
+            got = outputs(functools.partial(fused_causal, window=window,
+                                            implementation=implementation))
+        except Exception as error:  # cuDNN missing or too old, or these shapes unsupported
+            warnings.warn(f"cuDNN fused attention unavailable ({type(error).__name__}: "
+                          f"{str(error)[:300]}); causal blocks without a cache use the reference")
+            return False
+        want = outputs(lambda q, k, v: attention_reference(q, k, v, lengths, positions,
+                                                           window=window))
+    for a, b in zip(got, want):
+        if not np.all(np.abs(a - b) <= 0.05 * np.max(np.abs(b)) + 0.02):
+            warnings.warn("cuDNN fused attention disagrees with the reference on a probe; "
+                          "causal blocks without a cache use the reference")
+            return False
+    return True

@@ -180,10 +180,7 @@ def forward(
     """
     inv_freq = L.rope_inv_freq(config.rope, config.head_dim)
     x = _embed_lookup(params["embed"], tokens_BT)
-    if cache is None:
-        lengths = jnp.zeros(tokens_BT.shape[:1], jnp.int32)
-    else:
-        lengths = cache.lengths
+    lengths = None if cache is None else cache.lengths
     new_entries = []
     for i, layer in enumerate(params["layers"]):
         entry = None if cache is None else cache.layers[i]

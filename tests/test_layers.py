@@ -1,6 +1,7 @@
 """Model building blocks against hand-computed values: RMSNorm, rotary embeddings (with
 llama3 and linear scaling), the slot-visibility rule, and attention (the reference and its
-query-chunked form)."""
+query-chunked form), and the fused path for cache-free causal blocks (cuDNN on a GPU, checked
+there by `TestCudnnOnGPU`; its call is checked here through jax's XLA implementation)."""
 
 import functools
 import math
@@ -127,3 +128,145 @@ def test_attention_gradients_match_the_plain_reference():
     want = jax.grad(functools.partial(loss, L.attention_reference), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- cache-free causal blocks (cuDNN on GPU)
+
+
+def _block(seed, B=2, T=37, H=6, K=2, D=8):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (B, T, H, D)), jax.random.normal(kk, (B, T, K, D)),
+            jax.random.normal(kv, (B, T, K, D)))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fused_causal_call_matches_the_reference(window):
+    """`fused_causal` through jax's XLA implementation: the same call cuDNN serves on a GPU, so
+    its arguments (causal, `window - 1` keys back, grouped KV heads) are checked here."""
+    q, k, v = _block(3)
+    lengths, positions = jnp.zeros((2,), jnp.int32), jnp.broadcast_to(jnp.arange(37), (2, 37))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) ** 2)
+
+    fused = functools.partial(L.fused_causal, window=window, implementation="xla")
+    reference = lambda q, k, v: L.attention_reference(q, k, v, lengths, positions, window=window)  # noqa: E731
+    np.testing.assert_allclose(fused(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+    got = jax.grad(functools.partial(loss, fused), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_free_entry_point_is_a_causal_block_from_position_zero():
+    q, k, v = _block(4)
+    positions = jnp.broadcast_to(jnp.arange(37), (2, 37))
+    for impl in (L.AttentionImpl.AUTO, L.AttentionImpl.REFERENCE):
+        np.testing.assert_allclose(
+            L.attention(q, k, v, None, positions, window=4, impl=impl),
+            L.attention(q, k, v, jnp.zeros((2,), jnp.int32), positions, window=4),
+            rtol=1e-6)
+
+
+def test_fused_probe_accepts_a_working_call_and_refuses_a_failing_one():
+    assert L._probe_fused_causal("float32", 4, 2, 8, 3, "xla")
+    with pytest.warns(UserWarning, match="unavailable"):
+        assert not L._probe_fused_causal("float32", 4, 2, 8, None, "no-such-implementation")
+    # Probing needs a concrete run; it works while a caller is being traced.
+    probe = L._probe_fused_causal.__wrapped__
+    assert jax.jit(lambda x: x + probe("float32", 2, 1, 8, None, "xla"))(0) == 1
+    # On this CPU the models never pick cuDNN.
+    assert not L.fused_causal_usable(jnp.bfloat16, 4, 2, 8)
+
+
+def test_fused_probe_refuses_a_call_that_disagrees(monkeypatch):
+    wrong = functools.partial(L.fused_causal, window=None)  # ignores the window
+    monkeypatch.setattr(L, "fused_causal", lambda q, k, v, window, implementation: wrong(
+        q, k, v, implementation=implementation))
+    with pytest.warns(UserWarning, match="disagrees"):
+        assert not L._probe_fused_causal.__wrapped__("float32", 4, 2, 8, 3, "xla")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch, tp):
+    """Where the probe passes, AUTO sends the cache-free forward (training, `jaxdec.forward`)
+    through `fused_causal` for every layer, with each shard's heads and each layer's window,
+    and the logits stay the reference's. (On a CPU the fused call runs jax's XLA version.)"""
+    import jaxdec
+    from jaxdec import model as model_module
+
+    probed, fused_calls = [], []
+    monkeypatch.setattr(L, "FUSED_IMPLEMENTATION", "xla")
+
+    def usable(dtype, heads, kv_heads, head_dim, windows):
+        probed.append((heads, kv_heads, head_dim, tuple(windows)))
+        return all(L._probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, w,
+                                         "xla") for w in set(windows))
+
+    def counted(q, k, v, **kwargs):
+        fused_calls.append((q.shape[1:3], kwargs["window"]))  # the probe's calls included
+        return fused(q, k, v, **kwargs)
+
+    fused = L.fused_causal
+    monkeypatch.setattr(model_module, "fused_causal_usable", usable)
+    monkeypatch.setattr(L, "fused_causal", counted)
+    config = jaxdec.ModelConfig(
+        model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+        layer_windows=(None, 6))
+    mesh = jaxdec.make_mesh(tp=tp, devices=jax.devices()[:tp])
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=mesh)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 19 + tp), 0, 64)
+    got = jaxdec.forward(model, tokens)
+    assert probed == [(4 // tp, 2 // tp, 8, (None, 6))]
+    T, heads = tokens.shape[1], 4 // tp
+    assert [window for shape, window in fused_calls if shape == (T, heads)] == [None, 6]
+    want = jaxdec.forward(model.with_attention("reference"), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_needs_a_gpu():
+    import jaxdec
+
+    config = jaxdec.ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0)).with_attention("cudnn")
+    with pytest.raises(ValueError, match="CUDNN needs a GPU"):
+        jaxdec.forward(model, jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
+class TestCudnnOnGPU:
+    """cuDNN's fused attention on the card: the probe passes for the shapes jaxdec trains and
+    serves, and a bf16 training loss and its gradients match the reference path's."""
+
+    @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 4, 64), (12, 4, 64)])
+    def test_probe_passes(self, heads, kv_heads, head_dim):
+        assert L.fused_causal_usable(jnp.bfloat16, heads, kv_heads, head_dim, (None, 64))
+
+    def test_training_gradients_match_the_reference(self):
+        import jaxdec
+        from jaxdec.model import cache_free_attention
+
+        config = jaxdec.ModelConfig(
+            model_type="mistral", vocab_size=512, hidden_size=256, intermediate_size=512,
+            num_layers=2, num_heads=8, num_kv_heads=4, head_dim=32,
+            max_position_embeddings=1024, layer_windows=(None, 100))
+        assert cache_free_attention(config, 1, jnp.bfloat16) is L.AttentionImpl.CUDNN
+        model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16, std=0.1)
+        tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 513), 0, 512)
+
+        def loss(params, attention):
+            logits = jaxdec.forward(jaxdec.Model(config=config, params=params, mesh=model.mesh,
+                                                 attention=attention), tokens[:, :-1])
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+        got = jax.value_and_grad(loss)(model.params, L.AttentionImpl.AUTO)
+        want = jax.value_and_grad(loss)(model.params, L.AttentionImpl.REFERENCE)
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-2)
+        for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+            g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+            assert np.max(np.abs(g - w)) <= 0.1 * np.max(np.abs(w)) + 1e-3

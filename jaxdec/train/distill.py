@@ -24,7 +24,7 @@ from jaxdec import data
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
-from jaxdec.train.lm import (build_dataset, causal_logits, default_corpus, evaluate_lm,
+from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, default_corpus, evaluate_lm,
                              heldout_batches, throughput, train_params)
 from jaxdec.train.presets import Preset, get_preset
 
@@ -154,6 +154,7 @@ def train_draft(
         "kind": "draft", "preset": preset.name, "objective": objective,
         "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))), "steps": steps,
         "acceptance_before": before, "acceptance_after": after, "heldout_loss": draft_loss,
+        "attention": attention_used(draft_config, mesh, dtype),
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
         **throughput(stats, preset.batch_size * preset.seq_len, flops,
                      loop.measure_matmul_peak(dtype)),

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdec import data
+from jaxdec import data, parallel
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
-from jaxdec.model import Model, forward_with_cache, init_model
+from jaxdec.model import Model, cache_free_attention, forward_with_cache, init_model
+from jaxdec.models.layers import AttentionImpl
 from jaxdec.train import loop
 from jaxdec.train.presets import Preset, get_preset
 
@@ -134,6 +135,12 @@ def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: 
                           tokens_per_step=preset.batch_size * preset.seq_len, label=label)
 
 
+def attention_used(config, mesh, dtype) -> str:
+    """The attention a training step of `config` ran: "cudnn" (fused) or "reference"."""
+    fused = cache_free_attention(config, parallel.tp_size(mesh), dtype) is AttentionImpl.CUDNN
+    return "cudnn" if fused else "reference"
+
+
 def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: float,
                peak: float) -> dict:
     if not stats.timed_steps:
@@ -208,6 +215,7 @@ def train_lm(
         "heldout_loss_before": initial_loss, "heldout_loss": heldout_loss,
         "heldout_ppl": math.exp(heldout_loss),
         "heldout_tokens": int(dataset.heldout[:, 1:].size),
+        "attention": attention_used(config, mesh, dtype),
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
         **throughput(stats, preset.batch_size * preset.seq_len, flops,
                      loop.measure_matmul_peak(dtype)),
