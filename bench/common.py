@@ -271,9 +271,14 @@ def profile_kernels(run: Callable[[], object], *, top: int = 12) -> dict:
     return dict(wall_s=round(wall, 4), **summarize_trace(trace, top=top))
 
 
+SHORT_KERNEL_US = 5.0  # a kernel this short is mostly launch and ramp, not work
+
+
 def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
     """Kernel time by name from a Chrome/perfetto trace: complete events ("X", microseconds)
-    of the processes named "/device:..." (the GPU's or TPU's streams)."""
+    of the processes named "/device:..." (the GPU's or TPU's streams). Also counts every
+    device event (`events`) and those under `SHORT_KERNEL_US` (`short_events`, `short_s`):
+    many short kernels per step is overhead that fusion, not bandwidth, removes."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
 
     def is_device(name: str) -> bool:  # "/device:GPU:0", or a GPU/TPU named another way
@@ -283,14 +288,21 @@ def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                and is_device(str(e.get("args", {}).get("name", "")))}
     totals: dict[str, list] = {}
+    short = [0, 0.0]  # kernels under SHORT_KERNEL_US: how many, their summed microseconds
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in devices:
             entry = totals.setdefault(e.get("name", "?"), [0.0, 0])
-            entry[0] += float(e.get("dur", 0))
+            dur = float(e.get("dur", 0))
+            entry[0] += dur
             entry[1] += 1
+            if dur < SHORT_KERNEL_US:
+                short[0] += 1
+                short[1] += dur
     if not totals:
         return dict(error="no device events in the trace")
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])
     return dict(kernel_s=round(sum(us for us, _ in totals.values()) / 1e6, 6),
+                events=sum(calls for _, calls in totals.values()),
+                short_events=short[0], short_s=round(short[1] / 1e6, 6),
                 kernels=[dict(name=name[:120], ms=round(us / 1e3, 3), calls=calls)
                          for name, (us, calls) in ranked[:top]])

@@ -107,7 +107,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
-                          profile_kernels, versions)
+                          profile_kernels, SHORT_KERNEL_US, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
@@ -640,9 +640,13 @@ def _profile_text(profile: dict) -> str:
     if profile.get("error"):
         return f"(No kernel profile: {profile['error']}.)"
     top = "; ".join(f"`{k['name']}` {k['ms']:.1f} ms x{k['calls']}" for k in profile["kernels"])
+    counts = ""
+    if profile.get("events") is not None:
+        counts = (f" {profile['events']} kernels ran, {profile['short_events']} of them shorter "
+                  f"than {SHORT_KERNEL_US:g} us ({profile['short_s']:.3f} s in all).")
     return (f"In one traced run (prefill and all steps) the device's kernels ran "
             f"{profile['kernel_s']:.3f} s of {profile['wall_s']:.3f} s wall (the rest: launch "
-            f"gaps and host work); the longest kernels in total: {top}.")
+            f"gaps and host work).{counts} The longest kernels in total: {top}.")
 
 
 def _goal_line(record: dict | None) -> str:

@@ -31,6 +31,11 @@ with more warps, a deeper pipeline), so one device call also says which tiling t
 should take; the pallas record keeps them as `sweep` and the Markdown tables them. The main
 table is always the default tiling.
 
+Profiles: a few cases (`profile_cases`) run their timed loop once more under the JAX profiler;
+the record's `profile` sums the device's kernel time by kernel name (`calls` = the loop's
+calls, so the Markdown can say per call how much was the Pallas kernel and how much the
+packing and combine around it). Never the timing.
+
 Roofline, with both ceilings measured in the same run:
     bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
              + queries and outputs (2 * B * T * H * D * 2)
@@ -57,7 +62,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, merge_records, utc_now, versions)
+                          measure_hbm, merge_records, profile_kernels, utc_now,
+                          versions)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -67,11 +73,16 @@ PRESETS = {
                  # Other GPU tilings timed beside the default where the goals are hardest.
                  sweep_queries=(16, 64), sweep_contexts=(4096, 65536),
                  sweep=(dict(block_k=128), dict(block_m=128, num_warps=8),
-                        dict(num_stages=3))),
+                        dict(num_stages=3)),
+                 # One profiled run each: the kernel's share of a call against the packing and
+                 # combine around it (on the H200, T = 64 ran far below the matmul peak, and
+                 # 3x slower at 4K than at 1K with the same work per program).
+                 profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
                      matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2,
-                     sweep_queries=(4,), sweep_contexts=(64,), sweep=(dict(block_k=32),)),
+                     sweep_queries=(4,), sweep_contexts=(64,), sweep=(dict(block_k=32),),
+                     profile_cases=((1, 64, 4),)),
 }
 KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
 
@@ -147,13 +158,17 @@ def chained(attn, inner: int):
     return jax.jit(loop)
 
 
+def _program_args(inputs) -> tuple:
+    return (inputs["q"], inputs["k"], inputs["v"], inputs["lengths"], inputs["positions"],
+            inputs["mask"])
+
+
 def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
     """(seconds per call: a `chained` program's time / its calls, best of `trials`; the XLA
     compiles its first, untimed call needed: 0 when it was compiled ahead)."""
     import jax
 
-    args = (inputs["q"], inputs["k"], inputs["v"], inputs["lengths"], inputs["positions"],
-            inputs["mask"])
+    args = _program_args(inputs)
     with counting_compiles() as compiles:
         jax.block_until_ready(program(*args))
     best = float("inf")
@@ -162,6 +177,16 @@ def timed_loop(program, inputs, inner: int, trials: int) -> tuple[float, int]:
         jax.block_until_ready(program(*args))
         best = min(best, time.perf_counter() - start)
     return best / (inner * len(inputs["k"])), compiles[0]
+
+
+def profiled(program, inputs, inner: int) -> dict:
+    """One run of a `chained` program under the profiler (after its timed runs; never the
+    timing): `bench.common.profile_kernels`'s summary plus `calls`, the calls it made."""
+    try:
+        summary = profile_kernels(lambda: program(*_program_args(inputs)))
+    except Exception as e:  # noqa: BLE001  (a profiler failure costs only the profile)
+        summary = dict(error=repr(e)[:200])
+    return dict(summary, calls=inner * len(inputs["k"]))
 
 
 def swept(batch, context, T, spec) -> list[dict]:
@@ -254,6 +279,8 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
                     flop_fraction=flops / seconds / (peak_tflops * 1e12),
                     vs_roofline=seconds / roofline_s,
                 )
+                if (batch, context, T) in spec.get("profile_cases", ()):
+                    record["profile"] = profiled(programs[key], inputs, spec["inner"])
             records.append(record)
         if len(times) == 2:
             records[-2]["speedup_vs_reference"] = times["reference"] / times["pallas"]
@@ -303,6 +330,27 @@ def _sweep_table(pallas: list[dict]) -> list[str]:
         cells = ["–" if t is None else f"**{t:.1f}**" if t == best else f"{t:.1f}"
                  for t in times]
         lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _profile_lines(records: list[dict]) -> list[str]:
+    """Where a call's time went, for the profiled cases: device kernel time per call, the
+    longest kernels."""
+    profiled = [r for r in records if r.get("profile")]
+    if not profiled:
+        return []
+    lines = ["", "Where a call's time goes (one profiled run of the timed loop; device kernel "
+             "time per call, the loop's own small ops included):", ""]
+    for r in sorted(profiled, key=lambda r: (r["batch"], r["context"], r["T"], r["impl"])):
+        prof, case = r["profile"], f"batch {r['batch']}, context {r['context']}, T {r['T']}"
+        if prof.get("error"):
+            lines.append(f"- {case}, {r['impl']}: no kernel profile ({prof['error']})")
+            continue
+        calls = prof["calls"]
+        top = "; ".join(f"`{k['name'][:60]}` {k['ms'] * 1e3 / calls:.1f} us"
+                        f" ({k['calls'] / calls:g} per call)" for k in prof["kernels"][:5])
+        lines.append(f"- {case}, {r['impl']}: {prof['kernel_s'] * 1e6 / calls:.1f} us of kernels "
+                     f"per call (timed: {_fmt(r.get('time_us'))} us). {top}")
     return lines
 
 
@@ -369,6 +417,7 @@ def render_markdown(records: list[dict]) -> str:
                      f"{slowest['speedup_vs_reference']:.2f}x -> "
                      f"{'met' if slowest['speedup_vs_reference'] >= 3 else 'not met'}.")
     lines += _sweep_table(pallas)
+    lines += _profile_lines(records)
     above = [r for r in records if (r.get("hbm_fraction") or 0) > 1.05]
     if above:  # faster than streaming the bytes at the ceiling: the ceiling is too low
         lines.append(f"Warning: {len(above)} timings read faster than the measured HBM ceiling "

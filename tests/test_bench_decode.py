@@ -75,14 +75,17 @@ def test_trace_summary_hand_computed():
         {"ph": "X", "pid": 7, "name": "tree_attention", "dur": 20.0},
         {"ph": "X", "pid": 7, "name": "gemm_fusion", "dur": 300.0},
         {"ph": "X", "pid": 7, "name": "tree_attention", "dur": 30.0},
+        {"ph": "X", "pid": 7, "name": "add_fusion", "dur": 3.0},
         {"ph": "i", "pid": 7, "name": "marker"},
     ]}
     summary = bench_common.summarize_trace(trace, top=1)
-    assert summary == dict(kernel_s=0.00035,
+    assert summary == dict(kernel_s=0.000353, events=4, short_events=1, short_s=3e-6,
                            kernels=[dict(name="gemm_fusion", ms=0.3, calls=1)])
     assert bench_common.summarize_trace(trace)["kernels"][1] == dict(
         name="tree_attention", ms=0.05, calls=2)
     assert "error" in bench_common.summarize_trace(trace["traceEvents"][:3])
+    text = bench._profile_text(dict(summary, wall_s=0.001))
+    assert "4 kernels ran, 1 of them shorter than 5 us (0.000 s in all)" in text
 
 
 def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):

@@ -62,7 +62,14 @@ def test_cpu_tiny_run(tmp_path):
                 assert swept["time_us"] > 0
             else:
                 assert "sweep" not in r
+        # One profiled run for the preset's profiled case (a CPU trace has no device events).
+        if (r["batch"], r["context"], r["T"]) in spec["profile_cases"]:
+            assert r["profile"]["calls"] == spec["inner"] * r["kv_copies"]
+            assert r["profile"]["wall_s"] > 0
+        else:
+            assert "profile" not in r
     table = (tmp_path / "kernels-cpu.md").read_text()
+    assert "Where a call's time goes" in table
     assert "| batch | context | T | pallas us" in table and "(best of jax x + 1 " in table
     assert "| batch | context | T | default | block_k=32 |" in table
     assert table.count("\n| 1 | 64 |") == 3  # T = 1 and 4, and the T = 4 tiling row
@@ -72,3 +79,14 @@ def test_cpu_tiny_run(tmp_path):
     assert len(again) == len(records)
     # The CPU default compiles inline: each first call compiles its own program.
     assert all(r["compile_ahead_s"] is None and r["first_call_compiles"] > 0 for r in again)
+
+
+def test_profile_lines_per_call():
+    record = dict(batch=1, context=4096, T=64, impl="pallas", time_us=300.0, profile=dict(
+        wall_s=0.01, kernel_s=0.001, calls=4,
+        kernels=[dict(name="tree_attention", ms=0.8, calls=4),
+                 dict(name="fusion_combine", ms=0.12, calls=8)]))
+    (line,) = bench._profile_lines([record])[3:]
+    assert "250.0 us of kernels per call (timed: 300.0 us)" in line
+    assert "`tree_attention` 200.0 us (1 per call)" in line
+    assert "`fusion_combine` 30.0 us (2 per call)" in line

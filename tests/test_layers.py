@@ -217,12 +217,20 @@ def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch, tp):
     mesh = jaxdec.make_mesh(tp=tp, devices=jax.devices()[:tp])
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=mesh)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 19 + tp), 0, 64)
-    got = jaxdec.forward(model, tokens)
+
+    def loss(params, attention):  # as training calls it: the probe runs under jit and grad
+        logits = jaxdec.forward(jaxdec.Model(config=config, params=params, mesh=mesh,
+                                             attention=attention), tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    L._probe_fused_causal.cache_clear()
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(model.params, L.AttentionImpl.AUTO)
     assert probed == [(4 // tp, 2 // tp, 8, (None, 6))]
     T, heads = tokens.shape[1], 4 // tp
     assert [window for shape, window in fused_calls if shape == (T, heads)] == [None, 6]
-    want = jaxdec.forward(model.with_attention("reference"), tokens)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    want = jax.value_and_grad(loss)(model.params, L.AttentionImpl.REFERENCE)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_cudnn_needs_a_gpu():
