@@ -92,6 +92,23 @@ def test_encode_separates_documents():
     assert tokenizer.decode([t for t in stream.tolist() if t != eot]) == "abcd"
 
 
+def test_encode_reuses_the_latest_streams():
+    """A draft distilled after its target encodes the same corpus with the same tokenizer:
+    the stream is reused (and read-only); other texts or another tokenizer are encoded."""
+    tokenizer = data.train_tokenizer(["ab cd ef"] * 10, 280)
+    first = data.encode(tokenizer, ["ab", "cd"])
+    assert data.encode(tokenizer, ("ab", "cd")) is first and not first.flags.writeable
+    assert data.encode(tokenizer, ["ab", "ce"]) is not first
+    assert data.encode(tokenizer, ["abc", "d"]) is not first  # same characters, other texts
+    other = data.train_tokenizer(["ab cd ef"] * 10, 270)
+    assert data.encode(other, ["ab", "cd"]) is not first
+    held = data.encode(tokenizer, ["ef"])
+    data.encode(tokenizer, ["cd", "ab"])  # a third stream: only the latest two are kept
+    assert data.encode(tokenizer, ["ef"]) is held
+    assert data.encode(tokenizer, ["ab", "cd"]) is not first
+    np.testing.assert_array_equal(data.encode(tokenizer, ["ab", "cd"]), first)
+
+
 def test_pack_hand_computed():
     packed = data.pack(np.arange(10, dtype=np.int32), 3)
     np.testing.assert_array_equal(packed, [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]])
