@@ -126,3 +126,17 @@ def test_compile_ahead_reports_failures_and_drops_what_the_deadline_leaves():
     assert not disabled.enabled and disabled.seconds("x") is None
     with pytest.raises(ValueError, match="workers must be an int >= 0"):
         CompileAhead(-1)
+
+
+def test_token_agreement_and_its_table_cell():
+    sys.path.insert(0, str(REPO))
+    from bench import speculative as bench
+
+    plain = [[1, 2, 3, 4], [5, 6, 7, 8], [1, 1, 1, 1]]
+    assert bench.token_agreement(plain, plain) == dict(same_tokens_as_ar=True)
+    spec = [[1, 2, 3, 9], [5, 6, 0, 0], [1, 1, 1, 1]]
+    agreement = bench.token_agreement(spec, plain)
+    assert agreement == dict(same_tokens_as_ar=False, rows_differing=2, first_difference=2)
+    record = dict(preset="p", method="draft", tree="chain(4)", batch=3, temperature=0.0,
+                  tau=2.0, tokens_per_s=10.0, speedup_vs_ar=1.5, device="d", **agreement)
+    assert "| NO (2 rows, from token 2) |" in bench.render_markdown([record])
