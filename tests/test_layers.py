@@ -252,17 +252,21 @@ class TestCudnnOnGPU:
 
     @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (8, 4, 64), (12, 4, 64)])
     def test_probe_passes(self, heads, kv_heads, head_dim):
-        assert L.fused_causal_usable(jnp.bfloat16, heads, kv_heads, head_dim, (None, 64))
+        assert L.fused_causal_usable(jnp.bfloat16, heads, kv_heads, head_dim)
 
-    def test_training_gradients_match_the_reference(self):
+    @pytest.mark.parametrize("windows", [(None,), (None, 100)])
+    def test_training_gradients_match_the_reference(self, windows):
         import jaxdec
         from jaxdec.model import cache_free_attention
 
         config = jaxdec.ModelConfig(
             model_type="mistral", vocab_size=512, hidden_size=256, intermediate_size=512,
             num_layers=2, num_heads=8, num_kv_heads=4, head_dim=32,
-            max_position_embeddings=1024, layer_windows=(None, 100))
-        assert cache_free_attention(config, 1, jnp.bfloat16) is L.AttentionImpl.CUDNN
+            max_position_embeddings=1024, layer_windows=windows * (2 // len(windows)))
+        if cache_free_attention(config, 1, jnp.bfloat16) is not L.AttentionImpl.CUDNN:
+            assert windows != (None,), "cuDNN refused a model without windows"
+            pytest.skip("this cuDNN does not take the sliding window: such models train "
+                        "with the reference attention")
         model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16, std=0.1)
         tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 513), 0, 512)
 
