@@ -75,13 +75,15 @@ Bytes per step and the roofline
   notes quote them. The timings never come from the traced run.
 
 Process layout
-  Each impl runs in its own worker subprocess (this file with `--worker`), one after the
-  other in the order `--impls` gives (the riskiest, hf-compile, last by default). A crash, an
-  out-of-memory error or a hang in one costs only its own records; JAX's preallocated GPU
-  memory pool and torch's caching allocator never share the device; the 16 GB model never
-  exists twice. Workers append JSON events to a file; the parent turns them into records and
-  rewrites both outputs after every worker, so a run cut short still leaves the finished
-  impls' results. `--budget-s` bounds the workers' total wall time (a worker still running
+  Worker subprocesses (this file with `--worker`) run one after the other in the order
+  `--impls` gives (the riskiest, hf-compile, last by default): the jaxdec impls share one
+  (one set of weights, one ceiling measurement, all their programs compiled side by side;
+  the attention path is the model's `with_attention`), each transformers impl has its own.
+  A crash, an out-of-memory error or a hang in one costs only its own records; JAX's
+  preallocated GPU memory pool and torch's caching allocator never share the device; the
+  16 GB model never exists twice. Workers append JSON events to a file; the parent turns
+  them into records and rewrites both outputs after every worker, so a run cut short still
+  leaves the finished impls' results. `--budget-s` bounds the workers' total wall time (a worker still running
   when it runs out is killed and its missing batch sizes are recorded as errors).
 """
 
@@ -254,7 +256,10 @@ def _best_seconds(step: Callable[[], None], sync: Callable[[], None], *, trials:
     return best
 
 
-def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -> None:
+def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
+    """The jaxdec impls (attention paths) of `impls`, in one process: one set of weights and
+    one ceiling measurement, every (impl, batch size) program compiled side by side first.
+    Events of one impl carry its name."""
     import jax
     import jax.numpy as jnp
     import jaxdec
@@ -263,18 +268,19 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
     fields = dict(spec["model"], rope=jaxdec.RopeConfig(**spec["model"]["rope"]))
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
     N = spec["new_tokens"]
-    # Each batch size's program compiles in a thread while the weights are drawn; nothing is
-    # measured until they are done.
+    # Every program compiles in a thread while the weights are drawn; nothing is measured
+    # until they are done.
     workers = spec.get("compile_ahead")
     workers = default_compile_workers() if workers is None else workers
     ahead = CompileAhead(workers, log=lambda line: emit("log", line=line))
-    shapes = jaxdec.abstract_model(config, dtype=jnp.bfloat16).with_attention(attention)
-    for batch in spec["batch_sizes"]:
-        prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
-        ahead.submit(batch, functools.partial(jaxdec.generate, shapes, prompts, max_new_tokens=N,
-                                              return_timings=True, compile_only=True))
+    shapes = jaxdec.abstract_model(config, dtype=jnp.bfloat16)
+    for impl in impls:
+        for batch in spec["batch_sizes"]:
+            prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
+            ahead.submit((impl, batch), functools.partial(
+                jaxdec.generate, shapes.with_attention(JAXDEC_ATTENTION[impl]), prompts,
+                max_new_tokens=N, return_timings=True, compile_only=True))
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
-    model = model.with_attention(attention)
     jax.block_until_ready(model.params)
     emit("phase", name="weights drawn")
     ahead.wait()
@@ -283,31 +289,42 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], attention: str = "auto") -
     for source, gbps in measure_hbm(spec["copy_mib"] << 20).items():
         emit("bandwidth", source=f"{source} (fp32, in a loop)", gbps=gbps)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    for batch in spec["batch_sizes"]:
+    for impl in impls:
+        attention = JAXDEC_ATTENTION[impl]
+        for batch in spec["batch_sizes"]:
+            _time_jaxdec(model.with_attention(attention), impl, batch, spec, emit, ahead,
+                         notes=f"jaxdec.generate, attention={attention}",
+                         param_bytes=param_bytes)
+
+
+def _time_jaxdec(model, impl: str, batch: int, spec: dict, emit, ahead, **fields) -> None:
+    """One (impl, batch size): the timed runs, then (with `profile`) one traced run."""
+    import jaxdec
+
+    N = spec["new_tokens"]
+    try:
+        prompts = _prompts(model.config.vocab_size, batch, spec["prompt_len"]).tolist()
+
+        def run():
+            res = jaxdec.generate(model, prompts, max_new_tokens=N, return_timings=True)
+            _check_tokens(res.tokens.shape, batch, N)
+            if not (res.lengths == N).all():
+                raise RuntimeError(f"rows stopped early: lengths {res.lengths.tolist()}")
+            return res.prefill_s, res.decode_s
+
+        with counting_compiles() as compiles:  # in the first (warmup) call: 0 when ahead
+            timed = _timed_runs(run, spec["warmup"], spec["repeats"])
+        emit("result", impl=impl, batch=batch, compile_ahead_s=ahead.seconds((impl, batch)),
+             first_call_compiles=compiles[0], **fields, **timed)
+    except Exception as e:  # one batch size failing (e.g. out of memory) is a record
+        emit("error", impl=impl, batch=batch, error=_describe(e))
+        return
+    if spec.get("profile"):  # after the timed runs: where a step's time goes
         try:
-            prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
-
-            def run():
-                res = jaxdec.generate(model, prompts, max_new_tokens=N, return_timings=True)
-                _check_tokens(res.tokens.shape, batch, N)
-                if not (res.lengths == N).all():
-                    raise RuntimeError(f"rows stopped early: lengths {res.lengths.tolist()}")
-                return res.prefill_s, res.decode_s
-
-            notes = f"jaxdec.generate, attention={attention}"
-            with counting_compiles() as compiles:  # in the first (warmup) call: 0 when ahead
-                timed = _timed_runs(run, spec["warmup"], spec["repeats"])
-            emit("result", batch=batch, notes=notes, param_bytes=param_bytes,
-                 compile_ahead_s=ahead.seconds(batch), first_call_compiles=compiles[0], **timed)
-        except Exception as e:  # one batch size failing (e.g. out of memory) is a record
-            emit("error", batch=batch, error=_describe(e))
-            continue
-        if spec.get("profile"):  # after the timed runs: where a step's time goes
-            try:
-                summary = profile_kernels(run)
-            except Exception as e:  # noqa: BLE001  (the timings stand without it)
-                summary = dict(error=_describe(e))
-            emit("profile", batch=batch, profile=summary)
+            summary = profile_kernels(run)
+        except Exception as e:  # noqa: BLE001  (the timings stand without it)
+            summary = dict(error=_describe(e))
+        emit("profile", impl=impl, batch=batch, profile=summary)
 
 
 def _torch_copy_gbps(nbytes: int, device: str) -> float:
@@ -442,8 +459,10 @@ def _describe(e: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def worker_main(impl: str, spec: dict, events_path: str) -> int:
-    """Runs one impl, appending JSON events to `events_path`."""
+def worker_main(impls: tuple[str, ...], spec: dict, events_path: str) -> int:
+    """Runs one transformers impl, or the jaxdec impls together, appending JSON events to
+    `events_path`."""
+    label = ",".join(impls)
 
     started = time.monotonic()
 
@@ -453,13 +472,15 @@ def worker_main(impl: str, spec: dict, events_path: str) -> int:
             f.write(json.dumps({"event": event, "t": elapsed, **fields}) + "\n")
         # A timeline in the output (the device log), so a slow phase shows where time went.
         brief = ", ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, list))
-        print(f"[decode {impl} +{elapsed:.0f} s] {event}: {brief}"[:300], flush=True)
+        print(f"[decode {label} +{elapsed:.0f} s] {event}: {brief}"[:300], flush=True)
 
     try:
-        if impl in JAXDEC_ATTENTION:
-            run_jaxdec(spec, emit, JAXDEC_ATTENTION[impl])
+        if all(impl in JAXDEC_ATTENTION for impl in impls):
+            run_jaxdec(spec, emit, list(impls))
+        elif len(impls) == 1:
+            run_hf(spec, emit, compiled=impls[0] == "hf-compile")
         else:
-            run_hf(spec, emit, compiled=impl == "hf-compile")
+            raise ValueError(f"only the jaxdec impls share a worker, got {label}")
     except Exception as e:  # a failure before the first batch: every batch gets it
         emit("error", batch=None, error=_describe(e))
         raise
@@ -469,21 +490,35 @@ def worker_main(impl: str, spec: dict, events_path: str) -> int:
 # ------------------------------------------------------------------ orchestration
 
 
-def _worker_env(impl: str) -> dict:
+def _worker_env(impls: list[str]) -> dict:
     env = dict(os.environ)
-    if impl not in JAXDEC_ATTENTION:  # in case anything imports jax next to torch: no preallocated pool
+    if impls[0] not in JAXDEC_ATTENTION:  # in case anything imports jax next to torch: no preallocated pool
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 
-def run_worker(impl: str, spec: dict, timeout_s: float | None) -> tuple[list[dict], str | None]:
-    """Runs one impl in a subprocess; returns its events and why it ended badly (or None)."""
+def worker_units(impls) -> list[list[str]]:
+    """The workers to start, in order: consecutive jaxdec impls share one (one model, their
+    programs compiled together); each transformers impl has its own."""
+    units: list[list[str]] = []
+    for impl in impls:
+        if impl in JAXDEC_ATTENTION and units and units[-1][0] in JAXDEC_ATTENTION:
+            units[-1].append(impl)
+        else:
+            units.append([impl])
+    return units
+
+
+def run_worker(impls: list[str], spec: dict, timeout_s: float | None
+               ) -> tuple[list[dict], str | None]:
+    """Runs a worker unit in a subprocess; returns its events and why it ended badly (or
+    None)."""
     with tempfile.TemporaryDirectory() as tmp:
         events_path = os.path.join(tmp, "events.jsonl")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl,
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(impls),
                "--spec", json.dumps(spec), "--events", events_path]
         # Its own process group, so a timeout also ends compile helpers it started.
-        proc = subprocess.Popen(cmd, env=_worker_env(impl), start_new_session=True)
+        proc = subprocess.Popen(cmd, env=_worker_env(impls), start_new_session=True)
         failure = None
         try:
             rc = proc.wait(timeout=timeout_s)
@@ -512,7 +547,9 @@ def _read_events(path: str) -> list[dict]:
 
 def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
                  common: dict) -> list[dict]:
-    """One record per batch size from a worker's events (without the bandwidth fields)."""
+    """One record per batch size from a worker's events (without the bandwidth fields): the
+    events naming `impl`, and those naming no impl (the worker's, e.g. its device)."""
+    events = [e for e in events if e.get("impl") in (None, impl)]
     env = next((e for e in events if e["event"] == "env"), {})
     results = {e["batch"]: e for e in events if e["event"] == "result"}
     errors = {e["batch"]: e["error"] for e in events if e["event"] == "error"}
@@ -733,7 +770,7 @@ def parse_args(argv):
                         help="keep the impls the output file already holds for every batch size "
                              "(same preset, context and new tokens) and run only the others")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=_impl_list, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--events", help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -781,26 +818,31 @@ def main(argv=None) -> int:
         if ceiling:
             bandwidths["an earlier call's ceiling"] = ceiling
     finished = {r["impl"] for r in raw}
+    due = []
     for impl in args.impls or preset.impls:
         if impl in finished:
             print(f"[decode bench] {impl}: already measured (--resume)", flush=True)
-            continue
+        else:
+            due.append(impl)
+    for unit in worker_units(due):
+        label = ",".join(unit)
         left = None if deadline is None else deadline - time.monotonic()
-        print(f"[decode bench] {impl}: batch sizes {spec['batch_sizes']}, context "
+        print(f"[decode bench] {label}: batch sizes {spec['batch_sizes']}, context "
               f"{spec['context']}, {spec['new_tokens']} new tokens", flush=True)
         started = time.monotonic()
         if left is not None and left < 1:
             events, failure = [], "skipped: the time budget (--budget-s) was used up"
         else:
-            events, failure = run_worker(impl, spec, left)
-        print(f"[decode bench] {impl}: {failure or 'finished'} after "
+            events, failure = run_worker(unit, spec, left)
+        print(f"[decode bench] {label}: {failure or 'finished'} after "
               f"{time.monotonic() - started:.0f} s", flush=True)
         for e in events:
             if e["event"] == "bandwidth":
                 bandwidths[e["source"]] = max(e["gbps"], bandwidths.get(e["source"], 0.0))
-        raw += impl_records(impl, events, failure, spec, common)
+        for impl in unit:
+            raw += impl_records(impl, events, failure, spec, common)
         records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
-        write_outputs(args.out, records, bandwidths, meta)  # after every impl
+        write_outputs(args.out, records, bandwidths, meta)  # after every worker
     records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
     if not records:
         print("[decode bench] nothing to run", flush=True)

@@ -89,27 +89,31 @@ def test_trace_summary_hand_computed():
 
 
 def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
-    """--resume keeps hf-eager and jaxdec (finished for both batch sizes) and runs
-    jaxdec-reference; an impl that failed would be run again."""
+    """--resume keeps hf-eager (finished for both batch sizes) and runs jaxdec (whose records
+    say it failed) and jaxdec-reference (never run), the two in one worker."""
     before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
-    failed = dict(before[0], impl="jaxdec-reference", tokens_per_s=None, error="timed out")
-    (tmp_path / "decode-cpu.json").write_text(json.dumps(before + [failed]))
+    kept = [r for r in before if r["impl"] == "hf-eager"]
+    failed = [dict(r, tokens_per_s=None, error="timed out") for r in before
+              if r["impl"] == "jaxdec"]
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(kept + failed))
     env = user_env()
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--repeats", "1", "--resume",
          "--impls", "jaxdec,jaxdec-reference,hf-eager", "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "jaxdec: already measured" in proc.stdout
     assert "hf-eager: already measured" in proc.stdout
+    assert "[decode bench] jaxdec,jaxdec-reference: finished" in proc.stdout
     after = {(r["impl"], r["batch"]): r for r in
              json.loads((tmp_path / "decode-cpu.json").read_text())}
     assert set(after) == {(i, b) for i in ("jaxdec", "jaxdec-reference", "hf-eager")
                           for b in (1, 2)}
-    for r in before:  # kept as measured (the ceiling is the best of both calls)
+    for r in kept:  # kept as measured (the ceiling is the best of both calls)
         assert after[r["impl"], r["batch"]]["decode_s"] == r["decode_s"]
         assert after[r["impl"], r["batch"]]["hbm_gbps"] >= r["hbm_gbps"]
     assert all(r["error"] is None for r in after.values())
+    assert after["jaxdec-reference", 1]["notes"] == "jaxdec.generate, attention=reference"
+    assert after["jaxdec", 1]["notes"] == "jaxdec.generate, attention=auto"
 
 
 def test_cpu_tiny_markdown(cpu_tiny_run):
@@ -158,3 +162,20 @@ def test_a_step_faster_than_the_ceiling_is_an_error():
 ])
 def test_device_slug(name, slug):
     assert bench.device_slug(name) == slug
+
+
+def test_worker_units_share_one_jaxdec_process():
+    assert bench.worker_units(bench.IMPLS) == [["jaxdec", "jaxdec-reference"], ["hf-eager"],
+                                              ["hf-compile"]]
+    assert bench.worker_units(["hf-eager", "jaxdec-reference", "hf-compile", "jaxdec"]) == [
+        ["hf-eager"], ["jaxdec-reference"], ["hf-compile"], ["jaxdec"]]
+    # A worker's events name their impl; the worker's own (device, bandwidth) name none.
+    events = [dict(event="env", device="d"),
+              dict(event="result", impl="jaxdec", batch=1, decode_s=1.0, decode_s_runs=[1.0],
+                   prefill_s=0.1, param_bytes=10, notes="n"),
+              dict(event="error", impl="jaxdec-reference", batch=1, error="boom")]
+    spec = dict(new_tokens=3, batch_sizes=[1])
+    (kernel,) = bench.impl_records("jaxdec", events, None, spec, {})
+    (reference,) = bench.impl_records("jaxdec-reference", events, None, spec, {})
+    assert kernel["error"] is None and kernel["tokens_per_s"] == 2.0 and kernel["device"] == "d"
+    assert reference["error"] == "boom" and reference["device"] == "d"
