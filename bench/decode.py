@@ -83,8 +83,9 @@ Process layout
   preallocated GPU memory pool and torch's caching allocator never share the device; the
   16 GB model never exists twice. Workers append JSON events to a file; the parent turns
   them into records and rewrites both outputs after every worker, so a run cut short still
-  leaves the finished impls' results. `--budget-s` bounds the workers' total wall time (a worker still running
-  when it runs out is killed and its missing batch sizes are recorded as errors).
+  leaves the finished impls' results. `--budget-s` bounds the workers' total wall time (a
+  worker still running when it runs out is killed and its missing batch sizes are recorded
+  as errors).
 """
 
 from __future__ import annotations
