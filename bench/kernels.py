@@ -75,8 +75,7 @@ PRESETS = {
                  sweep=(dict(block_k=128), dict(block_m=128, num_warps=8),
                         dict(num_stages=3)),
                  # One profiled run each: the kernel's share of a call against the packing and
-                 # combine around it (on the H200, T = 64 ran far below the matmul peak, and
-                 # 3x slower at 4K than at 1K with the same work per program).
+                 # combine around it (on the H200, T = 64 ran far below the matmul peak).
                  profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,

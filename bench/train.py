@@ -82,7 +82,8 @@ def render_markdown(records: list[dict]) -> str:
     for r in records:
         cells = [r.get("preset"), _fmt(r.get("params"), ".1f", 1e6, "M"), r.get("steps"),
                  _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("mfu"), ".2f"),
-                 r.get("attention"), _fmt(r.get("heldout_loss"), ".3f"), _fmt(r.get("heldout_ppl"), ".1f"),
+                 r.get("attention"), _fmt(r.get("heldout_loss"), ".3f"),
+                 _fmt(r.get("heldout_ppl"), ".1f"),
                  _fmt(r.get("draft_params"), ".1f", 1e6, "M"), _fmt(r.get("acceptance_before"), ".3f"),
                  _fmt(r.get("acceptance_after"), ".3f"), _fmt(r.get("target_seconds"), ".0f"),
                  _fmt(r.get("draft_seconds"), ".0f"), r.get("date"), r.get("jax_version")]

@@ -24,8 +24,8 @@ from jaxdec import data
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
-from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, default_corpus, evaluate_lm,
-                             heldout_batches, throughput, train_params)
+from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, default_corpus,
+                             evaluate_lm, heldout_batches, throughput, train_params)
 from jaxdec.train.presets import Preset, get_preset
 
 OBJECTIVES = ("kl", "tv")
