@@ -169,7 +169,8 @@ def test_cache_free_entry_point_is_a_causal_block_from_position_zero():
 
 
 def test_fused_probe_accepts_a_working_call_and_refuses_a_failing_one():
-    # (Probing while a caller is traced, under jit and grad: the next-but-one test.)
+    # (Probing while a caller is traced, under jit and grad, is checked by
+    # test_auto_runs_cache_free_forwards_through_the_fused_call.)
     assert L._probe_fused_causal("float32", 4, 2, 8, 3, "xla")
     with pytest.warns(UserWarning, match="unavailable"):
         assert not L._probe_fused_causal("float32", 4, 2, 8, None, "no-such-implementation")
@@ -190,9 +191,10 @@ def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch):
     through `fused_causal` for every layer, with each shard's heads (tp = 2) and each layer's
     window, and the loss and gradients stay the reference's. (On a CPU the fused call runs
     jax's XLA version.)"""
-    tp = 2
     import jaxdec
     from jaxdec import model as model_module
+
+    tp = 2
 
     probed, fused_calls = [], []
     monkeypatch.setattr(L, "FUSED_IMPLEMENTATION", "xla")
