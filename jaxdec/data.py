@@ -175,8 +175,8 @@ def encode(tokenizer, texts) -> np.ndarray:
     texts = list(texts)
     digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
     for text in texts:
-        data = text.encode("utf-8", "surrogatepass")
-        digest.update(len(data).to_bytes(8, "little") + data)
+        raw = text.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little") + raw)
     key = digest.hexdigest()
     if key in _ENCODED:
         return _ENCODED[key]
