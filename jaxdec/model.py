@@ -18,7 +18,8 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
-from jaxdec.models.layers import AttentionImpl, attention_kernel, fused_causal_usable
+from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, attention_kernel,
+                                  fused_causal_usable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,7 @@ def forward_with_cache(
         in_specs.append(optional[name][1])
 
     attention = model.attention
-    if attention is AttentionImpl.CUDNN and jax.default_backend() != "gpu":
+    if attention is AttentionImpl.CUDNN and jax.default_backend() not in GPU_BACKENDS:
         raise ValueError(f"attention=CUDNN needs a GPU, not the {jax.default_backend()!r} "
                          "backend (use AUTO or REFERENCE)")
     if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:

@@ -260,6 +260,7 @@ def fused_causal(q_BTHD, k_BTKD, v_BTKD, *, window: int | None,
 
 
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
+GPU_BACKENDS = ("gpu", "cuda")  # jax.default_backend() on an NVIDIA GPU
 
 
 def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
@@ -269,7 +270,8 @@ def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
     gradients under `shard_map`, as the models call it) compiled, ran and matched the
     reference there. A failed probe warns once and leaves the reference in charge. Call it
     outside `shard_map` (it runs a program of its own; inside `jit` is fine)."""
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES):
+    if (jax.default_backend() not in GPU_BACKENDS
+            or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES)):
         return False
     return all(_probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, window,
                                    FUSED_IMPLEMENTATION) for window in sorted(set(windows), key=str))

@@ -246,7 +246,7 @@ def test_cudnn_needs_a_gpu():
 
 
 @pytest.mark.gpu_only
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA device")
+@pytest.mark.skipif(jax.default_backend() not in L.GPU_BACKENDS, reason="needs a CUDA device")
 class TestCudnnOnGPU:
     """cuDNN's fused attention on the card: the probe passes for the shapes jaxdec trains and
     serves, and a bf16 training loss and its gradients match the reference path's."""
