@@ -599,21 +599,33 @@ def _ratio(a, b) -> str:
     return "–" if not a or not b else f"{a / b:.2f}x"
 
 
+def _runs_line(records: list[dict]) -> str:
+    """When and from what each impl's rows were measured: `--resume` keeps rows of earlier
+    calls, so one table can hold several runs."""
+    runs: dict[tuple, list[str]] = {}
+    for r in records:
+        key = tuple(r.get(k) for k in ("date", "commit", "jax_version", "torch_version",
+                                        "transformers_version"))
+        if r["impl"] not in runs.setdefault(key, []):
+            runs[key].append(r["impl"])
+    parts = [f"{', '.join(impls)}: run {date}, jax {jax_v}, torch {torch_v}, transformers "
+             f"{hf_v}, commit {commit}"
+             for (date, commit, jax_v, torch_v, hf_v), impls in runs.items()]
+    return ("; ".join(parts) or "No runs") + "."
+
+
 def render_markdown(records: list[dict], bandwidths: dict[str, float], meta: dict) -> str:
     """The results table, the bandwidths, the bytes per step and what bounds decode speed."""
     model, ceiling = meta["model"], hbm_ceiling(bandwidths)
     by_key = {(r["impl"], r["batch"]): r for r in records}
     devices = sorted({r["device"] for r in records if r["device"]})
-    first = records[0] if records else {}
     lines = [
         f"# Greedy decode: jaxdec vs transformers on {', '.join(devices) or 'an unknown device'}",
         "",
         f"Preset `{meta['preset']}`: {meta['description']}; context {meta['context']} (prompt "
         f"{meta['prompt_len']} + {meta['new_tokens']} new tokens, so decode attends to "
         f"{meta['context']} cached tokens on average); median of {meta['repeats']} runs after "
-        f"warm-up; tokens/s are decode tokens summed over the batch. Run {first.get('date')}, "
-        f"jax {first.get('jax_version')}, torch {first.get('torch_version')}, "
-        f"transformers {first.get('transformers_version')}, commit {first.get('commit')}.",
+        f"warm-up; tokens/s are decode tokens summed over the batch. {_runs_line(records)}",
         "",
         "Memory bandwidth measured in this run: "
         + (", ".join(f"{src} {_fmt_gbps(gbps)} GB/s" for src, gbps in sorted(bandwidths.items()))

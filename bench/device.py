@@ -32,8 +32,10 @@ speculative steps run with `--resume`: only what is missing). The `cpu-tiny` pla
 same machinery (a test subset and a speculative step on CPU presets) in well under a minute;
 the test suite runs it, so this file cannot rot.
 
-Outputs under `--out`: `results.tar.gz` (every result file of this device, the committed ones
-merged with this call's: JSON and Markdown), `device-log.txt` (all output) and
+Outputs under `--out`: `results.tar.gz` (the result files of this device that this call wrote
+or changed, each the committed records merged with this call's: JSON and Markdown; files it
+left as committed stay out, so two calls' archives extracted in turn never undo each other),
+`device-log.txt` (all output) and
 `device-summary.json` (per step: status, seconds, return code). The archive is rewritten after
 every step, so even a call cut off by its own limit returns what finished.
 """
@@ -284,14 +286,22 @@ def render_tests_markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pack(work: Path, slug: str, out: Path) -> None:
-    """Writes every `*-<slug>.{json,md}` under `work` to out/results.tar.gz (atomically)."""
+def pack(work: Path, slug: str, out: Path, committed: Path) -> list[str]:
+    """Writes the `*-<slug>.{json,md}` under `work` that this call wrote or changed (absent
+    from `committed` or different there) to out/results.tar.gz, atomically; returns their
+    names. Leaving unchanged files out means that extracting the archives of two calls in
+    turn never puts the second call's stale copy of a file over what the first measured."""
     partial = out / (ARCHIVE + ".partial")
+    names = []
     with tarfile.open(partial, "w:gz") as tar:
         for path in sorted(work.glob(f"*-{slug}.*")):
-            if path.suffix in (".json", ".md"):
+            before = committed / path.name
+            if path.suffix in (".json", ".md") and not (
+                    before.is_file() and before.read_bytes() == path.read_bytes()):
                 tar.add(path, arcname=path.name)
+                names.append(path.name)
     partial.replace(out / ARCHIVE)
+    return names
 
 
 def main(argv=None) -> int:
@@ -361,7 +371,7 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
     redo = set(names) if args.redo == "all" else set(filter(None, args.redo.split(",")))
     log(f"[device] {device} ({slug}), plan {args.plan}, budget {args.budget_s:.0f} s, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    summary = []
+    summary, packed = [], []
     for step in steps:
         left = args.budget_s - (time.monotonic() - started)
         status, code, seconds = None, None, 0.0
@@ -390,12 +400,13 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
         summary.append(dict(step=step.name, status=status, return_code=code,
                             seconds=round(seconds, 1)))
         log(f"[device] {step.name}: {status}" + (f" after {seconds:.0f} s" if seconds else ""))
-        pack(work, slug, args.out)
+        packed = pack(work, slug, args.out, args.results)
         (args.out / "device-summary.json").write_text(json.dumps(
             dict(device=device, plan=args.plan, date=utc_now(), commit=git_commit(),
                  steps=summary), indent=2) + "\n")
     log("[device] summary: " + "; ".join(f"{s['step']} {s['status']}" for s in summary))
-    log(f"[device] results: {args.out / ARCHIVE} (tar -xzf it into bench/results)")
+    log(f"[device] results: {args.out / ARCHIVE} (tar -xzf it into bench/results): "
+        + (", ".join(packed) or "no result file changed"))
     return 0 if all(s["status"] in ("finished", "already measured") for s in summary) else 1
 
 
