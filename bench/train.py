@@ -13,7 +13,9 @@ Each record: preset, params (target), tokens_per_s and mfu of the target's train
 FLOPs per second / the bf16 matmul peak measured in the same run; compile excluded),
 heldout_loss / heldout_ppl of the target, the draft's acceptance_before / acceptance_after
 (held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
-throughput, wall seconds per phase, the attention the training ran (`cudnn`: cuDNN's fused
+throughput, wall seconds per phase (`target_phase_seconds`, `draft_phase_seconds`: corpus,
+tokenizer, encoding, evaluation, training, export, ...; `target_first_step_seconds`: the first
+step, its compile included), the attention the training ran (`cudnn`: cuDNN's fused
 attention, what AUTO picks on a GPU where it works; `reference`: the jnp reference), device,
 jax version and date.
 
@@ -57,6 +59,9 @@ def run(preset, work: Path) -> dict:
         "acceptance_after": draft["acceptance_after"], "draft_tokens_per_s": draft["tokens_per_s"],
         "draft_mfu": draft["mfu"], "target_seconds": target_s, "draft_seconds": draft_s,
         "attention": target["attention"],
+        "target_first_step_seconds": target.get("first_step_seconds"),
+        "target_phase_seconds": target.get("phase_seconds"),
+        "draft_phase_seconds": draft.get("phase_seconds"),
         "matmul_peak_tflops": loop.measure_matmul_peak() / 1e12,
         "device": jax.devices()[0].device_kind, "date": utc_now(), "commit": git_commit(),
         **versions(),
@@ -88,7 +93,21 @@ def render_markdown(records: list[dict]) -> str:
                  _fmt(r.get("acceptance_after"), ".3f"), _fmt(r.get("target_seconds"), ".0f"),
                  _fmt(r.get("draft_seconds"), ".0f"), r.get("date"), r.get("jax_version")]
         lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    timed = [r for r in records if r.get("target_phase_seconds")]
+    if timed:
+        lines += ["", "Where each run's wall time went (seconds; `train` includes the first "
+                  "step's compile, given apart):", ""]
+        for r in timed:
+            parts = [f"target {_phases(r['target_phase_seconds'])} (first step "
+                     f"{_fmt(r.get('target_first_step_seconds'), '.1f')})"]
+            if r.get("draft_phase_seconds"):
+                parts.append(f"draft {_phases(r['draft_phase_seconds'])}")
+            lines.append(f"- {r.get('preset')}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def _phases(seconds: dict) -> str:
+    return ", ".join(f"{name} {s:.1f}" for name, s in seconds.items())
 
 
 def add_shrink_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,12 @@ def test_micro_preset_end_to_end(tmp_path, monkeypatch):
     assert record["steps"] == 3 and record["params"] > 5e4
     assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1.5
     assert 0 < record["acceptance_before"] < 1 and 0 < record["acceptance_after"] < 1
-    assert f"| {MICRO.name} |" in (out / "train-cpu.md").read_text()
+    phases = record["target_phase_seconds"]
+    assert {"corpus", "tokenizer", "encode", "init", "eval", "train", "export"} <= set(phases)
+    assert all(s >= 0 for s in phases.values()) and record["target_first_step_seconds"] > 0
+    assert {"load target", "train", "eval"} <= set(record["draft_phase_seconds"])
+    table = (out / "train-cpu.md").read_text()
+    assert f"| {MICRO.name} |" in table and f"- {MICRO.name}: target corpus " in table
 
 
 def test_merge_records(tmp_path):

@@ -120,33 +120,45 @@ def train_draft(
     out = os.fspath(out)
     mesh = loop.train_mesh(dp)
     dtype = loop.compute_dtype()
-    target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
+    phases = loop.Phases()
+    with phases("load target"):
+        target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
     if target.tokenizer is None:
         raise ValueError(f"the target {target_dir} has no tokenizer.json for the draft to share")
     run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
            "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
-    corpus_data = default_corpus(corpus, preset)
+    with phases("corpus"):
+        corpus_data = default_corpus(corpus, preset)
     resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
-    dataset = build_dataset(target.tokenizer, corpus_data, preset)
+    with phases("encode"):
+        dataset = build_dataset(target.tokenizer, corpus_data, preset)
     eot = data.end_of_text_id(target.tokenizer)
     draft_config = preset.draft.config(
         target.config.vocab_size, target.config.max_position_embeddings, eot)
 
-    draft = init_model(draft_config, jax.random.PRNGKey(seed + 1), mesh=mesh)
+    with phases("init"):
+        draft = init_model(draft_config, jax.random.PRNGKey(seed + 1), mesh=mesh)
     evaluate = dict(draft_config=draft_config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
-    before = evaluate_acceptance(target, draft.params, dataset.heldout, **evaluate)
+    with phases("eval"):
+        before = evaluate_acceptance(target, draft.params, dataset.heldout, **evaluate)
     log(f"held-out expected acceptance before distillation: {before:.3f}")
-    state, stats = train_params(
-        draft.params,
-        lambda optimizer: make_distill_step(target, draft_config, mesh, optimizer, objective, dtype),
-        preset=preset, learning_rate=preset.draft_learning_rate, steps=steps, dataset=dataset,
-        out=out, mesh=mesh, seed=seed, resuming=resuming,
-        label=f"train draft {preset.name} ({objective})", log=log)
+    with phases("train"):
+        state, stats = train_params(
+            draft.params,
+            lambda optimizer: make_distill_step(target, draft_config, mesh, optimizer, objective,
+                                                dtype),
+            preset=preset, learning_rate=preset.draft_learning_rate, steps=steps,
+            dataset=dataset, out=out, mesh=mesh, seed=seed, resuming=resuming,
+            label=f"train draft {preset.name} ({objective})", log=log)
 
-    after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)
-    draft_loss = evaluate_lm(state["params"], dataset.heldout, config=draft_config, mesh=mesh,
-                             batch_size=preset.batch_size, dtype=dtype)
+    with phases("eval"):
+        after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)
+        draft_loss = evaluate_lm(state["params"], dataset.heldout, config=draft_config,
+                                 mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
+    with phases("attention probe, matmul peak"):
+        attention, peak = (attention_used(draft_config, mesh, dtype),
+                           loop.measure_matmul_peak(dtype))
     # Each step runs the target forward and the draft forward + backward.
     flops = (loop.training_flops_per_token(draft_config, preset.seq_len)
              + loop.training_flops_per_token(target.config, preset.seq_len) / 3)
@@ -154,13 +166,14 @@ def train_draft(
         "kind": "draft", "preset": preset.name, "objective": objective,
         "params": int(sum(x.size for x in jax.tree.leaves(state["params"]))), "steps": steps,
         "acceptance_before": before, "acceptance_after": after, "heldout_loss": draft_loss,
-        "attention": attention_used(draft_config, mesh, dtype),
+        "attention": attention,
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-        **throughput(stats, preset.batch_size * preset.seq_len, flops,
-                     loop.measure_matmul_peak(dtype)),
+        **throughput(stats, preset.batch_size * preset.seq_len, flops, peak),
     }
-    save_pretrained(Model(config=draft_config, params=state["params"], mesh=mesh,
-                          tokenizer=target.tokenizer), out, overwrite=True)
+    with phases("export"):
+        save_pretrained(Model(config=draft_config, params=state["params"], mesh=mesh,
+                              tokenizer=target.tokenizer), out, overwrite=True)
+    metrics["phase_seconds"] = phases.as_dict()
     loop.write_json(os.path.join(out, "metrics.json"), metrics)
     log(f"held-out expected acceptance after distillation: {after:.3f} (before {before:.3f}); "
         f"exported to {out}")

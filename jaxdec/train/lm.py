@@ -146,7 +146,8 @@ def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: flo
     if not stats.timed_steps:
         return {"tokens_per_s": None, "mfu": None}
     tokens_per_s = stats.timed_steps * tokens_per_step / stats.timed_seconds
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
+            "first_step_seconds": round(stats.first_step_seconds, 2)}
 
 
 def train_lm(
@@ -180,7 +181,9 @@ def train_lm(
     out = os.fspath(out)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
-    corpus_data = default_corpus(corpus, preset)  # validate the corpus before touching `out`
+    phases = loop.Phases()
+    with phases("corpus"):
+        corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`
     resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
     mesh = loop.train_mesh(dp)
     dtype = loop.compute_dtype()
@@ -189,39 +192,48 @@ def train_lm(
     if tokenizer is None:
         log(f"training a {preset.vocab_size}-token byte-level BPE tokenizer on "
             f"{len(corpus_data.train_files)} files ({corpus_data.train_bytes / 1e6:.1f} MB)")
-        tokenizer = data.train_tokenizer(corpus_data.train_texts, preset.vocab_size)
-        tokenizer.save(os.path.join(out, "tokenizer.json"))
-    dataset = build_dataset(tokenizer, corpus_data, preset)
+        with phases("tokenizer"):
+            tokenizer = data.train_tokenizer(corpus_data.train_texts, preset.vocab_size)
+            tokenizer.save(os.path.join(out, "tokenizer.json"))
+    with phases("encode"):
+        dataset = build_dataset(tokenizer, corpus_data, preset)
     eot = data.end_of_text_id(tokenizer)
     config = preset.target.config(tokenizer.get_vocab_size(), preset.max_positions, eot)
     log(f"{len(dataset.train)} training sequences of {preset.seq_len} tokens, "
         f"{len(dataset.heldout)} held-out sequences from {dataset.heldout_files} files")
 
-    model = init_model(config, jax.random.PRNGKey(seed), mesh=mesh)
-    n_params = sum(x.size for x in jax.tree.leaves(model.params))
+    with phases("init"):
+        model = init_model(config, jax.random.PRNGKey(seed), mesh=mesh)
+        n_params = sum(x.size for x in jax.tree.leaves(model.params))
     evaluate = dict(config=config, mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
-    initial_loss = evaluate_lm(model.params, dataset.heldout, **evaluate)
-    state, stats = train_params(
-        model.params, lambda optimizer: make_lm_step(config, mesh, optimizer, dtype),
-        preset=preset, learning_rate=preset.target_learning_rate, steps=steps,
-        dataset=dataset, out=out, mesh=mesh, seed=seed, resuming=resuming,
-        label=f"train lm {preset.name}", log=log)
+    with phases("eval"):
+        initial_loss = evaluate_lm(model.params, dataset.heldout, **evaluate)
+    with phases("train"):
+        state, stats = train_params(
+            model.params, lambda optimizer: make_lm_step(config, mesh, optimizer, dtype),
+            preset=preset, learning_rate=preset.target_learning_rate, steps=steps,
+            dataset=dataset, out=out, mesh=mesh, seed=seed, resuming=resuming,
+            label=f"train lm {preset.name}", log=log)
 
-    heldout_loss = evaluate_lm(state["params"], dataset.heldout, **evaluate)
+    with phases("eval"):
+        heldout_loss = evaluate_lm(state["params"], dataset.heldout, **evaluate)
     flops = loop.training_flops_per_token(config, preset.seq_len)
+    with phases("attention probe, matmul peak"):
+        attention, peak = attention_used(config, mesh, dtype), loop.measure_matmul_peak(dtype)
     metrics = {
         "kind": "lm", "preset": preset.name, "params": int(n_params), "steps": steps,
         "train_tokens_seen": steps * preset.batch_size * preset.seq_len,
         "heldout_loss_before": initial_loss, "heldout_loss": heldout_loss,
         "heldout_ppl": math.exp(heldout_loss),
         "heldout_tokens": int(dataset.heldout[:, 1:].size),
-        "attention": attention_used(config, mesh, dtype),
+        "attention": attention,
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-        **throughput(stats, preset.batch_size * preset.seq_len, flops,
-                     loop.measure_matmul_peak(dtype)),
+        **throughput(stats, preset.batch_size * preset.seq_len, flops, peak),
     }
-    save_pretrained(Model(config=config, params=state["params"], mesh=mesh, tokenizer=tokenizer),
-                    out, overwrite=True)
+    with phases("export"):
+        save_pretrained(Model(config=config, params=state["params"], mesh=mesh,
+                              tokenizer=tokenizer), out, overwrite=True)
+    metrics["phase_seconds"] = phases.as_dict()
     loop.write_json(os.path.join(out, "metrics.json"), metrics)
     log(f"held-out loss {heldout_loss:.3f} (perplexity {metrics['heldout_ppl']:.1f}); "
         f"exported to {out}")

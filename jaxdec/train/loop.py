@@ -195,9 +195,37 @@ def _duration(seconds: float) -> str:
 @dataclasses.dataclass
 class LoopStats:
     steps_run: int = 0
+    first_step_seconds: float = 0.0  # this process's first step, its compile included
     timed_steps: int = 0  # steps after the first of this process (compile excluded)
     timed_seconds: float = 0.0
     last_loss: float = float("nan")
+
+
+class Phases:
+    """Wall seconds per named phase of a run (`with phases("tokenizer"): ...`), so a record
+    says where a run's time went, not only its training throughput."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(s, 2) for name, s in self.seconds.items()}
+
+
+class _Phase:
+    def __init__(self, phases: Phases, name: str):
+        self.phases, self.name = phases, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        elapsed = time.perf_counter() - self.start
+        self.phases.seconds[self.name] = self.phases.seconds.get(self.name, 0.0) + elapsed
+        return False
 
 
 def run_steps(
@@ -223,6 +251,7 @@ def run_steps(
     progress = Progress(label, total_steps)
     start = int(state["step"])
     clock = None
+    started = time.perf_counter()
     try:
         for step in range(start, total_steps):
             state, loss = step_fn(state, batch_at(step))
@@ -233,6 +262,7 @@ def run_steps(
             if clock is None:  # the first step compiles: time from its end
                 jax.block_until_ready(loss)
                 clock, clock_step = time.perf_counter(), done
+                stats.first_step_seconds = clock - started
             if done % progress_every == 0 or done == total_steps:
                 stats.last_loss = float(loss)  # waits for the device
                 elapsed = time.perf_counter() - clock
