@@ -19,10 +19,10 @@ takes the steps in the order it names them; `--list` prints them with their comm
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
-  spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto,reference (trains
+  spec-gpu-small   bench/speculative.py --preset gpu-small --attention pallas,reference (trains
                    the preset's target and draft, so it also writes `train-<device>.json`)
   spec-gpu-base    the same for gpu-base
-  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention auto,reference
+  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
 
 A step is started only while at least its `min_s` of the budget is left, and is stopped (its
 whole process group) at its own cap or when the budget runs out; the benchmarks write their
@@ -155,13 +155,16 @@ def sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float) -> Step:
-    """bench/speculative.py for one preset, both attention paths, resuming what is missing."""
+def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
+                     attention: tuple[str, ...] = ("pallas", "reference")) -> Step:
+    """bench/speculative.py for one preset, resuming what is missing; on the device the
+    kernel on (`pallas`) and off (`reference`), side by side (AUTO picks one of the two by
+    the cache's size)."""
     return Step(f"spec-{preset}",
                 ("bench/speculative.py", "--preset", preset, *extra,
-                 "--attention", "auto,reference", "--resume", "--budget-s", "{budget}",
+                 "--attention", ",".join(attention), "--resume", "--budget-s", "{budget}",
                  "--out", "{out}"),
-                _complete("speculative", preset=preset, attention=("auto", "reference")),
+                _complete("speculative", preset=preset, attention=attention),
                 min_s=min_s, cap_s=cap_s)
 
 
@@ -201,7 +204,7 @@ def plan(name: str) -> list[Step]:
                  _complete("gpu-tests", plan="cpu-tiny", sources=sources_digest()),
                  min_s=5, cap_s=300, pytest=True),
             speculative_step("synthetic-tiny", "--batches", "1", "--repeats", "1",
-                             min_s=5, cap_s=300),
+                             min_s=5, cap_s=300, attention=("auto", "reference")),
         ]
     raise ValueError(f"unknown plan {name!r}; plans: gpu, cpu-tiny")
 

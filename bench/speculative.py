@@ -18,10 +18,12 @@ Presets:
   cpu-tiny, synthetic-tiny   the same on CPU-sized models (tests run them).
 `--target DIR --draft DIR` reuse trained models instead of training; when the call trains
 both, it also writes the training record (`train-<device>.json/.md`, as bench/train.py does),
-so one call measures training and decoding. `--attention reference` runs target and draft on
-the jnp attention path instead of the Pallas tree-attention kernel (the default on GPU/TPU);
-`--attention auto,reference` runs both side by side in one call (each batch size and
-temperature on both paths before the next). `--budget-s` overrides the preset's time budget;
+so one call measures training and decoding. `--attention` names the attention of target and
+draft: `auto` (the default: on GPU/TPU the Pallas tree-attention kernel over caches of at
+least `models.layers.AUTO_KERNEL_MIN_KV_BYTES` per layer, the jnp reference below), `pallas`
+(the kernel wherever it takes the shapes) or `reference`; several, comma-separated (the device
+plan runs `pallas,reference`: the kernel on and off), run side by side in one call (each batch
+size and temperature on every path before the next). `--budget-s` overrides the preset's time budget;
 runs it leaves out are recorded as skipped, and `--resume` runs only what the output file does
 not hold yet (training again: a trained preset's models do not outlive the call), so calls cut
 short by the device's limits add up to the whole table. Each record's speedup compares runs of
@@ -473,7 +475,10 @@ def render_markdown(records: list[dict]) -> str:
                 if r["preset"] == preset and r.get("attention", "auto") == attention]
         first = rows[0]
         lines += [f"## {preset}, attention {attention} ({first.get('date')}, "
-                  f"jax {first.get('jax_version')})", "",
+                  f"jax {first.get('jax_version')})", ""]
+        notes = dict.fromkeys(r["attention_note"] for r in rows if r.get("attention_note"))
+        lines += [*notes, ""] if notes else []
+        lines += [
                   "| method | tree | batch | temperature | tau | tokens/s | speedup | same tokens |",
                   "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
@@ -504,11 +509,15 @@ def _csv(kind):
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
 
+ATTENTION_CHOICES = ("auto", "pallas", "reference")
+
+
 def _attention_list(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    if not names or any(n not in ("auto", "reference") for n in names):
+    if not names or any(n not in ATTENTION_CHOICES for n in names):
         raise argparse.ArgumentTypeError(
-            f"expected auto, reference or auto,reference; got {text!r}")
+            f"expected one or more of {', '.join(ATTENTION_CHOICES)} (comma-separated); "
+            f"got {text!r}")
     return names
 
 
@@ -523,9 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention", type=_attention_list, default=("auto",),
-                        help="attention of target and draft, one or both of auto,reference: "
-                             "auto = the Pallas tree-attention kernel on GPU/TPU; reference = "
-                             "the jnp path (both: side by side, the models trained once)")
+                        help="attention of target and draft, comma-separated choices of "
+                             "auto,pallas,reference: auto = the Pallas tree-attention kernel on "
+                             "GPU/TPU over caches large enough for it to pay, pallas = the "
+                             "kernel wherever it takes the shapes, reference = the jnp path "
+                             "(several: side by side, the models trained once)")
     parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
                         help="threads that compile the programs before they are timed, "
                              "beside training (0: each compiles at its first call; default: "

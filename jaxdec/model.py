@@ -34,7 +34,8 @@ class Model:
         the pytree: inside jit it is None).
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
-        GPU/TPU for decode and verification and, on GPU, cuDNN's fused attention for causal
+        GPU/TPU for decode and verification over caches large enough for it to pay
+        (`layers.AUTO_KERNEL_MIN_KV_BYTES`, else the reference) and, on GPU, cuDNN's fused attention for causal
         blocks without a cache (training); the jnp reference on CPU.
     """
 

@@ -88,7 +88,8 @@ class AttentionImpl(enum.Enum):
     """Which attention implementation the entry point runs.
 
     AUTO: the Pallas tree-attention kernel on GPU (Triton) and TPU (Mosaic) wherever it takes
-      the shapes (decode and verification: at most `MAX_QUERIES` new tokens per row); on GPU,
+      the shapes (decode and verification: at most `MAX_QUERIES` new tokens per row) and the
+      layer's cache is large enough for it to pay (`AUTO_KERNEL_MIN_KV_BYTES`); on GPU,
       CUDNN for causal blocks with no cache (training, `jaxdec.forward`) where cuDNN works
       for the shapes (`fused_causal_usable`, resolved by `jaxdec.model.forward_with_cache`);
       the jnp reference otherwise (CPU, long prefills).
@@ -104,6 +105,17 @@ class AttentionImpl(enum.Enum):
     PALLAS = "pallas"
     PALLAS_INTERPRET = "pallas_interpret"
     CUDNN = "cudnn"
+
+
+# Below this many bytes of one layer's cache (keys + values, all rows of the shard), AUTO runs
+# the reference: a pallas_call and the ops around it (query packing, the split-K combine) cost
+# a few microseconds of their own, while the reference over a small cache is one or two fused
+# XLA products. Measured on an H200 (bench/results, commit a8f00e1): gpu-small's speculative
+# runs (caches of 0.3-2 MB per layer) were slower with the kernel everywhere (prompt lookup at
+# batch 1: 0.52x against 0.99x), plain decoding 6-15% slower; the Llama-3-8B decode at 2K
+# context (8 MB per layer and row) was faster with it at batch 1 and 16; the kernel benchmark
+# (commit 3c05020) had the crossover near 4 MB (batch 1 at 1K context: a tie).
+AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
 
 
 def attention_kernel(impl: AttentionImpl) -> tuple[tree_attention.Impl, bool] | None:
@@ -168,10 +180,8 @@ def attention(
         if impl is AttentionImpl.CUDNN and mask_BTT is None:
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
-    kernel = attention_kernel(impl)
-    if kernel is not None and tree_attention.unsupported_reason(
-        kernel[0], q_BTHD.shape, k_BSKD.shape
-    ) is None:
+    kernel = kernel_for(impl, q_BTHD.shape, k_BSKD)
+    if kernel is not None:
         return _kernel_with_reference_grad(kernel, window, q_BTHD, k_BSKD, v_BSKD, lengths_B,
                                            positions_BT, mask_BTT)
     if mask_BTT is not None or T <= query_chunk:
@@ -181,6 +191,21 @@ def attention(
     return _causal_in_query_chunks(
         q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk
     )
+
+
+def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array
+               ) -> tuple[tree_attention.Impl, bool] | None:
+    """The (kernel, interpret) `attention` runs for these shapes, or None for the reference:
+    the kernel must take the shapes, and AUTO also wants the cache to be worth it."""
+    kernel = attention_kernel(impl)
+    if kernel is None:
+        return None
+    kv_bytes = 2 * k_BSKD.size * jnp.dtype(k_BSKD.dtype).itemsize
+    if impl is AttentionImpl.AUTO and kv_bytes < AUTO_KERNEL_MIN_KV_BYTES:
+        return None
+    if tree_attention.unsupported_reason(kernel[0], q_shape, k_BSKD.shape) is not None:
+        return None
+    return kernel
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

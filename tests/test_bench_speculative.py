@@ -140,3 +140,19 @@ def test_token_agreement_and_its_table_cell():
     record = dict(preset="p", method="draft", tree="chain(4)", batch=3, temperature=0.0,
                   tau=2.0, tokens_per_s=10.0, speedup_vs_ar=1.5, device="d", **agreement)
     assert "| NO (2 rows, from token 2) |" in bench.render_markdown([record])
+
+
+def test_attention_choices_and_a_note_in_the_table():
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from bench import speculative as bench
+
+    assert bench._attention_list("pallas, reference,pallas") == ("pallas", "reference")
+    with pytest.raises(argparse.ArgumentTypeError, match="auto, pallas, reference"):
+        bench._attention_list("kernel")
+    record = dict(preset="p", method="plain", tree=None, batch=1, temperature=0.0, tau=1.0,
+                  tokens_per_s=10.0, speedup_vs_ar=1.0, device="d", attention="pallas",
+                  attention_note="Run as auto at commit x.")
+    table = bench.render_markdown([record])
+    assert "## p, attention pallas" in table and "\nRun as auto at commit x.\n" in table

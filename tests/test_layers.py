@@ -234,6 +234,29 @@ def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_runs_the_kernel_only_over_caches_worth_it(monkeypatch):
+    """AUTO takes the backend's kernel for a layer cache of at least AUTO_KERNEL_MIN_KV_BYTES
+    and the reference below (PALLAS takes the kernel either way); shapes the kernel does not
+    take go to the reference for both. The backend is made to offer the Triton kernel."""
+    TA = L.tree_attention
+    monkeypatch.setattr(TA, "backend_kernel", lambda backend=None: TA.Impl.TRITON)
+    B, K, D = 2, 2, 64
+    slots = L.AUTO_KERNEL_MIN_KV_BYTES // (2 * B * K * D * 2)  # bf16 keys and values
+    big = jax.ShapeDtypeStruct((B, slots, K, D), jnp.bfloat16)
+    small = jax.ShapeDtypeStruct((B, slots // 2, K, D), jnp.bfloat16)
+    q = (B, 4, 2 * K, D)
+    kernel = (TA.Impl.TRITON, False)
+    assert L.kernel_for(L.AttentionImpl.AUTO, q, big) == kernel
+    assert L.kernel_for(L.AttentionImpl.AUTO, q, small) is None
+    assert L.kernel_for(L.AttentionImpl.PALLAS, q, small) == kernel
+    assert L.kernel_for(L.AttentionImpl.REFERENCE, q, big) is None
+    too_many = (B, TA.MAX_QUERIES + 1, 2 * K, D)
+    assert L.kernel_for(L.AttentionImpl.AUTO, too_many, big) is None
+    assert L.kernel_for(L.AttentionImpl.PALLAS, too_many, big) is None
+    # fp32 halves the slots needed.
+    assert L.kernel_for(L.AttentionImpl.AUTO, q, small.update(dtype=jnp.float32)) == kernel
+
+
 def test_cudnn_needs_a_gpu():
     import jaxdec
 
