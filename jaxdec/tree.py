@@ -288,13 +288,15 @@ def ancestor_mask(parents_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
     """bool [B, N, N] from per-row parents (parents before children; invalid nodes see only
     themselves)."""
     B, N = parents_BN.shape
-    eye = jnp.broadcast_to(jnp.eye(N, dtype=bool), (B, N, N))
     parents = jnp.where(valid_BN, parents_BN, -1)
-
-    def add_parent_rows(i, anc):
-        p = parents[:, i]
-        inherited = jnp.take_along_axis(anc, jnp.maximum(p, 0)[:, None, None], axis=1)[:, 0]
-        row = anc[:, i] | (inherited & (p >= 0)[:, None])
-        return anc.at[:, i].set(row)
-
-    return jax.lax.fori_loop(1, N, add_parent_rows, eye)
+    # Reachability over "self or parent" edges, by squaring: after k squarings a row holds
+    # every ancestor at most 2^k levels up, and a chain has at most N - 1 levels. A few tiny
+    # batched products instead of a loop over nodes, which on a GPU is a device loop with a
+    # host round trip per node, run every speculative step.
+    reach = (jnp.eye(N, dtype=bool)[None]
+             | (parents[:, :, None] == jnp.arange(N)[None, None, :]))
+    for _ in range(max(N - 1, 1).bit_length()):
+        hops = jnp.einsum("bij,bjk->bik", reach.astype(jnp.float32), reach.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+        reach = hops > 0
+    return reach

@@ -61,11 +61,16 @@ def test_suffix_search_hand_computed():
     order = _suffix_order(padded, stream.size, 3)
     keys = [tuple(padded[i:i + 3]) for i in order]
     assert keys == sorted(keys)
-    query = jnp.array([[1, 2], [9, 9], [3, 1]])
-    lo = _search(jnp.asarray(padded), jnp.asarray(order), query, strict=False)
-    hi = _search(jnp.asarray(padded), jnp.asarray(order), query, strict=True)
-    found = [sorted(order[a:b].tolist()) for a, b in zip(np.asarray(lo), np.asarray(hi))]
-    assert found == [[1, 4], [], [0, 3]]
+    query = jnp.array([[1, 2, 0], [9, 9, 0], [3, 1, 0]])  # 2-grams, padded to 3
+    wide = jnp.array([[1, 2, 3], [1, 2, 4], [3, 1, 2]])  # 3-grams
+    # Q = 4 searches side by side: both bounds of the 2-grams and of the 3-grams.
+    bounds = np.asarray(_search(jnp.asarray(padded), jnp.asarray(order),
+                                jnp.stack([query, query, wide, wide]),
+                                jnp.array([2, 2, 3, 3]),
+                                strict=jnp.array([False, True, False, True])))
+    found = [[sorted(order[a:b].tolist()) for a, b in zip(bounds[i], bounds[i + 1])]
+             for i in (0, 2)]
+    assert found == [[[1, 4], [], [0, 3]], [[1], [4], [0, 3]]]
 
 
 def test_retrieval_proposes_continuations():

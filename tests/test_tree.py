@@ -105,3 +105,26 @@ def test_ancestor_mask_matches_the_static_one():
     static = tree.from_parents(parents).ancestors
     dynamic = tree.ancestor_mask(jnp.array([parents]), jnp.ones((1, 12), bool))
     np.testing.assert_array_equal(dynamic[0], static)
+
+
+@pytest.mark.parametrize("N", [1, 2, 5, 17, 33])
+def test_ancestor_mask_batched_with_invalid_nodes(N):
+    """Rows with random trees, one deep chain, and invalid nodes (which see only themselves;
+    a valid child of one inherits just that node), against walking the parents by hand."""
+    rs = np.random.RandomState(N)
+    parents = np.array([[-1] + [int(rs.randint(0, i)) for i in range(1, N)],
+                        [-1] + list(range(N - 1)),
+                        [-1] + [int(rs.randint(max(0, i - 2), i)) for i in range(1, N)]])
+    valid = rs.rand(3, N) < 0.8
+    valid[:, 0] = True
+    valid[1] = True
+    want = np.zeros((3, N, N), bool)
+    for b in range(3):
+        for i in range(N):
+            want[b, i, i] = True
+            node = i
+            while valid[b, node] and parents[b, node] >= 0:
+                node = parents[b, node]
+                want[b, i, node] = True
+    got = tree.ancestor_mask(jnp.asarray(parents), jnp.asarray(valid))
+    np.testing.assert_array_equal(got, want)

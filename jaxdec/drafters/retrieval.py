@@ -98,13 +98,19 @@ class Retrieval(Drafter):
     def propose(self, history: History, root_B, lengths_B, key, *, topology: Topology, sampler):
         del lengths_B, key, sampler
         B = root_B.shape[0]
+        # Every n-gram's range [first suffix >= it, first suffix > it), all in one search.
+        ngrams = range(self.max_ngram, self.min_ngram - 1, -1)
+        queries = jnp.stack([jnp.pad(history.last(n), ((0, 0), (0, self.max_ngram - n)))
+                             for n in ngrams])  # [Q, B, max_ngram]
+        widths = jnp.array(list(ngrams), jnp.int32)
+        bounds = _search(self.tokens, self.suffixes, jnp.concatenate([queries, queries]),
+                         jnp.concatenate([widths, widths]),
+                         strict=jnp.arange(2 * len(widths)) >= len(widths))
         lo = jnp.zeros((B,), jnp.int32)
         hi = jnp.zeros((B,), jnp.int32)
         n_used = jnp.zeros((B,), jnp.int32)
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            query = history.last(n)
-            lo_n = _search(self.tokens, self.suffixes, query, strict=False)
-            hi_n = _search(self.tokens, self.suffixes, query, strict=True)
+        for i, n in enumerate(ngrams):  # the longest n-gram that occurs wins
+            lo_n, hi_n = bounds[i], bounds[len(widths) + i]
             take = (n_used == 0) & (hi_n > lo_n) & (history.length >= n)
             lo, hi = jnp.where(take, lo_n, lo), jnp.where(take, hi_n, hi)
             n_used = jnp.where(take, n, n_used)
@@ -131,31 +137,35 @@ def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
     return np.lexsort(keys[::-1]).astype(np.int32)
 
 
-def _search(tokens, suffixes, query_Bn, *, strict: bool):
-    """Per row, the first suffix index whose first n tokens are >= query (strict: > query)."""
-    n = query_Bn.shape[1]
+def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
+    """Per query and row, the first suffix index whose first `width` tokens are >= the query's
+    (> where `strict`): Q binary searches side by side ([Q, B] results), unrolled (a device
+    loop costs a host round trip per iteration on a GPU; this one has ~log2(size) steps)."""
+    Q, B, n = query_QBn.shape
     size = suffixes.shape[0]
-    B = query_Bn.shape[0]
+    compared = jnp.arange(n)[None, None, :] < width_Q[:, None, None]  # [Q, 1, n]
+    strict = jnp.asarray(strict)[:, None]
 
-    def compare(mid):  # -1, 0, +1: suffix at `mid` vs the query, on n tokens
+    def compare(mid):  # -1, 0, +1: suffix at `mid` vs the query, on its width
         start = jnp.take(suffixes, jnp.clip(mid, 0, size - 1))
-        window = jnp.take(tokens, start[:, None] + jnp.arange(n)[None, :])
-        differs = window != query_Bn
-        first = jnp.argmax(differs, axis=1)
-        diff = jnp.take_along_axis(window - query_Bn, first[:, None], axis=1)[:, 0]
-        return jnp.where(jnp.any(differs, axis=1), jnp.sign(diff), 0)
+        window = jnp.take(tokens, start[..., None] + jnp.arange(n))
+        differs = (window != query_QBn) & compared
+        first = jnp.argmax(differs, axis=-1)
+        diff = jnp.take_along_axis(window - query_QBn, first[..., None], axis=-1)[..., 0]
+        return jnp.where(jnp.any(differs, axis=-1), jnp.sign(diff), 0)
 
     def step(_, bounds):
         lo, hi = bounds
         mid = (lo + hi) // 2
         c = compare(mid)
-        go_right = (c <= 0) if strict else (c < 0)
+        go_right = jnp.where(strict, c <= 0, c < 0)
         active = lo < hi
         return (jnp.where(active & go_right, mid + 1, lo),
                 jnp.where(active & ~go_right, mid, hi))
 
-    bounds = (jnp.zeros((B,), jnp.int32), jnp.full((B,), size, jnp.int32))
-    lo, _ = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(size + 1))) + 1, step, bounds)
+    bounds = (jnp.zeros((Q, B), jnp.int32), jnp.full((Q, B), size, jnp.int32))
+    steps = max(1, math.ceil(math.log2(size + 1))) + 1
+    lo, _ = jax.lax.fori_loop(0, steps, step, bounds, unroll=True)
     return lo
 
 
