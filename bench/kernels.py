@@ -27,8 +27,8 @@ and nothing is timed until they are done; records carry `compile_ahead_s` and
 
 Tilings: where the goals are hardest (the h100 preset: T = 16 and 64 at contexts 4K and 64K)
 the kernel is also timed with a few other `BlockSizes` (bigger key blocks, bigger row tiles
-with more warps, a deeper pipeline), so one device call also says which tiling the defaults
-should take; the pallas record keeps them as `sweep` and the Markdown tables them. The main
+with more warps, a deeper pipeline), and decode (T = 1 at 1K and 4K) with two and four times
+the default split count, so one device call also says which tiling the defaults should take; the pallas record keeps them as `sweep` and the Markdown tables them. The main
 table is always the default tiling.
 
 Profiles: a few cases (`profile_cases`) run their timed loop once more under the JAX profiler;
@@ -51,6 +51,7 @@ products on random data, timed per product the same way (`measure_matmul_peak`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -70,17 +71,24 @@ PRESETS = {
                  heads=32, kv_heads=8, head_dim=128, dtype="bfloat16", inner=20, trials=5,
                  hbm_bytes=1 << 30, matmul_size=8192, interpret=False,
                  rotate_bytes=100 << 20, max_copies=8,  # twice the H100/H200's 50 MB L2
-                 # Other GPU tilings timed beside the default where the goals are hardest.
-                 sweep_queries=(16, 64), sweep_contexts=(4096, 65536),
-                 sweep=(dict(block_k=128), dict(block_m=128, num_warps=8),
-                        dict(num_stages=3)),
+                 # Other GPU tilings timed beside the default: where the goals are hardest,
+                 # and (decode) more splits than the default's (`split_factor` x its count):
+                 # in the H200 decode at 2K context the kernel read its 8 MB in 9.5 us with
+                 # 64 programs (8 KV heads x 8 splits) for 132 multiprocessors.
+                 sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
+                              tilings=(dict(block_k=128), dict(block_m=128, num_warps=8),
+                                       dict(num_stages=3))),
+                         dict(queries=(1,), contexts=(1024, 4096),
+                              tilings=(dict(split_factor=2), dict(split_factor=4)))),
                  # One profiled run each: the kernel's share of a call against the packing and
                  # combine around it (on the H200, T = 64 ran far below the matmul peak).
                  profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
                      matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2,
-                     sweep_queries=(4,), sweep_contexts=(64,), sweep=(dict(block_k=32),),
+                     sweeps=(dict(queries=(4,), contexts=(64,), tilings=(dict(block_k=32),)),
+                             dict(queries=(1,), contexts=(64,),
+                                  tilings=(dict(split_factor=2),))),
                      profile_cases=((1, 64, 4),)),
 }
 KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
@@ -189,11 +197,31 @@ def profiled(program, inputs, inner: int) -> dict:
 
 
 def swept(batch, context, T, spec) -> list[dict]:
-    """The other GPU tilings (BlockSizes fields over the defaults) a case is also timed with:
-    the preset's `sweep`, for T in `sweep_queries` and contexts in `sweep_contexts`."""
-    if T not in spec.get("sweep_queries", ()) or context not in spec.get("sweep_contexts", ()):
-        return []
-    return [dict(t) for t in spec.get("sweep", ())]
+    """The other GPU tilings (BlockSizes fields over the defaults, or `split_factor`: that
+    many times the default split count) a case is also timed with: those of every group of
+    the preset's `sweeps` whose `queries` and `contexts` hold the case's."""
+    return [dict(t) for group in spec.get("sweeps", ())
+            if T in group["queries"] and context in group["contexts"]
+            for t in group["tilings"]]
+
+
+def block_sizes(tiling: dict, batch, context, T, spec):
+    """The BlockSizes of a swept tiling for a case (a `split_factor` resolved to the split
+    count: the default's times the factor, at most one key block per split)."""
+    from jaxdec.pallas_kernels import tree_attention as TA
+    from jaxdec.pallas_kernels.tree_attention import common
+
+    fields = {k: v for k, v in tiling.items() if k != "split_factor"}
+    sizes = TA.BlockSizes(**fields)
+    if "split_factor" in tiling:
+        K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
+        rows = common.num_rows(T, G, 16)
+        row_tiles = rows // min(sizes.block_m, rows)
+        default = common.default_num_splits(batch, K, row_tiles, S, rows, sizes.block_k)
+        blocks = -(-S // sizes.block_k)
+        sizes = dataclasses.replace(
+            sizes, num_splits=max(1, min(default * tiling["split_factor"], blocks)))
+    return sizes
 
 
 def case_cost(batch, context, T, spec) -> tuple[int, int]:
@@ -229,7 +257,7 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
                 for name, attn in impls.items()}
     for case in cases:  # the sweep's tilings, on the cases it covers
         for i, tiling in enumerate(swept(*case, spec)):
-            sizes = TA.BlockSizes(**tiling)
+            sizes = block_sizes(tiling, *case, spec)
             programs[(*case, f"sweep{i}")] = chained(
                 lambda q, k, v, l, p, m, sizes=sizes: TA.tree_attention(
                     q, k, v, l, p, mask_BTT=m, impl=kernel_impl, interpret=spec["interpret"],
@@ -286,6 +314,8 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
         sweep = []
         for i, tiling in enumerate(swept(batch, context, T, spec)):
             entry = dict(tiling)
+            if "split_factor" in tiling:
+                entry["num_splits"] = block_sizes(tiling, batch, context, T, spec).num_splits
             try:
                 seconds, _ = timed_loop(programs[(batch, context, T, f"sweep{i}")], inputs,
                                         spec["inner"], spec["trials"])
@@ -309,26 +339,37 @@ def _fmt(value, spec=".1f"):
 
 
 def _tiling(entry: dict) -> str:
-    return ", ".join(f"{k}={entry[k]}" for k in ("block_k", "block_m", "num_warps", "num_stages")
-                     if k in entry) or "default"
+    label = ", ".join(f"{k}={entry[k]}" for k in ("block_k", "block_m", "num_warps",
+                                                  "num_stages") if k in entry)
+    if "split_factor" in entry:
+        label = ", ".join(filter(None, [label, f"splits x{entry['split_factor']}"]))
+    return label or "default"
 
 
 def _sweep_table(pallas: list[dict]) -> list[str]:
-    """The kernel's time with other tilings, beside its default's, where a sweep ran."""
-    swept = [r for r in pallas if r.get("sweep")]
-    if not swept:
+    """The kernel's time with other tilings, beside its default's, where a sweep ran: one
+    table per set of tilings."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in pallas:
+        if r.get("sweep"):
+            groups.setdefault(tuple(_tiling(e) for e in r["sweep"]), []).append(r)
+    if not groups:
         return []
-    tilings = [_tiling(e) for e in swept[0]["sweep"]]
-    lines = ["", "Other tilings of the kernel (BlockSizes fields changed from the defaults), "
-             "us per call; the best of each row in bold:", "",
-             "| batch | context | T | default | " + " | ".join(tilings) + " |",
-             "|---:|---:|---:|---:|" + "---:|" * len(tilings)]
-    for r in swept:
-        times = [r.get("time_us")] + [e.get("time_us") for e in r["sweep"]]
-        best = min((t for t in times if t is not None), default=None)
-        cells = ["–" if t is None else f"**{t:.1f}**" if t == best else f"{t:.1f}"
-                 for t in times]
-        lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | " + " | ".join(cells) + " |")
+    lines = ["", "Other tilings of the kernel (BlockSizes fields changed from the defaults; "
+             "splits xN: N times the default split count, the count in brackets), us per "
+             "call; the best of each row in bold:"]
+    for tilings, rows in groups.items():
+        lines += ["", "| batch | context | T | default | " + " | ".join(tilings) + " |",
+                  "|---:|---:|---:|---:|" + "---:|" * len(tilings)]
+        for r in rows:
+            times = [r.get("time_us")] + [e.get("time_us") for e in r["sweep"]]
+            best = min((t for t in times if t is not None), default=None)
+            cells = ["–" if t is None else f"**{t:.1f}**" if t == best else f"{t:.1f}"
+                     for t in times]
+            cells = [c + (f" [{e['num_splits']}]" if "num_splits" in e else "")
+                     for c, e in zip(cells, [{}] + r["sweep"])]
+            lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | "
+                         + " | ".join(cells) + " |")
     return lines
 
 

@@ -55,13 +55,14 @@ def test_cpu_tiny_run(tmp_path):
                                                   / (r["hbm_gbps"] * 1e9))
         if r["impl"] == "pallas":
             assert r["interpret"] and r["speedup_vs_reference"] > 0
-            # The preset's other tiling ran beside the default on its T = 4 cases only.
+            # The preset's other tilings ran beside the default: bigger key blocks at T = 4,
+            # twice the splits at T = 1 (65 slots: 2 key blocks, the default 1 split).
+            (swept,) = r["sweep"]
+            assert swept["error"] is None and swept["time_us"] > 0
             if r["T"] == 4:
-                (swept,) = r["sweep"]
-                assert swept["block_k"] == 32 and swept["error"] is None
-                assert swept["time_us"] > 0
+                assert swept["block_k"] == 32
             else:
-                assert "sweep" not in r
+                assert swept["split_factor"] == 2 and swept["num_splits"] == 2
         # One profiled run for the preset's profiled case (a CPU trace has no device events).
         if (r["batch"], r["context"], r["T"]) in spec["profile_cases"]:
             assert r["profile"]["calls"] == spec["inner"] * r["kv_copies"]
@@ -72,7 +73,8 @@ def test_cpu_tiny_run(tmp_path):
     assert "Where a call's time goes" in table
     assert "| batch | context | T | pallas us" in table and "(best of jax x + 1 " in table
     assert "| batch | context | T | default | block_k=32 |" in table
-    assert table.count("\n| 1 | 64 |") == 3  # T = 1 and 4, and the T = 4 tiling row
+    assert "| batch | context | T | default | splits x2 |" in table and " [2] |" in table
+    assert table.count("\n| 1 | 64 |") == 4  # T = 1 and 4, and a tiling row for each
     # A second run (e.g. another call on the device) replaces its own records only.
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
     again = json.loads((tmp_path / "kernels-cpu.json").read_text())
