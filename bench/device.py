@@ -252,14 +252,18 @@ def run_command(argv: list[str], timeout_s: float, log: Log, env: dict) -> tuple
 
 
 def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
-                  seconds: float) -> dict:
+                  seconds: float, suite: str) -> dict:
     counts = dict(tests=0, failures=0, errors=0, skipped=0)
+    slowest = []
     try:
         root = ET.parse(junit).getroot()
-        for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+        for element in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
             for k in counts:
-                counts[k] += int(suite.get(k, 0))
-    except (OSError, ET.ParseError):
+                counts[k] += int(element.get(k, 0))
+        cases = [(float(c.get("time", 0)), f"{c.get('classname')}::{c.get('name')}")
+                 for c in root.iter("testcase")]
+        slowest = [dict(test=name, seconds=round(t, 1)) for t, name in sorted(cases)[::-1][:5]]
+    except (OSError, ET.ParseError, ValueError):
         pass
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     error = None
@@ -268,10 +272,10 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
     elif code != 0 or counts["failures"] or counts["errors"] or passed <= 0:
         error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
                  f"errors, {passed} passed")
-    return dict(plan=plan_name, suite="tests/test_tree_attention_vs_reference.py",
-                sources=sources_digest(),
+    return dict(plan=plan_name, suite=suite, sources=sources_digest(),
                 passed=passed, failed=counts["failures"], errors=counts["errors"],
-                skipped=counts["skipped"], seconds=round(seconds, 1), error=error,
+                skipped=counts["skipped"], seconds=round(seconds, 1), slowest=slowest,
+                error=error,
                 device=device, date=utc_now(), commit=git_commit(), **versions())
 
 
@@ -283,6 +287,10 @@ def render_tests_markdown(records: list[dict]) -> str:
         lines.append(f"| {r['plan']} | {r['device']} | {r['passed']} | {r['failed']} | "
                      f"{r['errors']} | {r['skipped']} | {r['seconds']} | {r['date']} | "
                      f"{r.get('jax_version')} | {r.get('commit')} |")
+    for r in records:
+        if r.get("slowest"):
+            lines.append(f"\n{r['plan']}, slowest tests: " + "; ".join(
+                f"`{t['test']}` {t['seconds']} s" for t in r["slowest"]))
     for r in records:
         if r.get("error"):
             lines.append(f"\n- {r['plan']}: {r['error']}")
@@ -393,7 +401,8 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             log(f"[device] {step.name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
             code, seconds = run_command(argv, limit, log, env)
             if step.pytest:
-                record = pytest_record(junit, args.plan, device, code, seconds)
+                record = pytest_record(junit, args.plan, device, code, seconds,
+                                       " ".join(a for a in step.argv if a.endswith(".py")))
                 path = work / f"gpu-tests-{slug}.json"
                 merged = merge_records(path, [record], key=("plan", "device"))
                 path.write_text(json.dumps(merged, indent=2) + "\n")

@@ -39,6 +39,12 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
                                    for e in ("json", "md"))
     tests = json.loads(files["gpu-tests-cpu.json"])
     assert len(tests) == 1 and tests[0]["passed"] >= 1 and tests[0]["error"] is None
+    assert tests[0]["suite"] == "tests/test_tree_attention_vs_reference.py"
+    slowest = tests[0]["slowest"]  # from the junit report: the tests that cost the most
+    assert 1 <= len(slowest) <= 5 and all(t["test"].count("::") >= 1 for t in slowest)
+    assert [t["seconds"] for t in slowest] == sorted((t["seconds"] for t in slowest),
+                                                     reverse=True)
+    assert ", slowest tests: `" in files["gpu-tests-cpu.md"].decode()
     spec = json.loads(files["speculative-cpu.json"])
     assert {r["attention"] for r in spec} == {"auto", "reference"}
     summary = json.loads((tmp_path / "first" / "device-summary.json").read_text())
