@@ -235,8 +235,9 @@ class TestTritonOnGPU(TritonSuite):
     INTERPRET = False
     HEAD_DIMS = (64, 128)
     DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-    # Each drawn shape compiles its own kernel (seconds each): 40 made most of the 215 s
-    # this class and the cuDNN tests took on the H200, out of a 15-minute device lease.
+    # Each drawn shape compiles its own kernel (seconds each); with 40 this class and the
+    # cuDNN tests took 215 s on the H200, out of a 15-minute device lease (the device's test
+    # record now names the slowest tests).
     EXAMPLES = 20
 
 
