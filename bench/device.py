@@ -10,19 +10,28 @@ hands back everything in one archive. Usage on the lent machine (one call):
 (the copy of the tree there has no .git: the variable names the commit in the records), then
 here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
-Steps of the `gpu` plan, in order (issue order: decode closes the foundation issue; `--only`
-takes the steps in the order it names them; `--list` prints them with their commands):
+Steps of the `gpu` plan, in order (issue order: the figures of the earliest open issue
+first; `--only` takes the steps in the order it names them; `--list` prints them with their
+commands):
   decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
                    attention vs transformers; `--resume` keeps the impls already measured)
+  train-gpu-base   bench/train.py --preset gpu-base: the target and draft trained alone (the
+                   training issue's MFU goal is gpu-base's; a speculative step trains while
+                   its grid compiles, which shares the CPU and the interpreter lock)
+  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
+                   (the 8B target with a drafter of set acceptance: the speculative goal's
+                   regime)
+  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
+                   models again, beside its grid's compiles, and records that training too;
+                   AUTO only, so the grid fits beside training in one call: at these caches
+                   AUTO is the reference path)
   gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernel
                    compiled (fp32 / bf16 / fp16) and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention pallas,reference (trains
-                   the preset's target and draft, so it also writes `train-<device>.json`)
-  spec-gpu-base    the same for gpu-base
-  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
+                   as spec-gpu-base does; the kernel on and off)
 
 A step is started only while at least its `min_s` of the budget is left, and is stopped (its
 whole process group) at its own cap or when the budget runs out; the benchmarks write their
@@ -181,6 +190,11 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
+            Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
+                 _complete("train", preset="gpu-base", compile_ahead_workers=0),
+                 min_s=360, cap_s=560),
+            speculative_step("synthetic-8b", min_s=240, cap_s=560),
+            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
@@ -193,8 +207,6 @@ def plan(name: str) -> list[Step]:
                                   hbm_method=HBM_METHOD)),
                  min_s=200, cap_s=360),
             speculative_step("gpu-small", min_s=300, cap_s=560),
-            speculative_step("gpu-base", min_s=480, cap_s=560),
-            speculative_step("synthetic-8b", min_s=240, cap_s=560),
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [

@@ -37,12 +37,18 @@ def test_micro_preset_end_to_end(tmp_path, monkeypatch):
     assert record["steps"] == 3 and record["params"] > 5e4
     assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1.5
     assert 0 < record["acceptance_before"] < 1 and 0 < record["acceptance_after"] < 1
+    assert record["compile_ahead_workers"] == 0  # trained alone
     phases = record["target_phase_seconds"]
     assert {"corpus", "tokenizer", "encode", "init", "eval", "train", "export"} <= set(phases)
     assert all(s >= 0 for s in phases.values()) and record["target_first_step_seconds"] > 0
     assert {"load target", "train", "eval"} <= set(record["draft_phase_seconds"])
     table = (out / "train-cpu.md").read_text()
     assert f"| {MICRO.name} |" in table and f"- {MICRO.name}: target corpus " in table
+    # A training beside a benchmark's compiles is kept apart from the one alone.
+    bench_train.write_outputs(out / "train-cpu.json", dict(record, compile_ahead_workers=8))
+    records = json.loads((out / "train-cpu.json").read_text())
+    assert [(r["preset"], r.get("compile_ahead_workers")) for r in records] == [
+        ("gpu-small", None), (MICRO.name, 0), (MICRO.name, 8)]
 
 
 def test_merge_records(tmp_path):
