@@ -291,8 +291,8 @@ def ancestor_mask(parents_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
     parents = jnp.where(valid_BN, parents_BN, -1)
     # Reachability over "self or parent" edges, by squaring: after k squarings a row holds
     # every ancestor at most 2^k levels up, and a chain has at most N - 1 levels. A few tiny
-    # batched products instead of a loop over nodes, which on a GPU is a device loop with a
-    # host round trip per node, run every speculative step.
+    # batched products instead of a loop over nodes, which on a GPU launches a few tiny
+    # kernels per node from the host, every speculative step.
     reach = (jnp.eye(N, dtype=bool)[None]
              | (parents[:, :, None] == jnp.arange(N)[None, None, :]))
     for _ in range(max(N - 1, 1).bit_length()):

@@ -140,7 +140,8 @@ def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
 def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
     """Per query and row, the first suffix index whose first `width` tokens are >= the query's
     (> where `strict`): Q binary searches side by side ([Q, B] results), unrolled (a device
-    loop costs a host round trip per iteration on a GPU; this one has ~log2(size) steps)."""
+    loop on a GPU launches each iteration's kernels from the host, one iteration at a time,
+    so tiny iterations cost launches, not work; this one has ~log2(size) steps)."""
     Q, B, n = query_QBn.shape
     size = suffixes.shape[0]
     compared = jnp.arange(n)[None, None, :] < width_Q[:, None, None]  # [Q, 1, n]
