@@ -35,8 +35,8 @@ class Model:
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
         GPU/TPU for decode and verification over caches large enough for it to pay
-        (`layers.AUTO_KERNEL_MIN_KV_BYTES`, else the reference) and, on GPU, cuDNN's fused attention for causal
-        blocks without a cache (training); the jnp reference on CPU.
+        (`layers.AUTO_KERNEL_MIN_KV_BYTES`, else the reference) and, on GPU, cuDNN's fused
+        attention for causal blocks without a cache (training); the jnp reference on CPU.
     """
 
     config: ModelConfig

@@ -111,7 +111,7 @@ class AttentionImpl(enum.Enum):
 # the reference: a pallas_call and the ops around it (query packing, the split-K combine) cost
 # a few microseconds of their own, while the reference over a small cache is one or two fused
 # XLA products. Measured on an H200 (bench/results, commit a8f00e1): gpu-small's speculative
-# runs (caches of 0.3-2 MB per layer) were slower with the kernel everywhere (prompt lookup at
+# runs (fp32 caches of 0.4-3.6 MB per layer) were slower with the kernel everywhere (prompt lookup at
 # batch 1: 0.52x against 0.99x), plain decoding 6-15% slower; the Llama-3-8B decode at 2K
 # context (8 MB per layer and row) was faster with it at batch 1 and 16; the kernel benchmark
 # (commit 3c05020) had the crossover near 4 MB (batch 1 at 1K context: a tie).
