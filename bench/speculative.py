@@ -228,12 +228,16 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
 
     target_dir, draft_dir = args.target, args.draft
     if target_dir is None and draft_dir is None:
-        # Both trained here: the training figures (bench/train.py's record) come for free.
-        train_record = train_bench.run(train_preset, work)
-        train_record["compile_ahead_workers"] = args.compile_ahead  # they ran beside it
+        # Both trained here: the training figures (bench/train.py's record) come for free,
+        # the target's as soon as it is trained.
+        def write_train_record(record):
+            record["compile_ahead_workers"] = args.compile_ahead  # they ran beside it
+            path = args.out / f"train-{device_slug(record['device'])}.json"
+            train_bench.write_outputs(path, record)
+
+        train_record = train_bench.run(train_preset, work, on_target=write_train_record)
+        write_train_record(train_record)
         target_dir, draft_dir = str(work / "target"), str(work / "draft")
-        path = args.out / f"train-{device_slug(train_record['device'])}.json"
-        train_bench.write_outputs(path, train_record)
         print(json.dumps(train_record), flush=True)
     if target_dir is None:
         target_dir = str(work / "target")

@@ -32,43 +32,51 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
 
 
-def run(preset, work: Path) -> dict:
-    """Trains the target then the draft under `work`; returns the record."""
+def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> dict:
+    """Trains the target then the draft under `work`; returns the record. `on_target` gets
+    the record once the target is trained (its throughput, MFU and held-out loss; `error`
+    says the draft is still to come), so a run stopped during the draft keeps those."""
     import jax
 
-    from jaxdec.train import loop, train_draft, train_lm
+    from jaxdec.train import train_draft, train_lm
 
     started = time.perf_counter()
     target = train_lm(preset, work / "target", force=True)
     target_s = time.perf_counter() - started
-    started = time.perf_counter()
-    draft = train_draft(work / "target", preset, work / "draft", force=True)
-    draft_s = time.perf_counter() - started
-    return {
+    record = {
         "preset": preset.name, "params": target["params"], "steps": target["steps"],
         "tokens_per_s": target["tokens_per_s"], "mfu": target["mfu"],
         "heldout_loss": target["heldout_loss"], "heldout_ppl": target["heldout_ppl"],
-        "draft_params": draft["params"], "draft_steps": draft["steps"],
-        "draft_objective": draft["objective"], "acceptance_before": draft["acceptance_before"],
-        "acceptance_after": draft["acceptance_after"], "draft_tokens_per_s": draft["tokens_per_s"],
-        "draft_mfu": draft["mfu"], "target_seconds": target_s, "draft_seconds": draft_s,
-        "attention": target["attention"],
+        "target_seconds": target_s, "attention": target["attention"],
         "target_first_step_seconds": target.get("first_step_seconds"),
         "target_phase_seconds": target.get("phase_seconds"),
-        "draft_phase_seconds": draft.get("phase_seconds"),
-        "matmul_peak_tflops": loop.measure_matmul_peak() / 1e12,
+        "matmul_peak_tflops": target.get("matmul_peak_tflops"),
         # Threads compiling other programs beside the training (bench/speculative.py trains
         # while its grid compiles and sets this): 0 here, nothing runs beside it.
         "compile_ahead_workers": 0,
         "device": jax.devices()[0].device_kind, "date": utc_now(), "commit": git_commit(),
         **versions(),
+        "error": "the draft was not trained: the run stopped after the target",
     }
+    if on_target is not None:
+        on_target(dict(record))
+    started = time.perf_counter()
+    draft = train_draft(work / "target", preset, work / "draft", force=True)
+    record.update({
+        "draft_params": draft["params"], "draft_steps": draft["steps"],
+        "draft_objective": draft["objective"], "acceptance_before": draft["acceptance_before"],
+        "acceptance_after": draft["acceptance_after"], "draft_tokens_per_s": draft["tokens_per_s"],
+        "draft_mfu": draft["mfu"], "draft_seconds": time.perf_counter() - started,
+        "draft_phase_seconds": draft.get("phase_seconds"), "error": None,
+    })
+    return record
 
 
 def _fmt(value, spec=".3g", scale=1.0, suffix=""):
@@ -102,6 +110,9 @@ def render_markdown(records: list[dict]) -> str:
                  _fmt(r.get("acceptance_after"), ".3f"), _fmt(r.get("target_seconds"), ".0f"),
                  _fmt(r.get("draft_seconds"), ".0f"), r.get("date"), r.get("jax_version")]
         lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    for r in records:
+        if r.get("error"):
+            lines.append(f"\n- {r.get('preset')}: {r['error']}")
     timed = [r for r in records if r.get("target_phase_seconds")]
     if timed:
         lines += ["", "Where each run's wall time went (seconds; `train` includes the first "
@@ -147,11 +158,15 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     preset = shrunk(get_preset(args.preset), args)
-    with tempfile.TemporaryDirectory(prefix="jaxdec-bench-train-") as work:
-        record = run(preset, Path(work))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"train-{device_slug(record['device'])}.json"
-    write_outputs(path, record)
+
+    def write(record):
+        path = args.out / f"train-{device_slug(record['device'])}.json"
+        write_outputs(path, record)
+        return path
+
+    with tempfile.TemporaryDirectory(prefix="jaxdec-bench-train-") as work:
+        path = write(run(preset, Path(work), on_target=write))
     print(path.with_suffix(".md").read_text())
     return 0
 

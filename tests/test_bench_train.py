@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,6 +34,7 @@ def test_micro_preset_end_to_end(tmp_path, monkeypatch):
     assert [r["preset"] for r in records] == ["gpu-small", MICRO.name]
     record = records[1]
     assert all(record.get(k) is not None for k in REQUIRED), record
+    assert record["error"] is None
     assert record["device"] == "cpu" and record["jax_version"] == jax.__version__
     assert record["steps"] == 3 and record["params"] > 5e4
     assert record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1.5
@@ -49,6 +51,28 @@ def test_micro_preset_end_to_end(tmp_path, monkeypatch):
     records = json.loads((out / "train-cpu.json").read_text())
     assert [(r["preset"], r.get("compile_ahead_workers")) for r in records] == [
         ("gpu-small", None), (MICRO.name, 0), (MICRO.name, 8)]
+
+
+def test_a_run_stopped_during_the_draft_keeps_the_targets_figures(tmp_path, monkeypatch):
+    import jaxdec.train
+    from jaxdec.train import presets
+
+    from bench import train as bench_train
+
+    monkeypatch.setitem(presets.PRESETS, MICRO.name, MICRO)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the device step's time limit, say
+
+    monkeypatch.setattr(jaxdec.train, "train_draft", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--preset", MICRO.name, "--steps", "3", "--eval-tokens", "1024",
+                          "--out", str(tmp_path)])
+    (record,) = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert record["tokens_per_s"] > 0 and record["mfu"] > 0 and record["heldout_loss"] > 0
+    assert record["matmul_peak_tflops"] > 0 and "draft_params" not in record
+    assert record["error"].startswith("the draft was not trained")
+    assert "the draft was not trained" in (tmp_path / "train-cpu.md").read_text()
 
 
 def test_merge_records(tmp_path):

@@ -147,6 +147,7 @@ def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: flo
         return {"tokens_per_s": None, "mfu": None}
     tokens_per_s = stats.timed_steps * tokens_per_step / stats.timed_seconds
     return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
+            "matmul_peak_tflops": peak / 1e12,
             "first_step_seconds": round(stats.first_step_seconds, 2)}
 
 
