@@ -72,8 +72,9 @@ jax.tree_util.register_pytree_node(
 
 
 def family(config: ModelConfig):
-    """The module implementing a config's model family: `init_params`, `param_axes`,
-    `param_shapes` and a per-shard `forward`. Every supported architecture is a Llama-family
+    """The module implementing a config's model family: `init_params` (with `leaf_kind` and
+    `init_leaf`, which draw one parameter), `param_axes`, `param_shapes` and a per-shard
+    `forward`. Every supported architecture is a Llama-family
     model today; state-space and hybrid families plug in here."""
     del config
     return llama
@@ -93,17 +94,51 @@ def init_model(
     std: float = 0.02,
 ) -> Model:
     """A randomly initialised model, created directly in its sharded layout (weights are never
-    materialised on one device first)."""
+    materialised on one device first).
+
+    The leaves are drawn one at a time, each by a small program compiled once per distinct
+    (kind, shape, sharding): one program for the whole tree takes minutes to compile for an
+    8B model (hundreds of large random fusions), this a few small compiles. The values are
+    those of the family's `init_params` (padded vocabulary rows zero)."""
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     vocab = parallel.padded_vocab(config, mesh)
+    fam = family(config)
+    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        fam.param_shapes(config, vocab_size=vocab), is_leaf=is_shape)
+    shardings = treedef.flatten_up_to(param_shardings(config, mesh))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), sharding, k in zip(flat, shardings, keys):
+        name = jax.tree_util.keystr(path)
+        zero_from = _padded_vocab_axis(name, shape, config.vocab_size)
+        draw = _leaf_program(fam, fam.leaf_kind(name), shape, jnp.dtype(dtype), float(std),
+                             sharding, zero_from)
+        leaves.append(draw(k))
+    return Model(config=config, params=jax.tree.unflatten(treedef, leaves), mesh=mesh)
 
-    def make(k):
-        params = family(config).init_params(config, k, dtype=dtype, vocab_size=vocab, std=std)
-        return _zero_padded_vocab(params, config)
 
-    params = jax.jit(make, out_shardings=param_shardings(config, mesh))(key)
-    return Model(config=config, params=params, mesh=mesh)
+def _padded_vocab_axis(name: str, shape: tuple, vocab_size: int) -> tuple[int, int] | None:
+    """(axis, true size) of a leaf whose vocabulary axis is padded (tp padding: those rows or
+    columns are zero), else None."""
+    axis = {"['embed']": 0, "['lm_head']": 1}.get(name)
+    if axis is None or shape[axis] <= vocab_size:
+        return None
+    return axis, vocab_size
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zero_from):
+    def draw(k):
+        x = fam.init_leaf(kind, shape, k, dtype=dtype, std=std)
+        if zero_from is not None:
+            axis, size = zero_from
+            keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis) < size
+            x = jnp.where(keep, x, jnp.zeros((), dtype))
+        return x
+
+    return jax.jit(draw, out_shardings=sharding)
 
 
 def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
@@ -127,17 +162,6 @@ def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None 
 def is_abstract(tree) -> bool:
     """Whether a Model (or any pytree, e.g. a drafter) holds shapes only (see `abstract_model`)."""
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
-
-
-def _zero_padded_vocab(params, config: ModelConfig):
-    """Rows/columns beyond the true vocabulary (tp padding) are zero."""
-    V = config.vocab_size
-    out = dict(params)
-    if params["embed"].shape[0] > V:
-        out["embed"] = params["embed"].at[V:].set(0)
-        if "lm_head" in params:
-            out["lm_head"] = params["lm_head"].at[:, V:].set(0)
-    return out
 
 
 def _batch_axis(mesh: Mesh):

@@ -80,21 +80,33 @@ def init_params(
     config: ModelConfig, key: jax.Array, *, dtype=jnp.float32, vocab_size: int | None = None,
     std: float = 0.02,
 ) -> dict:
-    """Random params: normal(0, std) matrices, zero biases, unit norms."""
+    """Random params: normal(0, std) matrices, zero biases, unit norms (leaf i drawn from the
+    i-th of `jax.random.split(key, leaves)`, in tree order; `jaxdec.init_model` draws the
+    same values one leaf at a time)."""
     shapes = param_shapes(config, vocab_size=vocab_size)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+    return jax.tree.unflatten(treedef, [
+        init_leaf(leaf_kind(jax.tree_util.keystr(path)), shape, k, dtype=dtype, std=std)
+        for (path, shape), k in zip(flat, keys)])
 
-    def make(path, shape, k):
-        if path.endswith("norm']"):
-            return jnp.ones(shape, dtype)
-        if path.endswith("bias']"):
-            return jnp.zeros(shape, dtype)
-        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
-    return jax.tree.unflatten(treedef, [make(p, s, k) for p, s, k in zip(paths, leaves, keys)])
+def leaf_kind(path: str) -> str:
+    """How a parameter (by its keystr path) is initialised: "ones", "zeros" or "normal"."""
+    if path.endswith("norm']"):
+        return "ones"
+    if path.endswith("bias']"):
+        return "zeros"
+    return "normal"
+
+
+def init_leaf(kind: str, shape: tuple, key: jax.Array, *, dtype, std: float) -> jax.Array:
+    if kind == "ones":
+        return jnp.ones(shape, dtype)
+    if kind == "zeros":
+        return jnp.zeros(shape, dtype)
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
 def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
