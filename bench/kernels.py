@@ -28,8 +28,9 @@ and nothing is timed until they are done; records carry `compile_ahead_s` and
 Tilings: where the goals are hardest (the h100 preset: T = 16 and 64 at contexts 4K and 64K)
 the kernel is also timed with a few other `BlockSizes` (bigger key blocks, bigger row tiles
 with more warps, a deeper pipeline), and decode (T = 1 at 1K and 4K) with two and four times
-the default split count, so one device call also says which tiling the defaults should take; the pallas record keeps them as `sweep` and the Markdown tables them. The main
-table is always the default tiling.
+the default split count, so one device call also says which tiling the defaults should take;
+the pallas record keeps them as `sweep` and the Markdown tables them. The main table is
+always the default tiling.
 
 Profiles: a few cases (`profile_cases`) run their timed loop once more under the JAX profiler;
 the record's `profile` sums the device's kernel time by kernel name (`calls` = the loop's

@@ -23,11 +23,11 @@ draft: `auto` (the default: on GPU/TPU the Pallas tree-attention kernel over cac
 least `models.layers.AUTO_KERNEL_MIN_KV_BYTES` per layer, the jnp reference below), `pallas`
 (the kernel wherever it takes the shapes) or `reference`; several, comma-separated (the device
 plan runs `pallas,reference`: the kernel on and off), run side by side in one call (each batch
-size and temperature on every path before the next). `--budget-s` overrides the preset's time budget;
-runs it leaves out are recorded as skipped, and `--resume` runs only what the output file does
-not hold yet (training again: a trained preset's models do not outlive the call), so calls cut
-short by the device's limits add up to the whole table. Each record's speedup compares runs of
-one process (same models, same prompts).
+size and temperature on every path before the next). `--budget-s` overrides the preset's time
+budget; runs it leaves out are recorded as skipped, and `--resume` runs only what the output
+file does not hold yet (training again: a trained preset's models do not outlive the call), so
+calls cut short by the device's limits add up to the whole table. Each record's speedup
+compares runs of one process (same models, same prompts).
 
 Programs compile ahead (`--compile-ahead THREADS`, on by default on an accelerator): every
 program of the grid is compiled with `compile_only=True` on `jaxdec.abstract_model`s in worker
@@ -482,9 +482,8 @@ def render_markdown(records: list[dict]) -> str:
                   f"jax {first.get('jax_version')})", ""]
         notes = dict.fromkeys(r["attention_note"] for r in rows if r.get("attention_note"))
         lines += [*notes, ""] if notes else []
-        lines += [
-                  "| method | tree | batch | temperature | tau | tokens/s | speedup | same tokens |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += ["| method | tree | batch | temperature | tau | tokens/s | speedup "
+                  "| same tokens |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r.get("error"):
                 lines.append(f"| {r['method']} | {r.get('tree') or '–'} | {r['batch']} | "
