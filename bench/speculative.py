@@ -111,15 +111,29 @@ PRESETS = {
 
 
 def best_time(run, repeats: int):
-    """(best seconds of prefill + decode, last result, XLA compiles during the first call)
-    after one untimed run (which compiles, unless the program was compiled ahead)."""
+    """(best seconds of prefill + decode, the best run's result, XLA compiles during the
+    first call) after one untimed run (which compiles, unless the program was compiled
+    ahead)."""
     with counting_compiles() as compiles:
         run()
     best, result = float("inf"), None
     for _ in range(repeats):
-        result = run()
-        best = min(best, result.prefill_s + result.decode_s)
+        run_result = run()
+        seconds = run_result.prefill_s + run_result.decode_s
+        if seconds < best:
+            best, result = seconds, run_result
     return best, result, compiles[0]
+
+
+def step_fields(result, steps: int, plain_step_ms: float | None = None) -> dict:
+    """Milliseconds per decode-loop iteration (the prefill apart): a plain step, or a
+    speculative step (draft, verify, commit), and the latter against the former: the
+    speedup is about tau / `step_vs_plain`."""
+    step_ms = 1e3 * result.decode_s / max(1, steps)
+    fields = dict(step_ms=step_ms)
+    if plain_step_ms:
+        fields["step_vs_plain"] = step_ms / plain_step_ms
+    return fields
 
 
 def compile_fields(ahead: CompileAhead, key, compiles: int) -> dict:
@@ -284,9 +298,10 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
             continue
         plain_s, plain, compiles = best_time(lambda: jaxdec.generate(target, rows, **run_gen),
                                              args.repeats)
+        plain_step = step_fields(plain, preset.max_new_tokens - 1)
         emit(record(at, method="plain", tree=None, batch=batch, temperature=temperature,
                     tau=1.0, tokens_per_s=int(plain.lengths.sum()) / plain_s,
-                    speedup_vs_ar=1.0, seconds=plain_s,
+                    speedup_vs_ar=1.0, seconds=plain_s, **plain_step,
                     **compile_fields(ahead, ("plain", attention, batch, temperature), compiles)))
         for method in methods:
             if out_of_time():
@@ -303,6 +318,7 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
                         acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
                         tokens_per_s=int(spec.lengths.sum()) / spec_s,
                         speedup_vs_ar=plain_s / spec_s, seconds=spec_s, **same,
+                        **step_fields(spec, spec.stats.steps, plain_step["step_ms"]),
                         **compile_fields(ahead, (method, attention, batch, temperature),
                                          compiles)))
 
@@ -380,9 +396,10 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
         target = base.with_attention(attention)
         plain_s, plain, compiles = best_time(lambda: jaxdec.generate(target, rows, **gen),
                                              args.repeats)
+        plain_step = step_fields(plain, preset.max_new_tokens - 1)
         emit(record(at, method="plain", tree=None, batch=batch, temperature=0.0, tau=1.0,
                     tokens_per_s=int(plain.lengths.sum()) / plain_s, speedup_vs_ar=1.0,
-                    seconds=plain_s,
+                    seconds=plain_s, **plain_step,
                     **compile_fields(ahead, ("plain", attention, batch), compiles)))
         # The continuation the oracle drafts from, on this attention path (bf16 paths may
         # round differently).
@@ -400,6 +417,7 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
                         acceptance_by_depth=spec.stats.acceptance_by_depth.tolist(),
                         tokens_per_s=int(spec.lengths.sum()) / spec_s,
                         speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
+                        **step_fields(spec, spec.stats.steps, plain_step["step_ms"]),
                         **token_agreement(spec.tokens, plain.tokens),
                         **compile_fields(ahead, (f"chain({chain})", attention, batch),
                                          compiles)))
@@ -468,6 +486,9 @@ def render_markdown(records: list[dict]) -> str:
     lines = [f"# Speculative decoding vs plain decoding on {', '.join(devices)}", "",
              "speedup = plain seconds / speculative seconds for the same tokens (prefill + "
              "decode, compile excluded, same process); tau = tokens per target forward. "
+             "ms/step: milliseconds per decode-loop iteration (plain: one token; "
+             "speculative: draft, verify, commit); step cost: a speculative step against a "
+             "plain one (speedup ~ tau / step cost). "
              "same tokens (greedy): the speculative run's tokens against plain decoding's. "
              "Exact equality is tested on CPUs in fp32 (tests/test_speculative.py); on an "
              "accelerator a verification forward and a one-token step are matrix products of "
@@ -483,19 +504,21 @@ def render_markdown(records: list[dict]) -> str:
         notes = dict.fromkeys(r["attention_note"] for r in rows if r.get("attention_note"))
         lines += [*notes, ""] if notes else []
         lines += ["| method | tree | batch | temperature | tau | tokens/s | speedup "
-                  "| same tokens |", "|---|---|---:|---:|---:|---:|---:|---|"]
+                  "| ms/step | step cost | same tokens |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r.get("error"):
                 lines.append(f"| {r['method']} | {r.get('tree') or '–'} | {r['batch']} | "
                              f"{r['temperature']} | "
-                             f"{r['error']} | | | |")
+                             f"{r['error']} | | | | | |")
                 continue
             same = {True: "yes", False: "NO", None: "–"}[r.get("same_tokens_as_ar")]
             if r.get("first_difference") is not None:
                 same += f" ({r['rows_differing']} rows, from token {r['first_difference']})"
             lines.append(f"| {r['method']} | {r['tree'] or '–'} | {r['batch']} | "
                          f"{r['temperature']} | {r['tau']:.2f} | {r['tokens_per_s']:.1f} | "
-                         f"{r['speedup_vs_ar']:.2f}x | {same} |")
+                         f"{r['speedup_vs_ar']:.2f}x | {_num(r.get('step_ms'), '.3f')} | "
+                         f"{_num(r.get('step_vs_plain'), '.2f', 'x')} | {same} |")
         best = max((r for r in rows if r.get("speedup_vs_ar") and r["batch"] == 1
                     and r["temperature"] == 0 and r["method"] != "plain"),
                    key=lambda r: r["speedup_vs_ar"], default=None)
@@ -506,6 +529,10 @@ def render_markdown(records: list[dict]) -> str:
                           f"{best['tree'] or ''}: {met}."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _num(value, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else format(value, spec) + suffix
 
 
 def _csv(kind):

@@ -33,9 +33,13 @@ def test_synthetic_tiny(tmp_path):
         assert all(r.get(k) is not None for k in REQUIRED if not (r["method"] == "plain" and k == "tree"))
     for r in oracle:
         assert r["same_tokens_as_ar"] is True and r["speedup_vs_ar"] > 0
+        assert r["step_ms"] > 0 and r["step_vs_plain"] > 0  # a speculative step vs a plain one
+    (plain,) = [r for r in records if r["method"] == "plain"]
+    assert plain["step_ms"] > 0 and "step_vs_plain" not in plain
     taus = [r["tau"] for r in sorted(oracle, key=lambda r: r["method"])]
     assert taus[0] < taus[2]  # a better draft is accepted more (0.6 vs 0.9)
-    assert "Goal (>= 2x" in (tmp_path / "speculative-cpu.md").read_text()
+    table = (tmp_path / "speculative-cpu.md").read_text()
+    assert "Goal (>= 2x" in table and "| ms/step | step cost |" in table
 
 
 def test_trained_models_path(tokenized_checkpoint, tmp_path):
