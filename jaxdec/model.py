@@ -97,8 +97,8 @@ def init_model(
     materialised on one device first).
 
     The leaves are drawn one at a time, each by a small program compiled once per distinct
-    (kind, shape, sharding): one program for the whole tree takes minutes to compile for an
-    8B model (hundreds of large random fusions), this a few small compiles. The values are
+    (kind, shape, sharding): one program for the whole tree of an 8B model (291 large random
+    leaves) took 67 s to compile on a CPU, these 8 small ones 7 s. The values are
     those of the family's `init_params` (padded vocabulary rows zero)."""
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)

@@ -123,8 +123,8 @@ def test_tree_forward_and_commit_under_tp(tp, hf_checkpoints, loaded):
 def test_init_model_draws_the_familys_params_leaf_by_leaf():
     """`init_model` equals the family's `init_params` compiled as one program (padded
     vocabulary rows zero) under tp = 2, bit for bit, built by one small program per distinct
-    leaf shape and sharding instead (one program for the whole tree takes minutes to compile
-    for an 8B model)."""
+    leaf shape and sharding instead (one program for the whole tree of an 8B model took over a
+    minute to compile)."""
     import jax.numpy as jnp
 
     from jaxdec.model import family
