@@ -9,6 +9,7 @@ ends with the same parameters as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -208,24 +209,16 @@ class Phases:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        return _Phase(self, name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(s, 2) for name, s in self.seconds.items()}
-
-
-class _Phase:
-    def __init__(self, phases: Phases, name: str):
-        self.phases, self.name = phases, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        elapsed = time.perf_counter() - self.start
-        self.phases.seconds[self.name] = self.phases.seconds.get(self.name, 0.0) + elapsed
-        return False
 
 
 def run_steps(
