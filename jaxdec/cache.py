@@ -18,6 +18,7 @@ Shape legend: B batch, S cache slots (max_len), K KV heads, D head dim, N accept
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -43,9 +44,21 @@ class KVLayer:
         return KVLayer(k=names, v=names)
 
     def write(self, k_BTKD: jax.Array, v_BTKD: jax.Array, lengths_B: jax.Array) -> "KVLayer":
-        """Writes T new keys/values per row at slots [length, length + T); slots past the end
-        of the cache are dropped (callers keep writes in range)."""
-        T = k_BTKD.shape[1]
+        """Writes T new keys/values per row at slots [length, length + T). Callers keep the
+        writes in range: slots past the end of the cache are dropped when B > 1, and a single
+        row's write is shifted to end at the last slot.
+
+        A single row is written with one `dynamic_update_slice` per tensor: XLA then writes in
+        place and fuses the producer (the rotary embedding) into the write. A scatter, which
+        several rows need, keeps its bounds check as separate kernels (a decode step at batch 1
+        ran 5 kernels per layer for the write instead of 2)."""
+        B, T = k_BTKD.shape[:2]
+        if B == 1:
+            start = (0, lengths_B[0], 0, 0)
+            return KVLayer(
+                k=jax.lax.dynamic_update_slice(self.k, k_BTKD.astype(self.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(self.v, v_BTKD.astype(self.v.dtype), start),
+            )
         rows = jnp.arange(k_BTKD.shape[0])[:, None]
         slots = lengths_B[:, None] + jnp.arange(T, dtype=lengths_B.dtype)[None, :]
         return KVLayer(
@@ -96,8 +109,13 @@ def init_cache(
     *,
     dtype=jnp.float32,
     mesh=None,
+    abstract: bool = False,
 ) -> Cache:
     """Allocates an empty cache (zeros, lengths 0), placed with the mesh's sharding.
+
+    With `abstract=True` every leaf is a `jax.ShapeDtypeStruct` (shape, dtype, sharding; no
+    memory), what a program compiled ahead (`compile_only=True`) needs; the allocation's own
+    small programs are compiled then too, so the real call that follows compiles nothing.
 
     KV heads are sharded over the `tp` mesh axis. When tp exceeds the model's KV heads, each
     shard holds the one KV head its query heads read, so the cache has max(K, tp) heads.
@@ -113,11 +131,29 @@ def init_cache(
     heads = parallel.cache_kv_heads(config, mesh)
     shape = (batch_size, max_len, heads, config.head_dim)
     shardings = parallel.shardings(mesh, cache_axes(config), config)
+    zeros = _compile_zeros if abstract else _zeros
     layers = tuple(
-        KVLayer(k=jnp.zeros(shape, dtype, device=s.k), v=jnp.zeros(shape, dtype, device=s.v))
+        KVLayer(k=zeros(shape, dtype, device=s.k), v=zeros(shape, dtype, device=s.v))
         for s in shardings.layers
     )
-    return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32, device=shardings.lengths))
+    return Cache(layers=layers, lengths=zeros((batch_size,), jnp.int32, device=shardings.lengths))
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_program(shape: tuple, dtype, sharding):
+    """A compiled allocation of zeros (one per shape, dtype and sharding: every layer shares
+    it)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding).lower().compile()
+
+
+def _zeros(shape, dtype, device):
+    return _zeros_program(shape, jnp.dtype(dtype), device)()
+
+
+def _compile_zeros(shape, dtype, device) -> jax.ShapeDtypeStruct:
+    """The allocation compiled (the real allocation later compiles nothing), not run."""
+    _zeros_program(shape, jnp.dtype(dtype), device)
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=device)
 
 
 def cache_axes(config) -> Cache:

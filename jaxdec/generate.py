@@ -344,11 +344,14 @@ def generate(
         a new function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).
       compile_only: compile the program for these prompts' shapes and these settings, run
-        nothing and return None; a later call with the same shapes and settings starts at once.
-        The model may be `jaxdec.abstract_model(config, ...)` (shapes only), so programs can
-        compile before the weights exist, several at a time in threads.
+        nothing and return the compiled program (a `jax.stages.Compiled`: its `as_text()`,
+        `cost_analysis()`, `memory_analysis()`); a later call with the same shapes and
+        settings starts at once. The model may be `jaxdec.abstract_model(config, ...)`
+        (shapes only), so programs can compile before the weights exist, several at a time in
+        threads.
     Returns:
-      GenerateResult with tokens [B, max_new_tokens] and lengths [B] (None with compile_only).
+      GenerateResult with tokens [B, max_new_tokens] and lengths [B] (with compile_only, the
+      compiled program).
     """
     sampler = check_sampler(sampler)
     check_compile_only(compile_only, model=model)
@@ -358,13 +361,12 @@ def generate(
                           pad_id=pad_id, max_len=max_len)
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
-                       dtype=param_dtype(model), mesh=model.mesh)
+                       dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
     args = (model, batch.tokens, batch.lengths, cache, key, batch.stop)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, stream=stream,
                     timed=return_timings)
     if compile_only:
-        _program.lower(*args, **settings).compile()
-        return None
+        return _program.lower(*args, **settings).compile()
     ((out, n_gen), _), stamps = _program(*args, **settings)
     out = jax.block_until_ready(out)
     return GenerateResult(tokens=np.asarray(out)[:batch.size],

@@ -257,11 +257,11 @@ def speculative_generate(
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
-      compile_only: compile the program, run nothing and return None (see `generate`); the
-        target and a DraftModel's model may be `jaxdec.abstract_model`s.
+      compile_only: compile the program, run nothing and return the compiled program (see
+        `generate`); the target and a DraftModel's model may be `jaxdec.abstract_model`s.
     Returns:
-      SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats (None with
-      compile_only).
+      SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats (with
+      compile_only, the compiled program).
     """
     sampler = check_sampler(sampler)
     if not isinstance(drafter, Drafter):
@@ -278,13 +278,12 @@ def speculative_generate(
     drafter = drafter.prepare(target)
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
-                       dtype=param_dtype(target), mesh=target.mesh)
+                       dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
                     pad_id=pad_id, timed=return_timings, profile=profile)
     if compile_only:
-        _program.lower(*args, **settings).compile()
-        return None
+        return _program.lower(*args, **settings).compile()
     (out, n_gen), stats, _, stamps = _program(*args, **settings)
     out = jax.block_until_ready(out)
     timings = read_timings(stamps)

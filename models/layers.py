@@ -31,6 +31,33 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
+def rms_norm_factored(x: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm split for the projection that follows: `(weight * x, inv_rms)`, with inv_rms =
+    1 / RMS(x) in fp32 [..., 1]. A projection applies the row scale after its matmul
+    (`project`): (weight * x * inv_rms) @ W = ((weight * x) @ W) * inv_rms.
+
+    Why: with the scale applied before the matmul, a decode step at batch 1 ran the norm as
+    two kernels (the statistics, then the scaling) between the residual add and the matmul.
+    Factored, the residual add, `weight * x` and the statistics are one fusion, `weight * x`
+    feeds the matmul directly, and the row scale joins whatever reads the matmul's output
+    (the rotary embedding, SwiGLU's product). Rounding: `weight * x` is rounded to the input
+    dtype once and the matmul's fp32 result is scaled before its own rounding, where
+    `rms_norm` rounds the normalised x and its product with the weight."""
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x, inv_rms
+
+
+def project(subscripts: str, x, weight, inv_rms=None) -> jax.Array:
+    """`einsum(subscripts, x, weight)` with fp32 accumulation, scaled per row by `inv_rms`
+    ([B, T, 1] from `rms_norm_factored`; broadcast over the output's trailing axes), in x's
+    dtype."""
+    out = jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32)
+    if inv_rms is not None:
+        out = out * inv_rms.reshape(inv_rms.shape + (1,) * (out.ndim - inv_rms.ndim))
+    return out.astype(x.dtype)
+
+
 # ---------------------------------------------------------------------------- rotary embeddings
 
 
@@ -70,11 +97,12 @@ def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
 # --------------------------------------------------------------------------------- MLP
 
 
-def gated_mlp(x_BTE, gate_EF, up_EF, down_FE, biases=None) -> jax.Array:
+def gated_mlp(x_BTE, gate_EF, up_EF, down_FE, biases=None, inv_rms_BT1=None) -> jax.Array:
     """SwiGLU MLP: down(silu(gate(x)) * up(x)). Under tensor parallelism F is the local shard
-    and the result is a partial sum the caller reduces."""
-    gate = x_BTE @ gate_EF
-    up = x_BTE @ up_EF
+    and the result is a partial sum the caller reduces. With `inv_rms_BT1`, x is
+    `weight * x` from `rms_norm_factored` and the gate and up projections apply the scale."""
+    gate = project("bte,ef->btf", x_BTE, gate_EF, inv_rms_BT1)
+    up = project("bte,ef->btf", x_BTE, up_EF, inv_rms_BT1)
     if biases is not None:
         gate, up = gate + biases["gate"], up + biases["up"]
     out = (jax.nn.silu(gate) * up) @ down_FE

@@ -129,13 +129,14 @@ def _local_kv(weight_EKD, bias_KD, config: ModelConfig, tp: int):
     return weight, bias
 
 
-def _attention_block(layer: dict, x_BTE, positions_BT, kv_entry, lengths_B, mask_BTT, *,
-                     config: ModelConfig, tp: int, window, inv_freq, impl):
-    q = jnp.einsum("bte,ehd->bthd", x_BTE, layer["q"])
+def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
+                     mask_BTT, *, config: ModelConfig, tp: int, window, inv_freq, impl):
+    """x_BTE and inv_rms_BT1: the attention norm's factors (`L.rms_norm_factored`)."""
+    q = L.project("bte,ehd->bthd", x_BTE, layer["q"], inv_rms_BT1)
     k_w, k_b = _local_kv(layer["k"], layer.get("k_bias"), config, tp)
     v_w, v_b = _local_kv(layer["v"], layer.get("v_bias"), config, tp)
-    k = jnp.einsum("bte,ekd->btkd", x_BTE, k_w)
-    v = jnp.einsum("bte,ekd->btkd", x_BTE, v_w)
+    k = L.project("bte,ekd->btkd", x_BTE, k_w, inv_rms_BT1)
+    v = L.project("bte,ekd->btkd", x_BTE, v_w, inv_rms_BT1)
     if config.qkv_bias:
         q, k, v = q + layer["q_bias"], k + k_b, v + v_b
     q = L.apply_rope(q, positions_BT, inv_freq)
@@ -153,9 +154,11 @@ def _attention_block(layer: dict, x_BTE, positions_BT, kv_entry, lengths_B, mask
     return out, kv_entry
 
 
-def _mlp_block(layer: dict, x_BTE, config: ModelConfig):
+def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig):
+    """x_BTE and inv_rms_BT1: the MLP norm's factors (`L.rms_norm_factored`)."""
     biases = {"gate": layer["gate_bias"], "up": layer["up_bias"]} if config.mlp_bias else None
-    out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate"], layer["up"], layer["down"], biases), TP)
+    out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate"], layer["up"], layer["down"], biases,
+                                   inv_rms_BT1), TP)
     if config.mlp_bias:
         out = out + layer["down_bias"]
     return out
@@ -196,14 +199,15 @@ def forward(
     new_entries = []
     for i, layer in enumerate(params["layers"]):
         entry = None if cache is None else cache.layers[i]
-        h = L.rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        h, inv_rms = L.rms_norm_factored(x, layer["attn_norm"], config.rms_norm_eps)
         attn, entry = _attention_block(
-            layer, h, positions_BT, entry, lengths, mask_BTT,
+            layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
             config=config, tp=tp, window=config.layer_windows[i], inv_freq=inv_freq,
             impl=attention,
         )
         x = x + attn
-        x = x + _mlp_block(layer, L.rms_norm(x, layer["mlp_norm"], config.rms_norm_eps), config)
+        h, inv_rms = L.rms_norm_factored(x, layer["mlp_norm"], config.rms_norm_eps)
+        x = x + _mlp_block(layer, h, inv_rms, config)
         new_entries.append(entry)
     hidden = L.rms_norm(x, params["final_norm"], config.rms_norm_eps)
     picked = hidden

@@ -25,11 +25,19 @@ def test_write_at_per_row_lengths():
     np.testing.assert_array_equal(out.v, -out.k)
 
 
-def test_write_past_the_end_is_dropped_not_clamped():
-    layer = KVLayer(k=jnp.zeros((1, 4, 1, 1)), v=jnp.zeros((1, 4, 1, 1)))
-    new = jnp.array([[7.0, 8.0]])[:, :, None, None]
-    out = layer.write(new, new, jnp.array([3]))
-    np.testing.assert_array_equal(out.k[0, :, 0, 0], [0, 0, 0, 7])
+def test_write_past_the_end():
+    """Callers keep writes in range; past the end, a batch's rows drop the extra slots (a
+    scatter) and a single row's write ends at the last slot (one dynamic_update_slice, which
+    XLA fuses with the rotary embedding that produces it)."""
+    new = jnp.array([[7.0, 8.0], [5.0, 6.0]])[:, :, None, None]
+    rows = KVLayer(k=jnp.zeros((2, 4, 1, 1)), v=jnp.zeros((2, 4, 1, 1)))
+    out = rows.write(new, new, jnp.array([3, 1]))
+    np.testing.assert_array_equal(out.k[:, :, 0, 0], [[0, 0, 0, 7], [0, 5, 6, 0]])
+    one = KVLayer(k=jnp.zeros((1, 4, 1, 1)), v=jnp.zeros((1, 4, 1, 1)))
+    np.testing.assert_array_equal(one.write(new[:1], new[:1], jnp.array([1])).k[0, :, 0, 0],
+                                  [0, 7, 8, 0])
+    np.testing.assert_array_equal(one.write(new[:1], new[:1], jnp.array([3])).k[0, :, 0, 0],
+                                  [0, 0, 7, 8])
 
 
 def test_commit_hand_computed():
@@ -106,3 +114,16 @@ def test_init_cache_shapes_and_sharding(loaded):
     assert wide.layers[0].k.shape == (1, 4, 4, 8)
     with pytest.raises(ValueError, match="max_len"):
         jaxdec.init_cache(config, 1, 0)
+
+
+def test_abstract_cache_matches_the_allocated_one(loaded):
+    """`abstract=True` (what compile_only programs take): the same shapes, dtypes and
+    shardings as the allocated cache, and no memory."""
+    config = loaded("llama-gqa").config
+    mesh = jaxdec.make_mesh(tp=2)
+    real = jaxdec.init_cache(config, 2, 10, dtype=jnp.bfloat16, mesh=mesh)
+    abstract = jaxdec.init_cache(config, 2, 10, dtype=jnp.bfloat16, mesh=mesh, abstract=True)
+    assert jax.tree.structure(real) == jax.tree.structure(abstract)
+    for r, a in zip(jax.tree.leaves(real), jax.tree.leaves(abstract)):
+        assert isinstance(a, jax.ShapeDtypeStruct)
+        assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)

@@ -220,7 +220,8 @@ def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(l
     settings = dict(max_new_tokens=11, sampler=jaxdec.Sampler(temperature=0.7, top_k=5),
                     key=jax.random.PRNGKey(3), return_timings=True)
     _compiles.clear()
-    assert jaxdec.generate(abstract, prompts, compile_only=True, **settings) is None
+    compiled = jaxdec.generate(abstract, prompts, compile_only=True, **settings)
+    assert isinstance(compiled, jax.stages.Compiled) and "while" in compiled.as_text()
     assert _compiles  # it compiled...
     _compiles.clear()
     result = jaxdec.generate(model, _prompts((40, 33), seed=4), **settings)
