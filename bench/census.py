@@ -1,0 +1,278 @@
+"""Kernel census: how many GPU kernels one decode step of jaxdec's generate loop launches, per
+layer and in all, from the compiled program's HLO, on a machine without a GPU.
+
+A decode step at batch 1 is a chain of short kernels (the H200 profile of commit a8f00e1:
+22 per layer of the Llama-3-8B shape, 15 of them element-wise ones of ~1.4 us), so how many
+kernels the compiler makes of the model code is a speed figure we can read without timing
+anything. XLA compiles for a GPU it does not have once it is given the GPU's description
+(a "compile-only" device): this script builds one for the target below, compiles the
+decode program of the Llama-3-8B shape with 2 and 3 layers, and counts the kernels of the
+decode loop's body; the difference is one layer's kernels, the rest the step's own (sampling,
+stop tests, the logits head).
+
+    pip install --no-deps jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>
+    python3 bench/census.py --out bench/results        # on a CPU machine
+    python3 bench/census.py                            # on a GPU: its own device
+
+Without a GPU the CUDA plugin loads with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (set here) and no
+CUDA libraries; jaxdec's attention dispatch reads `jax.default_backend()`, which this script
+reports as "cuda" while it compiles. A compile-only device is never autotuned: matmuls get
+the compiler's default tiling (often split-K, whose reduction may be a kernel of its own
+or join its consumer), so a count can differ by a kernel or two from the device's, and the
+census says nothing about a kernel's time. `--preset cpu-tiny` compiles a tiny model for the
+CPU (what the tests run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import git_commit, utc_now, versions  # noqa: E402
+
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin loads without CUDA
+
+# What XLA needs to know of a GPU to compile for it (a GpuTargetConfigProto, text format):
+# the H100 SXM's published figures (132 SMs, 50 MiB L2, 3.35 TB/s, sm_90).
+H100_SXM = dict(
+    threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=49152,
+    shared_memory_per_core=233472, threads_per_core_limit=2048, core_count=132,
+    fpus_per_core=128, block_dim_limit_x=2147483647, block_dim_limit_y=65535,
+    block_dim_limit_z=65535, memory_bandwidth=3352320000000, l2_cache_size=52428800,
+    clock_rate_ghz=1.98, device_memory_size=84942979072, shared_memory_per_block_optin=232448,
+    registers_per_core_limit=65536, registers_per_block_limit=65536,
+)
+TARGETS = {"h100": ("NVIDIA H100 80GB HBM3", H100_SXM, (9, 0))}
+CUDNN_VERSION = (9, 8, 0)  # what the compiler assumes of the (absent) device's cuDNN
+
+# A while body's instructions that launch nothing.
+_NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
+              "after-all", "partition-id", "replica-id", "copy-start", "copy-done",
+              "fusion-done", "all-reduce-done", "all-gather-done", "collective-permute-done"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+
+
+def target_config(target: str) -> str:
+    """The GpuTargetConfigProto (text format) of a target in TARGETS."""
+    name, facts, (major, minor) = TARGETS[target]
+    info = "\n".join(f"  {key}: {value}" for key, value in facts.items())
+    cudnn = CUDNN_VERSION
+    return (f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} "
+            f"minor: {minor} }}\n}}\nplatform_name: \"CUDA\"\n"
+            f"dnn_version_info {{ major: {cudnn[0]} minor: {cudnn[1]} patch: {cudnn[2]} }}\n"
+            f"device_description_str: \"{name}\"\n")
+
+
+def compile_only_devices(target: str):
+    """One compile-only device of the target (XLA's CUDA plugin, no GPU needed)."""
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            "census", "cuda", target_config=target_config(target), topology="1x1x1")
+    except Exception as e:  # noqa: BLE001  (what is missing is said below)
+        raise RuntimeError(
+            "compiling for a GPU without one needs XLA's CUDA plugin matching this jax "
+            "(pip install --no-deps jax-cuda12-plugin==<jax version> "
+            f"jax-cuda12-pjrt==<jax version>): {type(e).__name__}: {e}") from e
+    return list(topology.devices)
+
+
+@contextlib.contextmanager
+def reporting_backend(name: str | None):
+    """`jax.default_backend()` returns `name` inside (jaxdec picks its attention kernel by
+    it); unchanged when None."""
+    import jax
+
+    if name is None:
+        yield
+        return
+    saved = jax.default_backend
+    jax.default_backend = lambda: name
+    try:
+        yield
+    finally:
+        jax.default_backend = saved
+
+
+def computations(hlo_text: str) -> dict[str, list[str]]:
+    """Each computation's instruction lines, by name (compiled HLO text)."""
+    out, current = {}, None
+    for line in hlo_text.splitlines():
+        match = _COMPUTATION.match(line)
+        if match and not line.startswith(" "):
+            current = out.setdefault(match.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and line.strip():
+            current.append(line)
+    return out
+
+
+def kernels(lines: list[str]) -> list[tuple[str, str]]:
+    """(instruction name, kind) of the instructions of one computation that launch work:
+    fusions (kind: the fusion's), custom calls (kind: the call target), anything else by
+    its opcode."""
+    out = []
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if not match or match.group(2) in _NO_KERNEL:
+            continue
+        name, op = match.groups()
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        kind = re.search(r"\bkind=(\w+)", line)
+        out.append((name, target.group(1) if target else kind.group(1) if kind else op))
+    return out
+
+
+def decode_loop(hlo_text: str) -> list[tuple[str, str]]:
+    """The kernels of the program's busiest while body (a generate program's decode loop)."""
+    comps = computations(hlo_text)
+    bodies = [re.search(r"\bbody=%?([\w.\-]+)", line).group(1)
+              for lines in comps.values() for line in lines if " while(" in line]
+    if not bodies:
+        raise ValueError("the program has no while loop")
+    return max((kernels(comps[b]) for b in bodies if b in comps), key=len)
+
+
+def category(name: str, kind: str) -> str:
+    """matmul / attention / element-wise (reductions, copies, cache writes, everything else)."""
+    if (name.startswith(("gemm_fusion", "cublas", "triton_gemm")) or kind in ("dot", "convolution")
+            or "gemm" in kind.lower() or "cublas" in kind.lower()):
+        return "matmul"
+    if "triton" in kind.lower() or name.startswith(("pallas", "tree_attention")):
+        return "attention"
+    return "element-wise"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    description: str
+    model: dict  # ModelConfig fields (llama), `rope` as a dict of RopeConfig fields
+    batch_sizes: tuple[int, ...]
+    prompt_len: int
+    attention: tuple[str, ...]
+    target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
+
+
+def presets() -> dict[str, Preset]:
+    from bench.decode import LLAMA3_8B, TINY
+
+    return {
+        "h100": Preset("Llama-3-8B shape, bf16, the decode benchmark's context (2K)",
+                       LLAMA3_8B, (1, 16), 1984, ("pallas", "reference"), "h100"),
+        "cpu-tiny": Preset("tiny Llama shape on this machine's CPU (what the tests run)",
+                           TINY, (1, 2), 40, ("reference",), None),
+    }
+
+
+def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int, attention: str,
+                   devices, new_tokens: int = 128) -> str:
+    """The compiled HLO text of `jaxdec.generate`'s program for these shapes."""
+    import jax.numpy as jnp
+
+    import jaxdec
+    from bench.decode import _prompts
+
+    fields = dict(model_fields, num_layers=layers, rope=jaxdec.RopeConfig(**model_fields["rope"]))
+    config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
+    mesh = jaxdec.make_mesh(devices=devices)
+    model = jaxdec.abstract_model(config, dtype=jnp.bfloat16, mesh=mesh).with_attention(attention)
+    prompts = _prompts(config.vocab_size, batch, prompt_len).tolist()
+    return jaxdec.generate(model, prompts, max_new_tokens=new_tokens, compile_only=True).as_text()
+
+
+def census(preset: Preset, devices, backend: str | None, layers: int = 2) -> list[dict]:
+    """One record per (batch size, attention): kernels per layer (by category and by kind)
+    and the step's own, from programs of `layers` and `layers + 1` layers."""
+    records = []
+    for attention in preset.attention:
+        for batch in preset.batch_sizes:
+            with reporting_backend(backend):
+                loops = [decode_loop(compile_decode(preset.model, n, batch, preset.prompt_len,
+                                                    attention, devices))
+                         for n in (layers, layers + 1)]
+            counts = [collections.Counter(category(*k) for k in loop) for loop in loops]
+            kinds = [collections.Counter(kind for _, kind in loop) for loop in loops]
+            per_layer = len(loops[1]) - len(loops[0])
+            layer_kinds = {k: kinds[1][k] - kinds[0][k] for k in kinds[1]
+                           if kinds[1][k] != kinds[0][k]}
+            full = preset.model["num_layers"]
+            own = len(loops[0]) - layers * per_layer
+            records.append(dict(
+                batch=batch, attention=attention, prompt_len=preset.prompt_len,
+                kernels_per_layer=per_layer,
+                per_layer_by_category={c: counts[1][c] - counts[0][c] for c in
+                                       ("matmul", "attention", "element-wise")},
+                per_layer_by_kind=layer_kinds, step_own_kernels=own,
+                kernels_per_step=own + full * per_layer, layers=full))
+    return records
+
+
+def render_markdown(records: list[dict], meta: dict) -> str:
+    lines = [f"# Kernel census: {meta['description']}", "",
+             f"Compiled for {meta['device']} ({meta['how']}), jax {meta['jax_version']}, "
+             f"commit {meta['commit']}, {meta['date']}. Kernels of one decode step (the "
+             "generate loop's body); no kernel was run or timed.", "",
+             "| batch | attention | kernels per layer | matmul | attention | element-wise "
+             "| step's own | per step (all layers) |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        c = r["per_layer_by_category"]
+        lines.append(f"| {r['batch']} | {r['attention']} | {r['kernels_per_layer']} | "
+                     f"{c['matmul']} | {c['attention']} | {c['element-wise']} | "
+                     f"{r['step_own_kernels']} | {r['kernels_per_step']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="h100", choices=sorted(presets()))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write census-<device>.json and .md here (default: print only)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import json
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    preset = presets()[args.preset]
+    import jax
+
+    from bench.common import device_slug
+
+    if preset.target is None:
+        devices, backend, how = jax.devices("cpu")[:1], None, "this machine's CPU"
+    elif jax.default_backend() in ("gpu", "cuda"):
+        devices, backend, how = jax.devices()[:1], None, "this machine's GPU"
+    else:
+        devices, backend, how = compile_only_devices(preset.target), "cuda", \
+            "a compile-only device: no GPU, no autotuning"
+    device = devices[0].device_kind
+    records = census(preset, devices, backend)
+    meta = dict(description=preset.description, device=device, how=how, commit=git_commit(),
+                date=utc_now(), **versions())
+    for r in records:
+        r.update(preset=args.preset, device=device, compiled_on=how, commit=meta["commit"],
+                 date=meta["date"], jax_version=meta["jax_version"])
+    text = render_markdown(records, meta)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"census-{device_slug(device)}"
+        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
