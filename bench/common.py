@@ -19,6 +19,25 @@ from pathlib import Path
 from typing import Callable, Hashable
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+# What a jaxdec decode step runs: a record measured with other sources measured other code.
+MODEL_SOURCES = ("models", "pallas_kernels/tree_attention", "jaxdec/cache.py",
+                 "jaxdec/generate.py", "jaxdec/model.py", "jaxdec/parallel.py",
+                 "jaxdec/sampling.py")
+
+
+def sources_digest(roots) -> str:
+    """A hash of the .py files under `roots` (paths relative to the repository, files or
+    folders): records carry it, so a result is current only while the code it measured is.
+    (The device gets a copy of the working tree, so both sides hash the same files.)"""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root in roots:
+        path = REPO / root
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def versions() -> dict:

@@ -8,8 +8,9 @@ Usage (on the lent GPU machine, one call; results land in $OUT):
 and on a CPU, in seconds: `python3 bench/decode.py --preset cpu-tiny --out /tmp/bench`.
 `--batch-sizes 1,16 --context 2048 --new-tokens 128 --impls jaxdec,hf-eager,hf-compile`
 override the preset; `--resume` keeps the impls the output file already holds (same
-configuration, every batch size finished) and runs only the others, so a call cut short is
-finished by the next. Writes `decode-<device>.json` (a list of records, one per impl and batch
+configuration, every batch size finished; jaxdec's only while the code a decode step runs is
+unchanged: its records carry `model_sources`, a hash of it) and runs only the others, so a
+call cut short is finished by the next. Writes `decode-<device>.json` (a list of records, one per impl and batch
 size) and `decode-<device>.md` (a table) to `--out` (default `bench/results/`).
 
 What runs
@@ -110,7 +111,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
-                          profile_kernels, SHORT_KERNEL_US, versions)
+                          MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
+                          versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
@@ -571,6 +573,8 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
             for field in ("compile_ahead_s", "first_call_compiles"):  # jaxdec impls only
                 if field in result:
                     record[field] = result[field]
+            if impl in JAXDEC_ATTENTION:
+                record["model_sources"] = sources_digest(MODEL_SOURCES)
             if batch in profiles:
                 record["profile"] = profiles[batch]
         else:
@@ -724,8 +728,9 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
 
 def finished_records(out_dir: Path, preset: str, spec: dict) -> tuple[list[dict], float | None]:
     """For --resume: the records in this device's output file of impls that finished every
-    batch size of the same configuration, and the bandwidth ceiling they were measured
-    against (the merged table uses the best ceiling of both calls)."""
+    batch size of the same configuration (jaxdec's: measured with today's `MODEL_SOURCES`),
+    and the bandwidth ceiling they were measured against (the merged table uses the best
+    ceiling of both calls)."""
     from bench.common import device_name
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -734,8 +739,11 @@ def finished_records(out_dir: Path, preset: str, spec: dict) -> tuple[list[dict]
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return [], None
+    model_sources = sources_digest(MODEL_SOURCES)
+    # jaxdec's rows count only while the code a decode step runs is what they measured.
     same = [r for r in old if r.get("preset") == preset and r.get("context") == spec["context"]
-            and r.get("new_tokens") == spec["new_tokens"]]
+            and r.get("new_tokens") == spec["new_tokens"]
+            and (r["impl"] not in JAXDEC_ATTENTION or r.get("model_sources") == model_sources)]
     kept = []
     for impl in dict.fromkeys(r["impl"] for r in same):
         rows = {r["batch"]: r for r in same if r["impl"] == impl and r.get("error") is None}
@@ -781,7 +789,8 @@ def parse_args(argv):
                              "the table's notes (default: on)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the impls the output file already holds for every batch size "
-                             "(same preset, context and new tokens) and run only the others")
+                             "(same preset, context and new tokens; jaxdec's only if measured "
+                             "with the same model code) and run only the others")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", type=_impl_list, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -73,7 +72,9 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    HBM_METHOD, RESULTS, device_name, device_slug, git_commit, merge_records, utc_now, versions)
+    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, merge_records,
+    utc_now, versions)
+from bench.common import sources_digest as common_sources_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -108,6 +109,18 @@ def _complete(file: str, *, failures_count: bool = False, **match) -> Callable[[
         if not rows or any(blocks(r.get("error")) for r in rows):
             return False
         return all({r.get(k) for r in rows} >= set(values) for k, values in wanted.items())
+
+    return done
+
+
+def _all_rows(file: str, field: str, value, **match) -> Callable[[Path, str], bool]:
+    """Done when every record of `<file>-<device>.json` matching `match` (field -> value or
+    tuple of values) has `field` == `value` (a row measured with other code is stale)."""
+    wanted = {k: v if isinstance(v, tuple) else (v,) for k, v in match.items()}
+
+    def done(results: Path, slug: str) -> bool:
+        return all(r.get(field) == value for r in _records(results / f"{file}-{slug}.json")
+                   if all(r.get(k) in values for k, values in wanted.items()))
 
     return done
 
@@ -156,12 +169,7 @@ GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "models/layers.py", *GPU_TE
 def sources_digest() -> str:
     """A hash of what the GPU tests check and the tests themselves: the device test record is
     current only while these are unchanged."""
-    digest = hashlib.sha256()
-    for root in GPU_TEST_SOURCES:
-        path = REPO / root
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()[:16]
+    return common_sources_digest(GPU_TEST_SOURCES)
 
 
 def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
@@ -185,8 +193,11 @@ def plan(name: str) -> list[Step]:
                  # hf-compile must have been tried, but a torch.compile failure does not make
                  # every later call retry it: `--redo decode` runs what is missing or failed
                  # (--resume keeps the finished impls).
-                 _all(_complete("decode", preset="h100",
-                                impl=("jaxdec", "jaxdec-reference", "hf-eager")),
+                 # jaxdec's rows are due again whenever the code a decode step runs changed.
+                 _all(_complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference")),
+                      _all_rows("decode", "model_sources", common_sources_digest(MODEL_SOURCES),
+                                preset="h100", impl=("jaxdec", "jaxdec-reference")),
+                      _complete("decode", preset="h100", impl="hf-eager"),
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),

@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
+from jaxdec.models import llama
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,57 +139,83 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
 
 
 class _Entry(NamedTuple):
-    """One parameter: its HF name and shape, our shape, and whether it is an HF Linear weight
-    ([out, in], transposed to our [in, out] with heads split out)."""
+    """One parameter: the HF tensors it is made of (names and shapes) and the conversions
+    between them and our array (HF Linear weights are [out, in]; ours are [in, out] with heads
+    split out, and q|k|v and gate|up are one array each)."""
 
-    hf_name: str
-    hf_shape: tuple
-    ours_shape: tuple
-    transposed: bool
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple, ...]
+    to_ours: Callable[[list[np.ndarray]], np.ndarray]
+    to_hf: Callable[[np.ndarray], list[np.ndarray]]
 
-    def to_ours(self, w: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(w.T if self.transposed else w).reshape(self.ours_shape)
 
-    def to_hf(self, w: np.ndarray) -> np.ndarray:
-        if self.transposed:
-            return np.ascontiguousarray(w.reshape(self.hf_shape[::-1]).T)
-        return np.asarray(w).reshape(self.hf_shape)
+def _linear(hf_shape: tuple, ours_shape: tuple):
+    """(to ours, to HF) of one Linear weight."""
+    return (lambda w: np.ascontiguousarray(w.T).reshape(ours_shape),
+            lambda w: np.ascontiguousarray(w.reshape(hf_shape[::-1]).T))
 
 
 def _param_table(config: ModelConfig) -> dict[str, _Entry]:
-    """Our param path (jax keystr) -> _Entry, for every parameter of the config."""
+    """Our param path (jax keystr) -> _Entry, for every parameter of the config. Fused qkv
+    arrays are in one device's layout (K groups); `llama.regroup` places them on a mesh."""
     E, H, K, D, F, V = (config.hidden_size, config.num_heads, config.num_kv_heads,
                         config.head_dim, config.intermediate_size, config.vocab_size)
     table: dict[str, _Entry] = {}
 
-    def add(path, hf_name, hf_shape, ours_shape, kind):
-        table[path] = _Entry(hf_name, hf_shape, ours_shape, transposed=kind == "linear")
+    def one(path, hf_name, hf_shape, ours_shape, kind):
+        to_ours, to_hf = _linear(hf_shape, ours_shape) if kind == "linear" else (
+            lambda w: np.asarray(w).reshape(ours_shape), lambda w: np.asarray(w).reshape(hf_shape))
+        table[path] = _Entry((hf_name,), (hf_shape,), lambda ws: to_ours(ws[0]),
+                             lambda w: [to_hf(w)])
 
-    add("['embed']", "model.embed_tokens.weight", (V, E), (V, E), "vector")
-    add("['final_norm']", "model.norm.weight", (E,), (E,), "vector")
+    def qkv(path, names, shapes, heads_shapes):
+        """q, k, v (Linear weights, or biases: `heads_shapes` None) -> [.., K, H/K + 2, D]."""
+        def to_ours(ws):
+            if heads_shapes is not None:
+                ws = [_linear(s, h)[0](w) for w, s, h in zip(ws, shapes, heads_shapes)]
+            else:
+                ws = [np.asarray(w).reshape(-1, D) for w in ws]
+            return llama.group_qkv(*ws, K, xp=np)
+
+        def to_hf(w):
+            parts = llama.split_qkv(w, K)
+            if heads_shapes is None:
+                return [np.asarray(p).reshape(s) for p, s in zip(parts, shapes)]
+            return [_linear(s, h)[1](p) for p, s, h in zip(parts, shapes, heads_shapes)]
+
+        table[path] = _Entry(tuple(names), tuple(shapes), to_ours, to_hf)
+
+    def gate_up(path, names, shapes):
+        """gate, up (Linear weights [F, E] -> [E, 2, F], or biases [F] -> [2, F])."""
+        axis = 1 if len(shapes[0]) == 2 else 0
+        table[path] = _Entry(
+            tuple(names), tuple(shapes),
+            lambda ws: np.stack([np.asarray(w).T for w in ws], axis=axis),
+            lambda w: [np.ascontiguousarray(np.take(w, i, axis=axis).T) for i in (0, 1)])
+
+    one("['embed']", "model.embed_tokens.weight", (V, E), (V, E), "vector")
+    one("['final_norm']", "model.norm.weight", (E,), (E,), "vector")
     if not config.tie_word_embeddings:
-        add("['lm_head']", "lm_head.weight", (V, E), (E, V), "linear")
+        one("['lm_head']", "lm_head.weight", (V, E), (E, V), "linear")
     for i in range(config.num_layers):
         p, h = f"['layers'][{i}]", f"model.layers.{i}."
-        add(p + "['attn_norm']", h + "input_layernorm.weight", (E,), (E,), "vector")
-        add(p + "['mlp_norm']", h + "post_attention_layernorm.weight", (E,), (E,), "vector")
-        add(p + "['q']", h + "self_attn.q_proj.weight", (H * D, E), (E, H, D), "linear")
-        add(p + "['k']", h + "self_attn.k_proj.weight", (K * D, E), (E, K, D), "linear")
-        add(p + "['v']", h + "self_attn.v_proj.weight", (K * D, E), (E, K, D), "linear")
-        add(p + "['o']", h + "self_attn.o_proj.weight", (E, H * D), (H, D, E), "linear")
-        add(p + "['gate']", h + "mlp.gate_proj.weight", (F, E), (E, F), "linear")
-        add(p + "['up']", h + "mlp.up_proj.weight", (F, E), (E, F), "linear")
-        add(p + "['down']", h + "mlp.down_proj.weight", (E, F), (F, E), "linear")
+        one(p + "['attn_norm']", h + "input_layernorm.weight", (E,), (E,), "vector")
+        one(p + "['mlp_norm']", h + "post_attention_layernorm.weight", (E,), (E,), "vector")
+        proj = [h + f"self_attn.{x}_proj." for x in "qkv"]
+        qkv(p + "['qkv']", [n + "weight" for n in proj], [(H * D, E), (K * D, E), (K * D, E)],
+            [(E, H, D), (E, K, D), (E, K, D)])
+        one(p + "['o']", h + "self_attn.o_proj.weight", (E, H * D), (H, D, E), "linear")
+        mlp = [h + "mlp.gate_proj.", h + "mlp.up_proj."]
+        gate_up(p + "['gate_up']", [n + "weight" for n in mlp], [(F, E), (F, E)])
+        one(p + "['down']", h + "mlp.down_proj.weight", (E, F), (F, E), "linear")
         if config.qkv_bias:
-            add(p + "['q_bias']", h + "self_attn.q_proj.bias", (H * D,), (H, D), "vector")
-            add(p + "['k_bias']", h + "self_attn.k_proj.bias", (K * D,), (K, D), "vector")
-            add(p + "['v_bias']", h + "self_attn.v_proj.bias", (K * D,), (K, D), "vector")
+            qkv(p + "['qkv_bias']", [n + "bias" for n in proj], [(H * D,), (K * D,), (K * D,)],
+                None)
         if config.o_bias:
-            add(p + "['o_bias']", h + "self_attn.o_proj.bias", (E,), (E,), "vector")
+            one(p + "['o_bias']", h + "self_attn.o_proj.bias", (E,), (E,), "vector")
         if config.mlp_bias:
-            add(p + "['gate_bias']", h + "mlp.gate_proj.bias", (F,), (F,), "vector")
-            add(p + "['up_bias']", h + "mlp.up_proj.bias", (F,), (F,), "vector")
-            add(p + "['down_bias']", h + "mlp.down_proj.bias", (E,), (E,), "vector")
+            gate_up(p + "['gate_up_bias']", [n + "bias" for n in mlp], [(F,), (F,)])
+            one(p + "['down_bias']", h + "mlp.down_proj.bias", (E,), (E,), "vector")
     return table
 
 
@@ -235,17 +262,18 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     tensors = _checkpoint_tensors(directory)
     table = _param_table(config)
     vocab = parallel.padded_vocab(config, mesh)
+    groups = llama.kv_groups(config, parallel.tp_size(mesh))
 
-    for path_str, entry in table.items():
-        info = tensors.get(entry.hf_name)
-        if info is None:
-            raise CheckpointError(f"tensor {entry.hf_name!r} is missing from {directory}")
-        if info.shape != entry.hf_shape:
-            raise CheckpointError(
-                f"tensor {entry.hf_name!r} has shape {info.shape}, expected {entry.hf_shape} "
-                "from config.json"
-            )
-    known = {e.hf_name for e in table.values()}
+    for entry in table.values():
+        for name, shape in zip(entry.hf_names, entry.hf_shapes):
+            info = tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"tensor {name!r} is missing from {directory}")
+            if info.shape != shape:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {info.shape}, expected {shape} from config.json"
+                )
+    known = {n for e in table.values() for n in e.hf_names}
     if config.tie_word_embeddings:
         known.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     unexpected = sorted(n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIXES))
@@ -253,11 +281,14 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
         warnings.warn(f"ignoring {len(unexpected)} unexpected tensors in {directory}: {unexpected[:5]}")
 
     def place(path, sharding) -> jax.Array:
-        entry = table[jax.tree_util.keystr(path)]
-        array = entry.to_ours(tensors[entry.hf_name].read()).astype(dtype)
-        if entry.hf_name in _VOCAB_ROWS and vocab != config.vocab_size:
+        name = jax.tree_util.keystr(path)
+        entry = table[name]
+        array = entry.to_ours([tensors[n].read() for n in entry.hf_names]).astype(dtype)
+        array = llama.regroup(name, array, config, groups, xp=np)
+        hf_name = entry.hf_names[0]
+        if hf_name in _VOCAB_ROWS and vocab != config.vocab_size:
             pad = [(0, 0)] * array.ndim
-            pad[_VOCAB_ROWS[entry.hf_name]] = (0, vocab - config.vocab_size)
+            pad[_VOCAB_ROWS[hf_name]] = (0, vocab - config.vocab_size)
             array = np.pad(array, pad)
         return jax.device_put(array, sharding)
 
@@ -309,11 +340,13 @@ def save_pretrained(
     tensors = {}
     for path_str, entry in table.items():
         array = np.asarray(jax.device_get(flat[path_str]))
-        if entry.hf_name in _VOCAB_ROWS:  # drop tp padding rows
-            array = np.take(array, np.arange(config.vocab_size), axis=_VOCAB_ROWS[entry.hf_name])
+        hf_name = entry.hf_names[0]
+        if hf_name in _VOCAB_ROWS:  # drop tp padding rows
+            array = np.take(array, np.arange(config.vocab_size), axis=_VOCAB_ROWS[hf_name])
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
-        tensors[entry.hf_name] = np.ascontiguousarray(entry.to_hf(array))
+        for name, hf_array in zip(entry.hf_names, entry.to_hf(array)):
+            tensors[name] = np.ascontiguousarray(hf_array)
     written_dtype = str(next(iter(tensors.values())).dtype)
 
     exists = os.path.isdir(target)

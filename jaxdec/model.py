@@ -105,16 +105,20 @@ def init_model(
     vocab = parallel.padded_vocab(config, mesh)
     fam = family(config)
     is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
+    # Drawn in one device's layout, then regrouped for the mesh (init_params' values).
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         fam.param_shapes(config, vocab_size=vocab), is_leaf=is_shape)
     shardings = treedef.flatten_up_to(param_shardings(config, mesh))
     keys = jax.random.split(key, len(flat))
+    groups = fam.kv_groups(config, parallel.tp_size(mesh))
     leaves = []
     for (path, shape), sharding, k in zip(flat, shardings, keys):
         name = jax.tree_util.keystr(path)
         zero_from = _padded_vocab_axis(name, shape, config.vocab_size)
+        regroup = (config.num_kv_heads, groups) if fam.is_grouped(name) and \
+            groups != config.num_kv_heads else None
         draw = _leaf_program(fam, fam.leaf_kind(name), shape, jnp.dtype(dtype), float(std),
-                             sharding, zero_from)
+                             sharding, zero_from, regroup)
         leaves.append(draw(k))
     return Model(config=config, params=jax.tree.unflatten(treedef, leaves), mesh=mesh)
 
@@ -129,13 +133,18 @@ def _padded_vocab_axis(name: str, shape: tuple, vocab_size: int) -> tuple[int, i
 
 
 @functools.lru_cache(maxsize=None)
-def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zero_from):
+def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zero_from,
+                  regroup: tuple[int, int] | None):
+    """One leaf's draw, compiled once per distinct (kind, shape, sharding, ...); `regroup`:
+    (KV heads, groups) for a qkv leaf whose mesh layout differs from one device's."""
     def draw(k):
         x = fam.init_leaf(kind, shape, k, dtype=dtype, std=std)
         if zero_from is not None:
             axis, size = zero_from
             keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis) < size
             x = jnp.where(keep, x, jnp.zeros((), dtype))
+        if regroup is not None:
+            x = fam.group_qkv(*fam.split_qkv(x, regroup[0]), regroup[1])
         return x
 
     return jax.jit(draw, out_shardings=sharding)
@@ -152,7 +161,9 @@ def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None 
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     vocab = parallel.padded_vocab(config, mesh)
-    shapes = family(config).param_shapes(config, vocab_size=vocab)
+    fam = family(config)
+    shapes = fam.param_shapes(config, vocab_size=vocab,
+                              groups=fam.kv_groups(config, parallel.tp_size(mesh)))
     params = jax.tree.map(
         lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding),
         shapes, param_shardings(config, mesh), is_leaf=lambda x: isinstance(x, tuple))

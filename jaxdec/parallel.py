@@ -86,12 +86,6 @@ def check_divisibility(config, mesh: Mesh) -> None:
         )
 
 
-def kv_heads_replicated(config, mesh: Mesh) -> bool:
-    """True when tp exceeds the KV heads: every shard then keeps all KV projections and uses
-    the one head its query heads belong to."""
-    return tp_size(mesh) > config.num_kv_heads
-
-
 def cache_kv_heads(config, mesh: Mesh) -> int:
     """KV heads in the cache: the model's, or one per tp shard when they are replicated."""
     return max(config.num_kv_heads, tp_size(mesh))
@@ -112,9 +106,11 @@ def rules(mesh: Mesh, config) -> dict[str, str | None]:
         "vocab": tp,
         "embed": None,
         "q_heads": tp,
-        "kv_heads": None if kv_heads_replicated(config, mesh) else tp,
+        "kv_groups": tp,  # max(K, tp) groups of the fused qkv projection: whole groups a shard
+        "qkv_slot": None,
         "cache_heads": tp,
         "head_dim": None,
+        "gate_up": None,
         "mlp": tp,
         "cache_seq": None,
         "seq": None,

@@ -97,16 +97,15 @@ def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
 # --------------------------------------------------------------------------------- MLP
 
 
-def gated_mlp(x_BTE, gate_EF, up_EF, down_FE, biases=None, inv_rms_BT1=None) -> jax.Array:
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Under tensor parallelism F is the local shard
-    and the result is a partial sum the caller reduces. With `inv_rms_BT1`, x is
-    `weight * x` from `rms_norm_factored` and the gate and up projections apply the scale."""
-    gate = project("bte,ef->btf", x_BTE, gate_EF, inv_rms_BT1)
-    up = project("bte,ef->btf", x_BTE, up_EF, inv_rms_BT1)
-    if biases is not None:
-        gate, up = gate + biases["gate"], up + biases["up"]
-    out = (jax.nn.silu(gate) * up) @ down_FE
-    return out
+def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None) -> jax.Array:
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up as one [E, 2, F] matrix (one
+    matmul). Under tensor parallelism F is the local shard and the result is a partial sum
+    the caller reduces. With `inv_rms_BT1`, x is `weight * x` from `rms_norm_factored` and the
+    projection applies the scale."""
+    gate_up = project("bte,egf->btgf", x_BTE, gate_up_E2F, inv_rms_BT1)
+    if bias_2F is not None:
+        gate_up = gate_up + bias_2F
+    return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ down_FE
 
 
 # --------------------------------------------------------------------------- attention

@@ -4,12 +4,20 @@ Params (global shapes; `layers` is a list so the decode loop reads each layer's 
 place, see PITFALLS):
 
     embed       [V, E]            vocab-parallel rows
-    layers[i]   attn_norm [E], q [E, H, D], k [E, K, D], v [E, K, D], o [H, D, E],
-                (q_bias [H, D], k_bias [K, D], v_bias [K, D], o_bias [E]),
-                mlp_norm [E], gate [E, F], up [E, F], down [F, E],
-                (gate_bias [F], up_bias [F], down_bias [E])
+    layers[i]   attn_norm [E], qkv [E, R, H/R + 2, D], o [H, D, E],
+                (qkv_bias [R, H/R + 2, D], o_bias [E]),
+                mlp_norm [E], gate_up [E, 2, F], down [F, E],
+                (gate_up_bias [2, F], down_bias [E])
     final_norm  [E]
     lm_head     [E, V]            absent when the embeddings are tied
+
+The query, key and value projections are one matrix, in R = max(K, tp) groups (`kv_groups`):
+group r holds query heads [r H/R, (r + 1) H/R), then the key and the value of the KV head
+those heads read; when tp exceeds the KV heads, each KV head's projection is repeated in
+tp / K groups, so every shard holds whole groups. The gate and up projections are one matrix
+too ([E, 2, F]: gate, then up). One matrix is one matmul: a decode step at batch 1 ran q and
+k|v (and gate and up) as separate kernels, k|v as a reduction at 60% of the memory bandwidth.
+`group_qkv` / `split_qkv` convert to and from separate q, k, v (checkpoints, other meshes).
 
 `forward` is written per tensor-parallel shard: it sees its local heads / MLP columns /
 vocabulary rows and reduces with `psum` over the "tp" mesh axis. Run it through
@@ -36,22 +44,18 @@ def param_axes(config: ModelConfig) -> dict:
     def layer():
         axes = {
             "attn_norm": ("embed",),
-            "q": ("embed", "q_heads", "head_dim"),
-            "k": ("embed", "kv_heads", "head_dim"),
-            "v": ("embed", "kv_heads", "head_dim"),
+            "qkv": ("embed", "kv_groups", "qkv_slot", "head_dim"),
             "o": ("q_heads", "head_dim", "embed"),
             "mlp_norm": ("embed",),
-            "gate": ("embed", "mlp"),
-            "up": ("embed", "mlp"),
+            "gate_up": ("embed", "gate_up", "mlp"),
             "down": ("mlp", "embed"),
         }
         if config.qkv_bias:
-            axes.update(q_bias=("q_heads", "head_dim"), k_bias=("kv_heads", "head_dim"),
-                        v_bias=("kv_heads", "head_dim"))
+            axes["qkv_bias"] = ("kv_groups", "qkv_slot", "head_dim")
         if config.o_bias:
             axes["o_bias"] = ("embed",)
         if config.mlp_bias:
-            axes.update(gate_bias=("mlp",), up_bias=("mlp",), down_bias=("embed",))
+            axes.update(gate_up_bias=("gate_up", "mlp"), down_bias=("embed",))
         return axes
 
     axes = {
@@ -64,32 +68,82 @@ def param_axes(config: ModelConfig) -> dict:
     return axes
 
 
-def param_shapes(config: ModelConfig, *, vocab_size: int | None = None) -> dict:
-    """Global shape of every parameter; `vocab_size` overrides the (padded) vocabulary."""
+def kv_groups(config: ModelConfig, tp: int = 1) -> int:
+    """R, the groups of the fused qkv projection on a tp-way mesh: max(K, tp)."""
+    return max(config.num_kv_heads, tp)
+
+
+def param_shapes(config: ModelConfig, *, vocab_size: int | None = None,
+                 groups: int | None = None) -> dict:
+    """Global shape of every parameter; `vocab_size` overrides the (padded) vocabulary,
+    `groups` the qkv groups R (default K, one device's layout; see `kv_groups`)."""
     E, H, K, D, F = (config.hidden_size, config.num_heads, config.num_kv_heads,
                      config.head_dim, config.intermediate_size)
+    R = groups or K
+    if R % K or H % R:
+        raise ValueError(f"{R} qkv groups must be a multiple of the {K} KV heads and divide "
+                         f"the {H} query heads")
     V = vocab_size or config.vocab_size
-    sizes = {"vocab": V, "embed": E, "q_heads": H, "kv_heads": K, "head_dim": D, "mlp": F}
+    sizes = {"vocab": V, "embed": E, "q_heads": H, "kv_groups": R, "qkv_slot": H // R + 2,
+             "head_dim": D, "gate_up": 2, "mlp": F}
     return jax.tree.map(
         lambda axes: tuple(sizes[a] for a in axes), param_axes(config),
         is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
+def group_qkv(q, k, v, groups: int, xp=jnp):
+    """Separate projections -> the fused layout: q [..., H, D], k and v [..., K, D] (weights
+    with a leading E axis, or biases) -> [..., R, H/R + 2, D] with R = `groups`. `xp` is the
+    array module (numpy for checkpoints on the host)."""
+    *lead, H, D = q.shape
+    K = k.shape[-2]
+    repeat = groups // K
+    parts = [q.reshape(*lead, groups, H // groups, D),
+             xp.repeat(k, repeat, axis=-2)[..., None, :],
+             xp.repeat(v, repeat, axis=-2)[..., None, :]]
+    return xp.concatenate(parts, axis=-2)
+
+
+def split_qkv(qkv, kv_heads: int):
+    """The fused layout -> (q [..., H, D], k [..., K, D], v [..., K, D]); a KV head repeated
+    in several groups is read from its first."""
+    *lead, R, slots, D = qkv.shape
+    per, every = slots - 2, R // kv_heads
+    q = qkv[..., :per, :].reshape(*lead, R * per, D)
+    return q, qkv[..., ::every, per, :], qkv[..., ::every, per + 1, :]
+
+
+def is_grouped(name: str) -> bool:
+    """Whether a parameter (by its keystr path) is laid out in qkv groups."""
+    return name.endswith(("['qkv']", "['qkv_bias']"))
+
+
+def regroup(name: str, x, config: ModelConfig, groups: int, xp=jnp):
+    """A parameter (by its keystr path) in the layout of `groups` qkv groups (unchanged for
+    every parameter but qkv and its bias, and when already there)."""
+    if not is_grouped(name) or x.shape[-3] == groups:
+        return x
+    return group_qkv(*split_qkv(x, config.num_kv_heads), groups, xp=xp)
+
+
 def init_params(
     config: ModelConfig, key: jax.Array, *, dtype=jnp.float32, vocab_size: int | None = None,
-    std: float = 0.02,
+    std: float = 0.02, groups: int | None = None,
 ) -> dict:
     """Random params: normal(0, std) matrices, zero biases, unit norms (leaf i drawn from the
-    i-th of `jax.random.split(key, leaves)`, in tree order; `jaxdec.init_model` draws the
-    same values one leaf at a time)."""
+    i-th of `jax.random.split(key, leaves)`, in tree order, in one device's layout, then
+    regrouped to `groups`; `jaxdec.init_model` draws the same values one leaf at a time)."""
     shapes = param_shapes(config, vocab_size=vocab_size)
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(flat))
-    return jax.tree.unflatten(treedef, [
-        init_leaf(leaf_kind(jax.tree_util.keystr(path)), shape, k, dtype=dtype, std=std)
-        for (path, shape), k in zip(flat, keys)])
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = jax.tree_util.keystr(path)
+        leaf = init_leaf(leaf_kind(name), shape, k, dtype=dtype, std=std)
+        leaves.append(regroup(name, leaf, config, groups or config.num_kv_heads))
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def leaf_kind(path: str) -> str:
@@ -118,27 +172,16 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
     return jax.lax.psum(jnp.where(owned[..., None], rows, 0).astype(embed_VE.dtype), TP)
 
 
-def _local_kv(weight_EKD, bias_KD, config: ModelConfig, tp: int):
-    """This shard's KV projection. When tp exceeds the KV heads the projections are
-    replicated and each shard keeps the one head its query heads read."""
-    if tp <= config.num_kv_heads:
-        return weight_EKD, bias_KD
-    head = jax.lax.axis_index(TP) * config.num_kv_heads // tp
-    weight = jax.lax.dynamic_slice_in_dim(weight_EKD, head, 1, axis=1)
-    bias = None if bias_KD is None else jax.lax.dynamic_slice_in_dim(bias_KD, head, 1, axis=0)
-    return weight, bias
-
-
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
-                     mask_BTT, *, config: ModelConfig, tp: int, window, inv_freq, impl):
-    """x_BTE and inv_rms_BT1: the attention norm's factors (`L.rms_norm_factored`)."""
-    q = L.project("bte,ehd->bthd", x_BTE, layer["q"], inv_rms_BT1)
-    k_w, k_b = _local_kv(layer["k"], layer.get("k_bias"), config, tp)
-    v_w, v_b = _local_kv(layer["v"], layer.get("v_bias"), config, tp)
-    k = L.project("bte,ekd->btkd", x_BTE, k_w, inv_rms_BT1)
-    v = L.project("bte,ekd->btkd", x_BTE, v_w, inv_rms_BT1)
-    if config.qkv_bias:
-        q, k, v = q + layer["q_bias"], k + k_b, v + v_b
+                     mask_BTT, *, config: ModelConfig, window, inv_freq, impl):
+    """x_BTE and inv_rms_BT1: the attention norm's factors (`L.rms_norm_factored`). This
+    shard's qkv groups give its query heads and the KV head(s) they read."""
+    qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1)
+    if "qkv_bias" in layer:
+        qkv = qkv + layer["qkv_bias"]
+    B, T, R, slots, D = qkv.shape
+    q = qkv[:, :, :, : slots - 2].reshape(B, T, R * (slots - 2), D)
+    k, v = qkv[:, :, :, slots - 2], qkv[:, :, :, slots - 1]
     q = L.apply_rope(q, positions_BT, inv_freq)
     k = L.apply_rope(k, positions_BT, inv_freq)
     if kv_entry is None:  # no cache: the new tokens are the whole context
@@ -156,9 +199,8 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
 
 def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig):
     """x_BTE and inv_rms_BT1: the MLP norm's factors (`L.rms_norm_factored`)."""
-    biases = {"gate": layer["gate_bias"], "up": layer["up_bias"]} if config.mlp_bias else None
-    out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate"], layer["up"], layer["down"], biases,
-                                   inv_rms_BT1), TP)
+    out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate_up"], layer["down"],
+                                   layer.get("gate_up_bias"), inv_rms_BT1), TP)
     if config.mlp_bias:
         out = out + layer["down_bias"]
     return out
@@ -202,7 +244,7 @@ def forward(
         h, inv_rms = L.rms_norm_factored(x, layer["attn_norm"], config.rms_norm_eps)
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
-            config=config, tp=tp, window=config.layer_windows[i], inv_freq=inv_freq,
+            config=config, window=config.layer_windows[i], inv_freq=inv_freq,
             impl=attention,
         )
         x = x + attn

@@ -114,6 +114,26 @@ def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):
     assert all(r["error"] is None for r in after.values())
     assert after["jaxdec-reference", 1]["notes"] == "jaxdec.generate, attention=reference"
     assert after["jaxdec", 1]["notes"] == "jaxdec.generate, attention=auto"
+    current = bench_common.sources_digest(bench_common.MODEL_SOURCES)
+    assert after["jaxdec", 2]["model_sources"] == current
+    assert "model_sources" not in after["hf-eager", 2]
+
+
+def test_resume_drops_jaxdec_rows_of_other_model_code(tmp_path, monkeypatch):
+    """jaxdec's rows measured another version of the code a decode step runs (another
+    `model_sources`, or none: before records carried it) are not kept; transformers' are."""
+    spec = bench.make_spec(bench.parse_args(["--preset", "cpu-tiny"])[1], bench.PRESETS["cpu-tiny"])
+    current = bench_common.sources_digest(bench_common.MODEL_SOURCES)
+    row = dict(preset="cpu-tiny", context=spec["context"], new_tokens=spec["new_tokens"],
+               error=None, hbm_gbps=1.0)
+    rows = [dict(row, impl=impl, batch=b, **extra) for b in spec["batch_sizes"]
+            for impl, extra in (("hf-eager", {}), ("jaxdec", dict(model_sources=current)),
+                                ("jaxdec-reference", dict(model_sources="0" * 16)))]
+    rows += [dict(row, impl="jaxdec-reference", batch=b) for b in spec["batch_sizes"]]
+    monkeypatch.setattr(bench, "device_slug", lambda name: "cpu")
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(rows))
+    kept, _ = bench.finished_records(tmp_path, "cpu-tiny", spec)
+    assert sorted({r["impl"] for r in kept}) == ["hf-eager", "jaxdec"]
 
 
 def test_cpu_tiny_markdown(cpu_tiny_run):

@@ -89,12 +89,14 @@ def test_completeness_rule(tmp_path):
 
 
 def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
-    """The decode step needs the jaxdec impls and hf-eager finished, and hf-compile tried: a
-    crash of it is not retried by every call, a run cut by time is."""
+    """The decode step needs the jaxdec impls (measured with today's model code) and hf-eager
+    finished, and hf-compile tried: a crash of it is not retried by every call, a run cut by
+    time is."""
     decode = next(s for s in device.plan("gpu") if s.name == "decode")
     path = tmp_path / "decode-h100.json"
-    rows = [{"preset": "h100", "impl": impl, "batch": b} for b in (1, 16)
-            for impl in ("jaxdec", "jaxdec-reference", "hf-eager")]
+    current = device.common_sources_digest(device.MODEL_SOURCES)
+    rows = [{"preset": "h100", "impl": impl, "batch": b, "model_sources": current}
+            for b in (1, 16) for impl in ("jaxdec", "jaxdec-reference", "hf-eager")]
     path.write_text(json.dumps(rows))
     assert not decode.done(tmp_path, "h100")  # hf-compile never ran
     for error, done in (("timed out after 300 s", False),
@@ -105,6 +107,9 @@ def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
         path.write_text(json.dumps(rows + tried))
         assert decode.done(tmp_path, "h100") is done, error
     rows[0]["error"] = "worker exited with code 1"  # a jaxdec impl must finish
+    path.write_text(json.dumps(rows + tried))
+    assert not decode.done(tmp_path, "h100")
+    rows[0].update(error=None, model_sources="0" * 16)  # ... with the code as it is
     path.write_text(json.dumps(rows + tried))
     assert not decode.done(tmp_path, "h100")
 

@@ -67,9 +67,9 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
 
 def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=2))
-    q = model.params["layers"][0]["q"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
-    assert q.addressable_shards[0].data.shape == (64, 4, 8)
+    qkv = model.params["layers"][0]["qkv"]  # 2 groups (KV heads) of 4 query heads + k + v
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None, None)
+    assert qkv.addressable_shards[0].data.shape == (64, 1, 6, 8)
     # 97 rows do not split two ways: the vocabulary is padded with zero rows.
     assert model.params["embed"].shape == (98, 64)
     np.testing.assert_array_equal(np.asarray(model.params["embed"][97]), 0)

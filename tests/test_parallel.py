@@ -44,10 +44,15 @@ def test_mqa_with_tied_vocab_parallel_embeddings(hf_checkpoints, loaded):
 def test_params_are_split_by_heads(hf_checkpoints):
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=4))
     layer = model.params["layers"][0]
-    assert layer["q"].addressable_shards[0].data.shape == (64, 2, 8)
+    # 4 qkv groups for 2 KV heads (tp = 4 > K): a shard's group is its 2 query heads, then
+    # the key and value of the KV head they read, which two groups repeat.
+    assert layer["qkv"].shape == (64, 4, 2 + 2, 8)
+    assert layer["qkv"].addressable_shards[0].data.shape == (64, 1, 4, 8)
+    qkv = np.asarray(layer["qkv"])
+    np.testing.assert_array_equal(qkv[:, 0, 2:], qkv[:, 1, 2:])
+    np.testing.assert_array_equal(qkv[:, 2, 2:], qkv[:, 3, 2:])
     assert layer["o"].addressable_shards[0].data.shape == (2, 8, 64)
-    assert layer["gate"].addressable_shards[0].data.shape == (64, 32)
-    assert layer["k"].addressable_shards[0].data.shape == (64, 2, 8)  # replicated: 2 KV < tp
+    assert layer["gate_up"].addressable_shards[0].data.shape == (64, 2, 32)
     assert model.params["lm_head"].addressable_shards[0].data.shape == (64, 25)  # 100 / 4
 
 
@@ -120,11 +125,12 @@ def test_tree_forward_and_commit_under_tp(tp, hf_checkpoints, loaded):
         np.testing.assert_allclose(got[:, :6], want[:, :6], rtol=1e-5, atol=1e-5)
 
 
-def test_init_model_draws_the_familys_params_leaf_by_leaf():
+@pytest.mark.parametrize("tp", [2, 4])
+def test_init_model_draws_the_familys_params_leaf_by_leaf(tp):
     """`init_model` equals the family's `init_params` compiled as one program (padded
-    vocabulary rows zero) under tp = 2, bit for bit, built by one small program per distinct
-    leaf shape and sharding instead (one program for the whole tree of an 8B model took over a
-    minute to compile)."""
+    vocabulary rows zero) under tp = 2 and 4 (more shards than KV heads: qkv regrouped), bit
+    for bit, built by one small program per distinct leaf shape and sharding instead (one
+    program for the whole tree of an 8B model took over a minute to compile)."""
     import jax.numpy as jnp
 
     from jaxdec.model import family
@@ -132,7 +138,7 @@ def test_init_model_draws_the_familys_params_leaf_by_leaf():
     config = jaxdec.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
                                 num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
                                 tie_word_embeddings=False)
-    mesh = jaxdec.make_mesh(tp=2)
+    mesh = jaxdec.make_mesh(tp=tp)
     events = []
 
     def listener(event, duration, **_):
@@ -145,18 +151,42 @@ def test_init_model_draws_the_familys_params_leaf_by_leaf():
                                   mesh=mesh, std=0.1)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    # Shapes: embed, lm_head, norms, q, k, v, o, gate/up, down (+ the key split): far fewer
-    # programs than the 3 x 9 + 3 leaves.
-    assert 0 < len(events) <= 14
+    # Shapes: embed, lm_head, norms, qkv, o, gate_up, down (+ the key split): far fewer
+    # programs than the 3 x 6 + 3 leaves.
+    assert 0 < len(events) <= 10
+    vocab = 98 if tp == 2 else 100
     want = jax.jit(lambda k: family(config).init_params(
-        config, k, dtype=jnp.bfloat16, vocab_size=98, std=0.1))(jax.random.PRNGKey(3))
+        config, k, dtype=jnp.bfloat16, vocab_size=vocab, std=0.1, groups=max(2, tp)))(
+            jax.random.PRNGKey(3))
     want["embed"] = want["embed"].at[97:].set(0)
     want["lm_head"] = want["lm_head"].at[:, 97:].set(0)
     got = jax.tree.map(np.asarray, model.params)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(g.astype(np.float32), np.asarray(w, np.float32))
-    assert model.params["embed"].shape == (98, 32) and not np.asarray(
+    assert model.params["embed"].shape == (vocab, 32) and not np.asarray(
         model.params["embed"][97:], np.float32).any()
-    # Placed sharded: each device holds its 2 of the 4 query heads.
-    assert model.params["layers"][0]["q"].addressable_shards[0].data.shape == (32, 2, 8)
+    # Placed sharded: each device holds its 4 / tp of the 4 query heads (its qkv groups).
+    assert model.params["layers"][0]["qkv"].addressable_shards[0].data.shape == (
+        (32, 1, 4, 8) if tp == 2 else (32, 1, 3, 8))
+
+
+def test_qkv_groups_hand_computed():
+    """The fused qkv layout: group r = its query heads, then the key and the value of their KV
+    head (repeated when there are more groups than KV heads); split_qkv inverts it."""
+    from jaxdec.models import llama
+
+    q = np.arange(4.0).reshape(1, 4, 1)  # [E=1, H=4, D=1]
+    k, v = np.array([[[10.0], [11.0]]]), np.array([[[20.0], [21.0]]])  # K = 2
+    two = llama.group_qkv(q, k, v, 2, xp=np)
+    np.testing.assert_array_equal(two[0, :, :, 0], [[0, 1, 10, 20], [2, 3, 11, 21]])
+    four = llama.group_qkv(q, k, v, 4, xp=np)
+    np.testing.assert_array_equal(four[0, :, :, 0],
+                                  [[0, 10, 20], [1, 10, 20], [2, 11, 21], [3, 11, 21]])
+    for fused in (two, four):
+        for got, want in zip(llama.split_qkv(fused, 2), (q, k, v)):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="qkv groups"):
+        llama.param_shapes(jaxdec.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+                                              num_layers=1, num_heads=4, num_kv_heads=2,
+                                              head_dim=2), groups=3)

@@ -26,7 +26,8 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.cache import commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
-from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype, param_shardings
+from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
+                          param_shardings)
 from jaxdec.tree import Topology, chain
 from jaxdec.verify import ProposalKind
 
@@ -85,6 +86,11 @@ class DraftModel(Drafter):
             params = jax.tree.map(np.asarray, draft.params)
             rows = params["embed"].shape[0]
             params = _resize_vocab(params, rows, vocab)
+            fam = family(draft.config)
+            groups = fam.kv_groups(draft.config, parallel.tp_size(target.mesh))
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, x: fam.regroup(jax.tree_util.keystr(path), x, draft.config, groups,
+                                            xp=np), params)
             params = jax.device_put(params, param_shardings(draft.config, target.mesh))
             draft = Model(config=draft.config, params=params, mesh=target.mesh,
                           tokenizer=draft.tokenizer, attention=draft.attention)
