@@ -187,5 +187,6 @@ def tree_attention_gpu(
     # A barrier between the kernel and the combine: fusing the combine's max into its
     # consumers has produced NaNs in flash-decoding combines on GPU; it costs nothing.
     m = jax.lax.optimization_barrier(m)
-    out = common.combine(o, m, l)
+    real = T * G  # the padding rows are dropped before the combine reads them
+    out = common.combine(o[..., :real, :], m[..., :real], l[..., :real])
     return common.unpack_output(out, T, H).astype(q_BTHD.dtype)
