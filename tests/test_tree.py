@@ -99,6 +99,21 @@ def test_trie_budget_keeps_the_shallow_nodes_and_skips_missing_tokens():
     np.testing.assert_array_equal(none.valid[0], [True, False, False, False, False])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_trie_ancestors_are_the_parents_closure(seed):
+    """from_candidates writes the ancestor mask directly from the candidates' paths: the same
+    as walking the trie's parents (`ancestor_mask`), with repeated prefixes, stops, and budgets
+    that cut the trie."""
+    rs = np.random.RandomState(seed)
+    B, C, D = 3, 5, 4
+    cands = jnp.asarray(rs.randint(0, 3, (B, C, D)))  # 3 tokens: many shared prefixes
+    stops = rs.randint(0, D + 1, (B, C))
+    valid = jnp.asarray(np.arange(D)[None, None, :] < stops[:, :, None])
+    for num_nodes in (4, 9, 21):
+        t = tree.from_candidates(jnp.arange(B), cands, valid, num_nodes=num_nodes)
+        np.testing.assert_array_equal(t.ancestors, tree.ancestor_mask(t.parents, t.valid))
+
+
 def test_ancestor_mask_matches_the_static_one():
     rs = np.random.RandomState(0)
     parents = [-1] + [int(rs.randint(0, i)) for i in range(1, 12)]

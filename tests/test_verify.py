@@ -47,6 +47,47 @@ def test_greedy_tree_picks_the_matching_child_and_skips_invalid_nodes():
     np.testing.assert_array_equal(v.bonus, [4, 9])  # row 1: node 3 is invalid
 
 
+def _walk_by_hand(parents, tokens, valid, next_tokens, max_depth):
+    """The walk level by level: from the root, the first valid child whose token is the
+    target's next token at the current node."""
+    cur, path = 0, [0]
+    for _ in range(max_depth):
+        children = [i for i in range(len(parents)) if parents[i] == cur and valid[i]
+                    and tokens[i] == next_tokens[cur]]
+        if not children:
+            break
+        cur = children[0]
+        path.append(cur)
+    return path + [0] * (max_depth + 1 - len(path)), len(path), next_tokens[cur]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matching_walk_equals_the_walk_by_hand(seed):
+    """Random trees over 2 tokens (siblings repeat tokens: the first matching one is taken,
+    even when a later one leads deeper), invalid nodes, and depth limits below the tree's."""
+    rs = np.random.RandomState(seed)
+    B, N = 4, 12
+    parents = np.array([[-1] + [int(rs.randint(0, i)) for i in range(1, N)] for _ in range(B)])
+    depth = np.zeros((B, N), np.int32)
+    for b in range(B):
+        for i in range(1, N):
+            depth[b, i] = depth[b, parents[b, i]] + 1
+    tokens = rs.randint(0, 2, (B, N))
+    valid = rs.rand(B, N) < 0.85
+    valid[:, 0] = True
+    anc = tree.ancestor_mask(jnp.asarray(parents), jnp.asarray(valid))
+    t = tree.TokenTree(tokens=jnp.asarray(tokens, jnp.int32), parents=jnp.asarray(parents, jnp.int32),
+                       depth=jnp.asarray(depth), valid=jnp.asarray(valid), ancestors=anc)
+    next_tokens = rs.randint(0, 2, (B, N))
+    for max_depth in (1, 3, int(depth.max())):
+        v = verify._walk_matching(t, jnp.asarray(next_tokens, jnp.int32), max_depth)
+        for b in range(B):
+            path, n_path, bonus = _walk_by_hand(parents[b], tokens[b], valid[b], next_tokens[b],
+                                                max_depth)
+            np.testing.assert_array_equal(v.path[b], path)
+            assert int(v.n_path[b]) == n_path and int(v.bonus[b]) == bonus
+
+
 def test_certain_draft_is_always_accepted_by_rejection_sampling():
     t = _tree_of(tree.chain(2), [[0, 1, 2]] * 4)
     logits = jnp.log(jax.nn.one_hot(jnp.array([[1, 2, 3]] * 4), 4) + 1e-30)
