@@ -36,7 +36,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, utc_now, versions  # noqa: E402
+from bench.common import git_commit, merge_records, utc_now, versions  # noqa: E402
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin loads without CUDA
 
@@ -162,32 +162,52 @@ class Preset:
     prompt_len: int
     attention: tuple[str, ...]
     target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
+    program: str = "generate"  # or "lookup": speculative_generate with prompt lookup
 
 
 def presets() -> dict[str, Preset]:
     from bench.decode import LLAMA3_8B, TINY
+    from jaxdec.train.presets import get_preset
 
+    small = get_preset("gpu-small")
+    gpu_small = dict(TINY, vocab_size=small.vocab_size, hidden_size=small.target.hidden_size,
+                     intermediate_size=small.target.intermediate_size,
+                     num_layers=small.target.num_layers, num_heads=small.target.num_heads,
+                     num_kv_heads=small.target.num_kv_heads,
+                     head_dim=small.target.hidden_size // small.target.num_heads,
+                     max_position_embeddings=small.max_positions)
     return {
         "h100": Preset("Llama-3-8B shape, bf16, the decode benchmark's context (2K)",
                        LLAMA3_8B, (1, 16), 1984, ("pallas", "reference"), "h100"),
+        "h100-lookup": Preset("gpu-small target shape, bf16, a prompt-lookup speculative step "
+                              "(its default tree) after a 200-token prompt", gpu_small, (1,),
+                              200, ("reference", "pallas"), "h100", program="lookup"),
         "cpu-tiny": Preset("tiny Llama shape on this machine's CPU (what the tests run)",
                            TINY, (1, 2), 40, ("reference",), None),
+        "cpu-tiny-lookup": Preset("tiny Llama shape, prompt lookup, this machine's CPU", TINY,
+                                  (1,), 40, ("reference",), None, program="lookup"),
     }
 
 
 def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int, attention: str,
-                   devices, new_tokens: int = 128) -> str:
-    """The compiled HLO text of `jaxdec.generate`'s program for these shapes."""
+                   devices, new_tokens: int = 128, program: str = "generate") -> str:
+    """The compiled HLO text of `jaxdec.generate`'s program for these shapes (`program`
+    "lookup": `jaxdec.speculative_generate`'s with prompt lookup)."""
     import jax.numpy as jnp
 
     import jaxdec
     from bench.decode import _prompts
+    from jaxdec.drafters import PromptLookup
 
     fields = dict(model_fields, num_layers=layers, rope=jaxdec.RopeConfig(**model_fields["rope"]))
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
     mesh = jaxdec.make_mesh(devices=devices)
     model = jaxdec.abstract_model(config, dtype=jnp.bfloat16, mesh=mesh).with_attention(attention)
     prompts = _prompts(config.vocab_size, batch, prompt_len).tolist()
+    if program == "lookup":
+        return jaxdec.speculative_generate(model, PromptLookup(), prompts,
+                                           max_new_tokens=new_tokens,
+                                           compile_only=True).as_text()
     return jaxdec.generate(model, prompts, max_new_tokens=new_tokens, compile_only=True).as_text()
 
 
@@ -199,7 +219,8 @@ def census(preset: Preset, devices, backend: str | None, layers: int = 2) -> lis
         for batch in preset.batch_sizes:
             with reporting_backend(backend):
                 loops = [decode_loop(compile_decode(preset.model, n, batch, preset.prompt_len,
-                                                    attention, devices))
+                                                    attention, devices,
+                                                    program=preset.program))
                          for n in (layers, layers + 1)]
             counts = [collections.Counter(category(*k) for k in loop) for loop in loops]
             kinds = [collections.Counter(kind for _, kind in loop) for loop in loops]
@@ -213,23 +234,28 @@ def census(preset: Preset, devices, backend: str | None, layers: int = 2) -> lis
                 kernels_per_layer=per_layer,
                 per_layer_by_category={c: counts[1][c] - counts[0][c] for c in
                                        ("matmul", "attention", "element-wise")},
-                per_layer_by_kind=layer_kinds, step_own_kernels=own,
+                per_layer_by_kind=layer_kinds, step_own_kernels=own, program=preset.program,
                 kernels_per_step=own + full * per_layer, layers=full))
     return records
 
 
-def render_markdown(records: list[dict], meta: dict) -> str:
-    lines = [f"# Kernel census: {meta['description']}", "",
-             f"Compiled for {meta['device']} ({meta['how']}), jax {meta['jax_version']}, "
-             f"commit {meta['commit']}, {meta['date']}. Kernels of one decode step (the "
-             "generate loop's body); no kernel was run or timed.", "",
-             "| batch | attention | kernels per layer | matmul | attention | element-wise "
-             "| step's own | per step (all layers) |", "|---|---|---|---|---|---|---|---|"]
+def render_markdown(records: list[dict]) -> str:
+    """One table, a row per record (each names its preset, program, compile and commit)."""
+    lines = ["# Kernel census", "",
+             "Kernels of one step of a compiled generate loop (the loop's body), counted from "
+             "the program's HLO: no kernel was run or timed. `generate`: plain decoding; "
+             "`lookup`: a speculative step with prompt lookup. Per layer = the difference "
+             "between programs of 3 and 2 layers; the step's own = the rest.", "",
+             "| preset | program | batch | attention | kernels per layer | matmul | attention "
+             "| element-wise | step's own | per step (all layers) | compiled for | jax | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["per_layer_by_category"]
-        lines.append(f"| {r['batch']} | {r['attention']} | {r['kernels_per_layer']} | "
-                     f"{c['matmul']} | {c['attention']} | {c['element-wise']} | "
-                     f"{r['step_own_kernels']} | {r['kernels_per_step']} |")
+        lines.append(f"| {r['preset']} | {r.get('program', 'generate')} | {r['batch']} | "
+                     f"{r['attention']} | {r['kernels_per_layer']} | {c['matmul']} | "
+                     f"{c['attention']} | {c['element-wise']} | {r['step_own_kernels']} | "
+                     f"{r['kernels_per_step']} | {r['device']} ({r['compiled_on']}) | "
+                     f"{r['jax_version']} | {r['commit']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +263,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="h100", choices=sorted(presets()))
     parser.add_argument("--out", type=Path, default=None,
-                        help="write census-<device>.json and .md here (default: print only)")
+                        help="write census-<device>.json and .md here (default: print only); "
+                             "records of other presets already there are kept")
     return parser.parse_args(argv)
 
 
@@ -262,15 +289,16 @@ def main(argv=None) -> int:
     meta = dict(description=preset.description, device=device, how=how, commit=git_commit(),
                 date=utc_now(), **versions())
     for r in records:
-        r.update(preset=args.preset, device=device, compiled_on=how, commit=meta["commit"],
-                 date=meta["date"], jax_version=meta["jax_version"])
-    text = render_markdown(records, meta)
-    print(text)
+        r.update(preset=args.preset, description=preset.description, device=device,
+                 compiled_on=how, commit=meta["commit"], date=meta["date"],
+                 jax_version=meta["jax_version"])
+    print(render_markdown(records))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"census-{device_slug(device)}"
-        stem.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(text)
+        merged = merge_records(stem.with_suffix(".json"), records, ("preset", "batch", "attention"))
+        stem.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(render_markdown(merged))
     return 0
 
 

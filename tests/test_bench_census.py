@@ -74,6 +74,14 @@ def test_cpu_tiny_census(tmp_path):
         assert r["kernels_per_step"] == r["step_own_kernels"] + r["layers"] * r["kernels_per_layer"]
     table = (tmp_path / "census-cpu.md").read_text()
     assert table.count("\n| ") == 1 + len(records)  # header + one row per record
+    # A speculative step's census joins the same file; the plain decoding records stay.
+    assert census.main(["--preset", "cpu-tiny-lookup", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "census-cpu.json").read_text())
+    assert merged[: len(records)] == records
+    lookup = merged[len(records):]
+    assert [(r["preset"], r["program"]) for r in lookup] == [("cpu-tiny-lookup", "lookup")]
+    # Speculation adds work to a step: drafting, the tree, acceptance, the cache commit.
+    assert lookup[0]["kernels_per_step"] > records[0]["kernels_per_step"]
 
 
 def test_target_config_names_the_gpu():
