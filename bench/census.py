@@ -179,6 +179,9 @@ def presets() -> dict[str, Preset]:
     return {
         "h100": Preset("Llama-3-8B shape, bf16, the decode benchmark's context (2K)",
                        LLAMA3_8B, (1, 16), 1984, ("pallas", "reference"), "h100"),
+        "h100-small": Preset("gpu-small target shape, bf16, plain decoding after a 200-token "
+                             "prompt (to set beside h100-lookup)", gpu_small, (1,), 200,
+                             ("reference", "pallas"), "h100"),
         "h100-lookup": Preset("gpu-small target shape, bf16, a prompt-lookup speculative step "
                               "(its default tree) after a 200-token prompt", gpu_small, (1,),
                               200, ("reference", "pallas"), "h100", program="lookup"),
