@@ -78,6 +78,15 @@ def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_pa
     _params_equal(jaxdec.load_pretrained(out).params, loaded("llama-gqa").params)
 
 
+def test_export_from_more_shards_than_kv_heads(hf_checkpoints, loaded, tmp_path):
+    """At tp = 4 > K = 2 each KV head's projection sits in two qkv groups; the export writes
+    each once, and the checkpoint reloads as it was."""
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=4))
+    assert model.params["layers"][0]["qkv"].shape[1] == 4
+    out = jaxdec.save_pretrained(model, tmp_path / "export")
+    _params_equal(jaxdec.load_pretrained(out).params, loaded("llama-gqa").params)
+
+
 def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
