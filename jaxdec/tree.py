@@ -273,13 +273,17 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     slot = jnp.where(keep, ids, num_nodes)  # dropped nodes go out of range
     rows = jnp.arange(B)[:, None, None]
 
-    def scatter(base, values):
-        return base.at[rows, slot].set(values, mode="drop")
-
-    tokens = scatter(jnp.zeros((B, num_nodes), jnp.int32).at[:, 0].set(root_B), cand_BCD)
-    parents = scatter(jnp.full((B, num_nodes), -1, jnp.int32), parent.astype(jnp.int32))
-    depths = scatter(jnp.zeros((B, num_nodes), jnp.int32), depth)
-    present = scatter(jnp.zeros((B, num_nodes), bool).at[:, 0].set(True), keep)
+    # The four per-node fields in one scatter (a scatter is a kernel of its own): [token,
+    # parent, depth, present] per node, the root's and the unused slots' set beforehand.
+    base = jnp.zeros((B, num_nodes, 4), jnp.int32).at[:, :, 1].set(-1)
+    base = base.at[:, 0].set(jnp.stack([root_B.astype(jnp.int32), jnp.full((B,), -1, jnp.int32),
+                                        jnp.zeros((B,), jnp.int32), jnp.ones((B,), jnp.int32)],
+                                       axis=-1))
+    fields = jnp.stack([cand_BCD.astype(jnp.int32), parent.astype(jnp.int32), depth,
+                        keep.astype(jnp.int32)], axis=-1)
+    table = base.at[rows, slot].set(fields, mode="drop")
+    tokens, parents, depths = table[..., 0], table[..., 1], table[..., 2]
+    present = table[..., 3].astype(bool)
     # A kept node's ancestors are the nodes its candidates pass through on the way (all kept:
     # breadth-first ids are smaller), written in one scatter: `ancestor_mask(parents,
     # present)`, without its chain of squarings (5 matmul kernels a step at 20 nodes).
