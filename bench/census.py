@@ -6,12 +6,14 @@ A decode step at batch 1 is a chain of short kernels (the H200 profile of commit
 kernels the compiler makes of the model code is a speed figure we can read without timing
 anything. XLA compiles for a GPU it does not have once it is given the GPU's description
 (a "compile-only" device): this script builds one for the target below, compiles the
-decode program of the Llama-3-8B shape with 2 and 3 layers, and counts the kernels of the
-decode loop's body; the difference is one layer's kernels, the rest the step's own (sampling,
-stop tests, the logits head).
+decode program of the Llama-3-8B shape (`h100`; the gpu-small target's, `h100-small`, or its
+prompt-lookup speculative step, `h100-lookup`) with 2 and 3 layers, and counts the kernels
+of the loop's body; the difference is one layer's kernels, the rest the step's own (sampling,
+stop tests, the logits head; drafting, the tree, acceptance for a speculative step).
 
     pip install --no-deps jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>
     python3 bench/census.py --out bench/results        # on a CPU machine
+    python3 bench/census.py --preset h100-lookup --out bench/results
     python3 bench/census.py                            # on a GPU: its own device
 
 Without a GPU the CUDA plugin loads with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (set here) and no
@@ -19,8 +21,8 @@ CUDA libraries; jaxdec's attention dispatch reads `jax.default_backend()`, which
 reports as "cuda" while it compiles. A compile-only device is never autotuned: matmuls get
 the compiler's default tiling (often split-K, whose reduction may be a kernel of its own
 or join its consumer), so a count can differ by a kernel or two from the device's, and the
-census says nothing about a kernel's time. `--preset cpu-tiny` compiles a tiny model for the
-CPU (what the tests run).
+census says nothing about a kernel's time. `--preset cpu-tiny` (and `cpu-tiny-lookup`)
+compile a tiny model for the CPU (what the tests run).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def kernels(lines: list[str]) -> list[tuple[str, str]]:
 
 
 def decode_loop(hlo_text: str) -> list[tuple[str, str]]:
-    """The kernels of the program's busiest while body (a generate program's decode loop)."""
+    """The kernels of the program's busiest while body (a generate program's decode loop). A
+    loop nested in it counts as one entry (opcode "while"), not as the kernels it runs."""
     comps = computations(hlo_text)
     bodies = [re.search(r"\bbody=%?([\w.\-]+)", line).group(1)
               for lines in comps.values() for line in lines if " while(" in line]
