@@ -141,9 +141,11 @@ def init_cache(
 
 @functools.lru_cache(maxsize=256)
 def _zeros_program(shape: tuple, dtype, sharding):
-    """A compiled allocation of zeros (one per shape, dtype and sharding: every layer shares
-    it)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding).lower().compile()
+    """The allocation of zeros as a jitted function, one per shape, dtype and sharding (every
+    layer shares it). A jitted function, not a compiled executable: inside a traced program
+    (a DraftModel's cache, made in the speculative loop's program) it is traced like any op,
+    where an executable would run and leave its output in the program as a constant."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def _zeros(shape, dtype, device):
@@ -152,7 +154,7 @@ def _zeros(shape, dtype, device):
 
 def _compile_zeros(shape, dtype, device) -> jax.ShapeDtypeStruct:
     """The allocation compiled (the real allocation later compiles nothing), not run."""
-    _zeros_program(shape, jnp.dtype(dtype), device)
+    _zeros_program(shape, jnp.dtype(dtype), device).lower().compile()
     return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=device)
 
 

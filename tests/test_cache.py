@@ -127,3 +127,12 @@ def test_abstract_cache_matches_the_allocated_one(loaded):
     for r, a in zip(jax.tree.leaves(real), jax.tree.leaves(abstract)):
         assert isinstance(a, jax.ShapeDtypeStruct)
         assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
+
+
+def test_init_cache_inside_a_traced_program_is_traced(loaded):
+    """A cache made inside a jitted program (a DraftModel's, in the speculative loop) is part
+    of the program, not an allocation run while tracing and captured as a constant."""
+    config = loaded("llama-gqa").config
+    closed = jax.make_jaxpr(lambda: jaxdec.init_cache(config, 2, 64, mesh=jaxdec.make_mesh(tp=2)))()
+    assert all(np.size(c) <= 1 for c in closed.consts)
+    assert "broadcast_in_dim" in str(closed) or "pjit" in str(closed)
