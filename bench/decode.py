@@ -10,8 +10,9 @@ and on a CPU, in seconds: `python3 bench/decode.py --preset cpu-tiny --out /tmp/
 override the preset; `--resume` keeps the impls the output file already holds (same
 configuration, every batch size finished; jaxdec's only while the code a decode step runs is
 unchanged: its records carry `model_sources`, a hash of it) and runs only the others, so a
-call cut short is finished by the next. Writes `decode-<device>.json` (a list of records, one per impl and batch
-size) and `decode-<device>.md` (a table) to `--out` (default `bench/results/`).
+call cut short is finished by the next. Writes `decode-<device>.json` (a list of records, one
+per impl and batch size) and `decode-<device>.md` (a table) to `--out` (default
+`bench/results/`).
 
 What runs
   - `jaxdec`: `jaxdec.generate` on a model with random bf16 weights (`jaxdec.init_model`),
