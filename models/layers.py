@@ -38,8 +38,8 @@ def rms_norm_factored(x: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.
 
     Why: with the scale applied before the matmul, a decode step at batch 1 ran the norm as
     two kernels (the statistics, then the scaling) between the residual add and the matmul.
-    Factored, the residual add, `weight * x` and the statistics are one fusion, `weight * x`
-    feeds the matmul directly, and the row scale joins whatever reads the matmul's output
+    Factored, `weight * x` and the statistics are one fusion, `weight * x` feeds the matmul
+    directly, and the row scale joins whatever reads the matmul's output
     (the rotary embedding, SwiGLU's product). Rounding: `weight * x` is rounded to the input
     dtype once and the matmul's fp32 result is scaled before its own rounding, where
     `rms_norm` rounds the normalised x and its product with the weight."""
