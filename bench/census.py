@@ -282,22 +282,22 @@ def main(argv=None) -> int:
     import jax
 
     from bench.common import device_slug
+    from jaxdec.models.layers import GPU_BACKENDS
 
     if preset.target is None:
         devices, backend, how = jax.devices("cpu")[:1], None, "this machine's CPU"
-    elif jax.default_backend() in ("gpu", "cuda"):
+    elif jax.default_backend() in GPU_BACKENDS:
         devices, backend, how = jax.devices()[:1], None, "this machine's GPU"
     else:
         devices, backend, how = compile_only_devices(preset.target), "cuda", \
             "a compile-only device: no GPU, no autotuning"
     device = devices[0].device_kind
     records = census(preset, devices, backend)
-    meta = dict(description=preset.description, device=device, how=how, commit=git_commit(),
-                date=utc_now(), **versions())
+    run = dict(preset=args.preset, description=preset.description, device=device,
+               compiled_on=how, commit=git_commit(), date=utc_now(),
+               jax_version=versions()["jax_version"])
     for r in records:
-        r.update(preset=args.preset, description=preset.description, device=device,
-                 compiled_on=how, commit=meta["commit"], date=meta["date"],
-                 jax_version=meta["jax_version"])
+        r.update(run)
     print(render_markdown(records))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

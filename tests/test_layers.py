@@ -22,6 +22,20 @@ def test_rms_norm_hand_computed():
                                [[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]], rtol=1e-6)
 
 
+def test_factored_rms_norm_then_projection_equals_the_norm_then_matmul():
+    """`project(rms_norm_factored(x))` applies the row scale after the matmul: in fp32 the
+    same as `rms_norm(x) @ W`, for 2-D and head-shaped weights."""
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(2, 3, 8).astype(np.float32))
+    g = jnp.asarray(rs.rand(8).astype(np.float32) + 0.5)
+    w = jnp.asarray(rs.randn(8, 2, 5).astype(np.float32))
+    h, inv_rms = L.rms_norm_factored(x, g, 1e-5)
+    assert inv_rms.shape == (2, 3, 1)
+    want = jnp.einsum("bte,egf->btgf", L.rms_norm(x, g, 1e-5), w, precision="highest")
+    np.testing.assert_allclose(L.project("bte,egf->btgf", h, w, inv_rms), want, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_rope_inv_freq_default_linear_llama3():
     np.testing.assert_allclose(L.rope_inv_freq(RopeConfig(theta=100.0), 4), [1.0, 0.1], rtol=1e-6)
     np.testing.assert_allclose(L.rope_inv_freq(RopeConfig(theta=100.0, rope_type="linear",
