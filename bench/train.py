@@ -14,8 +14,8 @@ FLOPs per second / the bf16 matmul peak measured in the same run; compile exclud
 heldout_loss / heldout_ppl of the target, the draft's acceptance_before / acceptance_after
 (held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
 throughput, wall seconds per phase (`target_phase_seconds`, `draft_phase_seconds`: corpus,
-tokenizer, encoding, evaluation, training, export, ...; `target_first_step_seconds`: the first
-step, its compile included), the attention the training ran (`cudnn`: cuDNN's fused
+tokenizer, encoding, evaluation, training, export, ...; `target_compile_seconds`: compiling
+the training step, part of `train`, not of the throughput), the attention the training ran (`cudnn`: cuDNN's fused
 attention, what AUTO picks on a GPU where it works; `reference`: the jnp reference), device,
 jax version and date.
 
@@ -55,7 +55,7 @@ def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> 
         "tokens_per_s": target["tokens_per_s"], "mfu": target["mfu"],
         "heldout_loss": target["heldout_loss"], "heldout_ppl": target["heldout_ppl"],
         "target_seconds": target_s, "attention": target["attention"],
-        "target_first_step_seconds": target.get("first_step_seconds"),
+        "target_compile_seconds": target.get("compile_seconds"),
         "target_phase_seconds": target.get("phase_seconds"),
         "matmul_peak_tflops": target.get("matmul_peak_tflops"),
         # Threads compiling other programs beside the training (bench/speculative.py trains
@@ -115,11 +115,15 @@ def render_markdown(records: list[dict]) -> str:
             lines.append(f"\n- {r.get('preset')}: {r['error']}")
     timed = [r for r in records if r.get("target_phase_seconds")]
     if timed:
-        lines += ["", "Where each run's wall time went (seconds; `train` includes the first "
-                  "step's compile, given apart):", ""]
+        lines += ["", "Where each run's wall time went (seconds; `train` includes compiling "
+                  "the training step, given apart; older records give their first step, "
+                  "its compile included):", ""]
         for r in timed:
-            parts = [f"target {_phases(r['target_phase_seconds'])} (first step "
-                     f"{_fmt(r.get('target_first_step_seconds'), '.1f')})"]
+            if r.get("target_first_step_seconds") is not None:  # an older record
+                apart = f"first step {_fmt(r['target_first_step_seconds'], '.1f')}"
+            else:
+                apart = f"step compile {_fmt(r.get('target_compile_seconds'), '.1f')}"
+            parts = [f"target {_phases(r['target_phase_seconds'])} ({apart})"]
             if r.get("draft_phase_seconds"):
                 parts.append(f"draft {_phases(r['draft_phase_seconds'])}")
             lines.append(f"- {r.get('preset')}: " + "; ".join(parts))

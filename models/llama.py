@@ -174,7 +174,7 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
                      mask_BTT, *, config: ModelConfig, window, inv_freq, impl):
-    """x_BTE and inv_rms_BT1: the attention norm's factors (`L.rms_norm_factored`). This
+    """x_BTE and inv_rms_BT1: the attention norm's output (`L.pre_projection_norm`). This
     shard's qkv groups give its query heads and the KV head(s) they read."""
     qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1)
     if "qkv_bias" in layer:
@@ -198,7 +198,7 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
 
 
 def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig):
-    """x_BTE and inv_rms_BT1: the MLP norm's factors (`L.rms_norm_factored`)."""
+    """x_BTE and inv_rms_BT1: the MLP norm's output (`L.pre_projection_norm`)."""
     out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate_up"], layer["down"],
                                    layer.get("gate_up_bias"), inv_rms_BT1), TP)
     if config.mlp_bias:
@@ -241,14 +241,14 @@ def forward(
     new_entries = []
     for i, layer in enumerate(params["layers"]):
         entry = None if cache is None else cache.layers[i]
-        h, inv_rms = L.rms_norm_factored(x, layer["attn_norm"], config.rms_norm_eps)
+        h, inv_rms = L.pre_projection_norm(x, layer["attn_norm"], config.rms_norm_eps)
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
             config=config, window=config.layer_windows[i], inv_freq=inv_freq,
             impl=attention,
         )
         x = x + attn
-        h, inv_rms = L.rms_norm_factored(x, layer["mlp_norm"], config.rms_norm_eps)
+        h, inv_rms = L.pre_projection_norm(x, layer["mlp_norm"], config.rms_norm_eps)
         x = x + _mlp_block(layer, h, inv_rms, config)
         new_entries.append(entry)
     hidden = L.rms_norm(x, params["final_norm"], config.rms_norm_eps)

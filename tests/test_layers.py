@@ -36,6 +36,22 @@ def test_factored_rms_norm_then_projection_equals_the_norm_then_matmul():
                                atol=1e-5)
 
 
+def test_pre_projection_norm_factors_only_a_few_tokens():
+    """Up to FACTORED_NORM_MAX_TOKENS tokens the norm is factored into the projection, above
+    it applied first; in fp32 both give the same projection."""
+    rs = np.random.RandomState(1)
+    g = jnp.asarray(rs.rand(8).astype(np.float32) + 0.5)
+    w = jnp.asarray(rs.randn(8, 6).astype(np.float32))
+    limit = L.FACTORED_NORM_MAX_TOKENS
+    for tokens, factored in ((1, True), (limit, True), (limit + 1, False)):
+        x = jnp.asarray(rs.randn(1, tokens, 8).astype(np.float32))
+        h, inv_rms = L.pre_projection_norm(x, g, 1e-5)
+        assert (inv_rms is not None) == factored
+        want = jnp.einsum("bte,ef->btf", L.rms_norm(x, g, 1e-5), w, precision="highest")
+        np.testing.assert_allclose(L.project("bte,ef->btf", h, w, inv_rms), want, rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_rope_inv_freq_default_linear_llama3():
     np.testing.assert_allclose(L.rope_inv_freq(RopeConfig(theta=100.0), 4), [1.0, 0.1], rtol=1e-6)
     np.testing.assert_allclose(L.rope_inv_freq(RopeConfig(theta=100.0, rope_type="linear",

@@ -151,6 +151,63 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     np.testing.assert_array_equal(restored["params"]["w"], 4)
 
 
+def test_cross_entropy_matches_optax_values_and_gradients():
+    """The hand-written gradient ((softmax - onehot) * g) equals autodiff of optax's loss."""
+    import optax
+
+    from jaxdec.train.lm import token_cross_entropy
+
+    logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 11), jnp.float32)
+    labels = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, 11)
+    weights = jax.random.uniform(jax.random.PRNGKey(2), (2, 5))
+    reference = optax.softmax_cross_entropy_with_integer_labels
+    np.testing.assert_allclose(token_cross_entropy(logits, labels), reference(logits, labels),
+                               rtol=1e-6)
+    ours = jax.grad(lambda x: jnp.sum(token_cross_entropy(x, labels) * weights))(logits)
+    theirs = jax.grad(lambda x: jnp.sum(reference(x, labels) * weights))(logits)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    # Hand-computed: uniform logits over 4 classes, label 2: loss log 4, gradient 1/4 - onehot.
+    loss, grad = jax.value_and_grad(lambda x: token_cross_entropy(x, jnp.array(2)))(jnp.zeros(4))
+    assert float(loss) == pytest.approx(np.log(4))
+    np.testing.assert_allclose(grad, [0.25, 0.25, -0.75, 0.25])
+
+
+def test_chunk_lengths_stop_at_checkpoints_and_the_end():
+    assert loop.chunk_lengths(0, 30, per_call=10, checkpoint_every=10) == [10, 10, 10]
+    assert loop.chunk_lengths(0, 24, per_call=10, checkpoint_every=8) == [8, 8, 8]
+    assert loop.chunk_lengths(5, 23, per_call=4, checkpoint_every=10) == [4, 1, 4, 4, 2, 3]
+    assert loop.chunk_lengths(7, 7, per_call=4, checkpoint_every=10) == []
+
+
+def test_steps_run_in_chunks_as_one_by_one(tmp_path):
+    """`run_steps` with several steps per call: the same state as one step per call (the
+    batches in step order, the extra arguments passed), checkpoints where asked."""
+    def step_fn(state, batch, scale):
+        w = state["params"]["w"] * 0.5 + batch * scale
+        return {"step": state["step"] + 1, "params": {"w": w}}, jnp.sum(w)
+
+    def batch_at(step):
+        return np.full((3,), step, np.float32)
+
+    def run(per_call, out):
+        state = {"step": jnp.int32(0), "params": {"w": jnp.zeros(3)}}
+        checkpoints = loop.Checkpoints(str(out))
+        state, stats = loop.run_steps(state, step_fn, batch_at, total_steps=11,
+                                      checkpoints=checkpoints, checkpoint_every=4,
+                                      tokens_per_step=1, label="toy", step_args=(jnp.float32(2),),
+                                      steps_per_call=per_call)
+        return state, stats, sorted(checkpoints.manager.all_steps())
+
+    one, stats_one, saved_one = run(1, tmp_path / "one")
+    four, stats_four, saved_four = run(3, tmp_path / "three")
+    assert int(one["step"]) == int(four["step"]) == 11
+    np.testing.assert_allclose(one["params"]["w"], four["params"]["w"], rtol=1e-6)
+    assert saved_one == saved_four == [8, 11]  # the two latest of 4, 8, 11
+    assert stats_four.steps_run == stats_four.timed_steps == 11
+    assert stats_four.compile_seconds > 0 and stats_four.last_loss == pytest.approx(
+        float(jnp.sum(four["params"]["w"])))
+
+
 def test_batch_order_depends_only_on_seed_and_step():
     a = [loop.batch_indices(i, num_sequences=10, batch_size=3, seed=1) for i in range(7)]
     b = [loop.batch_indices(i, num_sequences=10, batch_size=3, seed=1) for i in range(7)]

@@ -70,20 +70,21 @@ def evaluate_acceptance(target: Model, draft_params, sequences, *, draft_config,
 
 
 def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: str, dtype):
+    """A pure step `(state, batch, target_params) -> (state, loss)` (`loop.run_steps` compiles
+    it; the target's params are an argument, not constants of the program)."""
     def loss_fn(draft_params, target_params, batch):
         inputs = batch[:, :-1]
         p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh, dtype=dtype)
         q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
         return divergence(jax.lax.stop_gradient(p_logits), q_logits, objective).mean()
 
-    @jax.jit
-    def step(state, target_params, batch):
+    def step(state, batch, target_params):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], target_params, batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                 "opt_state": opt_state}, loss
 
-    return lambda state, batch: step(state, target.params, batch)
+    return step
 
 
 def train_draft(
@@ -150,7 +151,8 @@ def train_draft(
                                                 dtype),
             preset=preset, learning_rate=preset.draft_learning_rate, steps=steps,
             dataset=dataset, out=out, mesh=mesh, seed=seed, resuming=resuming,
-            label=f"train draft {preset.name} ({objective})", log=log)
+            label=f"train draft {preset.name} ({objective})", log=log,
+            step_args=(target.params,))
 
     with phases("eval"):
         after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)

@@ -115,10 +115,10 @@ def batch_indices(step: int, *, num_sequences: int, batch_size: int, seed: int) 
     return order[index * batch_size:(index + 1) * batch_size]
 
 
-def shard_batch(batch: np.ndarray, mesh) -> jax.Array:
-    """Places a host batch with its leading axis split over the mesh's dp axis."""
+def shard_batch(batch: np.ndarray, mesh, axis: int = 0) -> jax.Array:
+    """Places a host batch with its `axis` (the batch axis) split over the mesh's dp axis."""
     dp = parallel.DP if parallel.DP in mesh.axis_names else None
-    return jax.device_put(batch, NamedSharding(mesh, P(dp)))
+    return jax.device_put(batch, NamedSharding(mesh, P(*(None,) * axis, dp)))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -196,8 +196,8 @@ def _duration(seconds: float) -> str:
 @dataclasses.dataclass
 class LoopStats:
     steps_run: int = 0
-    first_step_seconds: float = 0.0  # this process's first step, its compile included
-    timed_steps: int = 0  # steps after the first of this process (compile excluded)
+    compile_seconds: float = 0.0  # compiling the step programs (not in timed_seconds)
+    timed_steps: int = 0  # every step this process ran
     timed_seconds: float = 0.0
     last_loss: float = float("nan")
 
@@ -221,52 +221,90 @@ class Phases:
         return {name: round(s, 2) for name, s in self.seconds.items()}
 
 
+STEPS_PER_CALL = 10  # training steps per dispatched program (`run_steps`)
+
+
+def chunk_lengths(start: int, total: int, *, per_call: int, checkpoint_every: int) -> list[int]:
+    """How `run_steps` splits steps [start, total) into calls: `per_call` steps each, never
+    across a checkpoint (a multiple of `checkpoint_every`) or the end, so that every step a
+    checkpoint names has run and nothing after it. Each distinct length is a compile of its
+    own: the presets' step counts and checkpoint intervals are multiples of `per_call`, so
+    theirs all have one length."""
+    lengths, step = [], start
+    while step < total:
+        boundary = min(total, (step // checkpoint_every + 1) * checkpoint_every)
+        lengths.append(min(per_call, boundary - step))
+        step += lengths[-1]
+    return lengths
+
+
 def run_steps(
     state: dict,
     step_fn: Callable,
-    batch_at: Callable[[int], jax.Array],
+    batch_at: Callable[[int], np.ndarray],
     *,
     total_steps: int,
     checkpoints: Checkpoints,
     checkpoint_every: int,
     tokens_per_step: int,
     label: str,
+    place: Callable[[np.ndarray], jax.Array] = jnp.asarray,
+    step_args: tuple = (),
+    steps_per_call: int = STEPS_PER_CALL,
     progress_every: int = 10,
 ) -> tuple[dict, LoopStats]:
-    """Runs `state = step_fn(state, batch_at(step))` from the state's step to `total_steps`,
-    saving a checkpoint every `checkpoint_every` steps and at the end.
+    """Runs `state, loss = step_fn(state, batch_at(step), *step_args)` from the state's step
+    to `total_steps`, saving a checkpoint every `checkpoint_every` steps and at the end.
 
-    `step_fn` returns (state, loss). Losses are read back only every `progress_every` steps,
-    so the host does not stall the device every step. Ctrl-C waits for any checkpoint being
-    written and raises `Interrupted`.
+    `step_fn` is pure (it is traced here). Up to `steps_per_call` steps run as one compiled
+    program (`lax.scan` over their batches, stacked on the host by `batch_at` and placed by
+    `place`, the state donated): one dispatch per call instead of one per step, so a busy host
+    (another thread tracing and compiling holds Python's interpreter lock) cannot leave the
+    device waiting between steps. `step_args` are passed to every step as arguments (not baked
+    into the program as constants). Losses are read back about every `progress_every` steps.
+    Ctrl-C waits for any checkpoint being written and raises `Interrupted`.
     """
+    def chunk(state, batches, *args):
+        state, losses = jax.lax.scan(lambda s, b: step_fn(s, b, *args), state, batches)
+        return state, losses[-1]
+
+    run_chunk = jax.jit(chunk, donate_argnums=0)
+    programs = {}  # chunk length -> compiled program
+
+    def program(length, *args):
+        if length not in programs:
+            compile_start = time.perf_counter()
+            programs[length] = run_chunk.lower(*args).compile()
+            stats.compile_seconds += time.perf_counter() - compile_start
+        return programs[length]
+
     stats = LoopStats()
     progress = Progress(label, total_steps)
-    start = int(state["step"])
-    clock = None
-    started = time.perf_counter()
+    start = done = int(state["step"])
     try:
-        for step in range(start, total_steps):
-            state, loss = step_fn(state, batch_at(step))
-            done = step + 1
-            stats.steps_run += 1
+        for length in chunk_lengths(start, total_steps, per_call=steps_per_call,
+                                    checkpoint_every=checkpoint_every):
+            batches = place(np.stack([np.asarray(batch_at(step))
+                                      for step in range(done, done + length)]))
+            run = program(length, state, batches, *step_args)
+            if stats.steps_run == 0:  # the clock starts once the first program is compiled
+                clock, compiled_before = time.perf_counter(), stats.compile_seconds
+            state, loss = run(state, batches, *step_args)
+            last, done = done, done + length
+            stats.steps_run += length
             if done % checkpoint_every == 0 or done == total_steps:
                 checkpoints.save(done, state)
-            if clock is None:  # the first step compiles: time from its end
-                jax.block_until_ready(loss)
-                clock, clock_step = time.perf_counter(), done
-                stats.first_step_seconds = clock - started
-            if done % progress_every == 0 or done == total_steps:
+            if done // progress_every > last // progress_every or done == total_steps:
                 stats.last_loss = float(loss)  # waits for the device
-                elapsed = time.perf_counter() - clock
-                timed = done - clock_step
-                rate = timed * tokens_per_step / elapsed if timed else None
-                eta = elapsed / timed * (total_steps - done) if timed else None
-                progress.update(done, stats.last_loss, rate, eta)
-        if clock is not None:
+                elapsed = time.perf_counter() - clock - (stats.compile_seconds - compiled_before)
+                rate = stats.steps_run * tokens_per_step / elapsed
+                progress.update(done, stats.last_loss, rate, elapsed / stats.steps_run
+                                * (total_steps - done))
+        if stats.steps_run:
             jax.block_until_ready(state)
-            stats.timed_seconds = time.perf_counter() - clock
-            stats.timed_steps = total_steps - clock_step
+            stats.timed_steps = stats.steps_run
+            stats.timed_seconds = (time.perf_counter() - clock
+                                   - (stats.compile_seconds - compiled_before))
     except KeyboardInterrupt:
         progress.close()
         checkpoints.close()
