@@ -132,12 +132,25 @@ def load_corpus(
     )
 
 
-def train_tokenizer(texts, vocab_size: int):
-    """A byte-level BPE tokenizer (every byte sequence encodes; id 0 is END_OF_TEXT)."""
+# A tokenizer trains on at most about this many characters of the corpus: an evenly spaced
+# sample of its texts. On the gpu presets' ~100 MB corpus (two CPU cores, 8192 tokens): 3.8 s
+# instead of 27 s, for 3.5% more tokens per byte on a sample of the training files (3.37 bytes
+# per token against 3.49) and 0.6% more on the held-out files (3.36 against 3.38).
+TOKENIZER_SAMPLE_CHARS = 16 * 2**20
+
+
+def train_tokenizer(texts, vocab_size: int, *, sample_chars: int | None = TOKENIZER_SAMPLE_CHARS):
+    """A byte-level BPE tokenizer (every byte sequence encodes; id 0 is END_OF_TEXT), trained
+    on every k-th text, k the smallest stride that brings the texts within `sample_chars`
+    characters (all of them when None)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
         raise ValueError(f"a byte-level vocabulary needs more than 257 entries, got {vocab_size}")
+    texts = list(texts)
+    total = sum(map(len, texts))
+    if sample_chars is not None and total > sample_chars:
+        texts = texts[::math.ceil(total / sample_chars)]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

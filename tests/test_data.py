@@ -83,6 +83,16 @@ def test_byte_level_tokenizer_round_trips_anything():
         data.train_tokenizer(texts, 100)
 
 
+def test_tokenizer_trains_on_an_evenly_spaced_sample():
+    """Beyond `sample_chars`, every k-th text: with texts alternating between two words and a
+    budget of half of them, only the first word's merges are learnt."""
+    texts = ["xyzw " * 40, "qkjv " * 40] * 10
+    sampled = data.train_tokenizer(texts, 300, sample_chars=sum(map(len, texts)) // 2)
+    assert len(sampled.encode("xyzw").ids) == 1 and len(sampled.encode("qkjv").ids) > 1
+    full = data.train_tokenizer(texts, 300, sample_chars=None)
+    assert len(full.encode("xyzw").ids) == len(full.encode("qkjv").ids) == 1
+
+
 def test_encode_separates_documents():
     tokenizer = data.train_tokenizer(["ab cd"] * 10, 280)
     stream = data.encode(tokenizer, ["ab", "cd"])
