@@ -23,6 +23,12 @@ the compiler's default tiling (often split-K, whose reduction may be a kernel of
 or join its consumer), so a count can differ by a kernel or two from the device's, and the
 census says nothing about a kernel's time. `--preset cpu-tiny` (and `cpu-tiny-lookup`)
 compile a tiny model for the CPU (what the tests run).
+
+`h100-train-small` / `h100-train-base` count the same for one training step of the gpu-small /
+gpu-base target (`jaxdec train lm`'s compiled step, forward, backward and optimizer, cuDNN's
+fused attention assumed usable), with the bytes each kernel's operands and results occupy:
+summed, an upper bound of the step's memory traffic (a kernel that gathers a few rows of an
+operand counts all of it), read off the program, not measured.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -136,6 +143,38 @@ def kernels(lines: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) [a-z][\w\-]*\((.*)$")
+
+
+def array_bytes(shape_text: str) -> int:
+    """Bytes of the arrays an HLO shape names (a tuple's elements summed)."""
+    return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in _ARRAY.findall(shape_text))
+
+
+def entry_kernels(hlo_text: str) -> list[tuple[str, str, int]]:
+    """(name, kind, bytes) of the entry computation's kernels: bytes = its operands' and
+    results' sizes (what it may read and write)."""
+    comps = computations(hlo_text)
+    header = re.search(r"^ENTRY %?([\w.\-]+) \((.*)\) -> ", hlo_text, re.M)
+    sizes = {m.group(1): array_bytes(m.group(2))
+             for m in re.finditer(r"([\w.\-]+): (\w+\[[\d,]*\])", header.group(2))}
+    lines = comps[header.group(1)]
+    for line in lines:
+        match = _DEFINITION.match(line)
+        if match:
+            sizes[match.group(1)] = array_bytes(match.group(2))
+    out = []
+    for name, kind in kernels(lines):
+        line = next(l for l in lines if (m := _DEFINITION.match(l)) and m.group(1) == name)
+        operands = re.findall(r"%([\w.\-]+)", _DEFINITION.match(line).group(3).split(")")[0])
+        out.append((name, kind, sizes[name] + sum(sizes.get(o, 0) for o in operands)))
+    return out
+
+
 def decode_loop(hlo_text: str) -> list[tuple[str, str]]:
     """The kernels of the program's busiest while body (a generate program's decode loop). A
     loop nested in it counts as one entry (opcode "while"), not as the kernels it runs."""
@@ -148,11 +187,13 @@ def decode_loop(hlo_text: str) -> list[tuple[str, str]]:
 
 
 def category(name: str, kind: str) -> str:
-    """matmul / attention / element-wise (reductions, copies, cache writes, everything else)."""
+    """matmul / attention (Pallas kernels, cuDNN's fused attention) / element-wise (reductions,
+    copies, cache writes, everything else)."""
     if (name.startswith(("gemm_fusion", "cublas", "triton_gemm")) or kind in ("dot", "convolution")
             or "gemm" in kind.lower() or "cublas" in kind.lower()):
         return "matmul"
-    if "triton" in kind.lower() or name.startswith(("pallas", "tree_attention")):
+    if ("triton" in kind.lower() or "fmha" in kind.lower()
+            or name.startswith(("pallas", "tree_attention"))):
         return "attention"
     return "element-wise"
 
@@ -165,7 +206,8 @@ class Preset:
     prompt_len: int
     attention: tuple[str, ...]
     target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
-    program: str = "generate"  # or "lookup": speculative_generate with prompt lookup
+    program: str = "generate"  # "lookup": speculative_generate with prompt lookup; "train"
+    train_preset: str | None = None  # program "train": the jaxdec.train preset whose step
 
 
 def presets() -> dict[str, Preset]:
@@ -188,11 +230,103 @@ def presets() -> dict[str, Preset]:
         "h100-lookup": Preset("gpu-small target shape, bf16, a prompt-lookup speculative step "
                               "(its default tree) after a 200-token prompt", gpu_small, (1,),
                               200, ("reference", "pallas"), "h100", program="lookup"),
+        "h100-train-small": _train_preset("gpu-small", "h100"),
+        "h100-train-base": _train_preset("gpu-base", "h100"),
+        "cpu-tiny-train": _train_preset("cpu-tiny", None),
         "cpu-tiny": Preset("tiny Llama shape on this machine's CPU (what the tests run)",
                            TINY, (1, 2), 40, ("reference",), None),
         "cpu-tiny-lookup": Preset("tiny Llama shape, prompt lookup, this machine's CPU", TINY,
                                   (1,), 40, ("reference",), None, program="lookup"),
     }
+
+
+def _train_preset(name: str, target: str | None) -> Preset:
+    from jaxdec.train.presets import get_preset
+
+    train = get_preset(name)
+    where = "this machine's CPU" if target is None else "bf16, cuDNN attention"
+    return Preset(f"one `jaxdec train lm --preset {name}` step ({where})",
+                  dataclasses.asdict(train.target), (train.batch_size,), train.seq_len,
+                  ("auto",), target, program="train", train_preset=name)
+
+
+@contextlib.contextmanager
+def assumed_cudnn(assume: bool):
+    """Inside, jaxdec takes cuDNN's fused attention as usable without running its probe, and
+    jax's cuDNN lowering sees CUDNN_VERSION (a compile-only device has no cuDNN to ask)."""
+    if not assume:
+        yield
+        return
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from jaxdec.models import layers
+
+    saved = layers._probe_fused_causal, fused_attention_stablehlo.check_cudnn_version
+    layers._probe_fused_causal = lambda *args: True
+    major, minor, patch = CUDNN_VERSION
+    fused_attention_stablehlo.check_cudnn_version = lambda: major * 10000 + minor * 100 + patch
+    try:
+        yield
+    finally:
+        layers._probe_fused_causal, fused_attention_stablehlo.check_cudnn_version = saved
+
+
+def compile_train(train_preset: str, layers: int, devices) -> str:
+    """The compiled HLO text of one training step of a `jaxdec.train` preset's target with
+    `layers` layers (bf16 compute on a GPU, fp32 on a CPU, as `jaxdec train lm` runs)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jaxdec
+    from jaxdec.train import lm, loop
+    from jaxdec.train.presets import get_preset
+
+    train = get_preset(train_preset)
+    shape = dataclasses.replace(train.target, num_layers=layers)
+    config = shape.config(train.vocab_size, train.max_positions, 0)
+    mesh = jaxdec.make_mesh(devices=devices)
+    params = jaxdec.abstract_model(config, dtype=jnp.float32, mesh=mesh).params
+    optimizer = loop.make_optimizer(learning_rate=train.target_learning_rate,
+                                    steps=train.target_steps, warmup_steps=1,
+                                    weight_decay=train.weight_decay, grad_clip=train.grad_clip)
+    replicated = NamedSharding(mesh, P())
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), "params": params,
+             "opt_state": jax.tree.map(
+                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                 jax.eval_shape(optimizer.init, params))}
+    batch = jax.ShapeDtypeStruct((train.batch_size, train.seq_len + 1), jnp.int32,
+                                 sharding=replicated)
+    dtype = jnp.float32 if devices[0].platform == "cpu" else jnp.bfloat16
+    step = lm.make_lm_step(config, mesh, optimizer, dtype)
+    return jax.jit(step).lower(state, batch).compile().as_text()
+
+
+def train_census(preset: Preset, devices, backend: str | None, layers: int = 2) -> list[dict]:
+    """One record: a training step's kernels and their bytes, per layer (programs of
+    `layers` and `layers + 1` layers) and for the whole step."""
+    with reporting_backend(backend), assumed_cudnn(backend is not None):
+        steps = [entry_kernels(compile_train(preset.train_preset, n, devices))
+                 for n in (layers, layers + 1)]
+    counts = [collections.Counter(category(n, k) for n, k, _ in step) for step in steps]
+    nbytes = [collections.Counter() for _ in steps]
+    for total, step in zip(nbytes, steps):
+        for name, kind, size in step:
+            total[category(name, kind)] += size
+    full = preset.model["num_layers"]
+    per_layer = len(steps[1]) - len(steps[0])
+    layer_bytes = {c: nbytes[1][c] - nbytes[0][c] for c in ("matmul", "attention", "element-wise")}
+    own_bytes = {c: nbytes[0][c] - layers * layer_bytes[c] for c in layer_bytes}
+    return [dict(
+        batch=preset.batch_sizes[0], attention=preset.attention[0], prompt_len=preset.prompt_len,
+        program="train", layers=full, kernels_per_layer=per_layer,
+        per_layer_by_category={c: counts[1][c] - counts[0][c] for c in layer_bytes},
+        step_own_kernels=len(steps[0]) - layers * per_layer,
+        kernels_per_step=len(steps[0]) + (full - layers) * per_layer,
+        per_layer_gb={c: round(b / 1e9, 3) for c, b in layer_bytes.items()},
+        step_gb_by_category={c: round((own_bytes[c] + full * layer_bytes[c]) / 1e9, 2)
+                             for c in layer_bytes},
+    )]
 
 
 def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int, attention: str,
@@ -256,12 +390,32 @@ def render_markdown(records: list[dict]) -> str:
              "| element-wise | step's own | per step (all layers) | compiled for | jax | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if r.get("program") == "train":
+            continue
         c = r["per_layer_by_category"]
         lines.append(f"| {r['preset']} | {r.get('program', 'generate')} | {r['batch']} | "
                      f"{r['attention']} | {r['kernels_per_layer']} | {c['matmul']} | "
                      f"{c['attention']} | {c['element-wise']} | {r['step_own_kernels']} | "
                      f"{r['kernels_per_step']} | {r['device']} ({r['compiled_on']}) | "
                      f"{r['jax_version']} | {r['commit']} |")
+    train = [r for r in records if r.get("program") == "train"]
+    if train:
+        lines += ["", "## Training steps", "",
+                  "Kernels of one compiled `jaxdec train lm` step (forward, backward, optimizer) "
+                  "and the bytes of their operands and results (GB, summed: an upper bound of "
+                  "the step's memory traffic, not a measurement).", "",
+                  "| preset | batch x tokens | kernels per layer | matmul | attention | "
+                  "element-wise | step's own | per step | GB per step: matmul | attention | "
+                  "element-wise | compiled for | jax | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in train:
+            c, gb = r["per_layer_by_category"], r["step_gb_by_category"]
+            lines.append(f"| {r['preset']} | {r['batch']} x {r['prompt_len']} | "
+                         f"{r['kernels_per_layer']} | {c['matmul']} | {c['attention']} | "
+                         f"{c['element-wise']} | {r['step_own_kernels']} | "
+                         f"{r['kernels_per_step']} | {gb['matmul']} | {gb['attention']} | "
+                         f"{gb['element-wise']} | {r['device']} ({r['compiled_on']}) | "
+                         f"{r['jax_version']} | {r['commit']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +446,7 @@ def main(argv=None) -> int:
         devices, backend, how = compile_only_devices(preset.target), "cuda", \
             "a compile-only device: no GPU, no autotuning"
     device = devices[0].device_kind
-    records = census(preset, devices, backend)
+    records = (train_census if preset.program == "train" else census)(preset, devices, backend)
     run = dict(preset=args.preset, description=preset.description, device=device,
                compiled_on=how, commit=git_commit(), date=utc_now(),
                jax_version=versions()["jax_version"])

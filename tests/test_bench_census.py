@@ -57,6 +57,10 @@ def test_reads_the_busiest_loop_of_a_hand_written_program():
                     ("pallas_call.2", "__gpu$xla.gpu.triton")]
     assert [census.category(*k) for k in loop] == ["element-wise", "matmul", "attention"]
     assert set(census.computations(HLO)) == {"fused_add", "body", "short", "cond", "main"}
+    # The entry's kernels (its two loops) with their operands' and results' bytes: a
+    # (s32, f32[4]) tuple is 4 + 16 bytes.
+    assert census.entry_kernels(HLO) == [("w.0", "while", 40), ("w.1", "while", 40)]
+    assert census.array_bytes("(bf16[2,3]{1,0}, pred[5], s32[])") == 12 + 5 + 4
 
 
 def test_cpu_tiny_census(tmp_path):
@@ -82,6 +86,23 @@ def test_cpu_tiny_census(tmp_path):
     assert [(r["preset"], r["program"]) for r in lookup] == [("cpu-tiny-lookup", "lookup")]
     # Speculation adds work to a step: drafting, the tree, acceptance, the cache commit.
     assert lookup[0]["kernels_per_step"] > records[0]["kernels_per_step"]
+
+
+def test_cpu_tiny_training_step_census(tmp_path):
+    """A training step's census: kernels and bytes per layer and per step, in a table of its
+    own beside the decode rows."""
+    assert census.main(["--preset", "cpu-tiny-train", "--out", str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "census-cpu.json").read_text())
+    assert r["program"] == "train" and (r["batch"], r["prompt_len"]) == (16, 128)
+    # Forward, backward and the optimizer: more than a decode layer's seven products.
+    assert r["kernels_per_layer"] > 7 and r["step_own_kernels"] > 0
+    assert sum(r["per_layer_by_category"].values()) == r["kernels_per_layer"]
+    assert r["kernels_per_step"] == r["step_own_kernels"] + r["layers"] * r["kernels_per_layer"]
+    # A layer's activations alone (16 x 128 tokens x 192 wide, fp32) are 1.6 MB per array.
+    assert sum(r["per_layer_gb"].values()) > 10 * 16 * 128 * 192 * 4 / 1e9
+    assert sum(r["step_gb_by_category"].values()) > r["layers"] * sum(r["per_layer_gb"].values())
+    table = (tmp_path / "census-cpu.md").read_text()
+    assert "## Training steps" in table and "| cpu-tiny-train | 16 x 128 |" in table
 
 
 def test_target_config_names_the_gpu():
