@@ -166,6 +166,15 @@ def test_cross_entropy_matches_optax_values_and_gradients():
     ours = jax.grad(lambda x: jnp.sum(token_cross_entropy(x, labels) * weights))(logits)
     theirs = jax.grad(lambda x: jnp.sum(reference(x, labels) * weights))(logits)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    # bf16 logits (what the training step passes on accelerators) are read in fp32: the loss
+    # is fp32, the gradient has the logits' dtype.
+    low = logits.astype(jnp.bfloat16)
+    assert token_cross_entropy(low, labels).dtype == jnp.float32
+    np.testing.assert_allclose(token_cross_entropy(low, labels),
+                               reference(low.astype(jnp.float32), labels), rtol=1e-6)
+    low_grad = jax.grad(lambda x: jnp.sum(token_cross_entropy(x, labels) * weights))(low)
+    assert low_grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low_grad.astype(jnp.float32), theirs, atol=0.02)
     # Hand-computed: uniform logits over 4 classes, label 2: loss log 4, gradient 1/4 - onehot.
     loss, grad = jax.value_and_grad(lambda x: token_cross_entropy(x, jnp.array(2)))(jnp.zeros(4))
     assert float(loss) == pytest.approx(np.log(4))

@@ -74,8 +74,11 @@ def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: s
     it; the target's params are an argument, not constants of the program)."""
     def loss_fn(draft_params, target_params, batch):
         inputs = batch[:, :-1]
-        p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh, dtype=dtype)
-        q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
+        # Logits in the compute dtype (the divergence reads them in fp32), as `make_lm_step`.
+        p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh,
+                                 dtype=dtype, logits_dtype=dtype)
+        q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh,
+                                 dtype=dtype, logits_dtype=dtype)
         return divergence(jax.lax.stop_gradient(p_logits), q_logits, objective).mean()
 
     def step(state, batch, target_params):

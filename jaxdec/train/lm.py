@@ -54,18 +54,23 @@ def default_corpus(corpus, preset: Preset) -> data.Corpus:
     return data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes)
 
 
-def causal_logits(params, tokens_BT, *, config, mesh, dtype) -> jax.Array:
-    """fp32 logits [B, T, V] of a full causal forward, computing in `dtype`."""
+def causal_logits(params, tokens_BT, *, config, mesh, dtype, logits_dtype=jnp.float32
+                  ) -> jax.Array:
+    """Logits [B, T, V] of a full causal forward computing in `dtype`, rounded to
+    `logits_dtype` (the training step takes them in its compute dtype: the output matmul
+    then writes bf16, and the loss reads them in fp32; fp32 logits of a gpu-base batch are
+    4.3 GB, each pass over them ~1.3 ms)."""
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     model = Model(config=config, params=params, mesh=mesh)
     positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
     logits, _, _ = forward_with_cache(model, tokens_BT, positions, None)
-    return logits
+    return logits.astype(logits_dtype)
 
 
 @jax.custom_vjp
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """-log softmax(logits)[label] per token: logits [..., V] (fp32), int labels [...].
+    """-log softmax(logits)[label] per token (fp32): logits [..., V] (any float dtype, read
+    in fp32; the gradient in their dtype), int labels [...].
 
     The same values as `optax.softmax_cross_entropy_with_integer_labels`, with a gradient
     written out as one element-wise pass, (softmax(logits) - onehot(label)) * g, instead of
@@ -76,15 +81,16 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def _cross_entropy_fwd(logits, labels):
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    logits32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits32, axis=-1)
+    picked = jnp.take_along_axis(logits32, labels[..., None], axis=-1)[..., 0]
     return lse - picked, (logits, labels, lse)
 
 
 def _cross_entropy_bwd(residuals, g):
     logits, labels, lse = residuals
     onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
-    grad = (jnp.exp(logits - lse[..., None]) - onehot) * g[..., None]
+    grad = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * g[..., None]
     return grad.astype(logits.dtype), None
 
 
@@ -94,7 +100,8 @@ token_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 def make_lm_step(config, mesh, optimizer: optax.GradientTransformation, dtype) -> Callable:
     """A pure training step `(state, batch) -> (state, loss)` (`loop.run_steps` compiles it)."""
     def loss_fn(params, batch):
-        logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype)
+        logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype,
+                               logits_dtype=dtype)
         return token_cross_entropy(logits, batch[:, 1:]).mean()
 
     def step(state, batch):
