@@ -17,8 +17,8 @@ stop tests, the logits head; drafting, the tree, acceptance for a speculative st
     python3 bench/census.py                            # on a GPU: its own device
 
 Without a GPU the CUDA plugin loads with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 (set here) and no
-CUDA libraries; jaxdec's attention dispatch reads `jax.default_backend()`, which this script
-reports as "cuda" while it compiles. A compile-only device is never autotuned: matmuls get
+CUDA libraries; jaxdec picks its kernels for the platform of the model's devices ("gpu"
+for a compile-only one). A compile-only device is never autotuned: matmuls get
 the compiler's default tiling (often split-K, whose reduction may be a kernel of its own
 or join its consumer), so a count can differ by a kernel or two from the device's, and the
 census says nothing about a kernel's time. `--preset cpu-tiny` (and `cpu-tiny-lookup`)
@@ -94,23 +94,6 @@ def compile_only_devices(target: str):
             "(pip install --no-deps jax-cuda12-plugin==<jax version> "
             f"jax-cuda12-pjrt==<jax version>): {type(e).__name__}: {e}") from e
     return list(topology.devices)
-
-
-@contextlib.contextmanager
-def reporting_backend(name: str | None):
-    """`jax.default_backend()` returns `name` inside (jaxdec picks its attention kernel by
-    it); unchanged when None."""
-    import jax
-
-    if name is None:
-        yield
-        return
-    saved = jax.default_backend
-    jax.default_backend = lambda: name
-    try:
-        yield
-    finally:
-        jax.default_backend = saved
 
 
 def computations(hlo_text: str) -> dict[str, list[str]]:
@@ -302,10 +285,10 @@ def compile_train(train_preset: str, layers: int, devices) -> str:
     return jax.jit(step).lower(state, batch).compile().as_text()
 
 
-def train_census(preset: Preset, devices, backend: str | None, layers: int = 2) -> list[dict]:
+def train_census(preset: Preset, devices, compile_only: bool, layers: int = 2) -> list[dict]:
     """One record: a training step's kernels and their bytes, per layer (programs of
     `layers` and `layers + 1` layers) and for the whole step."""
-    with reporting_backend(backend), assumed_cudnn(backend is not None):
+    with assumed_cudnn(compile_only):
         steps = [entry_kernels(compile_train(preset.train_preset, n, devices))
                  for n in (layers, layers + 1)]
     counts = [collections.Counter(category(n, k) for n, k, _ in step) for step in steps]
@@ -351,17 +334,15 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
     return jaxdec.generate(model, prompts, max_new_tokens=new_tokens, compile_only=True).as_text()
 
 
-def census(preset: Preset, devices, backend: str | None, layers: int = 2) -> list[dict]:
+def census(preset: Preset, devices, compile_only: bool, layers: int = 2) -> list[dict]:
     """One record per (batch size, attention): kernels per layer (by category and by kind)
     and the step's own, from programs of `layers` and `layers + 1` layers."""
     records = []
     for attention in preset.attention:
         for batch in preset.batch_sizes:
-            with reporting_backend(backend):
-                loops = [decode_loop(compile_decode(preset.model, n, batch, preset.prompt_len,
-                                                    attention, devices,
-                                                    program=preset.program))
-                         for n in (layers, layers + 1)]
+            loops = [decode_loop(compile_decode(preset.model, n, batch, preset.prompt_len,
+                                                attention, devices, program=preset.program))
+                     for n in (layers, layers + 1)]
             counts = [collections.Counter(category(*k) for k in loop) for loop in loops]
             kinds = [collections.Counter(kind for _, kind in loop) for loop in loops]
             per_layer = len(loops[1]) - len(loops[0])
@@ -439,14 +420,15 @@ def main(argv=None) -> int:
     from jaxdec.models.layers import GPU_BACKENDS
 
     if preset.target is None:
-        devices, backend, how = jax.devices("cpu")[:1], None, "this machine's CPU"
+        devices, compile_only, how = jax.devices("cpu")[:1], False, "this machine's CPU"
     elif jax.default_backend() in GPU_BACKENDS:
-        devices, backend, how = jax.devices()[:1], None, "this machine's GPU"
+        devices, compile_only, how = jax.devices()[:1], False, "this machine's GPU"
     else:
-        devices, backend, how = compile_only_devices(preset.target), "cuda", \
+        devices, compile_only, how = compile_only_devices(preset.target), True, \
             "a compile-only device: no GPU, no autotuning"
     device = devices[0].device_kind
-    records = (train_census if preset.program == "train" else census)(preset, devices, backend)
+    records = (train_census if preset.program == "train" else census)(preset, devices,
+                                                                      compile_only)
     run = dict(preset=args.preset, description=preset.description, device=device,
                compiled_on=how, commit=git_commit(), date=utc_now(),
                jax_version=versions()["jax_version"])

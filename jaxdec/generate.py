@@ -396,7 +396,8 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
     config = model.config
-    attention_kernel(model.attention)  # an unavailable kernel is refused before tracing
+    # An unavailable kernel is refused before tracing.
+    attention_kernel(model.attention, parallel.platform(model.mesh))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int):

@@ -19,7 +19,7 @@ from jaxdec.cache import Cache, cache_axes
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
 from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, attention_kernel,
-                                  fused_causal_usable)
+                                  fused_causal_usable, use_platform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,12 +220,10 @@ def forward_with_cache(
         args.append(optional[name][0])
         in_specs.append(optional[name][1])
 
-    attention = model.attention
-    if attention is AttentionImpl.CUDNN and jax.default_backend() not in GPU_BACKENDS:
-        raise ValueError(f"attention=CUDNN needs a GPU, not the {jax.default_backend()!r} "
-                         "backend (use AUTO or REFERENCE)")
-    if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:
-        attention = cache_free_attention(config, model.tp, param_dtype(model))
+    attention, platform = model.attention, parallel.platform(mesh)
+    if attention is AttentionImpl.CUDNN and platform not in GPU_BACKENDS:
+        raise ValueError(f"attention=CUDNN needs a GPU, not the model's {platform!r} devices "
+                         "(use AUTO or REFERENCE)")
 
     def per_shard(params, tokens, positions, *rest):
         given = dict(zip(present, rest))
@@ -235,15 +233,19 @@ def forward_with_cache(
             attention=attention,
         )
 
-    if attention_kernel(attention) is not None:
-        # A pallas_call's outputs carry no varying-manual-axes annotation (and interpreted
-        # kernels fail the check), so the check is off wherever a kernel may run.
-        check_vma = False
-
-    out_specs = (P(batch, None, tp_axis), P(batch, None, None), cache_specs)
-    logits, hidden, cache = jax.shard_map(
-        per_shard, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=check_vma,
-    )(*args)
+    with use_platform(platform):  # the kernels of the mesh's devices, for what traces here
+        if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:
+            attention = cache_free_attention(config, model.tp, param_dtype(model))
+        if attention_kernel(attention) is not None:
+            # A pallas_call's outputs carry no varying-manual-axes annotation (and
+            # interpreted kernels fail the check), so the check is off wherever a kernel may
+            # run.
+            check_vma = False
+        out_specs = (P(batch, None, tp_axis), P(batch, None, None), cache_specs)
+        logits, hidden, cache = jax.shard_map(
+            per_shard, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+            check_vma=check_vma,
+        )(*args)
     if logits.shape[-1] != config.vocab_size:
         logits = logits[..., : config.vocab_size]
     return logits, hidden, cache

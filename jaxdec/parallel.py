@@ -57,6 +57,12 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
     return mesh
 
 
+def platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what kernels the models
+    pick for a model on it (not `jax.default_backend()`, which may be another)."""
+    return mesh.devices.flat[0].platform
+
+
 def axis_size(mesh: Mesh, name: str) -> int:
     return dict(zip(mesh.axis_names, mesh.devices.shape)).get(name, 1)
 

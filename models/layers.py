@@ -8,6 +8,8 @@ query heads per KV head, D head dim, E model width, F MLP width.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import math
@@ -166,18 +168,43 @@ class AttentionImpl(enum.Enum):
 AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
 
 
-def attention_kernel(impl: AttentionImpl) -> tuple[tree_attention.Impl, bool] | None:
-    """The (kernel, interpret) an implementation choice resolves to on this backend, or None
-    when only the reference runs."""
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxdec_platform",
+                                                                      default=None)
+
+
+@contextlib.contextmanager
+def use_platform(platform: str | None):
+    """Inside (this thread, this context), the models pick their kernels for `platform`:
+    `jaxdec.model.forward_with_cache` sets the platform of the model's mesh while it traces,
+    so a model on CPU devices of a GPU machine (or on a compile-only GPU) gets the kernels of
+    its own devices. None leaves the choice as it is."""
+    token = _PLATFORM.set(platform) if platform is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _PLATFORM.reset(token)
+
+
+def current_platform() -> str:
+    """The platform kernels are picked for: `use_platform`'s, else `jax.default_backend()`."""
+    return _PLATFORM.get() or jax.default_backend()
+
+
+def attention_kernel(impl: AttentionImpl, platform: str | None = None
+                     ) -> tuple[tree_attention.Impl, bool] | None:
+    """The (kernel, interpret) an implementation choice resolves to on `platform` (default:
+    `current_platform()`), or None when only the reference runs."""
     if impl is AttentionImpl.REFERENCE:
         return None
     if impl is AttentionImpl.PALLAS_INTERPRET:
         return tree_attention.Impl.TRITON, True
-    kernel = tree_attention.backend_kernel()
+    platform = platform or current_platform()
+    kernel = tree_attention.backend_kernel(platform)
     if kernel is None:
         if impl is AttentionImpl.PALLAS:
             raise ValueError(
-                f"attention=PALLAS: no Pallas kernel for the {jax.default_backend()!r} backend "
+                f"attention=PALLAS: no Pallas kernel for the {platform!r} platform "
                 "(use AUTO, REFERENCE, or PALLAS_INTERPRET to run the kernel interpreted)"
             )
         return None
@@ -333,26 +360,28 @@ def fused_causal(q_BTHD, k_BTKD, v_BTKD, *, window: int | None,
 
 
 FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
-GPU_BACKENDS = ("gpu", "cuda")  # jax.default_backend() on an NVIDIA GPU
+GPU_BACKENDS = ("gpu", "cuda")  # an NVIDIA GPU's platform (`jax.default_backend()`: "gpu")
 
 
 def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
                         windows=(None,)) -> bool:
-    """Whether cuDNN runs a cache-free causal block: on a GPU, in bf16 / fp16, and only once
-    a small probe of these (per-shard) head counts, head dim and each window (forward and
-    gradients under `shard_map`, as the models call it) compiled, ran and matched the
-    reference there. A failed probe warns once and leaves the reference in charge. Call it
-    outside `shard_map` (it runs a program of its own; inside `jit` is fine)."""
-    if (jax.default_backend() not in GPU_BACKENDS
-            or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES)):
+    """Whether cuDNN runs a cache-free causal block: on a GPU (`current_platform()`), in
+    bf16 / fp16, and only once a small probe of these (per-shard) head counts, head dim and
+    each window (forward and gradients under `shard_map`, as the models call it) compiled,
+    ran and matched the reference there. A failed probe warns once and leaves the reference
+    in charge. Call it outside `shard_map` (it runs a program of its own; inside `jit` is
+    fine)."""
+    platform = current_platform()
+    if platform not in GPU_BACKENDS or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES):
         return False
     return all(_probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, window,
-                                   FUSED_IMPLEMENTATION) for window in sorted(set(windows), key=str))
+                                   FUSED_IMPLEMENTATION, platform)
+               for window in sorted(set(windows), key=str))
 
 
 @functools.lru_cache(maxsize=None)
 def _probe_fused_causal(dtype: str, heads: int, kv_heads: int, head_dim: int,
-                        window: int | None, implementation: str) -> bool:
+                        window: int | None, implementation: str, platform: str) -> bool:
     from jax.sharding import Mesh, PartitionSpec as P
 
     with jax.ensure_compile_time_eval():  # a concrete run, even while a caller is traced
@@ -364,7 +393,9 @@ def _probe_fused_causal(dtype: str, heads: int, kv_heads: int, head_dim: int,
         g = jax.random.normal(kg, (2, T, heads, head_dim), jnp.float32)
         lengths = jnp.zeros((2,), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
-        mesh = Mesh(np.array(jax.devices()[:1]), ("probe",))
+        device = jax.devices(platform)[0]
+        q, k, v, g, lengths, positions = jax.device_put((q, k, v, g, lengths, positions), device)
+        mesh = Mesh(np.array([device]), ("probe",))
 
         def outputs(fn):
             def loss(q, k, v):

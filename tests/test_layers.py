@@ -13,6 +13,7 @@ import pytest
 
 from jaxdec import RopeConfig
 from jaxdec.models import layers as L
+from jaxdec.pallas_kernels import tree_attention as TA
 
 
 def test_rms_norm_hand_computed():
@@ -50,6 +51,28 @@ def test_pre_projection_norm_factors_only_a_few_tokens():
         want = jnp.einsum("bte,ef->btf", L.rms_norm(x, g, 1e-5), w, precision="highest")
         np.testing.assert_allclose(L.project("bte,ef->btf", h, w, inv_rms), want, rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_kernels_are_picked_for_the_platform_in_use():
+    """`use_platform` (what forward_with_cache sets from the model's mesh) decides the kernel,
+    not the default backend; outside it, the default backend does."""
+    kernel = L.attention_kernel
+    with L.use_platform("gpu"):
+        assert L.current_platform() == "gpu"
+        assert kernel(L.AttentionImpl.AUTO) == (TA.Impl.TRITON, False)
+        with L.use_platform("tpu"):
+            assert kernel(L.AttentionImpl.PALLAS) == (TA.Impl.MOSAIC, False)
+        with L.use_platform(None):  # None keeps the platform in force
+            assert L.current_platform() == "gpu"
+        with L.use_platform("cpu"):
+            assert kernel(L.AttentionImpl.AUTO) is None
+            assert not L.fused_causal_usable(jnp.bfloat16, 4, 2, 8)
+            with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' platform"):
+                kernel(L.AttentionImpl.PALLAS)
+    assert L.current_platform() == jax.default_backend()
+    assert kernel(L.AttentionImpl.AUTO, "gpu") == (TA.Impl.TRITON, False)
+    assert kernel(L.AttentionImpl.REFERENCE, "gpu") is None
+    assert kernel(L.AttentionImpl.PALLAS_INTERPRET, "cpu") == (TA.Impl.TRITON, True)
 
 
 def test_rope_inv_freq_default_linear_llama3():
@@ -201,9 +224,10 @@ def test_cache_free_entry_point_is_a_causal_block_from_position_zero():
 def test_fused_probe_accepts_a_working_call_and_refuses_a_failing_one():
     # (Probing while a caller is traced, under jit and grad, is checked by
     # test_auto_runs_cache_free_forwards_through_the_fused_call.)
-    assert L._probe_fused_causal("float32", 4, 2, 8, 3, "xla")
+    assert L._probe_fused_causal("float32", 4, 2, 8, 3, "xla", "cpu")
     with pytest.warns(UserWarning, match="unavailable"):
-        assert not L._probe_fused_causal("float32", 4, 2, 8, None, "no-such-implementation")
+        assert not L._probe_fused_causal("float32", 4, 2, 8, None, "no-such-implementation",
+                                         "cpu")
     # On this CPU the models never pick cuDNN.
     assert not L.fused_causal_usable(jnp.bfloat16, 4, 2, 8)
 
@@ -213,7 +237,7 @@ def test_fused_probe_refuses_a_call_that_disagrees(monkeypatch):
     monkeypatch.setattr(L, "fused_causal", lambda q, k, v, window, implementation: wrong(
         q, k, v, implementation=implementation))
     with pytest.warns(UserWarning, match="disagrees"):
-        assert not L._probe_fused_causal.__wrapped__("float32", 4, 2, 8, 3, "xla")
+        assert not L._probe_fused_causal.__wrapped__("float32", 4, 2, 8, 3, "xla", "cpu")
 
 
 def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch):
@@ -232,7 +256,7 @@ def test_auto_runs_cache_free_forwards_through_the_fused_call(monkeypatch):
     def usable(dtype, heads, kv_heads, head_dim, windows):
         probed.append((heads, kv_heads, head_dim, tuple(windows)))
         return all(L._probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, w,
-                                         "xla") for w in set(windows))
+                                         "xla", "cpu") for w in set(windows))
 
     def counted(q, k, v, **kwargs):
         fused_calls.append((q.shape[1:3], kwargs["window"]))  # the probe's calls included
@@ -285,6 +309,32 @@ def test_auto_runs_the_kernel_only_over_caches_worth_it(monkeypatch):
     assert L.kernel_for(L.AttentionImpl.PALLAS, too_many, big) is None
     # fp32 halves the slots needed.
     assert L.kernel_for(L.AttentionImpl.AUTO, q, small.update(dtype=jnp.float32)) == kernel
+
+
+def test_a_model_on_cpu_devices_runs_cpu_code_whatever_the_default_backend(monkeypatch):
+    """On a GPU machine a model on CPU devices (a mesh of `jax.devices("cpu")`) gets the CPU
+    choices: no Triton kernel, no cuDNN probe. Here the default backend is made to say "gpu"
+    and the CPU model must still decode, and train-style forwards must not probe."""
+    import warnings
+
+    import jaxdec
+
+    config = jaxdec.ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, 64)
+    want = jaxdec.forward(model, tokens)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    L._probe_fused_causal.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cuDNN probe on CPU devices would warn
+        np.testing.assert_array_equal(jaxdec.forward(model, tokens), want)
+    assert L._probe_fused_causal.cache_info().currsize == 0
+    with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' platform"):
+        jaxdec.generate(model.with_attention("pallas"), [[1, 2, 3]], max_new_tokens=2)
+    result = jaxdec.generate(model.with_attention("auto"), [[1, 2, 3]], max_new_tokens=2)
+    assert result.tokens.shape == (1, 2)
 
 
 def test_cudnn_needs_a_gpu():

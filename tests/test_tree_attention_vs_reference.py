@@ -324,7 +324,7 @@ def test_dispatch_and_bad_arguments():
                      dtype=jnp.float32, seed=0)
     if jax.default_backend() == "cpu":  # AUTO is the reference on CPU
         np.testing.assert_array_equal(TA.tree_attention(**case), reference_of(case))
-        with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' backend"):
+        with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' platform"):
             L.attention_kernel(L.AttentionImpl.PALLAS)
     with pytest.raises(TypeError, match="Impl"):
         TA.tree_attention(**case, impl="triton")

@@ -21,7 +21,7 @@ import optax
 from jaxdec import data, parallel
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
 from jaxdec.model import Model, cache_free_attention, forward_with_cache, init_model
-from jaxdec.models.layers import AttentionImpl
+from jaxdec.models.layers import AttentionImpl, use_platform
 from jaxdec.train import loop
 from jaxdec.train.presets import Preset, get_preset
 
@@ -175,7 +175,8 @@ def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: 
 
 def attention_used(config, mesh, dtype) -> str:
     """The attention a training step of `config` ran: "cudnn" (fused) or "reference"."""
-    fused = cache_free_attention(config, parallel.tp_size(mesh), dtype) is AttentionImpl.CUDNN
+    with use_platform(parallel.platform(mesh)):
+        fused = cache_free_attention(config, parallel.tp_size(mesh), dtype) is AttentionImpl.CUDNN
     return "cudnn" if fused else "reference"
 
 
