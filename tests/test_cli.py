@@ -41,7 +41,7 @@ def test_bad_arguments(tokenized_checkpoint, capsys, args, message):
 def test_pallas_attention_is_refused_on_cpu(tokenized_checkpoint, capsys):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
                  "--attention", "pallas"]) == 2
-    assert "no Pallas kernel for the 'cpu' backend" in capsys.readouterr().err
+    assert "no Pallas kernel for the 'cpu' platform" in capsys.readouterr().err
 
 
 def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
