@@ -184,7 +184,8 @@ def category(name: str, kind: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Preset:
     description: str
-    model: dict  # ModelConfig fields (llama), `rope` as a dict of RopeConfig fields
+    model: dict  # ModelConfig fields (llama), `rope` as a dict of RopeConfig fields; for
+    # program "train", the training preset's target `Shape` fields
     batch_sizes: tuple[int, ...]
     prompt_len: int
     attention: tuple[str, ...]
