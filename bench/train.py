@@ -15,9 +15,9 @@ heldout_loss / heldout_ppl of the target, the draft's acceptance_before / accept
 (held-out expected acceptance, mean over tokens of sum_v min(p, q)), the draft's own
 throughput, wall seconds per phase (`target_phase_seconds`, `draft_phase_seconds`: corpus,
 tokenizer, encoding, evaluation, training, export, ...; `target_compile_seconds`: compiling
-the training step, part of `train`, not of the throughput), the attention the training ran (`cudnn`: cuDNN's fused
-attention, what AUTO picks on a GPU where it works; `reference`: the jnp reference), device,
-jax version and date.
+the training step, part of `train`, not of the throughput), the attention the training ran
+(`cudnn`: cuDNN's fused attention, what AUTO picks on a GPU where it works; `reference`: the
+jnp reference), device, jax version and date.
 
 `--steps`, `--draft-steps`, `--max-train-bytes` and `--eval-tokens` shrink a preset (the test
 suite runs `cpu-tiny` this way in seconds).
