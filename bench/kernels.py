@@ -218,7 +218,8 @@ def block_sizes(tiling: dict, batch, context, T, spec):
         K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
         rows = common.num_rows(T, G, 16)
         row_tiles = rows // min(sizes.block_m, rows)
-        default = common.default_num_splits(batch, K, row_tiles, S, rows, sizes.block_k)
+        default = common.default_num_splits(batch, K, row_tiles, S, rows, sizes.block_k,
+                                            num_cores=common.gpu_core_count())
         blocks = -(-S // sizes.block_k)
         sizes = dataclasses.replace(
             sizes, num_splits=max(1, min(default * tiling["split_factor"], blocks)))

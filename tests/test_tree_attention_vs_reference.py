@@ -152,6 +152,11 @@ def test_default_splits_hand_computed():
     assert splits(8, 8, 1, 65537, 16, 64) == 5
     # A short cache and many rows: one split.
     assert splits(1, 8, 4, 1088, 256, 64) == 1
+    # A GPU with fewer multiprocessors (58) wants fewer programs: ceil(116 / 64) splits.
+    assert splits(8, 8, 1, 65537, 16, 64, num_cores=58) == 2
+    # Without a GPU to ask (this machine, a compile-only device), an H100's count.
+    if jax.default_backend() == "cpu":
+        assert common.gpu_core_count() == 132
 
 
 # ------------------------------------------------------------------ kernels vs reference

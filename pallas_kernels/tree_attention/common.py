@@ -20,6 +20,7 @@ D head dim, M packed query rows, N splits, W mask words.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -210,9 +211,20 @@ def combine(o_BKNMD: jax.Array, m_BKNM: jax.Array, l_BKNM: jax.Array) -> jax.Arr
     return o / jnp.where(l > 0, l, 1.0)[..., None]
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_core_count(default: int = 132) -> int:
+    """The streaming multiprocessors of this process's first GPU (`default`, an H100's or
+    H200's count, when there is none to ask: interpret mode, a compile-only device)."""
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", default))
+    except RuntimeError:
+        return default
+
+
 def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, rows: int,
                        block_k: int, num_cores: int = 132) -> int:
-    """Splits per (row, KV head): enough programs for about two waves of `num_cores`, while
+    """Splits per (row, KV head): enough programs for about two waves of `num_cores` (the
+    GPU's multiprocessors, `gpu_core_count()` where the kernel runs), while
     each split keeps at least 4 key blocks and the fp32 partials of all its rows (rows x D,
     written once, read again by `combine`) stay within a quarter of the cache bytes the split
     reads (S / N slots x D, bf16 K and V). (A sixteenth, the first rule, left 32 programs for

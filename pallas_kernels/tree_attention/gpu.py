@@ -142,7 +142,8 @@ def tree_attention_gpu(
     rows = common.num_rows(T, G, 16)
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
-    N = block_sizes.num_splits or common.default_num_splits(B, K, row_tiles, S, rows, bk)
+    N = block_sizes.num_splits or common.default_num_splits(
+        B, K, row_tiles, S, rows, bk, num_cores=132 if interpret else common.gpu_core_count())
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
                                 rows=rows, window=window, block_k=bk)
