@@ -191,7 +191,7 @@ class Preset:
     attention: tuple[str, ...]
     target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
     program: str = "generate"  # "lookup": speculative_generate with prompt lookup; "train"
-    train_preset: str | None = None  # program "train": the jaxdec.train preset whose step
+    train_preset: str | None = None  # program "train": the jaxdec.train preset compiled
 
 
 def presets() -> dict[str, Preset]:

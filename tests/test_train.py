@@ -207,14 +207,14 @@ def test_steps_run_in_chunks_as_one_by_one(tmp_path):
                                       steps_per_call=per_call)
         return state, stats, sorted(checkpoints.manager.all_steps())
 
-    one, stats_one, saved_one = run(1, tmp_path / "one")
-    four, stats_four, saved_four = run(3, tmp_path / "three")
-    assert int(one["step"]) == int(four["step"]) == 11
-    np.testing.assert_allclose(one["params"]["w"], four["params"]["w"], rtol=1e-6)
-    assert saved_one == saved_four == [8, 11]  # the two latest of 4, 8, 11
-    assert stats_four.steps_run == stats_four.timed_steps == 11
-    assert stats_four.compile_seconds > 0 and stats_four.last_loss == pytest.approx(
-        float(jnp.sum(four["params"]["w"])))
+    one, _, saved_one = run(1, tmp_path / "one")
+    chunked, stats, saved_chunked = run(3, tmp_path / "three")  # calls of 3, 1, 3, 1, 3 steps
+    assert int(one["step"]) == int(chunked["step"]) == 11
+    np.testing.assert_allclose(one["params"]["w"], chunked["params"]["w"], rtol=1e-6)
+    assert saved_one == saved_chunked == [8, 11]  # the two latest of 4, 8, 11
+    assert stats.steps_run == stats.timed_steps == 11
+    assert stats.compile_seconds > 0 and stats.last_loss == pytest.approx(
+        float(jnp.sum(chunked["params"]["w"])))
 
 
 def test_batch_order_depends_only_on_seed_and_step():
