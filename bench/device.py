@@ -173,7 +173,7 @@ def sources_digest() -> str:
 
 
 def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
-                     attention: tuple[str, ...] = ("pallas", "reference")) -> Step:
+                     attention: tuple[str, ...] = ("pallas", "reference"), **match) -> Step:
     """bench/speculative.py for one preset, resuming what is missing; on the device the
     kernel on (`pallas`) and off (`reference`), side by side (AUTO picks one of the two by
     the cache's size)."""
@@ -181,12 +181,14 @@ def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
                 ("bench/speculative.py", "--preset", preset, *extra,
                  "--attention", ",".join(attention), "--resume", "--budget-s", "{budget}",
                  "--out", "{out}"),
-                _complete("speculative", preset=preset, attention=attention),
+                _complete("speculative", preset=preset, attention=attention, **match),
                 min_s=min_s, cap_s=cap_s)
 
 
 def plan(name: str) -> list[Step]:
     if name == "gpu":
+        from bench.speculative import ORACLE_TARGET
+
         return [
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),
@@ -204,9 +206,12 @@ def plan(name: str) -> list[Step]:
             Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
-            speculative_step("synthetic-8b", min_s=240, cap_s=560),
+            # Records from before the permutation target (their oracle drafted tokens the
+            # target no longer chose) do not count.
+            speculative_step("synthetic-8b", min_s=240, cap_s=560,
+                             oracle_target=ORACLE_TARGET),
             speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
-            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS,
+            Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  min_s=60, cap_s=300, pytest=True),
@@ -221,7 +226,7 @@ def plan(name: str) -> list[Step]:
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [
-            Step("gpu-tests", ("-m", "pytest", "-q", "-p", "no:cacheprovider",
+            Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider",
                                "tests/test_tree_attention_vs_reference.py", "-k",
                                "TestTritonInterpret and chain-1"),
                  _complete("gpu-tests", plan="cpu-tiny", sources=sources_digest()),
@@ -247,14 +252,21 @@ class Log:
         print(line, flush=True)
 
 
-def run_command(argv: list[str], timeout_s: float, log: Log, env: dict) -> tuple[int | None, float]:
+def run_command(argv: list[str], timeout_s: float, log: Log, env: dict,
+                stamp: bool = False) -> tuple[int | None, float]:
     """(return code, or None when stopped at `timeout_s`; seconds). The command runs in its
-    own process group, so stopping it also stops the workers it started."""
+    own process group, so stopping it also stops the workers it started. With `stamp`, each
+    output line is logged after the seconds since the start (`[+12.3 s] ...`)."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)
-    reader = threading.Thread(target=lambda: [log(line) for line in proc.stdout], daemon=True)
+
+    def read():
+        for line in proc.stdout:
+            log(f"[+{time.monotonic() - started:.1f} s] {line}" if stamp else line)
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         code = proc.wait(timeout=max(timeout_s, 1))
@@ -274,8 +286,23 @@ def run_command(argv: list[str], timeout_s: float, log: Log, env: dict) -> tuple
     return code, time.monotonic() - started
 
 
+def verbose_outcomes(lines: list[str]) -> dict[str, int]:
+    """Outcomes counted from `pytest -v` lines (`path::test PASSED [ 7%]`): what a run
+    stopped before writing its junit file had finished."""
+    counts = dict(passed=0, failed=0, errors=0, skipped=0)
+    words = dict(PASSED="passed", FAILED="failed", ERROR="errors", SKIPPED="skipped")
+    for line in lines:
+        if "::" not in line:
+            continue
+        for word, key in words.items():
+            if f" {word}" in line:
+                counts[key] += 1
+                break
+    return counts
+
+
 def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
-                  seconds: float, suite: str) -> dict:
+                  seconds: float, suite: str, lines: list[str] = ()) -> dict:
     counts = dict(tests=0, failures=0, errors=0, skipped=0)
     slowest = []
     try:
@@ -290,8 +317,11 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
         pass
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     error = None
-    if code is None:
-        error = "stopped at its time limit"
+    if code is None:  # no junit file: count what the verbose output says finished
+        seen = verbose_outcomes(lines)
+        passed = seen["passed"]
+        counts.update(failures=seen["failed"], errors=seen["errors"], skipped=seen["skipped"])
+        error = f"stopped at its time limit ({passed} passed before it)"
     elif code != 0 or counts["failures"] or counts["errors"] or passed <= 0:
         error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
                  f"errors, {passed} passed")
@@ -312,11 +342,11 @@ def render_tests_markdown(records: list[dict]) -> str:
                      f"{r.get('jax_version')} | {r.get('commit')} |")
     for r in records:
         if r.get("slowest"):
-            lines.append(f"\n{r['plan']}, slowest tests: " + "; ".join(
+            lines.append(f"\n{r['plan']} ({r.get('commit')}), slowest tests: " + "; ".join(
                 f"`{t['test']}` {t['seconds']} s" for t in r["slowest"]))
     for r in records:
         if r.get("error"):
-            lines.append(f"\n- {r['plan']}: {r['error']}")
+            lines.append(f"\n- {r['plan']} ({r.get('commit')}): {r['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -422,12 +452,17 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             if step.pytest:
                 argv += [f"--junitxml={junit}"]
             log(f"[device] {step.name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
-            code, seconds = run_command(argv, limit, log, env)
+            lines = []
+            step_log = (lambda line: (lines.append(line), log(line))) if step.pytest else log
+            code, seconds = run_command(argv, limit, step_log, env, stamp=step.pytest)
             if step.pytest:
                 record = pytest_record(junit, args.plan, device, code, seconds,
-                                       " ".join(a for a in step.argv if a.endswith(".py")))
+                                       " ".join(a for a in step.argv if a.endswith(".py")),
+                                       lines)
                 path = work / f"gpu-tests-{slug}.json"
-                merged = merge_records(path, [record], key=("plan", "device"))
+                # One record per version of the tested sources: a run cut short does not
+                # replace what an earlier version's complete run showed.
+                merged = merge_records(path, [record], key=("plan", "device", "sources"))
                 path.write_text(json.dumps(merged, indent=2) + "\n")
                 path.with_suffix(".md").write_text(render_tests_markdown(merged))
             status = ("stopped at its limit" if code is None

@@ -11,10 +11,12 @@ Presets:
                         decode held-out prompts with every method (draft-model chains 4..8,
                         k-ary and choices trees, prompt lookup, retrieval from the training
                         corpus) at batch 1 and 8, greedy and temperature 1.
-  synthetic-8b          a Llama-3-8B-shaped random bf16 target with a drafter that proposes
-                        the target's own greedy continuation, each token corrupted with
-                        probability 1 - rate (rates 0.6 / 0.8 / 0.9): the regime real
-                        deployments live in (a cheap, good draft against a big target).
+  synthetic-8b          a Llama-3-8B-shaped bf16 target (random weights arranged so that
+                        its greedy continuation is a known permutation of the vocabulary:
+                        `permutation_target`) with a drafter that proposes the target's own
+                        greedy continuation, each token corrupted with probability 1 - rate
+                        (rates 0.6 / 0.8 / 0.9): the regime real deployments live in (a
+                        cheap, good draft against a big target).
   cpu-tiny, synthetic-tiny   the same on CPU-sized models (tests run them).
 `--target DIR --draft DIR` reuse trained models instead of training; when the call trains
 both, it also writes the training record (`train-<device>.json/.md`, as bench/train.py does),
@@ -373,7 +375,8 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
             ahead.submit((f"chain({chain})", attention, batch), functools.partial(
                 jaxdec.speculative_generate, target, drafter, rows,
                 tree=jaxdec.tree.chain(chain), compile_only=True, **gen))
-    base = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype)
+    base, permutation = permutation_target(
+        jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype), jax.random.PRNGKey(1))
 
     def out_of_time():
         return deadline is not None and time.monotonic() > deadline
@@ -405,6 +408,11 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
         # round differently).
         reference = jaxdec.generate(target, rows,
                                     max_new_tokens=preset.max_new_tokens + longest_chain)
+        follows = follows_permutation(rows, reference.tokens, permutation)
+        if not follows:
+            print(f"[speculative] warning: the synthetic target's greedy tokens ({attention}, "
+                  f"batch {batch}) left its permutation: the oracle's rates do not hold",
+                  flush=True)
         for chain, rate in cells:
             if out_of_time():
                 skip(chain, rate)
@@ -419,8 +427,73 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
                         speedup_vs_ar=plain_s / spec_s, seconds=spec_s,
                         **step_fields(spec, spec.stats.steps, plain_step["step_ms"]),
                         **token_agreement(spec.tokens, plain.tokens),
+                        oracle_target=ORACLE_TARGET, target_follows_permutation=follows,
                         **compile_fields(ahead, (f"chain({chain})", attention, batch),
                                          compiles)))
+
+
+# How the synthetic target is built (records without it drafted a continuation the target's
+# bf16 verification did not reproduce: see permutation_target).
+ORACLE_TARGET = "permutation"
+
+
+def permutation_target(model, key) -> tuple["jaxdec.Model", np.ndarray]:
+    """`model` with weights whose greedy continuation is known and robust: (the model, the
+    permutation `perm` whose greedy next token after token t is the v with perm[v] == t).
+
+    Random weights predict almost uniformly: over a 128k vocabulary the two best logits are
+    typically a hundredth of a standard deviation apart, so a verification forward and a
+    one-token step (matrix products of different shapes, bf16) pick different tokens within a
+    few steps, and an oracle drafting plain decoding's continuation drafts tokens the
+    speculative run no longer wants (acceptance ~0, whatever its rate). Here the embedding rows
+    get unit scale, the layers' output projections (o, down) are scaled by 1e-2 so the residual
+    stream stays near the current token's embedding, and lm_head column v is the embedding
+    row of perm[v] (times 0.02): the right logit leads the rest by about sqrt(hidden size)
+    standard deviations. Shapes, dtypes and shardings are unchanged, so every step costs what
+    it costs with any weights of this config."""
+    if model.config.tie_word_embeddings:
+        raise ValueError("permutation_target needs a separate lm_head (tie_word_embeddings "
+                         "is set)")
+    vocab = model.config.vocab_size
+    perm = jax.random.permutation(key, vocab)
+
+    def build(params, perm):
+        embed = params["embed"].astype(jnp.float32)
+        embed = embed / jnp.sqrt(jnp.mean(jnp.square(embed[:vocab])))  # unit scale
+        head = 0.02 * embed[perm].T  # [E, V]: column v scores the embedding of perm[v]
+        head = jnp.pad(head, ((0, 0), (0, params["lm_head"].shape[1] - vocab)))
+        layers = [dict(layer, o=layer["o"] * 1e-2, down=layer["down"] * 1e-2)
+                  for layer in params["layers"]]
+        dtype = params["embed"].dtype
+        return dict(params, embed=embed.astype(dtype), lm_head=head.astype(dtype),
+                    layers=layers)
+
+    shardings = jax.tree.map(lambda x: x.sharding, model.params)
+    params = jax.jit(build, out_shardings=shardings, donate_argnums=0)(model.params, perm)
+    return dataclasses.replace(model, params=params), np.asarray(perm)
+
+
+STALE_ORACLE_NOTE = (
+    "The oracle rows of this run drafted plain decoding's continuation of random weights, "
+    "which the bf16 verification forward rounded away from within a few tokens (random "
+    "weights predict almost uniformly): tau ~1 and the speedups say nothing about speculative "
+    "decoding; the step costs (ms/step, step cost) stand. `permutation_target` fixes the "
+    "target; the next device run replaces these rows.")
+
+
+def stale_oracle(record: dict) -> bool:
+    """A synthetic oracle record measured before the permutation target (rerun it)."""
+    return (record.get("method", "").startswith("oracle@")
+            and record.get("oracle_target") != ORACLE_TARGET)
+
+
+def follows_permutation(prompts, tokens, perm) -> bool:
+    """Whether every row's greedy tokens step through `perm` (each the v with perm[v] equal
+    to the token before it) from the prompt's last token."""
+    tokens = np.asarray(tokens)
+    last = np.array([row[-1] for row in prompts])[:, None]
+    previous = np.concatenate([last, tokens[:, :-1]], axis=1)
+    return bool((perm[tokens] == previous).all())
 
 
 class CorruptedOracle(Drafter):
@@ -502,6 +575,11 @@ def render_markdown(records: list[dict]) -> str:
         lines += [f"## {preset}, attention {attention} ({first.get('date')}, "
                   f"jax {first.get('jax_version')})", ""]
         notes = dict.fromkeys(r["attention_note"] for r in rows if r.get("attention_note"))
+        if any(stale_oracle(r) for r in rows):
+            notes[STALE_ORACLE_NOTE] = None
+        if any(r.get("target_follows_permutation") is False for r in rows):
+            notes["Warning: the synthetic target's greedy tokens left its permutation in this "
+                  "run (see `permutation_target`), so the oracle's rates did not hold."] = None
         lines += [*notes, ""] if notes else []
         lines += ["| method | tree | batch | temperature | tau | tokens/s | speedup "
                   "| ms/step | step cost | same tokens |",
@@ -619,7 +697,8 @@ def main(argv=None) -> int:
     if args.resume and path.exists():
         measured = {(r.get("attention", "auto"), r["method"], r.get("tree"), r["batch"],
                      r["temperature"]) for r in json.loads(path.read_text())
-                    if r.get("preset") == args.preset and not r.get("error")}
+                    if r.get("preset") == args.preset and not r.get("error")
+                    and not stale_oracle(r)}
     run = run_trained if preset.kind == "trained" else run_synthetic
     run(preset, args, common, deadline, emit, measured)
     print(path.with_suffix(".md").read_text())

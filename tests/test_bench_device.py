@@ -189,3 +189,38 @@ def test_kernels_are_done_only_with_every_case(tmp_path):
     # A new run cut off after one case: the other cases still hold the old method's records.
     path.write_text(json.dumps(rows[:2] + [dict(r, hbm_method=None) for r in rows[2:]]))
     assert not step.done(tmp_path, "h100")
+
+
+def test_synthetic_oracle_rows_from_before_the_permutation_target_are_due(tmp_path):
+    """The synthetic-8b rows measured with random weights (an oracle drafting tokens the
+    target no longer chose) do not count as measured."""
+    from bench.speculative import ORACLE_TARGET
+
+    (step,) = [s for s in device.plan("gpu") if s.name == "spec-synthetic-8b"]
+    rows = [dict(preset="synthetic-8b", attention=a, method=m, batch=1)
+            for a in ("pallas", "reference") for m in ("plain", "oracle@0.8")]
+    path = tmp_path / "speculative-h100.json"
+    path.write_text(json.dumps(rows))
+    assert not step.done(tmp_path, "h100")
+    path.write_text(json.dumps([dict(r, oracle_target=ORACLE_TARGET) if r["method"] != "plain"
+                                else r for r in rows]))
+    assert step.done(tmp_path, "h100")
+
+
+def test_a_stopped_test_run_counts_what_finished(tmp_path):
+    """A pytest step stopped at its limit writes no junit file: its record counts the verbose
+    lines that finished (the log stamps each line with the seconds since the start)."""
+    lines = ["[+3.1 s] tests/t.py::TestA::test_x[chain-1] PASSED        [ 10%]\n",
+             "[+9.0 s] tests/t.py::TestA::test_y FAILED                  [ 20%]\n",
+             "[+9.5 s] tests/t.py::TestB::test_z SKIPPED (needs X)       [ 30%]\n",
+             "some other output PASSED\n"]
+    assert device.verbose_outcomes(lines) == dict(passed=1, failed=1, errors=0, skipped=1)
+    record = device.pytest_record(tmp_path / "missing.xml", "gpu", "dev", None, 120.0,
+                                  "tests/t.py", lines)
+    assert (record["passed"], record["failed"], record["skipped"]) == (1, 1, 1)
+    assert record["error"] == "stopped at its time limit (1 passed before it)"
+
+    stamped = []
+    device.run_command([sys.executable, "-c", "print('a')"], 30, stamped.append,
+                       dict(os.environ), stamp=True)
+    assert len(stamped) == 1 and stamped[0].startswith("[+") and stamped[0].endswith(" s] a\n")

@@ -1,5 +1,6 @@
 """bench/speculative.py: the synthetic regime and the trained-model path on CPU presets."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -36,8 +37,12 @@ def test_synthetic_tiny(tmp_path):
         assert r["step_ms"] > 0 and r["step_vs_plain"] > 0  # a speculative step vs a plain one
     (plain,) = [r for r in records if r["method"] == "plain"]
     assert plain["step_ms"] > 0 and "step_vs_plain" not in plain
+    # The target's greedy tokens step through its permutation, so the oracle's rate holds: a
+    # chain(4) at 0.9 accepts ~4.1 tokens per step in expectation (1 + 0.9 + ... + 0.9^4).
+    assert all(r["oracle_target"] == "permutation" and r["target_follows_permutation"]
+               for r in oracle)
     taus = [r["tau"] for r in sorted(oracle, key=lambda r: r["method"])]
-    assert taus[0] < taus[2]  # a better draft is accepted more (0.6 vs 0.9)
+    assert taus[0] < taus[2] and taus[2] > 2.5  # a better draft is accepted more (0.6 vs 0.9)
     table = (tmp_path / "speculative-cpu.md").read_text()
     assert "Goal (>= 2x" in table and "| ms/step | step cost |" in table
 
@@ -89,6 +94,40 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
         tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
     assert _run(args, tmp_path) == done  # nothing left to run
+    # Oracle rows from before the permutation target are measured again.
+    path = tmp_path / "speculative-cpu.json"
+    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "oracle_target"}
+                                for r in done]))
+    again = _run(args, tmp_path)
+    assert all(r["oracle_target"] == "permutation" for r in again if r["method"] != "plain")
+    assert "drafted plain decoding's continuation" not in (tmp_path /
+                                                          "speculative-cpu.md").read_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_permutation_target_greedy_tokens_step_through_its_permutation(dtype):
+    """The synthetic target's greedy continuation is the permutation's, also in bf16 (where
+    random weights' near-ties round apart between a verification and a one-token step)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    import jaxdec
+    from bench.speculative import _synthetic_config, follows_permutation, permutation_target
+
+    config = _synthetic_config("synthetic-tiny")
+    model, perm = permutation_target(
+        jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)),
+        jax.random.PRNGKey(1))
+    assert sorted(perm) == list(range(config.vocab_size))
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    tokens = jaxdec.generate(model, prompts, max_new_tokens=12).tokens
+    assert follows_permutation(prompts, tokens, perm)
+    assert not follows_permutation(prompts, np.roll(tokens, 1, axis=1), perm)
+    tied = jaxdec.abstract_model(dataclasses.replace(config, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="lm_head"):
+        permutation_target(tied, jax.random.PRNGKey(1))
 
 
 def test_compile_ahead_reports_failures_and_drops_what_the_deadline_leaves():
