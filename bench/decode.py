@@ -19,6 +19,10 @@ What runs
     default attention (the Pallas tree-attention kernel on GPU/TPU).
   - `jaxdec-reference`: the same with the jnp reference attention (`with_attention(
     "reference")`), so the kernel's effect on whole-model decode is measured side by side.
+  - `jaxdec-cublas`: `jaxdec` with XLA's Triton GEMM fusions off
+    (`--xla_gpu_enable_triton_gemm=false`: the matrix products go to cuBLAS), in a worker
+    of its own (XLA reads its flags once per process): which library's matrix-vector
+    products come nearer the bandwidth at batch 1.
   - `hf-eager`: `LlamaForCausalLM.generate` with the default dynamic cache.
   - `hf-compile`: the same with `cache_implementation="static"` and torch.compile
     (mode="reduce-overhead", fullgraph=True). Where transformers' `generate` compiles the
@@ -80,7 +84,8 @@ Process layout
   Worker subprocesses (this file with `--worker`) run one after the other in the order
   `--impls` gives (the riskiest, hf-compile, last by default): the jaxdec impls share one
   (one set of weights, one ceiling measurement, all their programs compiled side by side;
-  the attention path is the model's `with_attention`), each transformers impl has its own.
+  the attention path is the model's `with_attention`; an impl with XLA flags has its own),
+  each transformers impl has its own.
   A crash, an out-of-memory error or a hang in one costs only its own records; JAX's
   preallocated GPU memory pool and torch's caching allocator never share the device; the
   16 GB model never exists twice. Workers append JSON events to a file; the parent turns
@@ -115,9 +120,14 @@ from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
                           versions)
 
-IMPLS = ("jaxdec", "jaxdec-reference", "hf-eager", "hf-compile")
+IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-cublas", "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
-JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference"}
+JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference", "jaxdec-cublas": "auto"}
+# XLA flags of a jaxdec impl's worker (an impl with flags gets a worker of its own: XLA reads
+# them once per process). jaxdec-cublas: the matrix products by cuBLAS instead of XLA's Triton
+# GEMM fusions, whose decode matrix-vector products ran at 64% (q|k|v) to 93% (down) of the
+# bandwidth on the H200 (commit bff28a8's profile).
+JAXDEC_XLA_FLAGS = {"jaxdec-cublas": "--xla_gpu_enable_triton_gemm=false"}
 GOAL_FRACTION = 0.85  # the issue's goal: jaxdec at batch 1 reaches 85% of the roofline
 # A step faster than streaming its bytes at the measured ceiling (beyond noise) is a timing
 # error, never a result: the record gets an error, so the next call measures it again.
@@ -297,7 +307,9 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
         attention = JAXDEC_ATTENTION[impl]
         for batch in spec["batch_sizes"]:
             _time_jaxdec(model.with_attention(attention), impl, batch, spec, emit, ahead,
-                         notes=f"jaxdec.generate, attention={attention}",
+                         notes=f"jaxdec.generate, attention={attention}" + (
+                             f", XLA_FLAGS {JAXDEC_XLA_FLAGS[impl]}"
+                             if impl in JAXDEC_XLA_FLAGS else ""),
                          param_bytes=param_bytes)
 
 
@@ -496,17 +508,22 @@ def worker_main(impls: tuple[str, ...], spec: dict, events_path: str) -> int:
 
 def _worker_env(impls: list[str]) -> dict:
     env = dict(os.environ)
+    flags = JAXDEC_XLA_FLAGS.get(impls[0])
+    if flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}".strip()
     if impls[0] not in JAXDEC_ATTENTION:  # in case anything imports jax next to torch: no preallocated pool
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
 
 def worker_units(impls) -> list[list[str]]:
-    """The workers to start, in order: consecutive jaxdec impls share one (one model, their
-    programs compiled together); each transformers impl has its own."""
+    """The workers to start, in order: consecutive jaxdec impls with the same XLA flags
+    share one (one model, their programs compiled together); each transformers impl has its
+    own."""
     units: list[list[str]] = []
     for impl in impls:
-        if impl in JAXDEC_ATTENTION and units and units[-1][0] in JAXDEC_ATTENTION:
+        if (impl in JAXDEC_ATTENTION and units and units[-1][0] in JAXDEC_ATTENTION
+                and JAXDEC_XLA_FLAGS.get(impl) == JAXDEC_XLA_FLAGS.get(units[-1][0])):
             units[-1].append(impl)
         else:
             units.append([impl])
@@ -574,12 +591,12 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
             for field in ("compile_ahead_s", "first_call_compiles"):  # jaxdec impls only
                 if field in result:
                     record[field] = result[field]
-            if impl in JAXDEC_ATTENTION:
-                record["model_sources"] = sources_digest(MODEL_SOURCES)
             if batch in profiles:
                 record["profile"] = profiles[batch]
         else:
             record["error"] = errors.get(batch) or errors.get(None) or failure or "no result"
+        if impl in JAXDEC_ATTENTION:  # which code it ran (or failed to run)
+            record["model_sources"] = sources_digest(MODEL_SOURCES)
         records.append(record)
     return records
 

@@ -13,11 +13,13 @@ here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 Steps of the `gpu` plan, in order (issue order: the figures of the earliest open issue
 first; `--only` takes the steps in the order it names them; `--list` prints them with their
 commands):
-  decode           bench/decode.py --preset h100 (jaxdec with the kernel and with the reference
-                   attention vs transformers; `--resume` keeps the impls already measured)
+  decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
+                   attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
+                   impls already measured)
   train-gpu-base   bench/train.py --preset gpu-base: the target and draft trained alone (the
                    training issue's MFU goal is gpu-base's; a speculative step trains while
                    its grid compiles, which shares the CPU and the interpreter lock)
+  train-gpu-small  the same for gpu-small (its time budget: 3 minutes for both models)
   spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
@@ -198,7 +200,11 @@ def plan(name: str) -> list[Step]:
                  # jaxdec's rows are due again whenever the code a decode step runs changed.
                  _all(_complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference")),
                       _all_rows("decode", "model_sources", common_sources_digest(MODEL_SOURCES),
-                                preset="h100", impl=("jaxdec", "jaxdec-reference")),
+                                preset="h100",
+                                impl=("jaxdec", "jaxdec-reference", "jaxdec-cublas")),
+                      # The cuBLAS comparison is wanted, but its failure is not retried.
+                      _complete("decode", preset="h100", impl="jaxdec-cublas",
+                                failures_count=True),
                       _complete("decode", preset="h100", impl="hf-eager"),
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
@@ -206,6 +212,11 @@ def plan(name: str) -> list[Step]:
             Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
+            # The training issue sizes gpu-small at 3 minutes for target and draft: the one
+            # record so far trained beside the speculative grid's compiles (241 s).
+            Step("train-gpu-small", ("bench/train.py", "--preset", "gpu-small", "--out", "{out}"),
+                 _complete("train", preset="gpu-small", compile_ahead_workers=0),
+                 min_s=240, cap_s=400),
             # Records from before the permutation target (their oracle drafted tokens the
             # target no longer chose) do not count.
             speculative_step("synthetic-8b", min_s=240, cap_s=560,

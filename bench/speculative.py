@@ -442,10 +442,11 @@ def permutation_target(model, key) -> tuple["jaxdec.Model", np.ndarray]:
     permutation `perm` whose greedy next token after token t is the v with perm[v] == t).
 
     Random weights predict almost uniformly: over a 128k vocabulary the two best logits are
-    typically a hundredth of a standard deviation apart, so a verification forward and a
-    one-token step (matrix products of different shapes, bf16) pick different tokens within a
-    few steps, and an oracle drafting plain decoding's continuation drafts tokens the
-    speculative run no longer wants (acceptance ~0, whatever its rate). Here the embedding rows
+    typically a fifth of a standard deviation apart and often far less, so a verification
+    forward and a one-token step (matrix products of different shapes, bf16) break some
+    near-tie differently within a few tokens, and from there an oracle drafting plain
+    decoding's continuation drafts tokens the speculative run no longer wants (acceptance ~0,
+    whatever its rate: the H200 run of commit bff28a8). Here the embedding rows
     get unit scale, the layers' output projections (o, down) are scaled by 1e-2 so the residual
     stream stays near the current token's embedding, and lm_head column v is the embedding
     row of perm[v] (times 0.02): the right logit leads the rest by about sqrt(hidden size)
