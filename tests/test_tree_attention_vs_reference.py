@@ -325,6 +325,22 @@ def test_block_rule_violations_are_caught():
 # --------------------------------------------------------------------- dispatch and wiring
 
 
+def test_auto_follows_the_platform_of_the_queries(monkeypatch):
+    """Arrays on CPU devices run the reference whatever the default backend says (a GPU
+    machine's CPU arrays); under a trace, the default backend decides."""
+    case = make_case(B=1, T=2, K=1, G=2, D=16, S=32, tree="chain", window=None,
+                     dtype=jnp.float32, seed=0)
+    case = jax.device_put(case, jax.devices("cpu")[0])
+    assert TA.platform_of(case["q_BTHD"]) == "cpu"
+    assert TA.platform_of(np.zeros(2)) is None
+    traced = []
+    jax.jit(lambda q: traced.append(TA.platform_of(q)) or q)(case["q_BTHD"])
+    assert traced == [None]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert TA.backend_kernel() is TA.Impl.TRITON
+    np.testing.assert_array_equal(TA.tree_attention(**case), reference_of(case))
+
+
 def test_dispatch_and_bad_arguments():
     case = make_case(B=1, T=3, K=1, G=2, D=16, S=32, tree="star", window=None,
                      dtype=jnp.float32, seed=0)

@@ -4,8 +4,9 @@ over the KV cache, with a GPU (Triton) and a TPU (Mosaic) variant and a jnp refe
     out_BTHD = tree_attention(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT,
                               mask_BTT=tree_mask, window=None)
 
-`Impl.AUTO` runs the kernel for the current backend when it supports the shapes (see
-`unsupported_reason`) and the reference otherwise; naming a kernel runs it or raises.
+`Impl.AUTO` runs the kernel for the platform of the queries' devices (the default backend's
+under a trace) when it supports the shapes (see `unsupported_reason`) and the reference
+otherwise; naming a kernel runs it or raises.
 `interpret=True` runs a kernel through Pallas's interpreter (any backend, for tests).
 """
 
@@ -45,6 +46,18 @@ _BACKEND_KERNEL = {"gpu": Impl.TRITON, "cuda": Impl.TRITON, "rocm": Impl.TRITON,
 def backend_kernel(backend: str | None = None) -> Impl | None:
     """The kernel for a backend (the default backend when None), or None (e.g. CPU)."""
     return _BACKEND_KERNEL.get(backend or jax.default_backend())
+
+
+def platform_of(x) -> str | None:
+    """The platform of a concrete jax array's devices; None for a traced value or a numpy
+    array (whose platform is the default backend's)."""
+    if not isinstance(x, jax.Array):
+        return None
+    try:
+        devices = x.devices()
+    except jax.errors.ConcretizationTypeError:  # a tracer: its devices are not known here
+        return None
+    return next(iter(devices)).platform
 
 
 def default_block_sizes(impl: Impl, num_slots: int) -> BlockSizes:
@@ -107,7 +120,7 @@ def tree_attention(
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
     if impl is Impl.AUTO:
-        kernel = backend_kernel()
+        kernel = backend_kernel(platform_of(q_BTHD))
         if kernel is not None and unsupported_reason(
             kernel, q_BTHD.shape, k_BSKD.shape, block_sizes
         ) is None:
