@@ -78,7 +78,9 @@ PRESETS = {
                  # 64 programs (8 KV heads x 8 splits) for 132 multiprocessors.
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
                               tilings=(dict(block_k=128), dict(block_m=128, num_warps=8),
-                                       dict(num_stages=3))),
+                                       dict(num_stages=3),
+                                       # flash attention's usual Hopper tiling
+                                       dict(block_m=128, num_warps=8, num_stages=3))),
                          dict(queries=(1,), contexts=(1024, 4096),
                               tilings=(dict(split_factor=2), dict(split_factor=4)))),
                  # One profiled run each: the kernel's share of a call against the packing and
