@@ -13,6 +13,7 @@ before (at initialisation, or from `init`) and after distillation.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -50,21 +51,27 @@ def acceptance(target_logits, draft_logits) -> jax.Array:
     return jnp.sum(jnp.minimum(p, q), axis=-1)
 
 
+@functools.partial(jax.jit,
+                   static_argnames=("target_config", "draft_config", "mesh", "dtype"))
+def _acceptance_sum(target_params, draft_params, batch, weights, *, target_config,
+                    draft_config, mesh, dtype):
+    """(summed expected acceptance, tokens) of one held-out batch. Module-level, so the
+    evaluations before and after distillation share one compiled program."""
+    inputs = batch[:, :-1]
+    p_logits = causal_logits(target_params, inputs, config=target_config, mesh=mesh, dtype=dtype)
+    q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
+    rate = acceptance(p_logits, q_logits)
+    return jnp.sum(rate * weights[:, None]), jnp.sum(weights) * rate.shape[1]
+
+
 def evaluate_acceptance(target: Model, draft_params, sequences, *, draft_config, mesh,
                         batch_size: int, dtype) -> float:
     """Mean expected acceptance over every held-out token."""
-
-    @jax.jit
-    def batch_acceptance(target_params, draft_params, batch, weights):
-        inputs = batch[:, :-1]
-        p_logits = causal_logits(target_params, inputs, config=target.config, mesh=mesh, dtype=dtype)
-        q_logits = causal_logits(draft_params, inputs, config=draft_config, mesh=mesh, dtype=dtype)
-        rate = acceptance(p_logits, q_logits)
-        return jnp.sum(rate * weights[:, None]), jnp.sum(weights) * rate.shape[1]
-
     total = count = 0.0
     for batch, weights in heldout_batches(sequences, batch_size, mesh):
-        rate_sum, n = batch_acceptance(target.params, draft_params, batch, weights)
+        rate_sum, n = _acceptance_sum(target.params, draft_params, batch, weights,
+                                      target_config=target.config, draft_config=draft_config,
+                                      mesh=mesh, dtype=jnp.dtype(dtype))
         total, count = total + float(rate_sum), count + float(n)
     return total / count
 

@@ -9,6 +9,7 @@ and `metrics.json`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable
@@ -126,18 +127,21 @@ def heldout_batches(sequences: np.ndarray, batch_size: int, mesh):
         yield loop.shard_batch(chunk, mesh), loop.shard_batch(weights, mesh)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "dtype"))
+def _heldout_loss_sum(params, batch, weights, *, config, mesh, dtype):
+    """(summed cross-entropy, tokens) of one held-out batch. Module-level, so the evaluations
+    before and after a training run share one compiled program."""
+    logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype)
+    losses = token_cross_entropy(logits, batch[:, 1:])
+    return jnp.sum(losses * weights[:, None]), jnp.sum(weights) * losses.shape[1]
+
+
 def evaluate_lm(params, sequences: np.ndarray, *, config, mesh, batch_size: int, dtype) -> float:
     """Mean next-token cross-entropy (nats) over the held-out sequences."""
-
-    @jax.jit
-    def batch_loss(params, batch, weights):
-        logits = causal_logits(params, batch[:, :-1], config=config, mesh=mesh, dtype=dtype)
-        losses = token_cross_entropy(logits, batch[:, 1:])
-        return jnp.sum(losses * weights[:, None]), jnp.sum(weights) * losses.shape[1]
-
     total = count = 0.0
     for batch, weights in heldout_batches(sequences, batch_size, mesh):
-        loss_sum, n = batch_loss(params, batch, weights)
+        loss_sum, n = _heldout_loss_sum(params, batch, weights, config=config, mesh=mesh,
+                                        dtype=jnp.dtype(dtype))
         total, count = total + float(loss_sum), count + float(n)
     return total / count
 
