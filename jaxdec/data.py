@@ -195,7 +195,10 @@ def encode(tokenizer, texts) -> np.ndarray:
         return _ENCODED[key]
     eot = end_of_text_id(tokenizer, required=False)
     pieces = []
-    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+    # `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets we never read:
+    # the same ids, ~40% faster on this machine's stdlib corpus.
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    for encoding in encode_batch(texts, add_special_tokens=False):
         pieces.append(np.asarray(encoding.ids, np.int32))
         if eot is not None:
             pieces.append(np.array([eot], np.int32))

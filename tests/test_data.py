@@ -100,6 +100,11 @@ def test_encode_separates_documents():
     assert stream.dtype == np.int32 and stream[-1] == eot
     assert list(stream).count(eot) == 2
     assert tokenizer.decode([t for t in stream.tolist() if t != eot]) == "abcd"
+    # The fast batch encoder (no offsets) gives the ids the plain one gives.
+    texts = ["def f(x):\n    return x  # café", "ab cd ab", ""]
+    slow = [t for e in tokenizer.encode_batch(texts, add_special_tokens=False)
+            for t in [*e.ids, eot]]
+    assert data.encode(tokenizer, texts).tolist() == slow
 
 
 def test_encode_reuses_the_latest_streams():
