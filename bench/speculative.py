@@ -236,7 +236,7 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
         ahead.submit(("plain", attention, batch, temperature),
                      functools.partial(jaxdec.generate, target, rows, **at))
         for method in methods:
-            if method == "retrieval":  # its datastore's size is known only once it is built
+            if method == "retrieval":  # its datastore's size is known once it is built: below
                 continue
             drafter, topology = _drafter_for(method, target, draft, None)
             ahead.submit((method, attention, batch, temperature), functools.partial(
@@ -284,6 +284,15 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
     def out_of_time():
         return deadline is not None and time.monotonic() > deadline
 
+    # The retrieval programs' shapes (the datastore's size) are known only now: they join
+    # the pool side by side rather than compiling one by one inside the timed loop.
+    for temperature, batch, attention, methods in cells if ahead.enabled else ():
+        if "retrieval" in methods:
+            target, draft = models[attention]
+            drafter, topology = drafter_for("retrieval", attention, target, draft)
+            ahead.submit(("retrieval", attention, batch, temperature), functools.partial(
+                jaxdec.speculative_generate, target, drafter, prompts[:batch], tree=topology,
+                **gen, sampler=_sampler(temperature), compile_only=True))
     ahead.wait(deadline)  # nothing compiles beside a timed run
     for temperature, batch, attention, methods in cells:
         target, draft = models[attention]

@@ -62,13 +62,14 @@ def test_training_inside_the_call_and_both_attention_paths(tmp_path):
     training record beside its own, and `--attention auto,reference` records both paths."""
     records = _run(["--preset", "cpu-tiny", "--steps", "3", "--draft-steps", "3",
                     "--max-train-bytes", "100000", "--eval-tokens", "2048",
-                    "--methods", "draft:chain:4", "--batches", "1", "--temperatures", "0",
-                    "--max-new-tokens", "6", "--attention", "auto,reference",
-                    "--compile-ahead", "2"], tmp_path)
+                    "--methods", "draft:chain:4,retrieval", "--batches", "1",
+                    "--temperatures", "0", "--max-new-tokens", "6", "--attention",
+                    "auto,reference", "--compile-ahead", "2"], tmp_path)
     assert {(r["attention"], r["method"]) for r in records} == {
-        (a, m) for a in ("auto", "reference") for m in ("plain", "draft")}
+        (a, m) for a in ("auto", "reference") for m in ("plain", "draft", "retrieval")}
     # Every program compiled beside the training, from the configs the models would export
-    # with: the timed calls on the trained models compiled nothing.
+    # with (retrieval's once its datastore was built, before any timed run): the timed calls
+    # on the trained models compiled nothing.
     assert all(r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0 for r in records)
     assert all(r["same_tokens_as_ar"] for r in records if r["method"] == "draft")
     train = json.loads((tmp_path / "train-cpu.json").read_text())
