@@ -455,12 +455,12 @@ def permutation_target(model, key) -> tuple["jaxdec.Model", np.ndarray]:
     forward and a one-token step (matrix products of different shapes, bf16) break some
     near-tie differently within a few tokens, and from there an oracle drafting plain
     decoding's continuation drafts tokens the speculative run no longer wants (acceptance ~0,
-    whatever its rate: the H200 run of commit bff28a8). Here the embedding rows
-    get unit scale, the layers' output projections (o, down) are scaled by 1e-2 so the residual
-    stream stays near the current token's embedding, and lm_head column v is the embedding
-    row of perm[v] (times 0.02): the right logit leads the rest by about sqrt(hidden size)
-    standard deviations. Shapes, dtypes and shardings are unchanged, so every step costs what
-    it costs with any weights of this config."""
+    whatever its rate: the H200 run of commit bff28a8). Here the embedding rows get unit
+    scale, the layers' output projections (o, down) are scaled by 1e-2 so the residual stream
+    stays near the current token's embedding, and lm_head column v is the embedding row of
+    perm[v] (times 0.02): the right logit leads the rest by about sqrt(hidden size) standard
+    deviations. Shapes, dtypes and shardings are unchanged, so every step costs what it costs
+    with any weights of this config."""
     if model.config.tie_word_embeddings:
         raise ValueError("permutation_target needs a separate lm_head (tie_word_embeddings "
                          "is set)")
