@@ -464,8 +464,13 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             if step.pytest:
                 argv += [f"--junitxml={junit}"]
             log(f"[device] {step.name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
-            lines = []
-            step_log = (lambda line: (lines.append(line), log(line))) if step.pytest else log
+            lines = []  # a pytest step's output, counted if the step is stopped
+
+            def step_log(line):
+                if step.pytest:
+                    lines.append(line)
+                log(line)
+
             code, seconds = run_command(argv, limit, step_log, env, stamp=step.pytest)
             if step.pytest:
                 record = pytest_record(junit, args.plan, device, code, seconds,
