@@ -73,16 +73,18 @@ PRESETS = {
                  hbm_bytes=1 << 30, matmul_size=8192, interpret=False,
                  rotate_bytes=100 << 20, max_copies=8,  # twice the H100/H200's 50 MB L2
                  # Other GPU tilings timed beside the default: where the goals are hardest,
-                 # and (decode) more splits than the default's (`split_factor` x its count):
-                 # in the H200 decode at 2K context the kernel read its 8 MB in 9.5 us with
-                 # 64 programs (8 KV heads x 8 splits) for 132 multiprocessors.
+                 # and (decode) other split counts: twice the default's (`split_factor`), and
+                 # the counts the rule before the wave-fill one chose at 1K and 4K (4, 16;
+                 # in the H200 decode at 2K context its 8 splits, 64 programs for 132
+                 # multiprocessors, read 8 MB in 9.4 us).
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
                               tilings=(dict(block_k=128), dict(block_m=128, num_warps=8),
                                        dict(num_stages=3),
                                        # flash attention's usual Hopper tiling
                                        dict(block_m=128, num_warps=8, num_stages=3))),
                          dict(queries=(1,), contexts=(1024, 4096),
-                              tilings=(dict(split_factor=2), dict(split_factor=4)))),
+                              tilings=(dict(split_factor=2), dict(num_splits=4),
+                                       dict(num_splits=16)))),
                  # One profiled run each: the kernel's share of a call against the packing and
                  # combine around it (on the H200, T = 64 ran far below the matmul peak).
                  profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
@@ -220,8 +222,9 @@ def block_sizes(tiling: dict, batch, context, T, spec):
         K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
         rows = common.num_rows(T, G, 16)
         row_tiles = rows // min(sizes.block_m, rows)
-        default = common.default_num_splits(batch, K, row_tiles, S, rows, sizes.block_k,
-                                            num_cores=common.gpu_core_count())
+        default = common.default_num_splits(batch, K, row_tiles, S, T * G, sizes.block_k,
+                                            num_cores=common.gpu_core_count(),
+                                            programs_per_core=max(1, 8 // sizes.num_warps))
         blocks = -(-S // sizes.block_k)
         sizes = dataclasses.replace(
             sizes, num_splits=max(1, min(default * tiling["split_factor"], blocks)))
@@ -347,6 +350,8 @@ def _tiling(entry: dict) -> str:
                                                   "num_stages") if k in entry)
     if "split_factor" in entry:
         label = ", ".join(filter(None, [label, f"splits x{entry['split_factor']}"]))
+    elif "num_splits" in entry:
+        label = ", ".join(filter(None, [label, f"num_splits={entry['num_splits']}"]))
     return label or "default"
 
 
@@ -370,7 +375,7 @@ def _sweep_table(pallas: list[dict]) -> list[str]:
             best = min((t for t in times if t is not None), default=None)
             cells = ["–" if t is None else f"**{t:.1f}**" if t == best else f"{t:.1f}"
                      for t in times]
-            cells = [c + (f" [{e['num_splits']}]" if "num_splits" in e else "")
+            cells = [c + (f" [{e['num_splits']}]" if "split_factor" in e else "")
                      for c, e in zip(cells, [{}] + r["sweep"])]
             lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | "
                          + " | ".join(cells) + " |")

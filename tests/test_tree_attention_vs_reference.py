@@ -141,19 +141,32 @@ def test_combine_equals_one_softmax():
 
 
 def test_default_splits_hand_computed():
-    """Llama-3-8B heads (8 KV heads, 132 multiprocessors): two waves of programs, at least 4
-    key blocks per split, fp32 partials within a quarter of the cache bytes a split reads."""
+    """Llama-3-8B heads (8 KV heads; 132 multiprocessors x 2 programs = waves of 264): the
+    smallest split count whose last wave is within 85% of the best count's fill, among the
+    counts that shorten the longest split, within the partial-bytes rule."""
     splits = common.default_num_splits
-    # Context 4K, T = 64: 256 rows in 4 tiles of 64; the bytes rule allows 4160 // 1024.
+    # Decode at 2K (2176 slots, 34 blocks): 8 tiles; 17 splits (two blocks each, 136
+    # programs, fill 0.515) is the best fill a shorter split allows (34 splits: 272 programs,
+    # a second wave of 8).
+    assert splits(1, 8, 1, 2176, 4, 64) == 17
+    # Context 4K, T = 64: 256 rows in 4 tiles; the bytes rule allows 4160 // 1024 = 4.
     assert splits(1, 8, 4, 4160, 256, 64) == 4
-    # Context 4K, T = 16: the blocks rule (4112 // 256) binds before the bytes rule.
-    assert splits(1, 8, 1, 4112, 64, 64) == 16
-    # Context 64K at batch 8, T = 1: two waves need ceil(264 / 64) splits.
-    assert splits(8, 8, 1, 65537, 16, 64) == 5
-    # A short cache and many rows: one split.
+    # Context 4K, T = 16 (65 blocks, the bytes rule allows 16): 13 splits of 5 blocks; 14 to
+    # 16 would leave 5 blocks in the longest split, 11 (6 blocks, fill 0.333) falls below
+    # 85% of 13's 0.394.
+    assert splits(1, 8, 1, 4112, 64, 64) == 13
+    # Context 64K at batch 8, T = 1: 64 tiles, 4 splits fill 256 of 264.
+    assert splits(8, 8, 1, 65537, 4, 64) == 4
+    # A short cache and many rows: the bytes rule leaves one split.
     assert splits(1, 8, 4, 1088, 256, 64) == 1
-    # A GPU with fewer multiprocessors (58) wants fewer programs: ceil(116 / 64) splits.
-    assert splits(8, 8, 1, 65537, 16, 64, num_cores=58) == 2
+    # Enough tiles to nearly fill a wave (batch 32 x 8 heads = 256 of 264): one split.
+    assert splits(32, 8, 1, 2176, 4, 64) == 1
+    # A GPU with fewer multiprocessors (58: waves of 116): 2 splits fill 128 (1.10 waves),
+    # 5 fill 320 of 348 (0.92) and are the smallest count within 85% of the best.
+    assert splits(8, 8, 1, 65537, 4, 64, num_cores=58) == 5
+    # 8 warps per program: one program per multiprocessor, waves of 132: 12 splits (3 blocks,
+    # 96 programs, fill 0.73) beat 17 (136 programs: a second wave of 4).
+    assert splits(1, 8, 1, 2176, 4, 64, programs_per_core=1) == 12
     # Without a GPU to ask (this machine, a compile-only device), an H100's count.
     if jax.default_backend() == "cpu":
         assert common.gpu_core_count() == 132

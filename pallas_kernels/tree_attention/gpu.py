@@ -57,6 +57,8 @@ def _kernel(
     num_splits: int,
     num_words: int,
     num_slots: int,
+    row_tiles: int,
+    real_rows: int,
     window: int | None,
     scale: float,
     precision,
@@ -122,9 +124,14 @@ def _kernel(
     unmasked = jnp.clip(n_cached - first, 0, count)
     carry = jax.lax.fori_loop(0, unmasked, cached_block, init)
     o, m, l = jax.lax.fori_loop(unmasked, count, masked_block, carry)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    if real_rows >= row_tiles * block_m:
+        o_ref[...], m_ref[...], l_ref[...] = o, m, l
+    else:  # padding rows (T * G below 16 or not a power of two): `combine` never reads them
+        tile = pl.program_id(1) % row_tiles
+        real = tile * block_m + jnp.arange(block_m, dtype=jnp.int32) < real_rows
+        plgpu.store(o_ref, o, mask=real[:, None])
+        plgpu.store(m_ref, m, mask=real)
+        plgpu.store(l_ref, l, mask=real)
 
 
 @functools.partial(
@@ -143,13 +150,16 @@ def tree_attention_gpu(
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
     N = block_sizes.num_splits or common.default_num_splits(
-        B, K, row_tiles, S, rows, bk, num_cores=132 if interpret else common.gpu_core_count())
+        B, K, row_tiles, S, T * G, bk,
+        num_cores=132 if interpret else common.gpu_core_count(),
+        programs_per_core=max(1, 8 // block_sizes.num_warps))
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
                                 rows=rows, window=window, block_k=bk)
 
     kernel = functools.partial(
-        _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, window=window,
+        _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, row_tiles=row_tiles,
+        real_rows=T * G, window=window,
         scale=D**-0.5,
         precision=(packed.precision,) * 2 if packed.precision else None,
     )
