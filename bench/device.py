@@ -10,19 +10,21 @@ hands back everything in one archive. Usage on the lent machine (one call):
 (the copy of the tree there has no .git: the variable names the commit in the records), then
 here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
-Steps of the `gpu` plan, in order (issue order: the figures of the earliest open issue
-first; `--only` takes the steps in the order it names them; `--list` prints them with their
-commands):
-  decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
-                   attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
-                   impls already measured)
-  train-gpu-base   bench/train.py --preset gpu-base: the target and draft trained alone (the
-                   training issue's MFU goal is gpu-base's; a speculative step trains while
-                   its grid compiles, which shares the CPU and the interpreter lock)
-  train-gpu-small  the same for gpu-small (its time budget: 3 minutes for both models)
+Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
+earliest issue first: gpu-small's training budget is the training issue's last missing figure,
+the synthetic 8B regime the speculative goal's; then the decode re-measure, whose goal a
+measurement alone will not reach; `--only` takes the steps in the order it names them;
+`--list` prints them with their commands):
+  train-gpu-small  bench/train.py --preset gpu-small: target and draft trained alone (its time
+                   budget: 3 minutes for both models; a speculative step trains while its grid
+                   compiles, which shares the CPU and the interpreter lock)
+  train-gpu-base   the same for gpu-base (the training issue's MFU goal is gpu-base's)
   spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
+  decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
+                   attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
+                   impls already measured)
   spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
                    models again, beside its grid's compiles, and records that training too;
                    AUTO only, so the grid fits beside training in one call: at these caches
@@ -192,6 +194,18 @@ def plan(name: str) -> list[Step]:
         from bench.speculative import ORACLE_TARGET
 
         return [
+            # The training issue sizes gpu-small at 3 minutes for target and draft: the one
+            # record so far trained beside the speculative grid's compiles (241 s).
+            Step("train-gpu-small", ("bench/train.py", "--preset", "gpu-small", "--out", "{out}"),
+                 _complete("train", preset="gpu-small", compile_ahead_workers=0),
+                 min_s=240, cap_s=400),
+            Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
+                 _complete("train", preset="gpu-base", compile_ahead_workers=0),
+                 min_s=360, cap_s=560),
+            # Records from before the permutation target (their oracle drafted tokens the
+            # target no longer chose) do not count.
+            speculative_step("synthetic-8b", min_s=240, cap_s=560,
+                             oracle_target=ORACLE_TARGET),
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),
                  # hf-compile must have been tried, but a torch.compile failure does not make
@@ -209,18 +223,6 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
-            Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
-                 _complete("train", preset="gpu-base", compile_ahead_workers=0),
-                 min_s=360, cap_s=560),
-            # The training issue sizes gpu-small at 3 minutes for target and draft: the one
-            # record so far trained beside the speculative grid's compiles (241 s).
-            Step("train-gpu-small", ("bench/train.py", "--preset", "gpu-small", "--out", "{out}"),
-                 _complete("train", preset="gpu-small", compile_ahead_workers=0),
-                 min_s=240, cap_s=400),
-            # Records from before the permutation target (their oracle drafted tokens the
-            # target no longer chose) do not count.
-            speculative_step("synthetic-8b", min_s=240, cap_s=560,
-                             oracle_target=ORACLE_TARGET),
             speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
