@@ -140,6 +140,28 @@ def test_combine_equals_one_softmax():
     np.testing.assert_allclose(got[0, 0, 0], (p / p.sum()) @ vals, rtol=1e-5)
 
 
+@pytest.mark.parametrize("real_rows", [4, 20, 64])
+def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows):
+    """The GPU combine (one Pallas kernel, interpret mode) equals `common.combine` on the
+    written partials, whatever the splits past `num_splits` and the padding rows past the
+    real ones hold (never written on the device: any bits); a split that saw no key (l = 0)
+    adds nothing."""
+    B, K, N, Np, rows, D = 2, 3, 5, 8, 64, 16
+    rng = np.random.default_rng(2)
+    o = rng.normal(size=(B, K, Np, rows, D)).astype(np.float32)
+    m = rng.normal(size=(B, K, Np, rows)).astype(np.float32)
+    l = rng.uniform(0.5, 2.0, size=(B, K, Np, rows)).astype(np.float32)
+    o[:, :, 1], m[:, :, 1], l[:, :, 1] = 0.0, -1e30, 0.0  # a split that saw nothing
+    # Unwritten splits: finite values that would win the max; padding rows: NaN and inf.
+    o[:, :, N:], m[:, :, N:], l[:, :, N:] = 1e6, 50.0, 1.0
+    o[:, :, :, real_rows:], m[:, :, :, real_rows:], l[:, :, :, real_rows:] = np.nan, np.inf, 1.0
+    want = common.combine(*(jnp.asarray(x[:, :, :N, :real_rows]) for x in (o, m, l)))
+    got = gpu._combine(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), num_splits=N,
+                       real_rows=real_rows, dtype=jnp.float32, interpret=True)
+    assert got.shape == (B, K, common._next_pow2(real_rows), D)
+    np.testing.assert_allclose(got[:, :, :real_rows], want, rtol=1e-5, atol=1e-6)
+
+
 def test_default_splits_hand_computed():
     """Llama-3-8B heads (8 KV heads; 132 multiprocessors x 2 programs = waves of 264): the
     smallest split count whose last wave is within 85% of the best count's fill, among the

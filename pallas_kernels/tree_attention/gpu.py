@@ -4,9 +4,10 @@ Grid (B, K * row_tiles, N): each program takes one row of the batch, one KV head
 packed query rows (the G heads x T new tokens of that KV head, see `common`) and one of N
 splits of the slots [lo, hi) the row's queries can see. It streams its split's key/value
 blocks once, applies the visibility rule (cached prefix + bit-packed tree mask + window) and
-keeps an online softmax in fp32; `common.combine` merges the N partials. Blocks wholly inside
-the cached prefix (without a window: all but the last one or two) skip the visibility rule,
-whose integer work per score would otherwise rival the matrix products.
+keeps an online softmax in fp32; a second, small kernel (`_combine`, the math of
+`common.combine`) merges the N partials and writes the result in the query dtype. Blocks
+wholly inside the cached prefix (without a window: all but the last one or two) skip the
+visibility rule, whose integer work per score would otherwise rival the matrix products.
 
 Triton rules kept by construction (and checked in `check_config`, since CUDA lowering on older
 jax does not): power-of-two block shapes, every dot's contraction (D and block_k) >= 16, at
@@ -153,6 +154,7 @@ def tree_attention_gpu(
         B, K, row_tiles, S, T * G, bk,
         num_cores=132 if interpret else common.gpu_core_count(),
         programs_per_core=max(1, 8 // block_sizes.num_warps))
+    Np = common._next_pow2(N)
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
                                 rows=rows, window=window, block_k=bk)
@@ -183,10 +185,12 @@ def tree_attention_gpu(
             pl.BlockSpec((None, None, None, block_m),
                          lambda b, i, n: (b, i // row_tiles, n, i % row_tiles)),
         ],
+        # Room for a power-of-two count of splits (`_combine` reads them as one block); the
+        # programs write the first N, the rest is never read.
         out_shape=[
-            jax.ShapeDtypeStruct((B, K, N, rows, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, N, rows), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, N, rows), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, Np, rows, D), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
             num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
@@ -195,9 +199,47 @@ def tree_attention_gpu(
         name="tree_attention",
     )(packed.lengths_B, packed.lo_B, packed.hi_B, packed.q_BKMD, k_BSKD, v_BSKD, packed.pos_BM,
       packed.words_BWM)
-    # A barrier between the kernel and the combine: fusing the combine's max into its
-    # consumers has produced NaNs in flash-decoding combines on GPU; it costs nothing.
-    m = jax.lax.optimization_barrier(m)
-    real = T * G  # the padding rows are dropped before the combine reads them
-    out = common.combine(o[..., :real, :], m[..., :real], l[..., :real])
-    return common.unpack_output(out, T, H).astype(q_BTHD.dtype)
+    out = _combine(o, m, l, num_splits=N, real_rows=T * G, dtype=q_BTHD.dtype,
+                   interpret=interpret)
+    return common.unpack_output(out, T, H)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int):
+    """`common.combine` for one (row, KV head, row tile): the splits' partials [Np, Mc(, D)]
+    merged exactly; splits at or past `num_splits` were never written (their m and l are
+    masked here, their o never read)."""
+    split = jnp.arange(m_ref.shape[0], dtype=jnp.int32)[:, None] < num_splits
+    m, l = m_ref[...], l_ref[...]
+    written = split & (l > 0)  # a split that saw no visible key contributes nothing
+    m_max = jnp.max(jnp.where(written, m, MASKED), axis=0)
+    total = jnp.sum(jnp.where(written, l * jnp.exp(m - m_max[None, :]), 0.0), axis=0)
+
+    def add(n, acc):
+        m_n, l_n = m_ref[n, :], l_ref[n, :]
+        weight = jnp.where(l_n > 0, jnp.exp(m_n - m_max), 0.0)
+        return acc + weight[:, None] * o_ref[n, :, :]
+
+    acc = jax.lax.fori_loop(0, num_splits, add, jnp.zeros(out_ref.shape, jnp.float32))
+    out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
+
+
+def _combine(o_BKNMD, m_BKNM, l_BKNM, *, num_splits: int, real_rows: int, dtype,
+             interpret: bool):
+    """The splits' partials merged into [B, K, R, D] in `dtype`, R = the real rows rounded
+    up to a power of two (at T = 1, the G heads: [B, K, G, D] is [B, 1, H, D] as it lies), in
+    one kernel (XLA's combine takes two: the max, then the weighted sums)."""
+    B, K, Np, rows, D = o_BKNMD.shape
+    R = min(rows, common._next_pow2(real_rows))
+    tile = min(R, 64)
+    partials = pl.BlockSpec((None, None, Np, tile), lambda b, k, t: (b, k, 0, t))
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=num_splits),
+        grid=(B, K, R // tile),
+        in_specs=[pl.BlockSpec((None, None, Np, tile, D), lambda b, k, t: (b, k, 0, t, 0)),
+                  partials, partials],
+        out_specs=pl.BlockSpec((None, None, tile, D), lambda b, k, t: (b, k, t, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, K, R, D), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="tree_attention_combine",
+    )(o_BKNMD, m_BKNM, l_BKNM)
