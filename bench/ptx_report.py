@@ -1,0 +1,221 @@
+"""What the GPU kernels compile to on an H100, without one: registers, spills, shared memory,
+tensor-core instructions, per Triton program, for the kernels benchmark's cases and tilings.
+
+The device is lent rarely and briefly; a tiling that spills registers, overflows shared
+memory, or misses Hopper's tensor-core instructions (`wgmma`) can be told apart on any
+machine. This lowers each Pallas Triton kernel of a `tree_attention` call for CUDA (jax's
+lowering targets compute capability 9.0 when no GPU is present), compiles the Triton IR with
+the `triton` package for sm_90a, and reads `ptxas -v` (the ptxas Triton ships) for the
+resources:
+
+    pip install triton    # its wheel bundles LLVM and ptxas: no CUDA toolkit, no GPU
+    python bench/ptx_report.py [--preset h100] [--out bench/results]
+
+It writes `ptx-sm90a.json` (one record per case, tiling and program) and a Markdown table.
+Static facts only: how fast a program runs is for `bench/kernels.py` on the device to say.
+(The Triton of the `triton` package is not the one bundled in jaxlib, which compiles the
+same IR on the device; the two may differ in detail, never in kind: a spill or a shared
+memory overflow here is worth a look before spending device time on that tiling.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import git_commit, utc_now, versions  # noqa: E402
+
+TARGET = "sm_90a"
+SHARED_LIMIT = 227 * 1024  # an H100 program's most dynamic shared memory
+REGISTER_FILE = 64 * 1024  # 32-bit registers per multiprocessor
+
+
+@contextlib.contextmanager
+def captured_programs():
+    """Collects (name, Triton IR text, grid, num_warps, num_stages) of every Pallas Triton
+    kernel lowered inside the block (jax's lowering hook, found by name at call time)."""
+    from jax._src.pallas.triton import lowering
+
+    programs, original = [], lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        caller = sys._getframe(1).f_locals  # the pallas_call lowering rule: its launch params
+        programs.append(dict(
+            name=str(caller.get("name", "?")), ir=result.module.operation.get_asm(),
+            grid=[int(g) for g in result.grid],
+            num_warps=int(caller.get("num_warps", 4)),
+            num_stages=int(caller.get("num_stages", 3))))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield programs
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+
+
+def lower_for_cuda(fn, *args) -> None:
+    """Lowers `fn(*args)` (abstract arguments) for CUDA with an H100 described to jax."""
+    import jax
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu",
+                            num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=device)):
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def ptxas_path() -> Path:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not path.exists():
+        raise RuntimeError(f"the triton package has no bundled ptxas at {path}")
+    return path
+
+
+def compile_program(program: dict, workdir: Path) -> dict:
+    """One captured program compiled for sm_90a: its resources and instruction counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    source = workdir / f"{program['name']}.ttir"
+    source.write_text(program["ir"])
+    kernel = triton.compile(str(source), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=program["num_warps"],
+                                         num_stages=program["num_stages"]))
+    ptx = kernel.asm["ptx"]
+    ptx_file = workdir / f"{program['name']}.ptx"
+    ptx_file.write_text(ptx)
+    proc = subprocess.run([str(ptxas_path()), f"-arch={TARGET}", "-v", str(ptx_file), "-o",
+                           str(workdir / "out.cubin")], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-500:]}")
+    log = proc.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    threads = 32 * program["num_warps"]
+    shared = int(kernel.metadata.shared)
+    return dict(
+        registers=registers, spill_bytes=sum(spills), shared_bytes=shared,
+        # programs one multiprocessor holds at once: by registers, shared memory, threads
+        programs_per_core=min(REGISTER_FILE // (registers * threads),
+                              SHARED_LIMIT // shared if shared else 32, 2048 // threads),
+        wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+        async_copies=ptx.count("cp.async"),
+    )
+
+
+def report_case(batch, context, T, spec, tiling: dict) -> list[dict]:
+    """The records of one `tree_attention` call (the Triton kernel, default tiling or one of
+    the sweep's) of the kernels benchmark's case."""
+    from bench.kernels import block_sizes, case_shapes
+    from jaxdec.pallas_kernels.tree_attention import gpu
+
+    q, ks, vs, lengths, positions, mask = case_shapes(batch, context, T, spec)
+    sizes = block_sizes(tiling, batch, context, T, spec)
+
+    def call(q, k, v, lengths, positions, mask):
+        return gpu.tree_attention_gpu(q, k, v, lengths, positions, mask, window=None,
+                                      block_sizes=sizes)
+
+    records = []
+    with captured_programs() as programs, tempfile.TemporaryDirectory() as tmp:
+        lower_for_cuda(call, q, ks[0], vs[0], lengths, positions, mask)
+        for program in programs:
+            record = dict(batch=batch, context=context, T=T, tiling=tiling or "default",
+                          program=program["name"], grid=program["grid"],
+                          num_warps=program["num_warps"], num_stages=program["num_stages"],
+                          target=TARGET)
+            try:
+                record.update(compile_program(program, Path(tmp)))
+                record["error"] = None
+            except Exception as e:  # noqa: BLE001  (a failed compile is the finding)
+                record["error"] = f"{type(e).__name__}: {e}"[:300]
+            records.append(record)
+    return records
+
+
+def run(preset: str) -> list[dict]:
+    import triton
+
+    from bench.kernels import PRESETS, swept
+
+    spec = PRESETS[preset]
+    meta = dict(preset=preset, date=utc_now(), commit=git_commit(),
+                jax_version=versions()["jax_version"], triton_version=triton.__version__)
+    records = []
+    for batch in spec["batches"]:
+        for context in spec["contexts"]:
+            for T in spec["queries"]:
+                for tiling in [{}] + swept(batch, context, T, spec):
+                    records += [dict(meta, **r) for r in report_case(batch, context, T, spec,
+                                                                       tiling)]
+    return records
+
+
+def render_markdown(records: list[dict]) -> str:
+    first = records[0]
+    lines = [
+        "# The tree-attention kernel's Triton programs compiled for an H100 (static)",
+        "",
+        f"Compiled on a machine without a GPU (commit {first['commit']}, {first['date']}): "
+        f"jax {first['jax_version']} lowering, triton {first['triton_version']}, "
+        f"`ptxas -v` for {TARGET}. Registers per thread, spilled bytes, shared memory per "
+        "program, programs one multiprocessor holds at once (by registers, shared memory and "
+        "threads), "
+        "and Hopper's `wgmma` / Ampere-style `mma.sync` tensor-core instructions in the PTX. "
+        "No timings: those are `kernels-<device>.md`'s.",
+        "",
+        "| batch | context | T | tiling | program | grid | warps | stages | registers | "
+        "spills (B) | shared (KiB) | per SM | wgmma | mma.sync |",
+        "|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        tiling = r["tiling"] if r["tiling"] == "default" else ", ".join(
+            f"{k}={v}" for k, v in r["tiling"].items())
+        head = (f"| {r['batch']} | {r['context']} | {r['T']} | {tiling} | {r['program']} | "
+                f"{'x'.join(map(str, r['grid']))} | {r['num_warps']} | {r['num_stages']} | ")
+        if r["error"]:
+            lines.append(head + f"failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(head + f"{r['registers']} | {r['spill_bytes']} | "
+                     f"{r['shared_bytes'] / 1024:.1f} | {r['programs_per_core']} | "
+                     f"{r['wgmma']} | {r['mma_sync']} |")
+    spilled = [r for r in records if not r["error"] and r["spill_bytes"]]
+    failed = [r for r in records if r["error"]]
+    lines += ["", f"{len(records)} programs: {len(failed)} failed to compile, "
+              f"{len(spilled)} spill registers."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="h100", help="a bench/kernels.py preset")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("needs the triton package (pip install triton): it compiles the kernels' "
+              "Triton IR for sm_90a", file=sys.stderr)
+        return 2
+    records = run(args.preset)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"ptx-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
+    (args.out / f"ptx-{TARGET}.md").write_text(render_markdown(records))
+    print(render_markdown(records))
+    return 1 if any(r["error"] for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The GPU kernels compiled for an H100 on this machine (no GPU): `bench/ptx_report.py` lowers
+the tree-attention call for CUDA, compiles its Triton programs for sm_90a with the `triton`
+package and reads ptxas's resource report. What interpret mode cannot see (a program Triton
+cannot compile, registers spilled, shared memory past the H100's, no tensor-core
+instructions where the queries fill a Hopper matrix tile) fails here, before device time."""
+
+import pytest
+
+pytest.importorskip("triton", reason="the `ptx` extra (triton) compiles the kernels' IR")
+
+from bench import ptx_report  # noqa: E402
+from bench.kernels import PRESETS  # noqa: E402
+
+
+def test_cpu_tiny_preset_compiles_every_program(tmp_path):
+    """Every case and swept tiling of the benchmark's CPU preset (fp32: IEEE dots) compiles,
+    both programs of a call (the kernel and its combine), and the report is written."""
+    assert ptx_report.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "ptx-sm_90a.md").read_text()
+    assert "0 failed to compile, 0 spill registers" in table
+    assert "| tree_attention_combine |" in table
+
+
+@pytest.mark.parametrize("context,T", [(2048, 1), (4096, 64)])
+def test_llama3_8b_heads_default_tiling(context, T):
+    """Llama-3-8B heads in bf16 at the default tiling: decode (T = 1: 4 query rows of a KV
+    head padded to 16, Ampere-style mma) and a 64-token tree (256 rows: Hopper's wgmma), no
+    spills, within the H100's shared memory, at least two kernel programs per multiprocessor
+    (the split rule's assumption for 4 warps)."""
+    kernel, combine = ptx_report.report_case(1, context, T, PRESETS["h100"], {})
+    assert kernel["program"] == "tree_attention" and combine["program"] == "tree_attention_combine"
+    for record in (kernel, combine):
+        assert record["error"] is None, record["error"]
+        assert record["spill_bytes"] == 0
+        assert record["shared_bytes"] <= ptx_report.SHARED_LIMIT
+    assert kernel["shared_bytes"] > 0  # the key/value blocks are staged through it
+    assert kernel["programs_per_core"] >= 2
+    if T == 1:
+        assert kernel["mma_sync"] > 0
+    else:
+        assert kernel["wgmma"] > 0
