@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -203,9 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="h100", help="a bench/kernels.py preset")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         print("needs the triton package (pip install triton): it compiles the kernels' "
               "Triton IR for sm_90a", file=sys.stderr)
         return 2
