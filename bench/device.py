@@ -22,6 +22,8 @@ measurement alone will not reach; `--only` takes the steps in the order it names
   spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
+  matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
+                   kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
                    attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
                    impls already measured)
@@ -206,6 +208,12 @@ def plan(name: str) -> list[Step]:
             # target no longer chose) do not count.
             speculative_step("synthetic-8b", min_s=240, cap_s=560,
                              oracle_target=ORACLE_TARGET),
+            # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
+            # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
+            Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
+                 _complete("matvec", preset="h100", impl=("pallas", "xla", "xla-cublas"),
+                           projection=("qkv", "o", "gate_up", "down"), rows=(1, 16)),
+                 min_s=120, cap_s=240),
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),
                  # hf-compile must have been tried, but a torch.compile failure does not make

@@ -150,10 +150,10 @@ def test_kernel_changes_make_the_device_tests_due_again(tmp_path):
 
 def test_every_gpu_step_parses_with_its_benchmark():
     """A flag renamed in a benchmark would otherwise fail only on the device."""
-    from bench import decode, kernels, speculative, train
+    from bench import decode, kernels, matvec, speculative, train
 
     parsers = {"bench/decode.py": lambda a: decode.parse_args(a)[1],
-               "bench/kernels.py": kernels.parse_args,
+               "bench/kernels.py": kernels.parse_args, "bench/matvec.py": matvec.parse_args,
                "bench/train.py": lambda a: train.build_parser().parse_args(a),
                "bench/speculative.py": lambda a: speculative.build_parser().parse_args(a)}
     for step in device.plan("gpu"):

@@ -1,0 +1,67 @@
+"""Matrix-vector products for decoding: a decode step's few rows times a weight matrix,
+bound by the weights' bytes. A Triton-lowered Pallas kernel (split-K, the weights streamed
+once through a deep pipeline) and a jnp reference.
+
+    y_MN = matvec(x_MK, w_KN)          # fp32, M <= 16
+
+Not wired into the models yet: in the H200 decode profile XLA's own fusions read the q|k|v
+weights at 64% of the bandwidth and o's at 74% (gate|up 89%, down 93%), and
+`bench/matvec.py` times this kernel against XLA's product on the decode shapes of a
+Llama-3-8B layer to say whether it should be. TPU: XLA's product (the reference) is the
+path; the kernel is GPU-only.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+
+from jaxdec.pallas_kernels.matvec.gpu import ROWS, BlockSizes, default_num_splits
+from jaxdec.pallas_kernels.matvec.reference import matvec_reference
+
+__all__ = ["BlockSizes", "Impl", "ROWS", "default_num_splits", "matvec", "matvec_reference"]
+
+
+class Impl(enum.Enum):
+    """Which implementation `matvec` runs."""
+
+    AUTO = "auto"  # the kernel on a GPU, else the reference
+    REFERENCE = "reference"  # jnp (XLA's product)
+    TRITON = "triton"  # gpu.py (CUDA, or interpret)
+
+
+def matvec(x_MK: jax.Array, w_KN: jax.Array, *, impl: Impl | str = Impl.AUTO,
+           interpret: bool = False, block_sizes: BlockSizes | None = None,
+           num_cores: int | None = None) -> jax.Array:
+    """x [M, K] @ w [K, N] with fp32 accumulation: [M, N] fp32.
+
+    Args:
+      x_MK: at most `ROWS` (16) rows for the kernel; any dtype jnp.dot takes.
+      w_KN: the weights, same dtype as x.
+      impl: AUTO (the kernel on a GPU, the reference elsewhere), REFERENCE or TRITON.
+      interpret: run the kernel through Pallas's interpreter (tests, any backend).
+      block_sizes: the kernel's tiling (defaults: `BlockSizes()`).
+      num_cores: multiprocessors the split count is chosen for (default: the GPU's, 132
+        without one).
+    """
+    try:
+        impl = Impl(impl)
+    except ValueError:
+        raise ValueError(f"impl must be one of {[i.value for i in Impl]}, got {impl!r}") from None
+    if x_MK.ndim != 2 or w_KN.ndim != 2:
+        raise ValueError(f"x must be [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
+    if x_MK.shape[1] != w_KN.shape[0]:
+        raise ValueError(f"x {x_MK.shape} and w {w_KN.shape} do not share K")
+    if x_MK.dtype != w_KN.dtype:
+        raise TypeError(f"x is {x_MK.dtype} and w {w_KN.dtype}: the kernel takes one dtype")
+    if impl is Impl.AUTO:
+        impl = Impl.TRITON if jax.default_backend() == "gpu" or interpret else Impl.REFERENCE
+    if impl is Impl.REFERENCE:
+        return matvec_reference(x_MK, w_KN)
+    from jaxdec.pallas_kernels.matvec import gpu
+    from jaxdec.pallas_kernels.tree_attention.common import gpu_core_count
+
+    cores = num_cores or (132 if interpret else gpu_core_count())
+    return gpu.matvec_gpu(x_MK, w_KN, block_sizes=block_sizes or BlockSizes(),
+                          interpret=interpret, num_cores=cores)

@@ -1,0 +1,110 @@
+"""x [M, K] @ w [K, N] for a few rows (a decode step's tokens) as a Triton-lowered Pallas
+kernel: split-K, streaming the weights once.
+
+Grid (N / block_n, num_splits): program (j, s) multiplies the rows by the weight tile
+[K / num_splits, block_n] of columns j and split s, `block_k` weight rows per step (the
+matrix units take the rows padded to 16: the weights' bytes, not the arithmetic, are the
+cost), and writes an fp32 partial [16, block_n]; the partials of the splits are summed by
+XLA, which fuses that sum into whatever consumes the product. Triton's software pipeline
+keeps `num_stages - 1` weight tiles in flight per program while it multiplies the current
+one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+ROWS = 16  # the matrix units' smallest tile: fewer rows are padded to it
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+    """Tiling (static). block_n: output columns per program (a power of two >= 16); block_k:
+    weight rows per pipeline step (a power of two >= 16: the dot's contraction); num_splits:
+    programs along K (None: `default_num_splits`); num_warps, num_stages: Triton's."""
+
+    block_n: int = 128
+    block_k: int = 64
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132) -> int:
+    """The fewest splits (a power of two, each at least two `block_k` steps long and dividing
+    K evenly) that give two programs per multiprocessor, or the most that qualify."""
+    tiles = N // sizes.block_n
+    best = 1
+    splits = 1
+    while K % (splits * sizes.block_k) == 0 and K // splits >= 2 * sizes.block_k:
+        best = splits
+        if tiles * splits >= 2 * num_cores:
+            break
+        splits *= 2
+    return best
+
+
+def check_config(M: int, K: int, N: int, sizes: BlockSizes, num_splits: int) -> str | None:
+    """Why the kernel cannot take these shapes, or None when it can."""
+    for name in ("block_n", "block_k"):
+        value = getattr(sizes, name)
+        if not _is_pow2(value) or value < 16:
+            return f"{name}={value} must be a power of two >= 16 (Triton dot shapes)"
+    if M > ROWS:
+        return f"{M} rows: the kernel takes at most {ROWS} (a decode step's tokens)"
+    if N % sizes.block_n:
+        return f"N={N} is not a multiple of block_n={sizes.block_n}"
+    if K % (num_splits * sizes.block_k):
+        return f"K={K} is not a multiple of num_splits x block_k = {num_splits * sizes.block_k}"
+    return None
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, precision):
+    # x_ref [ROWS, K / splits], w_ref [K / splits, block_n], o_ref [ROWS, block_n] fp32
+    def step(i, acc):
+        start = pl.multiple_of(i * block_k, block_k)
+        return acc + jax.lax.dot_general(
+            x_ref[:, pl.ds(start, block_k)], w_ref[pl.ds(start, block_k), :],
+            (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+    steps = w_ref.shape[0] // block_k
+    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "num_cores"))
+def matvec_gpu(x_MK, w_KN, *, block_sizes: BlockSizes, interpret: bool = False,
+               num_cores: int = 132):
+    """See `jaxdec.pallas_kernels.matvec.matvec` (impl=TRITON): [M, N] fp32."""
+    M, K = x_MK.shape
+    N = w_KN.shape[1]
+    bn, bk = block_sizes.block_n, block_sizes.block_k
+    splits = block_sizes.num_splits or default_num_splits(K, N, block_sizes, num_cores)
+    reason = check_config(M, K, N, block_sizes, splits)
+    if reason:
+        raise ValueError(reason)
+    x = jnp.pad(x_MK, ((0, ROWS - M), (0, 0)))
+    chunk = K // splits
+    partials = pl.pallas_call(
+        functools.partial(_kernel, block_k=bk, precision=(
+            (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None)),
+        grid=(N // bn, splits),
+        in_specs=[pl.BlockSpec((ROWS, chunk), lambda j, s: (0, s)),
+                  pl.BlockSpec((chunk, bn), lambda j, s: (s, j))],
+        out_specs=pl.BlockSpec((None, ROWS, bn), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, ROWS, N), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
+                                             num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="matvec",
+    )(x, w_KN)
+    return partials.sum(axis=0)[:M]
