@@ -21,7 +21,8 @@ from typing import Callable, Hashable
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 # What a jaxdec decode step runs: a record measured with other sources measured other code.
-MODEL_SOURCES = ("models", "pallas_kernels/tree_attention", "jaxdec/cache.py",
+MODEL_SOURCES = ("models", "pallas_kernels/tree_attention", "pallas_kernels/matvec",
+                 "jaxdec/cache.py",
                  "jaxdec/generate.py", "jaxdec/model.py", "jaxdec/parallel.py",
                  "jaxdec/sampling.py")
 

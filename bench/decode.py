@@ -19,6 +19,9 @@ What runs
     default attention (the Pallas tree-attention kernel on GPU/TPU).
   - `jaxdec-reference`: the same with the jnp reference attention (`with_attention(
     "reference")`), so the kernel's effect on whole-model decode is measured side by side.
+  - `jaxdec-matvec`: `jaxdec` with the layers' projections of a decode step run by the Pallas
+    matrix-vector kernel (`with_matmul("pallas")`, `jaxdec.pallas_kernels.matvec`; see also
+    `bench/matvec.py`) instead of XLA's fusions.
   - `jaxdec-cublas`: `jaxdec` with XLA's Triton GEMM fusions off
     (`--xla_gpu_enable_triton_gemm=false`: the matrix products go to cuBLAS), in a worker
     of its own (XLA reads its flags once per process): which library's matrix-vector
@@ -120,9 +123,14 @@ from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
                           versions)
 
-IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-cublas", "hf-eager", "hf-compile")
+IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "hf-eager",
+         "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
-JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference", "jaxdec-cublas": "auto"}
+JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference", "jaxdec-matvec": "auto",
+                    "jaxdec-cublas": "auto"}
+# jaxdec's projections per impl (`Model.with_matmul`; XLA's product where not named):
+# jaxdec-matvec runs a decode step's projections through the Pallas matrix-vector kernel.
+JAXDEC_MATMUL = {"jaxdec-matvec": "pallas"}
 # XLA flags of a jaxdec impl's worker (an impl with flags gets a worker of its own: XLA reads
 # them once per process). jaxdec-cublas: the matrix products by cuBLAS instead of XLA's Triton
 # GEMM fusions, whose decode matrix-vector products ran at 64% (q|k|v) to 93% (down) of the
@@ -292,7 +300,8 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
         for batch in spec["batch_sizes"]:
             prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
             ahead.submit((impl, batch), functools.partial(
-                jaxdec.generate, shapes.with_attention(JAXDEC_ATTENTION[impl]), prompts,
+                jaxdec.generate, shapes.with_attention(JAXDEC_ATTENTION[impl]).with_matmul(
+                    JAXDEC_MATMUL.get(impl, "xla")), prompts,
                 max_new_tokens=N, return_timings=True, compile_only=True))
     model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
     jax.block_until_ready(model.params)
@@ -304,10 +313,12 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
         emit("bandwidth", source=f"{source} (fp32, in a loop)", gbps=gbps)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     for impl in impls:
-        attention = JAXDEC_ATTENTION[impl]
+        attention, matmul = JAXDEC_ATTENTION[impl], JAXDEC_MATMUL.get(impl, "xla")
         for batch in spec["batch_sizes"]:
-            _time_jaxdec(model.with_attention(attention), impl, batch, spec, emit, ahead,
+            _time_jaxdec(model.with_attention(attention).with_matmul(matmul), impl, batch, spec,
+                         emit, ahead,
                          notes=f"jaxdec.generate, attention={attention}" + (
+                             f", matmul={matmul}" if matmul != "xla" else "") + (
                              f", XLA_FLAGS {JAXDEC_XLA_FLAGS[impl]}"
                              if impl in JAXDEC_XLA_FLAGS else ""),
                          param_bytes=param_bytes)

@@ -223,9 +223,11 @@ def plan(name: str) -> list[Step]:
                  _all(_complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference")),
                       _all_rows("decode", "model_sources", common_sources_digest(MODEL_SOURCES),
                                 preset="h100",
-                                impl=("jaxdec", "jaxdec-reference", "jaxdec-cublas")),
-                      # The cuBLAS comparison is wanted, but its failure is not retried.
-                      _complete("decode", preset="h100", impl="jaxdec-cublas",
+                                impl=("jaxdec", "jaxdec-reference", "jaxdec-matvec",
+                                      "jaxdec-cublas")),
+                      # The matrix-vector kernel and cuBLAS comparisons are wanted, but their
+                      # failures are not retried.
+                      _complete("decode", preset="h100", impl=("jaxdec-matvec", "jaxdec-cublas"),
                                 failures_count=True),
                       _complete("decode", preset="h100", impl="hf-eager"),
                       _complete("decode", preset="h100", impl="hf-compile",

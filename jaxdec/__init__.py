@@ -13,7 +13,7 @@ from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.config import ModelConfig, RopeConfig
 from jaxdec.generate import GenerateResult, generate, generate_padded
 from jaxdec.model import Model, abstract_model, forward, init_model
-from jaxdec.models.layers import AttentionImpl
+from jaxdec.models.layers import AttentionImpl, MatmulImpl
 from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionImpl",
+    "MatmulImpl",
     "Cache",
     "GenerateResult",
     "Greedy",

@@ -18,7 +18,7 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
-from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, attention_kernel,
+from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, attention_kernel,
                                   fused_causal_usable, use_platform)
 
 
@@ -37,6 +37,9 @@ class Model:
         GPU/TPU for decode and verification over caches large enough for it to pay
         (`layers.AUTO_KERNEL_MIN_KV_BYTES`, else the reference) and, on GPU, cuDNN's fused
         attention for causal blocks without a cache (training); the jnp reference on CPU.
+      matmul: how the layers' projections run (static; `jaxdec.models.layers.MatmulImpl`):
+        XLA's product, or (experimental) a Pallas matrix-vector kernel for decode steps on
+        GPU.
     """
 
     config: ModelConfig
@@ -44,6 +47,7 @@ class Model:
     mesh: Mesh
     tokenizer: Any = None
     attention: AttentionImpl = AttentionImpl.AUTO
+    matmul: MatmulImpl = MatmulImpl.XLA
 
     def with_attention(self, attention: "AttentionImpl | str") -> "Model":
         """This model with another attention implementation ("auto", "reference", "pallas",
@@ -54,6 +58,16 @@ class Model:
             choices = [a.value for a in AttentionImpl]
             raise ValueError(f"attention must be one of {choices}, got {attention!r}") from None
         return dataclasses.replace(self, attention=attention)
+
+    def with_matmul(self, matmul: "MatmulImpl | str") -> "Model":
+        """This model with another projection implementation ("xla", "pallas",
+        "pallas_interpret" or a MatmulImpl; see `jaxdec.models.layers.MatmulImpl`)."""
+        try:
+            matmul = MatmulImpl(matmul)
+        except ValueError:
+            choices = [m.value for m in MatmulImpl]
+            raise ValueError(f"matmul must be one of {choices}, got {matmul!r}") from None
+        return dataclasses.replace(self, matmul=matmul)
 
     @property
     def tp(self) -> int:
@@ -66,8 +80,9 @@ class Model:
 
 jax.tree_util.register_pytree_node(
     Model,
-    lambda m: ((m.params,), (m.config, m.mesh, m.attention)),
-    lambda aux, children: Model(config=aux[0], params=children[0], mesh=aux[1], attention=aux[2]),
+    lambda m: ((m.params,), (m.config, m.mesh, m.attention, m.matmul)),
+    lambda aux, children: Model(config=aux[0], params=children[0], mesh=aux[1], attention=aux[2],
+                                matmul=aux[3]),
 )
 
 
@@ -230,13 +245,13 @@ def forward_with_cache(
         return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
-            attention=attention,
+            attention=attention, matmul=model.matmul,
         )
 
     with use_platform(platform):  # the kernels of the mesh's devices, for what traces here
         if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:
             attention = cache_free_attention(config, model.tp, param_dtype(model))
-        if attention_kernel(attention) is not None:
+        if attention_kernel(attention) is not None or model.matmul is not MatmulImpl.XLA:
             # A pallas_call's outputs carry no varying-manual-axes annotation (and
             # interpreted kernels fail the check), so the check is off wherever a kernel may
             # run.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec.config import RopeConfig
-from jaxdec.pallas_kernels import tree_attention
+from jaxdec.pallas_kernels import matvec, tree_attention
 
 # The reference and its visibility rule live beside the kernels; the models use them from here.
 attention_reference = tree_attention.tree_attention_reference
@@ -72,11 +72,54 @@ def pre_projection_norm(x: jax.Array, weight: jax.Array, eps: float
     return rms_norm(x, weight, eps), None
 
 
-def project(subscripts: str, x, weight, inv_rms=None) -> jax.Array:
+class MatmulImpl(enum.Enum):
+    """How the layers' projections run (static).
+
+    XLA: XLA's product (the default).
+    PALLAS: experimental, for decode steps on a GPU: a projection of at most 16 tokens per
+      shard runs `jaxdec.pallas_kernels.matvec`'s kernel where it takes the shapes, XLA's
+      product otherwise (more tokens, another platform, shapes the kernel does not tile).
+      `bench/matvec.py` and `bench/decode.py`'s `jaxdec-matvec` measure it against XLA.
+    PALLAS_INTERPRET: the same kernel through Pallas's interpreter on any backend (tests).
+    """
+
+    XLA = "xla"
+    PALLAS = "pallas"
+    PALLAS_INTERPRET = "pallas_interpret"
+
+
+def dense(x, weight, matmul: MatmulImpl = MatmulImpl.XLA, subscripts: str | None = None):
+    """x [..., K] times `weight` (its leading axes, K in all, contracted with x's last; its
+    trailing axes the output's) with fp32 accumulation: [..., *trailing] fp32. `subscripts`:
+    the einsum XLA runs (default: a plain matrix product over the flattened axes); with
+    `matmul` PALLAS the matrix-vector kernel runs instead where `MatmulImpl` says."""
+    K = x.shape[-1]
+    lead = weight.ndim - 1 if subscripts is None else 1
+    tokens = math.prod(x.shape[:-1])
+    out_axes = weight.shape[lead:]
+    if matmul is not MatmulImpl.XLA and math.prod(weight.shape[:lead]) == K:
+        interpret = matmul is MatmulImpl.PALLAS_INTERPRET
+        N = math.prod(out_axes)
+        if (interpret or current_platform() in GPU_BACKENDS) and tokens <= matvec.ROWS and (
+                x.dtype == weight.dtype
+                and matvec.unsupported_reason(tokens, K, N) is None):
+            out = matvec.matvec(x.reshape(tokens, K), weight.reshape(K, N),
+                                impl=matvec.Impl.TRITON, interpret=interpret)
+            return out.reshape(*x.shape[:-1], *out_axes)
+    if subscripts is not None:
+        return jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32)
+    flat = weight.reshape(K, math.prod(out_axes))
+    out = jnp.dot(x.reshape(tokens, K), flat, preferred_element_type=jnp.float32)
+    return out.reshape(*x.shape[:-1], *out_axes)
+
+
+def project(subscripts: str, x, weight, inv_rms=None, matmul: MatmulImpl = MatmulImpl.XLA
+            ) -> jax.Array:
     """`einsum(subscripts, x, weight)` with fp32 accumulation, scaled per row by `inv_rms`
     ([B, T, 1] from `rms_norm_factored`; broadcast over the output's trailing axes), in x's
-    dtype."""
-    out = jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32)
+    dtype; `matmul`: see `MatmulImpl` (subscripts must then contract x's last axis with the
+    weight's first)."""
+    out = dense(x, weight, matmul, subscripts)
     if inv_rms is not None:
         out = out * inv_rms.reshape(inv_rms.shape + (1,) * (out.ndim - inv_rms.ndim))
     return out.astype(x.dtype)
@@ -121,15 +164,19 @@ def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
 # --------------------------------------------------------------------------------- MLP
 
 
-def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None) -> jax.Array:
+def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
+              matmul: MatmulImpl = MatmulImpl.XLA) -> jax.Array:
     """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up as one [E, 2, F] matrix (one
     matmul). Under tensor parallelism F is the local shard and the result is a partial sum
     the caller reduces. With `inv_rms_BT1`, x is `weight * x` from `rms_norm_factored` and the
-    projection applies the scale."""
-    gate_up = project("bte,egf->btgf", x_BTE, gate_up_E2F, inv_rms_BT1)
+    projection applies the scale. `matmul`: see `MatmulImpl`."""
+    gate_up = project("bte,egf->btgf", x_BTE, gate_up_E2F, inv_rms_BT1, matmul)
     if bias_2F is not None:
         gate_up = gate_up + bias_2F
-    return (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ down_FE
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    if matmul is MatmulImpl.XLA:
+        return hidden @ down_FE
+    return dense(hidden, down_FE, matmul).astype(hidden.dtype)
 
 
 # --------------------------------------------------------------------------- attention

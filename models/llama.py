@@ -173,10 +173,11 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
-                     mask_BTT, *, config: ModelConfig, window, inv_freq, impl):
+                     mask_BTT, *, config: ModelConfig, window, inv_freq, impl,
+                     matmul=L.MatmulImpl.XLA):
     """x_BTE and inv_rms_BT1: the attention norm's output (`L.pre_projection_norm`). This
     shard's qkv groups give its query heads and the KV head(s) they read."""
-    qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1)
+    qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1, matmul)
     if "qkv_bias" in layer:
         qkv = qkv + layer["qkv_bias"]
     B, T, R, slots, D = qkv.shape
@@ -191,16 +192,21 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
         keys, values = kv_entry.k, kv_entry.v
     attn = L.attention(q, keys, values, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window,
                        impl=impl)
-    out = jax.lax.psum(jnp.einsum("bthd,hde->bte", attn, layer["o"]), TP)
+    if matmul is L.MatmulImpl.XLA:
+        out = jnp.einsum("bthd,hde->bte", attn, layer["o"])
+    else:
+        out = L.dense(attn.reshape(*attn.shape[:2], -1), layer["o"], matmul).astype(attn.dtype)
+    out = jax.lax.psum(out, TP)
     if config.o_bias:
         out = out + layer["o_bias"]
     return out, kv_entry
 
 
-def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig):
+def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig,
+               matmul=L.MatmulImpl.XLA):
     """x_BTE and inv_rms_BT1: the MLP norm's output (`L.pre_projection_norm`)."""
     out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate_up"], layer["down"],
-                                   layer.get("gate_up_bias"), inv_rms_BT1), TP)
+                                   layer.get("gate_up_bias"), inv_rms_BT1, matmul), TP)
     if config.mlp_bias:
         out = out + layer["down_bias"]
     return out
@@ -217,6 +223,7 @@ def forward(
     config: ModelConfig,
     tp: int,
     attention: L.AttentionImpl = L.AttentionImpl.AUTO,
+    matmul: L.MatmulImpl = L.MatmulImpl.XLA,
 ):
     """One forward over T new tokens per row, per tensor-parallel shard.
 
@@ -230,7 +237,7 @@ def forward(
       logits_indices_BN: compute logits only at these token indices (e.g. each row's last
         prompt token); all T positions when None.
       config: the model config; tp: the tensor-parallel degree (static); attention: the
-        attention implementation (static).
+        attention implementation (static); matmul: the projections' (static, `L.MatmulImpl`).
     Returns:
       (logits [B, N or T, V/tp] fp32 for this shard's vocabulary rows,
        hidden [B, T, E] after the final norm, the updated cache or None).
@@ -245,11 +252,11 @@ def forward(
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
             config=config, window=config.layer_windows[i], inv_freq=inv_freq,
-            impl=attention,
+            impl=attention, matmul=matmul,
         )
         x = x + attn
         h, inv_rms = L.pre_projection_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        x = x + _mlp_block(layer, h, inv_rms, config)
+        x = x + _mlp_block(layer, h, inv_rms, config, matmul)
         new_entries.append(entry)
     hidden = L.rms_norm(x, params["final_norm"], config.rms_norm_eps)
     picked = hidden

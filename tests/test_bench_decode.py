@@ -185,7 +185,7 @@ def test_device_slug(name, slug):
 
 
 def test_worker_units_share_one_jaxdec_process():
-    assert bench.worker_units(bench.IMPLS) == [["jaxdec", "jaxdec-reference"],
+    assert bench.worker_units(bench.IMPLS) == [["jaxdec", "jaxdec-reference", "jaxdec-matvec"],
                                               ["jaxdec-cublas"], ["hf-eager"], ["hf-compile"]]
     # XLA reads its flags once per process: an impl with flags gets a worker of its own.
     assert "--xla_gpu_enable_triton_gemm=false" in bench._worker_env(["jaxdec-cublas"])[

@@ -386,3 +386,35 @@ class TestCudnnOnGPU:
         for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
             g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
             assert np.max(np.abs(g - w)) <= 0.1 * np.max(np.abs(w)) + 1e-3
+
+
+def test_matmul_pallas_interpret_runs_the_kernel_with_the_same_logits():
+    """`Model.with_matmul("pallas_interpret")`: a decode step's projections (q|k|v, o, gate|up,
+    down: at most 16 tokens, shapes the kernel tiles) run the matrix-vector kernel and give
+    XLA's logits and greedy tokens; a prefill of more tokens keeps XLA's product."""
+    import jaxdec
+    from jaxdec.pallas_kernels import matvec
+
+    # Widths the kernel's default tiles take: every N a multiple of 128, every K of 64.
+    config = jaxdec.ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=64)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    kernel = model.with_matmul("pallas_interpret")
+    assert kernel.matmul is L.MatmulImpl.PALLAS_INTERPRET
+    for m in ("xla", "pallas"):  # the pytree keeps the choice through jit
+        leaves, treedef = jax.tree.flatten(model.with_matmul(m))
+        assert jax.tree.unflatten(treedef, leaves).matmul is L.MatmulImpl(m)
+    for n_tokens, runs_kernel in ((3, True), (12, False)):
+        tokens = jax.random.randint(jax.random.PRNGKey(n_tokens), (2, n_tokens), 0, 64)
+        jaxpr = str(jax.make_jaxpr(lambda t: jaxdec.forward(kernel, t))(tokens))
+        assert ("name=matvec" in jaxpr) == runs_kernel  # 2 x 12 tokens: over 16, XLA's
+        np.testing.assert_allclose(jaxdec.forward(kernel, tokens),
+                                   jaxdec.forward(model, tokens), rtol=1e-4, atol=1e-4)
+    for prompts in ([[1, 2, 3], [4, 5]], [[7, 1, 3]]):  # batch 1: the one-row kernel
+        want = jaxdec.generate(model, prompts, max_new_tokens=4)
+        got = jaxdec.generate(kernel, prompts, max_new_tokens=4)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert matvec.unsupported_reason(1, 128, 96) is not None  # N = 96: XLA's, silently
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        model.with_matmul("cublas")

@@ -93,7 +93,8 @@ class DraftModel(Drafter):
                                             xp=np), params)
             params = jax.device_put(params, param_shardings(draft.config, target.mesh))
             draft = Model(config=draft.config, params=params, mesh=target.mesh,
-                          tokenizer=draft.tokenizer, attention=draft.attention)
+                          tokenizer=draft.tokenizer, attention=draft.attention,
+                          matmul=draft.matmul)
         return self._replace(model=draft, target_vocab=target.config.vocab_size)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):

@@ -20,7 +20,8 @@ import jax
 from jaxdec.pallas_kernels.matvec.gpu import ROWS, BlockSizes, default_num_splits
 from jaxdec.pallas_kernels.matvec.reference import matvec_reference
 
-__all__ = ["BlockSizes", "Impl", "ROWS", "default_num_splits", "matvec", "matvec_reference"]
+__all__ = ["BlockSizes", "Impl", "ROWS", "default_num_splits", "matvec", "matvec_reference",
+           "unsupported_reason"]
 
 
 class Impl(enum.Enum):
@@ -29,6 +30,16 @@ class Impl(enum.Enum):
     AUTO = "auto"  # the kernel on a GPU, else the reference
     REFERENCE = "reference"  # jnp (XLA's product)
     TRITON = "triton"  # gpu.py (CUDA, or interpret)
+
+
+def unsupported_reason(M: int, K: int, N: int, block_sizes: BlockSizes | None = None,
+                       num_cores: int = 132) -> str | None:
+    """Why the kernel cannot take x [M, K] @ w [K, N] (static shapes), or None when it can."""
+    from jaxdec.pallas_kernels.matvec import gpu
+
+    sizes = block_sizes or BlockSizes()
+    splits = sizes.num_splits or default_num_splits(K, N, sizes, num_cores)
+    return gpu.check_config(M, K, N, sizes, splits)
 
 
 def matvec(x_MK: jax.Array, w_KN: jax.Array, *, impl: Impl | str = Impl.AUTO,

@@ -2,10 +2,12 @@
 kernel: split-K, streaming the weights once.
 
 Grid (N / block_n, num_splits): program (j, s) multiplies the rows by the weight tile
-[K / num_splits, block_n] of columns j and split s, `block_k` weight rows per step (the
-matrix units take the rows padded to 16: the weights' bytes, not the arithmetic, are the
-cost), and writes an fp32 partial [16, block_n]; the partials of the splits are summed by
-XLA, which fuses that sum into whatever consumes the product. Triton's software pipeline
+[K / num_splits, block_n] of columns j and split s, `block_k` weight rows per step, and
+writes an fp32 partial [rows, block_n]; the partials of the splits are summed by XLA, which
+fuses that sum into whatever consumes the product. Several rows go through the matrix units,
+padded to their 16-row tile (the weights' bytes, not the arithmetic, are the cost); one row
+(decode at batch 1) is multiplied element-wise, so nothing is padded (a pad is one more
+kernel before each projection). Triton's software pipeline
 keeps `num_stages - 1` weight tiles in flight per program while it multiplies the current
 one.
 """
@@ -69,6 +71,22 @@ def check_config(M: int, K: int, N: int, sizes: BlockSizes, num_splits: int) -> 
     return None
 
 
+def _row_kernel(x_ref, w_ref, o_ref, *, block_k: int):
+    # One row (decode at batch 1), no padding: x_ref [1, K / splits], o_ref [1, block_n]. The
+    # products accumulate element-wise in an fp32 [block_k, block_n] tile (one FMA per
+    # weight), reduced over its rows once at the end.
+    def step(i, acc):
+        start = pl.multiple_of(i * block_k, block_k)
+        x = x_ref[:, pl.ds(start, block_k)].astype(jnp.float32)  # [1, block_k]
+        w = w_ref[pl.ds(start, block_k), :].astype(jnp.float32)
+        return acc + x.reshape(block_k, 1) * w
+
+    steps = w_ref.shape[0] // block_k
+    acc = jax.lax.fori_loop(0, steps, step,
+                            jnp.zeros((block_k, o_ref.shape[1]), jnp.float32))
+    o_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
+
+
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int, precision):
     # x_ref [ROWS, K / splits], w_ref [K / splits, block_n], o_ref [ROWS, block_n] fp32
     def step(i, acc):
@@ -92,16 +110,21 @@ def matvec_gpu(x_MK, w_KN, *, block_sizes: BlockSizes, interpret: bool = False,
     reason = check_config(M, K, N, block_sizes, splits)
     if reason:
         raise ValueError(reason)
-    x = jnp.pad(x_MK, ((0, ROWS - M), (0, 0)))
     chunk = K // splits
+    if M == 1:  # one row: element-wise products, nothing padded
+        rows, x = 1, x_MK
+        kernel = functools.partial(_row_kernel, block_k=bk)
+    else:  # the matrix units, the rows padded to their tile
+        rows, x = ROWS, jnp.pad(x_MK, ((0, ROWS - M), (0, 0)))
+        kernel = functools.partial(_kernel, block_k=bk, precision=(
+            (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None))
     partials = pl.pallas_call(
-        functools.partial(_kernel, block_k=bk, precision=(
-            (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None)),
+        kernel,
         grid=(N // bn, splits),
-        in_specs=[pl.BlockSpec((ROWS, chunk), lambda j, s: (0, s)),
+        in_specs=[pl.BlockSpec((rows, chunk), lambda j, s: (0, s)),
                   pl.BlockSpec((chunk, bn), lambda j, s: (s, j))],
-        out_specs=pl.BlockSpec((None, ROWS, bn), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, ROWS, N), jnp.float32),
+        out_specs=pl.BlockSpec((None, rows, bn), lambda j, s: (s, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                              num_stages=block_sizes.num_stages),
         interpret=interpret,
