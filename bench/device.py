@@ -32,7 +32,8 @@ measurement alone will not reach; `--only` takes the steps in the order it names
                    AUTO only, so the grid fits beside training in one call: at these caches
                    AUTO is the reference path)
   gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernel
-                   compiled (fp32 / bf16 / fp16) and cuDNN's fused attention for training,
+                   and the matrix-vector kernel compiled (fp32 / bf16, the former fp16 too)
+                   and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
   kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
@@ -168,8 +169,10 @@ class Step:
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
 
 
-GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py")
-GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "models/layers.py", *GPU_TESTS)
+GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py",
+             "tests/test_matvec.py")
+GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "pallas_kernels/matvec", "models/layers.py",
+                    *GPU_TESTS)
 
 
 def sources_digest() -> str:

@@ -54,13 +54,11 @@ PRESETS = {
     "h100": dict(projections=LLAMA3_8B, rows=(1, 16), dtype="bfloat16", inner=20, trials=5,
                  hbm_bytes=1 << 30, rotate_bytes=100 << 20, max_copies=4, interpret=False,
                  cublas=True,
-                 # At one row the kernel multiplies element-wise (no pipeline stages):
-                 # narrower or wider tiles, more warps, more splits.
+                 # Narrower or wider tiles, a deeper or shallower pipeline, more splits.
                  sweeps=(dict(projections=("qkv", "o"), rows=(1,),
-                              tilings=(dict(block_n=64), dict(block_k=32),
-                                       dict(block_k=128, num_warps=8),
+                              tilings=(dict(block_n=64), dict(block_k=128, num_stages=3),
                                        dict(block_n=256, num_warps=8),
-                                       dict(split_factor=2))),
+                                       dict(num_stages=6), dict(split_factor=2))),
                          dict(projections=("qkv",), rows=(16,),
                               tilings=(dict(num_stages=2), dict(block_n=64))))),
     "cpu-tiny": dict(projections={"qkv": (256, 384), "down": (512, 128)}, rows=(1, 4),

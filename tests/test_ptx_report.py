@@ -51,9 +51,10 @@ def test_llama3_8b_heads_default_tiling(context, T):
 @pytest.mark.parametrize("rows", [1, 16])
 def test_matvec_kernel_compiles_without_spills(rows):
     """The decode matrix-vector kernel at the Llama-3-8B q|k|v shape compiles without
-    spills: one row multiplied element-wise (no matrix unit, nothing padded), 16 rows through
-    Ampere-style mma tiles with the weight tiles copied asynchronously (Triton's software
-    pipeline keeps the next tiles in flight)."""
+    spills, its rows (one broadcast in the kernel, or 16) through Ampere-style mma tiles, x
+    and the weight tiles copied asynchronously (Triton's software pipeline keeps the next
+    tiles in flight: a bandwidth-bound kernel needs many bytes in flight), at least 4
+    programs per multiprocessor."""
     def call(x, w):
         return gpu.matvec_gpu(x, w, block_sizes=MV.BlockSizes())
 
@@ -63,7 +64,5 @@ def test_matvec_kernel_compiles_without_spills(rows):
         (program,) = programs
         record = ptx_report.compile_program(program, Path(tmp))
     assert program["grid"] == [48, 8] and record["spill_bytes"] == 0
-    if rows == 1:
-        assert record["mma_sync"] == 0 and record["programs_per_core"] >= 4
-    else:
-        assert record["mma_sync"] > 0 and record["async_copies"] > 0
+    assert record["mma_sync"] > 0 and record["async_copies"] > 0
+    assert record["programs_per_core"] >= 4

@@ -4,10 +4,13 @@ kernel: split-K, streaming the weights once.
 Grid (N / block_n, num_splits): program (j, s) multiplies the rows by the weight tile
 [K / num_splits, block_n] of columns j and split s, `block_k` weight rows per step, and
 writes an fp32 partial [rows, block_n]; the partials of the splits are summed by XLA, which
-fuses that sum into whatever consumes the product. Several rows go through the matrix units,
+fuses that sum into whatever consumes the product. The rows go through the matrix units
 padded to their 16-row tile (the weights' bytes, not the arithmetic, are the cost); one row
-(decode at batch 1) is multiplied element-wise, so nothing is padded (a pad is one more
-kernel before each projection). Triton's software pipeline
+(decode at batch 1) is broadcast to the 16 inside the kernel instead, so no pad kernel runs
+before the projection. (A first version multiplied one row element-wise: compiled for sm_90a
+it loaded x per weight element, 64 scalar loads beside 8 vector ones per step, and its
+weight loads were not pipelined; the matrix-unit form copies x and the weight tiles
+asynchronously, `num_stages - 1` tiles ahead.) Triton's software pipeline
 keeps `num_stages - 1` weight tiles in flight per program while it multiplies the current
 one.
 """
@@ -71,32 +74,23 @@ def check_config(M: int, K: int, N: int, sizes: BlockSizes, num_splits: int) -> 
     return None
 
 
-def _row_kernel(x_ref, w_ref, o_ref, *, block_k: int):
-    # One row (decode at batch 1), no padding: x_ref [1, K / splits], o_ref [1, block_n]. The
-    # products accumulate element-wise in an fp32 [block_k, block_n] tile (one FMA per
-    # weight), reduced over its rows once at the end.
-    def step(i, acc):
-        start = pl.multiple_of(i * block_k, block_k)
-        x = x_ref[:, pl.ds(start, block_k)].astype(jnp.float32)  # [1, block_k]
-        w = w_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        return acc + x.reshape(block_k, 1) * w
-
-    steps = w_ref.shape[0] // block_k
-    acc = jax.lax.fori_loop(0, steps, step,
-                            jnp.zeros((block_k, o_ref.shape[1]), jnp.float32))
-    o_ref[...] = jnp.sum(acc, axis=0, keepdims=True)
-
-
 def _kernel(x_ref, w_ref, o_ref, *, block_k: int, precision):
-    # x_ref [ROWS, K / splits], w_ref [K / splits, block_n], o_ref [ROWS, block_n] fp32
+    # x_ref [R, K / splits] (R = 16, or 1: one row broadcast to the matrix units' 16),
+    # w_ref [K / splits, block_n], o_ref [R, block_n] fp32.
     def step(i, acc):
         start = pl.multiple_of(i * block_k, block_k)
+        x = x_ref[:, pl.ds(start, block_k)]
+        if x.shape[0] == 1:
+            x = jnp.broadcast_to(x, (ROWS, block_k))
         return acc + jax.lax.dot_general(
-            x_ref[:, pl.ds(start, block_k)], w_ref[pl.ds(start, block_k), :],
-            (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+            x, w_ref[pl.ds(start, block_k), :], (((1,), (0,)), ((), ())),
+            precision=precision, preferred_element_type=jnp.float32)
 
     steps = w_ref.shape[0] // block_k
-    o_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((ROWS, o_ref.shape[1]), jnp.float32))
+    if o_ref.shape[0] == 1:  # 16 identical rows: any one of them (max is exact)
+        acc = jnp.max(acc, axis=0, keepdims=True)
+    o_ref[...] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "num_cores"))
@@ -111,15 +105,12 @@ def matvec_gpu(x_MK, w_KN, *, block_sizes: BlockSizes, interpret: bool = False,
     if reason:
         raise ValueError(reason)
     chunk = K // splits
-    if M == 1:  # one row: element-wise products, nothing padded
-        rows, x = 1, x_MK
-        kernel = functools.partial(_row_kernel, block_k=bk)
-    else:  # the matrix units, the rows padded to their tile
-        rows, x = ROWS, jnp.pad(x_MK, ((0, ROWS - M), (0, 0)))
-        kernel = functools.partial(_kernel, block_k=bk, precision=(
-            (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None))
+    # One row (decode at batch 1) is broadcast inside the kernel: no pad, which would be one
+    # more kernel before each projection; more rows are padded to the matrix units' 16.
+    rows, x = (1, x_MK) if M == 1 else (ROWS, jnp.pad(x_MK, ((0, ROWS - M), (0, 0))))
     partials = pl.pallas_call(
-        kernel,
+        functools.partial(_kernel, block_k=bk, precision=(
+            (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None)),
         grid=(N // bn, splits),
         in_specs=[pl.BlockSpec((rows, chunk), lambda j, s: (0, s)),
                   pl.BlockSpec((chunk, bn), lambda j, s: (s, j))],
