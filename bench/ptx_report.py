@@ -1,9 +1,10 @@
 """What the GPU kernels compile to on an H100, without one: registers, spills, shared memory,
-tensor-core instructions, per Triton program, for the kernels benchmark's cases and tilings.
+tensor-core instructions, per Triton program, for the kernels benchmark's cases and tilings
+(tree attention) and the matvec benchmark's (decode's matrix-vector products).
 
 The device is lent rarely and briefly; a tiling that spills registers, overflows shared
 memory, or misses Hopper's tensor-core instructions (`wgmma`) can be told apart on any
-machine. This lowers each Pallas Triton kernel of a `tree_attention` call for CUDA (jax's
+machine. This lowers each Pallas Triton kernel of a call for CUDA (jax's
 lowering targets compute capability 9.0 when no GPU is present), compiles the Triton IR with
 the `triton` package for sm_90a, and reads `ptxas -v` (the ptxas Triton ships) for the
 resources:
@@ -116,6 +117,24 @@ def compile_program(program: dict, workdir: Path) -> dict:
     )
 
 
+def _records_of(call, args, fields: dict) -> list[dict]:
+    """One record per Triton program of `call(*args)` (abstract arguments), compiled."""
+    records = []
+    with captured_programs() as programs, tempfile.TemporaryDirectory() as tmp:
+        lower_for_cuda(call, *args)
+        for program in programs:
+            record = dict(fields, program=program["name"], grid=program["grid"],
+                          num_warps=program["num_warps"], num_stages=program["num_stages"],
+                          target=TARGET)
+            try:
+                record.update(compile_program(program, Path(tmp)))
+                record["error"] = None
+            except Exception as e:  # noqa: BLE001  (a failed compile is the finding)
+                record["error"] = f"{type(e).__name__}: {e}"[:300]
+            records.append(record)
+    return records
+
+
 def report_case(batch, context, T, spec, tiling: dict) -> list[dict]:
     """The records of one `tree_attention` call (the Triton kernel, default tiling or one of
     the sweep's) of the kernels benchmark's case."""
@@ -129,45 +148,71 @@ def report_case(batch, context, T, spec, tiling: dict) -> list[dict]:
         return gpu.tree_attention_gpu(q, k, v, lengths, positions, mask, window=None,
                                       block_sizes=sizes)
 
-    records = []
-    with captured_programs() as programs, tempfile.TemporaryDirectory() as tmp:
-        lower_for_cuda(call, q, ks[0], vs[0], lengths, positions, mask)
-        for program in programs:
-            record = dict(batch=batch, context=context, T=T, tiling=tiling or "default",
-                          program=program["name"], grid=program["grid"],
-                          num_warps=program["num_warps"], num_stages=program["num_stages"],
-                          target=TARGET)
-            try:
-                record.update(compile_program(program, Path(tmp)))
-                record["error"] = None
-            except Exception as e:  # noqa: BLE001  (a failed compile is the finding)
-                record["error"] = f"{type(e).__name__}: {e}"[:300]
-            records.append(record)
-    return records
+    return _records_of(call, (q, ks[0], vs[0], lengths, positions, mask),
+                       dict(kernel="tree_attention", batch=batch, context=context, T=T,
+                            tiling=tiling or "default"))
+
+
+def report_matvec(projection: str, rows: int, spec: dict, tiling: dict) -> list[dict]:
+    """The record of one matrix-vector product of the matvec benchmark's preset."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.matvec import block_sizes
+    from jaxdec.pallas_kernels.matvec import gpu
+
+    K, N = spec["projections"][projection]
+    sizes = block_sizes(tiling, K, N)
+    dtype = jnp.dtype(spec["dtype"])
+
+    def call(x, w):
+        return gpu.matvec_gpu(x, w, block_sizes=sizes)
+
+    return _records_of(call, (jax.ShapeDtypeStruct((rows, K), dtype),
+                              jax.ShapeDtypeStruct((K, N), dtype)),
+                       dict(kernel="matvec", projection=projection, rows=rows, K=K, N=N,
+                            tiling=tiling or "default"))
 
 
 def run(preset: str) -> list[dict]:
+    """The tree-attention programs of the kernels benchmark's preset and the matrix-vector
+    programs of the matvec benchmark's preset of the same name, each case with its sweep's
+    tilings."""
     import triton
 
-    from bench.kernels import PRESETS, swept
+    from bench import kernels, matvec
 
-    spec = PRESETS[preset]
     meta = dict(preset=preset, date=utc_now(), commit=git_commit(),
                 jax_version=versions()["jax_version"], triton_version=triton.__version__)
     records = []
+    spec = kernels.PRESETS[preset]
     for batch in spec["batches"]:
         for context in spec["contexts"]:
             for T in spec["queries"]:
-                for tiling in [{}] + swept(batch, context, T, spec):
+                for tiling in [{}] + kernels.swept(batch, context, T, spec):
                     records += [dict(meta, **r) for r in report_case(batch, context, T, spec,
                                                                        tiling)]
+    spec = matvec.PRESETS[preset]
+    for projection in spec["projections"]:
+        for rows in spec["rows"]:
+            tilings = [t for group in spec.get("sweeps", ())
+                       if projection in group["projections"] and rows in group["rows"]
+                       for t in group["tilings"]]
+            for tiling in [{}] + tilings:
+                records += [dict(meta, **r) for r in report_matvec(projection, rows, spec,
+                                                                     tiling)]
     return records
+
+
+def _tiling(record: dict) -> str:
+    tiling = record["tiling"]
+    return tiling if tiling == "default" else ", ".join(f"{k}={v}" for k, v in tiling.items())
 
 
 def render_markdown(records: list[dict]) -> str:
     first = records[0]
     lines = [
-        "# The tree-attention kernel's Triton programs compiled for an H100 (static)",
+        "# The GPU kernels' Triton programs compiled for an H100 (static)",
         "",
         f"Compiled on a machine without a GPU (commit {first['commit']}, {first['date']}): "
         f"jax {first['jax_version']} lowering, triton {first['triton_version']}, "
@@ -175,23 +220,35 @@ def render_markdown(records: list[dict]) -> str:
         "program, programs one multiprocessor holds at once (by registers, shared memory and "
         "threads), "
         "and Hopper's `wgmma` / Ampere-style `mma.sync` tensor-core instructions in the PTX. "
-        "No timings: those are `kernels-<device>.md`'s.",
+        "No timings: those are `kernels-<device>.md`'s and `matvec-<device>.md`'s.",
         "",
         "| batch | context | T | tiling | program | grid | warps | stages | registers | "
-        "spills (B) | shared (KiB) | per SM | wgmma | mma.sync |",
-        "|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "spills (B) | shared (KiB) | per SM | wgmma | mma.sync | async copies |",
+        "|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in records:
-        tiling = r["tiling"] if r["tiling"] == "default" else ", ".join(
-            f"{k}={v}" for k, v in r["tiling"].items())
-        head = (f"| {r['batch']} | {r['context']} | {r['T']} | {tiling} | {r['program']} | "
-                f"{'x'.join(map(str, r['grid']))} | {r['num_warps']} | {r['num_stages']} | ")
+    def resources(r: dict, empty: int) -> str:
         if r["error"]:
-            lines.append(head + f"failed: {r['error'][:80]} | | | | | |")
-            continue
-        lines.append(head + f"{r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared_bytes'] / 1024:.1f} | {r['programs_per_core']} | "
-                     f"{r['wgmma']} | {r['mma_sync']} |")
+            return f"failed: {r['error'][:80]} |" + " |" * empty
+        return (f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
+                f"{r['programs_per_core']} | {r['wgmma']} | {r['mma_sync']} | "
+                f"{r['async_copies']} |")
+
+    for r in records:
+        if r.get("kernel", "tree_attention") == "tree_attention":
+            lines.append(f"| {r['batch']} | {r['context']} | {r['T']} | {_tiling(r)} | "
+                         f"{r['program']} | {'x'.join(map(str, r['grid']))} | "
+                         f"{r['num_warps']} | {r['num_stages']} | " + resources(r, 6))
+    products = [r for r in records if r.get("kernel") == "matvec"]
+    if products:
+        lines += ["", "Decode's matrix-vector products (`jaxdec.pallas_kernels.matvec`, the "
+                  "matvec benchmark's cases and tilings):", "",
+                  "| projection | rows | K x N | tiling | grid | warps | stages | registers | "
+                  "spills (B) | shared (KiB) | per SM | wgmma | mma.sync | async copies |",
+                  "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in products:
+            lines.append(f"| {r['projection']} | {r['rows']} | {r['K']} x {r['N']} | "
+                         f"{_tiling(r)} | {'x'.join(map(str, r['grid']))} | "
+                         f"{r['num_warps']} | {r['num_stages']} | " + resources(r, 6))
     spilled = [r for r in records if not r["error"] and r["spill_bytes"]]
     failed = [r for r in records if r["error"]]
     lines += ["", f"{len(records)} programs: {len(failed)} failed to compile, "

@@ -20,12 +20,14 @@ from jaxdec.pallas_kernels.matvec import gpu  # noqa: E402
 
 
 def test_cpu_tiny_preset_compiles_every_program(tmp_path):
-    """Every case and swept tiling of the benchmark's CPU preset (fp32: IEEE dots) compiles,
-    both programs of a call (the kernel and its combine), and the report is written."""
+    """Every case and swept tiling of the benchmarks' CPU presets (fp32: IEEE dots)
+    compiles: both programs of a tree-attention call (the kernel and its combine) and the
+    matrix-vector products; the report is written."""
     assert ptx_report.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "ptx-sm_90a.md").read_text()
     assert "0 failed to compile, 0 spill registers" in table
     assert "| tree_attention_combine |" in table
+    assert "| qkv | 1 | 256 x 384 | default |" in table  # the matvec benchmark's cases too
 
 
 @pytest.mark.parametrize("context,T", [(2048, 1), (4096, 64)])
