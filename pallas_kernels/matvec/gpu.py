@@ -7,12 +7,11 @@ writes an fp32 partial [rows, block_n]; the partials of the splits are summed by
 fuses that sum into whatever consumes the product. The rows go through the matrix units
 padded to their 16-row tile (the weights' bytes, not the arithmetic, are the cost); one row
 (decode at batch 1) is broadcast to the 16 inside the kernel instead, so no pad kernel runs
-before the projection. (A first version multiplied one row element-wise: compiled for sm_90a
-it loaded x per weight element, 64 scalar loads beside 8 vector ones per step, and its
-weight loads were not pipelined; the matrix-unit form copies x and the weight tiles
-asynchronously, `num_stages - 1` tiles ahead.) Triton's software pipeline
-keeps `num_stages - 1` weight tiles in flight per program while it multiplies the current
-one.
+before the projection. Triton's software pipeline copies x and the weight tiles
+asynchronously, `num_stages - 1` tiles ahead of the one being multiplied: a bandwidth-bound
+kernel needs many bytes in flight. (A first version multiplied one row element-wise:
+compiled for sm_90a it loaded x per weight element, 64 scalar loads beside 8 vector ones per
+step, and pipelined nothing.)
 """
 
 from __future__ import annotations
