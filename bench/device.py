@@ -181,6 +181,12 @@ def sources_digest() -> str:
     return common_sources_digest(GPU_TEST_SOURCES)
 
 
+def _matvec_sources() -> str:
+    from bench.matvec import KERNEL_SOURCES
+
+    return common_sources_digest(KERNEL_SOURCES)
+
+
 def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
                      attention: tuple[str, ...] = ("pallas", "reference"), **match) -> Step:
     """bench/speculative.py for one preset, resuming what is missing; on the device the
@@ -214,8 +220,10 @@ def plan(name: str) -> list[Step]:
             # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
             # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
             Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
-                 _complete("matvec", preset="h100", impl=("pallas", "xla", "xla-cublas"),
-                           projection=("qkv", "o", "gate_up", "down"), rows=(1, 16)),
+                 _all(_complete("matvec", preset="h100", impl=("pallas", "xla", "xla-cublas"),
+                                projection=("qkv", "o", "gate_up", "down"), rows=(1, 16)),
+                      # due again whenever the kernel changed
+                      _all_rows("matvec", "kernel_sources", _matvec_sources(), preset="h100")),
                  min_s=120, cap_s=240),
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),

@@ -44,7 +44,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa: E402
-                          measure_hbm, merge_records, utc_now, versions)
+                          measure_hbm, merge_records, sources_digest, utc_now, versions)
+
+KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 
 # name: (K, N) of a Llama-3-8B layer's projections (q|k|v and gate|up fused, as jaxdec's
 # weights are)
@@ -144,7 +146,8 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dic
     meta = dict(preset=preset, kernel="matvec", device=jax.devices()[0].device_kind,
                 dtype=spec["dtype"], hbm_gbps=hbm_gbps, hbm_probes=hbm_probes,
                 hbm_method=HBM_METHOD, interpret=spec["interpret"], date=utc_now(),
-                commit=git_commit(), **versions())
+                commit=git_commit(), kernel_sources=sources_digest(KERNEL_SOURCES),
+                **versions())
     records = []
     key = jax.random.key(0)
     for name, (K, N) in spec["projections"].items():

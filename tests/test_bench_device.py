@@ -231,3 +231,18 @@ def test_a_stopped_test_run_counts_what_finished(tmp_path):
     device.run_command([sys.executable, "-c", "print('a')"], 30, stamped.append,
                        dict(os.environ), stamp=True)
     assert len(stamped) == 1 and stamped[0].startswith("[+") and stamped[0].endswith(" s] a\n")
+
+
+def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):
+    (step,) = [s for s in device.plan("gpu") if s.name == "matvec"]
+    rows = [{"preset": "h100", "impl": impl, "projection": p, "rows": r,
+             "kernel_sources": device._matvec_sources(), "error": None}
+            for impl in ("pallas", "xla", "xla-cublas") for p in ("qkv", "o", "gate_up", "down")
+            for r in (1, 16)]
+    path = tmp_path / "matvec-h100.json"
+    path.write_text(json.dumps(rows))
+    assert step.done(tmp_path, "h100")
+    path.write_text(json.dumps([dict(r, kernel_sources="0" * 16) for r in rows]))
+    assert not step.done(tmp_path, "h100")
+    path.write_text(json.dumps([r for r in rows if r["projection"] != "down"]))
+    assert not step.done(tmp_path, "h100")

@@ -31,8 +31,10 @@ def test_cpu_tiny_run(tmp_path):
     cases = {(p, r) for p in spec["projections"] for r in spec["rows"]}
     assert {(r["projection"], r["rows"]) for r in records} == cases
     assert {r["impl"] for r in records} == {"pallas", "xla"}  # no cuBLAS on a CPU preset
+    digest = bench.sources_digest(bench.KERNEL_SOURCES)
     for r in records:
         assert r["error"] is None and r["time_us"] > 0
+        assert r["kernel_sources"] == digest  # the device plan reruns a changed kernel
         K, N = spec["projections"][r["projection"]]
         assert r["bytes"] == K * N * 4  # fp32 weights
         assert r["roofline_us"] == pytest.approx(1e6 * r["bytes"] / (r["hbm_gbps"] * 1e9))
