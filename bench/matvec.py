@@ -25,10 +25,11 @@ folds the kernel's split sum into it), and the next call's rows depend on it (no
 hoisted); calls rotate through enough weight copies that a round reads ~100 MB (twice the
 L2). Time per call = the best of `trials` jitted loops of `inner` rounds / its calls.
 
-Roofline: bytes = the weights (K x N x 2) / the HBM bandwidth measured in the same run
-(`bench.common.measure_hbm`'s best probe); hbm_fraction = bytes / time / bandwidth. A few
-other tilings of the kernel (`sweeps`) are timed beside the default where the gap was
-largest (q|k|v and o at one row).
+Roofline: bytes = the weights (K x N x 2 in bf16) / the HBM bandwidth measured in the same
+run (`bench.common.measure_hbm`'s best probe); hbm_fraction = bytes / time / bandwidth. A
+few other tilings of the kernel (`sweeps`) are timed beside the default where the gap was
+largest (q|k|v and o at one row; q|k|v at 16 rows). Records carry `kernel_sources` (a hash
+of the kernel's code), so the device plan measures a changed kernel again.
 """
 
 from __future__ import annotations
