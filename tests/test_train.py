@@ -126,7 +126,10 @@ def test_seconds_per_pass_drops_the_fixed_cost():
         return jax.lax.fori_loop(0, n, lambda _, x: sleep(jnp.float32(0.02), x), x)
 
     seconds = loop.seconds_per_pass(program, jnp.float32(0), passes=2, trials=2)
-    assert 0.018 < seconds < 0.03
+    # 20 ms per pass; averaging one call of 4 passes would give (60 + 80) / 4 = 35 ms. The
+    # difference of two timed calls carries both calls' noise (a loaded CI machine measured
+    # 17.9 ms once), hence the wide lower bound.
+    assert 0.015 < seconds < 0.03
 
 
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
