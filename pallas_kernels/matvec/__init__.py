@@ -4,10 +4,11 @@ once through a deep pipeline) and a jnp reference.
 
     y_MN = matvec(x_MK, w_KN)          # fp32, M <= 16
 
-Not wired into the models yet: in the H200 decode profile XLA's own fusions read the q|k|v
-weights at 64% of the bandwidth and o's at 74% (gate|up 89%, down 93%), and
-`bench/matvec.py` times this kernel against XLA's product on the decode shapes of a
-Llama-3-8B layer to say whether it should be. TPU: XLA's product (the reference) is the
+Not the models' default (`Model.with_matmul("pallas")` runs it, experimentally): in the H200
+decode profile XLA's own fusions read the q|k|v weights at 64% of the bandwidth and o's at
+74% (gate|up 89%, down 93%), and `bench/matvec.py` times this kernel against XLA's product
+on the decode shapes of a Llama-3-8B layer (the decode benchmark's `jaxdec-matvec`, a whole
+decode step with it) to say whether it should be. TPU: XLA's product (the reference) is the
 path; the kernel is GPU-only.
 """
 
