@@ -22,6 +22,15 @@ from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, atten
                                   fused_causal_usable, use_platform)
 
 
+def _member(kind, value, name: str):
+    """`kind(value)` for an enum, or a ValueError naming the argument and its choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = [m.value for m in kind]
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A loaded model.
@@ -52,22 +61,12 @@ class Model:
     def with_attention(self, attention: "AttentionImpl | str") -> "Model":
         """This model with another attention implementation ("auto", "reference", "pallas",
         "pallas_interpret", "cudnn" or an AttentionImpl)."""
-        try:
-            attention = AttentionImpl(attention)
-        except ValueError:
-            choices = [a.value for a in AttentionImpl]
-            raise ValueError(f"attention must be one of {choices}, got {attention!r}") from None
-        return dataclasses.replace(self, attention=attention)
+        return dataclasses.replace(self, attention=_member(AttentionImpl, attention, "attention"))
 
     def with_matmul(self, matmul: "MatmulImpl | str") -> "Model":
         """This model with another projection implementation ("xla", "pallas",
         "pallas_interpret" or a MatmulImpl; see `jaxdec.models.layers.MatmulImpl`)."""
-        try:
-            matmul = MatmulImpl(matmul)
-        except ValueError:
-            choices = [m.value for m in MatmulImpl]
-            raise ValueError(f"matmul must be one of {choices}, got {matmul!r}") from None
-        return dataclasses.replace(self, matmul=matmul)
+        return dataclasses.replace(self, matmul=_member(MatmulImpl, matmul, "matmul"))
 
     @property
     def tp(self) -> int:

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxdec.pallas_kernels.tree_attention.common import _is_pow2
+
 ROWS = 16  # the matrix units' smallest tile: fewer rows are padded to it
 
 
@@ -38,10 +40,6 @@ class BlockSizes:
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132) -> int:
