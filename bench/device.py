@@ -31,12 +31,14 @@ measurement alone will not reach; `--only` takes the steps in the order it names
                    models again, beside its grid's compiles, and records that training too;
                    AUTO only, so the grid fits beside training in one call: at these caches
                    AUTO is the reference path)
-  gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernel
-                   and the matrix-vector kernel compiled (fp32 / bf16, the former fp16 too)
+  gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernels
+                   (Triton; Mosaic GPU on a Hopper) and the matrix-vector kernel compiled
+                   (fp32 / bf16, the Triton attention fp16 too)
                    and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
-  kernels          bench/kernels.py --preset h100 (kernel vs XLA reference vs roofline)
+  kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
+                   Mosaic GPU one for T >= 16, vs XLA reference vs roofline)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention pallas,reference (trains
                    as spec-gpu-base does; the kernel on and off)
 
@@ -169,8 +171,8 @@ class Step:
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
 
 
-GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py",
-             "tests/test_matvec.py")
+GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_tree_attention_hopper.py",
+             "tests/test_layers.py", "tests/test_matvec.py")
 GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "pallas_kernels/matvec", "models/layers.py",
                     *GPU_TESTS)
 

@@ -93,3 +93,32 @@ def test_profile_lines_per_call():
     assert "250.0 us of kernels per call (timed: 300.0 us)" in line
     assert "`tree_attention` 200.0 us (1 per call)" in line
     assert "`fusion_combine` 30.0 us (2 per call)" in line
+
+
+def test_hopper_rows_and_goals_over_the_faster_kernel(monkeypatch):
+    """Where the Hopper kernel ran, the table gains its columns and the goal lines judge each
+    case by its faster kernel; it is timed only on a Hopper, for the cases it takes."""
+    spec = bench.PRESETS["h100"]
+    assert bench.case_impls(1, 4096, 64, spec) == ("pallas", "reference")  # no Hopper here
+    monkeypatch.setattr(bench, "hopper_device", lambda: True)
+    assert bench.case_impls(1, 4096, 64, spec)[-1] == "hopper"
+    assert bench.case_impls(1, 4096, 16, spec)[-1] == "hopper"  # 16 x 4 heads: 64 rows
+    assert "hopper" not in bench.case_impls(1, 4096, 1, spec)  # decode: the Triton kernel's
+    base = dict(kernel="tree_attention", batch=1, context=4096, T=64, device="NVIDIA H100",
+                jax_version="0.11.2", date="2026-11-26", preset="h100", heads=32, kv_heads=8,
+                head_dim=128, dtype="bfloat16", hbm_gbps=3000.0, matmul_peak_tflops=800.0,
+                roofline_us=10.0, kv_copies=2, error=None)
+    records = [dict(base, impl="pallas", time_us=100.0, vs_roofline=10.0, hbm_fraction=0.1,
+                    speedup_vs_reference=2.0),
+               dict(base, impl="reference", time_us=200.0, vs_roofline=20.0, hbm_fraction=0.05),
+               dict(base, impl="hopper", time_us=12.0, vs_roofline=1.2, hbm_fraction=0.8,
+                    speedup_vs_reference=200.0 / 12.0)]
+    table = bench.render_markdown(records)
+    assert "| pallas us | hopper us | reference us |" in table
+    assert "| 1 | 4096 | 64 | 100.0 | 12.0 | 200.0 | 10.0 | 10.00 | 2.00 |" in table
+    assert table.rstrip().count("| 1.20 | 16.67 |") == 1
+    assert ("worst case 1.20x (batch 1, context 4096, T 64, hopper) -> met" in table)
+    assert "smallest speedup 16.67x (hopper) -> met" in table
+    # Without Hopper rows: the Triton kernel alone, the columns as before.
+    table = bench.render_markdown(records[:2])
+    assert "hopper" not in table and "worst case 10.00x" in table

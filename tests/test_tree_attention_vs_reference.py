@@ -156,9 +156,18 @@ def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows):
     o[:, :, N:], m[:, :, N:], l[:, :, N:] = 1e6, 50.0, 1.0
     o[:, :, :, real_rows:], m[:, :, :, real_rows:], l[:, :, :, real_rows:] = np.nan, np.inf, 1.0
     want = common.combine(*(jnp.asarray(x[:, :, :N, :real_rows]) for x in (o, m, l)))
-    got = gpu._combine(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), num_splits=N,
+    got = gpu._combine([(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), N)],
                        real_rows=real_rows, dtype=jnp.float32, interpret=True)
     assert got.shape == (B, K, common._next_pow2(real_rows), D)
+    np.testing.assert_allclose(got[:, :, :real_rows], want, rtol=1e-5, atol=1e-6)
+    # Two kernels' partials (as the Hopper kernel's dense part and the Triton tail), each
+    # with its own unwritten splits: the same merge as their written splits side by side.
+    parts = [(o[:, :, :4], m[:, :, :4], l[:, :, :4], 3), (o[:, :, 4:], m[:, :, 4:], l[:, :, 4:], 1)]
+    written = [np.concatenate([p[i][:, :, :p[3], :real_rows] for p in parts], axis=2)
+               for i in range(3)]
+    want = common.combine(*(jnp.asarray(x) for x in written))
+    got = gpu._combine([tuple(jnp.asarray(x) for x in p[:3]) + (p[3],) for p in parts],
+                       real_rows=real_rows, dtype=jnp.float32, interpret=True)
     np.testing.assert_allclose(got[:, :, :real_rows], want, rtol=1e-5, atol=1e-6)
 
 

@@ -6,7 +6,8 @@ over the KV cache, with a GPU (Triton) and a TPU (Mosaic) variant and a jnp refe
 
 `Impl.AUTO` runs the kernel for the platform of the queries' devices (the default backend's
 under a trace) when it supports the shapes (see `unsupported_reason`) and the reference
-otherwise; naming a kernel runs it or raises.
+otherwise; naming a kernel runs it or raises. `Impl.MOSAIC_GPU` (hopper.py, a Mosaic GPU
+kernel for Hopper, written for verification of 16 or more tokens) runs only when named.
 `interpret=True` runs a kernel through Pallas's interpreter (any backend, for tests).
 """
 
@@ -16,15 +17,16 @@ import enum
 
 import jax
 
-from jaxdec.pallas_kernels.tree_attention import common, gpu, tpu
+from jaxdec.pallas_kernels.tree_attention import common, gpu, hopper, tpu
 from jaxdec.pallas_kernels.tree_attention.common import MAX_QUERIES, BlockSizes
+from jaxdec.pallas_kernels.tree_attention.hopper import HopperBlockSizes
 from jaxdec.pallas_kernels.tree_attention.reference import (
     tree_attention_reference,
     visible_slots,
 )
 
 __all__ = [
-    "BlockSizes", "Impl", "MAX_QUERIES", "tree_attention", "tree_attention_reference",
+    "BlockSizes", "HopperBlockSizes", "Impl", "MAX_QUERIES", "tree_attention", "tree_attention_reference",
     "unsupported_reason", "visible_slots",
 ]
 
@@ -36,6 +38,7 @@ class Impl(enum.Enum):
     REFERENCE = "reference"  # jnp (any backend)
     TRITON = "triton"  # gpu.py: Triton-lowered Pallas (CUDA / ROCm, or interpret)
     MOSAIC = "mosaic"  # tpu.py: Mosaic TPU Pallas (TPU, or interpret)
+    MOSAIC_GPU = "mosaic_gpu"  # hopper.py: Mosaic GPU Pallas for Hopper (or interpret, jax >= 0.11)
 
 
 _KERNELS = {Impl.TRITON: gpu, Impl.MOSAIC: tpu}
@@ -73,13 +76,18 @@ def default_block_sizes(impl: Impl, num_slots: int) -> BlockSizes:
     return BlockSizes(block_k=block_k)
 
 
-def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes: BlockSizes | None = None
-                       ) -> str | None:
-    """Why a kernel cannot run these shapes (None when it can)."""
-    T, D = q_shape[1], q_shape[3]
+def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=None,
+                       window: int | None = None) -> str | None:
+    """Why a kernel cannot run these shapes (None when it can). `dtype` (the queries') and
+    `window` matter to `Impl.MOSAIC_GPU` only."""
+    T, H, D = q_shape[1], q_shape[2], q_shape[3]
     S = k_shape[1]
     if T > MAX_QUERIES:
         return f"{T} new tokens per row; the kernels take at most {MAX_QUERIES}"
+    if impl is Impl.MOSAIC_GPU:
+        rows = common.num_rows(T, H // k_shape[2], hopper.ROWS)
+        return hopper.check_config(dtype or "bfloat16", D, S, rows, window,
+                                   block_sizes or HopperBlockSizes())
     block_sizes = block_sizes or default_block_sizes(impl, S)
     return _KERNELS[impl].check_config(D, S, block_sizes)
 
@@ -108,14 +116,17 @@ def tree_attention(
       mask_BTT: bool, new token t sees new token u when mask[b, t, u] (causal when None).
       window: sliding-window size, or None.
       impl: see `Impl`; interpret: run the kernel in Pallas's interpreter.
-      block_sizes: kernel tiling (defaults from `default_block_sizes`).
+      block_sizes: kernel tiling: a `BlockSizes` (defaults from `default_block_sizes`), or a
+        `HopperBlockSizes` for `Impl.MOSAIC_GPU`.
     Returns:
       [B, T, H, D] in the query dtype.
     """
     if not isinstance(impl, Impl):
         raise TypeError(f"impl must be a tree_attention.Impl, got {impl!r}")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
+    sizes_type = HopperBlockSizes if impl is Impl.MOSAIC_GPU else BlockSizes
+    if block_sizes is not None and not isinstance(block_sizes, sizes_type):
+        raise TypeError(f"block_sizes must be a {sizes_type.__name__} for impl={impl.value}, "
+                        f"got {block_sizes!r}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
@@ -131,9 +142,14 @@ def tree_attention(
         return tree_attention_reference(
             q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
         )
-    reason = unsupported_reason(impl, q_BTHD.shape, k_BSKD.shape, block_sizes)
+    reason = unsupported_reason(impl, q_BTHD.shape, k_BSKD.shape, block_sizes,
+                                dtype=q_BTHD.dtype, window=window)
     if reason is not None:
         raise ValueError(f"tree_attention impl={impl.value}: {reason}")
+    if impl is Impl.MOSAIC_GPU:
+        return hopper.tree_attention_hopper(
+            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
+            sizes=block_sizes or HopperBlockSizes(), interpret=interpret)
     block_sizes = block_sizes or default_block_sizes(impl, k_BSKD.shape[1])
     fn = gpu.tree_attention_gpu if impl is Impl.TRITON else tpu.tree_attention_tpu
     return fn(

@@ -223,7 +223,8 @@ def gpu_core_count(default: int = 132) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, rows: int,
-                       block_k: int, num_cores: int = 132, programs_per_core: int = 2) -> int:
+                       block_k: int, num_cores: int = 132, programs_per_core: int = 2,
+                       partial_share: float = 0.25) -> int:
     """Splits per (row, KV head), chosen for how evenly the programs fill the GPU.
 
     A wave is `programs_per_core` programs on each of `num_cores` multiprocessors
@@ -233,8 +234,9 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
     efficiency is within 85% of the best one's, among the counts that shorten the longest
     split (more splits with the same blocks per split only add partials). A split keeps at
     least one key block, and the fp32 partials of the `rows` real query rows (rows x D,
-    written once, read again by `combine`) stay within a quarter of the cache bytes the split
-    reads (S / N slots x D, bf16 K and V). Enough tiles to nearly fill a wave take one split.
+    written once, read again by `combine`) stay within `partial_share` of the cache bytes the
+    split reads (S / N slots x D, bf16 K and V; a quarter for the bandwidth-bound Triton
+    kernel). Enough tiles to nearly fill a wave take one split.
 
     (The rule before this one asked for two waves with at least 4 key blocks per split: 8
     splits, 64 programs for 132 multiprocessors, at 2K context in decoding, where the H200
@@ -245,7 +247,7 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
     if tiles >= 0.8 * wave:
         return 1
     blocks = -(-num_slots // block_k)
-    most = max(1, min(blocks, num_slots // (4 * rows), wave))
+    most = max(1, min(blocks, int(partial_share * num_slots / rows), wave))
     efficiency = {}
     for n in range(1, most + 1):
         if n == 1 or -(-blocks // n) != -(-blocks // (n - 1)):

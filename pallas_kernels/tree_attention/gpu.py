@@ -144,10 +144,28 @@ def tree_attention_gpu(
 ):
     """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=TRITON)."""
     B, T, H, D = q_BTHD.shape
+    G = H // k_BSKD.shape[2]
+    part = partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, window=window,
+                    rows=common.num_rows(T, G, 16), block_sizes=block_sizes,
+                    interpret=interpret)
+    out = _combine([part], real_rows=T * G, dtype=q_BTHD.dtype, interpret=interpret)
+    return common.unpack_output(out, T, H)
+
+
+def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
+             window: int | None, rows: int, block_sizes: common.BlockSizes,
+             lo_B: jax.Array | None = None, interpret: bool = False):
+    """The kernel's unnormalised partials and their split count, (o [B, K, Np, rows, D],
+    m [B, K, Np, rows], l [B, K, Np, rows], N): splits at or past N are not written.
+
+    `rows` is the packed query rows (a power of two >= 16, at least T * G); `lo_B`, when
+    given, is the first slot each row walks (aligned to block_k; the slots before it are left
+    to another kernel, as `hopper.py` does with the blocks wholly inside the cached prefix).
+    """
+    B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     bk = block_sizes.block_k
-    rows = common.num_rows(T, G, 16)
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
     N = block_sizes.num_splits or common.default_num_splits(
@@ -158,6 +176,7 @@ def tree_attention_gpu(
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
                                 rows=rows, window=window, block_k=bk)
+    lo = packed.lo_B if lo_B is None else lo_B.astype(jnp.int32)
 
     kernel = functools.partial(
         _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, row_tiles=row_tiles,
@@ -197,49 +216,60 @@ def tree_attention_gpu(
         ),
         interpret=interpret,
         name="tree_attention",
-    )(packed.lengths_B, packed.lo_B, packed.hi_B, packed.q_BKMD, k_BSKD, v_BSKD, packed.pos_BM,
+    )(packed.lengths_B, lo, packed.hi_B, packed.q_BKMD, k_BSKD, v_BSKD, packed.pos_BM,
       packed.words_BWM)
-    out = _combine(o, m, l, num_splits=N, real_rows=T * G, dtype=q_BTHD.dtype,
-                   interpret=interpret)
-    return common.unpack_output(out, T, H)
+    return o, m, l, N
 
 
-def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits: int):
-    """`common.combine` for one (row, KV head, row tile): the splits' partials [Np, Mc(, D)]
-    merged exactly; splits at or past `num_splits` were never written (their m and l are
-    masked here, their o never read)."""
-    split = jnp.arange(m_ref.shape[0], dtype=jnp.int32)[:, None] < num_splits
-    m, l = m_ref[...], l_ref[...]
-    written = split & (l > 0)  # a split that saw no visible key contributes nothing
-    m_max = jnp.max(jnp.where(written, m, MASKED), axis=0)
-    total = jnp.sum(jnp.where(written, l * jnp.exp(m - m_max[None, :]), 0.0), axis=0)
+def _combine_kernel(*refs, num_splits: tuple[int, ...]):
+    """`common.combine` for one (row, KV head, row tile): each part's partials [Np, Mc(, D)]
+    merged exactly (refs: every part's o, m, l, then the output); a part's splits at or past
+    its count were never written (their m and l are masked here, their o never read)."""
+    parts = [refs[3 * i:3 * i + 3] for i in range(len(num_splits))]
+    out_ref = refs[-1]
+    written = []
+    for (_, m_ref, l_ref), n in zip(parts, num_splits):
+        split = jnp.arange(m_ref.shape[0], dtype=jnp.int32)[:, None] < n
+        m, l = m_ref[...], l_ref[...]
+        written.append((m, l, split & (l > 0)))  # a split that saw no visible key: nothing
+    m_max = functools.reduce(jnp.maximum, [
+        jnp.max(jnp.where(w, m, MASKED), axis=0) for m, _, w in written])
+    total = sum(jnp.sum(jnp.where(w, l * jnp.exp(m - m_max[None, :]), 0.0), axis=0)
+                for m, l, w in written)
 
-    def add(n, acc):
-        m_n, l_n = m_ref[n, :], l_ref[n, :]
-        weight = jnp.where(l_n > 0, jnp.exp(m_n - m_max), 0.0)
-        return acc + weight[:, None] * o_ref[n, :, :]
+    acc = jnp.zeros(out_ref.shape, jnp.float32)
+    for (o_ref, m_ref, l_ref), n in zip(parts, num_splits):
+        def add(i, acc, o_ref=o_ref, m_ref=m_ref, l_ref=l_ref):
+            m_i, l_i = m_ref[i, :], l_ref[i, :]
+            weight = jnp.where(l_i > 0, jnp.exp(m_i - m_max), 0.0)
+            return acc + weight[:, None] * o_ref[i, :, :]
 
-    acc = jax.lax.fori_loop(0, num_splits, add, jnp.zeros(out_ref.shape, jnp.float32))
+        acc = jax.lax.fori_loop(0, n, add, acc)
     out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
 
 
-def _combine(o_BKNMD, m_BKNM, l_BKNM, *, num_splits: int, real_rows: int, dtype,
-             interpret: bool):
-    """The splits' partials merged into [B, K, R, D] in `dtype`, R = the real rows rounded
+def _combine(parts, *, real_rows: int, dtype, interpret: bool):
+    """The partials of one or more kernels, `parts` = [(o [B, K, Np, rows, D], m, l
+    [B, K, Np, rows], N), ...], merged into [B, K, R, D] in `dtype`, R = the real rows rounded
     up to a power of two (at T = 1, the G heads: [B, K, G, D] is [B, 1, H, D] as it lies), in
     one kernel (XLA's combine takes two: the max, then the weighted sums)."""
-    B, K, Np, rows, D = o_BKNMD.shape
+    B, K, _, rows, D = parts[0][0].shape
     R = min(rows, common._next_pow2(real_rows))
     tile = min(R, 64)
-    partials = pl.BlockSpec((None, None, Np, tile), lambda b, k, t: (b, k, 0, t))
+    in_specs, args = [], []
+    for o, m, l, _ in parts:
+        Np = o.shape[2]
+        partial_spec = pl.BlockSpec((None, None, Np, tile), lambda b, k, t: (b, k, 0, t))
+        in_specs += [pl.BlockSpec((None, None, Np, tile, D), lambda b, k, t: (b, k, 0, t, 0)),
+                     partial_spec, partial_spec]
+        args += [o, m, l]
     return pl.pallas_call(
-        functools.partial(_combine_kernel, num_splits=num_splits),
+        functools.partial(_combine_kernel, num_splits=tuple(n for *_, n in parts)),
         grid=(B, K, R // tile),
-        in_specs=[pl.BlockSpec((None, None, Np, tile, D), lambda b, k, t: (b, k, 0, t, 0)),
-                  partials, partials],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, tile, D), lambda b, k, t: (b, k, t, 0)),
         out_shape=jax.ShapeDtypeStruct((B, K, R, D), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="tree_attention_combine",
-    )(o_BKNMD, m_BKNM, l_BKNM)
+    )(*args)

@@ -1,0 +1,150 @@
+"""The Hopper (Mosaic GPU) tree-attention kernel against the jnp reference.
+
+In Mosaic GPU's interpreter (jax >= 0.11: the device's jax, or a Python 3.12 environment; 0.10's
+interpreter cannot take a transposed wgmma operand, so CI's 0.10.2 skips these), lowered for
+CUDA on any jax (layouts, shared-memory budget), refused with a clear error where it cannot
+run, and compiled on a Hopper card (`TestHopperOnGPU`, the device's gpu-tests step).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from test_tree_attention_vs_reference import (
+    _lower_cuda, abstract_args, make_case, reference_of, tolerance,
+)
+
+from jaxdec.pallas_kernels import tree_attention as TA
+from jaxdec.pallas_kernels.tree_attention import hopper
+
+
+def _on_hopper() -> bool:
+    if jax.default_backend() not in ("gpu", "cuda"):
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
+
+
+class HopperSuite:
+    INTERPRET = True
+    EXAMPLES = 3
+
+    def check(self, case, sizes=None):
+        got = TA.tree_attention(**case, impl=TA.Impl.MOSAIC_GPU, interpret=self.INTERPRET,
+                                block_sizes=sizes)
+        dtype = case["q_BTHD"].dtype
+        assert got.dtype == dtype and got.shape == case["q_BTHD"].shape
+        np.testing.assert_allclose(np.asarray(got, np.float32), reference_of(case),
+                                   **tolerance(dtype))
+
+    @pytest.mark.parametrize("B,T,K,G,D,S,splits", [
+        (2, 16, 2, 4, 64, 200, 2),  # 64 rows: one compute warpgroup
+        (1, 32, 2, 4, 64, 300, 3),  # 128 rows: two compute warpgroups
+        (2, 64, 1, 4, 128, 260, 4),  # 256 rows: two row tiles of two warpgroups
+        (1, 16, 1, 4, 64, 140, 5),  # more splits than the row's whole blocks
+    ])
+    def test_named_shapes(self, B, T, K, G, D, S, splits):
+        """Random trees, rows of different lengths (from none to several whole key blocks
+        before the new tokens), the dense blocks split over programs."""
+        case = make_case(B=B, T=T, K=K, G=G, D=D, S=S, tree="random", window=None,
+                         dtype=jnp.bfloat16, seed=T + S)
+        self.check(case, TA.HopperBlockSizes(num_splits=splits))
+
+    def test_lengths_at_block_edges_and_fp16(self):
+        """Lengths 0, 64 (one whole block, no partial one) and 127 (one whole, one partial),
+        a causal chain (no mask), fp16."""
+        case = make_case(B=3, T=16, K=1, G=4, D=64, S=200, tree="chain", causal=True,
+                         window=None, dtype=jnp.float16, seed=3)
+        case["lengths_B"] = jnp.array([0, 64, 127], jnp.int32)
+        case["positions_BT"] = case["lengths_B"][:, None] + jnp.arange(16, dtype=jnp.int32)
+        self.check(case, TA.HopperBlockSizes(num_splits=2))
+
+    def test_hypothesis_shapes(self):
+        @settings(max_examples=self.EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(B=st.integers(1, 2), T=st.sampled_from([16, 24, 40, 64]),
+               G=st.sampled_from([4, 8]), extra=st.integers(64, 300),
+               tree=st.sampled_from(["chain", "star", "random"]),
+               splits=st.sampled_from([None, 1, 3]), stages=st.sampled_from([2, 3]),
+               seed=st.integers(0, 2**16))
+        def prop(B, T, G, extra, tree, splits, stages, seed):
+            case = make_case(B=B, T=T, K=1, G=G, D=64, S=T + extra, tree=tree, window=None,
+                             dtype=jnp.bfloat16, seed=seed)
+            self.check(case, TA.HopperBlockSizes(num_splits=splits, num_stages=stages))
+
+        prop()
+
+
+@pytest.mark.skipif(not hopper.interpret_supported(),
+                    reason=f"Mosaic GPU's interpreter in jax {jax.__version__} cannot run the "
+                           "kernel (jax >= 0.11 can)")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode: CPU runs")
+class TestHopperInterpret(HopperSuite):
+    pass
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+class TestHopperOnGPU(HopperSuite):
+    INTERPRET = False
+    EXAMPLES = 3  # each draw compiles its own kernel; the gpu-tests step has ~5 minutes
+
+    def test_llama3_8b_heads(self):
+        """32 query / 8 KV heads, head dim 128, T = 64, a 1K-slot cache, the default tiling."""
+        case = make_case(B=2, T=64, K=8, G=4, D=128, S=1100, tree="random", window=None,
+                         dtype=jnp.bfloat16, seed=8)
+        self.check(case)
+
+
+@pytest.mark.parametrize("T", [16, 64])
+def test_hopper_lowers_for_cuda(T):
+    """The Mosaic GPU kernel (layouts, swizzles, the shared-memory budget), the Triton tail
+    and the combine all lower for an H100, at Llama-3-8B heads."""
+    def f(*args):
+        return hopper.tree_attention_hopper(*args, sizes=TA.HopperBlockSizes())
+
+    text = _lower_cuda(f, abstract_args(B=1, T=T, S=4160)).as_text()
+    assert "mosaic_gpu" in text and "tree_attention_combine" in text
+
+
+def test_hopper_splits_hand_computed():
+    """One program per multiprocessor (132), partials up to a split's cache bytes. T = 64 at
+    Llama-3-8B heads: 256 rows = 2 row tiles x 8 KV heads = 16 tiles; at 4K (65 blocks, at
+    most 4160 / 256 = 16 splits) 7 splits fill 112 of 132 (0.85, within 85% of 8's 0.97);
+    at 64K 8 (128 programs); at batch 8 the 128 tiles take one split."""
+    rows = 256
+    assert hopper.default_num_splits(1, 8, rows, 4160, 256, 64, 132) == 7
+    assert hopper.default_num_splits(1, 8, rows, 65600, 256, 64, 132) == 8
+    assert hopper.default_num_splits(8, 8, rows, 65600, 256, 64, 132) == 1
+
+
+def test_hopper_refuses_what_it_cannot_run():
+    q = jnp.zeros((1, 16, 4, 64), jnp.bfloat16)
+    kv = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
+    args = (jnp.array([8]), jnp.arange(8, 24)[None])
+    run = lambda q, kv, **kw: TA.tree_attention(  # noqa: E731
+        q, kv, kv, *args, impl=TA.Impl.MOSAIC_GPU, **kw)
+    with pytest.raises(ValueError, match="float32: the Hopper kernel takes bfloat16 or float16"):
+        run(q.astype(jnp.float32), kv.astype(jnp.float32))
+    with pytest.raises(ValueError, match="sliding windows"):
+        run(q, kv, window=16)
+    with pytest.raises(ValueError, match="head_dim=32 must be a multiple of 64"):
+        run(q[..., :32], kv[..., :32])
+    with pytest.raises(ValueError, match="block_k=96 must be a positive multiple of 64"):
+        run(q, kv, block_sizes=TA.HopperBlockSizes(block_k=96))
+    with pytest.raises(ValueError, match="num_stages=1 must be at least 2"):
+        run(q, kv, block_sizes=TA.HopperBlockSizes(num_stages=1))
+    with pytest.raises(ValueError, match="fewer than block_k=128"):
+        run(q, kv[:, :100], block_sizes=TA.HopperBlockSizes(block_k=128))
+    with pytest.raises(TypeError, match="block_sizes must be a HopperBlockSizes"):
+        run(q, kv, block_sizes=TA.BlockSizes())
+    # Shared memory: 128-slot blocks in 3 stages at head dim 128 and 256 rows need ~330 KB
+    # (the compiler's own count: 331,888 bytes), over Hopper's 227 KiB.
+    reason = TA.unsupported_reason(TA.Impl.MOSAIC_GPU, (1, 64, 32, 128), (1, 4160, 8, 128),
+                                   TA.HopperBlockSizes(block_k=128, num_stages=3))
+    assert "shared memory" in reason
+    assert TA.unsupported_reason(TA.Impl.MOSAIC_GPU, (1, 64, 32, 128), (1, 4160, 8, 128)) is None
+    assert hopper.shared_memory_bytes(128, 256, TA.HopperBlockSizes()) <= 232448
+    if not hopper.interpret_supported():
+        with pytest.raises(NotImplementedError, match="needs jax >= 0.11"):
+            run(q, kv, interpret=True)
