@@ -80,6 +80,10 @@ PRESETS = {
                  # case (T >= 16 in bf16) and the device is a Hopper.
                  hopper=True,
                  rotate_bytes=100 << 20, max_copies=8,  # twice the H100/H200's 50 MB L2
+                 # The Hopper kernel's other tilings (its shared memory holds 3 stages of
+                 # 64-slot blocks at most with head dim 128): a shallower ring, more splits.
+                 hopper_sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
+                                     tilings=(dict(num_stages=2), dict(split_factor=2))),),
                  # Other GPU tilings timed beside the default: where the goals are hardest,
                  # and (decode) other split counts: twice the default's (`split_factor`), and
                  # the counts the rule before the wave-fill one chose at 1K and 4K (4, 16;
@@ -209,25 +213,39 @@ def profiled(program, inputs, inner: int) -> dict:
     return dict(summary, calls=inner * len(inputs["k"]))
 
 
-def swept(batch, context, T, spec) -> list[dict]:
-    """The other GPU tilings (BlockSizes fields over the defaults, or `split_factor`: that
-    many times the default split count) a case is also timed with: those of every group of
-    the preset's `sweeps` whose `queries` and `contexts` hold the case's."""
-    return [dict(t) for group in spec.get("sweeps", ())
+SWEEPS = {"pallas": "sweeps", "hopper": "hopper_sweeps"}  # impl -> its preset field
+
+
+def swept(batch, context, T, spec, impl: str = "pallas") -> list[dict]:
+    """The other GPU tilings (BlockSizes / HopperBlockSizes fields over the defaults, or
+    `split_factor`: that many times the default split count) a case is also timed with by an
+    impl: those of every group of the preset's sweeps for it whose `queries` and `contexts`
+    hold the case's."""
+    return [dict(t) for group in spec.get(SWEEPS[impl], ())
             if T in group["queries"] and context in group["contexts"]
             for t in group["tilings"]]
 
 
-def block_sizes(tiling: dict, batch, context, T, spec):
-    """The BlockSizes of a swept tiling for a case (a `split_factor` resolved to the split
-    count: the default's times the factor, at most one key block per split)."""
+def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
+    """The BlockSizes (HopperBlockSizes for `hopper`) of a swept tiling for a case (a
+    `split_factor` resolved to the split count: the default's times the factor, at most one
+    key block per split)."""
     from jaxdec.pallas_kernels import tree_attention as TA
-    from jaxdec.pallas_kernels.tree_attention import common
+    from jaxdec.pallas_kernels.tree_attention import common, hopper
 
     fields = {k: v for k, v in tiling.items() if k != "split_factor"}
+    K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
+    if impl == "hopper":
+        sizes = TA.HopperBlockSizes(**fields)
+        if "split_factor" in tiling:
+            default = hopper.default_num_splits(
+                batch, K, common.num_rows(T, G, hopper.ROWS), S, T * G, sizes.block_k,
+                num_cores=common.gpu_core_count())
+            sizes = dataclasses.replace(sizes, num_splits=max(1, min(
+                default * tiling["split_factor"], S // sizes.block_k)))
+        return sizes
     sizes = TA.BlockSizes(**fields)
     if "split_factor" in tiling:
-        K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
         rows = common.num_rows(T, G, 16)
         row_tiles = rows // min(sizes.block_m, rows)
         default = common.default_num_splits(batch, K, row_tiles, S, T * G, sizes.block_k,
@@ -295,13 +313,17 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
     cases = [(b, c, t) for b in spec["batches"] for c in spec["contexts"] for t in spec["queries"]]
     programs = {(*case, name): chained(impls[name], spec["inner"]) for case in cases
                 for name in case_impls(*case, spec)}
-    for case in cases:  # the sweep's tilings, on the cases it covers
-        for i, tiling in enumerate(swept(*case, spec)):
-            sizes = block_sizes(tiling, *case, spec)
-            programs[(*case, f"sweep{i}")] = chained(
-                lambda q, k, v, l, p, m, sizes=sizes: TA.tree_attention(
-                    q, k, v, l, p, mask_BTT=m, impl=kernel_impl, interpret=spec["interpret"],
-                    block_sizes=sizes), spec["inner"])
+    kernel_of = {"pallas": kernel_impl, "hopper": TA.Impl.MOSAIC_GPU}
+    for case in cases:  # the sweeps' tilings, on the cases they cover
+        for name in ("pallas", "hopper"):
+            if name not in case_impls(*case, spec):
+                continue
+            for i, tiling in enumerate(swept(*case, spec, name)):
+                sizes = block_sizes(tiling, *case, spec, name)
+                programs[(*case, f"{name}-sweep{i}")] = chained(
+                    lambda q, k, v, l, p, m, sizes=sizes, name=name: TA.tree_attention(
+                        q, k, v, l, p, mask_BTT=m, impl=kernel_of[name],
+                        interpret=spec["interpret"], block_sizes=sizes), spec["inner"])
     ahead = CompileAhead(compile_ahead, log=emit)
     for key, program in programs.items():
         shapes = case_shapes(*key[:3], spec)
@@ -353,21 +375,25 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
         for name in ("pallas", "hopper"):
             if name in times and "reference" in times:
                 by_impl[name]["speedup_vs_reference"] = times["reference"] / times[name]
-        sweep = []
-        for i, tiling in enumerate(swept(batch, context, T, spec)):
-            entry = dict(tiling)
-            if "split_factor" in tiling:
-                entry["num_splits"] = block_sizes(tiling, batch, context, T, spec).num_splits
-            try:
-                seconds, _ = timed_loop(programs[(batch, context, T, f"sweep{i}")], inputs,
-                                        spec["inner"], spec["trials"])
-            except Exception as e:  # noqa: BLE001  (an invalid tiling is a finding too)
-                entry.update(time_us=None, error=repr(e)[:200])
-            else:
-                entry.update(time_us=seconds * 1e6, error=None)
-            sweep.append(entry)
-        if sweep:  # kept on the pallas record (the default tiling is its own time)
-            by_impl["pallas"]["sweep"] = sweep
+        for name in ("pallas", "hopper"):
+            if name not in by_impl:
+                continue
+            sweep = []
+            for i, tiling in enumerate(swept(batch, context, T, spec, name)):
+                entry = dict(tiling)
+                if "split_factor" in tiling:
+                    entry["num_splits"] = block_sizes(tiling, batch, context, T, spec,
+                                                      name).num_splits
+                try:
+                    seconds, _ = timed_loop(programs[(batch, context, T, f"{name}-sweep{i}")],
+                                            inputs, spec["inner"], spec["trials"])
+                except Exception as e:  # noqa: BLE001  (an invalid tiling is a finding too)
+                    entry.update(time_us=None, error=repr(e)[:200])
+                else:
+                    entry.update(time_us=seconds * 1e6, error=None)
+                sweep.append(entry)
+            if sweep:  # kept on the impl's record (the default tiling is its own time)
+                by_impl[name]["sweep"] = sweep
         emit(f"B={batch} context={context} T={T}: " + ", ".join(
             f"{n} {t * 1e6:.1f} us" for n, t in times.items())
             + f" (roofline {roofline_s * 1e6:.1f} us)")
@@ -390,20 +416,21 @@ def _tiling(entry: dict) -> str:
     return label or "default"
 
 
-def _sweep_table(pallas: list[dict]) -> list[str]:
-    """The kernel's time with other tilings, beside its default's, where a sweep ran: one
-    table per set of tilings."""
+def _sweep_table(records: list[dict]) -> list[str]:
+    """The kernels' times with other tilings, beside their defaults', where a sweep ran: one
+    table per kernel and set of tilings."""
     groups: dict[tuple, list[dict]] = {}
-    for r in pallas:
+    for r in records:
         if r.get("sweep"):
-            groups.setdefault(tuple(_tiling(e) for e in r["sweep"]), []).append(r)
+            groups.setdefault((r["impl"], tuple(_tiling(e) for e in r["sweep"])), []).append(r)
     if not groups:
         return []
-    lines = ["", "Other tilings of the kernel (BlockSizes fields changed from the defaults; "
-             "splits xN: N times the default split count, the count in brackets), us per "
-             "call; the best of each row in bold:"]
-    for tilings, rows in groups.items():
-        lines += ["", "| batch | context | T | default | " + " | ".join(tilings) + " |",
+    lines = ["", "Other tilings of the kernels (BlockSizes / HopperBlockSizes fields changed "
+             "from the defaults; splits xN: N times the default split count, the count in "
+             "brackets), us per call; the best of each row in bold:"]
+    for (impl, tilings), rows in groups.items():
+        lines += ["", f"`{impl}`:", "",
+                  "| batch | context | T | default | " + " | ".join(tilings) + " |",
                   "|---:|---:|---:|---:|" + "---:|" * len(tilings)]
         for r in rows:
             times = [r.get("time_us")] + [e.get("time_us") for e in r["sweep"]]
@@ -495,7 +522,6 @@ def render_markdown(records: list[dict]) -> str:
             f"{_fmt(p.get('hbm_fraction'), '.2f')} | {_fmt(ref.get('hbm_fraction'), '.2f')} |"
             + hopper_ratios
         )
-    pallas = [r for r in records if r["impl"] == "pallas" and r.get("time_us")]
     # The goals ask it of the kernel: each case's faster kernel (Triton or, where it ran,
     # Hopper).
     best = [min((r for r in by_impl.values() if r["impl"] != "reference" and r.get("time_us")),
@@ -516,7 +542,7 @@ def render_markdown(records: list[dict]) -> str:
         lines.append(f"Goal (>= 3x over the reference at T = 64){which}: smallest speedup "
                      f"{slowest['speedup_vs_reference']:.2f}x ({slowest['impl']}) -> "
                      f"{'met' if slowest['speedup_vs_reference'] >= 3 else 'not met'}.")
-    lines += _sweep_table(pallas)
+    lines += _sweep_table(records)
     lines += _profile_lines(records)
     above = [r for r in records if (r.get("hbm_fraction") or 0) > 1.05]
     if above:  # faster than streaming the bytes at the ceiling: the ceiling is too low

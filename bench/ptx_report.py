@@ -204,6 +204,162 @@ def run(preset: str) -> list[dict]:
     return records
 
 
+# ------------------------------------------------------------- the Mosaic GPU (Hopper) kernel
+
+
+@contextlib.contextmanager
+def captured_output():
+    """Everything written to this process's stdout and stderr file descriptors inside the
+    block (C++ included: Mosaic GPU prints ptxas's report there), as a list of one string."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    text = []
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield text
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            text.append(sink.read().decode(errors="replace"))
+
+
+def mosaic_unavailable() -> str | None:
+    """Why this machine cannot compile the Hopper kernel for an H100 (None when it can): it
+    needs jax >= 0.11 and XLA's CUDA plugin with its CUDA libraries (no GPU)."""
+    from jaxdec.pallas_kernels.tree_attention import hopper
+
+    if not hopper.interpret_supported():
+        return "the Hopper kernel's Mosaic GPU lowering is checked with jax >= 0.11"
+    try:
+        from bench.census import compile_only_devices
+
+        compile_only_devices("h100")
+    except Exception as e:  # noqa: BLE001  (the reason is the answer)
+        return f"no compile-only H100: {e}"[:300]
+    return None
+
+
+def report_hopper(batch, context, T, spec, tiling: dict) -> dict:
+    """The Hopper kernel of one kernels-benchmark case and tiling compiled for sm_90a by jax's
+    own Mosaic GPU pipeline (a compile-only H100): ptxas's registers and spills, the shared
+    memory Mosaic GPU allocates, the kernel's grid and warpgroups."""
+    import os
+
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, SingleDeviceSharding
+
+    from bench.census import compile_only_devices
+    from bench.kernels import block_sizes, case_shapes
+    from jaxdec.pallas_kernels.tree_attention import common, hopper
+
+    device = compile_only_devices("h100")[0]
+    sizes = block_sizes(tiling, batch, context, T, spec, "hopper")
+    q, ks, vs, lengths, positions, mask = case_shapes(batch, context, T, spec)
+    args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=SingleDeviceSharding(device))
+            for x in (q, ks[0], vs[0], lengths, positions, mask)]
+    G = spec["heads"] // spec["kv_heads"]
+    rows = common.num_rows(T, G, hopper.ROWS)
+    wgs = 2 if rows >= 2 * hopper.ROWS else 1
+    splits = sizes.num_splits or hopper.default_num_splits(
+        batch, spec["kv_heads"], rows, context + T, T * G, sizes.block_k, 132)
+    record = dict(kernel="tree_attention", program="tree_attention_hopper", batch=batch,
+                  context=context, T=T, tiling=tiling or "default", target=TARGET,
+                  grid=[rows // (wgs * hopper.ROWS), splits, batch * spec["kv_heads"]],
+                  warpgroups=wgs + 1, block_k=sizes.block_k, num_stages=sizes.num_stages)
+    flags = {"MOSAIC_GPU_DUMP_PTXAS": "1", "MOSAIC_GPU_DUMP_RESOURCES": "1"}
+    before = {k: os.environ.get(k) for k in flags}
+    os.environ.update(flags)
+    try:
+        with captured_output() as out, jax.set_mesh(Mesh(np.array([device]), ("x",))):
+            jax.jit(lambda *a: hopper.tree_attention_hopper(*a, sizes=sizes)).lower(
+                *args).compile()
+    except Exception as e:  # noqa: BLE001  (a failed compile is the finding)
+        return dict(record, error=f"{type(e).__name__}: {e}"[:300])
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    log = out[0]
+    used = re.search(r"Compiling entry function '(\w*mosaic_gpu\w*)'.*?Used (\d+) registers",
+                     log, re.S)
+    smem = re.search(r"smem_scratch_bytes=(\d+)", log)
+    if not used or not smem:
+        return dict(record, error="no ptxas report for the Mosaic GPU kernel in the compile "
+                                  "output (a cached compile?)")
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                       log[used.start():])
+    return dict(record, error=None, registers=int(used.group(2)),
+                spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+                shared_bytes=int(smem.group(1)))
+
+
+def run_mosaic(preset: str) -> list[dict]:
+    """The Hopper kernel for the kernels benchmark's cases it takes (at one context: the
+    program does not depend on it beyond its grid) and the Hopper sweep's tilings."""
+    import jax
+
+    from bench import kernels
+
+    spec = kernels.PRESETS[preset]
+    meta = dict(preset=preset, date=utc_now(), commit=git_commit(), jax_version=jax.__version__)
+    records = []
+    context = max(c for c in spec["contexts"] if c <= 4096)
+    for batch in spec["batches"]:
+        for T in spec["queries"]:
+            if T * spec["heads"] // spec["kv_heads"] < 64:
+                continue  # the Hopper kernel's cases: 64 packed rows or more
+            tilings = [t for group in spec.get("hopper_sweeps", ())
+                       if T in group["queries"] for t in group["tilings"]]
+            for tiling in [{}] + tilings:
+                records.append(dict(meta, **report_hopper(batch, context, T, spec, tiling)))
+    return records
+
+
+def render_mosaic_markdown(records: list[dict]) -> str:
+    first = records[0]
+    lines = [
+        "# The Hopper tree-attention kernel (Mosaic GPU) compiled for an H100 (static)",
+        "",
+        f"Compiled by jax {first['jax_version']}'s Mosaic GPU pipeline for a compile-only H100 "
+        f"on a machine without a GPU (commit {first['commit']}, {first['date']}); ptxas's "
+        f"report for {TARGET}. Registers per thread (the compute warpgroups raise theirs to "
+        "232, the memory warpgroup lowers its to 40), spilled bytes, the shared memory Mosaic "
+        "GPU allocates per program (one program per multiprocessor). No timings: those are "
+        "`kernels-<device>.md`'s.",
+        "",
+        "| batch | context | T | tiling | grid (tiles x splits x B*K) | warpgroups | "
+        "block_k | stages | registers | spills (B) | shared (KiB) |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        head = (f"| {r['batch']} | {r['context']} | {r['T']} | {_tiling(r)} | "
+                f"{'x'.join(map(str, r['grid']))} | {r['warpgroups']} | {r['block_k']} | "
+                f"{r['num_stages']} | ")
+        if r["error"]:
+            lines.append(head + f"failed: {r['error'][:80]} | | |")
+        else:
+            lines.append(head + f"{r['registers']} | {r['spill_bytes']} | "
+                         f"{r['shared_bytes'] / 1024:.1f} |")
+    failed = [r for r in records if r["error"]]
+    spilled = [r for r in records if not r["error"] and r["spill_bytes"]]
+    lines += ["", f"{len(records)} compiles: {len(failed)} failed, {len(spilled)} spill "
+              "registers."]
+    return "\n".join(lines) + "\n"
+
+
 def _tiling(record: dict) -> str:
     tiling = record["tiling"]
     return tiling if tiling == "default" else ", ".join(f"{k}={v}" for k, v in tiling.items())
@@ -260,7 +416,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="h100", help="a bench/kernels.py preset")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="the Hopper (Mosaic GPU) kernel instead, compiled by jax's own "
+                             "pipeline: needs jax >= 0.11 and the CUDA plugin (no GPU); "
+                             "writes mosaic-sm_90a.json/.md")
     args = parser.parse_args(argv)
+    if args.mosaic:
+        reason = mosaic_unavailable()
+        if reason:
+            print(reason, file=sys.stderr)
+            return 2
+        records = run_mosaic(args.preset)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"mosaic-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
+        (args.out / f"mosaic-{TARGET}.md").write_text(render_mosaic_markdown(records))
+        print(render_mosaic_markdown(records))
+        return 1 if any(r["error"] for r in records) else 0
     if importlib.util.find_spec("triton") is None:
         print("needs the triton package (pip install triton): it compiles the kernels' "
               "Triton IR for sm_90a", file=sys.stderr)

@@ -104,6 +104,11 @@ def test_hopper_rows_and_goals_over_the_faster_kernel(monkeypatch):
     assert bench.case_impls(1, 4096, 64, spec)[-1] == "hopper"
     assert bench.case_impls(1, 4096, 16, spec)[-1] == "hopper"  # 16 x 4 heads: 64 rows
     assert "hopper" not in bench.case_impls(1, 4096, 1, spec)  # decode: the Triton kernel's
+    # Its sweep: a shallower ring, twice the default splits (7 at 4K, T = 64: 14).
+    assert bench.swept(1, 4096, 64, spec, "hopper") == [dict(num_stages=2),
+                                                        dict(split_factor=2)]
+    sizes = bench.block_sizes(dict(split_factor=2), 1, 4096, 64, spec, "hopper")
+    assert type(sizes).__name__ == "HopperBlockSizes" and sizes.num_splits == 14
     base = dict(kernel="tree_attention", batch=1, context=4096, T=64, device="NVIDIA H100",
                 jax_version="0.11.2", date="2026-11-26", preset="h100", heads=32, kv_heads=8,
                 head_dim=128, dtype="bfloat16", hbm_gbps=3000.0, matmul_peak_tflops=800.0,
@@ -113,7 +118,11 @@ def test_hopper_rows_and_goals_over_the_faster_kernel(monkeypatch):
                dict(base, impl="reference", time_us=200.0, vs_roofline=20.0, hbm_fraction=0.05),
                dict(base, impl="hopper", time_us=12.0, vs_roofline=1.2, hbm_fraction=0.8,
                     speedup_vs_reference=200.0 / 12.0)]
+    records[2]["sweep"] = [dict(num_stages=2, time_us=15.0, error=None),
+                           dict(split_factor=2, num_splits=14, time_us=11.0, error=None)]
     table = bench.render_markdown(records)
+    assert "`hopper`:\n\n| batch | context | T | default | num_stages=2 | splits x2 |" in table
+    assert "| 1 | 4096 | 64 | 12.0 | 15.0 | **11.0** [14] |" in table
     assert "| pallas us | hopper us | reference us |" in table
     assert "| 1 | 4096 | 64 | 100.0 | 12.0 | 200.0 | 10.0 | 10.00 | 2.00 |" in table
     assert table.rstrip().count("| 1.20 | 16.67 |") == 1

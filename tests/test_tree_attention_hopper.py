@@ -148,3 +148,41 @@ def test_hopper_refuses_what_it_cannot_run():
     if not hopper.interpret_supported():
         with pytest.raises(NotImplementedError, match="needs jax >= 0.11"):
             run(q, kv, interpret=True)
+
+
+def test_hopper_compiles_for_sm90a_without_spills(tmp_path):
+    """jax's own Mosaic GPU pipeline compiles the kernel for an H100 on this machine (no GPU;
+    needs jax >= 0.11 and the CUDA plugin, so CI's 0.10.2 skips it): at Llama-3-8B heads the
+    default tiling spills nothing and fits Hopper's shared memory, for one compute warpgroup
+    (T = 16) and two (T = 64). `python bench/ptx_report.py --mosaic` writes the full table.
+    (In a fresh process: a compile-only device needs the CUDA plugin before any backend.)"""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not hopper.interpret_supported():
+        pytest.skip(f"the Mosaic GPU compile is checked with jax >= 0.11 ({jax.__version__})")
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "from bench import ptx_report\n"
+        "from bench.kernels import PRESETS\n"
+        "reason = ptx_report.mosaic_unavailable()\n"
+        "records = [] if reason else [ptx_report.report_hopper(1, 4096, T, PRESETS['h100'], {})"
+        " for T in (16, 64)]\n"
+        f"open({str(tmp_path / 'out.json')!r}, 'w').write(json.dumps(dict(reason=reason, "
+        "records=records)))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_PLATFORMS"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True)
+    out = json.loads((tmp_path / "out.json").read_text())
+    if out["reason"]:
+        pytest.skip(out["reason"])
+    for record, (T, warpgroups) in zip(out["records"], ((16, 2), (64, 3))):
+        assert record["error"] is None, record["error"]
+        assert record["T"] == T and record["warpgroups"] == warpgroups
+        assert record["spill_bytes"] == 0 and 0 < record["registers"] <= 232
+        rows = max(64, 4 * T)
+        assert record["shared_bytes"] <= hopper.shared_memory_bytes(
+            128, rows, TA.HopperBlockSizes()) <= hopper.MAX_SHARED_MEMORY
