@@ -89,11 +89,14 @@ class TestHopperOnGPU(HopperSuite):
     INTERPRET = False
     EXAMPLES = 3  # each draw compiles its own kernel; the gpu-tests step has ~5 minutes
 
-    def test_llama3_8b_heads(self):
-        """32 query / 8 KV heads, head dim 128, T = 64, a 1K-slot cache, the default tiling."""
+    @pytest.mark.parametrize("in_registers", [False, True])
+    def test_llama3_8b_heads(self, in_registers):
+        """32 query / 8 KV heads, head dim 128, T = 64, a 1K-slot cache, the default tiling,
+        and the probabilities fed to the second product from registers (compiled only: the
+        interpreter cannot run it)."""
         case = make_case(B=2, T=64, K=8, G=4, D=128, S=1100, tree="random", window=None,
                          dtype=jnp.bfloat16, seed=8)
-        self.check(case)
+        self.check(case, TA.HopperBlockSizes(probs_in_registers=in_registers))
 
 
 @pytest.mark.parametrize("T", [16, 64])
@@ -148,6 +151,13 @@ def test_hopper_refuses_what_it_cannot_run():
     if not hopper.interpret_supported():
         with pytest.raises(NotImplementedError, match="needs jax >= 0.11"):
             run(q, kv, interpret=True)
+    else:
+        with pytest.raises(ValueError, match="probs_in_registers=True is compiled only"):
+            run(q, kv, interpret=True, block_sizes=TA.HopperBlockSizes(probs_in_registers=True))
+    # Without the probabilities' staging tiles the shared memory shrinks by their bytes.
+    assert (hopper.shared_memory_bytes(128, 256, TA.HopperBlockSizes())
+            - hopper.shared_memory_bytes(128, 256, TA.HopperBlockSizes(probs_in_registers=True))
+            == 2 * 64 * 64 * 2)
 
 
 def test_hopper_compiles_for_sm90a_without_spills(tmp_path):

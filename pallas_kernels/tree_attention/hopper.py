@@ -48,11 +48,16 @@ class HopperBlockSizes:
       num_stages: shared-memory slots of the key / value ring (at least 2).
       num_splits: programs per (row, KV head, row tile) along the sequence; None: chosen as
         for the Triton kernel, with one program per multiprocessor.
+      probs_in_registers: feed the probabilities to the second product from registers (as
+        Hopper's wgmma allows) instead of through shared memory; compiled only (Mosaic GPU's
+        interpreter takes wgmma operands from shared memory), so off by default until
+        measured.
     """
 
     block_k: int = 64
     num_stages: int = 3
     num_splits: int | None = None
+    probs_in_registers: bool = False
 
 
 def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> int:
@@ -62,7 +67,8 @@ def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> in
     default tiling, head_dim 128, two compute warpgroups)."""
     wgs = 2 if rows >= 2 * ROWS else 1
     tiles = wgs * ROWS * head_dim * 2 + 2 * sizes.num_stages * sizes.block_k * head_dim * 2
-    staging = wgs * ROWS * sizes.block_k * 2 + wgs * ROWS * (head_dim + 2) * 4
+    staging = (0 if sizes.probs_in_registers else wgs * ROWS * sizes.block_k * 2
+               ) + wgs * ROWS * (head_dim + 2) * 4
     return tiles + staging + 4096
 
 
@@ -193,14 +199,16 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
-                    # The probabilities go through shared memory to the second product
-                    # (Mosaic GPU's interpreter takes wgmma operands from there only).
-                    p_smem.at[wg][...] = p.astype(dtype)
-                    plgpu.commit_smem()
+                    if sizes.probs_in_registers:
+                        probs = p.astype(dtype)
+                    else:  # through shared memory (what the interpreter runs)
+                        p_smem.at[wg][...] = p.astype(dtype)
+                        plgpu.commit_smem()
+                        probs = p_smem.at[wg]
                     plgpu.barrier_wait(v_bar.at[slot])
 
                     def values(acc):
-                        plgpu.wgmma(acc, p_smem.at[wg], v_smem.at[slot])
+                        plgpu.wgmma(acc, probs, v_smem.at[slot])
                         return acc[...]
 
                     pv = pl.run_scoped(values, plgpu.ACC((ROWS, D), jnp.float32))
@@ -224,7 +232,9 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
             plgpu.SMEM((compute_wgs, ROWS, D), dtype, transforms=swizzled),
             plgpu.SMEM((stages, bk, D), dtype, transforms=swizzled),
             plgpu.SMEM((stages, bk, D), dtype, transforms=swizzled),
-            plgpu.SMEM((compute_wgs, ROWS, bk), dtype, transforms=swizzled),
+            # the probabilities' staging tiles (none when they stay in registers)
+            None if sizes.probs_in_registers else plgpu.SMEM((compute_wgs, ROWS, bk), dtype,
+                                                             transforms=swizzled),
             plgpu.SMEM((compute_wgs, ROWS, D), jnp.float32),
             plgpu.SMEM((compute_wgs, ROWS), jnp.float32),
             plgpu.SMEM((compute_wgs, ROWS), jnp.float32),
@@ -274,6 +284,9 @@ def tree_attention_hopper(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     rows = common.num_rows(T, G, ROWS)
+    if interpret and sizes.probs_in_registers:
+        raise ValueError("probs_in_registers=True is compiled only: Mosaic GPU's interpreter "
+                         "takes wgmma operands from shared memory")
     N = sizes.num_splits or default_num_splits(
         B, K, rows, S, T * G, sizes.block_k,
         num_cores=132 if interpret else common.gpu_core_count())
