@@ -250,8 +250,9 @@ def plan(name: str) -> list[Step]:
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
-                 # ~20 kernel compiles and the cuDNN tests: two calls stopped it at 120 s.
-                 min_s=180, cap_s=300, pytest=True),
+                 # ~20 kernel compiles and the cuDNN tests: two calls stopped it at 120 s;
+                 # the Hopper kernel's class adds ~10 compiles.
+                 min_s=180, cap_s=360, pytest=True),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
