@@ -93,9 +93,13 @@ def test_commit_of_a_verified_tree_equals_decoding_the_accepted_path(loaded):
     path_cache = path_cache.replace(lengths=path_cache.lengths + 3)
 
     np.testing.assert_array_equal(committed.lengths, [7])
+    # Equal up to fp32 rounding: past the first layer the keys and values come from hidden
+    # states the two forwards computed with differently shaped products (4 tree tokens
+    # against 3), whose summation order is the CPU's own (one machine measured 4.6e-6
+    # relative); a wrong slot or path differs by O(1).
     for got, want in zip(committed.layers, path_cache.layers):
-        np.testing.assert_allclose(got.k[:, :7], want.k[:, :7], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(got.v[:, :7], want.v[:, :7], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.k[:, :7], want.k[:, :7], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.v[:, :7], want.v[:, :7], rtol=1e-5, atol=1e-5)
     # The tree's logits on the accepted path equal the path's own logits.
     np.testing.assert_allclose(tree_logits[0, jnp.array([0, 2, 3])], path_logits[0],
                                rtol=1e-5, atol=1e-5)
