@@ -82,12 +82,17 @@ PRESETS = {
                  rotate_bytes=100 << 20, max_copies=8,  # twice the H100/H200's 50 MB L2
                  # The Hopper kernel's other tilings (its shared memory holds 3 stages of
                  # 64-slot blocks at most with head dim 128): a shallower ring, more splits,
-                 # the probabilities kept in registers.
+                 # the probabilities kept in registers, the two compute warpgroups
+                 # alternating on the tensor cores.
                  hopper_sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
                                      tilings=(dict(num_stages=2), dict(split_factor=2),
                                               # Hopper's register-operand wgmma (untested
                                               # by the interpreter)
-                                              dict(probs_in_registers=True))),),
+                                              dict(probs_in_registers=True))),
+                                # two compute warpgroups (T = 16 has one)
+                                dict(queries=(64,), contexts=(4096, 65536),
+                                     tilings=(dict(pingpong=True),
+                                              dict(pingpong=True, probs_in_registers=True)))),
                  # Other GPU tilings timed beside the default: where the goals are hardest,
                  # and (decode) other split counts: twice the default's (`split_factor`), and
                  # the counts the rule before the wave-fill one chose at 1K and 4K (4, 16;
@@ -412,7 +417,8 @@ def _fmt(value, spec=".1f"):
 
 def _tiling(entry: dict) -> str:
     label = ", ".join(f"{k}={entry[k]}" for k in ("block_k", "block_m", "num_warps",
-                                                  "num_stages", "probs_in_registers")
+                                                  "num_stages", "probs_in_registers",
+                                                  "pingpong")
                       if k in entry)
     if "split_factor" in entry:
         label = ", ".join(filter(None, [label, f"splits x{entry['split_factor']}"]))

@@ -105,9 +105,10 @@ def test_hopper_rows_and_goals_over_the_faster_kernel(monkeypatch):
     assert bench.case_impls(1, 4096, 16, spec)[-1] == "hopper"  # 16 x 4 heads: 64 rows
     assert "hopper" not in bench.case_impls(1, 4096, 1, spec)  # decode: the Triton kernel's
     # Its sweep: a shallower ring, twice the default splits (7 at 4K, T = 64: 14), the
-    # probabilities in registers.
+    # probabilities in registers, the compute warpgroups in ping-pong.
     assert bench.swept(1, 4096, 64, spec, "hopper") == [
-        dict(num_stages=2), dict(split_factor=2), dict(probs_in_registers=True)]
+        dict(num_stages=2), dict(split_factor=2), dict(probs_in_registers=True),
+        dict(pingpong=True), dict(pingpong=True, probs_in_registers=True)]
     sizes = bench.block_sizes(dict(split_factor=2), 1, 4096, 64, spec, "hopper")
     assert type(sizes).__name__ == "HopperBlockSizes" and sizes.num_splits == 14
     base = dict(kernel="tree_attention", batch=1, context=4096, T=64, device="NVIDIA H100",

@@ -42,6 +42,7 @@ class HopperSuite:
         (1, 32, 2, 4, 64, 300, 3),  # 128 rows: two compute warpgroups
         (2, 64, 1, 4, 128, 260, 4),  # 256 rows: two row tiles of two warpgroups
         (1, 16, 1, 4, 64, 140, 5),  # more splits than the row's whole blocks
+        (1, 16, 1, 4, 64, 600, 1),  # more blocks than ring slots: the ring refilled
     ])
     def test_named_shapes(self, B, T, K, G, D, S, splits):
         """Random trees, rows of different lengths (from none to several whole key blocks
@@ -49,6 +50,15 @@ class HopperSuite:
         case = make_case(B=B, T=T, K=K, G=G, D=D, S=S, tree="random", window=None,
                          dtype=jnp.bfloat16, seed=T + S)
         self.check(case, TA.HopperBlockSizes(num_splits=splits))
+
+    @pytest.mark.parametrize("T,S,splits", [(32, 300, 3), (64, 200, 4), (64, 500, 1)])
+    def test_pingpong(self, T, S, splits):
+        """The two compute warpgroups alternating on a shared barrier: same results, no
+        deadlock, also in programs whose split has no block (200 slots: at most 3 blocks for
+        4 splits)."""
+        case = make_case(B=2, T=T, K=1, G=4, D=64, S=S, tree="random", window=None,
+                         dtype=jnp.bfloat16, seed=T)
+        self.check(case, TA.HopperBlockSizes(num_splits=splits, pingpong=True))
 
     def test_lengths_at_block_edges_and_fp16(self):
         """Lengths 0, 64 (one whole block, no partial one) and 127 (one whole, one partial),
@@ -66,11 +76,12 @@ class HopperSuite:
                G=st.sampled_from([4, 8]), extra=st.integers(64, 300),
                tree=st.sampled_from(["chain", "star", "random"]),
                splits=st.sampled_from([None, 1, 3]), stages=st.sampled_from([2, 3]),
-               seed=st.integers(0, 2**16))
-        def prop(B, T, G, extra, tree, splits, stages, seed):
+               pingpong=st.booleans(), seed=st.integers(0, 2**16))
+        def prop(B, T, G, extra, tree, splits, stages, pingpong, seed):
             case = make_case(B=B, T=T, K=1, G=G, D=64, S=T + extra, tree=tree, window=None,
                              dtype=jnp.bfloat16, seed=seed)
-            self.check(case, TA.HopperBlockSizes(num_splits=splits, num_stages=stages))
+            self.check(case, TA.HopperBlockSizes(num_splits=splits, num_stages=stages,
+                                                 pingpong=pingpong))
 
         prop()
 
@@ -80,7 +91,28 @@ class HopperSuite:
                            "kernel (jax >= 0.11 can)")
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="interpret mode: CPU runs")
 class TestHopperInterpret(HopperSuite):
-    pass
+    @pytest.mark.parametrize("pingpong", [False, True])
+    def test_no_shared_memory_races(self, pingpong):
+        """Mosaic GPU's interpreter with race detection (vector clocks over every shared
+        memory access, TMA copy and barrier): the key / value ring refilled several times,
+        two compute warpgroups, with and without ping-pong. (The interpreter also fails a
+        barrier phase that completes unobserved: the memory warpgroup waits for the last
+        blocks' releases.)"""
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        case = make_case(B=1, T=64, K=1, G=4, D=64, S=520, tree="random", window=None,
+                         dtype=jnp.bfloat16, seed=5)
+        case["lengths_B"] = jnp.array([440], jnp.int32)  # 6 whole blocks through 2 slots
+        case["positions_BT"] = 440 + (case["positions_BT"] - case["positions_BT"][:, :1])
+        args = [case[k] for k in ("q_BTHD", "k_BSKD", "v_BSKD", "lengths_B", "positions_BT",
+                                  "mask_BTT")]
+        out = hopper.tree_attention_hopper(
+            *args, sizes=TA.HopperBlockSizes(num_splits=1, num_stages=2, pingpong=pingpong),
+            interpret=InterpretGPUParams(detect_races=True))
+        np.testing.assert_allclose(np.asarray(out, np.float32), reference_of(case),
+                                   **tolerance(jnp.bfloat16))
+        assert not interpret_pallas_call.get_races().races_found
 
 
 @pytest.mark.gpu_only

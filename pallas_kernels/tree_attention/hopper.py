@@ -52,12 +52,16 @@ class HopperBlockSizes:
         Hopper's wgmma allows) instead of through shared memory; compiled only (Mosaic GPU's
         interpreter takes wgmma operands from shared memory), so off by default until
         measured.
+      pingpong: with two compute warpgroups, alternate them on the tensor cores (one's
+        softmax under the other's products, a shared barrier between them); off by default
+        until measured.
     """
 
     block_k: int = 64
     num_stages: int = 3
     num_splits: int | None = None
     probs_in_registers: bool = False
+    pingpong: bool = False
 
 
 def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> int:
@@ -112,8 +116,10 @@ def interpret_supported() -> bool:
     return (major, minor) >= (0, 11)
 
 
-def _interpret_params(interpret: bool):
-    if not interpret:
+def _interpret_params(interpret):
+    """Mosaic GPU's interpreter settings for `interpret` (False: none, True: the defaults, or
+    the caller's own `InterpretGPUParams`, e.g. with `detect_races=True`)."""
+    if interpret is False or interpret is None:
         return None
     if not interpret_supported():
         raise NotImplementedError(
@@ -121,11 +127,11 @@ def _interpret_params(interpret: bool):
             f"(this is {jax.__version__}); on CPU use impl=TRITON with interpret=True")
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-    return InterpretGPUParams()
+    return InterpretGPUParams() if interpret is True else interpret
 
 
 def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_slots_p2: int,
-                    sizes: HopperBlockSizes, interpret: bool):
+                    sizes: HopperBlockSizes, interpret):
     """Unnormalised partials (o [B, K, Np, M, D], m and l [B, K, Np, M], fp32) of each row's
     queries over the cache blocks wholly inside its cached prefix, [0, length // block_k)."""
     plgpu = _mosaic()
@@ -133,6 +139,7 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
     dtype = q_BKMD.dtype
     bk, stages, N = sizes.block_k, sizes.num_stages, num_splits
     compute_wgs = 2 if M >= 2 * ROWS else 1
+    pingpong = sizes.pingpong and compute_wgs == 2
     row_tiles = M // (compute_wgs * ROWS)
     scale = D**-0.5 * _LOG2E  # scores in log2 units: exp2 below
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -147,7 +154,7 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
         wg = lax.axis_index("wg")
 
         def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem, q_bar, k_bar,
-                   v_bar, k_free, v_free):
+                   v_bar, k_free, v_free, turn):
             def kv_at(ref, i):
                 return ref.at[b, pl.ds(pl.multiple_of((first + i) * bk, bk), bk), kh]
 
@@ -170,6 +177,16 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
                     plgpu.copy_gmem_to_smem(kv_at(v_ref, i + stages), v_smem.at[slot],
                                             v_bar.at[slot])
 
+                # The last blocks' releases, so every barrier phase is observed before the
+                # barriers go (the interpreter checks it; on the GPU it costs an idle wait).
+                for j in range(stages):
+                    i = jnp.maximum(count - stages, 0) + j
+
+                    @pl.when(i < count)
+                    def _():
+                        plgpu.barrier_wait(k_free.at[lax.rem(i, jnp.int32(stages))])
+                        plgpu.barrier_wait(v_free.at[lax.rem(i, jnp.int32(stages))])
+
             @pl.when(wg < compute_wgs)
             def _compute():
                 plgpu.set_max_registers(232, action="increase")
@@ -183,6 +200,13 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
                 l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), rows_layout)
                 o = plgpu.layout_cast(jnp.zeros((ROWS, D), jnp.float32), plgpu.Layout.WGMMA)
 
+                def meet():  # both compute warpgroups at one point (ping-pong only)
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(turn)
+
+                if pingpong:  # the second warpgroup starts one turn behind the first
+                    pl.when(wg == 1)(meet)
+
                 def step(i, carry):
                     o, m, l = carry
                     slot = lax.rem(i, jnp.int32(stages))
@@ -190,6 +214,8 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
 
                     def scores(acc):
                         plgpu.wgmma(acc, q_tile, k_smem.at[slot].T)
+                        if pingpong:  # the product issued: the other warpgroup's turn
+                            meet()
                         return acc[...]
 
                     s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32)) * scale
@@ -205,7 +231,12 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
                         p_smem.at[wg][...] = p.astype(dtype)
                         plgpu.commit_smem()
                         probs = p_smem.at[wg]
-                    plgpu.barrier_wait(v_bar.at[slot])
+                    if pingpong:  # softmax done; the tensor cores once the other is done
+                        plgpu.barrier_arrive(turn)
+                        plgpu.barrier_wait(v_bar.at[slot])
+                        plgpu.barrier_wait(turn)
+                    else:
+                        plgpu.barrier_wait(v_bar.at[slot])
 
                     def values(acc):
                         plgpu.wgmma(acc, probs, v_smem.at[slot])
@@ -216,6 +247,8 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
                     return o + pv, m_new, l
 
                 o, m, l = lax.fori_loop(0, count, step, (o, m, l))
+                if pingpong:  # the first warpgroup's last turn, matching the second's first
+                    pl.when(wg == 0)(meet)
                 # The partials in natural-log units, as `gpu._combine` reads them.
                 o_smem.at[wg][...] = o
                 m_smem.at[wg][...] = m * (1.0 / _LOG2E)
@@ -243,6 +276,7 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
             plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2) if pingpong else None,
             collective_axes="wg",
         )
 
@@ -276,8 +310,11 @@ def default_num_splits(batch: int, kv_heads: int, rows: int, num_slots: int, rea
 
 @functools.partial(jax.jit, static_argnames=("sizes", "interpret"))
 def tree_attention_hopper(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
-                          sizes: HopperBlockSizes, interpret: bool = False):
-    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC_GPU)."""
+                          sizes: HopperBlockSizes, interpret=False):
+    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC_GPU).
+    `interpret`: False, True, or Mosaic GPU's `InterpretGPUParams` (tests: race detection);
+    the Triton part runs in Pallas's generic interpreter whenever this one is on."""
+    mosaic_interpret, interpret = interpret, interpret is not False and interpret is not None
     from jaxdec.pallas_kernels.tree_attention import gpu
 
     B, T, H, D = q_BTHD.shape
@@ -294,7 +331,7 @@ def tree_attention_hopper(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_
     q_BKMD = common.pack_queries(q_BTHD, K, rows)
     dense = _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths, num_splits=N,
                             num_slots_p2=common._next_pow2(N), sizes=sizes,
-                            interpret=interpret)
+                            interpret=mosaic_interpret)
     # The rest (the last partial block of the cached prefix and the new tokens, under the
     # tree mask) through the Triton kernel, from the first slot the dense part left.
     start = lengths // sizes.block_k * sizes.block_k
