@@ -10,10 +10,11 @@ producer / consumer set of warpgroups, as on Hopper's fast attention kernels:
   * one or two compute warpgroups (64 packed query rows each) take the blocks in turn through
     `wgmma` (scores, then probabilities x values) with an online softmax in registers.
 
-The kernel covers only the cache blocks wholly inside every row's cached prefix, which need no
-mask at all: `partials` pairs it with the Triton kernel over the rest (the last, partial
-block and the T new tokens under the tree mask: one or two blocks of 64 slots), and
-`gpu._combine` merges both kernels' partials exactly. Grid (row tiles, splits, B x K).
+The kernel covers only the cache blocks wholly inside each row's cached prefix, which need no
+mask at all: `tree_attention_hopper` pairs it with the Triton kernel over the rest
+(`gpu.partials` from the first slot it left: the last, partial block and the T new tokens
+under the tree mask, a few blocks of 64 slots), and `gpu._combine` merges both kernels'
+partials exactly. Grid (row tiles, splits, B x K).
 
 Shapes it takes (see `check_config`): bf16 or fp16, head_dim a multiple of 64, no sliding
 window. Only `Impl.MOSAIC_GPU` runs it (AUTO does not yet: untimed on a GPU so far); jax 0.11
