@@ -26,8 +26,8 @@ from jaxdec.pallas_kernels.tree_attention.reference import (
 )
 
 __all__ = [
-    "BlockSizes", "HopperBlockSizes", "Impl", "MAX_QUERIES", "tree_attention", "tree_attention_reference",
-    "unsupported_reason", "visible_slots",
+    "BlockSizes", "HopperBlockSizes", "Impl", "MAX_QUERIES", "tree_attention",
+    "tree_attention_reference", "unsupported_reason", "visible_slots",
 ]
 
 
@@ -38,7 +38,7 @@ class Impl(enum.Enum):
     REFERENCE = "reference"  # jnp (any backend)
     TRITON = "triton"  # gpu.py: Triton-lowered Pallas (CUDA / ROCm, or interpret)
     MOSAIC = "mosaic"  # tpu.py: Mosaic TPU Pallas (TPU, or interpret)
-    MOSAIC_GPU = "mosaic_gpu"  # hopper.py: Mosaic GPU Pallas for Hopper (or interpret, jax >= 0.11)
+    MOSAIC_GPU = "mosaic_gpu"  # hopper.py: Mosaic GPU for Hopper (or interpret, jax >= 0.11)
 
 
 _KERNELS = {Impl.TRITON: gpu, Impl.MOSAIC: tpu}
