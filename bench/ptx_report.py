@@ -13,6 +13,9 @@ resources:
     python bench/ptx_report.py [--preset h100] [--out bench/results]
 
 It writes `ptx-sm90a.json` (one record per case, tiling and program) and a Markdown table.
+With `--mosaic` it compiles the Hopper kernel (`tree_attention/hopper.py`, Mosaic GPU)
+instead, through jax's own pipeline for a compile-only H100 (jax >= 0.11 and
+`jax-cuda12-plugin[with-cuda]`, no GPU), and writes `mosaic-sm_90a.json/.md`.
 Static facts only: how fast a program runs is for `bench/kernels.py` on the device to say.
 (The Triton of the `triton` package is not the one bundled in jaxlib, which compiles the
 same IR on the device; the two may differ in detail, never in kind: a spill or a shared
