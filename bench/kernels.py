@@ -269,15 +269,20 @@ def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
 def case_impls(batch, context, T, spec) -> tuple[str, ...]:
     """What a case times: the Triton (or TPU) kernel and the reference, and the Hopper kernel
     where the preset asks for it, the device is a Hopper and the kernel takes the case."""
-    from jaxdec.pallas_kernels import tree_attention as TA
-
     names = ("pallas", "reference")
-    if spec.get("hopper") and hopper_device() and TA.unsupported_reason(
-            TA.Impl.MOSAIC_GPU, (batch, T, spec["heads"], spec["head_dim"]),
-            (batch, context + T, spec["kv_heads"], spec["head_dim"]),
-            dtype=spec["dtype"]) is None and T * spec["heads"] // spec["kv_heads"] >= 64:
+    if spec.get("hopper") and hopper_device() and hopper_case(batch, context, T, spec):
         names += ("hopper",)
     return names
+
+
+def hopper_case(batch, context, T, spec) -> bool:
+    """Whether the Hopper kernel is for a case: it takes the shapes, and the packed query
+    rows (T x G) fill at least one 64-row tile."""
+    from jaxdec.pallas_kernels import tree_attention as TA
+
+    return T * spec["heads"] // spec["kv_heads"] >= 64 and TA.unsupported_reason(
+        TA.Impl.MOSAIC_GPU, (batch, T, spec["heads"], spec["head_dim"]),
+        (batch, context + T, spec["kv_heads"], spec["head_dim"]), dtype=spec["dtype"]) is None
 
 
 def hopper_device() -> bool:

@@ -322,8 +322,8 @@ def run_mosaic(preset: str) -> list[dict]:
     context = max(c for c in spec["contexts"] if c <= 4096)
     for batch in spec["batches"]:
         for T in spec["queries"]:
-            if T * spec["heads"] // spec["kv_heads"] < 64:
-                continue  # the Hopper kernel's cases: 64 packed rows or more
+            if not kernels.hopper_case(batch, context, T, spec):
+                continue
             tilings = [t for group in spec.get("hopper_sweeps", ())
                        if T in group["queries"] for t in group["tilings"]]
             for tiling in [{}] + tilings:
@@ -429,21 +429,22 @@ def main(argv=None) -> int:
         if reason:
             print(reason, file=sys.stderr)
             return 2
-        records = run_mosaic(args.preset)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"mosaic-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
-        (args.out / f"mosaic-{TARGET}.md").write_text(render_mosaic_markdown(records))
-        print(render_mosaic_markdown(records))
-        return 1 if any(r["error"] for r in records) else 0
+        return _write(args.out, "mosaic", run_mosaic(args.preset), render_mosaic_markdown)
     if importlib.util.find_spec("triton") is None:
         print("needs the triton package (pip install triton): it compiles the kernels' "
               "Triton IR for sm_90a", file=sys.stderr)
         return 2
-    records = run(args.preset)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"ptx-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
-    (args.out / f"ptx-{TARGET}.md").write_text(render_markdown(records))
-    print(render_markdown(records))
+    return _write(args.out, "ptx", run(args.preset), render_markdown)
+
+
+def _write(out: Path, name: str, records: list[dict], render) -> int:
+    """`<name>-sm_90a.json` and its Markdown under `out`, the table printed too; the exit
+    status: 1 when a compile failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = render(records)
+    (out / f"{name}-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out / f"{name}-{TARGET}.md").write_text(table)
+    print(table)
     return 1 if any(r["error"] for r in records) else 0
 
 
