@@ -78,6 +78,7 @@ def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> in
 
 
 MAX_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KiB)
+TMA_SLOT_TILE = 8  # the slot dimension's tile in the key / value copies
 
 
 def check_config(q_dtype, head_dim: int, num_slots: int, rows: int, window: int | None,
@@ -96,6 +97,12 @@ def check_config(q_dtype, head_dim: int, num_slots: int, rows: int, window: int 
         return f"num_stages={sizes.num_stages} must be at least 2"
     if num_slots < sizes.block_k:
         return f"the cache has {num_slots} slots, fewer than block_k={sizes.block_k}"
+    if num_slots % TMA_SLOT_TILE:
+        # The key / value copies go through TMA descriptors over the whole cache, tiled
+        # (8 slots, 64 channels) like the shared-memory tiles; Mosaic GPU refuses a slot count
+        # off that tiling when it compiles (its interpreter does not check).
+        return (f"the cache has {num_slots} slots: the Hopper kernel needs a multiple of "
+                f"{TMA_SLOT_TILE} (its TMA copies are tiled by {TMA_SLOT_TILE} slots)")
     if (smem := shared_memory_bytes(head_dim, rows, sizes)) > MAX_SHARED_MEMORY:
         return (f"block_k={sizes.block_k} x num_stages={sizes.num_stages} at head_dim="
                 f"{head_dim} needs ~{smem} bytes of shared memory, over Hopper's "
