@@ -134,25 +134,35 @@ def _all_rows(file: str, field: str, value, **match) -> Callable[[Path, str], bo
     return done
 
 
-def _every_case(file: str, *, cases: set[tuple], **match) -> Callable[[Path, str], bool]:
+def _every_case(file: str, *, cases: Callable[[str], set[tuple]],
+                **match) -> Callable[[Path, str], bool]:
     """Done when `<file>-<device>.json` has a record matching `match` (field -> value) for
-    every (impl, batch, context, T) in `cases` (so a run cut off, whose missing cases keep
-    older records, stays due)."""
+    every (impl, batch, context, T) in `cases(device slug)` (so a run cut off, whose missing
+    cases keep older records, stays due)."""
     def done(results: Path, slug: str) -> bool:
         have = {(r.get("impl"), r.get("batch"), r.get("context"), r.get("T"))
                 for r in _records(results / f"{file}-{slug}.json")
                 if all(r.get(k) == v for k, v in match.items())}
-        return cases <= have
+        return cases(slug) <= have
 
     return done
 
 
-def kernel_cases(preset: str) -> set[tuple]:
-    from bench.kernels import PRESETS
+HOPPER_SLUGS = ("h100", "h200")  # the devices where the kernels benchmark times `hopper` too
+
+
+def kernel_cases(preset: str, hopper: bool = False) -> set[tuple]:
+    """(impl, batch, context, T) the kernels benchmark times; with `hopper`, also the Hopper
+    kernel's cases (on a Hopper device)."""
+    from bench.kernels import PRESETS, hopper_case
 
     spec = PRESETS[preset]
-    return {(impl, b, c, t) for impl in ("pallas", "reference") for b in spec["batches"]
-            for c in spec["contexts"] for t in spec["queries"]}
+    cases = [(b, c, t) for b in spec["batches"] for c in spec["contexts"]
+             for t in spec["queries"]]
+    impls = {(impl, *case) for impl in ("pallas", "reference") for case in cases}
+    if hopper and spec.get("hopper"):
+        impls |= {("hopper", *case) for case in cases if hopper_case(*case, spec)}
+    return impls
 
 
 def _all(*rules: Callable[[Path, str], bool]) -> Callable[[Path, str], bool]:
@@ -181,6 +191,12 @@ def sources_digest() -> str:
     """A hash of what the GPU tests check and the tests themselves: the device test record is
     current only while these are unchanged."""
     return common_sources_digest(GPU_TEST_SOURCES)
+
+
+def _tree_attention_sources() -> str:
+    from bench.kernels import KERNEL_SOURCES
+
+    return common_sources_digest(KERNEL_SOURCES)
 
 
 def _matvec_sources() -> str:
@@ -257,8 +273,12 @@ def plan(name: str) -> list[Step]:
                  # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
                                 hbm_method=HBM_METHOD),
-                      _every_case("kernels", cases=kernel_cases("h100"), preset="h100",
-                                  hbm_method=HBM_METHOD)),
+                      _every_case("kernels", preset="h100",
+                                  cases=lambda slug: kernel_cases("h100", slug in HOPPER_SLUGS),
+                                  hbm_method=HBM_METHOD),
+                      # the kernels' rows are due again whenever their code changed
+                      _all_rows("kernels", "kernel_sources", _tree_attention_sources(),
+                                preset="h100", impl=("pallas", "hopper"))),
                  min_s=200, cap_s=360),
             speculative_step("gpu-small", min_s=300, cap_s=560),
         ]

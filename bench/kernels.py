@@ -31,11 +31,13 @@ the cases it takes (T >= 16 in bf16); the table adds its columns and the goal li
 case by its faster kernel.
 
 Tilings: where the goals are hardest (the h100 preset: T = 16 and 64 at contexts 4K and 64K)
-the kernel is also timed with a few other `BlockSizes` (bigger key blocks, bigger row tiles
-with more warps, a deeper pipeline), and decode (T = 1 at 1K and 4K) with two and four times
-the default split count, so one device call also says which tiling the defaults should take;
+the kernel is also timed with a few other `BlockSizes` (fields over the case's default:
+bigger key blocks, bigger row tiles with more warps, a shallower and a deeper pipeline), and
+decode (T = 1 at 1K and 4K) with twice the default split count and with 4 and 16 splits,
+so one device call also says which tiling the defaults should take;
 the pallas record keeps them as `sweep` and the Markdown tables them. The main table is
-always the default tiling.
+always the default tiling. Records carry `kernel_sources` (a hash of the kernels' code), so
+the device plan measures changed kernels again.
 
 Profiles: a few cases (`profile_cases`) run their timed loop once more under the JAX profiler;
 the record's `profile` sums the device's kernel time by kernel name (`calls` = the loop's
@@ -69,8 +71,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, merge_records, profile_kernels, utc_now,
-                          versions)
+                          measure_hbm, merge_records, profile_kernels, sources_digest,
+                          utc_now, versions)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -98,11 +100,15 @@ PRESETS = {
                  # the counts the rule before the wave-fill one chose at 1K and 4K (4, 16;
                  # in the H200 decode at 2K context its 8 splits, 64 programs for 132
                  # multiprocessors, read 8 MB in 9.4 us).
+                 # (Fields over the case's default tiling: at T = 16 and 64 three pipeline
+                 # stages since the 2026-11-27 H200 run, where they beat two everywhere.)
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
-                              tilings=(dict(block_k=128), dict(block_m=128, num_warps=8),
-                                       dict(num_stages=3),
-                                       # flash attention's usual Hopper tiling
-                                       dict(block_m=128, num_warps=8, num_stages=3))),
+                              tilings=(dict(block_k=128),
+                                       # flash attention's usual Hopper tiling (at T = 64 and
+                                       # 64K the best of that run)
+                                       dict(block_m=128, num_warps=8),
+                                       dict(num_stages=2),  # the default before that run
+                                       dict(num_stages=4))),
                          dict(queries=(1,), contexts=(1024, 4096),
                               tilings=(dict(split_factor=2), dict(num_splits=4),
                                        dict(num_splits=16)))),
@@ -118,6 +124,9 @@ PRESETS = {
                      profile_cases=((1, 64, 4),)),
 }
 KEY = ("preset", "kernel", "impl", "batch", "context", "T", "device")
+# Records name the version of the kernels they ran (`kernel_sources`, a hash of this code), so
+# the device plan measures changed kernels again.
+KERNEL_SOURCES = ("pallas_kernels/tree_attention",)
 
 
 def kv_copies(batch, context, T, spec) -> int:
@@ -253,7 +262,9 @@ def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
             sizes = dataclasses.replace(sizes, num_splits=max(1, min(
                 default * tiling["split_factor"], S // sizes.block_k)))
         return sizes
-    sizes = TA.BlockSizes(**fields)
+    sizes = dataclasses.replace(TA.default_block_sizes(  # the case's default, then the fields
+        TA.Impl.TRITON, S, q_shape=(batch, T, spec["heads"], spec["head_dim"]),
+        num_kv_heads=K, dtype=spec["dtype"]), **fields)
     if "split_factor" in tiling:
         rows = common.num_rows(T, G, 16)
         row_tiles = rows // min(sizes.block_m, rows)
@@ -356,7 +367,8 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
                 head_dim=spec["head_dim"], hbm_gbps=hbm_gbps, hbm_probes=hbm_probes,
                 hbm_method=HBM_METHOD, matmul_peak_tflops=peak_tflops,
                 pallas_variant=kernel_impl.value, interpret=spec["interpret"], date=utc_now(),
-                commit=git_commit(), **versions())
+                commit=git_commit(), kernel_sources=sources_digest(KERNEL_SOURCES),
+                **versions())
     records = []
     for batch, context, T in cases:
         nbytes, flops = case_cost(batch, context, T, spec)

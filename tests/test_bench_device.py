@@ -182,15 +182,30 @@ def test_kernels_are_done_only_with_every_case(tmp_path):
     from bench.common import HBM_METHOD
 
     (step,) = [s for s in device.plan("gpu") if s.name == "kernels"]
+    sources = device._tree_attention_sources()
     cases = sorted(device.kernel_cases("h100"))
     assert len(cases) == 2 * 2 * 4 * 3  # impls x batches x contexts x T
-    rows = [dict(preset="h100", impl=i, batch=b, context=c, T=t, hbm_method=HBM_METHOD)
-            for i, b, c, t in cases]
-    path = tmp_path / "kernels-h100.json"
+    rows = [dict(preset="h100", impl=i, batch=b, context=c, T=t, hbm_method=HBM_METHOD,
+                 kernel_sources=sources) for i, b, c, t in cases]
+    path = tmp_path / "kernels-a100.json"  # a GPU that is no Hopper: no `hopper` rows due
     path.write_text(json.dumps(rows[:-1]))
-    assert not step.done(tmp_path, "h100")
+    assert not step.done(tmp_path, "a100")
     path.write_text(json.dumps(rows))
+    assert step.done(tmp_path, "a100")
+    # On a Hopper the Hopper kernel's cases are due too (T = 16 and 64: 16 of them).
+    hopper_cases = sorted(set(device.kernel_cases("h100", hopper=True)) - set(cases))
+    assert len(hopper_cases) == 2 * 4 * 2 and {c[0] for c in hopper_cases} == {"hopper"}
+    path = tmp_path / "kernels-h100.json"
+    path.write_text(json.dumps(rows))
+    assert not step.done(tmp_path, "h100")
+    hopper_rows = [dict(rows[0], impl=i, batch=b, context=c, T=t) for i, b, c, t in hopper_cases]
+    path.write_text(json.dumps(rows + hopper_rows))
     assert step.done(tmp_path, "h100")
+    # Rows of a kernel's older code are due again.
+    path.write_text(json.dumps(rows + hopper_rows[:-1]
+                               + [dict(hopper_rows[-1], kernel_sources="old")]))
+    assert not step.done(tmp_path, "h100")
+    path.write_text(json.dumps(rows + hopper_rows))
     path.write_text(json.dumps([dict(r, hbm_method=None) for r in rows]))  # the old ceiling
     assert not step.done(tmp_path, "h100")
     # A new run cut off after one case: the other cases still hold the old method's records.

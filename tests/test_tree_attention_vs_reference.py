@@ -345,6 +345,23 @@ def test_triton_lowers_for_cuda(dtype, T, window):
     assert "tree_attention" in _lower_cuda(f, abstract_args(T=T, dtype=dtype)).as_text()
 
 
+def test_triton_default_pipeline_depth():
+    """Three stages where the packed query rows fill a 64-row tile and a key / value row
+    takes at most 256 bytes (the H200 sweep's finding); two for decode, for fp32 at head dim
+    128, and when the queries are not given."""
+    def stages(T, D=128, dtype=jnp.bfloat16, H=32, K=8):
+        return TA.default_block_sizes(TA.Impl.TRITON, 4160, q_shape=(1, T, H, D),
+                                      num_kv_heads=K, dtype=dtype).num_stages
+
+    assert stages(16) == stages(64) == stages(16, dtype=jnp.float16) == 3
+    assert stages(1) == stages(8) == 2  # 4 and 32 rows
+    assert stages(16, dtype=jnp.float32) == 2 and stages(16, D=64, dtype=jnp.float32) == 3
+    assert stages(16, D=256) == 2
+    assert TA.default_block_sizes(TA.Impl.TRITON, 4160).num_stages == 2
+    assert TA.default_block_sizes(TA.Impl.MOSAIC, 4160, q_shape=(1, 64, 32, 128),
+                                  num_kv_heads=8).num_stages == 2
+
+
 def test_block_rule_violations_are_caught():
     # Mosaic: a key block of 12 rows breaks the (8, 128) tiling rule when lowering.
     with pytest.raises(ValueError, match="divisible by 8 and 128"):

@@ -2,8 +2,9 @@
 
 `cpu-tiny` trains a target in under five minutes on two CPU cores (the demo's default).
 `gpu-small` (~28M-parameter target) and `gpu-base` (~88M) are sized for one H100, target and
-draft together within a single 10-minute device call (estimates until measured: the step
-counts are the knob, `--steps` overrides them).
+draft together within a single 10-minute device call (the step counts are the knob, `--steps`
+overrides them). Measured on an H200, each trained alone (bench/results/train-h200.md):
+gpu-small 100 s + 34 s, gpu-base 277 s + 65 s at MFU 0.35.
 """
 
 from __future__ import annotations

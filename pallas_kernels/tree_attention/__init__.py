@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 
 import jax
+import jax.numpy as jnp
 
 from jaxdec.pallas_kernels.tree_attention import common, gpu, hopper, tpu
 from jaxdec.pallas_kernels.tree_attention.common import MAX_QUERIES, BlockSizes
@@ -63,8 +64,20 @@ def platform_of(x) -> str | None:
     return next(iter(devices)).platform
 
 
-def default_block_sizes(impl: Impl, num_slots: int) -> BlockSizes:
-    """Block sizes for a kernel and a cache length: TPU blocks must divide the cache."""
+# The Triton kernel's third pipeline stage: where the packed query rows fill a 64-row tile
+# and a key / value block row takes at most 256 bytes (head_dim 128 in bf16 / fp16: three
+# stages and the query tile take 112 KiB, still two programs per multiprocessor). On the
+# H200 (bench/results/kernels-h200, 2026-11-27) three stages beat two in all 8 swept cases
+# at T = 16 and 64 (contexts 4K and 64K, batch 1 and 8), by 5-29%.
+DEEP_PIPELINE_MIN_ROWS = 64
+DEEP_PIPELINE_MAX_ROW_BYTES = 256
+
+
+def default_block_sizes(impl: Impl, num_slots: int, *, q_shape=None, num_kv_heads=None,
+                        dtype=None) -> BlockSizes:
+    """Block sizes for a kernel and a cache length: TPU blocks must divide the cache. For the
+    Triton kernel, the queries' shape [B, T, H, D], the KV heads and the dtype (bf16 when
+    None) choose the pipeline depth (`DEEP_PIPELINE_MIN_ROWS`); without them, two stages."""
     if impl is Impl.MOSAIC:
         for block_k in (512, 256, 128, 64, 32, 16, 8):
             if num_slots % block_k == 0:
@@ -73,7 +86,14 @@ def default_block_sizes(impl: Impl, num_slots: int) -> BlockSizes:
     block_k = 64
     while block_k > 16 and block_k > num_slots:
         block_k //= 2
-    return BlockSizes(block_k=block_k)
+    num_stages = 2
+    if q_shape is not None and num_kv_heads is not None:
+        _, T, H, D = q_shape
+        row_bytes = D * jnp.dtype(dtype or jnp.bfloat16).itemsize
+        if (T * (H // num_kv_heads) >= DEEP_PIPELINE_MIN_ROWS
+                and row_bytes <= DEEP_PIPELINE_MAX_ROW_BYTES):
+            num_stages = 3
+    return BlockSizes(block_k=block_k, num_stages=num_stages)
 
 
 def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=None,
@@ -88,7 +108,8 @@ def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=
         rows = common.num_rows(T, H // k_shape[2], hopper.ROWS)
         return hopper.check_config(dtype or "bfloat16", D, S, rows, window,
                                    block_sizes or HopperBlockSizes())
-    block_sizes = block_sizes or default_block_sizes(impl, S)
+    block_sizes = block_sizes or default_block_sizes(
+        impl, S, q_shape=q_shape, num_kv_heads=k_shape[2], dtype=dtype)
     return _KERNELS[impl].check_config(D, S, block_sizes)
 
 
@@ -150,7 +171,9 @@ def tree_attention(
         return hopper.tree_attention_hopper(
             q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
             sizes=block_sizes or HopperBlockSizes(), interpret=interpret)
-    block_sizes = block_sizes or default_block_sizes(impl, k_BSKD.shape[1])
+    block_sizes = block_sizes or default_block_sizes(
+        impl, k_BSKD.shape[1], q_shape=q_BTHD.shape, num_kv_heads=k_BSKD.shape[2],
+        dtype=q_BTHD.dtype)
     fn = gpu.tree_attention_gpu if impl is Impl.TRITON else tpu.tree_attention_tpu
     return fn(
         q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
