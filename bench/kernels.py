@@ -96,10 +96,10 @@ PRESETS = {
                                      tilings=(dict(pingpong=True),
                                               dict(pingpong=True, probs_in_registers=True)))),
                  # Other GPU tilings timed beside the default: where the goals are hardest,
-                 # and (decode) other split counts: twice the default's (`split_factor`), and
-                 # the counts the rule before the wave-fill one chose at 1K and 4K (4, 16;
-                 # in the H200 decode at 2K context its 8 splits, 64 programs for 132
-                 # multiprocessors, read 8 MB in 9.4 us).
+                 # and (decode) other split counts around the default (4 at 1K, 13 at 4K since
+                 # the 4-block floor of the 2026-11-27 H200 run, where 4 and 16 splits beat
+                 # the 17 and 33 of the wave-fill rule alone): twice the default's
+                 # (`split_factor`), 2, 8 and 16.
                  # (Fields over the case's default tiling: at T = 16 and 64 three pipeline
                  # stages since the 2026-11-27 H200 run, where they beat two everywhere.)
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
@@ -110,8 +110,14 @@ PRESETS = {
                                        dict(num_stages=2),  # the default before that run
                                        dict(num_stages=4))),
                          dict(queries=(1,), contexts=(1024, 4096),
-                              tilings=(dict(split_factor=2), dict(num_splits=4),
-                                       dict(num_splits=16)))),
+                              tilings=(dict(split_factor=2), dict(num_splits=2),
+                                       dict(num_splits=8), dict(num_splits=16))),
+                         # T = 64 at short contexts: the split counts of the partials' old
+                         # share (a quarter of the cache bytes: 1 at 1K, 4 at 4K; the H200's
+                         # 1K case ran 32 programs) and twice the default's.
+                         dict(queries=(64,), contexts=(1024, 4096),
+                              tilings=(dict(num_splits=1), dict(num_splits=4),
+                                       dict(split_factor=2)))),
                  # One profiled run each: the kernel's share of a call against the packing and
                  # combine around it (on the H200, T = 64 ran far below the matmul peak).
                  profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
@@ -249,7 +255,7 @@ def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
     `split_factor` resolved to the split count: the default's times the factor, at most one
     key block per split)."""
     from jaxdec.pallas_kernels import tree_attention as TA
-    from jaxdec.pallas_kernels.tree_attention import common, hopper
+    from jaxdec.pallas_kernels.tree_attention import common, gpu, hopper
 
     fields = {k: v for k, v in tiling.items() if k != "split_factor"}
     K, G, S = spec["kv_heads"], spec["heads"] // spec["kv_heads"], context + T
@@ -268,9 +274,8 @@ def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
     if "split_factor" in tiling:
         rows = common.num_rows(T, G, 16)
         row_tiles = rows // min(sizes.block_m, rows)
-        default = common.default_num_splits(batch, K, row_tiles, S, T * G, sizes.block_k,
-                                            num_cores=common.gpu_core_count(),
-                                            programs_per_core=max(1, 8 // sizes.num_warps))
+        default = gpu.default_num_splits(batch, K, row_tiles, S, T * G, sizes,
+                                         num_cores=common.gpu_core_count())
         blocks = -(-S // sizes.block_k)
         sizes = dataclasses.replace(
             sizes, num_splits=max(1, min(default * tiling["split_factor"], blocks)))

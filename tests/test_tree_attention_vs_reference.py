@@ -7,6 +7,7 @@ so block-shape violations fail here. On a GPU, `TestTritonOnGPU` runs the same c
 compiled (bf16 and fp32): `python -m pytest tests/test_tree_attention_vs_reference.py`.
 """
 
+import functools
 import math
 
 import jax
@@ -174,7 +175,8 @@ def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows):
 def test_default_splits_hand_computed():
     """Llama-3-8B heads (8 KV heads; 132 multiprocessors x 2 programs = waves of 264): the
     smallest split count whose last wave is within 85% of the best count's fill, among the
-    counts that shorten the longest split, within the partial-bytes rule."""
+    counts that shorten the longest split, within the partial-bytes rule; and the Triton
+    kernel's use of it, with at least 4 key blocks a split."""
     splits = common.default_num_splits
     # Decode at 2K (2176 slots, 34 blocks): 8 tiles; 17 splits (two blocks each, 136
     # programs, fill 0.515) is the best fill a shorter split allows (34 splits: 272 programs,
@@ -198,6 +200,22 @@ def test_default_splits_hand_computed():
     # 8 warps per program: one program per multiprocessor, waves of 132: 12 splits (3 blocks,
     # 96 programs, fill 0.73) beat 17 (136 programs: a second wave of 4).
     assert splits(1, 8, 1, 2176, 4, 64, programs_per_core=1) == 12
+    # The Triton kernel's own rule: at least 4 key blocks a split (MIN_BLOCKS_PER_SPLIT).
+    # Decode at 1K (17 blocks): 4 splits, not 17; at 2K (34 blocks, at most 8 splits): 6
+    # (6 blocks each, fill 0.18, within 85% of 7's 0.21; 8 would not shorten 7's 5 blocks);
+    # at 4K (65 blocks, at most 16): 13 splits of 5 blocks (16 would not shorten them); at
+    # 64K (1025 blocks) and at batch 8 the floor does not bind (29 and 4 splits).
+    triton = functools.partial(gpu.default_num_splits, block_sizes=TA.BlockSizes(),
+                               num_cores=132)
+    assert [triton(1, 8, 1, s, 4) for s in (1025, 2176, 4097, 65537)] == [4, 6, 13, 29]
+    assert triton(8, 8, 1, 65537, 4) == 4 == splits(8, 8, 1, 65537, 4, 64)
+    assert triton(1, 8, 1, 4112, 64) == 13 == splits(1, 8, 1, 4112, 64, 64)  # T = 16: as before
+    # T = 64 (256 real rows, 4 row tiles: 32 tiles): the partials may take as many bytes as
+    # the cache a split reads. At 1K (1088 slots, 17 blocks) 4 splits (128 programs), where a
+    # quarter's share allowed 1; at 4K (65 blocks) 7 splits fill 224 of 264 (0.85, within 85%
+    # of 8's 0.97), where a quarter allowed 4.
+    assert triton(1, 8, 4, 1088, 256) == 4 and splits(1, 8, 4, 1088, 256, 64) == 1
+    assert triton(1, 8, 4, 4160, 256) == 7
     # Without a GPU to ask (this machine, a compile-only device), an H100's count.
     if jax.default_backend() == "cpu":
         assert common.gpu_core_count() == 132

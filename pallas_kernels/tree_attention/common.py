@@ -224,30 +224,33 @@ def gpu_core_count(default: int = 132) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int, rows: int,
                        block_k: int, num_cores: int = 132, programs_per_core: int = 2,
-                       partial_share: float = 0.25) -> int:
+                       partial_share: float = 0.25, min_blocks: int = 1) -> int:
     """Splits per (row, KV head), chosen for how evenly the programs fill the GPU.
 
     A wave is `programs_per_core` programs on each of `num_cores` multiprocessors
-    (`gpu_core_count()` where the kernel runs; the GPU kernel passes 8 // num_warps: two
-    programs of 4 warps, ~250 registers per thread, fit an H100 multiprocessor). A split count's efficiency is the share of
-    its last wave that is busy (waves / ceil(waves)); the count chosen is the smallest whose
-    efficiency is within 85% of the best one's, among the counts that shorten the longest
-    split (more splits with the same blocks per split only add partials). A split keeps at
-    least one key block, and the fp32 partials of the `rows` real query rows (rows x D,
-    written once, read again by `combine`) stay within `partial_share` of the cache bytes the
-    split reads (S / N slots x D, bf16 K and V; a quarter for the bandwidth-bound Triton
-    kernel). Enough tiles to nearly fill a wave take one split.
+    (`gpu_core_count()` where the kernel runs; the Triton kernel passes 8 // num_warps: two
+    programs of 4 warps, ~250 registers per thread, fit an H100 multiprocessor). A split
+    count's efficiency is the share of its last wave that is busy (waves / ceil(waves)); the
+    count chosen is the smallest whose efficiency is within 85% of the best one's, among the
+    counts that shorten the longest split (more splits with the same blocks per split only
+    add partials). A split keeps at least `min_blocks` key blocks (one where the cache has
+    fewer; the Triton kernel asks for 4: `gpu.MIN_BLOCKS_PER_SPLIT`), and the fp32 partials
+    of the `rows` real query rows (rows x D, written once, read again by `combine`) stay
+    within `partial_share` of the cache bytes the split reads (S / N slots x D, bf16 K and V;
+    the Triton kernel: a quarter while it is bandwidth-bound, `gpu.PARTIAL_SHARE`). Enough
+    tiles to nearly fill a wave take one split.
 
     (The rule before this one asked for two waves with at least 4 key blocks per split: 8
     splits, 64 programs for 132 multiprocessors, at 2K context in decoding, where the H200
-    read its 8 MB of cache in 9.4 us, a fifth of its bandwidth.)
+    read its 8 MB of cache in 9.4 us, a fifth of its bandwidth. Without the 4-block floor,
+    this one chose 17 and 33 splits at 1K and 4K, which the H200 ran slower than 4 and 16.)
     """
     tiles = batch * kv_heads * row_tiles
     wave = programs_per_core * num_cores
     if tiles >= 0.8 * wave:
         return 1
     blocks = -(-num_slots // block_k)
-    most = max(1, min(blocks, int(partial_share * num_slots / rows), wave))
+    most = max(1, min(blocks // min_blocks, int(partial_share * num_slots / rows), wave))
     efficiency = {}
     for n in range(1, most + 1):
         if n == 1 or -(-blocks // n) != -(-blocks // (n - 1)):

@@ -27,6 +27,34 @@ from jaxdec.pallas_kernels.tree_attention import common
 from jaxdec.pallas_kernels.tree_attention.reference import MASKED
 
 
+# Key blocks a split reads at least. On the H200 (bench/results/kernels-h200, 2026-11-27),
+# decode (T = 1) at batch 1 ran faster with 4 blocks per split than with the 1-2 that the
+# wave-fill rule alone chose: at 1K 4 splits 12.7 us against 17 splits 14.0 us, at 4K 16
+# splits 21.1 us against 33 splits 26.5 us (and 65 splits 42.2 us).
+MIN_BLOCKS_PER_SPLIT = 4
+# The fp32 partials' bytes allowed against a split's cache bytes: a quarter while the kernel
+# is bandwidth-bound (decode, short chains), as much as the cache from 64 real query rows on,
+# where each key block feeds 64+ rows of matrix work and the programs' count sets the time.
+# (The H200 profile of 2026-11-27 at T = 64, batch 1: one split of 17 blocks at 1K and four
+# of 16-17 blocks at 4K both took 29.5 us: the 1K case used a quarter of the programs.)
+PARTIAL_SHARE = 0.25
+PARTIAL_SHARE_MANY_ROWS = 1.0
+MANY_ROWS = 64
+
+
+def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int,
+                       real_rows: int, block_sizes: common.BlockSizes,
+                       num_cores: int) -> int:
+    """The kernel's split count: `common.default_num_splits` with two programs of 4 warps per
+    multiprocessor (8 // num_warps), at least `MIN_BLOCKS_PER_SPLIT` key blocks a split, and
+    the partials' share by the real query rows (`PARTIAL_SHARE`, `PARTIAL_SHARE_MANY_ROWS`)."""
+    return common.default_num_splits(
+        batch, kv_heads, row_tiles, num_slots, real_rows, block_sizes.block_k,
+        num_cores=num_cores, programs_per_core=max(1, 8 // block_sizes.num_warps),
+        partial_share=PARTIAL_SHARE_MANY_ROWS if real_rows >= MANY_ROWS else PARTIAL_SHARE,
+        min_blocks=MIN_BLOCKS_PER_SPLIT)
+
+
 def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes) -> str | None:
     """Why the Triton kernel cannot take these shapes, or None when it can."""
     bk, bm = block_sizes.block_k, block_sizes.block_m
@@ -168,10 +196,9 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
     bk = block_sizes.block_k
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
-    N = block_sizes.num_splits or common.default_num_splits(
-        B, K, row_tiles, S, T * G, bk,
-        num_cores=132 if interpret else common.gpu_core_count(),
-        programs_per_core=max(1, 8 // block_sizes.num_warps))
+    N = block_sizes.num_splits or default_num_splits(
+        B, K, row_tiles, S, T * G, block_sizes,
+        num_cores=132 if interpret else common.gpu_core_count())
     Np = common._next_pow2(N)
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
