@@ -141,6 +141,27 @@ def test_combine_equals_one_softmax():
     np.testing.assert_allclose(got[0, 0, 0], (p / p.sum()) @ vals, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,G,block_m,dtype", [(3, 2, 64, jnp.float32),  # 6 of 16 rows real
+                                                 (32, 4, 32, jnp.bfloat16)])  # 4 row tiles
+def test_gpu_one_split_writes_the_output_itself(T, G, block_m, dtype):
+    """With one split the Triton kernel normalises and writes the output (padding rows
+    left alone): no partials, no combine kernel, the reference's result."""
+    case = make_case(B=2, T=T, K=2, G=G, D=16, S=100, tree="random", window=None,
+                     dtype=dtype, seed=T)
+
+    def run(case, splits):
+        return TA.tree_attention(**case, impl=TA.Impl.TRITON, interpret=True,
+                                 block_sizes=TA.BlockSizes(block_k=16, block_m=block_m,
+                                                           num_splits=splits))
+
+    got = run(case, 1)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), reference_of(case),
+                               **tolerance(dtype))
+    assert "tree_attention_combine" not in str(jax.make_jaxpr(run, static_argnums=1)(case, 1))
+    assert "tree_attention_combine" in str(jax.make_jaxpr(run, static_argnums=1)(case, 2))
+
+
 @pytest.mark.parametrize("real_rows", [4, 20, 64])
 def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows):
     """The GPU combine (one Pallas kernel, interpret mode) equals `common.combine` on the
@@ -308,6 +329,15 @@ class TestTritonOnGPU(TritonSuite):
     DTYPES = (jnp.float32, jnp.bfloat16)
     EXAMPLES = 8
 
+    @pytest.mark.parametrize("T", [1, 16, 64])
+    def test_default_tiling_at_llama3_8b_heads(self, T):
+        """The tiling and split count the model path runs (no block sizes given): 32 query /
+        8 KV heads, head dim 128, bf16, a 1K-slot cache; T = 16 and 64 take three pipeline
+        stages, decode and T = 64 several splits."""
+        case = make_case(B=2, T=T, K=8, G=4, D=128, S=1104, tree="random", window=None,
+                         dtype=jnp.bfloat16, seed=T)
+        self.check(case)
+
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="TPU interpret mode: CPU runs")
 class TestMosaicInterpret(TritonSuite):
@@ -355,12 +385,15 @@ def _lower_cuda(fn, args):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("T,window", [(1, None), (16, None), (64, 100)])
-def test_triton_lowers_for_cuda(dtype, T, window):
+@pytest.mark.parametrize("splits", [None, 2])  # 256 slots: the default is one split
+def test_triton_lowers_for_cuda(dtype, T, window, splits):
     def f(*args):
         return gpu.tree_attention_gpu(*args, window=window,
-                                      block_sizes=TA.BlockSizes())
+                                      block_sizes=TA.BlockSizes(num_splits=splits))
 
-    assert "tree_attention" in _lower_cuda(f, abstract_args(T=T, dtype=dtype)).as_text()
+    text = _lower_cuda(f, abstract_args(T=T, dtype=dtype)).as_text()
+    assert "tree_attention" in text
+    assert ("tree_attention_combine" in text) == (splits == 2)
 
 
 def test_triton_default_pipeline_depth():

@@ -5,7 +5,8 @@ packed query rows (the G heads x T new tokens of that KV head, see `common`) and
 splits of the slots [lo, hi) the row's queries can see. It streams its split's key/value
 blocks once, applies the visibility rule (cached prefix + bit-packed tree mask + window) and
 keeps an online softmax in fp32; a second, small kernel (`_combine`, the math of
-`common.combine`) merges the N partials and writes the result in the query dtype. Blocks
+`common.combine`) merges the N partials and writes the result in the query dtype (with one
+split the kernel normalises and writes it itself: no partials, no second kernel). Blocks
 wholly inside the cached prefix (without a window: all but the last one or two) skip the
 visibility rule, whose integer work per score would otherwise rival the matrix products.
 
@@ -78,10 +79,8 @@ def _kernel(
     v_ref,  # [S, D]
     pos_ref,  # [block_m] int32 query positions
     words_ref,  # [W, block_m] int32 mask words
-    o_ref,  # [block_m, D] f32 unnormalised output
-    m_ref,  # [block_m] f32 running max
-    l_ref,  # [block_m] f32 running denominator
-    *,
+    *out_refs,  # partials: o [block_m, D], m, l [block_m] (fp32); normalized: out [block_m, D]
+    normalized: bool,
     block_k: int,
     num_splits: int,
     num_words: int,
@@ -153,14 +152,19 @@ def _kernel(
     unmasked = jnp.clip(n_cached - first, 0, count)
     carry = jax.lax.fori_loop(0, unmasked, cached_block, init)
     o, m, l = jax.lax.fori_loop(unmasked, count, masked_block, carry)
+    if normalized:  # one split: the output itself (a row that saw no key: zeros)
+        (out_ref,) = out_refs
+        values = [(out_ref, (o / jnp.where(l > 0, l, 1.0)[:, None]).astype(out_ref.dtype))]
+    else:
+        values = list(zip(out_refs, (o, m, l)))
     if real_rows >= row_tiles * block_m:
-        o_ref[...], m_ref[...], l_ref[...] = o, m, l
-    else:  # padding rows (T * G below 16 or not a power of two): `combine` never reads them
+        for ref, value in values:
+            ref[...] = value
+    else:  # padding rows (T * G below 16 or not a power of two): never read
         tile = pl.program_id(1) % row_tiles
         real = tile * block_m + jnp.arange(block_m, dtype=jnp.int32) < real_rows
-        plgpu.store(o_ref, o, mask=real[:, None])
-        plgpu.store(m_ref, m, mask=real)
-        plgpu.store(l_ref, l, mask=real)
+        for ref, value in values:
+            plgpu.store(ref, value, mask=real[:, None] if value.ndim == 2 else real)
 
 
 @functools.partial(
@@ -173,10 +177,15 @@ def tree_attention_gpu(
     """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=TRITON)."""
     B, T, H, D = q_BTHD.shape
     G = H // k_BSKD.shape[2]
-    part = partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, window=window,
-                    rows=common.num_rows(T, G, 16), block_sizes=block_sizes,
-                    interpret=interpret)
-    out = _combine([part], real_rows=T * G, dtype=q_BTHD.dtype, interpret=interpret)
+    args = (q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
+    rows = common.num_rows(T, G, 16)
+    kw = dict(window=window, rows=rows, block_sizes=block_sizes, interpret=interpret)
+    if _num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
+                   interpret=interpret) == 1:  # nothing to merge: the kernel writes the output
+        (out,), _ = _call(*args, **kw, normalized=True)
+    else:
+        part = partials(*args, **kw)
+        out = _combine([part], real_rows=T * G, dtype=q_BTHD.dtype, interpret=interpret)
     return common.unpack_output(out, T, H)
 
 
@@ -190,15 +199,37 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
     given, is the first slot each row walks (aligned to block_k; the slots before it are left
     to another kernel, as `hopper.py` does with the blocks wholly inside the cached prefix).
     """
+    (o, m, l), N = _call(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
+                         window=window, rows=rows, block_sizes=block_sizes, lo_B=lo_B,
+                         interpret=interpret, normalized=False)
+    return o, m, l, N
+
+
+def _num_splits(q_shape, k_shape, *, rows: int, block_sizes: common.BlockSizes,
+                interpret: bool) -> int:
+    """The split count `_call` runs: the tiling's, or `default_num_splits`."""
+    B, T, H, _ = q_shape
+    S, K = k_shape[1], k_shape[2]
+    row_tiles = rows // min(block_sizes.block_m, rows)
+    return block_sizes.num_splits or default_num_splits(
+        B, K, row_tiles, S, T * (H // K), block_sizes,
+        num_cores=132 if interpret else common.gpu_core_count())
+
+
+def _call(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *, window, rows,
+          block_sizes, interpret, normalized: bool, lo_B=None):
+    """The kernel over the splits: ([o, m, l] partials, or with `normalized` (one split only)
+    [out [B, K, rows, D] in the query dtype], N)."""
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     bk = block_sizes.block_k
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
-    N = block_sizes.num_splits or default_num_splits(
-        B, K, row_tiles, S, T * G, block_sizes,
-        num_cores=132 if interpret else common.gpu_core_count())
+    N = _num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
+                    interpret=interpret)
+    if normalized and N != 1:
+        raise ValueError(f"a normalized output needs one split, not {N}")
     Np = common._next_pow2(N)
     W = common.num_words(T)
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
@@ -206,13 +237,28 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
     lo = packed.lo_B if lo_B is None else lo_B.astype(jnp.int32)
 
     kernel = functools.partial(
-        _kernel, block_k=bk, num_splits=N, num_words=W, num_slots=S, row_tiles=row_tiles,
-        real_rows=T * G, window=window,
+        _kernel, normalized=normalized, block_k=bk, num_splits=N, num_words=W, num_slots=S,
+        row_tiles=row_tiles, real_rows=T * G, window=window,
         scale=D**-0.5,
         precision=(packed.precision,) * 2 if packed.precision else None,
     )
     scalar = pl.BlockSpec((None,), lambda b, i, n: (b,))
-    o, m, l = pl.pallas_call(
+    if normalized:
+        out_specs = [pl.BlockSpec((None, None, block_m, D),
+                                  lambda b, i, n: (b, i // row_tiles, i % row_tiles, 0))]
+        out_shape = [jax.ShapeDtypeStruct((B, K, rows, D), q_BTHD.dtype)]
+    else:
+        # Room for a power-of-two count of splits (`_combine` reads them as one block); the
+        # programs write the first N, the rest is never read.
+        partial_spec = pl.BlockSpec((None, None, None, block_m),
+                                    lambda b, i, n: (b, i // row_tiles, n, i % row_tiles))
+        out_specs = [pl.BlockSpec((None, None, None, block_m, D),
+                                  lambda b, i, n: (b, i // row_tiles, n, i % row_tiles, 0)),
+                     partial_spec, partial_spec]
+        out_shape = [jax.ShapeDtypeStruct((B, K, Np, rows, D), jnp.float32),
+                     jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32)]
+    outs = pl.pallas_call(
         kernel,
         grid=(B, K * row_tiles, N),
         in_specs=[
@@ -223,21 +269,8 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
             pl.BlockSpec((None, block_m), lambda b, i, n: (b, i % row_tiles)),
             pl.BlockSpec((None, W, block_m), lambda b, i, n: (b, 0, i % row_tiles)),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, block_m, D),
-                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles, 0)),
-            pl.BlockSpec((None, None, None, block_m),
-                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles)),
-            pl.BlockSpec((None, None, None, block_m),
-                         lambda b, i, n: (b, i // row_tiles, n, i % row_tiles)),
-        ],
-        # Room for a power-of-two count of splits (`_combine` reads them as one block); the
-        # programs write the first N, the rest is never read.
-        out_shape=[
-            jax.ShapeDtypeStruct((B, K, Np, rows, D), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, Np, rows), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
         ),
@@ -245,7 +278,7 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
         name="tree_attention",
     )(packed.lengths_B, lo, packed.hi_B, packed.q_BKMD, k_BSKD, v_BSKD, packed.pos_BM,
       packed.words_BWM)
-    return o, m, l, N
+    return list(outs), N
 
 
 def _combine_kernel(*refs, num_splits: tuple[int, ...]):
