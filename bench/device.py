@@ -12,9 +12,9 @@ here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
 Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
 earliest issue first: the trainings (both measured on the H200); then the kernels' tests on the
-card, before any benchmark runs the kernels, with the short kernels benchmark; the synthetic 8B
-regime, the speculative goal's; then the decode re-measure, whose goal a measurement alone
-will not reach; `--only` takes the steps in the order it names them; `--list` prints them with
+card, before any benchmark runs the kernels; the synthetic 8B regime, the speculative goal's;
+the short kernels benchmark; then the decode re-measure, whose goal a measurement alone will
+not reach; `--only` takes the steps in the order it names them; `--list` prints them with
 their commands):
   train-gpu-small  bench/train.py --preset gpu-small: target and draft trained alone (its time
                    budget: 3 minutes for both models; a speculative step trains while its grid
@@ -26,11 +26,11 @@ their commands):
                    and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
-  kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
-                   Mosaic GPU one for T >= 16, vs XLA reference vs roofline)
   spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
+  kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
+                   Mosaic GPU one for T >= 16, vs XLA reference vs roofline)
   matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
                    kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
@@ -236,8 +236,8 @@ def plan(name: str) -> list[Step]:
                  min_s=360, cap_s=560),
             # Correct first: the kernels on the card before the benchmarks that run them
             # (the Triton defaults changed after the 2026-11-27 H200 run; the Hopper
-            # kernel has compiled on a card only in part), and the kernels benchmark,
-            # short, beside them.
+            # kernel has compiled on a card only in part). Then the speculative goal's
+            # regime, then the short kernels benchmark (it fits a second call's ~3 minutes).
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
@@ -245,6 +245,10 @@ def plan(name: str) -> list[Step]:
                  # Hopper class adds ~14 compiles (its 8 named cases: 23 s there), the
                  # Triton default tiling 3.
                  min_s=180, cap_s=360, pytest=True),
+            # Records from before the permutation target (their oracle drafted tokens the
+            # target no longer chose) do not count.
+            speculative_step("synthetic-8b", min_s=240, cap_s=560,
+                             oracle_target=ORACLE_TARGET),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
@@ -257,10 +261,6 @@ def plan(name: str) -> list[Step]:
                                 preset="h100", impl=("pallas", "hopper"))),
                  # 87 s on the H200 without the Hopper kernel (92 programs compiled first)
                  min_s=150, cap_s=360),
-            # Records from before the permutation target (their oracle drafted tokens the
-            # target no longer chose) do not count.
-            speculative_step("synthetic-8b", min_s=240, cap_s=560,
-                             oracle_target=ORACLE_TARGET),
             # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
             # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
             Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
