@@ -30,7 +30,8 @@ their commands):
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
   kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
-                   Mosaic GPU one for T >= 16, vs XLA reference vs roofline)
+                   Mosaic GPU one for T >= 16, vs XLA reference vs roofline; `--no-hopper`
+                   when that kernel failed its tests earlier in the same call)
   matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
                    kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
@@ -180,6 +181,10 @@ class Step:
     min_s: float  # not started with less of the budget left than this
     cap_s: float  # stopped after this long at the latest
     pytest: bool = False  # a pytest run: recorded as gpu-tests-<device>.json
+    # Appended to argv when this call's GPU tests found the Hopper kernel failing (or were
+    # stopped in its tests): a benchmark then leaves that kernel out rather than time a broken
+    # one, or hang on it, and stays due.
+    without_hopper: tuple[str, ...] = ()
 
 
 # The Hopper kernel's tests last: a kernel that hangs the card stops the step (its warpgroups
@@ -260,7 +265,7 @@ def plan(name: str) -> list[Step]:
                       _all_rows("kernels", "kernel_sources", _tree_attention_sources(),
                                 preset="h100", impl=("pallas", "hopper"))),
                  # 87 s on the H200 without the Hopper kernel (92 programs compiled first)
-                 min_s=150, cap_s=360),
+                 min_s=150, cap_s=360, without_hopper=("--no-hopper",)),
             # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
             # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
             Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
@@ -399,6 +404,26 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
                 device=device, date=utc_now(), commit=git_commit(), **versions())
 
 
+HOPPER_TESTS = "test_tree_attention_hopper"
+
+
+def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
+    """Whether a GPU test run found the Hopper kernel failing: a failure or error in its
+    tests (junit, else the verbose lines), or a run stopped at its limit once they had begun
+    (they run last: a kernel that hangs the card looks like this)."""
+    started = any(f"{HOPPER_TESTS}.py::" in line for line in lines)
+    if code is None:
+        return started
+    try:
+        root = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError):
+        return any(f"{HOPPER_TESTS}.py::" in line and (" FAILED" in line or " ERROR" in line)
+                   for line in lines)
+    return any(HOPPER_TESTS in (case.get("classname") or "")
+               and (case.find("failure") is not None or case.find("error") is not None)
+               for case in root.iter("testcase"))
+
+
 def render_tests_markdown(records: list[dict]) -> str:
     lines = ["# Kernel tests compiled on the device", "",
              "| plan | device | passed | failed | errors | skipped | seconds | date | jax | "
@@ -503,6 +528,7 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
     log(f"[device] {device} ({slug}), plan {args.plan}, budget {args.budget_s:.0f} s, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     summary, packed = [], []
+    hopper_broken = False  # this call's GPU tests found the Hopper kernel failing
     for step in steps:
         left = args.budget_s - (time.monotonic() - started)
         status, code, seconds = None, None, 0.0
@@ -518,6 +544,10 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             junit = work / "junit.xml"
             if step.pytest:
                 argv += [f"--junitxml={junit}"]
+            if hopper_broken and step.without_hopper:
+                argv += list(step.without_hopper)
+                log(f"[device] {step.name}: the Hopper kernel failed its tests in this call: "
+                    f"{' '.join(step.without_hopper)}")
             log(f"[device] {step.name}: {' '.join(argv[1:])} (limit {limit:.0f} s)")
             lines = []  # a pytest step's output, counted if the step is stopped
 
@@ -537,6 +567,7 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
                 merged = merge_records(path, [record], key=("plan", "device", "sources"))
                 path.write_text(json.dumps(merged, indent=2) + "\n")
                 path.with_suffix(".md").write_text(render_tests_markdown(merged))
+                hopper_broken = hopper_broken or hopper_failed(junit, lines, code)
             status = ("stopped at its limit" if code is None
                       else "finished" if code == 0 else f"exit code {code}")
         summary.append(dict(step=step.name, status=status, return_code=code,

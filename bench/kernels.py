@@ -605,6 +605,9 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--inner", type=int, help="calls per timed loop")
     parser.add_argument("--trials", type=int, help="timed loops (best is kept)")
+    parser.add_argument("--no-hopper", action="store_true",
+                        help="leave the Hopper (Mosaic GPU) kernel out (bench/device.py passes "
+                             "it when the kernel failed its GPU tests in the same call)")
     parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
                         help="threads that compile every case's programs before any is timed "
                              "(0: each compiles at its first call; default: half the CPU "
@@ -621,6 +624,9 @@ def main(argv=None) -> int:
             if value < 1:
                 raise SystemExit(f"--{name} must be >= 1, got {value}")
             spec[name] = value
+    if args.no_hopper and spec.get("hopper"):
+        spec["hopper"] = False
+        print("the Hopper kernel is left out (--no-hopper)", flush=True)
     workers = default_compile_workers() if args.compile_ahead is None else args.compile_ahead
     if workers < 0:
         raise SystemExit(f"--compile-ahead must be >= 0, got {workers}")

@@ -248,6 +248,37 @@ def test_a_stopped_test_run_counts_what_finished(tmp_path):
     assert len(stamped) == 1 and stamped[0].startswith("[+") and stamped[0].endswith(" s] a\n")
 
 
+def test_a_failing_hopper_kernel_is_left_out_of_the_benchmark(tmp_path):
+    """The Hopper kernel's test failures (junit, or the verbose lines of a run without one)
+    or a run stopped in its tests make the call's kernels benchmark run with --no-hopper;
+    other failures do not."""
+    def junit(classname, outcome):
+        path = tmp_path / f"{outcome}.xml"
+        path.write_text(
+            '<testsuites><testsuite tests="2" failures="1" errors="0" skipped="0">'
+            '<testcase classname="tests.test_matvec.TestMatvecOnGPU" name="test_a"/>'
+            f'<testcase classname="{classname}" name="test_b"><{outcome} message="x"/>'
+            "</testcase></testsuite></testsuites>")
+        return path
+
+    hopper = "tests.test_tree_attention_hopper.TestHopperOnGPU"
+    assert device.hopper_failed(junit(hopper, "failure"), [], 1)
+    assert device.hopper_failed(junit(hopper, "error"), [], 1)
+    assert not device.hopper_failed(junit("tests.test_layers.TestCudnnOnGPU", "failure"), [], 1)
+    started = ["[+80.0 s] tests/test_tree_attention_hopper.py::TestHopperOnGPU::test_x "
+               "PASSED [ 90%]\n"]
+    assert device.hopper_failed(tmp_path / "missing.xml", started, None)  # stopped in them
+    assert not device.hopper_failed(tmp_path / "missing.xml", ["tests/test_layers.py::t "
+                                                               "PASSED\n"], None)
+    assert device.hopper_failed(tmp_path / "missing.xml",
+                                [started[0].replace("PASSED", "FAILED")], 1)
+    (step,) = [s for s in device.plan("gpu") if s.name == "kernels"]
+    assert step.without_hopper == ("--no-hopper",)
+    from bench import kernels
+
+    assert kernels.parse_args(["--no-hopper"]).no_hopper
+
+
 def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):
     (step,) = [s for s in device.plan("gpu") if s.name == "matvec"]
     rows = [{"preset": "h100", "impl": impl, "projection": p, "rows": r,
