@@ -272,10 +272,9 @@ def block_sizes(tiling: dict, batch, context, T, spec, impl: str = "pallas"):
         TA.Impl.TRITON, S, q_shape=(batch, T, spec["heads"], spec["head_dim"]),
         num_kv_heads=K, dtype=spec["dtype"]), **fields)
     if "split_factor" in tiling:
-        rows = common.num_rows(T, G, 16)
-        row_tiles = rows // min(sizes.block_m, rows)
-        default = gpu.default_num_splits(batch, K, row_tiles, S, T * G, sizes,
-                                         num_cores=common.gpu_core_count())
+        default = gpu.num_splits((batch, T, spec["heads"], spec["head_dim"]),
+                                 (batch, S, K, spec["head_dim"]),
+                                 rows=common.num_rows(T, G, 16), block_sizes=sizes)
         blocks = -(-S // sizes.block_k)
         sizes = dataclasses.replace(
             sizes, num_splits=max(1, min(default * tiling["split_factor"], blocks)))

@@ -180,7 +180,7 @@ def tree_attention_gpu(
     args = (q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
     rows = common.num_rows(T, G, 16)
     kw = dict(window=window, rows=rows, block_sizes=block_sizes, interpret=interpret)
-    if _num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
+    if num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
                    interpret=interpret) == 1:  # nothing to merge: the kernel writes the output
         (out,), _ = _call(*args, **kw, normalized=True)
     else:
@@ -205,9 +205,11 @@ def partials(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *,
     return o, m, l, N
 
 
-def _num_splits(q_shape, k_shape, *, rows: int, block_sizes: common.BlockSizes,
-                interpret: bool) -> int:
-    """The split count `_call` runs: the tiling's, or `default_num_splits`."""
+def num_splits(q_shape, k_shape, *, rows: int, block_sizes: common.BlockSizes,
+               interpret: bool = False) -> int:
+    """The split count the kernel runs for these shapes and `rows` packed query rows: the
+    tiling's, or `default_num_splits` (on this process's GPU; an H100's 132 multiprocessors
+    when interpreted)."""
     B, T, H, _ = q_shape
     S, K = k_shape[1], k_shape[2]
     row_tiles = rows // min(block_sizes.block_m, rows)
@@ -226,7 +228,7 @@ def _call(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *, window, 
     bk = block_sizes.block_k
     block_m = min(block_sizes.block_m, rows)
     row_tiles = rows // block_m
-    N = _num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
+    N = num_splits(q_BTHD.shape, k_BSKD.shape, rows=rows, block_sizes=block_sizes,
                     interpret=interpret)
     if normalized and N != 1:
         raise ValueError(f"a normalized output needs one split, not {N}")
