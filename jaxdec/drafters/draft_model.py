@@ -128,8 +128,11 @@ class DraftModel(Drafter):
         V = self.target_vocab or self.model.config.vocab_size
 
         def level(ell, carry):
-            tokens, valid, q, _ = carry
-            logits, _, written = forward_with_cache(self.model, tokens, positions, cache,
+            # Each level writes all N slots' keys and values before reading them, so it can
+            # overwrite the level before's in the carried cache (updated in place); a forward
+            # over the loop-invariant `cache` would copy the whole cache every level.
+            tokens, valid, q, written = carry
+            logits, _, written = forward_with_cache(self.model, tokens, positions, written,
                                                     mask_BTT=template.ancestors)
             logits = self._target_logits(logits).astype(jnp.float32)
             level_key = jax.random.fold_in(key, ell)
