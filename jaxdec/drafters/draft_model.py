@@ -2,8 +2,8 @@
 
 Each level is one forward of the draft over all N tree slots under the ancestor mask (slots
 not yet drafted hold placeholders that no drafted node can see), so every level has the same
-shape and the levels run in one `lax.fori_loop`; the last pass leaves every node's keys and
-values in the draft's cache, and `update` keeps the accepted path with `commit`, exactly as
+shape and the levels run in one `lax.fori_loop`; a last pass (no logits) leaves every node's keys
+and values in the draft's cache, and `update` keeps the accepted path with `commit`, exactly as
 the target does. Children of a node are, by `proposal`:
 
 - "topk": the node's most likely tokens (deterministic; always used with a greedy target);
@@ -159,9 +159,13 @@ class DraftModel(Drafter):
 
         tokens = template.tokens.at[:, 0].set(root_B)
         q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
-        # Level max_depth drafts nothing new: it writes the final tokens' keys and values.
         tokens, valid, q, written = jax.lax.fori_loop(
-            0, topology.max_depth + 1, level, (tokens, template.valid, q, cache))
+            0, topology.max_depth, level, (tokens, template.valid, q, cache))
+        # The last pass drafts nothing: it writes the deepest tokens' keys and values, with no
+        # logits (no output projection, no sampling).
+        _, _, written = forward_with_cache(self.model, tokens, positions, written,
+                                           mask_BTT=template.ancestors,
+                                           logits_indices_BN=jnp.zeros((B, 0), jnp.int32))
         tree = dataclasses.replace(template, tokens=tokens, valid=valid)
         return Proposal(tree=tree, q=q, kind=kind), written
 
