@@ -5,8 +5,9 @@ each row. Every entry type implements the same three operations, so a hybrid mod
 entry types without the decode loop knowing:
 
 - `write(new, lengths)`: store the T new tokens' state at slots [length, length + T);
-- `commit(lengths, accepted_slots, n_accepted)`: keep the accepted path of the tokens just
-  written (a tree's accepted nodes, in order) as contiguous positions from `length` on;
+- `commit(lengths, accepted_slots, n_accepted, prefix)`: keep the accepted path of the tokens
+  just written (a tree's accepted nodes, in order) as contiguous positions from `length` on
+  (`prefix`: the path is slots 0..n-1, as on a chain, and may stay where it was written);
 - `axes()`: logical axis names per leaf, mapped to mesh axes by `jaxdec.parallel`.
 
 Today there is `KVLayer` (attention); state-space entries (conv + ssm state) arrive with the
@@ -66,7 +67,10 @@ class KVLayer:
             v=self.v.at[rows, slots].set(v_BTKD.astype(self.v.dtype), mode="drop"),
         )
 
-    def commit(self, lengths_B, accepted_slots_BN, n_accepted_B) -> "KVLayer":
+    def commit(self, lengths_B, accepted_slots_BN, n_accepted_B, prefix: bool = False
+               ) -> "KVLayer":
+        if prefix:  # the kept keys and values already lie at slots length + i
+            return self
         B, N = accepted_slots_BN.shape
         S = self.k.shape[1]
         rows = jnp.arange(B)[:, None]
@@ -165,7 +169,8 @@ def cache_axes(config) -> Cache:
     )
 
 
-def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array) -> Cache:
+def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array, *,
+           prefix: bool = False) -> Cache:
     """Keeps the accepted path of the tokens written by the last forward.
 
     The last forward wrote T tokens per row at slots [length, length + T) without advancing
@@ -179,6 +184,9 @@ def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array) -> Ca
       accepted_slots: int [B, N] with N <= T, increasing along a path (a tree lists parents
         before children).
       n_accepted: int [B], 0 <= n_accepted <= N.
+      prefix: static; True promises accepted_slots[b, i] == i for i < n_accepted[b] (a chain's
+        accepted path is always its prefix): the kept tokens are where the forward wrote them,
+        so nothing moves and only the lengths advance (no gather and scatter per layer).
     Returns:
       The cache with the path made contiguous and lengths advanced.
     """
@@ -191,6 +199,6 @@ def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array) -> Ca
     if n_accepted.shape != (cache.batch_size,):
         raise ValueError(f"n_accepted must be [{cache.batch_size}], got {n_accepted.shape}")
     layers = tuple(
-        entry.commit(cache.lengths, accepted_slots, n_accepted) for entry in cache.layers
+        entry.commit(cache.lengths, accepted_slots, n_accepted, prefix) for entry in cache.layers
     )
     return Cache(layers=layers, lengths=cache.lengths + n_accepted)

@@ -186,7 +186,7 @@ def speculative_padded(
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
         out = s.out_BN.at[jnp.arange(B)[:, None], slots].set(emitted, mode="drop")
-        new_cache = commit(written, verdict.path, keep)
+        new_cache = commit(written, verdict.path, keep, prefix=proposal.chain)
         dstate = drafter.update(dstate, proposal, verdict, keep, emitted)
         last = jnp.take_along_axis(emitted, jnp.maximum(keep - 1, 0)[:, None], axis=1)[:, 0]
         n_gen = s.n_gen_B + keep

@@ -107,6 +107,11 @@ class Topology:
         return self.children.shape[1]
 
     @property
+    def is_chain(self) -> bool:
+        """Node i's parent is node i - 1: an accepted path is always nodes 0..n-1."""
+        return self.parents == tuple(range(-1, self.num_nodes - 1))
+
+    @property
     def ranks_contiguous(self) -> bool:
         """Every node's children have ranks 0..m-1 (needed when children are sampled)."""
         return all(np.all((row >= 0) == (np.arange(row.size) < np.sum(row >= 0)))

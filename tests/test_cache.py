@@ -62,6 +62,19 @@ def test_commit_nothing_and_plain_decode_are_identities():
     np.testing.assert_array_equal(step.lengths, [3, 4])
 
 
+def test_a_prefix_path_commits_without_moving_anything():
+    """prefix=True (a chain's path, slots 0..n-1) keeps the cache as written and advances the
+    lengths: the same cache as the moving commit of that path."""
+    cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
+    path, n = jnp.array([[0, 1, 2], [0, 1, 2]]), jnp.array([3, 1])
+    moved, kept = commit(cache, path, n), commit(cache, path, n, prefix=True)
+    assert kept.layers[0] is cache.layers[0]
+    np.testing.assert_array_equal(kept.lengths, [5, 4])
+    np.testing.assert_array_equal(moved.lengths, kept.lengths)
+    np.testing.assert_array_equal(moved.layers[0].k, kept.layers[0].k)
+    np.testing.assert_array_equal(moved.layers[0].v, kept.layers[0].v)
+
+
 def test_commit_rejects_bad_shapes():
     cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
     with pytest.raises(ValueError, match="accepted_slots"):

@@ -44,6 +44,8 @@ DRAFTERS = {
     "unrelated-kary": (lambda m, u: DraftModel(u), tree.kary(1, 4)),
     "prompt-lookup": (lambda m, u: PromptLookup(), None),
     "prompt-lookup-chain": (lambda m, u: PromptLookup(max_ngram=2), tree.chain(5)),
+    # One candidate: chain proposals, committed without moving the cache.
+    "prompt-lookup-one": (lambda m, u: PromptLookup(num_candidates=1), None),
     "retrieval": (lambda m, u: Retrieval(np.array(sum(_repetitive_prompts(), []) * 2)), None),
 }
 
@@ -96,7 +98,10 @@ def test_stop_tokens_and_the_end_of_the_cache(loaded):
     assert spec.lengths[1] == 16 and spec.lengths[0] < 16
 
 
-def test_target_cache_equals_plain_decoding(loaded):
+@pytest.mark.parametrize("topology", [tree.kary(2, 2), tree.chain(3)], ids=["tree", "chain"])
+def test_target_cache_equals_plain_decoding(loaded, topology):
+    """The tree as the target's own draft (every node accepted); the chain with an unrelated
+    random draft (mostly rejected: the kept prefix stays where the forward wrote it)."""
     from jaxdec.generate import prepare_batch
     from jaxdec.speculative import speculative_padded
 
@@ -110,11 +115,15 @@ def test_target_cache_equals_plain_decoding(loaded):
     (plain_out, plain_n), plain_cache = plain_run(
         model, batch.tokens, batch.lengths, jaxdec.init_cache(model.config, 3, 48), key, batch.stop)
     spec_run = jax.jit(functools.partial(
-        speculative_padded, max_new_tokens=12, sampler=jaxdec.Greedy(), topology=tree.kary(2, 2)))
-    drafter = DraftModel(model).prepare(model)
-    (spec_out, spec_n), _, spec_cache, _ = spec_run(
+        speculative_padded, max_new_tokens=12, sampler=jaxdec.Greedy(), topology=topology))
+    draft = model if not topology.is_chain else jaxdec.init_model(
+        model.config.replace(num_layers=1), jax.random.PRNGKey(5))
+    drafter = DraftModel(draft).prepare(model)
+    (spec_out, spec_n), stats, spec_cache, _ = spec_run(
         model, drafter, batch.tokens, batch.lengths, jaxdec.init_cache(model.config, 3, 48), key,
         batch.stop)
+    # Self-drafted: 4 tokens a step (12 in 3, the first from the prefill); random: rejections.
+    assert (int(stats["steps"]) > 4) == topology.is_chain
     np.testing.assert_array_equal(spec_out, plain_out)
     np.testing.assert_array_equal(spec_cache.lengths, plain_cache.lengths)
     np.testing.assert_array_equal(plain_cache.lengths, batch.lengths + 11)
@@ -280,16 +289,19 @@ def test_the_step_updates_the_caches_in_place():
     """No whole-cache copies in the compiled loop: each draft level overwrites the level
     before's keys and values in the carried cache (a forward over the loop-invariant cache
     copied it once per level, ~35% of a CPU step at a 3K context), and commits scatter into
-    the caches in place."""
+    the caches in place: one scatter per layer and tensor for a branching tree, none for a
+    chain (its accepted path is its prefix, already where it is kept)."""
     config = SMALL.replace(num_layers=2)
     target = jaxdec.abstract_model(config)
     draft = jaxdec.abstract_model(config.replace(num_layers=1))
-    hlo = jaxdec.speculative_generate(target, DraftModel(draft), [PROMPT], max_new_tokens=8,
-                                      sampler=jaxdec.Sampler(temperature=0.9),
-                                      tree=tree.kary(2, 2), compile_only=True).as_text()
-    K, D = config.num_kv_heads, config.head_dim
-    assert "while(" in hlo
-    assert re.findall(rf"= \w+\[1,\d+,{K},{D}\]\{{[\d,]*\}} copy\(", hlo) == []
+    cache = rf"= \w+\[1,\d+,{config.num_kv_heads},{config.head_dim}\]\{{[\d,]*\}}"
+    for topology, scatters in ((tree.kary(2, 2), 2 * (2 + 1)), (tree.chain(3), 0)):
+        hlo = jaxdec.speculative_generate(
+            target, DraftModel(draft), [PROMPT], max_new_tokens=8,
+            sampler=jaxdec.Sampler(temperature=0.9), tree=topology, compile_only=True).as_text()
+        assert "while(" in hlo
+        assert re.findall(cache + r" copy\(", hlo) == []
+        assert len(re.findall(cache + r" \S*scatter\S*\(", hlo)) == scatters, topology
 
 
 def test_compile_only_with_abstract_target_and_draft(loaded):

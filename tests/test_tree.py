@@ -14,6 +14,8 @@ def test_chain():
     np.testing.assert_array_equal(t.ancestors, np.tril(np.ones((4, 4), bool)))
     np.testing.assert_array_equal(t.children, [[1], [2], [3], [-1]])
     assert (t.num_nodes, t.max_depth, t.max_children) == (4, 3, 1)
+    assert t.is_chain and tree.from_choices([[0], [0, 0]]).is_chain
+    assert not tree.kary(2, 2).is_chain and not tree.from_parents([-1, 0, 0]).is_chain
 
 
 def test_kary_breadth_first():

@@ -31,11 +31,15 @@ from jaxdec.verify import ProposalKind
 @dataclasses.dataclass(frozen=True)
 class Proposal:
     """A drafted tree per row; q [B, N, V] is the drafter's distribution at each node (the
-    one its children were drawn from), needed only for sampled (non-deterministic) children."""
+    one its children were drawn from), needed only for sampled (non-deterministic) children.
+    `chain` (static): every row's tree is a chain in node order (node i's parent is i - 1), so
+    an accepted path is nodes 0..n-1 and commits move nothing (`jaxdec.cache.commit`'s
+    `prefix`)."""
 
     tree: TokenTree
     q: jax.Array | None
     kind: ProposalKind = dataclasses.field(metadata=dict(static=True))
+    chain: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 class Drafter:

@@ -167,11 +167,11 @@ class DraftModel(Drafter):
                                            mask_BTT=template.ancestors,
                                            logits_indices_BN=jnp.zeros((B, 0), jnp.int32))
         tree = dataclasses.replace(template, tokens=tokens, valid=valid)
-        return Proposal(tree=tree, q=q, kind=kind), written
+        return Proposal(tree=tree, q=q, kind=kind, chain=topology.is_chain), written
 
     def update(self, cache, proposal, verdict, n_commit_B, emitted_BL):
-        del proposal, emitted_BL
-        return commit(cache, verdict.path, n_commit_B)
+        del emitted_BL
+        return commit(cache, verdict.path, n_commit_B, prefix=proposal.chain)
 
 
 def _resize_vocab(params: dict, rows: int, vocab: int) -> dict:

@@ -53,7 +53,9 @@ class PromptLookup(Drafter):
         cand, valid = _continuations(history.tokens, history.length, ends_BC,
                                      topology.max_depth)
         tree = from_candidates(root_B, cand, valid, topology.num_nodes)
-        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC), history
+        # One candidate's trie is a chain in node order, whatever the node budget.
+        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC,
+                        chain=self.num_candidates == 1), history
 
     def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
         del proposal, verdict

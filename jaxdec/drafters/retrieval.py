@@ -124,7 +124,9 @@ class Retrieval(Drafter):
         cand = jnp.take(self.tokens, jnp.minimum(pos, self.tokens.shape[0] - 1))
         valid = have[:, :, None] & (cand >= 0)  # -1: the sentinel tail
         tree = from_candidates(root_B, cand, valid, topology.num_nodes)
-        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC), history
+        # One candidate's trie is a chain in node order, whatever the node budget.
+        return Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC,
+                        chain=self.num_candidates == 1), history
 
     def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
         del proposal, verdict
