@@ -43,6 +43,8 @@ their commands):
                    AUTO is the reference path)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention pallas,reference (trains
                    as spec-gpu-base does; the kernel on and off)
+  (The speculative steps are due again whenever the code they measure changed: their records
+  carry `spec_sources`, a hash of `bench.speculative.SPECULATIVE_SOURCES`.)
 
 A step is started only while at least its `min_s` of the budget is left, and is stopped (its
 whole process group) at its own cap or when the budget runs out; the benchmarks write their
@@ -213,6 +215,12 @@ def _matvec_sources() -> str:
     return common_sources_digest(KERNEL_SOURCES)
 
 
+def _speculative_sources() -> str:
+    from bench.speculative import SPECULATIVE_SOURCES
+
+    return common_sources_digest(SPECULATIVE_SOURCES)
+
+
 def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
                      attention: tuple[str, ...] = ("pallas", "reference"), **match) -> Step:
     """bench/speculative.py for one preset, resuming what is missing; on the device the
@@ -222,7 +230,10 @@ def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
                 ("bench/speculative.py", "--preset", preset, *extra,
                  "--attention", ",".join(attention), "--resume", "--budget-s", "{budget}",
                  "--out", "{out}"),
-                _complete("speculative", preset=preset, attention=attention, **match),
+                _all(_complete("speculative", preset=preset, attention=attention, **match),
+                     # due again whenever the code a speculative step runs changed
+                     _all_rows("speculative", "spec_sources", _speculative_sources(),
+                               preset=preset, attention=attention)),
                 min_s=min_s, cap_s=cap_s)
 
 

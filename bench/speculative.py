@@ -27,7 +27,8 @@ least `models.layers.AUTO_KERNEL_MIN_KV_BYTES` per layer, the jnp reference belo
 plan runs `pallas,reference`: the kernel on and off), run side by side in one call (each batch
 size and temperature on every path before the next). `--budget-s` overrides the preset's time
 budget; runs it leaves out are recorded as skipped, and `--resume` runs only what the output
-file does not hold yet (training again: a trained preset's models do not outlive the call), so
+file does not hold yet, measured with the current code (`spec_sources`, a hash of
+`SPECULATIVE_SOURCES`; training again: a trained preset's models do not outlive the call), so
 calls cut short by the device's limits add up to the whole table. Each record's speedup
 compares runs of one process (same models, same prompts).
 
@@ -69,9 +70,15 @@ from jaxdec.verify import ProposalKind
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, CompileAhead, counting_compiles,  # noqa: E402
-                          default_compile_workers, device_slug, git_commit, merge_records,
-                          utc_now, versions)
+from bench.common import (MODEL_SOURCES, RESULTS, CompileAhead,  # noqa: E402
+                          counting_compiles, default_compile_workers, device_slug, git_commit,
+                          merge_records, sources_digest, utc_now, versions)
+
+# The code a speculative run measures: decoding's and the loop's (drafters, verification,
+# trees). Records carry its hash (`spec_sources`); `--resume` and the device plan measure
+# rows taken with other code again.
+SPECULATIVE_SOURCES = MODEL_SOURCES + ("jaxdec/speculative.py", "jaxdec/verify.py",
+                                       "jaxdec/tree.py", "jaxdec/drafters")
 
 TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
@@ -689,7 +696,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown methods {unknown}; methods: {', '.join(METHODS)}")
 
     common = dict(preset=args.preset, device=jax.devices()[0].device_kind, date=utc_now(),
-                  commit=git_commit(), max_new_tokens=preset.max_new_tokens, **versions())
+                  commit=git_commit(), max_new_tokens=preset.max_new_tokens,
+                  spec_sources=sources_digest(SPECULATIVE_SOURCES), **versions())
     budget_s = args.budget_s if args.budget_s is not None else preset.budget_s
     deadline = None if budget_s is None else time.monotonic() + budget_s
     records = []
@@ -708,7 +716,7 @@ def main(argv=None) -> int:
         measured = {(r.get("attention", "auto"), r["method"], r.get("tree"), r["batch"],
                      r["temperature"]) for r in json.loads(path.read_text())
                     if r.get("preset") == args.preset and not r.get("error")
-                    and not stale_oracle(r)}
+                    and not stale_oracle(r) and r.get("spec_sources") == common["spec_sources"]}
     run = run_trained if preset.kind == "trained" else run_synthetic
     run(preset, args, common, deadline, emit, measured)
     print(path.with_suffix(".md").read_text())

@@ -213,20 +213,25 @@ def test_kernels_are_done_only_with_every_case(tmp_path):
     assert not step.done(tmp_path, "h100")
 
 
-def test_synthetic_oracle_rows_from_before_the_permutation_target_are_due(tmp_path):
+def test_speculative_rows_of_other_code_or_a_stale_oracle_are_due(tmp_path):
     """The synthetic-8b rows measured with random weights (an oracle drafting tokens the
-    target no longer chose) do not count as measured."""
-    from bench.speculative import ORACLE_TARGET
+    target no longer chose), and any speculative rows measured with other code than the
+    current `SPECULATIVE_SOURCES`, do not count as measured."""
+    from bench.common import sources_digest
+    from bench.speculative import ORACLE_TARGET, SPECULATIVE_SOURCES
 
     (step,) = [s for s in device.plan("gpu") if s.name == "spec-synthetic-8b"]
-    rows = [dict(preset="synthetic-8b", attention=a, method=m, batch=1)
+    rows = [dict(preset="synthetic-8b", attention=a, method=m, batch=1,
+                 spec_sources=sources_digest(SPECULATIVE_SOURCES))
             for a in ("pallas", "reference") for m in ("plain", "oracle@0.8")]
     path = tmp_path / "speculative-h100.json"
     path.write_text(json.dumps(rows))
     assert not step.done(tmp_path, "h100")
-    path.write_text(json.dumps([dict(r, oracle_target=ORACLE_TARGET) if r["method"] != "plain"
-                                else r for r in rows]))
+    rows = [dict(r, oracle_target=ORACLE_TARGET) if r["method"] != "plain" else r for r in rows]
+    path.write_text(json.dumps(rows))
     assert step.done(tmp_path, "h100")
+    path.write_text(json.dumps(rows[:-1] + [dict(rows[-1], spec_sources="older code")]))
+    assert not step.done(tmp_path, "h100")
 
 
 def test_a_stopped_test_run_counts_what_finished(tmp_path):

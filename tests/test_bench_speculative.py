@@ -95,12 +95,18 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
         tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
     assert _run(args, tmp_path) == done  # nothing left to run
-    # Oracle rows from before the permutation target are measured again.
+    # Oracle rows from before the permutation target, and rows measured with other code (the
+    # plain row here), are measured again.
     path = tmp_path / "speculative-cpu.json"
+    sources = {r["spec_sources"] for r in done}
+    assert len(sources) == 1 and None not in sources
     path.write_text(json.dumps([{k: v for k, v in r.items() if k != "oracle_target"}
+                                | ({"spec_sources": "older code"} if r["method"] == "plain" else {})
                                 for r in done]))
     again = _run(args, tmp_path)
     assert all(r["oracle_target"] == "permutation" for r in again if r["method"] != "plain")
+    assert {r["spec_sources"] for r in again} == sources
+    assert [r["date"] for r in again] != [r["date"] for r in done]
     assert "drafted plain decoding's continuation" not in (tmp_path /
                                                           "speculative-cpu.md").read_text()
 
