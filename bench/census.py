@@ -6,10 +6,12 @@ A decode step at batch 1 is a chain of short kernels (the H200 profile of commit
 kernels the compiler makes of the model code is a speed figure we can read without timing
 anything. XLA compiles for a GPU it does not have once it is given the GPU's description
 (a "compile-only" device): this script builds one for the target below, compiles the
-decode program of the Llama-3-8B shape (`h100`; the gpu-small target's, `h100-small`, or its
+decode program of the Llama-3-8B shape (`h100`; its speculative step with a Llama-3.2-1B-
+shaped draft model on chain(4), `h100-draft`; the gpu-small target's, `h100-small`, or its
 prompt-lookup speculative step, `h100-lookup`) with 2 and 3 layers, and counts the kernels
-of the loop's body; the difference is one layer's kernels, the rest the step's own (sampling,
-stop tests, the logits head; drafting, the tree, acceptance for a speculative step).
+of the loop's body (a loop nested in it, such as a draft model's levels, times its trip
+count); the difference is one layer's kernels, the rest the step's own (sampling, stop tests,
+the logits head; drafting, the tree, acceptance, the commit for a speculative step).
 
     pip install --no-deps jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax version>
     python3 bench/census.py --out bench/results        # on a CPU machine
@@ -21,7 +23,7 @@ CUDA libraries; jaxdec picks its kernels for the platform of the model's devices
 for a compile-only one). A compile-only device is never autotuned: matmuls get
 the compiler's default tiling (often split-K, whose reduction may be a kernel of its own
 or join its consumer), so a count can differ by a kernel or two from the device's, and the
-census says nothing about a kernel's time. `--preset cpu-tiny` (and `cpu-tiny-lookup`)
+census says nothing about a kernel's time. `--preset cpu-tiny` (`cpu-tiny-lookup`, `-draft`)
 compile a tiny model for the CPU (what the tests run).
 
 `h100-train-small` / `h100-train-base` count the same for one training step of the gpu-small /
@@ -158,15 +160,31 @@ def entry_kernels(hlo_text: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def loop_kernels(comps: dict[str, list[str]], body: str) -> list[tuple[str, str]]:
+    """The kernels one iteration of the while body `body` launches: a loop nested in it
+    counts as its own body's kernels times its known trip count (a draft model's levels), or
+    once as opcode "while" when the count is not known."""
+    out = []
+    for line in comps[body]:
+        match = _INSTRUCTION.match(line)
+        inner = re.search(r"\bbody=%?([\w.\-]+)", line)
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+        if match and match.group(2) == "while" and inner and trips and inner.group(1) in comps:
+            out += loop_kernels(comps, inner.group(1)) * int(trips.group(1))
+        else:
+            out += kernels([line])
+    return out
+
+
 def decode_loop(hlo_text: str) -> list[tuple[str, str]]:
-    """The kernels of the program's busiest while body (a generate program's decode loop). A
-    loop nested in it counts as one entry (opcode "while"), not as the kernels it runs."""
+    """The kernels of one iteration of the program's busiest while body (a generate
+    program's decode loop), nested loops of known trip count unrolled (`loop_kernels`)."""
     comps = computations(hlo_text)
     bodies = [re.search(r"\bbody=%?([\w.\-]+)", line).group(1)
               for lines in comps.values() for line in lines if " while(" in line]
     if not bodies:
         raise ValueError("the program has no while loop")
-    return max((kernels(comps[b]) for b in bodies if b in comps), key=len)
+    return max((loop_kernels(comps, b) for b in bodies if b in comps), key=len)
 
 
 def category(name: str, kind: str) -> str:
@@ -190,8 +208,16 @@ class Preset:
     prompt_len: int
     attention: tuple[str, ...]
     target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
-    program: str = "generate"  # "lookup": speculative_generate with prompt lookup; "train"
+    program: str = "generate"  # "lookup": speculative_generate with prompt lookup; "draft":
+    # with a draft model (`draft`) on chain(4); "train"
     train_preset: str | None = None  # program "train": the jaxdec.train preset compiled
+    draft: dict | None = None  # program "draft": the draft's ModelConfig fields (over model's)
+
+
+# Llama-3.2-1B's shape as ModelConfig fields over LLAMA3_8B's (same vocabulary and rope): the
+# usual draft of a Llama-3-8B target.
+LLAMA32_1B_DRAFT = dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                        num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
 
 
 def presets() -> dict[str, Preset]:
@@ -211,6 +237,10 @@ def presets() -> dict[str, Preset]:
         "h100-small": Preset("gpu-small target shape, bf16, plain decoding after a 200-token "
                              "prompt (to set beside h100-lookup)", gpu_small, (1,), 200,
                              ("reference", "pallas"), "h100"),
+        "h100-draft": Preset("Llama-3-8B shape, bf16, a draft-model speculative step (chain(4); "
+                             "a Llama-3.2-1B-shaped draft) after a 1984-token prompt",
+                             LLAMA3_8B, (1,), 1984, ("pallas",), "h100", program="draft",
+                             draft=LLAMA32_1B_DRAFT),
         "h100-lookup": Preset("gpu-small target shape, bf16, a prompt-lookup speculative step "
                               "(its default tree) after a 200-token prompt", gpu_small, (1,),
                               200, ("reference", "pallas"), "h100", program="lookup"),
@@ -221,6 +251,9 @@ def presets() -> dict[str, Preset]:
                            TINY, (1, 2), 40, ("reference",), None),
         "cpu-tiny-lookup": Preset("tiny Llama shape, prompt lookup, this machine's CPU", TINY,
                                   (1,), 40, ("reference",), None, program="lookup"),
+        "cpu-tiny-draft": Preset("tiny Llama shape, a 1-layer draft on chain(4), this "
+                                 "machine's CPU", TINY, (1,), 40, ("reference",), None,
+                                 program="draft", draft=dict(num_layers=1)),
     }
 
 
@@ -314,14 +347,16 @@ def train_census(preset: Preset, devices, compile_only: bool, layers: int = 2) -
 
 
 def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int, attention: str,
-                   devices, new_tokens: int = 128, program: str = "generate") -> str:
+                   devices, new_tokens: int = 128, program: str = "generate",
+                   draft: dict | None = None) -> str:
     """The compiled HLO text of `jaxdec.generate`'s program for these shapes (`program`
-    "lookup": `jaxdec.speculative_generate`'s with prompt lookup)."""
+    "lookup": `jaxdec.speculative_generate`'s with prompt lookup; "draft": with a draft model
+    of the fields `draft` changes, on chain(4))."""
     import jax.numpy as jnp
 
     import jaxdec
     from bench.decode import _prompts
-    from jaxdec.drafters import PromptLookup
+    from jaxdec.drafters import DraftModel, PromptLookup
 
     fields = dict(model_fields, num_layers=layers, rope=jaxdec.RopeConfig(**model_fields["rope"]))
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
@@ -331,6 +366,13 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
     if program == "lookup":
         return jaxdec.speculative_generate(model, PromptLookup(), prompts,
                                            max_new_tokens=new_tokens,
+                                           compile_only=True).as_text()
+    if program == "draft":
+        small = config.replace(**draft)
+        drafter = DraftModel(jaxdec.abstract_model(small, dtype=jnp.bfloat16, mesh=mesh)
+                             .with_attention(attention))
+        return jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=new_tokens,
+                                           tree=jaxdec.tree.chain(4),
                                            compile_only=True).as_text()
     return jaxdec.generate(model, prompts, max_new_tokens=new_tokens, compile_only=True).as_text()
 
@@ -342,7 +384,8 @@ def census(preset: Preset, devices, compile_only: bool, layers: int = 2) -> list
     for attention in preset.attention:
         for batch in preset.batch_sizes:
             loops = [decode_loop(compile_decode(preset.model, n, batch, preset.prompt_len,
-                                                attention, devices, program=preset.program))
+                                                attention, devices, program=preset.program,
+                                                draft=preset.draft))
                      for n in (layers, layers + 1)]
             counts = [collections.Counter(category(*k) for k in loop) for loop in loops]
             kinds = [collections.Counter(kind for _, kind in loop) for loop in loops]
@@ -366,8 +409,10 @@ def render_markdown(records: list[dict]) -> str:
     lines = ["# Kernel census", "",
              "Kernels of one step of a compiled generate loop (the loop's body), counted from "
              "the program's HLO: no kernel was run or timed. `generate`: plain decoding; "
-             "`lookup`: a speculative step with prompt lookup. Per layer = the difference "
-             "between programs of 3 and 2 layers; the step's own = the rest.", "",
+             "`lookup`: a speculative step with prompt lookup; `draft`: one with a draft "
+             "model on chain(4) (its levels' kernels in the step's own). Per layer (of the "
+             "target) = the difference between programs of 3 and 2 layers; the step's own = "
+             "the rest.", "",
              "| preset | program | batch | attention | kernels per layer | matmul | attention "
              "| element-wise | step's own | per step (all layers) | compiled for | jax | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -25,6 +25,9 @@ HloModule jit_program
   %loop_add_fusion = f32[4]{0} fusion(%gte.1, %gte.1), kind=kLoop, calls=%fused_add
   %gemm_fusion_dot.3 = f32[4]{0} fusion(%loop_add_fusion, %gte.1), kind=kCustom, calls=%fused_add
   %pallas_call.2 = f32[4]{0} custom-call(%gemm_fusion_dot.3), custom_call_target="__gpu$xla.gpu.triton"
+  %t0 = (s32[], f32[4]{0}) tuple(%gte.0, %gte.1)
+  %levels = (s32[], f32[4]{0}) while(%t0), condition=%cond, body=%short, backend_config={"known_trip_count":{"n":"3"}}
+  %open = (s32[], f32[4]{0}) while(%t0), condition=%cond, body=%short
   %bc = f32[4]{0} bitcast(%pallas_call.2)
   ROOT %t = (s32[], f32[4]{0}) tuple(%gte.0, %bc)
 }
@@ -53,9 +56,12 @@ ENTRY %main (x: f32[4]) -> (s32[], f32[4]) {
 
 def test_reads_the_busiest_loop_of_a_hand_written_program():
     loop = census.decode_loop(HLO)
+    # A nested loop of known trip count counts its body's kernels that many times; one of
+    # unknown count, once, as itself.
     assert loop == [("loop_add_fusion", "kLoop"), ("gemm_fusion_dot.3", "kCustom"),
-                    ("pallas_call.2", "__gpu$xla.gpu.triton")]
-    assert [census.category(*k) for k in loop] == ["element-wise", "matmul", "attention"]
+                    ("pallas_call.2", "__gpu$xla.gpu.triton")] + [("copy.1", "copy")] * 3 + [
+                        ("open", "while")]
+    assert [census.category(*k) for k in loop[:3]] == ["element-wise", "matmul", "attention"]
     assert set(census.computations(HLO)) == {"fused_add", "body", "short", "cond", "main"}
     # The entry's kernels (its two loops) with their operands' and results' bytes: a
     # (s32, f32[4]) tuple is 4 + 16 bytes.
@@ -86,6 +92,12 @@ def test_cpu_tiny_census(tmp_path):
     assert [(r["preset"], r["program"]) for r in lookup] == [("cpu-tiny-lookup", "lookup")]
     # Speculation adds work to a step: drafting, the tree, acceptance, the cache commit.
     assert lookup[0]["kernels_per_step"] > records[0]["kernels_per_step"]
+    # A draft model's step counts its levels' kernels (a nested loop) in the step's own: at
+    # least its chain's 4 levels and last pass of 7 products each.
+    assert census.main(["--preset", "cpu-tiny-draft", "--out", str(tmp_path)]) == 0
+    (draft,) = json.loads((tmp_path / "census-cpu.json").read_text())[len(merged):]
+    assert draft["program"] == "draft" and draft["step_own_kernels"] >= 5 * 7
+    assert draft["kernels_per_layer"] >= records[0]["kernels_per_layer"]
 
 
 def test_cpu_tiny_training_step_census(tmp_path):
