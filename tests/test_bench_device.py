@@ -46,7 +46,7 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
                                                      reverse=True)
     assert ", slowest tests: `" in files["gpu-tests-cpu.md"].decode()
     spec = json.loads(files["speculative-cpu.json"])
-    assert {r["attention"] for r in spec} == {"auto", "reference"}
+    assert {r["attention"] for r in spec} == {"reference"}
     summary = json.loads((tmp_path / "first" / "device-summary.json").read_text())
     assert [s["status"] for s in summary["steps"]] == ["finished"] * 2
     assert "[device] summary" in (tmp_path / "first" / "device-log.txt").read_text()

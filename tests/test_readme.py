@@ -7,12 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from runenv import FAST_CPU_COMPILES
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(REPO, "README.md")).read()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+# 8 CPU devices (the README's tensor-parallel examples) and XLA's quick CPU compiles (the
+# blocks compile far more than they compute; see conftest.py).
+ENV = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_CPU_COMPILES}",
            JAX_PLATFORMS="cpu")
 
 
