@@ -150,7 +150,7 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):
     cache = cache.replace(lengths=jnp.zeros((B,), jnp.int32))
     logits, _, cache = forward_with_cache(
         model, tokens_BT.astype(jnp.int32), positions_BT, cache,
-        logits_indices_BN=(prompt_lengths_B - 1)[:, None],
+        logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=True,
     )
     first = _draw(sampler, logits[:, 0], _step_keys(row_keys, jnp.int32(0)))
     return first, cache.replace(lengths=prompt_lengths_B)

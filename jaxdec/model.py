@@ -193,7 +193,7 @@ def _batch_axis(mesh: Mesh):
     return parallel.DP if parallel.DP in mesh.axis_names else None
 
 
-@functools.partial(jax.jit, static_argnames=("check_vma",))
+@functools.partial(jax.jit, static_argnames=("check_vma", "fresh"))
 def forward_with_cache(
     model: Model,
     tokens_BT: jax.Array,
@@ -203,6 +203,7 @@ def forward_with_cache(
     mask_BTT: jax.Array | None = None,
     logits_indices_BN: jax.Array | None = None,
     check_vma: bool = True,
+    fresh: bool = False,
 ):
     """The one forward (prefill, decode, verification), in the global view.
 
@@ -216,11 +217,18 @@ def forward_with_cache(
       cache: a Cache from `jaxdec.init_cache` (or None: no cache, positions start at 0).
       mask_BTT: bool, which new tokens each new token attends to (causal when None).
       logits_indices_BN: token indices to compute logits at (all T when None).
+      fresh: static; True promises an empty cache (every row's length 0) and positions 0..T-1
+        (a prefill of right-padded prompts): the tokens attend causally to their own keys and
+        values, as with no cache (on GPU cuDNN's fused attention where it takes the shapes,
+        instead of attention over every slot of the cache), and those are written to the
+        cache all the same. Needs the causal mask (mask_BTT None).
     Returns:
       (logits [B, N or T, V] fp32, hidden [B, T, E] after the final norm, cache).
     """
     config, mesh = model.config, model.mesh
     _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN)
+    if fresh and mask_BTT is not None:
+        raise ValueError("fresh=True is a causal prefill: it takes no mask_BTT")
     batch = _batch_axis(mesh)
     tp_axis = parallel.TP if parallel.TP in mesh.axis_names else None
     cache_specs = None if cache is None else parallel.specs(mesh, cache_axes(config), config)
@@ -244,11 +252,11 @@ def forward_with_cache(
         return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
-            attention=attention, matmul=model.matmul,
+            attention=attention, matmul=model.matmul, fresh=fresh,
         )
 
     with use_platform(platform):  # the kernels of the mesh's devices, for what traces here
-        if cache is None and mask_BTT is None and attention is AttentionImpl.AUTO:
+        if (cache is None or fresh) and mask_BTT is None and attention is AttentionImpl.AUTO:
             attention = cache_free_attention(config, model.tp, param_dtype(model))
         if attention_kernel(attention) is not None or model.matmul is not MatmulImpl.XLA:
             # A pallas_call's outputs carry no varying-manual-axes annotation (and

@@ -130,7 +130,7 @@ def speculative_padded(
 
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     _, _, cache = forward_with_cache(target, tokens_BT, positions, cache,
-                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32))
+                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32), fresh=True)
     cache = cache.replace(lengths=prompt_lengths_B - 1)
     root = jnp.take_along_axis(tokens_BT, (prompt_lengths_B - 1)[:, None], axis=1)[:, 0]
     drafter_state = drafter.init(tokens_BT, prompt_lengths_B, max_len=cache.max_len)

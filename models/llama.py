@@ -174,9 +174,11 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
                      mask_BTT, *, config: ModelConfig, window, inv_freq, impl,
-                     matmul=L.MatmulImpl.XLA):
+                     matmul=L.MatmulImpl.XLA, fresh: bool = False):
     """x_BTE and inv_rms_BT1: the attention norm's output (`L.pre_projection_norm`). This
-    shard's qkv groups give its query heads and the KV head(s) they read."""
+    shard's qkv groups give its query heads and the KV head(s) they read. `fresh`: the cache
+    is empty before these tokens, so they attend to their own keys and values (as with no
+    cache), which are still written to it."""
     qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1, matmul)
     if "qkv_bias" in layer:
         qkv = qkv + layer["qkv_bias"]
@@ -189,9 +191,9 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
         keys, values = k, v
     else:
         kv_entry = kv_entry.write(k, v, lengths_B)
-        keys, values = kv_entry.k, kv_entry.v
-    attn = L.attention(q, keys, values, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window,
-                       impl=impl)
+        keys, values = (k, v) if fresh else (kv_entry.k, kv_entry.v)
+    attn = L.attention(q, keys, values, None if fresh else lengths_B, positions_BT,
+                       mask_BTT=mask_BTT, window=window, impl=impl)
     if matmul is L.MatmulImpl.XLA:
         out = jnp.einsum("bthd,hde->bte", attn, layer["o"])
     else:
@@ -224,6 +226,7 @@ def forward(
     tp: int,
     attention: L.AttentionImpl = L.AttentionImpl.AUTO,
     matmul: L.MatmulImpl = L.MatmulImpl.XLA,
+    fresh: bool = False,
 ):
     """One forward over T new tokens per row, per tensor-parallel shard.
 
@@ -237,7 +240,9 @@ def forward(
       logits_indices_BN: compute logits only at these token indices (e.g. each row's last
         prompt token); all T positions when None.
       config: the model config; tp: the tensor-parallel degree (static); attention: the
-        attention implementation (static); matmul: the projections' (static, `L.MatmulImpl`).
+        attention implementation (static); matmul: the projections' (static, `L.MatmulImpl`);
+        fresh: the cache holds nothing before these tokens (static; see
+        `jaxdec.model.forward_with_cache`).
     Returns:
       (logits [B, N or T, V/tp] fp32 for this shard's vocabulary rows,
        hidden [B, T, E] after the final norm, the updated cache or None).
@@ -252,7 +257,7 @@ def forward(
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
             config=config, window=config.layer_windows[i], inv_freq=inv_freq,
-            impl=attention, matmul=matmul,
+            impl=attention, matmul=matmul, fresh=fresh,
         )
         x = x + attn
         h, inv_rms = L.pre_projection_norm(x, layer["mlp_norm"], config.rms_norm_eps)

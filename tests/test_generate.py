@@ -208,6 +208,27 @@ def test_forward_with_cache_shape_errors(loaded):
         jaxdec.forward(dp_model, np.zeros((3, 4), np.int32))
 
 
+def test_a_fresh_prefill_attends_as_through_the_empty_cache(loaded):
+    """fresh=True (an empty cache, positions 0..T-1): the tokens attend to their own keys and
+    values (cuDNN's fused attention on a GPU) with the same logits and the same cache as
+    attention over the cache's slots; a mask is refused."""
+    from jaxdec.model import forward_with_cache
+
+    model = loaded(VARIANT)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(3, 97, (2, 12)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    cache = jaxdec.init_cache(model.config, 2, 20)
+    want = forward_with_cache(model, tokens, positions, cache)
+    got = forward_with_cache(model, tokens, positions, cache, fresh=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for new, old in zip(got[2].layers, want[2].layers):
+        np.testing.assert_allclose(new.k, old.k, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(new.v, old.v, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fresh=True is a causal prefill"):
+        forward_with_cache(model, tokens, positions, cache, fresh=True,
+                           mask_BTT=jnp.ones((2, 12, 12), bool))
+
+
 def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(loaded):
     """`abstract_model` + `compile_only`: the program compiles before the weights exist, and
     the loaded model's first call finds it (same config, dtype and mesh)."""

@@ -104,7 +104,8 @@ class DraftModel(Drafter):
                            mesh=self.model.mesh)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         _, _, cache = forward_with_cache(self.model, tokens_BT, positions, cache,
-                                         logits_indices_BN=jnp.zeros((B, 1), jnp.int32))
+                                         logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                                         fresh=True)
         return cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32))
 
     def _target_logits(self, logits_BNV):
