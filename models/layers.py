@@ -417,10 +417,15 @@ def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
     bf16 / fp16, and only once a small probe of these (per-shard) head counts, head dim and
     each window (forward and gradients under `shard_map`, as the models call it) compiled,
     ran and matched the reference there. A failed probe warns once and leaves the reference
-    in charge. Call it outside `shard_map` (it runs a program of its own; inside `jit` is
-    fine)."""
+    in charge; so does a GPU with no devices in this process (a compile-only topology: there
+    is nothing to probe on). Call it outside `shard_map` (it runs a program of its own;
+    inside `jit` is fine)."""
     platform = current_platform()
     if platform not in GPU_BACKENDS or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES):
+        return False
+    try:
+        jax.devices(platform)
+    except RuntimeError:  # compiling for a GPU this process has no backend for
         return False
     return all(_probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, window,
                                    FUSED_IMPLEMENTATION, platform)

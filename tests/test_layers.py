@@ -221,6 +221,13 @@ def test_cache_free_entry_point_is_a_causal_block_from_position_zero():
             rtol=1e-6)
 
 
+def test_fused_attention_is_not_probed_on_a_gpu_this_process_lacks():
+    """Compiling for a GPU topology without one (a compile-only device): nothing to probe
+    on, so cache-free causal blocks (training, prefills) take the reference, no error."""
+    with L.use_platform("gpu"):
+        assert not L.fused_causal_usable(jnp.bfloat16, 4, 2, 16)
+
+
 def test_fused_probe_accepts_a_working_call_and_refuses_a_failing_one():
     # (Probing while a caller is traced, under jit and grad, is checked by
     # test_auto_runs_cache_free_forwards_through_the_fused_call.)
