@@ -423,10 +423,6 @@ def fused_causal_usable(dtype, heads: int, kv_heads: int, head_dim: int,
     platform = current_platform()
     if platform not in GPU_BACKENDS or jnp.dtype(dtype) not in map(jnp.dtype, FUSED_DTYPES):
         return False
-    try:
-        jax.devices(platform)
-    except RuntimeError:  # compiling for a GPU this process has no backend for
-        return False
     return all(_probe_fused_causal(jnp.dtype(dtype).name, heads, kv_heads, head_dim, window,
                                    FUSED_IMPLEMENTATION, platform)
                for window in sorted(set(windows), key=str))
@@ -446,7 +442,10 @@ def _probe_fused_causal(dtype: str, heads: int, kv_heads: int, head_dim: int,
         g = jax.random.normal(kg, (2, T, heads, head_dim), jnp.float32)
         lengths = jnp.zeros((2,), jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
-        device = jax.devices(platform)[0]
+        try:
+            device = jax.devices(platform)[0]
+        except RuntimeError:  # compiling for a GPU this process has no backend for
+            return False
         q, k, v, g, lengths, positions = jax.device_put((q, k, v, g, lengths, positions), device)
         mesh = Mesh(np.array([device]), ("probe",))
 
