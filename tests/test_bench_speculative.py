@@ -106,7 +106,8 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     again = _run(args, tmp_path)
     assert all(r["oracle_target"] == "permutation" for r in again if r["method"] != "plain")
     assert {r["spec_sources"] for r in again} == sources
-    assert [r["date"] for r in again] != [r["date"] for r in done]
+    plain_date = [r["date"] for r in done if r["method"] == "plain"]
+    assert [r["date"] for r in again if r["method"] == "plain"] != plain_date  # measured again
     assert "drafted plain decoding's continuation" not in (tmp_path /
                                                           "speculative-cpu.md").read_text()
 
