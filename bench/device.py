@@ -511,7 +511,11 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "device-log.txt")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)  # never the test suite's fake CPU devices
+    # Never the test suite's fake CPU devices; its other flags (quick CPU compiles) stay.
+    flags = [f for f in env.pop("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
 
     try:  # (not find_spec: the checkout's own jaxdec/ folder is importable from here)
         importlib.metadata.distribution("jaxdec")
