@@ -26,6 +26,10 @@ What runs
     (`--xla_gpu_enable_triton_gemm=false`: the matrix products go to cuBLAS), in a worker
     of its own (XLA reads its flags once per process): which library's matrix-vector
     products come nearer the bandwidth at batch 1.
+  - `jaxdec-graphs`: `jaxdec` with XLA's command buffers (CUDA graphs) extended to while
+    loops and conditionals (`--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL`), in a
+    worker of its own: whether launching the decode loop's short kernels as graphs, with
+    the loop's condition on the device, closes part of the gap to the roofline.
   - `hf-eager`: `LlamaForCausalLM.generate` with the default dynamic cache.
   - `hf-compile`: the same with `cache_implementation="static"` and torch.compile
     (mode="reduce-overhead", fullgraph=True). Where transformers' `generate` compiles the
@@ -123,19 +127,24 @@ from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
                           versions)
 
-IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "hf-eager",
-         "hf-compile")
+IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
+         "hf-eager", "hf-compile")
 # jaxdec's attention per impl: AUTO runs the Pallas tree-attention kernel on GPU/TPU.
 JAXDEC_ATTENTION = {"jaxdec": "auto", "jaxdec-reference": "reference", "jaxdec-matvec": "auto",
-                    "jaxdec-cublas": "auto"}
+                    "jaxdec-cublas": "auto", "jaxdec-graphs": "auto"}
 # jaxdec's projections per impl (`Model.with_matmul`; XLA's product where not named):
 # jaxdec-matvec runs a decode step's projections through the Pallas matrix-vector kernel.
 JAXDEC_MATMUL = {"jaxdec-matvec": "pallas"}
 # XLA flags of a jaxdec impl's worker (an impl with flags gets a worker of its own: XLA reads
 # them once per process). jaxdec-cublas: the matrix products by cuBLAS instead of XLA's Triton
 # GEMM fusions, whose decode matrix-vector products ran at 64% (q|k|v) to 93% (down) of the
-# bandwidth on the H200 (commit bff28a8's profile).
-JAXDEC_XLA_FLAGS = {"jaxdec-cublas": "--xla_gpu_enable_triton_gemm=false"}
+# bandwidth on the H200 (commit bff28a8's profile). jaxdec-graphs: XLA's command buffers
+# (CUDA graphs) also take while loops and conditionals, so the decode loop can run as graphs
+# with its condition evaluated on the device: a batch-1 step is ~14 kernels per layer, most of
+# them a few microseconds long, and the H200 profile left 1.18 ms of a 4.62 ms step between
+# the kernels' bytes and the step.
+JAXDEC_XLA_FLAGS = {"jaxdec-cublas": "--xla_gpu_enable_triton_gemm=false",
+                    "jaxdec-graphs": "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"}
 GOAL_FRACTION = 0.85  # the issue's goal: jaxdec at batch 1 reaches 85% of the roofline
 # A step faster than streaming its bytes at the measured ceiling (beyond noise) is a timing
 # error, never a result: the record gets an error, so the next call measures it again.

@@ -295,10 +295,11 @@ def plan(name: str) -> list[Step]:
                       _all_rows("decode", "model_sources", common_sources_digest(MODEL_SOURCES),
                                 preset="h100",
                                 impl=("jaxdec", "jaxdec-reference", "jaxdec-matvec",
-                                      "jaxdec-cublas")),
-                      # The matrix-vector kernel and cuBLAS comparisons are wanted, but their
-                      # failures are not retried.
-                      _complete("decode", preset="h100", impl=("jaxdec-matvec", "jaxdec-cublas"),
+                                      "jaxdec-cublas", "jaxdec-graphs")),
+                      # The matrix-vector kernel, cuBLAS and command-buffer comparisons are
+                      # wanted, but their failures are not retried.
+                      _complete("decode", preset="h100",
+                                impl=("jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs"),
                                 failures_count=True),
                       _complete("decode", preset="h100", impl="hf-eager"),
                       _complete("decode", preset="h100", impl="hf-compile",

@@ -186,10 +186,13 @@ def test_device_slug(name, slug):
 
 def test_worker_units_share_one_jaxdec_process():
     assert bench.worker_units(bench.IMPLS) == [["jaxdec", "jaxdec-reference", "jaxdec-matvec"],
-                                              ["jaxdec-cublas"], ["hf-eager"], ["hf-compile"]]
+                                              ["jaxdec-cublas"], ["jaxdec-graphs"], ["hf-eager"],
+                                              ["hf-compile"]]
     # XLA reads its flags once per process: an impl with flags gets a worker of its own.
     assert "--xla_gpu_enable_triton_gemm=false" in bench._worker_env(["jaxdec-cublas"])[
         "XLA_FLAGS"]
+    assert "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" in bench._worker_env(
+        ["jaxdec-graphs"])["XLA_FLAGS"]
     assert "triton_gemm" not in bench._worker_env(["jaxdec"]).get("XLA_FLAGS", "")
     assert bench.worker_units(["hf-eager", "jaxdec-reference", "hf-compile", "jaxdec"]) == [
         ["hf-eager"], ["jaxdec-reference"], ["hf-compile"], ["jaxdec"]]

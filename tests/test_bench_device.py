@@ -98,7 +98,7 @@ def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
     rows = [{"preset": "h100", "impl": impl, "batch": b, "model_sources": current}
             for b in (1, 16)
             for impl in ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas",
-                         "hf-eager")]
+                         "jaxdec-graphs", "hf-eager")]
     path.write_text(json.dumps(rows))
     assert not decode.done(tmp_path, "h100")  # hf-compile never ran
     for error, done in (("timed out after 300 s", False),
@@ -108,10 +108,11 @@ def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
                  for b in (1, 16)]
         path.write_text(json.dumps(rows + tried))
         assert decode.done(tmp_path, "h100") is done, error
-    for i in (2, 3):  # the matrix-vector kernel's and cuBLAS's failures are not retried
+    for i in (2, 3, 4):  # the matrix-vector kernel's, cuBLAS's, graphs' failures: not retried
         rows[i]["error"] = "worker exited with code 1"
     path.write_text(json.dumps(rows + tried))
-    assert [rows[i]["impl"] for i in (2, 3)] == ["jaxdec-matvec", "jaxdec-cublas"]
+    assert [rows[i]["impl"] for i in (2, 3, 4)] == ["jaxdec-matvec", "jaxdec-cublas",
+                                                    "jaxdec-graphs"]
     assert decode.done(tmp_path, "h100")
     rows[0]["error"] = "worker exited with code 1"  # a jaxdec impl must finish
     path.write_text(json.dumps(rows + tried))
