@@ -107,8 +107,8 @@ def test_draft_model_topk_tree_follows_the_draft(loaded):
     topology = tree.kary(2, 2)
     prompt = [5, 9, 31, 2]
     drafter = DraftModel(model).prepare(model)
-    cache = drafter.init(jnp.array([prompt]), jnp.array([4]), max_len=16)
-    proposal, _ = drafter.propose(cache, jnp.array([prompt[-1]]), cache.lengths,
+    state = drafter.init(jnp.array([prompt]), jnp.array([4]), max_len=16)
+    proposal, _ = drafter.propose(state, jnp.array([prompt[-1]]), state.cache.lengths,
                                   jax.random.PRNGKey(0), topology=topology,
                                   sampler=jaxdec.Greedy())
     tokens = np.asarray(proposal.tree.tokens[0])
@@ -120,3 +120,51 @@ def test_draft_model_topk_tree_follows_the_draft(loaded):
         context = prompt + path[::-1][:-1]
         logits = np.asarray(jaxdec.forward(model, np.array([context]))[0, -1])
         assert tokens[node] == np.argsort(-logits)[topology.ranks[node]]
+
+
+def test_draft_model_chain_steps_keep_the_draft_cache_one_token_behind(loaded):
+    """A chain drafts one token per level and leaves the token before the root to the next
+    step's first level. Over steps that keep 1..D+1 tokens (and a step that keeps none), each
+    drafted chain is the draft's own greedy continuation, and the draft's cache holds exactly
+    the keys and values a prefill of the committed tokens but the last two writes."""
+    model = loaded("llama-gqa")
+    D, max_len = 3, 40
+    topology = tree.chain(D)
+    drafter = DraftModel(model).prepare(model)
+    rows = [[5, 9, 31, 2], [7]]  # the second: a 1-token prompt (nothing held back at first)
+    tokens = np.zeros((2, 4), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    state = drafter.init(jnp.asarray(tokens), jnp.array([len(r) for r in rows]), max_len=max_len)
+    propose = jax.jit(lambda st, root, n: drafter.propose(
+        st, root, n, jax.random.PRNGKey(0), topology=topology, sampler=jaxdec.Greedy()))
+    update = jax.jit(lambda st, prop, keep, emitted: drafter.update(st, prop, None, keep, emitted))
+    # Row 1 keeps nothing in its second step (an inactive row): its state must not move.
+    keeps = [[2, 1], [D + 1, 0], [1, D + 1], [3, 2], [D + 1, D + 1], [1, 3]]
+    for step, keep in enumerate(keeps):
+        roots = jnp.array([r[-1] for r in rows])
+        proposal, state = propose(state, roots, jnp.array([len(r) - 1 for r in rows]))
+        assert proposal.chain
+        drafted = np.asarray(proposal.tree.tokens)
+        for b, r in enumerate(rows):
+            context = list(r)
+            for d in range(1, D + 1):  # node d: the draft's argmax after the nodes before it
+                logits = np.asarray(jaxdec.forward(model, np.array([context]))[0, -1])
+                assert drafted[b, d] == np.argmax(logits), (step, b, d)
+                context.append(int(drafted[b, d]))
+        # The step emits keep[b] tokens: the first keep - 1 drafted nodes, then a bonus.
+        emitted = np.zeros((2, D + 1), np.int32)
+        for b, k in enumerate(keep):
+            emitted[b, : max(k - 1, 0)] = drafted[b, 1:k]
+            if k:
+                emitted[b, k - 1] = 60 + step
+            rows[b] = rows[b] + emitted[b, :k].tolist()
+        state = update(state, proposal, jnp.array(keep), jnp.asarray(emitted))
+        for b, r in enumerate(rows):
+            held = len(r) - 2  # every row has kept tokens by now: the last two are not held
+            assert int(state.cache.lengths[b]) == held, (step, b)
+            assert int(state.pending[b]) == 1 and int(state.previous[b]) == r[-2]
+            prefill = drafter.init(jnp.array([r]), jnp.array([len(r)]), max_len=max_len).cache
+            for got, want in zip(state.cache.layers, prefill.layers):
+                np.testing.assert_allclose(got.k[b, :held], want.k[0, :held], atol=1e-5)
+                np.testing.assert_allclose(got.v[b, :held], want.v[0, :held], atol=1e-5)

@@ -1,10 +1,20 @@
 """`DraftModel`: a smaller jaxdec model drafts a chain or a tree, level by level.
 
-Each level is one forward of the draft over all N tree slots under the ancestor mask (slots
-not yet drafted hold placeholders that no drafted node can see), so every level has the same
-shape and the levels run in one `lax.fori_loop`; a last pass (no logits) leaves every node's keys
-and values in the draft's cache, and `update` keeps the accepted path with `commit`, exactly as
-the target does. Children of a node are, by `proposal`:
+A tree: each level is one forward of the draft over all N tree slots under the ancestor mask
+(slots not yet drafted hold placeholders that no drafted node can see), so every level has the
+same shape and the levels run in one `lax.fori_loop`; a last pass (no logits) leaves every
+node's keys and values in the draft's cache, and `update` keeps the accepted path with
+`commit`, exactly as the target does.
+
+A chain (`Topology.is_chain`, the default chain(4)) drafts one token per level: the chain's
+earlier nodes are every later node's ancestors, so each level runs its one new token against
+the cache with the level's slots counted in (D levels of one token instead of D + 1 passes
+over all N slots). It has no last pass: the draft's cache stays one token behind the target's
+(`DraftState.pending`), and the next step's first level runs that token beside the new root,
+so the deepest drafted token's keys and values are computed only if it is accepted. A step
+thus runs D draft forwards for a chain of depth D (a tree: D + 1).
+
+Children of a node are, by `proposal`:
 
 - "topk": the node's most likely tokens (deterministic; always used with a greedy target);
 - "iid": independent samples from the draft's processed distribution (SpecInfer);
@@ -24,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdec import parallel
-from jaxdec.cache import commit, init_cache
+from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
                           param_shardings)
@@ -32,6 +42,23 @@ from jaxdec.tree import Topology, chain
 from jaxdec.verify import ProposalKind
 
 PROPOSALS = ("auto", "topk", "iid", "without_replacement")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DraftState:
+    """A DraftModel's state between steps: its cache, and for chains the token it holds back.
+
+    cache.lengths: the draft's committed tokens per row: the target's length (trees, and a
+      chain's first step), or one less (`pending` = 1) for a chain after its first step.
+    pending [B]: 1 where the token before the root (`previous`) has no keys and values in the
+      draft's cache yet: a chain's next first level runs it beside the root.
+    previous [B]: that token (meaningful where pending).
+    """
+
+    cache: Cache
+    pending: jax.Array
+    previous: jax.Array
 
 
 class DraftModel(Drafter):
@@ -106,7 +133,9 @@ class DraftModel(Drafter):
         _, _, cache = forward_with_cache(self.model, tokens_BT, positions, cache,
                                          logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
                                          fresh=True)
-        return cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32))
+        zeros = jnp.zeros((B,), jnp.int32)
+        return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
+                          pending=zeros, previous=zeros)
 
     def _target_logits(self, logits_BNV):
         """Draft logits on the target's vocabulary: extra entries dropped, missing ones -inf."""
@@ -117,9 +146,31 @@ class DraftModel(Drafter):
                        logits_BNV.dtype)
         return jnp.concatenate([logits_BNV, pad], axis=-1)
 
-    def propose(self, cache, root_B, lengths_B, key, *, topology: Topology, sampler):
-        B, N = root_B.shape[0], topology.num_nodes
+    def _children(self, logits_BMV, key, kind: ProposalKind, K: int, sampler):
+        """K children of each of M drafted nodes from the draft's logits [B, M, V]: (tokens
+        [B, M, K] int32, drawable [B, M, K], the processed distribution [B, M, V] they were
+        drawn from, or None for deterministic children)."""
+        logits = self._target_logits(logits_BMV).astype(jnp.float32)
+        if kind == ProposalKind.DETERMINISTIC:
+            scores, cand = jax.lax.top_k(logits, K)
+            return cand.astype(jnp.int32), scores > -jnp.inf, None
+        probs = sampler.probs(logits)
+        log_probs = jnp.log(probs)
+        if kind == ProposalKind.IID:
+            B, M = logits.shape[:2]
+            cand = jax.random.categorical(key, log_probs[:, :, None, :], shape=(B, M, K))
+        else:  # Gumbel-top-k: K distinct draws in sampling order
+            gumbel = jax.random.gumbel(key, log_probs.shape)
+            cand = jax.lax.top_k(log_probs + gumbel, K)[1]
+        ok = jnp.take_along_axis(probs, cand, axis=2) > 0
+        return cand.astype(jnp.int32), ok, probs
+
+    def propose(self, state: DraftState, root_B, lengths_B, key, *, topology: Topology,
+                sampler):
         kind = self.proposal_kind(sampler, topology)
+        if topology.is_chain:
+            return self._propose_chain(state, root_B, lengths_B, key, topology, kind, sampler)
+        B, N = root_B.shape[0], topology.num_nodes
         template = topology.template(B)
         depth = jnp.asarray(topology.depth)
         parents = np.maximum(np.asarray(topology.parents), 0)
@@ -135,23 +186,11 @@ class DraftModel(Drafter):
             tokens, valid, q, written = carry
             logits, _, written = forward_with_cache(self.model, tokens, positions, written,
                                                     mask_BTT=template.ancestors)
-            logits = self._target_logits(logits).astype(jnp.float32)
-            level_key = jax.random.fold_in(key, ell)
-            if kind == ProposalKind.DETERMINISTIC:
-                scores, cand = jax.lax.top_k(logits, K)
-                ok = scores > -jnp.inf
-            else:
-                probs = sampler.probs(logits)
+            cand, ok, probs = self._children(logits, jax.random.fold_in(key, ell), kind, K,
+                                             sampler)
+            if probs is not None:
                 q = jnp.where((depth == ell)[None, :, None], probs, q)
-                log_probs = jnp.log(probs)
-                if kind == ProposalKind.IID:
-                    cand = jax.random.categorical(level_key, log_probs[:, :, None, :],
-                                                  shape=(B, N, K))
-                else:  # Gumbel-top-k: K distinct draws in sampling order
-                    gumbel = jax.random.gumbel(level_key, log_probs.shape)
-                    cand = jax.lax.top_k(log_probs + gumbel, K)[1]
-                ok = jnp.take_along_axis(probs, cand, axis=2) > 0
-            child_tokens = cand[:, parents, ranks].astype(jnp.int32)
+            child_tokens = cand[:, parents, ranks]
             child_ok = ok[:, parents, ranks] & valid[:, parents]
             is_next = (depth == ell + 1)[None, :]
             tokens = jnp.where(is_next, child_tokens, tokens)
@@ -161,18 +200,85 @@ class DraftModel(Drafter):
         tokens = template.tokens.at[:, 0].set(root_B)
         q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
         tokens, valid, q, written = jax.lax.fori_loop(
-            0, topology.max_depth, level, (tokens, template.valid, q, cache))
+            0, topology.max_depth, level, (tokens, template.valid, q, state.cache))
         # The last pass drafts nothing: it writes the deepest tokens' keys and values, with no
         # logits (no output projection, no sampling).
         _, _, written = forward_with_cache(self.model, tokens, positions, written,
                                            mask_BTT=template.ancestors,
                                            logits_indices_BN=jnp.zeros((B, 0), jnp.int32))
         tree = dataclasses.replace(template, tokens=tokens, valid=valid)
-        return Proposal(tree=tree, q=q, kind=kind, chain=topology.is_chain), written
+        return (Proposal(tree=tree, q=q, kind=kind, chain=False),
+                dataclasses.replace(state, cache=written))
 
-    def update(self, cache, proposal, verdict, n_commit_B, emitted_BL):
-        del emitted_BL
-        return commit(cache, verdict.path, n_commit_B, prefix=proposal.chain)
+    def _propose_chain(self, state: DraftState, root_B, lengths_B, key, topology: Topology,
+                       kind: ProposalKind, sampler):
+        """A chain, one token per level (see the module docstring). Node d sits at the
+        target's slot and position length + d; the draft's cache is `pending` tokens behind.
+        Near the end of the cache a level's slot may lie past it (a single row's write is then
+        shifted onto the last slots): only nodes past the end, never accepted, read those."""
+        B, N, D = root_B.shape[0], topology.num_nodes, topology.max_depth
+        V = self.target_vocab or self.model.config.vocab_size
+        template = topology.template(B)
+        pending = state.pending
+
+        def draft(ell, logits_B1V, tokens, valid, q):
+            # Node ell's child: node ell + 1 (written in place: one-column updates).
+            cand, ok, probs = self._children(logits_B1V, jax.random.fold_in(key, ell), kind,
+                                             1, sampler)
+            parent_ok = jax.lax.dynamic_slice_in_dim(valid, ell, 1, axis=1)
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, cand[:, :, 0], ell + 1, axis=1)
+            valid = jax.lax.dynamic_update_slice_in_dim(valid, ok[:, :, 0] & parent_ok, ell + 1,
+                                                        axis=1)
+            if probs is not None:
+                q = jax.lax.dynamic_update_slice_in_dim(q, probs, ell, axis=1)
+            return tokens, valid, q
+
+        # The first level runs [held-back token, root] where one is pending, else [root, a
+        # placeholder the root cannot see, whose keys and values the next level overwrites];
+        # it reads the root's logits only.
+        first = jnp.stack([jnp.where(pending == 1, state.previous, root_B), root_B], axis=1)
+        positions = state.cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
+        logits, _, cache = forward_with_cache(
+            self.model, first, positions, state.cache,
+            logits_indices_BN=pending[:, None] if D else jnp.zeros((B, 0), jnp.int32))
+        tokens = template.tokens.at[:, 0].set(root_B)
+        valid = template.valid
+        q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
+        if D:
+            tokens, valid, q = draft(0, logits, tokens, valid, q)
+
+        def level(ell, carry):
+            # Node ell alone, at slot length + ell: nodes 0..ell-1, written by the levels
+            # before, are counted into the cache's length for this forward.
+            tokens, valid, q, written = carry
+            length = lengths_B + ell
+            node = jax.lax.dynamic_slice_in_dim(tokens, ell, 1, axis=1)
+            logits, _, written = forward_with_cache(self.model, node, length[:, None],
+                                                    written.replace(lengths=length))
+            tokens, valid, q = draft(ell, logits, tokens, valid, q)
+            return tokens, valid, q, written
+
+        tokens, valid, q, cache = jax.lax.fori_loop(1, D, level, (tokens, valid, q, cache))
+        tree = dataclasses.replace(template, tokens=tokens, valid=valid)
+        return (Proposal(tree=tree, q=q, kind=kind, chain=True),
+                dataclasses.replace(state, cache=cache.replace(lengths=state.cache.lengths)))
+
+    def update(self, state: DraftState, proposal, verdict, n_commit_B, emitted_BL):
+        if not proposal.chain:
+            return dataclasses.replace(
+                state, cache=commit(state.cache, verdict.path, n_commit_B))
+        # A chain: the draft keeps every committed token but the last (the next step's held-back
+        # token), all already at their slots, so only the lengths move.
+        kept = n_commit_B > 0
+        before_root = jnp.take_along_axis(emitted_BL, jnp.maximum(n_commit_B - 2, 0)[:, None],
+                                          axis=1)[:, 0]
+        previous = jnp.where(n_commit_B >= 2, before_root, proposal.tree.tokens[:, 0])
+        lengths = state.cache.lengths
+        return DraftState(
+            cache=state.cache.replace(
+                lengths=jnp.where(kept, lengths + state.pending + n_commit_B - 1, lengths)),
+            pending=jnp.where(kept, 1, state.pending),
+            previous=jnp.where(kept, previous, state.previous))
 
 
 def _resize_vocab(params: dict, rows: int, vocab: int) -> dict:
