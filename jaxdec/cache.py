@@ -45,21 +45,39 @@ class KVLayer:
         return KVLayer(k=names, v=names)
 
     def write(self, k_BTKD: jax.Array, v_BTKD: jax.Array, lengths_B: jax.Array) -> "KVLayer":
-        """Writes T new keys/values per row at slots [length, length + T). Callers keep the
-        writes in range: slots past the end of the cache are dropped when B > 1, and a single
-        row's write is shifted to end at the last slot.
+        """Writes T new keys/values per row at slots [length, length + T); slots past the end
+        of the cache are dropped (a speculative tree near the end of the cache writes past it).
+        One decode token (T = 1) of a single row must lie within the cache: its write is
+        shifted onto the last slot otherwise.
 
         A single row is written with one `dynamic_update_slice` per tensor: XLA then writes in
         place and fuses the producer (the rotary embedding) into the write. A scatter, which
         several rows need, keeps its bounds check as separate kernels (counted on the compiled
         8B decode step at batch 1: 4 kernels per layer more than the two in-place writes)."""
         B, T = k_BTKD.shape[:2]
-        if B == 1:
+        S = self.k.shape[1]
+        if B == 1 and T == 1:
             start = (0, lengths_B[0], 0, 0)
             return KVLayer(
                 k=jax.lax.dynamic_update_slice(self.k, k_BTKD.astype(self.k.dtype), start),
                 v=jax.lax.dynamic_update_slice(self.v, v_BTKD.astype(self.v.dtype), start),
             )
+        if B == 1 and T <= S:
+            # A window of T slots that ends at the last slot at the latest: where the tokens
+            # would pass the end, the window starts `shift` slots before the row's length,
+            # those slots keep what they hold, and the tokens past the end are dropped.
+            start = jnp.minimum(lengths_B[0], S - T)
+            shift = lengths_B[0] - start
+            keep_old = (jnp.arange(T) < shift)[None, :, None, None]
+
+            def put(cache, new):
+                old = jax.lax.dynamic_slice_in_dim(cache, start, T, axis=1)
+                padded = jnp.concatenate([jnp.zeros_like(new), new], axis=1).astype(cache.dtype)
+                moved = jax.lax.dynamic_slice_in_dim(padded, T - shift, T, axis=1)
+                return jax.lax.dynamic_update_slice_in_dim(
+                    cache, jnp.where(keep_old, old, moved), start, axis=1)
+
+            return KVLayer(k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
         rows = jnp.arange(k_BTKD.shape[0])[:, None]
         slots = lengths_B[:, None] + jnp.arange(T, dtype=lengths_B.dtype)[None, :]
         return KVLayer(

@@ -26,18 +26,28 @@ def test_write_at_per_row_lengths():
 
 
 def test_write_past_the_end():
-    """Callers keep writes in range; past the end, a batch's rows drop the extra slots (a
-    scatter) and a single row's write ends at the last slot (one dynamic_update_slice, which
-    XLA fuses with the rotary embedding that produces it)."""
+    """Slots past the end are dropped, for a batch's rows (a scatter) as for a single row (a
+    window that ends at the last slot at the latest, the slots before the row's length kept:
+    one dynamic_update_slice, which XLA fuses with the rotary embedding that produces it). A
+    speculative tree near the end of the cache writes past it (its nodes there are never
+    accepted); the slots it must not touch are the committed ones."""
     new = jnp.array([[7.0, 8.0], [5.0, 6.0]])[:, :, None, None]
     rows = KVLayer(k=jnp.zeros((2, 4, 1, 1)), v=jnp.zeros((2, 4, 1, 1)))
     out = rows.write(new, new, jnp.array([3, 1]))
     np.testing.assert_array_equal(out.k[:, :, 0, 0], [[0, 0, 0, 7], [0, 5, 6, 0]])
-    one = KVLayer(k=jnp.zeros((1, 4, 1, 1)), v=jnp.zeros((1, 4, 1, 1)))
-    np.testing.assert_array_equal(one.write(new[:1], new[:1], jnp.array([1])).k[0, :, 0, 0],
-                                  [0, 7, 8, 0])
-    np.testing.assert_array_equal(one.write(new[:1], new[:1], jnp.array([3])).k[0, :, 0, 0],
-                                  [0, 0, 7, 8])
+    one = _filled_layer(B=1, S=4)  # slots hold 0, 1, 2, 3
+    for length, want in ((1, [0, 7, 8, 3]), (2, [0, 1, 7, 8]), (3, [0, 1, 2, 7]),
+                         (4, [0, 1, 2, 3])):
+        out = jax.jit(one.write)(new[:1], -new[:1], jnp.array([length]))
+        np.testing.assert_array_equal(out.k[0, :, 0, 0], want, err_msg=f"length {length}")
+        np.testing.assert_array_equal(out.v, -out.k)
+    # A decode token (within the cache), and more tokens than the cache has slots.
+    token = new[:1, :1]
+    np.testing.assert_array_equal(one.write(token, token, jnp.array([2])).k[0, :, 0, 0],
+                                  [0, 1, 7, 3])
+    five = jnp.arange(10.0, 15.0)[None, :, None, None]
+    np.testing.assert_array_equal(one.write(five, five, jnp.array([2])).k[0, :, 0, 0],
+                                  [0, 1, 10, 11])
 
 
 def test_commit_hand_computed():

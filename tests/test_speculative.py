@@ -99,6 +99,24 @@ def test_stop_tokens_and_the_end_of_the_cache(loaded):
     assert spec.lengths[1] == 16 and spec.lengths[0] < 16
 
 
+@pytest.mark.parametrize("name", ["self-chain", "unrelated-tree", "lookup"])
+def test_a_single_row_reaches_the_end_of_the_cache(name, loaded, unrelated_draft):
+    """One row (its cache writes are in-place windows, not a batch's scatter) in the tightest
+    cache: the last trees write past its end, and prompt lookup's tree (19 nodes) is larger
+    than the whole cache of the 3-token prompt (18 slots)."""
+    model = loaded(TARGET)
+    drafter, topology = {
+        "self-chain": (DraftModel(model), tree.chain(6)),
+        "unrelated-tree": (DraftModel(unrelated_draft), tree.kary(2, 2)),
+        "lookup": (PromptLookup(), None),
+    }[name]
+    for prompt in (_prompts()[0], _repetitive_prompts()[1]):
+        plain = jaxdec.generate(model, [prompt], max_new_tokens=16)
+        spec = jaxdec.speculative_generate(model, drafter, [prompt], max_new_tokens=16,
+                                           tree=topology, max_len=len(prompt) + 16 - 1)
+        np.testing.assert_array_equal(spec.tokens, plain.tokens)
+
+
 @pytest.mark.parametrize("topology", [tree.kary(2, 2), tree.chain(3)], ids=["tree", "chain"])
 def test_target_cache_equals_plain_decoding(loaded, topology):
     """The tree as the target's own draft (every node accepted); the chain with an unrelated
