@@ -122,14 +122,17 @@ def test_draft_model_topk_tree_follows_the_draft(loaded):
         assert tokens[node] == np.argsort(-logits)[topology.ranks[node]]
 
 
-def test_draft_model_chain_steps_keep_the_draft_cache_one_token_behind(loaded):
-    """A chain drafts one token per level and leaves the token before the root to the next
-    step's first level. Over steps that keep 1..D+1 tokens (and a step that keeps none), each
-    drafted chain is the draft's own greedy continuation, and the draft's cache holds exactly
-    the keys and values a prefill of the committed tokens but the last two writes."""
+@pytest.mark.parametrize("topology", [tree.chain(3), tree.kary(2, 2)], ids=["chain", "tree"])
+def test_draft_model_steps_keep_the_draft_cache_one_token_behind(loaded, topology):
+    """The draft holds back the last committed token for the next step's first level. Over
+    steps that keep 1..D+1 tokens along different paths (and a step that keeps none), every
+    drafted node is the draft's own rank-th choice after its ancestors, and the draft's cache
+    holds exactly the keys and values a prefill of the committed tokens but the last two
+    writes (a chain: one token a level; a tree: all slots a level, the path compacted)."""
+    from jaxdec.verify import Verdict
+
     model = loaded("llama-gqa")
-    D, max_len = 3, 40
-    topology = tree.chain(D)
+    D, max_len = topology.max_depth, 40
     drafter = DraftModel(model).prepare(model)
     rows = [[5, 9, 31, 2], [7]]  # the second: a 1-token prompt (nothing held back at first)
     tokens = np.zeros((2, 4), np.int32)
@@ -138,28 +141,37 @@ def test_draft_model_chain_steps_keep_the_draft_cache_one_token_behind(loaded):
     state = drafter.init(jnp.asarray(tokens), jnp.array([len(r) for r in rows]), max_len=max_len)
     propose = jax.jit(lambda st, root, n: drafter.propose(
         st, root, n, jax.random.PRNGKey(0), topology=topology, sampler=jaxdec.Greedy()))
-    update = jax.jit(lambda st, prop, keep, emitted: drafter.update(st, prop, None, keep, emitted))
+    update = jax.jit(drafter.update)
+    parents = np.asarray(topology.parents)
+    children = [np.flatnonzero(parents == i) for i in range(topology.num_nodes)]
     # Row 1 keeps nothing in its second step (an inactive row): its state must not move.
     keeps = [[2, 1], [D + 1, 0], [1, D + 1], [3, 2], [D + 1, D + 1], [1, 3]]
     for step, keep in enumerate(keeps):
         roots = jnp.array([r[-1] for r in rows])
         proposal, state = propose(state, roots, jnp.array([len(r) - 1 for r in rows]))
-        assert proposal.chain
+        assert proposal.chain == topology.is_chain
         drafted = np.asarray(proposal.tree.tokens)
-        for b, r in enumerate(rows):
-            context = list(r)
-            for d in range(1, D + 1):  # node d: the draft's argmax after the nodes before it
-                logits = np.asarray(jaxdec.forward(model, np.array([context]))[0, -1])
-                assert drafted[b, d] == np.argmax(logits), (step, b, d)
-                context.append(int(drafted[b, d]))
-        # The step emits keep[b] tokens: the first keep - 1 drafted nodes, then a bonus.
+        path = np.zeros((2, D + 1), np.int32)
         emitted = np.zeros((2, D + 1), np.int32)
-        for b, k in enumerate(keep):
-            emitted[b, : max(k - 1, 0)] = drafted[b, 1:k]
-            if k:
-                emitted[b, k - 1] = 60 + step
-            rows[b] = rows[b] + emitted[b, :k].tolist()
-        state = update(state, proposal, jnp.array(keep), jnp.asarray(emitted))
+        for b, r in enumerate(rows):
+            for node in range(1, topology.num_nodes):  # the draft's rank-th choice
+                ancestors, p = [], topology.parents[node]
+                while p > 0:
+                    ancestors.append(int(drafted[b, p]))
+                    p = topology.parents[p]
+                logits = np.asarray(jaxdec.forward(model, np.array([r + ancestors[::-1]]))[0, -1])
+                assert drafted[b, node] == np.argsort(-logits)[topology.ranks[node]], (step, b)
+            for j in range(1, keep[b]):  # accept keep - 1 nodes, a different child each step
+                options = children[path[b, j - 1]]
+                path[b, j] = options[(step + b + j) % len(options)]
+            # The step emits the path's nodes, then a bonus token.
+            emitted[b, : max(keep[b] - 1, 0)] = drafted[b, path[b, 1:keep[b]]]
+            if keep[b]:
+                emitted[b, keep[b] - 1] = 60 + step
+            rows[b] = r + emitted[b, : keep[b]].tolist()
+        verdict = Verdict(path=jnp.asarray(path), n_path=jnp.array(keep),
+                          bonus=jnp.asarray(emitted[:, 0]))
+        state = update(state, proposal, verdict, jnp.array(keep), jnp.asarray(emitted))
         for b, r in enumerate(rows):
             held = len(r) - 2  # every row has kept tokens by now: the last two are not held
             assert int(state.cache.lengths[b]) == held, (step, b)

@@ -1,18 +1,17 @@
 """`DraftModel`: a smaller jaxdec model drafts a chain or a tree, level by level.
 
-A tree: each level is one forward of the draft over all N tree slots under the ancestor mask
-(slots not yet drafted hold placeholders that no drafted node can see), so every level has the
-same shape and the levels run in one `lax.fori_loop`; a last pass (no logits) leaves every
-node's keys and values in the draft's cache, and `update` keeps the accepted path with
-`commit`, exactly as the target does.
+The draft's cache stays one token behind the target's (`DraftState`): the last token a step
+commits (whose keys and values the draft may never have computed: the deepest drafted node's)
+is held back, and the next step's first level runs it beside the new root. So a tree of
+depth D costs D draft forwards, each level reading the logits of its own nodes only:
 
-A chain (`Topology.is_chain`, the default chain(4)) drafts one token per level: the chain's
-earlier nodes are every later node's ancestors, so each level runs its one new token against
-the cache with the level's slots counted in (D levels of one token instead of D + 1 passes
-over all N slots). It has no last pass: the draft's cache stays one token behind the target's
-(`DraftState.pending`), and the next step's first level runs that token beside the new root,
-so the deepest drafted token's keys and values are computed only if it is accepted. A step
-thus runs D draft forwards for a chain of depth D (a tree: D + 1).
+- a tree: each level is one forward over the held-back token and all N tree slots under the
+  ancestor mask (slots not yet drafted hold placeholders no drafted node can see), so every
+  level has the same shape and the levels run in one `lax.fori_loop`; `update` keeps the
+  accepted path but its last node with `commit`, as the target does;
+- a chain (`Topology.is_chain`, the default chain(4)): one token per level (two in the first),
+  since a chain's earlier nodes are every later node's ancestors: each level runs its node
+  against the cache with the nodes before it counted in, and a commit moves nothing.
 
 Children of a node are, by `proposal`:
 
@@ -47,12 +46,12 @@ PROPOSALS = ("auto", "topk", "iid", "without_replacement")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DraftState:
-    """A DraftModel's state between steps: its cache, and for chains the token it holds back.
+    """A DraftModel's state between steps: its cache and the token it holds back.
 
-    cache.lengths: the draft's committed tokens per row: the target's length (trees, and a
-      chain's first step), or one less (`pending` = 1) for a chain after its first step.
+    cache.lengths: the draft's committed tokens per row: the target's length before a row's
+      first step, one less (`pending` = 1) after it.
     pending [B]: 1 where the token before the root (`previous`) has no keys and values in the
-      draft's cache yet: a chain's next first level runs it beside the root.
+      draft's cache yet: the next step's first level runs it beside the root.
     previous [B]: that token (meaningful where pending).
     """
 
@@ -170,28 +169,48 @@ class DraftModel(Drafter):
         kind = self.proposal_kind(sampler, topology)
         if topology.is_chain:
             return self._propose_chain(state, root_B, lengths_B, key, topology, kind, sampler)
-        B, N = root_B.shape[0], topology.num_nodes
+        B, N, D = root_B.shape[0], topology.num_nodes, topology.max_depth
         template = topology.template(B)
-        depth = jnp.asarray(topology.depth)
+        depth = np.asarray(topology.depth)
         parents = np.maximum(np.asarray(topology.parents), 0)
         ranks = np.asarray(topology.ranks)
         K = topology.max_children
-        positions = lengths_B[:, None] + template.depth
         V = self.target_vocab or self.model.config.vocab_size
+        # Level ell reads the logits of its own nodes only (depth ell, padded to the widest
+        # level); `place[i]`: node i's row among its level's.
+        levels = [np.flatnonzero(depth == d) for d in range(D)]
+        level_nodes = np.zeros((max(D, 1), max((len(n) for n in levels), default=1)), np.int32)
+        place = np.zeros(N, np.int32)
+        for d, nodes in enumerate(levels):
+            level_nodes[d, : len(nodes)] = nodes
+            place[nodes] = np.arange(len(nodes))
+        level_nodes = jnp.asarray(level_nodes)
+        # Slot 0 holds the held-back token (a placeholder no node sees where none is pending),
+        # slot 1 + i node i: the draft writes from its own length, `pending` before the root.
+        held = state.pending == 1
+        mask = jnp.concatenate([
+            jnp.concatenate([jnp.ones((B, 1, 1), bool), jnp.zeros((B, 1, N), bool)], axis=2),
+            jnp.concatenate([jnp.broadcast_to(held[:, None, None], (B, N, 1)),
+                             template.ancestors], axis=2)], axis=1)
+        positions = jnp.concatenate([(lengths_B - state.pending)[:, None],
+                                     lengths_B[:, None] + template.depth], axis=1)
+        first = jnp.where(held, state.previous, root_B)[:, None]
 
         def level(ell, carry):
-            # Each level writes all N slots' keys and values before reading them, so it can
-            # overwrite the level before's in the carried cache (updated in place); a forward
-            # over the loop-invariant `cache` would copy the whole cache every level.
+            # Each level writes all N + 1 slots' keys and values before reading them, so it
+            # can overwrite the level before's in the carried cache (updated in place); a
+            # forward over the loop-invariant `cache` would copy the whole cache every level.
             tokens, valid, q, written = carry
-            logits, _, written = forward_with_cache(self.model, tokens, positions, written,
-                                                    mask_BTT=template.ancestors)
+            rows = jnp.broadcast_to(1 + level_nodes[ell], (B, level_nodes.shape[1]))
+            logits, _, written = forward_with_cache(
+                self.model, jnp.concatenate([first, tokens], axis=1), positions, written,
+                mask_BTT=mask, logits_indices_BN=rows)
             cand, ok, probs = self._children(logits, jax.random.fold_in(key, ell), kind, K,
                                              sampler)
             if probs is not None:
-                q = jnp.where((depth == ell)[None, :, None], probs, q)
-            child_tokens = cand[:, parents, ranks]
-            child_ok = ok[:, parents, ranks] & valid[:, parents]
+                q = jnp.where((depth == ell)[None, :, None], probs[:, place], q)
+            child_tokens = cand[:, place[parents], ranks]
+            child_ok = ok[:, place[parents], ranks] & valid[:, parents]
             is_next = (depth == ell + 1)[None, :]
             tokens = jnp.where(is_next, child_tokens, tokens)
             valid = jnp.where(is_next, child_ok, valid)
@@ -200,12 +219,7 @@ class DraftModel(Drafter):
         tokens = template.tokens.at[:, 0].set(root_B)
         q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
         tokens, valid, q, written = jax.lax.fori_loop(
-            0, topology.max_depth, level, (tokens, template.valid, q, state.cache))
-        # The last pass drafts nothing: it writes the deepest tokens' keys and values, with no
-        # logits (no output projection, no sampling).
-        _, _, written = forward_with_cache(self.model, tokens, positions, written,
-                                           mask_BTT=template.ancestors,
-                                           logits_indices_BN=jnp.zeros((B, 0), jnp.int32))
+            0, D, level, (tokens, template.valid, q, state.cache))
         tree = dataclasses.replace(template, tokens=tokens, valid=valid)
         return (Proposal(tree=tree, q=q, kind=kind, chain=False),
                 dataclasses.replace(state, cache=written))
@@ -264,21 +278,28 @@ class DraftModel(Drafter):
                 dataclasses.replace(state, cache=cache.replace(lengths=state.cache.lengths)))
 
     def update(self, state: DraftState, proposal, verdict, n_commit_B, emitted_BL):
-        if not proposal.chain:
-            return dataclasses.replace(
-                state, cache=commit(state.cache, verdict.path, n_commit_B))
-        # A chain: the draft keeps every committed token but the last (the next step's held-back
-        # token), all already at their slots, so only the lengths move.
+        """Keeps every committed token but the last, which the next step runs (the new
+        held-back token)."""
+        del emitted_BL
         kept = n_commit_B > 0
-        before_root = jnp.take_along_axis(emitted_BL, jnp.maximum(n_commit_B - 2, 0)[:, None],
-                                          axis=1)[:, 0]
-        previous = jnp.where(n_commit_B >= 2, before_root, proposal.tree.tokens[:, 0])
-        lengths = state.cache.lengths
-        return DraftState(
-            cache=state.cache.replace(
-                lengths=jnp.where(kept, lengths + state.pending + n_commit_B - 1, lengths)),
-            pending=jnp.where(kept, 1, state.pending),
-            previous=jnp.where(kept, previous, state.previous))
+        pending = state.pending
+        if proposal.chain:  # the kept tokens are already at their slots: only lengths move
+            last = jnp.maximum(n_commit_B - 1, 0)
+            cache = state.cache.replace(lengths=jnp.where(
+                kept, state.cache.lengths + pending + n_commit_B - 1, state.cache.lengths))
+        else:  # the path's slots (node i at 1 + i), after the held-back token's (0)
+            B = n_commit_B.shape[0]
+            node_slots = 1 + verdict.path
+            slots = jnp.where((pending == 1)[:, None],
+                              jnp.concatenate([jnp.zeros((B, 1), node_slots.dtype),
+                                               node_slots[:, :-1]], axis=1),
+                              node_slots)
+            cache = commit(state.cache, slots, jnp.where(kept, n_commit_B - 1 + pending, 0))
+            last = jnp.take_along_axis(verdict.path, jnp.maximum(n_commit_B - 1, 0)[:, None],
+                                       axis=1)[:, 0]
+        previous = jnp.take_along_axis(proposal.tree.tokens, last[:, None], axis=1)[:, 0]
+        return DraftState(cache=cache, pending=jnp.where(kept, 1, pending),
+                          previous=jnp.where(kept, previous, state.previous))
 
 
 def _resize_vocab(params: dict, rows: int, vocab: int) -> dict:
