@@ -8,7 +8,8 @@ anything. XLA compiles for a GPU it does not have once it is given the GPU's des
 (a "compile-only" device): this script builds one for the target below, compiles the
 decode program of the Llama-3-8B shape (`h100`; its speculative step with a Llama-3.2-1B-
 shaped draft model on chain(4), `h100-draft`; the gpu-small target's, `h100-small`, or its
-prompt-lookup speculative step, `h100-lookup`) with 2 and 3 layers, and counts the kernels
+prompt-lookup and retrieval speculative steps, `h100-lookup` and `h100-retrieval`) with 2 and
+3 layers, and counts the kernels
 of the loop's body (a loop nested in it, such as a draft model's levels, times its trip
 count); the difference is one layer's kernels, the rest the step's own (sampling, stop tests,
 the logits head; drafting, the tree, acceptance, the commit for a speculative step).
@@ -23,8 +24,8 @@ CUDA libraries; jaxdec picks its kernels for the platform of the model's devices
 for a compile-only one). A compile-only device is never autotuned: matmuls get
 the compiler's default tiling (often split-K, whose reduction may be a kernel of its own
 or join its consumer), so a count can differ by a kernel or two from the device's, and the
-census says nothing about a kernel's time. `--preset cpu-tiny` (`cpu-tiny-lookup`, `-draft`)
-compile a tiny model for the CPU (what the tests run).
+census says nothing about a kernel's time. `--preset cpu-tiny` (`cpu-tiny-lookup`, `-draft`,
+`-retrieval`) compile a tiny model for the CPU (what the tests run).
 
 `h100-train-small` / `h100-train-base` count the same for one training step of the gpu-small /
 gpu-base target (`jaxdec train lm`'s compiled step, forward, backward and optimizer, cuDNN's
@@ -208,8 +209,9 @@ class Preset:
     prompt_len: int
     attention: tuple[str, ...]
     target: str | None  # a TARGETS key: compile for that GPU; None: this machine's devices
-    program: str = "generate"  # "lookup": speculative_generate with prompt lookup; "draft":
-    # with a draft model (`draft`) on chain(4); "train"
+    program: str = "generate"  # "lookup": speculative_generate with prompt lookup;
+    # "retrieval": with retrieval (`shaped_retrieval`); "draft": with a draft model (`draft`)
+    # on chain(4); "train"
     train_preset: str | None = None  # program "train": the jaxdec.train preset compiled
     draft: dict | None = None  # program "draft": the draft's ModelConfig fields (over model's)
 
@@ -244,6 +246,11 @@ def presets() -> dict[str, Preset]:
         "h100-lookup": Preset("gpu-small target shape, bf16, a prompt-lookup speculative step "
                               "(its default tree) after a 200-token prompt", gpu_small, (1,),
                               200, ("reference", "pallas"), "h100", program="lookup"),
+        "h100-retrieval": Preset("gpu-small target shape, bf16, a retrieval speculative step "
+                                 "(its default tree; a datastore of ~25M tokens, about "
+                                 "gpu-small's training corpus) after a 200-token prompt",
+                                 gpu_small, (1,), 200, ("pallas",), "h100",
+                                 program="retrieval"),
         "h100-train-small": _train_preset("gpu-small", "h100"),
         "h100-train-base": _train_preset("gpu-base", "h100"),
         "cpu-tiny-train": _train_preset("cpu-tiny", None),
@@ -251,6 +258,8 @@ def presets() -> dict[str, Preset]:
                            TINY, (1, 2), 40, ("reference",), None),
         "cpu-tiny-lookup": Preset("tiny Llama shape, prompt lookup, this machine's CPU", TINY,
                                   (1,), 40, ("reference",), None, program="lookup"),
+        "cpu-tiny-retrieval": Preset("tiny Llama shape, retrieval, this machine's CPU", TINY,
+                                     (1,), 40, ("reference",), None, program="retrieval"),
         "cpu-tiny-draft": Preset("tiny Llama shape, a 1-layer draft on chain(4), this "
                                  "machine's CPU", TINY, (1,), 40, ("reference",), None,
                                  program="draft", draft=dict(num_layers=1)),
@@ -350,8 +359,9 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
                    devices, new_tokens: int = 128, program: str = "generate",
                    draft: dict | None = None) -> str:
     """The compiled HLO text of `jaxdec.generate`'s program for these shapes (`program`
-    "lookup": `jaxdec.speculative_generate`'s with prompt lookup; "draft": with a draft model
-    of the fields `draft` changes, on chain(4))."""
+    "lookup": `jaxdec.speculative_generate`'s with prompt lookup; "retrieval": with retrieval
+    from a datastore of `RETRIEVAL_TOKENS`; "draft": with a draft model of the fields `draft`
+    changes, on chain(4))."""
     import jax.numpy as jnp
 
     import jaxdec
@@ -367,6 +377,10 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
         return jaxdec.speculative_generate(model, PromptLookup(), prompts,
                                            max_new_tokens=new_tokens,
                                            compile_only=True).as_text()
+    if program == "retrieval":
+        return jaxdec.speculative_generate(model, shaped_retrieval(RETRIEVAL_TOKENS), prompts,
+                                           max_new_tokens=new_tokens,
+                                           compile_only=True).as_text()
     if program == "draft":
         small = config.replace(**draft)
         drafter = DraftModel(jaxdec.abstract_model(small, dtype=jnp.bfloat16, mesh=mesh)
@@ -375,6 +389,26 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
                                            tree=jaxdec.tree.chain(4),
                                            compile_only=True).as_text()
     return jaxdec.generate(model, prompts, max_new_tokens=new_tokens, compile_only=True).as_text()
+
+
+# About the tokens of gpu-small's training corpus (96 MB of text): the datastore's size is the
+# only shape of a retrieval step it sets (its binary searches take log2(size) steps).
+RETRIEVAL_TOKENS = 25_000_000
+
+
+def shaped_retrieval(size: int):
+    """A `Retrieval` drafter (default settings) whose datastore of `size` tokens is shapes only:
+    it compiles programs, builds nothing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxdec.drafters import Retrieval
+
+    tiny = Retrieval(np.arange(8, dtype=np.int32))
+    tail = tiny.tokens.shape[0] - tiny.suffixes.shape[0]  # the sentinel tail past the stream
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tiny), [
+        jax.ShapeDtypeStruct((size + tail,), jnp.int32), jax.ShapeDtypeStruct((size,), jnp.int32)])
 
 
 def census(preset: Preset, devices, compile_only: bool, layers: int = 2) -> list[dict]:
@@ -409,7 +443,8 @@ def render_markdown(records: list[dict]) -> str:
     lines = ["# Kernel census", "",
              "Kernels of one step of a compiled generate loop (the loop's body), counted from "
              "the program's HLO: no kernel was run or timed. `generate`: plain decoding; "
-             "`lookup`: a speculative step with prompt lookup; `draft`: one with a draft "
+             "`lookup`: a speculative step with prompt lookup; `retrieval`: one with "
+             "retrieval (a datastore of ~25M tokens); `draft`: one with a draft "
              "model on chain(4) (its levels' kernels in the step's own). Per layer (of the "
              "target) = the difference between programs of 3 and 2 layers; the step's own = "
              "the rest.", "",

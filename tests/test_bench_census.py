@@ -98,6 +98,11 @@ def test_cpu_tiny_census(tmp_path):
     (draft,) = json.loads((tmp_path / "census-cpu.json").read_text())[len(merged):]
     assert draft["program"] == "draft" and draft["step_own_kernels"] >= 4 * 7
     assert draft["kernels_per_layer"] >= records[0]["kernels_per_layer"]
+    # A retrieval step compiles from a datastore of shapes only (RETRIEVAL_TOKENS of them).
+    assert census.main(["--preset", "cpu-tiny-retrieval", "--out", str(tmp_path)]) == 0
+    (retrieval,) = json.loads((tmp_path / "census-cpu.json").read_text())[len(merged) + 1:]
+    assert retrieval["program"] == "retrieval"
+    assert retrieval["kernels_per_step"] > records[0]["kernels_per_step"]
 
 
 def test_cpu_tiny_training_step_census(tmp_path):

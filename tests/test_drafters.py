@@ -73,6 +73,35 @@ def test_suffix_search_hand_computed():
     assert found == [[[1, 4], [], [0, 3]], [[1], [4], [0, 3]]]
 
 
+@pytest.mark.parametrize("size", [2, 7, 8, 9, 63, 64, 65, 700])
+def test_suffix_search_against_brute_force(size):
+    """The 8-ary search's bounds equal counting the suffixes below the query (<= where
+    strict), for datastore sizes around the powers of 8 and queries of every width."""
+    rng = np.random.default_rng(size)
+    n = 3
+    stream = rng.integers(0, 4, size).astype(np.int32)
+    padded = np.concatenate([stream, np.full(n + 2, -1, np.int32)])
+    order = _suffix_order(padded, size, n)
+    # Queries: n-grams that occur (from the stream) and random ones, widths 1..n.
+    starts = rng.integers(0, size, 12)
+    queries = np.concatenate([padded[starts[:, None] + np.arange(n)],
+                              rng.integers(0, 5, (12, n))]).astype(np.int32)
+    queries = np.where(queries < 0, 0, queries)
+    Q = 2 * n
+    query = np.broadcast_to(queries, (Q,) + queries.shape)
+    widths = np.repeat(np.arange(1, n + 1), 2)
+    strict = np.tile([False, True], n)
+    got = np.asarray(_search(jnp.asarray(padded), jnp.asarray(order), jnp.asarray(query),
+                             jnp.asarray(widths), strict=jnp.asarray(strict)))
+    for q in range(Q):
+        w = widths[q]
+        keys = [tuple(padded[i:i + w]) for i in order]
+        for b, row in enumerate(queries):
+            target = tuple(row[:w])
+            want = sum(k <= target if strict[q] else k < target for k in keys)
+            assert got[q, b] == want, (q, b)
+
+
 def test_retrieval_proposes_continuations():
     stream = np.array([5, 1, 2, 3, 4, 0, 7, 1, 2, 8, 9, 0], np.int32)
     drafter = Retrieval(stream, max_ngram=2, min_ngram=1, depth=3, num_candidates=2)

@@ -9,7 +9,6 @@ continuations are picked more often, are merged into one tree by shared prefix.
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -80,13 +79,18 @@ class Retrieval(Drafter):
         return candidates_topology(self.num_candidates, self.depth)
 
     def prepare(self, target) -> "Retrieval":
-        """Checks the ids against the target and copies the datastore onto its mesh once."""
+        """Checks the ids against the target and copies the datastore onto its mesh once. A
+        datastore of shapes only (`jax.ShapeDtypeStruct` leaves: programs compiled ahead with
+        `compile_only=True`) is given the mesh's replicated sharding."""
+        replicated = NamedSharding(target.mesh, PartitionSpec())
+        if isinstance(self.tokens, jax.ShapeDtypeStruct):
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self)
         if int(np.max(np.asarray(self.tokens))) >= target.config.vocab_size:
             raise ValueError(
                 f"the datastore has token ids >= the target's vocabulary size "
                 f"{target.config.vocab_size}: was it encoded with the target's tokenizer?"
             )
-        replicated = NamedSharding(target.mesh, PartitionSpec())
         return Retrieval(jax.device_put(self.tokens, replicated), max_ngram=self.max_ngram,
                          min_ngram=self.min_ngram, depth=self.depth,
                          num_candidates=self.num_candidates,
@@ -139,37 +143,46 @@ def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
     return np.lexsort(keys[::-1]).astype(np.int32)
 
 
+# Probes per search step: a step narrows the range 8-fold, so a 25M-token datastore takes 9
+# steps (one kernel each on a GPU) instead of a binary search's 25.
+SEARCH_BRANCHES = 8
+
+
 def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
     """Per query and row, the first suffix index whose first `width` tokens are >= the query's
-    (> where `strict`): Q binary searches side by side ([Q, B] results), unrolled (a device
-    loop on a GPU launches each iteration's kernels from the host, one iteration at a time,
-    so tiny iterations cost launches, not work; this one has ~log2(size) steps)."""
+    (> where `strict`): Q searches side by side ([Q, B] results).
+
+    Branch-free and unrolled, `SEARCH_BRANCHES`-ary: the count of suffixes below the query
+    grows, at each step, by the stride (a power of SEARCH_BRANCHES, largest first) times the
+    number of the step's probes (count + j * stride - 1, j = 1..SEARCH_BRANCHES - 1) still
+    below it. Each step is element-wise (gathers, compares, selects: one fusion on a GPU, and
+    its probes' memory reads overlap), and a device loop is avoided (on a GPU it launches
+    each iteration's kernels from the host, one iteration at a time)."""
     Q, B, n = query_QBn.shape
     size = suffixes.shape[0]
-    compared = jnp.arange(n)[None, None, :] < width_Q[:, None, None]  # [Q, 1, n]
+    compared = jnp.arange(n)[None, :] < width_Q[:, None]  # [Q, n]
     strict = jnp.asarray(strict)[:, None]
 
-    def compare(mid):  # -1, 0, +1: suffix at `mid` vs the query, on its width
-        start = jnp.take(suffixes, jnp.clip(mid, 0, size - 1))
-        window = jnp.take(tokens, start[..., None] + jnp.arange(n))
-        differs = (window != query_QBn) & compared
-        first = jnp.argmax(differs, axis=-1)
-        diff = jnp.take_along_axis(window - query_QBn, first[..., None], axis=-1)[..., 0]
-        return jnp.where(jnp.any(differs, axis=-1), jnp.sign(diff), 0)
+    def below(index):  # the suffix at `index` < the query on its width (<= where strict)
+        start = jnp.take(suffixes, jnp.minimum(index, size - 1))
+        # Token by token from the last: an earlier difference overrides a later one (no
+        # reduction over the n-gram, which would end a fusion).
+        order = jnp.zeros((Q, B), jnp.int32)
+        for j in reversed(range(n)):
+            diff = jnp.sign(jnp.take(tokens, start + j) - query_QBn[..., j])
+            order = jnp.where(compared[:, j, None] & (diff != 0), diff, order)
+        return (index < size) & jnp.where(strict, order <= 0, order < 0)
 
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        c = compare(mid)
-        go_right = jnp.where(strict, c <= 0, c < 0)
-        active = lo < hi
-        return (jnp.where(active & go_right, mid + 1, lo),
-                jnp.where(active & ~go_right, mid, hi))
-
-    bounds = (jnp.zeros((Q, B), jnp.int32), jnp.full((Q, B), size, jnp.int32))
-    steps = max(1, math.ceil(math.log2(size + 1))) + 1
-    lo, _ = jax.lax.fori_loop(0, steps, step, bounds, unroll=True)
-    return lo
+    count = jnp.zeros((Q, B), jnp.int32)
+    stride = 1
+    while stride * SEARCH_BRANCHES <= size:
+        stride *= SEARCH_BRANCHES
+    while stride:  # the answer lies in [count, count + SEARCH_BRANCHES * stride)
+        passed = sum(below(count + j * stride - 1).astype(jnp.int32)
+                     for j in range(1, SEARCH_BRANCHES))
+        count = count + passed * stride
+        stride //= SEARCH_BRANCHES
+    return count
 
 
 def _unflatten(aux, children) -> Retrieval:
