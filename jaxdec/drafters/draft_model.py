@@ -228,8 +228,9 @@ class DraftModel(Drafter):
                        kind: ProposalKind, sampler):
         """A chain, one token per level (see the module docstring). Node d sits at the
         target's slot and position length + d; the draft's cache is `pending` tokens behind.
-        Near the end of the cache a level's slot may lie past it (a single row's write is then
-        shifted onto the last slots): only nodes past the end, never accepted, read those."""
+        Near the end of the cache a level's slot may lie past it (a single row's one-token
+        write is then shifted onto the last slot): only nodes past the end, never accepted,
+        read that slot afterwards."""
         B, N, D = root_B.shape[0], topology.num_nodes, topology.max_depth
         V = self.target_vocab or self.model.config.vocab_size
         template = topology.template(B)
@@ -248,8 +249,8 @@ class DraftModel(Drafter):
             return tokens, valid, q
 
         # The first level runs [held-back token, root] where one is pending, else [root, a
-        # placeholder the root cannot see, whose keys and values the next level overwrites];
-        # it reads the root's logits only.
+        # placeholder the root cannot see, past the draft's length: overwritten before any
+        # forward sees it]; it reads the root's logits only.
         first = jnp.stack([jnp.where(pending == 1, state.previous, root_B), root_B], axis=1)
         positions = state.cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
         logits, _, cache = forward_with_cache(
