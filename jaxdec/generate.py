@@ -32,6 +32,10 @@ from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 
 MIN_BUCKET = 16
+# A default cache's slots are a multiple of this: the attention kernels' key blocks divide it
+# (the TPU kernel's must; the Triton kernel's last block is then whole) and the Hopper kernel's
+# copies, which need a multiple of 8, take it.
+CACHE_SLOT_MULTIPLE = 64
 _POW2_BUCKETS_UP_TO = 1024  # powers of two up to here, then multiples of this
 
 
@@ -339,7 +343,8 @@ def generate(
       stop_tokens: ids that end a row (the stop token is kept), shared by all rows, or one
         list per row.
       pad_id: written after a row stops.
-      max_len: cache capacity (default: the prompt bucket + max_new_tokens).
+      max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
+        multiple of 64).
       stream: host function called after each step with (step, tokens[B], active[B]); passing
         a new function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).
@@ -391,7 +396,8 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     """Validates everything before tracing and lays the prompts out.
 
     The cache needs (longest prompt + max_new_tokens - 1) slots; by default it gets the
-    prompt bucket + max_new_tokens + `extra_slots` (room a speculative tree writes ahead).
+    prompt bucket + max_new_tokens + `extra_slots` (room a speculative tree writes ahead),
+    rounded up to a multiple of `CACHE_SLOT_MULTIPLE`.
     """
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
@@ -413,6 +419,7 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     bucket = bucket_length(longest)
     if max_len is None:
         max_len = bucket + max_new_tokens + extra_slots
+        max_len = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
     elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < needed - 1:
         raise ValueError(
             f"max_len={max_len!r} is too small: the longest prompt ({longest}) + max_new_tokens "

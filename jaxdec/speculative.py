@@ -253,7 +253,8 @@ def speculative_generate(
         drafter pick. For PromptLookup / Retrieval it is the node and depth budget.
       stop_tokens: ids that end a row (kept), shared or per row.
       pad_id: written after a row stops.
-      max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes).
+      max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes,
+        rounded up to a multiple of 64).
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.

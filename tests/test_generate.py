@@ -52,6 +52,25 @@ def test_bucket_lengths():
         16, 16, 32, 1024, 1024, 2048, 5120]
 
 
+def test_default_cache_sizes_are_block_multiples(loaded):
+    """A default cache holds the prompt bucket, the new tokens and a tree's scratch slots,
+    rounded up to a multiple of 64 (the kernels' key blocks; the Hopper kernel needs 8); an
+    explicit max_len is kept as given."""
+    from jaxdec.generate import CACHE_SLOT_MULTIPLE, prepare_batch
+
+    model = loaded(VARIANT)
+    assert CACHE_SLOT_MULTIPLE % 8 == 0
+    for lengths, new, extra in (((5, 2), 6, 0), ((20,), 44, 0), ((20,), 45, 0), ((30,), 40, 19)):
+        batch = prepare_batch(model, _prompts(lengths), max_new_tokens=new, stop_tokens=(),
+                              pad_id=0, max_len=None, extra_slots=extra)
+        least = bucket_length(max(lengths)) + new + extra
+        assert batch.max_len % CACHE_SLOT_MULTIPLE == 0
+        assert least <= batch.max_len < least + CACHE_SLOT_MULTIPLE
+    given = prepare_batch(model, _prompts((5,)), max_new_tokens=6, stop_tokens=(), pad_id=0,
+                          max_len=11)
+    assert given.max_len == 11
+
+
 def test_stop_tokens_shared_and_per_row(loaded):
     model = loaded(VARIANT)
     prompts = _prompts((4, 6))
