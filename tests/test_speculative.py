@@ -242,7 +242,8 @@ def test_tensor_parallel_greedy_matches_tp1(tp, hf_checkpoints, loaded):
     prompts = _prompts() + _repetitive_prompts()[:1]
     expected = jaxdec.generate(reference, prompts, max_new_tokens=12).tokens
     model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(tp=tp))
-    for drafter, topology in ((DraftModel(reference), tree.kary(2, 2)), (PromptLookup(), None)):
+    for drafter, topology in ((DraftModel(reference), tree.kary(2, 2)),
+                              (DraftModel(reference), tree.chain(3)), (PromptLookup(), None)):
         got = jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=12,
                                           tree=topology)
         np.testing.assert_array_equal(got.tokens, expected)
