@@ -117,6 +117,21 @@ def test_a_single_row_reaches_the_end_of_the_cache(name, loaded, unrelated_draft
         np.testing.assert_array_equal(spec.tokens, plain.tokens)
 
 
+@pytest.mark.parametrize("topology", [tree.chain(4), tree.kary(2, 2)], ids=["chain", "tree"])
+def test_a_sliding_window_model_drafting_for_itself(loaded, topology):
+    """Mistral with a window (6) much shorter than the sequences, as its own draft: the draft's
+    levels and the verification see exactly the keys plain decoding sees (every draft is
+    accepted, the tokens are the same), for a batch (with a 1-token prompt) and a single row."""
+    model = loaded("mistral-window")
+    prompts = _prompts(lengths=(3, 14, 1))
+    plain = jaxdec.generate(model, prompts, max_new_tokens=20)
+    for rows in (slice(None), slice(1, 2)):
+        spec = jaxdec.speculative_generate(model, DraftModel(model), prompts[rows],
+                                           max_new_tokens=20, tree=topology)
+        np.testing.assert_array_equal(spec.tokens, plain.tokens[rows])
+        np.testing.assert_allclose(spec.stats.acceptance_by_depth, 1.0)
+
+
 @pytest.mark.parametrize("topology", [tree.kary(2, 2), tree.chain(3)], ids=["tree", "chain"])
 def test_target_cache_equals_plain_decoding(loaded, topology):
     """The tree as the target's own draft (every node accepted); the chain with an unrelated
