@@ -32,10 +32,11 @@ from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 
 MIN_BUCKET = 16
-# A default cache's slots are a multiple of this: the attention kernels' key blocks divide it
-# (the TPU kernel's must; the Triton kernel's last block is then whole) and the Hopper kernel's
-# copies, which need a multiple of 8, take it.
-CACHE_SLOT_MULTIPLE = 64
+# A default cache's slots are a multiple of this: the Hopper kernel's copies need it, and the
+# TPU kernel's key blocks (which must divide the cache) get at least 8 slots. Not more: on the
+# compile-only H100 the gpu-small lookup step's reference attention took 2 more kernels per
+# layer with a 448-slot cache (64 x 7) than with 403 or 408 (XLA's untuned split-K choices).
+CACHE_SLOT_MULTIPLE = 8
 _POW2_BUCKETS_UP_TO = 1024  # powers of two up to here, then multiples of this
 
 
@@ -344,7 +345,7 @@ def generate(
         list per row.
       pad_id: written after a row stops.
       max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
-        multiple of 64).
+        multiple of 8).
       stream: host function called after each step with (step, tokens[B], active[B]); passing
         a new function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).

@@ -254,7 +254,7 @@ def speculative_generate(
       stop_tokens: ids that end a row (kept), shared or per row.
       pad_id: written after a row stops.
       max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes,
-        rounded up to a multiple of 64).
+        rounded up to a multiple of 8).
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.

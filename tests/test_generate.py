@@ -54,8 +54,8 @@ def test_bucket_lengths():
 
 def test_default_cache_sizes_are_block_multiples(loaded):
     """A default cache holds the prompt bucket, the new tokens and a tree's scratch slots,
-    rounded up to a multiple of 64 (the kernels' key blocks; the Hopper kernel needs 8); an
-    explicit max_len is kept as given."""
+    rounded up to a multiple of 8 (the Hopper kernel's copies; the TPU kernel's blocks divide
+    the cache); an explicit max_len is kept as given."""
     from jaxdec.generate import CACHE_SLOT_MULTIPLE, prepare_batch
 
     model = loaded(VARIANT)
