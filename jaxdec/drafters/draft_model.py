@@ -177,9 +177,10 @@ class DraftModel(Drafter):
         K = topology.max_children
         V = self.target_vocab or self.model.config.vocab_size
         # Level ell reads the logits of its own nodes only (depth ell, padded to the widest
-        # level); `place[i]`: node i's row among its level's.
+        # level); `place[i]`: node i's row among its level's. (A tree that is not a chain has
+        # D >= 1.)
         levels = [np.flatnonzero(depth == d) for d in range(D)]
-        level_nodes = np.zeros((max(D, 1), max((len(n) for n in levels), default=1)), np.int32)
+        level_nodes = np.zeros((D, max(len(n) for n in levels)), np.int32)
         place = np.zeros(N, np.int32)
         for d, nodes in enumerate(levels):
             level_nodes[d, : len(nodes)] = nodes
