@@ -4,6 +4,7 @@
     jaxdec generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
                     [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
+                    [--stream]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
     jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                      default="auto", help="attention implementation (auto: the Pallas "
                      "tree-attention kernel on GPU/TPU, the jnp reference on CPU)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    gen.add_argument("--stream", action="store_true",
+                     help="print the text as it is produced (a host round trip every step, "
+                     "included in the tokens/s)")
     method = gen.add_mutually_exclusive_group()
     method.add_argument("--draft", default=None,
                         help="speculative decoding with this draft model (HF directory)")
@@ -105,14 +109,19 @@ def _generate(args) -> None:
                   stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
                   return_timings=True)
     drafter = _drafter(args, model)
+    stream = _TextStream(model.tokenizer, args.prompt) if args.stream else None
     started = time.perf_counter()
     if drafter is None:
-        result = jaxdec.generate(model, [prompt], **common)
+        result = jaxdec.generate(model, [prompt], stream=stream, **common)
     else:
-        result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology, **common)
+        result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
+                                             stream=stream, **common)
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
-    print(args.prompt + model.tokenizer.decode(tokens))
+    if stream is None:
+        print(args.prompt + model.tokenizer.decode(tokens))
+    else:
+        stream.finish(tokens)
     rate = result.decode_tokens_per_s
     facts = [f"{len(tokens)} tokens",
              f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"]
@@ -121,6 +130,42 @@ def _generate(args) -> None:
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
     print("[" + ", ".join(facts) + "]")
+
+
+class _TextStream:
+    """Prints one row's text as its tokens arrive: a `stream` for `generate` (a token and an
+    active flag per row) and for `speculative_generate` (tokens and a count per row). Steps
+    are taken in order (on a multi-device mesh the callbacks may come out of order), and a
+    piece whose text ends inside a character (an incomplete UTF-8 sequence decodes to U+FFFD)
+    waits for the next one."""
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        self.pending, self.next_step = {}, 0
+        print(prompt, end="", flush=True)
+
+    def __call__(self, step, tokens, counts):
+        if tokens.ndim == 1:  # generate: one token, shown while the row is active
+            self.pending[int(step)] = [int(tokens[0])] if counts[0] else []
+        else:
+            self.pending[int(step)] = tokens[0, : int(counts[0])].tolist()
+        while self.next_step in self.pending:
+            self.tokens += self.pending.pop(self.next_step)
+            self.next_step += 1
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            self._show(text)
+
+    def _show(self, text: str) -> None:
+        # (Rarely, decoding more tokens changes text already shown: that stays as shown.)
+        print(text[len(self.shown):], end="", flush=True)
+        self.shown = text
+
+    def finish(self, tokens: list[int]) -> None:
+        """Ends the line; `tokens` (the result's) shows what no step showed yet."""
+        self.tokens = list(tokens)
+        self._show(self.tokenizer.decode(self.tokens))
+        print(flush=True)
 
 
 def _drafter(args, model):

@@ -346,8 +346,10 @@ def generate(
       pad_id: written after a row stops.
       max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
         multiple of 8).
-      stream: host function called after each step with (step, tokens[B], active[B]); passing
-        a new function object recompiles.
+      stream: host function called after each step with (step, tokens[B], active[B]) (numpy
+        arrays; the first call, step 0, gets the prefill's tokens): a row's new token, and
+        whether the row produced it (a row that stopped gets pad_id and False). Passing a new
+        function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).
       compile_only: compile the program for these prompts' shapes and these settings, run
         nothing and return the compiled program (a `jax.stages.Compiled`: its `as_text()`,
@@ -369,8 +371,8 @@ def generate(
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
     args = (model, batch.tokens, batch.lengths, cache, key, batch.stop)
-    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id, stream=stream,
-                    timed=return_timings)
+    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
+                    stream=real_rows_stream(stream, batch), timed=return_timings)
     if compile_only:
         return _program.lower(*args, **settings).compile()
     ((out, n_gen), _), stamps = _program(*args, **settings)
@@ -390,6 +392,23 @@ class Batch:
     stop: np.ndarray
     size: int
     max_len: int
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_of(stream: Callable, size: int) -> Callable:
+    # Cached, so the same stream and batch give the same (static) function: no recompile.
+    def stream_rows(step, *per_row):
+        return stream(step, *(x[:size] for x in per_row))
+
+    return stream_rows
+
+
+def real_rows_stream(stream: Callable | None, batch: Batch) -> Callable | None:
+    """`stream` called with the caller's rows only: the rows `prepare_batch` adds to fill the
+    mesh's dp axis are cut off every argument after the step."""
+    if stream is None or batch.tokens.shape[0] == batch.size:
+        return stream
+    return _rows_of(stream, batch.size)
 
 
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,

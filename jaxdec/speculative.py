@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from jax.experimental import io_callback
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
-                             read_timings)
+                             read_timings, real_rows_stream)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -107,12 +108,14 @@ def speculative_padded(
     sampler: Greedy | Sampler,
     topology: Topology,
     pad_id: int = 0,
+    stream: Callable | None = None,
     timed: bool = False,
     profile: bool = False,
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
-    `drafter` must already be `prepare`d for the target. `timed` reads two host timestamps
+    `drafter` must already be `prepare`d for the target. `stream`, when given, is called
+    after every step (see `speculative_generate`). `timed` reads two host timestamps
     (after the start and after the prefill); `profile` also times drafting and verifying in
     every step (a host round trip each: it slows the loop). Returns ((tokens, lengths),
     statistics arrays, cache, timestamps or None).
@@ -120,6 +123,8 @@ def speculative_padded(
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
     kind = drafter.proposal_kind(sampler, topology)
+    # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
+    ordered = target.mesh.size == 1
     tokens_BT = tokens_BT.astype(jnp.int32)
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
     stamps = []
@@ -182,6 +187,9 @@ def speculative_padded(
         keep = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, verdict.n_path)
         keep = jnp.minimum(keep, max_new_tokens - s.n_gen_B)
         keep = jnp.where(active, keep, 0)
+        if stream is not None:
+            new = jnp.where(index < keep[:, None], emitted, pad_id)
+            jax.debug.callback(stream, s.step, new, keep, ordered=ordered)
 
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
@@ -213,14 +221,15 @@ def speculative_padded(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "timed", "profile"),
+    static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "stream", "timed",
+                     "profile"),
     donate_argnames=("cache",),
 )
 def _program(target, drafter, tokens, lengths, cache, key, stop, *, max_new_tokens, sampler,
-             topology, pad_id, timed, profile):
+             topology, pad_id, timed, profile, stream=None):
     return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
                               max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                              pad_id=pad_id, timed=timed, profile=profile)
+                              pad_id=pad_id, stream=stream, timed=timed, profile=profile)
 
 
 def speculative_generate(
@@ -235,6 +244,7 @@ def speculative_generate(
     stop_tokens=(),
     pad_id: int = 0,
     max_len: int | None = None,
+    stream: Callable | None = None,
     return_timings: bool = False,
     profile: bool = False,
     compile_only: bool = False,
@@ -255,6 +265,10 @@ def speculative_generate(
       pad_id: written after a row stops.
       max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes,
         rounded up to a multiple of 8).
+      stream: host function called after each step with (step, tokens[B, D + 1], counts[B])
+        (numpy arrays; D = the tree's depth): row b's new tokens are tokens[b, :counts[b]],
+        from 1 to D + 1 a step while the row runs, none once it has stopped (pad_id fills
+        the rest). Passing a new function object recompiles.
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
@@ -271,6 +285,8 @@ def speculative_generate(
             f"got {type(drafter).__name__}"
         )
     check_compile_only(compile_only, target=target, drafter=drafter)
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be callable")
     topology = drafter.default_topology() if tree is None else as_topology(tree)
     kind = drafter.proposal_kind(sampler, topology)
     check_proposal(kind, topology)
@@ -282,7 +298,8 @@ def speculative_generate(
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                    pad_id=pad_id, timed=return_timings, profile=profile)
+                    pad_id=pad_id, stream=real_rows_stream(stream, batch),
+                    timed=return_timings, profile=profile)
     if compile_only:
         return _program.lower(*args, **settings).compile()
     (out, n_gen), stats, _, stamps = _program(*args, **settings)

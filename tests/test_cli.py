@@ -74,9 +74,60 @@ def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, me
     assert "tokens per target forward" in stats
 
 
+@pytest.mark.parametrize("method", [[], ["--prompt-lookup"]], ids=["plain", "speculative"])
+def test_streamed_text_is_the_printed_text(tokenized_checkpoint, capsys, monkeypatch, method):
+    base = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+            "--max-new-tokens", "8", "--ignore-eos", *method]
+    assert main(base) == 0
+    printed = capsys.readouterr().out.strip().split("\n")[-2]
+    pieces = []
+    real_print = print
+
+    def spy(*args, **kwargs):  # each piece as the stream prints it
+        pieces.append(args[0] if args else "")
+        real_print(*args, **kwargs)
+
+    monkeypatch.setattr("builtins.print", spy)
+    assert main(base + ["--stream"]) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    assert text == printed and "8 tokens" in stats
+    assert len([piece for piece in pieces if piece]) > 2  # the prompt, then piece by piece
+
+
 def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
     base = ["generate", "--model", tokenized_checkpoint, "--prompt", "x"]
     assert main(base + ["--tree", "chain:3"]) == 2
     assert "--tree needs a speculative method" in capsys.readouterr().err
     assert main(base + ["--prompt-lookup", "--tree", "star"]) == 2
     assert "bad tree spec" in capsys.readouterr().err
+
+
+def test_text_stream_orders_steps_and_waits_for_whole_characters(capsys):
+    """Callbacks out of step order (a multi-device mesh) and a character split between
+    steps: the text comes out in order, never with a replacement character."""
+    import numpy as np
+
+    from jaxdec.cli import _TextStream
+
+    class Bytes:  # a tokenizer whose tokens are UTF-8 bytes
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "añb€c"
+    ids = list(text.encode())  # a, 2 bytes, b, 3 bytes, c
+    stream = _TextStream(Bytes(), "> ")
+    pieces = [ids[0:2], ids[2:5], ids[5:7], ids[7:8]]
+    shown = capsys.readouterr().out
+    for step in (1, 0, 3, 2):  # speculative form: tokens [1, 3] and a count
+        piece = pieces[step]
+        stream(step, np.array([piece + [0] * (3 - len(piece))]), np.array([len(piece)]))
+        shown += capsys.readouterr().out
+        assert "\ufffd" not in shown
+    assert shown == "> " + text
+    stream.finish(ids)
+    assert capsys.readouterr().out == "\n"  # everything was shown already
+    stream = _TextStream(Bytes(), "")
+    for step, token in enumerate(ids):  # generate's form: one token and an active flag
+        stream(step, np.array([token]), np.array([True]))
+    stream(len(ids), np.array([0]), np.array([False]))
+    assert capsys.readouterr().out == text

@@ -99,6 +99,48 @@ def test_stop_tokens_and_the_end_of_the_cache(loaded):
     assert spec.lengths[1] == 16 and spec.lengths[0] < 16
 
 
+def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
+    """stream(step, tokens [B, D + 1], counts [B]) once a step, in order: each row's pieces
+    add up to its output, rows stop at their stop token, pad_id fills the rest."""
+    model = loaded(TARGET)
+    prompts = _prompts()
+    free = jaxdec.generate(model, prompts, max_new_tokens=16)
+    stops = [[int(free.tokens[0, 5])], [], []]
+    seen = []
+    result = jaxdec.speculative_generate(
+        model, DraftModel(unrelated_draft), prompts, max_new_tokens=16, stop_tokens=stops,
+        pad_id=-1, tree=tree.kary(2, 2),
+        stream=lambda step, tokens, counts: seen.append((int(step), tokens, counts)))
+    assert [step for step, *_ in seen] == list(range(result.stats.steps))
+    pieces = [[] for _ in prompts]
+    for _, tokens, counts in seen:
+        assert tokens.shape == (3, 3) and counts.shape == (3,)
+        for b, n in enumerate(counts):
+            assert 0 <= n <= 3 and (tokens[b, n:] == -1).all()
+            if len(pieces[b]) == result.lengths[b]:
+                assert n == 0  # a row that has stopped gets nothing more
+            pieces[b] += tokens[b, :n].tolist()
+    assert pieces == result.to_lists()
+    assert result.lengths[0] < 16 and pieces[0][-1] == stops[0][0]
+    assert any(n > 1 for *_, counts in seen for n in counts)  # some drafts were accepted
+
+
+def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
+    """On a dp = 2 mesh 3 prompts run as 4 rows; both loops' streams see the 3."""
+    model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(dp=2))
+    prompts = _prompts()
+    shapes = []
+    plain = jaxdec.generate(model, prompts, max_new_tokens=4,
+                            stream=lambda step, tokens, active: shapes.append(tokens.shape))
+    assert set(shapes) == {(3,)}
+    shapes.clear()
+    spec = jaxdec.speculative_generate(
+        model, PromptLookup(), prompts, max_new_tokens=4,
+        stream=lambda step, tokens, counts: shapes.append((tokens.shape, counts.shape)))
+    assert set(shapes) == {((3, 7), (3,))}
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+
+
 @pytest.mark.parametrize("name", ["self-chain", "unrelated-tree", "lookup"])
 def test_a_single_row_reaches_the_end_of_the_cache(name, loaded, unrelated_draft):
     """One row (its cache writes are in-place windows, not a batch's scatter) in the tightest
