@@ -125,6 +125,26 @@ def test_retrieval_from_texts(hf_checkpoints):
         Retrieval.from_texts([""], tokenizer)
 
 
+def test_retrieval_copies_its_datastore_once_per_mesh():
+    """Repeated calls reuse the datastore already on the target's devices (a mesh of its own
+    gets its own copy); the ids are still checked against each target's vocabulary, also
+    for a datastore rebuilt from its leaves (as jit does)."""
+    config = jaxdec.ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
+    target = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    drafter = Retrieval(np.array([1, 2, 3, 1, 2, 4, 9], np.int32), max_ngram=2)
+    placed = drafter.prepare(target)
+    assert isinstance(placed.tokens, jax.Array) and isinstance(placed.suffixes, jax.Array)
+    assert drafter.prepare(target) is placed and placed.prepare(target) is placed
+    on_two = jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=jaxdec.make_mesh(tp=2))
+    other = drafter.prepare(on_two)
+    assert other is not placed and other.tokens.sharding.mesh == on_two.mesh
+    small = jaxdec.init_model(config.replace(vocab_size=8), jax.random.PRNGKey(0))
+    for datastore in (drafter, placed, jax.tree.map(lambda x: x, placed)):
+        with pytest.raises(ValueError, match="encoded with the target's tokenizer"):
+            datastore.prepare(small)
+
+
 def test_candidates_topology_budget():
     t = candidates_topology(3, 2)
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3

@@ -28,11 +28,15 @@ class Retrieval(Drafter):
       max_ngram, min_ngram: the context n-gram lengths looked up, longest first.
       depth: tokens per candidate continuation.
       num_candidates: occurrences whose continuations are merged into the tree.
+
+    The datastore is copied onto a target's devices by the first `speculative_generate` on
+    its mesh and kept there (as long as this object lives) for the calls after it.
     """
 
     def __init__(self, tokens, *, max_ngram: int = 4, min_ngram: int = 1, depth: int = 6,
-                 num_candidates: int = 4, _suffixes=None):
-        # `_suffixes` is given only when the suffix order is already built (see `prepare`).
+                 num_candidates: int = 4, _suffixes=None, _max_id: int | None = None):
+        # `_suffixes` (and `_max_id`, the largest id) are given only when the suffix order is
+        # already built (see `prepare`).
         self.max_ngram, self.min_ngram, self.depth, self.num_candidates = lookup_settings(
             max_ngram, min_ngram, depth, num_candidates)
         if _suffixes is None:  # built on the host from a token stream
@@ -41,6 +45,7 @@ class Retrieval(Drafter):
                 raise ValueError("the datastore must be a 1-D integer token stream of >= 2 tokens")
             if stream.min() < 0:
                 raise ValueError("datastore token ids must be >= 0")
+            _max_id = int(stream.max())
             # A -1 sentinel tail, so reading past the end never matches a token.
             padded = np.concatenate([stream.astype(np.int32),
                                      np.full(self.max_ngram + self.depth, -1, np.int32)])
@@ -48,6 +53,8 @@ class Retrieval(Drafter):
             tokens = padded
         self.tokens = tokens
         self.suffixes = _suffixes
+        self._max_id = _max_id
+        self._placed = {}  # mesh -> this datastore on its devices
 
     @classmethod
     def from_texts(cls, texts, tokenizer, **kwargs) -> "Retrieval":
@@ -79,22 +86,32 @@ class Retrieval(Drafter):
         return candidates_topology(self.num_candidates, self.depth)
 
     def prepare(self, target) -> "Retrieval":
-        """Checks the ids against the target and copies the datastore onto its mesh once. A
-        datastore of shapes only (`jax.ShapeDtypeStruct` leaves: programs compiled ahead with
-        `compile_only=True`) is given the mesh's replicated sharding."""
+        """Checks the ids against the target and copies the datastore onto its mesh, once
+        per mesh (later calls get the same copy). A datastore of shapes only
+        (`jax.ShapeDtypeStruct` leaves: programs compiled ahead with `compile_only=True`) is
+        given the mesh's replicated sharding."""
         replicated = NamedSharding(target.mesh, PartitionSpec())
         if isinstance(self.tokens, jax.ShapeDtypeStruct):
             return jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), self)
-        if int(np.max(np.asarray(self.tokens))) >= target.config.vocab_size:
+        max_id = self._max_id
+        if max_id is None:  # a datastore rebuilt from its leaves
+            max_id = int(np.max(np.asarray(self.tokens)))
+        if max_id >= target.config.vocab_size:
             raise ValueError(
                 f"the datastore has token ids >= the target's vocabulary size "
                 f"{target.config.vocab_size}: was it encoded with the target's tokenizer?"
             )
-        return Retrieval(jax.device_put(self.tokens, replicated), max_ngram=self.max_ngram,
-                         min_ngram=self.min_ngram, depth=self.depth,
-                         num_candidates=self.num_candidates,
-                         _suffixes=jax.device_put(self.suffixes, replicated))
+        placed = self._placed.get(target.mesh)
+        if placed is None:
+            placed = Retrieval(jax.device_put(self.tokens, replicated), max_ngram=self.max_ngram,
+                               min_ngram=self.min_ngram, depth=self.depth,
+                               num_candidates=self.num_candidates,
+                               _suffixes=jax.device_put(self.suffixes, replicated),
+                               _max_id=max_id)
+            placed._placed[target.mesh] = placed
+            self._placed[target.mesh] = placed
+        return placed
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> History:
         return History.from_prompts(tokens_BT, prompt_lengths_B, max_len + 1)
@@ -189,6 +206,7 @@ def _unflatten(aux, children) -> Retrieval:
     drafter = object.__new__(Retrieval)  # no validation: leaves may be tracers or placeholders
     drafter.tokens, drafter.suffixes = children
     drafter.max_ngram, drafter.min_ngram, drafter.depth, drafter.num_candidates = aux
+    drafter._max_id, drafter._placed = None, {}
     return drafter
 
 
