@@ -145,6 +145,21 @@ def test_retrieval_copies_its_datastore_once_per_mesh():
             datastore.prepare(small)
 
 
+def test_draft_model_is_placed_on_a_mesh_once():
+    """A draft loaded on other devices than the target's is copied onto the target's mesh by
+    the first call and the copy reused by the calls after it."""
+    config = jaxdec.ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
+    draft = jaxdec.init_model(config, jax.random.PRNGKey(1))
+    drafter = DraftModel(draft)
+    on_one = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    on_two = jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=jaxdec.make_mesh(tp=2))
+    placed = drafter.prepare(on_two)
+    assert placed.model.mesh == on_two.mesh and placed.model is not draft
+    assert drafter.prepare(on_two) is placed and placed.prepare(on_two) is placed
+    assert drafter.prepare(on_one).model is draft  # already on that mesh: nothing copied
+
+
 def test_candidates_topology_budget():
     t = candidates_topology(3, 2)
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3

@@ -65,7 +65,8 @@ class DraftModel(Drafter):
 
     Args:
       model: the draft Model (e.g. from `jaxdec train draft`). Load it on the target's mesh
-        (`mesh=target.mesh`); otherwise every call copies it there first.
+        (`mesh=target.mesh`); otherwise the first call on a mesh copies it there (and the copy
+        is kept, as long as this object lives, for the calls after it).
       proposal: how children are chosen (see the module docstring).
       tree: the default tree when `speculative_generate` gets none (chain(4)).
     """
@@ -80,6 +81,7 @@ class DraftModel(Drafter):
         self.proposal = proposal
         self.tree = tree
         self.target_vocab = target_vocab
+        self._placed = {}  # (mesh, target vocabulary) -> the draft prepared for it
 
     def _replace(self, **changes) -> "DraftModel":
         fields = dict(model=self.model, proposal=self.proposal, tree=self.tree,
@@ -100,9 +102,13 @@ class DraftModel(Drafter):
         return ProposalKind.IID if topology.max_children == 1 else ProposalKind.WITHOUT_REPLACEMENT
 
     def prepare(self, target: Model) -> "DraftModel":
-        """Checks the vocabularies and places the draft on the target's mesh."""
+        """Checks the vocabularies and places the draft on the target's mesh (once per mesh:
+        later calls get the same copy)."""
         draft = self.model
         check_vocabularies(target, draft)
+        key = (target.mesh, target.config.vocab_size)
+        if key in self._placed:
+            return self._placed[key]
         if draft.mesh != target.mesh:
             if is_abstract(draft):
                 raise ValueError("an abstract draft model (jaxdec.abstract_model) must be built "
@@ -121,7 +127,9 @@ class DraftModel(Drafter):
             draft = Model(config=draft.config, params=params, mesh=target.mesh,
                           tokenizer=draft.tokenizer, attention=draft.attention,
                           matmul=draft.matmul)
-        return self._replace(model=draft, target_vocab=target.config.vocab_size)
+        prepared = self._replace(model=draft, target_vocab=target.config.vocab_size)
+        prepared._placed[key] = self._placed[key] = prepared
+        return prepared
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):
         """The draft's cache with every prompt token but the last (like the target's)."""
@@ -346,6 +354,7 @@ def _unflatten(aux, children) -> DraftModel:
     draft = object.__new__(DraftModel)  # no validation: leaves may be tracers or placeholders
     (draft.model,) = children
     draft.proposal, draft.tree, draft.target_vocab = aux
+    draft._placed = {}
     return draft
 
 
