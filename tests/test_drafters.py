@@ -1,6 +1,8 @@
 """Drafters in isolation: prompt-lookup matches, retrieval suffix search, and the draft
 model's level-by-level tree drafting, against hand-computed expectations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,6 +160,22 @@ def test_draft_model_is_placed_on_a_mesh_once():
     assert placed.model.mesh == on_two.mesh and placed.model is not draft
     assert drafter.prepare(on_two) is placed and placed.prepare(on_two) is placed
     assert drafter.prepare(on_one).model is draft  # already on that mesh: nothing copied
+
+
+def test_draft_model_checks_a_target_tokenizer_once(loaded, monkeypatch):
+    """The vocabularies are compared once per target tokenizer, not on every call."""
+    from jaxdec.drafters import draft_model
+
+    calls = []
+    check = draft_model.check_vocabularies
+    monkeypatch.setattr(draft_model, "check_vocabularies",
+                        lambda target, draft: calls.append(target) or check(target, draft))
+    model = loaded("llama-gqa")
+    drafter = DraftModel(model)
+    first = drafter.prepare(model)
+    assert drafter.prepare(model) is first and calls == [model]
+    retokenized = dataclasses.replace(model, tokenizer=object())  # checked again
+    assert drafter.prepare(retokenized) is first and calls == [model, retokenized]
 
 
 def test_candidates_topology_budget():

@@ -81,7 +81,8 @@ class DraftModel(Drafter):
         self.proposal = proposal
         self.tree = tree
         self.target_vocab = target_vocab
-        self._placed = {}  # (mesh, target vocabulary) -> the draft prepared for it
+        # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
+        self._placed = {}
 
     def _replace(self, **changes) -> "DraftModel":
         fields = dict(model=self.model, proposal=self.proposal, tree=self.tree,
@@ -102,13 +103,18 @@ class DraftModel(Drafter):
         return ProposalKind.IID if topology.max_children == 1 else ProposalKind.WITHOUT_REPLACEMENT
 
     def prepare(self, target: Model) -> "DraftModel":
-        """Checks the vocabularies and places the draft on the target's mesh (once per mesh:
-        later calls get the same copy)."""
+        """Checks the vocabularies and places the draft on the target's mesh, once per mesh
+        and target tokenizer: later calls get the same copy (where the vocabulary sizes
+        differ, the check compares the two tokenizers: 0.6 s for 128K entries on a CPU core)."""
         draft = self.model
-        check_vocabularies(target, draft)
         key = (target.mesh, target.config.vocab_size)
-        if key in self._placed:
-            return self._placed[key]
+        checked, prepared = self._placed.get(key, (None, None))
+        if prepared is not None and checked is target.tokenizer:
+            return prepared
+        check_vocabularies(target, draft)
+        if prepared is not None:
+            self._placed[key] = (target.tokenizer, prepared)
+            return prepared
         if draft.mesh != target.mesh:
             if is_abstract(draft):
                 raise ValueError("an abstract draft model (jaxdec.abstract_model) must be built "
@@ -128,7 +134,7 @@ class DraftModel(Drafter):
                           tokenizer=draft.tokenizer, attention=draft.attention,
                           matmul=draft.matmul)
         prepared = self._replace(model=draft, target_vocab=target.config.vocab_size)
-        prepared._placed[key] = self._placed[key] = prepared
+        prepared._placed[key] = self._placed[key] = (target.tokenizer, prepared)
         return prepared
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):
