@@ -99,6 +99,42 @@ def test_stop_tokens_and_the_end_of_the_cache(loaded):
     assert spec.lengths[1] == 16 and spec.lengths[0] < 16
 
 
+def _random_choices(rs, nodes: int, max_depth: int = 4) -> list[list[int]]:
+    """A random Medusa-style tree: each node the next child of a node drawn at random."""
+    paths, children = [()], {(): 0}
+    while len(paths) <= nodes:
+        parent = paths[rs.randint(len(paths))]
+        if len(parent) < max_depth:
+            child = parent + (children[parent],)
+            children[parent] += 1
+            children[child] = 0
+            paths.append(child)
+    return [list(p) for p in paths[1:]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_drawn_trees_batches_and_stops_match_generate(seed, loaded, unrelated_draft):
+    """Drawn settings: a random tree, 1 to 3 ragged prompts of 1 to 16 tokens, stop tokens
+    for some rows, the tightest cache or the default, a self-drafting, unrelated or
+    prompt-lookup drafter: the same tokens as generate."""
+    rs = np.random.RandomState(100 + seed)
+    model = loaded(TARGET)
+    prompts = [rs.randint(3, 97, rs.randint(1, 17)).tolist() for _ in range(rs.randint(1, 4))]
+    topology = tree.from_choices(_random_choices(rs, rs.randint(1, 10)))
+    max_new = int(rs.randint(4, 20))
+    free = jaxdec.generate(model, prompts, max_new_tokens=max_new)
+    stops = [[int(row[rs.randint(max_new)])] if rs.rand() < 0.6 else [] for row in free.tokens]
+    max_len = max(map(len, prompts)) + max_new - 1 if seed % 2 else None
+    drafter = [DraftModel(model), DraftModel(unrelated_draft), PromptLookup(num_candidates=2),
+               DraftModel(unrelated_draft, proposal="topk")][seed]
+    plain = jaxdec.generate(model, prompts, max_new_tokens=max_new, stop_tokens=stops,
+                            max_len=max_len)
+    spec = jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=max_new,
+                                       stop_tokens=stops, tree=topology, max_len=max_len)
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    np.testing.assert_array_equal(spec.lengths, plain.lengths)
+
+
 def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
     """stream(step, tokens [B, D + 1], counts [B]) once a step, in order: each row's pieces
     add up to its output, rows stop at their stop token, pad_id fills the rest."""
