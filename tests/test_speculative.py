@@ -370,6 +370,9 @@ def test_bad_drafters_and_trees(loaded):
     model = loaded(TARGET)
     with pytest.raises(TypeError, match="drafter must be"):
         jaxdec.speculative_generate(model, model, _prompts(), max_new_tokens=4)
+    with pytest.raises(TypeError, match="stream must be callable"):
+        jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
+                                    stream="print")
     with pytest.raises(TypeError, match="Topology"):
         jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
                                     tree=[[0], [1]])
