@@ -137,10 +137,14 @@ class _TextStream:
     active flag per row) and for `speculative_generate` (tokens and a count per row). Steps
     are taken in order (on a multi-device mesh the callbacks may come out of order), and a
     piece whose text ends inside a character (an incomplete UTF-8 sequence decodes to U+FFFD)
-    waits for the next one."""
+    waits for the next one. Each step decodes a few tokens, not the whole row: the text the
+    new tokens add is the difference between decoding from the last piece's first token with
+    and without them (so a decoder that treats a sequence's first token specially, as
+    SentencePiece's leading space, sees the same start both times)."""
 
     def __init__(self, tokenizer, prompt: str):
-        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        self.tokenizer, self.tokens = tokenizer, []
+        self.start = self.shown = 0  # the decoded window's first token; tokens shown so far
         self.pending, self.next_step = {}, 0
         print(prompt, end="", flush=True)
 
@@ -152,19 +156,19 @@ class _TextStream:
         while self.next_step in self.pending:
             self.tokens += self.pending.pop(self.next_step)
             self.next_step += 1
-        text = self.tokenizer.decode(self.tokens)
-        if not text.endswith("\ufffd"):
-            self._show(text)
+        self._show()
 
-    def _show(self, text: str) -> None:
-        # (Rarely, decoding more tokens changes text already shown: that stays as shown.)
-        print(text[len(self.shown):], end="", flush=True)
-        self.shown = text
+    def _show(self, last: bool = False) -> None:
+        before = self.tokenizer.decode(self.tokens[self.start:self.shown])
+        after = self.tokenizer.decode(self.tokens[self.start:])
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+            print(after[len(before):], end="", flush=True)
+            self.start, self.shown = self.shown, len(self.tokens)
 
     def finish(self, tokens: list[int]) -> None:
         """Ends the line; `tokens` (the result's) shows what no step showed yet."""
         self.tokens = list(tokens)
-        self._show(self.tokenizer.decode(self.tokens))
+        self._show(last=True)
         print(flush=True)
 
 

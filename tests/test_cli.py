@@ -131,3 +131,24 @@ def test_text_stream_orders_steps_and_waits_for_whole_characters(capsys):
         stream(step, np.array([token]), np.array([True]))
     stream(len(ids), np.array([0]), np.array([False]))
     assert capsys.readouterr().out == text
+
+
+def test_text_stream_with_a_decoder_that_strips_the_first_space(capsys):
+    """SentencePiece-style decoding drops the leading space of a sequence's first token: the
+    streamed pieces still add up to the whole row decoded at once."""
+    import numpy as np
+
+    from jaxdec.cli import _TextStream
+
+    pieces = ["\u2581the", "\u2581qu", "ick", "\u2581brown", "\u2581", "fox", "."]
+
+    class Metaspace:
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+    ids = [0, 1, 2, 3, 4, 5, 6, 1, 2]
+    stream = _TextStream(Metaspace(), "")
+    for step, token in enumerate(ids):
+        stream(step, np.array([token]), np.array([True]))
+    stream.finish(ids)
+    assert capsys.readouterr().out == Metaspace().decode(ids) + "\n"
