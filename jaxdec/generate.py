@@ -15,8 +15,10 @@ independent randomness and a run is reproducible from its key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import time
 from typing import Callable, Sequence
 
@@ -162,15 +164,17 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):
 
 
 def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
-            stream):
-    """The decode `lax.while_loop`: runs until every row stopped or produced N tokens."""
+            stream, stream_args=()):
+    """The decode `lax.while_loop`: runs until every row stopped or produced N tokens.
+    `stream` is called as stream(*stream_args, step, tokens, active)."""
     B, N = first_B.shape[0], max_new_tokens
     if stop_tokens_BM is None:
         stop_tokens_BM = jnp.full((B, 1), -1, jnp.int32)
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
     ordered = model.mesh.size == 1
     if stream is not None:
-        jax.debug.callback(stream, jnp.int32(0), first_B, jnp.ones((B,), bool), ordered=ordered)
+        jax.debug.callback(stream, *stream_args, jnp.int32(0), first_B, jnp.ones((B,), bool),
+                           ordered=ordered)
     state = _LoopState(
         step=jnp.int32(1), last_BT=first_B[:, None], cache=cache,
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
@@ -189,7 +193,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         token = _draw(sampler, logits[:, 0], _step_keys(row_keys, s.step))
         token = jnp.where(active, token, pad_id)
         if stream is not None:
-            jax.debug.callback(stream, s.step, token, active, ordered=ordered)
+            jax.debug.callback(stream, *stream_args, s.step, token, active, ordered=ordered)
         done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= N)
         return _LoopState(
             step=s.step + 1, last_BT=token[:, None], cache=cache,
@@ -296,8 +300,8 @@ def read_timings(stamps) -> dict:
     static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed"),
     donate_argnames=("cache",),
 )
-def _program(model, tokens, lengths, cache, key, stop, *, max_new_tokens, sampler, pad_id,
-             stream, timed):
+def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tokens, sampler,
+             pad_id, stream, timed):
     """`generate_padded`, optionally with two host timestamps read from inside the program:
     the prefill waits on the first, the second waits on the first tokens and the decode loop
     on it (data dependencies both ways, so no ordered effect is needed), and compile and
@@ -315,7 +319,8 @@ def _program(model, tokens, lengths, cache, key, stop, *, max_new_tokens, sample
         # runtime ran the callback after the loop (decode_s was then ~0, prefill_s the total).
         first = after_clock(stamps[1], first)
     result = _decode(model, first, cache, row_keys, stop, max_new_tokens=max_new_tokens,
-                     sampler=sampler, pad_id=pad_id, stream=stream)
+                     sampler=sampler, pad_id=pad_id, stream=stream,
+                     stream_args=() if stream_id is None else (stream_id,))
     return result, stamps
 
 
@@ -348,8 +353,9 @@ def generate(
         multiple of 8).
       stream: host function called after each step with (step, tokens[B], active[B]) (numpy
         arrays; the first call, step 0, gets the prefill's tokens): a row's new token, and
-        whether the row produced it (a row that stopped gets pad_id and False). Passing a new
-        function object recompiles.
+        whether the row produced it (a row that stopped gets pad_id and False). The program
+        carries a number standing for it, not the function: a new function in every call
+        (a closure over one request's state) does not recompile.
       return_timings: also measure prefill and decode seconds (compile excluded).
       compile_only: compile the program for these prompts' shapes and these settings, run
         nothing and return the compiled program (a `jax.stages.Compiled`: its `as_text()`,
@@ -370,13 +376,14 @@ def generate(
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
-    args = (model, batch.tokens, batch.lengths, cache, key, batch.stop)
-    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
-                    stream=real_rows_stream(stream, batch), timed=return_timings)
-    if compile_only:
-        return _program.lower(*args, **settings).compile()
-    ((out, n_gen), _), stamps = _program(*args, **settings)
-    out = jax.block_until_ready(out)
+    with registered_stream(stream, batch) as (dispatch, stream_id):
+        args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
+        settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
+                        stream=dispatch, timed=return_timings)
+        if compile_only:
+            return _program.lower(*args, **settings).compile()
+        ((out, n_gen), _), stamps = _program(*args, **settings)
+        out = jax.block_until_ready(out)
     return GenerateResult(tokens=np.asarray(out)[:batch.size],
                           lengths=np.asarray(n_gen)[:batch.size], **read_timings(stamps))
 
@@ -394,21 +401,34 @@ class Batch:
     max_len: int
 
 
-@functools.lru_cache(maxsize=64)
-def _rows_of(stream: Callable, size: int) -> Callable:
-    # Cached, so the same stream and batch give the same (static) function: no recompile.
-    def stream_rows(step, *per_row):
-        return stream(step, *(x[:size] for x in per_row))
-
-    return stream_rows
+# The host functions of the calls streaming now, by a number the compiled program carries
+# (a traced int32), so the program is the same for every function.
+_STREAMS: dict[int, Callable] = {}
+_STREAM_IDS = itertools.count(1)
 
 
-def real_rows_stream(stream: Callable | None, batch: Batch) -> Callable | None:
-    """`stream` called with the caller's rows only: the rows `prepare_batch` adds to fill the
-    mesh's dp axis are cut off every argument after the step."""
-    if stream is None or batch.tokens.shape[0] == batch.size:
-        return stream
-    return _rows_of(stream, batch.size)
+def _call_stream(stream_id, *args) -> None:
+    # jax.debug.callback hands over jax Arrays; the user's function gets numpy arrays, so its
+    # own array operations neither dispatch to a device nor compile.
+    _STREAMS[int(stream_id)](*(np.asarray(x) for x in args))
+
+
+@contextlib.contextmanager
+def registered_stream(stream: Callable | None, batch: Batch):
+    """For one call: (the program's static host function, the traced number it is called
+    with), or (None, None) without a stream. The user's `stream` sees the caller's rows only
+    (not the rows `prepare_batch` adds to fill the mesh's dp axis); it is forgotten when the
+    call ends."""
+    if stream is None:
+        yield None, None
+        return
+    stream_id = next(_STREAM_IDS) % (2**31 - 1)
+    size = batch.size
+    _STREAMS[stream_id] = lambda step, *rows: stream(step, *(x[:size] for x in rows))
+    try:
+        yield _call_stream, np.int32(stream_id)
+    finally:
+        del _STREAMS[stream_id]
 
 
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,

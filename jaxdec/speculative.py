@@ -23,7 +23,7 @@ from jax.experimental import io_callback
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
-                             read_timings, real_rows_stream)
+                             read_timings, registered_stream)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -111,11 +111,13 @@ def speculative_padded(
     stream: Callable | None = None,
     timed: bool = False,
     profile: bool = False,
+    stream_args: tuple = (),
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
     `drafter` must already be `prepare`d for the target. `stream`, when given, is called
-    after every step (see `speculative_generate`). `timed` reads two host timestamps
+    after every step as stream(*stream_args, step, tokens, counts) (see
+    `speculative_generate`). `timed` reads two host timestamps
     (after the start and after the prefill); `profile` also times drafting and verifying in
     every step (a host round trip each: it slows the loop). Returns ((tokens, lengths),
     statistics arrays, cache, timestamps or None).
@@ -189,7 +191,7 @@ def speculative_padded(
         keep = jnp.where(active, keep, 0)
         if stream is not None:
             new = jnp.where(index < keep[:, None], emitted, pad_id)
-            jax.debug.callback(stream, s.step, new, keep, ordered=ordered)
+            jax.debug.callback(stream, *stream_args, s.step, new, keep, ordered=ordered)
 
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
@@ -225,11 +227,12 @@ def speculative_padded(
                      "profile"),
     donate_argnames=("cache",),
 )
-def _program(target, drafter, tokens, lengths, cache, key, stop, *, max_new_tokens, sampler,
-             topology, pad_id, timed, profile, stream=None):
+def _program(target, drafter, tokens, lengths, cache, key, stop, stream_id=None, *,
+             max_new_tokens, sampler, topology, pad_id, timed, profile, stream=None):
     return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
                               max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                              pad_id=pad_id, stream=stream, timed=timed, profile=profile)
+                              pad_id=pad_id, stream=stream, timed=timed, profile=profile,
+                              stream_args=() if stream_id is None else (stream_id,))
 
 
 def speculative_generate(
@@ -268,7 +271,7 @@ def speculative_generate(
       stream: host function called after each step with (step, tokens[B, D + 1], counts[B])
         (numpy arrays; D = the tree's depth): row b's new tokens are tokens[b, :counts[b]],
         from 1 to D + 1 a step while the row runs, none once it has stopped (pad_id fills
-        the rest). Passing a new function object recompiles.
+        the rest). As in `generate`, a new function in every call does not recompile.
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
@@ -296,15 +299,15 @@ def speculative_generate(
     key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
-    args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop)
-    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                    pad_id=pad_id, stream=real_rows_stream(stream, batch),
-                    timed=return_timings, profile=profile)
-    if compile_only:
-        return _program.lower(*args, **settings).compile()
-    (out, n_gen), stats, _, stamps = _program(*args, **settings)
-    out = jax.block_until_ready(out)
-    timings = read_timings(stamps)
+    with registered_stream(stream, batch) as (dispatch, stream_id):
+        args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
+        settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
+                        pad_id=pad_id, stream=dispatch, timed=return_timings, profile=profile)
+        if compile_only:
+            return _program.lower(*args, **settings).compile()
+        (out, n_gen), stats, _, stamps = _program(*args, **settings)
+        out = jax.block_until_ready(out)
+        timings = read_timings(stamps)
     rows = slice(0, batch.size)
     row_steps = np.asarray(stats["row_steps"])[rows]
     total_steps = max(int(row_steps.sum()), 1)

@@ -98,12 +98,19 @@ def test_single_new_token_and_full_rows(loaded):
 
 
 def test_streaming_callback_sees_every_step_in_order(loaded):
+    """Each call's stream gets that call's steps; a new function (here a closure over a new
+    list) does not recompile."""
     model = loaded(VARIANT)
-    seen = []
-    result = jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7,
-                             stream=lambda step, tokens, active: seen.append((int(step), np.array(tokens))))
-    assert [s for s, _ in seen] == list(range(7))
-    np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), result.tokens)
+    for seed in (0, 1):
+        seen = []
+        _compiles.clear()
+        result = jaxdec.generate(
+            model, _prompts((3, 5), seed=seed), max_new_tokens=7,
+            stream=lambda step, tokens, active: seen.append((int(step), tokens)))
+        assert all(isinstance(tokens, np.ndarray) for _, tokens in seen)
+        assert [s for s, _ in seen] == list(range(7))
+        np.testing.assert_array_equal(np.stack([t for _, t in seen], axis=1), result.tokens)
+    assert _compiles == []  # the second call's new stream ran the first call's program
 
 
 def test_timings(loaded):

@@ -150,7 +150,7 @@ def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
     assert [step for step, *_ in seen] == list(range(result.stats.steps))
     pieces = [[] for _ in prompts]
     for _, tokens, counts in seen:
-        assert tokens.shape == (3, 3) and counts.shape == (3,)
+        assert isinstance(tokens, np.ndarray) and tokens.shape == (3, 3) and counts.shape == (3,)
         for b, n in enumerate(counts):
             assert 0 <= n <= 3 and (tokens[b, n:] == -1).all()
             if len(pieces[b]) == result.lengths[b]:
@@ -159,6 +159,19 @@ def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
     assert pieces == result.to_lists()
     assert result.lengths[0] < 16 and pieces[0][-1] == stops[0][0]
     assert any(n > 1 for *_, counts in seen for n in counts)  # some drafts were accepted
+    # Another function streams the next call, with the same compiled program.
+    again, compiles = [], []
+    listener = (lambda event, duration, **kw: compiles.append(event)
+                if event == "/jax/core/compile/backend_compile_duration" else None)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jaxdec.speculative_generate(
+            model, DraftModel(unrelated_draft), prompts, max_new_tokens=16, stop_tokens=stops,
+            pad_id=-1, tree=tree.kary(2, 2),
+            stream=lambda step, tokens, counts: again.append(int(counts.sum())))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and sum(again) == result.lengths.sum()
 
 
 def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
