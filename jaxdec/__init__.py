@@ -17,6 +17,7 @@ from jaxdec.models.layers import AttentionImpl, MatmulImpl
 from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
+from jaxdec.streaming import TextStream
 from jaxdec import drafters, tree  # noqa: E402  (jaxdec.drafters, jaxdec.tree)
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "Sampler",
     "SpecStats",
     "SpeculativeResult",
+    "TextStream",
     "abstract_model",
     "commit",
     "drafters",

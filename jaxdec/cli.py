@@ -109,7 +109,10 @@ def _generate(args) -> None:
                   stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
                   return_timings=True)
     drafter = _drafter(args, model)
-    stream = _TextStream(model.tokenizer, args.prompt) if args.stream else None
+    stream = None
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+        stream = jaxdec.TextStream(model.tokenizer)
     started = time.perf_counter()
     if drafter is None:
         result = jaxdec.generate(model, [prompt], stream=stream, **common)
@@ -121,7 +124,8 @@ def _generate(args) -> None:
     if stream is None:
         print(args.prompt + model.tokenizer.decode(tokens))
     else:
-        stream.finish(tokens)
+        stream.close()
+        print(flush=True)
     rate = result.decode_tokens_per_s
     facts = [f"{len(tokens)} tokens",
              f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"]
@@ -130,46 +134,6 @@ def _generate(args) -> None:
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
     print("[" + ", ".join(facts) + "]")
-
-
-class _TextStream:
-    """Prints one row's text as its tokens arrive: a `stream` for `generate` (a token and an
-    active flag per row) and for `speculative_generate` (tokens and a count per row). Steps
-    are taken in order (on a multi-device mesh the callbacks may come out of order), and a
-    piece whose text ends inside a character (an incomplete UTF-8 sequence decodes to U+FFFD)
-    waits for the next one. Each step decodes a few tokens, not the whole row: the text the
-    new tokens add is the difference between decoding from the last piece's first token with
-    and without them (so a decoder that treats a sequence's first token specially, as
-    SentencePiece's leading space, sees the same start both times)."""
-
-    def __init__(self, tokenizer, prompt: str):
-        self.tokenizer, self.tokens = tokenizer, []
-        self.start = self.shown = 0  # the decoded window's first token; tokens shown so far
-        self.pending, self.next_step = {}, 0
-        print(prompt, end="", flush=True)
-
-    def __call__(self, step, tokens, counts):
-        if tokens.ndim == 1:  # generate: one token, shown while the row is active
-            self.pending[int(step)] = [int(tokens[0])] if counts[0] else []
-        else:
-            self.pending[int(step)] = tokens[0, : int(counts[0])].tolist()
-        while self.next_step in self.pending:
-            self.tokens += self.pending.pop(self.next_step)
-            self.next_step += 1
-        self._show()
-
-    def _show(self, last: bool = False) -> None:
-        before = self.tokenizer.decode(self.tokens[self.start:self.shown])
-        after = self.tokenizer.decode(self.tokens[self.start:])
-        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
-            print(after[len(before):], end="", flush=True)
-            self.start, self.shown = self.shown, len(self.tokens)
-
-    def finish(self, tokens: list[int]) -> None:
-        """Ends the line; `tokens` (the result's) shows what no step showed yet."""
-        self.tokens = list(tokens)
-        self._show(last=True)
-        print(flush=True)
 
 
 def _drafter(args, model):

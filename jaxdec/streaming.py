@@ -1,0 +1,78 @@
+"""Text as it is produced: a `stream` for `generate` and `speculative_generate`.
+
+    stream = jaxdec.TextStream(model.tokenizer)          # prints row 0's text
+    result = jaxdec.speculative_generate(model, drafter, [ids], max_new_tokens=64,
+                                         stream=stream)
+    stream.close()                                       # anything still held back
+
+A new `TextStream` per call costs no compile (the program carries a number for its stream).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+import numpy as np
+
+
+class TextStream:
+    """Decodes one row's tokens as they arrive and hands the new text to `write` (by default
+    printed to `file`, or stdout, and flushed).
+
+    Takes both loops' callbacks: `generate`'s (step, tokens [B], active [B]) and
+    `speculative_generate`'s (step, tokens [B, D + 1], counts [B]). Steps are put back in
+    order (on a multi-device mesh the callbacks may come out of order). A piece whose text
+    ends inside a character (an incomplete UTF-8 sequence decodes to U+FFFD) waits for the
+    next one; `close()` writes what is still held back. Each step decodes a few tokens, not
+    the whole row: the new text is the difference between decoding from the last piece's
+    first token with and without the new tokens (so a decoder that treats a sequence's first
+    token specially, as SentencePiece does its leading space, sees the same start both times).
+
+    Args:
+      tokenizer: anything with `decode(ids) -> str` (a `tokenizers.Tokenizer`, a model's
+        `.tokenizer`).
+      row: the batch row to show.
+      write: called with each new piece of text (default: print it to `file`).
+      file: where the default `write` prints (default: sys.stdout).
+    """
+
+    def __init__(self, tokenizer, *, row: int = 0, write: Callable[[str], object] | None = None,
+                 file: TextIO | None = None):
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise TypeError(f"tokenizer must have a decode(ids) method, got {tokenizer!r}")
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+            raise ValueError(f"row must be an int >= 0, got {row!r}")
+        self.tokenizer, self.row = tokenizer, row
+        self._write = write or (lambda text: print(text, end="", flush=True,
+                                                   file=file or sys.stdout))
+        self.tokens: list[int] = []  # the row's tokens so far, in order
+        self.text = ""  # the text written so far
+        self._start = self._shown = 0  # the decoded window's first token; tokens written
+        self._pending: dict[int, list[int]] = {}
+        self._next_step = 0
+
+    def __call__(self, step, tokens, counts) -> None:
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        if tokens.ndim == 1:  # generate: one token, kept while the row is active
+            new = [int(tokens[self.row])] if counts[self.row] else []
+        else:
+            new = tokens[self.row, : int(counts[self.row])].tolist()
+        self._pending[int(step)] = new
+        while self._next_step in self._pending:
+            self.tokens += self._pending.pop(self._next_step)
+            self._next_step += 1
+        self._show()
+
+    def close(self) -> None:
+        """Writes what is still held back (text ending inside a character)."""
+        self._show(last=True)
+
+    def _show(self, last: bool = False) -> None:
+        before = self.tokenizer.decode(self.tokens[self._start:self._shown])
+        after = self.tokenizer.decode(self.tokens[self._start:])
+        if len(after) > len(before) and (last or not after.endswith("\ufffd")):
+            piece = after[len(before):]
+            self._write(piece)
+            self.text += piece
+            self._start, self._shown = self._shown, len(self.tokens)

@@ -1,0 +1,84 @@
+"""`jaxdec.TextStream`: one row's text as the loops produce it, in step order, whole
+characters only, decoding a few tokens a step."""
+
+import numpy as np
+import pytest
+
+import jaxdec
+from jaxdec import TextStream
+from jaxdec.drafters import PromptLookup
+
+
+class Bytes:
+    """A tokenizer whose tokens are UTF-8 bytes."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_steps_out_of_order_and_characters_split_between_steps():
+    """Callbacks out of step order (a multi-device mesh) and characters split between
+    steps: the text comes out in order, never with a replacement character."""
+    text = "añb€c"
+    ids = list(text.encode())  # a, 2 bytes, b, 3 bytes, c
+    pieces, written = [ids[0:2], ids[2:5], ids[5:7], ids[7:8]], []
+    stream = TextStream(Bytes(), write=written.append)
+    for step in (1, 0, 3, 2):  # speculative_generate's form: tokens [1, 3] and a count
+        piece = pieces[step]
+        stream(step, np.array([piece + [0] * (3 - len(piece))]), np.array([len(piece)]))
+        assert "\ufffd" not in "".join(written)
+    assert "".join(written) == stream.text == text and stream.tokens == ids
+    stream.close()
+    assert "".join(written) == text  # nothing was held back
+
+
+def test_one_row_of_generates_form(capsys):
+    """generate's form (a token and an active flag per row), row 1 of 2; a character cut
+    off at the end is written by close()."""
+    ids = list("x€".encode())[:-1]  # ends inside "€"
+    stream = TextStream(Bytes(), row=1)
+    for step, token in enumerate(ids):
+        stream(step, np.array([0, token]), np.array([False, True]))
+    stream(len(ids), np.array([0, 0]), np.array([True, False]))  # row 1 has stopped
+    assert capsys.readouterr().out == "x"
+    stream.close()
+    assert capsys.readouterr().out == "\ufffd" and stream.text == Bytes().decode(ids)
+
+
+def test_a_decoder_that_strips_the_first_space():
+    """SentencePiece-style decoding drops the leading space of a sequence's first token: the
+    pieces still add up to the whole row decoded at once."""
+    pieces = ["\u2581the", "\u2581qu", "ick", "\u2581brown", "\u2581", "fox", "."]
+
+    class Metaspace:
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+    ids = [0, 1, 2, 3, 4, 5, 6, 1, 2]
+    written = []
+    stream = TextStream(Metaspace(), write=written.append)
+    for step, token in enumerate(ids):
+        stream(step, np.array([token]), np.array([True]))
+    stream.close()
+    assert "".join(written) == Metaspace().decode(ids)
+
+
+def test_with_both_loops(tokenized_checkpoint):
+    """A new TextStream per call: each shows its own call's text, the row's decoded output."""
+    model = jaxdec.load_pretrained(tokenized_checkpoint)
+    ids = model.tokenizer.encode("hello the fox").ids
+    for run in (jaxdec.generate, lambda *a, **k: jaxdec.speculative_generate(
+            a[0], PromptLookup(), *a[1:], **k)):
+        for prompt in (ids, ids[:2]):
+            written = []
+            stream = TextStream(model.tokenizer, write=written.append)
+            result = run(model, [prompt], max_new_tokens=12, stream=stream)
+            stream.close()
+            assert "".join(written) == model.tokenizer.decode(result.to_lists()[0])
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="decode"):
+        TextStream(object())
+    with pytest.raises(ValueError, match="row"):
+        TextStream(Bytes(), row=-1)
