@@ -130,8 +130,10 @@ def generate_padded(
       sampler: Greedy() (the default) or Sampler(...).
       pad_id: written after a row stops.
       stream: optional host function called after every step as stream(step, tokens[B],
-        active[B]) (through `jax.debug.callback`; in step order on one device, possibly out of
-        order on a multi-device mesh, where `step` tells the order).
+        active[B]) (through `jax.debug.callback`, with jax Arrays; in step order on one
+        device, possibly out of order on a multi-device mesh, where `step` tells the order).
+        Under your own `jax.jit` it is a static argument: a new function recompiles (keep one
+        function, or use `generate`, whose streams do not).
     Returns:
       ((tokens [B, max_new_tokens], lengths [B]), cache): the cache holds every produced token
       except the last one of each row.
