@@ -314,13 +314,17 @@ def test_sampling_follows_the_target_distribution(name, small_models):
     assert result.stats.acceptance_by_depth[0] > 0.02  # accepted drafts are exercised too
 
 
-def test_prompt_lookup_sampling_follows_the_target_distribution(small_models):
+@pytest.mark.parametrize("name", ["prompt-lookup", "retrieval"])
+def test_training_free_drafts_sampling_follows_the_target_distribution(name, small_models):
+    """Deterministic drafts (copied n-gram continuations) under sampling."""
     target, _ = small_models
     sampler = jaxdec.Sampler(temperature=1.3)
-    result = jaxdec.speculative_generate(target, PromptLookup(max_ngram=2), [PROMPT] * ROWS,
-                                         max_new_tokens=2, sampler=sampler,
-                                         key=jax.random.PRNGKey(4))
+    drafter = PromptLookup(max_ngram=2) if name == "prompt-lookup" else Retrieval(
+        np.random.RandomState(0).randint(0, V, 400), max_ngram=2, depth=3, num_candidates=3)
+    result = jaxdec.speculative_generate(target, drafter, [PROMPT] * ROWS, max_new_tokens=2,
+                                         sampler=sampler, key=jax.random.PRNGKey(4))
     assert _p_value(result.tokens, _exact_joint(target, sampler)) > 1e-3
+    assert result.stats.acceptance_by_depth[0] > 0.005  # some of the 20k rows accept a draft
 
 
 def test_a_wrong_verifier_fails_the_same_test(small_models, monkeypatch):
