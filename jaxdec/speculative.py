@@ -116,8 +116,9 @@ def speculative_padded(
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
     `drafter` must already be `prepare`d for the target. `stream`, when given, is called
-    after every step as stream(*stream_args, step, tokens, counts) (see
-    `speculative_generate`). `timed` reads two host timestamps
+    after every step as stream(*stream_args, step, tokens, counts) with jax Arrays (see
+    `speculative_generate`; under your own jit it is static: a new function recompiles).
+    `timed` reads two host timestamps
     (after the start and after the prefill); `profile` also times drafting and verifying in
     every step (a host round trip each: it slows the loop). Returns ((tokens, lengths),
     statistics arrays, cache, timestamps or None).
