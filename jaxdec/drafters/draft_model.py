@@ -134,7 +134,7 @@ class DraftModel(Drafter):
                           tokenizer=draft.tokenizer, attention=draft.attention,
                           matmul=draft.matmul)
         prepared = self._replace(model=draft, target_vocab=target.config.vocab_size)
-        prepared._placed[key] = self._placed[key] = (target.tokenizer, prepared)
+        self._placed[key] = (target.tokenizer, prepared)
         return prepared
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):

@@ -87,7 +87,7 @@ class Retrieval(Drafter):
 
     def prepare(self, target) -> "Retrieval":
         """Checks the ids against the target and copies the datastore onto its mesh, once
-        per mesh (later calls get the same copy). A datastore of shapes only
+        per mesh (later calls get the same copy; a copy already there is not copied again). A datastore of shapes only
         (`jax.ShapeDtypeStruct` leaves: programs compiled ahead with `compile_only=True`) is
         given the mesh's replicated sharding."""
         replicated = NamedSharding(target.mesh, PartitionSpec())
@@ -109,7 +109,6 @@ class Retrieval(Drafter):
                                num_candidates=self.num_candidates,
                                _suffixes=jax.device_put(self.suffixes, replicated),
                                _max_id=max_id)
-            placed._placed[target.mesh] = placed
             self._placed[target.mesh] = placed
         return placed
 
