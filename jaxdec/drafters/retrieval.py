@@ -87,9 +87,9 @@ class Retrieval(Drafter):
 
     def prepare(self, target) -> "Retrieval":
         """Checks the ids against the target and copies the datastore onto its mesh, once
-        per mesh (later calls get the same copy; a copy already there is not copied again). A datastore of shapes only
-        (`jax.ShapeDtypeStruct` leaves: programs compiled ahead with `compile_only=True`) is
-        given the mesh's replicated sharding."""
+        per mesh (later calls get the same copy; a copy already there is not copied again).
+        A datastore of shapes only (`jax.ShapeDtypeStruct` leaves: programs compiled ahead
+        with `compile_only=True`) is given the mesh's replicated sharding."""
         replicated = NamedSharding(target.mesh, PartitionSpec())
         if isinstance(self.tokens, jax.ShapeDtypeStruct):
             return jax.tree.map(
