@@ -4,6 +4,8 @@ exact distribution (chi-square), tensor parallelism, and bad input."""
 
 import functools
 import re
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +17,9 @@ from jaxdec import tree
 from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from program_deps import clocks_the_loop_waits_on, trace_program
 from runenv import FAST_CPU_COMPILES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import counting_compiles  # noqa: E402
 
 TARGET = "llama-gqa"
 PROMPTS_SEED = 0
@@ -160,18 +165,13 @@ def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
     assert result.lengths[0] < 16 and pieces[0][-1] == stops[0][0]
     assert any(n > 1 for *_, counts in seen for n in counts)  # some drafts were accepted
     # Another function streams the next call, with the same compiled program.
-    again, compiles = [], []
-    listener = (lambda event, duration, **kw: compiles.append(event)
-                if event == "/jax/core/compile/backend_compile_duration" else None)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    again = []
+    with counting_compiles() as compiles:
         jaxdec.speculative_generate(
             model, DraftModel(unrelated_draft), prompts, max_new_tokens=16, stop_tokens=stops,
             pad_id=-1, tree=tree.kary(2, 2),
             stream=lambda step, tokens, counts: again.append(int(counts.sum())))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert compiles == [] and sum(again) == result.lengths.sum()
+    assert compiles[0] == 0 and sum(again) == result.lengths.sum()
 
 
 def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
