@@ -2,6 +2,9 @@
 model's level-by-level tree drafting, against hand-computed expectations."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +105,30 @@ def test_suffix_search_against_brute_force(size):
             target = tuple(row[:w])
             want = sum(k <= target if strict[q] else k < target for k in keys)
             assert got[q, b] == want, (q, b)
+
+
+def test_retrieval_search_compiles_quickly_with_xla_default_cpu_flags():
+    """The suite compiles with XLA's quick CPU flags (runenv.py); users get XLA's defaults,
+    under which the search at batch 1 once took minutes to compile for a 1000-token datastore
+    (a plain take's bounds handling around each of its reads; the fusion emitters) and, for
+    the GPU presets' 25M tokens, ran out of memory (jax 0.12, which has no older emitters for
+    the suite's flags to pick). Here the 25M-token search compiles in seconds."""
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxdec.drafters.retrieval import _search
+size, Q, B, n = 25_000_000, 8, 1, 4  # batch 1: the case that was slow
+strict = np.arange(Q) >= Q // 2
+search = jax.jit(lambda t, s, q, w: _search(t, s, q, w, strict=strict))
+shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+search.lower(shape(size + 10), shape(size), shape(Q, B, n), shape(Q)).compile()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the retrieval search did not compile in 120 s with XLA's default flags")
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_retrieval_proposes_continuations():

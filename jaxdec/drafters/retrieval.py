@@ -179,13 +179,19 @@ def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
     compared = jnp.arange(n)[None, :] < width_Q[:, None]  # [Q, n]
     strict = jnp.asarray(strict)[:, None]
 
+    def read(array, index):
+        # Indices here are in bounds (clamped; the sentinel tail covers start + j): a plain
+        # take's out-of-bounds fill puts a compare and select around every read, and XLA's
+        # CPU fusion emitters then took minutes to compile a 1000-token datastore's search.
+        return array.at[index].get(mode="promise_in_bounds")
+
     def below(index):  # the suffix at `index` < the query on its width (<= where strict)
-        start = jnp.take(suffixes, jnp.minimum(index, size - 1))
+        start = read(suffixes, jnp.minimum(index, size - 1))
         # Token by token from the last: an earlier difference overrides a later one (no
         # reduction over the n-gram, which would end a fusion).
         order = jnp.zeros((Q, B), jnp.int32)
         for j in reversed(range(n)):
-            diff = jnp.sign(jnp.take(tokens, start + j) - query_QBn[..., j])
+            diff = jnp.sign(read(tokens, start + j) - query_QBn[..., j])
             order = jnp.where(compared[:, j, None] & (diff != 0), diff, order)
         return (index < size) & jnp.where(strict, order <= 0, order < 0)
 
