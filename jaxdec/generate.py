@@ -31,7 +31,7 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, init_cache
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
-from jaxdec.sampling import Greedy, Sampler, check_sampler
+from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 
 MIN_BUCKET = 16
 # A default cache's slots are a multiple of this: the Hopper kernel's copies need it, and the
@@ -347,7 +347,8 @@ def generate(
       prompts: a list of token-id lists (lengths may differ; none empty).
       max_new_tokens: tokens to produce per row (>= 1).
       sampler: Greedy() when None, or Sampler(temperature=..., top_k=..., top_p=..., min_p=...).
-      key: PRNG key for sampling (default PRNGKey(0)).
+      key: one PRNG key for sampling, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`
+        (default PRNGKey(0)); rows draw independent randomness from it.
       stop_tokens: ids that end a row (the stop token is kept), shared by all rows, or one
         list per row.
       pad_id: written after a row stops.
@@ -370,12 +371,12 @@ def generate(
       compiled program).
     """
     sampler = check_sampler(sampler)
+    key = check_key(key)
     check_compile_only(compile_only, model=model)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     batch = prepare_batch(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                           pad_id=pad_id, max_len=max_len)
-    key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
     with registered_stream(stream, batch) as (dispatch, stream_id):

@@ -131,3 +131,21 @@ def check_sampler(sampler) -> Greedy | Sampler:
             f"sampler must be jaxdec.Greedy() or jaxdec.Sampler(...), got {type(sampler).__name__}"
         )
     return sampler
+
+
+def check_key(key) -> jax.Array:
+    """`key` itself (`jax.random.PRNGKey(0)` when None): one PRNG key, either a typed key
+    (`jax.random.key(seed)`) or a raw one (`jax.random.PRNGKey(seed)`, uint32); a TypeError
+    naming the argument for anything else (an int seed, a batch of keys)."""
+    if key is None:
+        return jax.random.PRNGKey(0)
+    shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return key
+    elif dtype == jnp.uint32 and len(shape) == 1:
+        return jnp.asarray(key)
+    what = (f"an array of shape {shape} and dtype {dtype}" if dtype is not None
+            else type(key).__name__)
+    raise TypeError("key must be one PRNG key, jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed), got {what}")

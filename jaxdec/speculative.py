@@ -25,7 +25,7 @@ from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
                              read_timings, registered_stream)
 from jaxdec.model import Model, forward_with_cache, param_dtype
-from jaxdec.sampling import Greedy, Sampler, check_sampler
+from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, as_topology
 from jaxdec.verify import check_proposal, emitted_tokens, verify
 
@@ -262,7 +262,8 @@ def speculative_generate(
       prompts: a list of token-id lists (ragged).
       max_new_tokens: tokens to produce per row.
       sampler: Greedy() when None, or Sampler(...); verification is lossless for both.
-      key: PRNG key for drafting and verification.
+      key: one PRNG key for drafting and verification, as in `generate` (default
+        PRNGKey(0)).
       tree: a `jaxdec.tree` topology (chain(k), kary(d, w), from_choices(...)); None lets the
         drafter pick. For PromptLookup / Retrieval it is the node and depth budget.
       stop_tokens: ids that end a row (kept), shared or per row.
@@ -283,6 +284,7 @@ def speculative_generate(
       compile_only, the compiled program).
     """
     sampler = check_sampler(sampler)
+    key = check_key(key)
     if not isinstance(drafter, Drafter):
         raise TypeError(
             "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval), "
@@ -297,7 +299,6 @@ def speculative_generate(
     batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                           pad_id=pad_id, max_len=max_len, extra_slots=topology.num_nodes)
     drafter = drafter.prepare(target)
-    key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     with registered_stream(stream, batch) as (dispatch, stream_id):

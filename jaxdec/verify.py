@@ -100,7 +100,7 @@ def verify(
     p_BNV = sampler.probs(target_logits_BNV)
     if kind == ProposalKind.DETERMINISTIC:
         B, N, V = p_BNV.shape
-        keys = jax.random.split(key, B * N).reshape(B, N, -1)
+        keys = jax.random.split(key, (B, N))
         draws = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p))))(keys, p_BNV)
         return _walk_matching(tree, draws.astype(jnp.int32), max_depth)
     if q_BNV is None or topology is None:

@@ -154,7 +154,9 @@ def test_sampling_is_reproducible_from_the_key(loaded):
     a = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(1))
     b = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(1))
     c = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.PRNGKey(2))
+    typed = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler, key=jax.random.key(1))
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.tokens, typed.tokens)  # the same key, typed
     assert not np.array_equal(a.tokens, c.tokens)
 
 
@@ -186,6 +188,9 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([[1, 2]], dict(max_new_tokens=2048), ValueError, "max_position_embeddings"),
     ([[1, 2, 3]], dict(max_len=3), ValueError, "max_len=3 is too small"),
     ([[1, 2]], dict(sampler="greedy"), TypeError, "sampler"),
+    ([[1, 2]], dict(key=0), TypeError, "key must be one PRNG key.*got int"),
+    ([[1, 2]], dict(key=np.zeros((2, 2), np.uint32)), TypeError, r"shape \(2, 2\)"),
+    ([[1, 2]], dict(key=np.zeros(2, np.int32)), TypeError, "dtype int32"),
     ([[1, 2]], dict(stop_tokens=[[1], [2]]), ValueError, "per-row lists for 1 prompts"),
     ([[1, 2]], dict(stop_tokens=[500]), ValueError, "stop_tokens"),
 ])
