@@ -183,7 +183,7 @@ def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
         # Indices here are in bounds (clamped; the sentinel tail covers start + j): a plain
         # take's out-of-bounds fill puts a compare and select around every read, and XLA's
         # CPU fusion emitters then took minutes to compile a 1000-token datastore's search.
-        return array.at[index].get(mode="promise_in_bounds")
+        return jnp.asarray(array).at[index].get(mode="promise_in_bounds")
 
     def below(index):  # the suffix at `index` < the query on its width (<= where strict)
         start = read(suffixes, jnp.minimum(index, size - 1))
