@@ -187,7 +187,8 @@ def speculative_padded(
         is_stop = jnp.any(emitted[:, :, None] == stop_tokens_BM[:, None, :], axis=2)
         is_stop &= index < verdict.n_path[:, None]
         stopped = jnp.any(is_stop, axis=1)
-        keep = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, verdict.n_path)
+        first_stop = jnp.argmax(is_stop, axis=1).astype(jnp.int32)  # int64 under x64
+        keep = jnp.where(stopped, first_stop + 1, verdict.n_path)
         keep = jnp.minimum(keep, max_new_tokens - s.n_gen_B)
         keep = jnp.where(active, keep, 0)
         if stream is not None:

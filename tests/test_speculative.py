@@ -399,6 +399,27 @@ def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
                                     key=jax.random.split(jax.random.key(0), 2))
 
 
+def test_x64_mode_gives_the_same_tokens(loaded):
+    """With `jax_enable_x64` on (a user's choice for their own code), the loops' integer
+    bookkeeping stays int32 (a while loop's carry may not change type) and the tokens are
+    the 32-bit mode's."""
+    model = loaded(TARGET)
+    sampler = jaxdec.Sampler(temperature=1.0)
+
+    def runs():
+        return [jaxdec.generate(model, _prompts(), max_new_tokens=6, sampler=sampler).tokens,
+                jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
+                                            max_new_tokens=6).tokens,
+                jaxdec.speculative_generate(model, DraftModel(model), _prompts(),
+                                            max_new_tokens=6, sampler=sampler).tokens]
+
+    x32 = runs()
+    with jax.enable_x64(True):
+        x64 = runs()
+    for a, b in zip(x32, x64, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_drafters_and_trees(loaded):
     model = loaded(TARGET)
     with pytest.raises(TypeError, match="drafter must be"):
