@@ -57,10 +57,13 @@ class KVLayer:
         B, T = k_BTKD.shape[:2]
         S = self.k.shape[1]
         if B == 1 and T == 1:
-            start = (0, lengths_B[0], 0, 0)
+            # `_in_dim` gives the other axes' zero starts the length's type (int32 also in
+            # x64 mode, where a literal 0 would be int64 and the update would not trace).
             return KVLayer(
-                k=jax.lax.dynamic_update_slice(self.k, k_BTKD.astype(self.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(self.v, v_BTKD.astype(self.v.dtype), start),
+                k=jax.lax.dynamic_update_slice_in_dim(
+                    self.k, k_BTKD.astype(self.k.dtype), lengths_B[0], axis=1),
+                v=jax.lax.dynamic_update_slice_in_dim(
+                    self.v, v_BTKD.astype(self.v.dtype), lengths_B[0], axis=1),
             )
         if B == 1 and T <= S:
             # A window of T slots that ends at the last slot at the latest: where the tokens

@@ -408,6 +408,8 @@ def test_x64_mode_gives_the_same_tokens(loaded):
 
     def runs():
         return [jaxdec.generate(model, _prompts(), max_new_tokens=6, sampler=sampler).tokens,
+                # one row: the cache's single-row write (a dynamic_update_slice)
+                jaxdec.generate(model, _prompts()[:1], max_new_tokens=6).tokens,
                 jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
                                             max_new_tokens=6).tokens,
                 jaxdec.speculative_generate(model, DraftModel(model), _prompts(),

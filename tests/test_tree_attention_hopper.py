@@ -146,6 +146,14 @@ def test_hopper_lowers_for_cuda(T):
     assert "mosaic_gpu" in text and "tree_attention_combine" in text
 
 
+def test_hopper_lowers_in_x64_mode():
+    """`jax_enable_x64` on: the kernel's index arithmetic stays int32 (a Python int divisor
+    was an int64 operand of `lax.div` and failed to trace)."""
+    with jax.enable_x64(True):
+        _lower_cuda(lambda *a: hopper.tree_attention_hopper(*a, sizes=TA.HopperBlockSizes()),
+                    abstract_args(B=1, T=16, S=4160))
+
+
 @pytest.mark.parametrize("S", [4100, 4104, 1100])
 def test_hopper_slot_rule_is_the_lowering_rule(S):
     """The kernel refuses a cache whose slot count its TMA copies cannot tile (a multiple of

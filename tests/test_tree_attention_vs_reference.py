@@ -396,6 +396,19 @@ def test_triton_lowers_for_cuda(dtype, T, window, splits):
     assert ("tree_attention_combine" in text) == (splits == 2)
 
 
+def test_kernels_lower_in_x64_mode():
+    """With `jax_enable_x64` on (a user's choice for their own code) the kernels' index
+    arithmetic stays int32: a Python int divisor becomes an int64 operand of `lax.div` there,
+    which failed to trace (Triton with splits, Mosaic)."""
+    args = abstract_args(T=16)
+    with jax.enable_x64(True):
+        _lower_cuda(lambda *a: gpu.tree_attention_gpu(
+            *a, window=None, block_sizes=TA.BlockSizes(num_splits=2)), args)
+        jax.jit(lambda *a: tpu.tree_attention_tpu(
+            *a, window=100, block_sizes=TA.default_block_sizes(TA.Impl.MOSAIC, 256))
+        ).trace(*args).lower(lowering_platforms=("tpu",))
+
+
 def test_triton_default_pipeline_depth():
     """Three stages where the packed query rows fill a 64-row tile and a key / value row
     takes at most 256 bytes (the H200 sweep's finding); two for decode, for fp32 at head dim

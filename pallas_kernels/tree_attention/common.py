@@ -51,6 +51,12 @@ class BlockSizes:
     num_stages: int = 2
 
 
+def cdiv(a: jax.Array, b: int | jax.Array) -> jax.Array:
+    """Ceiling division of traced integers in `a`'s type. (`pl.cdiv` of an int32 array and a
+    Python int fails in x64 mode: the int becomes an int64 operand of `lax.div`.)"""
+    return (a + (b - 1)) // b
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 

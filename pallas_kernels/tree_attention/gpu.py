@@ -93,8 +93,8 @@ def _kernel(
 ):
     split = pl.program_id(2)
     length, lo, hi = lengths_ref[()], lo_ref[()], hi_ref[()]
-    n_blocks = pl.cdiv(hi - lo, block_k)
-    per_split = pl.cdiv(n_blocks, num_splits)
+    n_blocks = common.cdiv(hi - lo, block_k)
+    per_split = common.cdiv(n_blocks, num_splits)
     first = split * per_split
     count = jnp.clip(n_blocks - first, 0, per_split)
 

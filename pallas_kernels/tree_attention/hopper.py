@@ -154,7 +154,7 @@ def _dense_partials(q_BKMD, k_BSKD, v_BSKD, lengths_B, *, num_splits: int, num_s
 
     def body(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref):
         tile, split, bkh = (lax.axis_index(a) for a in ("tile", "split", "bk"))
-        b, kh = lax.div(bkh, K), lax.rem(bkh, K)
+        b, kh = lax.div(bkh, jnp.int32(K)), lax.rem(bkh, jnp.int32(K))
         n_full = lax.div(lengths_ref[b], jnp.int32(bk))
         per_split = lax.div(n_full + (N - 1), jnp.int32(N))
         first = split * per_split

@@ -61,8 +61,9 @@ def _kernel(
     b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     length, hi = lengths_ref[b], hi_ref[b]
     # lax.div (truncation) rather than //: the values are non-negative, and floor division
-    # lowers through `sign`, which Mosaic lowers only for a known TPU generation.
-    block = jax.lax.div(lo_ref[b], block_k) + split * blocks_per_split + i
+    # lowers through `sign`, which Mosaic lowers only for a known TPU generation. (int32
+    # divisors: a Python int would be an int64 operand in x64 mode.)
+    block = jax.lax.div(lo_ref[b], jnp.int32(block_k)) + split * blocks_per_split + i
     start = block * block_k
 
     @pl.when(i == 0)
@@ -139,8 +140,8 @@ def tree_attention_tpu(
     v_BSX = v_BSKD.reshape(B, S, K * D)
 
     def kv_index(b, k, n, i, lengths_ref, lo_ref, hi_ref):
-        last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, bk) - 1, 0)
-        return b, jnp.minimum(jax.lax.div(lo_ref[b], bk) + n * blocks_per_split + i, last), k
+        last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, jnp.int32(bk)) - 1, 0)
+        return b, jnp.minimum(jax.lax.div(lo_ref[b], jnp.int32(bk)) + n * blocks_per_split + i, last), k
 
     row_block = lambda b, k, n, i, *_: (b, 0, 0)  # noqa: E731
     out_block = lambda b, k, n, i, *_: (b, k, n, 0, 0)  # noqa: E731
