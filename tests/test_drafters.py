@@ -58,6 +58,10 @@ def test_history_append():
     np.testing.assert_array_equal(out.tokens, [[1, 2, 7, 8, 0], [3, 4, 5, 6, 0]])
     np.testing.assert_array_equal(out.length, [4, 4])
     np.testing.assert_array_equal(out.last(3), [[2, 7, 8], [4, 5, 6]])
+    with jax.enable_x64(True):  # a caller's int64 tokens and counts keep the int32 history
+        wide = history.append(jnp.array([[7, 8, 9], [4, 5, 6]], jnp.int64), jnp.array([2, 3]))
+    assert wide.tokens.dtype == wide.length.dtype == jnp.int32
+    np.testing.assert_array_equal(wide.tokens, out.tokens)
 
 
 def test_suffix_search_hand_computed():

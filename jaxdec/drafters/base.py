@@ -98,8 +98,10 @@ class History:
         slots = self.length[:, None] + jnp.arange(L)[None, :]
         slots = jnp.where(jnp.arange(L)[None, :] < n_B[:, None], slots, self.tokens.shape[1])
         rows = jnp.arange(self.tokens.shape[0])[:, None]
-        return History(tokens=self.tokens.at[rows, slots].set(emitted_BL, mode="drop"),
-                       length=self.length + n_B)
+        # The History's own dtypes whatever the caller's (int64 arrays in x64 mode).
+        new = emitted_BL.astype(self.tokens.dtype)
+        return History(tokens=self.tokens.at[rows, slots].set(new, mode="drop"),
+                       length=self.length + n_B.astype(self.length.dtype))
 
     def last(self, n: int) -> jax.Array:
         """[B, n]: the last n tokens of each row (clipped at the start)."""

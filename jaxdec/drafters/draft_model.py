@@ -231,7 +231,7 @@ class DraftModel(Drafter):
             valid = jnp.where(is_next, child_ok, valid)
             return tokens, valid, q, written
 
-        tokens = template.tokens.at[:, 0].set(root_B)
+        tokens = template.tokens.at[:, 0].set(root_B.astype(template.tokens.dtype))
         q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
         tokens, valid, q, written = jax.lax.fori_loop(
             0, D, level, (tokens, template.valid, q, state.cache))
@@ -271,7 +271,7 @@ class DraftModel(Drafter):
         logits, _, cache = forward_with_cache(
             self.model, first, positions, state.cache,
             logits_indices_BN=pending[:, None] if D else jnp.zeros((B, 0), jnp.int32))
-        tokens = template.tokens.at[:, 0].set(root_B)
+        tokens = template.tokens.at[:, 0].set(root_B.astype(template.tokens.dtype))
         valid = template.valid
         q = jnp.zeros((B, N, V), jnp.float32) if kind != ProposalKind.DETERMINISTIC else None
         if D:
@@ -281,7 +281,7 @@ class DraftModel(Drafter):
             # Node ell alone, at slot length + ell: nodes 0..ell-1, written by the levels
             # before, are counted into the cache's length for this forward.
             tokens, valid, q, written = carry
-            length = lengths_B + ell
+            length = (lengths_B + ell).astype(state.cache.lengths.dtype)
             node = jax.lax.dynamic_slice_in_dim(tokens, ell, 1, axis=1)
             logits, _, written = forward_with_cache(self.model, node, length[:, None],
                                                     written.replace(lengths=length))
