@@ -88,7 +88,8 @@ class _State:
 
 
 def _elapsed(start, end) -> jax.Array:
-    return ((end[0] - start[0]) % 2**30).astype(jnp.float32) + (end[1] - start[1]) * 1e-9
+    whole = ((end[0] - start[0]) % 2**30).astype(jnp.float32)
+    return whole + (end[1] - start[1]).astype(jnp.float32) * 1e-9
 
 
 def _clock(*deps):
@@ -212,8 +213,9 @@ def speculative_padded(
         return _State(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
             drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,
-            row_steps_B=s.row_steps_B + active, emitted_sum_B=s.emitted_sum_B +
-            jnp.where(active, verdict.n_path, 0), depth_hits_BD=s.depth_hits_BD + hits,
+            row_steps_B=s.row_steps_B + active.astype(jnp.int32),
+            emitted_sum_B=s.emitted_sum_B + jnp.where(active, verdict.n_path, 0),
+            depth_hits_BD=s.depth_hits_BD + hits.astype(jnp.int32),
             seconds=seconds,
         )
 

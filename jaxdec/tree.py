@@ -267,7 +267,7 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     owner = jnp.argmax(same, axis=1)  # [B, C, D]: first candidate with this prefix
     is_new = valid & (owner == jnp.arange(C)[None, :, None])
     # Breadth-first ids: order new nodes by (depth, candidate).
-    new_DC = jnp.swapaxes(is_new, 1, 2).reshape(B, D * C)
+    new_DC = jnp.swapaxes(is_new, 1, 2).reshape(B, D * C).astype(jnp.int32)
     ids_DC = 1 + jnp.cumsum(new_DC, axis=1) - new_DC
     ids = jnp.swapaxes(ids_DC.reshape(B, D, C), 1, 2)  # [B, C, D]
     # Node (c, d) of every candidate, new or shared, is the owner's node.

@@ -399,10 +399,11 @@ def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
                                     key=jax.random.split(jax.random.key(0), 2))
 
 
-def test_x64_mode_gives_the_same_tokens(loaded):
-    """With `jax_enable_x64` on (a user's choice for their own code), the loops' integer
-    bookkeeping stays int32 (a while loop's carry may not change type) and the tokens are
-    the 32-bit mode's."""
+@pytest.mark.parametrize("mode", ["x64", "strict"])
+def test_user_jax_modes_give_the_same_tokens(loaded, mode):
+    """A user's choice of JAX modes for their own code: with `jax_enable_x64` on, the loops'
+    integer bookkeeping stays int32 (a while loop's carry may not change type); with strict
+    dtype promotion, no operation mixes types implicitly. The tokens are the default mode's."""
     model = loaded(TARGET)
     sampler = jaxdec.Sampler(temperature=1.0)
 
@@ -411,14 +412,14 @@ def test_x64_mode_gives_the_same_tokens(loaded):
                 # one row: the cache's single-row write (a dynamic_update_slice)
                 jaxdec.generate(model, _prompts()[:1], max_new_tokens=6).tokens,
                 jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
-                                            max_new_tokens=6).tokens,
+                                            max_new_tokens=6, profile=True).tokens,
                 jaxdec.speculative_generate(model, DraftModel(model), _prompts(),
                                             max_new_tokens=6, sampler=sampler).tokens]
 
-    x32 = runs()
-    with jax.enable_x64(True):
-        x64 = runs()
-    for a, b in zip(x32, x64, strict=True):
+    default = runs()
+    with (jax.enable_x64(True) if mode == "x64" else jax.numpy_dtype_promotion("strict")):
+        other = runs()
+    for a, b in zip(default, other, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -169,6 +169,9 @@ def test_cross_entropy_matches_optax_values_and_gradients():
     ours = jax.grad(lambda x: jnp.sum(token_cross_entropy(x, labels) * weights))(logits)
     theirs = jax.grad(lambda x: jnp.sum(reference(x, labels) * weights))(logits)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    with jax.numpy_dtype_promotion("strict"):  # no implicit bool -> float in the gradient
+        strict = jax.grad(lambda x: jnp.sum(token_cross_entropy(x, labels) * weights))(logits)
+    np.testing.assert_array_equal(strict, ours)
     # bf16 logits (what the training step passes on accelerators) are read in fp32: the loss
     # is fp32, the gradient has the logits' dtype.
     low = logits.astype(jnp.bfloat16)

@@ -91,7 +91,8 @@ def _cross_entropy_fwd(logits, labels):
 def _cross_entropy_bwd(residuals, g):
     logits, labels, lse = residuals
     onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
-    grad = (jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot) * g[..., None]
+    grad = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot.astype(jnp.float32))
+            * g[..., None])
     return grad.astype(logits.dtype), None
 
 
