@@ -211,6 +211,11 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):  # [batch, length]: every row whole
+        if prompts.ndim != 2:
+            raise TypeError(f"prompts as an array must be [batch, length] token ids, got shape "
+                            f"{prompts.shape} (one prompt is [ids])")
+        prompts = list(np.asarray(prompts))
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise TypeError("prompts must be a non-empty list of token-id lists")
     checked = []
@@ -328,7 +333,7 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tok
 
 def generate(
     model: Model,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
     *,
     max_new_tokens: int,
     sampler: Greedy | Sampler | None = None,
@@ -344,7 +349,8 @@ def generate(
 
     Args:
       model: a Model from `load_pretrained` or `init_model`.
-      prompts: a list of token-id lists (lengths may differ; none empty).
+      prompts: a list of token-id lists (lengths may differ; none empty), or a [batch, length]
+        integer array whose rows are whole prompts.
       max_new_tokens: tokens to produce per row (>= 1).
       sampler: Greedy() when None, or Sampler(temperature=..., top_k=..., top_p=..., min_p=...).
       key: one PRNG key for sampling, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`
@@ -379,6 +385,7 @@ def generate(
                           pad_id=pad_id, max_len=max_len)
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
+    key = jax.random.PRNGKey(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,

@@ -133,12 +133,13 @@ def check_sampler(sampler) -> Greedy | Sampler:
     return sampler
 
 
-def check_key(key) -> jax.Array:
-    """`key` itself (`jax.random.PRNGKey(0)` when None): one PRNG key, either a typed key
-    (`jax.random.key(seed)`) or a raw one (`jax.random.PRNGKey(seed)`, uint32); a TypeError
-    naming the argument for anything else (an int seed, a batch of keys)."""
+def check_key(key) -> jax.Array | None:
+    """`key` itself (None stays None): one PRNG key, either a typed key (`jax.random.key(seed)`)
+    or a raw one (`jax.random.PRNGKey(seed)`, uint32); a TypeError naming the argument for
+    anything else (an int seed, a batch of keys). The caller makes its default key after its
+    other checks: making one runs a (first time: compiled) program."""
     if key is None:
-        return jax.random.PRNGKey(0)
+        return None
     shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():

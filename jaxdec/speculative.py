@@ -262,7 +262,7 @@ def speculative_generate(
     Args:
       target: the Model whose distribution the output follows.
       drafter: `jaxdec.drafters.DraftModel(model)`, `PromptLookup()` or `Retrieval(...)`.
-      prompts: a list of token-id lists (ragged).
+      prompts: a list of token-id lists (ragged), or a [batch, length] integer array.
       max_new_tokens: tokens to produce per row.
       sampler: Greedy() when None, or Sampler(...); verification is lossless for both.
       key: one PRNG key for drafting and verification, as in `generate` (default
@@ -304,6 +304,7 @@ def speculative_generate(
     drafter = drafter.prepare(target)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
+    key = jax.random.PRNGKey(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,

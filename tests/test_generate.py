@@ -196,9 +196,10 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
 ])
 def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
+    model = loaded(VARIANT)  # loaded first: a worker's first load compiles its casts
     _compiles.clear()
     with pytest.raises(error, match=match):
-        jaxdec.generate(loaded(VARIANT), prompts, **kwargs)
+        jaxdec.generate(model, prompts, **kwargs)
     assert _compiles == []
 
 
@@ -217,8 +218,18 @@ def test_prompts_may_be_arrays(loaded):
     np.testing.assert_array_equal(
         jaxdec.generate(loaded(VARIANT), as_arrays, max_new_tokens=3).tokens,
         jaxdec.generate(loaded(VARIANT), prompts, max_new_tokens=3).tokens)
+    # A [batch, length] array (numpy or jax): every row is a whole prompt.
+    square = _prompts((4, 4))
+    expected = jaxdec.generate(loaded(VARIANT), square, max_new_tokens=3).tokens
+    for batch in (np.array(square, np.int64), jnp.array(square)):
+        np.testing.assert_array_equal(
+            jaxdec.generate(loaded(VARIANT), batch, max_new_tokens=3).tokens, expected)
     with pytest.raises(TypeError, match="flat list of integer"):
         jaxdec.generate(loaded(VARIANT), [[1.5, 2.0]], max_new_tokens=3)
+    with pytest.raises(TypeError, match="flat list of integer"):
+        jaxdec.generate(loaded(VARIANT), np.ones((2, 3), np.float32), max_new_tokens=3)
+    with pytest.raises(TypeError, match=r"\[batch, length\] token ids, got shape \(3,\)"):
+        jaxdec.generate(loaded(VARIANT), np.array([1, 2, 3]), max_new_tokens=3)
 
 
 def test_forward_with_cache_shape_errors(loaded):
