@@ -51,10 +51,11 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def cdiv(a: jax.Array, b: int | jax.Array) -> jax.Array:
-    """Ceiling division of traced integers in `a`'s type. (`pl.cdiv` of an int32 array and a
-    Python int fails in x64 mode: the int becomes an int64 operand of `lax.div`.)"""
-    return (a + (b - 1)) // b
+def cdiv(a: jax.Array, b: int) -> jax.Array:
+    """Ceiling division of a non-negative traced integer by a static one, in `a`'s type:
+    `pl.cdiv`'s one truncating `lax.div`, whose Python-int divisor is an int64 operand in x64
+    mode (and fails to trace there)."""
+    return jax.lax.div(a + (b - 1), jnp.asarray(b, a.dtype))
 
 
 def _is_pow2(n: int) -> bool:

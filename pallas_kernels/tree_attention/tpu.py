@@ -141,7 +141,8 @@ def tree_attention_tpu(
 
     def kv_index(b, k, n, i, lengths_ref, lo_ref, hi_ref):
         last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, jnp.int32(bk)) - 1, 0)
-        return b, jnp.minimum(jax.lax.div(lo_ref[b], jnp.int32(bk)) + n * blocks_per_split + i, last), k
+        first = jax.lax.div(lo_ref[b], jnp.int32(bk)) + n * blocks_per_split + i
+        return b, jnp.minimum(first, last), k
 
     row_block = lambda b, k, n, i, *_: (b, 0, 0)  # noqa: E731
     out_block = lambda b, k, n, i, *_: (b, k, n, 0, 0)  # noqa: E731
