@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import operator
 import time
 from typing import Callable, Sequence
 
@@ -236,21 +237,36 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 
 
 def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
-    """Shared ids (a flat list) or one list per row -> int32 [B, M] padded with -1."""
-    stop_tokens = list(stop_tokens) if stop_tokens is not None else []
+    """Shared ids (one id or a flat list) or one list per row -> int32 [B, M] padded with -1."""
+    if isinstance(stop_tokens, (str, bytes)):
+        raise TypeError("stop_tokens must be token ids, or one list of ids per prompt; got a "
+                        "string (tokenize it first)")
+    if isinstance(stop_tokens, (np.ndarray, jax.Array)):
+        stop_tokens = np.asarray(stop_tokens).tolist()  # an int, a list or a list of lists
+    if isinstance(stop_tokens, (int, np.integer)) and not isinstance(stop_tokens, bool):
+        stop_tokens = [stop_tokens]  # one id (as a config's eos_token_id often is)
+    try:
+        stop_tokens = list(stop_tokens) if stop_tokens is not None else []
+    except TypeError:
+        raise TypeError("stop_tokens must be token ids, or one list of ids per prompt, got "
+                        f"{type(stop_tokens).__name__}") from None
+    def ids(values) -> list[int]:
+        try:  # integers only: no strings, floats or bools
+            if any(isinstance(t, bool) for t in values):
+                raise TypeError
+            return [operator.index(t) for t in values]
+        except TypeError:
+            raise TypeError("stop_tokens must be token ids, or one list of ids per prompt") from None
+
     per_row = bool(stop_tokens) and all(isinstance(s, (list, tuple, np.ndarray)) for s in stop_tokens)
     if per_row:
         if len(stop_tokens) != batch:
             raise ValueError(
                 f"stop_tokens has {len(stop_tokens)} per-row lists for {batch} prompts"
             )
-        rows = [[int(t) for t in s] for s in stop_tokens]
+        rows = [ids(s) for s in stop_tokens]
     else:
-        try:
-            shared = [int(t) for t in stop_tokens]
-        except (TypeError, ValueError):
-            raise TypeError("stop_tokens must be token ids, or one list of ids per prompt") from None
-        rows = [shared] * batch
+        rows = [ids(stop_tokens)] * batch
     for row in rows:
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
@@ -355,8 +371,8 @@ def generate(
       sampler: Greedy() when None, or Sampler(temperature=..., top_k=..., top_p=..., min_p=...).
       key: one PRNG key for sampling, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`
         (default PRNGKey(0)); rows draw independent randomness from it.
-      stop_tokens: ids that end a row (the stop token is kept), shared by all rows, or one
-        list per row.
+      stop_tokens: ids that end a row (the stop token is kept): one id or a list shared by
+        all rows, or one list per row (a [batch, M] array too).
       pad_id: written after a row stops.
       max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
         multiple of 8).

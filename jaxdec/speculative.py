@@ -269,7 +269,8 @@ def speculative_generate(
         PRNGKey(0)).
       tree: a `jaxdec.tree` topology (chain(k), kary(d, w), from_choices(...)); None lets the
         drafter pick. For PromptLookup / Retrieval it is the node and depth budget.
-      stop_tokens: ids that end a row (kept), shared or per row.
+      stop_tokens: ids that end a row (kept), as in `generate`: shared (one id or a list) or
+        per row.
       pad_id: written after a row stops.
       max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes,
         rounded up to a multiple of 8).

@@ -86,6 +86,13 @@ def test_stop_tokens_shared_and_per_row(loaded):
     first_b = list(free.tokens[1]).index(stop_b)
     assert per_row.lengths[1] == first_b + 1
     assert per_row.to_lists()[1] == free.tokens[1, : first_b + 1].tolist()
+    # One id (as a config's eos_token_id often is) and arrays mean the same.
+    one = jaxdec.generate(model, prompts, max_new_tokens=12, stop_tokens=np.int64(stop_a),
+                          pad_id=-1)
+    np.testing.assert_array_equal(one.tokens, shared.tokens)
+    rows = jaxdec.generate(model, prompts, max_new_tokens=12,
+                           stop_tokens=jnp.array([[stop_a], [stop_b]]))
+    assert rows.lengths.tolist() == [first_a + 1, first_b + 1]
 
 
 def test_single_new_token_and_full_rows(loaded):
@@ -193,6 +200,10 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([[1, 2]], dict(key=np.zeros(2, np.int32)), TypeError, "dtype int32"),
     ([[1, 2]], dict(stop_tokens=[[1], [2]]), ValueError, "per-row lists for 1 prompts"),
     ([[1, 2]], dict(stop_tokens=[500]), ValueError, "stop_tokens"),
+    ([[1, 2]], dict(stop_tokens="2"), TypeError, "stop_tokens.*got a string"),
+    ([[1, 2]], dict(stop_tokens=[2.5]), TypeError, "stop_tokens must be token ids"),
+    ([[1, 2]], dict(stop_tokens=[True]), TypeError, "stop_tokens must be token ids"),
+    ([[1, 2]], dict(stop_tokens=object()), TypeError, "stop_tokens must be token ids"),
 ])
 def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
