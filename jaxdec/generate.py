@@ -211,6 +211,12 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
 # -------------------------------------------------------------------- the host-side API
 
 
+def python_ints(*values):
+    """numpy integers as Python ints (a computed max_new_tokens, say; static arguments are
+    hashed and compared by value and type); anything else as it is, for the checks."""
+    return tuple(int(v) if isinstance(v, np.integer) else v for v in values)
+
+
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if isinstance(prompts, (np.ndarray, jax.Array)):  # [batch, length]: every row whole
         if prompts.ndim != 2:
@@ -394,6 +400,7 @@ def generate(
     """
     sampler = check_sampler(sampler)
     key = check_key(key)
+    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
     check_compile_only(compile_only, model=model)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")

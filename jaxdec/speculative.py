@@ -23,7 +23,7 @@ from jax.experimental import io_callback
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
-                             read_timings, registered_stream)
+                             python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -289,6 +289,7 @@ def speculative_generate(
     """
     sampler = check_sampler(sampler)
     key = check_key(key)
+    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
     if not isinstance(drafter, Drafter):
         raise TypeError(
             "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval), "

@@ -87,8 +87,8 @@ def test_stop_tokens_shared_and_per_row(loaded):
     assert per_row.lengths[1] == first_b + 1
     assert per_row.to_lists()[1] == free.tokens[1, : first_b + 1].tolist()
     # One id (as a config's eos_token_id often is) and arrays mean the same.
-    one = jaxdec.generate(model, prompts, max_new_tokens=12, stop_tokens=np.int64(stop_a),
-                          pad_id=-1)
+    one = jaxdec.generate(model, prompts, max_new_tokens=np.int64(12),  # numpy ints too
+                          stop_tokens=np.int64(stop_a), pad_id=np.int32(-1))
     np.testing.assert_array_equal(one.tokens, shared.tokens)
     rows = jaxdec.generate(model, prompts, max_new_tokens=12,
                            stop_tokens=jnp.array([[stop_a], [stop_b]]))
