@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -70,24 +72,26 @@ class Sampler:
     min_p: float | None = None
 
     def __post_init__(self):
+        # Python and numpy numbers alike (a Sampler is a static argument: its fields are
+        # stored as Python floats and ints); bools are refused.
+        def real(x):
+            return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
-        ):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and (
-            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-            or not 0 < self.top_p <= 1
-        ):
+        k = self.top_k
+        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None, got {k!r}")
+        if self.top_p is not None and (not real(self.top_p) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
-        if self.min_p is not None and (
-            isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
-            or not 0 <= self.min_p <= 1
-        ):
+        if self.min_p is not None and (not real(self.min_p) or not 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
         object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", None if k is None else int(k))
+        for name in ("top_p", "min_p"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def is_greedy(self) -> bool:

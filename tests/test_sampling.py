@@ -91,10 +91,24 @@ def test_batch_rows_draw_independent_randomness():
     (dict(top_k=2.5), "top_k"),
     (dict(min_p=-0.1), "min_p"),
     (dict(min_p=1.1), "min_p"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p="0.9"), "top_p"),
+    (dict(min_p=np.bool_(True)), "min_p"),
 ])
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Sampler(**kwargs)
+
+
+def test_numpy_numbers_are_stored_as_python_numbers():
+    """A Sampler is a static argument: numpy scalars (a computed temperature, say) are taken
+    and stored as Python numbers, so equal settings are one compiled program."""
+    given = Sampler(temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
+                    min_p=np.float32(0.25))
+    assert given == Sampler(temperature=0.5, top_k=5, top_p=0.9, min_p=0.25)
+    assert hash(given) == hash(Sampler(temperature=0.5, top_k=5, top_p=0.9, min_p=0.25))
+    assert [type(getattr(given, f)) for f in ("temperature", "top_k", "top_p", "min_p")] == [
+        float, int, float, float]
 
 
 def test_samplers_are_hashable_static_arguments():
