@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _pytree_dataclass(cls):
@@ -147,10 +148,10 @@ def init_cache(
     """
     from jaxdec import parallel
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch_size, max_len = int(batch_size), int(max_len)
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     heads = parallel.cache_kv_heads(config, mesh)

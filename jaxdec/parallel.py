@@ -31,8 +31,9 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
       devices: the devices to use, default `jax.devices()`.
     """
     for name, value in (("tp", tp), ("dp", dp)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    tp, dp = int(tp), int(dp)
     devices = list(jax.devices() if devices is None else devices)
     if dp * tp > len(devices):
         raise ValueError(

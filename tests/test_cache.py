@@ -141,6 +141,10 @@ def test_init_cache_shapes_and_sharding(loaded):
     assert wide.layers[0].k.shape == (1, 4, 4, 8)
     with pytest.raises(ValueError, match="max_len"):
         jaxdec.init_cache(config, 1, 0)
+    # numpy ints (a computed size) are taken, as Python ints.
+    sized = jaxdec.init_cache(config, np.int64(2), np.int32(10),
+                              mesh=jaxdec.make_mesh(tp=np.int64(2)))
+    assert (sized.batch_size, sized.max_len) == (2, 10)
 
 
 def test_abstract_cache_matches_the_allocated_one(loaded):

@@ -61,7 +61,8 @@ def test_builder_arguments_and_specs():
         tree.kary(2, 0)
     with pytest.raises(ValueError, match="more than"):
         tree.kary(8, 3)
-    assert tree.parse("chain:5") == tree.chain(5)
+    assert tree.parse("chain:5") == tree.chain(5) == tree.chain(np.int64(5))  # numpy ints too
+    assert tree.kary(np.int32(2), np.int64(3)) == tree.kary(2, 3)
     assert tree.parse("kary:2:3") == tree.kary(2, 3)
     assert tree.parse("[[0],[1],[0,0]]") == tree.from_choices([[0], [1], [0, 0]])
     with pytest.raises(ValueError, match="bad tree spec"):
