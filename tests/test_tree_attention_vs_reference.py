@@ -399,7 +399,7 @@ def test_triton_lowers_for_cuda(dtype, T, window, splits):
 def test_kernels_lower_in_x64_mode():
     """With `jax_enable_x64` on (a user's choice for their own code) the kernels' index
     arithmetic stays int32: a Python int divisor becomes an int64 operand of `lax.div` there,
-    which failed to trace (Triton with splits, Mosaic)."""
+    which failed to trace (both kernels)."""
     args = abstract_args(T=16)
     with jax.enable_x64(True):
         _lower_cuda(lambda *a: gpu.tree_attention_gpu(
