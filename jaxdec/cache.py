@@ -24,7 +24,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxdec.checks import check_int
 
 
 def _pytree_dataclass(cls):
@@ -148,10 +149,7 @@ def init_cache(
     """
     from jaxdec import parallel
 
-    for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    batch_size, max_len = int(batch_size), int(max_len)
+    batch_size, max_len = check_int("batch_size", batch_size), check_int("max_len", max_len)
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     heads = parallel.cache_kv_heads(config, mesh)

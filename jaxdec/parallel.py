@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdec.checks import check_int
+
 TP = "tp"
 DP = "dp"
 _MESH_AXES = (DP, TP)
@@ -30,10 +32,7 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
       dp: data-parallel degree (the batch is split dp ways).
       devices: the devices to use, default `jax.devices()`.
     """
-    for name, value in (("tp", tp), ("dp", dp)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    tp, dp = int(tp), int(dp)
+    tp, dp = check_int("tp", tp), check_int("dp", dp)
     devices = list(jax.devices() if devices is None else devices)
     if dp * tp > len(devices):
         raise ValueError(

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec.checks import check_int
+
 MAX_NODES = 256
 
 
@@ -173,17 +175,12 @@ def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> 
 
 def chain(k: int) -> Topology:
     """A chain of k draft tokens (k + 1 nodes with the root)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"chain length must be an int >= 1, got {k!r}")
-    return from_parents([-1] + list(range(int(k))))
+    return from_parents([-1] + list(range(check_int("chain length", k))))
 
 
 def kary(depth: int, width: int) -> Topology:
     """A full tree: every node down to `depth` has `width` children (breadth-first order)."""
-    for name, v in (("depth", depth), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    depth, width = int(depth), int(width)
+    depth, width = check_int("depth", depth), check_int("width", width)
     total = sum(width**d for d in range(depth + 1))
     if total > MAX_NODES:
         raise ValueError(f"kary({depth}, {width}) has {total} nodes, more than {MAX_NODES}")

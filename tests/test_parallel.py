@@ -88,7 +88,7 @@ def test_kv_heads_and_tp_must_divide_one_another():
 def test_bad_meshes():
     with pytest.raises(ValueError, match="exceeds the 8 available devices"):
         jaxdec.make_mesh(tp=4, dp=4)
-    with pytest.raises(ValueError, match="tp must be a positive int"):
+    with pytest.raises(ValueError, match="tp must be an int >= 1, got 0"):
         jaxdec.make_mesh(tp=0)
     with pytest.raises(ValueError, match="not understood"):
         jaxdec.parallel.resolve_mesh(Mesh(np.array(jax.devices()[:2]), ("model",)))

@@ -21,8 +21,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxdec.checks import check_int
 from jaxdec.tree import Topology, TokenTree, from_parents
 from jaxdec.verify import ProposalKind
 
@@ -113,16 +113,10 @@ def history_capacity(prompt_bucket: int, max_new_tokens: int) -> int:
     return int(prompt_bucket + max_new_tokens + 1)
 
 
-def check_positive(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def lookup_settings(max_ngram, min_ngram, depth, num_candidates) -> tuple[int, int, int, int]:
     """Validated settings of an n-gram lookup drafter (PromptLookup, Retrieval)."""
-    settings = (check_positive("max_ngram", max_ngram), check_positive("min_ngram", min_ngram),
-                check_positive("depth", depth), check_positive("num_candidates", num_candidates))
+    settings = (check_int("max_ngram", max_ngram), check_int("min_ngram", min_ngram),
+                check_int("depth", depth), check_int("num_candidates", num_candidates))
     if settings[1] > settings[0]:
         raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
     return settings
