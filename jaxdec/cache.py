@@ -73,7 +73,7 @@ class KVLayer:
             # those slots keep what they hold, and the tokens past the end are dropped.
             start = jnp.minimum(lengths_B[0], S - T)
             shift = lengths_B[0] - start
-            keep_old = (jnp.arange(T) < shift)[None, :, None, None]
+            keep_old = (jnp.arange(T, dtype=jnp.int32) < shift)[None, :, None, None]
 
             def put(cache, new):
                 old = jax.lax.dynamic_slice_in_dim(cache, start, T, axis=1)
@@ -83,7 +83,7 @@ class KVLayer:
                     cache, jnp.where(keep_old, old, moved), start, axis=1)
 
             return KVLayer(k=put(self.k, k_BTKD), v=put(self.v, v_BTKD))
-        rows = jnp.arange(k_BTKD.shape[0])[:, None]
+        rows = jnp.arange(k_BTKD.shape[0], dtype=jnp.int32)[:, None]
         slots = lengths_B[:, None] + jnp.arange(T, dtype=lengths_B.dtype)[None, :]
         return KVLayer(
             k=self.k.at[rows, slots].set(k_BTKD.astype(self.k.dtype), mode="drop"),
@@ -96,11 +96,11 @@ class KVLayer:
             return self
         B, N = accepted_slots_BN.shape
         S = self.k.shape[1]
-        rows = jnp.arange(B)[:, None]
+        rows = jnp.arange(B, dtype=jnp.int32)[:, None]
         src = lengths_B[:, None] + accepted_slots_BN
         dst = lengths_B[:, None] + jnp.arange(N, dtype=lengths_B.dtype)[None, :]
         # Slots past the accepted count are not written (sent out of range and dropped).
-        dst = jnp.where(jnp.arange(N)[None, :] < n_accepted_B[:, None], dst, S)
+        dst = jnp.where(jnp.arange(N, dtype=jnp.int32)[None, :] < n_accepted_B[:, None], dst, S)
 
         def move(x):
             picked = x[rows, jnp.clip(src, 0, S - 1)]  # gather all first: sources may overlap

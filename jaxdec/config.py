@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from jaxdec.checks import check_int
+
 # model_type -> HF architecture class name. The Llama family shares one implementation.
 SUPPORTED_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -102,9 +104,9 @@ class ModelConfig:
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            # numpy ints (sizes read from arrays) taken, stored as Python ints: a config is a
+            # static argument, hashed and compared by value and type.
+            object.__setattr__(self, name, check_int(name, getattr(self, name)))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -115,18 +117,16 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_act={self.hidden_act!r} is not supported; supported: {SUPPORTED_ACTIVATIONS}"
             )
-        if self.layer_windows is None:
-            object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
-        else:
-            object.__setattr__(self, "layer_windows", tuple(self.layer_windows))
+        windows = (None,) * self.num_layers if self.layer_windows is None else tuple(
+            None if w is None else check_int("a layer's sliding window (or None)", w)
+            for w in self.layer_windows)
+        object.__setattr__(self, "layer_windows", windows)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
             )
-        for w in self.layer_windows:
-            if w is not None and (not isinstance(w, int) or w < 1):
-                raise ValueError(f"a sliding window must be a positive int or None, got {w!r}")
-        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(self, "eos_token_ids", tuple(
+            check_int("eos_token_ids entries", t, minimum=0) for t in self.eos_token_ids))
 
     @property
     def q_per_kv(self) -> int:

@@ -147,7 +147,7 @@ def generate_padded(
 
 
 def _row_keys(key: jax.Array, batch: int) -> jax.Array:
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
 
 
 def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):

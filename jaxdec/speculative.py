@@ -170,7 +170,7 @@ def speculative_padded(
             topology=topology, sampler=sampler)
         tree = proposal.tree
         # Nodes past the cache's end are never accepted: near the end the tree is shallower.
-        room = s.cache.lengths[:, None] + jnp.arange(N)[None, :] < s.cache.max_len
+        room = s.cache.lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :] < s.cache.max_len
         tree = dataclasses.replace(tree, tokens=tree.tokens.at[:, 0].set(root),
                                    valid=tree.valid & room)
         if profile:
@@ -184,7 +184,7 @@ def speculative_padded(
         emitted = emitted_tokens(tree, verdict)  # [B, depth + 1]
 
         active = ~s.done_B
-        index = jnp.arange(depth + 1)[None, :]
+        index = jnp.arange(depth + 1, dtype=jnp.int32)[None, :]
         is_stop = jnp.any(emitted[:, :, None] == stop_tokens_BM[:, None, :], axis=2)
         is_stop &= index < verdict.n_path[:, None]
         stopped = jnp.any(is_stop, axis=1)
@@ -198,7 +198,7 @@ def speculative_padded(
 
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
-        out = s.out_BN.at[jnp.arange(B)[:, None], slots].set(emitted, mode="drop")
+        out = s.out_BN.at[jnp.arange(B, dtype=jnp.int32)[:, None], slots].set(emitted, mode="drop")
         new_cache = commit(written, verdict.path, keep, prefix=proposal.chain)
         dstate = drafter.update(dstate, proposal, verdict, keep, emitted)
         last = jnp.take_along_axis(emitted, jnp.maximum(keep - 1, 0)[:, None], axis=1)[:, 0]
@@ -209,7 +209,8 @@ def speculative_padded(
             t2 = _clock(emitted, keep)
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
-        hits = active[:, None] & (verdict.n_path[:, None] > jnp.arange(1, depth + 1))
+        levels = jnp.arange(1, depth + 1, dtype=jnp.int32)
+        hits = active[:, None] & (verdict.n_path[:, None] > levels)
         return _State(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
             drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,

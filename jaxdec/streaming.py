@@ -15,6 +15,8 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from jaxdec.checks import check_int
+
 
 class TextStream:
     """Decodes one row's tokens as they arrive and hands the new text to `write` (by default
@@ -41,9 +43,7 @@ class TextStream:
                  file: TextIO | None = None):
         if not callable(getattr(tokenizer, "decode", None)):
             raise TypeError(f"tokenizer must have a decode(ids) method, got {tokenizer!r}")
-        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
-            raise ValueError(f"row must be an int >= 0, got {row!r}")
-        self.tokenizer, self.row = tokenizer, row
+        self.tokenizer, self.row = tokenizer, check_int("row", row, minimum=0)
         self._write = write or (lambda text: print(text, end="", flush=True,
                                                    file=file or sys.stdout))
         self.tokens: list[int] = []  # the row's tokens so far, in order

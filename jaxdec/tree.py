@@ -262,8 +262,8 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     # same[b, c', c, d]: candidates c' and c agree on tokens 0..d (and both exist there).
     eq = (cand_BCD[:, :, None, :] == cand_BCD[:, None, :, :]) & valid[:, :, None, :] & valid[:, None, :, :]
     same = jnp.cumprod(eq.astype(jnp.int32), axis=3).astype(bool)
-    owner = jnp.argmax(same, axis=1)  # [B, C, D]: first candidate with this prefix
-    is_new = valid & (owner == jnp.arange(C)[None, :, None])
+    owner = jnp.argmax(same, axis=1).astype(jnp.int32)  # [B, C, D]: the first with this prefix
+    is_new = valid & (owner == jnp.arange(C, dtype=jnp.int32)[None, :, None])
     # Breadth-first ids: order new nodes by (depth, candidate).
     new_DC = jnp.swapaxes(is_new, 1, 2).reshape(B, D * C).astype(jnp.int32)
     ids_DC = 1 + jnp.cumsum(new_DC, axis=1) - new_DC
@@ -274,7 +274,7 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     depth = jnp.broadcast_to(jnp.arange(1, D + 1, dtype=jnp.int32), (B, C, D))
     keep = is_new & (ids < num_nodes)
     slot = jnp.where(keep, ids, num_nodes)  # dropped nodes go out of range
-    rows = jnp.arange(B)[:, None, None]
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None, None]
 
     # The four per-node fields in one scatter (a scatter is a kernel of its own): [token,
     # parent, depth, present] per node, the root's and the unused slots' set beforehand.
@@ -312,7 +312,7 @@ def ancestor_mask(parents_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
     # batched products instead of a loop over nodes, which on a GPU launches a few tiny
     # kernels per node from the host, every speculative step.
     reach = (jnp.eye(N, dtype=bool)[None]
-             | (parents[:, :, None] == jnp.arange(N)[None, None, :]))
+             | (parents[:, :, None] == jnp.arange(N, dtype=jnp.int32)[None, None, :]))
     for _ in range(max(N - 1, 1).bit_length()):
         hops = jnp.einsum("bij,bjk->bik", reach.astype(jnp.float32), reach.astype(jnp.float32),
                           precision=jax.lax.Precision.HIGHEST)

@@ -122,13 +122,13 @@ def _walk_matching(tree: TokenTree, next_BN: jax.Array, max_depth: int) -> Verdi
     parents = tree.parents
     want = jnp.take_along_axis(next_BN, jnp.maximum(parents, 0), axis=1)
     match = tree.valid & (parents >= 0) & (tree.tokens == want) & (tree.depth <= max_depth)
-    index = jnp.arange(N)
+    index = jnp.arange(N, dtype=jnp.int32)
     earlier_sibling = ((index[None, :, None] > index[None, None, :])
                        & (parents[:, :, None] == parents[:, None, :]))  # [B, i, j]: j before i
     step = match & ~jnp.any(earlier_sibling & match[:, None, :], axis=2)
     step = step | (index == 0)[None, :]  # the root
     on_path = jnp.all(~tree.ancestors | step[:, None, :], axis=2)  # one chain from the root
-    levels = jnp.arange(max_depth + 1)
+    levels = jnp.arange(max_depth + 1, dtype=jnp.int32)
     at_level = on_path[:, None, :] & (tree.depth[:, None, :] == levels[None, :, None])
     path = jnp.sum(jnp.where(at_level, index[None, None, :], 0), axis=2).astype(jnp.int32)
     n_path = jnp.sum(on_path, axis=1).astype(jnp.int32)
@@ -141,7 +141,7 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     B, N, V = p_BNV.shape
     children = jnp.asarray(topology.children)  # [N, K] static table
     K = children.shape[1]
-    uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (max_depth, K, B))
+    uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (max_depth, K, B), jnp.float32)
     cur = jnp.zeros((B,), jnp.int32)
     alive = jnp.ones((B,), bool)
     residual_BV = _node_dists(p_BNV, cur)
@@ -187,7 +187,7 @@ def emitted_tokens(tree: TokenTree, verdict: Verdict) -> jax.Array:
     drafts = jnp.take_along_axis(tree.tokens, verdict.path[:, 1:], axis=1)
     L = verdict.path.shape[1]
     out = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1)
-    index = jnp.arange(L)[None, :]
+    index = jnp.arange(L, dtype=jnp.int32)[None, :]
     return jnp.where(index == verdict.n_path[:, None] - 1, verdict.bonus[:, None], out)
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxdec import ModelConfig, RopeConfig
@@ -81,7 +82,7 @@ def test_missing_field_is_named():
     (dict(head_dim=7), "head_dim must be even"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(layer_windows=(4,)), "layer_windows has 1 entries"),
-    (dict(vocab_size=0), "vocab_size must be a positive int"),
+    (dict(vocab_size=0), "vocab_size must be an int >= 1"),
 ])
 def test_invalid_configs(change, match):
     kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -89,6 +90,25 @@ def test_invalid_configs(change, match):
     kwargs.update(change)
     with pytest.raises(ValueError, match=match):
         ModelConfig(**kwargs)
+
+
+def test_numpy_integers_are_stored_as_python_ints():
+    """Sizes read from arrays (numpy ints) make the same config, the same hash and so the same
+    compiled programs; floats, strings and bools are refused naming the field."""
+    kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=4, layer_windows=(8, None),
+                  eos_token_ids=(2,))
+    numpy = ModelConfig(**{k: np.int64(v) if isinstance(v, int) else v for k, v in kwargs.items()}
+                        | dict(layer_windows=(np.int32(8), None), eos_token_ids=np.array([2])))
+    assert numpy == ModelConfig(**kwargs) and hash(numpy) == hash(ModelConfig(**kwargs))
+    assert type(numpy.hidden_size) is int and type(numpy.layer_windows[0]) is int
+    assert type(numpy.eos_token_ids[0]) is int
+    for change, match in [(dict(hidden_size=16.0), "hidden_size must be an int >= 1"),
+                          (dict(num_layers=True), "num_layers must be an int >= 1"),
+                          (dict(layer_windows=(0, None)), "sliding window"),
+                          (dict(eos_token_ids=("2",)), "eos_token_ids entries must be an int")]:
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**kwargs | change)
 
 
 def test_config_is_hashable_static_argument():

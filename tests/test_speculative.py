@@ -399,13 +399,16 @@ def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
                                     key=jax.random.split(jax.random.key(0), 2))
 
 
-@pytest.mark.parametrize("mode", ["x64", "strict"])
+@pytest.mark.parametrize("mode", ["x64", "x64+strict"])
 def test_user_jax_modes_give_the_same_tokens(loaded, mode):
     """A user's choice of JAX modes for their own code: with `jax_enable_x64` on, the loops'
-    integer bookkeeping stays int32 (a while loop's carry may not change type); with strict
-    dtype promotion, no operation mixes types implicitly. The tokens are the default mode's."""
+    integer bookkeeping stays int32 (a while loop's carry may not change type) and the random
+    draws float32; with strict dtype promotion as well, no operation mixes types implicitly
+    (strict alone is the weaker check: without x64, an unspecified index vector or draw is
+    already int32 / float32). The tokens are the default mode's."""
     model = loaded(TARGET)
     sampler = jaxdec.Sampler(temperature=1.0)
+    store = Retrieval(np.array(sum(_prompts(), []) * 2))
 
     def runs():
         return [jaxdec.generate(model, _prompts(), max_new_tokens=6, sampler=sampler).tokens,
@@ -413,11 +416,15 @@ def test_user_jax_modes_give_the_same_tokens(loaded, mode):
                 jaxdec.generate(model, _prompts()[:1], max_new_tokens=6).tokens,
                 jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
                                             max_new_tokens=6, profile=True).tokens,
+                jaxdec.speculative_generate(model, store, _prompts(), max_new_tokens=6).tokens,
+                # a tree: Gumbel-top-k children, recursive rejection sampling over siblings
                 jaxdec.speculative_generate(model, DraftModel(model), _prompts(),
-                                            max_new_tokens=6, sampler=sampler).tokens]
+                                            max_new_tokens=6, sampler=sampler,
+                                            tree=tree.kary(2, 2)).tokens]
 
     default = runs()
-    with (jax.enable_x64(True) if mode == "x64" else jax.numpy_dtype_promotion("strict")):
+    with jax.enable_x64(True), jax.numpy_dtype_promotion(
+            "strict" if mode == "x64+strict" else "standard"):
         other = runs()
     for a, b in zip(default, other, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -80,5 +80,7 @@ def test_with_both_loops(tokenized_checkpoint):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="decode"):
         TextStream(object())
-    with pytest.raises(ValueError, match="row"):
-        TextStream(Bytes(), row=-1)
+    for row in (-1, 1.0, "1", True):
+        with pytest.raises(ValueError, match="row must be an int >= 0"):
+            TextStream(Bytes(), row=row)
+    assert type(TextStream(Bytes(), row=np.int64(1)).row) is int  # a numpy row index: taken

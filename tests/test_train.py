@@ -292,7 +292,7 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match="no readable text files"):
         train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus")
     assert not (tmp_path / "b").exists()
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         train_lm(MICRO, tmp_path / "c", steps=0)
 
 

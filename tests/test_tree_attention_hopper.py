@@ -148,8 +148,8 @@ def test_hopper_lowers_for_cuda(T):
 
 def test_hopper_lowers_in_x64_mode():
     """`jax_enable_x64` on: the kernel's index arithmetic stays int32 (a Python int divisor
-    was an int64 operand of `lax.div` and failed to trace)."""
-    with jax.enable_x64(True):
+    was an int64 operand of `lax.div` and failed to trace); strict dtype promotion as well."""
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
         _lower_cuda(lambda *a: hopper.tree_attention_hopper(*a, sizes=TA.HopperBlockSizes()),
                     abstract_args(B=1, T=16, S=4160))
 

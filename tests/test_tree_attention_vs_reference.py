@@ -399,9 +399,10 @@ def test_triton_lowers_for_cuda(dtype, T, window, splits):
 def test_kernels_lower_in_x64_mode():
     """With `jax_enable_x64` on (a user's choice for their own code) the kernels' index
     arithmetic stays int32: a Python int divisor becomes an int64 operand of `lax.div` there,
-    which failed to trace (both kernels)."""
+    which failed to trace (both kernels). Under strict dtype promotion as well, nothing mixes
+    types implicitly."""
     args = abstract_args(T=16)
-    with jax.enable_x64(True):
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
         _lower_cuda(lambda *a: gpu.tree_attention_gpu(
             *a, window=None, block_sizes=TA.BlockSizes(num_splits=2)), args)
         jax.jit(lambda *a: tpu.tree_attention_tpu(

@@ -95,9 +95,10 @@ class History:
 
     def append(self, emitted_BL, n_B) -> "History":
         L = emitted_BL.shape[1]
-        slots = self.length[:, None] + jnp.arange(L)[None, :]
-        slots = jnp.where(jnp.arange(L)[None, :] < n_B[:, None], slots, self.tokens.shape[1])
-        rows = jnp.arange(self.tokens.shape[0])[:, None]
+        offsets = jnp.arange(L, dtype=jnp.int32)[None, :]
+        slots = jnp.where(offsets < n_B[:, None], self.length[:, None] + offsets,
+                          self.tokens.shape[1])
+        rows = jnp.arange(self.tokens.shape[0], dtype=jnp.int32)[:, None]
         # The History's own dtypes whatever the caller's (int64 arrays in x64 mode).
         new = emitted_BL.astype(self.tokens.dtype)
         return History(tokens=self.tokens.at[rows, slots].set(new, mode="drop"),
@@ -105,7 +106,7 @@ class History:
 
     def last(self, n: int) -> jax.Array:
         """[B, n]: the last n tokens of each row (clipped at the start)."""
-        idx = jnp.clip(self.length[:, None] - n + jnp.arange(n)[None, :], 0, None)
+        idx = jnp.clip(self.length[:, None] - n + jnp.arange(n, dtype=jnp.int32)[None, :], 0, None)
         return jnp.take_along_axis(self.tokens, idx, axis=1)
 
 

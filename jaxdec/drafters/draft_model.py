@@ -173,7 +173,7 @@ class DraftModel(Drafter):
             B, M = logits.shape[:2]
             cand = jax.random.categorical(key, log_probs[:, :, None, :], shape=(B, M, K))
         else:  # Gumbel-top-k: K distinct draws in sampling order
-            gumbel = jax.random.gumbel(key, log_probs.shape)
+            gumbel = jax.random.gumbel(key, log_probs.shape, jnp.float32)
             cand = jax.lax.top_k(log_probs + gumbel, K)[1]
         ok = jnp.take_along_axis(probs, cand, axis=2) > 0
         return cand.astype(jnp.int32), ok, probs

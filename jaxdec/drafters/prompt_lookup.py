@@ -48,7 +48,7 @@ class PromptLookup(Drafter):
         del lengths_B, key, sampler
         ends_BH = _latest_match_ends(history, self.max_ngram, self.min_ngram)
         H = history.tokens.shape[1]
-        scores = jnp.where(ends_BH, jnp.arange(H)[None, :], -1)
+        scores = jnp.where(ends_BH, jnp.arange(H, dtype=jnp.int32)[None, :], -1)
         ends_BC = jax.lax.top_k(scores, min(self.num_candidates, H))[0]
         cand, valid = _continuations(history.tokens, history.length, ends_BC,
                                      topology.max_depth)
@@ -67,7 +67,7 @@ def _match_ends(history: History, n: int) -> jax.Array:
     followed by at least one token)."""
     tokens, length = history.tokens, history.length
     H = tokens.shape[1]
-    i = jnp.arange(H)[None, :]
+    i = jnp.arange(H, dtype=jnp.int32)[None, :]
     query = history.last(n)
     ok = (i >= n - 1) & (i <= length[:, None] - 2) & (length[:, None] >= n)
     for j in range(n):
@@ -92,7 +92,7 @@ def _latest_match_ends(history: History, max_ngram: int, min_ngram: int) -> jax.
 def _continuations(source_BH, length_B, ends_BC, depth: int):
     """The `depth` tokens after each match end (-1: no match) and which of them exist."""
     H = source_BH.shape[1]
-    pos = ends_BC[:, :, None] + 1 + jnp.arange(depth)[None, None, :]
+    pos = ends_BC[:, :, None] + 1 + jnp.arange(depth, dtype=jnp.int32)[None, None, :]
     B, C, _ = pos.shape
     tokens = jnp.take_along_axis(source_BH, jnp.clip(pos, 0, H - 1).reshape(B, C * depth), axis=1)
     valid = (ends_BC[:, :, None] >= 0) & (pos < length_B[:, None, None])

@@ -125,7 +125,7 @@ class Retrieval(Drafter):
         widths = jnp.array(list(ngrams), jnp.int32)
         bounds = _search(self.tokens, self.suffixes, jnp.concatenate([queries, queries]),
                          jnp.concatenate([widths, widths]),
-                         strict=jnp.arange(2 * len(widths)) >= len(widths))
+                         strict=jnp.arange(2 * len(widths), dtype=jnp.int32) >= len(widths))
         lo = jnp.zeros((B,), jnp.int32)
         hi = jnp.zeros((B,), jnp.int32)
         n_used = jnp.zeros((B,), jnp.int32)
@@ -136,11 +136,13 @@ class Retrieval(Drafter):
             n_used = jnp.where(take, n, n_used)
         C = self.num_candidates
         count = hi - lo
-        picks = lo[:, None] + ((2 * jnp.arange(C)[None, :] + 1) * count[:, None]) // (2 * C)
-        have = jnp.arange(C)[None, :] < count[:, None]
+        c = jnp.arange(C, dtype=jnp.int32)[None, :]
+        picks = lo[:, None] + ((2 * c + 1) * count[:, None]) // (2 * C)
+        have = c < count[:, None]
         starts = jnp.take(self.suffixes, jnp.clip(picks, 0, self.size - 1))
         # The continuation follows the matched n-gram: "ends" is the n-gram's last token.
-        pos = starts[:, :, None] + n_used[:, None, None] + jnp.arange(topology.max_depth)
+        pos = (starts[:, :, None] + n_used[:, None, None]
+               + jnp.arange(topology.max_depth, dtype=jnp.int32))
         cand = jnp.take(self.tokens, jnp.minimum(pos, self.tokens.shape[0] - 1))
         valid = have[:, :, None] & (cand >= 0)  # -1: the sentinel tail
         tree = from_candidates(root_B, cand, valid, topology.num_nodes)
@@ -176,7 +178,7 @@ def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
     each iteration's kernels from the host, one iteration at a time)."""
     Q, B, n = query_QBn.shape
     size = suffixes.shape[0]
-    compared = jnp.arange(n)[None, :] < width_Q[:, None]  # [Q, n]
+    compared = jnp.arange(n, dtype=jnp.int32)[None, :] < width_Q[:, None]  # [Q, n]
     strict = jnp.asarray(strict)[:, None]
 
     def read(array, index):

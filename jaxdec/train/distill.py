@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdec import data
+from jaxdec.checks import check_int
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
@@ -126,8 +127,7 @@ def train_draft(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     steps = preset.draft_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_int("steps", steps)
     out = os.fspath(out)
     mesh = loop.train_mesh(dp)
     dtype = loop.compute_dtype()

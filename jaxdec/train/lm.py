@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jaxdec import data, parallel
+from jaxdec.checks import check_int
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
 from jaxdec.model import Model, cache_free_attention, forward_with_cache, init_model
 from jaxdec.models.layers import AttentionImpl, use_platform
@@ -221,8 +222,7 @@ def train_lm(
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
     steps = preset.target_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    steps = check_int("steps", steps)
     out = os.fspath(out)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
