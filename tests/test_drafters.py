@@ -216,6 +216,14 @@ def test_candidates_topology_budget():
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3
 
 
+def _next_token_logits(model, context, width=32):
+    """The model's logits after `context`, from a forward over it padded to `width` (causal:
+    the padding after it changes nothing before it), so every context compiles one program."""
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, : len(context)] = context
+    return np.asarray(jaxdec.forward(model, tokens)[0, len(context) - 1])
+
+
 def test_draft_model_topk_tree_follows_the_draft(loaded):
     """Each drafted child is the parent's rank-th most likely token under the draft itself."""
     model = loaded("llama-gqa")
@@ -233,7 +241,7 @@ def test_draft_model_topk_tree_follows_the_draft(loaded):
             path.append(int(tokens[p]))
             p = topology.parents[p]
         context = prompt + path[::-1][:-1]
-        logits = np.asarray(jaxdec.forward(model, np.array([context]))[0, -1])
+        logits = _next_token_logits(model, context)
         assert tokens[node] == np.argsort(-logits)[topology.ranks[node]]
 
 
@@ -276,7 +284,7 @@ def test_draft_model_steps_keep_the_draft_cache_one_token_behind(loaded, topolog
                 while p > 0:
                     ancestors.append(int(drafted[b, p]))
                     p = topology.parents[p]
-                logits = np.asarray(jaxdec.forward(model, np.array([r + ancestors[::-1]]))[0, -1])
+                logits = _next_token_logits(model, r + ancestors[::-1])
                 assert drafted[b, node] == np.argsort(-logits)[topology.ranks[node]], (step, b)
             for j in range(1, keep[b]):  # accept keep - 1 nodes, a different child each step
                 options = children[path[b, j - 1]]
@@ -297,7 +305,9 @@ def test_draft_model_steps_keep_the_draft_cache_one_token_behind(loaded, topolog
             assert int(state.pending[b]) == started[b]
             if started[b]:
                 assert int(state.previous[b]) == r[-2]
-            prefill = drafter.init(jnp.array([r]), jnp.array([len(r)]), max_len=max_len).cache
+            padded = np.zeros((1, 32), np.int32)  # one prefill program for every length
+            padded[0, : len(r)] = r
+            prefill = drafter.init(jnp.asarray(padded), jnp.array([len(r)]), max_len=max_len).cache
             for got, want in zip(state.cache.layers, prefill.layers):
                 np.testing.assert_allclose(got.k[b, :held], want.k[0, :held], atol=1e-5)
                 np.testing.assert_allclose(got.v[b, :held], want.v[0, :held], atol=1e-5)

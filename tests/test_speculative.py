@@ -319,7 +319,9 @@ def test_training_free_drafts_sampling_follows_the_target_distribution(name, sma
     """Deterministic drafts (copied n-gram continuations) under sampling."""
     target, _ = small_models
     sampler = jaxdec.Sampler(temperature=1.3)
-    drafter = PromptLookup(max_ngram=2) if name == "prompt-lookup" else Retrieval(
+    # Depth 3 (the first two tokens are tested): the default depth's 19-node trie verified for
+    # 20k rows doubled the test's time and tested nothing more.
+    drafter = PromptLookup(max_ngram=2, depth=3) if name == "prompt-lookup" else Retrieval(
         np.random.RandomState(0).randint(0, V, 400), max_ngram=2, depth=3, num_candidates=3)
     result = jaxdec.speculative_generate(target, drafter, [PROMPT] * ROWS, max_new_tokens=2,
                                          sampler=sampler, key=jax.random.PRNGKey(4))
@@ -399,34 +401,37 @@ def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
                                     key=jax.random.split(jax.random.key(0), 2))
 
 
+def _every_entry_point(model):
+    """Tokens of generate and speculative_generate in the paths a JAX mode can break."""
+    sampler = jaxdec.Sampler(temperature=1.0)
+    store = Retrieval(np.array(sum(_prompts(), []) * 2))
+    return [jaxdec.generate(model, _prompts(), max_new_tokens=6, sampler=sampler).tokens,
+            # one row: the cache's single-row write (a dynamic_update_slice)
+            jaxdec.generate(model, _prompts()[:1], max_new_tokens=6).tokens,
+            jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
+                                        max_new_tokens=6, profile=True).tokens,
+            jaxdec.speculative_generate(model, store, _prompts(), max_new_tokens=6).tokens,
+            # a tree: Gumbel-top-k children, recursive rejection sampling over siblings
+            jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=6,
+                                        sampler=sampler, tree=tree.kary(2, 2)).tokens]
+
+
+@pytest.fixture(scope="module")
+def default_mode_tokens(loaded):
+    return _every_entry_point(loaded(TARGET))
+
+
 @pytest.mark.parametrize("mode", ["x64", "x64+strict"])
-def test_user_jax_modes_give_the_same_tokens(loaded, mode):
+def test_user_jax_modes_give_the_same_tokens(loaded, default_mode_tokens, mode):
     """A user's choice of JAX modes for their own code: with `jax_enable_x64` on, the loops'
     integer bookkeeping stays int32 (a while loop's carry may not change type) and the random
     draws float32; with strict dtype promotion as well, no operation mixes types implicitly
     (strict alone is the weaker check: without x64, an unspecified index vector or draw is
     already int32 / float32). The tokens are the default mode's."""
-    model = loaded(TARGET)
-    sampler = jaxdec.Sampler(temperature=1.0)
-    store = Retrieval(np.array(sum(_prompts(), []) * 2))
-
-    def runs():
-        return [jaxdec.generate(model, _prompts(), max_new_tokens=6, sampler=sampler).tokens,
-                # one row: the cache's single-row write (a dynamic_update_slice)
-                jaxdec.generate(model, _prompts()[:1], max_new_tokens=6).tokens,
-                jaxdec.speculative_generate(model, PromptLookup(), _prompts(),
-                                            max_new_tokens=6, profile=True).tokens,
-                jaxdec.speculative_generate(model, store, _prompts(), max_new_tokens=6).tokens,
-                # a tree: Gumbel-top-k children, recursive rejection sampling over siblings
-                jaxdec.speculative_generate(model, DraftModel(model), _prompts(),
-                                            max_new_tokens=6, sampler=sampler,
-                                            tree=tree.kary(2, 2)).tokens]
-
-    default = runs()
     with jax.enable_x64(True), jax.numpy_dtype_promotion(
             "strict" if mode == "x64+strict" else "standard"):
-        other = runs()
-    for a, b in zip(default, other, strict=True):
+        other = _every_entry_point(loaded(TARGET))
+    for a, b in zip(default_mode_tokens, other, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -2,6 +2,8 @@
 against synthetic target / draft distributions (with a deliberately wrong verifier to show
 the test has power)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,10 +123,16 @@ def _draw_children(key, q_BV, k, kind):
 def _synthetic_step(kind, topology, sampler, seed):
     """Drafts a depth-2 tree per row from (Q0, Q2), verifies it against (P0, P2), and returns
     the first two output tokens (drawing the second from the target where the step emitted
-    only one, as the next step would)."""
+    only one, as the next step would) and the accepted path lengths. One compiled program, as
+    in the decoding loop (run eagerly, each operation compiled alone took 5-15 s a case); a
+    new function each call, so it is traced anew (a patched verifier is seen)."""
+    step = jax.jit(functools.partial(_synthetic_step_traced, kind, topology, sampler))
+    return tuple(np.asarray(x) for x in step(jax.random.PRNGKey(seed)))
+
+
+def _synthetic_step_traced(kind, topology, sampler, key):
     k1 = int(np.sum(np.array(topology.parents) == 0))
     k2 = topology.max_children
-    key = jax.random.PRNGKey(seed)
     kc, kg, kv, kn = jax.random.split(key, 4)
     B = N_ROWS
     first = _draw_children(kc, jnp.broadcast_to(jnp.asarray(Q0, jnp.float32), (B, V)), k1, kind)
@@ -152,7 +160,7 @@ def _synthetic_step(kind, topology, sampler, seed):
     p_next = sampler.probs(jnp.log(jnp.asarray(P2, jnp.float32))[x1])
     fallback = jax.random.categorical(kn, jnp.log(p_next))
     x2 = jnp.where(v.n_path >= 2, out[:, 1], fallback)
-    return np.asarray(x1), np.asarray(x2), np.asarray(v.n_path)
+    return x1, x2, v.n_path
 
 
 def _joint_p_value(x1, x2, sampler):
