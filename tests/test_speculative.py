@@ -3,6 +3,7 @@ tree, the target's cache identical to plain decoding's, sampled output following
 exact distribution (chi-square), tensor parallelism, and bad input."""
 
 import functools
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -277,6 +278,21 @@ def small_models():
     return target, draft
 
 
+@pytest.fixture
+def optimized_program(monkeypatch):
+    """The 20k-row sampling tests compute far more than they compile, so their speculative
+    program compiles with XLA's default LLVM optimizations (as a user's does; the suite's quick
+    flags turn them off, runenv.py): the same traced program, in half the time."""
+    from jaxdec import speculative
+
+    program = speculative._program.__wrapped__
+    static = [name for name, p in inspect.signature(program).parameters.items()
+              if p.kind is p.KEYWORD_ONLY]  # the settings, static in the library's jit
+    monkeypatch.setattr(speculative, "_program", jax.jit(
+        program, static_argnames=static, donate_argnames=("cache",),
+        compiler_options={"xla_backend_optimization_level": 2}))
+
+
 def _exact_joint(target, sampler):
     p1 = np.asarray(sampler.probs(jaxdec.forward(target, np.array([PROMPT]))[0, -1]), np.float64)
     nxt = np.array([PROMPT + [t] for t in range(V)])
@@ -304,7 +320,7 @@ SAMPLED = {
 
 
 @pytest.mark.parametrize("name", list(SAMPLED))
-def test_sampling_follows_the_target_distribution(name, small_models):
+def test_sampling_follows_the_target_distribution(name, small_models, optimized_program):
     target, draft = small_models
     proposal, topology, sampler = SAMPLED[name]
     result = jaxdec.speculative_generate(
@@ -315,7 +331,8 @@ def test_sampling_follows_the_target_distribution(name, small_models):
 
 
 @pytest.mark.parametrize("name", ["prompt-lookup", "retrieval"])
-def test_training_free_drafts_sampling_follows_the_target_distribution(name, small_models):
+def test_training_free_drafts_sampling_follows_the_target_distribution(name, small_models,
+                                                                       optimized_program):
     """Deterministic drafts (copied n-gram continuations) under sampling."""
     target, _ = small_models
     sampler = jaxdec.Sampler(temperature=1.3)
@@ -329,7 +346,7 @@ def test_training_free_drafts_sampling_follows_the_target_distribution(name, sma
     assert result.stats.acceptance_by_depth[0] > 0.005  # some of the 20k rows accept a draft
 
 
-def test_a_wrong_verifier_fails_the_same_test(small_models, monkeypatch):
+def test_a_wrong_verifier_fails_the_same_test(small_models, optimized_program, monkeypatch):
     from jaxdec import verify
 
     target, draft = small_models
