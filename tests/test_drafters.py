@@ -216,12 +216,17 @@ def test_candidates_topology_budget():
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3
 
 
-def _next_token_logits(model, context, width=32):
-    """The model's logits after `context`, from a forward over it padded to `width` (causal:
-    the padding after it changes nothing before it), so every context compiles one program."""
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, : len(context)] = context
-    return np.asarray(jaxdec.forward(model, tokens)[0, len(context) - 1])
+def _one_width(tokens, width=32):
+    """[1, width]: `tokens` padded at the end, so calls on every length share one program."""
+    row = np.zeros((1, width), np.int32)
+    row[0, : len(tokens)] = tokens
+    return row
+
+
+def _next_token_logits(model, context):
+    """The model's logits after `context` (a causal forward: the padding after it changes
+    nothing before it)."""
+    return np.asarray(jaxdec.forward(model, _one_width(context))[0, len(context) - 1])
 
 
 def test_draft_model_topk_tree_follows_the_draft(loaded):
@@ -305,9 +310,8 @@ def test_draft_model_steps_keep_the_draft_cache_one_token_behind(loaded, topolog
             assert int(state.pending[b]) == started[b]
             if started[b]:
                 assert int(state.previous[b]) == r[-2]
-            padded = np.zeros((1, 32), np.int32)  # one prefill program for every length
-            padded[0, : len(r)] = r
-            prefill = drafter.init(jnp.asarray(padded), jnp.array([len(r)]), max_len=max_len).cache
+            prefill = drafter.init(jnp.asarray(_one_width(r)), jnp.array([len(r)]),
+                                   max_len=max_len).cache
             for got, want in zip(state.cache.layers, prefill.layers):
                 np.testing.assert_allclose(got.k[b, :held], want.k[0, :held], atol=1e-5)
                 np.testing.assert_allclose(got.v[b, :held], want.v[0, :held], atol=1e-5)
