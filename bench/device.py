@@ -190,7 +190,7 @@ class Step:
 
 
 # The Hopper kernel's tests last: a kernel that hangs the card stops the step (its warpgroups
-# wait on barriers; on the H200 it has run only in part), and what ran before it is kept.
+# wait on barriers; first run whole on the H200 at 83ff787), and what ran before it is kept.
 GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py",
              "tests/test_matvec.py", "tests/test_tree_attention_hopper.py")
 GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "pallas_kernels/matvec", "models/layers.py",
@@ -251,15 +251,13 @@ def plan(name: str) -> list[Step]:
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
             # Correct first: the kernels on the card before the benchmarks that run them
-            # (the Triton defaults changed after the 2026-11-27 H200 run; the Hopper
-            # kernel has compiled on a card only in part). Then the speculative goal's
-            # regime, then the short kernels benchmark (it fits a second call's ~3 minutes).
+            # (due again whenever their sources change). Then the speculative goal's regime,
+            # then the short kernels benchmark (it fits a second call's ~3 minutes).
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
-                 # Without the Hopper class 20 tests in 185 s on the H200 (2026-11-27); the
-                 # Hopper class adds ~14 compiles (its 8 named cases: 23 s there), the
-                 # Triton default tiling 3.
+                 # All 35 tests, the Hopper class's 15 included, in 298 s on the H200
+                 # (2026-11-27, 83ff787).
                  min_s=180, cap_s=360, pytest=True),
             # Records from before the permutation target (their oracle drafted tokens the
             # target no longer chose) do not count.
@@ -327,14 +325,15 @@ def plan(name: str) -> list[Step]:
 
 
 class Log:
-    """Writes to the log file and to stdout (the device call returns stdout's tail)."""
+    """Writes to the log file, if any, and to stdout (the device call returns stdout's tail)."""
 
-    def __init__(self, path: Path):
-        self.file = path.open("a", buffering=1)
+    def __init__(self, path: Path | None):
+        self.file = None if path is None else path.open("a", buffering=1)
 
     def __call__(self, line: str) -> None:
         line = line.rstrip("\n")
-        self.file.write(line + "\n")
+        if self.file is not None:
+            self.file.write(line + "\n")
         print(line, flush=True)
 
 
@@ -490,6 +489,30 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    if not args.list:
+        if args.out is None:
+            parser.error("--out is required (the folder the device call returns)")
+        if args.budget_s <= 0:
+            parser.error(f"--budget-s must be positive, got {args.budget_s}")
+        args.out.mkdir(parents=True, exist_ok=True)
+    log = Log(None if args.list else args.out / "device-log.txt")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # Never the test suite's fake CPU devices; its other flags (quick CPU compiles) stay.
+    flags = [f for f in env.pop("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    # Before the plan, which imports the library (its `jaxdec.models` maps to the checkout's
+    # models/ folder only once installed; the checkout's own jaxdec/ folder imports without).
+    try:
+        importlib.metadata.distribution("jaxdec")
+    except importlib.metadata.PackageNotFoundError:  # a bare machine: install the checkout
+        log("[device] installing jaxdec (editable, no dependencies)")
+        code, _ = run_command([PY, "-m", "pip", "install", "-q", "--no-deps",
+                               "--no-build-isolation", "-e", "."], 300, log, env)
+        if code != 0:
+            log("[device] pip install failed")
+            return 2
     steps = plan(args.plan)
     names = [s.name for s in steps]
     for flag in ("only", "redo"):
@@ -505,28 +528,6 @@ def main(argv=None) -> int:
             print(f"{s.name:18s} min {s.min_s:>4.0f} s, cap {s.cap_s:>4.0f} s: "
                   f"python3 {' '.join(s.argv)}")
         return 0
-    if args.out is None:
-        parser.error("--out is required (the folder the device call returns)")
-    if args.budget_s <= 0:
-        parser.error(f"--budget-s must be positive, got {args.budget_s}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = Log(args.out / "device-log.txt")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # Never the test suite's fake CPU devices; its other flags (quick CPU compiles) stay.
-    flags = [f for f in env.pop("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-
-    try:  # (not find_spec: the checkout's own jaxdec/ folder is importable from here)
-        importlib.metadata.distribution("jaxdec")
-    except importlib.metadata.PackageNotFoundError:  # a bare machine: install the checkout
-        log("[device] installing jaxdec (editable, no dependencies)")
-        code, _ = run_command([PY, "-m", "pip", "install", "-q", "--no-deps",
-                               "--no-build-isolation", "-e", "."], 300, log, env)
-        if code != 0:
-            log("[device] pip install failed")
-            return 2
     try:
         device = device_name(env)
     except RuntimeError as e:

@@ -73,6 +73,31 @@ def test_budget_and_step_names(tmp_path):
     assert [line.split()[0] for line in listing.splitlines()] == ["decode", "gpu-tests"]
 
 
+def test_a_bare_machine_installs_the_checkout_before_the_plan_imports_it(monkeypatch, tmp_path):
+    """The plan imports the library (whose `jaxdec.models` resolves only once installed): on a
+    machine without jaxdec the editable install comes first, and its failure stops the call."""
+    calls, pip_code = [], [0]
+
+    def missing(name):
+        raise device.importlib.metadata.PackageNotFoundError(name)
+
+    def install(argv, timeout_s, log, env, stamp=False):
+        calls.append("install" if argv[1:4] == ["-m", "pip", "install"] else argv)
+        return pip_code[0], 0.0
+
+    real_plan = device.plan
+    monkeypatch.setattr(device.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(device, "run_command", install)
+    monkeypatch.setattr(device, "plan", lambda name: calls.append("plan") or real_plan(name))
+    assert device.main(["--list"]) == 0
+    assert calls == ["install", "plan"]
+    calls.clear()
+    pip_code[0] = 1
+    assert device.main(["--out", str(tmp_path)]) == 2
+    assert calls == ["install"]
+    assert "pip install failed" in (tmp_path / "device-log.txt").read_text()
+
+
 def test_completeness_rule(tmp_path):
     done = device._complete("speculative", preset="p", attention=("auto", "reference"))
     path = tmp_path / "speculative-h100.json"
