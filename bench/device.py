@@ -256,7 +256,7 @@ def plan(name: str) -> list[Step]:
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
-                 # All 35 tests, the Hopper class's 15 included, in 298 s on the H200
+                 # All 35 tests, the Hopper class's 12 included, in 298 s on the H200
                  # (2026-11-27, 83ff787).
                  min_s=180, cap_s=360, pytest=True),
             # Records from before the permutation target (their oracle drafted tokens the
