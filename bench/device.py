@@ -13,9 +13,10 @@ here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
 earliest issue first: the trainings (both measured on the H200); then the kernels' tests on the
 card, before any benchmark runs the kernels; the synthetic 8B regime, the speculative goal's;
-the short kernels benchmark; then the decode re-measure, whose goal a measurement alone will
-not reach; `--only` takes the steps in the order it names them; `--list` prints them with
-their commands):
+the trained presets' speculative rows, the rest of that issue, with the short kernels
+benchmark between them (it fits a second call); then decode's matrix-vector products and the
+decode re-measure, whose goal a measurement alone will not reach; `--only` takes the steps in
+the order it names them; `--list` prints them with their commands):
   train-gpu-small  bench/train.py --preset gpu-small: target and draft trained alone (its time
                    budget: 3 minutes for both models; a speculative step trains while its grid
                    compiles, which shares the CPU and the interpreter lock)
@@ -29,20 +30,20 @@ their commands):
   spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
                    (the 8B target with a drafter of set acceptance: the speculative goal's
                    regime)
+  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
+                   models again, beside its grid's compiles, and records that training too;
+                   AUTO only, so the grid fits beside training in one call: at these caches
+                   AUTO is the reference path)
   kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
                    Mosaic GPU one for T >= 16, vs XLA reference vs roofline; `--no-hopper`
                    when that kernel failed its tests earlier in the same call)
+  spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto (trains as
+                   spec-gpu-base does; AUTO only for the same reason)
   matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
                    kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
                    attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
                    impls already measured)
-  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
-                   models again, beside its grid's compiles, and records that training too;
-                   AUTO only, so the grid fits beside training in one call: at these caches
-                   AUTO is the reference path)
-  spec-gpu-small   bench/speculative.py --preset gpu-small --attention pallas,reference (trains
-                   as spec-gpu-base does; the kernel on and off)
   (The speculative steps are due again whenever the code they measure changed: their records
   carry `spec_sources`, a hash of `bench.speculative.SPECULATIVE_SOURCES`.)
 
@@ -263,6 +264,13 @@ def plan(name: str) -> list[Step]:
             # target no longer chose) do not count.
             speculative_step("synthetic-8b", min_s=240, cap_s=560,
                              oracle_target=ORACLE_TARGET),
+            # The trained presets' rows are what the speculative issue still lacks (its goal
+            # was met in the synthetic regime): gpu-base fills a first call; the kernels
+            # benchmark fits the ~4 minutes a 15-minute lease leaves a second; gpu-small,
+            # AUTO only like gpu-base (the reference path at its caches; the kernel on and
+            # off are compared where the kernel pays, synthetic-8b and decode), leaves room
+            # in a call for most of decode.
+            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
@@ -275,6 +283,8 @@ def plan(name: str) -> list[Step]:
                                 preset="h100", impl=("pallas", "hopper"))),
                  # 87 s on the H200 without the Hopper kernel (92 programs compiled first)
                  min_s=150, cap_s=360, without_hopper=("--no-hopper",)),
+            # Its models trained in ~134 s alone (9d75f5d); the grid compiles beside them.
+            speculative_step("gpu-small", min_s=240, cap_s=560, attention=("auto",)),
             # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
             # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
             Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
@@ -303,8 +313,6 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", preset="h100", impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
-            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
-            speculative_step("gpu-small", min_s=300, cap_s=560),
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [
