@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec.checks import check_int
+
 
 def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
     logits = jnp.asarray(logits)
@@ -80,15 +82,13 @@ class Sampler:
         t = self.temperature
         if not real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        k = self.top_k
-        if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {k!r}")
+        k = None if self.top_k is None else check_int("top_k", self.top_k)
         if self.top_p is not None and (not real(self.top_p) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         if self.min_p is not None and (not real(self.min_p) or not 0 <= self.min_p <= 1):
             raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
         object.__setattr__(self, "temperature", float(t))
-        object.__setattr__(self, "top_k", None if k is None else int(k))
+        object.__setattr__(self, "top_k", k)
         for name in ("top_p", "min_p"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
