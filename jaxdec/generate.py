@@ -408,7 +408,7 @@ def generate(
                           pad_id=pad_id, max_len=max_len)
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.key(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,

@@ -138,18 +138,22 @@ def check_sampler(sampler) -> Greedy | Sampler:
 
 
 def check_key(key) -> jax.Array | None:
-    """`key` itself (None stays None): one PRNG key, either a typed key (`jax.random.key(seed)`)
-    or a raw one (`jax.random.PRNGKey(seed)`, uint32); a TypeError naming the argument for
-    anything else (an int seed, a batch of keys). The caller makes its default key after its
-    other checks: making one runs a (first time: compiled) program."""
+    """`key` as a typed PRNG key (None stays None): a typed key (`jax.random.key(seed)`) as
+    it is, a raw one (`jax.random.PRNGKey(seed)`: the default implementation's uint32 data)
+    wrapped, so that both are one key and one compiled program; a TypeError naming the
+    argument for anything else (an int seed, a batch of keys). The caller makes its default
+    key after its other checks: making one runs a (first time: compiled) program."""
     if key is None:
         return None
     shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():
             return key
-    elif dtype == jnp.uint32 and len(shape) == 1:
-        return jnp.asarray(key)
+    elif dtype == jnp.uint32 and shape is not None and len(shape) == 1:
+        try:  # the data of one key of the default implementation ((2,) for threefry)
+            return jax.random.wrap_key_data(key)
+        except (TypeError, ValueError):
+            pass
     what = (f"an array of shape {shape} and dtype {dtype}" if dtype is not None
             else type(key).__name__)
     raise TypeError("key must be one PRNG key, jax.random.key(seed) or "

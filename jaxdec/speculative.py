@@ -307,7 +307,7 @@ def speculative_generate(
     drafter = drafter.prepare(target)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.key(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,

@@ -405,14 +405,17 @@ def test_the_loop_waits_on_the_timing_clocks(loaded):
 def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
     """`jax.random.key(seed)` (a typed key) and `jax.random.PRNGKey(seed)` (its raw data) are
     one key: the same tokens, through deterministic proposals' verification and recursive
-    rejection sampling; a batch of keys is refused."""
+    rejection sampling, from one compiled program; a batch of keys is refused."""
     model = loaded(TARGET)
     sampler = jaxdec.Sampler(temperature=1.0)
     for drafter in (PromptLookup(), DraftModel(model)):
-        raw, typed = (jaxdec.speculative_generate(model, drafter, _prompts(), max_new_tokens=6,
-                                                  sampler=sampler, key=key).tokens
-                      for key in (jax.random.PRNGKey(4), jax.random.key(4)))
+        raw = jaxdec.speculative_generate(model, drafter, _prompts(), max_new_tokens=6,
+                                          sampler=sampler, key=jax.random.PRNGKey(4)).tokens
+        with counting_compiles() as compiles:
+            typed = jaxdec.speculative_generate(model, drafter, _prompts(), max_new_tokens=6,
+                                                sampler=sampler, key=jax.random.key(4)).tokens
         np.testing.assert_array_equal(raw, typed)
+        assert compiles[0] == 0
     with pytest.raises(TypeError, match="key must be one PRNG key"):
         jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
                                     key=jax.random.split(jax.random.key(0), 2))
