@@ -48,7 +48,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, merge_records, utc_now, versions  # noqa: E402
+from bench.common import git_commit, write_merged, utc_now, versions  # noqa: E402
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin loads without CUDA
 
@@ -491,8 +491,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    import json
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     preset = presets()[args.preset]
     import jax
@@ -519,9 +517,8 @@ def main(argv=None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"census-{device_slug(device)}"
-        merged = merge_records(stem.with_suffix(".json"), records, ("preset", "batch", "attention"))
-        stem.with_suffix(".json").write_text(json.dumps(merged, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(render_markdown(merged))
+        write_merged(stem.with_suffix(".json"), records, ("preset", "batch", "attention"),
+                     render_markdown, indent=1)
     return 0
 
 

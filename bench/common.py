@@ -113,6 +113,26 @@ def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -
     return kept + records
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Writes `path` whole: to a file beside it, then renamed over it, so a run stopped
+    mid-write (a device step killed at its time limit) leaves the previous file, never a cut
+    one that a later call would merge into, or an archive carry over, the committed results."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def write_merged(path: Path, records: list[dict], key: str | tuple[str, ...],
+                 render: Callable[[list[dict]], str], indent: int = 2) -> list[dict]:
+    """Merges `records` into the JSON list at `path` (`merge_records` on `key`), writes the
+    Markdown table `render` makes of the result beside it (`path` with `.md`), each file
+    replaced whole (`replace_text`), and returns the merged records."""
+    merged = merge_records(path, records, key)
+    replace_text(path, json.dumps(merged, indent=indent) + "\n")
+    replace_text(path.with_suffix(".md"), render(merged))
+    return merged
+
+
 class CompileAhead:
     """Compiles a benchmark's programs in worker threads before they are timed.
 

@@ -86,7 +86,7 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, merge_records,
+    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, write_merged,
     utc_now, versions)
 from bench.common import sources_digest as common_sources_digest  # noqa: E402
 
@@ -591,9 +591,8 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
                 path = work / f"gpu-tests-{slug}.json"
                 # One record per version of the tested sources: a run cut short does not
                 # replace what an earlier version's complete run showed.
-                merged = merge_records(path, [record], key=("plan", "device", "sources"))
-                path.write_text(json.dumps(merged, indent=2) + "\n")
-                path.with_suffix(".md").write_text(render_tests_markdown(merged))
+                write_merged(path, [record], ("plan", "device", "sources"),
+                             render_tests_markdown)
                 hopper_broken = hopper_broken or hopper_failed(junit, lines, code)
             status = ("stopped at its limit" if code is None
                       else "finished" if code == 0 else f"exit code {code}")

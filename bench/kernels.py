@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -71,7 +70,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, merge_records, profile_kernels, sources_digest,
+                          measure_hbm, write_merged, profile_kernels, sources_digest,
                           utc_now, versions)
 
 PRESETS = {
@@ -592,9 +591,7 @@ def write_outputs(out_dir: Path, records: list[dict]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug(records[0]["device"]) if records else "unknown"
     path = out_dir / f"kernels-{slug}.json"
-    records = merge_records(path, records, KEY)
-    path.write_text(json.dumps(records, indent=1) + "\n")
-    (out_dir / f"kernels-{slug}.md").write_text(render_markdown(records))
+    write_merged(path, records, KEY, render_markdown, indent=1)
     return path
 
 

@@ -35,7 +35,6 @@ of the kernel's code), so the device plan measures a changed kernel again.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa: E402
-                          measure_hbm, merge_records, sources_digest, utc_now, versions)
+                          measure_hbm, write_merged, sources_digest, utc_now, versions)
 
 KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 
@@ -269,9 +268,7 @@ def write_outputs(out_dir: Path, records: list[dict]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = device_slug(records[0]["device"])
     path = out_dir / f"matvec-{slug}.json"
-    merged = merge_records(path, records, KEY)
-    path.write_text(json.dumps(merged, indent=1) + "\n")
-    (out_dir / f"matvec-{slug}.md").write_text(render_markdown(merged))
+    write_merged(path, records, KEY, render_markdown, indent=1)
     return path
 
 

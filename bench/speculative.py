@@ -72,7 +72,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (MODEL_SOURCES, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          merge_records, sources_digest, utc_now, versions)
+                          write_merged, sources_digest, utc_now, versions)
 
 # The code a speculative run measures: decoding's and the loop's (drafters, verification,
 # trees). Records carry its hash (`spec_sources`); `--resume` and the device plan measure
@@ -706,9 +706,7 @@ def main(argv=None) -> int:
 
     def emit(rec):  # rewrite the outputs after every record: a cut-off run keeps its results
         records.append(rec)
-        merged = merge_records(path, records, key=RECORD_KEY)
-        path.write_text(json.dumps(merged, indent=2) + "\n")
-        path.with_suffix(".md").write_text(render_markdown(merged))
+        write_merged(path, records, RECORD_KEY, render_markdown)
         print(json.dumps(rec), flush=True)
 
     measured = set()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, device_slug, git_commit, merge_records, utc_now, versions  # noqa: E402
+from bench.common import RESULTS, device_slug, git_commit, write_merged, utc_now, versions  # noqa: E402
 
 
 def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> dict:
@@ -179,9 +178,7 @@ def write_outputs(path: Path, record: dict) -> None:
     """Merges `record` into `path` (replacing one of the same preset trained with as many
     compile threads beside it: a training alone and one beside a benchmark's compiles are
     kept apart) and rewrites the Markdown table beside it."""
-    records = merge_records(path, [record], key=("preset", "compile_ahead_workers"))
-    path.write_text(json.dumps(records, indent=2) + "\n")
-    path.with_suffix(".md").write_text(render_markdown(records))
+    write_merged(path, [record], ("preset", "compile_ahead_workers"), render_markdown)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import merge_records  # noqa: E402
+from bench.common import merge_records, write_merged  # noqa: E402
 from train_presets import MICRO  # noqa: E402
 
 REQUIRED = ("preset", "params", "tokens_per_s", "mfu", "heldout_loss", "acceptance_before",
@@ -84,3 +84,26 @@ def test_merge_records(tmp_path):
     path.write_text(json.dumps([{"k": "a", "j": 1}, {"k": "a", "j": 2}]))
     assert merge_records(path, [{"k": "a", "j": 2, "v": 0}], key=("k", "j")) == [
         {"k": "a", "j": 1}, {"k": "a", "j": 2, "v": 0}]
+
+
+
+def test_write_merged_replaces_both_files_whole(tmp_path, monkeypatch):
+    """The JSON and its table are written beside and renamed: a write that fails (a step
+    killed at its time limit) leaves the previous files as they were."""
+    path = tmp_path / "r.json"
+    render = lambda rs: "".join(f"| {r['k']} | {r['v']} |\n" for r in rs)  # noqa: E731
+    assert write_merged(path, [{"k": "a", "v": 1}], "k", render) == [{"k": "a", "v": 1}]
+    write_merged(path, [{"k": "b", "v": 2}], "k", render, indent=1)
+    assert json.loads(path.read_text()) == [{"k": "a", "v": 1}, {"k": "b", "v": 2}]
+    assert path.with_suffix(".md").read_text() == "| a | 1 |\n| b | 2 |\n"
+    before = path.read_bytes()
+
+    def cut(self, text):
+        self.open("w").write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_merged(path, [{"k": "a", "v": 3}], "k", render)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.json.partial", "r.md"]
