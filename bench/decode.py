@@ -125,7 +125,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
-                          versions)
+                          replace_text, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
          "hf-eager", "hf-compile")
@@ -759,8 +759,8 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     slug = device_slug(next((r["device"] for r in records if r["device"]), None))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
-    json_path.write_text(json.dumps(records, indent=2) + "\n")
-    md_path.write_text(render_markdown(records, bandwidths, meta))
+    replace_text(json_path, json.dumps(records, indent=2) + "\n")
+    replace_text(md_path, render_markdown(records, bandwidths, meta))
     return json_path, md_path
 
 
