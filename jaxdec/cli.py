@@ -29,18 +29,23 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint")
     gen.add_argument("--model", required=True, help="HF safetensors directory with tokenizer.json")
     gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                     help="tokens to produce (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="0 (the default) decodes greedily")
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--min-p", type=float, default=None)
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="sample from the smallest set of tokens of this total probability")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample from the k most likely tokens")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="drop tokens less likely than this fraction of the most likely one")
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
-                     default="auto", help="attention implementation (auto: the Pallas "
-                     "tree-attention kernel on GPU/TPU, the jnp reference on CPU)")
+                     default="auto", help="attention implementation (auto, the default: the "
+                     "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "
+                     "least 4 MiB, else the jnp reference)")
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     gen.add_argument("--stream", action="store_true",
                      help="print the text as it is produced (a host round trip every step, "
