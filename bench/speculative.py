@@ -24,7 +24,7 @@ so one call measures training and decoding. `--attention` names the attention of
 draft: `auto` (the default: on GPU/TPU the Pallas tree-attention kernel over caches of at
 least `models.layers.AUTO_KERNEL_MIN_KV_BYTES` per layer, the jnp reference below), `pallas`
 (the kernel wherever it takes the shapes) or `reference`; several, comma-separated (the device
-plan runs `pallas,reference`: the kernel on and off), run side by side in one call (each batch
+plan runs synthetic-8b as `pallas,reference`: the kernel on and off), run side by side in one call (each batch
 size and temperature on every path before the next). `--budget-s` overrides the preset's time
 budget; runs it leaves out are recorded as skipped, and `--resume` runs only what the output
 file does not hold yet, measured with the current code (`spec_sources`, a hash of
