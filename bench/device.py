@@ -12,11 +12,12 @@ here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
 Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
 earliest issue first: the trainings (both measured on the H200); then the kernels' tests on the
-card, before any benchmark runs the kernels; the synthetic 8B regime, the speculative goal's;
-the trained presets' speculative rows, the rest of that issue, with the short kernels
-benchmark between them (it fits a second call); then decode's matrix-vector products and the
-decode re-measure, whose goal a measurement alone will not reach; `--only` takes the steps in
-the order it names them; `--list` prints them with their commands):
+card, before any benchmark runs the kernels; the trained presets' speculative rows, what the
+speculative issue still lacks, with the short kernels benchmark between them (it fits a
+second call); the synthetic 8B regime (the speculative goal's, met) when its code changed;
+then decode's matrix-vector products and the decode re-measure, whose goal a measurement alone
+will not reach; `--only` takes the steps in the order it names them; `--list` prints them with
+their commands):
   train-gpu-small  bench/train.py --preset gpu-small: target and draft trained alone (its time
                    budget: 3 minutes for both models; a speculative step trains while its grid
                    compiles, which shares the CPU and the interpreter lock)
@@ -27,9 +28,6 @@ the order it names them; `--list` prints them with their commands):
                    and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
-  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
-                   (the 8B target with a drafter of set acceptance: the speculative goal's
-                   regime)
   spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
                    models again, beside its grid's compiles, and records that training too;
                    AUTO only, so the grid fits beside training in one call: at these caches
@@ -39,6 +37,9 @@ the order it names them; `--list` prints them with their commands):
                    when that kernel failed its tests earlier in the same call)
   spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto (trains as
                    spec-gpu-base does; AUTO only for the same reason)
+  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
+                   (the 8B target with a drafter of set acceptance: the speculative goal's
+                   regime, met at 83ff787; re-measured when its code changed)
   matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
                    kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
@@ -252,24 +253,19 @@ def plan(name: str) -> list[Step]:
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
             # Correct first: the kernels on the card before the benchmarks that run them
-            # (due again whenever their sources change). Then the speculative goal's regime,
-            # then the short kernels benchmark (it fits a second call's ~3 minutes).
+            # (due again whenever their sources change).
             Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
                                "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  # All 35 tests, the Hopper class's 12 included, in 298 s on the H200
                  # (2026-11-27, 83ff787).
                  min_s=180, cap_s=360, pytest=True),
-            # Records from before the permutation target (their oracle drafted tokens the
-            # target no longer chose) do not count.
-            speculative_step("synthetic-8b", min_s=240, cap_s=560,
-                             oracle_target=ORACLE_TARGET),
             # The trained presets' rows are what the speculative issue still lacks (its goal
-            # was met in the synthetic regime): gpu-base fills a first call; the kernels
-            # benchmark fits the ~4 minutes a 15-minute lease leaves a second; gpu-small,
-            # AUTO only like gpu-base (the reference path at its caches; the kernel on and
-            # off are compared where the kernel pays, synthetic-8b and decode), leaves room
-            # in a call for most of decode.
+            # was met in the synthetic regime, 83ff787): gpu-base fills a first call; the
+            # kernels benchmark fits the ~4 minutes a 15-minute lease leaves a second;
+            # gpu-small, AUTO only like gpu-base (the reference path at its caches; the
+            # kernel on and off are compared where the kernel pays, synthetic-8b and
+            # decode), leaves room in a call for synthetic-8b's re-measure or most of decode.
             speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  # Every case, with the HBM ceiling measured the current way.
@@ -285,6 +281,11 @@ def plan(name: str) -> list[Step]:
                  min_s=150, cap_s=360, without_hopper=("--no-hopper",)),
             # Its models trained in ~134 s alone (9d75f5d); the grid compiles beside them.
             speculative_step("gpu-small", min_s=240, cap_s=560, attention=("auto",)),
+            # Due again whenever the code it runs changed (106 s on the H200 at 83ff787).
+            # Records from before the permutation target (their oracle drafted tokens the
+            # target no longer chose) do not count.
+            speculative_step("synthetic-8b", min_s=150, cap_s=560,
+                             oracle_target=ORACLE_TARGET),
             # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
             # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
             Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
