@@ -48,7 +48,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, write_merged, utc_now, versions  # noqa: E402
+from bench.common import git_commit, utc_now, versions, write_merged  # noqa: E402
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin loads without CUDA
 

@@ -87,8 +87,8 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, write_merged,
-    utc_now, versions)
+    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, utc_now,
+    versions, write_merged)
 from bench.common import sources_digest as common_sources_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

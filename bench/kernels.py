@@ -70,8 +70,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, write_merged, profile_kernels, sources_digest,
-                          utc_now, versions)
+                          measure_hbm, profile_kernels, sources_digest, utc_now, versions,
+                          write_merged)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),

@@ -44,7 +44,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa: E402
-                          measure_hbm, write_merged, sources_digest, utc_now, versions)
+                          measure_hbm, sources_digest, utc_now, versions, write_merged)
 
 KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 

@@ -24,10 +24,10 @@ so one call measures training and decoding. `--attention` names the attention of
 draft: `auto` (the default: on GPU/TPU the Pallas tree-attention kernel over caches of at
 least `models.layers.AUTO_KERNEL_MIN_KV_BYTES` per layer, the jnp reference below), `pallas`
 (the kernel wherever it takes the shapes) or `reference`; several, comma-separated (the device
-plan runs synthetic-8b as `pallas,reference`: the kernel on and off), run side by side in one call (each batch
-size and temperature on every path before the next). `--budget-s` overrides the preset's time
-budget; runs it leaves out are recorded as skipped, and `--resume` runs only what the output
-file does not hold yet, measured with the current code (`spec_sources`, a hash of
+plan runs synthetic-8b as `pallas,reference`: the kernel on and off), run side by side in one
+call (each batch size and temperature on every path before the next). `--budget-s` overrides
+the preset's time budget; runs it leaves out are recorded as skipped, and `--resume` runs only
+what the output file does not hold yet, measured with the current code (`spec_sources`, a hash of
 `SPECULATIVE_SOURCES`; training again: a trained preset's models do not outlive the call), so
 calls cut short by the device's limits add up to the whole table. Each record's speedup
 compares runs of one process (same models, same prompts).
@@ -72,7 +72,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (MODEL_SOURCES, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          write_merged, sources_digest, utc_now, versions)
+                          sources_digest, utc_now, versions, write_merged)
 
 # The code a speculative run measures: decoding's and the loop's (drafters, verification,
 # trees). Records carry its hash (`spec_sources`); `--resume` and the device plan measure

@@ -35,7 +35,8 @@ from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, device_slug, git_commit, write_merged, utc_now, versions  # noqa: E402
+from bench.common import (RESULTS, device_slug, git_commit, utc_now, versions,  # noqa: E402
+                          write_merged)
 
 
 def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> dict:
