@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdec import parallel
+from jaxdec.checks import check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
@@ -220,12 +221,7 @@ def _param_table(config: ModelConfig) -> dict[str, _Entry]:
 
 
 def _resolve_dtype(dtype, config: ModelConfig):
-    if dtype is None:
-        dtype = config.dtype
-    try:
-        return jnp.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype={dtype!r} is not a dtype") from None
+    return check_param_dtype(config.dtype if dtype is None else dtype)
 
 
 def load_tokenizer(directory: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -12,3 +13,17 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_param_dtype(dtype) -> np.dtype:
+    """`dtype` (a name or a type) as the floating-point dtype parameters are held in: a
+    TypeError for what is no dtype, a ValueError for one that is not floating point (integer
+    weights would truncate every value)."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype={dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise ValueError(f"dtype={resolved.name} is not floating point: parameters are held in "
+                         "float32, bfloat16 or float16")
+    return resolved

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -16,10 +18,12 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
+from jaxdec.checks import check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
 from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, attention_kernel,
                                   fused_causal_usable, use_platform)
+from jaxdec.sampling import check_key
 
 
 def _member(kind, value, name: str):
@@ -114,6 +118,15 @@ def init_model(
     (kind, shape, sharding): one program for the whole tree of an 8B model (291 large random
     leaves) took 67 s to compile on a CPU, these 8 small ones 7 s. The values are
     those of the family's `init_params` (padded vocabulary rows zero)."""
+    _check_config(config)
+    key = check_key(key)
+    if key is None:
+        raise TypeError("key must be one PRNG key, jax.random.key(seed) or "
+                        "jax.random.PRNGKey(seed), got None")
+    dtype = check_param_dtype(dtype)
+    if (isinstance(std, bool) or not isinstance(std, numbers.Real) or not math.isfinite(std)
+            or std <= 0):
+        raise ValueError(f"std must be a finite number > 0, got {std!r}")
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     vocab = parallel.padded_vocab(config, mesh)
@@ -164,14 +177,19 @@ def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zer
     return jax.jit(draw, out_shardings=sharding)
 
 
+def _check_config(config) -> None:
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
+
+
 def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
     """A Model whose params are `jax.ShapeDtypeStruct`s (shape, dtype and sharding, no data):
     what `generate(..., compile_only=True)` and `speculative_generate(..., compile_only=True)`
     need to compile a program before the weights exist (while they train or load). A program
     compiled for it serves any Model with the same config, dtype and mesh (`init_model`,
     `load_pretrained`) without compiling again."""
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
+    _check_config(config)
+    dtype = check_param_dtype(dtype)
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     vocab = parallel.padded_vocab(config, mesh)

@@ -171,3 +171,5 @@ def test_unsupported_architecture(hf_checkpoints, tmp_path):
 def test_bad_dtype_argument(hf_checkpoints):
     with pytest.raises(TypeError, match="dtype"):
         jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="not-a-dtype")
+    with pytest.raises(ValueError, match="dtype=int8 is not floating point"):
+        jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="int8")

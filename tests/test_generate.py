@@ -308,6 +308,26 @@ def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(l
         jaxdec.abstract_model({"vocab_size": 8})
 
 
+@pytest.mark.parametrize("call, error, match", [
+    (lambda c: jaxdec.init_model({"vocab_size": 8}, jax.random.key(0)), TypeError,
+     "config must be a jaxdec ModelConfig, got dict"),
+    (lambda c: jaxdec.init_model(c, 0), TypeError, "key must be one PRNG key.*got int"),
+    (lambda c: jaxdec.init_model(c, None), TypeError, "key must be one PRNG key.*got None"),
+    (lambda c: jaxdec.init_model(c, jax.random.key(0), dtype=jnp.int32), ValueError,
+     "dtype=int32 is not floating point"),
+    (lambda c: jaxdec.init_model(c, jax.random.key(0), std=0.0), ValueError,
+     "std must be a finite number > 0"),
+    (lambda c: jaxdec.abstract_model(c, dtype="fp32"), TypeError, "dtype='fp32' is not a dtype"),
+])
+def test_model_constructors_refuse_bad_arguments(call, error, match):
+    """Refused before any program is traced."""
+    config = jaxdec.ModelConfig(model_type="llama", vocab_size=32, hidden_size=16,
+                                intermediate_size=32, num_layers=1, num_heads=2,
+                                num_kv_heads=1, head_dim=8, max_position_embeddings=64)
+    with pytest.raises(error, match=match):
+        call(config)
+
+
 def test_abstract_model_on_a_tp_mesh_matches_the_sharded_params(hf_checkpoints):
     mesh = jaxdec.make_mesh(tp=2)
     model = jaxdec.load_pretrained(hf_checkpoints(VARIANT)[0], mesh=mesh)

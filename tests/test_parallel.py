@@ -172,6 +172,10 @@ def test_init_model_draws_the_familys_params_leaf_by_leaf(tp):
         np.testing.assert_array_equal(g.astype(np.float32), np.asarray(w, np.float32))
     assert model.params["embed"].shape == (vocab, 32) and not np.asarray(
         model.params["embed"][97:], np.float32).any()
+    # The same key typed: the same weights (init_model takes both forms as one key).
+    typed = jaxdec.init_model(config, jax.random.key(3), dtype=jnp.bfloat16, mesh=mesh, std=0.1)
+    assert all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+               for a, b in zip(jax.tree.leaves(typed.params), jax.tree.leaves(model.params)))
     # Placed sharded: each device holds its 4 / tp of the 4 query heads (its qkv groups).
     assert model.params["layers"][0]["qkv"].addressable_shards[0].data.shape == (
         (32, 1, 4, 8) if tp == 2 else (32, 1, 3, 8))
