@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdec import parallel
-from jaxdec.checks import check_param_dtype
+from jaxdec.checks import check_bool, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
@@ -319,6 +319,13 @@ def save_pretrained(
     Returns:
       The directory path.
     """
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {path!r}")
+    if dtype is not None:
+        dtype = check_param_dtype(dtype)
+    overwrite = check_bool("overwrite", overwrite)
     target = os.path.abspath(os.fspath(path))
     if os.path.exists(target) and os.listdir(target) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")

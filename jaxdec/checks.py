@@ -15,6 +15,14 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """`value` if it is a bool (numpy's too), or a TypeError naming `name`: a flag given as a
+    string or a number is a mistake, not a truth value."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def check_param_dtype(dtype) -> np.dtype:
     """`dtype` (a name or a type) as the floating-point dtype parameters are held in: a
     TypeError for what is no dtype, a ValueError for one that is not floating point (integer

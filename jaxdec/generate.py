@@ -30,6 +30,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, init_cache
+from jaxdec.checks import check_bool
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -287,8 +288,7 @@ def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
 
 def check_compile_only(compile_only, **models) -> None:
     """Abstract models (shapes only) can compile programs, never run them."""
-    if not isinstance(compile_only, bool):
-        raise TypeError(f"compile_only must be a bool, got {compile_only!r}")
+    check_bool("compile_only", compile_only)
     for name, model in models.items():
         if not compile_only and is_abstract(model):
             raise ValueError(f"the {name}'s params are shapes only (jaxdec.abstract_model): it "
@@ -402,6 +402,7 @@ def generate(
     key = check_key(key)
     max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
     check_compile_only(compile_only, model=model)
+    return_timings = check_bool("return_timings", return_timings)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     batch = prepare_batch(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,

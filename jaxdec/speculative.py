@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxdec.cache import Cache, commit, init_cache
+from jaxdec.checks import check_bool
 from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
                              python_ints, read_timings, registered_stream)
@@ -297,6 +298,8 @@ def speculative_generate(
             f"got {type(drafter).__name__}"
         )
     check_compile_only(compile_only, target=target, drafter=drafter)
+    return_timings = check_bool("return_timings", return_timings)
+    profile = check_bool("profile", profile)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     topology = drafter.default_topology() if tree is None else as_topology(tree)

@@ -93,6 +93,15 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
     (target / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
         jaxdec.save_pretrained(loaded("llama-gqa"), target)
+    for args, kwargs, error, match in [
+            ((None, target), {}, TypeError, "model must be a jaxdec Model, got NoneType"),
+            ((loaded("llama-gqa"), 5), {}, TypeError, "path must be a directory path"),
+            ((loaded("llama-gqa"), target), dict(overwrite="yes"), TypeError,
+             "overwrite must be a bool"),
+            ((loaded("llama-gqa"), target), dict(overwrite=True, dtype="int8"), ValueError,
+             "dtype=int8 is not floating point")]:
+        with pytest.raises(error, match=match):
+            jaxdec.save_pretrained(*args, **kwargs)
     assert sorted(os.listdir(target)) == ["precious.txt"]
     # Overwriting keeps unrelated files and replaces stale weight shards.
     jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True, max_shard_bytes=64 * 1024)

@@ -204,6 +204,7 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([[1, 2]], dict(stop_tokens=[2.5]), TypeError, "stop_tokens must be token ids"),
     ([[1, 2]], dict(stop_tokens=[True]), TypeError, "stop_tokens must be token ids"),
     ([[1, 2]], dict(stop_tokens=object()), TypeError, "stop_tokens must be token ids"),
+    ([[1, 2]], dict(return_timings="yes"), TypeError, "return_timings must be a bool"),
 ])
 def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}

@@ -465,6 +465,10 @@ def test_bad_drafters_and_trees(loaded):
     with pytest.raises(TypeError, match="Topology"):
         jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
                                     tree=[[0], [1]])
+    for flag in ("return_timings", "profile"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 1"):
+            jaxdec.speculative_generate(model, PromptLookup(), _prompts(), max_new_tokens=4,
+                                        **{flag: 1})
     with pytest.raises(ValueError, match="contiguous"):
         jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=4,
                                     sampler=jaxdec.Sampler(), tree=tree.from_choices([[1], [0], [0, 2]]))
