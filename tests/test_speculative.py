@@ -476,6 +476,8 @@ def test_bad_drafters_and_trees(loaded):
         PromptLookup(max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError, match="proposal"):
         DraftModel(model, proposal="beam")
+    with pytest.raises(TypeError, match="tree must be a jaxdec.tree Topology"):
+        DraftModel(model, tree="chain:4")
     with pytest.raises(ValueError, match="1-D integer"):
         Retrieval(np.zeros((2, 2), np.int32))
 

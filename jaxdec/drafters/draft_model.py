@@ -37,7 +37,7 @@ from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
                           param_shardings)
-from jaxdec.tree import Topology, chain
+from jaxdec.tree import Topology, as_topology, chain
 from jaxdec.verify import ProposalKind
 
 PROPOSALS = ("auto", "topk", "iid", "without_replacement")
@@ -77,6 +77,8 @@ class DraftModel(Drafter):
             raise TypeError(f"DraftModel needs a jaxdec Model, got {type(model).__name__}")
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
+        if tree is not None:
+            as_topology(tree)  # a TypeError for anything but a tree, at construction
         self.model = model
         self.proposal = proposal
         self.tree = tree
