@@ -296,6 +296,34 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
         train_lm(MICRO, tmp_path / "c", steps=0)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(preset=3), TypeError, r"preset must be a preset name \(cpu-tiny, gpu-small, gpu-base\)"),
+    (dict(out=None), TypeError, "out must be a directory path"),
+    (dict(resume="yes"), TypeError, "resume must be a bool"),
+    (dict(force=1), TypeError, "force must be a bool"),
+    (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+    (dict(dp=0), ValueError, "dp must be an int >= 1"),
+    (dict(log="print"), TypeError, "log must be callable"),
+])
+def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match):
+    """Refused before the corpus is read or the run directory made (both commands)."""
+    for train, args in ((train_lm, ()), (train_draft, (tmp_path / "no-target",))):
+        call = {"preset": MICRO, "out": tmp_path / "run"} | kwargs
+        with pytest.raises(error, match=match):
+            train(*args, call.pop("preset"), call.pop("out"), **call)
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_one_step_schedule():
+    """One step (its warmup is the whole run) builds and updates: the cosine part once asked
+    optax for zero decay steps."""
+    optimizer = loop.make_optimizer(learning_rate=1e-3, steps=1, warmup_steps=0,
+                                    weight_decay=0.1, grad_clip=1.0)
+    params = {"w": jnp.ones((2, 2))}
+    updates, _ = optimizer.update({"w": jnp.ones((2, 2))}, optimizer.init(params), params)
+    assert np.isfinite(np.asarray(updates["w"])).all()
+
+
 def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d")

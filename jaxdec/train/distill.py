@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxdec import data
-from jaxdec.checks import check_int
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
 from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, default_corpus,
                              evaluate_lm, heldout_batches, throughput, train_params)
-from jaxdec.train.presets import Preset, get_preset
+from jaxdec.train.presets import Preset
 
 OBJECTIVES = ("kl", "tv")
 
@@ -123,12 +122,11 @@ def train_draft(
     Returns:
       The metrics written to metrics.json, including acceptance_before / acceptance_after.
     """
-    preset = get_preset(preset) if isinstance(preset, str) else preset
+    preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
+                                              steps_field="draft_steps", resume=resume,
+                                              force=force, seed=seed, log=log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    steps = preset.draft_steps if steps is None else steps
-    steps = check_int("steps", steps)
-    out = os.fspath(out)
     mesh = loop.train_mesh(dp)
     dtype = loop.compute_dtype()
     phases = loop.Phases()

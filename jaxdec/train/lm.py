@@ -20,12 +20,11 @@ import numpy as np
 import optax
 
 from jaxdec import data, parallel
-from jaxdec.checks import check_int
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
 from jaxdec.model import Model, cache_free_attention, forward_with_cache, init_model
 from jaxdec.models.layers import AttentionImpl, use_platform
 from jaxdec.train import loop
-from jaxdec.train.presets import Preset, get_preset
+from jaxdec.train.presets import Preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,17 +219,16 @@ def train_lm(
       seed: initialisation and data-order seed.
       dp: data-parallel degree (default: all devices on accelerators, 1 on CPUs).
     """
-    preset = get_preset(preset) if isinstance(preset, str) else preset
-    steps = preset.target_steps if steps is None else steps
-    steps = check_int("steps", steps)
-    out = os.fspath(out)
+    preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
+                                              steps_field="target_steps", resume=resume,
+                                              force=force, seed=seed, log=log)
+    mesh = loop.train_mesh(dp)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     phases = loop.Phases()
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`
     resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
-    mesh = loop.train_mesh(dp)
     dtype = loop.compute_dtype()
 
     tokenizer = load_tokenizer(out) if resuming else None

@@ -26,6 +26,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdec import parallel
+from jaxdec.checks import check_bool, check_int
+from jaxdec.train.presets import PRESETS, Preset, get_preset
 
 RUN_FILE = "train.json"  # marks a directory as a jaxdec training run
 CHECKPOINTS = "checkpoints"
@@ -42,8 +44,9 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
                    weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay (to 10%), after global-norm clipping.
     Weight decay applies to matrices only (not to norms and biases)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=max(1, warmup_steps),
+    warmup_steps = max(1, warmup_steps)
+    schedule = optax.warmup_cosine_decay_schedule(  # (decay_steps counts the warmup's too)
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(steps, warmup_steps + 1), end_value=0.1 * learning_rate,
     )
     return optax.chain(
@@ -51,6 +54,26 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
         optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay,
                     mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
     )
+
+
+def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log):
+    """The arguments `train_lm` and `train_draft` share, checked before anything is read or
+    written: (the Preset, `out` as a string, the step count: `steps` or the preset's
+    `steps_field`, the seed)."""
+    if isinstance(preset, str):
+        preset = get_preset(preset)
+    elif not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a preset name ({', '.join(PRESETS)}) or a Preset, "
+                        f"got {preset!r}")
+    steps = check_int("steps", getattr(preset, steps_field) if steps is None else steps)
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory path (str or os.PathLike), got {out!r}")
+    check_bool("resume", resume)
+    check_bool("force", force)
+    seed = check_int("seed", seed, minimum=0)
+    if not callable(log):
+        raise TypeError(f"log must be callable (it is given each progress line), got {log!r}")
+    return preset, os.fspath(out), steps, seed
 
 
 def train_mesh(dp: int | None = None):
