@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Mapping
 
-from jaxdec.checks import check_int
+from jaxdec.checks import check_int, check_param_dtype
 
 # model_type -> HF architecture class name. The Llama family shares one implementation.
 SUPPORTED_ARCHITECTURES = {
@@ -127,6 +127,10 @@ class ModelConfig:
             )
         object.__setattr__(self, "eos_token_ids", tuple(
             check_int("eos_token_ids entries", t, minimum=0) for t in self.eos_token_ids))
+        if not isinstance(self.rope, RopeConfig):
+            raise TypeError(f"rope must be a jaxdec.RopeConfig, got {type(self.rope).__name__}")
+        # The name of a floating-point dtype ("bfloat16"; a dtype object is taken by its name).
+        object.__setattr__(self, "dtype", check_param_dtype(self.dtype).name)
 
     @property
     def q_per_kv(self) -> int:

@@ -33,6 +33,10 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
       devices: the devices to use, default `jax.devices()`.
     """
     tp, dp = check_int("tp", tp), check_int("dp", dp)
+    if devices is not None and (isinstance(devices, (str, bytes)) or not all(
+            isinstance(d, jax.Device) for d in devices)):
+        raise TypeError(f"devices must be a sequence of jax devices (jax.devices()), got "
+                        f"{devices!r}")
     devices = list(jax.devices() if devices is None else devices)
     if dp * tp > len(devices):
         raise ValueError(

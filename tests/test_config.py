@@ -83,13 +83,24 @@ def test_missing_field_is_named():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(layer_windows=(4,)), "layer_windows has 1 entries"),
     (dict(vocab_size=0), "vocab_size must be an int >= 1"),
+    (dict(dtype="int8"), "dtype=int8 is not floating point"),
+    (dict(dtype="fp8"), "dtype='fp8' is not a dtype"),
+    (dict(rope={"theta": 1e4}), "rope must be a jaxdec.RopeConfig, got dict"),
 ])
 def test_invalid_configs(change, match):
     kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=4)
     kwargs.update(change)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         ModelConfig(**kwargs)
+
+
+def test_dtype_is_stored_by_name():
+    import jax.numpy as jnp
+
+    kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=4)
+    assert ModelConfig(dtype=jnp.bfloat16, **kwargs) == ModelConfig(dtype="bfloat16", **kwargs)
 
 
 def test_numpy_integers_are_stored_as_python_ints():

@@ -90,6 +90,9 @@ def test_bad_meshes():
         jaxdec.make_mesh(tp=4, dp=4)
     with pytest.raises(ValueError, match="tp must be an int >= 1, got 0"):
         jaxdec.make_mesh(tp=0)
+    with pytest.raises(TypeError, match="devices must be a sequence of jax devices"):
+        jaxdec.make_mesh(tp=2, devices="cpu")
+    assert jaxdec.make_mesh(tp=2, devices=jax.devices()[2:]).devices.flat[0] == jax.devices()[2]
     with pytest.raises(ValueError, match="not understood"):
         jaxdec.parallel.resolve_mesh(Mesh(np.array(jax.devices()[:2]), ("model",)))
     with pytest.raises(TypeError, match="jax.sharding.Mesh"):
