@@ -156,6 +156,12 @@ def test_retrieval_from_texts(hf_checkpoints):
     assert drafter.size > 5
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
         Retrieval.from_texts([""], tokenizer)
+    with pytest.raises(TypeError, match="got one string: wrap it in a list"):
+        Retrieval.from_texts("the quick brown fox", tokenizer)  # not one document a character
+    with pytest.raises(TypeError, match="texts must be a list of documents"):
+        Retrieval.from_texts([[1, 2, 3]], tokenizer)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizers.Tokenizer.*NoneType"):
+        Retrieval.from_texts(["hello world"], None)
 
 
 def test_retrieval_copies_its_datastore_once_per_mesh():

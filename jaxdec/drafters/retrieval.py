@@ -59,9 +59,20 @@ class Retrieval(Drafter):
     @classmethod
     def from_texts(cls, texts, tokenizer, **kwargs) -> "Retrieval":
         """A datastore of `texts` encoded with `tokenizer` (end-of-text between documents)."""
+        from tokenizers import Tokenizer
+
         from jaxdec import data
 
-        stream = data.encode(tokenizer, list(texts))
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a list of documents (strings), got one string: "
+                            "wrap it in a list")
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of documents (strings)")
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError("tokenizer must be a tokenizers.Tokenizer (the target's: "
+                            f"model.tokenizer), got {type(tokenizer).__name__}")
+        stream = data.encode(tokenizer, texts)
         if stream.size < 2:
             raise ValueError("the retrieval corpus encodes to fewer than 2 tokens")
         return cls(stream, **kwargs)
