@@ -198,15 +198,16 @@ def kary(depth: int, width: int) -> Topology:
 def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
     """A tree from Medusa-style choices: each path lists child ranks from the root, e.g.
     [[0], [1], [0, 0], [0, 1]] is the root's two best children and two children of the best.
-    Every path's prefix must itself be a path. Nodes are ordered by depth, then path."""
-    try:
-        paths = sorted({tuple(int(c) for c in p) for p in paths}, key=lambda p: (len(p), p))
-    except (TypeError, ValueError):
-        raise ValueError("choices must be a list of lists of child ranks") from None
-    if any(not p for p in paths):
+    Every path's prefix must itself be a path; a path given twice counts once. Nodes are
+    ordered by depth, then path."""
+    if isinstance(paths, (str, bytes)) or not all(
+            isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, (str, bytes))
+            for p in paths):
+        raise ValueError("choices must be a list of lists of child ranks")
+    if any(len(p) == 0 for p in paths):
         raise ValueError("a choice path is empty (the root is implicit)")
-    if any(c < 0 for p in paths for c in p):
-        raise ValueError("child ranks must be >= 0")
+    ranks_of = [tuple(_rank(c) for c in p) for p in paths]
+    paths = sorted(set(ranks_of), key=lambda p: (len(p), p))
     index = {(): 0}
     parents, ranks = [-1], [0]
     for p in paths:
@@ -216,6 +217,13 @@ def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
         parents.append(index[p[:-1]])
         ranks.append(p[-1])
     return from_parents(parents, ranks)
+
+
+def _rank(c) -> int:
+    """A child rank: an int >= 0 (numpy's too); floats and strings are refused, not rounded."""
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+        raise ValueError(f"child ranks must be ints >= 0, got {c!r}")
+    return int(c)
 
 
 def parse(spec: str) -> Topology:
