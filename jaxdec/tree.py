@@ -200,9 +200,12 @@ def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
     [[0], [1], [0, 0], [0, 1]] is the root's two best children and two children of the best.
     Every path's prefix must itself be a path; a path given twice counts once. Nodes are
     ordered by depth, then path."""
-    if isinstance(paths, (str, bytes)) or not all(
-            isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, (str, bytes))
-            for p in paths):
+    try:
+        paths = list(paths) if not isinstance(paths, (str, bytes)) else None
+    except TypeError:  # not iterable
+        paths = None
+    if paths is None or not all(isinstance(p, (Sequence, np.ndarray))
+                                and not isinstance(p, (str, bytes)) for p in paths):
         raise ValueError("choices must be a list of lists of child ranks")
     if any(len(p) == 0 for p in paths):
         raise ValueError("a choice path is empty (the root is implicit)")

@@ -41,6 +41,7 @@ def test_from_choices_medusa_style():
         tree.from_choices([[]])
     # Ranks are ints (numpy's too), never rounded or parsed; a path given twice counts once.
     assert tree.from_choices(np.array([[0], [1]])) == tree.from_choices([(0,), [1], [1]])
+    assert tree.from_choices(p for p in [[0], [1]]) == tree.from_choices([[0], [1]])
     for bad in ([[0.5]], [["0"]], [[True]], [[-1]]):
         with pytest.raises(ValueError, match="child ranks must be ints >= 0"):
             tree.from_choices(bad)
