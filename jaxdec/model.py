@@ -119,10 +119,7 @@ def init_model(
     leaves) took 67 s to compile on a CPU, these 8 small ones 7 s. The values are
     those of the family's `init_params` (padded vocabulary rows zero)."""
     _check_config(config)
-    key = check_key(key)
-    if key is None:
-        raise TypeError("key must be one PRNG key, jax.random.key(seed) or "
-                        "jax.random.PRNGKey(seed), got None")
+    key = check_key(key, required=True)
     dtype = check_param_dtype(dtype)
     if (isinstance(std, bool) or not isinstance(std, numbers.Real) or not math.isfinite(std)
             or std <= 0):

@@ -137,13 +137,14 @@ def check_sampler(sampler) -> Greedy | Sampler:
     return sampler
 
 
-def check_key(key) -> jax.Array | None:
-    """`key` as a typed PRNG key (None stays None): a typed key (`jax.random.key(seed)`) as
-    it is, a raw one (`jax.random.PRNGKey(seed)`: the default implementation's uint32 data)
-    wrapped, so that both are one key and one compiled program; a TypeError naming the
-    argument for anything else (an int seed, a batch of keys). The caller makes its default
-    key after its other checks: making one runs a (first time: compiled) program."""
-    if key is None:
+def check_key(key, *, required: bool = False) -> jax.Array | None:
+    """`key` as a typed PRNG key (None stays None unless `required`): a typed key
+    (`jax.random.key(seed)`) as it is, a raw one (`jax.random.PRNGKey(seed)`: the default
+    implementation's uint32 data) wrapped, so that both are one key and one compiled program;
+    a TypeError naming the argument for anything else (an int seed, a batch of keys). The
+    caller makes its default key after its other checks: making one runs a (first time:
+    compiled) program."""
+    if key is None and not required:
         return None
     shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
