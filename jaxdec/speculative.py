@@ -211,7 +211,7 @@ def speculative_padded(
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
         levels = jnp.arange(1, depth + 1, dtype=jnp.int32)
-        hits = active[:, None] & (verdict.n_path[:, None] > levels)
+        hits = active[:, None] & (verdict.n_path[:, None] > levels[None, :])
         return _State(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
             drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,

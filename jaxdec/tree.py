@@ -302,7 +302,7 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     # breadth-first ids are smaller), written in one scatter: `ancestor_mask(parents,
     # present)`, without its chain of squarings (5 matmul kernels a step at 20 nodes).
     live = valid & (node < num_nodes)
-    above = jnp.arange(D)[None, :] < jnp.arange(D)[:, None]  # [d, d']: d' is above d
+    above = jnp.arange(D)[None, None, None, :] < jnp.arange(D)[None, None, :, None]  # d' above d
     src = jnp.where(live[..., :, None] & above, node[..., :, None], num_nodes)  # [B, C, D, D]
     dst = jnp.broadcast_to(node[..., None, :], src.shape)
     N = num_nodes

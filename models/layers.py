@@ -31,7 +31,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with the statistics in fp32; the scale is applied in the input dtype."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    return jax.lax.broadcast_to_rank(weight, x.ndim) * normed.astype(x.dtype)
 
 
 def rms_norm_factored(x: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -48,7 +48,7 @@ def rms_norm_factored(x: jax.Array, weight: jax.Array, eps: float) -> tuple[jax.
     `rms_norm` rounds the normalised x and its product with the weight."""
     x32 = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x, inv_rms
+    return jax.lax.broadcast_to_rank(weight, x.ndim) * x, inv_rms
 
 
 # Up to this many tokens per shard, a block's RMSNorm is factored into the projection after it
@@ -152,7 +152,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 
 def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotates the two halves of each head (the HF "rotate_half" layout), in fp32."""
-    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    angles = (positions_BT.astype(jnp.float32)[..., None]
+              * jnp.asarray(inv_freq)[None, None])  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x = x_BTND.astype(jnp.float32)

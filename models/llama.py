@@ -181,7 +181,7 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
     cache), which are still written to it."""
     qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1, matmul)
     if "qkv_bias" in layer:
-        qkv = qkv + layer["qkv_bias"]
+        qkv = qkv + layer["qkv_bias"][None, None]
     B, T, R, slots, D = qkv.shape
     q = qkv[:, :, :, : slots - 2].reshape(B, T, R * (slots - 2), D)
     k, v = qkv[:, :, :, slots - 2], qkv[:, :, :, slots - 1]

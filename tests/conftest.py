@@ -1,5 +1,5 @@
-"""Shared test setup: 8 fake CPU devices (for tensor parallelism), IEEE fp32 matmuls, and
-small random Hugging Face checkpoints written once per session."""
+"""Shared test setup: 8 fake CPU devices (for tensor parallelism), IEEE fp32 matmuls, rank
+promotion as an error, and small random Hugging Face checkpoints written once per session."""
 
 import os
 
@@ -11,6 +11,9 @@ for flag in ("--xla_force_host_platform_device_count=8", *FAST_CPU_COMPILES.spli
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Implicit rank promotion is an error (subprocesses inherit it): jaxdec must run for users who
+# set jax_numpy_rank_promotion="raise", and a broadcast that adds dimensions is written out.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -115,7 +115,7 @@ def test_tree_forward_and_commit_under_tp(tp, hf_checkpoints, loaded):
         tree = jnp.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)
         logits, _, cache = forward_with_cache(
             model, jnp.array([[40, 41, 42], [50, 51, 52]]),
-            cache.lengths[:, None] + jnp.array([0, 1, 1]), cache, mask_BTT=jnp.stack([tree] * 2))
+            cache.lengths[:, None] + jnp.array([[0, 1, 1]]), cache, mask_BTT=jnp.stack([tree] * 2))
         cache = jaxdec.commit(cache, jnp.array([[0, 2], [0, 1]]), jnp.array([2, 1]))
         return np.asarray(logits), [np.asarray(layer.k) for layer in cache.layers], cache.lengths
 

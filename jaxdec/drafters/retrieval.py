@@ -153,7 +153,7 @@ class Retrieval(Drafter):
         starts = jnp.take(self.suffixes, jnp.clip(picks, 0, self.size - 1))
         # The continuation follows the matched n-gram: "ends" is the n-gram's last token.
         pos = (starts[:, :, None] + n_used[:, None, None]
-               + jnp.arange(topology.max_depth, dtype=jnp.int32))
+               + jnp.arange(topology.max_depth, dtype=jnp.int32)[None, None])
         cand = jnp.take(self.tokens, jnp.minimum(pos, self.tokens.shape[0] - 1))
         valid = have[:, :, None] & (cand >= 0)  # -1: the sentinel tail
         tree = from_candidates(root_B, cand, valid, topology.num_nodes)

@@ -19,7 +19,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxdec import data
 from jaxdec.checkpoint import load_pretrained, save_pretrained
@@ -90,9 +89,7 @@ def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: s
 
     def step(state, batch, target_params):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], target_params, batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state}, loss
+        return loop.optimizer_step(optimizer, state, grads), loss
 
     return step
 

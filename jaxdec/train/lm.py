@@ -90,7 +90,8 @@ def _cross_entropy_fwd(logits, labels):
 
 def _cross_entropy_bwd(residuals, g):
     logits, labels, lse = residuals
-    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape,
+                                                           logits.ndim - 1)
     grad = ((jnp.exp(logits.astype(jnp.float32) - lse[..., None]) - onehot.astype(jnp.float32))
             * g[..., None])
     return grad.astype(logits.dtype), None
@@ -108,9 +109,7 @@ def make_lm_step(config, mesh, optimizer: optax.GradientTransformation, dtype) -
 
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-                "opt_state": opt_state}, loss
+        return loop.optimizer_step(optimizer, state, grads), loss
 
     return step
 

@@ -56,6 +56,18 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
     )
 
 
+def optimizer_step(optimizer: optax.GradientTransformation, state: dict, grads) -> dict:
+    """The train state after one optimizer update from `grads`.
+
+    optax mixes Python floats with its int32 step count (the schedule), which jax's strict
+    dtype promotion refuses; the update runs under standard promotion whatever the user's
+    setting (jaxdec's own code is written to run under either)."""
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+
+
 def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log):
     """The arguments `train_lm` and `train_draft` share, checked before anything is read or
     written: (the Preset, `out` as a string, the step count: `steps` or the preset's

@@ -135,7 +135,8 @@ def mask_words(
         allowed &= (positions_BT[:, :, None] - positions_BT[:, None, :]) < window
     W = num_words(T)
     allowed = jnp.pad(allowed, ((0, 0), (0, 0), (0, W * 32 - T)))
-    bits = allowed.reshape(B, T, W, 32).astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)
+    bits = (allowed.reshape(B, T, W, 32).astype(jnp.uint32)
+            << jnp.arange(32, dtype=jnp.uint32)[None, None, None])
     words = jax.lax.bitcast_convert_type(bits.sum(axis=-1, dtype=jnp.uint32), jnp.int32)
     words = jnp.repeat(words, G, axis=1)  # [B, T * G, W]
     words = jnp.pad(words, ((0, 0), (0, rows - T * G), (0, 0)))  # padded rows see no new key
