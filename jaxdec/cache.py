@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdec.checks import check_int
+from jaxdec.checks import check_bool, check_int, check_int_array
 
 
 def _pytree_dataclass(cls):
@@ -210,8 +210,12 @@ def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array, *,
     Returns:
       The cache with the path made contiguous and lengths advanced.
     """
-    accepted_slots = jnp.asarray(accepted_slots, jnp.int32)
-    n_accepted = jnp.asarray(n_accepted, jnp.int32)
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a jaxdec Cache (see init_cache), got "
+                        f"{type(cache).__name__}")
+    accepted_slots = check_int_array("accepted_slots", accepted_slots)
+    n_accepted = check_int_array("n_accepted", n_accepted)
+    prefix = check_bool("prefix", prefix)
     if accepted_slots.ndim != 2 or accepted_slots.shape[0] != cache.batch_size:
         raise ValueError(
             f"accepted_slots must be [batch={cache.batch_size}, N], got {accepted_slots.shape}"

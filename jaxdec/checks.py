@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,6 +22,21 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return bool(value)
+
+
+def check_int_array(name: str, value) -> jax.Array:
+    """`value` (an array, a tracer, nested lists) as an int32 array, or a TypeError naming
+    `name` when its values are not integers (None, strings, floats: an int32 cast would
+    truncate 0.5 to 0)."""
+    array = value if isinstance(value, jax.Array) else np.asarray(value)
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array, got {_describe(value)}")
+    return jnp.asarray(array, jnp.int32)
+
+
+def _describe(value) -> str:
+    dtype = getattr(value, "dtype", None)
+    return f"{type(value).__name__} of {dtype}" if dtype is not None else repr(value)
 
 
 def check_param_dtype(dtype) -> np.dtype:

@@ -93,6 +93,24 @@ def test_commit_rejects_bad_shapes():
         commit(cache, jnp.zeros((2, 2), jnp.int32), jnp.array([0, 0, 0]))
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"cache": None}, TypeError, "cache must be a jaxdec Cache"),
+    ({"accepted_slots": None}, TypeError, "accepted_slots must be an integer array"),
+    ({"accepted_slots": [[0.0, 1.0], [0.5, 0.0]]}, TypeError, "accepted_slots must be an int"),
+    ({"n_accepted": jnp.array([True, False])}, TypeError, "n_accepted must be an integer"),
+    ({"n_accepted": ["1", "0"]}, TypeError, "n_accepted must be an integer array"),
+    ({"prefix": "yes"}, TypeError, "prefix must be a bool"),
+])
+def test_commit_rejects_bad_arguments(kwargs, error, match):
+    """Each named before anything runs; nested lists and numpy integers are taken."""
+    cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
+    args = {"cache": cache, "accepted_slots": [[0, 1], [1, 0]],
+            "n_accepted": np.array([2, 1], np.int64), "prefix": False}
+    commit(**args)
+    with pytest.raises(error, match=match):
+        commit(**{**args, **kwargs})
+
+
 def test_commit_of_a_verified_tree_equals_decoding_the_accepted_path(loaded):
     """A tree forward (ancestor mask, positions = length + depth) followed by commit leaves
     the same cache as running only the accepted tokens."""
