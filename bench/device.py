@@ -22,7 +22,8 @@ their commands):
                    budget: 3 minutes for both models; a speculative step trains while its grid
                    compiles, which shares the CPU and the interpreter lock)
   train-gpu-base   the same for gpu-base (the training issue's MFU goal is gpu-base's)
-  gpu-tests        the tests that need the card (`pytest -k OnGPU`): the tree-attention kernels
+  gpu-tests        the tests that need the card (`pytest -k OnGPU`, three processes side by
+                   side: bench/pytest_shards.py): the tree-attention kernels
                    (Triton; Mosaic GPU on a Hopper) and the matrix-vector kernel compiled
                    (fp32 / bf16, the Triton attention fp16 too)
                    and cuDNN's fused attention for training,
@@ -72,6 +73,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,12 +193,28 @@ class Step:
     without_hopper: tuple[str, ...] = ()
 
 
-# The Hopper kernel's tests last: a kernel that hangs the card stops the step (its warpgroups
-# wait on barriers; first run whole on the H200 at 83ff787), and what ran before it is kept.
-GPU_TESTS = ("tests/test_tree_attention_vs_reference.py", "tests/test_layers.py",
-             "tests/test_matvec.py", "tests/test_tree_attention_hopper.py")
+# The GPU tests in three processes side by side (bench/pytest_shards.py): compiling is what
+# they cost, on one CPU core per process (the 35 took 298 s in one process on the H200 at
+# 83ff787). The Hopper kernel's tests in a group of their own: a kernel that hangs the card
+# stops the step (its warpgroups wait on barriers), and the other groups' results are kept.
+GPU_TEST_GROUPS = (("tests/test_tree_attention_vs_reference.py",),
+                   ("tests/test_layers.py", "tests/test_matvec.py"),
+                   ("tests/test_tree_attention_hopper.py",))
+GPU_TESTS = tuple(f for group in GPU_TEST_GROUPS for f in group)
 GPU_TEST_SOURCES = ("pallas_kernels/tree_attention", "pallas_kernels/matvec", "models/layers.py",
                     *GPU_TESTS)
+
+
+def sharded_pytest(groups, *pytest_args: str) -> tuple[str, ...]:
+    """The argv (after the interpreter) of `bench/pytest_shards.py` over these file groups."""
+    return ("bench/pytest_shards.py", *(a for g in groups for a in ("--group", ",".join(g))),
+            "--", *pytest_args)
+
+
+def test_files(argv) -> str:
+    """The test files a pytest step's argv names, space-separated (a record's `suite`)."""
+    return " ".join(f for a in argv for f in a.split(",")
+                    if f.startswith("tests/") and f.endswith(".py"))
 
 
 def sources_digest() -> str:
@@ -254,8 +272,8 @@ def plan(name: str) -> list[Step]:
                  min_s=360, cap_s=560),
             # Correct first: the kernels on the card before the benchmarks that run them
             # (due again whenever their sources change).
-            Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider", *GPU_TESTS,
-                               "-k", "OnGPU"),
+            Step("gpu-tests", sharded_pytest(GPU_TEST_GROUPS, "-v", "-p", "no:cacheprovider",
+                                             "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  # All 35 tests, the Hopper class's 12 included, in 298 s on the H200
                  # (2026-11-27, 83ff787).
@@ -317,9 +335,10 @@ def plan(name: str) -> list[Step]:
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [
-            Step("gpu-tests", ("-m", "pytest", "-v", "-p", "no:cacheprovider",
-                               "tests/test_tree_attention_vs_reference.py", "-k",
-                               "TestTritonInterpret and chain-1"),
+            Step("gpu-tests", sharded_pytest(
+                     (("tests/test_tree_attention_vs_reference.py",), ("tests/test_tree.py",)),
+                     "-v", "-p", "no:cacheprovider", "-k",
+                     "(TestTritonInterpret and chain-1) or test_chain"),
                  _complete("gpu-tests", plan="cpu-tiny", sources=sources_digest()),
                  min_s=5, cap_s=300, pytest=True),
             # One attention path: both run the same reference on a CPU (the speculative
@@ -431,9 +450,14 @@ HOPPER_TESTS = "test_tree_attention_hopper"
 
 def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
     """Whether a GPU test run found the Hopper kernel failing: a failure or error in its
-    tests (junit, else the verbose lines), or a run stopped at its limit once they had begun
-    (they run last: a kernel that hangs the card looks like this)."""
+    tests (junit, else the verbose lines), or a run stopped at its limit while they ran (a
+    kernel that hangs the card looks like this), or their group's process ending with an
+    error (`bench/pytest_shards.py` prints each group's end)."""
     started = any(f"{HOPPER_TESTS}.py::" in line for line in lines)
+    ends = [line for line in lines if "] finished, exit code " in line
+            and f"{HOPPER_TESTS}.py" in line.rsplit(":", 1)[-1]]
+    if ends:
+        return not any(re.search(r"exit code (0|5):", line) for line in ends)
     if code is None:
         return started
     try:
@@ -587,8 +611,7 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             code, seconds = run_command(argv, limit, step_log, env, stamp=step.pytest)
             if step.pytest:
                 record = pytest_record(junit, args.plan, device, code, seconds,
-                                       " ".join(a for a in step.argv if a.endswith(".py")),
-                                       lines)
+                                       test_files(step.argv), lines)
                 path = work / f"gpu-tests-{slug}.json"
                 # One record per version of the tested sources: a run cut short does not
                 # replace what an earlier version's complete run showed.

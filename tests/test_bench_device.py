@@ -39,7 +39,9 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
                                    for e in ("json", "md"))
     tests = json.loads(files["gpu-tests-cpu.json"])
     assert len(tests) == 1 and tests[0]["passed"] >= 1 and tests[0]["error"] is None
-    assert tests[0]["suite"] == "tests/test_tree_attention_vs_reference.py"
+    # two groups side by side (bench/pytest_shards.py), one junit report
+    assert tests[0]["suite"] == "tests/test_tree_attention_vs_reference.py tests/test_tree.py"
+    assert tests[0]["passed"] >= 2
     slowest = tests[0]["slowest"]  # from the junit report: the tests that cost the most
     assert 1 <= len(slowest) <= 5 and all(t["test"].count("::") >= 1 for t in slowest)
     assert [t["seconds"] for t in slowest] == sorted((t["seconds"] for t in slowest),
@@ -303,6 +305,15 @@ def test_a_failing_hopper_kernel_is_left_out_of_the_benchmark(tmp_path):
                                                                "PASSED\n"], None)
     assert device.hopper_failed(tmp_path / "missing.xml",
                                 [started[0].replace("PASSED", "FAILED")], 1)
+    # Run in groups: the Hopper group's end decides, even when another group was stopped.
+    from bench.pytest_shards import finished_line
+
+    for code, failed in ((0, False), (1, True)):
+        ended = started + [finished_line(2, code, ["tests/test_tree_attention_hopper.py"])]
+        assert device.hopper_failed(tmp_path / "missing.xml", ended, None) is failed
+    assert not device.hopper_failed(
+        tmp_path / "missing.xml",
+        [finished_line(0, 1, ["tests/test_layers.py", "tests/test_matvec.py"])], 1)
     (step,) = [s for s in device.plan("gpu") if s.name == "kernels"]
     assert step.without_hopper == ("--no-hopper",)
     from bench import kernels
@@ -323,3 +334,39 @@ def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):
     assert not step.done(tmp_path, "h100")
     path.write_text(json.dumps([r for r in rows if r["projection"] != "down"]))
     assert not step.done(tmp_path, "h100")
+
+
+def test_sharded_pytest_merges_the_groups_reports(tmp_path):
+    """bench/pytest_shards.py: one process per group, each group's end printed, the junit
+    reports merged into the path asked for, and the exit code the groups' worst (a group
+    the selection leaves empty does not fail the run)."""
+    from bench import pytest_shards
+
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
+    (tests / "test_b.py").write_text("def test_three():\n    assert False\n")
+    (tests / "test_c.py").write_text("def test_other():\n    pass\n")
+
+    def shards(*args):
+        argv = [sys.executable, str(REPO / "bench" / "pytest_shards.py"), *args]
+        return subprocess.run(argv, cwd=tmp_path, env=user_env(), capture_output=True,
+                              text=True, timeout=300)
+
+    junit = tmp_path / "report.xml"
+    proc = shards("--group", "tests/test_a.py", "--group", "tests/test_b.py,tests/test_c.py",
+                  "--", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert pytest_shards.finished_line(0, 0, ["tests/test_a.py"]) in proc.stdout
+    assert pytest_shards.finished_line(
+        1, 1, ["tests/test_b.py", "tests/test_c.py"]) in proc.stdout
+    assert "[group 0] tests/test_a.py::test_one PASSED" in proc.stdout
+    record = device.pytest_record(junit, "cpu", "dev", proc.returncode, 1.0, "tests", [])
+    assert (record["passed"], record["failed"]) == (3, 1)
+    assert not list(tmp_path.glob("*.partial"))
+
+    proc = shards("--group", "tests/test_a.py", "--group", "tests/test_b.py", "--",
+                  "-q", "-p", "no:cacheprovider", "-k", "one")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # test_b.py: nothing selected
+    proc = shards("--group", "tests/test_a.py,", "--group", ",")
+    assert proc.returncode == 2 and "names at least one test file" in proc.stderr

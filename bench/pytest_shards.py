@@ -1,0 +1,113 @@
+"""Runs pytest over groups of test files side by side, one process per group, and merges
+their junit reports into one.
+
+The device's GPU tests are compile-bound: one process compiles one program at a time on one
+CPU core, while the lent machine has 16 (the 35 tests took 298 s in one process on the H200).
+
+    python bench/pytest_shards.py --group FILE[,FILE...] [--group ...] -- PYTEST_ARGS
+
+Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` among them is this
+run's merged report (each process writes its own beside it). The processes share the GPU:
+each sees XLA_PYTHON_CLIENT_PREALLOCATE=false (jax otherwise claims most of the card's memory
+for the first process). Their output lines are printed as they come, after `[group N]`; a
+group's end is printed as `[group N] finished, exit code C: FILES` (what `bench/device.py`
+reads when a run is stopped at its limit). The exit code is 0 when every group's is 0 or 5
+(pytest found no test in the group under the selection), else the first other one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection leaves a group empty
+
+
+def finished_line(index: int, code: int, files: list[str]) -> str:
+    return f"[group {index}] finished, exit code {code}: {' '.join(files)}"
+
+
+def split_junit(pytest_args: list[str]) -> tuple[list[str], Path | None]:
+    """PYTEST_ARGS without `--junitxml=PATH`, and PATH (None when absent)."""
+    rest, junit = [], None
+    for arg in pytest_args:
+        if arg.startswith("--junitxml="):
+            junit = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, junit
+
+
+def merge_junit(parts: list[Path], target: Path) -> None:
+    """One <testsuites> of every readable part's test suites (a part a stopped or crashed
+    process did not write is left out)."""
+    merged = ET.Element("testsuites")
+    for part in parts:
+        try:
+            root = ET.parse(part).getroot()
+        except (OSError, ET.ParseError):
+            continue
+        merged.extend([root] if root.tag == "testsuite" else list(root.iter("testsuite")))
+    tmp = target.with_name(target.name + ".partial")
+    ET.ElementTree(merged).write(tmp, encoding="utf-8", xml_declaration=True)
+    os.replace(tmp, target)
+
+
+def run(groups: list[list[str]], pytest_args: list[str]) -> int:
+    pytest_args, junit = split_junit(pytest_args)
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    parts = [None if junit is None else junit.with_name(f"{junit.stem}.group{i}{junit.suffix}")
+             for i in range(len(groups))]
+    lock = threading.Lock()
+    codes = [None] * len(groups)
+
+    def one(i: int) -> None:
+        argv = [sys.executable, "-m", "pytest", *pytest_args, *groups[i]]
+        if parts[i] is not None:
+            argv.append(f"--junitxml={parts[i]}")
+        # Same process group as this one: stopping this run stops every group.
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, errors="replace")
+        for line in proc.stdout:
+            with lock:
+                print(f"[group {i}] {line.rstrip()}", flush=True)
+        codes[i] = proc.wait()
+        with lock:
+            print(finished_line(i, codes[i], groups[i]), flush=True)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if junit is not None:
+        merge_junit([p for p in parts if p is not None], junit)
+    failed = [c for c in codes if c not in (0, NO_TESTS_COLLECTED)]
+    if failed:
+        return failed[0]
+    return 0 if any(c == 0 for c in codes) else NO_TESTS_COLLECTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" in argv:
+        ours, pytest_args = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    else:
+        ours, pytest_args = argv, []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", action="append", required=True,
+                        help="comma-separated test files run by one process (repeatable)")
+    args = parser.parse_args(ours)
+    groups = [[f for f in g.split(",") if f] for g in args.group]
+    if any(not g for g in groups):
+        parser.error("every --group names at least one test file")
+    return run(groups, pytest_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
