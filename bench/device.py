@@ -11,10 +11,11 @@ hands back everything in one archive. Usage on the lent machine (one call):
 here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
 Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
-earliest issue first: the trainings (both measured on the H200); then the kernels' tests on the
-card, before any benchmark runs the kernels; the trained presets' speculative rows, what the
-speculative issue still lacks, with the short kernels benchmark between them (it fits a
-second call); the synthetic 8B regime (the speculative goal's, met) when its code changed;
+earliest issue first: the trainings (both measured on the H200); gpu-base's speculative rows,
+what the speculative issue still lacks (a whole call; no Pallas kernel runs at its caches);
+then the kernels' tests on the card, before any benchmark runs the kernels; the short kernels
+benchmark; gpu-small's speculative rows (re-measured: its code changed);
+the synthetic 8B regime (the speculative goal's, met) when its code changed;
 then decode's matrix-vector products and the decode re-measure, whose goal a measurement alone
 will not reach; `--only` takes the steps in the order it names them; `--list` prints them with
 their commands):
@@ -22,6 +23,10 @@ their commands):
                    budget: 3 minutes for both models; a speculative step trains while its grid
                    compiles, which shares the CPU and the interpreter lock)
   train-gpu-base   the same for gpu-base (the training issue's MFU goal is gpu-base's)
+  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
+                   models again, beside its grid's compiles, and records that training too;
+                   AUTO only, so the grid fits beside training in one call: at these caches
+                   AUTO is the reference path)
   gpu-tests        the tests that need the card (`pytest -k OnGPU`, three processes side by
                    side: bench/pytest_shards.py): the tree-attention kernels
                    (Triton; Mosaic GPU on a Hopper) and the matrix-vector kernel compiled
@@ -29,10 +34,6 @@ their commands):
                    and cuDNN's fused attention for training,
                    recorded as `gpu-tests-<device>.json/.md` with a hash of their sources (a
                    change to them makes the step due again)
-  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
-                   models again, beside its grid's compiles, and records that training too;
-                   AUTO only, so the grid fits beside training in one call: at these caches
-                   AUTO is the reference path)
   kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
                    Mosaic GPU one for T >= 16, vs XLA reference vs roofline; `--no-hopper`
                    when that kernel failed its tests earlier in the same call)
@@ -270,21 +271,24 @@ def plan(name: str) -> list[Step]:
             Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
+            # gpu-base's rows are what the speculative issue still lacks (its goal was met in
+            # the synthetic regime, 83ff787; gpu-small's rows exist from a8f00e1): it fills a
+            # first call (its training alone took 342 s), so it comes before the kernels'
+            # tests: at its caches (~200 slots) AUTO runs the reference attention, no Pallas
+            # kernel, and its rows check their tokens against plain decoding themselves.
+            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             # Correct first: the kernels on the card before the benchmarks that run them
-            # (due again whenever their sources change).
+            # (due again whenever their sources change): they take the ~4 minutes a
+            # 15-minute lease leaves a second call, with the kernels benchmark where time is
+            # left (three processes: their time so far unmeasured); then gpu-small, AUTO
+            # only like gpu-base (the kernel on and off are compared where the kernel pays,
+            # synthetic-8b and decode), with room for synthetic-8b's re-measure.
             Step("gpu-tests", sharded_pytest(GPU_TEST_GROUPS, "-v", "-p", "no:cacheprovider",
                                              "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
                  # All 35 tests, the Hopper class's 12 included, in 298 s on the H200
                  # (2026-11-27, 83ff787).
                  min_s=180, cap_s=360, pytest=True),
-            # The trained presets' rows are what the speculative issue still lacks (its goal
-            # was met in the synthetic regime, 83ff787): gpu-base fills a first call; the
-            # kernels benchmark fits the ~4 minutes a 15-minute lease leaves a second;
-            # gpu-small, AUTO only like gpu-base (the reference path at its caches; the
-            # kernel on and off are compared where the kernel pays, synthetic-8b and
-            # decode), leaves room in a call for synthetic-8b's re-measure or most of decode.
-            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             Step("kernels", ("bench/kernels.py", "--preset", "h100", "--out", "{out}"),
                  # Every case, with the HBM ceiling measured the current way.
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
