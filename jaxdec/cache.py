@@ -25,7 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdec.checks import check_bool, check_int, check_int_array
+from jaxdec.checks import (check_bool, check_config, check_int, check_int_array,
+                           check_param_dtype)
 
 
 def _pytree_dataclass(cls):
@@ -149,7 +150,9 @@ def init_cache(
     """
     from jaxdec import parallel
 
+    check_config(config)
     batch_size, max_len = check_int("batch_size", batch_size), check_int("max_len", max_len)
+    dtype = check_param_dtype(dtype)  # an integer cache would truncate every key and value
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
     heads = parallel.cache_kv_heads(config, mesh)

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdec import parallel
-from jaxdec.checks import check_bool, check_param_dtype
+from jaxdec.checks import check_bool, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
@@ -319,8 +319,7 @@ def save_pretrained(
     Returns:
       The directory path.
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {path!r}")
     if dtype is not None:

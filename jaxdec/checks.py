@@ -39,15 +39,31 @@ def _describe(value) -> str:
     return f"{type(value).__name__} of {dtype}" if dtype is not None else repr(value)
 
 
+def check_model(model) -> None:
+    """A TypeError unless `model` is a `jaxdec.Model` (what `load_pretrained` returns)."""
+    from jaxdec.model import Model
+
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+
+
+def check_config(config) -> None:
+    """A TypeError unless `config` is a `jaxdec.ModelConfig` (a model's `.config`)."""
+    from jaxdec.config import ModelConfig
+
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
+
+
 def check_param_dtype(dtype) -> np.dtype:
-    """`dtype` (a name or a type) as the floating-point dtype parameters are held in: a
-    TypeError for what is no dtype, a ValueError for one that is not floating point (integer
-    weights would truncate every value)."""
+    """`dtype` (a name or a type) as the floating-point dtype parameters or a cache are held
+    in: a TypeError for what is no dtype, a ValueError for one that is not floating point
+    (integer weights or keys would truncate every value)."""
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype={dtype!r} is not a dtype") from None
     if not jnp.issubdtype(resolved, jnp.floating):
-        raise ValueError(f"dtype={resolved.name} is not floating point: parameters are held in "
-                         "float32, bfloat16 or float16")
+        raise ValueError(f"dtype={resolved.name} is not floating point (float32, bfloat16 or "
+                         "float16)")
     return resolved

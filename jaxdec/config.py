@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -129,6 +131,12 @@ class ModelConfig:
             check_int("eos_token_ids entries", t, minimum=0) for t in self.eos_token_ids))
         if not isinstance(self.rope, RopeConfig):
             raise TypeError(f"rope must be a jaxdec.RopeConfig, got {type(self.rope).__name__}")
+        eps = self.rms_norm_eps
+        if (isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps)
+                or eps <= 0):
+            # 0 divides a zero row by zero; a negative value can take a root of a negative
+            raise ValueError(f"rms_norm_eps must be a finite number > 0, got {eps!r}")
+        object.__setattr__(self, "rms_norm_eps", float(eps))
         # The name of a floating-point dtype ("bfloat16"; a dtype object is taken by its name).
         object.__setattr__(self, "dtype", check_param_dtype(self.dtype).name)
 

@@ -30,7 +30,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, init_cache
-from jaxdec.checks import check_bool
+from jaxdec.checks import check_bool, check_model
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -473,8 +473,7 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     prompt bucket + max_new_tokens + `extra_slots` (room a speculative tree writes ahead),
     rounded up to a multiple of `CACHE_SLOT_MULTIPLE`.
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+    check_model(model)
     config = model.config
     # An unavailable kernel is refused before tracing.
     attention_kernel(model.attention, parallel.platform(model.mesh))

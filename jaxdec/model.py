@@ -14,11 +14,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
-from jaxdec.checks import check_param_dtype
+from jaxdec.checks import check_config, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
 from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, attention_kernel,
@@ -118,7 +119,7 @@ def init_model(
     (kind, shape, sharding): one program for the whole tree of an 8B model (291 large random
     leaves) took 67 s to compile on a CPU, these 8 small ones 7 s. The values are
     those of the family's `init_params` (padded vocabulary rows zero)."""
-    _check_config(config)
+    check_config(config)
     key = check_key(key, required=True)
     dtype = check_param_dtype(dtype)
     if (isinstance(std, bool) or not isinstance(std, numbers.Real) or not math.isfinite(std)
@@ -174,18 +175,13 @@ def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zer
     return jax.jit(draw, out_shardings=sharding)
 
 
-def _check_config(config) -> None:
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
-
-
 def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None = None) -> Model:
     """A Model whose params are `jax.ShapeDtypeStruct`s (shape, dtype and sharding, no data):
     what `generate(..., compile_only=True)` and `speculative_generate(..., compile_only=True)`
     need to compile a program before the weights exist (while they train or load). A program
     compiled for it serves any Model with the same config, dtype and mesh (`init_model`,
     `load_pretrained`) without compiling again."""
-    _check_config(config)
+    check_config(config)
     dtype = check_param_dtype(dtype)
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
@@ -323,13 +319,23 @@ def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logit
 def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
-    Works eagerly or inside your own `jax.jit`.
+    Works eagerly or inside your own `jax.jit` (where the ids' range is not checked: an id
+    outside the vocabulary reads a clamped embedding row).
     """
+    check_model(model)
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    try:
+        ids = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError:  # traced by the caller's jit
+        ids = None
+    vocab = model.config.vocab_size
+    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        raise ValueError(f"tokens has ids outside [0, {vocab}): {bad[:5].tolist()}")
     if tokens.shape[1] > model.config.max_position_embeddings:
         raise ValueError(
             f"tokens length {tokens.shape[1]} exceeds the model's max_position_embeddings="

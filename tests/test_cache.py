@@ -159,6 +159,10 @@ def test_init_cache_shapes_and_sharding(loaded):
     assert wide.layers[0].k.shape == (1, 4, 4, 8)
     with pytest.raises(ValueError, match="max_len"):
         jaxdec.init_cache(config, 1, 0)
+    with pytest.raises(TypeError, match="config must be a jaxdec ModelConfig, got NoneType"):
+        jaxdec.init_cache(None, 1, 4)
+    with pytest.raises(ValueError, match="dtype=int32 is not floating point"):
+        jaxdec.init_cache(config, 1, 4, dtype=jnp.int32)  # would truncate keys and values
     # numpy ints (a computed size) are taken, as Python ints.
     sized = jaxdec.init_cache(config, np.int64(2), np.int32(10),
                               mesh=jaxdec.make_mesh(tp=np.int64(2)))

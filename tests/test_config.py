@@ -86,6 +86,9 @@ def test_missing_field_is_named():
     (dict(dtype="int8"), "dtype=int8 is not floating point"),
     (dict(dtype="fp8"), "dtype='fp8' is not a dtype"),
     (dict(rope={"theta": 1e4}), "rope must be a jaxdec.RopeConfig, got dict"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number > 0"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a finite number > 0"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a finite number > 0"),
 ])
 def test_invalid_configs(change, match):
     kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,

@@ -222,6 +222,12 @@ def test_forward_bad_input(loaded):
         jaxdec.forward(loaded(VARIANT), np.ones((1, 3), np.float32))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         jaxdec.forward(loaded(VARIANT), np.ones((1, 3000), np.int32))
+    with pytest.raises(TypeError, match="model must be a jaxdec Model, got NoneType"):
+        jaxdec.forward(None, np.ones((1, 3), np.int32))
+    vocab = loaded(VARIANT).config.vocab_size
+    for bad in (vocab, -1):  # concrete ids are checked (a traced id would read a clamped row)
+        with pytest.raises(ValueError, match=rf"ids outside \[0, {vocab}\): \[{bad}\]"):
+            jaxdec.forward(loaded(VARIANT), jnp.array([[1, bad, 2]]))
 
 
 def test_prompts_may_be_arrays(loaded):
