@@ -212,7 +212,7 @@ def sharded_pytest(groups, *pytest_args: str) -> tuple[str, ...]:
             "--", *pytest_args)
 
 
-def test_files(argv) -> str:
+def suite_files(argv) -> str:
     """The test files a pytest step's argv names, space-separated (a record's `suite`)."""
     return " ".join(f for a in argv for f in a.split(",")
                     if f.startswith("tests/") and f.endswith(".py"))
@@ -615,7 +615,7 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
             code, seconds = run_command(argv, limit, step_log, env, stamp=step.pytest)
             if step.pytest:
                 record = pytest_record(junit, args.plan, device, code, seconds,
-                                       test_files(step.argv), lines)
+                                       suite_files(step.argv), lines)
                 path = work / f"gpu-tests-{slug}.json"
                 # One record per version of the tested sources: a run cut short does not
                 # replace what an earlier version's complete run showed.

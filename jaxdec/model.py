@@ -319,8 +319,8 @@ def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logit
 def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
-    Works eagerly or inside your own `jax.jit` (where the ids' range is not checked: an id
-    outside the vocabulary reads a clamped embedding row).
+    Works eagerly or inside your own `jax.jit` (where the ids' range cannot be checked: an id
+    outside the vocabulary embeds as zeros).
     """
     check_model(model)
     tokens = jnp.asarray(tokens)

@@ -225,7 +225,7 @@ def test_forward_bad_input(loaded):
     with pytest.raises(TypeError, match="model must be a jaxdec Model, got NoneType"):
         jaxdec.forward(None, np.ones((1, 3), np.int32))
     vocab = loaded(VARIANT).config.vocab_size
-    for bad in (vocab, -1):  # concrete ids are checked (a traced id would read a clamped row)
+    for bad in (vocab, -1):  # concrete ids are checked (a traced id would embed as zeros)
         with pytest.raises(ValueError, match=rf"ids outside \[0, {vocab}\): \[{bad}\]"):
             jaxdec.forward(loaded(VARIANT), jnp.array([[1, bad, 2]]))
 
