@@ -48,6 +48,10 @@ def test_cpu_tiny_run(tmp_path):
         assert r["hbm_method"] == HBM_METHOD and sorted(r["hbm_probes"]) == ["jax sum",
                                                                              "jax x + 1"]
         assert r["hbm_gbps"] == max(r["hbm_probes"].values()) > 0
+        # What a call that does almost nothing costs in the same loop, measured once a run.
+        assert sorted(r["call_floor_us"]) == ["pallas", "xla"]
+        assert r["call_floor_us"] == records[0]["call_floor_us"]
+        assert all(t > 0 for t in r["call_floor_us"].values())
         nbytes, flops = bench.case_cost(r["batch"], r["context"], r["T"], spec)
         assert r["roofline_us"] == pytest.approx(1e6 * max(
             nbytes / (r["hbm_gbps"] * 1e9), flops / (r["matmul_peak_tflops"] * 1e12)))
@@ -73,6 +77,7 @@ def test_cpu_tiny_run(tmp_path):
     table = (tmp_path / "kernels-cpu.md").read_text()
     assert "Where a call's time goes" in table
     assert "| batch | context | T | pallas us" in table and "(best of jax x + 1 " in table
+    assert "Call floors in the same timed loop" in table and "a one-block Pallas kernel" in table
     assert "| batch | context | T | default | block_k=32 |" in table
     assert "| batch | context | T | default | splits x2 |" in table and " [2] |" in table
     assert table.count("\n| 1 | 64 |") == 4  # T = 1 and 4, and a tiling row for each
@@ -133,3 +138,10 @@ def test_hopper_rows_and_goals_over_the_faster_kernel(monkeypatch):
     # Without Hopper rows: the Triton kernel alone, the columns as before.
     table = bench.render_markdown(records[:2])
     assert "hopper" not in table and "worst case 10.00x" in table
+    # With the call floors measured (records since 2026-11-28): the worst case names its
+    # roofline beside a Pallas call's floor, and the header gives both floors.
+    floors = dict(pallas=4.25, xla=2.5)
+    table = bench.render_markdown([dict(r, call_floor_us=floors) for r in records[:2]])
+    assert ("worst case 10.00x (batch 1, context 4096, T 64, pallas; its roofline 10.0 us, "
+            "a Pallas call's floor here 4.2 us) -> not met") in table
+    assert "a one-block Pallas kernel 4.2 us, one XLA fusion 2.5 us." in table
