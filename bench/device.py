@@ -74,7 +74,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -93,6 +92,7 @@ from bench.common import (  # noqa: E402
     HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, utc_now,
     versions, write_merged)
 from bench.common import sources_digest as common_sources_digest  # noqa: E402
+from bench.pytest_shards import NO_TESTS_COLLECTED, parse_finished  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -442,14 +442,24 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
     elif code != 0 or counts["failures"] or counts["errors"] or passed <= 0:
         error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
                  f"errors, {passed} passed")
-    return dict(plan=plan_name, suite=suite, sources=sources_digest(),
-                passed=passed, failed=counts["failures"], errors=counts["errors"],
-                skipped=counts["skipped"], seconds=round(seconds, 1), slowest=slowest,
-                error=error,
-                device=device, date=utc_now(), commit=git_commit(), **versions())
+    record = dict(plan=plan_name, suite=suite, sources=sources_digest(),
+                  passed=passed, failed=counts["failures"], errors=counts["errors"],
+                  skipped=counts["skipped"], seconds=round(seconds, 1), slowest=slowest,
+                  error=error,
+                  device=device, date=utc_now(), commit=git_commit(), **versions())
+    ends = group_ends(lines)
+    if ends:  # a sharded run (bench/pytest_shards.py): each group's files, time and exit
+        record["groups"] = ends
+    return record
 
 
 HOPPER_TESTS = "test_tree_attention_hopper"
+
+
+def group_ends(lines: list[str]) -> list[dict]:
+    """The groups of a sharded pytest run that finished, from its printed ends
+    (`bench.pytest_shards.parse_finished`), in the order they finished."""
+    return [end for end in map(parse_finished, lines) if end is not None]
 
 
 def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
@@ -458,10 +468,9 @@ def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
     kernel that hangs the card looks like this), or their group's process ending with an
     error (`bench/pytest_shards.py` prints each group's end)."""
     started = any(f"{HOPPER_TESTS}.py::" in line for line in lines)
-    ends = [line for line in lines if "] finished, exit code " in line
-            and f"{HOPPER_TESTS}.py" in line.rsplit(":", 1)[-1]]
+    ends = [g for g in group_ends(lines) if f"tests/{HOPPER_TESTS}.py" in g["files"]]
     if ends:
-        return not any(re.search(r"exit code (0|5):", line) for line in ends)
+        return not any(g["exit_code"] in (0, NO_TESTS_COLLECTED) for g in ends)
     if code is None:
         return started
     try:
@@ -486,6 +495,11 @@ def render_tests_markdown(records: list[dict]) -> str:
         if r.get("slowest"):
             lines.append(f"\n{r['plan']} ({r.get('commit')}), slowest tests: " + "; ".join(
                 f"`{t['test']}` {t['seconds']} s" for t in r["slowest"]))
+    for r in records:
+        if r.get("groups"):
+            lines.append(f"\n{r['plan']} ({r.get('commit')}), processes side by side: " + "; ".join(
+                f"{' '.join(g['files'])} {g['seconds']:.0f} s (exit code {g['exit_code']})"
+                for g in sorted(r["groups"], key=lambda g: g["group"])))
     for r in records:
         if r.get("error"):
             lines.append(f"\n- {r['plan']} ({r.get('commit')}): {r['error']}")

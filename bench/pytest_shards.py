@@ -10,26 +10,43 @@ Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` among 
 run's merged report (each process writes its own beside it). The processes share the GPU:
 each sees XLA_PYTHON_CLIENT_PREALLOCATE=false (jax otherwise claims most of the card's memory
 for the first process). Their output lines are printed as they come, after `[group N]`; a
-group's end is printed as `[group N] finished, exit code C: FILES` (what `bench/device.py`
-reads when a run is stopped at its limit). The exit code is 0 when every group's is 0 or 5
-(pytest found no test in the group under the selection), else the first other one.
+group's end is printed as `[group N] finished, exit code C after S s: FILES` (`finished_line`;
+`bench/device.py` reads it back with `parse_finished`: each group's time in the record, and
+whether the Hopper kernel's group failed, also when the run is stopped at its limit). The
+exit code is 0 when every group's is 0 or 5 (pytest found no test in the group under the
+selection), else the first other one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 NO_TESTS_COLLECTED = 5  # pytest's exit code when the selection leaves a group empty
 
 
-def finished_line(index: int, code: int, files: list[str]) -> str:
-    return f"[group {index}] finished, exit code {code}: {' '.join(files)}"
+def finished_line(index: int, code: int, seconds: float, files: list[str]) -> str:
+    return f"[group {index}] finished, exit code {code} after {seconds:.1f} s: {' '.join(files)}"
+
+
+_FINISHED = re.compile(r"\[group (\d+)\] finished, exit code (-?\d+) after ([\d.]+) s: (.*)$")
+
+
+def parse_finished(line: str) -> dict | None:
+    """A `finished_line` (anywhere in `line`) as {group, exit_code, seconds, files}, else
+    None."""
+    match = _FINISHED.search(line.rstrip("\n"))
+    if match is None:
+        return None
+    return dict(group=int(match.group(1)), exit_code=int(match.group(2)),
+                seconds=float(match.group(3)), files=match.group(4).split())
 
 
 def split_junit(pytest_args: list[str]) -> tuple[list[str], Path | None]:
@@ -71,6 +88,7 @@ def run(groups: list[list[str]], pytest_args: list[str]) -> int:
         if parts[i] is not None:
             argv.append(f"--junitxml={parts[i]}")
         # Same process group as this one: stopping this run stops every group.
+        started = time.monotonic()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")
         for line in proc.stdout:
@@ -78,7 +96,7 @@ def run(groups: list[list[str]], pytest_args: list[str]) -> int:
                 print(f"[group {i}] {line.rstrip()}", flush=True)
         codes[i] = proc.wait()
         with lock:
-            print(finished_line(i, codes[i], groups[i]), flush=True)
+            print(finished_line(i, codes[i], time.monotonic() - started, groups[i]), flush=True)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(groups))]
     for t in threads:

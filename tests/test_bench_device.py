@@ -42,6 +42,8 @@ def test_cpu_plan_measures_then_skips_what_is_measured(tmp_path):
     # two groups side by side (bench/pytest_shards.py), one junit report
     assert tests[0]["suite"] == "tests/test_tree_attention_vs_reference.py tests/test_tree.py"
     assert tests[0]["passed"] >= 2
+    assert sorted((g["files"], g["exit_code"]) for g in tests[0]["groups"]) == [
+        (["tests/test_tree.py"], 0), (["tests/test_tree_attention_vs_reference.py"], 0)]
     slowest = tests[0]["slowest"]  # from the junit report: the tests that cost the most
     assert 1 <= len(slowest) <= 5 and all(t["test"].count("::") >= 1 for t in slowest)
     assert [t["seconds"] for t in slowest] == sorted((t["seconds"] for t in slowest),
@@ -309,11 +311,11 @@ def test_a_failing_hopper_kernel_is_left_out_of_the_benchmark(tmp_path):
     from bench.pytest_shards import finished_line
 
     for code, failed in ((0, False), (1, True)):
-        ended = started + [finished_line(2, code, ["tests/test_tree_attention_hopper.py"])]
+        ended = started + [finished_line(2, code, 80.0, ["tests/test_tree_attention_hopper.py"])]
         assert device.hopper_failed(tmp_path / "missing.xml", ended, None) is failed
     assert not device.hopper_failed(
         tmp_path / "missing.xml",
-        [finished_line(0, 1, ["tests/test_layers.py", "tests/test_matvec.py"])], 1)
+        [finished_line(0, 1, 60.0, ["tests/test_layers.py", "tests/test_matvec.py"])], 1)
     (step,) = [s for s in device.plan("gpu") if s.name == "kernels"]
     assert step.without_hopper == ("--no-hopper",)
     from bench import kernels
@@ -337,11 +339,10 @@ def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):
 
 
 def test_sharded_pytest_merges_the_groups_reports(tmp_path):
-    """bench/pytest_shards.py: one process per group, each group's end printed, the junit
-    reports merged into the path asked for, and the exit code the groups' worst (a group
-    the selection leaves empty does not fail the run)."""
-    from bench import pytest_shards
-
+    """bench/pytest_shards.py: one process per group, each group's end printed (read back
+    into the record: files, seconds, exit code), the junit reports merged into the path
+    asked for, and the exit code the groups' worst (a group the selection leaves empty does
+    not fail the run)."""
     tests = tmp_path / "tests"
     tests.mkdir()
     (tests / "test_a.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
@@ -357,12 +358,18 @@ def test_sharded_pytest_merges_the_groups_reports(tmp_path):
     proc = shards("--group", "tests/test_a.py", "--group", "tests/test_b.py,tests/test_c.py",
                   "--", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert pytest_shards.finished_line(0, 0, ["tests/test_a.py"]) in proc.stdout
-    assert pytest_shards.finished_line(
-        1, 1, ["tests/test_b.py", "tests/test_c.py"]) in proc.stdout
+    ends = sorted(device.group_ends(proc.stdout.splitlines()), key=lambda g: g["group"])
+    assert [(g["group"], g["exit_code"], g["files"]) for g in ends] == [
+        (0, 0, ["tests/test_a.py"]), (1, 1, ["tests/test_b.py", "tests/test_c.py"])]
+    assert all(g["seconds"] > 0 for g in ends)
     assert "[group 0] tests/test_a.py::test_one PASSED" in proc.stdout
-    record = device.pytest_record(junit, "cpu", "dev", proc.returncode, 1.0, "tests", [])
+    record = device.pytest_record(junit, "cpu", "dev", proc.returncode, 1.0, "tests",
+                                  proc.stdout.splitlines())
     assert (record["passed"], record["failed"]) == (3, 1)
+    assert record["groups"] == device.group_ends(proc.stdout.splitlines())
+    table = device.render_tests_markdown([record])
+    assert "processes side by side: tests/test_a.py " in table
+    assert "tests/test_b.py tests/test_c.py " in table and "(exit code 1)" in table
     assert not list(tmp_path.glob("*.partial"))
 
     proc = shards("--group", "tests/test_a.py", "--group", "tests/test_b.py", "--",
