@@ -100,10 +100,11 @@ PRESETS = {
                                      tilings=(dict(pingpong=True),
                                               dict(pingpong=True, probs_in_registers=True)))),
                  # Other GPU tilings timed beside the default: where the goals are hardest,
-                 # and (decode) other split counts around the default (4 at 1K, 13 at 4K since
+                 # and (decode) other split counts around the default (4 at 1K, 16 at 4K since
                  # the 4-block floor of the 2026-11-27 H200 run, where 4 and 16 splits beat
-                 # the 17 and 33 of the wave-fill rule alone): twice the default's
-                 # (`split_factor`), 2, 8 and 16.
+                 # the 17 and 33 of the wave-fill rule alone, when the combine still read
+                 # the splits one after another): twice the default's (`split_factor`), 2, 8,
+                 # 16 and 32, and deeper pipelines (a split's few blocks in flight at once).
                  # (Fields over the case's default tiling: at T = 16 and 64 three pipeline
                  # stages since the 2026-11-27 H200 run, where they beat two everywhere.)
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
@@ -115,7 +116,9 @@ PRESETS = {
                                        dict(num_stages=4))),
                          dict(queries=(1,), contexts=(1024, 4096),
                               tilings=(dict(split_factor=2), dict(num_splits=2),
-                                       dict(num_splits=8), dict(num_splits=16))),
+                                       dict(num_splits=8), dict(num_splits=16),
+                                       dict(num_splits=32), dict(num_stages=3),
+                                       dict(num_stages=4))),
                          # T = 64 at short contexts: the split counts of the partials' old
                          # share (a quarter of the cache bytes: 1 at 1K, 4 at 4K; the H200's
                          # 1K case ran 32 programs) and twice the default's.
@@ -123,8 +126,10 @@ PRESETS = {
                               tilings=(dict(num_splits=1), dict(num_splits=4),
                                        dict(split_factor=2)))),
                  # One profiled run each: the kernel's share of a call against the packing and
-                 # combine around it (on the H200, T = 64 ran far below the matmul peak).
-                 profile_cases=((1, 1024, 64), (1, 4096, 64), (1, 65536, 64), (8, 65536, 16))),
+                 # combine around it (on the H200, T = 64 ran far below the matmul peak; decode
+                 # at batch 1 and 4K took 6.75x its roofline).
+                 profile_cases=((1, 4096, 1), (1, 1024, 64), (1, 4096, 64), (1, 65536, 64),
+                                (8, 65536, 16))),
     "cpu-tiny": dict(batches=(1, 2), contexts=(64,), queries=(1, 4), heads=4, kv_heads=2,
                      head_dim=16, dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
                      matmul_size=256, interpret=True, rotate_bytes=40 << 10, max_copies=2,

@@ -162,12 +162,29 @@ def test_gpu_one_split_writes_the_output_itself(T, G, block_m, dtype):
     assert "tree_attention_combine" in str(jax.make_jaxpr(run, static_argnums=1)(case, 2))
 
 
+def test_combine_tiling_hand_computed():
+    """A combine program loads all its tile's splits at once within `COMBINE_ELEMENTS` (8192
+    fp32 values at head dim 128: tile x splits <= 64), its rows a power of two; past 64
+    splits the tile is one row and the splits take several loads."""
+    assert gpu.COMBINE_ELEMENTS == 8192
+    assert gpu.combine_tiling((16,), 4, 128) == (4, (16,))  # decode, 4 heads a KV head
+    assert gpu.combine_tiling((8,), 256, 128) == (8, (8,))  # T = 64: 32 programs a KV head
+    assert gpu.combine_tiling((32,), 4, 128) == (2, (32,))
+    assert gpu.combine_tiling((128,), 4, 128) == (1, (64,))  # two loads of 64 splits
+    assert gpu.combine_tiling((8, 1), 64, 128) == (8, (8, 1))  # Hopper's dense part + tail
+    assert gpu.combine_tiling((4,), 4, 16) == (4, (4,))
+
+
+@pytest.mark.parametrize("elements", [None, 64], ids=["one-load", "chunked"])
 @pytest.mark.parametrize("real_rows", [4, 20, 64])
-def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows):
+def test_gpu_combine_kernel_ignores_what_was_never_written(real_rows, elements, monkeypatch):
     """The GPU combine (one Pallas kernel, interpret mode) equals `common.combine` on the
     written partials, whatever the splits past `num_splits` and the padding rows past the
     real ones hold (never written on the device: any bits); a split that saw no key (l = 0)
-    adds nothing."""
+    adds nothing. `chunked`: a load budget of 64 values (4 splits of one row at D = 16), so
+    the splits take two loads, the second with unwritten ones in it."""
+    if elements is not None:
+        monkeypatch.setattr(gpu, "COMBINE_ELEMENTS", elements)
     B, K, N, Np, rows, D = 2, 3, 5, 8, 64, 16
     rng = np.random.default_rng(2)
     o = rng.normal(size=(B, K, Np, rows, D)).astype(np.float32)

@@ -31,7 +31,9 @@ from jaxdec.pallas_kernels.tree_attention.reference import MASKED
 # Key blocks a split reads at least. On the H200 (bench/results/kernels-h200, 2026-11-27),
 # decode (T = 1) at batch 1 ran faster with 4 blocks per split than with the 1-2 that the
 # wave-fill rule alone chose: at 1K 4 splits 12.7 us against 17 splits 14.0 us, at 4K 16
-# splits 21.1 us against 33 splits 26.5 us (and 65 splits 42.2 us).
+# splits 21.1 us against 33 splits 26.5 us (and 65 splits 42.2 us). The combine then read
+# the splits one after another (a memory round trip each); it loads them at once since, so
+# more splits may pay now: the kernels benchmark's decode sweep times 2 to 32.
 MIN_BLOCKS_PER_SPLIT = 4
 # The fp32 partials' bytes allowed against a split's cache bytes: a quarter while the kernel
 # is bandwidth-bound (decode, short chains), as much as the cache from 64 real query rows on,
@@ -283,10 +285,31 @@ def _call(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT, *, window, 
     return list(outs), N
 
 
-def _combine_kernel(*refs, num_splits: tuple[int, ...]):
-    """`common.combine` for one (row, KV head, row tile): each part's partials [Np, Mc(, D)]
+# fp32 elements of the partial outputs one combine program loads at once (32 KiB: 64 registers
+# a thread at 4 warps). The splits are loaded together, not one after another: a loop over
+# them waits out a memory round trip per split (a serial chain ~0.3-0.5 us a link on the
+# H200: 4K decode took 26.5 us with 33 splits, 42.2 us with 65), so the combine's rows are
+# tiled finely enough that every split of a tile fits in one load.
+COMBINE_ELEMENTS = 8192
+
+
+def combine_tiling(num_slots: tuple[int, ...], rows: int,
+                   head_dim: int) -> tuple[int, tuple[int, ...]]:
+    """(tile, chunks): the combine's rows a program (a power of two <= `rows`), and for each
+    part of `num_slots` (its partials' power-of-two split room) the splits one load takes;
+    a tile's splits past a chunk (more than `COMBINE_ELEMENTS` / D of them) take a few
+    loads, issued together (an unrolled loop)."""
+    widest = max(num_slots)
+    tile = max(1, min(rows, COMBINE_ELEMENTS // (widest * head_dim)))
+    tile = 1 << (tile.bit_length() - 1)  # a power of two
+    chunks = tuple(min(n, max(1, COMBINE_ELEMENTS // (tile * head_dim))) for n in num_slots)
+    return tile, tuple(1 << (c.bit_length() - 1) for c in chunks)
+
+
+def _combine_kernel(*refs, num_splits: tuple[int, ...], chunks: tuple[int, ...]):
+    """`common.combine` for one (row, KV head, row tile): each part's partials [Np, tile(, D)]
     merged exactly (refs: every part's o, m, l, then the output); a part's splits at or past
-    its count were never written (their m and l are masked here, their o never read)."""
+    its count were never written (any bits: selected away, never multiplied by a zero)."""
     parts = [refs[3 * i:3 * i + 3] for i in range(len(num_splits))]
     out_ref = refs[-1]
     written = []
@@ -300,13 +323,16 @@ def _combine_kernel(*refs, num_splits: tuple[int, ...]):
                 for m, l, w in written)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
-    for (o_ref, m_ref, l_ref), n in zip(parts, num_splits):
-        def add(i, acc, o_ref=o_ref, m_ref=m_ref, l_ref=l_ref):
-            m_i, l_i = m_ref[i, :], l_ref[i, :]
-            weight = jnp.where(l_i > 0, jnp.exp(m_i - m_max), 0.0)
-            return acc + weight[:, None] * o_ref[i, :, :]
-
-        acc = jax.lax.fori_loop(0, n, add, acc)
+    for (o_ref, m_ref, l_ref), n, chunk in zip(parts, num_splits, chunks):
+        for first in range(0, n, chunk):  # static: the loads do not wait on each other
+            # (each chunk's m and l loaded again rather than sliced: Triton cannot slice a
+            # value; with one chunk it is the same load as above)
+            m, l = m_ref[first:first + chunk, :], l_ref[first:first + chunk, :]
+            split = first + jnp.arange(chunk, dtype=jnp.int32)[:, None] < n
+            live = (split & (l > 0))[:, :, None]
+            weight = jnp.exp(m - m_max[None, :])[:, :, None]
+            o = o_ref[first:first + chunk, :, :]  # [chunk, tile, D]
+            acc = acc + jnp.sum(jnp.where(live, weight * o, 0.0), axis=0)
     out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
 
 
@@ -314,10 +340,11 @@ def _combine(parts, *, real_rows: int, dtype, interpret: bool):
     """The partials of one or more kernels, `parts` = [(o [B, K, Np, rows, D], m, l
     [B, K, Np, rows], N), ...], merged into [B, K, R, D] in `dtype`, R = the real rows rounded
     up to a power of two (at T = 1, the G heads: [B, K, G, D] is [B, 1, H, D] as it lies), in
-    one kernel (XLA's combine takes two: the max, then the weighted sums)."""
+    one kernel (XLA's combine takes two: the max, then the weighted sums). Its grid runs a
+    program per `combine_tiling` tile of rows, each loading all of its tile's splits at once."""
     B, K, _, rows, D = parts[0][0].shape
     R = min(rows, common._next_pow2(real_rows))
-    tile = min(R, 64)
+    tile, chunks = combine_tiling(tuple(o.shape[2] for o, *_ in parts), R, D)
     in_specs, args = [], []
     for o, m, l, _ in parts:
         Np = o.shape[2]
@@ -326,7 +353,8 @@ def _combine(parts, *, real_rows: int, dtype, interpret: bool):
                      partial_spec, partial_spec]
         args += [o, m, l]
     return pl.pallas_call(
-        functools.partial(_combine_kernel, num_splits=tuple(n for *_, n in parts)),
+        functools.partial(_combine_kernel, num_splits=tuple(n for *_, n in parts),
+                          chunks=chunks),
         grid=(B, K, R // tile),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, tile, D), lambda b, k, t: (b, k, t, 0)),
