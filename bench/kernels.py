@@ -103,8 +103,9 @@ PRESETS = {
                  # and (decode) other split counts around the default (4 at 1K, 16 at 4K since
                  # the 4-block floor of the 2026-11-27 H200 run, where 4 and 16 splits beat
                  # the 17 and 33 of the wave-fill rule alone, when the combine still read
-                 # the splits one after another): twice the default's (`split_factor`), 2, 8,
-                 # 16 and 32, and deeper pipelines (a split's few blocks in flight at once).
+                 # the splits one after another): twice and four times the default's
+                 # (`split_factor`; at 4K one key block a split), 2, 8 and 16, and deeper
+                 # pipelines (a split's few blocks in flight at once).
                  # (Fields over the case's default tiling: at T = 16 and 64 three pipeline
                  # stages since the 2026-11-27 H200 run, where they beat two everywhere.)
                  sweeps=(dict(queries=(16, 64), contexts=(4096, 65536),
@@ -115,9 +116,9 @@ PRESETS = {
                                        dict(num_stages=2),  # the default before that run
                                        dict(num_stages=4))),
                          dict(queries=(1,), contexts=(1024, 4096),
-                              tilings=(dict(split_factor=2), dict(num_splits=2),
-                                       dict(num_splits=8), dict(num_splits=16),
-                                       dict(num_splits=32), dict(num_stages=3),
+                              tilings=(dict(split_factor=2), dict(split_factor=4),
+                                       dict(num_splits=2), dict(num_splits=8),
+                                       dict(num_splits=16), dict(num_stages=3),
                                        dict(num_stages=4))),
                          # T = 64 at short contexts: the split counts of the partials' old
                          # share (a quarter of the cache bytes: 1 at 1K, 4 at 4K; the H200's
