@@ -191,7 +191,8 @@ class AttentionImpl(enum.Enum):
       layer's cache is large enough for it to pay (`AUTO_KERNEL_MIN_KV_BYTES`); on GPU,
       CUDNN for causal blocks with no cache (training, `jaxdec.forward`) where cuDNN works
       for the shapes (`fused_causal_usable`, resolved by `jaxdec.model.forward_with_cache`);
-      the jnp reference otherwise (CPU, long prefills).
+      on CPU, a cache of `BLOCKED_MIN_SLOTS` or more walked in blocks up to the rows'
+      furthest slot (`tree_attention.Impl.BLOCKED`, jnp); the jnp reference otherwise.
     REFERENCE: always the jnp reference.
     PALLAS: the backend's kernel where it takes the shapes; raises on a backend without one.
     PALLAS_INTERPRET: the GPU kernel through Pallas's interpreter on any backend (tests).
@@ -215,6 +216,15 @@ class AttentionImpl(enum.Enum):
 # context (8 MB per layer and row) was faster with it at batch 1 and 16; the kernel benchmark
 # (commit 3c05020) had the crossover near 4 MB (batch 1 at 1K context: a tie).
 AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
+
+# From this many cache slots on, AUTO on a CPU runs `tree_attention.Impl.BLOCKED`: the cache
+# walked in blocks up to the rows' furthest slot, so a step costs what the rows hold rather
+# than what the cache could (the reference scores, and XLA's CPU products transpose, every
+# slot). Side by side on a 2-core CPU, a 4-layer fp32 model (width 256) decoding 64 tokens
+# after a 5-token prompt: 16384 slots, reference 200 tokens/s, blocked 1926 (batch 4: 179 and
+# 5915); 4096 slots, 647 and 2963; 256 slots (the reference both times) ~3000. Below, one
+# block would be most of the cache and the reference runs.
+BLOCKED_MIN_SLOTS = 2 * tree_attention.blocked.BLOCK_SLOTS
 
 
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxdec_platform",
@@ -300,11 +310,12 @@ def attention(
             f"query heads {q_BTHD.shape[2]} are not a multiple of KV heads {k_BSKD.shape[2]}"
         )
     T = q_BTHD.shape[1]
-    if lengths_B is None:
+    cached = lengths_B is not None
+    if not cached:
         if impl is AttentionImpl.CUDNN and mask_BTT is None:
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
-    kernel = kernel_for(impl, q_BTHD.shape, k_BSKD)
+    kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached)
     if kernel is not None:
         return _kernel_with_reference_grad(kernel, window, q_BTHD, k_BSKD, v_BSKD, lengths_B,
                                            positions_BT, mask_BTT)
@@ -317,12 +328,17 @@ def attention(
     )
 
 
-def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array
+def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array, *, cached: bool = True
                ) -> tuple[tree_attention.Impl, bool] | None:
     """The (kernel, interpret) `attention` runs for these shapes, or None for the reference:
-    the kernel must take the shapes, and AUTO also wants the cache to be worth it."""
+    the kernel must take the shapes, and AUTO also wants the cache to be worth it. On a CPU,
+    AUTO walks a cache of `BLOCKED_MIN_SLOTS` or more (`cached`: `k` is a cache, not the new
+    tokens' own keys) in blocks (`tree_attention.Impl.BLOCKED`, jnp)."""
     kernel = attention_kernel(impl)
     if kernel is None:
+        if (impl is AttentionImpl.AUTO and cached and current_platform() == "cpu"
+                and k_BSKD.shape[1] >= BLOCKED_MIN_SLOTS):
+            return tree_attention.Impl.BLOCKED, False
         return None
     kv_bytes = 2 * k_BSKD.size * jnp.dtype(k_BSKD.dtype).itemsize
     if impl is AttentionImpl.AUTO and kv_bytes < AUTO_KERNEL_MIN_KV_BYTES:

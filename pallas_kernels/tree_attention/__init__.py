@@ -9,6 +9,8 @@ under a trace) when it supports the shapes (see `unsupported_reason`) and the re
 otherwise; naming a kernel runs it or raises. `Impl.MOSAIC_GPU` (hopper.py, a Mosaic GPU
 kernel for Hopper, written for verification of 16 or more tokens) runs only when named.
 `interpret=True` runs a kernel through Pallas's interpreter (any backend, for tests).
+`Impl.BLOCKED` (blocked.py) is jnp too, walking the cache a block at a time up to the rows'
+furthest slot: the models' CPU path over long caches.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
-from jaxdec.pallas_kernels.tree_attention import common, gpu, hopper, tpu
+from jaxdec.pallas_kernels.tree_attention import blocked, common, gpu, hopper, tpu
 from jaxdec.pallas_kernels.tree_attention.common import MAX_QUERIES, BlockSizes
 from jaxdec.pallas_kernels.tree_attention.hopper import HopperBlockSizes
 from jaxdec.pallas_kernels.tree_attention.reference import (
@@ -37,6 +39,7 @@ class Impl(enum.Enum):
 
     AUTO = "auto"  # the backend's kernel when it takes the shapes, else the reference
     REFERENCE = "reference"  # jnp (any backend)
+    BLOCKED = "blocked"  # blocked.py: jnp, the cache a block at a time (any backend)
     TRITON = "triton"  # gpu.py: Triton-lowered Pallas (CUDA / ROCm, or interpret)
     MOSAIC = "mosaic"  # tpu.py: Mosaic TPU Pallas (TPU, or interpret)
     MOSAIC_GPU = "mosaic_gpu"  # hopper.py: Mosaic GPU for Hopper (or interpret, jax >= 0.11)
@@ -102,6 +105,8 @@ def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=
     `window` matter to `Impl.MOSAIC_GPU` only."""
     T, H, D = q_shape[1], q_shape[2], q_shape[3]
     S = k_shape[1]
+    if impl in (Impl.REFERENCE, Impl.BLOCKED):  # jnp: any shapes
+        return None
     if T > MAX_QUERIES:
         return f"{T} new tokens per row; the kernels take at most {MAX_QUERIES}"
     if impl is Impl.MOSAIC_GPU:
@@ -161,6 +166,10 @@ def tree_attention(
             impl = Impl.REFERENCE
     if impl is Impl.REFERENCE:
         return tree_attention_reference(
+            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
+        )
+    if impl is Impl.BLOCKED:
+        return blocked.tree_attention_blocked(
             q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT, window=window
         )
     reason = unsupported_reason(impl, q_BTHD.shape, k_BSKD.shape, block_sizes,

@@ -31,8 +31,23 @@ def visible_slots(
     window: int | None = None,
 ) -> jax.Array:
     """Which cache slots each new token may attend to: bool [B, T, S] (see the module doc)."""
+    return slots_visibility(jnp.arange(num_slots, dtype=jnp.int32), lengths_B, positions_BT,
+                            mask_BTT=mask_BTT, window=window)
+
+
+def slots_visibility(
+    slots_S: jax.Array,
+    lengths_B: jax.Array,
+    positions_BT: jax.Array,
+    *,
+    mask_BTT: jax.Array | None = None,
+    window: int | None = None,
+) -> jax.Array:
+    """`visible_slots` for the slot indices `slots_S` (int32 [S], any of the cache's): bool
+    [B, T, S]."""
     T = positions_BT.shape[1]
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    slots = slots_S
+    num_slots = slots.shape[0]
     rel_BS = slots[None, :] - lengths_B[:, None].astype(jnp.int32)  # index among the new tokens
     cached_BS = rel_BS < 0
     is_new_BS = (rel_BS >= 0) & (rel_BS < T)

@@ -1,0 +1,90 @@
+"""Tree-verification attention in jnp, walking the cache a block of slots at a time: the CPU's
+path over long caches.
+
+The reference (`reference.py`) scores every slot of the cache, so its cost follows the cache's
+capacity: a decode step over a 16K-slot cache holding 70 tokens costs what a full one does.
+Here a loop (`lax.fori_loop` with a traced trip count) visits only the blocks between the
+first slot any query may see (0, or the window's start) and the furthest one (the longest
+row's length + T), keeping an online softmax in fp32 as the GPU kernel does, so a step costs
+what the rows hold. The visibility rule is the reference's (`reference.slots_visibility`);
+the results equal the reference's up to fp32 summation order, except for a query that sees
+no key at all (only possible for a tree node that sees neither the prefix nor itself), which
+gets zeros here, as from the kernels, and the mean of every value from the reference.
+
+Shape legend: B batch, T new tokens, S cache slots, H query heads, K KV heads, G = H // K,
+C slots a block, D head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdec.pallas_kernels.tree_attention.reference import MASKED, slots_visibility
+
+BLOCK_SLOTS = 256  # slots a loop iteration scores (smaller caches take one block)
+
+
+def tree_attention_blocked(
+    q_BTHD: jax.Array,
+    k_BSKD: jax.Array,
+    v_BSKD: jax.Array,
+    lengths_B: jax.Array,
+    positions_BT: jax.Array,
+    *,
+    mask_BTT: jax.Array | None = None,
+    window: int | None = None,
+    block: int = BLOCK_SLOTS,
+) -> jax.Array:
+    """`tree_attention_reference`'s result (same arguments), its cost following the rows'
+    lengths instead of the cache's slots; `block` slots a step (the whole cache when it has
+    fewer). Returns [B, T, H, D] in the query dtype."""
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    G = H // K
+    C = min(block, S)
+    q_BTKGD = q_BTHD.reshape(B, T, K, G, D)
+    lengths_B = lengths_B.astype(jnp.int32)
+    positions_BT = positions_BT.astype(jnp.int32)
+    # The slots some query may see: [lo, hi). A cached slot's position is its index, so a
+    # window hides every slot more than `window - 1` behind the earliest query.
+    hi = jnp.minimum(jnp.max(lengths_B) + T, S)
+    lo = jnp.zeros((), jnp.int32)
+    if window is not None:
+        lo = jnp.clip(jnp.min(positions_BT) - (window - 1), 0, hi) // C * C
+    count = (hi - lo + (C - 1)) // C
+    iota_C = jnp.arange(C, dtype=jnp.int32)
+
+    def step(i, carry):
+        o, m, l = carry
+        start = lo + i * C
+        # The last block may pass the cache's end: read the last C slots instead and leave
+        # out those the previous block covered (below `start`).
+        offset = jnp.minimum(start, S - C)
+        slots_C = offset + iota_C
+        visible_BTC = slots_visibility(slots_C, lengths_B, positions_BT, mask_BTT=mask_BTT,
+                                       window=window)
+        visible_BTC &= (slots_C >= start)[None, None, :]
+        k_BCKD = jax.lax.dynamic_slice_in_dim(k_BSKD, offset, C, axis=1)
+        v_BCKD = jax.lax.dynamic_slice_in_dim(v_BSKD, offset, C, axis=1)
+        s = jnp.einsum("btkgd,bckd->bkgtc", q_BTKGD, k_BCKD,
+                       preferred_element_type=jnp.float32) * (D**-0.5)
+        visible = visible_BTC[:, None, None]
+        s = jnp.where(visible, s, MASKED)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = correction * l + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v_BSKD.dtype), v_BCKD,
+                        preferred_element_type=jnp.float32)
+        return correction[..., None] * o + pv, m_new, l
+
+    empty = (jnp.zeros((B, K, G, T, D), jnp.float32),
+             jnp.full((B, K, G, T), MASKED, jnp.float32),
+             jnp.zeros((B, K, G, T), jnp.float32))
+    # The first block (there is always one: the last query sees itself) outside the loop:
+    # its carry then varies over the axes the inputs vary over (under `shard_map`, a loop's
+    # carry must keep its type, and the empty one varies over none).
+    o, _, l = jax.lax.fori_loop(1, count, step, step(0, empty))
+    out = o / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
