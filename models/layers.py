@@ -220,9 +220,9 @@ AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
 # From this many cache slots on, AUTO on a CPU runs `tree_attention.Impl.BLOCKED`: the cache
 # walked in blocks up to the rows' furthest slot, so a step costs what the rows hold rather
 # than what the cache could (the reference scores, and XLA's CPU products transpose, every
-# slot). Side by side on a 2-core CPU, a 4-layer fp32 model (width 256) decoding 64 tokens
-# after a 5-token prompt: 16384 slots, reference 200 tokens/s, blocked 1926 (batch 4: 179 and
-# 5915); 4096 slots, 647 and 2963; 256 slots (the reference both times) ~3000. Below, one
+# slot). `bench/cpu_attention.py` on a 2-core CPU (bench/results/cpu-attention-cpu.md), a
+# 4-layer fp32 model decoding 64 tokens after a 5-token prompt: 16384 slots, reference 138
+# tokens/s, blocked 1789 (batch 4: 121 and 2208); 4096 slots, 461 and 2216. Below, one
 # block would be most of the cache and the reference runs.
 BLOCKED_MIN_SLOTS = 2 * tree_attention.blocked.BLOCK_SLOTS
 
