@@ -10,6 +10,9 @@ entry types without the decode loop knowing:
   (`prefix`: the path is slots 0..n-1, as on a chain, and may stay where it was written);
 - `axes()`: logical axis names per leaf, mapped to mesh axes by `jaxdec.parallel`.
 
+On a CPU the generate and speculative loops carry a bf16 cache as its uint16 bits
+(`as_bits` / `as_floats`); `KVLayer.write` and `commit` take either form.
+
 Today there is `KVLayer` (attention); state-space entries (conv + ssm state) arrive with the
 Mamba2 models and commit the state of the accepted node instead.
 
@@ -33,6 +36,53 @@ def _pytree_dataclass(cls):
     cls = dataclasses.dataclass(frozen=True)(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+# Inside one compiled program on a CPU (the generate and speculative loops), a bf16 cache
+# travels as its bits: XLA's CPU backend converts a bf16 array to fp32 and back around every
+# in-place update and before every slice of it, the whole cache each time, where a uint16
+# array is updated and sliced in place (a write and a 128-slot read per step, in a loop: 1630
+# us at 32768 slots as bf16, ~10 us as uint16). The attention reads such a cache as bf16
+# (`models.layers.attention`); `as_bits` / `as_floats` convert at the loop's edges.
+BF16_BITS = jnp.uint16
+
+
+def _is_bf16(x) -> bool:
+    return jnp.dtype(x.dtype) == jnp.dtype(jnp.bfloat16)
+
+
+def as_bits(tree):
+    """`tree` (any pytree) with every `KVLayer`'s bf16 keys and values as their uint16 bits
+    (free: a bitcast); other entries unchanged."""
+    def bits(entry):
+        if isinstance(entry, KVLayer) and _is_bf16(entry.k):
+            return KVLayer(k=jax.lax.bitcast_convert_type(entry.k, BF16_BITS),
+                           v=jax.lax.bitcast_convert_type(entry.v, BF16_BITS))
+        return entry
+
+    return jax.tree.map(bits, tree, is_leaf=lambda x: isinstance(x, KVLayer))
+
+
+def as_floats(tree):
+    """The inverse of `as_bits`: bits caches back to bf16."""
+    def floats(entry):
+        if isinstance(entry, KVLayer) and entry.k.dtype == BF16_BITS:
+            return KVLayer(k=bits_as_bf16(entry.k), v=bits_as_bf16(entry.v))
+        return entry
+
+    return jax.tree.map(floats, tree, is_leaf=lambda x: isinstance(x, KVLayer))
+
+
+def bits_as_bf16(x: jax.Array) -> jax.Array:
+    """A bits cache's array (uint16) as the bf16 values it holds; any other array as it is."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x
+
+
+def _stored(new: jax.Array, cache: jax.Array) -> jax.Array:
+    """New keys / values as `cache` stores them: in its dtype, or a bits cache's bf16 bits."""
+    if cache.dtype == BF16_BITS:
+        return jax.lax.bitcast_convert_type(new.astype(jnp.bfloat16), BF16_BITS)
+    return new.astype(cache.dtype)
 
 
 @_pytree_dataclass
@@ -64,9 +114,9 @@ class KVLayer:
             # x64 mode, where a literal 0 would be int64 and the update would not trace).
             return KVLayer(
                 k=jax.lax.dynamic_update_slice_in_dim(
-                    self.k, k_BTKD.astype(self.k.dtype), lengths_B[0], axis=1),
+                    self.k, _stored(k_BTKD, self.k), lengths_B[0], axis=1),
                 v=jax.lax.dynamic_update_slice_in_dim(
-                    self.v, v_BTKD.astype(self.v.dtype), lengths_B[0], axis=1),
+                    self.v, _stored(v_BTKD, self.v), lengths_B[0], axis=1),
             )
         if B == 1 and T <= S:
             # A window of T slots that ends at the last slot at the latest: where the tokens
@@ -78,7 +128,8 @@ class KVLayer:
 
             def put(cache, new):
                 old = jax.lax.dynamic_slice_in_dim(cache, start, T, axis=1)
-                padded = jnp.concatenate([jnp.zeros_like(new), new], axis=1).astype(cache.dtype)
+                new = _stored(new, cache)
+                padded = jnp.concatenate([jnp.zeros_like(new), new], axis=1)
                 moved = jax.lax.dynamic_slice_in_dim(padded, T - shift, T, axis=1)
                 return jax.lax.dynamic_update_slice_in_dim(
                     cache, jnp.where(keep_old, old, moved), start, axis=1)
@@ -87,8 +138,8 @@ class KVLayer:
         rows = jnp.arange(k_BTKD.shape[0], dtype=jnp.int32)[:, None]
         slots = lengths_B[:, None] + jnp.arange(T, dtype=lengths_B.dtype)[None, :]
         return KVLayer(
-            k=self.k.at[rows, slots].set(k_BTKD.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[rows, slots].set(v_BTKD.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[rows, slots].set(_stored(k_BTKD, self.k), mode="drop"),
+            v=self.v.at[rows, slots].set(_stored(v_BTKD, self.v), mode="drop"),
         )
 
     def commit(self, lengths_B, accepted_slots_BN, n_accepted_B, prefix: bool = False

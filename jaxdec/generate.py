@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxdec import parallel
-from jaxdec.cache import Cache, init_cache
+from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import check_bool, check_model
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
@@ -179,8 +179,10 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
     if stream is not None:
         jax.debug.callback(stream, *stream_args, jnp.int32(0), first_B, jnp.ones((B,), bool),
                            ordered=ordered)
+    # On a CPU the loop carries a bf16 cache as its bits (see `jaxdec.cache.as_bits`).
+    bits = parallel.platform(model.mesh) == "cpu"
     state = _LoopState(
-        step=jnp.int32(1), last_BT=first_B[:, None], cache=cache,
+        step=jnp.int32(1), last_BT=first_B[:, None], cache=as_bits(cache) if bits else cache,
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
         n_gen_B=jnp.ones((B,), jnp.int32),
         done_B=_is_stop(first_B, stop_tokens_BM) | (N <= 1),
@@ -206,7 +208,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         )
 
     state = jax.lax.while_loop(cond, body, state)
-    return (state.out_BN, state.n_gen_B), state.cache
+    return (state.out_BN, state.n_gen_B), as_floats(state.cache) if bits else state.cache
 
 
 # -------------------------------------------------------------------- the host-side API

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxdec.cache import Cache, commit, init_cache
+from jaxdec import parallel
+from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool
 from jaxdec.drafters.base import Drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
@@ -149,6 +150,11 @@ def speculative_padded(
         stamps.append(_clock(*done))
         root = after_clock(stamps[-1], root)  # the loop waits on it (see generate's _program)
 
+    # On a CPU the loop carries bf16 caches (the target's, a draft model's) as their bits
+    # (see `jaxdec.cache.as_bits`).
+    bits = parallel.platform(target.mesh) == "cpu"
+    if bits:
+        cache, drafter_state = as_bits((cache, drafter_state))
     state = _State(
         step=jnp.int32(0), root_B=root, cache=cache, drafter_state=drafter_state,
         out_BN=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
@@ -224,7 +230,8 @@ def speculative_padded(
     s = jax.lax.while_loop(cond, body, state)
     stats = dict(steps=s.step, row_steps=s.row_steps_B, emitted_sum=s.emitted_sum_B,
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
-    return (s.out_BN, s.n_gen_B), stats, s.cache, (jnp.stack(stamps) if timed else None)
+    return ((s.out_BN, s.n_gen_B), stats, as_floats(s.cache) if bits else s.cache,
+            (jnp.stack(stamps) if timed else None))
 
 
 @functools.partial(

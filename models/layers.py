@@ -221,8 +221,8 @@ AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
 # walked in blocks up to the rows' furthest slot, so a step costs what the rows hold rather
 # than what the cache could (the reference scores, and XLA's CPU products transpose, every
 # slot). `bench/cpu_attention.py` on a 2-core CPU (bench/results/cpu-attention-cpu.md), a
-# 4-layer fp32 model decoding 64 tokens after a 5-token prompt: 16384 slots, reference 138
-# tokens/s, blocked 1789 (batch 4: 121 and 2208); 4096 slots, 461 and 2216. Below, one
+# 4-layer fp32 model decoding 64 tokens after a 5-token prompt: 16384 slots, reference 180
+# tokens/s, blocked 2249 (batch 4: 151 and 3058); 4096 slots, 566 and 2316. Below, one
 # block would be most of the cache and the reference runs.
 BLOCKED_MIN_SLOTS = 2 * tree_attention.blocked.BLOCK_SLOTS
 
@@ -316,6 +316,10 @@ def attention(
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
     kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached)
+    if k_BSKD.dtype == jnp.uint16 and kernel != (tree_attention.Impl.BLOCKED, False):
+        # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program): the blocked
+        # path reads them block by block, everything else as the bf16 values.
+        k_BSKD, v_BSKD = (jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in (k_BSKD, v_BSKD))
     if kernel is not None:
         return _kernel_with_reference_grad(kernel, window, q_BTHD, k_BSKD, v_BSKD, lengths_B,
                                            positions_BT, mask_BTT)

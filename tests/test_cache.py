@@ -50,6 +50,42 @@ def test_write_past_the_end():
                                   [0, 1, 10, 11])
 
 
+def test_a_bf16_cache_as_bits_writes_and_commits_the_same_bits():
+    """A bf16 cache carried as its uint16 bits (`as_bits`, the CPU loops' form) is written and
+    committed bit for bit as the bf16 cache is, on every write path (one decode token of one
+    row, a row's block near and past the end, several rows), NaN and -0.0 included, and
+    `as_floats` gives the bf16 cache back."""
+    from jaxdec.cache import BF16_BITS, as_bits, as_floats
+
+    rng = np.random.default_rng(0)
+    S, K, D = 12, 2, 4
+    bits16 = lambda x: np.asarray(x).view(np.uint16)  # noqa: E731
+    for B, T, lengths in ((1, 1, [5]), (1, 4, [3]), (1, 4, [10]), (3, 1, [0, 7, 11]),
+                          (3, 4, [2, 9, 12])):
+        base = rng.normal(size=(B, S, K, D)).astype(jnp.bfloat16)
+        new = rng.normal(size=(B, T, K, D)).astype(np.float32)
+        new.reshape(-1)[:2] = [np.nan, -0.0]
+        cache = Cache(layers=(KVLayer(k=jnp.asarray(base), v=jnp.asarray(-base)),),
+                      lengths=jnp.asarray(lengths, jnp.int32))
+        as_bf16 = cache.layers[0].write(jnp.asarray(new), -jnp.asarray(new), cache.lengths)
+        carried = as_bits(cache)
+        assert carried.layers[0].k.dtype == BF16_BITS
+        written = jax.jit(lambda c, n: c.layers[0].write(n, -n, c.lengths))(carried,
+                                                                           jnp.asarray(new))
+        assert written.k.dtype == BF16_BITS
+        back = as_floats(Cache(layers=(written,), lengths=cache.lengths)).layers[0]
+        assert back.k.dtype == jnp.bfloat16
+        for got, want in ((back.k, as_bf16.k), (back.v, as_bf16.v)):
+            np.testing.assert_array_equal(bits16(got), bits16(want), err_msg=f"{B} {T}")
+        if T > 1:
+            slots = jnp.asarray(np.sort(rng.integers(0, T, size=(B, 3)), axis=1), jnp.int32)
+            n = jnp.asarray(rng.integers(0, 4, size=B), jnp.int32)
+            start = jnp.minimum(cache.lengths, S - 1)
+            want = commit(Cache(layers=(as_bf16,), lengths=start), slots, n)
+            got = as_floats(commit(Cache(layers=(written,), lengths=start), slots, n))
+            np.testing.assert_array_equal(bits16(got.layers[0].k), bits16(want.layers[0].k))
+
+
 def test_commit_hand_computed():
     layer = _filled_layer()
     cache = Cache(layers=(layer,), lengths=jnp.array([2, 3]))

@@ -4,6 +4,7 @@ against the reference, and what AUTO picks on a CPU."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -132,3 +133,41 @@ def test_generate_over_a_long_cache_matches_the_reference(tp, hf_checkpoints, mo
         spec = jaxdec.speculative_generate(model, jaxdec.drafters.PromptLookup(), prompts,
                                            **kw)
         np.testing.assert_array_equal(spec.tokens, want.tokens)
+
+
+def test_bf16_decoding_on_a_cpu_carries_the_cache_as_bits(monkeypatch):
+    """A bf16 model on a CPU: the decode loop carries its cache as uint16 bits
+    (`jaxdec.cache.as_bits`; XLA's CPU backend would convert the whole bf16 cache at every
+    write and block read). Tokens and the returned cache are bit for bit those of the loop
+    carrying bf16, over a cache of 1024 slots (blocked attention) and one of 64 (the
+    reference); speculative decoding too."""
+    gen = sys.modules["jaxdec.generate"]  # the module (`jaxdec.generate` is the function)
+    config = jaxdec.ModelConfig(model_type="llama", vocab_size=96, hidden_size=64,
+                                intermediate_size=128, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=16, max_position_embeddings=2048)
+    model = jaxdec.init_model(config, jax.random.key(3), dtype=jnp.bfloat16, std=0.3)
+    tokens = jnp.asarray([[5, 9, 2, 7, 0, 0], [3, 1, 4, 1, 5, 9]], jnp.int32)
+    lengths = jnp.asarray([4, 6], jnp.int32)
+
+    def run(slots):
+        cache = jaxdec.init_cache(config, 2, slots, dtype=jnp.bfloat16)
+        (out, n), cache = jax.jit(lambda c: jaxdec.generate_padded(
+            model, tokens, lengths, c, jax.random.key(0), max_new_tokens=10))(cache)
+        return np.asarray(out), [np.asarray(x).view(np.uint16) for x in jax.tree.leaves(cache)
+                                 if x.dtype == jnp.bfloat16]
+
+    for slots in (1024, 64):
+        carried = run(slots)
+        with monkeypatch.context() as m:
+            m.setattr(gen, "as_bits", lambda tree: tree)
+            m.setattr(gen, "as_floats", lambda tree: tree)
+            plain = run(slots)
+        np.testing.assert_array_equal(carried[0], plain[0])
+        assert len(carried[1]) == 2 * config.num_layers
+        for got, want in zip(carried[1], plain[1]):
+            np.testing.assert_array_equal(got, want)
+    prompts = [[5, 9, 2, 7, 5, 9, 2], [3, 1, 4, 1, 5, 9]]
+    want = jaxdec.generate(model, prompts, max_new_tokens=10, max_len=1024).tokens
+    spec = jaxdec.speculative_generate(model, jaxdec.drafters.DraftModel(model), prompts,
+                                       max_new_tokens=10, max_len=1024).tokens
+    np.testing.assert_array_equal(spec, want)

@@ -11,6 +11,9 @@ the results equal the reference's up to fp32 summation order, except for a query
 no key at all (only possible for a tree node that sees neither the prefix nor itself), which
 gets zeros here, as from the kernels, and the mean of every value from the reference.
 
+The cache may also be a bf16 cache's bits (uint16, as `jaxdec.cache.as_bits` carries one
+through a CPU program): each block is sliced from the bits and read as bf16.
+
 Shape legend: B batch, T new tokens, S cache slots, H query heads, K KV heads, G = H // K,
 C slots a block, D head dim.
 """
@@ -65,8 +68,7 @@ def tree_attention_blocked(
         visible_BTC = slots_visibility(slots_C, lengths_B, positions_BT, mask_BTT=mask_BTT,
                                        window=window)
         visible_BTC &= (slots_C >= start)[None, None, :]
-        k_BCKD = jax.lax.dynamic_slice_in_dim(k_BSKD, offset, C, axis=1)
-        v_BCKD = jax.lax.dynamic_slice_in_dim(v_BSKD, offset, C, axis=1)
+        k_BCKD, v_BCKD = _block(k_BSKD, offset, C), _block(v_BSKD, offset, C)
         s = jnp.einsum("btkgd,bckd->bkgtc", q_BTKGD, k_BCKD,
                        preferred_element_type=jnp.float32) * (D**-0.5)
         visible = visible_BTC[:, None, None]
@@ -75,16 +77,27 @@ def tree_attention_blocked(
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = correction * l + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v_BSKD.dtype), v_BCKD,
+        pv = jnp.einsum("bkgtc,bckd->bkgtd", p.astype(v_BCKD.dtype), v_BCKD,
                         preferred_element_type=jnp.float32)
         return correction[..., None] * o + pv, m_new, l
 
-    empty = (jnp.zeros((B, K, G, T, D), jnp.float32),
-             jnp.full((B, K, G, T), MASKED, jnp.float32),
-             jnp.zeros((B, K, G, T), jnp.float32))
-    # The first block (there is always one: the last query sees itself) outside the loop:
-    # its carry then varies over the axes the inputs vary over (under `shard_map`, a loop's
-    # carry must keep its type, and the empty one varies over none).
-    o, _, l = jax.lax.fori_loop(1, count, step, step(0, empty))
+    # A zero that varies over the mesh axes the inputs vary over (under `shard_map`, a loop's
+    # carry must keep its type; constants vary over none). The select folds away when
+    # compiled. (Peeling the first block out of the loop gives the carry that type too, but
+    # then the just-written cache has a second reader, and XLA's CPU backend copied it.)
+    inputs = [x.reshape(-1)[0].astype(jnp.float32) for x in (q_BTHD, k_BSKD, v_BSKD)]
+    zero = jnp.where(True, 0.0, sum(inputs))
+    init = (jnp.zeros((B, K, G, T, D), jnp.float32) + zero,
+            jnp.full((B, K, G, T), MASKED, jnp.float32) + zero,
+            jnp.zeros((B, K, G, T), jnp.float32) + zero)
+    o, _, l = jax.lax.fori_loop(0, count, step, init)
     out = o / jnp.where(l > 0, l, 1.0)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def _block(x_BSKD: jax.Array, offset: jax.Array, C: int) -> jax.Array:
+    """x[:, offset:offset + C], a bits cache's block (uint16) as its bf16 values."""
+    block = jax.lax.dynamic_slice_in_dim(x_BSKD, offset, C, axis=1)
+    if block.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(block, jnp.bfloat16)
+    return block
