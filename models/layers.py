@@ -221,9 +221,10 @@ AUTO_KERNEL_MIN_KV_BYTES = 4 * 2**20
 # walked in blocks up to the rows' furthest slot, so a step costs what the rows hold rather
 # than what the cache could (the reference scores, and XLA's CPU products transpose, every
 # slot). `bench/cpu_attention.py` on a 2-core CPU (bench/results/cpu-attention-cpu.md), a
-# 4-layer fp32 model decoding 64 tokens after a 5-token prompt: 16384 slots, reference 180
-# tokens/s, blocked 2249 (batch 4: 151 and 3058); 4096 slots, 566 and 2316. Below, one
-# block would be most of the cache and the reference runs.
+# 4-layer fp32 model decoding 64 tokens after a 5-token prompt: 16384 slots, reference 100
+# tokens/s, blocked 1631 (batch 4: 167 and 4470); 4096 slots, 456 and 2099 (this machine's
+# noise, from the same path run both ways: 0.87-1.05x). Below, one block would be most of
+# the cache and the reference runs.
 BLOCKED_MIN_SLOTS = 2 * tree_attention.blocked.BLOCK_SLOTS
 
 
