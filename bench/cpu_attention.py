@@ -116,7 +116,8 @@ def preset_name(preset: Preset) -> str:
 
 def render_markdown(records: list[dict]) -> str:
     lines = ["# CPU decode over long caches: blocked attention vs the reference", "",
-             "Greedy `jaxdec.generate`, fp32 and bf16 models, a prompt of a few tokens then `new_tokens` "
+             "Greedy `jaxdec.generate`, fp32 and bf16 models, a prompt of a few tokens "
+             "then `new_tokens` "
              "tokens into a cache of `slots` slots (so the rows hold far less than the cache "
              "can); `auto` walks caches of 512 slots or more in blocks "
              "(`tree_attention.Impl.BLOCKED`) and runs the reference below; `reference` "

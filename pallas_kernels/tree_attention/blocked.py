@@ -7,8 +7,9 @@ Here a loop (`lax.fori_loop` with a traced trip count) visits only the blocks be
 first slot any query may see (0, or the window's start) and the furthest one (the longest
 row's length + T), keeping an online softmax in fp32 as the GPU kernel does, so a step costs
 what the rows hold. The visibility rule is the reference's (`reference.slots_visibility`);
-the results equal the reference's up to fp32 summation order, except for a query that sees
-no key at all (only possible for a tree node that sees neither the prefix nor itself), which
+the results equal the reference's up to fp32 summation order (with bf16 values, up to bf16
+rounding too: the probabilities are rounded per block, unnormalised, before the product with
+the values, the reference's once normalised), except for a query that sees no key at all (only possible for a tree node that sees neither the prefix nor itself), which
 gets zeros here, as from the kernels, and the mean of every value from the reference.
 
 The cache may also be a bf16 cache's bits (uint16, as `jaxdec.cache.as_bits` carries one
