@@ -33,7 +33,7 @@ from jaxdec.pallas_kernels.tree_attention.reference import MASKED
 # wave-fill rule alone chose: at 1K 4 splits 12.7 us against 17 splits 14.0 us, at 4K 16
 # splits 21.1 us against 33 splits 26.5 us (and 65 splits 42.2 us). The combine then read
 # the splits one after another (a memory round trip each); it loads them at once since, so
-# more splits may pay now: the kernels benchmark's decode sweep times 2 to 32.
+# more splits may pay now: the kernels benchmark's decode sweep times 2 to 64 of them.
 MIN_BLOCKS_PER_SPLIT = 4
 # The fp32 partials' bytes allowed against a split's cache bytes: a quarter while the kernel
 # is bandwidth-bound (decode, short chains), as much as the cache from 64 real query rows on,
