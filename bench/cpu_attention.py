@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_merged(args.out / "cpu-attention-cpu.json", records,
                  key=("preset", "dtype", "slots", "batch", "impl"), render=render_markdown)
-    print(render_markdown([r for r in records]))
+    print(render_markdown(records))
     # fp32 must give the same tokens both ways; bf16's rounding differs (see `run`).
     return 0 if all(r["same_tokens"] for r in records if r["dtype"] == "float32") else 1
 

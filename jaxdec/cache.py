@@ -47,15 +47,11 @@ def _pytree_dataclass(cls):
 BF16_BITS = jnp.uint16
 
 
-def _is_bf16(x) -> bool:
-    return jnp.dtype(x.dtype) == jnp.dtype(jnp.bfloat16)
-
-
 def as_bits(tree):
     """`tree` (any pytree) with every `KVLayer`'s bf16 keys and values as their uint16 bits
     (free: a bitcast); other entries unchanged."""
     def bits(entry):
-        if isinstance(entry, KVLayer) and _is_bf16(entry.k):
+        if isinstance(entry, KVLayer) and entry.k.dtype == jnp.bfloat16:
             return KVLayer(k=jax.lax.bitcast_convert_type(entry.k, BF16_BITS),
                            v=jax.lax.bitcast_convert_type(entry.v, BF16_BITS))
         return entry

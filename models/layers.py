@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec.cache import bits_as_bf16
 from jaxdec.config import RopeConfig
 from jaxdec.pallas_kernels import matvec, tree_attention
 
@@ -317,10 +318,10 @@ def attention(
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
     kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached)
-    if k_BSKD.dtype == jnp.uint16 and kernel != (tree_attention.Impl.BLOCKED, False):
-        # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program): the blocked
-        # path reads them block by block, everything else as the bf16 values.
-        k_BSKD, v_BSKD = (jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in (k_BSKD, v_BSKD))
+    if kernel != (tree_attention.Impl.BLOCKED, False):
+        # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program) as its values;
+        # the blocked path reads the bits block by block.
+        k_BSKD, v_BSKD = bits_as_bf16(k_BSKD), bits_as_bf16(v_BSKD)
     if kernel is not None:
         return _kernel_with_reference_grad(kernel, window, q_BTHD, k_BSKD, v_BSKD, lengths_B,
                                            positions_BT, mask_BTT)
