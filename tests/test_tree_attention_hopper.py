@@ -66,7 +66,7 @@ class HopperSuite:
         case = make_case(B=3, T=16, K=1, G=4, D=64, S=200, tree="chain", causal=True,
                          window=None, dtype=jnp.float16, seed=3)
         case["lengths_B"] = jnp.array([0, 64, 127], jnp.int32)
-        case["positions_BT"] = case["lengths_B"][:, None] + jnp.arange(16, dtype=jnp.int32)
+        case["positions_BT"] = case["lengths_B"][:, None] + jnp.arange(16, dtype=jnp.int32)[None, :]
         self.check(case, TA.HopperBlockSizes(num_splits=2))
 
     def test_hypothesis_shapes(self):
