@@ -15,6 +15,7 @@ import jaxdec
 from jaxdec import tree
 from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from jaxdec.drafters.base import History, candidates_topology
+from jaxdec.drafters.prompt_lookup import _latest, _latest_match_ends
 from jaxdec.drafters.retrieval import _search, _suffix_order
 
 
@@ -50,6 +51,44 @@ def test_prompt_lookup_prefers_the_longest_ngram_and_stops_at_the_end():
     # "5 6" at 2..3 is followed by 5 6 and then the history ends.
     np.testing.assert_array_equal(proposal.tree.tokens[0, :3], [6, 5, 6])
     np.testing.assert_array_equal(proposal.tree.valid[0], [True, True, True, False, False])
+
+
+def _match_ends_by_hand(row, max_ngram, min_ngram):
+    """The ends of the longest n-gram's earlier occurrences, one position at a time."""
+    L = len(row)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if L < n:
+            continue
+        ends = {i for i in range(n - 1, L - 1) if row[i - n + 1:i + 1] == row[L - n:]}
+        if ends:
+            return ends
+    return set()
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 9, 40])
+def test_prompt_lookup_match_ends_against_brute_force(capacity):
+    rng = np.random.default_rng(capacity)
+    for max_ngram, min_ngram in [(3, 1), (4, 2), (1, 1)]:
+        rows = [list(rng.integers(0, 3, rng.integers(0, capacity + 1))) for _ in range(8)]
+        history = _history(rows, capacity)
+        ends = np.asarray(_latest_match_ends(history, max_ngram, min_ngram))
+        assert ends.shape == (len(rows), capacity)
+        for row, got in zip(rows, ends):
+            assert set(np.flatnonzero(got)) == _match_ends_by_hand(row, max_ngram, min_ngram)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_prompt_lookup_latest_match_ends(count):
+    """The `count` latest set positions of each row, latest first, -1 where a row has fewer
+    (rows with none, one, and many)."""
+    rng = np.random.default_rng(count)
+    ends = rng.random((6, 11)) < np.array([0.0, 0.05, 0.2, 0.5, 0.9, 1.0])[:, None]
+    ends[1] = False
+    ends[1, 4] = True
+    got = np.asarray(_latest(jnp.asarray(ends), count))
+    for row, latest in zip(ends, got):
+        want = list(np.flatnonzero(row)[::-1][:count])
+        np.testing.assert_array_equal(latest, want + [-1] * (count - len(want)))
 
 
 def test_history_append():

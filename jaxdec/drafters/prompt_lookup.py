@@ -47,9 +47,7 @@ class PromptLookup(Drafter):
     def propose(self, history: History, root_B, lengths_B, key, *, topology: Topology, sampler):
         del lengths_B, key, sampler
         ends_BH = _latest_match_ends(history, self.max_ngram, self.min_ngram)
-        H = history.tokens.shape[1]
-        scores = jnp.where(ends_BH, jnp.arange(H, dtype=jnp.int32)[None, :], -1)
-        ends_BC = jax.lax.top_k(scores, min(self.num_candidates, H))[0]
+        ends_BC = _latest(ends_BH, min(self.num_candidates, ends_BH.shape[1]))
         cand, valid = _continuations(history.tokens, history.length, ends_BC,
                                      topology.max_depth)
         tree = from_candidates(root_B, cand, valid, topology.num_nodes)
@@ -71,8 +69,11 @@ def _match_ends(history: History, n: int) -> jax.Array:
     query = history.last(n)
     ok = (i >= n - 1) & (i <= length[:, None] - 2) & (length[:, None] >= n)
     for j in range(n):
-        earlier = jnp.take_along_axis(tokens, jnp.broadcast_to(jnp.clip(i - (n - 1) + j, 0, H - 1),
-                                                               tokens.shape), axis=1)
+        # tokens[i - shift] beside position i: the history shifted right by a static amount
+        # (an element-wise read, where a gather of computed indices walks the whole history
+        # index by index); the shift's padding sits where `ok` is already False (i < n - 1).
+        shift = min(n - 1 - j, H)
+        earlier = jnp.pad(tokens[:, :H - shift], ((0, 0), (shift, 0)))
         ok &= earlier == query[:, j:j + 1]
     return ok
 
@@ -87,6 +88,19 @@ def _latest_match_ends(history: History, max_ngram: int, min_ngram: int) -> jax.
         ends = jnp.where(take[:, None], matches, ends)
         found = found | take
     return ends
+
+
+def _latest(ends_BH, count: int) -> jax.Array:
+    """int [B, count]: the last `count` positions set in each row, latest first (-1: fewer).
+
+    `count` maximum reductions, each removing the one it found: `lax.top_k` over the whole
+    history sorted it on a CPU (1.2 ms a step at 16K positions, 0.07 ms this way)."""
+    scores = jnp.where(ends_BH, jnp.arange(ends_BH.shape[1], dtype=jnp.int32)[None, :], -1)
+    latest = []
+    for _ in range(count):
+        latest.append(jnp.max(scores, axis=1))
+        scores = jnp.where(scores == latest[-1][:, None], -1, scores)
+    return jnp.stack(latest, axis=1)
 
 
 def _continuations(source_BH, length_B, ends_BC, depth: int):
