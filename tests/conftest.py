@@ -20,12 +20,12 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from hf_models import make_tokenizer, write_checkpoint  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """name -> (checkpoint directory, the transformers model), built lazily and cached."""
+    from hf_models import write_checkpoint  # torch and transformers: only where tests use them
+
     cache = {}
 
     def get(name):
@@ -57,6 +57,8 @@ def loaded(hf_checkpoints):
 def tokenized_checkpoint(hf_checkpoints, tmp_path_factory):
     """The llama-gqa checkpoint plus a tokenizer.json (for the CLI and README tests)."""
     import shutil
+
+    from hf_models import make_tokenizer
 
     directory = tmp_path_factory.mktemp("tokenized") / "model"
     shutil.copytree(hf_checkpoints("llama-gqa")[0], directory)
