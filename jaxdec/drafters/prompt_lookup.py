@@ -119,13 +119,19 @@ def _merge_latest(a, b):
 
 
 def _continuations(source_BH, length_B, ends_BC, depth: int):
-    """The `depth` tokens after each match end (-1: no match) and which of them exist."""
+    """The `depth` tokens after each match end (-1: no match) and which of them exist.
+
+    A position past the row's end (or of no match) reads as -1 and token ids are >= 0, so the
+    tokens say which exist: one kernel on a GPU computes the reads' indices, where a separate
+    validity mask beside clamped indices made two."""
     H = source_BH.shape[1]
     pos = ends_BC[:, :, None] + 1 + jnp.arange(depth, dtype=jnp.int32)[None, None, :]
     B, C, _ = pos.shape
-    tokens = jnp.take_along_axis(source_BH, jnp.clip(pos, 0, H - 1).reshape(B, C * depth), axis=1)
     valid = (ends_BC[:, :, None] >= 0) & (pos < length_B[:, None, None])
-    return tokens.reshape(B, C, depth), valid
+    index = jnp.where(valid, pos, H).reshape(B, C * depth)
+    tokens = jnp.take_along_axis(source_BH, index, axis=1, mode="fill", fill_value=-1)
+    tokens = tokens.reshape(B, C, depth)
+    return tokens, tokens >= 0
 
 
 jax.tree_util.register_pytree_node(
