@@ -69,9 +69,9 @@ def _match_ends(history: History, n: int) -> jax.Array:
     query = history.last(n)
     ok = (i >= n - 1) & (i <= length[:, None] - 2) & (length[:, None] >= n)
     for j in range(n):
-        # tokens[i - shift] beside position i: the history shifted right by a static amount
-        # (an element-wise read, where a gather of computed indices walks the whole history
-        # index by index); the shift's padding sits where `ok` is already False (i < n - 1).
+        # tokens[i - shift] beside position i: the history shifted right by a static amount,
+        # an element-wise read (a gather at computed indices cost a CPU ~0.07 ms per n-gram
+        # token at 16K positions); the padding lands where `ok` is already False (i < n - 1).
         shift = min(n - 1 - j, H)
         earlier = jnp.pad(tokens[:, :H - shift], ((0, 0), (shift, 0)))
         ok &= earlier == query[:, j:j + 1]
