@@ -174,7 +174,7 @@ def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
     projection applies the scale. `matmul`: see `MatmulImpl`."""
     gate_up = project("bte,egf->btgf", x_BTE, gate_up_E2F, inv_rms_BT1, matmul)
     if bias_2F is not None:
-        gate_up = gate_up + bias_2F
+        gate_up = gate_up + bias_2F[None, None]
     hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     if matmul is MatmulImpl.XLA:
         return hidden @ down_FE

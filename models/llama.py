@@ -200,7 +200,7 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
         out = L.dense(attn.reshape(*attn.shape[:2], -1), layer["o"], matmul).astype(attn.dtype)
     out = jax.lax.psum(out, TP)
     if config.o_bias:
-        out = out + layer["o_bias"]
+        out = out + layer["o_bias"][None, None]
     return out, kv_entry
 
 
@@ -210,7 +210,7 @@ def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig,
     out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate_up"], layer["down"],
                                    layer.get("gate_up_bias"), inv_rms_BT1, matmul), TP)
     if config.mlp_bias:
-        out = out + layer["down_bias"]
+        out = out + layer["down_bias"][None, None]
     return out
 
 

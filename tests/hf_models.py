@@ -30,6 +30,10 @@ VARIANTS = {
     # A sliding window much shorter than the test sequences.
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
         num_key_value_heads=2, sliding_window=6, head_dim=16)),
+    # Llama with a bias on every projection (`attention_bias`, `mlp_bias`), 2 query heads
+    # per KV head.
+    "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
 }
 
 
@@ -39,12 +43,11 @@ def build(name: str, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
-    if name == "qwen2-mqa-tied":
-        # Random biases (transformers initialises them to zero) so the bias path is tested.
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0.0, 0.5)
+    # Random biases (transformers initialises them to zero) so the bias paths are tested.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.5)
     return model
 
 

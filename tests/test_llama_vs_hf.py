@@ -50,6 +50,10 @@ def test_config_features_are_parsed(loaded):
     assert "lm_head" not in loaded("qwen2-mqa-tied").params
     assert loaded("mistral-window").config.layer_windows == (6, 6)
     assert loaded("mistral-window").config.head_dim == 16
+    biased = loaded("llama-bias")
+    assert biased.config.qkv_bias and biased.config.o_bias and biased.config.mlp_bias
+    for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias"):  # random, not zero
+        assert np.all(np.asarray(biased.params["layers"][0][name]) != 0), name
 
 
 @pytest.mark.parametrize("variant,change", [

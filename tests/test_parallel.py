@@ -35,6 +35,17 @@ def test_same_logits_and_greedy_tokens(tp, dp, hf_checkpoints, reference):
     np.testing.assert_array_equal(jaxdec.generate(model, PROMPTS, max_new_tokens=16).tokens, ref_tokens)
 
 
+@pytest.mark.parametrize("tp", [4, 8])
+def test_biases_are_sharded_or_added_once(tp, hf_checkpoints, loaded):
+    """q|k|v and gate|up biases split with their heads and columns; o's and down's are added
+    once, after the shards' partial sums (tp = 8 repeats each of the 4 KV heads)."""
+    tokens = np.random.RandomState(2).randint(0, 97, (2, 12))
+    ref = np.asarray(jaxdec.forward(loaded("llama-bias"), tokens))
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-bias")[0], mesh=jaxdec.make_mesh(tp=tp))
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+
+
 def test_mqa_with_tied_vocab_parallel_embeddings(hf_checkpoints, loaded):
     tokens = np.random.RandomState(1).randint(0, 97, (1, 20))
     ref = np.asarray(jaxdec.forward(loaded("qwen2-mqa-tied"), tokens))
