@@ -56,6 +56,31 @@ def test_sharded_index_and_dtype(loaded, tmp_path):
     assert jaxdec.load_pretrained(half).params["embed"].dtype == jnp.bfloat16
 
 
+def test_loading_casts_as_numpy_does_and_takes_64_bit_tensors(hf_checkpoints, loaded, tmp_path):
+    """The conversion runs on the devices: cast there, a tensor equals numpy's cast of it
+    (round to nearest even); float64 tensors (cast on the host first) load as well."""
+    from safetensors.numpy import save_file
+
+    from jaxdec.checkpoint import read_safetensors_index
+
+    name = "llama-bias"  # every kind of tensor: q|k|v, gate|up and their biases, o, down
+    fp32 = loaded(name).params
+    bf16 = jaxdec.load_pretrained(hf_checkpoints(name)[0], dtype=jnp.bfloat16).params
+    for x, y in zip(jax.tree.leaves(fp32), jax.tree.leaves(bf16)):
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x).astype(jnp.bfloat16))
+    directory = _copy(hf_checkpoints(name)[0], tmp_path / "f64")
+    path = os.path.join(directory, "model.safetensors")
+    save_file({k: np.asarray(v.read(), np.float64) for k, v in read_safetensors_index(path).items()},
+              path)
+    assert {v.dtype for v in read_safetensors_index(path).values()} == {np.dtype(np.float64)}
+    _params_equal(jaxdec.load_pretrained(directory, dtype=jnp.float32).params, fp32)
+    # And back out, biases included, through a mesh whose qkv groups repeat KV heads.
+    tp = jaxdec.load_pretrained(directory, dtype=jnp.float32, mesh=jaxdec.make_mesh(tp=8))
+    out = jaxdec.save_pretrained(tp, tmp_path / "export")
+    _params_equal(jaxdec.load_pretrained(out).params, fp32)
+
+
 def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
     make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
