@@ -30,6 +30,9 @@ VARIANTS = {
     # A sliding window much shorter than the test sequences.
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
         num_key_value_heads=2, sliding_window=6, head_dim=16)),
+    # Qwen2 with its window on some layers only (use_sliding_window, max_window_layers).
+    "qwen2-window-layers": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     # Llama with a bias on every projection (`attention_bias`, `mlp_bias`), 2 query heads
     # per KV head.
     "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(
