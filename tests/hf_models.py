@@ -33,6 +33,9 @@ VARIANTS = {
     # Qwen2 with its window on some layers only (use_sliding_window, max_window_layers).
     "qwen2-window-layers": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    # Linear rope scaling (positions divided by 4), and one KV head per query head (MHA).
+    "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=8, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     # Llama with a bias on every projection (`attention_bias`, `mlp_bias`), 2 query heads
     # per KV head.
     "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(

@@ -52,6 +52,8 @@ def test_config_features_are_parsed(loaded):
     assert loaded("mistral-window").config.head_dim == 16
     # HF's Qwen2: the layers from max_window_layers (1) on slide.
     assert loaded("qwen2-window-layers").config.layer_windows == (None, 5)
+    linear = loaded("llama-linear-rope").config
+    assert (linear.rope.rope_type, linear.rope.factor, linear.num_kv_heads) == ("linear", 4.0, 8)
     biased = loaded("llama-bias")
     assert biased.config.qkv_bias and biased.config.o_bias and biased.config.mlp_bias
     for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias"):  # random, not zero
@@ -61,6 +63,7 @@ def test_config_features_are_parsed(loaded):
 @pytest.mark.parametrize("variant,change", [
     ("mistral-window", dict(layer_windows=(None, None))),
     ("qwen2-window-layers", dict(layer_windows=(None, None))),
+    ("llama-linear-rope", dict(rope=jaxdec.RopeConfig(theta=10000.0))),
     ("llama3-rope", dict(rope=jaxdec.RopeConfig(theta=500000.0))),
 ])
 def test_the_parity_cases_exercise_their_feature(variant, change, loaded):
