@@ -378,6 +378,22 @@ def test_tensor_parallel_greedy_matches_tp1(tp, hf_checkpoints, loaded):
         np.testing.assert_array_equal(got.tokens, expected)
 
 
+def test_tensor_parallel_sampling_matches_tp1(hf_checkpoints, loaded):
+    """Sampling too: the random draws do not depend on the sharding, so with one key tp = 4
+    (vocabulary-parallel logits, KV heads repeated) gives tp = 1's tokens, for a sampled tree
+    (drafts without replacement) and for deterministic drafts."""
+    reference = loaded(TARGET)
+    model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(tp=4))
+    prompts = _prompts() + _repetitive_prompts()[:1]
+    settings = dict(max_new_tokens=12, sampler=jaxdec.Sampler(temperature=0.9, top_p=0.9),
+                    key=jax.random.key(3))
+    for drafter, topology in ((DraftModel(reference), tree.kary(2, 2)), (PromptLookup(), None)):
+        expected = jaxdec.speculative_generate(reference, drafter, prompts, tree=topology,
+                                               **settings).tokens
+        got = jaxdec.speculative_generate(model, drafter, prompts, tree=topology, **settings)
+        np.testing.assert_array_equal(got.tokens, expected)
+
+
 def test_timings(loaded):
     model = loaded(TARGET)
     result = jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=8,
