@@ -13,7 +13,7 @@ import transformers
 
 import jaxdec
 from jaxdec.checkpoint import CheckpointError
-from hf_models import make_tokenizer
+from hf_models import VARIANTS, make_tokenizer
 
 
 def _copy(src, dst):
@@ -28,8 +28,9 @@ def _params_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_export_round_trip_through_transformers(loaded, tmp_path):
-    model = loaded("qwen2-mqa-tied")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_round_trip_through_transformers(variant, loaded, tmp_path):
+    model = loaded(variant)
     out = jaxdec.save_pretrained(model, tmp_path / "export")
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
