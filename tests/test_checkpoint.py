@@ -82,6 +82,34 @@ def test_loading_casts_as_numpy_does_and_takes_64_bit_tensors(hf_checkpoints, lo
     _params_equal(jaxdec.load_pretrained(out).params, fp32)
 
 
+def test_export_brings_one_shard_at_a_time_to_the_host(loaded, tmp_path, monkeypatch):
+    """A sharded export copies a shard's tensors off the devices only when it writes that
+    shard: the host never holds more than one shard (at most max_shard_bytes, or one
+    tensor)."""
+    import safetensors.numpy
+
+    copied, written = [], []
+    device_get, save_file = jax.device_get, safetensors.numpy.save_file
+
+    def counting_get(x):
+        copied.append(x.shape)
+        return device_get(x)
+
+    def checking_save(tensors, path, metadata=None):
+        written.append(len(tensors))
+        assert len(copied) == sum(written)  # this shard's tensors, and no later one's
+        assert sum(t.nbytes for t in tensors.values()) <= 64 * 1024 or len(tensors) == 1
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(jax, "device_get", counting_get)
+    monkeypatch.setattr(safetensors.numpy, "save_file", checking_save)
+    model = loaded("llama-bias")
+    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    monkeypatch.undo()
+    assert len(written) > 2 and sum(written) == len(copied)
+    _params_equal(jaxdec.load_pretrained(out).params, model.params)
+
+
 def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
     make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
