@@ -3,8 +3,8 @@
 `load_pretrained` reads a safetensors directory (one `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) into the param pytree: each tensor goes as it is from the
 memory-mapped file onto the mesh's devices, where compiled programs cast it to the requested
-dtype, transpose and fuse it into our layout and place it with its sharding (2.3 GB of bf16
-Llama layers load in 2.9-3.1 s so on a 2-core CPU, in 6.5-7.4 s converted with numpy).
+dtype, transpose and fuse it into our layout and place it with its sharding (a 2.3 GB bf16
+checkpoint of Llama layers loads in 2.9-3.1 s on a 2-core CPU, 6.5-7.4 s converted in numpy).
 `save_pretrained` converts on the devices too, one shard at a time (the same 2.3 GB written
 in 3-4 s, 14-15 s with numpy; the first call also compiles), into a directory transformers
 loads (`config.json`, safetensors, `generation_config.json`, and `tokenizer.json` when the
