@@ -302,6 +302,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     if unexpected:
         warnings.warn(f"ignoring {len(unexpected)} unexpected tensors in {directory}: {unexpected[:5]}")
 
+    in_flight: list[jax.Array] = []
+
     def place(path, sharding) -> jax.Array:
         entry = table[jax.tree_util.keystr(path)]
         hf_arrays = [_on_mesh(tensors[n].read(), dtype, mesh) for n in entry.hf_names]
@@ -309,10 +311,16 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
                      for a in hf_arrays]
         vocab_axis = _VOCAB_ROWS.get(entry.hf_names[0])
         pad = 0 if vocab_axis is None else vocab - config.vocab_size
-        return _converter(entry._replace(hf_names=()), dtype, groups, vocab_axis, pad,
-                          sharding)(*hf_arrays)
+        array = _converter(entry._replace(hf_names=()), dtype, groups, vocab_axis, pad,
+                           sharding)(*hf_arrays)
+        # The previous parameter's conversion ends before this one's is left running, so the
+        # host never runs ahead of the devices with more than two parameters' copies alive.
+        if in_flight:
+            in_flight.pop().block_until_ready()
+        in_flight.append(array)
+        return array
 
-    # One tensor at a time from the memory-mapped files onto the mesh, converted there.
+    # Parameter by parameter from the memory-mapped files onto the mesh, converted there.
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory))
 
