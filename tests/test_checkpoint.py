@@ -110,6 +110,29 @@ def test_export_brings_one_shard_at_a_time_to_the_host(loaded, tmp_path, monkeyp
     _params_equal(jaxdec.load_pretrained(out).params, model.params)
 
 
+def test_layers_share_their_compiled_conversions(tmp_path):
+    """Loading compiles one conversion per distinct tensor shape, not per layer: after a
+    2-layer model, a 5-layer one of the same widths loads without compiling anything."""
+    config = jaxdec.ModelConfig(vocab_size=67, hidden_size=32, intermediate_size=48,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    dirs = [jaxdec.save_pretrained(jaxdec.init_model(config.replace(num_layers=n),
+                                                     jax.random.key(n)), tmp_path / str(n))
+            for n in (2, 5)]
+    jaxdec.load_pretrained(dirs[0])
+    compiles = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        model = jaxdec.load_pretrained(dirs[1])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and len(model.params["layers"]) == 5
+
+
 def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
     make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
