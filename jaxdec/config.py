@@ -22,7 +22,7 @@ SUPPORTED_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -31,7 +31,13 @@ class RopeConfig:
     """Rotary embedding parameters.
 
     `rope_type` is one of SUPPORTED_ROPE_TYPES: "default" (plain RoPE), "linear" (positions
-    divided by `factor`) or "llama3" (Llama 3.1 frequency-dependent scaling).
+    divided by `factor`), "llama3" (Llama 3.1 frequency-dependent scaling, with
+    `low_freq_factor` and `high_freq_factor`) or "yarn" (YaRN, as in Qwen2.5's long-context
+    configs: frequencies turning fewer than `beta_slow` times over the original context are
+    divided by `factor`, those turning more than `beta_fast` times are kept, a linear ramp
+    between (its ends rounded outwards when `truncate`); cos and sin are multiplied by
+    `attention_factor`, by default 0.1 ln(factor) + 1). "llama3" and "yarn" need
+    `original_max_position_embeddings`, the context the model was trained at.
     """
 
     theta: float = 10000.0
@@ -40,6 +46,10 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -50,14 +60,43 @@ class RopeConfig:
             raise ValueError(f"rope theta must be positive, got {self.theta}")
         if self.rope_type != "default" and self.factor <= 0:
             raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
-        if self.rope_type == "llama3":
+        if self.rope_type in ("llama3", "yarn"):
             if self.original_max_position_embeddings is None:
-                raise ValueError("llama3 rope scaling needs original_max_position_embeddings")
+                raise ValueError(f"{self.rope_type} rope scaling needs "
+                                 "original_max_position_embeddings")
+            if self.original_max_position_embeddings < 1:
+                raise ValueError("original_max_position_embeddings must be >= 1, got "
+                                 f"{self.original_max_position_embeddings}")
+        if self.rope_type == "llama3":
             if self.high_freq_factor <= self.low_freq_factor:
                 raise ValueError(
                     "llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
                     f"{self.high_freq_factor} <= {self.low_freq_factor}"
                 )
+        if self.rope_type == "yarn":
+            if self.theta == 1:
+                raise ValueError("yarn rope scaling needs theta != 1")
+            for name in ("beta_fast", "beta_slow"):
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"yarn rope scaling needs {name} > 0, got "
+                                     f"{getattr(self, name)}")
+            if self.attention_factor is not None and self.attention_factor <= 0:
+                raise ValueError(
+                    f"rope attention_factor must be positive, got {self.attention_factor}")
+
+    @property
+    def attention_scale(self) -> float:
+        """What cos and sin are multiplied by: YaRN's attention factor, 1 for other types."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        return _yarn_mscale(self.factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context stretched `factor`-fold."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -301,12 +340,34 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
     if rope_type in ("linear", "llama3"):
         kwargs["factor"] = float(merged.get("factor", 1.0))
+    if rope_type in ("llama3", "yarn"):
+        # transformers' order: a top-level value (as Phi-3 writes it), the scaling dict's, the
+        # model's context.
+        kwargs["original_max_position_embeddings"] = int(
+            hf.get("original_max_position_embeddings")
+            or merged.get("original_max_position_embeddings")
+            or hf.get("max_position_embeddings", 8192 if rope_type == "llama3" else 4096))
     if rope_type == "llama3":
         kwargs.update(
             low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
             high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(merged.get("original_max_position_embeddings")
-                                                 or hf.get("max_position_embeddings", 8192)),
+        )
+    if rope_type == "yarn":
+        factor = merged.get("factor")
+        if factor is None:  # DeepSeek-V3's way: the ratio of the two contexts
+            factor = (hf.get("max_position_embeddings", 4096)
+                      / kwargs["original_max_position_embeddings"])
+        attention_factor = merged.get("attention_factor")
+        mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")
+        if attention_factor is None and mscale and mscale_all_dim:
+            attention_factor = (_yarn_mscale(float(factor), float(mscale))
+                                / _yarn_mscale(float(factor), float(mscale_all_dim)))
+        kwargs.update(
+            factor=float(factor),
+            beta_fast=float(merged.get("beta_fast") or 32.0),
+            beta_slow=float(merged.get("beta_slow") or 1.0),
+            attention_factor=None if attention_factor is None else float(attention_factor),
+            truncate=bool(merged.get("truncate", True)),
         )
     return RopeConfig(**kwargs)
 
@@ -321,6 +382,16 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any] | None:
             high_freq_factor=rope.high_freq_factor,
             original_max_position_embeddings=rope.original_max_position_embeddings,
         )
+    if rope.rope_type == "yarn":
+        out.update(
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+            beta_fast=rope.beta_fast,
+            beta_slow=rope.beta_slow,
+        )
+        if rope.attention_factor is not None:
+            out["attention_factor"] = rope.attention_factor
+        if not rope.truncate:  # written only when set: older transformers do not know the key
+            out["truncate"] = False
     return out
 
 

@@ -133,7 +133,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Inverse frequencies [D/2] (float32) after the configured scaling.
 
     "llama3" scaling (Llama 3.1) leaves high frequencies alone, divides low frequencies (waves
-    longer than original_max / low_freq_factor) by `factor`, and interpolates smoothly between.
+    longer than original_max / low_freq_factor) by `factor`, and interpolates smoothly between;
+    "yarn" ramps by turns over the original context instead (`_yarn_ramp`).
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
     inv_freq = 1.0 / rope.theta**exponents
@@ -148,15 +149,43 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
         )
         smooth = np.clip(smooth, 0.0, 1.0)
         inv_freq = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+    elif rope.rope_type == "yarn":
+        ramp = _yarn_ramp(rope, head_dim)
+        inv_freq = (1 - ramp) * inv_freq + ramp * inv_freq / rope.factor
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates the two halves of each head (the HF "rotate_half" layout), in fp32."""
+def _yarn_ramp(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """YaRN's interpolation weight per frequency [D/2]: 0 for frequencies kept as they are, 1
+    for those divided by the factor.
+
+    Frequency i turns original_context * inv_freq_i / 2pi times over the original context;
+    solving for i at `beta_fast` and `beta_slow` turns gives the ramp's ends (on the scale of
+    the head dimension, as transformers computes them).
+    """
+    def index_turning(turns):
+        return (head_dim * np.log(rope.original_max_position_embeddings / (turns * 2 * np.pi))
+                / (2 * np.log(rope.theta)))
+
+    low, high = index_turning(rope.beta_fast), index_turning(rope.beta_slow)
+    if rope.truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0.0), min(high, head_dim - 1.0)
+    if high == low:
+        high += 0.001
+    return np.clip((np.arange(head_dim // 2) - low) / (high - low), 0.0, 1.0)
+
+
+def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray,
+               scale: float = 1.0) -> jax.Array:
+    """Rotates the two halves of each head (the HF "rotate_half" layout), in fp32; `scale`
+    multiplies cos and sin (`RopeConfig.attention_scale`)."""
     angles = (positions_BT.astype(jnp.float32)[..., None]
               * jnp.asarray(inv_freq)[None, None])  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     x = x_BTND.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -185,8 +185,8 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
     B, T, R, slots, D = qkv.shape
     q = qkv[:, :, :, : slots - 2].reshape(B, T, R * (slots - 2), D)
     k, v = qkv[:, :, :, slots - 2], qkv[:, :, :, slots - 1]
-    q = L.apply_rope(q, positions_BT, inv_freq)
-    k = L.apply_rope(k, positions_BT, inv_freq)
+    q = L.apply_rope(q, positions_BT, inv_freq, config.rope.attention_scale)
+    k = L.apply_rope(k, positions_BT, inv_freq, config.rope.attention_scale)
     if kv_entry is None:  # no cache: the new tokens are the whole context
         keys, values = k, v
     else:

@@ -36,6 +36,13 @@ VARIANTS = {
     # Linear rope scaling (positions divided by 4), and one KV head per query head (MHA).
     "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_key_value_heads=8, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # YaRN (Qwen2.5's long-context setting) over an original context of 32 (the tests run
+    # past it); betas chosen so the ramp between kept and scaled frequencies has a middle
+    # step (weights 0, 0.5, 1, 1 over head dim 8's four frequencies).
+    "qwen2-yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_key_value_heads=2, max_position_embeddings=128,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                      "beta_fast": 2.0, "beta_slow": 0.25})),
     # Llama with a bias on every projection (`attention_bias`, `mlp_bias`), 2 query heads
     # per KV head.
     "llama-bias": ("LlamaConfig", "LlamaForCausalLM", dict(

@@ -65,9 +65,56 @@ def test_unsupported_architecture_lists_supported_ones():
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ValueError, match="'yarn' is not supported"):
-        ModelConfig.from_hf(dict(BASE, model_type="llama", rope_scaling={"rope_type": "yarn",
-                                                                           "factor": 4.0}))
+    with pytest.raises(ValueError, match="'dynamic' is not supported.*yarn"):
+        ModelConfig.from_hf(dict(BASE, model_type="llama", rope_scaling={
+            "rope_type": "dynamic", "factor": 4.0}))
+
+
+def test_yarn_as_qwen25_documents_it():
+    # Qwen2.5's long-context recipe: a 4.x-layout `rope_scaling` added to config.json.
+    c = ModelConfig.from_hf(dict(BASE, model_type="qwen2", max_position_embeddings=32768,
+                                 rope_scaling={"factor": 4.0, "type": "yarn",
+                                               "original_max_position_embeddings": 32768}))
+    assert c.rope == RopeConfig(rope_type="yarn", factor=4.0,
+                                original_max_position_embeddings=32768)
+    assert (c.rope.beta_fast, c.rope.beta_slow, c.rope.truncate) == (32.0, 1.0, True)
+    assert c.rope.attention_scale == pytest.approx(1 + 0.1 * np.log(4.0))
+
+
+@pytest.mark.parametrize("extra,rope", [
+    # No original context anywhere: the model's own.
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+     dict(factor=2.0, original_max_position_embeddings=4096)),
+    # A top-level original context wins (transformers' order).
+    (dict(original_max_position_embeddings=1024, rope_scaling={
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}),
+     dict(factor=2.0, original_max_position_embeddings=1024)),
+    # No factor: the ratio of the two contexts; mscale / mscale_all_dim give the attention
+    # factor (DeepSeek-V3's convention).
+    (dict(max_position_embeddings=16384, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "original_max_position_embeddings": 4096,
+        "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 16, "truncate": False}),
+     dict(factor=4.0, original_max_position_embeddings=4096, beta_fast=16.0, truncate=False,
+          attention_factor=(1 + 0.1 * np.log(4.0)) / (1 + 0.05 * np.log(4.0)))),
+])
+def test_yarn_settings_found(extra, rope):
+    c = ModelConfig.from_hf(dict(BASE, model_type="llama", **extra))
+    assert c.rope == RopeConfig(rope_type="yarn", **rope)
+    assert ModelConfig.from_hf(json.loads(json.dumps(c.to_hf()))) == c
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(beta_fast=0.0), "beta_fast > 0"),
+    (dict(beta_slow=-1.0), "beta_slow > 0"),
+    (dict(attention_factor=0.0), "attention_factor must be positive"),
+    (dict(original_max_position_embeddings=None), "needs original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings must be >= 1"),
+    (dict(theta=1.0), "theta != 1"),
+])
+def test_bad_yarn_settings_are_named(fields, message):
+    good = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64)
+    with pytest.raises(ValueError, match=message):
+        RopeConfig(**{**good, **fields})
 
 
 def test_missing_field_is_named():

@@ -3,6 +3,7 @@ llama3 and linear scaling), the slot-visibility rule, and attention (the referen
 query-chunked form), and the fused path for cache-free causal blocks (cuDNN on a GPU, checked
 there by `TestCudnnOnGPU`; its call is checked here through jax's XLA implementation)."""
 
+import dataclasses
 import functools
 import math
 
@@ -91,6 +92,24 @@ def test_rope_inv_freq_default_linear_llama3():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def test_rope_inv_freq_yarn_hand_computed():
+    # Head dim 8, theta 1e4: frequencies 1, 0.1, 0.01, 0.001. Over an original context of
+    # 4096, 32 turns (beta_fast) fall at index 8 ln(4096 / 64pi) / (2 ln 1e4) = 1.309 and one
+    # turn (beta_slow) at 8 ln(4096 / 2pi) / (2 ln 1e4) = 2.814; truncated outwards, 1 and 3.
+    # The ramp over indices 0..3 is then clip((i - 1) / 2) = 0, 0, 0.5, 1.
+    rope = RopeConfig(theta=10000.0, rope_type="yarn", factor=4.0,
+                      original_max_position_embeddings=4096)
+    np.testing.assert_allclose(L.rope_inv_freq(rope, 8),
+                               [1.0, 0.1, 0.5 * 0.01 + 0.5 * 0.01 / 4, 0.001 / 4], rtol=1e-6)
+    assert rope.attention_scale == pytest.approx(1 + 0.1 * math.log(4.0))
+    # Without truncation the third weight is (2 - 1.309) / (2.814 - 1.309) = 0.45907.
+    loose = dataclasses.replace(rope, truncate=False, attention_factor=0.5)
+    np.testing.assert_allclose(L.rope_inv_freq(loose, 8)[2],
+                               (1 - 0.45907) * 0.01 + 0.45907 * 0.01 / 4, rtol=1e-5)
+    assert loose.attention_scale == 0.5
+    assert RopeConfig(rope_type="linear", factor=4.0).attention_scale == 1.0
+
+
 def test_apply_rope_rotates_half_pairs():
     x = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 1, 4)  # pairs (1, 3) and (2, 4)
     inv_freq = np.array([0.5, 0.25], np.float32)
@@ -100,6 +119,8 @@ def test_apply_rope_rotates_half_pairs():
                 3 * math.cos(a) + 1 * math.sin(a), 4 * math.cos(b) + 2 * math.sin(b)]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     np.testing.assert_allclose(L.apply_rope(x, jnp.array([[0]]), inv_freq), x)
+    np.testing.assert_allclose(L.apply_rope(x, jnp.array([[2]]), inv_freq, 1.5)[0, 0, 0],
+                               1.5 * np.asarray(expected), rtol=1e-6)
 
 
 def test_visible_slots_hand_computed():

@@ -4,11 +4,15 @@ continuations of a ragged batch (HF runs the left-padded batch)."""
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import jaxdec
 from hf_models import VARIANTS, hf_greedy
+from jaxdec.models import layers as L
 
-SEQ_LEN = 40  # past llama3-rope's original context (16) and several mistral windows (6)
+# Past llama3-rope's and qwen2-yarn's original contexts (16, 32) and several mistral
+# windows (6).
+SEQ_LEN = 40
 
 
 def _tokens(batch, length, seed=0):
@@ -54,6 +58,11 @@ def test_config_features_are_parsed(loaded):
     assert loaded("qwen2-window-layers").config.layer_windows == (None, 5)
     linear = loaded("llama-linear-rope").config
     assert (linear.rope.rope_type, linear.rope.factor, linear.num_kv_heads) == ("linear", 4.0, 8)
+    yarn = loaded("qwen2-yarn").config.rope
+    assert (yarn.rope_type, yarn.factor, yarn.original_max_position_embeddings,
+            yarn.beta_fast, yarn.beta_slow) == ("yarn", 4.0, 32, 2.0, 0.25)
+    np.testing.assert_allclose(L.rope_inv_freq(yarn, 8) / L.rope_inv_freq(
+        jaxdec.RopeConfig(theta=yarn.theta), 8), [1, 1 - 0.5 * 0.75, 0.25, 0.25], rtol=1e-6)
     biased = loaded("llama-bias")
     assert biased.config.qkv_bias and biased.config.o_bias and biased.config.mlp_bias
     for name in ("qkv_bias", "o_bias", "gate_up_bias", "down_bias"):  # random, not zero
@@ -65,6 +74,10 @@ def test_config_features_are_parsed(loaded):
     ("qwen2-window-layers", dict(layer_windows=(None, None))),
     ("llama-linear-rope", dict(rope=jaxdec.RopeConfig(theta=10000.0))),
     ("llama3-rope", dict(rope=jaxdec.RopeConfig(theta=500000.0))),
+    ("qwen2-yarn", dict(rope=jaxdec.RopeConfig(theta=10000.0))),
+    ("qwen2-yarn", dict(rope=jaxdec.RopeConfig(  # the same frequencies, cos and sin unscaled
+        theta=10000.0, rope_type="yarn", factor=4.0, original_max_position_embeddings=32,
+        beta_fast=2.0, beta_slow=0.25, attention_factor=1.0))),
 ])
 def test_the_parity_cases_exercise_their_feature(variant, change, loaded):
     """Dropping the window / the rope scaling changes the logits: the parity tests above
@@ -89,3 +102,26 @@ def test_long_prefill_in_query_chunks_vs_hf(variant, hf_checkpoints, loaded):
     prompt = tokens[0, :600].tolist()
     ours = jaxdec.generate(loaded(variant), [prompt, prompt[:40]], max_new_tokens=8)
     np.testing.assert_array_equal(ours.tokens, hf_greedy(hf_model, [prompt, prompt[:40]], 8))
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+     "beta_fast": 8, "beta_slow": 2, "truncate": False},
+    {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096,
+     "mscale": 0.707, "mscale_all_dim": 0.707},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192,
+     "attention_factor": 0.9},
+])
+def test_yarn_frequencies_and_scale_vs_transformers(rope_scaling):
+    """A head dim of 128 and theta 5e5 (Llama 3's), so the ramp spans many frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = dict(model_type="llama", vocab_size=97, hidden_size=1024, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=8, rope_theta=500000.0,
+              max_position_embeddings=4 * rope_scaling["original_max_position_embeddings"],
+              rope_scaling=rope_scaling)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig(**hf), "cpu")
+    rope = jaxdec.ModelConfig.from_hf(hf).rope
+    np.testing.assert_allclose(L.rope_inv_freq(rope, 128), inv_freq.numpy(), rtol=1e-6)
+    assert rope.attention_scale == pytest.approx(scale, rel=1e-6)
