@@ -121,6 +121,19 @@ def test_suffix_search_hand_computed():
     assert found == [[[1, 4], [], [0, 3]], [[1], [4], [0, 3]]]
 
 
+@pytest.mark.parametrize("largest", [2, 2**15 - 2, 2**15 - 1, 2**16, 2**21 - 2, 2**31 - 3])
+@pytest.mark.parametrize("width", [1, 3, 4, 6])
+def test_suffix_order_is_a_stable_lexicographic_sort(largest, width):
+    """Token ids around the sizes where the packed keys change (4, 3, 2 tokens per key):
+    the order is a lexsort of one key per token, equal n-grams by position."""
+    rng = np.random.default_rng(largest + width)
+    alphabet = np.array([0, 1, largest // 2, largest - 1, largest])  # few ids: many ties
+    stream = alphabet[rng.integers(0, 5, 500)].astype(np.int32)
+    padded = np.concatenate([stream, np.full(width + 2, -1, np.int32)])
+    expected = np.lexsort([padded[j:j + stream.size] for j in range(width)][::-1])
+    np.testing.assert_array_equal(_suffix_order(padded, stream.size, width), expected)
+
+
 @pytest.mark.parametrize("size", [2, 7, 8, 9, 63, 64, 65, 700])
 def test_suffix_search_against_brute_force(size):
     """The 8-ary search's bounds equal counting the suffixes below the query (<= where
