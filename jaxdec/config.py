@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Mapping
 
 from jaxdec.checks import check_int, check_param_dtype
@@ -111,7 +112,8 @@ class ModelConfig:
         positions > p - window) or None for full causal attention.
       qkv_bias / o_bias / mlp_bias: which projections carry a bias.
       tie_word_embeddings: the output projection is the embedding matrix (no `lm_head`).
-      eos_token_ids: the checkpoint's end-of-sequence ids (the CLI's default stop tokens).
+      eos_token_ids: the checkpoint's end-of-sequence ids (the CLI's default stop tokens):
+        `from_hf` of a directory takes those of its generation_config.json and config.json.
       dtype: the checkpoint's dtype name, the default dtype when loading.
     """
 
@@ -230,8 +232,12 @@ class ModelConfig:
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:  # mistral
             qkv_bias = o_bias = mlp_bias = False
-        eos = hf.get("eos_token_id")
-        eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+        eos = _ids(hf.get("eos_token_id"))
+        if not isinstance(source, Mapping):
+            # What transformers' generate stops at: generation_config.json's ids (Llama 3
+            # Instruct's end of turn, <|eot_id|>, is listed only there), then config.json's.
+            generation_eos = _ids(_read_generation_config(source).get("eos_token_id"))
+            eos = generation_eos + tuple(t for t in eos if t not in generation_eos)
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         return cls(
             model_type=model_type,
@@ -307,6 +313,30 @@ class ModelConfig:
         elif window is not None:
             raise ValueError("Llama checkpoints have no sliding window")
         return hf
+
+
+def _ids(value) -> tuple:
+    return () if value is None else (tuple(value) if isinstance(value, (list, tuple)) else (value,))
+
+
+def _read_generation_config(source) -> dict[str, Any]:
+    """The generation_config.json beside a config.json, or {} when there is none or it is not
+    a JSON object (transformers falls back to the model config then too: a warning here)."""
+    path = os.fspath(source)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            generation = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        warnings.warn(f"ignoring {path}: {e}")
+        return {}
+    if not isinstance(generation, dict):
+        warnings.warn(f"ignoring {path}: it does not hold a JSON object")
+        return {}
+    return generation
 
 
 def _read_hf_config(source) -> dict[str, Any]:

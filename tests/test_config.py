@@ -183,3 +183,23 @@ def test_missing_and_corrupt_config_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_hf(tmp_path)
+
+
+def test_stop_ids_from_generation_config(tmp_path):
+    """Llama 3 Instruct's layout: config.json names <|end_of_text|>, generation_config.json
+    adds <|eot_id|>, which ends a chat turn; both stop, as in transformers' generate."""
+    (tmp_path / "config.json").write_text(json.dumps(dict(BASE, model_type="llama",
+                                                          eos_token_id=100)))
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (100,)
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [127, 100], "temperature": 0.6}))
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (127, 100)
+    assert ModelConfig.from_hf(tmp_path / "config.json").eos_token_ids == (127, 100)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 126}))
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (126, 100)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (100,)
+    for broken in ("{not json", "[1, 2]"):
+        (tmp_path / "generation_config.json").write_text(broken)
+        with pytest.warns(UserWarning, match="ignoring .*generation_config.json"):
+            assert ModelConfig.from_hf(tmp_path).eos_token_ids == (100,)
