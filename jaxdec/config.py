@@ -182,6 +182,18 @@ class ModelConfig:
         object.__setattr__(self, "dtype", check_param_dtype(self.dtype).name)
 
     @property
+    def max_positions(self) -> int:
+        """The longest sequence the model takes: `max_position_embeddings`, or with YaRN
+        `factor` x `original_max_position_embeddings` where that is longer (Qwen2.5's
+        long-context recipe adds YaRN with factor 4 to a config whose max_position_embeddings
+        stays at the original 32768)."""
+        rope = self.rope
+        if rope.rope_type == "yarn":
+            stretched = int(rope.factor * rope.original_max_position_embeddings)
+            return max(self.max_position_embeddings, stretched)
+        return self.max_position_embeddings
+
+    @property
     def q_per_kv(self) -> int:
         """Query heads per KV head (the GQA group size)."""
         return self.num_heads // self.num_kv_heads

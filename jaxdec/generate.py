@@ -467,6 +467,13 @@ def registered_stream(stream: Callable | None, batch: Batch):
         del _STREAMS[stream_id]
 
 
+def _positions_source(config) -> str:
+    if config.max_positions == config.max_position_embeddings:
+        return "max_position_embeddings"
+    return (f"YaRN's factor {config.rope.factor:g} x original_max_position_embeddings "
+            f"{config.rope.original_max_position_embeddings}")
+
+
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,
                   max_len: int | None, extra_slots: int = 0) -> Batch:
     """Validates everything before tracing and lays the prompts out.
@@ -486,10 +493,10 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     prompts = _check_prompts(prompts, config.vocab_size)
     longest = max(len(p) for p in prompts)
     needed = longest + max_new_tokens
-    if needed > config.max_position_embeddings:
+    if needed > config.max_positions:
         raise ValueError(
             f"the longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {needed} "
-            f"exceeds the model's max_position_embeddings={config.max_position_embeddings}"
+            f"exceeds the model's {config.max_positions} positions ({_positions_source(config)})"
         )
     bucket = bucket_length(longest)
     if max_len is None:

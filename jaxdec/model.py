@@ -336,10 +336,10 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)]
         raise ValueError(f"tokens has ids outside [0, {vocab}): {bad[:5].tolist()}")
-    if tokens.shape[1] > model.config.max_position_embeddings:
+    if tokens.shape[1] > model.config.max_positions:
         raise ValueError(
-            f"tokens length {tokens.shape[1]} exceeds the model's max_position_embeddings="
-            f"{model.config.max_position_embeddings}"
+            f"tokens length {tokens.shape[1]} exceeds the model's {model.config.max_positions} "
+            "positions (`ModelConfig.max_positions`: max_position_embeddings, longer with YaRN)"
         )
     return _causal_logits(model, tokens.astype(jnp.int32))
 

@@ -215,6 +215,24 @@ def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, ma
     assert _compiles == []
 
 
+def test_yarn_extends_the_positions(loaded):
+    """Qwen2.5's long-context recipe keeps max_position_embeddings at the original context
+    and adds YaRN: factor x original positions are allowed, one more is refused."""
+    model = loaded("qwen2-yarn")  # max_position_embeddings 128, factor 4 x original 32
+    assert model.config.max_positions == 128
+    recipe = jaxdec.Model(config=model.config.replace(max_position_embeddings=32),
+                          params=model.params, mesh=model.mesh)
+    assert recipe.config.max_positions == 128
+    out = jaxdec.generate(recipe, [[5] * 30], max_new_tokens=98)
+    np.testing.assert_array_equal(out.tokens, jaxdec.generate(model, [[5] * 30],
+                                                              max_new_tokens=98).tokens)
+    with pytest.raises(ValueError, match=r"129 exceeds the model's 128 positions \(YaRN's "
+                                         r"factor 4 x original_max_position_embeddings 32\)"):
+        jaxdec.generate(recipe, [[5] * 30], max_new_tokens=99)
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        jaxdec.forward(recipe, np.ones((1, 129), np.int32))
+
+
 def test_forward_bad_input(loaded):
     with pytest.raises(ValueError, match=r"\[batch, length\]"):
         jaxdec.forward(loaded(VARIANT), np.array([1, 2, 3]))
