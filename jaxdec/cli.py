@@ -1,8 +1,8 @@
 """The `jaxdec` console script.
 
     jaxdec demo [--preset P] [--max-new-tokens N]
-    jaxdec generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
-                    [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
+    jaxdec generate --model DIR (--prompt TEXT | --prompt-file PATH) [--max-new-tokens N]
+                    [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint")
     gen.add_argument("--model", required=True, help="HF safetensors directory with tokenizer.json")
-    gen.add_argument("--prompt", required=True, help="the text to continue")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompt-file", metavar="PATH",
+                        help="continue the text of this file ('-': standard input); only the "
+                        "continuation is printed")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64,
                      help="tokens to produce (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0,
@@ -101,14 +105,15 @@ def _generate(args) -> None:
     topology = jaxdec.tree.parse(args.tree) if args.tree else None
     if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
+    text, echo, source = _prompt_text(args)
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     model = model.with_attention(args.attention)
     if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json to encode --prompt with")
-    prompt = model.tokenizer.encode(args.prompt).ids
+        raise ValueError(f"{args.model} has no tokenizer.json to encode {source} with")
+    prompt = model.tokenizer.encode(text).ids
     if not prompt:
-        raise ValueError("--prompt encodes to no tokens")
+        raise ValueError(f"{source} encodes to no tokens")
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler,
                   key=jax.random.PRNGKey(args.seed),
                   stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
@@ -116,7 +121,7 @@ def _generate(args) -> None:
     drafter = _drafter(args, model)
     stream = None
     if args.stream:
-        print(args.prompt, end="", flush=True)
+        print(echo, end="", flush=True)
         stream = jaxdec.TextStream(model.tokenizer)
     started = time.perf_counter()
     if drafter is None:
@@ -127,7 +132,7 @@ def _generate(args) -> None:
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     if stream is None:
-        print(args.prompt + model.tokenizer.decode(tokens))
+        print(echo + model.tokenizer.decode(tokens))
     else:
         stream.close()
         print(flush=True)
@@ -139,6 +144,23 @@ def _generate(args) -> None:
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
     print("[" + ", ".join(facts) + "]")
+
+
+def _prompt_text(args) -> tuple[str, str, str]:
+    """(the text to continue, what to print before the continuation, its name in errors)."""
+    if args.prompt is not None:
+        return args.prompt, args.prompt, "--prompt"
+    if args.prompt_file == "-":
+        return sys.stdin.read(), "", "the standard input"
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read(), "", f"--prompt-file {args.prompt_file}"
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text: {e}") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompt-file {args.prompt_file} is a directory") from None
 
 
 def _drafter(args, model):

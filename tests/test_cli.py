@@ -1,5 +1,7 @@
 """The `jaxdec generate` command."""
 
+import io
+
 import jax
 import pytest
 
@@ -101,3 +103,37 @@ def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
     assert main(base + ["--prompt-lookup", "--tree", "star"]) == 2
     assert "bad tree spec" in capsys.readouterr().err
 
+
+
+def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, monkeypatch):
+    """A long prompt (a document for prompt lookup) comes from a file; only the continuation
+    is printed: the same as the continuation of --prompt with that text."""
+    text = "hello the fox\nquick brown"
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", text,
+                 "--max-new-tokens", "5", "--ignore-eos"]) == 0
+    echoed = capsys.readouterr().out
+    continuation = echoed[:echoed.rindex("\n[")][len(text):]
+    path = tmp_path / "prompt.txt"
+    path.write_text(text)
+    for source in (str(path), "-"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+        assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", source,
+                     "--max-new-tokens", "5", "--ignore-eos"]) == 0
+        out = capsys.readouterr().out
+        assert out[:out.rindex("\n[")] == continuation and "5 tokens" in out
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"), (b"\xff\xfe\x00", "is not UTF-8 text"), (b"", "encodes to no tokens")])
+def test_bad_prompt_file(tokenized_checkpoint, tmp_path, capsys, content, message):
+    path = tmp_path / "prompt.txt"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", str(path)]) == 2
+    assert f"--prompt-file {path}" in (err := capsys.readouterr().err) and message in err
+
+
+def test_prompt_and_prompt_file_exclude_one_another(tokenized_checkpoint, tmp_path):
+    for args in ([], ["--prompt", "x", "--prompt-file", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            main(["generate", "--model", tokenized_checkpoint, *args])
