@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                      default="auto", help="attention implementation (auto, the default: the "
                      "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "
                      "least 4 MiB, else the jnp reference)")
-    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="do not stop at the checkpoint's end-of-sequence ids (those of its "
+                     "generation_config.json and config.json)")
     gen.add_argument("--stream", action="store_true",
                      help="print the text as it is produced (a host round trip every step, "
                      "included in the tokens/s)")
