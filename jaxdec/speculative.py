@@ -301,8 +301,8 @@ def speculative_generate(
     max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
     if not isinstance(drafter, Drafter):
         raise TypeError(
-            "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval), "
-            f"got {type(drafter).__name__}"
+            "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval, "
+            f"or a subclass of jaxdec.drafters.Drafter), got {type(drafter).__name__}"
         )
     check_compile_only(compile_only, target=target, drafter=drafter)
     return_timings = check_bool("return_timings", return_timings)

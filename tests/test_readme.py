@@ -46,6 +46,17 @@ def test_quickstart_example_runs(tmp_path):
     assert "same tokens as generate(): True" in out
 
 
+def test_custom_drafter_example_runs(tmp_path):
+    """The example asserts its speculative tokens equal generate's; remembered answers are
+    drafted several tokens a step."""
+    assert "examples/custom_drafter.py" in README
+    out = subprocess.run([sys.executable, os.path.join(REPO, "examples", "custom_drafter.py")],
+                         cwd=tmp_path, env=ENV, check=True, capture_output=True, text=True,
+                         timeout=300).stdout
+    tau = float(re.search(r"asked again: ([0-9.]+) tokens per target forward", out).group(1))
+    assert tau > 3 and "a new prompt: " in out
+
+
 def test_ci_runs_the_readme_test_command():
     command = re.search(r"```bash\n(?:.*\n)*?(python -m pytest[^\n]*)\n", README.split(
         "## Run the tests")[1]).group(1)
