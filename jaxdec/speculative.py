@@ -23,13 +23,13 @@ from jax.experimental import io_callback
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool
-from jaxdec.drafters.base import Drafter
+from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
                              python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, as_topology
-from jaxdec.verify import check_proposal, emitted_tokens, verify
+from jaxdec.verify import ProposalKind, check_proposal, emitted_tokens, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,9 +172,9 @@ def speculative_padded(
         if profile:
             t0 = _clock(root)
             root = after_clock(t0, root)
-        proposal, dstate = drafter.propose(
+        proposal, dstate = _checked_proposal(drafter, drafter.propose(
             s.drafter_state, root, s.cache.lengths, jax.random.fold_in(step_key, 0),
-            topology=topology, sampler=sampler)
+            topology=topology, sampler=sampler), s.drafter_state, B, N, kind)
         tree = proposal.tree
         # Nodes past the cache's end are never accepted: near the end the tree is shallower.
         room = s.cache.lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :] < s.cache.max_len
@@ -208,6 +208,7 @@ def speculative_padded(
         out = s.out_BN.at[jnp.arange(B, dtype=jnp.int32)[:, None], slots].set(emitted, mode="drop")
         new_cache = commit(written, verdict.path, keep, prefix=proposal.chain)
         dstate = drafter.update(dstate, proposal, verdict, keep, emitted)
+        _check_state(drafter, "update", dstate, s.drafter_state)
         last = jnp.take_along_axis(emitted, jnp.maximum(keep - 1, 0)[:, None], axis=1)[:, 0]
         n_gen = s.n_gen_B + keep
         done = s.done_B | (active & stopped & (keep > 0)) | (n_gen >= max_new_tokens)
@@ -232,6 +233,45 @@ def speculative_padded(
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
     return ((s.out_BN, s.n_gen_B), stats, as_floats(s.cache) if bits else s.cache,
             (jnp.stack(stamps) if timed else None))
+
+
+def _checked_proposal(drafter, returned, state, B: int, N: int, kind):
+    """What `drafter.propose` returned, checked while the loop traces: a drafter of your own
+    that returns the wrong thing gets an error naming it and what was expected."""
+    name = f"{type(drafter).__name__}.propose"
+    if not (isinstance(returned, tuple) and len(returned) == 2):
+        raise TypeError(f"{name} must return (Proposal, state), got {type(returned).__name__}")
+    proposal, new_state = returned
+    if not isinstance(proposal, Proposal):
+        raise TypeError(f"{name} must return a jaxdec.drafters.Proposal first, got "
+                        f"{type(proposal).__name__}")
+    expected = dict(tokens=(B, N), parents=(B, N), depth=(B, N), valid=(B, N),
+                    ancestors=(B, N, N))
+    for field, shape in expected.items():
+        got = tuple(getattr(proposal.tree, field).shape)
+        if got != shape:
+            raise ValueError(f"{name}: tree.{field} has shape {got}, expected {shape} "
+                             f"({B} rows, the topology's {N} nodes)")
+    if proposal.kind is not kind:
+        raise ValueError(f"{name} returned a {proposal.kind} proposal where its proposal_kind "
+                         f"said {kind} (verification follows proposal_kind)")
+    if kind is not ProposalKind.DETERMINISTIC and (
+            proposal.q is None or tuple(proposal.q.shape[:2]) != (B, N)):
+        raise ValueError(f"{name}: sampled children need q [{B}, {N}, vocabulary], got "
+                         f"{None if proposal.q is None else tuple(proposal.q.shape)}")
+    _check_state(drafter, "propose", new_state, state)
+    return proposal, new_state
+
+
+def _check_state(drafter, method: str, got, want) -> None:
+    """The loop carries a drafter's state: each step's must be shaped like `init`'s."""
+    same = jax.tree.structure(got) == jax.tree.structure(want) and all(
+        (a.shape, a.dtype) == (b.shape, b.dtype)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    if not same:
+        shapes = lambda tree: jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", tree)  # noqa: E731
+        raise TypeError(f"{type(drafter).__name__}.{method} returned a state unlike init's "
+                        f"(the loop carries it): {shapes(got)} vs {shapes(want)}")
 
 
 @functools.partial(

@@ -2,6 +2,7 @@
 tree, the target's cache identical to plain decoding's, sampled output following the target's
 exact distribution (chi-square), tensor parallelism, and bad input."""
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -9,13 +10,15 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.scipy.special import gammaincc
 
 import jaxdec
 from jaxdec import tree
-from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
+from jaxdec.drafters import DraftModel, Drafter, PromptLookup, Proposal, Retrieval
+from jaxdec.verify import ProposalKind
 from program_deps import clocks_the_loop_waits_on, trace_program
 from runenv import FAST_CPU_COMPILES
 
@@ -469,6 +472,62 @@ def test_user_jax_modes_give_the_same_tokens(loaded, default_mode_tokens, mode):
         other = _every_entry_point(loaded(TARGET))
     for a, b in zip(default_mode_tokens, other, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RepeatRoot(Drafter):
+    """A drafter of one's own, the smallest: a chain of copies of the latest token (runs of
+    one token). `mistake` (static) makes it break one rule of the interface."""
+
+    offset: jax.Array  # a leaf, so the drafter is a pytree with data
+    mistake: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    def default_topology(self):
+        return tree.chain(3)
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len):
+        return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32)}
+
+    def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
+        B, D = root_B.shape[0], topology.max_depth
+        cand = jnp.broadcast_to(root_B[:, None, None] + self.offset, (B, 1, D))
+        drafted = tree.from_candidates(root_B, cand, jnp.ones((B, 1, D), bool),
+                                       topology.num_nodes)
+        if self.mistake == "shape":
+            drafted = dataclasses.replace(drafted, tokens=drafted.tokens[:, :-1])
+        kind = ProposalKind.IID if self.mistake == "kind" else ProposalKind.DETERMINISTIC
+        proposal = Proposal(tree=drafted, q=None, kind=kind, chain=True)
+        if self.mistake == "tuple":
+            return proposal
+        if self.mistake == "state":
+            return proposal, {"steps": state["steps"].astype(jnp.float32)}
+        return proposal, {"steps": state["steps"] + 1}
+
+    def update(self, state, proposal, verdict, n_commit_B, emitted_BL):
+        return {} if self.mistake == "update" else state
+
+
+def test_a_drafter_of_your_own(loaded):
+    """The Drafter interface from outside the library: exact output, and a clear error for
+    each rule a drafter's methods break (while the loop traces)."""
+    model = loaded(TARGET)
+    prompts = _prompts()
+    plain = jaxdec.generate(model, prompts, max_new_tokens=12)
+    for offset in (0, 1):
+        out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(offset)), prompts,
+                                          max_new_tokens=12)
+        np.testing.assert_array_equal(out.tokens, plain.tokens)
+    for mistake, error, match in [
+        ("tuple", TypeError, r"_RepeatRoot.propose must return \(Proposal, state\)"),
+        ("shape", ValueError, r"tree.tokens has shape \(3, 3\), expected \(3, 4\)"),
+        ("kind", ValueError, "returned a ProposalKind.IID proposal where its proposal_kind"),
+        ("state", TypeError, r"_RepeatRoot.propose returned a state unlike init's.*float32"),
+        ("update", TypeError, r"_RepeatRoot.update returned a state unlike init's"),
+    ]:
+        with pytest.raises(error, match=match):
+            jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), mistake), prompts,
+                                        max_new_tokens=4)
 
 
 def test_bad_drafters_and_trees(loaded):
