@@ -2,7 +2,8 @@
 
     jaxdec demo [--preset P] [--max-new-tokens N]
     jaxdec generate --model DIR (--prompt TEXT | --prompt-file PATH) [--max-new-tokens N]
-                    [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--tp N] [--dtype D] [--seed S]
+                    [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--tp N]
+                    [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]

@@ -265,13 +265,13 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind):
 
 def _check_state(drafter, method: str, got, want) -> None:
     """The loop carries a drafter's state: each step's must be shaped like `init`'s."""
-    same = jax.tree.structure(got) == jax.tree.structure(want) and all(
-        (a.shape, a.dtype) == (b.shape, b.dtype)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-    if not same:
-        shapes = lambda tree: jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", tree)  # noqa: E731
+    def types(tree):
+        return jax.tree.map(lambda x: f"{jnp.result_type(x)}{list(np.shape(x))}", tree)
+
+    if (jax.tree.structure(got) != jax.tree.structure(want)
+            or jax.tree.leaves(types(got)) != jax.tree.leaves(types(want))):
         raise TypeError(f"{type(drafter).__name__}.{method} returned a state unlike init's "
-                        f"(the loop carries it): {shapes(got)} vs {shapes(want)}")
+                        f"(the loop carries it): {types(got)} vs {types(want)}")
 
 
 @functools.partial(
