@@ -193,6 +193,13 @@ class ModelConfig:
             return max(self.max_position_embeddings, stretched)
         return self.max_position_embeddings
 
+    def describe_max_positions(self) -> str:
+        """Where `max_positions` comes from, for error messages."""
+        if self.max_positions == self.max_position_embeddings:
+            return f"max_position_embeddings={self.max_position_embeddings}"
+        return (f"YaRN's factor {self.rope.factor:g} x original_max_position_embeddings "
+                f"{self.rope.original_max_position_embeddings}")
+
     @property
     def q_per_kv(self) -> int:
         """Query heads per KV head (the GQA group size)."""
@@ -340,15 +347,10 @@ def _read_generation_config(source) -> dict[str, Any]:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as f:
-            generation = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        warnings.warn(f"ignoring {path}: {e}")
+        return _read_json_object(path)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"ignoring {e}")
         return {}
-    if not isinstance(generation, dict):
-        warnings.warn(f"ignoring {path}: it does not hold a JSON object")
-        return {}
-    return generation
 
 
 def _read_hf_config(source) -> dict[str, Any]:
@@ -357,14 +359,18 @@ def _read_hf_config(source) -> dict[str, Any]:
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json at {path}")
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            hf = json.load(f)
+            value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(hf, dict):
+    if not isinstance(value, dict):
         raise ValueError(f"{path} does not hold a JSON object")
-    return hf
+    return value
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:

@@ -467,13 +467,6 @@ def registered_stream(stream: Callable | None, batch: Batch):
         del _STREAMS[stream_id]
 
 
-def _positions_source(config) -> str:
-    if config.max_positions == config.max_position_embeddings:
-        return "max_position_embeddings"
-    return (f"YaRN's factor {config.rope.factor:g} x original_max_position_embeddings "
-            f"{config.rope.original_max_position_embeddings}")
-
-
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,
                   max_len: int | None, extra_slots: int = 0) -> Batch:
     """Validates everything before tracing and lays the prompts out.
@@ -496,7 +489,8 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     if needed > config.max_positions:
         raise ValueError(
             f"the longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {needed} "
-            f"exceeds the model's {config.max_positions} positions ({_positions_source(config)})"
+            f"exceeds the model's {config.max_positions} positions "
+            f"({config.describe_max_positions()})"
         )
     bucket = bucket_length(longest)
     if max_len is None:

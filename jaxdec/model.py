@@ -339,7 +339,7 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     if tokens.shape[1] > model.config.max_positions:
         raise ValueError(
             f"tokens length {tokens.shape[1]} exceeds the model's {model.config.max_positions} "
-            "positions (`ModelConfig.max_positions`: max_position_embeddings, longer with YaRN)"
+            f"positions ({model.config.describe_max_positions()})"
         )
     return _causal_logits(model, tokens.astype(jnp.int32))
 

@@ -229,7 +229,7 @@ def test_yarn_extends_the_positions(loaded):
     with pytest.raises(ValueError, match=r"129 exceeds the model's 128 positions \(YaRN's "
                                          r"factor 4 x original_max_position_embeddings 32\)"):
         jaxdec.generate(recipe, [[5] * 30], max_new_tokens=99)
-    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+    with pytest.raises(ValueError, match=r"exceeds the model's 128 positions \(YaRN's factor 4"):
         jaxdec.forward(recipe, np.ones((1, 129), np.int32))
 
 
