@@ -372,7 +372,7 @@ def compile_decode(model_fields: dict, layers: int, batch: int, prompt_len: int,
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
     mesh = jaxdec.make_mesh(devices=devices)
     model = jaxdec.abstract_model(config, dtype=jnp.bfloat16, mesh=mesh).with_attention(attention)
-    prompts = _prompts(config.vocab_size, batch, prompt_len).tolist()
+    prompts = _prompts(config.vocab_size, batch, prompt_len)
     if program == "lookup":
         return jaxdec.speculative_generate(model, PromptLookup(), prompts,
                                            max_new_tokens=new_tokens,

@@ -256,35 +256,13 @@ HBM_METHOD = "jax loop probes: (t(2n) - t(n)) / n"
 
 
 def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, float]:
-    """GB/s of two memory-bound JAX programs over an fp32 array of `nbytes`: 'jax x + 1'
-    (read + write: a copy's traffic) and 'jax sum' (read only, as attention and decode mostly
-    do). fp32, so the compiler has no dtype conversion to hoist out of the loop (an upcast of
-    a bf16 input would be loop-invariant). Each pass runs inside one jitted loop whose trip
-    count is an argument (never unrolled or fused across passes) and depends on the pass
-    before (nothing is hoisted), timed per pass by `jaxdec.train.loop.seconds_per_pass` (the
-    difference of 2n and n passes, so dispatch and synchronization cancel out)."""
-    import jax
-    import jax.numpy as jnp
+    """GB/s of `jaxdec.benchmark.memory_bandwidth`'s two probes ("jax x + 1": read + write,
+    "jax sum": read only) over an fp32 array of `nbytes`, each timed per pass inside one
+    jitted loop."""
+    from jaxdec.benchmark import memory_bandwidth
 
-    from jaxdec.train.loop import seconds_per_pass
-
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-
-    @jax.jit
-    def bump(n, a):
-        return jax.lax.fori_loop(0, n, lambda _, a: a + 1, a)
-
-    @jax.jit
-    def read(n, a):
-        def body(_, acc):
-            return acc + jnp.sum(a + acc * 1e-30)
-        return jax.lax.fori_loop(0, n, body, jnp.float32(0))
-
-    def per_pass(program) -> float:
-        return seconds_per_pass(program, x, passes=passes, trials=trials)
-
-    return {"jax x + 1": 2 * nbytes / per_pass(bump) / 1e9,
-            "jax sum": nbytes / per_pass(read) / 1e9}
+    return {f"jax {name}": gbps
+            for name, gbps in memory_bandwidth(nbytes, passes=passes, trials=trials).items()}
 
 
 def profile_kernels(run: Callable[[], object], *, top: int = 12) -> dict:

@@ -207,17 +207,21 @@ def param_count(model: dict) -> int:
     return V * E + model["num_layers"] * per_layer + E + lm_head
 
 
+def model_config(model: dict):
+    """The jaxdec.ModelConfig of a preset's model fields."""
+    from jaxdec import ModelConfig, RopeConfig
+
+    return ModelConfig(model_type="llama", dtype="bfloat16",
+                       **dict(model, rope=RopeConfig(**model["rope"])))
+
+
 def bytes_per_step(model: dict, batch: int, context: int) -> dict[str, int]:
-    """The bytes a decode step must read (see the module docstring): weights and KV cache."""
-    params = param_count(model) * BF16_BYTES
-    if model["tie_word_embeddings"]:
-        weights = params
-    else:
-        embed = model["vocab_size"] * model["hidden_size"] * BF16_BYTES
-        weights = params - embed + batch * model["hidden_size"] * BF16_BYTES
-    kv = (2 * model["num_layers"] * batch * context * model["num_kv_heads"]
-          * model["head_dim"] * BF16_BYTES)
-    return {"weight_bytes": weights, "kv_bytes": kv, "bytes_per_step": weights + kv}
+    """The bytes a decode step must read (see the module docstring): weights and KV cache
+    (`jaxdec.benchmark.decode_step_bytes`)."""
+    from jaxdec.benchmark import decode_step_bytes
+
+    need = decode_step_bytes(model_config(model), batch, context, dtype="bfloat16")
+    return {"weight_bytes": need.weights, "kv_bytes": need.kv, "bytes_per_step": need.total}
 
 
 def flops_per_step(model: dict, batch: int, context: int) -> int:
@@ -251,10 +255,11 @@ def add_roofline(record: dict, model: dict, hbm_gbps: float | None) -> dict:
 
 
 def _prompts(vocab_size: int, batch: int, length: int):
-    """The same random prompts for every impl: int64 [batch, length]."""
-    import numpy as np
+    """The same random prompts for every impl: [batch][length] ids
+    (`jaxdec.benchmark.random_prompts`)."""
+    from jaxdec.benchmark import random_prompts
 
-    return np.random.default_rng(PROMPT_SEED).integers(0, vocab_size, (batch, length))
+    return random_prompts(vocab_size, batch, length, seed=PROMPT_SEED)
 
 
 def _check_tokens(shape: tuple, batch: int, new_tokens: int) -> None:
@@ -296,8 +301,7 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
     import jaxdec
 
     emit("env", device=jax.devices()[0].device_kind, platform=jax.default_backend())
-    fields = dict(spec["model"], rope=jaxdec.RopeConfig(**spec["model"]["rope"]))
-    config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
+    config = model_config(spec["model"])
     N = spec["new_tokens"]
     # Every program compiles in a thread while the weights are drawn; nothing is measured
     # until they are done.
@@ -307,7 +311,7 @@ def run_jaxdec(spec: dict, emit: Callable[..., None], impls: list[str]) -> None:
     shapes = jaxdec.abstract_model(config, dtype=jnp.bfloat16)
     for impl in impls:
         for batch in spec["batch_sizes"]:
-            prompts = _prompts(config.vocab_size, batch, spec["prompt_len"]).tolist()
+            prompts = _prompts(config.vocab_size, batch, spec["prompt_len"])
             ahead.submit((impl, batch), functools.partial(
                 jaxdec.generate, shapes.with_attention(JAXDEC_ATTENTION[impl]).with_matmul(
                     JAXDEC_MATMUL.get(impl, "xla")), prompts,
@@ -339,7 +343,7 @@ def _time_jaxdec(model, impl: str, batch: int, spec: dict, emit, ahead, **fields
 
     N = spec["new_tokens"]
     try:
-        prompts = _prompts(model.config.vocab_size, batch, spec["prompt_len"]).tolist()
+        prompts = _prompts(model.config.vocab_size, batch, spec["prompt_len"])
 
         def run():
             res = jaxdec.generate(model, prompts, max_new_tokens=N, return_timings=True)

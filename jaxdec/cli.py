@@ -6,6 +6,9 @@
                     [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream]
+    jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
+                 [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
+                 [--repeats N] [--json PATH]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
     jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
@@ -22,6 +25,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +79,34 @@ def _parser() -> argparse.ArgumentParser:
                         help="speculative decoding with drafts retrieved from a directory of text")
     gen.add_argument("--tree", default=None,
                      help="draft tree: chain:K, kary:DEPTH:WIDTH or a JSON choices list")
+
+    bench = commands.add_parser(
+        "bench", help="greedy decode speed on this machine, against its memory bandwidth",
+        description="Greedy decode speed (tokens/s) of a model on this machine, and the "
+        "fraction it reaches of the limit memory bandwidth sets (the bytes a step must read "
+        "over the bandwidth measured in the same run). See jaxdec.benchmark.")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="an HF checkpoint directory (its own weights)")
+    what.add_argument("--shape", choices=_shape_names(),
+                      help="random weights of a public checkpoint's shape")
+    what.add_argument("--config", metavar="PATH",
+                      help="random weights of the shape an HF config.json (or its directory) "
+                      "describes")
+    bench.add_argument("--batch-sizes", type=_positive_ints, default=(1,),
+                       help="rows decoded together, e.g. 1,16 (default 1)")
+    bench.add_argument("--context", type=_positive_int, default=2048,
+                       help="average cached tokens a decode step attends to (default 2048)")
+    bench.add_argument("--new-tokens", type=_positive_int, default=128,
+                       help="tokens produced per row (default 128)")
+    bench.add_argument("--dtype", default=None,
+                       help="parameter dtype (default: the checkpoint's; bfloat16 for random "
+                       "weights)")
+    bench.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    bench.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
+                       default="auto", help="attention implementation (default auto)")
+    bench.add_argument("--repeats", type=_positive_int, default=3,
+                       help="timed runs after one warm-up (the median is reported; default 3)")
+    bench.add_argument("--json", metavar="PATH", help="also write the records to this file")
 
     demo = commands.add_parser("demo", help="train (once) and run jaxdec's demo models")
     demo.add_argument("--preset", default=None,
@@ -180,6 +221,60 @@ def _drafter(args, model):
     return None
 
 
+def _shape_names() -> list[str]:
+    from jaxdec.benchmark import SHAPES
+
+    return sorted(SHAPES)
+
+
+def _bench(args) -> None:
+    import json
+    import os
+
+    import jax
+
+    import jaxdec
+    from jaxdec import benchmark
+    from jaxdec.model import param_dtype
+
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
+    mesh = jaxdec.make_mesh(tp=args.tp)
+    if args.model:
+        model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+        what = f"{args.model} ({param_dtype(model)} weights)"
+    else:
+        if args.shape:
+            config, name = benchmark.SHAPES[args.shape], f"{args.shape} shape"
+        else:
+            config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
+        dtype = args.dtype or "bfloat16"
+        model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype, mesh=mesh)
+        what = f"{name}, random {param_dtype(model)} weights"
+    model = model.with_attention(args.attention)
+    bandwidths = benchmark.memory_bandwidth()
+    devices = jax.devices()[0]
+    print(f"jaxdec bench: {what}; {mesh.devices.size} x {devices.device_kind} "
+          f"({devices.platform}), jax {jax.__version__}")
+    print("memory bandwidth measured per device: "
+          + ", ".join(f"{name} {gbps:.0f} GB/s" for name, gbps in bandwidths.items())
+          + " (the limit: the larger, times the devices)", flush=True)
+    records = benchmark.decode_speed(
+        model, args.batch_sizes, context=args.context, new_tokens=args.new_tokens,
+        repeats=args.repeats, bandwidth_gbps=max(bandwidths.values()))
+    print(benchmark.format_table(records))
+    print("tokens/s: decode tokens over all rows; GB/step: the weights and KV cache a step "
+          "must read; of limit: their rate over the bandwidth limit")
+    if args.json:
+        for record in records:
+            record.update(model=what, bandwidths_gbps=bandwidths)
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, args.json)
+
+
 def _train(args) -> None:
     from jaxdec.train import train_draft, train_lm
 
@@ -201,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdec.train.loop import Interrupted
 
     args = _parser().parse_args(argv)
-    run = {"generate": _generate, "train": _train, "demo": _demo}[args.command]
+    run = {"generate": _generate, "bench": _bench, "train": _train,
+           "demo": _demo}[args.command]
     try:
         run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

@@ -80,8 +80,12 @@ def dp_size(mesh: Mesh) -> int:
 
 
 def check_divisibility(config, mesh: Mesh) -> None:
+    """Raises a ValueError naming `tp` when the model cannot be split over the mesh's tp axis."""
+    check_tp_split(config, tp_size(mesh))
+
+
+def check_tp_split(config, tp: int) -> None:
     """Raises a ValueError naming `tp` when the model cannot be split tp ways."""
-    tp = tp_size(mesh)
     if config.num_heads % tp:
         raise ValueError(f"tp={tp} does not divide the model's {config.num_heads} attention heads")
     kv = config.num_kv_heads

@@ -1,0 +1,167 @@
+"""jaxdec.benchmark (decode speed against the memory-bandwidth limit) and `jaxdec bench`."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxdec
+from jaxdec import benchmark
+from jaxdec.cli import main
+
+TINY = benchmark.SHAPES["tiny"]
+
+
+def test_step_bytes_of_the_tiny_shape_by_hand():
+    # Per layer: qkv 64 x (4 + 2 + 2) x 16, o 4 x 16 x 64, gate|up and down 3 x 64 x 128, two
+    # norms of 64: 36992 values; two layers, embedding 256 x 64, final norm, lm_head 64 x 256.
+    params = 2 * 36992 + 256 * 64 + 64 + 64 * 256
+    need = benchmark.decode_step_bytes(TINY, batch=3, context=100)
+    # Of the embedding only the 3 rows looked up; bf16.
+    assert need.weights == (params - 256 * 64 + 3 * 64) * 2
+    # 2 layers x (k, v) x 3 rows x 100 tokens x 2 heads x 16.
+    assert need.kv == 2 * 2 * 3 * 100 * 2 * 16 * 2
+    assert need.total == need.weights + need.kv
+    assert benchmark.decode_step_bytes(TINY, 3, 100, dtype=jnp.float32).weights == \
+        2 * need.weights
+
+
+@pytest.mark.parametrize("changes,tp", [
+    ({}, 1),
+    ({}, 2),
+    (dict(tie_word_embeddings=True, qkv_bias=True, o_bias=True, mlp_bias=True,
+          vocab_size=255), 4),  # padded vocabulary, every bias
+    (dict(num_kv_heads=1, tie_word_embeddings=True), 4),  # the one KV head repeated 4 ways
+])
+def test_step_bytes_count_the_params_and_cache_jaxdec_allocates(changes, tp):
+    config = dataclasses.replace(TINY, **changes)
+    mesh = jaxdec.make_mesh(tp=tp)
+    model = jaxdec.abstract_model(config, dtype=jnp.bfloat16, mesh=mesh)
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    embed = model.params["embed"]
+    lookup = 0 if config.tie_word_embeddings else embed.size * 2 - 5 * config.hidden_size * 2
+    cache = jaxdec.init_cache(config, 5, 40, dtype=jnp.bfloat16, mesh=mesh, abstract=True)
+    kv = sum(x.size * x.dtype.itemsize for layer in cache.layers for x in (layer.k, layer.v))
+    need = benchmark.decode_step_bytes(config, batch=5, context=40, tp=tp)
+    assert (need.weights, need.kv) == (params - lookup, kv)
+
+
+def test_sliding_window_layers_read_their_window():
+    config = dataclasses.replace(TINY, model_type="mistral", layer_windows=(16, None))
+    full = benchmark.decode_step_bytes(TINY, 1, 64)
+    assert benchmark.decode_step_bytes(config, 1, 64).kv == full.kv * (16 + 64) // 128
+    assert benchmark.decode_step_bytes(config, 1, 8).kv == \
+        benchmark.decode_step_bytes(TINY, 1, 8).kv
+
+
+def test_llama3_8b_shape():
+    model = jaxdec.abstract_model(benchmark.SHAPES["llama3-8b"], dtype=jnp.bfloat16)
+    assert sum(x.size for x in jax.tree.leaves(model.params)) == 8_030_261_248
+    need = benchmark.decode_step_bytes(benchmark.SHAPES["llama3-8b"], 1, 2048)
+    assert need.kv == 2 * 32 * 2048 * 8 * 128 * 2  # 268 MB
+    assert round(need.total / 1e9, 2) == 15.28
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: benchmark.decode_step_bytes({"hidden_size": 1}, 1, 1), "config must be"),
+    (lambda: benchmark.decode_step_bytes(TINY, 0, 1), "batch"),
+    (lambda: benchmark.decode_step_bytes(TINY, 1, 1, tp=3), "tp=3 does not divide"),
+    (lambda: benchmark.memory_bandwidth(2), "nbytes must be >= 4"),
+    (lambda: benchmark.prompt_length(4, 8), "context=4 leaves no prompt"),
+])
+def test_bad_arguments(call, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        call()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return jaxdec.init_model(TINY, jax.random.PRNGKey(0), dtype=jnp.bfloat16)
+
+
+def test_decode_speed_records(tiny_model):
+    records = benchmark.decode_speed(tiny_model, (1, 2), context=24, new_tokens=6, repeats=2,
+                                     bandwidth_gbps=10.0)
+    assert [r["batch"] for r in records] == [1, 2]
+    for r in records:
+        need = benchmark.decode_step_bytes(TINY, r["batch"], 24)
+        assert r["prompt_len"] == 21 and r["bytes_per_step"] == need.total
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 5 / r["decode_s"])
+        assert r["step_ms"] == pytest.approx(r["decode_s"] / 5 * 1e3)
+        assert r["achieved_gbps"] == pytest.approx(need.total / (r["step_ms"] / 1e3) / 1e9)
+        assert r["fraction"] == pytest.approx(r["achieved_gbps"] / 10.0)
+        assert r["roofline_tokens_per_s"] == pytest.approx(r["batch"] * 10e9 / need.total)
+        assert r["tokens_per_s"] / r["roofline_tokens_per_s"] == pytest.approx(r["fraction"])
+        assert r["prefill_s"] > 0 and r["compile_s"] >= 0
+        assert (r["device"], r["devices"], r["dtype"]) == ("cpu", 1, "bfloat16")
+    assert benchmark.format_table(records).count("\n") == 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_sizes=()), "batch_sizes must be a non-empty sequence"),
+    (dict(batch_sizes=(1, 0)), "batch_sizes must be an int >= 1"),
+    (dict(new_tokens=1), "new_tokens must be >= 2"),
+    (dict(context=3, new_tokens=8), "context=3 leaves no prompt"),
+    (dict(context=8192), "beyond the model's 8192"),
+    (dict(bandwidth_gbps=0), "bandwidth_gbps must be a number > 0"),
+])
+def test_decode_speed_bad_arguments(tiny_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.decode_speed(tiny_model, **kwargs)
+
+
+def test_decode_speed_needs_weights():
+    with pytest.raises(ValueError, match="shapes only"):
+        benchmark.decode_speed(jaxdec.abstract_model(TINY))
+    with pytest.raises(TypeError, match="model must be"):
+        benchmark.decode_speed(TINY)
+
+
+def test_memory_bandwidth_probes():
+    probes = benchmark.memory_bandwidth(1 << 20, passes=2, trials=1)
+    assert sorted(probes) == ["sum", "x + 1"] and all(v > 0 for v in probes.values())
+
+
+def test_cli_bench_from_a_config(tmp_path, capsys):
+    config_dir = tmp_path / "shape"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(json.dumps(TINY.to_hf()))
+    out = tmp_path / "records.json"
+    assert main(["bench", "--config", str(config_dir), "--batch-sizes", "1,2", "--context",
+                 "24", "--new-tokens", "6", "--repeats", "1", "--tp", "2",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "random bfloat16 weights; 2 x cpu" in text and "memory bandwidth" in text
+    records = json.loads(out.read_text())
+    assert [r["batch"] for r in records] == [1, 2]
+    assert all(r["devices"] == 2 and r["context"] == 24 and "x + 1" in r["bandwidths_gbps"]
+               for r in records)
+    assert records[0]["bytes_per_step"] == benchmark.decode_step_bytes(TINY, 1, 24, tp=2).total
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shape", "tiny", "--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--shape", "tiny", "--context", "3", "--new-tokens", "8"], "context=3 leaves no prompt"),
+    (["--shape", "tiny", "--tp", "3"], "tp=3 does not divide"),
+    (["--config", "/nonexistent/dir"], "nonexistent"),
+])
+def test_cli_bench_bad_arguments(capsys, args, message):
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bench_unknown_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--shape", "llama-9000"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_bench_a_checkpoint(tokenized_checkpoint, capsys):
+    assert main(["bench", "--model", tokenized_checkpoint, "--context", "16", "--new-tokens",
+                 "4", "--repeats", "1", "--attention", "reference"]) == 0
+    header, bandwidth, table, first, note = capsys.readouterr().out.strip().split("\n")
+    assert f"{tokenized_checkpoint} (float32 weights); 1 x cpu" in header
+    assert table.split()[:3] == ["batch", "context", "tokens/s"]
+    assert first.split()[:2] == ["1", "16"]
