@@ -210,6 +210,50 @@ def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
     return dense(hidden, down_FE, matmul).astype(hidden.dtype)
 
 
+# A prefill's MLP runs over at most this many tokens at a time (a `lax.map` over chunks of
+# the shard's tokens): its [tokens, 2F] gate|up product and [tokens, F] SwiGLU output were
+# the largest buffers of a long prompt's prefill. Llama-3-8B shapes compiled for an H100 with
+# cuDNN's attention, prompt of 32K tokens: 3.64 GB of temporaries whole, 1.71 GB in chunks
+# of 4096 (each chunk's products are still large matmuls). Decode never reaches it.
+PREFILL_MLP_CHUNK_TOKENS = 4096
+_MIN_MLP_CHUNK_TOKENS = 1024  # smaller chunks than this: not worth a loop (no chunking)
+
+
+def mlp_chunk_tokens(tokens: int, max_tokens: int = PREFILL_MLP_CHUNK_TOKENS) -> int | None:
+    """The tokens per chunk for a chunked MLP over `tokens` tokens: the largest divisor of
+    `tokens` in [min(1024, max_tokens), max_tokens], or None (run it whole) when `tokens` is at
+    most `max_tokens` or no divisor is in range (jaxdec's prompt buckets are multiples of
+    1024 past 1024 tokens, so one is)."""
+    if tokens <= max_tokens:
+        return None
+    low = min(_MIN_MLP_CHUNK_TOKENS, max_tokens)
+    return next((size for size in range(max_tokens, low - 1, -1) if tokens % size == 0), None)
+
+
+def chunked_gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
+                      matmul: MatmulImpl = MatmulImpl.XLA, *,
+                      max_tokens: int | None = None) -> jax.Array:
+    """`gated_mlp` over the B * T tokens `max_tokens` (default `PREFILL_MLP_CHUNK_TOKENS`) or
+    fewer at a time (`mlp_chunk_tokens`; whole where it gives None), one chunk after another
+    in a `lax.map`: every token's result as `gated_mlp`'s, with the [tokens, 2F] and
+    [tokens, F] activations of one chunk alive at a time."""
+    B, T, E = x_BTE.shape
+    size = mlp_chunk_tokens(B * T, max_tokens or PREFILL_MLP_CHUNK_TOKENS)
+    if size is None:
+        return gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F, inv_rms_BT1, matmul)
+    chunks = B * T // size
+    xs = [x_BTE.reshape(chunks, 1, size, E)]
+    if inv_rms_BT1 is not None:
+        xs.append(inv_rms_BT1.reshape(chunks, 1, size, 1))
+
+    def one(parts):
+        return gated_mlp(parts[0], gate_up_E2F, down_FE, bias_2F,
+                         parts[1] if len(parts) > 1 else None, matmul)
+
+    out = jax.lax.map(one, tuple(xs))
+    return out.reshape(B, T, out.shape[-1])
+
+
 # --------------------------------------------------------------------------- attention
 
 

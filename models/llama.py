@@ -205,10 +205,13 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
 
 
 def _mlp_block(layer: dict, x_BTE, inv_rms_BT1, config: ModelConfig,
-               matmul=L.MatmulImpl.XLA):
-    """x_BTE and inv_rms_BT1: the MLP norm's output (`L.pre_projection_norm`)."""
-    out = jax.lax.psum(L.gated_mlp(x_BTE, layer["gate_up"], layer["down"],
-                                   layer.get("gate_up_bias"), inv_rms_BT1, matmul), TP)
+               matmul=L.MatmulImpl.XLA, prefill: bool = False):
+    """x_BTE and inv_rms_BT1: the MLP norm's output (`L.pre_projection_norm`). `prefill`: in
+    chunks of tokens where there are many (`L.chunked_gated_mlp`: a long prompt's
+    activations)."""
+    mlp = L.chunked_gated_mlp if prefill else L.gated_mlp
+    out = jax.lax.psum(mlp(x_BTE, layer["gate_up"], layer["down"],
+                           layer.get("gate_up_bias"), inv_rms_BT1, matmul), TP)
     if config.mlp_bias:
         out = out + layer["down_bias"][None, None]
     return out
@@ -242,7 +245,8 @@ def forward(
       config: the model config; tp: the tensor-parallel degree (static); attention: the
         attention implementation (static); matmul: the projections' (static, `L.MatmulImpl`);
         fresh: the cache holds nothing before these tokens (static; see
-        `jaxdec.model.forward_with_cache`).
+        `jaxdec.model.forward_with_cache`): a prefill, whose MLP runs in chunks of tokens
+        where there are many (`L.chunked_gated_mlp`).
     Returns:
       (logits [B, N or T, V/tp] fp32 for this shard's vocabulary rows,
        hidden [B, T, E] after the final norm, the updated cache or None).
@@ -261,7 +265,7 @@ def forward(
         )
         x = x + attn
         h, inv_rms = L.pre_projection_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        x = x + _mlp_block(layer, h, inv_rms, config, matmul)
+        x = x + _mlp_block(layer, h, inv_rms, config, matmul, prefill=fresh)
         new_entries.append(entry)
     hidden = L.rms_norm(x, params["final_norm"], config.rms_norm_eps)
     picked = hidden

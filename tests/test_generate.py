@@ -307,6 +307,33 @@ def test_a_fresh_prefill_attends_as_through_the_empty_cache(loaded):
                            mask_BTT=jnp.ones((2, 12, 12), bool))
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_long_prefill_runs_its_mlp_in_chunks_with_the_same_tokens(monkeypatch, tp):
+    """A prefill of more than `PREFILL_MLP_CHUNK_TOKENS` tokens (lowered to 16 here) runs its
+    MLP chunk by chunk: a ragged batch's greedy tokens are those of full forwards (which never
+    chunk), on one device and under tensor parallelism."""
+    from jaxdec.models import layers as L
+
+    sizes = []
+    chunk_tokens = L.mlp_chunk_tokens
+    monkeypatch.setattr(L, "PREFILL_MLP_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(L, "mlp_chunk_tokens", lambda *a: sizes.append(chunk_tokens(*a)) or
+                        sizes[-1])
+    # A config no other test compiles for (a program cached before the patch would not chunk).
+    config = jaxdec.ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(7), mesh=jaxdec.make_mesh(tp=tp),
+                              std=0.3)
+    prompts = _prompts((30, 45), seed=3)
+    got = jaxdec.generate(model, prompts, max_new_tokens=5).to_lists()
+    assert 16 in sizes  # the prefill's 2 x 64 tokens in chunks of 16
+    for prompt, tokens in zip(prompts, got):
+        row = list(prompt)
+        for _ in range(5):
+            row.append(int(jnp.argmax(jaxdec.forward(model, jnp.asarray([row]))[0, -1])))
+        assert tokens == row[len(prompt):]
+
+
 def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(loaded):
     """`abstract_model` + `compile_only`: the program compiles before the weights exist, and
     the loaded model's first call finds it (same config, dtype and mesh)."""

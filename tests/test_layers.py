@@ -54,6 +54,37 @@ def test_pre_projection_norm_factors_only_a_few_tokens():
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,limit,size", [
+    (4096, 4096, None),  # at most the limit: whole
+    (5120, 4096, 2560),  # a 5120-token prompt bucket: two chunks
+    (8192, 4096, 4096),
+    (6400, 4096, 3200),  # batch 100 x 64 tokens
+    (4099 * 2, 4096, None),  # no divisor in [1024, 4096]: whole
+    (64, 16, 16),  # a limit under 1024 is its own lower bound
+    (60, 16, None),
+])
+def test_mlp_chunk_tokens(tokens, limit, size):
+    assert L.mlp_chunk_tokens(tokens, limit) == size
+
+
+@pytest.mark.parametrize("bias,factored", [(False, False), (True, True)])
+def test_chunked_gated_mlp_equals_the_whole(bias, factored):
+    """Chunks of 8 of 2 x 12 tokens (3 in a lax.map), with and without a bias and the
+    factored norm's row scale: every token's output as the whole MLP's."""
+    rs = np.random.RandomState(2)
+    x = jnp.asarray(rs.randn(2, 12, 8).astype(np.float32))
+    w_up = jnp.asarray(rs.randn(8, 2, 16).astype(np.float32) / 3)
+    w_down = jnp.asarray(rs.randn(16, 8).astype(np.float32) / 4)
+    b = jnp.asarray(rs.randn(2, 16).astype(np.float32)) if bias else None
+    inv_rms = jnp.asarray(rs.rand(2, 12, 1).astype(np.float32) + 0.5) if factored else None
+    whole = L.gated_mlp(x, w_up, w_down, b, inv_rms)
+    chunked = jax.jit(functools.partial(L.chunked_gated_mlp, max_tokens=8))(
+        x, w_up, w_down, b, inv_rms)
+    assert "while" in jax.jit(functools.partial(L.chunked_gated_mlp, max_tokens=8)).lower(
+        x, w_up, w_down, b, inv_rms).as_text()
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_kernels_are_picked_for_the_platform_in_use():
     """`use_platform` (what forward_with_cache sets from the model's mesh) decides the kernel,
     not the default backend; outside it, the default backend does."""
