@@ -263,20 +263,76 @@ def load_tokenizer(directory: str):
         raise CheckpointError(f"corrupt tokenizer file {path}: {e}") from None
 
 
+def hub_cache_dir() -> str:
+    """Where Hugging Face tools keep downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub,
+    else ~/.cache/huggingface/hub (huggingface_hub's order; nothing is created)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def checkpoint_dir(path: str | os.PathLike) -> str:
+    """The directory a checkpoint's files are in: `path` itself when it is a directory (a
+    model's folder in the Hugging Face cache, `models--org--name`, resolves to the snapshot its
+    `refs/main` names), else `path` read as a model id ("org/name") of a model already in the
+    Hugging Face cache (`hub_cache_dir`): its main snapshot. jaxdec downloads nothing."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if os.path.isdir(text):
+        return _snapshot(text) if _is_cached_repo(text) else text
+    cache = hub_cache_dir()
+    parts = text.split("/")
+    if text and not text.startswith((".", "~")) and len(parts) <= 2 and all(parts):
+        repo = os.path.join(cache, "models--" + "--".join(parts))
+        if _is_cached_repo(repo):
+            return _snapshot(repo)
+    raise FileNotFoundError(
+        f"checkpoint directory {text} does not exist" + (
+            f", nor is {text!r} a model in the Hugging Face cache ({cache}); jaxdec downloads "
+            f"nothing: fetch it first (e.g. `huggingface-cli download {text}`)"
+            if len(parts) <= 2 and all(parts) else ""))
+
+
+def _is_cached_repo(directory: str) -> bool:
+    return (os.path.basename(os.path.normpath(directory)).startswith("models--")
+            and os.path.isdir(os.path.join(directory, "snapshots")))
+
+
+def _snapshot(repo: str) -> str:
+    """The snapshot of a cached model's folder that refs/main names, or its only snapshot."""
+    snapshots = os.path.join(repo, "snapshots")
+    ref = os.path.join(repo, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            commit = f.read().strip()
+        if os.path.isdir(os.path.join(snapshots, commit)):
+            return os.path.join(snapshots, commit)
+        raise FileNotFoundError(f"{ref} names snapshot {commit!r}, which {snapshots} lacks "
+                                "(an interrupted download?)")
+    found = sorted(d for d in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, d)))
+    if len(found) == 1:
+        return os.path.join(snapshots, found[0])
+    raise FileNotFoundError(
+        f"{repo} has no refs/main and {len(found)} snapshots ({', '.join(found) or 'none'}): "
+        "pass the snapshot directory you want")
+
+
 def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     """Loads an HF safetensors directory (Llama, Mistral, Qwen2 families).
 
     Args:
-      path: directory with config.json and model.safetensors (or a sharded index).
+      path: directory with config.json and model.safetensors (or a sharded index); or the id
+        ("org/name") of a model already in the Hugging Face cache (see `checkpoint_dir`).
       dtype: parameter dtype (e.g. jnp.bfloat16); None keeps the checkpoint's declared dtype.
       mesh: the mesh to shard over (`jaxdec.make_mesh(tp=...)`); None is one device.
     Returns:
       A Model whose params are placed with the mesh's sharding; `.tokenizer` is set when the
       directory has tokenizer.json.
     """
-    directory = os.fspath(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    directory = checkpoint_dir(path)
     config = ModelConfig.from_hf(directory)
     dtype = _resolve_dtype(dtype, config)
     mesh = parallel.resolve_mesh(mesh)

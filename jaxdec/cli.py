@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdec", description="Fast, exact LLM decoding in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint")
-    gen.add_argument("--model", required=True, help="HF safetensors directory with tokenizer.json")
+    gen.add_argument("--model", required=True,
+                     help="HF safetensors directory with tokenizer.json, or the id (org/name) "
+                     "of a model in the Hugging Face cache")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", metavar="PATH",
@@ -72,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                      "included in the tokens/s)")
     method = gen.add_mutually_exclusive_group()
     method.add_argument("--draft", default=None,
-                        help="speculative decoding with this draft model (HF directory)")
+                        help="speculative decoding with this draft model (HF directory or "
+                        "cached model id)")
     method.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding with drafts copied from the prompt")
     method.add_argument("--retrieval", default=None, metavar="CORPUS",
@@ -86,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
         "fraction it reaches of the limit memory bandwidth sets (the bytes a step must read "
         "over the bandwidth measured in the same run). See jaxdec.benchmark.")
     what = bench.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="an HF checkpoint directory (its own weights)")
+    what.add_argument("--model", help="an HF checkpoint directory or cached model id (its own "
+                      "weights)")
     what.add_argument("--shape", choices=_shape_names(),
                       help="random weights of a public checkpoint's shape")
     what.add_argument("--config", metavar="PATH",

@@ -190,6 +190,58 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def _hub_cache(root, checkpoint, repo="models--org--tiny", commit="0123abcd", ref=True):
+    """A Hugging Face cache holding `checkpoint` as huggingface_hub lays one out: files in
+    blobs/, the snapshot's entries symlinks to them, refs/main naming the snapshot."""
+    repo_dir = root / repo
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, name in enumerate(sorted(os.listdir(checkpoint))):
+        blob = repo_dir / "blobs" / f"blob{i}"
+        shutil.copy(os.path.join(checkpoint, name), blob)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
+    if ref:
+        (repo_dir / "refs").mkdir()
+        (repo_dir / "refs" / "main").write_text(commit)
+    return repo_dir
+
+
+def test_load_a_model_from_the_hugging_face_cache(hf_checkpoints, loaded, tmp_path,
+                                                  monkeypatch):
+    """By model id (HF_HUB_CACHE, else HF_HOME/hub), or the cached model's folder: its
+    refs/main snapshot, whose files are symlinks into blobs/."""
+    from jaxdec.checkpoint import checkpoint_dir, hub_cache_dir
+
+    repo = _hub_cache(tmp_path / "hub", hf_checkpoints("llama-gqa")[0])
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert hub_cache_dir() == str(tmp_path / "hub")
+    snapshot = str(repo / "snapshots" / "0123abcd")
+    assert checkpoint_dir("org/tiny") == checkpoint_dir(repo) == snapshot
+    assert checkpoint_dir(snapshot) == snapshot
+    _params_equal(jaxdec.load_pretrained("org/tiny").params, loaded("llama-gqa").params)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match=r"nor is 'org/tiny' a model in the Hugging "
+                       r"Face cache \(.*elsewhere\); jaxdec downloads nothing"):
+        jaxdec.load_pretrained("org/tiny")
+
+
+def test_hugging_face_cache_folders_without_a_clear_snapshot(hf_checkpoints, tmp_path):
+    from jaxdec.checkpoint import checkpoint_dir
+
+    source = hf_checkpoints("llama-gqa")[0]
+    one = _hub_cache(tmp_path, source, repo="models--a--one", ref=False)
+    assert checkpoint_dir(one) == str(one / "snapshots" / "0123abcd")  # the only snapshot
+    (one / "snapshots" / "4567").mkdir()
+    with pytest.raises(FileNotFoundError, match="no refs/main and 2 snapshots"):
+        checkpoint_dir(one)
+    broken = _hub_cache(tmp_path, source, repo="models--a--broken")
+    (broken / "refs" / "main").write_text("feedbeef")
+    with pytest.raises(FileNotFoundError, match="names snapshot 'feedbeef'"):
+        jaxdec.load_pretrained(broken)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
