@@ -266,7 +266,9 @@ class AttentionImpl(enum.Enum):
       CUDNN for causal blocks with no cache (training, `jaxdec.forward`) where cuDNN works
       for the shapes (`fused_causal_usable`, resolved by `jaxdec.model.forward_with_cache`);
       on CPU, a cache of `BLOCKED_MIN_SLOTS` or more walked in blocks up to the rows'
-      furthest slot (`tree_attention.Impl.BLOCKED`, jnp); the jnp reference otherwise.
+      furthest slot (`tree_attention.Impl.BLOCKED`, jnp); a prefill longer than a query
+      chunk that cuDNN does not run (TPU, CPU, fp32) walks its keys in blocks too, chunk by
+      chunk (`attention`'s `prefill`); the jnp reference otherwise.
     REFERENCE: always the jnp reference.
     PALLAS: the backend's kernel where it takes the shapes; raises on a backend without one.
     PALLAS_INTERPRET: the GPU kernel through Pallas's interpreter on any backend (tests).
@@ -356,6 +358,7 @@ def attention(
     window: int | None = None,
     impl: AttentionImpl = AttentionImpl.AUTO,
     query_chunk: int = 512,
+    prefill: bool = False,
 ) -> jax.Array:
     """The one attention entry point: T new queries against a row's cache.
 
@@ -375,6 +378,11 @@ def attention(
       impl: see `AttentionImpl`. The kernel path differentiates through the reference.
       query_chunk: causal blocks longer than this (long prefills) are processed this many
         queries at a time, so memory grows with chunk x S instead of T x S.
+      prefill: static; no gradient will be taken (a prompt's prefill): unless `impl` is
+        REFERENCE, each query chunk of a long causal block then walks only the keys up to its
+        own last position, in blocks of `PREFILL_KEY_BLOCK` (`tree_attention.Impl.BLOCKED`'s
+        online softmax), so memory grows with chunk x block instead of chunk x S and the keys
+        a chunk cannot see are skipped.
     Returns:
       [B, T, H, D] in the query dtype.
     """
@@ -403,7 +411,8 @@ def attention(
             q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=mask_BTT
         )
     return _causal_in_query_chunks(
-        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk
+        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, window=window, chunk=query_chunk,
+        blocked=prefill and impl is not AttentionImpl.REFERENCE,
     )
 
 
@@ -462,10 +471,20 @@ def _rematerialized(fn, **static):
     return jax.checkpoint(functools.partial(fn, **static))
 
 
-def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, window, chunk):
+# Keys a step of a long prefill's blocked attention scores per query chunk (`attention`'s
+# `prefill`): [chunk, heads, block] fp32 scores a step, 64 MiB for 512 queries of 32 heads.
+# The reference scored every slot: Llama-3-8B shapes compiled for an H100, a 32K-token
+# prompt, reference attention: 2 GiB of scores a chunk.
+PREFILL_KEY_BLOCK = 1024
+
+
+def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, window, chunk,
+                            blocked: bool = False):
     """Causal attention one query chunk at a time (`lax.map`). For chunk i, the new tokens of
     earlier chunks are simply part of the cached prefix (length + i * chunk), which is exact
-    because a causal block's token t sits at slot length + t with position length + t."""
+    because a causal block's token t sits at slot length + t with position length + t.
+    `blocked`: each chunk through `tree_attention_blocked` (no gradient: its loop's trip count
+    is traced), which visits only the blocks of keys the chunk's queries may see."""
     B, T, H, D = q_BTHD.shape
     n = -(-T // chunk)
     pad = n * chunk - T
@@ -474,7 +493,11 @@ def _causal_in_query_chunks(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, *, 
     q_nBCHD = q.reshape(B, n, chunk, H, D).swapaxes(0, 1)
     pos_nBC = positions.reshape(B, n, chunk).swapaxes(0, 1)
 
-    reference = _rematerialized(attention_reference, window=window)
+    if blocked:
+        reference = functools.partial(tree_attention.blocked.tree_attention_blocked,
+                                      window=window, block=PREFILL_KEY_BLOCK)
+    else:
+        reference = _rematerialized(attention_reference, window=window)
 
     def one(args):
         i, q_BCHD, pos_BC = args

@@ -193,7 +193,7 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
         kv_entry = kv_entry.write(k, v, lengths_B)
         keys, values = (k, v) if fresh else (kv_entry.k, kv_entry.v)
     attn = L.attention(q, keys, values, None if fresh else lengths_B, positions_BT,
-                       mask_BTT=mask_BTT, window=window, impl=impl)
+                       mask_BTT=mask_BTT, window=window, impl=impl, prefill=fresh)
     if matmul is L.MatmulImpl.XLA:
         out = jnp.einsum("bthd,hde->bte", attn, layer["o"])
     else:

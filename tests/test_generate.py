@@ -308,25 +308,31 @@ def test_a_fresh_prefill_attends_as_through_the_empty_cache(loaded):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_a_long_prefill_runs_its_mlp_in_chunks_with_the_same_tokens(monkeypatch, tp):
-    """A prefill of more than `PREFILL_MLP_CHUNK_TOKENS` tokens (lowered to 16 here) runs its
-    MLP chunk by chunk: a ragged batch's greedy tokens are those of full forwards (which never
-    chunk), on one device and under tensor parallelism."""
+def test_a_long_prefill_runs_in_chunks_with_the_same_tokens(monkeypatch, tp):
+    """A prefill of more than `PREFILL_MLP_CHUNK_TOKENS` tokens (lowered to 64 here) runs its
+    MLP chunk by chunk, and one longer than a query chunk (512) its attention chunk by chunk
+    over blocks of keys (`PREFILL_KEY_BLOCK`, lowered to 128): a ragged batch's greedy tokens
+    are those of full forwards (which do neither), on one device and under tensor
+    parallelism."""
     from jaxdec.models import layers as L
+    from jaxdec.pallas_kernels.tree_attention import blocked
 
-    sizes = []
-    chunk_tokens = L.mlp_chunk_tokens
-    monkeypatch.setattr(L, "PREFILL_MLP_CHUNK_TOKENS", 16)
+    sizes, blocks = [], []
+    chunk_tokens, walk = L.mlp_chunk_tokens, blocked.tree_attention_blocked
+    monkeypatch.setattr(L, "PREFILL_MLP_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(L, "PREFILL_KEY_BLOCK", 128)
     monkeypatch.setattr(L, "mlp_chunk_tokens", lambda *a: sizes.append(chunk_tokens(*a)) or
                         sizes[-1])
+    monkeypatch.setattr(blocked, "tree_attention_blocked",
+                        lambda *a, **k: blocks.append(k.get("block")) or walk(*a, **k))
     # A config no other test compiles for (a program cached before the patch would not chunk).
     config = jaxdec.ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48,
                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     model = jaxdec.init_model(config, jax.random.PRNGKey(7), mesh=jaxdec.make_mesh(tp=tp),
                               std=0.3)
-    prompts = _prompts((30, 45), seed=3)
+    prompts = _prompts((600, 45), seed=3)
     got = jaxdec.generate(model, prompts, max_new_tokens=5).to_lists()
-    assert 16 in sizes  # the prefill's 2 x 64 tokens in chunks of 16
+    assert 64 in sizes and 128 in blocks  # the prefill's 2 x 1024 tokens
     for prompt, tokens in zip(prompts, got):
         row = list(prompt)
         for _ in range(5):

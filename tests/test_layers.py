@@ -209,6 +209,34 @@ def test_query_chunks_equal_one_block(window):
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_long_prefill_walks_its_keys_in_blocks(monkeypatch, window):
+    """`prefill=True`: a causal block longer than a query chunk attends chunk by chunk over
+    blocks of keys (3 chunks of 16 queries, blocks of 8 keys), with the reference's result;
+    REFERENCE keeps the reference."""
+    from jaxdec.pallas_kernels.tree_attention import blocked
+
+    calls = []
+    walk = blocked.tree_attention_blocked
+    monkeypatch.setattr(L, "PREFILL_KEY_BLOCK", 8)
+    monkeypatch.setattr(blocked, "tree_attention_blocked",
+                        lambda *a, **k: calls.append(k["block"]) or walk(*a, **k))
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(3), 3)
+    B, T = 2, 40
+    q = jax.random.normal(kq, (B, T, 4, 8))
+    k = jax.random.normal(kk, (B, T, 2, 8))
+    v = jax.random.normal(kv, (B, T, 2, 8))
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    want = L.attention(q, k, v, None, positions, window=window, query_chunk=64)
+    assert not calls
+    got = L.attention(q, k, v, None, positions, window=window, query_chunk=16, prefill=True)
+    assert calls == [8]  # traced once, inside the chunks' lax.map
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    L.attention(q, k, v, None, positions, window=window, query_chunk=16, prefill=True,
+                impl=L.AttentionImpl.REFERENCE)
+    assert calls == [8]
+
+
 def test_attention_rejects_bad_arguments():
     q = jnp.zeros((1, 1, 3, 4))
     kv = jnp.zeros((1, 2, 2, 4))
