@@ -62,12 +62,15 @@ class GenerateResult:
       lengths: int32 [B], generated tokens per row (a stop token counts).
       prefill_s, decode_s: seconds from the program's start to the first token, and from the
         first token to the last (None unless `return_timings=True`; compile time excluded).
+      logprobs: float32 [B, max_new_tokens], each token's log-probability under the model
+        (`token_logprobs`); 0 after a row stops (None unless `return_logprobs=True`).
     """
 
     tokens: np.ndarray
     lengths: np.ndarray
     prefill_s: float | None = None
     decode_s: float | None = None
+    logprobs: np.ndarray | None = None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -90,10 +93,20 @@ class _LoopState:
     out_BN: jax.Array  # [B, max_new_tokens]
     n_gen_B: jax.Array  # [B] tokens produced per row
     done_B: jax.Array  # [B] bool
+    logprobs_BN: jax.Array | None  # [B, max_new_tokens] float32, when asked for
 
 
 def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+
+
+def token_logprobs(logits_BNV: jax.Array, tokens_BN: jax.Array) -> jax.Array:
+    """float32 [B, N]: log p(token) under the model's distribution, log_softmax of its logits
+    (temperature 1, before any top-k / top-p / min-p: the figure scoring and perplexity use,
+    the same for every sampler)."""
+    logits = logits_BNV.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens_BN[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _draw(sampler, logits_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
@@ -118,6 +131,7 @@ def generate_padded(
     sampler: Greedy | Sampler | None = None,
     pad_id: int = 0,
     stream: Callable | None = None,
+    return_logprobs: bool = False,
 ):
     """Generates from right-padded prompts; pure and jittable (jit with the cache donated).
 
@@ -136,25 +150,29 @@ def generate_padded(
         device, possibly out of order on a multi-device mesh, where `step` tells the order).
         Under your own `jax.jit` it is a static argument: a new function recompiles (keep one
         function, or use `generate`, whose streams do not).
+      return_logprobs: static; also return each token's log-probability (`token_logprobs`).
     Returns:
-      ((tokens [B, max_new_tokens], lengths [B]), cache): the cache holds every produced token
-      except the last one of each row.
+      ((tokens [B, max_new_tokens], lengths [B]), cache), with `return_logprobs`
+      ((tokens, lengths, logprobs [B, max_new_tokens] float32), cache): the cache holds every
+      produced token except the last one of each row.
     """
     sampler = check_sampler(sampler)
+    return_logprobs = check_bool("return_logprobs", return_logprobs)
     row_keys = _row_keys(key, tokens_BT.shape[0])
-    first, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler)
+    first, first_logprob, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys,
+                                           sampler, return_logprobs)
     return _decode(model, first, cache, row_keys, stop_tokens_BM, max_new_tokens=max_new_tokens,
-                   sampler=sampler, pad_id=pad_id, stream=stream)
+                   sampler=sampler, pad_id=pad_id, stream=stream, first_logprob_B=first_logprob)
 
 
 def _row_keys(key: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
 
 
-def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):
+def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logprobs=False):
     """Writes the whole padded block, keeps only the true lengths, and draws the first token
-    from each row's last prompt position. Padding slots past a row's length are overwritten
-    by later tokens."""
+    from each row's last prompt position (with `logprobs`, also its log-probability, else
+    None). Padding slots past a row's length are overwritten by later tokens."""
     B, T = tokens_BT.shape
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -164,13 +182,16 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler):
         logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=True,
     )
     first = _draw(sampler, logits[:, 0], _step_keys(row_keys, jnp.int32(0)))
-    return first, cache.replace(lengths=prompt_lengths_B)
+    first_logprob = token_logprobs(logits, first[:, None])[:, 0] if logprobs else None
+    return first, first_logprob, cache.replace(lengths=prompt_lengths_B)
 
 
 def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
-            stream, stream_args=()):
+            stream, stream_args=(), first_logprob_B=None):
     """The decode `lax.while_loop`: runs until every row stopped or produced N tokens.
-    `stream` is called as stream(*stream_args, step, tokens, active)."""
+    `stream` is called as stream(*stream_args, step, tokens, active). With `first_logprob_B`
+    (the first token's log-probability) the loop records every token's and returns
+    (tokens, lengths, logprobs)."""
     B, N = first_B.shape[0], max_new_tokens
     if stop_tokens_BM is None:
         stop_tokens_BM = jnp.full((B, 1), -1, jnp.int32)
@@ -186,6 +207,8 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
         n_gen_B=jnp.ones((B,), jnp.int32),
         done_B=_is_stop(first_B, stop_tokens_BM) | (N <= 1),
+        logprobs_BN=None if first_logprob_B is None else
+        jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprob_B),
     )
 
     def cond(s: _LoopState):
@@ -201,14 +224,21 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         if stream is not None:
             jax.debug.callback(stream, *stream_args, s.step, token, active, ordered=ordered)
         done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= N)
+        logprobs = s.logprobs_BN
+        if logprobs is not None:
+            logprob = jnp.where(active, token_logprobs(logits, token[:, None])[:, 0], 0.0)
+            logprobs = logprobs.at[:, s.step].set(logprob)
         return _LoopState(
             step=s.step + 1, last_BT=token[:, None], cache=cache,
             out_BN=s.out_BN.at[:, s.step].set(token),
-            n_gen_B=s.n_gen_B + active.astype(jnp.int32), done_B=done,
+            n_gen_B=s.n_gen_B + active.astype(jnp.int32), done_B=done, logprobs_BN=logprobs,
         )
 
     state = jax.lax.while_loop(cond, body, state)
-    return (state.out_BN, state.n_gen_B), as_floats(state.cache) if bits else state.cache
+    outputs = (state.out_BN, state.n_gen_B)
+    if state.logprobs_BN is not None:
+        outputs += (state.logprobs_BN,)
+    return outputs, as_floats(state.cache) if bits else state.cache
 
 
 # -------------------------------------------------------------------- the host-side API
@@ -328,11 +358,11 @@ def read_timings(stamps) -> dict:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed"),
+    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed", "logprobs"),
     donate_argnames=("cache",),
 )
 def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tokens, sampler,
-             pad_id, stream, timed):
+             pad_id, stream, timed, logprobs=False):
     """`generate_padded`, optionally with two host timestamps read from inside the program:
     the prefill waits on the first, the second waits on the first tokens and the decode loop
     on it (data dependencies both ways, so no ordered effect is needed), and compile and
@@ -343,7 +373,8 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tok
     if timed:
         start = io_callback(_host_clock, clock)
         tokens = after_clock(start, tokens)
-    first, cache = _prefill(model, tokens, lengths, cache, row_keys, sampler)
+    first, first_logprob, cache = _prefill(model, tokens, lengths, cache, row_keys, sampler,
+                                           logprobs)
     if timed:
         stamps = jnp.stack([start, io_callback(_host_clock, clock, first)])
         # The decode loop waits on that stamp too: with nothing depending on it, the GPU
@@ -351,7 +382,8 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tok
         first = after_clock(stamps[1], first)
     result = _decode(model, first, cache, row_keys, stop, max_new_tokens=max_new_tokens,
                      sampler=sampler, pad_id=pad_id, stream=stream,
-                     stream_args=() if stream_id is None else (stream_id,))
+                     stream_args=() if stream_id is None else (stream_id,),
+                     first_logprob_B=first_logprob)
     return result, stamps
 
 
@@ -367,6 +399,7 @@ def generate(
     max_len: int | None = None,
     stream: Callable | None = None,
     return_timings: bool = False,
+    return_logprobs: bool = False,
     compile_only: bool = False,
 ) -> GenerateResult | None:
     """Generates continuations of ragged prompts with one compiled program.
@@ -390,6 +423,8 @@ def generate(
         carries a number standing for it, not the function: a new function in every call
         (a closure over one request's state) does not recompile.
       return_timings: also measure prefill and decode seconds (compile excluded).
+      return_logprobs: also return each token's log-probability under the model
+        (`result.logprobs`; see `token_logprobs`).
       compile_only: compile the program for these prompts' shapes and these settings, run
         nothing and return the compiled program (a `jax.stages.Compiled`: its `as_text()`,
         `cost_analysis()`, `memory_analysis()`); a later call with the same shapes and
@@ -405,6 +440,7 @@ def generate(
     max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
     check_compile_only(compile_only, model=model)
     return_timings = check_bool("return_timings", return_timings)
+    return_logprobs = check_bool("return_logprobs", return_logprobs)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     batch = prepare_batch(model, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
@@ -415,13 +451,16 @@ def generate(
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
-                        stream=dispatch, timed=return_timings)
+                        stream=dispatch, timed=return_timings, logprobs=return_logprobs)
         if compile_only:
             return _program.lower(*args, **settings).compile()
-        ((out, n_gen), _), stamps = _program(*args, **settings)
-        out = jax.block_until_ready(out)
-    return GenerateResult(tokens=np.asarray(out)[:batch.size],
-                          lengths=np.asarray(n_gen)[:batch.size], **read_timings(stamps))
+        (outputs, _), stamps = _program(*args, **settings)
+        outputs = jax.block_until_ready(outputs)
+    rows = slice(0, batch.size)
+    return GenerateResult(
+        tokens=np.asarray(outputs[0])[rows], lengths=np.asarray(outputs[1])[rows],
+        logprobs=np.asarray(outputs[2])[rows] if return_logprobs else None,
+        **read_timings(stamps))
 
 
 @dataclasses.dataclass(frozen=True)

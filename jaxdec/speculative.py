@@ -25,7 +25,7 @@ from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
-                             python_ints, read_timings, registered_stream)
+                             python_ints, read_timings, registered_stream, token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -55,13 +55,16 @@ class SpecStats:
 @dataclasses.dataclass(frozen=True)
 class SpeculativeResult:
     """tokens [B, max_new_tokens] (pad_id after a row stops), lengths [B], stats; prefill_s
-    and decode_s when timed (compile excluded)."""
+    and decode_s when timed (compile excluded); logprobs [B, max_new_tokens] float32 when
+    asked for: each token's log-probability under the target (`jaxdec.generate.token_logprobs`
+    of the target's logits where verification read them; 0 after a row stops)."""
 
     tokens: np.ndarray
     lengths: np.ndarray
     stats: SpecStats
     prefill_s: float | None = None
     decode_s: float | None = None
+    logprobs: np.ndarray | None = None
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -87,6 +90,7 @@ class _State:
     emitted_sum_B: jax.Array
     depth_hits_BD: jax.Array
     seconds: jax.Array  # [2]: drafting, verifying (timed runs)
+    logprobs_BN: jax.Array | None  # [B, max_new_tokens] float32, when asked for
 
 
 def _elapsed(start, end) -> jax.Array:
@@ -115,6 +119,7 @@ def speculative_padded(
     timed: bool = False,
     profile: bool = False,
     stream_args: tuple = (),
+    return_logprobs: bool = False,
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
@@ -123,8 +128,10 @@ def speculative_padded(
     `speculative_generate`; under your own jit it is static: a new function recompiles).
     `timed` reads two host timestamps
     (after the start and after the prefill); `profile` also times drafting and verifying in
-    every step (a host round trip each: it slows the loop). Returns ((tokens, lengths),
-    statistics arrays, cache, timestamps or None).
+    every step (a host round trip each: it slows the loop). `return_logprobs` also records
+    each token's log-probability under the target. Returns ((tokens, lengths), statistics
+    arrays, cache, timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs)
+    first.
     """
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
@@ -161,6 +168,7 @@ def speculative_padded(
         n_gen_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
         row_steps_B=jnp.zeros((B,), jnp.int32), emitted_sum_B=jnp.zeros((B,), jnp.int32),
         depth_hits_BD=jnp.zeros((B, depth), jnp.int32), seconds=jnp.zeros((2,), jnp.float32),
+        logprobs_BN=jnp.zeros((B, max_new_tokens), jnp.float32) if return_logprobs else None,
     )
 
     def cond(s: _State):
@@ -205,7 +213,13 @@ def speculative_padded(
 
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
-        out = s.out_BN.at[jnp.arange(B, dtype=jnp.int32)[:, None], slots].set(emitted, mode="drop")
+        rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+        out = s.out_BN.at[rows, slots].set(emitted, mode="drop")
+        logprobs = s.logprobs_BN
+        if logprobs is not None:  # token i follows path node i: the target's logits there
+            path_logits = jnp.take_along_axis(logits, verdict.path[:, :, None], axis=1)
+            logprobs = logprobs.at[rows, slots].set(token_logprobs(path_logits, emitted),
+                                                    mode="drop")
         new_cache = commit(written, verdict.path, keep, prefix=proposal.chain)
         dstate = drafter.update(dstate, proposal, verdict, keep, emitted)
         _check_state(drafter, "update", dstate, s.drafter_state)
@@ -225,13 +239,14 @@ def speculative_padded(
             row_steps_B=s.row_steps_B + active.astype(jnp.int32),
             emitted_sum_B=s.emitted_sum_B + jnp.where(active, verdict.n_path, 0),
             depth_hits_BD=s.depth_hits_BD + hits.astype(jnp.int32),
-            seconds=seconds,
+            seconds=seconds, logprobs_BN=logprobs,
         )
 
     s = jax.lax.while_loop(cond, body, state)
     stats = dict(steps=s.step, row_steps=s.row_steps_B, emitted_sum=s.emitted_sum_B,
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
-    return ((s.out_BN, s.n_gen_B), stats, as_floats(s.cache) if bits else s.cache,
+    outputs = (s.out_BN, s.n_gen_B) + (() if s.logprobs_BN is None else (s.logprobs_BN,))
+    return (outputs, stats, as_floats(s.cache) if bits else s.cache,
             (jnp.stack(stamps) if timed else None))
 
 
@@ -277,15 +292,17 @@ def _check_state(drafter, method: str, got, want) -> None:
 @functools.partial(
     jax.jit,
     static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "stream", "timed",
-                     "profile"),
+                     "profile", "logprobs"),
     donate_argnames=("cache",),
 )
 def _program(target, drafter, tokens, lengths, cache, key, stop, stream_id=None, *,
-             max_new_tokens, sampler, topology, pad_id, timed, profile, stream=None):
+             max_new_tokens, sampler, topology, pad_id, timed, profile, stream=None,
+             logprobs=False):
     return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
                               max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
                               pad_id=pad_id, stream=stream, timed=timed, profile=profile,
-                              stream_args=() if stream_id is None else (stream_id,))
+                              stream_args=() if stream_id is None else (stream_id,),
+                              return_logprobs=logprobs)
 
 
 def speculative_generate(
@@ -303,6 +320,7 @@ def speculative_generate(
     stream: Callable | None = None,
     return_timings: bool = False,
     profile: bool = False,
+    return_logprobs: bool = False,
     compile_only: bool = False,
 ) -> SpeculativeResult | None:
     """Generates with speculative decoding; same outputs as `jaxdec.generate` (greedy: the
@@ -330,6 +348,8 @@ def speculative_generate(
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
+      return_logprobs: also return each token's log-probability under the target
+        (`result.logprobs`), as `generate` does.
       compile_only: compile the program, run nothing and return the compiled program (see
         `generate`); the target and a DraftModel's model may be `jaxdec.abstract_model`s.
     Returns:
@@ -347,6 +367,7 @@ def speculative_generate(
     check_compile_only(compile_only, target=target, drafter=drafter)
     return_timings = check_bool("return_timings", return_timings)
     profile = check_bool("profile", profile)
+    return_logprobs = check_bool("return_logprobs", return_logprobs)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     topology = drafter.default_topology() if tree is None else as_topology(tree)
@@ -361,11 +382,12 @@ def speculative_generate(
     with registered_stream(stream, batch) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
         settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                        pad_id=pad_id, stream=dispatch, timed=return_timings, profile=profile)
+                        pad_id=pad_id, stream=dispatch, timed=return_timings, profile=profile,
+                        logprobs=return_logprobs)
         if compile_only:
             return _program.lower(*args, **settings).compile()
-        (out, n_gen), stats, _, stamps = _program(*args, **settings)
-        out = jax.block_until_ready(out)
+        outputs, stats, _, stamps = _program(*args, **settings)
+        out, n_gen = jax.block_until_ready(outputs)[:2]
         timings = read_timings(stamps)
     rows = slice(0, batch.size)
     row_steps = np.asarray(stats["row_steps"])[rows]
@@ -380,4 +402,6 @@ def speculative_generate(
         verify_s=float(seconds[1]) if profile else None,
     )
     return SpeculativeResult(tokens=np.asarray(out)[rows], lengths=np.asarray(n_gen)[rows],
-                             stats=spec_stats, **timings)
+                             stats=spec_stats,
+                             logprobs=np.asarray(outputs[2])[rows] if return_logprobs else None,
+                             **timings)

@@ -120,6 +120,28 @@ def test_streaming_callback_sees_every_step_in_order(loaded):
     assert _compiles == []  # the second call's new stream ran the first call's program
 
 
+@pytest.mark.parametrize("sampler", [None, jaxdec.Sampler(temperature=0.7, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_logprobs_are_the_models(loaded, sampler):
+    """Each token's log-probability: log_softmax of a full forward over the row so far at the
+    token (the model's distribution, whatever the sampler); 0 after a row stops."""
+    model = loaded(VARIANT)
+    prompts = _prompts((3, 14, 9), seed=5)
+    result = jaxdec.generate(model, prompts, max_new_tokens=8, sampler=sampler,
+                             key=jax.random.PRNGKey(1), return_logprobs=True,
+                             stop_tokens=list(range(3, 30)))
+    assert result.logprobs.shape == (3, 8) and result.logprobs.dtype == np.float32
+    assert result.lengths.min() < 8  # a row stopped
+    for prompt, tokens, logprobs, n in zip(prompts, result.tokens, result.logprobs,
+                                           result.lengths):
+        row = prompt + tokens[:n].tolist()
+        table = jax.nn.log_softmax(jaxdec.forward(model, jnp.asarray([row]))[0], axis=-1)
+        want = [table[len(prompt) - 1 + i, t] for i, t in enumerate(tokens[:n])]
+        np.testing.assert_allclose(logprobs[:n], want, rtol=1e-5, atol=1e-5)
+        assert (logprobs[n:] == 0).all() and (logprobs[:n] < 0).all()
+    assert jaxdec.generate(model, prompts, max_new_tokens=2).logprobs is None
+
+
 def test_timings(loaded):
     result = jaxdec.generate(loaded(VARIANT), _prompts((3, 5)), max_new_tokens=8,
                              return_timings=True)
@@ -180,6 +202,14 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     (out, n), cache = step(model, tokens, lengths, cache, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(out, jaxdec.generate(model, prompts, max_new_tokens=6).tokens)
     np.testing.assert_array_equal(cache.lengths, lengths + 5)
+    with_logprobs = jax.jit(functools.partial(jaxdec.generate_padded, max_new_tokens=6,
+                                              return_logprobs=True))
+    (again, _, logprobs), _ = with_logprobs(model, tokens, lengths,
+                                            jaxdec.init_cache(model.config, 2, 32),
+                                            jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(again, out)
+    np.testing.assert_allclose(logprobs, jaxdec.generate(
+        model, prompts, max_new_tokens=6, return_logprobs=True).logprobs, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -205,6 +235,7 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([[1, 2]], dict(stop_tokens=[True]), TypeError, "stop_tokens must be token ids"),
     ([[1, 2]], dict(stop_tokens=object()), TypeError, "stop_tokens must be token ids"),
     ([[1, 2]], dict(return_timings="yes"), TypeError, "return_timings must be a bool"),
+    ([[1, 2]], dict(return_logprobs=1), TypeError, "return_logprobs must be a bool"),
 ])
 def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}

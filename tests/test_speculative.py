@@ -65,11 +65,13 @@ def test_greedy_is_token_identical_to_generate(name, loaded, unrelated_draft):
     model = loaded(TARGET)
     make, topology = DRAFTERS[name]
     prompts = _prompts() + _repetitive_prompts()
-    plain = jaxdec.generate(model, prompts, max_new_tokens=20)
+    plain = jaxdec.generate(model, prompts, max_new_tokens=20, return_logprobs=True)
     spec = jaxdec.speculative_generate(model, make(model, unrelated_draft), prompts,
-                                       max_new_tokens=20, tree=topology)
+                                       max_new_tokens=20, tree=topology, return_logprobs=True)
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     np.testing.assert_array_equal(spec.lengths, plain.lengths)
+    # The target's log-probabilities where verification read its logits: decode's.
+    np.testing.assert_allclose(spec.logprobs, plain.logprobs, rtol=1e-4, atol=1e-4)
     stats = spec.stats
     assert stats.steps == stats.row_steps.max() and 1 <= stats.tau
     if name.startswith("self"):  # the target drafting for itself: every draft accepted
@@ -395,6 +397,24 @@ def test_tensor_parallel_sampling_matches_tp1(hf_checkpoints, loaded):
                                                **settings).tokens
         got = jaxdec.speculative_generate(model, drafter, prompts, tree=topology, **settings)
         np.testing.assert_array_equal(got.tokens, expected)
+
+
+def test_sampled_logprobs_are_the_targets(loaded):
+    """Sampling (tokens unlike plain decoding's): each token's logprob is log_softmax of the
+    target's full forward over the row so far, at the token; 0 after the row's end."""
+    model = loaded(TARGET)
+    prompts = _prompts((3, 14))
+    spec = jaxdec.speculative_generate(
+        model, DraftModel(model), prompts, max_new_tokens=9, tree=tree.chain(3),
+        sampler=jaxdec.Sampler(temperature=0.8, top_k=20), key=jax.random.PRNGKey(4),
+        return_logprobs=True, stop_tokens=[int(t) for t in range(3, 40)])
+    assert spec.lengths.min() < 9  # a row stopped
+    for prompt, tokens, logprobs, n in zip(prompts, spec.tokens, spec.logprobs, spec.lengths):
+        row = prompt + tokens[:n].tolist()
+        table = jax.nn.log_softmax(jaxdec.forward(model, jnp.asarray([row]))[0], axis=-1)
+        want = [table[len(prompt) - 1 + i, t] for i, t in enumerate(tokens[:n])]
+        np.testing.assert_allclose(logprobs[:n], want, rtol=1e-4, atol=1e-4)
+        assert (logprobs[n:] == 0).all()
 
 
 def test_timings(loaded):
