@@ -281,7 +281,18 @@ class ModelConfig:
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """An HF `config.json` dict that transformers 4.x and 5.x both load."""
+        """An HF `config.json` dict that transformers 4.x and 5.x both load, to the same model.
+
+        YaRN: transformers versions disagree on where the original context comes from (4.46:
+        max_position_embeddings, the rope_scaling key unknown to it; 4.51: rope_scaling's
+        original_max_position_embeddings, which then also replaces `factor` by the ratio of
+        max_position_embeddings to it; 5.x: the top-level key, then rope_scaling's, then
+        max_position_embeddings). Written as max_position_embeddings = the top-level
+        original_max_position_embeddings = the original context, with `factor` in rope_scaling,
+        every version computes this config's frequencies and scale, and the longest sequence
+        (`max_positions`, factor x original) is unchanged. (A max_position_embeddings beyond
+        factor x original stays as it is, the original context at the top level only: then
+        only transformers 5.x reads it as jaxdec does.)"""
         windows = {w for w in self.layer_windows if w is not None}
         if len(windows) > 1:
             raise ValueError(f"cannot express several window sizes {sorted(windows)} in HF config")
@@ -308,6 +319,11 @@ class ModelConfig:
             "rope_theta": self.rope.theta,
             "rope_scaling": _rope_to_hf(self.rope),
         }
+        if self.rope.rope_type == "yarn":
+            original = self.rope.original_max_position_embeddings
+            hf["original_max_position_embeddings"] = original
+            if self.max_positions == int(self.rope.factor * original):
+                hf["max_position_embeddings"] = original
         if self.model_type == "llama":
             if self.qkv_bias != self.o_bias:
                 raise ValueError("Llama checkpoints have one attention_bias for q, k, v and o")
@@ -430,12 +446,8 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any] | None:
             high_freq_factor=rope.high_freq_factor,
             original_max_position_embeddings=rope.original_max_position_embeddings,
         )
-    if rope.rope_type == "yarn":
-        out.update(
-            original_max_position_embeddings=rope.original_max_position_embeddings,
-            beta_fast=rope.beta_fast,
-            beta_slow=rope.beta_slow,
-        )
+    if rope.rope_type == "yarn":  # the original context goes at the top level (`to_hf`)
+        out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow)
         if rope.attention_factor is not None:
             out["attention_factor"] = rope.attention_factor
         if not rope.truncate:  # written only when set: older transformers do not know the key

@@ -1,5 +1,6 @@
 """ModelConfig from / to Hugging Face config.json."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -100,7 +101,37 @@ def test_yarn_as_qwen25_documents_it():
 def test_yarn_settings_found(extra, rope):
     c = ModelConfig.from_hf(dict(BASE, model_type="llama", **extra))
     assert c.rope == RopeConfig(rope_type="yarn", **rope)
-    assert ModelConfig.from_hf(json.loads(json.dumps(c.to_hf()))) == c
+    _same_after_export(c)
+
+
+def _same_after_export(c):
+    """A YaRN config written for every transformers version (`to_hf`): the same rope and
+    longest sequence back, whatever max_position_embeddings says."""
+    hf = json.loads(json.dumps(c.to_hf()))
+    back = ModelConfig.from_hf(hf)
+    assert back.max_positions == c.max_positions
+    assert dataclasses.replace(back, max_position_embeddings=c.max_position_embeddings) == c
+    original = c.rope.original_max_position_embeddings
+    assert hf["original_max_position_embeddings"] == original
+    assert "original_max_position_embeddings" not in hf["rope_scaling"]
+    if c.max_positions == int(c.rope.factor * original):  # 4.x's original: max_position_...
+        assert hf["max_position_embeddings"] == original
+
+
+def test_yarn_export_for_every_transformers_version():
+    """Qwen2.5's recipe (max_position_embeddings = the original context) and DeepSeek's
+    (max_position_embeddings = factor x original): written with max_position_embeddings = the
+    original context, the factor in rope_scaling (4.46 and 4.51 read the original context
+    from max_position_embeddings when rope_scaling does not name it; 4.51 would replace the
+    factor by max_position_embeddings / original when it does)."""
+    for max_pos in (32768, 131072):
+        c = ModelConfig.from_hf(dict(BASE, model_type="qwen2", max_position_embeddings=max_pos,
+                                     rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 32768}))
+        assert c.max_positions == 131072
+        hf = c.to_hf()
+        assert (hf["max_position_embeddings"], hf["rope_scaling"]["factor"]) == (32768, 4.0)
+        _same_after_export(c)
 
 
 @pytest.mark.parametrize("fields,message", [
