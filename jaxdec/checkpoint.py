@@ -7,8 +7,9 @@ dtype, transpose and fuse it into our layout and place it with its sharding (a 2
 checkpoint of Llama layers loads in 2.9-3.1 s on a 2-core CPU, 6.5-7.4 s converted in numpy).
 `save_pretrained` converts on the devices too, one shard at a time (the same 2.3 GB written
 in 3-4 s, 14-15 s with numpy; the first call also compiles), into a directory transformers
-loads (`config.json`, safetensors, `generation_config.json`, and `tokenizer.json` when the
-model has a tokenizer), written atomically.
+loads (`config.json`, safetensors, `generation_config.json`, `tokenizer.json` when the
+model has a tokenizer and `tokenizer_config.json` with its chat template when it has one),
+written atomically.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdec import parallel
+from jaxdec.chat import TOKENIZER_CONFIG, load_chat_template
 from jaxdec.checks import check_bool, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
@@ -330,7 +332,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
       mesh: the mesh to shard over (`jaxdec.make_mesh(tp=...)`); None is one device.
     Returns:
       A Model whose params are placed with the mesh's sharding; `.tokenizer` is set when the
-      directory has tokenizer.json.
+      directory has tokenizer.json, `.chat_template` when it has a chat template
+      (`jaxdec.chat.load_chat_template`).
     """
     directory = checkpoint_dir(path)
     config = ModelConfig.from_hf(directory)
@@ -378,7 +381,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
 
     # Parameter by parameter from the memory-mapped files onto the mesh, converted there.
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
-    return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory))
+    return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
+                 chat_template=load_chat_template(directory))
 
 
 def _on_mesh(hf_array: np.ndarray, dtype, mesh) -> jax.Array:
@@ -463,6 +467,7 @@ def save_pretrained(
         raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    tokenizer_config = _tokenizer_config(model, target)
     config = model.config
     table = _param_table(config)
     flat = {jax.tree_util.keystr(p): leaf
@@ -508,6 +513,8 @@ def save_pretrained(
                     {k: v for k, v in generation.items() if v is not None})
         if model.tokenizer is not None:
             model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
+        if tokenizer_config is not None:
+            _write_json(os.path.join(staging, TOKENIZER_CONFIG), tokenizer_config)
         if exists:
             _move_files_into(staging, target)
         else:
@@ -515,6 +522,27 @@ def save_pretrained(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _tokenizer_config(model: Model, target: str) -> dict | None:
+    """What save_pretrained writes to tokenizer_config.json (where transformers 4.x and 5.x
+    both read a chat template): the model's chat template and special tokens, over the
+    target's own file when it has one (its other fields kept), or None without a template."""
+    if model.chat_template is None:
+        return None
+    path = os.path.join(target, TOKENIZER_CONFIG)
+    existing = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                existing = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} exists and is not readable JSON ({e}): the chat template "
+                             "would be written over it; move it away first") from None
+        if not isinstance(existing, dict):
+            raise ValueError(f"{path} exists and is not a JSON object; move it away first")
+    return dict(existing, **model.chat_template.special_tokens,
+                chat_template=model.chat_template.source)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -5,7 +5,7 @@
                     [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--tp N]
                     [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
-                    [--stream]
+                    [--stream] [--chat [--system TEXT]]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
                  [--repeats N] [--json PATH]
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", metavar="PATH",
                         help="continue the text of this file ('-': standard input); only the "
                         "continuation is printed")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message through the checkpoint's chat "
+                     "template (instruction-tuned models) and print only the reply")
+    gen.add_argument("--system", default=None, metavar="TEXT",
+                     help="with --chat: a system message before the user's")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64,
                      help="tokens to produce (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0,
@@ -153,13 +158,21 @@ def _generate(args) -> None:
     topology = jaxdec.tree.parse(args.tree) if args.tree else None
     if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat")
     text, echo, source = _prompt_text(args)
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     model = model.with_attention(args.attention)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json to encode {source} with")
-    prompt = model.tokenizer.encode(text).ids
+    if args.chat:
+        messages = [{"role": "user", "content": text}]
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt, echo = jaxdec.chat.encode_chat(model, messages), ""
+    else:
+        prompt = model.tokenizer.encode(text).ids
     if not prompt:
         raise ValueError(f"{source} encodes to no tokens")
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler,

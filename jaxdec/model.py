@@ -46,6 +46,8 @@ class Model:
       mesh: the ("dp", "tp") mesh the params live on.
       tokenizer: a `tokenizers.Tokenizer` when the checkpoint has tokenizer.json (not part of
         the pytree: inside jit it is None).
+      chat_template: the checkpoint's `jaxdec.chat.ChatTemplate` (instruction-tuned
+        checkpoints), else None; like the tokenizer, not part of the pytree.
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
         GPU/TPU for decode and verification over caches large enough for it to pay
@@ -60,6 +62,7 @@ class Model:
     params: Any
     mesh: Mesh
     tokenizer: Any = None
+    chat_template: Any = None
     attention: AttentionImpl = AttentionImpl.AUTO
     matmul: MatmulImpl = MatmulImpl.XLA
 

@@ -1,0 +1,193 @@
+"""Chat templates: a conversation -> the prompt text an instruction-tuned checkpoint expects.
+
+Instruct checkpoints ship a Jinja template (`chat_template.jinja`, or `chat_template` in
+`tokenizer_config.json`) that lays out the turns with the model's own markers (Llama 3's
+`<|start_header_id|>`, Qwen's `<|im_start|>`): a prompt sent without it gets continued as
+plain text, not answered. `load_pretrained` reads it into `model.chat_template`:
+
+    text = model.chat_template.render([{"role": "user", "content": "Hi!"}])
+    ids = jaxdec.chat.encode_chat(model, [{"role": "user", "content": "Hi!"}])
+
+Rendered as transformers' `apply_chat_template` renders it: a sandboxed Jinja environment
+with `trim_blocks` and `lstrip_blocks`, the tokenizer's special tokens (`bos_token`,
+`eos_token`, ...) as variables, `raise_exception(message)`, `strftime_now(format)` and a
+`tojson` filter that keeps non-ASCII text. The rendered text already holds the template's
+special tokens, so `encode_chat` encodes it without adding the tokenizer's own (a second
+BOS would change the model's input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_JSON = "chat_template.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+                   "mask_token")
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be read or compiled, or that refused a conversation (its
+    `raise_exception`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's chat template.
+
+    Attributes:
+      source: the Jinja template text.
+      special_tokens: the variables the template may use for special tokens
+        (bos_token, eos_token, ...), from tokenizer_config.json.
+      origin: the file it came from (for messages; not compared).
+    """
+
+    source: str
+    special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    origin: str = dataclasses.field(default="<string>", compare=False)
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *,
+               add_generation_prompt: bool = True, **variables) -> str:
+        """The prompt text for `messages` (dicts with "role" and "content"), ending with the
+        opening of the assistant's turn when `add_generation_prompt`. `variables` reach the
+        template as they are (tools=..., documents=..., a template's own switches)."""
+        messages = _check_messages(messages)
+        if not isinstance(add_generation_prompt, bool):
+            raise TypeError(f"add_generation_prompt must be a bool, got {add_generation_prompt!r}")
+        import jinja2
+
+        template = _compile(self.source, self.origin)
+        context = dict(self.special_tokens)
+        context.update(variables, messages=messages, add_generation_prompt=add_generation_prompt)
+        try:
+            return template.render(**context)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the chat template of {self.origin} refused the "
+                                    f"conversation: {e}") from None
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} "
+                        f"dicts, got {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise TypeError(f"messages[{i}] must be a dict with a 'role' (and usually "
+                            f"'content'), got {message!r}")
+        out.append(dict(message))
+    return out
+
+
+def _raise(message):
+    import jinja2
+
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(source: str, origin: str):
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"the chat template of {origin} does not compile: {e}") from None
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatTemplateError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ChatTemplateError(f"{path} is not a JSON object")
+    return data
+
+
+def _pick(template, origin: str) -> str:
+    """A `chat_template` value: the text, or from a list of named templates the "default"."""
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ChatTemplateError(f"{origin} lists chat templates {sorted(map(str, named))} but "
+                                "none named 'default'")
+    raise ChatTemplateError(f"{origin}: chat_template must be a string or a list of named "
+                            f"templates, got {type(template).__name__}")
+
+
+def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
+    """The chat template of a checkpoint directory, or None when it has none: from
+    `chat_template.jinja`, else `chat_template.json`, else `tokenizer_config.json`'s
+    `chat_template` (where transformers looks, in that order), with the special tokens of
+    `tokenizer_config.json`."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, TOKENIZER_CONFIG)
+    config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    special = {name: text for name in _SPECIAL_TOKENS
+               if (text := _token_text(config.get(name))) is not None}
+    jinja_path = os.path.join(directory, TEMPLATE_FILE)
+    json_path = os.path.join(directory, TEMPLATE_JSON)
+    if os.path.isfile(jinja_path):
+        try:
+            with open(jinja_path, encoding="utf-8") as f:
+                source, origin = f.read(), jinja_path
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"cannot read {jinja_path}: {e}") from None
+    elif os.path.isfile(json_path):
+        source, origin = _pick(_read_json(json_path).get("chat_template"), json_path), json_path
+    elif config.get("chat_template") is not None:
+        source, origin = _pick(config["chat_template"], config_path), config_path
+    else:
+        return None
+    _compile(source, origin)  # a broken template fails here, not at the first conversation
+    return ChatTemplate(source=source, special_tokens=special, origin=origin)
+
+
+def encode_chat(model, messages: Sequence[Mapping[str, Any]], *,
+                add_generation_prompt: bool = True, **variables) -> list[int]:
+    """The token ids of `messages` laid out by the model's chat template (see
+    `ChatTemplate.render`), encoded without the tokenizer's own special tokens (the template
+    writes them)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer (tokenizer.json) to encode the chat with")
+    if getattr(model, "chat_template", None) is None:
+        raise ValueError("the model has no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json): it is not a chat model, "
+                         "or its checkpoint lacks the file")
+    text = model.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
+                                      **variables)
+    return model.tokenizer.encode(text, add_special_tokens=False).ids

@@ -1,0 +1,175 @@
+"""Chat templates (jaxdec.chat) against transformers' apply_chat_template, and `--chat`."""
+
+import json
+import os
+import shutil
+
+import pytest
+import transformers
+
+import jaxdec
+from jaxdec.chat import ChatTemplateError, encode_chat, load_chat_template
+from jaxdec.cli import main
+from hf_models import make_tokenizer
+
+# Templates in the styles instruct checkpoints ship (written for these tests).
+HEADERS = (  # Llama 3's layout: BOS, header markers, an optional dated system turn
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = 'today is ' + strftime_now('%Y') %}{% endif %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n{{ system }}<|eot_id|>\n"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML = (  # Qwen's layout: a default system turn, tools as JSON
+    "{% if tools %}<|im_start|>system\nTools:{% for tool in tools %}\n{{ tool | tojson }}"
+    "{% endfor %}<|im_end|>\n{% elif messages[0].role != 'system' %}"
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = {"bos_token": "<s>", "pad_token": "<pad>",  # older files write AddedToken dicts
+           "eos_token": {"__type": "AddedToken", "content": "</s>", "lstrip": False,
+                         "normalized": False, "rstrip": False, "single_word": False}}
+CONVERSATIONS = [
+    [{"role": "user", "content": "hello the quick fox"}],
+    [{"role": "system", "content": "  be brief  "}, {"role": "user", "content": "héllo ünï"},
+     {"role": "assistant", "content": "the lazy dog"}, {"role": "user", "content": "again?"}],
+]
+
+
+def _directory(tmp_path, template=None, jinja=None, name="tok"):
+    directory = tmp_path / name
+    directory.mkdir()
+    make_tokenizer().save(str(directory / "tokenizer.json"))
+    config = dict(SPECIAL, tokenizer_class="PreTrainedTokenizerFast")
+    if template is not None:
+        config["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (directory / "chat_template.jinja").write_text(jinja)
+    return directory
+
+
+class _Model:  # what encode_chat reads of a Model
+    def __init__(self, directory):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        self.chat_template = load_chat_template(directory)
+
+
+@pytest.mark.parametrize("template", [HEADERS, CHATML], ids=["headers", "chatml"])
+@pytest.mark.parametrize("conversation", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_rendered_and_encoded_as_transformers_does(tmp_path, template, conversation,
+                                                   generation_prompt):
+    directory = _directory(tmp_path, template)
+    messages = CONVERSATIONS[conversation]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    text = load_chat_template(directory).render(messages,
+                                                add_generation_prompt=generation_prompt)
+    assert text == theirs.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=generation_prompt)
+    ids = encode_chat(_Model(directory), messages, add_generation_prompt=generation_prompt)
+    want = theirs.apply_chat_template(messages, tokenize=True,
+                                      add_generation_prompt=generation_prompt)
+    assert ids == list(getattr(want, "input_ids", want))
+    assert ids.count(1) == (template == HEADERS)  # BOS (id 1) once: the template's
+
+
+def test_tools_reach_the_template_as_json(tmp_path):
+    directory = _directory(tmp_path, CHATML)
+    tools = [{"name": "lookup", "description": "finds ünïcode"}]
+    text = load_chat_template(directory).render(CONVERSATIONS[0], tools=tools)
+    assert '{"name": "lookup", "description": "finds ünïcode"}' in text
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert text == theirs.apply_chat_template(CONVERSATIONS[0], tools=tools, tokenize=False,
+                                              add_generation_prompt=True)
+
+
+def test_where_the_template_comes_from(tmp_path):
+    """chat_template.jinja before tokenizer_config.json's; a list of named templates gives
+    its "default"; none: None."""
+    both = _directory(tmp_path, HEADERS, jinja=CHATML, name="both")
+    assert load_chat_template(both).source == CHATML
+    assert load_chat_template(both).special_tokens == {"bos_token": "<s>", "eos_token": "</s>",
+                                                       "pad_token": "<pad>"}
+    named = _directory(tmp_path, [{"name": "tool_use", "template": CHATML},
+                                  {"name": "default", "template": HEADERS}], name="named")
+    assert load_chat_template(named).source == HEADERS
+    assert load_chat_template(_directory(tmp_path, name="none")) is None
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{% for m in messages %}", "does not compile"),
+    ([{"name": "tool_use", "template": CHATML}], "none named 'default'"),
+    (7, "must be a string or a list"),
+])
+def test_broken_templates_are_named_when_loaded(tmp_path, template, message):
+    with pytest.raises(ChatTemplateError, match=message):
+        load_chat_template(_directory(tmp_path, template))
+
+
+def test_a_template_refusing_a_conversation_and_bad_messages(tmp_path):
+    chat = load_chat_template(_directory(tmp_path, HEADERS))
+    with pytest.raises(ChatTemplateError, match="refused the conversation: roles must "
+                       "alternate"):
+        chat.render([{"role": "assistant", "content": "first"}])
+    for messages, match in [("hi", "non-empty list"), ([], "non-empty list"),
+                            ([{"content": "no role"}], r"messages\[0\]")]:
+        with pytest.raises(TypeError, match=match):
+            chat.render(messages)
+    with pytest.raises(TypeError, match="add_generation_prompt"):
+        chat.render(CONVERSATIONS[0], add_generation_prompt="yes")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tokenized_checkpoint, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chat") / "model"
+    shutil.copytree(tokenized_checkpoint, directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        dict(SPECIAL, chat_template=HEADERS, model_max_length=512)))
+    return directory
+
+
+def test_load_and_save_keep_the_template(chat_checkpoint, tmp_path):
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    assert model.chat_template.source == HEADERS
+    assert model.with_attention("reference").chat_template is model.chat_template
+    out = jaxdec.save_pretrained(model, tmp_path / "out")
+    assert jaxdec.load_pretrained(out).chat_template == model.chat_template
+    # Into a directory with its own tokenizer_config.json: its other fields are kept.
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    jaxdec.save_pretrained(model, target, overwrite=True)
+    saved = json.loads((target / "tokenizer_config.json").read_text())
+    assert saved["model_max_length"] == 77 and saved["chat_template"] == HEADERS
+    (target / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        jaxdec.save_pretrained(model, target, overwrite=True)
+    assert (target / "tokenizer_config.json").read_text() == "{not json"
+
+
+def test_cli_chat_prints_the_reply(chat_checkpoint, capsys):
+    assert main(["generate", "--model", str(chat_checkpoint), "--prompt", "the fox",
+                 "--system", "be brief", "--chat", "--max-new-tokens", "5",
+                 "--ignore-eos"]) == 0
+    reply = capsys.readouterr().out.strip().split("\n")[-2]
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    ids = encode_chat(model, [{"role": "system", "content": "be brief"},
+                              {"role": "user", "content": "the fox"}])
+    tokens = jaxdec.generate(model, [ids], max_new_tokens=5).to_lists()[0]
+    assert reply == model.tokenizer.decode(tokens)
+
+
+def test_cli_chat_errors(chat_checkpoint, tokenized_checkpoint, capsys):
+    assert main(["generate", "--model", str(chat_checkpoint), "--prompt", "x",
+                 "--system", "s"]) == 2
+    assert "--system needs --chat" in capsys.readouterr().err
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--chat"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(tokenized_checkpoint, "tokenizer_config.json"))
