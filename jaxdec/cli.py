@@ -6,6 +6,8 @@
                     [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream] [--chat [--system TEXT]]
+    jaxdec chat --model DIR [--system TEXT] [--max-new-tokens N] [sampling and speculative
+                options as for generate]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
                  [--repeats N] [--json PATH]
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -41,9 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdec", description="Fast, exact LLM decoding in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="continue a prompt with a Hugging Face checkpoint")
-    gen.add_argument("--model", required=True,
-                     help="HF safetensors directory with tokenizer.json, or the id (org/name) "
-                     "of a model in the Hugging Face cache")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text to continue")
     source.add_argument("--prompt-file", metavar="PATH",
@@ -54,39 +54,19 @@ def _parser() -> argparse.ArgumentParser:
                      "template (instruction-tuned models) and print only the reply")
     gen.add_argument("--system", default=None, metavar="TEXT",
                      help="with --chat: a system message before the user's")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=64,
-                     help="tokens to produce (default 64)")
-    gen.add_argument("--temperature", type=float, default=0.0,
-                     help="0 (the default) decodes greedily")
-    gen.add_argument("--top-p", type=float, default=None,
-                     help="sample from the smallest set of tokens of this total probability")
-    gen.add_argument("--top-k", type=int, default=None,
-                     help="sample from the k most likely tokens")
-    gen.add_argument("--min-p", type=float, default=None,
-                     help="drop tokens less likely than this fraction of the most likely one")
-    gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
-    gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
-                     default="auto", help="attention implementation (auto, the default: the "
-                     "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "
-                     "least 4 MiB, else the jnp reference)")
-    gen.add_argument("--ignore-eos", action="store_true",
-                     help="do not stop at the checkpoint's end-of-sequence ids (those of its "
-                     "generation_config.json and config.json)")
     gen.add_argument("--stream", action="store_true",
                      help="print the text as it is produced (a host round trip every step, "
                      "included in the tokens/s)")
-    method = gen.add_mutually_exclusive_group()
-    method.add_argument("--draft", default=None,
-                        help="speculative decoding with this draft model (HF directory or "
-                        "cached model id)")
-    method.add_argument("--prompt-lookup", action="store_true",
-                        help="speculative decoding with drafts copied from the prompt")
-    method.add_argument("--retrieval", default=None, metavar="CORPUS",
-                        help="speculative decoding with drafts retrieved from a directory of text")
-    gen.add_argument("--tree", default=None,
-                     help="draft tree: chain:K, kary:DEPTH:WIDTH or a JSON choices list")
+    _decoding_options(gen, max_new_tokens=64)
+
+    chat = commands.add_parser(
+        "chat", help="talk to an instruction-tuned checkpoint (its chat template), turn by turn",
+        description="Reads your messages from standard input, one per line, and streams the "
+        "model's replies; the conversation so far goes through the checkpoint's chat template "
+        "every turn. End with Ctrl-D (end of input).")
+    chat.add_argument("--system", default=None, metavar="TEXT",
+                      help="a system message opening the conversation")
+    _decoding_options(chat, max_new_tokens=512)
 
     bench = commands.add_parser(
         "bench", help="greedy decode speed on this machine, against its memory bandwidth",
@@ -144,20 +124,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """The options `generate` and `chat` share: the model, sampling, parallelism, attention
+    and speculative decoding."""
+    gen.add_argument("--model", required=True,
+                     help="HF safetensors directory with tokenizer.json, or the id (org/name) "
+                     "of a model in the Hugging Face cache")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens,
+                     help=f"tokens to produce (default {max_new_tokens})")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (the default) decodes greedily")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="sample from the smallest set of tokens of this total probability")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample from the k most likely tokens")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="drop tokens less likely than this fraction of the most likely one")
+    gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
+    gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
+                     default="auto", help="attention implementation (auto, the default: the "
+                     "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "
+                     "least 4 MiB, else the jnp reference)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="do not stop at the checkpoint's end-of-sequence ids (those of its "
+                     "generation_config.json and config.json)")
+    method = gen.add_mutually_exclusive_group()
+    method.add_argument("--draft", default=None,
+                        help="speculative decoding with this draft model (HF directory or "
+                        "cached model id)")
+    method.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding with drafts copied from the prompt")
+    method.add_argument("--retrieval", default=None, metavar="CORPUS",
+                        help="speculative decoding with drafts retrieved from a directory of text")
+    gen.add_argument("--tree", default=None,
+                     help="draft tree: chain:K, kary:DEPTH:WIDTH or a JSON choices list")
+
+
+
 def _generate(args) -> None:
     import jax
 
     import jaxdec
 
-    # Validate the sampler settings before loading anything.
-    if args.temperature == 0 and (args.top_p, args.top_k, args.min_p) == (None, None, None):
-        sampler = jaxdec.Greedy()
-    else:
-        sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, min_p=args.min_p)
-    topology = jaxdec.tree.parse(args.tree) if args.tree else None
-    if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
-        raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
+    sampler, topology = _decoding_settings(args)  # checked before loading anything
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
     text, echo, source = _prompt_text(args)
@@ -205,6 +216,82 @@ def _generate(args) -> None:
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
     print("[" + ", ".join(facts) + "]")
+
+
+def _decoding_settings(args):
+    """(sampler, tree topology or None) from the shared options, checked."""
+    import jaxdec
+
+    if args.temperature == 0 and (args.top_p, args.top_k, args.min_p) == (None, None, None):
+        sampler = jaxdec.Greedy()
+    else:
+        sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, min_p=args.min_p)
+    topology = jaxdec.tree.parse(args.tree) if args.tree else None
+    if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
+        raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
+    return sampler, topology
+
+
+def _chat(args) -> None:
+    import jax
+
+    import jaxdec
+
+    sampler, topology = _decoding_settings(args)
+    model = jaxdec.load_pretrained(args.model, dtype=args.dtype,
+                                   mesh=jaxdec.make_mesh(tp=args.tp))
+    model = model.with_attention(args.attention)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json")
+    if model.chat_template is None:
+        raise ValueError(f"{args.model} has no chat template (chat_template.jinja, or "
+                         "chat_template in tokenizer_config.json): `jaxdec chat` needs an "
+                         "instruction-tuned checkpoint; `jaxdec generate` continues text")
+    drafter = _drafter(args, model)
+    stop = () if args.ignore_eos else model.config.eos_token_ids
+    opening = [] if args.system is None else [{"role": "system", "content": args.system}]
+    turns: list[dict] = []  # the user's and the model's messages, in order
+    interactive = sys.stdin.isatty()
+    for turn in itertools.count():
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        turns.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = jaxdec.chat.encode_chat(model, opening + turns)
+        # The oldest exchanges make way when the conversation outgrows the model's positions.
+        while len(prompt) + args.max_new_tokens > model.config.max_positions and len(turns) > 1:
+            del turns[:2]
+            print("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
+            prompt = jaxdec.chat.encode_chat(model, opening + turns)
+        if len(prompt) + args.max_new_tokens > model.config.max_positions:
+            turns.pop()
+            print(f"[too long: {len(prompt)} tokens of conversation + --max-new-tokens "
+                  f"{args.max_new_tokens} exceed the model's {model.config.max_positions} "
+                  "positions]", file=sys.stderr, flush=True)
+            continue
+        stream = jaxdec.TextStream(model.tokenizer)
+        common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
+                      key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
+                      stream=stream, return_timings=True)
+        if drafter is None:
+            result = jaxdec.generate(model, [prompt], **common)
+        else:
+            result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
+                                                 **common)
+        stream.close()
+        print(flush=True)
+        tokens = result.to_lists()[0]
+        if tokens and tokens[-1] in stop:
+            tokens = tokens[:-1]
+        turns.append({"role": "assistant", "content": model.tokenizer.decode(tokens)})
+        rate = result.decode_tokens_per_s
+        print(f"[{len(tokens)} tokens" + (f", {rate:.1f} tokens/s]" if rate else "]"),
+              file=sys.stderr, flush=True)
 
 
 def _prompt_text(args) -> tuple[str, str, str]:
@@ -313,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdec.train.loop import Interrupted
 
     args = _parser().parse_args(argv)
-    run = {"generate": _generate, "bench": _bench, "train": _train,
+    run = {"generate": _generate, "chat": _chat, "bench": _bench, "train": _train,
            "demo": _demo}[args.command]
     try:
         run(args)

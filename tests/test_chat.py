@@ -1,5 +1,6 @@
 """Chat templates (jaxdec.chat) against transformers' apply_chat_template, and `--chat`."""
 
+import io
 import json
 import os
 import shutil
@@ -173,3 +174,44 @@ def test_cli_chat_errors(chat_checkpoint, tokenized_checkpoint, capsys):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(tokenized_checkpoint, "tokenizer_config.json"))
+
+
+def _replies(model, system, lines, max_new_tokens):
+    """What `jaxdec chat` should answer: each turn greedy over the conversation so far."""
+    messages, replies = [{"role": "system", "content": system}], []
+    for line in lines:
+        messages.append({"role": "user", "content": line})
+        ids = encode_chat(model, messages)
+        tokens = jaxdec.generate(model, [ids], max_new_tokens=max_new_tokens).to_lists()[0]
+        replies.append(model.tokenizer.decode(tokens))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    return replies
+
+
+def test_cli_chat_conversation(chat_checkpoint, capsys, monkeypatch):
+    """Two turns from standard input (a blank line skipped): each reply is the model's
+    greedy answer to the whole conversation so far."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("the fox\n\nhello world\n"))
+    assert main(["chat", "--model", str(chat_checkpoint), "--system", "be brief",
+                 "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    assert out.split("\n")[:2] == _replies(model, "be brief", ["the fox", "hello world"], 4)
+    assert err.count("4 tokens") == 2
+
+
+def test_cli_chat_drops_what_no_longer_fits(chat_checkpoint, capsys, monkeypatch):
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    first = encode_chat(model, [{"role": "user", "content": "the fox"}])
+    # Room for the first exchange, not for two: the second turn drops the first; a message
+    # that cannot fit even alone is refused, and the chat goes on.
+    new = model.config.max_positions - len(first) - 4
+    too_long = "fox " * model.config.max_positions
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"the fox\nthe dog\n{too_long}\nthe fox\n"))
+    assert main(["chat", "--model", str(chat_checkpoint), "--max-new-tokens", str(new),
+                 "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert "the oldest exchange no longer fits: dropped" in err
+    assert "too long" in err
+    lines = out.split("\n")
+    assert lines[0] == lines[2]  # the last turn saw only itself again, as the first did
