@@ -18,7 +18,7 @@ from jaxdec.parallel import make_mesh
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
 from jaxdec.streaming import TextStream
-from jaxdec import chat, drafters, tree  # noqa: E402  (jaxdec.chat, .drafters, .tree)
+from jaxdec import benchmark, chat, drafters, tree  # noqa: E402  (submodules)
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "SpeculativeResult",
     "TextStream",
     "abstract_model",
+    "benchmark",
     "chat",
     "commit",
     "drafters",
