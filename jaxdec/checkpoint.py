@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdec import parallel
-from jaxdec.chat import TOKENIZER_CONFIG, load_chat_template
+from jaxdec.chat import TEMPLATE_FILE, TOKENIZER_CONFIG, load_chat_template
 from jaxdec.checks import check_bool, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
@@ -515,6 +515,10 @@ def save_pretrained(
             model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
         if tokenizer_config is not None:
             _write_json(os.path.join(staging, TOKENIZER_CONFIG), tokenizer_config)
+            # A template file in the target would be read before tokenizer_config.json's.
+            if os.path.isfile(os.path.join(target, TEMPLATE_FILE)):
+                with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
+                    f.write(model.chat_template.source)
         if exists:
             _move_files_into(staging, target)
         else:

@@ -149,6 +149,10 @@ def test_load_and_save_keep_the_template(chat_checkpoint, tmp_path):
     jaxdec.save_pretrained(model, target, overwrite=True)
     saved = json.loads((target / "tokenizer_config.json").read_text())
     assert saved["model_max_length"] == 77 and saved["chat_template"] == HEADERS
+    # A template file there (read first) gets the model's template too.
+    (target / "chat_template.jinja").write_text(CHATML)
+    jaxdec.save_pretrained(model, target, overwrite=True)
+    assert jaxdec.load_pretrained(target).chat_template.source == HEADERS
     (target / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not readable JSON"):
         jaxdec.save_pretrained(model, target, overwrite=True)
