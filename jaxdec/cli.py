@@ -339,25 +339,35 @@ def _bench(args) -> None:
 
     import jaxdec
     from jaxdec import benchmark
+    from jaxdec.checkpoint import checkpoint_dir
+    from jaxdec.checks import check_param_dtype
     from jaxdec.model import param_dtype
+    from jaxdec.parallel import check_divisibility
 
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
     benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
     mesh = jaxdec.make_mesh(tp=args.tp)
     if args.model:
-        model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+        directory = checkpoint_dir(args.model)
+        config = jaxdec.ModelConfig.from_hf(directory)
+    elif args.shape:
+        config, name = benchmark.SHAPES[args.shape], f"{args.shape} shape"
+    else:
+        config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
+    check_divisibility(config, mesh)
+    if args.dtype is not None:
+        check_param_dtype(args.dtype)
+    # Measured first, while the weights do not yet take the devices' memory.
+    bandwidths = benchmark.memory_bandwidth()
+    if args.model:
+        model = jaxdec.load_pretrained(directory, dtype=args.dtype, mesh=mesh)
         what = f"{args.model} ({param_dtype(model)} weights)"
     else:
-        if args.shape:
-            config, name = benchmark.SHAPES[args.shape], f"{args.shape} shape"
-        else:
-            config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
-        dtype = args.dtype or "bfloat16"
-        model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=dtype, mesh=mesh)
+        model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=args.dtype or "bfloat16",
+                                  mesh=mesh)
         what = f"{name}, random {param_dtype(model)} weights"
     model = model.with_attention(args.attention)
-    bandwidths = benchmark.memory_bandwidth()
     devices = jax.devices()[0]
     print(f"jaxdec bench: {what}; {mesh.devices.size} x {devices.device_kind} "
           f"({devices.platform}), jax {jax.__version__}")

@@ -146,6 +146,8 @@ def test_cli_bench_from_a_config(tmp_path, capsys):
     (["--shape", "tiny", "--context", "3", "--new-tokens", "8"], "context=3 leaves no prompt"),
     (["--shape", "tiny", "--tp", "3"], "tp=3 does not divide"),
     (["--config", "/nonexistent/dir"], "nonexistent"),
+    (["--model", "/nonexistent/dir"], "does not exist"),
+    (["--shape", "tiny", "--dtype", "int8"], "dtype"),
 ])
 def test_cli_bench_bad_arguments(capsys, args, message):
     assert main(["bench", *args]) == 2
