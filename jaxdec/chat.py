@@ -101,6 +101,21 @@ def _tojson(value, indent=None, separators=None, sort_keys=False):
                       sort_keys=sort_keys)
 
 
+def _generation_tag():
+    """A Jinja extension for transformers' `{% generation %}...{% endgeneration %}` (it marks
+    the assistant's text for training masks): rendered as its body."""
+    import jinja2.ext
+
+    class GenerationTag(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationTag
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str, origin: str):
     import jinja2
@@ -108,7 +123,8 @@ def _compile(source: str, origin: str):
     import jinja2.sandbox
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _generation_tag()])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
     try:

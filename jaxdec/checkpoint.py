@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdec import parallel
-from jaxdec.chat import TEMPLATE_FILE, TOKENIZER_CONFIG, load_chat_template
+from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
+                         load_chat_template)
 from jaxdec.checks import check_bool, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.model import Model, param_shardings
@@ -382,7 +383,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     # Parameter by parameter from the memory-mapped files onto the mesh, converted there.
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
-                 chat_template=load_chat_template(directory))
+                 chat_template=_chat_template(directory))
+
+
+def _chat_template(directory: str):
+    """The directory's chat template; one that cannot be read or compiled warns (the model
+    loads without it: only chatting needs it)."""
+    try:
+        return load_chat_template(directory)
+    except ChatTemplateError as e:
+        warnings.warn(f"loading without a chat template: {e}")
+        return None
 
 
 def _on_mesh(hf_array: np.ndarray, dtype, mesh) -> jax.Array:

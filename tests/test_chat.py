@@ -81,6 +81,20 @@ def test_rendered_and_encoded_as_transformers_does(tmp_path, template, conversat
     assert ids.count(1) == (template == HEADERS)  # BOS (id 1) once: the template's
 
 
+def test_generation_blocks_render_their_body(tmp_path):
+    """transformers' {% generation %} tag (assistant masks for training) compiles and renders
+    its body, as there."""
+    template = CHATML.replace("{{ m.content }}", "{% if m.role == 'assistant' %}"
+                              "{% generation %}{{ m.content }}{% endgeneration %}"
+                              "{% else %}{{ m.content }}{% endif %}")
+    directory = _directory(tmp_path, template)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    text = load_chat_template(directory).render(CONVERSATIONS[1])
+    assert "the lazy dog" in text
+    assert text == theirs.apply_chat_template(CONVERSATIONS[1], tokenize=False,
+                                              add_generation_prompt=True)
+
+
 def test_tools_reach_the_template_as_json(tmp_path):
     directory = _directory(tmp_path, CHATML)
     tools = [{"name": "lookup", "description": "finds ünïcode"}]
@@ -157,6 +171,15 @@ def test_load_and_save_keep_the_template(chat_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="not readable JSON"):
         jaxdec.save_pretrained(model, target, overwrite=True)
     assert (target / "tokenizer_config.json").read_text() == "{not json"
+
+
+def test_a_broken_template_does_not_stop_the_model_loading(chat_checkpoint, tmp_path):
+    directory = tmp_path / "broken"
+    shutil.copytree(chat_checkpoint, directory)
+    (directory / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.warns(UserWarning, match="loading without a chat template.*does not compile"):
+        model = jaxdec.load_pretrained(directory)
+    assert model.chat_template is None and model.tokenizer is not None
 
 
 def test_cli_chat_prints_the_reply(chat_checkpoint, capsys):
