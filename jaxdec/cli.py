@@ -6,8 +6,8 @@
                     [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream] [--chat [--system TEXT]]
-    jaxdec chat --model DIR [--system TEXT] [--max-new-tokens N] [sampling and speculative
-                options as for generate]
+    jaxdec chat --model DIR [--system TEXT] [--max-context N] [--max-new-tokens N]
+                [sampling and speculative options as for generate]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
                  [--repeats N] [--json PATH]
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         "every turn. End with Ctrl-D (end of input).")
     chat.add_argument("--system", default=None, metavar="TEXT",
                       help="a system message opening the conversation")
+    chat.add_argument("--max-context", type=_positive_int, default=8192, metavar="N",
+                      help="tokens of conversation kept (and cache slots; default 8192, at "
+                      "most the model's positions): older exchanges are dropped")
     _decoding_options(chat, max_new_tokens=512)
 
     bench = commands.add_parser(
@@ -249,6 +252,10 @@ def _chat(args) -> None:
                          "chat_template in tokenizer_config.json): `jaxdec chat` needs an "
                          "instruction-tuned checkpoint; `jaxdec generate` continues text")
     drafter = _drafter(args, model)
+    limit = min(args.max_context, model.config.max_positions)
+    # Without a drafter the conversation's cache is kept between turns: each turn prefills
+    # only its own tokens (speculative decoding starts its caches afresh every turn).
+    session = jaxdec.PrefixCache(model, max_len=limit) if drafter is None else None
     stop = () if args.ignore_eos else model.config.eos_token_ids
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     turns: list[dict] = []  # the user's and the model's messages, in order
@@ -264,22 +271,22 @@ def _chat(args) -> None:
         turns.append({"role": "user", "content": line.rstrip("\n")})
         prompt = jaxdec.chat.encode_chat(model, opening + turns)
         # The oldest exchanges make way when the conversation outgrows the model's positions.
-        while len(prompt) + args.max_new_tokens > model.config.max_positions and len(turns) > 1:
+        while len(prompt) + args.max_new_tokens > limit and len(turns) > 1:
             del turns[:2]
             print("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        if len(prompt) + args.max_new_tokens > model.config.max_positions:
+        if len(prompt) + args.max_new_tokens > limit:
             turns.pop()
             print(f"[too long: {len(prompt)} tokens of conversation + --max-new-tokens "
-                  f"{args.max_new_tokens} exceed the model's {model.config.max_positions} "
-                  "positions]", file=sys.stderr, flush=True)
+                  f"{args.max_new_tokens} exceed the {limit} kept (--max-context, the model's "
+                  "positions)]", file=sys.stderr, flush=True)
             continue
         stream = jaxdec.TextStream(model.tokenizer)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
-        if drafter is None:
-            result = jaxdec.generate(model, [prompt], **common)
+        if session is not None:
+            result = session.generate(prompt, **common)
         else:
             result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
                                                  **common)

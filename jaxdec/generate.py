@@ -169,21 +169,25 @@ def _row_keys(key: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
 
 
-def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logprobs=False):
+def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logprobs=False,
+             continued=False):
     """Writes the whole padded block, keeps only the true lengths, and draws the first token
     from each row's last prompt position (with `logprobs`, also its log-probability, else
-    None). Padding slots past a row's length are overwritten by later tokens."""
+    None). Padding slots past a row's length are overwritten by later tokens. `continued`
+    (static): the block follows what the cache already holds (its lengths), instead of
+    starting an empty cache."""
     B, T = tokens_BT.shape
     prompt_lengths_B = prompt_lengths_B.astype(jnp.int32)
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cache = cache.replace(lengths=jnp.zeros((B,), jnp.int32))
+    start_B = cache.lengths if continued else jnp.zeros((B,), jnp.int32)
+    positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    cache = cache.replace(lengths=start_B)
     logits, _, cache = forward_with_cache(
         model, tokens_BT.astype(jnp.int32), positions_BT, cache,
-        logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=True,
+        logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=not continued,
     )
     first = _draw(sampler, logits[:, 0], _step_keys(row_keys, jnp.int32(0)))
     first_logprob = token_logprobs(logits, first[:, None])[:, 0] if logprobs else None
-    return first, first_logprob, cache.replace(lengths=prompt_lengths_B)
+    return first, first_logprob, cache.replace(lengths=start_B + prompt_lengths_B)
 
 
 def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
@@ -358,15 +362,17 @@ def read_timings(stamps) -> dict:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed", "logprobs"),
+    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed", "logprobs",
+                     "continued"),
     donate_argnames=("cache",),
 )
 def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tokens, sampler,
-             pad_id, stream, timed, logprobs=False):
+             pad_id, stream, timed, logprobs=False, continued=False):
     """`generate_padded`, optionally with two host timestamps read from inside the program:
     the prefill waits on the first, the second waits on the first tokens and the decode loop
     on it (data dependencies both ways, so no ordered effect is needed), and compile and
-    dispatch time are excluded."""
+    dispatch time are excluded. `continued`: the prompts follow the cache's contents (see
+    `_prefill`)."""
     row_keys = _row_keys(key, tokens.shape[0])
     clock = jax.ShapeDtypeStruct((2,), jnp.int32)
     stamps = None
@@ -374,7 +380,7 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tok
         start = io_callback(_host_clock, clock)
         tokens = after_clock(start, tokens)
     first, first_logprob, cache = _prefill(model, tokens, lengths, cache, row_keys, sampler,
-                                           logprobs)
+                                           logprobs, continued)
     if timed:
         stamps = jnp.stack([start, io_callback(_host_clock, clock, first)])
         # The decode loop waits on that stamp too: with nothing depending on it, the GPU
@@ -461,6 +467,95 @@ def generate(
         tokens=np.asarray(outputs[0])[rows], lengths=np.asarray(outputs[1])[rows],
         logprobs=np.asarray(outputs[2])[rows] if return_logprobs else None,
         **read_timings(stamps))
+
+
+class PrefixCache:
+    """One conversation's KV cache, kept between `generate` calls: a prompt that begins with
+    what the cache holds (the previous prompt and its output, as a chat's next turn does, or
+    a document asked about again) prefills only the rest.
+
+        session = jaxdec.PrefixCache(model, max_len=4096)
+        first = session.generate(prompt, max_new_tokens=128)
+        again = session.generate(prompt + first.to_lists()[0] + more, max_new_tokens=128)
+
+    Each call returns what `jaxdec.generate(model, [prompt], ...)` returns for the same
+    arguments (greedy: the same tokens; the same key: the same samples). The cache keeps the
+    longest common beginning of the new prompt and the tokens it holds (at most all but the
+    prompt's last token, whose logits the first new token needs); the rest is prefilled on
+    top (a prompt that shares nothing is prefilled whole, as `generate` does). The cache has
+    `max_len` slots: a prompt and its new tokens must fit in them. One row; the model's mesh
+    may be tensor-parallel, not data-parallel.
+
+    Attributes:
+      tokens: the token ids the cache holds, in order (the last call's prompt and its output
+        but the last token, which was never fed back).
+    """
+
+    def __init__(self, model: Model, max_len: int):
+        check_model(model)
+        if parallel.dp_size(model.mesh) != 1:
+            raise ValueError("PrefixCache keeps one row: the model's mesh must have dp = 1")
+        max_len, = python_ints(max_len)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+            raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
+        if max_len > model.config.max_positions:
+            raise ValueError(f"max_len={max_len} exceeds the model's {model.config.max_positions} "
+                             f"positions ({model.config.describe_max_positions()})")
+        self.model, self.max_len = model, max_len
+        self.cache = init_cache(model.config, 1, max_len, dtype=param_dtype(model),
+                                mesh=model.mesh)
+        self.tokens: list[int] = []
+
+    def generate(self, prompt: Sequence[int], *, max_new_tokens: int,
+                 sampler: Greedy | Sampler | None = None, key: jax.Array | None = None,
+                 stop_tokens=(), pad_id: int = 0, stream: Callable | None = None,
+                 return_timings: bool = False, return_logprobs: bool = False
+                 ) -> GenerateResult:
+        """`jaxdec.generate(model, [prompt], ...)`, prefilling only what the cache lacks
+        (see the class). `prompt` is one list of token ids."""
+        sampler = check_sampler(sampler)
+        key = check_key(key)
+        max_new_tokens, pad_id = python_ints(max_new_tokens, pad_id)
+        return_timings = check_bool("return_timings", return_timings)
+        return_logprobs = check_bool("return_logprobs", return_logprobs)
+        if stream is not None and not callable(stream):
+            raise TypeError("stream must be callable")
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise TypeError(f"prompt must be one list of token ids, got {type(prompt).__name__}")
+        batch = prepare_batch(self.model, [prompt], max_new_tokens=max_new_tokens,
+                              stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
+        ids = batch.tokens[0, : batch.lengths[0]].tolist()
+        kept = 0
+        for cached, new in zip(self.tokens[: len(ids) - 1], ids):
+            if cached != new:
+                break
+            kept += 1
+        rest = ids[kept:]
+        # prepare_batch checked len(ids) + max_new_tokens - 1 <= max_len: the rest fits.
+        width = min(bucket_length(len(rest)), self.max_len - kept)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(rest)] = rest
+        cache = self.cache.replace(lengths=jnp.full((1,), kept, jnp.int32))
+        self.tokens = []  # until the call returns: the cache is donated to it
+        key = jax.random.key(0) if key is None else key
+        try:
+            with registered_stream(stream, batch) as (dispatch, stream_id):
+                ((outputs, cache), stamps) = _program(
+                    self.model, tokens, np.array([len(rest)], np.int32), cache, key,
+                    batch.stop, stream_id, max_new_tokens=max_new_tokens, sampler=sampler,
+                    pad_id=pad_id, stream=dispatch, timed=return_timings,
+                    logprobs=return_logprobs, continued=kept > 0)
+                outputs = jax.block_until_ready(outputs)
+        except BaseException:  # the donated cache may be gone: start the next call afresh
+            self.cache = init_cache(self.model.config, 1, self.max_len,
+                                    dtype=param_dtype(self.model), mesh=self.model.mesh)
+            raise
+        self.cache = cache
+        produced, n = np.asarray(outputs[0])[0], int(np.asarray(outputs[1])[0])
+        self.tokens = ids + produced[: n - 1].tolist()
+        return GenerateResult(tokens=np.asarray(outputs[0]), lengths=np.asarray(outputs[1]),
+                              logprobs=np.asarray(outputs[2]) if return_logprobs else None,
+                              **read_timings(stamps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`generate`: ragged batches, buckets without recompiles, stop tokens, streaming, timings,
 the jittable `generate_padded`, and bad input."""
 
+import dataclasses
 import functools
 
 import jax
@@ -140,6 +141,69 @@ def test_logprobs_are_the_models(loaded, sampler):
         np.testing.assert_allclose(logprobs[:n], want, rtol=1e-5, atol=1e-5)
         assert (logprobs[n:] == 0).all() and (logprobs[:n] < 0).all()
     assert jaxdec.generate(model, prompts, max_new_tokens=2).logprobs is None
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, monkeypatch):
+    """A conversation's calls (the next prompt extends the last prompt and output; one that
+    diverges midway; the same prompt again; one sharing nothing): each call's tokens (greedy
+    and sampled) and logprobs are `generate`'s on the whole prompt, and only the tokens past
+    the common beginning are prefilled."""
+    import sys
+
+    module = sys.modules["jaxdec.generate"]  # (`import jaxdec.generate` binds the function)
+    fed, program = [], module._program
+
+    def spy(model, tokens, lengths, cache, *args, **kwargs):
+        if "continued" in kwargs:  # PrefixCache's calls (generate's do not pass it)
+            fed.append((int(np.asarray(cache.lengths)[0]) if kwargs["continued"] else 0,
+                        int(lengths[0])))
+        return program(model, tokens, lengths, cache, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_program", spy)
+    model = loaded(VARIANT) if tp == 1 else jaxdec.load_pretrained(
+        hf_checkpoints(VARIANT)[0], mesh=jaxdec.make_mesh(tp=tp))
+    session = jaxdec.PrefixCache(model, max_len=96)
+    rs = np.random.RandomState(4)
+    first = rs.randint(3, 97, 12).tolist()
+    sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(2))
+    prompts, kept = [first], []
+    for step in range(5):
+        prompt, extra = prompts[-1], dict(sampled if step % 2 else {})
+        result = session.generate(prompt, max_new_tokens=6, return_logprobs=True, **extra)
+        want = jaxdec.generate(model, [prompt], max_new_tokens=6, return_logprobs=True, **extra)
+        np.testing.assert_array_equal(result.tokens, want.tokens)
+        np.testing.assert_allclose(result.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+        assert session.tokens == prompt + result.to_lists()[0][:-1]
+        following = [
+            prompt + result.to_lists()[0] + rs.randint(3, 97, 4).tolist(),  # the next turn
+            prompt[:7] + [5, 6, 7],  # diverges after 7 tokens
+            prompt,  # again
+            rs.randint(3, 97, 9).tolist(),  # nothing in common
+            None,
+        ][step]
+        prompts.append(following)
+    # (kept, fed): the next turn keeps the 12 + 5 cached, the divergent one 7, the same
+    # prompt all but its last token, the unrelated one nothing.
+    assert fed == [(0, 12), (17, 5), (7, 3), (9, 1), (0, 9)]
+    with pytest.raises(ValueError, match="max_len=96 is too small"):
+        session.generate(first * 8, max_new_tokens=6)
+    assert session.generate(first, max_new_tokens=2).tokens.shape == (1, 2)
+
+
+def test_prefix_cache_bad_arguments(loaded):
+    model = loaded(VARIANT)
+    with pytest.raises(ValueError, match="max_len must be an int >= 2"):
+        jaxdec.PrefixCache(model, max_len=1)
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        jaxdec.PrefixCache(model, max_len=10**6)
+    with pytest.raises(ValueError, match="dp = 1"):
+        jaxdec.PrefixCache(dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2)), max_len=16)
+    session = jaxdec.PrefixCache(model, max_len=32)
+    with pytest.raises(TypeError, match="one list of token ids"):
+        session.generate("hello", max_new_tokens=2)
+    with pytest.raises(TypeError, match="return_logprobs must be a bool"):
+        session.generate([1, 2], max_new_tokens=2, return_logprobs=1)
 
 
 def test_timings(loaded):
