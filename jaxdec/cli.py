@@ -253,6 +253,9 @@ def _chat(args) -> None:
                          "instruction-tuned checkpoint; `jaxdec generate` continues text")
     drafter = _drafter(args, model)
     limit = min(args.max_context, model.config.max_positions)
+    if limit <= args.max_new_tokens:
+        raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no room "
+                         f"for a message beside --max-new-tokens {args.max_new_tokens}")
     # Without a drafter the conversation's cache is kept between turns: each turn prefills
     # only its own tokens (speculative decoding starts its caches afresh every turn).
     session = jaxdec.PrefixCache(model, max_len=limit) if drafter is None else None
@@ -270,7 +273,7 @@ def _chat(args) -> None:
             continue
         turns.append({"role": "user", "content": line.rstrip("\n")})
         prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        # The oldest exchanges make way when the conversation outgrows the model's positions.
+        # The oldest exchanges make way when the conversation outgrows the limit.
         while len(prompt) + args.max_new_tokens > limit and len(turns) > 1:
             del turns[:2]
             print("[the oldest exchange no longer fits: dropped]", file=sys.stderr)

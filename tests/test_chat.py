@@ -200,6 +200,10 @@ def test_cli_chat_errors(chat_checkpoint, tokenized_checkpoint, capsys):
     assert "--system needs --chat" in capsys.readouterr().err
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--chat"]) == 2
     assert "no chat template" in capsys.readouterr().err
+    assert main(["chat", "--model", str(chat_checkpoint), "--max-context", "64",
+                 "--max-new-tokens", "64"]) == 2
+    assert "--max-context 64 (at most the model's positions) leaves no room" in \
+        capsys.readouterr().err
     assert not os.path.exists(os.path.join(tokenized_checkpoint, "tokenizer_config.json"))
 
 

@@ -167,7 +167,7 @@ def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, mo
     rs = np.random.RandomState(4)
     first = rs.randint(3, 97, 12).tolist()
     sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(2))
-    prompts, kept = [first], []
+    prompts = [first]
     for step in range(5):
         prompt, extra = prompts[-1], dict(sampled if step % 2 else {})
         result = session.generate(prompt, max_new_tokens=6, return_logprobs=True, **extra)
