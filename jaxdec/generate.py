@@ -183,7 +183,7 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logpr
     cache = cache.replace(lengths=start_B)
     logits, _, cache = forward_with_cache(
         model, tokens_BT.astype(jnp.int32), positions_BT, cache,
-        logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=not continued,
+        logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=not continued, prefill=True,
     )
     first = _draw(sampler, logits[:, 0], _step_keys(row_keys, jnp.int32(0)))
     first_logprob = token_logprobs(logits, first[:, None])[:, 0] if logprobs else None

@@ -207,7 +207,7 @@ def _batch_axis(mesh: Mesh):
     return parallel.DP if parallel.DP in mesh.axis_names else None
 
 
-@functools.partial(jax.jit, static_argnames=("check_vma", "fresh"))
+@functools.partial(jax.jit, static_argnames=("check_vma", "fresh", "prefill"))
 def forward_with_cache(
     model: Model,
     tokens_BT: jax.Array,
@@ -218,6 +218,7 @@ def forward_with_cache(
     logits_indices_BN: jax.Array | None = None,
     check_vma: bool = True,
     fresh: bool = False,
+    prefill: bool | None = None,
 ):
     """The one forward (prefill, decode, verification), in the global view.
 
@@ -236,6 +237,10 @@ def forward_with_cache(
         values, as with no cache (on GPU cuDNN's fused attention where it takes the shapes,
         instead of attention over every slot of the cache), and those are written to the
         cache all the same. Needs the causal mask (mask_BTT None).
+      prefill: static; no gradient will be taken through this causal block of prompt tokens
+        (default: `fresh`): long blocks then run their MLP in chunks of tokens and, without
+        cuDNN, attend chunk by chunk over blocks of keys (`jaxdec.models.layers.attention`'s
+        `prefill`), whether the cache is empty or holds a prefix (`jaxdec.PrefixCache`).
     Returns:
       (logits [B, N or T, V] fp32, hidden [B, T, E] after the final norm, cache).
     """
@@ -243,6 +248,9 @@ def forward_with_cache(
     _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN)
     if fresh and mask_BTT is not None:
         raise ValueError("fresh=True is a causal prefill: it takes no mask_BTT")
+    prefill = fresh if prefill is None else prefill
+    if prefill and mask_BTT is not None:
+        raise ValueError("prefill=True is a causal block of prompt tokens: it takes no mask_BTT")
     batch = _batch_axis(mesh)
     tp_axis = parallel.TP if parallel.TP in mesh.axis_names else None
     cache_specs = None if cache is None else parallel.specs(mesh, cache_axes(config), config)
@@ -266,7 +274,7 @@ def forward_with_cache(
         return family(config).forward(
             params, tokens, positions, given.get("cache"), given.get("mask"),
             given.get("logits_indices"), config=config, tp=parallel.tp_size(mesh),
-            attention=attention, matmul=model.matmul, fresh=fresh,
+            attention=attention, matmul=model.matmul, fresh=fresh, prefill=prefill,
         )
 
     with use_platform(platform):  # the kernels of the mesh's devices, for what traces here

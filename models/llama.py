@@ -174,7 +174,7 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
                      mask_BTT, *, config: ModelConfig, window, inv_freq, impl,
-                     matmul=L.MatmulImpl.XLA, fresh: bool = False):
+                     matmul=L.MatmulImpl.XLA, fresh: bool = False, prefill: bool = False):
     """x_BTE and inv_rms_BT1: the attention norm's output (`L.pre_projection_norm`). This
     shard's qkv groups give its query heads and the KV head(s) they read. `fresh`: the cache
     is empty before these tokens, so they attend to their own keys and values (as with no
@@ -193,7 +193,7 @@ def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, le
         kv_entry = kv_entry.write(k, v, lengths_B)
         keys, values = (k, v) if fresh else (kv_entry.k, kv_entry.v)
     attn = L.attention(q, keys, values, None if fresh else lengths_B, positions_BT,
-                       mask_BTT=mask_BTT, window=window, impl=impl, prefill=fresh)
+                       mask_BTT=mask_BTT, window=window, impl=impl, prefill=prefill)
     if matmul is L.MatmulImpl.XLA:
         out = jnp.einsum("bthd,hde->bte", attn, layer["o"])
     else:
@@ -230,6 +230,7 @@ def forward(
     attention: L.AttentionImpl = L.AttentionImpl.AUTO,
     matmul: L.MatmulImpl = L.MatmulImpl.XLA,
     fresh: bool = False,
+    prefill: bool = False,
 ):
     """One forward over T new tokens per row, per tensor-parallel shard.
 
@@ -245,8 +246,9 @@ def forward(
       config: the model config; tp: the tensor-parallel degree (static); attention: the
         attention implementation (static); matmul: the projections' (static, `L.MatmulImpl`);
         fresh: the cache holds nothing before these tokens (static; see
-        `jaxdec.model.forward_with_cache`): a prefill, whose MLP runs in chunks of tokens
-        where there are many (`L.chunked_gated_mlp`).
+        `jaxdec.model.forward_with_cache`); prefill: no gradient will be taken (static): the
+        MLP runs in chunks of tokens where there are many (`L.chunked_gated_mlp`) and long
+        causal blocks attend over blocks of keys (`L.attention`'s `prefill`).
     Returns:
       (logits [B, N or T, V/tp] fp32 for this shard's vocabulary rows,
        hidden [B, T, E] after the final norm, the updated cache or None).
@@ -261,11 +263,11 @@ def forward(
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
             config=config, window=config.layer_windows[i], inv_freq=inv_freq,
-            impl=attention, matmul=matmul, fresh=fresh,
+            impl=attention, matmul=matmul, fresh=fresh, prefill=prefill,
         )
         x = x + attn
         h, inv_rms = L.pre_projection_norm(x, layer["mlp_norm"], config.rms_norm_eps)
-        x = x + _mlp_block(layer, h, inv_rms, config, matmul, prefill=fresh)
+        x = x + _mlp_block(layer, h, inv_rms, config, matmul, prefill=prefill)
         new_entries.append(entry)
     hidden = L.rms_norm(x, params["final_norm"], config.rms_norm_eps)
     picked = hidden

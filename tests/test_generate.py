@@ -433,6 +433,17 @@ def test_a_long_prefill_runs_in_chunks_with_the_same_tokens(monkeypatch, tp):
         for _ in range(5):
             row.append(int(jnp.argmax(jaxdec.forward(model, jnp.asarray([row]))[0, -1])))
         assert tokens == row[len(prompt):]
+    # The same over a cached prefix (a PrefixCache's next turn of 600 tokens), the CPU's
+    # blocked walk over the cache turned off (it takes long blocks of new tokens itself).
+    monkeypatch.setattr(L, "BLOCKED_MIN_SLOTS", 10**9)
+    session = jaxdec.PrefixCache(model, max_len=1024)
+    session.generate(prompts[1], max_new_tokens=5)
+    longer = session.tokens + got[1][-1:] + _prompts((600,), seed=4)[0]
+    del blocks[:]
+    continued = session.generate(longer, max_new_tokens=5)
+    assert 128 in blocks  # the continued prefill walked its keys in blocks too
+    np.testing.assert_array_equal(continued.tokens,
+                                  jaxdec.generate(model, [longer], max_new_tokens=5).tokens)
 
 
 def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(loaded):
