@@ -520,8 +520,12 @@ class PrefixCache:
         return_logprobs = check_bool("return_logprobs", return_logprobs)
         if stream is not None and not callable(stream):
             raise TypeError("stream must be callable")
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)):
-            raise TypeError(f"prompt must be one list of token ids, got {type(prompt).__name__}")
+        if isinstance(prompt, jax.Array):
+            prompt = np.asarray(prompt)
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)) \
+                or any(isinstance(t, (Sequence, np.ndarray)) for t in prompt):
+            raise TypeError("prompt must be one list of token ids (PrefixCache keeps one row), "
+                            f"got {type(prompt).__name__}: {str(prompt)[:40]}")
         batch = prepare_batch(self.model, [prompt], max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
         ids = batch.tokens[0, : batch.lengths[0]].tolist()

@@ -200,8 +200,12 @@ def test_prefix_cache_bad_arguments(loaded):
     with pytest.raises(ValueError, match="dp = 1"):
         jaxdec.PrefixCache(dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2)), max_len=16)
     session = jaxdec.PrefixCache(model, max_len=32)
-    with pytest.raises(TypeError, match="one list of token ids"):
-        session.generate("hello", max_new_tokens=2)
+    for prompt in ("hello", [[1, 2], [3]], np.zeros((2, 2), np.int32)):
+        with pytest.raises(TypeError, match="one list of token ids"):
+            session.generate(prompt, max_new_tokens=2)
+    np.testing.assert_array_equal(  # arrays are lists of ids too
+        session.generate(jnp.arange(3, 9), max_new_tokens=2).tokens,
+        jaxdec.generate(model, [list(range(3, 9))], max_new_tokens=2).tokens)
     with pytest.raises(TypeError, match="return_logprobs must be a bool"):
         session.generate([1, 2], max_new_tokens=2, return_logprobs=1)
 
