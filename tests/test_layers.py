@@ -475,6 +475,37 @@ class TestCudnnOnGPU:
             assert np.max(np.abs(g - w)) <= 0.1 * np.max(np.abs(w)) + 1e-3
 
 
+def _long_prefill_tokens_match(monkeypatch, dtype):
+    """Greedy tokens after a 1500-token prompt (3 query chunks, MLP chunks of 512 tokens,
+    blocks of 256 keys) equal those of the reference attention run whole."""
+    import jaxdec
+
+    monkeypatch.setattr(L, "PREFILL_MLP_CHUNK_TOKENS", 512)
+    monkeypatch.setattr(L, "PREFILL_KEY_BLOCK", 256)
+    config = jaxdec.ModelConfig(
+        model_type="llama", vocab_size=211, hidden_size=128, intermediate_size=256,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=2048)
+    model = jaxdec.init_model(config, jax.random.PRNGKey(5), dtype=dtype, std=0.2)
+    prompt = jax.random.randint(jax.random.PRNGKey(6), (1500,), 0, 211).tolist()
+    got = jaxdec.generate(model, [prompt], max_new_tokens=4)
+    row = list(prompt)
+    reference = model.with_attention("reference")
+    for _ in range(4):
+        logits = jaxdec.forward(reference, jnp.asarray([row]))
+        row.append(int(jnp.argmax(logits[0, -1])))
+    assert got.to_lists()[0] == row[len(prompt):]
+
+
+@pytest.mark.gpu_only
+@pytest.mark.skipif(jax.default_backend() not in L.GPU_BACKENDS, reason="needs a CUDA device")
+class TestLongPrefillOnGPU:
+    """On the card: a long prefill's chunked MLP and (fp32: no cuDNN) its attention over
+    blocks of keys give the reference's greedy tokens."""
+
+    def test_fp32_blocked_attention(self, monkeypatch):
+        _long_prefill_tokens_match(monkeypatch, jnp.float32)
+
+
 def test_matmul_pallas_interpret_runs_the_kernel_with_the_same_logits():
     """`Model.with_matmul("pallas_interpret")`: a decode step's projections (q|k|v, o, gate|up,
     down: at most 16 tokens, shapes the kernel tiles) run the matrix-vector kernel and give
