@@ -98,13 +98,13 @@ def decode_step_bytes(config: ModelConfig, batch: int, context: int, *, dtype="b
     itemsize = jnp.dtype(dtype).itemsize
     fam = family(config)
     vocab = -(-config.vocab_size // tp) * tp
-    shapes = fam.param_shapes(config, vocab_size=vocab, groups=fam.kv_groups(config, tp))
+    groups = fam.kv_groups(config, tp)  # also the cache's KV heads: max(K, tp)
+    shapes = fam.param_shapes(config, vocab_size=vocab, groups=groups)
     params = sum(math.prod(shape) for shape in _shape_leaves(shapes)) * itemsize
     weights = params
     if not config.tie_word_embeddings:  # the input embedding: only the rows looked up
         weights += (batch - vocab) * config.hidden_size * itemsize
-    kv_heads = max(config.num_kv_heads, tp)
-    kv = sum(2 * batch * min(context, window or context) * kv_heads * config.head_dim
+    kv = sum(2 * batch * min(context, window or context) * groups * config.head_dim
              for window in config.layer_windows) * itemsize
     return StepBytes(weights=weights, kv=kv)
 

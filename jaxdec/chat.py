@@ -26,6 +26,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxdec.config import read_json_object
+
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_JSON = "chat_template.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -142,13 +144,9 @@ def _token_text(value) -> str | None:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return read_json_object(path)
+    except (OSError, ValueError) as e:
         raise ChatTemplateError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise ChatTemplateError(f"{path} is not a JSON object")
-    return data
 
 
 def _pick(template, origin: str) -> str:

@@ -34,7 +34,7 @@ from jaxdec import parallel
 from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
 from jaxdec.checks import check_bool, check_model, check_param_dtype
-from jaxdec.config import ModelConfig
+from jaxdec.config import ModelConfig, read_json_object
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
 
@@ -549,13 +549,10 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
     existing = {}
     if os.path.isfile(path):
         try:
-            with open(path, encoding="utf-8") as f:
-                existing = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            existing = read_json_object(path)
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path} exists and is not readable JSON ({e}): the chat template "
                              "would be written over it; move it away first") from None
-        if not isinstance(existing, dict):
-            raise ValueError(f"{path} exists and is not a JSON object; move it away first")
     return dict(existing, **model.chat_template.special_tokens,
                 chat_template=model.chat_template.source)
 

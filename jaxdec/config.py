@@ -363,7 +363,7 @@ def _read_generation_config(source) -> dict[str, Any]:
     if not os.path.exists(path):
         return {}
     try:
-        return _read_json_object(path)
+        return read_json_object(path)
     except (OSError, ValueError) as e:
         warnings.warn(f"ignoring {e}")
         return {}
@@ -375,12 +375,14 @@ def _read_hf_config(source) -> dict[str, Any]:
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no config.json at {path}")
-    return _read_json_object(path)
+    return read_json_object(path)
 
 
-def _read_json_object(path: str) -> dict[str, Any]:
+def read_json_object(path: str) -> dict[str, Any]:
+    """The JSON object in a file (config.json, tokenizer_config.json, ...), or a ValueError
+    naming the file when it is not valid UTF-8 JSON or not an object (OSError as raised)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
