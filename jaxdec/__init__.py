@@ -11,10 +11,11 @@ Models and caches are pytrees; `generate_padded` is the pure, jittable form of `
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.config import ModelConfig, RopeConfig
-from jaxdec.generate import GenerateResult, PrefixCache, generate, generate_padded
+from jaxdec.generate import GenerateResult, generate, generate_padded
 from jaxdec.model import Model, abstract_model, forward, init_model
 from jaxdec.models.layers import AttentionImpl, MatmulImpl
 from jaxdec.parallel import make_mesh
+from jaxdec.prefix_cache import PrefixCache
 from jaxdec.sampling import Greedy, Sampler
 from jaxdec.speculative import SpecStats, SpeculativeResult, speculative_generate
 from jaxdec.streaming import TextStream

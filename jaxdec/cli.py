@@ -256,9 +256,9 @@ def _chat(args) -> None:
     if limit <= args.max_new_tokens:
         raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no room "
                          f"for a message beside --max-new-tokens {args.max_new_tokens}")
-    # Without a drafter the conversation's cache is kept between turns: each turn prefills
-    # only its own tokens (speculative decoding starts its caches afresh every turn).
-    session = jaxdec.PrefixCache(model, max_len=limit) if drafter is None else None
+    # The conversation's caches (a draft model's too) are kept between turns: each turn
+    # prefills only its own tokens.
+    session = jaxdec.PrefixCache(model, max_len=limit, drafter=drafter, tree=topology)
     stop = () if args.ignore_eos else model.config.eos_token_ids
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     turns: list[dict] = []  # the user's and the model's messages, in order
@@ -288,11 +288,7 @@ def _chat(args) -> None:
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
-        if session is not None:
-            result = session.generate(prompt, **common)
-        else:
-            result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
-                                                 **common)
+        result = session.generate(prompt, **common)
         stream.close()
         print(flush=True)
         tokens = result.to_lists()[0]

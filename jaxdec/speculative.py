@@ -102,6 +102,20 @@ def _clock(*deps):
     return io_callback(_host_clock, jax.ShapeDtypeStruct((2,), jnp.int32), *deps)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """What a continued run builds on (`jaxdec.PrefixCache`): the target's cache already
+    holds each row's first `cache.lengths` prompt tokens, the program's tokens are the rest,
+    and the drafter resumes from these (`Drafter.resume`): the whole prompts (tokens [B, T]
+    right-padded, lengths [B]) and its state from the last run (None for a drafter that
+    rebuilds its state from the prompts)."""
+
+    tokens_BT: jax.Array
+    lengths_B: jax.Array
+    drafter_state: object = None
+
+
 def speculative_padded(
     target: Model,
     drafter: Drafter,
@@ -120,6 +134,7 @@ def speculative_padded(
     profile: bool = False,
     stream_args: tuple = (),
     return_logprobs: bool = False,
+    resume: Resume | None = None,
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
@@ -129,9 +144,10 @@ def speculative_padded(
     `timed` reads two host timestamps
     (after the start and after the prefill); `profile` also times drafting and verifying in
     every step (a host round trip each: it slows the loop). `return_logprobs` also records
-    each token's log-probability under the target. Returns ((tokens, lengths), statistics
-    arrays, cache, timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs)
-    first.
+    each token's log-probability under the target. `resume` continues a cache that holds a
+    prefix of the prompts: `tokens_BT` / `prompt_lengths_B` are then what follows it (see
+    `Resume`). Returns ((tokens, lengths), statistics arrays, cache, the drafter's final
+    state, timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
     """
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
@@ -146,12 +162,19 @@ def speculative_padded(
         tokens_BT = after_clock(start, tokens_BT)
         stamps.append(start)
 
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    _, _, cache = forward_with_cache(target, tokens_BT, positions, cache,
-                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32), fresh=True)
-    cache = cache.replace(lengths=prompt_lengths_B - 1)
+    start_B = jnp.zeros((B,), jnp.int32) if resume is None else cache.lengths
+    positions = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    _, _, cache = forward_with_cache(target, tokens_BT, positions, cache.replace(lengths=start_B),
+                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                                     fresh=resume is None, prefill=True)
+    cache = cache.replace(lengths=start_B + prompt_lengths_B - 1)
     root = jnp.take_along_axis(tokens_BT, (prompt_lengths_B - 1)[:, None], axis=1)[:, 0]
-    drafter_state = drafter.init(tokens_BT, prompt_lengths_B, max_len=cache.max_len)
+    if resume is None:
+        drafter_state = drafter.init(tokens_BT, prompt_lengths_B, max_len=cache.max_len)
+    else:
+        drafter_state = drafter.resume(resume.drafter_state, resume.tokens_BT.astype(jnp.int32),
+                                       resume.lengths_B.astype(jnp.int32), tokens_BT, start_B,
+                                       max_len=cache.max_len)
     if timed:  # after both prefills: depend on one element of every cache array
         done = [x.reshape(-1)[:1] for x in jax.tree.leaves((cache, drafter_state))]
         stamps.append(_clock(*done))
@@ -246,8 +269,9 @@ def speculative_padded(
     stats = dict(steps=s.step, row_steps=s.row_steps_B, emitted_sum=s.emitted_sum_B,
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
     outputs = (s.out_BN, s.n_gen_B) + (() if s.logprobs_BN is None else (s.logprobs_BN,))
-    return (outputs, stats, as_floats(s.cache) if bits else s.cache,
-            (jnp.stack(stamps) if timed else None))
+    cache, drafter_state = as_floats((s.cache, s.drafter_state)) if bits else (s.cache,
+                                                                                s.drafter_state)
+    return outputs, stats, cache, drafter_state, (jnp.stack(stamps) if timed else None)
 
 
 def _checked_proposal(drafter, returned, state, B: int, N: int, kind):
@@ -293,16 +317,19 @@ def _check_state(drafter, method: str, got, want) -> None:
     jax.jit,
     static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "stream", "timed",
                      "profile", "logprobs"),
-    donate_argnames=("cache",),
+    donate_argnames=("cache", "drafter_state"),
 )
-def _program(target, drafter, tokens, lengths, cache, key, stop, stream_id=None, *,
-             max_new_tokens, sampler, topology, pad_id, timed, profile, stream=None,
-             logprobs=False):
+def _program(target, drafter, tokens, lengths, cache, key, stop, stream_id=None, prompts=None,
+             drafter_state=None, *, max_new_tokens, sampler, topology, pad_id, timed, profile,
+             stream=None, logprobs=False):
+    """`speculative_padded`; given the whole `prompts` (tokens, lengths), it resumes from
+    them and `drafter_state` (donated: a draft model's cache is updated in place)."""
+    resume = None if prompts is None else Resume(*prompts, drafter_state=drafter_state)
     return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
                               max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
                               pad_id=pad_id, stream=stream, timed=timed, profile=profile,
                               stream_args=() if stream_id is None else (stream_id,),
-                              return_logprobs=logprobs)
+                              return_logprobs=logprobs, resume=resume)
 
 
 def speculative_generate(
@@ -386,10 +413,16 @@ def speculative_generate(
                         logprobs=return_logprobs)
         if compile_only:
             return _program.lower(*args, **settings).compile()
-        outputs, stats, _, stamps = _program(*args, **settings)
-        out, n_gen = jax.block_until_ready(outputs)[:2]
-        timings = read_timings(stamps)
-    rows = slice(0, batch.size)
+        outputs, stats, _, _, stamps = _program(*args, **settings)
+        outputs = jax.block_until_ready(outputs)
+    return spec_result(outputs, stats, stamps, rows=batch.size, profile=profile)
+
+
+def spec_result(outputs, stats, stamps, *, rows: int, profile: bool) -> SpeculativeResult:
+    """The SpeculativeResult of the program's outputs, statistics and timestamps (the first
+    `rows` rows: the real batch)."""
+    rows = slice(0, rows)
+    out, n_gen = outputs[:2]
     row_steps = np.asarray(stats["row_steps"])[rows]
     total_steps = max(int(row_steps.sum()), 1)
     seconds = np.asarray(stats["seconds"])
@@ -403,5 +436,5 @@ def speculative_generate(
     )
     return SpeculativeResult(tokens=np.asarray(out)[rows], lengths=np.asarray(n_gen)[rows],
                              stats=spec_stats,
-                             logprobs=np.asarray(outputs[2])[rows] if return_logprobs else None,
-                             **timings)
+                             logprobs=np.asarray(outputs[2])[rows] if len(outputs) > 2 else None,
+                             **read_timings(stamps))

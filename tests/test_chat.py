@@ -220,12 +220,15 @@ def _replies(model, system, lines, max_new_tokens):
     return replies
 
 
-def test_cli_chat_conversation(chat_checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize("method", [[], ["--draft", "SELF", "--tree", "kary:2:2"]],
+                         ids=["plain", "speculative"])
+def test_cli_chat_conversation(chat_checkpoint, method, capsys, monkeypatch):
     """Two turns from standard input (a blank line skipped): each reply is the model's
-    greedy answer to the whole conversation so far."""
+    greedy answer to the whole conversation so far (drafting for itself: the same)."""
     monkeypatch.setattr("sys.stdin", io.StringIO("the fox\n\nhello world\n"))
+    method = [str(chat_checkpoint) if m == "SELF" else m for m in method]
     assert main(["chat", "--model", str(chat_checkpoint), "--system", "be brief",
-                 "--max-new-tokens", "4"]) == 0
+                 "--max-new-tokens", "4"] + method) == 0
     out, err = capsys.readouterr()
     model = jaxdec.load_pretrained(chat_checkpoint)
     assert out.split("\n")[:2] == _replies(model, "be brief", ["the fox", "hello world"], 4)

@@ -373,3 +373,47 @@ def test_draft_model_steps_keep_the_draft_cache_one_token_behind(loaded, topolog
             for got, want in zip(state.cache.layers, prefill.layers):
                 np.testing.assert_allclose(got.k[b, :held], want.k[0, :held], atol=1e-5)
                 np.testing.assert_allclose(got.v[b, :held], want.v[0, :held], atol=1e-5)
+
+
+def test_draft_model_resume_prefills_only_the_rest():
+    """`resume` (a PrefixCache's next call): a draft cache that holds each row's first kept
+    tokens, prefilled with the rest, holds what `init` on the whole prompts writes; a
+    drafter without state of its own resumes with `init` itself."""
+    model = jaxdec.init_model(jaxdec.ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, max_position_embeddings=64), jax.random.PRNGKey(3))
+    drafter = DraftModel(model).prepare(model)
+    rows, kept, max_len = [[5, 9, 31, 2, 7, 8, 1], [3, 4, 6, 10]], [4, 1], 24
+    whole = np.zeros((2, 8), np.int32)
+    first = np.zeros((2, 4), np.int32)
+    rest = np.zeros((2, 8), np.int32)
+    for b, (r, k) in enumerate(zip(rows, kept)):
+        whole[b, : len(r)] = r
+        first[b, :k] = r[:k]
+        rest[b, : len(r) - k] = r[k:]
+    lengths = jnp.array([len(r) for r in rows])
+    # `init` on the first tokens (+ 1: init holds all but the last), then garbage after them.
+    state = drafter.init(jnp.asarray(first), jnp.array(kept) + 1, max_len=max_len)
+    state = dataclasses.replace(state, pending=jnp.ones(2, jnp.int32))
+    resumed = drafter.resume(state, jnp.asarray(whole), lengths, jnp.asarray(rest),
+                             jnp.array(kept), max_len=max_len)
+    want = drafter.init(jnp.asarray(whole), lengths, max_len=max_len)
+    np.testing.assert_array_equal(resumed.cache.lengths, lengths - 1)
+    np.testing.assert_array_equal(drafter.held_length(resumed), lengths - 1)
+    np.testing.assert_array_equal(resumed.pending, want.pending)
+    for got, ref in zip(resumed.cache.layers, want.cache.layers):
+        for b, r in enumerate(rows):
+            np.testing.assert_allclose(got.k[b, : len(r) - 1], ref.k[b, : len(r) - 1],
+                                       atol=1e-5)
+            np.testing.assert_allclose(got.v[b, : len(r) - 1], ref.v[b, : len(r) - 1],
+                                       atol=1e-5)
+    with pytest.raises(ValueError, match="the draft's cache has 24 slots, the target's 32"):
+        drafter.resume(state, jnp.asarray(whole), lengths, jnp.asarray(rest), jnp.array(kept),
+                       max_len=32)
+    lookup = PromptLookup()
+    again = lookup.resume(None, jnp.asarray(whole), lengths, jnp.asarray(rest), jnp.array(kept),
+                          max_len=max_len)
+    fresh = lookup.init(jnp.asarray(whole), lengths, max_len=max_len)
+    assert lookup.held_length(again) is None
+    for got, ref in zip(jax.tree.leaves(again), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(got, ref)

@@ -149,15 +149,13 @@ def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, mo
     diverges midway; the same prompt again; one sharing nothing): each call's tokens (greedy
     and sampled) and logprobs are `generate`'s on the whole prompt, and only the tokens past
     the common beginning are prefilled."""
-    import sys
+    import jaxdec.prefix_cache as module
 
-    module = sys.modules["jaxdec.generate"]  # (`import jaxdec.generate` binds the function)
     fed, program = [], module._program
 
     def spy(model, tokens, lengths, cache, *args, **kwargs):
-        if "continued" in kwargs:  # PrefixCache's calls (generate's do not pass it)
-            fed.append((int(np.asarray(cache.lengths)[0]) if kwargs["continued"] else 0,
-                        int(lengths[0])))
+        fed.append((int(np.asarray(cache.lengths)[0]) if kwargs["continued"] else 0,
+                    int(lengths[0])))
         return program(model, tokens, lengths, cache, *args, **kwargs)
 
     monkeypatch.setattr(module, "_program", spy)
@@ -199,7 +197,13 @@ def test_prefix_cache_bad_arguments(loaded):
         jaxdec.PrefixCache(model, max_len=10**6)
     with pytest.raises(ValueError, match="dp = 1"):
         jaxdec.PrefixCache(dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2)), max_len=16)
+    with pytest.raises(TypeError, match="drafter must be None or a jaxdec.drafters drafter"):
+        jaxdec.PrefixCache(model, max_len=16, drafter=model)
+    with pytest.raises(ValueError, match="tree .* needs a drafter"):
+        jaxdec.PrefixCache(model, max_len=16, tree=jaxdec.tree.chain(2))
     session = jaxdec.PrefixCache(model, max_len=32)
+    with pytest.raises(ValueError, match="profile times a drafter's steps"):
+        session.generate([1, 2], max_new_tokens=2, profile=True)
     for prompt in ("hello", [[1, 2], [3]], np.zeros((2, 2), np.int32)):
         with pytest.raises(TypeError, match="one list of token ids"):
             session.generate(prompt, max_new_tokens=2)

@@ -250,7 +250,7 @@ def test_target_cache_equals_plain_decoding(loaded, topology):
     draft = model if not topology.is_chain else jaxdec.init_model(
         model.config.replace(num_layers=1), jax.random.PRNGKey(5))
     drafter = DraftModel(draft).prepare(model)
-    (spec_out, spec_n), stats, spec_cache, _ = spec_run(
+    (spec_out, spec_n), stats, spec_cache, _, _ = spec_run(
         model, drafter, batch.tokens, batch.lengths, jaxdec.init_cache(model.config, 3, 48), key,
         batch.stop)
     # Self-drafted (depth 2): 3 tokens a step, 12 in 4; the random draft's rejections: more.
@@ -294,7 +294,7 @@ def optimized_program(monkeypatch):
     static = [name for name, p in inspect.signature(program).parameters.items()
               if p.kind is p.KEYWORD_ONLY]  # the settings, static in the library's jit
     monkeypatch.setattr(speculative, "_program", jax.jit(
-        program, static_argnames=static, donate_argnames=("cache",),
+        program, static_argnames=static, donate_argnames=("cache", "drafter_state"),
         compiler_options={"xla_backend_optimization_level": 2}))
 
 
@@ -653,3 +653,51 @@ def test_compile_only_with_abstract_target_and_draft(loaded):
     with pytest.raises(ValueError, match="on the target's mesh"):
         jaxdec.speculative_generate(abstract, DraftModel(elsewhere), _prompts(), max_new_tokens=4,
                                     compile_only=True)
+
+
+@pytest.mark.parametrize("name", ["self-kary", "unrelated-chain3", "prompt-lookup"])
+def test_a_prefix_cache_with_a_drafter(name, loaded, unrelated_draft, monkeypatch):
+    """`PrefixCache(..., drafter=...)` over a conversation's calls (the next turn, a prompt
+    diverging midway, one sharing nothing): greedy calls give `generate`'s tokens and
+    logprobs, sampled ones `speculative_generate`'s for the same key, and only what the
+    caches lack is prefilled, a draft model's cache resumed where it stopped."""
+    import jaxdec.prefix_cache as module
+
+    model = loaded(TARGET)
+    make, topology = DRAFTERS[name]
+    fed, program = [], module._spec_program
+
+    def spy(target, drafter, tokens, lengths, cache, *args, **kwargs):
+        prompts, state = args[3:5]
+        fed.append((int(np.asarray(cache.lengths)[0]) if prompts is not None else 0,
+                    int(lengths[0]), None if state is None else int(state.cache.lengths[0])))
+        return program(target, drafter, tokens, lengths, cache, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_spec_program", spy)
+    drafter = make(model, unrelated_draft)
+    session = jaxdec.PrefixCache(model, max_len=64, drafter=drafter, tree=topology)
+    rs = np.random.RandomState(5)
+    prompt = rs.randint(3, 97, 12).tolist()
+    for step in range(5):
+        sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(step))
+        extra = sampled if step % 2 else {}
+        result = session.generate(prompt, max_new_tokens=6, return_logprobs=True, **extra)
+        assert isinstance(result, jaxdec.SpeculativeResult) and result.stats.steps >= 1
+        if name.startswith("self"):  # a resumed draft cache as right as a fresh one
+            np.testing.assert_allclose(result.stats.acceptance_by_depth, 1.0)
+        want = (jaxdec.speculative_generate(model, drafter, [prompt], max_new_tokens=6,
+                                            tree=topology, max_len=64, return_logprobs=True,
+                                            **extra) if extra else
+                jaxdec.generate(model, [prompt], max_new_tokens=6, return_logprobs=True))
+        np.testing.assert_array_equal(result.tokens, want.tokens)
+        np.testing.assert_allclose(result.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+        assert session.tokens == prompt + result.to_lists()[0][:-1]
+        prompt = [prompt + result.to_lists()[0] + [7, 8, 9], prompt[:6] + [5], prompt,
+                  rs.randint(3, 97, 5).tolist(), None][step]
+    # (kept, fed, the tokens the draft model's cache held): the next turn keeps the 12 + 5
+    # cached, or the 16 a draft model's cache holds (one behind the target's); the divergent
+    # prompt 6; the same prompt all but its last token; the unrelated one nothing.
+    if isinstance(drafter, DraftModel):
+        assert fed == [(0, 12, None), (16, 5, 16), (6, 1, 25), (6, 1, 11), (0, 5, None)]
+    else:
+        assert fed == [(0, 12, None), (17, 4, None), (6, 1, None), (6, 1, None), (0, 5, None)]

@@ -11,7 +11,8 @@ Invariants: the target's cache holds every output token except the last one (the
 next tree); `lengths_B` is that cache length, so node i sits at slot length + i and position
 length + depth[i]. `update` receives the accepted path and how many of its nodes the target
 committed (n_commit: the root and the first n_commit - 1 accepted nodes), plus the tokens the
-step emitted (the first n_commit of `emitted_BL`).
+step emitted (the first n_commit of `emitted_BL`). A `jaxdec.PrefixCache` starts its calls
+after the first with `resume` instead of `init` (by default the same thing).
 """
 
 from __future__ import annotations
@@ -61,6 +62,23 @@ class Drafter:
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> Any:
         raise NotImplementedError
+
+    def resume(self, state, tokens_BT, prompt_lengths_B, new_BT, kept_B, *,
+               max_len: int) -> Any:
+        """The state `init(tokens_BT, prompt_lengths_B)` would give, built on `state` (the
+        last run's final state, or None where `held_length` is None), which already holds
+        each row's first kept_B prompt tokens; new_BT holds the rest, right-padded (a
+        `jaxdec.PrefixCache`'s next call). The default ignores `state` and calls `init`: a
+        drafter with costly state of its own (a draft model's cache) overrides both this and
+        `held_length`."""
+        del state, new_BT, kept_B
+        return self.init(tokens_BT, prompt_lengths_B, max_len=max_len)
+
+    def held_length(self, state) -> jax.Array | None:
+        """[B]: how many of each row's tokens (prompt, then output) a final state holds for
+        `resume` to build on; None (the default): `resume` needs no state."""
+        del state
+        return None
 
     def propose(self, state, root_B, lengths_B, key, *, topology: Topology, sampler):
         raise NotImplementedError

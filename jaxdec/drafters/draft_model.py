@@ -152,6 +152,27 @@ class DraftModel(Drafter):
         return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
                           pending=zeros, previous=zeros)
 
+    def resume(self, state: DraftState, tokens_BT, prompt_lengths_B, new_BT, kept_B, *,
+               max_len: int):
+        """Prefills only new_BT on top of the first kept_B tokens `state`'s cache holds."""
+        del tokens_BT
+        B, W = new_BT.shape
+        if state.cache.max_len != max_len:
+            raise ValueError(f"the draft's cache has {state.cache.max_len} slots, the "
+                             f"target's {max_len}")
+        positions = kept_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
+        _, _, cache = forward_with_cache(self.model, new_BT, positions,
+                                         state.cache.replace(lengths=kept_B),
+                                         logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                                         prefill=True)
+        zeros = jnp.zeros((B,), jnp.int32)
+        return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
+                          pending=zeros, previous=zeros)
+
+    def held_length(self, state: DraftState):
+        """The tokens the draft's cache holds (the target's, or all but its last)."""
+        return state.cache.lengths
+
     def _target_logits(self, logits_BNV):
         """Draft logits on the target's vocabulary: extra entries dropped, missing ones -inf."""
         V = self.target_vocab or logits_BNV.shape[-1]
