@@ -83,10 +83,11 @@ SPECULATIVE_SOURCES = MODEL_SOURCES + ("jaxdec/speculative.py", "jaxdec/verify.p
 TREES = {
     "chain:4": "chain(4)", "chain:6": "chain(6)", "chain:8": "chain(8)",
     "kary:3:2": "kary(3, 2)", "choices": "from_choices (8 nodes)",
+    "dynamic:4:3:16": "dynamic(4, 3, 16)",
 }
 RECORD_KEY = ("preset", "attention", "method", "tree", "batch", "temperature")
 METHODS = ("draft:chain:4", "draft:chain:6", "draft:chain:8", "draft:kary:3:2",
-           "draft:choices", "lookup", "retrieval")
+           "draft:choices", "draft:dynamic:4:3:16", "lookup", "retrieval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,8 @@ PRESETS = {
     "gpu-small": Preset(kind="trained", train_preset="gpu-small"),
     "gpu-base": Preset(kind="trained", train_preset="gpu-base",
                        methods=("draft:chain:4", "draft:chain:8", "draft:kary:3:2",
-                                "draft:choices", "lookup", "retrieval")),
+                                "draft:choices", "lookup", "retrieval",
+                                "draft:dynamic:4:3:16")),
     "synthetic-8b": Preset(kind="synthetic", temperatures=(0.0,), prompt_tokens=128),
     "cpu-tiny": Preset(kind="trained", train_preset="cpu-tiny", batches=(1, 2),
                        max_new_tokens=24, prompt_tokens=32, budget_s=None),

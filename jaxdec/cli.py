@@ -162,7 +162,8 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
     method.add_argument("--retrieval", default=None, metavar="CORPUS",
                         help="speculative decoding with drafts retrieved from a directory of text")
     gen.add_argument("--tree", default=None,
-                     help="draft tree: chain:K, kary:DEPTH:WIDTH or a JSON choices list")
+                     help="draft tree: chain:K, kary:DEPTH:WIDTH, dynamic:DEPTH[:WIDTH[:NODES]] "
+                          "(each row's own, EAGLE-2) or a JSON choices list")
 
 
 

@@ -142,6 +142,7 @@ def demo_methods(target, draft, preset: str):
     return [
         ("draft model, chain(4)", DraftModel(draft), tree.chain(4)),
         ("draft model, tree (8 nodes)", DraftModel(draft), DEMO_TREE),
+        ("draft model, dynamic tree (16 nodes)", DraftModel(draft), tree.dynamic(4, 3, 16)),
         ("prompt lookup", PromptLookup(), None),
         ("retrieval (training corpus)", Retrieval.from_texts(corpus.train_texts, target.tokenizer),
          None),

@@ -9,6 +9,8 @@ length + depth.
 - `Topology`: a tree's static shape (parents and each node's rank among its siblings),
   hashable, so it can be a static argument to `jax.jit`. Built by `chain(k)`,
   `kary(depth, width)`, `from_choices(paths)` or `from_parents(parents)`, all validated.
+- `DynamicTree`: a node, depth and width budget within which a drafter shapes each row's
+  tree itself, every step (`dynamic(depth, width, nodes)`: EAGLE-2's dynamic trees).
 - `TokenTree`: a pytree of per-row arrays [..., N] (tokens, parents, depth, valid, ancestor
   mask); drafters fill one per batch row, and rows may differ in shape (prompt lookup and
   retrieval build a trie per row with `from_candidates`).
@@ -133,6 +135,42 @@ class Topology:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """A tree each row's drafter shapes itself, step by step, within a static budget (EAGLE-2's
+    dynamic draft trees): `depth` levels, `width` children per expanded node and `nodes`
+    nodes (root included). A draft model expands, level after level, the `width` nodes of
+    highest path probability under the draft (the root first) into their `width` most
+    likely children each; the tree holds every expanded node and, of the drafted nodes never
+    expanded, the most probable. Prompt lookup and retrieval take it as a node and depth
+    budget. Hashable (a static argument); build it with `dynamic`."""
+
+    depth: int
+    width: int
+    nodes: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.nodes
+
+    @property
+    def max_depth(self) -> int:
+        return self.depth
+
+    @property
+    def expanded(self) -> int:
+        """The nodes a draft model runs: the root and `width` per level below it but the last."""
+        return 1 + (self.depth - 1) * self.width
+
+    @property
+    def max_children(self) -> int:
+        return self.width
+
+    @property
+    def is_chain(self) -> bool:
+        return False
+
+
 # ------------------------------------------------------------------------------ builders
 
 
@@ -222,6 +260,24 @@ def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
     return from_parents(parents, ranks)
 
 
+def dynamic(depth: int, width: int = 4, nodes: int | None = None) -> DynamicTree:
+    """A dynamic tree (see `DynamicTree`) of `depth` levels and `width` children per expanded
+    node, with `nodes` nodes, root included (default: the expanded nodes and `width` more).
+    `nodes` must hold the expanded nodes, 1 + (depth - 1) * width, and at most as many as
+    can be drafted, 1 + width + (depth - 1) * width**2, and MAX_NODES."""
+    depth, width = check_int("depth", depth), check_int("width", width)
+    expanded = 1 + (depth - 1) * width
+    drafted = 1 + width + (depth - 1) * width**2
+    nodes = min(expanded + width, drafted) if nodes is None else check_int("nodes", nodes)
+    if not expanded < nodes <= drafted:
+        raise ValueError(f"dynamic(depth={depth}, width={width}) takes {expanded + 1} to "
+                         f"{drafted} nodes (the {expanded} expanded ones and at least one "
+                         f"leaf), got nodes={nodes}")
+    if nodes > MAX_NODES:
+        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got nodes={nodes}")
+    return DynamicTree(depth=depth, width=width, nodes=nodes)
+
+
 def _rank(c) -> int:
     """A child rank: an int >= 0 (numpy's too); floats and strings are refused, not rounded."""
     if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
@@ -229,9 +285,9 @@ def _rank(c) -> int:
     return int(c)
 
 
-def parse(spec: str) -> Topology:
-    """A topology from a command-line spec: "chain:K", "kary:DEPTH:WIDTH" or a JSON choices
-    list such as "[[0],[1],[0,0]]"."""
+def parse(spec: str) -> Topology | DynamicTree:
+    """A tree from a command-line spec: "chain:K", "kary:DEPTH:WIDTH",
+    "dynamic:DEPTH[:WIDTH[:NODES]]" or a JSON choices list such as "[[0],[1],[0,0]]"."""
     import json
 
     kind, _, rest = spec.partition(":")
@@ -241,16 +297,22 @@ def parse(spec: str) -> Topology:
         if kind == "kary":
             depth, width = rest.split(":")
             return kary(int(depth), int(width))
+        if kind == "dynamic":
+            return dynamic(*(int(x) for x in rest.split(":", 2)))
         return from_choices(json.loads(spec))
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"bad tree spec {spec!r} (chain:K, kary:D:W or a JSON choices list): {e}") from None
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"bad tree spec {spec!r} (chain:K, kary:D:W, dynamic:D[:W[:N]] or a "
+                         f"JSON choices list): {e}") from None
 
 
-def as_topology(tree) -> Topology:
-    """`tree` as a validated Topology (TypeError for anything else)."""
+def as_topology(tree) -> Topology | DynamicTree:
+    """`tree` as a validated Topology or DynamicTree (TypeError for anything else)."""
     if isinstance(tree, Topology):
         return from_parents(tree.parents, tree.ranks)
-    raise TypeError(f"tree must be a jaxdec.tree Topology (chain, kary, from_choices), got {tree!r}")
+    if isinstance(tree, DynamicTree):
+        return dynamic(tree.depth, tree.width, tree.nodes)
+    raise TypeError("tree must be a jaxdec.tree Topology (chain, kary, from_choices) or "
+                    f"DynamicTree (dynamic), got {tree!r}")
 
 
 # ------------------------------------------------------------------- tries from candidates

@@ -25,7 +25,8 @@ def test_demo_trains_once_then_reuses(micro, tmp_path):
     assert "| plain decoding (greedy) |" in text and "held-out perplexity" in text
     assert figures["heldout_ppl"] > 1 and figures["methods"][0]["tokens_per_s"] > 0
     names = [m["method"] for m in figures["methods"]]
-    assert names[1:] == ["draft model, chain(4)", "draft model, tree (8 nodes)", "prompt lookup",
+    assert names[1:] == ["draft model, chain(4)", "draft model, tree (8 nodes)",
+                         "draft model, dynamic tree (16 nodes)", "prompt lookup",
                          "retrieval (training corpus)"]
     for method in figures["methods"]:  # greedy speculative decoding changes nothing
         assert method["same_tokens"] and method["mean_accepted"] >= 1

@@ -17,6 +17,7 @@ from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from jaxdec.drafters.base import History, candidates_topology
 from jaxdec.drafters.prompt_lookup import _latest, _latest_match_ends
 from jaxdec.drafters.retrieval import _search, _suffix_order
+from jaxdec.verify import ProposalKind
 
 
 def _history(rows, capacity=32):
@@ -417,3 +418,55 @@ def test_draft_model_resume_prefills_only_the_rest():
     assert lookup.held_length(again) is None
     for got, ref in zip(jax.tree.leaves(again), jax.tree.leaves(fresh)):
         np.testing.assert_array_equal(got, ref)
+
+
+def test_draft_model_dynamic_tree_against_brute_force(loaded):
+    """A dynamic tree (EAGLE-2) drafted level by level equals one built from full forwards:
+    each level expands the `width` best children of the nodes expanded before it (by path
+    log-probability under the draft), and the tree holds the expanded nodes (first, in
+    level order) and the best of the other drafted nodes; ancestors are the parents'
+    closure."""
+    from jax.nn import log_softmax
+
+    model = loaded("llama-gqa")
+    spec = tree.dynamic(3, 2, 9)
+    D, W, E, N = spec.depth, spec.width, spec.expanded, spec.num_nodes
+    drafter = DraftModel(model).prepare(model)
+    rows = [[5, 9, 31, 2], [7, 3]]
+    tokens = np.zeros((2, 4), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    lengths = jnp.array([len(r) for r in rows])
+    state = drafter.init(jnp.asarray(tokens), lengths, max_len=32)
+    proposal, _ = drafter.propose(state, jnp.array([r[-1] for r in rows]), lengths - 1,
+                                  jax.random.PRNGKey(0), topology=spec, sampler=jaxdec.Greedy())
+    assert proposal.kind is ProposalKind.DETERMINISTIC and not proposal.chain
+    got_tree = jax.tree.map(np.asarray, proposal.tree)
+    np.testing.assert_array_equal(got_tree.ancestors, np.asarray(tree.ancestor_mask(
+        proposal.tree.parents, proposal.tree.valid)))
+    for b, prompt in enumerate(rows):
+        def logp(path):
+            return np.asarray(log_softmax(_next_token_logits(model, prompt + list(path))))
+
+        frontier, expanded, pool = [((), 0.0)], [()], []
+        for level in range(D):
+            drafted = []
+            for path, score in frontier:
+                lp = logp(path)
+                drafted += [(path + (int(t),), score + lp[t]) for t in np.argsort(-lp)[:W]]
+            drafted.sort(key=lambda c: -c[1])
+            frontier = drafted[:W] if level < D - 1 else []
+            expanded += [path for path, _ in frontier]
+            pool += drafted[len(frontier):]
+        leaves = [path for path, _ in sorted(pool, key=lambda c: -c[1])[: N - E]]
+        paths = []
+        for i in range(N):
+            path, j = [], i
+            while j > 0:
+                path.append(int(got_tree.tokens[b, j]))
+                j = int(got_tree.parents[b, j])
+            paths.append(tuple(path[::-1]))
+        assert got_tree.valid[b].all() and got_tree.tokens[b, 0] == prompt[-1]
+        assert paths[:E] == expanded  # node i sits at the draft's slot 1 + i
+        assert sorted(paths[E:]) == sorted(leaves)
+        np.testing.assert_array_equal(got_tree.depth[b], [len(p) for p in paths])

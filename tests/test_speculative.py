@@ -57,6 +57,9 @@ DRAFTERS = {
     # One candidate: chain proposals, committed without moving the cache.
     "prompt-lookup-one": (lambda m, u: PromptLookup(num_candidates=1), None),
     "retrieval": (lambda m, u: Retrieval(np.array(sum(_repetitive_prompts(), []) * 2)), None),
+    "dynamic-self": (lambda m, u: DraftModel(m), tree.dynamic(3, 2, 8)),
+    "dynamic-unrelated": (lambda m, u: DraftModel(u), tree.dynamic(2, 3)),
+    "prompt-lookup-dynamic-budget": (lambda m, u: PromptLookup(), tree.dynamic(3, 2)),
 }
 
 
@@ -80,6 +83,9 @@ def test_greedy_is_token_identical_to_generate(name, loaded, unrelated_draft):
         assert stats.tau == pytest.approx(depth + 1)
     if name.startswith("unrelated"):
         assert stats.acceptance_by_depth[0] < 0.5
+    if name == "dynamic-self":  # the root's children are all expanded: its best among them
+        np.testing.assert_allclose(stats.acceptance_by_depth[0], 1.0)
+        assert stats.tau > 2
 
 
 def test_retrieval_from_the_targets_own_text_pays_off(loaded):
@@ -321,6 +327,7 @@ SAMPLED = {
     "chain-without-replacement-top-p": ("without_replacement", tree.chain(3),
                                         jaxdec.Sampler(temperature=0.9, top_p=0.8)),
     "topk-deterministic": ("topk", tree.kary(2, 2), jaxdec.Sampler(temperature=0.9, top_p=0.8)),
+    "dynamic": ("auto", tree.dynamic(2, 2, 6), jaxdec.Sampler(temperature=0.9, top_p=0.8)),
 }
 
 
@@ -567,6 +574,10 @@ def test_bad_drafters_and_trees(loaded):
     with pytest.raises(ValueError, match="contiguous"):
         jaxdec.speculative_generate(model, DraftModel(model), _prompts(), max_new_tokens=4,
                                     sampler=jaxdec.Sampler(), tree=tree.from_choices([[1], [0], [0, 2]]))
+    with pytest.raises(ValueError, match="a dynamic tree drafts each expanded node's most"):
+        jaxdec.speculative_generate(model, DraftModel(model, proposal="iid"), _prompts(),
+                                    max_new_tokens=4, sampler=jaxdec.Sampler(),
+                                    tree=tree.dynamic(2, 2))
     with pytest.raises(ValueError, match="max_ngram"):
         PromptLookup(max_ngram=1, min_ngram=2)
     with pytest.raises(ValueError, match="proposal"):

@@ -79,6 +79,24 @@ def test_builder_arguments_and_specs():
         tree.as_topology([0, 1])
 
 
+def test_dynamic_tree_budgets():
+    spec = tree.dynamic(3, 2)  # the root, 2 expanded nodes a level but the last, 2 leaves
+    assert (spec.num_nodes, spec.max_depth, spec.expanded, spec.max_children) == (7, 3, 5, 2)
+    assert not spec.is_chain and hash(spec) == hash(tree.dynamic(3, 2, 7))
+    assert tree.dynamic(1, 3).num_nodes == 4  # the root's 3 children, all leaves
+    assert tree.dynamic(2, 3, 13).num_nodes == 13  # every drafted node: 1 + 3 + 9
+    assert tree.parse("dynamic:4:3:20") == tree.dynamic(4, 3, 20) == tree.as_topology(
+        tree.dynamic(np.int64(4), 3, 20))
+    assert tree.parse("dynamic:3:2") == spec
+    for args, match in [((0, 2), "depth"), ((2, 0), "width"), ((3, 2, 5), "takes 6 to 11 nodes"),
+                        ((3, 2, 12), "takes 6 to 11 nodes"), ((3, 12, 300), "at most 256")]:
+        with pytest.raises(ValueError, match=match):
+            tree.dynamic(*args)
+    assert tree.parse("dynamic:3") == tree.dynamic(3)  # width 4
+    with pytest.raises(ValueError, match=r"bad tree spec.*dynamic:D\[:W\[:N\]\]"):
+        tree.parse("dynamic:3:x")
+
+
 def test_template_and_positions():
     t = tree.kary(1, 3).template(batch=2)
     assert t.tokens.shape == (2, 4) and t.ancestors.shape == (2, 4, 4)

@@ -13,6 +13,10 @@ depth D costs D draft forwards, each level reading the logits of its own nodes o
   since a chain's earlier nodes are every later node's ancestors: each level runs its node
   against the cache with the nodes before it counted in, and a commit moves nothing.
 
+- a dynamic tree (`jaxdec.tree.dynamic`, EAGLE-2): the same level forwards over the expanded
+  nodes only, each level choosing which nodes the next expands by their path probability under
+  the draft, so every row's tree follows the draft's confidence (children: the top-k).
+
 Children of a node are, by `proposal`:
 
 - "topk": the node's most likely tokens (deterministic; always used with a greedy target);
@@ -37,7 +41,7 @@ from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
                           param_shardings)
-from jaxdec.tree import Topology, as_topology, chain
+from jaxdec.tree import DynamicTree, TokenTree, Topology, as_topology, chain
 from jaxdec.verify import ProposalKind
 
 PROPOSALS = ("auto", "topk", "iid", "without_replacement")
@@ -95,7 +99,13 @@ class DraftModel(Drafter):
     def default_topology(self) -> Topology:
         return self.tree or chain(4)
 
-    def proposal_kind(self, sampler, topology: Topology) -> ProposalKind:
+    def proposal_kind(self, sampler, topology: Topology | DynamicTree) -> ProposalKind:
+        if isinstance(topology, DynamicTree):
+            if self.proposal not in ("auto", "topk"):
+                raise ValueError(f"a dynamic tree drafts each expanded node's most likely "
+                                 f"tokens: it takes proposal 'auto' or 'topk', not "
+                                 f"{self.proposal!r}")
+            return ProposalKind.DETERMINISTIC
         if sampler.is_greedy or self.proposal == "topk":
             return ProposalKind.DETERMINISTIC
         if self.proposal == "iid":
@@ -204,6 +214,8 @@ class DraftModel(Drafter):
     def propose(self, state: DraftState, root_B, lengths_B, key, *, topology: Topology,
                 sampler):
         kind = self.proposal_kind(sampler, topology)
+        if isinstance(topology, DynamicTree):
+            return self._propose_dynamic(state, root_B, lengths_B, topology)
         if topology.is_chain:
             return self._propose_chain(state, root_B, lengths_B, key, topology, kind, sampler)
         B, N, D = root_B.shape[0], topology.num_nodes, topology.max_depth
@@ -260,6 +272,97 @@ class DraftModel(Drafter):
             0, D, level, (tokens, template.valid, q, state.cache))
         tree = dataclasses.replace(template, tokens=tokens, valid=valid)
         return (Proposal(tree=tree, q=q, kind=kind, chain=False),
+                dataclasses.replace(state, cache=written))
+
+    def _propose_dynamic(self, state: DraftState, root_B, lengths_B, spec: DynamicTree):
+        """EAGLE-2's dynamic tree (see `jaxdec.tree.DynamicTree`). Each level runs one forward
+        over the held-back token and the E expanded slots (the root, then `width` nodes a
+        level) under the ancestor mask drafted so far, as the static tree's levels do; it
+        reads the logits of its own `width` expanded nodes (the root alone at level 0), draws
+        their `width` most likely children each, scored by path log-probability under the
+        draft, and expands the best `width` of those next (their slots get their tokens, so
+        the next forward runs them). The other children, and all of the last level's, wait
+        in a pool; the tree is the expanded nodes (node i at the draft's slot 1 + i, as in a
+        static tree, so `update` commits the same way) followed by the pool's best."""
+        B, N, D, W = root_B.shape[0], spec.num_nodes, spec.max_depth, spec.width
+        E = spec.expanded
+        held = state.pending == 1
+        level_of = np.concatenate([[0], 1 + np.arange(E - 1) // W]).astype(np.int32)  # depth
+        positions = jnp.concatenate([(lengths_B - state.pending)[:, None],
+                                     lengths_B[:, None] + jnp.asarray(level_of)[None, :]],
+                                    axis=1)
+        first = jnp.where(held, state.previous, root_B)[:, None]
+        rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+        eye = jnp.eye(E, dtype=bool)
+        neg = jnp.float32(-jnp.inf)
+        children = jnp.arange(W * W, dtype=jnp.int32)
+
+        def level(ell, carry):
+            tokens, parents, ancestors, scores, pool, written = carry
+            # Slot 0 (the held-back token) sees itself; node e the held-back token where one
+            # is pending, and its drafted ancestors (nodes not drafted yet: nobody).
+            mask = jnp.concatenate([
+                jnp.concatenate([jnp.ones((B, 1, 1), bool), jnp.zeros((B, 1, E), bool)], axis=2),
+                jnp.concatenate([jnp.broadcast_to(held[:, None, None], (B, E, 1)), ancestors],
+                                axis=2)], axis=1)
+            start = jnp.where(ell == 0, 0, 1 + (ell - 1) * W).astype(jnp.int32)
+            # This level's nodes (level 0: the root, its row repeated).
+            live = (ell > 0) | (jnp.arange(W) == 0)
+            nodes = jnp.where(live, start + jnp.arange(W, dtype=jnp.int32), 0)
+            logits, _, written = forward_with_cache(
+                self.model, jnp.concatenate([first, tokens], axis=1), positions, written,
+                mask_BTT=mask, logits_indices_BN=jnp.broadcast_to(1 + nodes, (B, W)))
+            logp = jax.nn.log_softmax(self._target_logits(logits).astype(jnp.float32), axis=-1)
+            best, cand = jax.lax.top_k(logp, W)  # [B, W, W]: each node's children
+            parent_scores = jnp.take_along_axis(scores, jnp.broadcast_to(nodes, (B, W)), axis=1)
+            child_scores = jnp.where(live[None, :, None], parent_scores[:, :, None] + best,
+                                     neg).reshape(B, W * W)
+            child_tokens = cand.reshape(B, W * W).astype(jnp.int32)
+            child_parents = jnp.broadcast_to(start + children // W, (B, W * W))
+            # The best W children are expanded next (before the last level: past it the
+            # slots are out of range and the writes dropped); the rest join the pool.
+            top_scores, top = jax.lax.top_k(child_scores, W)
+            slots = jnp.broadcast_to(1 + ell * W + jnp.arange(W, dtype=jnp.int32), (B, W))
+            expand = (ell < D - 1) & jnp.any(children[None, None, :] == top[:, :, None], axis=1)
+            top_parents = jnp.take_along_axis(child_parents, top, axis=1)
+            tokens = tokens.at[rows, slots].set(
+                jnp.take_along_axis(child_tokens, top, axis=1), mode="drop")
+            parents = parents.at[rows, slots].set(top_parents, mode="drop")
+            scores = scores.at[rows, slots].set(top_scores, mode="drop")
+            inherited = jnp.take_along_axis(ancestors, top_parents[:, :, None], axis=1)
+            ancestors = ancestors.at[rows, slots].set(inherited | eye[slots], mode="drop")
+            entry = jnp.stack([jnp.where(expand, neg, child_scores),
+                               child_tokens.astype(jnp.float32),
+                               child_parents.astype(jnp.float32)], axis=-1)
+            pool = jax.lax.dynamic_update_slice_in_dim(pool, entry[:, None], ell, axis=1)
+            return tokens, parents, ancestors, scores, pool, written
+
+        carry = (jnp.zeros((B, E), jnp.int32).at[:, 0].set(root_B.astype(jnp.int32)),
+                 jnp.full((B, E), -1, jnp.int32), jnp.broadcast_to(eye, (B, E, E)),
+                 jnp.full((B, E), neg).at[:, 0].set(0.0),
+                 jnp.zeros((B, D, W * W, 3), jnp.float32).at[..., 0].set(neg), state.cache)
+        tokens, parents, ancestors, scores, pool, written = jax.lax.fori_loop(
+            0, D, level, carry)
+        # The leaves: the pool's best (tokens and parents exact in fp32: < 2**24).
+        pool = pool.reshape(B, D * W * W, 3)
+        leaf_scores, pick = jax.lax.top_k(pool[..., 0], N - E)
+        picked = jnp.take_along_axis(pool, pick[:, :, None], axis=1)
+        leaf_parents = picked[..., 2].astype(jnp.int32)
+        leaf_depth = 1 + pick // (W * W)
+        valid = jnp.concatenate([scores, leaf_scores], axis=1) > neg
+        leaf_rows = jnp.concatenate([
+            jnp.take_along_axis(ancestors, leaf_parents[:, :, None], axis=1),
+            jnp.broadcast_to(jnp.eye(N - E, dtype=bool), (B, N - E, N - E))], axis=2)
+        tree = TokenTree(
+            tokens=jnp.concatenate([tokens, picked[..., 1].astype(jnp.int32)], axis=1),
+            parents=jnp.concatenate([parents, leaf_parents], axis=1),
+            depth=jnp.concatenate([jnp.broadcast_to(jnp.asarray(level_of), (B, E)),
+                                   leaf_depth.astype(jnp.int32)], axis=1),
+            valid=valid,
+            ancestors=jnp.concatenate([
+                jnp.concatenate([ancestors, jnp.zeros((B, E, N - E), bool)], axis=2),
+                leaf_rows], axis=1))
+        return (Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC, chain=False),
                 dataclasses.replace(state, cache=written))
 
     def _propose_chain(self, state: DraftState, root_B, lengths_B, key, topology: Topology,
