@@ -42,8 +42,9 @@ class PrefixCache:
 
     With a `drafter` (`jaxdec.drafters.DraftModel`, `PromptLookup`, `Retrieval` or your own)
     each call decodes speculatively and returns what `jaxdec.speculative_generate(model,
-    drafter, [prompt], tree=tree, ...)` returns (a `SpeculativeResult`; greedy: `generate`'s
-    tokens); a draft model keeps its own cache between calls too (`Drafter.resume`).
+    drafter, [prompt], tree=tree, max_len=max_len, ...)` returns (a `SpeculativeResult`;
+    greedy: `generate`'s tokens); a draft model keeps its own cache between calls too
+    (`Drafter.resume`).
 
     Attributes:
       tokens: the token ids the cache holds, in order (the last call's prompt and its output

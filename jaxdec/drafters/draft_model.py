@@ -299,6 +299,7 @@ class DraftModel(Drafter):
 
         def level(ell, carry):
             tokens, parents, ancestors, scores, pool, written = carry
+            pool_scores, pool_tokens, pool_parents = pool
             # Slot 0 (the held-back token) sees itself; node e the held-back token where one
             # is pending, and its drafted ancestors (nodes not drafted yet: nobody).
             mask = jnp.concatenate([
@@ -331,30 +332,31 @@ class DraftModel(Drafter):
             scores = scores.at[rows, slots].set(top_scores, mode="drop")
             inherited = jnp.take_along_axis(ancestors, top_parents[:, :, None], axis=1)
             ancestors = ancestors.at[rows, slots].set(inherited | eye[slots], mode="drop")
-            entry = jnp.stack([jnp.where(expand, neg, child_scores),
-                               child_tokens.astype(jnp.float32),
-                               child_parents.astype(jnp.float32)], axis=-1)
-            pool = jax.lax.dynamic_update_slice_in_dim(pool, entry[:, None], ell, axis=1)
+            pool = tuple(jax.lax.dynamic_update_slice_in_dim(x, new[:, None], ell, axis=1)
+                         for x, new in ((pool_scores, jnp.where(expand, neg, child_scores)),
+                                        (pool_tokens, child_tokens),
+                                        (pool_parents, child_parents)))
             return tokens, parents, ancestors, scores, pool, written
 
         carry = (jnp.zeros((B, E), jnp.int32).at[:, 0].set(root_B.astype(jnp.int32)),
                  jnp.full((B, E), -1, jnp.int32), jnp.broadcast_to(eye, (B, E, E)),
                  jnp.full((B, E), neg).at[:, 0].set(0.0),
-                 jnp.zeros((B, D, W * W, 3), jnp.float32).at[..., 0].set(neg), state.cache)
+                 (jnp.full((B, D, W * W), neg), jnp.zeros((B, D, W * W), jnp.int32),
+                  jnp.zeros((B, D, W * W), jnp.int32)), state.cache)
         tokens, parents, ancestors, scores, pool, written = jax.lax.fori_loop(
             0, D, level, carry)
-        # The leaves: the pool's best (tokens and parents exact in fp32: < 2**24).
-        pool = pool.reshape(B, D * W * W, 3)
-        leaf_scores, pick = jax.lax.top_k(pool[..., 0], N - E)
-        picked = jnp.take_along_axis(pool, pick[:, :, None], axis=1)
-        leaf_parents = picked[..., 2].astype(jnp.int32)
+        # The leaves: the pool's best.
+        pool_scores, pool_tokens, pool_parents = (x.reshape(B, D * W * W) for x in pool)
+        leaf_scores, pick = jax.lax.top_k(pool_scores, N - E)
+        leaf_parents = jnp.take_along_axis(pool_parents, pick, axis=1)
         leaf_depth = 1 + pick // (W * W)
         valid = jnp.concatenate([scores, leaf_scores], axis=1) > neg
         leaf_rows = jnp.concatenate([
             jnp.take_along_axis(ancestors, leaf_parents[:, :, None], axis=1),
             jnp.broadcast_to(jnp.eye(N - E, dtype=bool), (B, N - E, N - E))], axis=2)
         tree = TokenTree(
-            tokens=jnp.concatenate([tokens, picked[..., 1].astype(jnp.int32)], axis=1),
+            tokens=jnp.concatenate([tokens, jnp.take_along_axis(pool_tokens, pick, axis=1)],
+                                   axis=1),
             parents=jnp.concatenate([parents, leaf_parents], axis=1),
             depth=jnp.concatenate([jnp.broadcast_to(jnp.asarray(level_of), (B, E)),
                                    leaf_depth.astype(jnp.int32)], axis=1),
