@@ -59,7 +59,8 @@ def test_max_new_tokens_must_be_positive(tokenized_checkpoint):
 
 
 @pytest.mark.parametrize("method", [["--draft", "SELF", "--tree", "kary:2:2"], ["--prompt-lookup"],
-                                    ["--retrieval", "CORPUS", "--tree", "chain:3"]])
+                                    ["--retrieval", "CORPUS", "--tree", "chain:3"],
+                                    ["--draft", "SELF", "--tree", "dynamic:3:2"]])
 def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, method):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
