@@ -194,7 +194,8 @@ def emitted_tokens(tree: TokenTree, verdict: Verdict) -> jax.Array:
 def check_proposal(kind: ProposalKind, topology: Topology | None) -> None:
     """Static checks: sampled children need a static tree with contiguous sibling ranks."""
     if kind != ProposalKind.DETERMINISTIC:
-        if topology is None:
-            raise ValueError(f"{kind.value} proposals need a static tree topology")
+        if not isinstance(topology, Topology):  # None, or a DynamicTree
+            raise ValueError(f"{kind.value} proposals need a static tree topology, got "
+                             f"{topology!r}")
         if not topology.ranks_contiguous:
             raise ValueError("sampled children need contiguous sibling ranks 0..m-1 in the tree")

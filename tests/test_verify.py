@@ -214,3 +214,6 @@ def test_sampled_children_need_a_static_tree():
     with pytest.raises(ValueError, match="contiguous"):
         verify.check_proposal(ProposalKind.WITHOUT_REPLACEMENT, tree.from_choices([[1], [0], [0, 2]]))
     verify.check_proposal(ProposalKind.DETERMINISTIC, tree.from_choices([[1], [0], [0, 2]]))
+    with pytest.raises(ValueError, match="static tree topology, got DynamicTree"):
+        verify.check_proposal(ProposalKind.IID, tree.dynamic(2, 2))
+    verify.check_proposal(ProposalKind.DETERMINISTIC, tree.dynamic(2, 2))
