@@ -141,9 +141,9 @@ class DynamicTree:
     dynamic draft trees): `depth` levels, `width` children per expanded node and `nodes`
     nodes (root included). A draft model expands, level after level, the `width` nodes of
     highest path probability under the draft (the root first) into their `width` most
-    likely children each; the tree holds every expanded node and, of the drafted nodes never
-    expanded, the most probable. Prompt lookup and retrieval take it as a node and depth
-    budget. Hashable (a static argument); build it with `dynamic`."""
+    likely children each; the tree holds the `nodes - 1` most probable of all the nodes it
+    drafted. Prompt lookup and retrieval take it as a node and depth budget. Hashable (a
+    static argument); build it with `dynamic`."""
 
     depth: int
     width: int
@@ -262,17 +262,16 @@ def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
 
 def dynamic(depth: int, width: int = 4, nodes: int | None = None) -> DynamicTree:
     """A dynamic tree (see `DynamicTree`) of `depth` levels and `width` children per expanded
-    node, with `nodes` nodes, root included (default: the expanded nodes and `width` more).
-    `nodes` must hold the expanded nodes, 1 + (depth - 1) * width, and at most as many as
-    can be drafted, 1 + width + (depth - 1) * width**2, and MAX_NODES."""
+    node, with `nodes` nodes, root included (default: as many as the draft expands,
+    1 + (depth - 1) * width, and `width` more), at least 2 and at most as many as it drafts,
+    1 + width + (depth - 1) * width**2, and MAX_NODES."""
     depth, width = check_int("depth", depth), check_int("width", width)
     expanded = 1 + (depth - 1) * width
     drafted = 1 + width + (depth - 1) * width**2
     nodes = min(expanded + width, drafted) if nodes is None else check_int("nodes", nodes)
-    if not expanded < nodes <= drafted:
-        raise ValueError(f"dynamic(depth={depth}, width={width}) takes {expanded + 1} to "
-                         f"{drafted} nodes (the {expanded} expanded ones and at least one "
-                         f"leaf), got nodes={nodes}")
+    if not 2 <= nodes <= drafted:
+        raise ValueError(f"dynamic(depth={depth}, width={width}) takes 2 to {drafted} nodes "
+                         f"(the root and the nodes it drafts), got nodes={nodes}")
     if nodes > MAX_NODES:
         raise ValueError(f"a tree has at most {MAX_NODES} nodes, got nodes={nodes}")
     return DynamicTree(depth=depth, width=width, nodes=nodes)

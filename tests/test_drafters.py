@@ -423,14 +423,12 @@ def test_draft_model_resume_prefills_only_the_rest():
 def test_draft_model_dynamic_tree_against_brute_force(loaded):
     """A dynamic tree (EAGLE-2) drafted level by level equals one built from full forwards:
     each level expands the `width` best children of the nodes expanded before it (by path
-    log-probability under the draft), and the tree holds the expanded nodes (first, in
-    level order) and the best of the other drafted nodes; ancestors are the parents'
-    closure."""
+    log-probability under the draft), and the tree holds the root and the best of all the
+    drafted nodes, in depth order; ancestors are the parents' closure, and `slots` say where
+    the draft's cache holds each expanded node (1 + its expansion order)."""
     from jax.nn import log_softmax
 
     model = loaded("llama-gqa")
-    spec = tree.dynamic(3, 2, 9)
-    D, W, E, N = spec.depth, spec.width, spec.expanded, spec.num_nodes
     drafter = DraftModel(model).prepare(model)
     rows = [[5, 9, 31, 2], [7, 3]]
     tokens = np.zeros((2, 4), np.int32)
@@ -438,35 +436,42 @@ def test_draft_model_dynamic_tree_against_brute_force(loaded):
         tokens[b, : len(r)] = r
     lengths = jnp.array([len(r) for r in rows])
     state = drafter.init(jnp.asarray(tokens), lengths, max_len=32)
-    proposal, _ = drafter.propose(state, jnp.array([r[-1] for r in rows]), lengths - 1,
-                                  jax.random.PRNGKey(0), topology=spec, sampler=jaxdec.Greedy())
-    assert proposal.kind is ProposalKind.DETERMINISTIC and not proposal.chain
-    got_tree = jax.tree.map(np.asarray, proposal.tree)
-    np.testing.assert_array_equal(got_tree.ancestors, np.asarray(tree.ancestor_mask(
-        proposal.tree.parents, proposal.tree.valid)))
-    for b, prompt in enumerate(rows):
-        def logp(path):
-            return np.asarray(log_softmax(_next_token_logits(model, prompt + list(path))))
+    for spec in (tree.dynamic(3, 2, 9), tree.dynamic(3, 3, 5)):
+        D, W, N = spec.depth, spec.width, spec.num_nodes
+        proposal, _ = drafter.propose(state, jnp.array([r[-1] for r in rows]), lengths - 1,
+                                      jax.random.PRNGKey(0), topology=spec,
+                                      sampler=jaxdec.Greedy())
+        assert proposal.kind is ProposalKind.DETERMINISTIC and not proposal.chain
+        got = jax.tree.map(np.asarray, proposal.tree)
+        np.testing.assert_array_equal(got.ancestors, np.asarray(tree.ancestor_mask(
+            proposal.tree.parents, proposal.tree.valid)))
+        for b, prompt in enumerate(rows):
+            def logp(path):
+                return np.asarray(log_softmax(_next_token_logits(model, prompt + list(path))))
 
-        frontier, expanded, pool = [((), 0.0)], [()], []
-        for level in range(D):
-            drafted = []
-            for path, score in frontier:
-                lp = logp(path)
-                drafted += [(path + (int(t),), score + lp[t]) for t in np.argsort(-lp)[:W]]
-            drafted.sort(key=lambda c: -c[1])
-            frontier = drafted[:W] if level < D - 1 else []
-            expanded += [path for path, _ in frontier]
-            pool += drafted[len(frontier):]
-        leaves = [path for path, _ in sorted(pool, key=lambda c: -c[1])[: N - E]]
-        paths = []
-        for i in range(N):
-            path, j = [], i
-            while j > 0:
-                path.append(int(got_tree.tokens[b, j]))
-                j = int(got_tree.parents[b, j])
-            paths.append(tuple(path[::-1]))
-        assert got_tree.valid[b].all() and got_tree.tokens[b, 0] == prompt[-1]
-        assert paths[:E] == expanded  # node i sits at the draft's slot 1 + i
-        assert sorted(paths[E:]) == sorted(leaves)
-        np.testing.assert_array_equal(got_tree.depth[b], [len(p) for p in paths])
+            frontier, expanded, drafted = [((), 0.0)], [()], []
+            for level in range(D):
+                children = []
+                for path, score in frontier:
+                    lp = logp(path)
+                    children += [(path + (int(t),), score + lp[t])
+                                 for t in np.argsort(-lp)[:W]]
+                children.sort(key=lambda c: -c[1])
+                frontier = children[:W] if level < D - 1 else []
+                expanded += [path for path, _ in frontier]
+                drafted += children
+            best = [path for path, _ in sorted(drafted, key=lambda c: -c[1])[: N - 1]]
+            paths = []
+            for i in range(N):
+                path, j = [], i
+                while j > 0:
+                    path.append(int(got.tokens[b, j]))
+                    j = int(got.parents[b, j])
+                paths.append(tuple(path[::-1]))
+            assert got.valid[b].all() and got.tokens[b, 0] == prompt[-1]
+            assert paths[0] == () and sorted(paths[1:]) == sorted(best), spec
+            assert all(got.parents[b, i] < i for i in range(1, N))
+            np.testing.assert_array_equal(got.depth[b], [len(p) for p in paths])
+            want_slots = [1 + expanded.index(p) if p in expanded else 0 for p in paths]
+            want_slots[0] = 1
+            np.testing.assert_array_equal(np.asarray(proposal.slots)[b], want_slots)

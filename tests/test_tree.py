@@ -80,7 +80,7 @@ def test_builder_arguments_and_specs():
 
 
 def test_dynamic_tree_budgets():
-    spec = tree.dynamic(3, 2)  # the root, 2 expanded nodes a level but the last, 2 leaves
+    spec = tree.dynamic(3, 2)  # the root and 2 expanded nodes a level but the last, 2 more
     assert (spec.num_nodes, spec.max_depth, spec.expanded, spec.max_children) == (7, 3, 5, 2)
     assert not spec.is_chain and hash(spec) == hash(tree.dynamic(3, 2, 7))
     assert tree.dynamic(1, 3).num_nodes == 4  # the root's 3 children, all leaves
@@ -88,8 +88,9 @@ def test_dynamic_tree_budgets():
     assert tree.parse("dynamic:4:3:20") == tree.dynamic(4, 3, 20) == tree.as_topology(
         tree.dynamic(np.int64(4), 3, 20))
     assert tree.parse("dynamic:3:2") == spec
-    for args, match in [((0, 2), "depth"), ((2, 0), "width"), ((3, 2, 5), "takes 6 to 11 nodes"),
-                        ((3, 2, 12), "takes 6 to 11 nodes"), ((3, 12, 300), "at most 256")]:
+    assert tree.dynamic(3, 2, 2).num_nodes == 2  # the root and the draft's best node
+    for args, match in [((0, 2), "depth"), ((2, 0), "width"), ((3, 2, 1), "takes 2 to 11 nodes"),
+                        ((3, 2, 12), "takes 2 to 11 nodes"), ((3, 12, 300), "at most 256")]:
         with pytest.raises(ValueError, match=match):
             tree.dynamic(*args)
     assert tree.parse("dynamic:3") == tree.dynamic(3)  # width 4

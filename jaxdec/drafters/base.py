@@ -35,12 +35,14 @@ class Proposal:
     one its children were drawn from), needed only for sampled (non-deterministic) children.
     `chain` (static): every row's tree is a chain in node order (node i's parent is i - 1), so
     an accepted path is nodes 0..n-1 and commits move nothing (`jaxdec.cache.commit`'s
-    `prefix`)."""
+    `prefix`). `slots` [B, N]: where the drafter keeps each node in its own state, for its
+    `update` (a draft model's dynamic tree); None where it needs none."""
 
     tree: TokenTree
     q: jax.Array | None
     kind: ProposalKind = dataclasses.field(metadata=dict(static=True))
     chain: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    slots: jax.Array | None = None
 
 
 class Drafter:

@@ -41,7 +41,8 @@ from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
                           param_shardings)
-from jaxdec.tree import DynamicTree, TokenTree, Topology, as_topology, chain
+from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
+                         chain)
 from jaxdec.verify import ProposalKind
 
 PROPOSALS = ("auto", "topk", "iid", "without_replacement")
@@ -276,14 +277,16 @@ class DraftModel(Drafter):
 
     def _propose_dynamic(self, state: DraftState, root_B, lengths_B, spec: DynamicTree):
         """EAGLE-2's dynamic tree (see `jaxdec.tree.DynamicTree`). Each level runs one forward
-        over the held-back token and the E expanded slots (the root, then `width` nodes a
+        over the held-back token and the E expandable slots (the root, then `width` nodes a
         level) under the ancestor mask drafted so far, as the static tree's levels do; it
-        reads the logits of its own `width` expanded nodes (the root alone at level 0), draws
+        reads the logits of its own `width` expanded nodes (the root alone at level 0), drafts
         their `width` most likely children each, scored by path log-probability under the
         draft, and expands the best `width` of those next (their slots get their tokens, so
-        the next forward runs them). The other children, and all of the last level's, wait
-        in a pool; the tree is the expanded nodes (node i at the draft's slot 1 + i, as in a
-        static tree, so `update` commits the same way) followed by the pool's best."""
+        the next forward runs them). The tree is the root and the `nodes - 1` best of all
+        drafted nodes (ties to the shallower, so a node's parent always comes with it),
+        ordered by depth; `Proposal.slots` says where the expanded ones sit in the draft's
+        cache (the only ones `update` commits: a committed node other than the last has a
+        child in the tree, so it was expanded)."""
         B, N, D, W = root_B.shape[0], spec.num_nodes, spec.max_depth, spec.width
         E = spec.expanded
         held = state.pending == 1
@@ -343,28 +346,49 @@ class DraftModel(Drafter):
                  jnp.full((B, E), neg).at[:, 0].set(0.0),
                  (jnp.full((B, D, W * W), neg), jnp.zeros((B, D, W * W), jnp.int32),
                   jnp.zeros((B, D, W * W), jnp.int32)), state.cache)
-        tokens, parents, ancestors, scores, pool, written = jax.lax.fori_loop(
-            0, D, level, carry)
-        # The leaves: the pool's best.
-        pool_scores, pool_tokens, pool_parents = (x.reshape(B, D * W * W) for x in pool)
-        leaf_scores, pick = jax.lax.top_k(pool_scores, N - E)
-        leaf_parents = jnp.take_along_axis(pool_parents, pick, axis=1)
-        leaf_depth = 1 + pick // (W * W)
-        valid = jnp.concatenate([scores, leaf_scores], axis=1) > neg
-        leaf_rows = jnp.concatenate([
-            jnp.take_along_axis(ancestors, leaf_parents[:, :, None], axis=1),
-            jnp.broadcast_to(jnp.eye(N - E, dtype=bool), (B, N - E, N - E))], axis=2)
+        tokens, parents, _, scores, pool, written = jax.lax.fori_loop(0, D, level, carry)
+        # Every drafted node but the root: the expanded ones (at draft slot 1 + e), then the
+        # pool's (never run by the draft: slot 0, a placeholder `update` never reads).
+        pool_depth = jnp.broadcast_to(1 + jnp.arange(D * W * W, dtype=jnp.int32) // (W * W),
+                                      (B, D * W * W))
+        cand_scores = jnp.concatenate([scores[:, 1:], pool[0].reshape(B, -1)], axis=1)
+        cand_tokens = jnp.concatenate([tokens[:, 1:], pool[1].reshape(B, -1)], axis=1)
+        cand_parents = jnp.concatenate([parents[:, 1:], pool[2].reshape(B, -1)], axis=1)
+        cand_depth = jnp.concatenate([jnp.broadcast_to(jnp.asarray(level_of[1:]), (B, E - 1)),
+                                      pool_depth], axis=1)
+        cand_expanded = jnp.concatenate([jnp.arange(1, E, dtype=jnp.int32),
+                                         jnp.zeros(D * W * W, jnp.int32)])  # 0: not expanded
+        index = jnp.broadcast_to(jnp.arange(cand_scores.shape[1], dtype=jnp.int32),
+                                 cand_scores.shape)
+        # The best N - 1 (ties to the shallower: a parent before its children), then in depth
+        # order (stable: by score within a depth).
+        _, pick_depth, pick = jax.lax.sort((-cand_scores, cand_depth, index), num_keys=2)
+        _, pick = jax.lax.sort((pick_depth[:, : N - 1], pick[:, : N - 1]), num_keys=1,
+                               is_stable=True)
+
+        def picked(x):
+            return jnp.take_along_axis(x, pick, axis=1)
+
+        pick_expanded = jnp.take(cand_expanded, pick)
+        # Node of each expanded slot (the root: node 0; not picked: -1).
+        node_of = jnp.full((B, E), -1, jnp.int32).at[:, 0].set(0).at[
+            rows, jnp.where(pick_expanded > 0, pick_expanded, E)].set(
+            jnp.broadcast_to(jnp.arange(1, N, dtype=jnp.int32), (B, N - 1)), mode="drop")
+        valid = jnp.concatenate([jnp.ones((B, 1), bool), picked(cand_scores) > neg], axis=1)
+        parents = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32),
+                                   jnp.take_along_axis(node_of, picked(cand_parents), axis=1)],
+                                  axis=1)
+        valid &= (parents >= 0) | (jnp.arange(N) == 0)[None, :]
         tree = TokenTree(
-            tokens=jnp.concatenate([tokens, jnp.take_along_axis(pool_tokens, pick, axis=1)],
+            tokens=jnp.concatenate([root_B[:, None].astype(jnp.int32), picked(cand_tokens)],
                                    axis=1),
-            parents=jnp.concatenate([parents, leaf_parents], axis=1),
-            depth=jnp.concatenate([jnp.broadcast_to(jnp.asarray(level_of), (B, E)),
-                                   leaf_depth.astype(jnp.int32)], axis=1),
-            valid=valid,
-            ancestors=jnp.concatenate([
-                jnp.concatenate([ancestors, jnp.zeros((B, E, N - E), bool)], axis=2),
-                leaf_rows], axis=1))
-        return (Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC, chain=False),
+            parents=parents,
+            depth=jnp.concatenate([jnp.zeros((B, 1), jnp.int32), picked(cand_depth)], axis=1),
+            valid=valid, ancestors=ancestor_mask(parents, valid))
+        slots = jnp.concatenate([jnp.ones((B, 1), jnp.int32),
+                                 jnp.where(pick_expanded > 0, 1 + pick_expanded, 0)], axis=1)
+        return (Proposal(tree=tree, q=None, kind=ProposalKind.DETERMINISTIC, chain=False,
+                         slots=slots),
                 dataclasses.replace(state, cache=written))
 
     def _propose_chain(self, state: DraftState, root_B, lengths_B, key, topology: Topology,
@@ -433,7 +457,8 @@ class DraftModel(Drafter):
                 kept, state.cache.lengths + pending + n_commit_B - 1, state.cache.lengths))
         else:  # the path's slots (node i at 1 + i), after the held-back token's (0)
             B = n_commit_B.shape[0]
-            node_slots = 1 + verdict.path
+            node_slots = (1 + verdict.path if proposal.slots is None else
+                          jnp.take_along_axis(proposal.slots, verdict.path, axis=1))
             slots = jnp.where((pending == 1)[:, None],
                               jnp.concatenate([jnp.zeros((B, 1), node_slots.dtype),
                                                node_slots[:, :-1]], axis=1),
