@@ -12,7 +12,7 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.cache import init_cache
 from jaxdec.checks import check_bool, check_model
-from jaxdec.drafters.base import Drafter
+from jaxdec.drafters.base import Drafter, check_drafter
 from jaxdec.generate import (GenerateResult, _program, bucket_length, prepare_batch,
                              python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, param_dtype
@@ -62,11 +62,7 @@ class PrefixCache:
         if max_len > model.config.max_positions:
             raise ValueError(f"max_len={max_len} exceeds the model's {model.config.max_positions} "
                              f"positions ({model.config.describe_max_positions()})")
-        if drafter is not None and not isinstance(drafter, Drafter):
-            raise TypeError(
-                "drafter must be None or a jaxdec.drafters drafter (DraftModel, PromptLookup, "
-                f"Retrieval, or a subclass of jaxdec.drafters.Drafter), got "
-                f"{type(drafter).__name__}")
+        check_drafter(drafter, optional=True)
         if drafter is None and tree is not None:
             raise ValueError("tree is the shape of a drafter's proposals: it needs a drafter")
         self.model, self.max_len = model, max_len

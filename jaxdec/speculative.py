@@ -23,7 +23,7 @@ from jax.experimental import io_callback
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool
-from jaxdec.drafters.base import Drafter, Proposal
+from jaxdec.drafters.base import Drafter, Proposal, check_drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
                              python_ints, read_timings, registered_stream, token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
@@ -386,11 +386,7 @@ def speculative_generate(
     sampler = check_sampler(sampler)
     key = check_key(key)
     max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
-    if not isinstance(drafter, Drafter):
-        raise TypeError(
-            "drafter must be a jaxdec.drafters drafter (DraftModel, PromptLookup, Retrieval, "
-            f"or a subclass of jaxdec.drafters.Drafter), got {type(drafter).__name__}"
-        )
+    check_drafter(drafter)
     check_compile_only(compile_only, target=target, drafter=drafter)
     return_timings = check_bool("return_timings", return_timings)
     profile = check_bool("profile", profile)

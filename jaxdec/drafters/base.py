@@ -89,6 +89,16 @@ class Drafter:
         raise NotImplementedError
 
 
+def check_drafter(drafter, *, optional: bool = False) -> None:
+    """A TypeError naming what was given unless `drafter` is a Drafter (or, `optional`, None)."""
+    if isinstance(drafter, Drafter) or (optional and drafter is None):
+        return
+    raise TypeError(
+        f"drafter must be {'None or ' if optional else ''}a jaxdec.drafters drafter "
+        "(DraftModel, PromptLookup, Retrieval, or a subclass of jaxdec.drafters.Drafter), "
+        f"got {type(drafter).__name__}")
+
+
 def candidates_topology(num_candidates: int, depth: int) -> Topology:
     """The node budget for C candidate continuations of D tokens: C disjoint chains under the
     root (the largest trie they can form)."""

@@ -152,30 +152,31 @@ class DraftModel(Drafter):
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):
         """The draft's cache with every prompt token but the last (like the target's)."""
-        B, T = tokens_BT.shape
-        cache = init_cache(self.model.config, B, max_len, dtype=param_dtype(self.model),
-                           mesh=self.model.mesh)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        _, _, cache = forward_with_cache(self.model, tokens_BT, positions, cache,
-                                         logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
-                                         fresh=True)
-        zeros = jnp.zeros((B,), jnp.int32)
-        return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
-                          pending=zeros, previous=zeros)
+        cache = init_cache(self.model.config, tokens_BT.shape[0], max_len,
+                           dtype=param_dtype(self.model), mesh=self.model.mesh)
+        return self._prefilled(cache, tokens_BT, None, prompt_lengths_B)
 
     def resume(self, state: DraftState, tokens_BT, prompt_lengths_B, new_BT, kept_B, *,
                max_len: int):
         """Prefills only new_BT on top of the first kept_B tokens `state`'s cache holds."""
         del tokens_BT
-        B, W = new_BT.shape
         if state.cache.max_len != max_len:
             raise ValueError(f"the draft's cache has {state.cache.max_len} slots, the "
                              f"target's {max_len}")
-        positions = kept_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None, :]
-        _, _, cache = forward_with_cache(self.model, new_BT, positions,
-                                         state.cache.replace(lengths=kept_B),
+        return self._prefilled(state.cache, new_BT, kept_B, prompt_lengths_B)
+
+    def _prefilled(self, cache, tokens_BT, start_B, prompt_lengths_B) -> DraftState:
+        """The state after writing `tokens_BT` from each row's `start_B` (None: an empty
+        cache, the prefill `fresh`), holding every prompt token but the last."""
+        B, T = tokens_BT.shape
+        offsets = jnp.arange(T, dtype=jnp.int32)[None, :]
+        positions = jnp.broadcast_to(offsets, (B, T)) if start_B is None else \
+            start_B[:, None] + offsets
+        if start_B is not None:
+            cache = cache.replace(lengths=start_B)
+        _, _, cache = forward_with_cache(self.model, tokens_BT, positions, cache,
                                          logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
-                                         prefill=True)
+                                         fresh=start_B is None, prefill=True)
         zeros = jnp.zeros((B,), jnp.int32)
         return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
                           pending=zeros, previous=zeros)
