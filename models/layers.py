@@ -398,7 +398,7 @@ def attention(
         if impl is AttentionImpl.CUDNN and mask_BTT is None:
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
-    kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached)
+    kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached, dtype=q_BTHD.dtype)
     if kernel != (tree_attention.Impl.BLOCKED, False):
         # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program) as its values;
         # the blocked path reads the bits block by block.
@@ -416,12 +416,13 @@ def attention(
     )
 
 
-def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array, *, cached: bool = True
-               ) -> tuple[tree_attention.Impl, bool] | None:
+def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array, *, cached: bool = True,
+               dtype=None) -> tuple[tree_attention.Impl, bool] | None:
     """The (kernel, interpret) `attention` runs for these shapes, or None for the reference:
     the kernel must take the shapes, and AUTO also wants the cache to be worth it. On a CPU,
     AUTO walks a cache of `BLOCKED_MIN_SLOTS` or more (`cached`: `k` is a cache, not the new
-    tokens' own keys) in blocks (`tree_attention.Impl.BLOCKED`, jnp)."""
+    tokens' own keys) in blocks (`tree_attention.Impl.BLOCKED`, jnp). `dtype`: the queries'
+    (a kernel may not take it: no fp16 on TPUs); None: not checked."""
     kernel = attention_kernel(impl)
     if kernel is None:
         if (impl is AttentionImpl.AUTO and cached and current_platform() == "cpu"
@@ -431,7 +432,8 @@ def kernel_for(impl: AttentionImpl, q_shape, k_BSKD: jax.Array, *, cached: bool 
     kv_bytes = 2 * k_BSKD.size * jnp.dtype(k_BSKD.dtype).itemsize
     if impl is AttentionImpl.AUTO and kv_bytes < AUTO_KERNEL_MIN_KV_BYTES:
         return None
-    if tree_attention.unsupported_reason(kernel[0], q_shape, k_BSKD.shape) is not None:
+    if tree_attention.unsupported_reason(kernel[0], q_shape, k_BSKD.shape,
+                                         dtype=dtype) is not None:
         return None
     return kernel
 

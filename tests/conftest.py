@@ -11,6 +11,9 @@ for flag in ("--xla_force_host_platform_device_count=8", *FAST_CPU_COMPILES.spli
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (installed to compile for TPUs this machine does not have: test_tpu_compile.py) takes
+# a machine-wide lock file when a process loads it; the suite's workers each load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Implicit rank promotion is an error (subprocesses inherit it): jaxdec must run for users who
 # set jax_numpy_rank_promotion="raise", and a broadcast that adds dimensions is written out.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")

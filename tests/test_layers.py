@@ -396,6 +396,16 @@ def test_auto_runs_the_kernel_only_over_caches_worth_it(monkeypatch):
     assert L.kernel_for(L.AttentionImpl.PALLAS, too_many, big) is None
     # fp32 halves the slots needed.
     assert L.kernel_for(L.AttentionImpl.AUTO, q, small.update(dtype=jnp.float32)) == kernel
+    # The queries' dtype: the TPU kernel takes no fp16 (the reference runs), Triton does.
+    fp16 = big.update(dtype=jnp.float16)
+    assert L.kernel_for(L.AttentionImpl.AUTO, q, fp16, dtype=jnp.float16) == kernel
+    monkeypatch.setattr(TA, "backend_kernel", lambda backend=None: TA.Impl.MOSAIC)
+    q128, big128 = (B, 4, 2 * K, 128), big.update(shape=(B, slots // 2, K, 128))
+    assert L.kernel_for(L.AttentionImpl.AUTO, q128, big128, dtype=jnp.bfloat16) == (
+        TA.Impl.MOSAIC, False)
+    for impl in (L.AttentionImpl.AUTO, L.AttentionImpl.PALLAS):
+        assert L.kernel_for(impl, q128, big128.update(dtype=jnp.float16),
+                            dtype=jnp.float16) is None
 
 
 def test_a_model_on_cpu_devices_runs_cpu_code_whatever_the_default_backend(monkeypatch):

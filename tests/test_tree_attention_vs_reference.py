@@ -373,6 +373,41 @@ class TestMosaicInterpret(TritonSuite):
     def round_slots(n):
         return -(-n // 16) * 16  # TPU key blocks divide the cache
 
+    @pytest.mark.parametrize("window", [None, 9])
+    def test_row_tiles(self, window):
+        """Packed rows past `tpu.MAX_ROWS` (here made 16) are split into tiles, each its own
+        walk over the cache: 20 tokens x 2 heads = 40 rows, 64 padded, 4 tiles; a random
+        tree, rows of different lengths, two splits."""
+        case = make_case(B=2, T=20, K=2, G=2, D=128, S=96, tree="random", window=window,
+                         dtype=jnp.float32, seed=3)
+        args = [case[n] for n in ("q_BTHD", "k_BSKD", "v_BSKD", "lengths_B", "positions_BT",
+                                  "mask_BTT")]
+        try:
+            got = tpu.tree_attention_tpu(*args, window=window, interpret=True, max_rows=16,
+                                         block_sizes=TA.BlockSizes(block_k=16, num_splits=2))
+        finally:
+            pltpu.reset_tpu_interpret_mode_state()
+        np.testing.assert_allclose(got, reference_of(case), **tolerance(jnp.float32))
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+    def test_half_precision_inputs(self, dtype, monkeypatch):
+        """bf16 in, fp32 accumulation, bf16 out. fp16: Mosaic TPU has no fp16 vectors (libtpu
+        refuses the loads), so naming the kernel raises and AUTO on a TPU takes the reference
+        (a TPU offered to AUTO here)."""
+        case = make_case(B=2, T=12, K=2, G=2, D=128, S=96, tree="random", window=None,
+                         dtype=dtype, seed=11)
+        if dtype == jnp.bfloat16:
+            return self.check(case, TA.BlockSizes(block_k=16, num_splits=2))
+        with pytest.raises(ValueError, match="impl=mosaic: dtype float16 is not supported on "
+                                             "TPUs .*: bfloat16 or float32"):
+            self.run(case)
+        monkeypatch.setattr(TA, "backend_kernel", lambda backend=None: TA.Impl.MOSAIC)
+        monkeypatch.setattr(TA, "tree_attention_reference",
+                            lambda *a, **k: "reference")  # what AUTO ran
+        assert TA.tree_attention(**case) == "reference"
+        assert TA.unsupported_reason(TA.Impl.MOSAIC, case["q_BTHD"].shape,
+                                     case["k_BSKD"].shape) is None  # dtype not given
+
 
 # ------------------------------------------------------------ lowering for real platforms
 

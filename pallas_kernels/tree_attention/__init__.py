@@ -101,8 +101,9 @@ def default_block_sizes(impl: Impl, num_slots: int, *, q_shape=None, num_kv_head
 
 def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=None,
                        window: int | None = None) -> str | None:
-    """Why a kernel cannot run these shapes (None when it can). `dtype` (the queries') and
-    `window` matter to `Impl.MOSAIC_GPU` only."""
+    """Why a kernel cannot run these shapes (None when it can). `dtype` (the queries'; None:
+    not checked) matters to `Impl.MOSAIC` (no fp16) and `Impl.MOSAIC_GPU`, `window` to the
+    latter only."""
     T, H, D = q_shape[1], q_shape[2], q_shape[3]
     S = k_shape[1]
     if impl in (Impl.REFERENCE, Impl.BLOCKED):  # jnp: any shapes
@@ -115,7 +116,7 @@ def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=
                                    block_sizes or HopperBlockSizes())
     block_sizes = block_sizes or default_block_sizes(
         impl, S, q_shape=q_shape, num_kv_heads=k_shape[2], dtype=dtype)
-    return _KERNELS[impl].check_config(D, S, block_sizes)
+    return _KERNELS[impl].check_config(D, S, block_sizes, dtype)
 
 
 def tree_attention(
@@ -159,7 +160,7 @@ def tree_attention(
     if impl is Impl.AUTO:
         kernel = backend_kernel(platform_of(q_BTHD))
         if kernel is not None and unsupported_reason(
-            kernel, q_BTHD.shape, k_BSKD.shape, block_sizes
+            kernel, q_BTHD.shape, k_BSKD.shape, block_sizes, dtype=q_BTHD.dtype
         ) is None:
             impl = kernel
         else:

@@ -152,7 +152,10 @@ class Packed(NamedTuple):
     lengths_B: jax.Array
     lo_B: jax.Array
     hi_B: jax.Array
-    precision: Any  # HIGHEST for fp32 inputs (IEEE dots, not TF32), else None
+    # HIGHEST for fp32 inputs (IEEE dots, not TF32), else DEFAULT: named, so that a user's
+    # jax_default_matmul_precision="highest" does not ask Mosaic TPU for fp32 contraction of
+    # bf16 operands, which its compiler refuses ("Bad lhs type").
+    precision: Any
 
 
 def pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, *, num_kv_heads: int, rows: int,
@@ -165,7 +168,8 @@ def pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, *, num_kv_heads: int,
         pos_BM=row_positions(positions_BT, G, rows),
         words_BWM=mask_words(positions_BT, mask_BTT, window, G, rows),
         lengths_B=lengths_B.astype(jnp.int32), lo_B=lo_B, hi_B=hi_B,
-        precision=jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32 else None,
+        precision=(jax.lax.Precision.HIGHEST if q_BTHD.dtype == jnp.float32
+                   else jax.lax.Precision.DEFAULT),
     )
 
 

@@ -58,8 +58,10 @@ def default_num_splits(batch: int, kv_heads: int, row_tiles: int, num_slots: int
         min_blocks=MIN_BLOCKS_PER_SPLIT)
 
 
-def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes) -> str | None:
-    """Why the Triton kernel cannot take these shapes, or None when it can."""
+def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes,
+                 dtype=None) -> str | None:
+    """Why the Triton kernel cannot take these shapes, or None when it can (every input
+    dtype: bf16, fp16, fp32)."""
     bk, bm = block_sizes.block_k, block_sizes.block_m
     if not common._is_pow2(head_dim) or head_dim < 16:
         return f"head_dim={head_dim} must be a power of two >= 16 (Triton dot contraction)"

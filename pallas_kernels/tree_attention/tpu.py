@@ -1,11 +1,14 @@
 """Tree-verification attention as a Mosaic TPU Pallas kernel.
 
-Grid (B, K, N, blocks per split): the last axis walks one split's key blocks sequentially
-(the TPU grid is a loop), accumulating an online softmax in VMEM scratch; the first three are
-parallel (megacore). Row lengths and slot ranges are scalar-prefetched so each step's key
-block index is data dependent: steps past a row's last block re-point at that block (no new
-DMA) and skip their compute. All packed query rows (G heads x T tokens) are one tile. Blocks
-wholly inside the cached prefix (without a window) skip the visibility rule and its masking.
+Grid (B, K, R, N, blocks per split): the last axis walks one split's key blocks
+sequentially (the TPU grid is a loop), accumulating an online softmax in VMEM scratch; the
+others are parallel (megacore). Row lengths and slot ranges are scalar-prefetched so each
+step's key block index is data dependent: steps past a row's last block re-point at that
+block (no new DMA) and skip their compute. The packed query rows (G heads x T tokens) are one
+tile up to `MAX_ROWS`, else R tiles of `MAX_ROWS` (each reads the cache again: a 16 MiB
+scoped VMEM held 1024 rows of bf16 but not 2048 rows of fp32 against 512-slot key blocks).
+Blocks wholly inside the cached prefix (without a window) skip the visibility rule and its
+masking.
 
 Mosaic rules kept: the cache is viewed as [B, S, K * D] so a (block_k, D) block of one KV head
 has a lane dimension of D (D a multiple of 128) and a sublane dimension block_k (a multiple of
@@ -25,9 +28,21 @@ from jaxdec.pallas_kernels.tree_attention import common
 from jaxdec.pallas_kernels.tree_attention.reference import MASKED
 
 
-def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes) -> str | None:
-    """Why the Mosaic kernel cannot take these shapes, or None when it can."""
+# What the kernel's cache blocks may hold: Mosaic TPU has no fp16 vectors (libtpu's compiler
+# refuses the loads on v4, v5e, v5p and v6e: "Invalid vector type for load").
+DTYPES = ("bfloat16", "float32")
+# Packed query rows per program (a power of two): more rows are split into tiles of this many.
+MAX_ROWS = 512
+
+
+def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes,
+                 dtype=None) -> str | None:
+    """Why the Mosaic kernel cannot take these shapes (and `dtype`, the inputs'; None: not
+    checked), or None when it can."""
     bk = block_sizes.block_k
+    if dtype is not None and jnp.dtype(dtype).name not in DTYPES:
+        return (f"dtype {jnp.dtype(dtype).name} is not supported on TPUs (Mosaic has no "
+                f"vectors of it): {' or '.join(DTYPES)}")
     if head_dim % 128:
         return f"head_dim={head_dim} must be a multiple of 128 (TPU lane width)"
     if bk % 8:
@@ -41,7 +56,7 @@ def _kernel(
     lengths_ref,  # SMEM [B] int32
     lo_ref,  # SMEM [B] int32, block aligned
     hi_ref,  # SMEM [B] int32
-    q_ref,  # [M, D]
+    q_ref,  # [M, D]: M packed query rows (one tile of them)
     k_ref,  # [block_k, D]
     v_ref,  # [block_k, D]
     pos_ref,  # [M, 1] int32
@@ -58,7 +73,7 @@ def _kernel(
     scale: float,
     precision,
 ):
-    b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, split, i = pl.program_id(0), pl.program_id(3), pl.program_id(4)
     length, hi = lengths_ref[b], hi_ref[b]
     # lax.div (truncation) rather than //: the values are non-negative, and floor division
     # lowers through `sign`, which Mosaic lowers only for a known TPU generation. (int32
@@ -116,18 +131,21 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("window", "block_sizes", "interpret")
+    jax.jit, static_argnames=("window", "block_sizes", "interpret", "max_rows")
 )
 def tree_attention_tpu(
     q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT=None, *,
     window: int | None, block_sizes: common.BlockSizes, interpret: bool = False,
+    max_rows: int = MAX_ROWS,
 ):
-    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC)."""
+    """See `jaxdec.pallas_kernels.tree_attention.tree_attention` (impl=MOSAIC). `max_rows`
+    (a power of two >= 16): packed query rows per program."""
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     bk = block_sizes.block_k
     rows = common.num_rows(T, G, 16)
+    tile = min(rows, max_rows)  # both powers of two: the tiles cover the rows
     N = block_sizes.num_splits or 1  # the grid is sequential: splits only feed megacore
     blocks_per_split = -(-(S // bk) // N)
     W = common.num_words(T)
@@ -139,36 +157,36 @@ def tree_attention_tpu(
     k_BSX = k_BSKD.reshape(B, S, K * D)  # free: contiguous
     v_BSX = v_BSKD.reshape(B, S, K * D)
 
-    def kv_index(b, k, n, i, lengths_ref, lo_ref, hi_ref):
+    def kv_index(b, k, r, n, i, lengths_ref, lo_ref, hi_ref):
         last = jnp.maximum(jax.lax.div(hi_ref[b] + bk - 1, jnp.int32(bk)) - 1, 0)
         first = jax.lax.div(lo_ref[b], jnp.int32(bk)) + n * blocks_per_split + i
         return b, jnp.minimum(first, last), k
 
-    row_block = lambda b, k, n, i, *_: (b, 0, 0)  # noqa: E731
-    out_block = lambda b, k, n, i, *_: (b, k, n, 0, 0)  # noqa: E731
+    row_block = lambda b, k, r, n, i, *_: (b, r, 0)  # noqa: E731
+    out_block = lambda b, k, r, n, i, *_: (b, k, n, r, 0)  # noqa: E731
     kernel = functools.partial(
         _kernel, block_k=bk, blocks_per_split=blocks_per_split, num_words=W, window=window,
         scale=D**-0.5, precision=packed.precision,
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
-        grid=(B, K, N, blocks_per_split),
+        grid=(B, K, rows // tile, N, blocks_per_split),
         in_specs=[
-            pl.BlockSpec((None, None, rows, D), lambda b, k, n, i, *_: (b, k, 0, 0)),
+            pl.BlockSpec((None, None, tile, D), lambda b, k, r, n, i, *_: (b, k, r, 0)),
             pl.BlockSpec((None, bk, D), kv_index),
             pl.BlockSpec((None, bk, D), kv_index),
-            pl.BlockSpec((None, rows, 1), row_block),
-            pl.BlockSpec((None, rows, W), row_block),
+            pl.BlockSpec((None, tile, 1), row_block),
+            pl.BlockSpec((None, tile, W), row_block),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, D), out_block),
-            pl.BlockSpec((None, None, None, rows, 1), out_block),
-            pl.BlockSpec((None, None, None, rows, 1), out_block),
+            pl.BlockSpec((None, None, None, tile, D), out_block),
+            pl.BlockSpec((None, None, None, tile, 1), out_block),
+            pl.BlockSpec((None, None, None, tile, 1), out_block),
         ],
         scratch_shapes=[
-            pltpu.VMEM((rows, D), jnp.float32),
-            pltpu.VMEM((rows, 1), jnp.float32),
-            pltpu.VMEM((rows, 1), jnp.float32),
+            pltpu.VMEM((tile, D), jnp.float32),
+            pltpu.VMEM((tile, 1), jnp.float32),
+            pltpu.VMEM((tile, 1), jnp.float32),
         ],
     )
     o, m, l = pl.pallas_call(
@@ -180,7 +198,7 @@ def tree_attention_tpu(
             jax.ShapeDtypeStruct((B, K, N, rows, 1), jnp.float32),
         ],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+            dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="tree_attention",
