@@ -33,9 +33,11 @@ from bench.common import git_commit, utc_now, versions, write_merged  # noqa: E4
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another libtpu process
 
-# Each generation's smallest one-host topology (4 chips) and its chips' published HBM (GiB).
+# Each generation's smallest one-host topology (4 chips) and the published HBM (GiB) of one of
+# its devices: a chip, but for v4, whose topology lists each chip's two TensorCores as devices
+# (16 of the chip's 32 GiB each; libtpu's own limit for one: 15.25 GiB).
 GENERATIONS = {
-    "v5e": ("v5e:2x2", 16), "v6e": ("v6e:2x2", 32), "v4": ("v4:2x2x1", 32),
+    "v5e": ("v5e:2x2", 16), "v6e": ("v6e:2x2", 32), "v4": ("v4:2x2x1", 16),
     "v5p": ("v5p:2x2x1", 95),
 }
 GIB = 2**30
