@@ -263,8 +263,8 @@ def map_in_place(fn, xs, *others):
     from (a `fori_loop`), so the map needs no output buffer of its own. `lax.map`'s stacked
     output starts as a zero fill, and XLA merged every layer's fill into one fusion at the
     program's start: each layer's output buffer was alive through the whole prefill (the
-    Llama-3-8B shape at batch 16 x 2K tokens, compiled for an H100: +0.54 GB a layer, 16 GiB
-    more than the weights at 32 layers; on a TPU v6e such a program did not fit). Under
+    Llama-3-8B shape at batch 16 x 2K tokens, compiled for an H100: 0.54 GB a layer, 19.7 GB
+    of temporaries at 32 layers, 2.5 GB in place; one TPU v6e chip could not hold it). Under
     `shard_map` the results must vary over the mesh axes `xs` does (reduce partial sums in
     `fn`), as a loop's carry keeps its type."""
     result = jax.eval_shape(fn, xs[0], *(o[0] for o in others))

@@ -10,6 +10,8 @@ speculative programs with the kernel in them, at tp 1 and 2. Without libtpu thes
 """
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="compiling for a TPU without one needs libtpu")
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdec  # noqa: E402
 from bench.census import decode_loop  # noqa: E402
 from jaxdec.drafters import DraftModel, PromptLookup  # noqa: E402
