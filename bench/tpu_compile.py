@@ -7,9 +7,9 @@ steps, its operations per step, and the compile's wall time on this machine.
 libtpu compiles TPU programs without a TPU once jax describes the chips
 (`jax.experimental.topologies`: compile-only devices), as XLA's CUDA plugin does for GPUs
 (`bench/census.py`). Nothing runs and nothing is timed on a TPU: no speed figure comes from
-here. Memory is libtpu's own accounting of the compiled program (per chip); a program
-compiles even where its arguments would not fit, so `fits` compares their sum with the chip's
-published HBM.
+here. Memory is libtpu's own accounting of the compiled program (per chip); `fits` compares
+its sum with the chip's published HBM, and a program libtpu refuses as too large for the chip
+(its usable HBM is a little less) is recorded with libtpu's error.
 
     pip install "jax[tpu]==<your jax>"                # libtpu, the version jax pins
     python3 bench/tpu_compile.py --out bench/results  # every TPU generation: tpu-compile.*
