@@ -22,20 +22,15 @@ pytest.importorskip("libtpu", reason="compiling for a TPU without one needs libt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxdec  # noqa: E402
 from bench.census import decode_loop  # noqa: E402
+from bench.tpu_compile import devices_for  # noqa: E402
 from jaxdec.drafters import DraftModel, PromptLookup  # noqa: E402
 from jaxdec.pallas_kernels import tree_attention as TA  # noqa: E402
 
-# A topology of each generation (the smallest libtpu takes: one host's chips).
-GENERATIONS = {"v5e": "v5e:2x2", "v6e": "v6e:2x2", "v5p": "v5p:2x2x1", "v4": "v4:2x2x1"}
-
-
 @functools.cache
 def tpu_devices(generation: str) -> list:
-    """Compile-only devices of a TPU generation's topology (no TPU needed, libtpu compiles)."""
-    from jax.experimental import topologies
-
-    return list(topologies.get_topology_desc(topology_name=GENERATIONS[generation],
-                                             platform="tpu").devices)
+    """Compile-only devices of a TPU generation's topology (bench.tpu_compile's: no TPU
+    needed, libtpu compiles)."""
+    return devices_for(generation)
 
 
 def kernel_args(device, *, B, T, H, K, D, S, dtype):
