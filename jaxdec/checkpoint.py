@@ -405,7 +405,7 @@ def _on_mesh(hf_array: np.ndarray, dtype, mesh) -> jax.Array:
     devices = mesh.devices.size
     split = hf_array.ndim and hf_array.shape[0] % devices == 0
     spec = PartitionSpec(mesh.axis_names) if split else PartitionSpec()
-    return jax.device_put(hf_array, NamedSharding(mesh, spec))
+    return parallel.put_on_mesh(hf_array, NamedSharding(mesh, spec))
 
 
 @functools.lru_cache(maxsize=256)
@@ -466,6 +466,10 @@ def save_pretrained(
         host holds one shard's tensors at a time.
     Returns:
       The directory path.
+
+    With several processes (`jax.distributed`, a mesh over several hosts) every process calls
+    it: the tensors are gathered from all of them, process 0 writes the directory (on its
+    filesystem) and each call returns once it is written.
     """
     check_model(model)
     if not isinstance(path, (str, os.PathLike)):
@@ -474,11 +478,12 @@ def save_pretrained(
         dtype = check_param_dtype(dtype)
     overwrite = check_bool("overwrite", overwrite)
     target = os.path.abspath(os.fspath(path))
-    if os.path.exists(target) and os.listdir(target) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    tokenizer_config = _tokenizer_config(model, target)
+    writer = jax.process_index() == 0  # the others gather with it and write nothing
+    if writer and os.path.exists(target) and os.listdir(target) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
+    tokenizer_config = _tokenizer_config(model, target) if writer else None
     config = model.config
     table = _param_table(config)
     flat = {jax.tree_util.keystr(p): leaf
@@ -507,12 +512,18 @@ def save_pretrained(
             arrays = _exporter(entry._replace(hf_names=()), vocab_axis, config.vocab_size,
                                dtype)(flat[path_str])
             converted.update(zip(entry.hf_names, arrays))
-        return np.ascontiguousarray(jax.device_get(converted.pop(name)))
+        return np.ascontiguousarray(parallel.to_host(converted.pop(name)))
 
+    if not writer:
+        for name in sizes:  # in the writer's order: each gather is a collective
+            fetch(name)
+        _all_processes_reach("jaxdec.save_pretrained")
+        return target
     exists = os.path.isdir(target)
     parent = target if exists else os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
     try:
         _write_weights(staging, sizes, fetch, max_shard_bytes)
         hf_config = config.to_hf()
@@ -536,7 +547,23 @@ def save_pretrained(
             os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _all_processes_reach("jaxdec.save_pretrained")
     return target
+
+
+def _umask() -> int:
+    """This process's file-mode creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _all_processes_reach(name: str) -> None:
+    """A barrier across the processes of a multi-process run (none with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _tokenizer_config(model: Model, target: str) -> dict | None:

@@ -427,7 +427,8 @@ def generate(
         arrays; the first call, step 0, gets the prefill's tokens): a row's new token, and
         whether the row produced it (a row that stopped gets pad_id and False). The program
         carries a number standing for it, not the function: a new function in every call
-        (a closure over one request's state) does not recompile.
+        (a closure over one request's state) does not recompile. With several processes it
+        runs in the one holding the mesh's first device.
       return_timings: also measure prefill and decode seconds (compile excluded).
       return_logprobs: also return each token's log-probability under the model
         (`result.logprobs`; see `token_logprobs`).
@@ -464,8 +465,8 @@ def generate(
         outputs = jax.block_until_ready(outputs)
     rows = slice(0, batch.size)
     return GenerateResult(
-        tokens=np.asarray(outputs[0])[rows], lengths=np.asarray(outputs[1])[rows],
-        logprobs=np.asarray(outputs[2])[rows] if return_logprobs else None,
+        tokens=parallel.to_host(outputs[0])[rows], lengths=parallel.to_host(outputs[1])[rows],
+        logprobs=parallel.to_host(outputs[2])[rows] if return_logprobs else None,
         **read_timings(stamps))
 
 

@@ -30,20 +30,46 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
     Args:
       tp: tensor-parallel degree (heads, MLP width and vocabulary are split tp ways).
       dp: data-parallel degree (the batch is split dp ways).
-      devices: the devices to use, default `jax.devices()`.
+      devices: the devices to use, default `jax.devices()`; with several processes
+        (`jax.distributed`), this process's own (`jax.local_devices()`) where they suffice,
+        so that no process is handed a mesh of another's devices alone.
     """
     tp, dp = check_int("tp", tp), check_int("dp", dp)
     if devices is not None and (isinstance(devices, (str, bytes)) or not all(
             isinstance(d, jax.Device) for d in devices)):
         raise TypeError(f"devices must be a sequence of jax devices (jax.devices()), got "
                         f"{devices!r}")
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        local = jax.process_count() > 1 and dp * tp <= jax.local_device_count()
+        devices = jax.local_devices() if local else jax.devices()
+    devices = list(devices)
     if dp * tp > len(devices):
         raise ValueError(
             f"dp * tp = {dp} * {tp} = {dp * tp} exceeds the {len(devices)} available devices"
         )
     grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
     return Mesh(grid, _MESH_AXES)
+
+
+def put_on_mesh(array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array (numpy, or anything numpy reads) placed with `sharding`, which may span
+    other processes' devices (a multi-process mesh, `jax.distributed`): each process places
+    its own devices' parts, so every process must pass the same array."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(array, sharding)
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(x) -> np.ndarray:
+    """An array's whole value as numpy on this process, also where it is split over other
+    processes' devices (a multi-process mesh): its parts are then gathered from every process
+    (a collective: every process must call it, in the same order)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def resolve_mesh(mesh: Mesh | None) -> Mesh:

@@ -371,7 +371,8 @@ def speculative_generate(
       stream: host function called after each step with (step, tokens[B, D + 1], counts[B])
         (numpy arrays; D = the tree's depth): row b's new tokens are tokens[b, :counts[b]],
         from 1 to D + 1 a step while the row runs, none once it has stopped (pad_id fills
-        the rest). As in `generate`, a new function in every call does not recompile.
+        the rest). As in `generate`, a new function in every call does not recompile (and
+        with several processes it runs in the one holding the mesh's first device).
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
@@ -419,18 +420,20 @@ def spec_result(outputs, stats, stamps, *, rows: int, profile: bool) -> Speculat
     `rows` rows: the real batch)."""
     rows = slice(0, rows)
     out, n_gen = outputs[:2]
-    row_steps = np.asarray(stats["row_steps"])[rows]
+    stats = {name: parallel.to_host(value) for name, value in stats.items()}
+    row_steps = stats["row_steps"][rows]
     total_steps = max(int(row_steps.sum()), 1)
-    seconds = np.asarray(stats["seconds"])
+    seconds = stats["seconds"]
     spec_stats = SpecStats(
         steps=int(stats["steps"]),
-        tau=float(np.asarray(stats["emitted_sum"])[rows].sum() / total_steps),
-        acceptance_by_depth=np.asarray(stats["depth_hits"])[rows].sum(axis=0) / total_steps,
+        tau=float(stats["emitted_sum"][rows].sum() / total_steps),
+        acceptance_by_depth=stats["depth_hits"][rows].sum(axis=0) / total_steps,
         row_steps=row_steps,
         draft_s=float(seconds[0]) if profile else None,
         verify_s=float(seconds[1]) if profile else None,
     )
-    return SpeculativeResult(tokens=np.asarray(out)[rows], lengths=np.asarray(n_gen)[rows],
-                             stats=spec_stats,
-                             logprobs=np.asarray(outputs[2])[rows] if len(outputs) > 2 else None,
+    return SpeculativeResult(tokens=parallel.to_host(out)[rows],
+                             lengths=parallel.to_host(n_gen)[rows], stats=spec_stats,
+                             logprobs=parallel.to_host(outputs[2])[rows] if len(outputs) > 2
+                             else None,
                              **read_timings(stamps))

@@ -88,12 +88,14 @@ def test_export_brings_one_shard_at_a_time_to_the_host(loaded, tmp_path, monkeyp
     tensor)."""
     import safetensors.numpy
 
+    from jaxdec import parallel
+
     copied, written = [], []
-    device_get, save_file = jax.device_get, safetensors.numpy.save_file
+    to_host, save_file = parallel.to_host, safetensors.numpy.save_file
 
     def counting_get(x):
         copied.append(x.shape)
-        return device_get(x)
+        return to_host(x)
 
     def checking_save(tensors, path, metadata=None):
         written.append(len(tensors))
@@ -101,7 +103,7 @@ def test_export_brings_one_shard_at_a_time_to_the_host(loaded, tmp_path, monkeyp
         assert sum(t.nbytes for t in tensors.values()) <= 64 * 1024 or len(tensors) == 1
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(jax, "device_get", counting_get)
+    monkeypatch.setattr(parallel, "to_host", counting_get)
     monkeypatch.setattr(safetensors.numpy, "save_file", checking_save)
     model = loaded("llama-bias")
     out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
@@ -162,6 +164,14 @@ def test_export_from_more_shards_than_kv_heads(hf_checkpoints, loaded, tmp_path)
     assert model.params["layers"][0]["qkv"].shape[1] == 4
     out = jaxdec.save_pretrained(model, tmp_path / "export")
     _params_equal(jaxdec.load_pretrained(out).params, loaded("llama-gqa").params)
+
+
+def test_a_new_export_directory_has_the_mode_a_new_directory_gets(loaded, tmp_path):
+    """The directory is built under a temporary name (mkdtemp: mode 0700) and renamed into
+    place; others may read it as they may any directory this process makes."""
+    (tmp_path / "plain").mkdir()
+    out = jaxdec.save_pretrained(loaded("llama-gqa"), tmp_path / "export")
+    assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode
 
 
 def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tmp_path):

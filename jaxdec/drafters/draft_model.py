@@ -134,7 +134,7 @@ class DraftModel(Drafter):
                                  "on the target's mesh (mesh=target.mesh)")
             parallel.check_divisibility(draft.config, target.mesh)
             vocab = parallel.padded_vocab(draft.config, target.mesh)
-            params = jax.tree.map(np.asarray, draft.params)
+            params = jax.tree.map(parallel.to_host, draft.params)
             rows = params["embed"].shape[0]
             params = _resize_vocab(params, rows, vocab)
             fam = family(draft.config)
@@ -142,7 +142,8 @@ class DraftModel(Drafter):
             params = jax.tree_util.tree_map_with_path(
                 lambda path, x: fam.regroup(jax.tree_util.keystr(path), x, draft.config, groups,
                                             xp=np), params)
-            params = jax.device_put(params, param_shardings(draft.config, target.mesh))
+            params = jax.tree.map(parallel.put_on_mesh, params,
+                                  param_shardings(draft.config, target.mesh))
             draft = Model(config=draft.config, params=params, mesh=target.mesh,
                           tokenizer=draft.tokenizer, attention=draft.attention,
                           matmul=draft.matmul)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
                                   lookup_settings)
+from jaxdec.parallel import put_on_mesh
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
 
@@ -115,10 +116,10 @@ class Retrieval(Drafter):
             )
         placed = self._placed.get(target.mesh)
         if placed is None:
-            placed = Retrieval(jax.device_put(self.tokens, replicated), max_ngram=self.max_ngram,
+            placed = Retrieval(put_on_mesh(self.tokens, replicated), max_ngram=self.max_ngram,
                                min_ngram=self.min_ngram, depth=self.depth,
                                num_candidates=self.num_candidates,
-                               _suffixes=jax.device_put(self.suffixes, replicated),
+                               _suffixes=put_on_mesh(self.suffixes, replicated),
                                _max_id=max_id)
             self._placed[target.mesh] = placed
         return placed

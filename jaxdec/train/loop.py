@@ -153,7 +153,7 @@ def batch_indices(step: int, *, num_sequences: int, batch_size: int, seed: int) 
 def shard_batch(batch: np.ndarray, mesh, axis: int = 0) -> jax.Array:
     """Places a host batch with its `axis` (the batch axis) split over the mesh's dp axis."""
     dp = parallel.DP if parallel.DP in mesh.axis_names else None
-    return jax.device_put(batch, NamedSharding(mesh, P(*(None,) * axis, dp)))
+    return parallel.put_on_mesh(batch, NamedSharding(mesh, P(*(None,) * axis, dp)))
 
 
 # --------------------------------------------------------------------------- checkpoints

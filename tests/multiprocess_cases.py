@@ -1,0 +1,35 @@
+"""What test_multiprocess.py runs both in one process and across two (multiprocess_worker.py):
+every generation method on one model, the results as plain lists."""
+
+import jax
+import numpy as np
+
+import jaxdec
+from jaxdec import tree
+from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
+
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46, 26, 43, 38], [32, 79, 50, 28, 84, 19]]
+
+
+def run_cases(model, draft) -> dict:
+    """Tokens (and lengths) of plain greedy and sampled decoding and of speculative decoding
+    with a draft model (on its own mesh: moved onto the target's), prompt lookup and retrieval;
+    the sampled run's log-probabilities and speculative statistics too."""
+    new = dict(max_new_tokens=6)
+    sampled = jaxdec.generate(model, PROMPTS, sampler=jaxdec.Sampler(temperature=0.8),
+                              key=jax.random.key(1), return_logprobs=True, **new)
+    spec = jaxdec.speculative_generate(model, DraftModel(draft), PROMPTS, tree=tree.kary(2, 2),
+                                       **new)
+    corpus = np.array(sum(PROMPTS, []) * 2)
+    return {
+        "greedy": jaxdec.generate(model, PROMPTS, **new).tokens.tolist(),
+        "sampled": sampled.tokens.tolist(),
+        "sampled_logprobs": np.round(sampled.logprobs, 4).tolist(),
+        "draft_model": spec.tokens.tolist(),
+        "draft_model_row_steps": spec.stats.row_steps.tolist(),
+        "prompt_lookup": jaxdec.speculative_generate(model, PromptLookup(), PROMPTS,
+                                                     **new).tokens.tolist(),
+        "retrieval": jaxdec.speculative_generate(model, Retrieval(corpus), PROMPTS,
+                                                 **new).tokens.tolist(),
+        "lengths": sampled.lengths.tolist(),
+    }
