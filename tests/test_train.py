@@ -318,6 +318,14 @@ def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match):
         assert os.listdir(tmp_path) == []
 
 
+def test_training_refuses_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for train, args in ((train_lm, ()), (train_draft, (tmp_path / "no-target",))):
+        with pytest.raises(ValueError, match="training runs in one process.*of 2"):
+            train(*args, MICRO, tmp_path / "run")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_one_step_schedule():
     """One step (its warmup is the whole run) builds and updates: the cosine part once asked
     optax for zero decay steps."""

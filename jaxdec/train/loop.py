@@ -85,6 +85,11 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
     seed = check_int("seed", seed, minimum=0)
     if not callable(log):
         raise TypeError(f"log must be callable (it is given each progress line), got {log!r}")
+    if jax.process_count() > 1:  # each process would write the run directory
+        raise ValueError(
+            f"training runs in one process, and this is process {jax.process_index()} of "
+            f"{jax.process_count()} (jax.distributed): train on one host, then load the "
+            "exported checkpoint in every process")
     return preset, os.fspath(out), steps, seed
 
 
