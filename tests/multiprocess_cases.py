@@ -33,3 +33,11 @@ def run_cases(model, draft) -> dict:
                                                  **new).tokens.tolist(),
         "lengths": sampled.lengths.tolist(),
     }
+
+
+def prefix_turns(model) -> list:
+    """Two turns of a `PrefixCache` conversation (the second reuses the first's cache)."""
+    session = jaxdec.PrefixCache(model, max_len=64)
+    first = session.generate(PROMPTS[0], max_new_tokens=4).to_lists()[0]
+    second = session.generate(PROMPTS[0] + first + PROMPTS[1], max_new_tokens=4)
+    return [first, second.to_lists()[0]]

@@ -4,7 +4,8 @@ collectives), as on a multi-host TPU pod or GPU cluster: test_multiprocess.py st
     python multiprocess_worker.py PROCESS_ID PORT CHECKPOINT EXPORT_DIR OUT_JSON
 
 Each process holds two CPU devices; the model's mesh (tp = 2 within a process, dp = 2 across
-the two) spans both. The results (tokens of every method, stream calls) go to OUT_JSON.
+the two; tp = 4 for a PrefixCache) spans both. The results (tokens of every method, stream
+calls) go to OUT_JSON.
 """
 
 import json
@@ -21,7 +22,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
 
 import jaxdec  # noqa: E402
-from multiprocess_cases import PROMPTS, run_cases  # noqa: E402
+from multiprocess_cases import PROMPTS, prefix_turns, run_cases  # noqa: E402
 
 assert jax.device_count() == 4 and jax.local_device_count() == 2
 mesh = jaxdec.make_mesh(tp=2, dp=2)
@@ -32,6 +33,9 @@ assert local.devices.flat[0].process_index == jax.process_index()
 model = jaxdec.load_pretrained(checkpoint, mesh=mesh)
 draft = jaxdec.load_pretrained(checkpoint, mesh=local)  # moved onto the target's mesh
 results = run_cases(model, draft)
+# One row (PrefixCache's): tensor parallelism alone over both processes.
+results["prefix_turns"] = prefix_turns(jaxdec.load_pretrained(checkpoint,
+                                                              mesh=jaxdec.make_mesh(tp=4)))
 calls = []
 jaxdec.generate(model, PROMPTS, max_new_tokens=4, stream=lambda *args: calls.append(1))
 results["stream_calls"] = len(calls)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxdec
-from multiprocess_cases import PROMPTS, run_cases
+from multiprocess_cases import PROMPTS, prefix_turns, run_cases
 from runenv import user_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +57,8 @@ def one_process(hf_checkpoints):
     checkpoint = hf_checkpoints(CHECKPOINT)[0]
     model = jaxdec.load_pretrained(checkpoint, mesh=jaxdec.make_mesh(tp=2, dp=2))
     results = run_cases(model, jaxdec.load_pretrained(checkpoint))
+    results["prefix_turns"] = prefix_turns(jaxdec.load_pretrained(checkpoint,
+                                                                  mesh=jaxdec.make_mesh(tp=4)))
     calls = []
     jaxdec.generate(model, PROMPTS, max_new_tokens=4, stream=lambda *args: calls.append(1))
     return model, results, len(calls)
