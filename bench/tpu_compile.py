@@ -11,8 +11,13 @@ here. Memory is libtpu's own accounting of the compiled program (per chip); `fit
 its sum with the chip's published HBM, and a program libtpu refuses as too large for the chip
 (its usable HBM is a little less) is recorded with libtpu's error.
 
+The `tpu-pod` preset compiles the Llama-3-70B shape for slices of several hosts (a v5e-16:
+16 chips, 4 hosts; a v6e-8: 8 chips, 2 hosts), the program each host's process would run
+(`jax.distributed`; the mesh spans every host's chips).
+
     pip install "jax[tpu]==<your jax>"                # libtpu, the version jax pins
     python3 bench/tpu_compile.py --out bench/results  # every TPU generation: tpu-compile.*
+    python3 bench/tpu_compile.py --preset tpu-pod --out bench/results  # 70B on pod slices
     python3 bench/tpu_compile.py --preset cpu-tiny    # a tiny model on this CPU (the test)
 """
 
@@ -35,18 +40,24 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another libtp
 
 # Each generation's smallest one-host topology (4 chips) and the published HBM (GiB) of one of
 # its devices: a chip, but for v4, whose topology lists each chip's two TensorCores as devices
-# (16 of the chip's 32 GiB each; libtpu's own limit for one: 15.25 GiB).
+# (16 of the chip's 32 GiB each; libtpu's own limit for one: 15.25 GiB). Then slices of
+# several hosts (4 chips each).
 GENERATIONS = {
     "v5e": ("v5e:2x2", 16), "v6e": ("v6e:2x2", 32), "v4": ("v4:2x2x1", 16),
-    "v5p": ("v5p:2x2x1", 95),
+    "v5p": ("v5p:2x2x1", 95), "v5e-16": ("v5e:4x4", 16), "v6e-8": ("v6e:2x4", 32),
 }
 GIB = 2**30
+
+# Llama-3-70B (and 3.1 / 3.3: the same shapes and rope).
+LLAMA3_70B_CHANGES = dict(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                          num_heads=64)
+MODEL_NAMES = {"8b": "Llama-3-8B", "70b": "Llama-3-70B", "tiny": "tiny"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
     description: str
-    model: str  # "8b" (bench.decode.LLAMA3_8B) or "tiny" (bench.decode.TINY)
+    model: str  # "8b" (bench.decode.LLAMA3_8B), "70b" (its LLAMA3_70B_CHANGES) or "tiny"
     generations: tuple[str, ...]  # GENERATIONS keys; () = this machine's CPU
     tps: tuple[int, ...]
     batch_sizes: tuple[int, ...]
@@ -58,6 +69,9 @@ PRESETS = {
     "tpu": Preset("Llama-3-8B shape, bf16, greedy decode of 64 tokens after 1984 (context "
                   "2K, the decode benchmark's)", "8b", ("v5e", "v6e", "v4", "v5p"), (1, 4),
                   (1, 16), 1984, 64),
+    "tpu-pod": Preset("Llama-3-70B shape, bf16, greedy decode of 64 tokens after 1984, on "
+                      "slices of several hosts", "70b", ("v5e-16", "v6e-8"), (8, 16), (1, 16),
+                      1984, 64),
     "cpu-tiny": Preset("tiny Llama shape on this machine's CPU (what the test runs)", "tiny",
                        (), (1,), (1, 2), 40, 8),
 }
@@ -87,13 +101,16 @@ def compile_case(preset: Preset, generation: str | None, tp: int, batch: int) ->
     import jaxdec
     from bench.decode import LLAMA3_8B, TINY, _prompts
 
-    fields = dict(LLAMA3_8B if preset.model == "8b" else TINY)
+    fields = dict(TINY) if preset.model == "tiny" else dict(LLAMA3_8B)
+    if preset.model == "70b":
+        fields.update(LLAMA3_70B_CHANGES)
     fields["rope"] = jaxdec.RopeConfig(**fields["rope"])
     config = jaxdec.ModelConfig(model_type="llama", dtype="bfloat16", **fields)
     devices = devices_for(generation)
     mesh = jaxdec.make_mesh(tp=tp, devices=devices[:tp])
     model = jaxdec.abstract_model(config, dtype=jnp.bfloat16, mesh=mesh)
     record = dict(generation=generation or "cpu", device=devices[0].device_kind, tp=tp,
+                  hosts=len({d.process_index for d in mesh.devices.flat}), model=preset.model,
                   batch=batch, prompt_len=preset.prompt_len, new_tokens=preset.new_tokens)
     start = time.perf_counter()
     try:
@@ -122,7 +139,8 @@ def run(preset_name: str) -> list[dict]:
     preset = PRESETS[preset_name]
     records = []
     for generation in preset.generations or (None,):
-        for tp in preset.tps:
+        chips = len(devices_for(generation))
+        for tp in (tp for tp in preset.tps if tp <= chips):
             for batch in preset.batch_sizes:
                 r = compile_case(preset, generation, tp, batch)
                 print(r, flush=True)
@@ -146,21 +164,25 @@ def render_markdown(records: list[dict]) -> str:
              "per step: the tree-attention kernel's calls in one decode step (one per layer, "
              "or none where a shard's cache is under the kernel's 4 MiB threshold and the "
              "reference runs). Nothing was run or timed on a TPU.", "",
-             "| preset | chip | tp | batch | context | arguments GiB | temporaries GiB | "
-             "code MiB | total GiB | HBM GiB | fits | Mosaic kernels per step | ops per step "
-             "| compile s | jax | libtpu | commit |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|---|"]
+             "| preset | model | chip | hosts | tp | batch | context | arguments GiB | "
+             "temporaries GiB | code MiB | total GiB | HBM GiB | fits | Mosaic kernels per "
+             "step | ops per step | compile s | jax | libtpu | commit |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"
+             "---|---|"]
     for r in records:
         context = r["prompt_len"] + r["new_tokens"]
+        # Records from before the model and hosts were recorded: their preset's, one host.
+        model = r.get("model") or PRESETS[r["preset"]].model
+        where = f"| {r['preset']} | {MODEL_NAMES[model]} | {r['device']} | {r.get('hosts', 1)} "
         if r.get("error"):
-            lines.append(f"| {r['preset']} | {r['device']} | {r['tp']} | {r['batch']} | "
+            lines.append(f"{where}| {r['tp']} | {r['batch']} | "
                          f"{context} | {r['error']} |||||||| {r['compile_s']} | "
                          f"{r.get('jax_version')} | {r.get('libtpu_version')} | "
                          f"{r['commit']} |")
             continue
         fits = {True: "yes", False: "no", None: ""}[r["fits"]]
         gib = {k: f"{r[f'{k}_bytes'] / GIB:.2f}" for k in ("arguments", "temporaries", "total")}
-        lines.append(f"| {r['preset']} | {r['device']} | {r['tp']} | {r['batch']} | "
+        lines.append(f"{where}| {r['tp']} | {r['batch']} | "
                      f"{context} | {gib['arguments']} | {gib['temporaries']} | "
                      f"{r['code_bytes'] / 2**20:.1f} | {gib['total']} | {r['hbm_gib'] or ''} | "
                      f"{fits} | "

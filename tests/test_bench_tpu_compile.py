@@ -24,9 +24,10 @@ def test_cpu_tiny_preset_writes_its_report(tmp_path):
         assert r["code_bytes"] >= 0 and r["temporaries_bytes"] >= 0  # a CPU program: no code size
         assert r["fits"] is None and r["hbm_gib"] is None  # no published HBM for a CPU
         assert r["mosaic_kernels_per_step"] == 0 and "error" not in r
+        assert r["hosts"] == 1 and r["model"] == "tiny"
         assert r["jax_version"] and r["date"]
     table = (tmp_path / "tpu-compile.md").read_text()
-    assert table.count("| cpu-tiny | cpu | 1 |") == 2 and "Nothing was run" in table
+    assert table.count("| cpu-tiny | tiny | cpu | 1 | 1 |") == 2 and "Nothing was run" in table
 
 
 def test_a_program_that_does_not_compile_is_recorded(monkeypatch):
@@ -37,7 +38,7 @@ def test_a_program_that_does_not_compile_is_recorded(monkeypatch):
     record = tpu_compile.compile_case(tpu_compile.PRESETS["cpu-tiny"], None, 1, 1)
     assert record["error"] == "RuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM"
     line = tpu_compile.render_markdown([dict(record, preset="cpu-tiny", commit="abc")])
-    assert "| cpu-tiny | cpu | 1 | 1 | 48 | RuntimeError: RESOURCE_EXHAUSTED" in line
+    assert "| cpu-tiny | tiny | cpu | 1 | 1 | 1 | 48 | RuntimeError: RESOURCE_EXHAUSTED" in line
 
 
 def test_tiny_model_on_tpu_v5e_chips():

@@ -136,3 +136,18 @@ def test_fp16_model_compiles_through_the_reference():
     compiled = jaxdec.generate(tpu_model(1, jnp.float16, "auto"), PROMPTS, max_new_tokens=8,
                                compile_only=True)
     assert kernel_calls(compiled) == 0
+
+
+def test_programs_compile_for_a_slice_of_four_hosts():
+    """A v5e-16 slice's chips sit on four hosts: a mesh over one chip of each (dp 2 x tp 2)
+    is what each host's process compiles under `jax.distributed`, with the kernel in every
+    decode step of generate and of a speculative program."""
+    devices = devices_for("v5e-16")
+    one_a_host = [next(d for d in devices if d.process_index == host) for host in range(4)]
+    mesh = jaxdec.make_mesh(tp=2, dp=2, devices=one_a_host)
+    model = jaxdec.abstract_model(CONFIG, dtype=jnp.bfloat16, mesh=mesh).with_attention("pallas")
+    compiled = jaxdec.generate(model, PROMPTS, max_new_tokens=32, compile_only=True)
+    assert kernel_calls(compiled) == CONFIG.num_layers
+    compiled = jaxdec.speculative_generate(model, DraftModel(model), PROMPTS, max_new_tokens=32,
+                                           compile_only=True, tree=jaxdec.tree.kary(2, 2))
+    assert kernel_calls(compiled) >= CONFIG.num_layers
