@@ -90,7 +90,8 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
     assert results[0]["export_listed"] == sorted(os.listdir(expected))
     for name in os.listdir(expected):
         if name.endswith(".safetensors"):
-            got, want = load_file(os.path.join(export, name)), load_file(os.path.join(expected, name))
+            got = load_file(os.path.join(export, name))
+            want = load_file(os.path.join(expected, name))
             assert sorted(got) == sorted(want)
             for tensor in want:
                 np.testing.assert_array_equal(got[tensor], want[tensor])
