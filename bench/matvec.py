@@ -16,7 +16,9 @@ at 64% of the measured bandwidth and o's at 74% (gate|up 89%, down 93%): ~0.55 m
 our own reads them faster, before any model code depends on it.
 
 Cases (h100): x [rows, K] @ W [K, N] in bf16 for q|k|v (4096 x 6144), o (4096 x 4096),
-gate|up (4096 x 28672) and down (14336 x 4096), rows = 1 and 16 (decode at batch 1 and 16).
+gate|up (2 x 4096 x 14336: x times each of the two matrices, in one kernel launch or one
+batched product, as the model runs it) and down (14336 x 4096), rows = 1 and 16 (decode at
+batch 1 and 16).
 Impls: `pallas` (default tiling; its fp32 partials summed by XLA), `xla` (jnp.dot with fp32
 accumulation: XLA's Triton GEMM fusions, autotuned on the card) and `xla-cublas` (the same
 program compiled with `xla_gpu_enable_triton_gemm=False`, so cuBLAS runs it). Each call's
@@ -25,7 +27,7 @@ folds the kernel's split sum into it), and the next call's rows depend on it (no
 hoisted); calls rotate through enough weight copies that a round reads ~100 MB (twice the
 L2). Time per call = the best of `trials` jitted loops of `inner` rounds / its calls.
 
-Roofline: bytes = the weights (K x N x 2 in bf16) / the HBM bandwidth measured in the same
+Roofline: bytes = the weights (G x K x N x 2 in bf16) / the HBM bandwidth measured in the same
 run (`bench.common.measure_hbm`'s best probe); hbm_fraction = bytes / time / bandwidth. A
 few other tilings of the kernel (`sweeps`) are timed beside the default where the gap was
 largest (q|k|v and o at one row; q|k|v at 16 rows). Records carry `kernel_sources` (a hash
@@ -48,9 +50,9 @@ from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa:
 
 KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 
-# name: (K, N) of a Llama-3-8B layer's projections (q|k|v and gate|up fused, as jaxdec's
-# weights are)
-LLAMA3_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
+# name: (K, N) or (K, N, G) (G matrices [K, N]) of a Llama-3-8B layer's projections (q|k|v
+# and gate|up fused, as jaxdec's weights are)
+LLAMA3_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 14336, 2),
              "down": (14336, 4096)}
 PRESETS = {
     "h100": dict(projections=LLAMA3_8B, rows=(1, 16), dtype="bfloat16", inner=20, trials=5,
@@ -63,7 +65,8 @@ PRESETS = {
                                        dict(num_stages=6), dict(split_factor=2))),
                          dict(projections=("qkv",), rows=(16,),
                               tilings=(dict(num_stages=2), dict(block_n=64))))),
-    "cpu-tiny": dict(projections={"qkv": (256, 384), "down": (512, 128)}, rows=(1, 4),
+    "cpu-tiny": dict(projections={"qkv": (256, 384), "gate_up": (256, 128, 2),
+                                  "down": (512, 128)}, rows=(1, 4),
                      dtype="float32", inner=2, trials=2, hbm_bytes=1 << 24,
                      rotate_bytes=1 << 20, max_copies=2, interpret=True, cublas=False,
                      sweeps=(dict(projections=("qkv",), rows=(1,),
@@ -78,7 +81,7 @@ def copies(K: int, N: int, spec: dict) -> int:
     return int(min(spec["max_copies"], max(1, -(-spec["rotate_bytes"] // nbytes))))
 
 
-def block_sizes(tiling: dict, K: int, N: int):
+def block_sizes(tiling: dict, K: int, N: int, groups: int = 1):
     """The kernel's BlockSizes for a swept tiling (`split_factor`: that many times the
     default's split count, as long as the splits still divide K into whole steps)."""
     import dataclasses
@@ -87,7 +90,7 @@ def block_sizes(tiling: dict, K: int, N: int):
 
     sizes = MV.BlockSizes(**{k: v for k, v in tiling.items() if k != "split_factor"})
     if "split_factor" in tiling:
-        splits = MV.default_num_splits(K, N, sizes) * tiling["split_factor"]
+        splits = MV.default_num_splits(K, N, sizes, groups=groups) * tiling["split_factor"]
         while K % (splits * sizes.block_k):
             splits //= 2
         sizes = dataclasses.replace(sizes, num_splits=max(1, splits))
@@ -150,23 +153,25 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dic
                 **versions())
     records = []
     key = jax.random.key(0)
-    for name, (K, N) in spec["projections"].items():
-        n_copies = copies(K, N, spec)
+    for name, (K, N, *groups) in spec["projections"].items():
+        G = groups[0] if groups else 1
+        lead = (G,) if groups else ()
+        n_copies = copies(K, G * N, spec)
         keys = jax.random.split(jax.random.fold_in(key, K * N), n_copies + 1)
-        ws = tuple(jax.random.normal(k, (K, N), dtype) * K**-0.5 for k in keys[1:])
-        nbytes = K * N * dtype.itemsize
+        ws = tuple(jax.random.normal(k, lead + (K, N), dtype) * K**-0.5 for k in keys[1:])
+        nbytes = G * K * N * dtype.itemsize
         roofline_s = nbytes / (hbm_gbps * 1e9)
         for rows in spec["rows"]:
             x = jax.random.normal(keys[0], (rows, K), dtype)
             times = {}
             for impl, (product, options) in impls.items():
                 record = dict(meta, impl=impl, projection=name, rows=rows, K=K, N=N,
-                              weight_copies=n_copies, bytes=nbytes,
+                              groups=G, weight_copies=n_copies, bytes=nbytes,
                               roofline_us=roofline_s * 1e6)
                 if impl == "pallas":
                     sizes = MV.BlockSizes()
                     record.update(block_sizes=vars(sizes),
-                                  num_splits=MV.default_num_splits(K, N, sizes))
+                                  num_splits=MV.default_num_splits(K, N, sizes, groups=G))
                 try:
                     seconds = timed(chained(product, spec["inner"], options), x, ws,
                                     spec["inner"], spec["trials"])
@@ -187,9 +192,9 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None) -> list[dic
                 for tiling in group["tilings"]:
                     entry = dict(tiling)
                     try:
-                        sizes = block_sizes(tiling, K, N)
+                        sizes = block_sizes(tiling, K, N, G)
                         entry["num_splits"] = sizes.num_splits or MV.default_num_splits(
-                            K, N, sizes)
+                            K, N, sizes, groups=G)
                         product = (lambda x, w, sizes=sizes: MV.matvec(
                             x, w, impl="triton", interpret=spec["interpret"],
                             block_sizes=sizes))
@@ -239,7 +244,10 @@ def render_markdown(records: list[dict]) -> str:
         cells = [_fmt(by_impl.get(i, {}).get("time_us")) for i in impls]
         fractions = [_fmt(by_impl.get(i, {}).get("hbm_fraction"), ".2f") for i in impls]
         speedup = by_impl.get("pallas", {}).get("speedup_vs_xla")
-        lines.append(f"| {projection} | {rows} | {any_record['K']} x {any_record['N']} | "
+        shape = f"{any_record['K']} x {any_record['N']}"
+        if any_record.get("groups", 1) > 1:
+            shape = f"{any_record['groups']} x {shape}"
+        lines.append(f"| {projection} | {rows} | {shape} | "
                      + " | ".join(cells) + f" | {any_record['roofline_us']:.1f} | "
                      + " | ".join(fractions) + f" | {_fmt(speedup, '.2f')} |")
     swept = [r for r in records if r.get("sweep")]

@@ -155,8 +155,8 @@ class _Entry(NamedTuple):
     each. Hashable: entries of the same shapes (every layer's) share one compiled conversion.
 
     kind: "vector" (a reshape), "linear" (a transpose), "qkv" (q, k, v weights or biases into
-      the fused [..., K, H/K + 2, D] layout; `heads` = K) or "gate_up" (stacked on the axis
-      before F).
+      the fused [..., K, H/K + 2, D] layout; `heads` = K) or "gate_up" (stacked on a new
+      first axis).
     """
 
     hf_names: tuple[str, ...]
@@ -173,7 +173,7 @@ def _to_ours(entry: _Entry, arrays: list, groups: int) -> jax.Array:
     if kind in ("vector", "linear"):
         return arrays[0].reshape(shape)
     if kind == "gate_up":
-        return jnp.stack(arrays, axis=len(shape) - 2)
+        return jnp.stack(arrays)
     D = shape[-1]  # qkv: weights [E, out] -> [E, heads, D]; biases [out] -> [heads, D]
     return llama.group_qkv(*[w.reshape(*w.shape[:-1], -1, D) for w in arrays], groups)
 
@@ -200,8 +200,7 @@ def _to_hf(entry: _Entry, array: jax.Array) -> list[jax.Array]:
     if kind == "linear":
         return [array.reshape(hf_shapes[0][::-1]).T]
     if kind == "gate_up":
-        axis = array.ndim - 2
-        return [jnp.take(array, i, axis=axis).T for i in (0, 1)]
+        return [array[0].T, array[1].T]
     parts = llama.split_qkv(array, entry.heads)
     return [p.reshape(s[::-1]).T for p, s in zip(parts, hf_shapes)]
 
@@ -222,8 +221,8 @@ def _param_table(config: ModelConfig) -> dict[str, _Entry]:
         table[path] = _Entry(tuple(names), tuple(shapes), "qkv", lead + (K, H // K + 2, D), K)
 
     def gate_up(path, names, lead):
-        """gate, up Linear weights [F, E] -> [E, 2, F] (`lead` (E,)), or biases [F] -> [2, F]."""
-        table[path] = _Entry(tuple(names), ((F,) + lead,) * 2, "gate_up", lead + (2, F))
+        """gate, up Linear weights [F, E] -> [2, E, F] (`lead` (E,)), or biases [F] -> [2, F]."""
+        table[path] = _Entry(tuple(names), ((F,) + lead,) * 2, "gate_up", (2,) + lead + (F,))
 
     one("['embed']", "model.embed_tokens.weight", (V, E), (V, E), "vector")
     one("['final_norm']", "model.norm.weight", (E,), (E,), "vector")

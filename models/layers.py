@@ -96,22 +96,28 @@ def dense(x, weight, matmul: MatmulImpl = MatmulImpl.XLA, subscripts: str | None
     `matmul` PALLAS the matrix-vector kernel runs instead where `MatmulImpl` says."""
     K = x.shape[-1]
     lead = weight.ndim - 1 if subscripts is None else 1
-    tokens = math.prod(x.shape[:-1])
     out_axes = weight.shape[lead:]
-    if matmul is not MatmulImpl.XLA and math.prod(weight.shape[:lead]) == K:
-        interpret = matmul is MatmulImpl.PALLAS_INTERPRET
-        N = math.prod(out_axes)
-        if (interpret or current_platform() in GPU_BACKENDS) and tokens <= matvec.ROWS and (
-                x.dtype == weight.dtype
-                and matvec.unsupported_reason(tokens, K, N) is None):
-            out = matvec.matvec(x.reshape(tokens, K), weight.reshape(K, N),
-                                impl=matvec.Impl.TRITON, interpret=interpret)
-            return out.reshape(*x.shape[:-1], *out_axes)
+    if math.prod(weight.shape[:lead]) == K and _takes_matvec(x, weight, math.prod(out_axes), matmul):
+        out = matvec.matvec(x.reshape(-1, K), weight.reshape(K, -1), impl=matvec.Impl.TRITON,
+                            interpret=matmul is MatmulImpl.PALLAS_INTERPRET)
+        return out.reshape(*x.shape[:-1], *out_axes)
     if subscripts is not None:
         return jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32)
     flat = weight.reshape(K, math.prod(out_axes))
+    tokens = math.prod(x.shape[:-1])
     out = jnp.dot(x.reshape(tokens, K), flat, preferred_element_type=jnp.float32)
     return out.reshape(*x.shape[:-1], *out_axes)
+
+
+def _takes_matvec(x, weight, N: int, matmul: MatmulImpl, groups: int = 1) -> bool:
+    """Whether x [..., K] times `weight` (`groups` [K, N] matrices) runs the matrix-vector
+    kernel under `matmul` (see `MatmulImpl`)."""
+    if matmul is MatmulImpl.XLA or x.dtype != weight.dtype:
+        return False
+    tokens, K = math.prod(x.shape[:-1]), x.shape[-1]
+    return ((matmul is MatmulImpl.PALLAS_INTERPRET or current_platform() in GPU_BACKENDS)
+            and tokens <= matvec.ROWS
+            and matvec.unsupported_reason(tokens, K, N, groups=groups) is None)
 
 
 def project(subscripts: str, x, weight, inv_rms=None, matmul: MatmulImpl = MatmulImpl.XLA
@@ -195,19 +201,47 @@ def apply_rope(x_BTND: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray,
 # --------------------------------------------------------------------------------- MLP
 
 
-def gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
+def gated_mlp(x_BTE, gate_up_2EF, down_FE, bias_2F=None, inv_rms_BT1=None,
               matmul: MatmulImpl = MatmulImpl.XLA) -> jax.Array:
-    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up as one [E, 2, F] matrix (one
-    matmul). Under tensor parallelism F is the local shard and the result is a partial sum
-    the caller reduces. With `inv_rms_BT1`, x is `weight * x` from `rms_norm_factored` and the
-    projection applies the scale. `matmul`: see `MatmulImpl`."""
-    gate_up = project("bte,egf->btgf", x_BTE, gate_up_E2F, inv_rms_BT1, matmul)
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up as one [2, E, F] array (one
+    batched matmul, `gate_up_product`). Under tensor parallelism F is the local shard and the
+    result is a partial sum the caller reduces. With `inv_rms_BT1`, x is `weight * x` from
+    `rms_norm_factored` and the projection applies the scale. `matmul`: see `MatmulImpl`."""
+    gate_up = gate_up_product(x_BTE, gate_up_2EF, inv_rms_BT1, matmul)
     if bias_2F is not None:
-        gate_up = gate_up + bias_2F[None, None]
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        gate_up = gate_up + bias_2F[:, None, None]
+    hidden = jax.nn.silu(gate_up[0]) * gate_up[1]
     if matmul is MatmulImpl.XLA:
         return hidden @ down_FE
     return dense(hidden, down_FE, matmul).astype(hidden.dtype)
+
+
+def gate_up_product(x_BTE, gate_up_2EF, inv_rms_BT1=None, matmul: MatmulImpl = MatmulImpl.XLA
+                    ) -> jax.Array:
+    """x's gate and up projections [2, B, T, F] in x's dtype (fp32 accumulation, scaled per
+    row by `inv_rms_BT1` like `project`).
+
+    One product over both matrices, gate and up being the batch axis of a batched matmul (x
+    broadcast to it): gate|up stacked on the axis before F ([E, 2, F]) was one plain matmul,
+    but libtpu tiles the two minor axes of a weight, (2, F), and copied every layer's weight
+    into another order where a product of many rows wanted it, keeping the copies through the
+    program (Llama-3-8B shapes on one v6e chip at batch 16: 7 of its 11 GiB of temporaries).
+    [2, E, F] is what it tiles as it is; an H100 compile runs the batched product as one
+    matmul kernel reading the weight in place, as it ran [E, 2, F]'s. With `matmul` PALLAS
+    the matrix-vector kernel takes both matrices in one launch."""
+    B, T, E = x_BTE.shape
+    F = gate_up_2EF.shape[-1]
+    if _takes_matvec(x_BTE, gate_up_2EF, F, matmul, groups=2):
+        out = matvec.matvec(x_BTE.reshape(B * T, E), gate_up_2EF, impl=matvec.Impl.TRITON,
+                            interpret=matmul is MatmulImpl.PALLAS_INTERPRET)
+        out = out.reshape(2, B, T, F)
+    else:
+        x_2BTE = jnp.broadcast_to(x_BTE[None], (2,) + x_BTE.shape)
+        out = jnp.einsum("gbte,gef->gbtf", x_2BTE, gate_up_2EF,
+                         preferred_element_type=jnp.float32)
+    if inv_rms_BT1 is not None:
+        out = out * inv_rms_BT1[None]
+    return out.astype(x_BTE.dtype)
 
 
 # A prefill's MLP runs over at most this many tokens at a time (a `lax.map` over chunks of
@@ -230,7 +264,7 @@ def mlp_chunk_tokens(tokens: int, max_tokens: int = PREFILL_MLP_CHUNK_TOKENS) ->
     return next((size for size in range(max_tokens, low - 1, -1) if tokens % size == 0), None)
 
 
-def chunked_gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=None,
+def chunked_gated_mlp(x_BTE, gate_up_2EF, down_FE, bias_2F=None, inv_rms_BT1=None,
                       matmul: MatmulImpl = MatmulImpl.XLA, *,
                       max_tokens: int | None = None, reduce=None) -> jax.Array:
     """`reduce(gated_mlp(...))` over the B * T tokens `max_tokens` (default
@@ -243,14 +277,14 @@ def chunked_gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F=None, inv_rms_BT1=Non
     B, T, E = x_BTE.shape
     size = mlp_chunk_tokens(B * T, max_tokens or PREFILL_MLP_CHUNK_TOKENS)
     if size is None:
-        return reduce(gated_mlp(x_BTE, gate_up_E2F, down_FE, bias_2F, inv_rms_BT1, matmul))
+        return reduce(gated_mlp(x_BTE, gate_up_2EF, down_FE, bias_2F, inv_rms_BT1, matmul))
     chunks = B * T // size
     xs = [x_BTE.reshape(chunks, 1, size, E)]
     if inv_rms_BT1 is not None:
         xs.append(inv_rms_BT1.reshape(chunks, 1, size, 1))
 
     def one(*parts):
-        return reduce(gated_mlp(parts[0], gate_up_E2F, down_FE, bias_2F,
+        return reduce(gated_mlp(parts[0], gate_up_2EF, down_FE, bias_2F,
                                 parts[1] if len(parts) > 1 else None, matmul))
 
     out = map_in_place(one, *xs)

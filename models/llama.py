@@ -6,7 +6,7 @@ place, see PITFALLS):
     embed       [V, E]            vocab-parallel rows
     layers[i]   attn_norm [E], qkv [E, R, H/R + 2, D], o [H, D, E],
                 (qkv_bias [R, H/R + 2, D], o_bias [E]),
-                mlp_norm [E], gate_up [E, 2, F], down [F, E],
+                mlp_norm [E], gate_up [2, E, F], down [F, E],
                 (gate_up_bias [2, F], down_bias [E])
     final_norm  [E]
     lm_head     [E, V]            absent when the embeddings are tied
@@ -15,8 +15,9 @@ The query, key and value projections are one matrix, in R = max(K, tp) groups (`
 group r holds query heads [r H/R, (r + 1) H/R), then the key and the value of the KV head
 those heads read; when tp exceeds the KV heads, each KV head's projection is repeated in
 tp / K groups, so every shard holds whole groups. The gate and up projections are one matrix
-too ([E, 2, F]: gate, then up). One matrix is one matmul: a decode step at batch 1 ran q and
-k|v (and gate and up) as separate kernels, k|v as a reduction at 60% of the memory bandwidth.
+too ([2, E, F]: gate, then up; `L.gate_up_product`). One matrix is one matmul: a decode step
+at batch 1 ran q and k|v (and gate and up) as separate kernels, k|v as a reduction at 60% of
+the memory bandwidth.
 `group_qkv` / `split_qkv` convert to and from separate q, k, v (checkpoints, other meshes).
 
 `forward` is written per tensor-parallel shard: it sees its local heads / MLP columns /
@@ -49,7 +50,7 @@ def param_axes(config: ModelConfig) -> dict:
             "qkv": ("embed", "kv_groups", "qkv_slot", "head_dim"),
             "o": ("q_heads", "head_dim", "embed"),
             "mlp_norm": ("embed",),
-            "gate_up": ("embed", "gate_up", "mlp"),
+            "gate_up": ("gate_up", "embed", "mlp"),
             "down": ("mlp", "embed"),
         }
         if config.qkv_bias:
@@ -149,19 +150,29 @@ def init_params(
 
 
 def leaf_kind(path: str) -> str:
-    """How a parameter (by its keystr path) is initialised: "ones", "zeros" or "normal"."""
+    """How a parameter (by its keystr path) is initialised: "ones", "zeros", "normal" or
+    "normal_gate_up" (see `init_leaf`)."""
     if path.endswith("norm']"):
         return "ones"
     if path.endswith("bias']"):
         return "zeros"
+    if path.endswith("['gate_up']"):
+        return "normal_gate_up"
     return "normal"
 
 
 def init_leaf(kind: str, shape: tuple, key: jax.Array, *, dtype, std: float) -> jax.Array:
+    """One parameter of `shape`. "normal_gate_up" ([2, E, F]) draws its values in [E, 2, F]
+    order, gate|up stacked before F as jaxdec first laid them out, so a key gives the model
+    it always gave (seeded tests, the demo's figures)."""
     if kind == "ones":
         return jnp.ones(shape, dtype)
     if kind == "zeros":
         return jnp.zeros(shape, dtype)
+    if kind == "normal_gate_up":
+        G, E, F = shape
+        drawn = init_leaf("normal", (E, G, F), key, dtype=dtype, std=std)
+        return jnp.transpose(drawn, (1, 0, 2))
     return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 

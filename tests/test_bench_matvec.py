@@ -14,7 +14,7 @@ from bench import matvec as bench  # noqa: E402
 def test_weight_copies_outgrow_the_l2():
     spec = bench.PRESETS["h100"]
     assert bench.copies(4096, 4096, spec) == 4  # o: 33.5 MB a copy; 100 MiB takes four
-    assert bench.copies(4096, 28672, spec) == 1  # gate|up: 235 MB
+    assert bench.copies(4096, 2 * 14336, spec) == 1  # gate|up: 235 MB
 
 
 def test_swept_split_factor_keeps_whole_steps():
@@ -35,8 +35,9 @@ def test_cpu_tiny_run(tmp_path):
     for r in records:
         assert r["error"] is None and r["time_us"] > 0
         assert r["kernel_sources"] == digest  # the device plan reruns a changed kernel
-        K, N = spec["projections"][r["projection"]]
-        assert r["bytes"] == K * N * 4  # fp32 weights
+        K, N, *groups = spec["projections"][r["projection"]]
+        assert r["groups"] == (groups[0] if groups else 1)
+        assert r["bytes"] == r["groups"] * K * N * 4  # fp32 weights
         assert r["roofline_us"] == pytest.approx(1e6 * r["bytes"] / (r["hbm_gbps"] * 1e9))
         assert r["hbm_fraction"] == pytest.approx(r["roofline_us"] / r["time_us"])
         if r["impl"] == "pallas":
@@ -47,3 +48,4 @@ def test_cpu_tiny_run(tmp_path):
     assert all(e["error"] is None and e["time_us"] > 0 for e in qkv["sweep"])
     table = (tmp_path / "matvec-cpu.md").read_text()
     assert "| qkv | 1 | 256 x 384 |" in table and "Other tilings" in table
+    assert "| gate_up | 4 | 2 x 256 x 128 |" in table

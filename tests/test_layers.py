@@ -6,6 +6,7 @@ there by `TestCudnnOnGPU`; its call is checked here through jax's XLA implementa
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,7 @@ def test_chunked_gated_mlp_equals_the_whole(bias, factored):
     factored norm's row scale: every token's output as the whole MLP's."""
     rs = np.random.RandomState(2)
     x = jnp.asarray(rs.randn(2, 12, 8).astype(np.float32))
-    w_up = jnp.asarray(rs.randn(8, 2, 16).astype(np.float32) / 3)
+    w_up = jnp.asarray(rs.randn(2, 8, 16).astype(np.float32) / 3)
     w_down = jnp.asarray(rs.randn(16, 8).astype(np.float32) / 4)
     b = jnp.asarray(rs.randn(2, 16).astype(np.float32)) if bias else None
     inv_rms = jnp.asarray(rs.rand(2, 12, 1).astype(np.float32) + 0.5) if factored else None
@@ -598,6 +599,8 @@ def test_matmul_pallas_interpret_runs_the_kernel_with_the_same_logits():
         tokens = jax.random.randint(jax.random.PRNGKey(n_tokens), (2, n_tokens), 0, 64)
         jaxpr = str(jax.make_jaxpr(lambda t: jaxdec.forward(kernel, t))(tokens))
         assert ("name=matvec" in jaxpr) == runs_kernel  # 2 x 12 tokens: over 16, XLA's
+        # gate and up: one launch over both matrices (grid (2, column tiles, splits))
+        assert bool(re.search(r"grid=\(2, ", jaxpr)) == runs_kernel
         np.testing.assert_allclose(jaxdec.forward(kernel, tokens),
                                    jaxdec.forward(model, tokens), rtol=1e-4, atol=1e-4)
     for prompts in ([[1, 2, 3], [4, 5]], [[7, 1, 3]]):  # batch 1: the one-row kernel

@@ -65,7 +65,7 @@ def test_params_are_split_by_heads(hf_checkpoints):
     np.testing.assert_array_equal(qkv[:, 0, 2:], qkv[:, 1, 2:])
     np.testing.assert_array_equal(qkv[:, 2, 2:], qkv[:, 3, 2:])
     assert layer["o"].addressable_shards[0].data.shape == (2, 8, 64)
-    assert layer["gate_up"].addressable_shards[0].data.shape == (64, 2, 32)
+    assert layer["gate_up"].addressable_shards[0].data.shape == (2, 64, 32)
     assert model.params["lm_head"].addressable_shards[0].data.shape == (64, 25)  # 100 / 4
 
 

@@ -3,6 +3,7 @@ bound by the weights' bytes. A Triton-lowered Pallas kernel (split-K, the weight
 once through a deep pipeline) and a jnp reference.
 
     y_MN = matvec(x_MK, w_KN)          # fp32, M <= 16
+    y_GMN = matvec(x_MK, w_GKN)        # x times each of G matrices (gate and up: G = 2)
 
 Not the models' default (`Model.with_matmul("pallas")` runs it, experimentally): in the H200
 decode profile XLA's own fusions read the q|k|v weights at 64% of the bandwidth and o's at
@@ -34,23 +35,25 @@ class Impl(enum.Enum):
 
 
 def unsupported_reason(M: int, K: int, N: int, block_sizes: BlockSizes | None = None,
-                       num_cores: int = 132) -> str | None:
-    """Why the kernel cannot take x [M, K] @ w [K, N] (static shapes), or None when it can."""
+                       num_cores: int = 132, groups: int = 1) -> str | None:
+    """Why the kernel cannot take x [M, K] @ w [K, N] (or w [groups, K, N]; static shapes),
+    or None when it can."""
     from jaxdec.pallas_kernels.matvec import gpu
 
     sizes = block_sizes or BlockSizes()
-    splits = sizes.num_splits or default_num_splits(K, N, sizes, num_cores)
+    splits = sizes.num_splits or default_num_splits(K, N, sizes, num_cores, groups)
     return gpu.check_config(M, K, N, sizes, splits)
 
 
-def matvec(x_MK: jax.Array, w_KN: jax.Array, *, impl: Impl | str = Impl.AUTO,
+def matvec(x_MK: jax.Array, w: jax.Array, *, impl: Impl | str = Impl.AUTO,
            interpret: bool = False, block_sizes: BlockSizes | None = None,
            num_cores: int | None = None) -> jax.Array:
-    """x [M, K] @ w [K, N] with fp32 accumulation: [M, N] fp32.
+    """x [M, K] @ w [K, N] with fp32 accumulation: [M, N] fp32; for w [G, K, N], x times
+    each of the G matrices in one kernel: [G, M, N] fp32.
 
     Args:
       x_MK: at most `ROWS` (16) rows for the kernel; any dtype jnp.dot takes.
-      w_KN: the weights, same dtype as x.
+      w: the weights [K, N] or [G, K, N], same dtype as x.
       impl: AUTO (the kernel on a GPU, the reference elsewhere), REFERENCE or TRITON.
       interpret: run the kernel through Pallas's interpreter (tests, any backend).
       block_sizes: the kernel's tiling (defaults: `BlockSizes()`).
@@ -61,19 +64,20 @@ def matvec(x_MK: jax.Array, w_KN: jax.Array, *, impl: Impl | str = Impl.AUTO,
         impl = Impl(impl)
     except ValueError:
         raise ValueError(f"impl must be one of {[i.value for i in Impl]}, got {impl!r}") from None
-    if x_MK.ndim != 2 or w_KN.ndim != 2:
-        raise ValueError(f"x must be [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
-    if x_MK.shape[1] != w_KN.shape[0]:
-        raise ValueError(f"x {x_MK.shape} and w {w_KN.shape} do not share K")
-    if x_MK.dtype != w_KN.dtype:
-        raise TypeError(f"x is {x_MK.dtype} and w {w_KN.dtype}: the kernel takes one dtype")
+    if x_MK.ndim != 2 or w.ndim not in (2, 3):
+        raise ValueError(f"x must be [M, K] and w [K, N] or [G, K, N], got {x_MK.shape} and "
+                         f"{w.shape}")
+    if x_MK.shape[1] != w.shape[-2]:
+        raise ValueError(f"x {x_MK.shape} and w {w.shape} do not share K")
+    if x_MK.dtype != w.dtype:
+        raise TypeError(f"x is {x_MK.dtype} and w {w.dtype}: the kernel takes one dtype")
     if impl is Impl.AUTO:
         impl = Impl.TRITON if jax.default_backend() == "gpu" or interpret else Impl.REFERENCE
     if impl is Impl.REFERENCE:
-        return matvec_reference(x_MK, w_KN)
+        return matvec_reference(x_MK, w)
     from jaxdec.pallas_kernels.matvec import gpu
     from jaxdec.pallas_kernels.tree_attention.common import gpu_core_count
 
     cores = num_cores or (132 if interpret else gpu_core_count())
-    return gpu.matvec_gpu(x_MK, w_KN, block_sizes=block_sizes or BlockSizes(),
+    return gpu.matvec_gpu(x_MK, w, block_sizes=block_sizes or BlockSizes(),
                           interpret=interpret, num_cores=cores)

@@ -1,9 +1,10 @@
-"""x [M, K] @ w [K, N] for a few rows (a decode step's tokens) as a Triton-lowered Pallas
-kernel: split-K, streaming the weights once.
+"""x [M, K] @ w [K, N] (or each of G matrices, w [G, K, N]) for a few rows (a decode step's
+tokens) as a Triton-lowered Pallas kernel: split-K, streaming the weights once.
 
-Grid (N / block_n, num_splits): program (j, s) multiplies the rows by the weight tile
-[K / num_splits, block_n] of columns j and split s, `block_k` weight rows per step, and
-writes an fp32 partial [rows, block_n]; the partials of the splits are summed by XLA, which
+Grid (G, N / block_n, num_splits): program (g, j, s) multiplies the rows by the tile
+[K / num_splits, block_n] of matrix g's columns j and split s, `block_k` weight rows per
+step, and writes an fp32 partial [rows, block_n]; the partials of the splits are summed by
+XLA, which
 fuses that sum into whatever consumes the product. The rows go through the matrix units
 padded to their 16-row tile (the weights' bytes, not the arithmetic, are the cost); one row
 (decode at batch 1) is broadcast to the 16 inside the kernel instead, so no pad kernel runs
@@ -42,10 +43,12 @@ class BlockSizes:
     num_stages: int = 4
 
 
-def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132) -> int:
+def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132,
+                       groups: int = 1) -> int:
     """The fewest splits (a power of two, each at least two `block_k` steps long and dividing
-    K evenly) that give two programs per multiprocessor, or the most that qualify."""
-    tiles = N // sizes.block_n
+    K evenly) that give two programs per multiprocessor over the `groups` matrices, or the
+    most that qualify."""
+    tiles = groups * (N // sizes.block_n)
     best = 1
     splits = 1
     while K % (splits * sizes.block_k) == 0 and K // splits >= 2 * sizes.block_k:
@@ -91,13 +94,15 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, precision):
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "num_cores"))
-def matvec_gpu(x_MK, w_KN, *, block_sizes: BlockSizes, interpret: bool = False,
+def matvec_gpu(x_MK, w, *, block_sizes: BlockSizes, interpret: bool = False,
                num_cores: int = 132):
-    """See `jaxdec.pallas_kernels.matvec.matvec` (impl=TRITON): [M, N] fp32."""
+    """See `jaxdec.pallas_kernels.matvec.matvec` (impl=TRITON): [M, N] fp32 for w [K, N],
+    [G, M, N] for w [G, K, N]."""
     M, K = x_MK.shape
-    N = w_KN.shape[1]
+    w_GKN = w if w.ndim == 3 else w[None]  # one matrix: a group of one (a free reshape)
+    G, _, N = w_GKN.shape
     bn, bk = block_sizes.block_n, block_sizes.block_k
-    splits = block_sizes.num_splits or default_num_splits(K, N, block_sizes, num_cores)
+    splits = block_sizes.num_splits or default_num_splits(K, N, block_sizes, num_cores, G)
     reason = check_config(M, K, N, block_sizes, splits)
     if reason:
         raise ValueError(reason)
@@ -108,14 +113,15 @@ def matvec_gpu(x_MK, w_KN, *, block_sizes: BlockSizes, interpret: bool = False,
     partials = pl.pallas_call(
         functools.partial(_kernel, block_k=bk, precision=(
             (jax.lax.Precision.HIGHEST,) * 2 if x_MK.dtype == jnp.float32 else None)),
-        grid=(N // bn, splits),
-        in_specs=[pl.BlockSpec((rows, chunk), lambda j, s: (0, s)),
-                  pl.BlockSpec((chunk, bn), lambda j, s: (s, j))],
-        out_specs=pl.BlockSpec((None, rows, bn), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, N), jnp.float32),
+        grid=(G, N // bn, splits),
+        in_specs=[pl.BlockSpec((rows, chunk), lambda g, j, s: (0, s)),
+                  pl.BlockSpec((None, chunk, bn), lambda g, j, s: (g, s, j))],
+        out_specs=pl.BlockSpec((None, None, rows, bn), lambda g, j, s: (s, g, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((splits, G, rows, N), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                              num_stages=block_sizes.num_stages),
         interpret=interpret,
         name="matvec",
-    )(x, w_KN)
-    return partials.sum(axis=0)[:M]
+    )(x, w_GKN)
+    out = partials.sum(axis=0)[:, :M]
+    return out if w.ndim == 3 else out[0]
