@@ -156,6 +156,9 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     restored = loop.Checkpoints(str(tmp_path)).restore(state)
     assert int(restored["step"]) == 4
     np.testing.assert_array_equal(restored["params"]["w"], 4)
+    other = {"step": jnp.int32(0), "params": {"w": jnp.zeros(4)}}  # e.g. another layout
+    with pytest.raises(ValueError, match="step 4 in .* holds arrays of other shapes"):
+        loop.Checkpoints(str(tmp_path)).restore(other)
 
 
 def test_cross_entropy_matches_optax_values_and_gradients():

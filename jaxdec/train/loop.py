@@ -190,8 +190,17 @@ class Checkpoints:
         """The latest checkpoint, with the structure, dtypes and shardings of `like`."""
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-        return self.manager.restore(self.latest_step(),
-                                    args=self._ocp.args.StandardRestore(target))
+        step = self.latest_step()
+        try:
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        except ValueError as e:
+            if "shape" not in str(e):
+                raise
+            raise ValueError(
+                f"the checkpoint of step {step} in {self.manager.directory} holds arrays of "
+                "other shapes than this run's train state (another model config, or a jaxdec "
+                "whose parameter layout differed: gate_up is [2, E, F] since it was [E, 2, "
+                f"F]); start the run in a new directory. orbax: {e}") from e
 
     def close(self) -> None:
         self.manager.wait_until_finished()
