@@ -97,15 +97,14 @@ def dense(x, weight, matmul: MatmulImpl = MatmulImpl.XLA, subscripts: str | None
     K = x.shape[-1]
     lead = weight.ndim - 1 if subscripts is None else 1
     out_axes = weight.shape[lead:]
-    if math.prod(weight.shape[:lead]) == K and _takes_matvec(x, weight, math.prod(out_axes), matmul):
+    N = math.prod(out_axes)
+    if math.prod(weight.shape[:lead]) == K and _takes_matvec(x, weight, N, matmul):
         out = matvec.matvec(x.reshape(-1, K), weight.reshape(K, -1), impl=matvec.Impl.TRITON,
                             interpret=matmul is MatmulImpl.PALLAS_INTERPRET)
         return out.reshape(*x.shape[:-1], *out_axes)
     if subscripts is not None:
         return jnp.einsum(subscripts, x, weight, preferred_element_type=jnp.float32)
-    flat = weight.reshape(K, math.prod(out_axes))
-    tokens = math.prod(x.shape[:-1])
-    out = jnp.dot(x.reshape(tokens, K), flat, preferred_element_type=jnp.float32)
+    out = jnp.dot(x.reshape(-1, K), weight.reshape(K, N), preferred_element_type=jnp.float32)
     return out.reshape(*x.shape[:-1], *out_axes)
 
 
@@ -225,10 +224,12 @@ def gate_up_product(x_BTE, gate_up_2EF, inv_rms_BT1=None, matmul: MatmulImpl = M
     broadcast to it): gate|up stacked on the axis before F ([E, 2, F]) was one plain matmul,
     but libtpu tiles the two minor axes of a weight, (2, F), and copied every layer's weight
     into another order where a product of many rows wanted it, keeping the copies through the
-    program (Llama-3-8B shapes on one v6e chip at batch 16: 7 of its 11 GiB of temporaries).
-    [2, E, F] is what it tiles as it is; an H100 compile runs the batched product as one
-    matmul kernel reading the weight in place, as it ran [E, 2, F]'s. With `matmul` PALLAS
-    the matrix-vector kernel takes both matrices in one launch."""
+    program. [2, E, F] is what it tiles as it is: the Llama-3-8B decode program on one v6e
+    chip at batch 16 went from 10.6 to 4.0 GiB of temporaries, and the Llama-3-70B one fits a
+    v5e-16 at batch 16 (`bench/results/tpu-compile.md`). An H100 compile runs the batched
+    product as one matmul kernel reading the weight in place, as it ran [E, 2, F]'s (the same
+    kernels per decode layer at batch 1 and 16). With `matmul` PALLAS the matrix-vector
+    kernel takes both matrices in one launch."""
     B, T, E = x_BTE.shape
     F = gate_up_2EF.shape[-1]
     if _takes_matvec(x_BTE, gate_up_2EF, F, matmul, groups=2):
