@@ -6,6 +6,7 @@
                     [--dtype D] [--seed S]
                     [--draft DIR | --prompt-lookup | --retrieval CORPUS] [--tree SPEC]
                     [--stream] [--chat [--system TEXT]]
+                    [--distributed | --coordinator HOST:PORT --num-processes N --process-id I]
     jaxdec chat --model DIR [--system TEXT] [--max-context N] [--max-new-tokens N]
                 [sampling and speculative options as for generate]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
@@ -58,6 +59,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the text as it is produced (a host round trip every step, "
                      "included in the tokens/s)")
     _decoding_options(gen, max_new_tokens=64)
+    cluster = gen.add_argument_group(
+        "several processes (a multi-host TPU slice or GPU cluster: the same command on every "
+        "host, one mesh over all their devices; process 0 prints)")
+    cluster.add_argument("--distributed", action="store_true",
+                         help="join the other processes (jax.distributed.initialize), which "
+                         "are found from the cluster: a Cloud TPU slice, SLURM, Open MPI, "
+                         "Kubernetes, or JAX_COORDINATOR_ADDRESS")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                         help="process 0's address (implies --distributed; with "
+                         "--num-processes and --process-id, for clusters jax does not detect)")
+    cluster.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
+    cluster.add_argument("--process-id", type=int, default=None, metavar="I")
 
     chat = commands.add_parser(
         "chat", help="talk to an instruction-tuned checkpoint (its chat template), turn by turn",
@@ -172,9 +185,13 @@ def _generate(args) -> None:
 
     import jaxdec
 
+    distributed = _join_processes(args)  # before anything starts jax's backends
     sampler, topology = _decoding_settings(args)  # checked before loading anything
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
+    if distributed and args.prompt_file == "-":
+        raise ValueError("--prompt-file -: several processes cannot share standard input; "
+                         "give every process the prompt (--prompt, or a file each can read)")
     text, echo, source = _prompt_text(args)
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
@@ -195,9 +212,12 @@ def _generate(args) -> None:
                   stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
                   return_timings=True)
     drafter = _drafter(args, model)
+    # Every process runs the program; process 0 prints (a stream's calls come to the process
+    # holding the mesh's first device: process 0's, as jax orders devices by process).
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     stream = None
     if args.stream:
-        print(echo, end="", flush=True)
+        say(echo, end="", flush=True)
         stream = jaxdec.TextStream(model.tokenizer)
     started = time.perf_counter()
     if drafter is None:
@@ -208,10 +228,10 @@ def _generate(args) -> None:
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     if stream is None:
-        print(echo + model.tokenizer.decode(tokens))
+        say(echo + model.tokenizer.decode(tokens))
     else:
         stream.close()
-        print(flush=True)
+        say(flush=True)
     rate = result.decode_tokens_per_s
     facts = [f"{len(tokens)} tokens",
              f"{rate:.1f} tokens/s decode" if rate is not None else "decode: 1 token"]
@@ -219,7 +239,33 @@ def _generate(args) -> None:
         facts.append(f"{result.stats.tau:.2f} tokens per target forward")
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
-    print("[" + ", ".join(facts) + "]")
+    if distributed:
+        facts.append(f"{jax.process_count()} processes, {mesh.devices.size} devices")
+    say("[" + ", ".join(facts) + "]")
+
+
+def _join_processes(args) -> bool:
+    """`jax.distributed.initialize` as the cluster options ask (True), or nothing (False)."""
+    import jax
+
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and explicit == (None, None, None):
+        return False
+    if args.coordinator is not None and None in explicit:
+        raise ValueError("--coordinator needs --num-processes and --process-id (the same "
+                         "--num-processes everywhere, --process-id 0 to N - 1)")
+    if args.process_id is not None and args.num_processes is not None and not (
+            0 <= args.process_id < args.num_processes):
+        raise ValueError(f"--process-id must be in [0, {args.num_processes}), "
+                         f"got {args.process_id}")
+    try:
+        jax.distributed.initialize(*explicit)
+    except ValueError as e:
+        raise ValueError(
+            f"--distributed: {e} jax found no cluster to read the processes from (a Cloud "
+            "TPU slice, SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS): give "
+            "--coordinator, --num-processes and --process-id") from e
+    return True
 
 
 def _decoding_settings(args):

@@ -3,6 +3,7 @@ processes on this machine's CPU (gloo collectives), two devices each, one mesh o
 Loading, every generation method, streaming and export give what one process gives."""
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -99,3 +100,47 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
             with open(os.path.join(export, name)) as a, open(os.path.join(expected, name)) as b:
                 assert a.read() == b.read(), name
 
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_over_two_processes(tokenized_checkpoint, capsys, stream):
+    """`jaxdec generate --coordinator ...` in two processes, tp 4 over both: process 0 prints
+    what one process prints on a tp 4 mesh of its own; process 1 prints nothing."""
+    from jaxdec.cli import main
+
+    args = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+            "--max-new-tokens", "6", "--ignore-eos", "--tp", "4", "--temperature", "0.7",
+            "--seed", "2"] + ["--stream"] * stream
+    port = str(_free_port())
+    env = dict(user_env(), JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "jaxdec.cli", *args, "--coordinator", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [worker.communicate(timeout=300) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for i, (worker, (_, err)) in enumerate(zip(workers, outputs)):
+        assert worker.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+    assert main(args) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    # gloo's C++ logs its connections to standard output (from threads: pieces of its lines
+    # interleave), all before jaxdec prints
+    got_text, got_stats = outputs[0][0].splitlines()[-2:]
+    assert got_text == text and "6 tokens" in got_stats, outputs[0][0]
+    assert "2 processes, 4 devices" in got_stats
+    assert "tokens" not in outputs[1][0] and text not in outputs[1][0], outputs[1][0]
+
+
+def test_cli_cluster_options_are_checked(tokenized_checkpoint, capsys):
+    from jaxdec.cli import main
+
+    base = ["generate", "--model", tokenized_checkpoint, "--prompt", "x"]
+    for extra, message in ((["--coordinator", "localhost:1"], "needs --num-processes"),
+                           (["--coordinator", "localhost:1", "--num-processes", "2",
+                             "--process-id", "2"], r"--process-id must be in \[0, 2\)")):
+        assert main(base + extra) == 2
+        assert re.search(message, capsys.readouterr().err)
