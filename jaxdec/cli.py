@@ -11,7 +11,7 @@
                 [sampling and speculative options as for generate]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
-                 [--repeats N] [--json PATH]
+                 [--repeats N] [--json PATH] [--distributed | --coordinator ... (as generate)]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
     jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
@@ -59,18 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="print the text as it is produced (a host round trip every step, "
                      "included in the tokens/s)")
     _decoding_options(gen, max_new_tokens=64)
-    cluster = gen.add_argument_group(
-        "several processes (a multi-host TPU slice or GPU cluster: the same command on every "
-        "host, one mesh over all their devices; process 0 prints)")
-    cluster.add_argument("--distributed", action="store_true",
-                         help="join the other processes (jax.distributed.initialize), which "
-                         "are found from the cluster: a Cloud TPU slice, SLURM, Open MPI, "
-                         "Kubernetes, or JAX_COORDINATOR_ADDRESS")
-    cluster.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                         help="process 0's address (implies --distributed; with "
-                         "--num-processes and --process-id, for clusters jax does not detect)")
-    cluster.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
-    cluster.add_argument("--process-id", type=int, default=None, metavar="I")
+    _cluster_options(gen)
 
     chat = commands.add_parser(
         "chat", help="talk to an instruction-tuned checkpoint (its chat template), turn by turn",
@@ -112,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=3,
                        help="timed runs after one warm-up (the median is reported; default 3)")
     bench.add_argument("--json", metavar="PATH", help="also write the records to this file")
+    _cluster_options(bench)
 
     demo = commands.add_parser("demo", help="train (once) and run jaxdec's demo models")
     demo.add_argument("--preset", default=None,
@@ -138,6 +128,21 @@ def _parser() -> argparse.ArgumentParser:
         again.add_argument("--resume", action="store_true", help="continue the run in --out")
         again.add_argument("--force", action="store_true", help="delete the run in --out first")
     return parser
+
+
+def _cluster_options(command: argparse.ArgumentParser) -> None:
+    cluster = command.add_argument_group(
+        "several processes (a multi-host TPU slice or GPU cluster: the same command on every "
+        "host, one mesh over all their devices; process 0 prints)")
+    cluster.add_argument("--distributed", action="store_true",
+                         help="join the other processes (jax.distributed.initialize), which "
+                         "are found from the cluster: a Cloud TPU slice, SLURM, Open MPI, "
+                         "Kubernetes, or JAX_COORDINATOR_ADDRESS")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                         help="process 0's address (implies --distributed; with "
+                         "--num-processes and --process-id, for clusters jax does not detect)")
+    cluster.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
+    cluster.add_argument("--process-id", type=int, default=None, metavar="I")
 
 
 def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -397,10 +402,13 @@ def _bench(args) -> None:
     from jaxdec.model import param_dtype
     from jaxdec.parallel import check_divisibility
 
+    distributed = _join_processes(args)  # before anything starts jax's backends
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
     benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
     mesh = jaxdec.make_mesh(tp=args.tp)
+    # Every process measures and decodes; process 0 prints and writes --json.
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
     if args.model:
         directory = checkpoint_dir(args.model)
         config = jaxdec.ModelConfig.from_hf(directory)
@@ -422,18 +430,19 @@ def _bench(args) -> None:
         what = f"{name}, random {param_dtype(model)} weights"
     model = model.with_attention(args.attention)
     devices = jax.devices()[0]
-    print(f"jaxdec bench: {what}; {mesh.devices.size} x {devices.device_kind} "
-          f"({devices.platform}), jax {jax.__version__}")
-    print("memory bandwidth measured per device: "
-          + ", ".join(f"{name} {gbps:.0f} GB/s" for name, gbps in bandwidths.items())
-          + " (the limit: the larger, times the devices)", flush=True)
+    hosts = f" in {jax.process_count()} processes" if distributed else ""
+    say(f"jaxdec bench: {what}; {mesh.devices.size} x {devices.device_kind} "
+        f"({devices.platform}){hosts}, jax {jax.__version__}")
+    say("memory bandwidth measured per device: "
+        + ", ".join(f"{name} {gbps:.0f} GB/s" for name, gbps in bandwidths.items())
+        + " (the limit: the larger, times the devices)", flush=True)
     records = benchmark.decode_speed(
         model, args.batch_sizes, context=args.context, new_tokens=args.new_tokens,
         repeats=args.repeats, bandwidth_gbps=max(bandwidths.values()))
-    print(benchmark.format_table(records))
-    print("tokens/s: decode tokens over all rows; GB/step: the weights and KV cache a step "
-          "must read; of limit: their rate over the bandwidth limit")
-    if args.json:
+    say(benchmark.format_table(records))
+    say("tokens/s: decode tokens over all rows; GB/step: the weights and KV cache a step "
+        "must read; of limit: their rate over the bandwidth limit")
+    if args.json and jax.process_index() == 0:
         for record in records:
             record.update(model=what, bandwidths_gbps=bandwidths)
         tmp = f"{args.json}.tmp"

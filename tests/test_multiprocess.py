@@ -102,20 +102,14 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
 
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_cli_generate_over_two_processes(tokenized_checkpoint, capsys, stream):
-    """`jaxdec generate --coordinator ...` in two processes, tp 4 over both: process 0 prints
-    what one process prints on a tp 4 mesh of its own; process 1 prints nothing."""
-    from jaxdec.cli import main
-
-    args = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
-            "--max-new-tokens", "6", "--ignore-eos", "--tp", "4", "--temperature", "0.7",
-            "--seed", "2"] + ["--stream"] * stream
+def _cli_in_two_processes(args_of) -> list[str]:
+    """`jaxdec` (`python -m jaxdec.cli`) in two processes joined by --coordinator, two CPU
+    devices each; `args_of(i)`: process i's arguments. Their standard outputs."""
     port = str(_free_port())
     env = dict(user_env(), JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     workers = [subprocess.Popen(
-        [sys.executable, "-m", "jaxdec.cli", *args, "--coordinator", f"localhost:{port}",
+        [sys.executable, "-m", "jaxdec.cli", *args_of(i), "--coordinator", f"localhost:{port}",
          "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -125,14 +119,40 @@ def test_cli_generate_over_two_processes(tokenized_checkpoint, capsys, stream):
             worker.kill()
     for i, (worker, (_, err)) in enumerate(zip(workers, outputs)):
         assert worker.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
-    assert main(args) == 0
-    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
     # gloo's C++ logs its connections to standard output (from threads: pieces of its lines
     # interleave), all before jaxdec prints
-    got_text, got_stats = outputs[0][0].splitlines()[-2:]
-    assert got_text == text and "6 tokens" in got_stats, outputs[0][0]
+    return [out for out, _ in outputs]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cli_generate_over_two_processes(tokenized_checkpoint, capsys, stream):
+    """`jaxdec generate --coordinator ...` in two processes, tp 4 over both: process 0 prints
+    what one process prints on a tp 4 mesh of its own; process 1 prints nothing."""
+    from jaxdec.cli import main
+
+    args = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+            "--max-new-tokens", "6", "--ignore-eos", "--tp", "4", "--temperature", "0.7",
+            "--seed", "2"] + ["--stream"] * stream
+    outputs = _cli_in_two_processes(lambda i: args)
+    assert main(args) == 0
+    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    got_text, got_stats = outputs[0].splitlines()[-2:]
+    assert got_text == text and "6 tokens" in got_stats, outputs[0]
     assert "2 processes, 4 devices" in got_stats
-    assert "tokens" not in outputs[1][0] and text not in outputs[1][0], outputs[1][0]
+    assert "tokens" not in outputs[1] and text not in outputs[1], outputs[1]
+
+
+def test_cli_bench_over_two_processes(tokenized_checkpoint, tmp_path):
+    """`jaxdec bench` in two processes, tp 4 over both: process 0 prints the table and writes
+    --json, process 1 neither."""
+    outputs = _cli_in_two_processes(lambda i: [
+        "bench", "--model", tokenized_checkpoint, "--batch-sizes", "2", "--context", "40",
+        "--new-tokens", "4", "--repeats", "1", "--tp", "4", "--json", str(tmp_path / f"{i}.json")])
+    assert "in 2 processes" in outputs[0] and "tokens/s" in outputs[0], outputs[0]
+    assert "tokens" not in outputs[1], outputs[1]
+    (record,) = json.loads((tmp_path / "0.json").read_text())
+    assert record["devices"] == 4 and record["batch"] == 2
+    assert not (tmp_path / "1.json").exists()
 
 
 def test_cli_cluster_options_are_checked(tokenized_checkpoint, capsys):
