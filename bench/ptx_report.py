@@ -164,17 +164,18 @@ def report_matvec(projection: str, rows: int, spec: dict, tiling: dict) -> list[
     from bench.matvec import block_sizes
     from jaxdec.pallas_kernels.matvec import gpu
 
-    K, N = spec["projections"][projection]
-    sizes = block_sizes(tiling, K, N)
+    K, N, *groups = spec["projections"][projection]
+    G = groups[0] if groups else 1
+    sizes = block_sizes(tiling, K, N, G)
     dtype = jnp.dtype(spec["dtype"])
 
     def call(x, w):
         return gpu.matvec_gpu(x, w, block_sizes=sizes)
 
     return _records_of(call, (jax.ShapeDtypeStruct((rows, K), dtype),
-                              jax.ShapeDtypeStruct((K, N), dtype)),
+                              jax.ShapeDtypeStruct((G,) * bool(groups) + (K, N), dtype)),
                        dict(kernel="matvec", projection=projection, rows=rows, K=K, N=N,
-                            tiling=tiling or "default"))
+                            groups=G, tiling=tiling or "default"))
 
 
 def run(preset: str) -> list[dict]:
@@ -405,7 +406,10 @@ def render_markdown(records: list[dict]) -> str:
                   "spills (B) | shared (KiB) | per SM | wgmma | mma.sync | async copies |",
                   "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in products:
-            lines.append(f"| {r['projection']} | {r['rows']} | {r['K']} x {r['N']} | "
+            shape = f"{r['K']} x {r['N']}"
+            if r.get("groups", 1) > 1:
+                shape = f"{r['groups']} x {shape}"
+            lines.append(f"| {r['projection']} | {r['rows']} | {shape} | "
                          f"{_tiling(r)} | {'x'.join(map(str, r['grid']))} | "
                          f"{r['num_warps']} | {r['num_stages']} | " + resources(r, 6))
     spilled = [r for r in records if not r["error"] and r["spill_bytes"]]

@@ -28,6 +28,7 @@ def test_cpu_tiny_preset_compiles_every_program(tmp_path):
     assert "0 failed to compile, 0 spill registers" in table
     assert "| tree_attention_combine |" in table
     assert "| qkv | 1 | 256 x 384 | default |" in table  # the matvec benchmark's cases too
+    assert "| gate_up | 1 | 2 x 256 x 128 | default |" in table  # gate and up: one launch
 
 
 @pytest.mark.parametrize("context,T", [(2048, 1), (4096, 64)])
@@ -65,6 +66,6 @@ def test_matvec_kernel_compiles_without_spills(rows):
                                   jax.ShapeDtypeStruct((4096, 6144), jnp.bfloat16))
         (program,) = programs
         record = ptx_report.compile_program(program, Path(tmp))
-    assert program["grid"] == [48, 8] and record["spill_bytes"] == 0
+    assert program["grid"] == [1, 48, 8] and record["spill_bytes"] == 0  # one matrix
     assert record["mma_sync"] > 0 and record["async_copies"] > 0
     assert record["programs_per_core"] >= 4
