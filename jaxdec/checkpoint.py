@@ -155,8 +155,8 @@ class _Entry(NamedTuple):
     each. Hashable: entries of the same shapes (every layer's) share one compiled conversion.
 
     kind: "vector" (a reshape), "linear" (a transpose), "qkv" (q, k, v weights or biases into
-      the fused [..., K, H/K + 2, D] layout; `heads` = K) or "gate_up" (stacked on a new
-      first axis).
+      the fused layout: weights [E, K (H/K + 2) D], biases [K, H/K + 2, D]; `heads` = K) or
+      "gate_up" (stacked on a new first axis).
     """
 
     hf_names: tuple[str, ...]
@@ -174,8 +174,11 @@ def _to_ours(entry: _Entry, arrays: list, groups: int) -> jax.Array:
         return arrays[0].reshape(shape)
     if kind == "gate_up":
         return jnp.stack(arrays)
-    D = shape[-1]  # qkv: weights [E, out] -> [E, heads, D]; biases [out] -> [heads, D]
-    return llama.group_qkv(*[w.reshape(*w.shape[:-1], -1, D) for w in arrays], groups)
+    # qkv: weights [E, out] -> [E, heads, D], grouped, flattened; biases [out] -> [heads, D],
+    # grouped
+    D = entry.hf_shapes[1][0] // entry.heads  # k: K x D outputs
+    fused = llama.group_qkv(*[w.reshape(*w.shape[:-1], -1, D) for w in arrays], groups)
+    return fused.reshape(*fused.shape[:-3], -1) if len(shape) == 2 else fused
 
 
 def _is_transposed(entry: _Entry, hf_shape: tuple) -> bool:
@@ -201,6 +204,11 @@ def _to_hf(entry: _Entry, array: jax.Array) -> list[jax.Array]:
         return [array.reshape(hf_shapes[0][::-1]).T]
     if kind == "gate_up":
         return [array[0].T, array[1].T]
+    if array.ndim == 2:  # the flat weight [E, R (H/R + 2) D]: its grouped view
+        D = hf_shapes[1][0] // entry.heads  # k: K x D outputs
+        H = hf_shapes[0][0] // D  # q: H x D outputs
+        R = (array.shape[-1] // D - H) // 2
+        array = array.reshape(array.shape[0], R, H // R + 2, D)
     parts = llama.split_qkv(array, entry.heads)
     return [p.reshape(s[::-1]).T for p, s in zip(parts, hf_shapes)]
 
@@ -218,7 +226,8 @@ def _param_table(config: ModelConfig) -> dict[str, _Entry]:
     def qkv(path, names, lead):
         """q, k, v Linear weights (`lead` (E,)) or biases (`lead` ())."""
         shapes = [(n * D,) + lead for n in (H, K, K)]
-        table[path] = _Entry(tuple(names), tuple(shapes), "qkv", lead + (K, H // K + 2, D), K)
+        shape = lead + ((H + 2 * K) * D,) if lead else (K, H // K + 2, D)
+        table[path] = _Entry(tuple(names), tuple(shapes), "qkv", shape, K)
 
     def gate_up(path, names, lead):
         """gate, up Linear weights [F, E] -> [2, E, F] (`lead` (E,)), or biases [F] -> [2, F]."""

@@ -143,7 +143,7 @@ def init_model(
     for (path, shape), sharding, k in zip(flat, shardings, keys):
         name = jax.tree_util.keystr(path)
         zero_from = _padded_vocab_axis(name, shape, config.vocab_size)
-        regroup = (config.num_kv_heads, groups) if fam.is_grouped(name) and \
+        regroup = (config, groups, name[name.rindex("["):]) if fam.is_grouped(name) and \
             groups != config.num_kv_heads else None
         draw = _leaf_program(fam, fam.leaf_kind(name), shape, jnp.dtype(dtype), float(std),
                              sharding, zero_from, regroup)
@@ -162,9 +162,10 @@ def _padded_vocab_axis(name: str, shape: tuple, vocab_size: int) -> tuple[int, i
 
 @functools.lru_cache(maxsize=None)
 def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zero_from,
-                  regroup: tuple[int, int] | None):
+                  regroup: tuple | None):
     """One leaf's draw, compiled once per distinct (kind, shape, sharding, ...); `regroup`:
-    (KV heads, groups) for a qkv leaf whose mesh layout differs from one device's."""
+    (config, groups, the leaf's last key) for a qkv leaf whose mesh layout differs from one
+    device's."""
     def draw(k):
         x = fam.init_leaf(kind, shape, k, dtype=dtype, std=std)
         if zero_from is not None:
@@ -172,7 +173,8 @@ def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zer
             keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis) < size
             x = jnp.where(keep, x, jnp.zeros((), dtype))
         if regroup is not None:
-            x = fam.group_qkv(*fam.split_qkv(x, regroup[0]), regroup[1])
+            config, groups, name = regroup
+            x = fam.regroup(name, x, config, groups)
         return x
 
     return jax.jit(draw, out_shardings=sharding)

@@ -148,6 +148,7 @@ def rules(mesh: Mesh, config) -> dict[str, str | None]:
         "q_heads": tp,
         "kv_groups": tp,  # max(K, tp) groups of the fused qkv projection: whole groups a shard
         "qkv_slot": None,
+        "qkv_columns": tp,  # the flat qkv weight's R (H/R + 2) D columns: whole groups a shard
         "cache_heads": tp,
         "head_dim": None,
         "gate_up": None,

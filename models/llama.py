@@ -4,7 +4,7 @@ Params (global shapes; `layers` is a list so the decode loop reads each layer's 
 place, see PITFALLS):
 
     embed       [V, E]            vocab-parallel rows
-    layers[i]   attn_norm [E], qkv [E, R, H/R + 2, D], o [H, D, E],
+    layers[i]   attn_norm [E], qkv [E, R (H/R + 2) D], o [H, D, E],
                 (qkv_bias [R, H/R + 2, D], o_bias [E]),
                 mlp_norm [E], gate_up [2, E, F], down [F, E],
                 (gate_up_bias [2, F], down_bias [E])
@@ -14,11 +14,17 @@ place, see PITFALLS):
 The query, key and value projections are one matrix, in R = max(K, tp) groups (`kv_groups`):
 group r holds query heads [r H/R, (r + 1) H/R), then the key and the value of the KV head
 those heads read; when tp exceeds the KV heads, each KV head's projection is repeated in
-tp / K groups, so every shard holds whole groups. The gate and up projections are one matrix
-too ([2, E, F]: gate, then up; `L.gate_up_product`). One matrix is one matmul: a decode step
-at batch 1 ran q and k|v (and gate and up) as separate kernels, k|v as a reduction at 60% of
-the memory bandwidth.
-`group_qkv` / `split_qkv` convert to and from separate q, k, v (checkpoints, other meshes).
+tp / K groups, so every shard holds whole groups. The weight is stored flat,
+[E, R (H/R + 2) D] (the groups' columns in order: a tp shard's are whole groups), and its
+product viewed as [..., R, H/R + 2, D] (`qkv_view`): libtpu tiles an array's two minor axes,
+and copied a [E, R, H/R + 2, D] weight (minor axes (H/R + 2, D)) into another order for
+products of many rows, keeping every layer's copy through the program (1.6 GiB of the
+Llama-3-8B decode program's temporaries at batch 16 on one v6e chip); a GPU reads either as
+the same matrix. The gate and up projections are one array too ([2, E, F]: gate, then up;
+`L.gate_up_product`). One matrix is one matmul: a decode step at batch 1 ran q and k|v (and
+gate and up) as separate kernels, k|v as a reduction at 60% of the memory bandwidth.
+`group_qkv` / `split_qkv` convert to and from separate q, k, v (checkpoints, other meshes;
+on the grouped view).
 
 `forward` is written per tensor-parallel shard: it sees its local heads / MLP columns /
 vocabulary rows and reduces with `psum` over the "tp" mesh axis. Run it through
@@ -47,7 +53,7 @@ def param_axes(config: ModelConfig) -> dict:
     def layer():
         axes = {
             "attn_norm": ("embed",),
-            "qkv": ("embed", "kv_groups", "qkv_slot", "head_dim"),
+            "qkv": ("embed", "qkv_columns"),
             "o": ("q_heads", "head_dim", "embed"),
             "mlp_norm": ("embed",),
             "gate_up": ("gate_up", "embed", "mlp"),
@@ -88,7 +94,7 @@ def param_shapes(config: ModelConfig, *, vocab_size: int | None = None,
                          f"the {H} query heads")
     V = vocab_size or config.vocab_size
     sizes = {"vocab": V, "embed": E, "q_heads": H, "kv_groups": R, "qkv_slot": H // R + 2,
-             "head_dim": D, "gate_up": 2, "mlp": F}
+             "head_dim": D, "qkv_columns": R * (H // R + 2) * D, "gate_up": 2, "mlp": F}
     return jax.tree.map(
         lambda axes: tuple(sizes[a] for a in axes), param_axes(config),
         is_leaf=lambda x: isinstance(x, tuple),
@@ -117,6 +123,13 @@ def split_qkv(qkv, kv_heads: int):
     return q, qkv[..., ::every, per, :], qkv[..., ::every, per + 1, :]
 
 
+def qkv_view(w, config: ModelConfig):
+    """The flat qkv weight [..., R (H/R + 2) D] (any R) viewed as [..., R, H/R + 2, D]."""
+    H, D = config.num_heads, config.head_dim
+    R = (w.shape[-1] // D - H) // 2  # R (H/R + 2) D = (H + 2R) D
+    return w.reshape(*w.shape[:-1], R, H // R + 2, D)
+
+
 def is_grouped(name: str) -> bool:
     """Whether a parameter (by its keystr path) is laid out in qkv groups."""
     return name.endswith(("['qkv']", "['qkv_bias']"))
@@ -125,9 +138,14 @@ def is_grouped(name: str) -> bool:
 def regroup(name: str, x, config: ModelConfig, groups: int, xp=jnp):
     """A parameter (by its keystr path) in the layout of `groups` qkv groups (unchanged for
     every parameter but qkv and its bias, and when already there)."""
-    if not is_grouped(name) or x.shape[-3] == groups:
+    if not is_grouped(name):
         return x
-    return group_qkv(*split_qkv(x, config.num_kv_heads), groups, xp=xp)
+    flat = name.endswith("['qkv']")
+    view = qkv_view(x, config) if flat else x
+    if view.shape[-3] == groups:
+        return x
+    out = group_qkv(*split_qkv(view, config.num_kv_heads), groups, xp=xp)
+    return out.reshape(*out.shape[:-3], -1) if flat else out
 
 
 def init_params(
@@ -186,13 +204,14 @@ def _embed_lookup(embed_VE: jax.Array, tokens_BT: jax.Array) -> jax.Array:
 
 
 def _attention_block(layer: dict, x_BTE, inv_rms_BT1, positions_BT, kv_entry, lengths_B,
-                     mask_BTT, *, config: ModelConfig, window, inv_freq, impl,
+                     mask_BTT, *, config: ModelConfig, slots: int, window, inv_freq, impl,
                      matmul=L.MatmulImpl.XLA, fresh: bool = False, prefill: bool = False):
     """x_BTE and inv_rms_BT1: the attention norm's output (`L.pre_projection_norm`). This
-    shard's qkv groups give its query heads and the KV head(s) they read. `fresh`: the cache
-    is empty before these tokens, so they attend to their own keys and values (as with no
-    cache), which are still written to it."""
-    qkv = L.project("bte,ergd->btrgd", x_BTE, layer["qkv"], inv_rms_BT1, matmul)
+    shard's qkv groups (`slots` = H/R + 2 columns of D each) give its query heads and the KV
+    head(s) they read. `fresh`: the cache is empty before these tokens, so they attend to
+    their own keys and values (as with no cache), which are still written to it."""
+    qkv = L.project("bte,en->btn", x_BTE, layer["qkv"], inv_rms_BT1, matmul)
+    qkv = qkv.reshape(*qkv.shape[:2], -1, slots, config.head_dim)
     if "qkv_bias" in layer:
         qkv = qkv + layer["qkv_bias"][None, None]
     B, T, R, slots, D = qkv.shape
@@ -275,6 +294,7 @@ def forward(
        hidden [B, T, E] after the final norm, the updated cache or None).
     """
     inv_freq = L.rope_inv_freq(config.rope, config.head_dim)
+    slots = config.num_heads // kv_groups(config, tp) + 2
     x = _embed_lookup(params["embed"], tokens_BT)
     lengths = None if cache is None else cache.lengths
     new_entries = []
@@ -283,7 +303,7 @@ def forward(
         h, inv_rms = L.pre_projection_norm(x, layer["attn_norm"], config.rms_norm_eps)
         attn, entry = _attention_block(
             layer, h, inv_rms, positions_BT, entry, lengths, mask_BTT,
-            config=config, window=config.layer_windows[i], inv_freq=inv_freq,
+            config=config, slots=slots, window=config.layer_windows[i], inv_freq=inv_freq,
             impl=attention, matmul=matmul, fresh=fresh, prefill=prefill,
         )
         x = x + attn

@@ -13,6 +13,7 @@ import transformers
 
 import jaxdec
 from jaxdec.checkpoint import CheckpointError
+from jaxdec.models import llama
 from hf_models import VARIANTS, make_tokenizer
 
 
@@ -147,8 +148,8 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
 def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=2))
     qkv = model.params["layers"][0]["qkv"]  # 2 groups (KV heads) of 4 query heads + k + v
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None, None)
-    assert qkv.addressable_shards[0].data.shape == (64, 1, 6, 8)
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "tp")  # flat: whole groups
+    assert qkv.addressable_shards[0].data.shape == (64, 1 * 6 * 8)
     # 97 rows do not split two ways: the vocabulary is padded with zero rows.
     assert model.params["embed"].shape == (98, 64)
     np.testing.assert_array_equal(np.asarray(model.params["embed"][97]), 0)
@@ -161,7 +162,7 @@ def test_export_from_more_shards_than_kv_heads(hf_checkpoints, loaded, tmp_path)
     """At tp = 4 > K = 2 each KV head's projection sits in two qkv groups; the export writes
     each once, and the checkpoint reloads as it was."""
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=jaxdec.make_mesh(tp=4))
-    assert model.params["layers"][0]["qkv"].shape[1] == 4
+    assert llama.qkv_view(model.params["layers"][0]["qkv"], model.config).shape[1] == 4
     out = jaxdec.save_pretrained(model, tmp_path / "export")
     _params_equal(jaxdec.load_pretrained(out).params, loaded("llama-gqa").params)
 

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 import jaxdec
+from jaxdec.models import llama
 
 PROMPTS = [[5, 9, 31, 2, 77], [40, 41], [3, 8, 19, 60, 61, 62, 11, 4, 90]]
 
@@ -59,9 +60,10 @@ def test_params_are_split_by_heads(hf_checkpoints):
     layer = model.params["layers"][0]
     # 4 qkv groups for 2 KV heads (tp = 4 > K): a shard's group is its 2 query heads, then
     # the key and value of the KV head they read, which two groups repeat.
-    assert layer["qkv"].shape == (64, 4, 2 + 2, 8)
-    assert layer["qkv"].addressable_shards[0].data.shape == (64, 1, 4, 8)
-    qkv = np.asarray(layer["qkv"])
+    assert layer["qkv"].shape == (64, 4 * (2 + 2) * 8)  # flat: [E, R (H/R + 2) D]
+    assert layer["qkv"].addressable_shards[0].data.shape == (64, 1 * 4 * 8)
+    qkv = np.asarray(llama.qkv_view(layer["qkv"], model.config))
+    assert qkv.shape == (64, 4, 2 + 2, 8)
     np.testing.assert_array_equal(qkv[:, 0, 2:], qkv[:, 1, 2:])
     np.testing.assert_array_equal(qkv[:, 2, 2:], qkv[:, 3, 2:])
     assert layer["o"].addressable_shards[0].data.shape == (2, 8, 64)
@@ -192,7 +194,7 @@ def test_init_model_draws_the_familys_params_leaf_by_leaf(tp):
                for a, b in zip(jax.tree.leaves(typed.params), jax.tree.leaves(model.params)))
     # Placed sharded: each device holds its 4 / tp of the 4 query heads (its qkv groups).
     assert model.params["layers"][0]["qkv"].addressable_shards[0].data.shape == (
-        (32, 1, 4, 8) if tp == 2 else (32, 1, 3, 8))
+        (32, 1 * 4 * 8) if tp == 2 else (32, 1 * 3 * 8))
 
 
 def test_qkv_groups_hand_computed():

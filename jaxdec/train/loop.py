@@ -198,9 +198,9 @@ class Checkpoints:
                 raise
             raise ValueError(
                 f"the checkpoint of step {step} in {self.manager.directory} holds arrays of "
-                "other shapes than this run's train state (another model config, or a jaxdec "
-                "whose parameter layout differed: gate_up is [2, E, F] since it was [E, 2, "
-                f"F]); start the run in a new directory. orbax: {e}") from e
+                "other shapes than this run's train state (another model config, or an older "
+                "jaxdec, whose gate_up was [E, 2, F] and qkv [E, R, H/R + 2, D]); start the "
+                f"run in a new directory. orbax: {e}") from e
 
     def close(self) -> None:
         self.manager.wait_until_finished()
