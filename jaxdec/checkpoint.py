@@ -205,10 +205,8 @@ def _to_hf(entry: _Entry, array: jax.Array) -> list[jax.Array]:
     if kind == "gate_up":
         return [array[0].T, array[1].T]
     if array.ndim == 2:  # the flat weight [E, R (H/R + 2) D]: its grouped view
-        D = hf_shapes[1][0] // entry.heads  # k: K x D outputs
-        H = hf_shapes[0][0] // D  # q: H x D outputs
-        R = (array.shape[-1] // D - H) // 2
-        array = array.reshape(array.shape[0], R, H // R + 2, D)
+        D = hf_shapes[1][0] // entry.heads  # k: K x D outputs, q: H x D
+        array = llama.qkv_view(array, hf_shapes[0][0] // D, D)
     parts = llama.split_qkv(array, entry.heads)
     return [p.reshape(s[::-1]).T for p, s in zip(parts, hf_shapes)]
 

@@ -225,8 +225,9 @@ def gate_up_product(x_BTE, gate_up_2EF, inv_rms_BT1=None, matmul: MatmulImpl = M
     but libtpu tiles the two minor axes of a weight, (2, F), and copied every layer's weight
     into another order where a product of many rows wanted it, keeping the copies through the
     program. [2, E, F] is what it tiles as it is: the Llama-3-8B decode program on one v6e
-    chip at batch 16 went from 10.6 to 4.0 GiB of temporaries, and the Llama-3-70B one fits a
-    v5e-16 at batch 16 (`bench/results/tpu-compile.md`). An H100 compile runs the batched
+    chip at batch 16 went from 10.6 to 4.0 GiB of temporaries (2.5 with qkv flat too, see
+    `llama`), and the Llama-3-70B one fits a v5e-16 at batch 16
+    (`bench/results/tpu-compile.md`). An H100 compile runs the batched
     product as one matmul kernel reading the weight in place, as it ran [E, 2, F]'s (the same
     kernels per decode layer at batch 1 and 16). With `matmul` PALLAS the matrix-vector
     kernel takes both matrices in one launch."""

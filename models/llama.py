@@ -123,9 +123,10 @@ def split_qkv(qkv, kv_heads: int):
     return q, qkv[..., ::every, per, :], qkv[..., ::every, per + 1, :]
 
 
-def qkv_view(w, config: ModelConfig):
-    """The flat qkv weight [..., R (H/R + 2) D] (any R) viewed as [..., R, H/R + 2, D]."""
-    H, D = config.num_heads, config.head_dim
+def qkv_view(w, num_heads: int, head_dim: int):
+    """The flat qkv weight [..., R (H/R + 2) D] (any R; H = `num_heads`, D = `head_dim`)
+    viewed as [..., R, H/R + 2, D]."""
+    H, D = num_heads, head_dim
     R = (w.shape[-1] // D - H) // 2  # R (H/R + 2) D = (H + 2R) D
     return w.reshape(*w.shape[:-1], R, H // R + 2, D)
 
@@ -141,7 +142,7 @@ def regroup(name: str, x, config: ModelConfig, groups: int, xp=jnp):
     if not is_grouped(name):
         return x
     flat = name.endswith("['qkv']")
-    view = qkv_view(x, config) if flat else x
+    view = qkv_view(x, config.num_heads, config.head_dim) if flat else x
     if view.shape[-3] == groups:
         return x
     out = group_qkv(*split_qkv(view, config.num_kv_heads), groups, xp=xp)

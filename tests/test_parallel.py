@@ -62,7 +62,7 @@ def test_params_are_split_by_heads(hf_checkpoints):
     # the key and value of the KV head they read, which two groups repeat.
     assert layer["qkv"].shape == (64, 4 * (2 + 2) * 8)  # flat: [E, R (H/R + 2) D]
     assert layer["qkv"].addressable_shards[0].data.shape == (64, 1 * 4 * 8)
-    qkv = np.asarray(llama.qkv_view(layer["qkv"], model.config))
+    qkv = np.asarray(llama.qkv_view(layer["qkv"], 8, 8))
     assert qkv.shape == (64, 4, 2 + 2, 8)
     np.testing.assert_array_equal(qkv[:, 0, 2:], qkv[:, 1, 2:])
     np.testing.assert_array_equal(qkv[:, 2, 2:], qkv[:, 3, 2:])
