@@ -53,6 +53,10 @@ _MAX_HEADER_BYTES = 100 * 2**20
 _VOCAB_ROWS = {"model.embed_tokens.weight": 0, "lm_head.weight": 1}
 # Tensors some checkpoints carry that the model recomputes or shares.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What a parameter's tensor may hold: floats of 16 bits or more, cast to the requested dtype.
+# Quantized checkpoints store 8-bit floats or packed integers whose scales sit in other
+# tensors; a cast alone would load them as wrong weights, without an error.
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
 
 
 class CheckpointError(ValueError):
@@ -352,6 +356,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     vocab = parallel.padded_vocab(config, mesh)
     groups = llama.kv_groups(config, parallel.tp_size(mesh))
 
+    _refuse_quantized(directory, tensors, table)
     for entry in table.values():
         for name, shape in zip(entry.hf_names, entry.hf_shapes):
             info = tensors.get(name)
@@ -390,6 +395,29 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
                  chat_template=_chat_template(directory))
+
+
+def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
+                      table: dict[str, _Entry]) -> None:
+    """A CheckpointError for a quantized checkpoint (GPTQ, AWQ, bitsandbytes, FP8, ...):
+    config.json's `quantization_config`, or a parameter tensor that is not a float of 16 bits
+    or more (an FP8 checkpoint's weights would otherwise be cast without their scales)."""
+    quantization = read_json_object(os.path.join(directory, "config.json")).get(
+        "quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise CheckpointError(
+            f"{directory} holds a quantized checkpoint (config.json has a quantization_config"
+            + (f", quant_method={method!r}" if method else "") + "); jaxdec loads float "
+            "weights (float32, bfloat16, float16): use the model's unquantized checkpoint")
+    for entry in table.values():
+        for name in entry.hf_names:
+            info = tensors.get(name)
+            if info is not None and info.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"tensor {name!r} in {directory} is {info.dtype.name}; jaxdec loads float "
+                    "weights (float32, bfloat16, float16), not quantized ones: use the model's "
+                    "unquantized checkpoint")
 
 
 def _chat_template(directory: str):

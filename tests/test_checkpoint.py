@@ -322,3 +322,30 @@ def test_bad_dtype_argument(hf_checkpoints):
         jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="not-a-dtype")
     with pytest.raises(ValueError, match="dtype=int8 is not floating point"):
         jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="int8")
+
+
+def test_quantized_checkpoints_are_refused(hf_checkpoints, tmp_path):
+    """A quantized checkpoint gets an error, never weights cast without their scales."""
+    from safetensors.torch import save_file
+
+    from jaxdec.checkpoint import read_safetensors_index
+
+    source = hf_checkpoints("llama-gqa")[0]
+    declared = _copy(source, tmp_path / "declared")  # as GPTQ, AWQ, bitsandbytes, FP8 export
+    config = json.load(open(os.path.join(declared, "config.json")))
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    json.dump(config, open(os.path.join(declared, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="quantized checkpoint.*quant_method='gptq'"):
+        jaxdec.load_pretrained(declared)
+
+    # FP8 weights with a scale beside them, no quantization_config: the dtype says it.
+    fp8 = _copy(source, tmp_path / "fp8")
+    path = os.path.join(fp8, "model.safetensors")
+    tensors = {k: torch.from_numpy(np.array(v.read()).astype(np.float32))
+               for k, v in read_safetensors_index(path).items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    tensors[name.replace("weight", "weight_scale")] = torch.ones(())
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match=f"'{name}' in .* is float8_e4m3fn"):
+        jaxdec.load_pretrained(fp8)
