@@ -90,10 +90,10 @@ class _LoopState:
     step: jax.Array  # scalar int32: index of the next token to produce
     last_BT: jax.Array  # [B, 1] the last produced token, fed next
     cache: Cache
-    out_BN: jax.Array  # [B, max_new_tokens]
+    out_BN: jax.Array  # [B, N]: N >= the tokens a row may produce (see `_decode`)
     n_gen_B: jax.Array  # [B] tokens produced per row
     done_B: jax.Array  # [B] bool
-    logprobs_BN: jax.Array | None  # [B, max_new_tokens] float32, when asked for
+    logprobs_BN: jax.Array | None  # [B, N] float32, when asked for
 
 
 def _step_keys(row_keys: jax.Array, step: jax.Array) -> jax.Array:
@@ -191,12 +191,15 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logpr
 
 
 def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
-            stream, stream_args=(), first_logprob_B=None):
-    """The decode `lax.while_loop`: runs until every row stopped or produced N tokens.
+            stream, stream_args=(), first_logprob_B=None, limit=None):
+    """The decode `lax.while_loop`: runs until every row stopped or produced `limit` tokens
+    (a traced int of at most N = `max_new_tokens`, the output buffers' static width: one
+    program serves every limit; None: N).
     `stream` is called as stream(*stream_args, step, tokens, active). With `first_logprob_B`
     (the first token's log-probability) the loop records every token's and returns
     (tokens, lengths, logprobs)."""
     B, N = first_B.shape[0], max_new_tokens
+    limit = N if limit is None else limit
     if stop_tokens_BM is None:
         stop_tokens_BM = jnp.full((B, 1), -1, jnp.int32)
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
@@ -210,13 +213,13 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         step=jnp.int32(1), last_BT=first_B[:, None], cache=as_bits(cache) if bits else cache,
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
         n_gen_B=jnp.ones((B,), jnp.int32),
-        done_B=_is_stop(first_B, stop_tokens_BM) | (N <= 1),
+        done_B=_is_stop(first_B, stop_tokens_BM) | (limit <= 1),
         logprobs_BN=None if first_logprob_B is None else
         jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprob_B),
     )
 
     def cond(s: _LoopState):
-        return (s.step < N) & ~jnp.all(s.done_B)
+        return (s.step < limit) & ~jnp.all(s.done_B)
 
     def body(s: _LoopState):
         active = ~s.done_B
@@ -227,7 +230,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         token = jnp.where(active, token, pad_id)
         if stream is not None:
             jax.debug.callback(stream, *stream_args, s.step, token, active, ordered=ordered)
-        done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= N)
+        done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= limit)
         logprobs = s.logprobs_BN
         if logprobs is not None:
             logprob = jnp.where(active, token_logprobs(logits, token[:, None])[:, 0], 0.0)
@@ -362,13 +365,14 @@ def read_timings(stamps) -> dict:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "timed", "logprobs",
+    static_argnames=("capacity", "sampler", "pad_id", "stream", "timed", "logprobs",
                      "continued"),
     donate_argnames=("cache",),
 )
-def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tokens, sampler,
+def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capacity, sampler,
              pad_id, stream, timed, logprobs=False, continued=False):
-    """`generate_padded`, optionally with two host timestamps read from inside the program:
+    """`generate_padded` producing `limit` tokens a row (traced) into buffers of `capacity`
+    columns (`output_capacity`), optionally with two host timestamps read from inside the program:
     the prefill waits on the first, the second waits on the first tokens and the decode loop
     on it (data dependencies both ways, so no ordered effect is needed), and compile and
     dispatch time are excluded. `continued`: the prompts follow the cache's contents (see
@@ -386,10 +390,10 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, *, max_new_tok
         # The decode loop waits on that stamp too: with nothing depending on it, the GPU
         # runtime ran the callback after the loop (decode_s was then ~0, prefill_s the total).
         first = after_clock(stamps[1], first)
-    result = _decode(model, first, cache, row_keys, stop, max_new_tokens=max_new_tokens,
+    result = _decode(model, first, cache, row_keys, stop, max_new_tokens=capacity,
                      sampler=sampler, pad_id=pad_id, stream=stream,
                      stream_args=() if stream_id is None else (stream_id,),
-                     first_logprob_B=first_logprob)
+                     first_logprob_B=first_logprob, limit=limit)
     return result, stamps
 
 
@@ -422,7 +426,8 @@ def generate(
         all rows, or one list per row (a [batch, M] array too).
       pad_id: written after a row stops.
       max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
-        multiple of 8).
+        multiple of 8). The program depends on max_len, not on max_new_tokens: with max_len
+        given, every max_new_tokens it has room for runs one compiled program.
       stream: host function called after each step with (step, tokens[B], active[B]) (numpy
         arrays; the first call, step 0, gets the prefill's tokens): a row's new token, and
         whether the row produced it (a row that stopped gets pad_id and False). The program
@@ -456,18 +461,30 @@ def generate(
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
     key = jax.random.key(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
-        args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
-        settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
-                        stream=dispatch, timed=return_timings, logprobs=return_logprobs)
+        args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id,
+                np.int32(max_new_tokens))
+        settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,
+                        pad_id=pad_id, stream=dispatch, timed=return_timings,
+                        logprobs=return_logprobs)
         if compile_only:
             return _program.lower(*args, **settings).compile()
         (outputs, _), stamps = _program(*args, **settings)
         outputs = jax.block_until_ready(outputs)
-    rows = slice(0, batch.size)
+    rows = (slice(0, batch.size), slice(0, max_new_tokens))
     return GenerateResult(
-        tokens=parallel.to_host(outputs[0])[rows], lengths=parallel.to_host(outputs[1])[rows],
+        tokens=parallel.to_host(outputs[0])[rows], lengths=parallel.to_host(outputs[1])[rows[0]],
         logprobs=parallel.to_host(outputs[2])[rows] if return_logprobs else None,
         **read_timings(stamps))
+
+
+def output_capacity(batch: "Batch", max_new_tokens: int, prompt_width: int | None = None) -> int:
+    """The output buffers' columns for a program over `batch`'s cache and prompts of
+    `prompt_width` slots (default: the batch's bucket): as many tokens as the cache has room
+    for after them, so the program does not depend on `max_new_tokens` (the loop's bound is
+    traced); `max_new_tokens` itself where a bucket wider than its prompts leaves less room
+    in that count (then the cache still holds every token: `prepare_batch` checked it)."""
+    width = batch.tokens.shape[1] if prompt_width is None else prompt_width
+    return max(max_new_tokens, batch.max_len - width + 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ from jaxdec import parallel
 from jaxdec.cache import init_cache
 from jaxdec.checks import check_bool, check_model
 from jaxdec.drafters.base import Drafter, check_drafter
-from jaxdec.generate import (GenerateResult, _program, bucket_length, prepare_batch,
-                             python_ints, read_timings, registered_stream)
+from jaxdec.generate import (GenerateResult, _program, bucket_length, output_capacity,
+                             prepare_batch, python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.speculative import SpeculativeResult, spec_result
@@ -129,21 +129,22 @@ class PrefixCache:
         # Until the call returns: the caches are donated to it.
         self.tokens, self._drafter_state, self._drafter_held = [], None, None
         key = jax.random.key(0) if key is None else key
+        # The session's programs depend on the suffix's width, not on max_new_tokens.
+        limit, capacity = np.int32(max_new_tokens), output_capacity(batch, max_new_tokens, width)
         try:
             with registered_stream(stream, batch) as (dispatch, stream_id):
                 if self.drafter is None:
                     ((outputs, cache), stamps) = _program(
                         self.model, tokens, np.array([len(rest)], np.int32), cache, key,
-                        batch.stop, stream_id, max_new_tokens=max_new_tokens, sampler=sampler,
+                        batch.stop, stream_id, limit, capacity=capacity, sampler=sampler,
                         pad_id=pad_id, stream=dispatch, timed=return_timings,
                         logprobs=return_logprobs, continued=kept > 0)
                 else:
                     prompts = (batch.tokens, batch.lengths) if kept else None
                     outputs, stats, cache, drafter_state, stamps = _spec_program(
                         self.model, self.drafter, tokens, np.array([len(rest)], np.int32),
-                        cache, key, batch.stop, stream_id, prompts,
-                        drafter_state if kept else None,
-                        max_new_tokens=max_new_tokens, sampler=sampler,
+                        cache, key, batch.stop, limit, stream_id, prompts,
+                        drafter_state if kept else None, capacity=capacity, sampler=sampler,
                         topology=self.topology, pad_id=pad_id, stream=dispatch,
                         timed=return_timings, profile=profile, logprobs=return_logprobs)
                 outputs = jax.block_until_ready(outputs)
@@ -160,7 +161,10 @@ class PrefixCache:
             if drafter_held is not None:
                 self._drafter_state = drafter_state
                 self._drafter_held = int(np.asarray(drafter_held)[0])
-            return spec_result(outputs, stats, stamps, rows=1, profile=profile)
-        return GenerateResult(tokens=np.asarray(outputs[0]), lengths=np.asarray(outputs[1]),
-                              logprobs=np.asarray(outputs[2]) if return_logprobs else None,
+            return spec_result(outputs, stats, stamps, rows=1, columns=max_new_tokens,
+                               profile=profile)
+        return GenerateResult(tokens=np.asarray(outputs[0])[:, :max_new_tokens],
+                              lengths=np.asarray(outputs[1]),
+                              logprobs=np.asarray(outputs[2])[:, :max_new_tokens]
+                              if return_logprobs else None,
                               **read_timings(stamps))

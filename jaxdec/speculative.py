@@ -24,8 +24,9 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter
-from jaxdec.generate import (_host_clock, after_clock, check_compile_only, prepare_batch,
-                             python_ints, read_timings, registered_stream, token_logprobs)
+from jaxdec.generate import (_host_clock, after_clock, check_compile_only, output_capacity,
+                             prepare_batch, python_ints, read_timings, registered_stream,
+                             token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, as_topology
@@ -135,6 +136,7 @@ def speculative_padded(
     stream_args: tuple = (),
     return_logprobs: bool = False,
     resume: Resume | None = None,
+    limit: jax.Array | None = None,
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
@@ -146,11 +148,14 @@ def speculative_padded(
     every step (a host round trip each: it slows the loop). `return_logprobs` also records
     each token's log-probability under the target. `resume` continues a cache that holds a
     prefix of the prompts: `tokens_BT` / `prompt_lengths_B` are then what follows it (see
-    `Resume`). Returns ((tokens, lengths), statistics arrays, cache, the drafter's final
-    state, timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
+    `Resume`). `limit` (traced, at most `max_new_tokens`, the output buffers' static width)
+    is the tokens a row produces (None: max_new_tokens): one program serves every limit.
+    Returns ((tokens, lengths), statistics arrays, cache, the drafter's final state,
+    timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
     """
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
+    limit = max_new_tokens if limit is None else limit
     kind = drafter.proposal_kind(sampler, topology)
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
     ordered = target.mesh.size == 1
@@ -228,7 +233,7 @@ def speculative_padded(
         stopped = jnp.any(is_stop, axis=1)
         first_stop = jnp.argmax(is_stop, axis=1).astype(jnp.int32)  # int64 under x64
         keep = jnp.where(stopped, first_stop + 1, verdict.n_path)
-        keep = jnp.minimum(keep, max_new_tokens - s.n_gen_B)
+        keep = jnp.minimum(keep, limit - s.n_gen_B)
         keep = jnp.where(active, keep, 0)
         if stream is not None:
             new = jnp.where(index < keep[:, None], emitted, pad_id)
@@ -248,7 +253,7 @@ def speculative_padded(
         _check_state(drafter, "update", dstate, s.drafter_state)
         last = jnp.take_along_axis(emitted, jnp.maximum(keep - 1, 0)[:, None], axis=1)[:, 0]
         n_gen = s.n_gen_B + keep
-        done = s.done_B | (active & stopped & (keep > 0)) | (n_gen >= max_new_tokens)
+        done = s.done_B | (active & stopped & (keep > 0)) | (n_gen >= limit)
         seconds = s.seconds
         if profile:
             t2 = _clock(emitted, keep)
@@ -315,21 +320,23 @@ def _check_state(drafter, method: str, got, want) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "stream", "timed",
+    static_argnames=("capacity", "sampler", "topology", "pad_id", "stream", "timed",
                      "profile", "logprobs"),
     donate_argnames=("cache", "drafter_state"),
 )
-def _program(target, drafter, tokens, lengths, cache, key, stop, stream_id=None, prompts=None,
-             drafter_state=None, *, max_new_tokens, sampler, topology, pad_id, timed, profile,
-             stream=None, logprobs=False):
-    """`speculative_padded`; given the whole `prompts` (tokens, lengths), it resumes from
-    them and `drafter_state` (donated: a draft model's cache is updated in place)."""
+def _program(target, drafter, tokens, lengths, cache, key, stop, limit, stream_id=None,
+             prompts=None, drafter_state=None, *, capacity, sampler, topology, pad_id, timed,
+             profile, stream=None, logprobs=False):
+    """`speculative_padded` producing `limit` tokens a row (traced) into buffers of
+    `capacity` columns (`jaxdec.generate.output_capacity`); given the whole `prompts`
+    (tokens, lengths), it resumes from them and `drafter_state` (donated: a draft model's
+    cache is updated in place)."""
     resume = None if prompts is None else Resume(*prompts, drafter_state=drafter_state)
     return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
-                              max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
+                              max_new_tokens=capacity, sampler=sampler, topology=topology,
                               pad_id=pad_id, stream=stream, timed=timed, profile=profile,
                               stream_args=() if stream_id is None else (stream_id,),
-                              return_logprobs=logprobs, resume=resume)
+                              return_logprobs=logprobs, resume=resume, limit=limit)
 
 
 def speculative_generate(
@@ -367,7 +374,8 @@ def speculative_generate(
         per row.
       pad_id: written after a row stops.
       max_len: cache capacity (default: prompt bucket + max_new_tokens + the tree's nodes,
-        rounded up to a multiple of 8).
+        rounded up to a multiple of 8). As in `generate`, the program depends on max_len, not
+        on max_new_tokens.
       stream: host function called after each step with (step, tokens[B, D + 1], counts[B])
         (numpy arrays; D = the tree's depth): row b's new tokens are tokens[b, :counts[b]],
         from 1 to D + 1 a step while the row runs, none once it has stopped (pad_id fills
@@ -404,20 +412,23 @@ def speculative_generate(
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     key = jax.random.key(0) if key is None else key
     with registered_stream(stream, batch) as (dispatch, stream_id):
-        args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id)
-        settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
-                        pad_id=pad_id, stream=dispatch, timed=return_timings, profile=profile,
-                        logprobs=return_logprobs)
+        args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
+                np.int32(max_new_tokens), stream_id)
+        settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,
+                        topology=topology, pad_id=pad_id, stream=dispatch,
+                        timed=return_timings, profile=profile, logprobs=return_logprobs)
         if compile_only:
             return _program.lower(*args, **settings).compile()
         outputs, stats, _, _, stamps = _program(*args, **settings)
         outputs = jax.block_until_ready(outputs)
-    return spec_result(outputs, stats, stamps, rows=batch.size, profile=profile)
+    return spec_result(outputs, stats, stamps, rows=batch.size, columns=max_new_tokens,
+                       profile=profile)
 
 
-def spec_result(outputs, stats, stamps, *, rows: int, profile: bool) -> SpeculativeResult:
+def spec_result(outputs, stats, stamps, *, rows: int, columns: int,
+                profile: bool) -> SpeculativeResult:
     """The SpeculativeResult of the program's outputs, statistics and timestamps (the first
-    `rows` rows: the real batch)."""
+    `rows` rows, the real batch; the first `columns` tokens, max_new_tokens)."""
     rows = slice(0, rows)
     out, n_gen = outputs[:2]
     stats = {name: parallel.to_host(value) for name, value in stats.items()}
@@ -432,8 +443,8 @@ def spec_result(outputs, stats, stamps, *, rows: int, profile: bool) -> Speculat
         draft_s=float(seconds[0]) if profile else None,
         verify_s=float(seconds[1]) if profile else None,
     )
-    return SpeculativeResult(tokens=parallel.to_host(out)[rows],
+    return SpeculativeResult(tokens=parallel.to_host(out)[rows, :columns],
                              lengths=parallel.to_host(n_gen)[rows], stats=spec_stats,
-                             logprobs=parallel.to_host(outputs[2])[rows] if len(outputs) > 2
-                             else None,
+                             logprobs=parallel.to_host(outputs[2])[rows, :columns]
+                             if len(outputs) > 2 else None,
                              **read_timings(stamps))

@@ -48,6 +48,56 @@ def test_no_recompilation_within_a_bucket(loaded):
     assert _compiles
 
 
+def test_one_program_serves_every_max_new_tokens_of_a_cache(loaded):
+    """With max_len given, max_new_tokens is a bound the loop reads at run time, not a shape:
+    another count compiles nothing and gives the tokens (and log-probabilities) of a default
+    cache's run, stopping where it should; the same for `speculative_generate`."""
+    model = loaded(VARIANT)
+    prompts = _prompts((5, 11), seed=3)
+    jaxdec.generate(model, prompts, max_new_tokens=3, max_len=40, return_logprobs=True)
+    _compiles.clear()
+    counts = (1, 9, 25)
+    runs = [jaxdec.generate(model, prompts, max_new_tokens=n, max_len=40, return_logprobs=True)
+            for n in counts]
+    assert _compiles == []
+    for n, got in zip(counts, runs):
+        want = jaxdec.generate(model, prompts, max_new_tokens=n, return_logprobs=True)
+        assert got.tokens.shape == got.logprobs.shape == (2, n)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.lengths, [n, n])
+        np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+    # A stop token still ends its row before the bound.
+    stop = int(want.tokens[1, 4])
+    got = jaxdec.generate(model, prompts, max_new_tokens=25, max_len=40, stop_tokens=[stop])
+    np.testing.assert_array_equal(
+        got.tokens, jaxdec.generate(model, prompts, max_new_tokens=25, stop_tokens=[stop]).tokens)
+
+    drafter = jaxdec.drafters.PromptLookup()
+    spec = dict(tree=jaxdec.tree.chain(3), max_len=48)
+    jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=4, **spec)
+    _compiles.clear()
+    runs = [jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=n, **spec)
+            for n in (2, 17)]
+    assert _compiles == []
+    for n, got in zip((2, 17), runs):
+        assert got.tokens.shape == (2, n)
+        np.testing.assert_array_equal(
+            got.tokens, jaxdec.generate(model, prompts, max_new_tokens=n).tokens)
+
+    # A PrefixCache (its max_len fixed): the same prompt again with another count reuses
+    # the continued prefill's program.
+    session = jaxdec.PrefixCache(model, max_len=40)
+    results = [session.generate(prompts[1], max_new_tokens=3)]
+    results.append(session.generate(prompts[1], max_new_tokens=5))
+    _compiles.clear()
+    results.append(session.generate(prompts[1], max_new_tokens=12))
+    assert _compiles == []
+    for got in results:
+        n = got.tokens.shape[1]
+        np.testing.assert_array_equal(
+            got.tokens, jaxdec.generate(model, prompts[1:], max_new_tokens=n).tokens)
+
+
 def test_bucket_lengths():
     assert [bucket_length(n) for n in (1, 16, 17, 1000, 1024, 1025, 5000)] == [
         16, 16, 32, 1024, 1024, 2048, 5120]

@@ -621,7 +621,7 @@ def test_the_step_updates_the_caches_in_place():
         lowered = speculative._program.lower(  # speculative_generate's (cache donated)
             target, drafter, batch.tokens, batch.lengths,
             jaxdec.init_cache(config, 1, batch.max_len, abstract=True), jax.random.PRNGKey(0),
-            batch.stop, max_new_tokens=8, sampler=jaxdec.Sampler(temperature=0.9),
+            batch.stop, np.int32(8), capacity=8, sampler=jaxdec.Sampler(temperature=0.9),
             topology=topology, pad_id=0, timed=False, profile=False)
         # As a user's XLA compiles it: the suite's quick-compile flags (runenv.py) may take
         # the older CPU emitters, which expand scatters into loops.
@@ -679,7 +679,7 @@ def test_a_prefix_cache_with_a_drafter(name, loaded, unrelated_draft, monkeypatc
     fed, program = [], module._spec_program
 
     def spy(target, drafter, tokens, lengths, cache, *args, **kwargs):
-        prompts, state = args[3:5]
+        prompts, state = args[4:6]  # after key, stop, limit, stream_id
         fed.append((int(np.asarray(cache.lengths)[0]) if prompts is not None else 0,
                     int(lengths[0]), None if state is None else int(state.cache.lengths[0])))
         return program(target, drafter, tokens, lengths, cache, *args, **kwargs)
