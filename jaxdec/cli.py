@@ -8,7 +8,7 @@
                     [--stream] [--chat [--system TEXT]]
                     [--distributed | --coordinator HOST:PORT --num-processes N --process-id I]
     jaxdec chat --model DIR [--system TEXT] [--max-context N] [--max-new-tokens N]
-                [sampling and speculative options as for generate]
+                [sampling, speculative and cluster options as for generate]
     jaxdec bench (--model DIR | --shape NAME | --config PATH) [--batch-sizes 1,16]
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
                  [--repeats N] [--json PATH] [--distributed | --coordinator ... (as generate)]
@@ -65,13 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         "chat", help="talk to an instruction-tuned checkpoint (its chat template), turn by turn",
         description="Reads your messages from standard input, one per line, and streams the "
         "model's replies; the conversation so far goes through the checkpoint's chat template "
-        "every turn. End with Ctrl-D (end of input).")
+        "every turn. End with Ctrl-D (end of input). With several processes, process 0 reads "
+        "the messages and prints the replies.")
     chat.add_argument("--system", default=None, metavar="TEXT",
                       help="a system message opening the conversation")
     chat.add_argument("--max-context", type=_positive_int, default=8192, metavar="N",
                       help="tokens of conversation kept (and cache slots; default 8192, at "
                       "most the model's positions): older exchanges are dropped")
     _decoding_options(chat, max_new_tokens=512)
+    _cluster_options(chat)
 
     bench = commands.add_parser(
         "bench", help="greedy decode speed on this machine, against its memory bandwidth",
@@ -293,6 +295,7 @@ def _chat(args) -> None:
 
     import jaxdec
 
+    distributed = _join_processes(args)  # before anything starts jax's backends
     sampler, topology = _decoding_settings(args)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype,
                                    mesh=jaxdec.make_mesh(tp=args.tp))
@@ -314,11 +317,17 @@ def _chat(args) -> None:
     stop = () if args.ignore_eos else model.config.eos_token_ids
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     turns: list[dict] = []  # the user's and the model's messages, in order
-    interactive = sys.stdin.isatty()
+    # Process 0 reads the messages and prints (a stream's calls come to the process holding
+    # the mesh's first device: process 0's); every process runs every turn's program.
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
+    interactive = lead and sys.stdin.isatty()
     for turn in itertools.count():
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = sys.stdin.readline() if lead else None
+        if distributed:
+            line = _from_process_0(line)
         if not line:
             break
         if not line.strip():
@@ -328,13 +337,13 @@ def _chat(args) -> None:
         # The oldest exchanges make way when the conversation outgrows the limit.
         while len(prompt) + args.max_new_tokens > limit and len(turns) > 1:
             del turns[:2]
-            print("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
+            say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
         if len(prompt) + args.max_new_tokens > limit:
             turns.pop()
-            print(f"[too long: {len(prompt)} tokens of conversation + --max-new-tokens "
-                  f"{args.max_new_tokens} exceed the {limit} kept (--max-context, the model's "
-                  "positions)]", file=sys.stderr, flush=True)
+            say(f"[too long: {len(prompt)} tokens of conversation + --max-new-tokens "
+                f"{args.max_new_tokens} exceed the {limit} kept (--max-context, the model's "
+                "positions)]", file=sys.stderr, flush=True)
             continue
         stream = jaxdec.TextStream(model.tokenizer)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
@@ -342,14 +351,29 @@ def _chat(args) -> None:
                       stream=stream, return_timings=True)
         result = session.generate(prompt, **common)
         stream.close()
-        print(flush=True)
+        say(flush=True)
         tokens = result.to_lists()[0]
         if tokens and tokens[-1] in stop:
             tokens = tokens[:-1]
         turns.append({"role": "assistant", "content": model.tokenizer.decode(tokens)})
         rate = result.decode_tokens_per_s
-        print(f"[{len(tokens)} tokens" + (f", {rate:.1f} tokens/s]" if rate else "]"),
-              file=sys.stderr, flush=True)
+        say(f"[{len(tokens)} tokens" + (f", {rate:.1f} tokens/s]" if rate else "]"),
+            file=sys.stderr, flush=True)
+
+
+def _from_process_0(text: str | None) -> str:
+    """Process 0's `text` in every process (the others pass None): its UTF-8 bytes' count,
+    then the bytes, each broadcast (`multihost_utils.broadcast_one_to_all`)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer((text or "").encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+    if size == 0:
+        return ""
+    if text is None:
+        data = np.zeros(size, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).decode()
 
 
 def _prompt_text(args) -> tuple[str, str, str]:

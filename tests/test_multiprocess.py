@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -102,16 +103,21 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
 
 
 
-def _cli_in_two_processes(args_of) -> list[str]:
+def _cli_in_two_processes(args_of, stdin: str | None = None) -> list[str]:
     """`jaxdec` (`python -m jaxdec.cli`) in two processes joined by --coordinator, two CPU
-    devices each; `args_of(i)`: process i's arguments. Their standard outputs."""
+    devices each; `args_of(i)`: process i's arguments; `stdin`: process 0's standard input
+    (process 1's is empty). Their standard outputs."""
     port = str(_free_port())
     env = dict(user_env(), JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "jaxdec.cli", *args_of(i), "--coordinator", f"localhost:{port}",
-         "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as messages:
+        messages.write(stdin or "")
+        messages.seek(0)
+        workers = [subprocess.Popen(
+            [sys.executable, "-m", "jaxdec.cli", *args_of(i), "--coordinator",
+             f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=messages if i == 0 else subprocess.DEVNULL, text=True) for i in range(2)]
     try:
         outputs = [worker.communicate(timeout=300) for worker in workers]
     finally:
@@ -153,6 +159,31 @@ def test_cli_bench_over_two_processes(tokenized_checkpoint, tmp_path):
     (record,) = json.loads((tmp_path / "0.json").read_text())
     assert record["devices"] == 4 and record["batch"] == 2
     assert not (tmp_path / "1.json").exists()
+
+
+def test_cli_chat_over_two_processes(tokenized_checkpoint, tmp_path, capsys, monkeypatch):
+    """`jaxdec chat` in two processes, tp 4 over both: process 0 reads the messages (a blank
+    line and a non-ASCII one among them) and prints what one process prints; process 1,
+    whose standard input is empty, follows every turn and prints nothing."""
+    import io
+    import shutil
+
+    from jaxdec.cli import main
+    from test_chat import HEADERS, SPECIAL
+
+    directory = tmp_path / "chat"
+    shutil.copytree(tokenized_checkpoint, directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        dict(SPECIAL, chat_template=HEADERS)))
+    args = ["chat", "--model", str(directory), "--max-new-tokens", "4", "--ignore-eos",
+            "--tp", "4", "--temperature", "0.8", "--max-context", "256"]
+    messages = "the fox\n\nhello wörld\n"
+    outputs = _cli_in_two_processes(lambda i: args, stdin=messages)
+    monkeypatch.setattr("sys.stdin", io.StringIO(messages))
+    assert main(args) == 0
+    replies = capsys.readouterr().out.split("\n")[:2]
+    assert outputs[0].split("\n")[-3:-1] == replies, outputs[0]
+    assert not any(reply in outputs[1] for reply in replies if reply), outputs[1]
 
 
 def test_cli_cluster_options_are_checked(tokenized_checkpoint, capsys):
