@@ -13,6 +13,7 @@
                  [--context N] [--new-tokens N] [--dtype D] [--tp N] [--attention A]
                  [--repeats N] [--json PATH] [--distributed | --coordinator ... (as generate)]
     jaxdec train lm --preset P --out DIR [--corpus DIR] [--steps N] [--resume | --force]
+                    [cluster options as for generate]
     jaxdec train draft --target DIR --preset P --out DIR [--objective tv|kl] [...]
 """
 
@@ -125,10 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=_positive_int, default=None)
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--dp", type=_positive_int, default=None,
-                         help="data-parallel devices (default: all accelerators, 1 CPU)")
+                         help="data-parallel devices (default: every accelerator, or with several "
+                         "processes every device; 1 CPU)")
         again = sub.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true", help="continue the run in --out")
         again.add_argument("--force", action="store_true", help="delete the run in --out first")
+        _cluster_options(sub)
     return parser
 
 
@@ -478,6 +481,7 @@ def _bench(args) -> None:
 def _train(args) -> None:
     from jaxdec.train import train_draft, train_lm
 
+    _join_processes(args)  # before anything starts jax's backends
     common = dict(corpus=args.corpus, steps=args.steps, resume=args.resume, force=args.force,
                   seed=args.seed, dp=args.dp)
     if args.kind == "lm":

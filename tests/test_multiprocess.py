@@ -103,6 +103,57 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
 
 
 
+def test_training_over_two_processes(tmp_path):
+    """`train_lm` then `train_draft` in two processes, dp 4 over both (each places its own
+    devices' rows of every batch): the same weights and metrics as one process on four
+    devices, also after the target resumes from its next-to-last checkpoint (the export
+    compared is the resumed run's); process 0 alone logs; an error in process 0 (a run
+    directory that exists) is raised in both."""
+    from safetensors.numpy import load_file
+
+    from jaxdec.train import train_draft, train_lm
+    from train_presets import MICRO
+
+    port = str(_free_port())
+    workers = [subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "multiprocess_train.py"), str(i), port,
+         str(tmp_path / "two"), str(tmp_path / f"out{i}.json")], env=user_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for i, (worker, log) in enumerate(zip(workers, logs)):
+        assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
+    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+
+    one = tmp_path / "one"
+    expected = {"lm": train_lm(MICRO, one / "lm", dp=4, log=lambda _: None)}
+    expected["draft"] = train_draft(one / "lm", MICRO, one / "draft", dp=4, log=lambda _: None)
+    for kind, figures in (("lm", ("heldout_loss_before", "heldout_loss")),
+                          ("draft", ("acceptance_before", "acceptance_after", "heldout_loss"))):
+        for got in results:
+            for figure in figures:
+                assert got[kind][figure] == pytest.approx(expected[kind][figure], rel=1e-4), \
+                    (kind, figure)
+        ours = load_file(str(tmp_path / "two" / kind / "model.safetensors"))
+        theirs = load_file(str(one / kind / "model.safetensors"))
+        assert sorted(ours) == sorted(theirs)
+        for name in theirs:
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-3, atol=1e-5,
+                                       err_msg=f"{kind} {name}")
+        assert sorted(os.listdir(tmp_path / "two" / kind)) == sorted(os.listdir(one / kind))
+    assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every}" in \
+        results[0]["lines"]
+    assert results[0]["resumed"]["heldout_loss"] == pytest.approx(
+        expected["lm"]["heldout_loss"], rel=1e-4)
+    assert any("exported to" in line for line in results[0]["lines"])
+    assert results[1]["lines"] == []
+    assert results[0]["again"].startswith("ValueError: output directory")
+    assert results[1]["again"].startswith("RuntimeError: process 0 failed while preparing")
+
+
 def _cli_in_two_processes(args_of, stdin: str | None = None) -> list[str]:
     """`jaxdec` (`python -m jaxdec.cli`) in two processes joined by --coordinator, two CPU
     devices each; `args_of(i)`: process i's arguments; `stdin`: process 0's standard input
@@ -186,12 +237,17 @@ def test_cli_chat_over_two_processes(tokenized_checkpoint, tmp_path, capsys, mon
     assert not any(reply in outputs[1] for reply in replies if reply), outputs[1]
 
 
-def test_cli_cluster_options_are_checked(tokenized_checkpoint, capsys):
+@pytest.mark.parametrize("command", ["generate", "chat", "train"])
+def test_cli_cluster_options_are_checked(tokenized_checkpoint, tmp_path, capsys, command):
     from jaxdec.cli import main
 
-    base = ["generate", "--model", tokenized_checkpoint, "--prompt", "x"]
+    base = {"generate": ["generate", "--model", tokenized_checkpoint, "--prompt", "x"],
+            "chat": ["chat", "--model", tokenized_checkpoint],
+            "train": ["train", "lm", "--preset", "cpu-tiny", "--out", str(tmp_path / "run")],
+            }[command]
     for extra, message in ((["--coordinator", "localhost:1"], "needs --num-processes"),
                            (["--coordinator", "localhost:1", "--num-processes", "2",
                              "--process-id", "2"], r"--process-id must be in \[0, 2\)")):
         assert main(base + extra) == 2
         assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "run")

@@ -24,8 +24,9 @@ from jaxdec import data
 from jaxdec.checkpoint import load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
-from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, default_corpus,
-                             evaluate_lm, heldout_batches, throughput, train_params)
+from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, check_same_data,
+                             default_corpus, evaluate_lm, heldout_batches, throughput,
+                             train_params)
 from jaxdec.train.presets import Preset
 
 OBJECTIVES = ("kl", "tv")
@@ -115,13 +116,14 @@ def train_draft(
       preset: the preset whose draft shape, steps and batch to use.
       out: the run directory (becomes the draft's HF checkpoint directory).
       objective: "tv" (total variation, maximises acceptance) or "kl" (forward KL).
-      corpus, steps, resume, force, seed, dp: as in `train_lm`.
+      corpus, steps, resume, force, seed, dp, log: as in `train_lm` (several processes too).
     Returns:
       The metrics written to metrics.json, including acceptance_before / acceptance_after.
     """
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="draft_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    log = loop.lead_log(log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     mesh = loop.train_mesh(dp)
@@ -136,9 +138,10 @@ def train_draft(
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)
-    resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
+    resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     with phases("encode"):
         dataset = build_dataset(target.tokenizer, corpus_data, preset)
+    check_same_data(dataset)
     eot = data.end_of_text_id(target.tokenizer)
     draft_config = preset.draft.config(
         target.config.vocab_size, target.config.max_position_embeddings, eot)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdec import data, parallel
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
@@ -44,6 +45,13 @@ def build_dataset(tokenizer, corpus: data.Corpus, preset: Preset) -> Dataset:
         heldout=heldout[: max(1, preset.eval_tokens // preset.seq_len)],
         train_files=len(corpus.train_files), heldout_files=len(corpus.heldout_files),
     )
+
+
+def check_same_data(dataset: Dataset) -> None:
+    """With several processes: each built the same sequences (each places its own devices'
+    rows of every batch from its copy)."""
+    loop.check_same_everywhere(dataset.train.tobytes() + dataset.heldout.tobytes(),
+                               "the training data")
 
 
 def default_corpus(corpus, preset: Preset) -> data.Corpus:
@@ -146,8 +154,15 @@ def evaluate_lm(params, sequences: np.ndarray, *, config, mesh, batch_size: int,
     return total / count
 
 
-def new_train_state(params, optimizer) -> dict:
-    return {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
+def new_train_state(params, optimizer, mesh) -> dict:
+    """Step 0's train state, every leaf on the mesh: the step counts (which no parameter lays
+    out) replicated over it, as a state restored from a checkpoint then has them too (orbax
+    gives each leaf the sharding it had here: a count left on one device would meet the
+    parameters' devices in one program, which jit refuses wherever dp > 1)."""
+    state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                        else parallel.put_on_mesh(np.asarray(x), replicated), state)
 
 
 def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: float, steps: int,
@@ -159,7 +174,7 @@ def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: 
     optimizer = loop.make_optimizer(
         learning_rate=learning_rate, steps=steps, warmup_steps=int(preset.warmup_fraction * steps),
         weight_decay=preset.weight_decay, grad_clip=preset.grad_clip)
-    state = new_train_state(params, optimizer)
+    state = new_train_state(params, optimizer, mesh)
     checkpoints = loop.Checkpoints(out)
     if resuming and checkpoints.latest_step() is not None:
         state = checkpoints.restore(state)
@@ -216,18 +231,24 @@ def train_lm(
       resume: continue the run in `out` from its last checkpoint.
       force: delete an earlier run in `out` and start over.
       seed: initialisation and data-order seed.
-      dp: data-parallel degree (default: all devices on accelerators, 1 on CPUs).
+      dp: data-parallel degree (default: all devices on accelerators or with several
+        processes, 1 on one process's CPUs).
+      log: called with each progress line (with several processes, in process 0 only).
+
+    With several processes (`jax.distributed`) every process makes the same call; `out` must
+    be a directory all of them see (see `jaxdec.train.loop`).
     """
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="target_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    log = loop.lead_log(log)
     mesh = loop.train_mesh(dp)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     phases = loop.Phases()
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`
-    resuming = loop.prepare_output_dir(out, resume=resume, force=force, run=run)
+    resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     dtype = loop.compute_dtype()
 
     tokenizer = load_tokenizer(out) if resuming else None
@@ -235,10 +256,17 @@ def train_lm(
         log(f"training a {preset.vocab_size}-token byte-level BPE tokenizer on "
             f"{len(corpus_data.train_files)} files ({corpus_data.train_bytes / 1e6:.1f} MB)")
         with phases("tokenizer"):
-            tokenizer = data.train_tokenizer(corpus_data.train_texts, preset.vocab_size)
-            tokenizer.save(os.path.join(out, "tokenizer.json"))
+            trained = []  # process 0 trains it; the others read its file
+
+            def train_tokenizer():
+                trained.append(data.train_tokenizer(corpus_data.train_texts, preset.vocab_size))
+                trained[0].save(os.path.join(out, "tokenizer.json"))
+
+            loop.on_lead(train_tokenizer, "training the tokenizer")
+            tokenizer = trained[0] if trained else load_tokenizer(out)
     with phases("encode"):
         dataset = build_dataset(tokenizer, corpus_data, preset)
+    check_same_data(dataset)
     eot = data.end_of_text_id(tokenizer)
     config = preset.target.config(tokenizer.get_vocab_size(), preset.max_positions, eot)
     log(f"{len(dataset.train)} training sequences of {preset.seq_len} tokens, "

@@ -5,18 +5,26 @@ FLOP accounting behind MFU.
 Resume determinism: the batch of step i depends only on (seed, i) and the train state holds
 everything else (params, optimizer state, step), so a run resumed from its last checkpoint
 ends with the same parameters as one that was never interrupted.
+
+Several processes (`jax.distributed`, a multi-host TPU slice or GPU cluster) run the same
+training call: every process reads the corpus and builds the same batches (checked), each
+places its own devices' rows; process 0 alone prepares the run directory, trains the
+tokenizer, writes the metrics and the export (orbax checkpoints are written by all, as orbax
+does), and logs. The run directory must be one every host sees (NFS, a mounted bucket).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import shutil
 import sys
 import time
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -85,19 +93,89 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
     seed = check_int("seed", seed, minimum=0)
     if not callable(log):
         raise TypeError(f"log must be callable (it is given each progress line), got {log!r}")
-    if jax.process_count() > 1:  # each process would write the run directory
-        raise ValueError(
-            f"training runs in one process, and this is process {jax.process_index()} of "
-            f"{jax.process_count()} (jax.distributed): train on one host, then load the "
-            "exported checkpoint in every process")
     return preset, os.fspath(out), steps, seed
 
 
+def is_lead() -> bool:
+    """Whether this process logs and writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def lead_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` in process 0, nothing in the others (every process runs the same lines)."""
+    return log if is_lead() else (lambda _: None)
+
+
+def on_lead(fn: Callable[[], int | None], what: str) -> int:
+    """`fn()` (an int, a bool or None) run by process 0 alone, its result handed to every
+    process (with one process: just `fn()`). Every process waits for it and learns whether
+    it failed, so an error there (a directory that exists, say) raises in every process
+    instead of leaving the others waiting in the next collective."""
+    if jax.process_count() == 1:
+        return int(fn() or 0)
+    from jax.experimental import multihost_utils
+
+    result, error = 0, None
+    if is_lead():
+        try:
+            result = int(fn() or 0)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after telling the others)
+            error = e
+    failed, result = (int(x) for x in np.asarray(multihost_utils.broadcast_one_to_all(
+        np.array([error is not None, result], np.int32))))
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"process 0 failed while {what} (its output says why)")
+    return result
+
+
+def check_same_everywhere(value: bytes, what: str) -> None:
+    """Raises in every process unless all processes hold the same `value` (by checksum)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.int32(zlib.crc32(value) - 2**31)  # (int32: jax's default integer width)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
+    differ = sorted(i for i, d in enumerate(digests) if d != digests[0])
+    if differ:
+        raise ValueError(f"{what} differs between processes (process 0's and {differ}'s): every "
+                         "host must read the same corpus (the same Python, or --corpus on a "
+                         "shared directory)")
+
+
+def check_shared_directory(out: str) -> None:
+    """Raises in every process unless each sees the run directory process 0 prepared."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    sees = np.int32(os.path.exists(os.path.join(out, RUN_FILE)))
+    blind = [i for i, s in enumerate(np.asarray(
+        multihost_utils.process_allgather(sees)).reshape(-1)) if not s]
+    if blind:
+        raise ValueError(f"process(es) {blind} do not see the run directory {out} that process "
+                         "0 prepared: with several processes it must be a directory every host "
+                         "shares (NFS, a mounted bucket)")
+
+
 def train_mesh(dp: int | None = None):
-    """A data-parallel mesh: every device on accelerators, one CPU device otherwise."""
+    """A data-parallel mesh: every device on accelerators, and with several processes (each
+    holding a part of every batch); one CPU device otherwise."""
     if dp is None:
-        dp = 1 if jax.default_backend() == "cpu" else len(jax.devices())
+        one_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
+        dp = 1 if one_cpu else len(jax.devices())
     return parallel.make_mesh(dp=dp)
+
+
+def prepare_run(out: str, *, resume: bool, force: bool, run: dict) -> bool:
+    """`prepare_output_dir` in process 0 (all processes wait for it, and then check that they
+    see the directory); True in every process when resuming."""
+    resuming = on_lead(lambda: prepare_output_dir(out, resume=resume, force=force, run=run),
+                       f"preparing the run directory {out}")
+    check_shared_directory(out)
+    return bool(resuming)
 
 
 def compute_dtype():
@@ -216,7 +294,8 @@ class Progress:
 
     def __init__(self, label: str, total: int, stream=None):
         self.label, self.total = label, total
-        self.stream = stream or sys.stderr
+        # (with several processes, process 0's alone is shown)
+        self.stream = stream or (sys.stderr if is_lead() else io.StringIO())
         self.live = self.stream.isatty()
         self._printed = -1
 
@@ -422,7 +501,10 @@ def measure_matmul_peak(dtype=None, *, size: int | None = None) -> float:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Atomically (a temporary file renamed into place)."""
+    """Atomically (a temporary file renamed into place); with several processes, process 0
+    writes."""
+    if not is_lead():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
