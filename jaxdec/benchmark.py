@@ -43,6 +43,11 @@ SHAPES: dict[str, ModelConfig] = {
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
         max_position_embeddings=131072, rope=RopeConfig(factor=8.0, **_LLAMA3_ROPE),
         dtype="bfloat16"),
+    "llama3-70b": ModelConfig(  # (with --tp: its weights alone are 141 GB in bf16)
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=131072, rope=RopeConfig(factor=8.0, **_LLAMA3_ROPE),
+        dtype="bfloat16"),
     "llama3.2-1b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
         num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
@@ -53,6 +58,15 @@ SHAPES: dict[str, ModelConfig] = {
         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
         max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0), qkv_bias=True,
         tie_word_embeddings=True, dtype="bfloat16"),
+    "qwen2.5-7b": ModelConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0), qkv_bias=True,
+        dtype="bfloat16"),
+    "mistral-7b": ModelConfig(  # v0.3 (no sliding window)
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, rope=RopeConfig(theta=1000000.0), dtype="bfloat16"),
     # Seconds on a CPU: what the tests run.
     "tiny": ModelConfig(
         model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,

@@ -56,6 +56,15 @@ def test_sliding_window_layers_read_their_window():
         benchmark.decode_step_bytes(TINY, 1, 8).kv
 
 
+@pytest.mark.parametrize("name,params", [
+    ("llama3-70b", 70_553_706_496), ("llama3.2-1b", 1_235_814_400),
+    ("qwen2.5-0.5b", 494_032_768), ("qwen2.5-7b", 7_615_616_512),
+    ("mistral-7b", 7_248_023_552)])
+def test_shapes_have_their_checkpoints_parameter_counts(name, params):
+    model = jaxdec.abstract_model(benchmark.SHAPES[name], dtype=jnp.bfloat16)
+    assert sum(x.size for x in jax.tree.leaves(model.params)) == params
+
+
 def test_llama3_8b_shape():
     model = jaxdec.abstract_model(benchmark.SHAPES["llama3-8b"], dtype=jnp.bfloat16)
     assert sum(x.size for x in jax.tree.leaves(model.params)) == 8_030_261_248
