@@ -328,6 +328,7 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     (dict(force=1), TypeError, "force must be a bool"),
     (dict(seed=-1), ValueError, "seed must be an int >= 0"),
     (dict(dp=0), ValueError, "dp must be an int >= 1"),
+    (dict(dp=3), ValueError, "dp=3 does not divide the batch of 8 sequences"),
     (dict(log="print"), TypeError, "log must be callable"),
 ])
 def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match):

@@ -126,7 +126,7 @@ def train_draft(
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    mesh = loop.train_mesh(dp)
+    mesh = loop.train_mesh(dp, preset.batch_size)
     dtype = loop.compute_dtype()
     phases = loop.Phases()
     with phases("load target"):

@@ -231,8 +231,9 @@ def train_lm(
       resume: continue the run in `out` from its last checkpoint.
       force: delete an earlier run in `out` and start over.
       seed: initialisation and data-order seed.
-      dp: data-parallel degree (default: all devices on accelerators or with several
-        processes, 1 on one process's CPUs).
+      dp: data-parallel degree, a divisor of the preset's batch size (default: every device
+        of several processes; on one process's accelerators as many as divide the batch;
+        1 on CPUs).
       log: called with each progress line (with several processes, in process 0 only).
 
     With several processes (`jax.distributed`) every process makes the same call; `out` must
@@ -242,7 +243,7 @@ def train_lm(
                                               steps_field="target_steps", resume=resume,
                                               force=force, seed=seed, log=log)
     log = loop.lead_log(log)
-    mesh = loop.train_mesh(dp)
+    mesh = loop.train_mesh(dp, preset.batch_size)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     phases = loop.Phases()

@@ -160,12 +160,24 @@ def check_shared_directory(out: str) -> None:
                          "shares (NFS, a mounted bucket)")
 
 
-def train_mesh(dp: int | None = None):
-    """A data-parallel mesh: every device on accelerators, and with several processes (each
-    holding a part of every batch); one CPU device otherwise."""
-    if dp is None:
-        one_cpu = jax.default_backend() == "cpu" and jax.process_count() == 1
-        dp = 1 if one_cpu else len(jax.devices())
+def train_mesh(dp: int | None, batch_size: int):
+    """A data-parallel mesh whose devices each take an equal share of a batch of `batch_size`
+    sequences. By default: with several processes every device (each process holding a part
+    of every batch); on one process's accelerators as many as divide the batch (all of them,
+    unless their count does not divide it); one CPU device."""
+    if dp is not None:
+        dp = check_int("dp", dp)
+    else:
+        devices = len(jax.devices())
+        if jax.process_count() > 1:
+            dp = devices
+        elif jax.default_backend() == "cpu":
+            dp = 1
+        else:
+            dp = max(n for n in range(1, devices + 1) if batch_size % n == 0)
+    if batch_size % dp:
+        raise ValueError(f"dp={dp} does not divide the batch of {batch_size} sequences (each "
+                         "data-parallel device takes an equal share): pass a dp that does")
     return parallel.make_mesh(dp=dp)
 
 
