@@ -333,7 +333,8 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
     Works eagerly or inside your own `jax.jit` (where the ids' range cannot be checked: an id
-    outside the vocabulary embeds as zeros).
+    outside the vocabulary embeds as zeros). On a data-parallel mesh any batch size works (the
+    rows are padded to a multiple of dp inside, as `generate` pads its batch).
     """
     check_model(model)
     tokens = jnp.asarray(tokens)
@@ -359,6 +360,9 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
 
 @jax.jit
 def _causal_logits(model: Model, tokens_BT: jax.Array) -> jax.Array:
-    positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)
+    (B, T), dp = tokens_BT.shape, parallel.dp_size(model.mesh)
+    # Rows of zeros up to a multiple of dp (the batch axis is split over it), dropped after.
+    tokens_BT = jnp.pad(tokens_BT, ((0, -B % dp), (0, 0)))
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BT.shape)
     logits, _, _ = forward_with_cache(model, tokens_BT, positions, None)
-    return logits
+    return logits[:B]

@@ -436,7 +436,8 @@ def test_forward_with_cache_shape_errors(loaded):
     dp_model = jaxdec.Model(config=model.config, params=model.params,
                             mesh=jaxdec.make_mesh(dp=2))
     with pytest.raises(ValueError, match="not a multiple of the mesh's dp=2"):
-        jaxdec.forward(dp_model, np.zeros((3, 4), np.int32))
+        forward_with_cache(dp_model, jnp.zeros((3, 4), jnp.int32), jnp.zeros((3, 4), jnp.int32),
+                           None)  # (jaxdec.forward pads such a batch itself)
 
 
 def test_a_fresh_prefill_attends_as_through_the_empty_cache(loaded):
