@@ -1,5 +1,5 @@
-"""One conversation's caches kept between calls (`PrefixCache`): a prompt that begins with what
-the cache holds prefills only the rest, with plain or speculative decoding."""
+"""Conversations' caches kept between calls (`PrefixCache`): a prompt that begins with what
+its cache holds prefills only the rest, with plain or speculative decoding."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from jaxdec.verify import check_proposal
 
 
 class PrefixCache:
-    """One conversation's KV cache, kept between `generate` calls: a prompt that begins with
-    what the cache holds (the previous prompt and its output, as a chat's next turn does, or
-    a document asked about again) prefills only the rest.
+    """One conversation's KV cache (or one per row, `rows`), kept between `generate` calls: a
+    prompt that begins with what the cache holds (the previous prompt and its output, as a
+    chat's next turn does, or a document asked about again) prefills only the rest.
 
         session = jaxdec.PrefixCache(model, max_len=4096)
         first = session.generate(prompt, max_new_tokens=128)
@@ -37,8 +37,12 @@ class PrefixCache:
     longest common beginning of the new prompt and the tokens it holds (at most all but the
     prompt's last token, whose logits the first new token needs); the rest is prefilled on
     top (a prompt that shares nothing is prefilled whole, as `generate` does). The cache has
-    `max_len` slots: a prompt and its new tokens must fit in them. One row; the model's mesh
-    may be tensor-parallel, not data-parallel.
+    `max_len` slots: a prompt and its new tokens must fit in them.
+
+    With `rows` = R > 1 the session holds R conversations decoded together: each call takes
+    R prompts (a list of token-id lists) and returns what `jaxdec.generate(model, prompts,
+    ...)` returns, each row keeping what it shares with its own cache. R must be a multiple
+    of the mesh's dp (with one row, dp = 1: the mesh may be tensor-parallel).
 
     With a `drafter` (`jaxdec.drafters.DraftModel`, `PromptLookup`, `Retrieval` or your own)
     each call decodes speculatively and returns what `jaxdec.speculative_generate(model,
@@ -48,15 +52,19 @@ class PrefixCache:
 
     Attributes:
       tokens: the token ids the cache holds, in order (the last call's prompt and its output
-        but the last token, which was never fed back).
+        but the last token, which was never fed back); with `rows` > 1 one such list a row.
     """
 
     def __init__(self, model: Model, max_len: int, *, drafter: Drafter | None = None,
-                 tree: Topology | None = None):
+                 tree: Topology | None = None, rows: int = 1):
         check_model(model)
-        if parallel.dp_size(model.mesh) != 1:
-            raise ValueError("PrefixCache keeps one row: the model's mesh must have dp = 1")
-        max_len, = python_ints(max_len)
+        max_len, rows = python_ints(max_len, rows)
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+        dp = parallel.dp_size(model.mesh)
+        if rows % dp:
+            raise ValueError(f"rows={rows} is not a multiple of the model's mesh's dp={dp} "
+                             "(each data-parallel device holds an equal share of the rows)")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         if max_len > model.config.max_positions:
@@ -65,29 +73,53 @@ class PrefixCache:
         check_drafter(drafter, optional=True)
         if drafter is None and tree is not None:
             raise ValueError("tree is the shape of a drafter's proposals: it needs a drafter")
-        self.model, self.max_len = model, max_len
+        self.model, self.max_len, self.rows = model, max_len, rows
         self.drafter = None if drafter is None else drafter.prepare(model)
         self.topology = None if drafter is None else (
             drafter.default_topology() if tree is None else as_topology(tree))
-        self.tokens: list[int] = []
         self._reset()
 
+    @property
+    def tokens(self) -> list[int] | list[list[int]]:
+        return self._tokens[0] if self.rows == 1 else [list(t) for t in self._tokens]
+
     def _reset(self) -> None:
-        """An empty cache (and no drafter state): the next call prefills its prompt whole."""
-        self.cache = init_cache(self.model.config, 1, self.max_len,
+        """Empty caches (and no drafter state): the next call prefills its prompts whole."""
+        self.cache = init_cache(self.model.config, self.rows, self.max_len,
                                 dtype=param_dtype(self.model), mesh=self.model.mesh)
-        self.tokens = []
+        self._tokens: list[list[int]] = [[] for _ in range(self.rows)]
         self._drafter_state, self._drafter_held = None, None
 
-    def generate(self, prompt: Sequence[int], *, max_new_tokens: int,
+    def _prompts(self, prompt) -> list:
+        """The call's prompts, one per row (checked for shape here; ids by prepare_batch)."""
+        if isinstance(prompt, jax.Array):
+            prompt = np.asarray(prompt)
+
+        def is_row(p):
+            return not isinstance(p, (str, bytes)) and isinstance(p, (Sequence, np.ndarray)) \
+                and not any(isinstance(t, (Sequence, np.ndarray)) for t in p)
+
+        if self.rows == 1:
+            if not is_row(prompt):
+                raise TypeError("prompt must be one list of token ids (this PrefixCache keeps "
+                                f"one row), got {type(prompt).__name__}: {str(prompt)[:40]}")
+            return [prompt]
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)) \
+                or len(prompt) != self.rows or not all(is_row(p) for p in prompt):
+            raise TypeError(f"prompts must be {self.rows} lists of token ids (this PrefixCache "
+                            f"keeps {self.rows} rows), got {type(prompt).__name__}: "
+                            f"{str(prompt)[:40]}")
+        return list(prompt)
+
+    def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: Greedy | Sampler | None = None, key: jax.Array | None = None,
                  stop_tokens=(), pad_id: int = 0, stream: Callable | None = None,
                  return_timings: bool = False, return_logprobs: bool = False,
                  profile: bool = False) -> GenerateResult | SpeculativeResult:
         """`jaxdec.generate(model, [prompt], ...)` (with a drafter, `speculative_generate`),
         prefilling only what the cache lacks (see the class). `prompt` is one list of token
-        ids; `profile` (speculative only) times drafting and verifying as
-        `speculative_generate` does."""
+        ids (with `rows` > 1, a list of `rows` of them, `generate`'s prompts); `profile`
+        (speculative only) times drafting and verifying as `speculative_generate` does."""
         sampler = check_sampler(sampler)
         key = check_key(key)
         max_new_tokens, pad_id = python_ints(max_new_tokens, pad_id)
@@ -98,73 +130,81 @@ class PrefixCache:
             raise ValueError("profile times a drafter's steps: this PrefixCache has no drafter")
         if stream is not None and not callable(stream):
             raise TypeError("stream must be callable")
-        if isinstance(prompt, jax.Array):
-            prompt = np.asarray(prompt)
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (Sequence, np.ndarray)) \
-                or any(isinstance(t, (Sequence, np.ndarray)) for t in prompt):
-            raise TypeError("prompt must be one list of token ids (PrefixCache keeps one row), "
-                            f"got {type(prompt).__name__}: {str(prompt)[:40]}")
+        prompts = self._prompts(prompt)
         if self.drafter is not None:
             check_proposal(self.drafter.proposal_kind(sampler, self.topology), self.topology)
-        batch = prepare_batch(self.model, [prompt], max_new_tokens=max_new_tokens,
+        batch = prepare_batch(self.model, prompts, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
-        ids = batch.tokens[0, : batch.lengths[0]].tolist()
-        # The prompt's last token is fed anew (its logits give the first new token); a draft
-        # model's cache may hold fewer tokens than the target's.
-        reusable = len(ids) - 1
-        if self._drafter_held is not None:
-            reusable = min(reusable, self._drafter_held)
-        kept = 0
-        for cached, new in zip(self.tokens[:reusable], ids):
-            if cached != new:
-                break
-            kept += 1
-        rest = ids[kept:]
-        # prepare_batch checked len(ids) + max_new_tokens - 1 <= max_len: the rest fits.
-        width = min(bucket_length(len(rest)), self.max_len - kept)
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, : len(rest)] = rest
-        cache = self.cache.replace(lengths=jnp.full((1,), kept, jnp.int32))
+        ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
+        kept = [self._kept(b, row) for b, row in enumerate(ids)]
+        # One block of the rows' rest: a bucket where every row's kept tokens leave it room,
+        # else as wide as the longest rest (prepare_batch checked that each prompt +
+        # max_new_tokens - 1 fits in max_len), and a row whose kept tokens leave less room than
+        # that prefills more of its prompt again, so the block's writes stay in the cache.
+        longest = max(len(row) - k for row, k in zip(ids, kept))
+        width = max(longest, min(bucket_length(longest), self.max_len - max(kept)))
+        kept = [min(k, self.max_len - width) for k in kept]
+        tokens = np.zeros((self.rows, width), np.int32)
+        for b, (row, k) in enumerate(zip(ids, kept)):
+            tokens[b, : len(row) - k] = row[k:]
+        rest = np.array([len(row) - k for row, k in zip(ids, kept)], np.int32)
+        continued = any(kept)
+        cache = self.cache.replace(lengths=jnp.asarray(kept, jnp.int32))
         drafter_state = self._drafter_state
         # Until the call returns: the caches are donated to it.
-        self.tokens, self._drafter_state, self._drafter_held = [], None, None
+        self._tokens = [[] for _ in range(self.rows)]
+        self._drafter_state, self._drafter_held = None, None
         key = jax.random.key(0) if key is None else key
-        # The session's programs depend on the suffix's width, not on max_new_tokens.
+        # The session's programs depend on the rest's width, not on max_new_tokens.
         limit, capacity = np.int32(max_new_tokens), output_capacity(batch, max_new_tokens, width)
         try:
             with registered_stream(stream, batch) as (dispatch, stream_id):
                 if self.drafter is None:
                     ((outputs, cache), stamps) = _program(
-                        self.model, tokens, np.array([len(rest)], np.int32), cache, key,
-                        batch.stop, stream_id, limit, capacity=capacity, sampler=sampler,
-                        pad_id=pad_id, stream=dispatch, timed=return_timings,
-                        logprobs=return_logprobs, continued=kept > 0)
+                        self.model, tokens, rest, cache, key, batch.stop, stream_id, limit,
+                        capacity=capacity, sampler=sampler, pad_id=pad_id, stream=dispatch,
+                        timed=return_timings, logprobs=return_logprobs, continued=continued)
                 else:
-                    prompts = (batch.tokens, batch.lengths) if kept else None
+                    whole = (batch.tokens, batch.lengths) if continued else None
                     outputs, stats, cache, drafter_state, stamps = _spec_program(
-                        self.model, self.drafter, tokens, np.array([len(rest)], np.int32),
-                        cache, key, batch.stop, limit, stream_id, prompts,
-                        drafter_state if kept else None, capacity=capacity, sampler=sampler,
-                        topology=self.topology, pad_id=pad_id, stream=dispatch,
-                        timed=return_timings, profile=profile, logprobs=return_logprobs)
+                        self.model, self.drafter, tokens, rest, cache, key, batch.stop, limit,
+                        stream_id, whole, drafter_state if continued else None,
+                        capacity=capacity, sampler=sampler, topology=self.topology,
+                        pad_id=pad_id, stream=dispatch, timed=return_timings,
+                        profile=profile, logprobs=return_logprobs)
                 outputs = jax.block_until_ready(outputs)
         except BaseException:  # the donated caches may be gone: start the next call afresh
             self._reset()
             raise
         self.cache = cache
-        produced, n = np.asarray(outputs[0])[0], int(np.asarray(outputs[1])[0])
-        # The cache holds the prompt and every new token but the last.
-        held = int(np.asarray(cache.lengths)[0])
-        self.tokens = (ids + produced[:n].tolist())[:held]
+        produced, counts = parallel.to_host(outputs[0]), parallel.to_host(outputs[1])
+        # Each cache holds its row's prompt and every new token but the last.
+        held = parallel.to_host(cache.lengths)
+        self._tokens = [(row + produced[b, :counts[b]].tolist())[:held[b]]
+                        for b, row in enumerate(ids)]
         if self.drafter is not None:
             drafter_held = self.drafter.held_length(drafter_state)
             if drafter_held is not None:
                 self._drafter_state = drafter_state
-                self._drafter_held = int(np.asarray(drafter_held)[0])
-            return spec_result(outputs, stats, stamps, rows=1, columns=max_new_tokens,
+                self._drafter_held = parallel.to_host(drafter_held).tolist()
+            return spec_result(outputs, stats, stamps, rows=self.rows, columns=max_new_tokens,
                                profile=profile)
-        return GenerateResult(tokens=np.asarray(outputs[0])[:, :max_new_tokens],
-                              lengths=np.asarray(outputs[1]),
-                              logprobs=np.asarray(outputs[2])[:, :max_new_tokens]
+        columns = (slice(None), slice(0, max_new_tokens))
+        return GenerateResult(tokens=produced[columns], lengths=counts,
+                              logprobs=parallel.to_host(outputs[2])[columns]
                               if return_logprobs else None,
                               **read_timings(stamps))
+
+    def _kept(self, b: int, ids: list[int]) -> int:
+        """How many of row b's cached tokens the new prompt `ids` begins with, at most all but
+        its last (whose logits give the first new token) and what a draft model's cache holds
+        of them."""
+        reusable = len(ids) - 1
+        if self._drafter_held is not None:
+            reusable = min(reusable, self._drafter_held[b])
+        kept = 0
+        for cached, new in zip(self._tokens[b][:reusable], ids):
+            if cached != new:
+                break
+            kept += 1
+        return kept

@@ -239,14 +239,63 @@ def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, mo
     assert session.generate(first, max_new_tokens=2).tokens.shape == (1, 2)
 
 
+@pytest.mark.parametrize("dp", [1, 2])
+def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch):
+    """Three rows (four on a dp = 2 mesh), each its own conversation: every call returns
+    `generate`'s tokens and logprobs for the whole prompts; each row keeps what it shares with
+    its own cache (a row's next turn, a row that diverges, a row that starts over), and a row
+    whose kept tokens leave the block less room prefills more of its prompt again."""
+    import jaxdec.prefix_cache as module
+
+    fed, program = [], module._program
+
+    def spy(model, tokens, lengths, cache, *args, **kwargs):
+        kept = np.asarray(cache.lengths) if kwargs["continued"] else np.zeros(len(lengths))
+        fed.append((kept.tolist(), np.asarray(lengths).tolist(), tokens.shape[1]))
+        return program(model, tokens, lengths, cache, *args, **kwargs)
+
+    monkeypatch.setattr(module, "_program", spy)
+    model = loaded(VARIANT) if dp == 1 else jaxdec.load_pretrained(
+        hf_checkpoints(VARIANT)[0], mesh=jaxdec.make_mesh(dp=dp))
+    rows = 3 if dp == 1 else 4
+    session = jaxdec.PrefixCache(model, max_len=64, rows=rows)
+    rs = np.random.RandomState(6)
+    prompts = [rs.randint(3, 97, n).tolist() for n in (9, 4, 13, 6)[:rows]]
+    sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(3))
+    for step in range(3):
+        extra = sampled if step == 1 else {}
+        result = session.generate(prompts, max_new_tokens=5, return_logprobs=True, **extra)
+        want = jaxdec.generate(model, prompts, max_new_tokens=5, return_logprobs=True, **extra)
+        np.testing.assert_array_equal(result.tokens, want.tokens)
+        np.testing.assert_allclose(result.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+        assert session.tokens == [p + out[:-1] for p, out in zip(prompts, result.to_lists())]
+        outs = result.to_lists()
+        prompts = [prompts[0] + outs[0] + [7, 8],  # the next turn
+                   prompts[1][:2] + [9] * 3,  # diverges after 2 tokens, then the same again
+                   rs.randint(3, 97, 40 + 10 * step).tolist(),  # a new conversation
+                   *prompts[3:]]  # the same again (dp = 2)
+    # (kept, rest, block width) per call. The second call: row 0 keeps its 9 + 4 cached tokens,
+    # row 1 its 2 common ones, row 2 nothing, row 3 all but its last; the block is the longest
+    # rest (40) and as much of its bucket (64) as row 0's kept tokens leave room for (51). The
+    # third: row 2's 50 new tokens leave row 0 room for 14 of its 20 cached ones.
+    assert fed[1][0] == [13, 2, 0, 5][:rows] and fed[1][2] == 51
+    assert fed[2][0] == [14, 4, 0, 5][:rows] and fed[2][2] == 50
+    assert fed[2][1] == [23 - 14, 1, 50, 1][:rows]
+
+
 def test_prefix_cache_bad_arguments(loaded):
     model = loaded(VARIANT)
     with pytest.raises(ValueError, match="max_len must be an int >= 2"):
         jaxdec.PrefixCache(model, max_len=1)
     with pytest.raises(ValueError, match="exceeds the model's"):
         jaxdec.PrefixCache(model, max_len=10**6)
-    with pytest.raises(ValueError, match="dp = 1"):
-        jaxdec.PrefixCache(dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2)), max_len=16)
+    dp_model = dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2))
+    with pytest.raises(ValueError, match="rows=1 is not a multiple of the model's mesh's dp=2"):
+        jaxdec.PrefixCache(dp_model, max_len=16)
+    with pytest.raises(ValueError, match="rows must be an int >= 1"):
+        jaxdec.PrefixCache(model, max_len=16, rows=0)
+    with pytest.raises(TypeError, match="prompts must be 2 lists of token ids"):
+        jaxdec.PrefixCache(model, max_len=16, rows=2).generate([1, 2], max_new_tokens=2)
     with pytest.raises(TypeError, match="drafter must be None or a jaxdec.drafters drafter"):
         jaxdec.PrefixCache(model, max_len=16, drafter=model)
     with pytest.raises(ValueError, match="tree .* needs a drafter"):

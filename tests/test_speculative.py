@@ -666,6 +666,31 @@ def test_compile_only_with_abstract_target_and_draft(loaded):
                                     compile_only=True)
 
 
+@pytest.mark.parametrize("name", ["unrelated-chain3", "dynamic-self"])
+def test_a_prefix_cache_of_several_rows_with_a_drafter(name, loaded, unrelated_draft):
+    """Three rows, each its own conversation (a next turn, a divergent prompt, a new one;
+    the draft model's cache resumed per row): greedy calls give `generate`'s tokens, sampled
+    ones `speculative_generate`'s for the same key."""
+    model = loaded(TARGET)
+    make, topology = DRAFTERS[name]
+    drafter = make(model, unrelated_draft)
+    session = jaxdec.PrefixCache(model, max_len=64, drafter=drafter, tree=topology, rows=3)
+    rs = np.random.RandomState(8)
+    prompts = [rs.randint(3, 97, n).tolist() for n in (10, 5, 7)]
+    for step in range(3):
+        extra = dict(sampler=jaxdec.Sampler(temperature=1.0),
+                     key=jax.random.PRNGKey(step)) if step == 1 else {}
+        result = session.generate(prompts, max_new_tokens=6, **extra)
+        want = (jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=6,
+                                            tree=topology, max_len=64, **extra) if extra else
+                jaxdec.generate(model, prompts, max_new_tokens=6))
+        np.testing.assert_array_equal(result.tokens, want.tokens)
+        assert session.tokens == [p + out[:-1] for p, out in zip(prompts, result.to_lists())]
+        outs = result.to_lists()
+        prompts = [prompts[0] + outs[0] + [7, 8], prompts[1][:3] + [9, 9],
+                   rs.randint(3, 97, 6).tolist()]
+
+
 @pytest.mark.parametrize("name", ["self-kary", "unrelated-chain3", "prompt-lookup"])
 def test_a_prefix_cache_with_a_drafter(name, loaded, unrelated_draft, monkeypatch):
     """`PrefixCache(..., drafter=...)` over a conversation's calls (the next turn, a prompt
