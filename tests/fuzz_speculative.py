@@ -139,10 +139,12 @@ def speculative_case(number: int) -> tuple[str, str | None]:
 
 
 def prefix_case(number: int) -> tuple[str, str | None]:
-    """Four turns of a `PrefixCache` session (a prompt continuing the last, a cut-back one, an
-    unrelated one, the same again), each against `generate` / `speculative_generate` from
-    scratch: (the description, None or the first turn that differed)."""
+    """Four turns of a `PrefixCache` session of 1 to 3 rows (each row's prompt continuing its
+    last, cut back, unrelated, or the same again), each against `generate` /
+    `speculative_generate` from scratch: (the description, None or the first turn that
+    differed)."""
     rs = np.random.RandomState(number)
+    rows = 1 + np.random.RandomState([number, 1]).randint(3)  # (one row: the draws as before)
     vocab = 64
     config = random_config(rs, vocab)
     tp, mesh = _mesh(rs, config)
@@ -155,41 +157,44 @@ def prefix_case(number: int) -> tuple[str, str | None]:
         topology = [tree.chain(3), tree.kary(2, 2), tree.dynamic(2, 2, 4)][rs.randint(3)]
     sampled = rs.rand() < 0.3
     max_len = int(rs.choice([64, 96, 160]))
-    session = jaxdec.PrefixCache(model, max_len=max_len, drafter=drafter, tree=topology)
-    description = (f"prefix case {number}: tp {tp}, drafter "
+    session = jaxdec.PrefixCache(model, max_len=max_len, drafter=drafter, tree=topology,
+                                 rows=rows)
+    description = (f"prefix case {number}: {rows} row(s), tp {tp}, drafter "
                    f"{type(drafter).__name__ if drafter else None}, tree "
                    f"{topology}, windows {config.layer_windows}, max_len {max_len}, "
                    f"sampled {sampled}")
-    history = rs.randint(0, vocab, rs.randint(1, 10)).tolist()
+    histories = [rs.randint(0, vocab, rs.randint(1, 10)).tolist() for _ in range(rows)]
     for turn in range(4):
-        mode = rs.randint(4)
-        if mode == 0:
-            prompt = history + rs.randint(0, vocab, rs.randint(1, 12)).tolist()
-        elif mode == 1:
-            prompt = (history[: rs.randint(1, len(history) + 1)]
-                      + rs.randint(0, vocab, rs.randint(0, 5)).tolist())
-        elif mode == 2:
-            prompt = rs.randint(0, vocab, rs.randint(1, 20)).tolist()
-        else:
-            prompt = list(history)
+        prompts = []
+        for history in histories:
+            mode = rs.randint(4)
+            if mode == 0:
+                prompt = history + rs.randint(0, vocab, rs.randint(1, 12)).tolist()
+            elif mode == 1:
+                prompt = (history[: rs.randint(1, len(history) + 1)]
+                          + rs.randint(0, vocab, rs.randint(0, 5)).tolist())
+            elif mode == 2:
+                prompt = rs.randint(0, vocab, rs.randint(1, 20)).tolist()
+            else:
+                prompt = list(history)
+            prompts.append(prompt[-(max_len // 2):])
         new_tokens = int(rs.randint(1, 16))
-        prompt = prompt[-(max_len // 2):]
         settings = dict(max_new_tokens=new_tokens,
                         stop_tokens=tuple(int(t) for t in rs.randint(0, vocab, rs.randint(0, 2))))
         if sampled:
             settings.update(sampler=jaxdec.Sampler(temperature=0.8, top_k=int(rs.choice([5, 20]))),
                             key=jax.random.key(turn))
-        got = session.generate(prompt, **settings)
+        got = session.generate(prompts[0] if rows == 1 else prompts, **settings)
         if drafter is None:
-            want = jaxdec.generate(model, [prompt], **settings)
+            want = jaxdec.generate(model, prompts, **settings)
         else:
-            want = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
+            want = jaxdec.speculative_generate(model, drafter, prompts, tree=topology,
                                                max_len=max_len, **settings)
         if not (np.array_equal(got.tokens, want.tokens)
                 and np.array_equal(got.lengths, want.lengths)):
             return description, (f"turn {turn}: PrefixCache {got.tokens.tolist()}, from "
                                  f"scratch {want.tokens.tolist()}")
-        history = prompt + got.to_lists()[0]
+        histories = [prompt + out for prompt, out in zip(prompts, got.to_lists())]
     return description, None
 
 

@@ -34,10 +34,16 @@ def two_processes(hf_checkpoints, tmp_path_factory):
     checkpoint = hf_checkpoints(CHECKPOINT)[0]
     work = tmp_path_factory.mktemp("multiprocess")
     export = str(work / "export")
+    return _two_workers("multiprocess_worker.py", [checkpoint, export], work), export
+
+
+def _two_workers(script: str, args: list[str], work) -> list[dict]:
+    """`script` (beside this file) as processes 0 and 1 of one run, each given
+    `PROCESS_ID PORT *args OUT_JSON`; the results each wrote to its OUT_JSON (in `work`)."""
     port = str(_free_port())
     workers = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), port, checkpoint,
-         export, str(work / f"out{i}.json")], env=user_env(), stdout=subprocess.PIPE,
+        [sys.executable, os.path.join(HERE, script), str(i), port, *args,
+         str(work / f"out{i}.json")], env=user_env(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     deadline = time.monotonic() + 600  # a process whose peer died may wait on it a while
     logs = []
@@ -49,8 +55,7 @@ def two_processes(hf_checkpoints, tmp_path_factory):
             worker.kill()
     for i, (worker, log) in enumerate(zip(workers, logs)):
         assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
-    results = [json.loads((work / f"out{i}.json").read_text()) for i in range(2)]
-    return results, export
+    return [json.loads((work / f"out{i}.json").read_text()) for i in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +119,7 @@ def test_training_over_two_processes(tmp_path):
     from jaxdec.train import train_draft, train_lm
     from train_presets import MICRO
 
-    port = str(_free_port())
-    workers = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "multiprocess_train.py"), str(i), port,
-         str(tmp_path / "two"), str(tmp_path / f"out{i}.json")], env=user_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [worker.communicate(timeout=600)[0] for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    for i, (worker, log) in enumerate(zip(workers, logs)):
-        assert worker.returncode == 0, f"process {i} failed:\n{log[-3000:]}"
-    results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+    results = _two_workers("multiprocess_train.py", [str(tmp_path / "two")], tmp_path)
 
     one = tmp_path / "one"
     expected = {"lm": train_lm(MICRO, one / "lm", dp=4, log=lambda _: None)}
