@@ -6,8 +6,7 @@ collectives), as on a multi-host TPU slice: test_multiprocess.py starts two.
 Each process holds two CPU devices; the data-parallel mesh (dp = 4) spans both. A target is
 trained, a draft distilled from it, the target resumed from its next-to-last checkpoint, and
 its directory asked for again without --resume / --force (an error in process 0, which both
-processes must raise). The metrics,
-log lines and errors go to OUT_JSON.
+processes must raise). The metrics, log lines and errors go to OUT_JSON.
 """
 
 import json

@@ -1,6 +1,7 @@
 """Several processes (`jax.distributed`), as on a multi-host TPU pod or GPU cluster: two
 processes on this machine's CPU (gloo collectives), two devices each, one mesh over all four.
-Loading, every generation method, streaming and export give what one process gives."""
+Loading, every generation method, streaming, export and training give what one process
+gives; the CLI's generate, bench and chat print from process 0 alone."""
 
 import json
 import re
