@@ -224,7 +224,7 @@ def _generate(args) -> None:
     drafter = _drafter(args, model)
     # Every process runs the program; process 0 prints (a stream's calls come to the process
     # holding the mesh's first device: process 0's, as jax orders devices by process).
-    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say = _printer()
     stream = None
     if args.stream:
         say(echo, end="", flush=True)
@@ -252,6 +252,13 @@ def _generate(args) -> None:
     if distributed:
         facts.append(f"{jax.process_count()} processes, {mesh.devices.size} devices")
     say("[" + ", ".join(facts) + "]")
+
+
+def _printer():
+    """`print` in process 0, nothing in the others (with several processes, process 0 prints)."""
+    import jax
+
+    return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
 
 
 def _join_processes(args) -> bool:
@@ -323,7 +330,7 @@ def _chat(args) -> None:
     # Process 0 reads the messages and prints (a stream's calls come to the process holding
     # the mesh's first device: process 0's); every process runs every turn's program.
     lead = jax.process_index() == 0
-    say = print if lead else (lambda *a, **k: None)
+    say = _printer()
     interactive = lead and sys.stdin.isatty()
     for turn in itertools.count():
         if interactive:
@@ -435,7 +442,7 @@ def _bench(args) -> None:
     benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
     mesh = jaxdec.make_mesh(tp=args.tp)
     # Every process measures and decodes; process 0 prints and writes --json.
-    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say = _printer()
     if args.model:
         directory = checkpoint_dir(args.model)
         config = jaxdec.ModelConfig.from_hf(directory)

@@ -130,15 +130,20 @@ def on_lead(fn: Callable[[], int | None], what: str) -> int:
     return result
 
 
+def _from_every_process(value: int) -> np.ndarray:
+    """Every process's int32 `value`, in process order (a collective: all must call it)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
 def check_same_everywhere(value: bytes, what: str) -> None:
     """Raises in every process unless all processes hold the same `value` (by checksum)."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
 
-    digest = np.int32(zlib.crc32(value) - 2**31)  # (int32: jax's default integer width)
-    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(-1)
-    differ = sorted(i for i, d in enumerate(digests) if d != digests[0])
+    digests = _from_every_process(zlib.crc32(value) - 2**31)
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise ValueError(f"{what} differs between processes (process 0's and {differ}'s): every "
                          "host must read the same corpus (the same Python, or --corpus on a "
@@ -149,11 +154,8 @@ def check_shared_directory(out: str) -> None:
     """Raises in every process unless each sees the run directory process 0 prepared."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
-    sees = np.int32(os.path.exists(os.path.join(out, RUN_FILE)))
-    blind = [i for i, s in enumerate(np.asarray(
-        multihost_utils.process_allgather(sees)).reshape(-1)) if not s]
+    sees = _from_every_process(os.path.exists(os.path.join(out, RUN_FILE)))
+    blind = [i for i, s in enumerate(sees) if not s]
     if blind:
         raise ValueError(f"process(es) {blind} do not see the run directory {out} that process "
                          "0 prepared: with several processes it must be a directory every host "
