@@ -137,12 +137,13 @@ class PrefixCache:
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
         ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
         kept = [self._kept(b, row) for b, row in enumerate(ids)]
-        # One block of the rows' rest: a bucket where every row's kept tokens leave it room,
-        # else as wide as the longest rest (prepare_batch checked that each prompt +
-        # max_new_tokens - 1 fits in max_len), and a row whose kept tokens leave less room than
-        # that prefills more of its prompt again, so the block's writes stay in the cache.
+        # One block of the rows' rest, as wide as `generate`'s prompt block for the longest
+        # rest (its bucket, at most max_len), so a session compiles no more programs than
+        # `generate` does. A row whose kept tokens leave the block less room prefills more of
+        # its prompt again (columns the block computes for every row anyway), so the block's
+        # writes stay in the cache.
         longest = max(len(row) - k for row, k in zip(ids, kept))
-        width = max(longest, min(bucket_length(longest), self.max_len - max(kept)))
+        width = min(bucket_length(longest), self.max_len)
         kept = [min(k, self.max_len - width) for k in kept]
         tokens = np.zeros((self.rows, width), np.int32)
         for b, (row, k) in enumerate(zip(ids, kept)):

@@ -258,7 +258,7 @@ def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch)
     model = loaded(VARIANT) if dp == 1 else jaxdec.load_pretrained(
         hf_checkpoints(VARIANT)[0], mesh=jaxdec.make_mesh(dp=dp))
     rows = 3 if dp == 1 else 4
-    session = jaxdec.PrefixCache(model, max_len=64, rows=rows)
+    session = jaxdec.PrefixCache(model, max_len=80, rows=rows)
     rs = np.random.RandomState(6)
     prompts = [rs.randint(3, 97, n).tolist() for n in (9, 4, 13, 6)[:rows]]
     sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(3))
@@ -276,11 +276,11 @@ def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch)
                    *prompts[3:]]  # the same again (dp = 2)
     # (kept, rest, block width) per call. The second call: row 0 keeps its 9 + 4 cached tokens,
     # row 1 its 2 common ones, row 2 nothing, row 3 all but its last; the block is the longest
-    # rest (40) and as much of its bucket (64) as row 0's kept tokens leave room for (51). The
-    # third: row 2's 50 new tokens leave row 0 room for 14 of its 20 cached ones.
-    assert fed[1][0] == [13, 2, 0, 5][:rows] and fed[1][2] == 51
-    assert fed[2][0] == [14, 4, 0, 5][:rows] and fed[2][2] == 50
-    assert fed[2][1] == [23 - 14, 1, 50, 1][:rows]
+    # rest's (40) bucket, 64. The third: row 2's 50 new tokens (bucket 64) leave row 0 room
+    # for 16 of its 20 cached ones. Every block is a bucket (no program of its own).
+    assert fed[1][0] == [13, 2, 0, 5][:rows] and fed[1][2] == 64
+    assert fed[2][0] == [16, 4, 0, 5][:rows] and fed[2][2] == 64
+    assert fed[2][1] == [23 - 16, 1, 50, 1][:rows]
 
 
 def test_prefix_cache_bad_arguments(loaded):

@@ -310,6 +310,38 @@ def test_output_directory_rules(trained, tmp_path):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
 
 
+def test_all_process_checks_name_the_processes_that_differ(tmp_path, monkeypatch):
+    """Training's checks across processes (the two-process test runs their passing paths):
+    three processes faked, each check's gather replaced by what the processes would send."""
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    sent = []
+
+    def gathered(others):
+        def gather(value):
+            sent.append(int(value))
+            return np.array([value, *others(value)], np.int32)
+        return gather
+
+    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v]))
+    loop.check_same_everywhere(b"the corpus", "the training data")
+    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v + 1]))
+    with pytest.raises(ValueError, match=r"the training data differs between processes "
+                                         r"\(process 0's and \[2\]'s\)"):
+        loop.check_same_everywhere(b"the corpus", "the training data")
+    assert sent[0] == sent[1]  # a checksum of the value, the same in every call
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [0, v]))
+    with pytest.raises(ValueError, match=r"process\(es\) \[0, 1, 2\] do not see"):
+        loop.check_shared_directory(str(run))  # nobody sees it: process 0 prepared nothing
+    (run / loop.RUN_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=r"process\(es\) \[1\] do not see the run directory"):
+        loop.check_shared_directory(str(run))
+    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v]))
+    loop.check_shared_directory(str(run))
+
+
 def test_unknown_preset_and_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match="valid presets: cpu-tiny, gpu-small, gpu-base"):
         train_lm("huge", tmp_path / "a")
