@@ -302,6 +302,9 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
         repo = os.path.join(cache, "models--" + "--".join(parts))
         if _is_cached_repo(repo):
             return _snapshot(repo)
+    if os.path.exists(text):
+        raise NotADirectoryError(f"{text} is a file: a checkpoint is the directory holding "
+                                 "config.json and the safetensors files")
     raise FileNotFoundError(
         f"checkpoint directory {text} does not exist" + (
             f", nor is {text!r} a model in the Hugging Face cache ({cache}); jaxdec downloads "

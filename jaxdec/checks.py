@@ -7,10 +7,37 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def concrete_scalar(name: str, value):
+    """A 0-d array (numpy, or a jax Array holding a value) as its numpy scalar, for the checks
+    of a number that shapes a program (a size, a sampler's setting); anything else as it is. A
+    traced value is a TypeError naming `name`: such a number must be known before tracing."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a concrete number, got a traced value: it fixes the "
+                        "compiled program, so it cannot be computed inside jit (pass a Python "
+                        "number, or compute it outside)")
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape == ():
+        return np.asarray(value)[()]
+    return value
+
+
+def check_untraced(function: str, **arguments) -> None:
+    """A TypeError naming `function` and the argument when any argument (a pytree: a model,
+    prompts, a key) holds a traced value: a function that compiles and runs its own program
+    and reads its results on the host cannot run inside jit (or vmap, grad)."""
+    for name, value in arguments.items():
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
+            raise TypeError(
+                f"{function} cannot run inside a jax transformation (jit, vmap, grad): its "
+                f"argument {name!r} is traced. It compiles and runs its own program and reads the results "
+                "on the host: call it outside (it is one compiled program already), or jit "
+                "jaxdec.generate_padded, the pure form of plain decoding")
+
+
 def check_int(name: str, value, minimum: int = 1) -> int:
-    """`value` as a Python int (numpy integers too: sizes and static arguments are hashed and
-    compared by value and type), or a ValueError naming `name` for anything else (a bool, a
-    float, a string) or a value below `minimum`."""
+    """`value` as a Python int (numpy integers and 0-d integer arrays too: sizes and static
+    arguments are hashed and compared by value and type), or a ValueError naming `name` for
+    anything else (a bool, a float, a string) or a value below `minimum`."""
+    value = concrete_scalar(name, value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
@@ -55,10 +82,11 @@ def check_config(config) -> None:
         raise TypeError(f"config must be a jaxdec ModelConfig, got {type(config).__name__}")
 
 
-def check_param_dtype(dtype) -> np.dtype:
+def check_param_dtype(dtype, *, held: bool = True) -> np.dtype:
     """`dtype` (a name or a type) as the floating-point dtype parameters or a cache are held
     in: a TypeError for what is no dtype, a ValueError for one that is not floating point
-    (integer weights or keys would truncate every value)."""
+    (integer weights or keys would truncate every value) or, for arrays to be `held` in it,
+    a 64-bit one without jax's 64-bit mode (jax would quietly hold float32)."""
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:
@@ -66,4 +94,8 @@ def check_param_dtype(dtype) -> np.dtype:
     if not jnp.issubdtype(resolved, jnp.floating):
         raise ValueError(f"dtype={resolved.name} is not floating point (float32, bfloat16 or "
                          "float16)")
+    if held and resolved.itemsize == 8 and not jax.config.jax_enable_x64:
+        raise ValueError(f"dtype={resolved.name} needs jax's 64-bit mode (jax.config.update("
+                         "'jax_enable_x64', True)), without which arrays are float32: pass "
+                         "float32, bfloat16 or float16")
     return resolved

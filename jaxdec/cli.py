@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
            "demo": _demo}[args.command]
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

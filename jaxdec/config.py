@@ -179,7 +179,7 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be a finite number > 0, got {eps!r}")
         object.__setattr__(self, "rms_norm_eps", float(eps))
         # The name of a floating-point dtype ("bfloat16"; a dtype object is taken by its name).
-        object.__setattr__(self, "dtype", check_param_dtype(self.dtype).name)
+        object.__setattr__(self, "dtype", check_param_dtype(self.dtype, held=False).name)
 
     @property
     def max_positions(self) -> int:

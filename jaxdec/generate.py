@@ -30,7 +30,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
-from jaxdec.checks import check_bool, check_model
+from jaxdec.checks import check_bool, check_model, check_untraced, concrete_scalar
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -251,9 +251,11 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
 # -------------------------------------------------------------------- the host-side API
 
 
-def python_ints(*values):
-    """numpy integers as Python ints (a computed max_new_tokens, say; static arguments are
-    hashed and compared by value and type); anything else as it is, for the checks."""
+def python_ints(**values):
+    """The values, in order, numpy integers and 0-d integer arrays as Python ints (a computed
+    max_new_tokens, say; static arguments are hashed and compared by value and type; a traced
+    one is a TypeError naming it); anything else as it is, for the checks."""
+    values = [concrete_scalar(name, v) for name, v in values.items()]
     return tuple(int(v) if isinstance(v, np.integer) else v for v in values)
 
 
@@ -418,15 +420,17 @@ def generate(
       model: a Model from `load_pretrained` or `init_model`.
       prompts: a list of token-id lists (lengths may differ; none empty), or a [batch, length]
         integer array whose rows are whole prompts.
-      max_new_tokens: tokens to produce per row (>= 1).
+      max_new_tokens: tokens to produce per row (>= 1); the longest prompt and its new
+        tokens must fit in the model's positions (its context length).
       sampler: Greedy() when None, or Sampler(temperature=..., top_k=..., top_p=..., min_p=...).
       key: one PRNG key for sampling, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`
         (default PRNGKey(0)); rows draw independent randomness from it.
       stop_tokens: ids that end a row (the stop token is kept): one id or a list shared by
         all rows, or one list per row (a [batch, M] array too).
       pad_id: written after a row stops.
-      max_len: cache capacity (default: the prompt bucket + max_new_tokens, rounded up to a
-        multiple of 8). The program depends on max_len, not on max_new_tokens: with max_len
+      max_len: cache capacity, at least the longest prompt + max_new_tokens - 1 (the last
+        new token is never fed back) (default: the prompt bucket + max_new_tokens, rounded up
+        to a multiple of 8). The program depends on max_len, not on max_new_tokens: with max_len
         given, every max_new_tokens it has room for runs one compiled program.
       stream: host function called after each step with (step, tokens[B], active[B]) (numpy
         arrays; the first call, step 0, gets the prefill's tokens): a row's new token, and
@@ -447,9 +451,11 @@ def generate(
       GenerateResult with tokens [B, max_new_tokens] and lengths [B] (with compile_only, the
       compiled program).
     """
+    check_untraced("jaxdec.generate", model=model, prompts=prompts, key=key)
     sampler = check_sampler(sampler)
     key = check_key(key)
-    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
+    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                                  max_len=max_len)
     check_compile_only(compile_only, model=model)
     return_timings = check_bool("return_timings", return_timings)
     return_logprobs = check_bool("return_logprobs", return_logprobs)

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxdec import parallel
 from jaxdec.cache import init_cache
-from jaxdec.checks import check_bool, check_model
+from jaxdec.checks import check_bool, check_model, check_untraced
 from jaxdec.drafters.base import Drafter, check_drafter
 from jaxdec.generate import (GenerateResult, _program, bucket_length, output_capacity,
                              prepare_batch, python_ints, read_timings, registered_stream)
@@ -37,7 +37,8 @@ class PrefixCache:
     longest common beginning of the new prompt and the tokens it holds (at most all but the
     prompt's last token, whose logits the first new token needs); the rest is prefilled on
     top (a prompt that shares nothing is prefilled whole, as `generate` does). The cache has
-    `max_len` slots: a prompt and its new tokens must fit in them.
+    `max_len` slots: a prompt and its new tokens but the last (never fed back) must fit in
+    them, and the prompt and all its new tokens in the model's positions (as in `generate`).
 
     With `rows` = R > 1 the session holds R conversations decoded together: each call takes
     R prompts (a list of token-id lists) and returns what `jaxdec.generate(model, prompts,
@@ -58,7 +59,7 @@ class PrefixCache:
     def __init__(self, model: Model, max_len: int, *, drafter: Drafter | None = None,
                  tree: Topology | None = None, rows: int = 1):
         check_model(model)
-        max_len, rows = python_ints(max_len, rows)
+        max_len, rows = python_ints(max_len=max_len, rows=rows)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an int >= 1, got {rows!r}")
         dp = parallel.dp_size(model.mesh)
@@ -120,9 +121,10 @@ class PrefixCache:
         prefilling only what the cache lacks (see the class). `prompt` is one list of token
         ids (with `rows` > 1, a list of `rows` of them, `generate`'s prompts); `profile`
         (speculative only) times drafting and verifying as `speculative_generate` does."""
+        check_untraced("PrefixCache.generate", prompt=prompt, key=key)
         sampler = check_sampler(sampler)
         key = check_key(key)
-        max_new_tokens, pad_id = python_ints(max_new_tokens, pad_id)
+        max_new_tokens, pad_id = python_ints(max_new_tokens=max_new_tokens, pad_id=pad_id)
         return_timings = check_bool("return_timings", return_timings)
         return_logprobs = check_bool("return_logprobs", return_logprobs)
         profile = check_bool("profile", profile)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec.checks import check_int
+from jaxdec.checks import check_int, concrete_scalar
 
 
 def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -79,6 +79,8 @@ class Sampler:
         def real(x):
             return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            object.__setattr__(self, name, concrete_scalar(name, getattr(self, name)))
         t = self.temperature
         if not real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
@@ -102,7 +104,11 @@ class Sampler:
         logits = jnp.asarray(logits).astype(jnp.float32)
         if self.is_greedy:
             return Greedy().probs(logits)
-        logits = logits / self.temperature
+        # Shifted by the row's max before the division: compiled, x / t and max(x / t) may
+        # round apart, and at a tiny temperature that gap overflows exp (NaN probabilities).
+        # A temperature below fp32's smallest normal number would be flushed to 0.
+        t = max(self.temperature, float(np.finfo(np.float32).tiny))
+        logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
         if self.top_k is not None and self.top_k < logits.shape[-1]:
             kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
             logits = jnp.where(logits >= kth, logits, -jnp.inf)

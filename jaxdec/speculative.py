@@ -22,7 +22,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
-from jaxdec.checks import check_bool
+from jaxdec.checks import check_bool, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter
 from jaxdec.generate import (_host_clock, after_clock, check_compile_only, output_capacity,
                              prepare_batch, python_ints, read_timings, registered_stream,
@@ -392,9 +392,12 @@ def speculative_generate(
       SpeculativeResult with tokens [B, max_new_tokens], lengths [B] and stats (with
       compile_only, the compiled program).
     """
+    check_untraced("jaxdec.speculative_generate", target=target, drafter=drafter,
+                   prompts=prompts, key=key)
     sampler = check_sampler(sampler)
     key = check_key(key)
-    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens, pad_id, max_len)
+    max_new_tokens, pad_id, max_len = python_ints(max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                                  max_len=max_len)
     check_drafter(drafter)
     check_compile_only(compile_only, target=target, drafter=drafter)
     return_timings = check_bool("return_timings", return_timings)

@@ -259,6 +259,9 @@ def test_hugging_face_cache_folders_without_a_clear_snapshot(hf_checkpoints, tmp
 def test_missing_directory_and_files(hf_checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         jaxdec.load_pretrained(tmp_path / "nope")
+    with pytest.raises(NotADirectoryError, match="config.json is a file: a checkpoint is the "
+                                                 "directory"):
+        jaxdec.load_pretrained(os.path.join(hf_checkpoints("llama-gqa")[0], "config.json"))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -322,6 +325,9 @@ def test_bad_dtype_argument(hf_checkpoints):
         jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="not-a-dtype")
     with pytest.raises(ValueError, match="dtype=int8 is not floating point"):
         jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="int8")
+    # Without jax's 64-bit mode float64 arrays would quietly be float32.
+    with pytest.raises(ValueError, match="dtype=float64 needs jax's 64-bit mode"):
+        jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], dtype="float64")
 
 
 def test_quantized_checkpoints_are_refused(hf_checkpoints, tmp_path):

@@ -1,6 +1,7 @@
 """The `jaxdec generate` command."""
 
 import io
+import os
 
 import jax
 import pytest
@@ -49,6 +50,12 @@ def test_pallas_attention_is_refused_on_cpu(tokenized_checkpoint, capsys):
 def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    config = os.path.join(hf_checkpoints("llama-gqa")[0], "config.json")
+    assert main(["generate", "--model", config, "--prompt", "x"]) == 2
+    assert "config.json is a file" in capsys.readouterr().err
+    assert main(["generate", "--model", hf_checkpoints("llama-gqa")[0], "--prompt", "x",
+                 "--dtype", "float64"]) == 2
+    assert "dtype=float64 needs jax's 64-bit mode" in capsys.readouterr().err
     assert main(["generate", "--model", hf_checkpoints("llama-gqa")[0], "--prompt", "x"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
 

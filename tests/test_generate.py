@@ -417,6 +417,31 @@ def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, ma
     assert _compiles == []
 
 
+def test_inside_jit_generate_names_the_traced_argument(loaded):
+    """`generate` runs its own program and reads it on the host: inside a user's jit it says
+    so (and what to jit instead) rather than failing deep in a host conversion; 0-d arrays
+    holding a value count as numbers."""
+    model = loaded(VARIANT)
+    inside = r"cannot run inside a jax transformation \(jit, vmap, grad\): its argument "
+    with pytest.raises(TypeError, match="jaxdec.generate " + inside + "'model'.*generate_padded"):
+        jax.jit(lambda m: jaxdec.generate(m, [[1, 2]], max_new_tokens=2).tokens)(model)
+    with pytest.raises(TypeError, match=inside + "'prompts'"):
+        jax.jit(lambda p: jaxdec.generate(model, p, max_new_tokens=2).tokens)(
+            jnp.array([[1, 2]]))
+    with pytest.raises(TypeError, match="max_new_tokens must be a concrete number"):
+        jax.jit(lambda n: jaxdec.generate(model, [[1, 2]], max_new_tokens=n).tokens)(2)
+    with pytest.raises(TypeError, match="jaxdec.speculative_generate " + inside + "'prompts'"):
+        jax.jit(lambda p: jaxdec.speculative_generate(
+            model, jaxdec.drafters.PromptLookup(), p, max_new_tokens=2).tokens)(
+            jnp.array([[1, 2]]))
+    session = jaxdec.PrefixCache(model, max_len=16)
+    with pytest.raises(TypeError, match="PrefixCache.generate " + inside + "'prompt'"):
+        jax.jit(lambda p: session.generate(p, max_new_tokens=2).tokens)(jnp.array([1, 2]))
+    np.testing.assert_array_equal(
+        jaxdec.generate(model, [[1, 2]], max_new_tokens=jnp.int32(3), pad_id=np.array(0)).tokens,
+        jaxdec.generate(model, [[1, 2]], max_new_tokens=3).tokens)
+
+
 def test_yarn_extends_the_positions(loaded):
     """Qwen2.5's long-context recipe keeps max_position_embeddings at the original context
     and adds YaRN: factor x original positions are allowed, one more is refused."""

@@ -115,3 +115,30 @@ def test_samplers_are_hashable_static_arguments():
     assert hash(Sampler(top_p=0.9)) == hash(Sampler(top_p=0.9))
     assert Sampler(top_p=0.9) != Sampler(top_p=0.8)
     assert hash(Greedy()) == hash(Greedy())
+
+
+def test_a_tiny_temperature_is_the_argmax_when_compiled():
+    """Compiled, x / t and max(x / t) may round apart, which at a tiny t overflowed exp: NaN
+    probabilities, and `sample` drew id 0. The logits are shifted by their max first."""
+    logits = jax.random.normal(jax.random.key(0), (4, 256)) * 0.5 + 0.5
+    top = np.asarray(jnp.argmax(logits, axis=-1))
+    for t in (1e-6, 1e-10, 1e-20, 1e-38):
+        sampler = Sampler(temperature=t)
+        probs = np.asarray(jax.jit(sampler.probs)(logits))
+        np.testing.assert_array_equal(probs, np.eye(256, dtype=np.float32)[top])
+        np.testing.assert_array_equal(
+            np.asarray(jax.jit(sampler.sample)(logits, jax.random.key(1))), top)
+
+
+def test_concrete_arrays_are_taken_and_traced_ones_refused():
+    """0-d arrays holding a value (a jnp scalar computed outside jit) count as numbers; a
+    traced one cannot set a static argument: a TypeError naming it."""
+    given = Sampler(temperature=jnp.float32(0.5), top_k=jnp.int32(5), top_p=np.array(0.9),
+                    min_p=jnp.asarray(0.25))
+    assert given == Sampler(temperature=0.5, top_k=5, top_p=0.9, min_p=0.25)
+    assert [type(getattr(given, f)) for f in ("temperature", "top_k", "top_p", "min_p")] == [
+        float, int, float, float]
+    with pytest.raises(TypeError, match="temperature must be a concrete number, got a traced"):
+        jax.jit(lambda t: Sampler(temperature=t).probs(LOGITS))(0.5)
+    with pytest.raises(ValueError, match="top_k"):
+        Sampler(top_k=jnp.zeros(2, jnp.int32))
