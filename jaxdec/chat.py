@@ -31,6 +31,7 @@ from jaxdec.config import read_json_object
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_JSON = "chat_template.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                    "mask_token")
 
@@ -66,7 +67,9 @@ class ChatTemplate:
         import jinja2
 
         template = _compile(self.source, self.origin)
-        context = dict(self.special_tokens)
+        # `tools` and `documents` are None unless given, as transformers passes them (a
+        # template may test `tools is not none`).
+        context = dict(self.special_tokens, tools=None, documents=None)
         context.update(variables, messages=messages, add_generation_prompt=add_generation_prompt)
         try:
             return template.render(**context)
@@ -98,8 +101,8 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
-def _tojson(value, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators,
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                       sort_keys=sort_keys)
 
 
@@ -167,12 +170,18 @@ def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
     """The chat template of a checkpoint directory, or None when it has none: from
     `chat_template.jinja`, else `chat_template.json`, else `tokenizer_config.json`'s
     `chat_template` (where transformers looks, in that order), with the special tokens of
-    `tokenizer_config.json`."""
+    `tokenizer_config.json` and `special_tokens_map.json` (the map's first, as transformers
+    takes them)."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, TOKENIZER_CONFIG)
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
+    # Older checkpoints name some special tokens in special_tokens_map.json only; where both
+    # files name one, transformers takes the map's.
+    map_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
+    tokens_map = _read_json(map_path) if os.path.isfile(map_path) else {}
     special = {name: text for name in _SPECIAL_TOKENS
-               if (text := _token_text(config.get(name))) is not None}
+               if (text := _token_text(tokens_map.get(name))) is not None
+               or (text := _token_text(config.get(name))) is not None}
     jinja_path = os.path.join(directory, TEMPLATE_FILE)
     json_path = os.path.join(directory, TEMPLATE_JSON)
     if os.path.isfile(jinja_path):

@@ -199,6 +199,8 @@ def _generate(args) -> None:
     sampler, topology = _decoding_settings(args)  # checked before loading anything
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat")
+    if args.system is not None:
+        _utf8(args.system, "--system")
     if distributed and args.prompt_file == "-":
         raise ValueError("--prompt-file -: several processes cannot share standard input; "
                          "give every process the prompt (--prompt, or a file each can read)")
@@ -307,6 +309,8 @@ def _chat(args) -> None:
 
     distributed = _join_processes(args)  # before anything starts jax's backends
     sampler, topology = _decoding_settings(args)
+    if args.system is not None:
+        _utf8(args.system, "--system")
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype,
                                    mesh=jaxdec.make_mesh(tp=args.tp))
     model = model.with_attention(args.attention)
@@ -332,29 +336,36 @@ def _chat(args) -> None:
     lead = jax.process_index() == 0
     say = _printer()
     interactive = lead and sys.stdin.isatty()
+    _keep_undecodable_bytes(sys.stdin)
     for turn in itertools.count():
         if interactive:
             print("> ", end="", flush=True)
         line = sys.stdin.readline() if lead else None
+        if line and not _is_utf8(line):  # refused (a blank line: every process skips it)
+            say("[not UTF-8 text: the message is skipped]", file=sys.stderr, flush=True)
+            line = "\n"
         if distributed:
             line = _from_process_0(line)
         if not line:
             break
         if not line.strip():
             continue
-        turns.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = jaxdec.chat.encode_chat(model, opening + turns)
+        message = {"role": "user", "content": line.rstrip("\r\n")}
+        prompt = jaxdec.chat.encode_chat(model, opening + turns + [message])
+        if len(prompt) + args.max_new_tokens > limit:
+            alone = len(jaxdec.chat.encode_chat(model, opening + [message]))
+            if alone + args.max_new_tokens > limit:  # refused: the conversation stays whole
+                say(f"[too long: the message takes {alone} tokens (with the system message "
+                    f"and the template's), + --max-new-tokens {args.max_new_tokens} exceed "
+                    f"the {limit} kept (--max-context, the model's positions)]",
+                    file=sys.stderr, flush=True)
+                continue
+        turns.append(message)
         # The oldest exchanges make way when the conversation outgrows the limit.
-        while len(prompt) + args.max_new_tokens > limit and len(turns) > 1:
+        while len(prompt) + args.max_new_tokens > limit:
             del turns[:2]
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        if len(prompt) + args.max_new_tokens > limit:
-            turns.pop()
-            say(f"[too long: {len(prompt)} tokens of conversation + --max-new-tokens "
-                f"{args.max_new_tokens} exceed the {limit} kept (--max-context, the model's "
-                "positions)]", file=sys.stderr, flush=True)
-            continue
         stream = jaxdec.TextStream(model.tokenizer)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
@@ -369,6 +380,29 @@ def _chat(args) -> None:
         rate = result.decode_tokens_per_s
         say(f"[{len(tokens)} tokens" + (f", {rate:.1f} tokens/s]" if rate else "]"),
             file=sys.stderr, flush=True)
+
+
+def _keep_undecodable_bytes(stream) -> None:
+    """Bytes of a text stream that are not UTF-8 (its encoding) read as surrogate escapes, as
+    the command line's do, instead of raising mid-read: `_is_utf8` then tells."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="surrogateescape")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding undecodable bytes (surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8(text: str, what: str) -> str:
+    """`text`, or a ValueError naming `what` when it holds undecodable bytes."""
+    if not _is_utf8(text):
+        raise ValueError(f"{what} is not UTF-8 text")
+    return text
 
 
 def _from_process_0(text: str | None) -> str:
@@ -389,9 +423,10 @@ def _from_process_0(text: str | None) -> str:
 def _prompt_text(args) -> tuple[str, str, str]:
     """(the text to continue, what to print before the continuation, its name in errors)."""
     if args.prompt is not None:
-        return args.prompt, args.prompt, "--prompt"
+        return _utf8(args.prompt, "--prompt"), args.prompt, "--prompt"
     if args.prompt_file == "-":
-        return sys.stdin.read(), "", "the standard input"
+        _keep_undecodable_bytes(sys.stdin)
+        return _utf8(sys.stdin.read(), "the standard input"), "", "the standard input"
     try:
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read(), "", f"--prompt-file {args.prompt_file}"

@@ -70,16 +70,49 @@ def _read_text(path: str) -> str | None:
     return text if text.strip() and "\x00" not in text else None
 
 
-def split_heldout(files: list[str], root: str, fraction: float = HELDOUT_FRACTION):
+def split_heldout(files: list[str], root: str, fraction: float = HELDOUT_FRACTION, *,
+                  sizes: dict[str, int] | None = None, min_chars: int = 0):
     """(train, heldout): the `ceil(fraction * n)` files (at least one) with the smallest path
-    hashes are held out. Deterministic, and independent of which machine lists the files."""
+    hashes are held out, and more in the same order until they hold `min_chars` characters
+    (`sizes`: each file's; a few short files picked by their hashes would otherwise hold too
+    little to evaluate on). Deterministic, and independent of which machine lists the files.
+    A ValueError when the files left to train on hold fewer than `min_chars`."""
     if not 0 < fraction < 1:
         raise ValueError(f"heldout fraction must be in (0, 1), got {fraction}")
     if len(files) < 2:
         raise ValueError(f"the corpus needs at least 2 readable files to hold one out, got {len(files)}")
     ordered = sorted(files, key=lambda f: _file_key(f, root))
     n_heldout = max(1, math.ceil(fraction * len(files)))
+    if min_chars:
+        held = sum(sizes[f] for f in ordered[:n_heldout])
+        while held < min_chars and n_heldout < len(ordered) - 1:
+            held += sizes[ordered[n_heldout]]
+            n_heldout += 1
+        left = sum(sizes[f] for f in ordered[n_heldout:])
+        if held < min_chars or left < min_chars:
+            raise ValueError(f"the corpus {root} is too small: its {len(files)} files hold "
+                             f"{held + left} characters, and its held-out and training files "
+                             f"need at least {min_chars} each")
     return ordered[n_heldout:], ordered[:n_heldout]
+
+
+def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, str]]:
+    """(the corpus's root, {path: text} of its files, in path order): every file under
+    `corpus` readable as UTF-8 text, or the interpreter's standard-library `.py` files
+    (site-packages excluded) for None. A ValueError when there are none."""
+    if corpus is None:
+        root = stdlib_dir()
+        files = _walk(root, ".py", {"site-packages", "dist-packages", "__pycache__"})
+    else:
+        root = os.fspath(corpus)
+        if not os.path.isdir(root):
+            raise ValueError(f"corpus {root} is a file: give a directory of text files"
+                             if os.path.exists(root) else f"corpus directory {root} does not exist")
+        files = _walk(root, None, {"__pycache__"})
+    texts = {f: t for f in sorted(files) if (t := _read_text(f)) is not None}
+    if not texts:
+        raise ValueError(f"the corpus {root} has no readable text files")
+    return root, texts
 
 
 def load_corpus(
@@ -88,6 +121,7 @@ def load_corpus(
     extra_dirs: tuple[str, ...] = (),
     max_train_bytes: int | None = None,
     heldout_fraction: float = HELDOUT_FRACTION,
+    min_chars: int = 0,
 ) -> Corpus:
     """Lists, splits and reads a corpus.
 
@@ -97,21 +131,15 @@ def load_corpus(
       extra_dirs: more directories whose `.py` files join the training set only (e.g. the
         site-packages sources on accelerators); the held-out files come from `corpus` alone.
       max_train_bytes: keep training files (in path-hash order) up to about this many bytes.
+      min_chars: the least characters the held-out files, and the training files, hold (more
+        files are held out where the first picked are short; see `split_heldout`).
     Returns:
       A Corpus; raises ValueError when no readable files are found.
     """
-    if corpus is None:
-        root = stdlib_dir()
-        files = _walk(root, ".py", {"site-packages", "dist-packages", "__pycache__"})
-    else:
-        root = os.fspath(corpus)
-        if not os.path.isdir(root):
-            raise ValueError(f"corpus directory {root} does not exist")
-        files = _walk(root, None, {"__pycache__"})
-    texts = {f: t for f in files if (t := _read_text(f)) is not None}
-    if not texts:
-        raise ValueError(f"the corpus {root} has no readable text files")
-    train, heldout = split_heldout(sorted(texts), root, heldout_fraction)
+    root, texts = read_texts(corpus)
+    train, heldout = split_heldout(sorted(texts), root, heldout_fraction,
+                                   sizes={f: len(t) for f, t in texts.items()},
+                                   min_chars=min_chars)
     train = sorted(train, key=lambda f: _file_key(f, root))
     for directory in extra_dirs:
         extra = _walk(directory, ".py", {"__pycache__"})

@@ -39,7 +39,8 @@ class SpecStats:
 
     Attributes:
       steps: loop iterations (target forwards after the prefill).
-      tau: mean tokens emitted per verification step and row (accepted drafts + 1).
+      tau: mean tokens emitted per verification step and row (accepted drafts + 1; a step
+        that max_new_tokens or a stop token cut short counts the tokens it kept).
       acceptance_by_depth: [D] fraction of row-steps that accepted a node at depth d = 1..D.
       row_steps: [B] verification steps per row.
       draft_s, verify_s: seconds spent drafting and verifying (None unless profiled).
@@ -88,7 +89,6 @@ class _State:
     n_gen_B: jax.Array
     done_B: jax.Array
     row_steps_B: jax.Array
-    emitted_sum_B: jax.Array
     depth_hits_BD: jax.Array
     seconds: jax.Array  # [2]: drafting, verifying (timed runs)
     logprobs_BN: jax.Array | None  # [B, max_new_tokens] float32, when asked for
@@ -194,7 +194,7 @@ def speculative_padded(
         step=jnp.int32(0), root_B=root, cache=cache, drafter_state=drafter_state,
         out_BN=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
         n_gen_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
-        row_steps_B=jnp.zeros((B,), jnp.int32), emitted_sum_B=jnp.zeros((B,), jnp.int32),
+        row_steps_B=jnp.zeros((B,), jnp.int32),
         depth_hits_BD=jnp.zeros((B, depth), jnp.int32), seconds=jnp.zeros((2,), jnp.float32),
         logprobs_BN=jnp.zeros((B, max_new_tokens), jnp.float32) if return_logprobs else None,
     )
@@ -265,13 +265,12 @@ def speculative_padded(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
             drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,
             row_steps_B=s.row_steps_B + active.astype(jnp.int32),
-            emitted_sum_B=s.emitted_sum_B + jnp.where(active, verdict.n_path, 0),
             depth_hits_BD=s.depth_hits_BD + hits.astype(jnp.int32),
             seconds=seconds, logprobs_BN=logprobs,
         )
 
     s = jax.lax.while_loop(cond, body, state)
-    stats = dict(steps=s.step, row_steps=s.row_steps_B, emitted_sum=s.emitted_sum_B,
+    stats = dict(steps=s.step, row_steps=s.row_steps_B,
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
     outputs = (s.out_BN, s.n_gen_B) + (() if s.logprobs_BN is None else (s.logprobs_BN,))
     cache, drafter_state = as_floats((s.cache, s.drafter_state)) if bits else (s.cache,
@@ -440,7 +439,9 @@ def spec_result(outputs, stats, stamps, *, rows: int, columns: int,
     seconds = stats["seconds"]
     spec_stats = SpecStats(
         steps=int(stats["steps"]),
-        tau=float(stats["emitted_sum"][rows].sum() / total_steps),
+        # Every token a row produced came from one of its steps (those max_new_tokens or a
+        # stop token cut short too: their cut tokens are not counted).
+        tau=float(parallel.to_host(n_gen)[rows].sum() / total_steps),
         acceptance_by_depth=stats["depth_hits"][rows].sum(axis=0) / total_steps,
         row_steps=row_steps,
         draft_s=float(seconds[0]) if profile else None,

@@ -219,9 +219,12 @@ def chain(k: int) -> Topology:
 def kary(depth: int, width: int) -> Topology:
     """A full tree: every node down to `depth` has `width` children (breadth-first order)."""
     depth, width = check_int("depth", depth), check_int("width", width)
-    total = sum(width**d for d in range(depth + 1))
-    if total > MAX_NODES:
-        raise ValueError(f"kary({depth}, {width}) has {total} nodes, more than {MAX_NODES}")
+    total, level_size = 1, 1
+    for _ in range(depth):  # stops at the first level past MAX_NODES (a huge depth is quick)
+        level_size *= width
+        total += level_size
+        if total > MAX_NODES:
+            raise ValueError(f"kary({depth}, {width}) has more than {MAX_NODES} nodes")
     parents, level = [-1], [0]
     for _ in range(depth):
         nxt = []
@@ -245,6 +248,8 @@ def from_choices(paths: Sequence[Sequence[int]]) -> Topology:
     if paths is None or not all(isinstance(p, (Sequence, np.ndarray))
                                 and not isinstance(p, (str, bytes)) for p in paths):
         raise ValueError("choices must be a list of lists of child ranks")
+    if not paths:
+        raise ValueError("choices must list at least one path (the root is implicit)")
     if any(len(p) == 0 for p in paths):
         raise ValueError("a choice path is empty (the root is implicit)")
     ranks_of = [tuple(_rank(c) for c in p) for p in paths]
@@ -305,8 +310,12 @@ def parse(spec: str) -> Topology | DynamicTree:
 
 
 def as_topology(tree) -> Topology | DynamicTree:
-    """`tree` as a validated Topology or DynamicTree (TypeError for anything else)."""
+    """`tree` as a validated Topology or DynamicTree to draft and verify (TypeError for
+    anything else; a ValueError for a root alone: nothing to draft)."""
     if isinstance(tree, Topology):
+        if tree.num_nodes < 2:
+            raise ValueError("tree is the root alone: a tree to draft needs at least one node "
+                             "below it (e.g. chain(1))")
         return from_parents(tree.parents, tree.ranks)
     if isinstance(tree, DynamicTree):
         return dynamic(tree.depth, tree.width, tree.nodes)

@@ -50,10 +50,11 @@ def test_synthetic_tiny(tmp_path):
 def test_trained_models_path(tokenized_checkpoint, tmp_path):
     records = _run(["--preset", "cpu-tiny", "--target", tokenized_checkpoint, "--draft",
                     tokenized_checkpoint, "--methods", "draft:chain:4,lookup", "--batches", "2",
-                    "--temperatures", "0,1", "--max-new-tokens", "8"], tmp_path)
+                    "--temperatures", "0,1", "--max-new-tokens", "10"], tmp_path)
     keys = {(r["method"], r["temperature"]) for r in records}
     assert keys == {(m, t) for m in ("plain", "draft", "lookup") for t in (0.0, 1.0)}
     greedy_self = next(r for r in records if r["method"] == "draft" and r["temperature"] == 0)
+    # Drafting for itself: every step emits 4 drafts + 1 (10 tokens in 2 steps).
     assert greedy_self["same_tokens_as_ar"] is True and greedy_self["tau"] == 5.0
 
 

@@ -106,6 +106,32 @@ def test_tools_reach_the_template_as_json(tmp_path):
                                               add_generation_prompt=True)
 
 
+def test_tools_and_documents_are_none_unless_given(tmp_path):
+    """As transformers passes them: a template testing `tools is not none` (Mistral's style)
+    renders no tools block for a plain conversation; `tojson` takes ensure_ascii; the special
+    tokens of special_tokens_map.json (older checkpoints name some there only) reach the
+    template, before tokenizer_config.json's."""
+    template = ("{{ bos_token }}{% for m in messages %}{% if tools is not none and loop.last %}"
+                "[TOOLS]{{ tools | tojson(ensure_ascii=True) }}[/TOOLS]{% endif %}"
+                "{% if documents is not none %}[DOCS]{% endif %}[INST] {{ m.content }}[/INST]"
+                "{% endfor %}{{ eos_token }}")
+    directory = _directory(tmp_path, template)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>",
+                                                                   "eos_token": "<other>"}))
+    ours = load_chat_template(directory)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    tools = [{"name": "lookup", "description": "finds ünïcode"}]
+    for extra in ({}, {"tools": tools}):
+        text = ours.render(CONVERSATIONS[0], add_generation_prompt=False, **extra)
+        assert text == theirs.apply_chat_template(CONVERSATIONS[0], tokenize=False,
+                                                  add_generation_prompt=False, **extra)
+    assert text.startswith("<s>[TOOLS]") and "\\u00fc" in text and text.endswith("<other>")
+    assert ours.render(CONVERSATIONS[0]) == "<s>[INST] hello the quick fox[/INST]<other>"
+
+
 def test_where_the_template_comes_from(tmp_path):
     """chat_template.jinja before tokenizer_config.json's; a list of named templates gives
     its "default"; none: None."""
@@ -250,3 +276,31 @@ def test_cli_chat_drops_what_no_longer_fits(chat_checkpoint, capsys, monkeypatch
     assert "too long" in err
     lines = out.split("\n")
     assert lines[0] == lines[2]  # the last turn saw only itself again, as the first did
+
+
+def test_cli_chat_refuses_a_message_without_losing_the_conversation(chat_checkpoint, capsys,
+                                                                    monkeypatch):
+    """A message too long to fit even alone, and one that is not UTF-8 (standard input keeps
+    undecodable bytes as escapes), are refused; the conversation before them stays whole."""
+    import jaxdec.chat as chat
+
+    rendered, encode = [], chat.encode_chat
+
+    def spy(model, messages, **kwargs):
+        rendered.append([m["content"] for m in messages])
+        return encode(model, messages, **kwargs)
+
+    monkeypatch.setattr(chat, "encode_chat", spy)
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    # Room for two turns, not for the long message alone.
+    two = len(encode(model, [{"role": "user", "content": "the fox"}, {"role": "assistant",
+                              "content": "the lazy dog"}, {"role": "user", "content": "the dog"}]))
+    too_long = "fox " * two
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"the fox\n{too_long}\ncaf\udce9\nthe dog\n"))
+    assert main(["chat", "--model", str(chat_checkpoint), "--max-context", str(two + 8),
+                 "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    out, err = capsys.readouterr()
+    assert "[too long: the message takes" in err and "not UTF-8 text" in err
+    assert "dropped" not in err
+    first_reply = out.split("\n")[0]
+    assert rendered[-1] == ["the fox", first_reply, "the dog"]

@@ -46,6 +46,22 @@ def test_directory_corpus_skips_unreadable_files(tmp_path):
     assert again.heldout_files == corpus.heldout_files
 
 
+def test_short_heldout_files_make_way_for_more(tmp_path):
+    """With `min_chars` the held-out set grows, in path-hash order, until it holds that much
+    text (the files first picked may be one-liners); a corpus too small for both sides is
+    refused."""
+    files = {f"doc{i}.txt": ("x" * 10 if i % 2 else "y" * 400) for i in range(60)}
+    _write(tmp_path, files)
+    first = data.load_corpus(tmp_path)
+    grown = data.load_corpus(tmp_path, min_chars=1000)
+    assert grown.heldout_files[: len(first.heldout_files)] == first.heldout_files
+    held = sum(len(t) for t in grown.heldout_texts)
+    assert held >= 1000 > held - len(grown.heldout_texts[-1])  # no more files than needed
+    assert set(grown.train_files) == set(first.train_files) - set(grown.heldout_files)
+    with pytest.raises(ValueError, match=r"is too small: its 60 files hold 12300 characters"):
+        data.load_corpus(tmp_path, min_chars=7000)
+
+
 def test_extra_dirs_only_add_training_files(tmp_path):
     _write(tmp_path / "main", {f"m{i}.txt": f"main {i}" for i in range(10)})
     _write(tmp_path / "extra", {"a.py": "x = 1\n", "b.py": "y = 2\n", "skip.txt": "not python"})
@@ -70,6 +86,9 @@ def test_bad_corpora(tmp_path, files, match):
 def test_missing_corpus_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         data.load_corpus(tmp_path / "nope")
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError, match="a.txt is a file: give a directory"):
+        data.load_corpus(tmp_path / "a.txt")
 
 
 def test_byte_level_tokenizer_round_trips_anything():

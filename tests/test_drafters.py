@@ -217,6 +217,24 @@ def test_retrieval_from_texts(hf_checkpoints):
         Retrieval.from_texts(["hello world"], None)
 
 
+def test_retrieval_from_a_directory(tmp_path):
+    """Every readable file, one alone too (a datastore holds nothing out)."""
+    from hf_models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    (tmp_path / "b.txt").write_text("hello world")
+    one = Retrieval.from_directory(tmp_path, tokenizer)
+    np.testing.assert_array_equal(one.tokens,
+                                  Retrieval.from_texts(["hello world"], tokenizer).tokens)
+    (tmp_path / "a.txt").write_text("the quick brown fox")
+    (tmp_path / "c.bin").write_bytes(b"\x00\xff")
+    both = Retrieval.from_directory(tmp_path, tokenizer)
+    np.testing.assert_array_equal(both.tokens, Retrieval.from_texts(
+        ["the quick brown fox", "hello world"], tokenizer).tokens)
+    with pytest.raises(ValueError, match="b.txt is a file"):
+        Retrieval.from_directory(tmp_path / "b.txt", tokenizer)
+
+
 def test_retrieval_copies_its_datastore_once_per_mesh():
     """Repeated calls reuse the datastore already on the target's devices (a mesh of its own
     gets its own copy); the ids are still checked against each target's vocabulary, also

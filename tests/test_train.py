@@ -306,6 +306,8 @@ def test_output_directory_rules(trained, tmp_path):
     with pytest.raises(ValueError, match="not a jaxdec training directory"):
         train_lm(MICRO, foreign, resume=True, log=lambda _: None)
     assert (foreign / "notes.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="notes.txt is a file: the run directory"):
+        train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
     with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
 
@@ -349,6 +351,13 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match="no readable text files"):
         train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus")
     assert not (tmp_path / "b").exists()
+    (tmp_path / "corpus" / "a.py").write_text("x = 1\n" * 50)
+    (tmp_path / "corpus" / "b.py").write_text("y = 2\n")
+    with pytest.raises(ValueError, match="corpus .* is too small: its 2 files hold 306 char"):
+        train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus")
+    with pytest.raises(ValueError, match="a.py is a file: give a directory"):
+        train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus" / "a.py")
+    assert not (tmp_path / "b").exists()
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         train_lm(MICRO, tmp_path / "c", steps=0)
 
@@ -387,6 +396,17 @@ def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):
         train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d")
     with pytest.raises(ValueError, match="objective"):
         train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d", objective="js")
+
+
+def test_a_draft_never_runs_in_its_targets_directory(trained):
+    """Starting a draft's run over (force) deletes its directory: one that holds the target
+    (the target's own, or a parent of it) is refused before anything is read or written."""
+    target = trained[0]
+    before = sorted(os.listdir(target))
+    for out in (target, os.path.dirname(target)):
+        with pytest.raises(ValueError, match="holds the target"):
+            train_draft(target, MICRO, out, force=True, log=lambda _: None)
+    assert sorted(os.listdir(target)) == before
 
 
 def test_cli_wiring(monkeypatch, tmp_path, capsys):

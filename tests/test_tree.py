@@ -69,6 +69,14 @@ def test_builder_arguments_and_specs():
         tree.kary(2, 0)
     with pytest.raises(ValueError, match="more than"):
         tree.kary(8, 3)
+    with pytest.raises(ValueError, match="more than 256 nodes"):
+        tree.kary(10**6, 2)  # at once: the count stops past MAX_NODES
+    with pytest.raises(ValueError, match="at least one path"):
+        tree.from_choices([])
+    with pytest.raises(ValueError, match="bad tree spec.*at least one path"):
+        tree.parse("[]")
+    with pytest.raises(ValueError, match="tree is the root alone"):
+        tree.as_topology(tree.from_parents([-1]))
     assert tree.parse("chain:5") == tree.chain(5) == tree.chain(np.int64(5))  # numpy ints too
     assert tree.kary(np.int32(2), np.int64(3)) == tree.kary(2, 3)
     assert tree.parse("kary:2:3") == tree.kary(2, 3)

@@ -530,6 +530,11 @@ def test_dispatch_and_bad_arguments():
         TA.tree_attention(**case, impl="triton")
     with pytest.raises(ValueError, match="window must be a positive int"):
         TA.tree_attention(**{**case, "window": 0})
+    np.testing.assert_array_equal(TA.tree_attention(**{**case, "window": np.int64(4)}),
+                                  TA.tree_attention(**{**case, "window": 4}))
+    for sizes in (TA.BlockSizes, TA.HopperBlockSizes):  # 0 is no "choose for me"
+        with pytest.raises(ValueError, match="num_splits must be an int >= 1 or None"):
+            sizes(num_splits=0)
     with pytest.raises(ValueError, match="mask must be"):
         TA.tree_attention(**{**case, "mask_BTT": case["mask_BTT"][:, :2]})
     with pytest.raises(ValueError, match="not a multiple of KV heads"):

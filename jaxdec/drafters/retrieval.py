@@ -84,8 +84,8 @@ class Retrieval(Drafter):
         library when path is None)."""
         from jaxdec import data
 
-        corpus = data.load_corpus(None if path is None else os.fspath(path))
-        return cls.from_texts(corpus.train_texts + corpus.heldout_texts, tokenizer, **kwargs)
+        _, texts = data.read_texts(None if path is None else os.fspath(path))
+        return cls.from_texts(list(texts.values()), tokenizer, **kwargs)
 
     @property
     def size(self) -> int:

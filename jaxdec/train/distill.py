@@ -126,6 +126,11 @@ def train_draft(
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    target_path, out_path = (os.path.realpath(os.fspath(p)) for p in (target_dir, out))
+    if target_path == out_path or target_path.startswith(out_path + os.sep):
+        raise ValueError(f"out={os.fspath(out)} holds the target {os.fspath(target_dir)}: the "
+                         "draft needs a run directory of its own (starting it over would "
+                         "delete the target)")
     mesh = loop.train_mesh(dp, preset.batch_size)
     dtype = loop.compute_dtype()
     phases = loop.Phases()

@@ -27,6 +27,8 @@ from jaxdec.models.layers import AttentionImpl, use_platform
 from jaxdec.train import loop
 from jaxdec.train.presets import Preset
 
+MIN_SEQUENCES = 4  # of held-out and of training text a corpus must hold, at least
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -60,7 +62,10 @@ def default_corpus(corpus, preset: Preset) -> data.Corpus:
     extra = ()
     if corpus is None and preset.site_packages and jax.default_backend() != "cpu":
         extra = tuple(data.site_packages_dirs())
-    return data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes)
+    # Held-out and training text for a few sequences each (~4 characters a token), so a
+    # small corpus fails here, before the run directory is touched, not after.
+    return data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes,
+                            min_chars=MIN_SEQUENCES * 4 * (preset.seq_len + 1))
 
 
 def causal_logits(params, tokens_BT, *, config, mesh, dtype, logits_dtype=jnp.float32

@@ -88,6 +88,9 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
     steps = check_int("steps", getattr(preset, steps_field) if steps is None else steps)
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a directory path (str or os.PathLike), got {out!r}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out={os.fspath(out)} is a file: the run directory must be a "
+                         "directory (new, or an earlier run's)")
     check_bool("resume", resume)
     check_bool("force", force)
     seed = check_int("seed", seed, minimum=0)

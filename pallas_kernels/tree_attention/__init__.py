@@ -19,6 +19,7 @@ import enum
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdec.pallas_kernels.tree_attention import blocked, common, gpu, hopper, tpu
 from jaxdec.pallas_kernels.tree_attention.common import MAX_QUERIES, BlockSizes
@@ -154,8 +155,10 @@ def tree_attention(
     if block_sizes is not None and not isinstance(block_sizes, sizes_type):
         raise TypeError(f"block_sizes must be a {sizes_type.__name__} for impl={impl.value}, "
                         f"got {block_sizes!r}")
-    if window is not None and (not isinstance(window, int) or window < 1):
+    if window is not None and (isinstance(window, bool) or not isinstance(
+            window, (int, np.integer)) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    window = None if window is None else int(window)
     common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
     if impl is Impl.AUTO:
         kernel = backend_kernel(platform_of(q_BTHD))

@@ -50,6 +50,18 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __post_init__(self):
+        check_num_splits(self.num_splits)
+
+
+def check_num_splits(num_splits) -> None:
+    """A ValueError unless `num_splits` is None (chosen from the shapes) or an int >= 1 (0
+    would otherwise read as None)."""
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
+            num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be an int >= 1 or None (chosen from the shapes), "
+                         f"got {num_splits!r}")
+
 
 def cdiv(a: jax.Array, b: int) -> jax.Array:
     """Ceiling division of a non-negative traced integer by a static one, in `a`'s type:

@@ -64,6 +64,9 @@ class HopperBlockSizes:
     probs_in_registers: bool = False
     pingpong: bool = False
 
+    def __post_init__(self):
+        common.check_num_splits(self.num_splits)
+
 
 def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> int:
     """Shared memory a program allocates (bf16 / fp16 tiles): the query tiles, the key and
