@@ -141,6 +141,17 @@ def test_bad_prompt_file(tokenized_checkpoint, tmp_path, capsys, content, messag
     assert f"--prompt-file {path}" in (err := capsys.readouterr().err) and message in err
 
 
+def test_text_that_is_not_utf8_is_named(tokenized_checkpoint, capsys, monkeypatch):
+    """Undecodable bytes (the command line and, in some locales, standard input keep them as
+    escapes) get an error naming where they came from, not the tokenizer's TypeError."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("caf\udce9 au lait"))
+    for args, source in ((["--prompt-file", "-"], "the standard input"),
+                         (["--prompt", "caf\udce9"], "--prompt"),
+                         (["--prompt", "x", "--chat", "--system", "caf\udce9"], "--system")):
+        assert main(["generate", "--model", tokenized_checkpoint, *args]) == 2
+        assert f"{source} is not UTF-8 text" in capsys.readouterr().err
+
+
 def test_prompt_and_prompt_file_exclude_one_another(tokenized_checkpoint, tmp_path):
     for args in ([], ["--prompt", "x", "--prompt-file", str(tmp_path)]):
         with pytest.raises(SystemExit):
