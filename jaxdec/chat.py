@@ -32,6 +32,7 @@ TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_JSON = "chat_template.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
                    "mask_token")
 
@@ -87,7 +88,15 @@ def _check_messages(messages) -> list[dict]:
         if not isinstance(message, Mapping) or "role" not in message:
             raise TypeError(f"messages[{i}] must be a dict with a 'role' (and usually "
                             f"'content'), got {message!r}")
-        out.append(dict(message))
+        message = dict(message)
+        # A model's reasoning under any of its names reaches the template under all the
+        # names templates read (`reasoning_content`; gpt-oss's `thinking`), as transformers
+        # passes it.
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
+                         None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
     return out
 
 

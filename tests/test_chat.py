@@ -132,6 +132,22 @@ def test_tools_and_documents_are_none_unless_given(tmp_path):
     assert ours.render(CONVERSATIONS[0]) == "<s>[INST] hello the quick fox[/INST]<other>"
 
 
+def test_reasoning_reaches_the_template_under_each_name(tmp_path):
+    """A message's reasoning given as `reasoning` (or `thinking`) reaches a template reading
+    `reasoning_content` (or gpt-oss's `thinking`), as transformers passes it."""
+    template = ("{% for m in messages %}{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}{% if m.thinking %}[{{ m.thinking }}]"
+                "{% endif %}{{ m.content }}\n{% endfor %}")
+    directory = _directory(tmp_path, template)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    for name in ("reasoning", "thinking", "reasoning_content"):
+        conversation = [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "a", name: "hmm"}]
+        text = load_chat_template(directory).render(conversation, add_generation_prompt=False)
+        assert text == "q\n<think>hmm</think>[hmm]a\n" == theirs.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=False)
+
+
 def test_where_the_template_comes_from(tmp_path):
     """chat_template.jinja before tokenizer_config.json's; a list of named templates gives
     its "default"; none: None."""

@@ -43,6 +43,20 @@ def test_prompt_lookup_hand_computed():
     np.testing.assert_array_equal(t.valid[1], [True] + [False] * (topology.num_nodes - 1))
 
 
+def test_a_lookup_default_tree_too_big_names_its_settings():
+    with pytest.raises(ValueError, match=r"num_candidates=100 x depth=6 \+ the root is 601 "
+                                         "nodes, more than a tree's 256"):
+        PromptLookup(depth=6, num_candidates=100).default_topology()
+    # With a tree of its own the candidates share its nodes.
+    config = jaxdec.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+    model = jaxdec.init_model(config, jax.random.key(0))
+    out = jaxdec.speculative_generate(model, PromptLookup(depth=6, num_candidates=100),
+                                      [[1, 2, 1, 2]], max_new_tokens=3, tree=tree.chain(3))
+    np.testing.assert_array_equal(out.tokens, jaxdec.generate(model, [[1, 2, 1, 2]],
+                                                              max_new_tokens=3).tokens)
+
+
 def test_prompt_lookup_prefers_the_longest_ngram_and_stops_at_the_end():
     # Last 2 tokens "5 6" occur once (followed by 5 6 ...); "6" alone occurs more often.
     history = _history([[6, 0, 5, 6, 5, 6]])

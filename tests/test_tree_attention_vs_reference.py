@@ -498,6 +498,11 @@ def test_block_rule_violations_are_caught():
         TA.tree_attention(jnp.zeros((1, 129, 4, 32)), jnp.zeros((1, 256, 2, 32)),
                           jnp.zeros((1, 256, 2, 32)), jnp.array([0]), jnp.zeros((1, 129), int),
                           impl=TA.Impl.MOSAIC)
+    # A cache of 100 slots: the rule is the cache's, not a block_k nobody chose.
+    with pytest.raises(ValueError, match="the cache's 100 slots must be a multiple of 8"):
+        TA.tree_attention(jnp.zeros((1, 1, 4, 128)), jnp.zeros((1, 100, 2, 128)),
+                          jnp.zeros((1, 100, 2, 128)), jnp.array([0]), jnp.array([[0]]),
+                          impl=TA.Impl.MOSAIC)
 
 
 # --------------------------------------------------------------------- dispatch and wiring

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec.checks import check_int
-from jaxdec.tree import Topology, TokenTree, from_parents
+from jaxdec.tree import MAX_NODES, Topology, TokenTree, from_parents
 from jaxdec.verify import ProposalKind
 
 
@@ -102,6 +102,10 @@ def check_drafter(drafter, *, optional: bool = False) -> None:
 def candidates_topology(num_candidates: int, depth: int) -> Topology:
     """The node budget for C candidate continuations of D tokens: C disjoint chains under the
     root (the largest trie they can form)."""
+    if 1 + num_candidates * depth > MAX_NODES:
+        raise ValueError(f"num_candidates={num_candidates} x depth={depth} + the root is "
+                         f"{1 + num_candidates * depth} nodes, more than a tree's {MAX_NODES}: "
+                         "pass fewer, or a tree (its nodes are the budget the candidates share)")
     parents = [-1]
     for _ in range(num_candidates):
         parents += [0] + [len(parents) + d for d in range(depth - 1)]

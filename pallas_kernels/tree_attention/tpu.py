@@ -45,6 +45,9 @@ def check_config(head_dim: int, num_slots: int, block_sizes: common.BlockSizes,
                 f"vectors of it): {' or '.join(DTYPES)}")
     if head_dim % 128:
         return f"head_dim={head_dim} must be a multiple of 128 (TPU lane width)"
+    if num_slots % 8:  # (before block_k: its default for such a cache is the cache itself)
+        return (f"the cache's {num_slots} slots must be a multiple of 8 (the kernel's blocks, "
+                "multiples of 8, divide it)")
     if bk % 8:
         return f"block_k={bk} must be a multiple of 8"
     if num_slots % bk:
