@@ -28,9 +28,9 @@ def check_untraced(function: str, **arguments) -> None:
         if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
             raise TypeError(
                 f"{function} cannot run inside a jax transformation (jit, vmap, grad): its "
-                f"argument {name!r} is traced. It compiles and runs its own program and reads the results "
-                "on the host: call it outside (it is one compiled program already), or jit "
-                "jaxdec.generate_padded, the pure form of plain decoding")
+                f"argument {name!r} is traced. It compiles and runs its own program and reads "
+                "the results on the host: call it outside (it is one compiled program "
+                "already), or jit jaxdec.generate_padded, the pure form of plain decoding")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
