@@ -294,11 +294,13 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    text = os.path.expanduser(text)
     if os.path.isdir(text):
         return _snapshot(text) if _is_cached_repo(text) else text
     cache = hub_cache_dir()
     parts = text.split("/")
-    if text and not text.startswith((".", "~")) and len(parts) <= 2 and all(parts):
+    is_id = bool(text) and not text.startswith((".", "~", "/")) and len(parts) <= 2 and all(parts)
+    if is_id:
         repo = os.path.join(cache, "models--" + "--".join(parts))
         if _is_cached_repo(repo):
             return _snapshot(repo)
@@ -309,7 +311,7 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
         f"checkpoint directory {text} does not exist" + (
             f", nor is {text!r} a model in the Hugging Face cache ({cache}); jaxdec downloads "
             f"nothing: fetch it first (e.g. `huggingface-cli download {text}`)"
-            if len(parts) <= 2 and all(parts) else ""))
+            if is_id else ""))
 
 
 def _is_cached_repo(directory: str) -> bool:
@@ -423,6 +425,24 @@ def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
                     "unquantized checkpoint")
 
 
+def _check_leaves(flat: dict, model: Model) -> None:
+    """A ValueError naming the first leaf whose shape is not the config's (on the model's
+    mesh) or that is not floating point: exported, a leaf of the right size but the wrong
+    shape would be reshaped into a checkpoint of scrambled weights."""
+    config, mesh = model.config, model.mesh
+    shapes = llama.param_shapes(config, vocab_size=parallel.padded_vocab(config, mesh),
+                                groups=llama.kv_groups(config, parallel.tp_size(mesh)))
+    expected = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    for path_str, leaf in flat.items():
+        if tuple(leaf.shape) != expected[path_str]:
+            raise ValueError(f"params{path_str} has shape {tuple(leaf.shape)}; the config's (on "
+                             f"this mesh) is {expected[path_str]}")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise ValueError(f"params{path_str} is {jnp.dtype(leaf.dtype).name}: parameters are "
+                             "floating point")
+
+
 def _chat_template(directory: str):
     """The directory's chat template; one that cannot be read or compiled warns (the model
     loads without it: only chatting needs it)."""
@@ -530,6 +550,7 @@ def save_pretrained(
             f"params do not match the config: missing {sorted(set(table) - set(flat))[:5]}, "
             f"unexpected {sorted(set(flat) - set(table))[:5]}"
         )
+    _check_leaves(flat, model)
     # Every tensor's size is known before any is converted, so the shards are planned first
     # and each is converted, written and let go in turn: the host holds one shard's tensors
     # (at most max_shard_bytes, or one tensor), never the whole model.

@@ -87,6 +87,8 @@ def check_param_dtype(dtype, *, held: bool = True) -> np.dtype:
     in: a TypeError for what is no dtype, a ValueError for one that is not floating point
     (integer weights or keys would truncate every value) or, for arrays to be `held` in it,
     a 64-bit one without jax's 64-bit mode (jax would quietly hold float32)."""
+    if dtype is None:  # (jnp.dtype(None) is float64)
+        raise TypeError("dtype=None is not a dtype: pass float32, bfloat16 or float16")
     try:
         resolved = jnp.dtype(dtype)
     except TypeError:

@@ -337,11 +337,15 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     rows are padded to a multiple of dp inside, as `generate` pads its batch).
     """
     check_model(model)
-    tokens = jnp.asarray(tokens)
+    if not isinstance(tokens, jax.Array):  # host ids: checked at their own width (int64 too)
+        tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+    if 0 in tokens.shape:
+        raise ValueError(f"tokens must hold at least one token in one row, got shape "
+                         f"{tokens.shape}")
     try:
         ids = np.asarray(tokens)
     except jax.errors.TracerArrayConversionError:  # traced by the caller's jit
@@ -355,7 +359,7 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
             f"tokens length {tokens.shape[1]} exceeds the model's {model.config.max_positions} "
             f"positions ({model.config.describe_max_positions()})"
         )
-    return _causal_logits(model, tokens.astype(jnp.int32))
+    return _causal_logits(model, jnp.asarray(tokens, jnp.int32))
 
 
 @jax.jit

@@ -1,5 +1,6 @@
 """Loading and exporting Hugging Face safetensors directories."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,6 +191,18 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
              "dtype=int8 is not floating point")]:
         with pytest.raises(error, match=match):
             jaxdec.save_pretrained(*args, **kwargs)
+    # An edited leaf of the right size but the wrong shape (a transposed weight) would be
+    # reshaped into scrambled weights; an integer leaf would be a checkpoint nobody loads.
+    model = loaded("llama-gqa")
+    down = model.params["layers"][0]["down"]
+    for leaf, match in [(down.T, r"params\['layers'\]\[0\]\['down'\] has shape \(\d+, \d+\); "
+                                 r"the config's \(on this mesh\) is"),
+                        (down.astype(jnp.int32), r"\['down'\] is int32: parameters are floating")]:
+        params = jax.tree.map(lambda x: x, model.params)
+        params["layers"][0]["down"] = leaf
+        with pytest.raises(ValueError, match=match):
+            jaxdec.save_pretrained(dataclasses.replace(model, params=params), target,
+                                   overwrite=True)
     assert sorted(os.listdir(target)) == ["precious.txt"]
     # Overwriting keeps unrelated files and replaces stale weight shards.
     jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True, max_shard_bytes=64 * 1024)
@@ -256,9 +269,15 @@ def test_hugging_face_cache_folders_without_a_clear_snapshot(hf_checkpoints, tmp
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_missing_directory_and_files(hf_checkpoints, tmp_path):
+def test_missing_directory_and_files(hf_checkpoints, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         jaxdec.load_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"does not exist$"):  # a path, not a hub id
+        jaxdec.load_pretrained("./acme/tiny")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~": the user's home, as in a shell
+    shutil.copytree(hf_checkpoints("llama-gqa")[0], tmp_path / "home" / "mine")
+    assert jaxdec.load_pretrained("~/mine").config == jaxdec.load_pretrained(
+        hf_checkpoints("llama-gqa")[0]).config
     with pytest.raises(NotADirectoryError, match="config.json is a file: a checkpoint is the "
                                                  "directory"):
         jaxdec.load_pretrained(os.path.join(hf_checkpoints("llama-gqa")[0], "config.json"))

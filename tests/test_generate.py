@@ -473,6 +473,12 @@ def test_forward_bad_input(loaded):
     for bad in (vocab, -1):  # concrete ids are checked (a traced id would embed as zeros)
         with pytest.raises(ValueError, match=rf"ids outside \[0, {vocab}\): \[{bad}\]"):
             jaxdec.forward(loaded(VARIANT), jnp.array([[1, bad, 2]]))
+    # int64 ids from the host are checked before the int32 cast (2**32 + 5 would be 5).
+    with pytest.raises(ValueError, match=rf"ids outside \[0, {vocab}\): \[4294967301\]"):
+        jaxdec.forward(loaded(VARIANT), np.array([[1, 2**32 + 5]], np.int64))
+    for empty in ((0, 3), (1, 0)):
+        with pytest.raises(ValueError, match="at least one token in one row"):
+            jaxdec.forward(loaded(VARIANT), np.zeros(empty, np.int32))
 
 
 def test_prompts_may_be_arrays(loaded):
