@@ -30,6 +30,8 @@ class TextStream:
     the whole row: the new text is the difference between decoding from the last piece's
     first token with and without the new tokens (so a decoder that treats a sequence's first
     token specially, as SentencePiece does its leading space, sees the same start both times).
+    A stream passed to several calls in turn continues its text with each (a call's steps
+    count from 0 again).
 
     Args:
       tokenizer: anything with `decode(ids) -> str` (a `tokenizers.Tokenizer`, a model's
@@ -58,7 +60,10 @@ class TextStream:
             new = [int(tokens[self.row])] if counts[self.row] else []
         else:
             new = tokens[self.row, : int(counts[self.row])].tolist()
-        self._pending[int(step)] = new
+        step = int(step)
+        if step < self._next_step:  # a later call's step (its steps count from 0 again)
+            self._next_step = 0
+        self._pending[step] = new
         while self._next_step in self._pending:
             self.tokens += self._pending.pop(self._next_step)
             self._next_step += 1

@@ -77,6 +77,21 @@ def test_with_both_loops(tokenized_checkpoint):
             assert "".join(written) == model.tokenizer.decode(result.to_lists()[0])
 
 
+def test_one_stream_over_several_calls():
+    """A stream given to a second call (its steps count from 0 again, here out of order)
+    continues the text (a character split between the calls comes out whole)."""
+    first, second = list("añ".encode())[:-1], list("ñb€".encode())[1:]  # ñ split between
+    written = []
+    stream = TextStream(Bytes(), write=written.append)
+    for step, token in enumerate(first):
+        stream(step, np.array([token]), np.array([True]))
+    for step in (1, 0, *range(2, len(second))):
+        stream(step, np.array([second[step]]), np.array([True]))
+    stream.close()
+    assert stream.tokens == first + second
+    assert "".join(written) == stream.text == "añb€"
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="decode"):
         TextStream(object())
