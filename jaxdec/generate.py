@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import logging
 import operator
 import time
 from typing import Callable, Sequence
@@ -437,7 +438,9 @@ def generate(
         whether the row produced it (a row that stopped gets pad_id and False). The program
         carries a number standing for it, not the function: a new function in every call
         (a closure over one request's state) does not recompile. With several processes it
-        runs in the one holding the mesh's first device.
+        runs in the one holding the mesh's first device. An exception it raises is raised by
+        `generate` (the tokens are lost); on one device it ends the program at once, on a
+        multi-device mesh the program first runs its remaining steps, unstreamed.
       return_timings: also measure prefill and decode seconds (compile excluded).
       return_logprobs: also return each token's log-probability under the model
         (`result.logprobs`; see `token_logprobs`).
@@ -466,7 +469,7 @@ def generate(
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
     key = jax.random.key(0) if key is None else key
-    with registered_stream(stream, batch) as (dispatch, stream_id):
+    with registered_stream(stream, batch, devices=model.mesh.size) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id,
                 np.int32(max_new_tokens))
         settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,
@@ -518,22 +521,58 @@ def _call_stream(stream_id, *args) -> None:
     _STREAMS[int(stream_id)](*(np.asarray(x) for x in args))
 
 
+class _StreamRaised(Exception):
+    """Stands in, inside jax's callback machinery, for what the user's stream raised."""
+
+
+def _not_stream_raised(record) -> bool:
+    # jax logs a failed callback with its traceback; the caller gets the exception itself.
+    return not (record.exc_info and isinstance(record.exc_info[1], _StreamRaised))
+
+
 @contextlib.contextmanager
-def registered_stream(stream: Callable | None, batch: Batch):
+def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
     """For one call: (the program's static host function, the traced number it is called
     with), or (None, None) without a stream. The user's `stream` sees the caller's rows only
     (not the rows `prepare_batch` adds to fill the mesh's dp axis); it is forgotten when the
-    call ends."""
+    call ends.
+
+    An exception the stream raises reaches the caller as itself (jax would turn it into a
+    runtime error of its own). On one device it ends the program there and then; on a mesh
+    of `devices` > 1 the program runs to its end with the stream silent, and the exception
+    is raised then: a callback failing on one device leaves the others waiting in a
+    collective, and the process is aborted (seen with jax 0.10.2's CPU devices)."""
     if stream is None:
         yield None, None
         return
     stream_id = next(_STREAM_IDS) % (2**31 - 1)
     size = batch.size
-    _STREAMS[stream_id] = lambda step, *rows: stream(step, *(x[:size] for x in rows))
+    raised: list[Exception] = []
+
+    def call(step, *rows):
+        if raised:
+            return
+        try:
+            stream(step, *(x[:size] for x in rows))
+        except Exception as error:
+            raised.append(error)
+            if devices == 1:
+                raise _StreamRaised from None
+
+    _STREAMS[stream_id] = call
+    logger = logging.getLogger("jax._src.debugging")
+    logger.addFilter(_not_stream_raised)
     try:
         yield _call_stream, np.int32(stream_id)
+    except Exception:
+        if raised:
+            raise raised[0] from None
+        raise
     finally:
         del _STREAMS[stream_id]
+        logger.removeFilter(_not_stream_raised)
+    if raised:
+        raise raised[0]
 
 
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,

@@ -161,7 +161,8 @@ class PrefixCache:
         # The session's programs depend on the rest's width, not on max_new_tokens.
         limit, capacity = np.int32(max_new_tokens), output_capacity(batch, max_new_tokens, width)
         try:
-            with registered_stream(stream, batch) as (dispatch, stream_id):
+            devices = self.model.mesh.size
+            with registered_stream(stream, batch, devices=devices) as (dispatch, stream_id):
                 if self.drafter is None:
                     ((outputs, cache), stamps) = _program(
                         self.model, tokens, rest, cache, key, batch.stop, stream_id, limit,

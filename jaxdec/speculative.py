@@ -378,8 +378,9 @@ def speculative_generate(
       stream: host function called after each step with (step, tokens[B, D + 1], counts[B])
         (numpy arrays; D = the tree's depth): row b's new tokens are tokens[b, :counts[b]],
         from 1 to D + 1 a step while the row runs, none once it has stopped (pad_id fills
-        the rest). As in `generate`, a new function in every call does not recompile (and
-        with several processes it runs in the one holding the mesh's first device).
+        the rest). As in `generate`, a new function in every call does not recompile (with
+        several processes it runs in the one holding the mesh's first device), and an
+        exception it raises is raised here (as `generate` says).
       return_timings: also measure prefill and decode seconds (compile excluded).
       profile: also measure the seconds spent drafting and verifying (stats.draft_s,
         stats.verify_s); this adds a host round trip to every step, so it slows the run.
@@ -413,7 +414,7 @@ def speculative_generate(
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     key = jax.random.key(0) if key is None else key
-    with registered_stream(stream, batch) as (dispatch, stream_id):
+    with registered_stream(stream, batch, devices=target.mesh.size) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
                 np.int32(max_new_tokens), stream_id)
         settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,

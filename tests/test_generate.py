@@ -171,6 +171,28 @@ def test_streaming_callback_sees_every_step_in_order(loaded):
     assert _compiles == []  # the second call's new stream ran the first call's program
 
 
+def test_a_streams_exception_reaches_the_caller_as_itself(loaded, caplog):
+    """The stream raising ends the call with that exception (not jax's runtime error), jax's
+    log of the failed callback is kept quiet, and the next call streams as usual."""
+
+    class Enough(Exception):
+        pass
+
+    def stop_at_step_2(step, tokens, active):
+        if step == 2:
+            raise Enough(step)
+
+    model = loaded(VARIANT)
+    with pytest.raises(Enough) as raised:
+        jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7, stream=stop_at_step_2)
+    assert raised.value.args == (2,)
+    assert not any("callback failed" in record.getMessage() for record in caplog.records)
+    steps = []
+    jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7,
+                    stream=lambda step, tokens, active: steps.append(int(step)))
+    assert steps == list(range(7))
+
+
 @pytest.mark.parametrize("sampler", [None, jaxdec.Sampler(temperature=0.7, top_p=0.9)],
                          ids=["greedy", "sampled"])
 def test_logprobs_are_the_models(loaded, sampler):

@@ -190,7 +190,8 @@ def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
 
 
 def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
-    """On a dp = 2 mesh 3 prompts run as 4 rows; both loops' streams see the 3."""
+    """On a dp = 2 mesh 3 prompts run as 4 rows; both loops' streams see the 3. A stream's
+    exception reaches the caller as itself."""
     model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(dp=2))
     prompts = _prompts()
     shapes = []
@@ -203,6 +204,13 @@ def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
         stream=lambda step, tokens, counts: shapes.append((tokens.shape, counts.shape)))
     assert set(shapes) == {((3, 7), (3,))}
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
+
+    def fails(step, tokens, counts):   # on the mesh's devices, callbacks may interleave
+        raise LookupError(f"step {step}")
+
+    with pytest.raises(LookupError, match="step"):
+        jaxdec.speculative_generate(model, PromptLookup(), prompts, max_new_tokens=4,
+                                    stream=fails)
 
 
 @pytest.mark.parametrize("name", ["self-chain", "unrelated-tree", "lookup"])
