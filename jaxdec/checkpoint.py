@@ -425,24 +425,6 @@ def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
                     "unquantized checkpoint")
 
 
-def _check_leaves(flat: dict, model: Model) -> None:
-    """A ValueError naming the first leaf whose shape is not the config's (on the model's
-    mesh) or that is not floating point: exported, a leaf of the right size but the wrong
-    shape would be reshaped into a checkpoint of scrambled weights."""
-    config, mesh = model.config, model.mesh
-    shapes = llama.param_shapes(config, vocab_size=parallel.padded_vocab(config, mesh),
-                                groups=llama.kv_groups(config, parallel.tp_size(mesh)))
-    expected = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    for path_str, leaf in flat.items():
-        if tuple(leaf.shape) != expected[path_str]:
-            raise ValueError(f"params{path_str} has shape {tuple(leaf.shape)}; the config's (on "
-                             f"this mesh) is {expected[path_str]}")
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise ValueError(f"params{path_str} is {jnp.dtype(leaf.dtype).name}: parameters are "
-                             "floating point")
-
-
 def _chat_template(directory: str):
     """The directory's chat template; one that cannot be read or compiled warns (the model
     loads without it: only chatting needs it)."""
@@ -545,12 +527,8 @@ def save_pretrained(
     table = _param_table(config)
     flat = {jax.tree_util.keystr(p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
-    if set(flat) != set(table):
-        raise ValueError(
-            f"params do not match the config: missing {sorted(set(table) - set(flat))[:5]}, "
-            f"unexpected {sorted(set(flat) - set(table))[:5]}"
-        )
-    _check_leaves(flat, model)
+    # (check_model checked the params' structure, shapes and dtypes: a leaf of the right
+    # size but the wrong shape would be reshaped into a checkpoint of scrambled weights.)
     # Every tensor's size is known before any is converted, so the shards are planned first
     # and each is converted, written and let go in turn: the host holds one shard's tensors
     # (at most max_shard_bytes, or one tensor), never the whole model.

@@ -67,11 +67,13 @@ def _describe(value) -> str:
 
 
 def check_model(model) -> None:
-    """A TypeError unless `model` is a `jaxdec.Model` (what `load_pretrained` returns)."""
-    from jaxdec.model import Model
+    """A TypeError unless `model` is a `jaxdec.Model` (what `load_pretrained` returns), and
+    `jaxdec.model.check_params`'s errors for params that do not fit its config."""
+    from jaxdec.model import Model, check_params
 
     if not isinstance(model, Model):
         raise TypeError(f"model must be a jaxdec Model, got {type(model).__name__}")
+    check_params(model)
 
 
 def check_config(config) -> None:

@@ -107,6 +107,47 @@ def param_dtype(model: Model):
     return jax.tree.leaves(model.params)[0].dtype
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_params(config: ModelConfig, mesh: Mesh):
+    """(treedef, [(name, shape)]) of the params a model of `config` holds on `mesh`."""
+    fam = family(config)
+    shapes = fam.param_shapes(config, vocab_size=parallel.padded_vocab(config, mesh),
+                              groups=fam.kv_groups(config, parallel.tp_size(mesh)))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda x: isinstance(x, tuple))
+    return treedef, [(jax.tree_util.keystr(path), shape) for path, shape in flat]
+
+
+def check_params(model: Model) -> None:
+    """A ValueError unless `model.params` has the structure and leaf shapes its config and
+    mesh call for (`abstract_model`'s), a TypeError for a leaf that is no floating-point
+    array; each names the leaf. Params edited by hand (a truncated embedding, a norm of
+    shape (1,)) could otherwise broadcast or index their way to wrong logits."""
+    treedef, expected = _expected_params(model.config, model.mesh)
+    leaves, got_treedef = jax.tree_util.tree_flatten(model.params)
+    if got_treedef != treedef:
+        flat, _ = jax.tree_util.tree_flatten_with_path(model.params)
+        got = {jax.tree_util.keystr(path) for path, _ in flat}
+        names = [name for name, _ in expected]
+        missing = [name for name in names if name not in got]
+        extra = sorted(got.difference(names))
+        parts = [f"{what} {', '.join(some[:4])}{' ...' if len(some) > 4 else ''}"
+                 for what, some in (("missing", missing), ("unexpected", extra)) if some]
+        raise ValueError(
+            "model.params do not match model.config: " + ("; ".join(parts) if parts else
+            "the leaves are in other containers (keep load_pretrained's: dicts, and a list "
+            "of layers)"))
+    for leaf, (name, shape) in zip(leaves, expected):
+        leaf_shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"model.params{name} must be a floating-point array, got "
+                            f"{dtype if dtype is not None else type(leaf).__name__}")
+        if tuple(leaf_shape) != shape:
+            raise ValueError(
+                f"model.params{name} has shape {tuple(leaf_shape)}; model.config on a "
+                f"tp={parallel.tp_size(model.mesh)} mesh needs {shape}")
+
+
 def param_shardings(config: ModelConfig, mesh: Mesh):
     return parallel.shardings(mesh, family(config).param_axes(config), config)
 

@@ -195,12 +195,13 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
     # reshaped into scrambled weights; an integer leaf would be a checkpoint nobody loads.
     model = loaded("llama-gqa")
     down = model.params["layers"][0]["down"]
-    for leaf, match in [(down.T, r"params\['layers'\]\[0\]\['down'\] has shape \(\d+, \d+\); "
-                                 r"the config's \(on this mesh\) is"),
-                        (down.astype(jnp.int32), r"\['down'\] is int32: parameters are floating")]:
+    for leaf, error, match in [
+            (down.T, ValueError, r"params\['layers'\]\[0\]\['down'\] has shape \(\d+, \d+\); "
+                                 r"model.config on a tp=1 mesh needs"),
+            (down.astype(jnp.int32), TypeError, r"\['down'\] must be a floating-point array")]:
         params = jax.tree.map(lambda x: x, model.params)
         params["layers"][0]["down"] = leaf
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             jaxdec.save_pretrained(dataclasses.replace(model, params=params), target,
                                    overwrite=True)
     assert sorted(os.listdir(target)) == ["precious.txt"]

@@ -11,6 +11,7 @@ import pytest
 from jax.scipy.special import gammaincc
 
 import jaxdec
+from jaxdec.drafters import DraftModel
 from jaxdec.generate import bucket_length
 from program_deps import clocks_the_loop_waits_on, trace_program
 
@@ -501,6 +502,44 @@ def test_forward_bad_input(loaded):
     for empty in ((0, 3), (1, 0)):
         with pytest.raises(ValueError, match="at least one token in one row"):
             jaxdec.forward(loaded(VARIANT), np.zeros(empty, np.int32))
+
+
+def test_params_that_do_not_fit_the_config_are_refused(loaded):
+    """Hand-edited params are checked against the config, naming the leaf: a truncated
+    embedding ran (ids past it embedded as zeros) and a (1,) norm broadcast, both to wrong
+    logits; a transposed weight failed deep in the forward."""
+    model = loaded(VARIANT)
+    config = model.config
+
+    def edited(change):
+        params = jax.tree.map(lambda x: x, model.params)   # fresh containers, shared leaves
+        change(params)
+        return dataclasses.replace(model, params=params)
+
+    cases = [
+        (lambda p: p.update(embed=p["embed"][:50]), ValueError,
+         rf"model.params\['embed'\] has shape \(50, {config.hidden_size}\); model.config on "
+         rf"a tp=1 mesh needs \({config.vocab_size}, {config.hidden_size}\)"),
+        (lambda p: p["layers"][0].update(attn_norm=jnp.ones((1,))), ValueError,
+         r"\['layers'\]\[0\]\['attn_norm'\] has shape \(1,\)"),
+        (lambda p: p["layers"][1].update(down=p["layers"][1]["down"].T), ValueError,
+         r"\['layers'\]\[1\]\['down'\] has shape"),
+        (lambda p: p["layers"][1].update(down=np.zeros(p["layers"][1]["down"].shape, np.int8)),
+         TypeError, r"\['layers'\]\[1\]\['down'\] must be a floating-point array, got int8"),
+        (lambda p: p["layers"].pop(), ValueError,
+         r"do not match model.config: missing \['layers'\]\[1\]\['attn_norm'\]"),
+        (lambda p: p.update(extra=jnp.ones(3)), ValueError, r"unexpected \['extra'\]"),
+    ]
+    for change, error, message in cases:
+        bad = edited(change)
+        with pytest.raises(error, match=message):
+            jaxdec.forward(bad, [[1, 2, 3]])
+        with pytest.raises(error, match=message):
+            jaxdec.generate(bad, [[1, 2, 3]], max_new_tokens=2)
+        with pytest.raises(error, match=message):
+            DraftModel(bad)
+    with pytest.raises(ValueError, match="leaves are in other containers"):
+        jaxdec.forward(edited(lambda p: p.update(layers=tuple(p["layers"]))), [[1, 2, 3]])
 
 
 def test_prompts_may_be_arrays(loaded):

@@ -39,8 +39,8 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
-from jaxdec.model import (Model, family, forward_with_cache, is_abstract, param_dtype,
-                          param_shardings)
+from jaxdec.model import (Model, check_params, family, forward_with_cache, is_abstract,
+                          param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
                          chain)
 from jaxdec.verify import ProposalKind
@@ -80,6 +80,7 @@ class DraftModel(Drafter):
                  target_vocab: int | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"DraftModel needs a jaxdec Model, got {type(model).__name__}")
+        check_params(model)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
         if tree is not None:
