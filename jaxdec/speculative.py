@@ -29,7 +29,7 @@ from jaxdec.generate import (_host_clock, after_clock, check_compile_only, outpu
                              token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
-from jaxdec.tree import Topology, as_topology
+from jaxdec.tree import Topology, TokenTree, ancestor_mask, as_topology
 from jaxdec.verify import ProposalKind, check_proposal, emitted_tokens, verify
 
 
@@ -210,7 +210,10 @@ def speculative_padded(
             root = after_clock(t0, root)
         proposal, dstate = _checked_proposal(drafter, drafter.propose(
             s.drafter_state, root, s.cache.lengths, jax.random.fold_in(step_key, 0),
-            topology=topology, sampler=sampler), s.drafter_state, B, N, kind)
+            topology=topology, sampler=sampler), s.drafter_state, B, N, kind,
+            target.config.vocab_size)
+        if not _own_propose(drafter):
+            proposal = _consistent(proposal, topology)
         tree = proposal.tree
         # Nodes past the cache's end are never accepted: near the end the tree is shallower.
         room = s.cache.lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :] < s.cache.max_len
@@ -278,7 +281,41 @@ def speculative_padded(
     return outputs, stats, cache, drafter_state, (jnp.stack(stamps) if timed else None)
 
 
-def _checked_proposal(drafter, returned, state, B: int, N: int, kind):
+def _own_propose(drafter) -> bool:
+    """Whether the drafter's `propose` is one of jaxdec's (whose trees are consistent by
+    construction)."""
+    return type(drafter).propose.__module__.startswith("jaxdec.drafters.")
+
+
+def _consistent(proposal: Proposal, topology) -> Proposal:
+    """A proposal from a drafter of your own, its tree's structure made consistent, so that
+    verification stays exact whatever the drafter returned: verification reads a node's
+    parent, depth (its position) and ancestors (its attention mask), and a commit trusts
+    `chain`; only the parents (and `valid`) are taken from the drafter. Sampled children are
+    verified on the static topology, whose structure replaces the tree's. Otherwise the
+    depth and ancestors are derived from the parents (a node whose parent is not an earlier
+    node is invalid: never accepted), and `chain` makes the tree the chain it claims to be."""
+    tree = proposal.tree
+    B, N = tree.tokens.shape
+    index = jnp.arange(N, dtype=jnp.int32)[None, :]
+    valid = tree.valid.astype(bool) & (index > 0) | (index == 0)
+    if proposal.kind is not ProposalKind.DETERMINISTIC and isinstance(topology, Topology):
+        template = topology.template(B)
+        tree = dataclasses.replace(template, tokens=tree.tokens, valid=valid)
+        return dataclasses.replace(proposal, tree=tree, chain=proposal.chain and topology.is_chain)
+    parents = jnp.broadcast_to(index - 1, (B, N)) if proposal.chain else tree.parents
+    parents = parents.astype(jnp.int32)
+    earlier = (parents >= 0) & (parents < index)
+    valid &= earlier | (index == 0)
+    parents = jnp.where(earlier, parents, -1)
+    ancestors = ancestor_mask(parents, valid)
+    depth = jnp.sum(ancestors, axis=2, dtype=jnp.int32) - 1
+    tree = TokenTree(tokens=tree.tokens, parents=parents, depth=depth, valid=valid,
+                     ancestors=ancestors)
+    return dataclasses.replace(proposal, tree=tree)
+
+
+def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size: int):
     """What `drafter.propose` returned, checked while the loop traces: a drafter of your own
     that returns the wrong thing gets an error naming it and what was expected."""
     name = f"{type(drafter).__name__}.propose"
@@ -299,8 +336,9 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind):
         raise ValueError(f"{name} returned a {proposal.kind} proposal where its proposal_kind "
                          f"said {kind} (verification follows proposal_kind)")
     if kind is not ProposalKind.DETERMINISTIC and (
-            proposal.q is None or tuple(proposal.q.shape[:2]) != (B, N)):
-        raise ValueError(f"{name}: sampled children need q [{B}, {N}, vocabulary], got "
+            proposal.q is None or tuple(proposal.q.shape) != (B, N, vocab_size)):
+        raise ValueError(f"{name}: sampled children need q [{B}, {N}, {vocab_size}] (rows, "
+                         f"the topology's nodes, the target's vocabulary), got "
                          f"{None if proposal.q is None else tuple(proposal.q.shape)}")
     _check_state(drafter, "propose", new_state, state)
     return proposal, new_state

@@ -568,6 +568,115 @@ def test_a_drafter_of_your_own(loaded):
                                         max_new_tokens=4)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _Prompter(Drafter):
+    """Drafts two candidates a step: a wrong one, then the tokens `answer` holds next (a
+    table of plain decoding's output), so most drafts are accepted. `mistake` (static) spoils
+    the tree's structure: verification must stay exact whatever the tree says."""
+
+    answer: jax.Array  # [B, M]
+    mistake: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    def default_topology(self):
+        return tree.from_parents([-1, 0, 0, 1, 2, 3, 4])   # two chains of 3, breadth first
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len):
+        return jnp.zeros(tokens_BT.shape[:1], jnp.int32)   # tokens emitted so far
+
+    def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
+        B, M = self.answer.shape
+        columns = jnp.minimum(state[:, None] + jnp.arange(3)[None, :], M - 1)
+        right = jnp.take_along_axis(self.answer, columns, axis=1)
+        cand = jnp.stack([(right + 1) % 7, right], axis=1)
+        drafted = tree.from_candidates(root_B, cand, jnp.ones((B, 2, 3), bool), 7)
+        spoilt = dict(
+            depth=dict(depth=jnp.zeros_like(drafted.depth)),
+            ancestors=dict(ancestors=jnp.broadcast_to(jnp.eye(7, dtype=bool), (B, 7, 7))),
+            parents=dict(parents=jnp.broadcast_to(jnp.arange(7)[None, :] % 3 + 4, (B, 7))),
+            valid=dict(valid=jnp.zeros_like(drafted.valid)),
+        ).get(self.mistake, {})
+        drafted = dataclasses.replace(drafted, **spoilt)
+        return Proposal(tree=drafted, q=None, kind=ProposalKind.DETERMINISTIC,
+                        chain=self.mistake == "chain"), state
+
+    def update(self, state, proposal, verdict, n_commit_B, emitted_BL):
+        return state + n_commit_B
+
+
+def test_a_drafters_tree_is_verified_as_its_parents_say(loaded):
+    """A drafter of one's own whose tree's depth, ancestors or chain flag disagree with its
+    parents (or whose parents point forward) still gives plain decoding's tokens: the loop
+    derives the structure from the parents (it verified the tree as given, and emitted other
+    tokens, or int32's minimum)."""
+    model = loaded(TARGET)
+    prompts = _prompts()
+    plain = jaxdec.generate(model, prompts, max_new_tokens=12)
+    answer = jnp.asarray(plain.tokens)
+    right = jaxdec.speculative_generate(model, _Prompter(answer), prompts, max_new_tokens=12)
+    np.testing.assert_array_equal(right.tokens, plain.tokens)
+    assert right.stats.tau > 2   # the second candidate is accepted
+    for mistake in ("depth", "ancestors", "chain", "parents", "valid"):
+        out = jaxdec.speculative_generate(model, _Prompter(answer, mistake), prompts,
+                                          max_new_tokens=12)
+        np.testing.assert_array_equal(out.tokens, plain.tokens, err_msg=mistake)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _UniformChain(Drafter):
+    """Sampled drafts: a chain of tokens drawn uniformly (q uniform). `mistake` (static)
+    spoils the tree's structure, or gives q a vocabulary of 1."""
+
+    vocab: int = dataclasses.field(metadata=dict(static=True))
+    mistake: str = dataclasses.field(default="", metadata=dict(static=True))
+
+    def default_topology(self):
+        return tree.chain(2)
+
+    def proposal_kind(self, sampler, topology):
+        return ProposalKind.DETERMINISTIC if sampler.is_greedy else ProposalKind.IID
+
+    def init(self, tokens_BT, prompt_lengths_B, *, max_len):
+        return ()
+
+    def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
+        B, N = root_B.shape[0], topology.num_nodes
+        drafted = topology.template(B).with_tokens(
+            jax.random.randint(key, (B, N), 0, self.vocab, jnp.int32))
+        spoilt = dict(
+            depth=dict(depth=jnp.zeros_like(drafted.depth)),
+            parents=dict(parents=jnp.zeros_like(drafted.parents)),
+        ).get(self.mistake, {})
+        drafted = dataclasses.replace(drafted, **spoilt)
+        q = jnp.full((B, N, 1 if self.mistake == "vocab" else self.vocab), 1 / self.vocab)
+        return Proposal(tree=drafted, q=q, kind=self.proposal_kind(sampler, topology),
+                        chain=True), state
+
+    def update(self, state, proposal, verdict, n_commit_B, emitted_BL):
+        return state
+
+
+def test_sampled_children_are_verified_on_the_topology(loaded):
+    """A drafter of one's own drawing its children: the tree's structure is the static
+    topology's whatever the drafter says (the same tokens as with a right tree), and q must
+    cover the target's vocabulary (a q of one entry broadcast, and the output was not the
+    target's distribution)."""
+    model = loaded(TARGET)
+    V = model.config.vocab_size
+    run = functools.partial(jaxdec.speculative_generate, model, prompts=_prompts(),
+                            max_new_tokens=10, sampler=jaxdec.Sampler(temperature=2.0),
+                            key=jax.random.key(3))
+    right = run(_UniformChain(V))
+    for mistake in ("depth", "parents"):
+        np.testing.assert_array_equal(run(_UniformChain(V, mistake)).tokens, right.tokens,
+                                      err_msg=mistake)
+    with pytest.raises(ValueError, match=rf"_UniformChain.propose: sampled children need q "
+                                         rf"\[3, 3, {V}\] \(rows, the topology's nodes, the "
+                                         rf"target's vocabulary\), got \(3, 3, 1\)"):
+        run(_UniformChain(V, "vocab"))
+
+
 def test_bad_drafters_and_trees(loaded):
     model = loaded(TARGET)
     with pytest.raises(TypeError, match="drafter must be"):

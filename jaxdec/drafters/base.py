@@ -36,7 +36,13 @@ class Proposal:
     `chain` (static): every row's tree is a chain in node order (node i's parent is i - 1), so
     an accepted path is nodes 0..n-1 and commits move nothing (`jaxdec.cache.commit`'s
     `prefix`). `slots` [B, N]: where the drafter keeps each node in its own state, for its
-    `update` (a draft model's dynamic tree); None where it needs none."""
+    `update` (a draft model's dynamic tree); None where it needs none.
+
+    From a drafter of your own (a `propose` outside jaxdec) the loop keeps the tree's tokens,
+    parents and `valid` only: depth and ancestors are derived from the parents (a parent
+    must be an earlier node, else the node is never accepted) and `chain` makes the tree a
+    chain; sampled children take the topology's structure. q must be [B, N, the target's
+    vocabulary], the distribution the children were really drawn from."""
 
     tree: TokenTree
     q: jax.Array | None
