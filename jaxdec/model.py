@@ -123,6 +123,10 @@ def check_params(model: Model) -> None:
     mesh call for (`abstract_model`'s), a TypeError for a leaf that is no floating-point
     array; each names the leaf. Params edited by hand (a truncated embedding, a norm of
     shape (1,)) could otherwise broadcast or index their way to wrong logits."""
+    if parallel.TP not in model.mesh.axis_names:   # a Model built by hand
+        raise ValueError('model.mesh has no "tp" axis (the forward\'s collectives name it): '
+                         "build the model with init_model / load_pretrained (they add one of "
+                         "size 1) or on jaxdec.make_mesh(...)")
     treedef, expected = _expected_params(model.config, model.mesh)
     leaves, got_treedef = jax.tree_util.tree_flatten(model.params)
     if got_treedef != treedef:

@@ -73,7 +73,8 @@ def to_host(x) -> np.ndarray:
 
 
 def resolve_mesh(mesh: Mesh | None) -> Mesh:
-    """`mesh`, or a one-device mesh when None; rejects meshes with axes we do not know."""
+    """`mesh`, or a one-device mesh when None; rejects meshes with axes we do not know. A
+    mesh without a "tp" axis gets one of size 1 (the model's collectives name it)."""
     if mesh is None:
         return make_mesh()
     if not isinstance(mesh, Mesh):
@@ -84,6 +85,8 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
             f"mesh axes {unknown} are not understood; jaxdec meshes use the axes {_MESH_AXES} "
             "(a missing axis counts as size 1)"
         )
+    if TP not in mesh.axis_names:
+        mesh = Mesh(mesh.devices[..., None], (*mesh.axis_names, TP))
     return mesh
 
 

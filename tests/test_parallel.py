@@ -1,6 +1,7 @@
 """Tensor (and data) parallelism on 8 fake CPU devices: the same logits and greedy tokens for
 every tp, KV heads split or replicated, and clear errors for meshes that cannot work."""
 
+import dataclasses
 import threading
 
 import jax
@@ -85,6 +86,15 @@ def test_your_own_mesh(hf_checkpoints, reference):
     model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=tp_only)
     np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
                                rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    # Without a "tp" axis the model gets one of size 1 (its collectives name it: every
+    # forward failed with jax's "unbound axis name: tp").
+    dp_only = Mesh(np.array(jax.devices()[:2]), ("dp",))
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=dp_only)
+    assert dict(model.mesh.shape) == {"dp": 2, "tp": 1}
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    with pytest.raises(ValueError, match=r"model.mesh has no \"tp\" axis"):
+        jaxdec.forward(dataclasses.replace(model, mesh=dp_only), tokens)
 
 
 # ----------------------------------------------------------------------------- bad input
