@@ -166,7 +166,8 @@ def init_model(
     The leaves are drawn one at a time, each by a small program compiled once per distinct
     (kind, shape, sharding): one program for the whole tree of an 8B model (291 large random
     leaves) took 67 s to compile on a CPU, these 8 small ones 7 s. The values are
-    those of the family's `init_params` (padded vocabulary rows zero)."""
+    those of the family's `init_params` (padded vocabulary rows zero): a key gives the same
+    model on every mesh."""
     check_config(config)
     key = check_key(key, required=True)
     dtype = check_param_dtype(dtype)
@@ -212,11 +213,13 @@ def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zer
     (config, groups, the leaf's last key) for a qkv leaf whose mesh layout differs from one
     device's."""
     def draw(k):
-        x = fam.init_leaf(kind, shape, k, dtype=dtype, std=std)
-        if zero_from is not None:
+        if zero_from is None:
+            x = fam.init_leaf(kind, shape, k, dtype=dtype, std=std)
+        else:   # drawn at the true size, so that a key gives the same model on every mesh
             axis, size = zero_from
-            keep = jax.lax.broadcasted_iota(jnp.int32, shape, axis) < size
-            x = jnp.where(keep, x, jnp.zeros((), dtype))
+            true_shape = shape[:axis] + (size,) + shape[axis + 1:]
+            x = fam.init_leaf(kind, true_shape, k, dtype=dtype, std=std)
+            x = jnp.pad(x, [(0, shape[a] - true_shape[a]) for a in range(len(shape))])
         if regroup is not None:
             config, groups, name = regroup
             x = fam.regroup(name, x, config, groups)

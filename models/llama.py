@@ -155,15 +155,22 @@ def init_params(
 ) -> dict:
     """Random params: normal(0, std) matrices, zero biases, unit norms (leaf i drawn from the
     i-th of `jax.random.split(key, leaves)`, in tree order, in one device's layout, then
-    regrouped to `groups`; `jaxdec.init_model` draws the same values one leaf at a time)."""
-    shapes = param_shapes(config, vocab_size=vocab_size)
+    regrouped to `groups`; `jaxdec.init_model` draws the same values one leaf at a time).
+    A `vocab_size` above the config's pads the drawn embedding and head with zeros: a key
+    gives the same model whatever the padding (tp)."""
+    padded = vocab_size or config.vocab_size
     flat, treedef = jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))
+        param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(flat))
+    vocab_axes = {"['embed']": 0, "['lm_head']": 1}
     leaves = []
     for (path, shape), k in zip(flat, keys):
         name = jax.tree_util.keystr(path)
         leaf = init_leaf(leaf_kind(name), shape, k, dtype=dtype, std=std)
+        if name in vocab_axes and padded != config.vocab_size:
+            pad = [(0, 0)] * leaf.ndim
+            pad[vocab_axes[name]] = (0, padded - config.vocab_size)
+            leaf = jnp.pad(leaf, pad)
         leaves.append(regroup(name, leaf, config, groups or config.num_kv_heads))
     return jax.tree.unflatten(treedef, leaves)
 
