@@ -302,6 +302,25 @@ def test_draft_model_checks_a_target_tokenizer_once(loaded, monkeypatch):
     assert drafter.prepare(retokenized) is first and calls == [model, retokenized]
 
 
+def test_a_draft_of_another_tokenizer_is_refused(loaded):
+    """Where both models carry a tokenizer they are compared, also at equal vocabulary sizes
+    (such a draft drafts ids that mean other text: it was taken, and never right)."""
+    from tokenizers import Tokenizer, models
+
+    def words(prefix, n):
+        return Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(n)},
+                                          unk_token=f"{prefix}0"))
+
+    model = loaded("llama-gqa")
+    V = model.config.vocab_size
+    target = dataclasses.replace(model, tokenizer=words("a", V))
+    for draft_tokenizer in (words("b", V), words("a", V - 1)):
+        draft = dataclasses.replace(model, tokenizer=draft_tokenizer)
+        with pytest.raises(ValueError, match="the draft's tokenizer differs from the target's"):
+            DraftModel(draft).prepare(target)
+    assert DraftModel(dataclasses.replace(model, tokenizer=words("a", V))).prepare(target)
+
+
 def test_candidates_topology_budget():
     t = candidates_topology(3, 2)
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3

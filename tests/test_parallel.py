@@ -110,6 +110,15 @@ def test_kv_heads_and_tp_must_divide_one_another():
                                 num_layers=1, num_heads=12, num_kv_heads=3, head_dim=2)
     with pytest.raises(ValueError, match="tp=2 and the model's 3 KV heads"):
         jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=jaxdec.make_mesh(tp=2))
+    # A draft model placed on a target's mesh: the message says whose heads.
+    from jaxdec.drafters import DraftModel
+
+    draft = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    target = jaxdec.init_model(config.replace(num_kv_heads=4), jax.random.PRNGKey(0),
+                               mesh=jaxdec.make_mesh(tp=2))
+    with pytest.raises(ValueError, match="the draft model cannot run on the target's mesh: "
+                                         "tp=2 and the draft's 3 KV heads"):
+        DraftModel(draft).prepare(target)
 
 
 def test_bad_meshes():

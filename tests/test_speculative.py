@@ -534,6 +534,8 @@ class _RepeatRoot(Drafter):
                                        topology.num_nodes)
         if self.mistake == "shape":
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens[:, :-1])
+        if self.mistake == "float":
+            drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.float32))
         kind = ProposalKind.IID if self.mistake == "kind" else ProposalKind.DETERMINISTIC
         proposal = Proposal(tree=drafted, q=None, kind=kind, chain=True)
         if self.mistake == "tuple":
@@ -559,6 +561,7 @@ def test_a_drafter_of_your_own(loaded):
     for mistake, error, match in [
         ("tuple", TypeError, r"_RepeatRoot.propose must return \(Proposal, state\)"),
         ("shape", ValueError, r"tree.tokens has shape \(3, 3\), expected \(3, 4\)"),
+        ("float", TypeError, r"_RepeatRoot.propose: tree.tokens is float32, expected integers"),
         ("kind", ValueError, "returned a ProposalKind.IID proposal where its proposal_kind"),
         ("state", TypeError, r"_RepeatRoot.propose returned a state unlike init's.*float32"),
         ("update", TypeError, r"_RepeatRoot.update returned a state unlike init's"),
@@ -566,6 +569,8 @@ def test_a_drafter_of_your_own(loaded):
         with pytest.raises(error, match=match):
             jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), mistake), prompts,
                                         max_new_tokens=4)
+    with pytest.raises(NotImplementedError, match="_RepeatRoot has no default tree: pass tree="):
+        Drafter.default_topology(_RepeatRoot(jnp.int32(0)))   # the base class's
 
 
 @jax.tree_util.register_dataclass

@@ -55,7 +55,9 @@ class Drafter:
     """Base class: subclasses implement init / propose / update and may override the rest."""
 
     def default_topology(self) -> Topology:
-        raise NotImplementedError
+        """The tree `speculative_generate` drafts when given none."""
+        raise NotImplementedError(f"{type(self).__name__} has no default tree: pass tree=... "
+                                  "(a jaxdec.tree Topology), or define default_topology")
 
     def prepare(self, target) -> "Drafter":
         """Host-side checks and placement against the target model, before tracing."""

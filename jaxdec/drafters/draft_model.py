@@ -133,7 +133,11 @@ class DraftModel(Drafter):
             if is_abstract(draft):
                 raise ValueError("an abstract draft model (jaxdec.abstract_model) must be built "
                                  "on the target's mesh (mesh=target.mesh)")
-            parallel.check_divisibility(draft.config, target.mesh)
+            try:
+                parallel.check_divisibility(draft.config, target.mesh)
+            except ValueError as e:
+                raise ValueError(f"the draft model cannot run on the target's mesh: "
+                                 f"{str(e).replace('the model', 'the draft')}") from None
             vocab = parallel.padded_vocab(draft.config, target.mesh)
             params = jax.tree.map(parallel.to_host, draft.params)
             rows = params["embed"].shape[0]
@@ -494,16 +498,18 @@ def _resize_vocab(params: dict, rows: int, vocab: int) -> dict:
 
 
 def check_vocabularies(target: Model, draft: Model) -> None:
-    """Draft and target must share a tokenizer; their sizes may differ only by padding."""
+    """Draft and target must share a tokenizer (compared where both have one: a draft of
+    another tokenizer drafts ids that mean other text, and is never right); their sizes may
+    differ only by padding."""
     vt, vd = target.config.vocab_size, draft.config.vocab_size
-    if vt == vd:
-        return
     tt, td = target.tokenizer, draft.tokenizer
     if tt is not None and td is not None:
-        if tt.get_vocab() != td.get_vocab():
+        if tt is not td and tt.get_vocab() != td.get_vocab():
             raise ValueError(
                 f"the draft's tokenizer differs from the target's (vocabulary sizes {vd} and {vt})"
             )
+        return
+    if vt == vd:
         return
     if abs(vt - vd) > max(256, 0.01 * max(vt, vd)):
         raise ValueError(
