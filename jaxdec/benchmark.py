@@ -183,6 +183,17 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> l
     return rng.integers(0, vocab_size, (batch, length)).tolist()
 
 
+def check_positions(config, context: int, new_tokens: int) -> None:
+    """A ValueError unless a benchmark of `context` and `new_tokens` fits the config's
+    positions."""
+    needed = prompt_length(context, new_tokens) + new_tokens
+    limit = config.max_positions
+    if needed > limit:
+        raise ValueError(
+            f"context={context} with new_tokens={new_tokens} needs {needed} positions, beyond "
+            f"the model's {limit} ({config.describe_max_positions()})")
+
+
 def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = 2048,
                  new_tokens: int = 128, warmup: int = 1, repeats: int = 3,
                  bandwidth_gbps: float | None = None) -> list[dict]:
@@ -224,12 +235,8 @@ def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = 204
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 (the first token comes from the prefill, "
                          f"so one token times no decode step), got {new_tokens}")
+    check_positions(model.config, context, new_tokens)
     prompt_len = prompt_length(context, new_tokens)
-    limit = model.config.max_positions
-    if prompt_len + new_tokens > limit:
-        raise ValueError(
-            f"context={context} with new_tokens={new_tokens} needs {prompt_len + new_tokens} "
-            f"positions, beyond the model's {limit} ({model.config.describe_max_positions()})")
     if bandwidth_gbps is None:
         bandwidth_gbps = max(memory_bandwidth().values())
     elif isinstance(bandwidth_gbps, bool) or not isinstance(bandwidth_gbps, (int, float)) \

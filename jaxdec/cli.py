@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 
@@ -126,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=_positive_int, default=None)
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--dp", type=_positive_int, default=None,
-                         help="data-parallel devices (default: every accelerator, or with several "
-                         "processes every device; 1 CPU)")
+                         help="data-parallel devices (default: as many of one process's "
+                         "accelerators as divide the batch, or with several processes every "
+                         "device; 1 CPU)")
         again = sub.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true", help="continue the run in --out")
         again.add_argument("--force", action="store_true", help="delete the run in --out first")
@@ -161,11 +163,13 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
     gen.add_argument("--temperature", type=float, default=0.0,
                      help="0 (the default) decodes greedily")
     gen.add_argument("--top-p", type=float, default=None,
-                     help="sample from the smallest set of tokens of this total probability")
+                     help="sample from the smallest set of tokens of this total probability "
+                     "(with --temperature)")
     gen.add_argument("--top-k", type=int, default=None,
-                     help="sample from the k most likely tokens")
+                     help="sample from the k most likely tokens (with --temperature)")
     gen.add_argument("--min-p", type=float, default=None,
-                     help="drop tokens less likely than this fraction of the most likely one")
+                     help="drop tokens less likely than this fraction of the most likely one "
+                     "(with --temperature)")
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -270,6 +274,8 @@ def _join_processes(args) -> bool:
     explicit = (args.coordinator, args.num_processes, args.process_id)
     if not args.distributed and explicit == (None, None, None):
         return False
+    if args.coordinator is not None and not args.coordinator.rpartition(":")[2].isdigit():
+        raise ValueError(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
     if args.coordinator is not None and None in explicit:
         raise ValueError("--coordinator needs --num-processes and --process-id (the same "
                          "--num-processes everywhere, --process-id 0 to N - 1)")
@@ -291,7 +297,13 @@ def _decoding_settings(args):
     """(sampler, tree topology or None) from the shared options, checked."""
     import jaxdec
 
-    if args.temperature == 0 and (args.top_p, args.top_k, args.min_p) == (None, None, None):
+    filters = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k),
+                                        ("--min-p", args.min_p)) if value is not None]
+    if args.temperature == 0 and filters:
+        raise ValueError(f"{', '.join(filters)} shape{'s' if len(filters) == 1 else ''} "
+                         "sampling: give --temperature > 0 too (0, the default, decodes "
+                         "greedily)")
+    if args.temperature == 0:
         sampler = jaxdec.Greedy()
     else:
         sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
@@ -355,8 +367,10 @@ def _chat(args) -> None:
         if len(prompt) + args.max_new_tokens > limit:
             alone = len(jaxdec.chat.encode_chat(model, opening + [message]))
             if alone + args.max_new_tokens > limit:  # refused: the conversation stays whole
-                say(f"[too long: the message takes {alone} tokens (with the system message "
-                    f"and the template's), + --max-new-tokens {args.max_new_tokens} exceed "
+                with_ = "the system message's and the template's" if opening else \
+                    "the template's"
+                say(f"[too long: the message takes {alone} tokens (with {with_}), + "
+                    f"--max-new-tokens {args.max_new_tokens} exceed "
                     f"the {limit} kept (--max-context, the model's positions)]",
                     file=sys.stderr, flush=True)
                 continue
@@ -460,7 +474,6 @@ def _shape_names() -> list[str]:
 
 def _bench(args) -> None:
     import json
-    import os
 
     import jax
 
@@ -475,6 +488,12 @@ def _bench(args) -> None:
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
     benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
+    if args.json:   # checked before the benchmark runs (its records would be lost)
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json} is a directory: give a file path")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--json {args.json}: {folder} is not a writable directory")
     mesh = jaxdec.make_mesh(tp=args.tp)
     # Every process measures and decodes; process 0 prints and writes --json.
     say = _printer()
@@ -486,6 +505,7 @@ def _bench(args) -> None:
     else:
         config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
     check_divisibility(config, mesh)
+    benchmark.check_positions(config, args.context, args.new_tokens)
     if args.dtype is not None:
         check_param_dtype(args.dtype)
     # Measured first, while the weights do not yet take the devices' memory.
@@ -546,11 +566,20 @@ def main(argv: list[str] | None = None) -> int:
            "demo": _demo}[args.command]
     try:
         run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        sys.stdout.flush()   # here, where a closed pipe can be told from an error
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): end quietly, as other tools do. Python's
+        # own flush at exit would fail again: stdout goes nowhere from here on.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+    except (ValueError, TypeError, OSError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"jaxdec: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\njaxdec: interrupted", file=sys.stderr)
         return 130
     return 0
 

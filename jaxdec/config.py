@@ -230,16 +230,22 @@ class ModelConfig:
                 f"architectures={hf.get('architectures')!r}; supported: "
                 + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
             )
-        try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            required = {
-                "vocab_size": int(hf["vocab_size"]),
-                "intermediate_size": int(hf["intermediate_size"]),
-                "num_layers": int(hf["num_hidden_layers"]),
-            }
-        except KeyError as e:
-            raise ValueError(f"config.json is missing the required field {e.args[0]!r}") from None
+        def required_int(field: str) -> int:
+            if field not in hf:
+                raise ValueError(f"config.json is missing the required field {field!r}")
+            value = hf[field]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                    isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"config.json's {field} must be an integer, got {value!r}")
+            return int(value)
+
+        hidden = required_int("hidden_size")
+        heads = required_int("num_attention_heads")
+        required = {
+            "vocab_size": required_int("vocab_size"),
+            "intermediate_size": required_int("intermediate_size"),
+            "num_layers": required_int("num_hidden_layers"),
+        }
         head_dim = hf.get("head_dim") or hidden // heads
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")

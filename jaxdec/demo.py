@@ -11,7 +11,6 @@ match plain decoding, then the target's held-out perplexity and a sampled comple
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from jaxdec import data, tree
 from jaxdec.checkpoint import load_pretrained
+from jaxdec.checks import check_int
 from jaxdec.generate import generate
 from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from jaxdec.sampling import Sampler
@@ -49,15 +49,25 @@ def ensure_demo_models(preset: str, home: str, log: Callable[[str], None] = prin
     """(target_dir, draft_dir), training whichever is missing (resuming a partial run)."""
     base = os.path.join(home, "demo", preset)
     target_dir, draft_dir = os.path.join(base, "target"), os.path.join(base, "draft")
-    if not _trained(target_dir):
-        partial = os.path.exists(os.path.join(target_dir, loop.RUN_FILE))
-        log(f"training the {preset} demo target in {target_dir}"
-            + (" (resuming)" if partial else ""))
-        train_lm(preset, target_dir, resume=partial, log=log)
-    if not _trained(draft_dir):
-        partial = os.path.exists(os.path.join(draft_dir, loop.RUN_FILE))
-        log(f"distilling the {preset} demo draft in {draft_dir}" + (" (resuming)" if partial else ""))
-        train_draft(target_dir, preset, draft_dir, resume=partial, log=log)
+    try:
+        if not _trained(target_dir):
+            partial = os.path.exists(os.path.join(target_dir, loop.RUN_FILE))
+            log(f"training the {preset} demo target in {target_dir}"
+                + (" (resuming)" if partial else ""))
+            train_lm(preset, target_dir, resume=partial, log=log)
+        if not _trained(draft_dir):
+            partial = os.path.exists(os.path.join(draft_dir, loop.RUN_FILE))
+            log(f"distilling the {preset} demo draft in {draft_dir}"
+                + (" (resuming)" if partial else ""))
+            train_draft(target_dir, preset, draft_dir, resume=partial, log=log)
+    except loop.Interrupted as e:   # its advice is the train command's
+        kept = (f"the checkpoint at step {e.step} is intact" if e.step is not None else
+                "no checkpoint was written yet")
+        raise loop.Interrupted(f"the demo's training was interrupted; {kept}: run jaxdec demo "
+                               "again to continue", e.step) from None
+    except ValueError as e:   # a cache the demo cannot continue (moved, edited)
+        raise ValueError(f"{e} (the demo's models in {base}: delete that directory to train "
+                         "them afresh)") from None
     return target_dir, draft_dir
 
 
@@ -85,6 +95,9 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Trains the demo models if needed, decodes, prints a table; returns the figures."""
+    if check_int("max_new_tokens", max_new_tokens) < 2:   # a decode speed needs a step
+        raise ValueError(f"max_new_tokens must be >= 2 (the first token comes from the "
+                         f"prefill), got {max_new_tokens}")
     preset = get_preset(preset or default_preset()).name
     home = home or jaxdec_home()
     target_dir, draft_dir = ensure_demo_models(preset, home, log)
@@ -150,5 +163,4 @@ def demo_methods(target, draft, preset: str):
 
 
 def _read_metrics(directory: str) -> dict:
-    with open(os.path.join(directory, METRICS)) as f:
-        return json.load(f)
+    return loop.read_json(os.path.join(directory, METRICS))

@@ -163,6 +163,23 @@ def test_cli_bench_bad_arguments(capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: /nonexistent is not a "
+                                        "writable directory"),
+    (["--json", "."], "--json . is a directory"),
+    (["--context", "100000"], "positions, beyond the model's"),
+])
+def test_cli_bench_refuses_before_measuring(capsys, monkeypatch, args, message):
+    """Where the records would go, and whether the context fits: checked before anything is
+    measured (the records of a whole benchmark were lost to a bad --json)."""
+    def measured():
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(benchmark, "memory_bandwidth", measured)
+    assert main(["bench", "--shape", "tiny", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_cli_bench_unknown_shape(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--shape", "llama-9000"])

@@ -2,12 +2,15 @@
 
 import io
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
 
 import jaxdec
 from jaxdec.cli import main
+from runenv import user_env
 
 
 def test_generate_prints_the_continuation_and_speed(tokenized_checkpoint, capsys):
@@ -31,9 +34,14 @@ def test_generate_sampling_with_tp(tokenized_checkpoint, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--temperature", "-1"], "temperature"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--top-k", "0"], "top_k"),
+    (["--temperature", "1", "--top-p", "1.5"], "top_p"),
+    (["--temperature", "1", "--top-k", "0"], "top_k"),
     (["--tp", "3"], "tp=3 does not divide"),
+    # Greedy decoding would ignore them (silently: the output was the greedy text).
+    (["--top-p", "0.9"], "--top-p shapes sampling: give --temperature > 0 too"),
+    (["--top-k", "5", "--min-p", "0.1"], "--top-k, --min-p shape sampling"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator must be HOST:PORT, got 'localhost'"),
 ])
 def test_bad_arguments(tokenized_checkpoint, capsys, args, message):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", *args]) == 2
@@ -156,3 +164,39 @@ def test_prompt_and_prompt_file_exclude_one_another(tokenized_checkpoint, tmp_pa
     for args in ([], ["--prompt", "x", "--prompt-file", str(tmp_path)]):
         with pytest.raises(SystemExit):
             main(["generate", "--model", tokenized_checkpoint, *args])
+
+
+def test_a_closed_pipe_ends_quietly(tokenized_checkpoint):
+    """`jaxdec generate ... | head` whose reader has gone: exit 141 (as SIGPIPE would), no
+    traceback (a BrokenPipeError's, also from the stream's callback and at exit)."""
+    for extra in ([], ["--stream"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxdec.cli", "generate", "--model", tokenized_checkpoint,
+             "--prompt", "quick brown", "--max-new-tokens", "8", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=user_env())
+        proc.stdout.close()   # the reader is gone before anything is written
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 141, err
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_os_errors_and_ctrl_c_are_one_line(tokenized_checkpoint, tmp_path, capsys,
+                                           monkeypatch):
+    """An OSError (a file that cannot be read) is `jaxdec: error: ...`; Ctrl-C outside
+    training (chat waiting for a line, say) is `jaxdec: interrupted`, exit 130."""
+    from jaxdec import cli
+
+    def unreadable(args):
+        raise PermissionError(13, "Permission denied", "prompt.txt")
+
+    monkeypatch.setattr(cli, "_generate", unreadable)
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == ("jaxdec: error: [Errno 13] Permission denied: "
+                                       "'prompt.txt'\n")
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_chat", ctrl_c)
+    assert main(["chat", "--model", tokenized_checkpoint]) == 130
+    assert capsys.readouterr().err.endswith("jaxdec: interrupted\n")

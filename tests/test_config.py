@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,6 +154,12 @@ def test_missing_field_is_named():
     del hf["intermediate_size"]
     with pytest.raises(ValueError, match="intermediate_size"):
         ModelConfig.from_hf(hf)
+    # A field that is there but no integer is named too (int(None) named nothing).
+    for bad in (None, "64", 64.5, True):
+        with pytest.raises(ValueError, match=f"config.json's vocab_size must be an integer, "
+                                             f"got {re.escape(repr(bad))}"):
+            ModelConfig.from_hf(dict(BASE, model_type="llama", vocab_size=bad))
+    assert ModelConfig.from_hf(dict(BASE, model_type="llama", vocab_size=64.0)).vocab_size == 64
 
 
 @pytest.mark.parametrize("change,match", [

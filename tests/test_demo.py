@@ -50,16 +50,22 @@ def test_demo_resumes_an_interrupted_training(micro, tmp_path, monkeypatch):
         if len(calls) == 1:
             os.makedirs(out)
             open(os.path.join(out, "train.json"), "w").write("{}")
-            raise KeyboardInterrupt
+            raise demo.loop.Interrupted("train lm interrupted; ...: rerun with --resume", 40)
         return real(preset, out, resume=resume, log=log)
 
     monkeypatch.setattr(demo, "train_lm", interrupted_once)
-    with pytest.raises(KeyboardInterrupt):
+    # The advice is the demo's (the demo has no --resume: it resumes when run again).
+    with pytest.raises(demo.loop.Interrupted, match="the demo's training was interrupted; the "
+                       "checkpoint at step 40 is intact: run jaxdec demo again to continue"):
         demo.ensure_demo_models(micro, str(tmp_path), log=lambda _: None)
     assert os.path.exists(target)
-    with pytest.raises(ValueError, match="run settings changed"):  # resumes (and checks) it
+    # It resumes (and checks) it; a cache it cannot continue says how to start afresh.
+    with pytest.raises(ValueError, match="run settings changed.*the demo's models in .*: "
+                                         "delete that directory to train them afresh"):
         demo.ensure_demo_models(micro, str(tmp_path), log=lambda _: None)
     assert calls == [False, True]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 2"):
+        demo.run_demo(preset=micro, home=str(tmp_path), max_new_tokens=1)
 
 
 def test_home_and_preset_defaults(monkeypatch):

@@ -100,6 +100,7 @@ def test_resume_on_a_data_parallel_mesh(tmp_path):
     first = train_lm(MICRO, out, dp=2, log=lambda _: None)
     weights = [np.asarray(x) for x in jax.tree.leaves(jaxdec.load_pretrained(out).params)]
     shutil.rmtree(out / "checkpoints" / str(MICRO.target_steps))
+    os.remove(out / "metrics.json")   # (written last: a finished run is not resumed)
     lines = []
     again = train_lm(MICRO, out, dp=2, resume=True, log=lines.append)
     assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every}" in lines
@@ -173,6 +174,12 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
                        checkpoint_every=2, tokens_per_step=1, label="toy")
     restored = loop.Checkpoints(str(tmp_path)).restore(state)
     assert int(restored["step"]) == 4
+    fresh = {"step": jnp.int32(0), "params": {"w": jnp.zeros(3)}}   # (state was donated)
+    with pytest.raises(Interrupted, match="no checkpoint was written yet") as raised:
+        loop.run_steps(fresh, step_fn, batch_at, total_steps=10,
+                       checkpoints=loop.Checkpoints(str(tmp_path / "none")),
+                       checkpoint_every=8, tokens_per_step=1, label="toy")
+    assert raised.value.step is None
     np.testing.assert_array_equal(restored["params"]["w"], 4)
     other = {"step": jnp.int32(0), "params": {"w": jnp.zeros(4)}}  # e.g. another layout
     with pytest.raises(ValueError, match="step 4 in .* holds arrays of other shapes"):
@@ -310,6 +317,15 @@ def test_output_directory_rules(trained, tmp_path):
         train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
     with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
+    # A finished run resumed: its metrics as they were (they were measured again, as null).
+    said = []
+    metrics = os.path.join(trained[0], "metrics.json")
+    before = open(metrics).read()
+    assert train_lm(MICRO, trained[0], resume=True, log=said.append) == trained[1]
+    assert open(metrics).read() == before and "nothing to resume" in said[0]
+    (foreign / "cut.json").write_text('{"steps": ')
+    with pytest.raises(ValueError, match=r"cut.json is not valid JSON \(Expecting value"):
+        loop.read_json(str(foreign / "cut.json"))
 
 
 def test_all_process_checks_name_the_processes_that_differ(tmp_path, monkeypatch):
@@ -368,12 +384,20 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     (dict(resume="yes"), TypeError, "resume must be a bool"),
     (dict(force=1), TypeError, "force must be a bool"),
     (dict(seed=-1), ValueError, "seed must be an int >= 0"),
+    (dict(seed=2**32), ValueError, r"seed must be < 2\*\*32"),   # its key would be seed 0's
+    (dict(corpus="."), ValueError, "is inside the corpus"),   # out = tmp_path / "run"
+    (dict(out="."), ValueError, "starting the run over .* would delete it"),
     (dict(dp=0), ValueError, "dp must be an int >= 1"),
     (dict(dp=3), ValueError, "dp=3 does not divide the batch of 8 sequences"),
     (dict(log="print"), TypeError, "log must be callable"),
 ])
-def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match):
-    """Refused before the corpus is read or the run directory made (both commands)."""
+def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match, monkeypatch):
+    """Refused before the corpus is read or the run directory made (both commands). A run
+    directory and a corpus must not overlap: the run's files joined the corpus (a resumed run
+    read other text), or --force deleted the corpus."""
+    monkeypatch.chdir(tmp_path)
+    if kwargs.get("out") == ".":
+        kwargs = kwargs | {"corpus": tmp_path / "run" / "texts"}
     for train, args in ((train_lm, ()), (train_draft, (tmp_path / "no-target",))):
         call = {"preset": MICRO, "out": tmp_path / "run"} | kwargs
         with pytest.raises(error, match=match):

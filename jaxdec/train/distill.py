@@ -123,6 +123,7 @@ def train_draft(
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="draft_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -144,6 +145,9 @@ def train_draft(
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
+    finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
+    if finished is not None:
+        return finished
     with phases("encode"):
         dataset = build_dataset(target.tokenizer, corpus_data, preset)
     check_same_data(dataset)
@@ -189,7 +193,7 @@ def train_draft(
         save_pretrained(Model(config=draft_config, params=state["params"], mesh=mesh,
                               tokenizer=target.tokenizer), out, overwrite=True)
     metrics["phase_seconds"] = phases.as_dict()
-    loop.write_json(os.path.join(out, "metrics.json"), metrics)
+    loop.write_json(os.path.join(out, loop.METRICS_FILE), metrics)
     log(f"held-out expected acceptance after distillation: {after:.3f} (before {before:.3f}); "
         f"exported to {out}")
     return metrics

@@ -247,6 +247,7 @@ def train_lm(
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="target_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     mesh = loop.train_mesh(dp, preset.batch_size)
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
@@ -255,6 +256,9 @@ def train_lm(
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
+    finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
+    if finished is not None:
+        return finished
     dtype = loop.compute_dtype()
 
     tokenizer = load_tokenizer(out) if resuming else None
@@ -266,7 +270,9 @@ def train_lm(
 
             def train_tokenizer():
                 trained.append(data.train_tokenizer(corpus_data.train_texts, preset.vocab_size))
-                trained[0].save(os.path.join(out, "tokenizer.json"))
+                path = os.path.join(out, "tokenizer.json")   # whole, or not there: a
+                trained[0].save(path + ".tmp")                # resumed run reads it
+                os.replace(path + ".tmp", path)
 
             loop.on_lead(train_tokenizer, "training the tokenizer")
             tokenizer = trained[0] if trained else load_tokenizer(out)
@@ -310,7 +316,7 @@ def train_lm(
         save_pretrained(Model(config=config, params=state["params"], mesh=mesh,
                               tokenizer=tokenizer), out, overwrite=True)
     metrics["phase_seconds"] = phases.as_dict()
-    loop.write_json(os.path.join(out, "metrics.json"), metrics)
+    loop.write_json(os.path.join(out, loop.METRICS_FILE), metrics)
     log(f"held-out loss {heldout_loss:.3f} (perplexity {metrics['heldout_ppl']:.1f}); "
         f"exported to {out}")
     return metrics

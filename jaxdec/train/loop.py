@@ -39,10 +39,32 @@ from jaxdec.train.presets import PRESETS, Preset, get_preset
 
 RUN_FILE = "train.json"  # marks a directory as a jaxdec training run
 CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.json"  # written last: the run is finished
 
 
 class Interrupted(RuntimeError):
-    """Training stopped early (Ctrl-C); the last finished checkpoint is intact."""
+    """Training stopped early (Ctrl-C); the last finished checkpoint is intact. `step`: its
+    step, None when there was none yet."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+def check_apart(out: str, corpus) -> None:
+    """A ValueError when the run directory and the corpus directory overlap: the run's own
+    files (its tokenizer, settings, checkpoints) would join the corpus, so a resumed run read
+    other text than the first; a corpus inside the run directory would go with --force."""
+    if corpus is None:
+        return
+    a, b = (os.path.realpath(os.fspath(p)) for p in (out, corpus))
+    if a == b or a.startswith(b + os.sep):
+        raise ValueError(f"out={os.fspath(out)} is inside the corpus {os.fspath(corpus)}: the "
+                         "run's own files would be read as text (give the run a directory "
+                         "outside it)")
+    if b.startswith(a + os.sep):
+        raise ValueError(f"the corpus {os.fspath(corpus)} is inside out={os.fspath(out)}: "
+                         "starting the run over (--force) would delete it")
 
 
 # --------------------------------------------------------------------------- set-up
@@ -94,6 +116,8 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
     check_bool("resume", resume)
     check_bool("force", force)
     seed = check_int("seed", seed, minimum=0)
+    if seed >= 2**32:   # jax's keys take 32 bits: larger seeds would repeat smaller ones
+        raise ValueError(f"seed must be < 2**32, got {seed}")
     if not callable(log):
         raise TypeError(f"log must be callable (it is given each progress line), got {log!r}")
     return preset, os.fspath(out), steps, seed
@@ -186,6 +210,16 @@ def train_mesh(dp: int | None, batch_size: int):
     return parallel.make_mesh(dp=dp)
 
 
+def read_json(path: str):
+    """A JSON file of a run, or a ValueError naming it when it is not JSON (a file edited by
+    hand, or cut short)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def prepare_run(out: str, *, resume: bool, force: bool, run: dict) -> bool:
     """`prepare_output_dir` in process 0 (all processes wait for it, and then check that they
     see the directory); True in every process when resuming."""
@@ -193,6 +227,18 @@ def prepare_run(out: str, *, resume: bool, force: bool, run: dict) -> bool:
                        f"preparing the run directory {out}")
     check_shared_directory(out)
     return bool(resuming)
+
+
+def finished_run(out: str, *, resuming: bool, resume: bool, log) -> dict | None:
+    """The metrics of a run resumed after it finished (nothing is run or written again), else
+    None; says so where --resume found no run to continue (it starts one)."""
+    metrics = os.path.join(out, METRICS_FILE)
+    if resuming and os.path.exists(metrics):
+        log(f"{out} has finished its training (its {METRICS_FILE} is kept): nothing to resume")
+        return read_json(metrics)
+    if resume and not resuming:
+        log(f"no run to resume in {out}: starting one")
+    return None
 
 
 def compute_dtype():
@@ -211,8 +257,7 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
         if resume:
             if not os.path.exists(run_file):
                 raise ValueError(f"{out} is not a jaxdec training directory (no {RUN_FILE})")
-            with open(run_file) as f:
-                earlier = json.load(f)
+            earlier = read_json(run_file)
             if earlier != run:
                 changed = sorted(k for k in set(earlier) | set(run) if earlier.get(k) != run.get(k))
                 raise ValueError(f"cannot resume {out}: the run settings changed ({', '.join(changed)})")
@@ -452,11 +497,16 @@ def run_steps(
                                    - (stats.compile_seconds - compiled_before))
     except KeyboardInterrupt:
         progress.close()
+        try:   # the program in flight finishes before the process may end (a teardown
+            jax.block_until_ready(state)   # under a running program crashed it at times)
+        except Exception:   # its input, donated: nothing runs
+            pass
         checkpoints.close()
-        raise Interrupted(
-            f"{label} interrupted; the checkpoint at step {checkpoints.latest_step()} is intact: "
-            "rerun with --resume to continue"
-        ) from None
+        step = checkpoints.latest_step()
+        kept = (f"the checkpoint at step {step} is intact" if step is not None else
+                "no checkpoint was written yet")
+        raise Interrupted(f"{label} interrupted; {kept}: rerun with --resume to continue",
+                          step) from None
     progress.close()
     checkpoints.close()
     return state, stats
