@@ -333,10 +333,10 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size
             raise ValueError(f"{name}: tree.{field} has shape {got}, expected {shape} "
                              f"({B} rows, the topology's {N} nodes)")
         dtype = getattr(proposal.tree, field).dtype
-        if field in ("valid", "ancestors") and dtype != jnp.bool_ or field not in (
-                "valid", "ancestors") and not jnp.issubdtype(dtype, jnp.integer):
+        masks = field in ("valid", "ancestors")
+        if (dtype != jnp.bool_) if masks else not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(f"{name}: tree.{field} is {dtype}, expected "
-                            f"{'bool' if field in ('valid', 'ancestors') else 'integers'}")
+                            f"{'bool' if masks else 'integers'}")
     if proposal.kind is not kind:
         raise ValueError(f"{name} returned a {proposal.kind} proposal where its proposal_kind "
                          f"said {kind} (verification follows proposal_kind)")

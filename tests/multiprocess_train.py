@@ -33,10 +33,11 @@ target = os.path.join(run_dir, "lm")
 results = {"lm": train_lm(MICRO, target, dp=4, log=lines.append)}
 results["draft"] = train_draft(target, MICRO, os.path.join(run_dir, "draft"), dp=4,
                                log=lines.append)
-# The target's last checkpoint lost (a kill during its save): --resume continues from the one
-# before, to the same weights.
+# The target's last checkpoint lost (a kill during its save, before metrics.json, written
+# last): --resume continues from the one before, to the same weights.
 if jax.process_index() == 0:
     shutil.rmtree(os.path.join(target, "checkpoints", str(MICRO.target_steps)))
+    os.remove(os.path.join(target, "metrics.json"))
 multihost_utils.sync_global_devices("checkpoint removed")
 results["resumed"] = train_lm(MICRO, target, dp=4, resume=True, log=lines.append)
 try:
