@@ -122,9 +122,29 @@ def read_safetensors_index(path: str) -> dict[str, _TensorInfo]:
     return tensors
 
 
+def _check_stored_copy(head: _TensorInfo, embed: _TensorInfo, directory: str) -> None:
+    """A CheckpointError unless a tied checkpoint's stored lm_head.weight is the embedding
+    (compared a block of rows at a time: both are memory-mapped)."""
+    same = head.shape == embed.shape and head.dtype == embed.dtype
+    a, b = (head.read(), embed.read()) if same else (None, None)
+    for start in range(0, head.shape[0] if same else 0, 4096):
+        same = np.array_equal(a[start:start + 4096], b[start:start + 4096])
+        if not same:
+            break
+    if not same:
+        raise CheckpointError(
+            f"{directory}: config.json ties the embeddings (tie_word_embeddings) but the "
+            "checkpoint stores an lm_head.weight that differs from the embedding (transformers "
+            "would use it): set tie_word_embeddings to false to load that head")
+
+
 def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
+    # A single file wins over an index beside it, as transformers reads them (such a pair is
+    # a copy's leftovers: jaxdec's export removes the other form).
+    if os.path.exists(single_path):
+        return read_safetensors_index(single_path)
     if os.path.exists(index_path):
         try:
             with open(index_path) as f:
@@ -139,8 +159,6 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
         if missing:
             raise CheckpointError(f"{index_path} lists tensors its shards lack: {missing[:5]}")
         return tensors
-    if os.path.exists(single_path):
-        return read_safetensors_index(single_path)
     present = sorted(os.listdir(directory))
     hint = " (torch .bin checkpoints are not supported: convert to safetensors)" if any(
         p.endswith(".bin") for p in present) else ""
@@ -372,8 +390,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
                     f"tensor {name!r} has shape {info.shape}, expected {shape} from config.json"
                 )
     known = {n for e in table.values() for n in e.hf_names}
-    if config.tie_word_embeddings:
-        known.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        # Some tied checkpoints store the shared matrix twice; one whose copy differs is two
+        # models (transformers uses the stored head, jaxdec tied the embedding).
+        _check_stored_copy(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"],
+                           directory)
+        known.add("lm_head.weight")
     unexpected = sorted(n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
         warnings.warn(f"ignoring {len(unexpected)} unexpected tensors in {directory}: {unexpected[:5]}")

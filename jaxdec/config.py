@@ -402,6 +402,20 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     # `rope_theta` and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
+    # Both layouts in one file must agree (transformers 5 reads rope_scaling first and the
+    # top-level theta; an earlier jaxdec read rope_parameters': two models from one file).
+    kind = {name: d.get("rope_type") or d.get("type") or "default"
+            for name, d in (("rope_parameters", params), ("rope_scaling", scaling)) if d}
+    if len(set(kind.values())) > 1:
+        raise ValueError(f"config.json's rope_parameters ({kind['rope_parameters']}) and "
+                         f"rope_scaling ({kind['rope_scaling']}) disagree: keep one")
+    for key in sorted((params.keys() & scaling.keys()) - {"rope_type", "type"}):
+        if params[key] != scaling[key]:
+            raise ValueError(f"config.json's rope_parameters and rope_scaling disagree on "
+                             f"{key} ({params[key]!r} and {scaling[key]!r}): keep one")
+    if "rope_theta" in params and "rope_theta" in hf and params["rope_theta"] != hf["rope_theta"]:
+        raise ValueError(f"config.json's rope_theta ({hf['rope_theta']!r}) and rope_parameters' "
+                         f"({params['rope_theta']!r}) disagree: keep one")
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
@@ -463,8 +477,14 @@ def _rope_to_hf(rope: RopeConfig) -> dict[str, Any] | None:
     return out
 
 
+# transformers' defaults where config.json lacks a field (MistralConfig's and Qwen2Config's):
+# a missing field means these, a null one no window.
+DEFAULT_SLIDING_WINDOW = 4096
+DEFAULT_QWEN2_MAX_WINDOW_LAYERS = 28
+
+
 def _windows_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int):
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW)
     if model_type == "llama" or window is None:
         return (None,) * num_layers
     window = int(window)
@@ -479,5 +499,5 @@ def _windows_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int):
         if len(layer_types) != num_layers:
             raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    first = int(hf.get("max_window_layers", num_layers))
+    first = int(hf.get("max_window_layers", DEFAULT_QWEN2_MAX_WINDOW_LAYERS))
     return tuple(window if i >= first else None for i in range(num_layers))

@@ -331,6 +331,44 @@ def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
         jaxdec.load_pretrained(directory)
 
 
+def test_a_tied_checkpoints_stored_head_must_be_the_embedding(hf_checkpoints, tmp_path):
+    """A tied checkpoint may store the shared matrix twice (loaded as one); a stored head
+    that differs is two models: refused (transformers uses the stored head; jaxdec tied the
+    embedding, silently: other logits)."""
+    from safetensors.numpy import save_file
+
+    from jaxdec.checkpoint import read_safetensors_index
+
+    source = hf_checkpoints("qwen2-mqa-tied")[0]
+    want = np.asarray(jaxdec.forward(jaxdec.load_pretrained(source), [[1, 2, 3]]))
+    directory = _copy(source, tmp_path / "ckpt")
+    path = os.path.join(directory, "model.safetensors")
+    tensors = {k: np.array(v.read()) for k, v in read_safetensors_index(path).items()}
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}, path)
+    np.testing.assert_array_equal(
+        np.asarray(jaxdec.forward(jaxdec.load_pretrained(directory), [[1, 2, 3]])), want)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"] * 2}, path)
+    with pytest.raises(CheckpointError, match="ties the embeddings .* stores an lm_head.weight "
+                                              "that differs"):
+        jaxdec.load_pretrained(directory)
+
+
+def test_a_single_file_wins_over_an_index_beside_it(hf_checkpoints, loaded, tmp_path):
+    """model.safetensors beside a model.safetensors.index.json (a copy's leftovers): the
+    single file is read, as transformers reads it (the index was, silently)."""
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    other = tmp_path / "sharded"
+    jaxdec.save_pretrained(jaxdec.init_model(loaded("llama-gqa").config, jax.random.key(9)),
+                           other, max_shard_bytes=50_000)
+    assert "model.safetensors.index.json" in os.listdir(other)
+    for name in os.listdir(other):
+        if name.startswith("model-") or name == "model.safetensors.index.json":
+            shutil.copy(other / name, os.path.join(directory, name))
+    np.testing.assert_array_equal(
+        np.asarray(jaxdec.forward(jaxdec.load_pretrained(directory), [[1, 2, 3]])),
+        np.asarray(jaxdec.forward(loaded("llama-gqa"), [[1, 2, 3]])))
+
+
 def test_unsupported_architecture(hf_checkpoints, tmp_path):
     directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
     config = json.load(open(os.path.join(directory, "config.json")))

@@ -47,6 +47,43 @@ def test_qwen2_bias_and_sliding_layers():
     assert off.layer_windows == (None, None, None)
 
 
+def test_missing_window_fields_take_transformers_defaults():
+    """A field config.json lacks reads as transformers' class default (MistralConfig's and
+    Qwen2Config's: a 4096-token window, max_window_layers 28), checked against transformers
+    itself; a null window is none (they read as no window: other logits past 4096 tokens)."""
+    import transformers
+
+    mistral = dict(BASE, model_type="mistral")
+    assert ModelConfig.from_hf(mistral).layer_windows == (4096,) * 3
+    assert transformers.MistralConfig(**mistral).sliding_window == 4096
+    assert ModelConfig.from_hf(dict(mistral, sliding_window=None)).layer_windows == (None,) * 3
+    qwen2 = dict(BASE, model_type="qwen2", num_hidden_layers=30, use_sliding_window=True)
+    windows = ModelConfig.from_hf(qwen2).layer_windows
+    theirs = transformers.Qwen2Config(**qwen2)
+    assert windows == tuple(theirs.sliding_window if t == "sliding_attention" else None
+                            for t in theirs.layer_types)
+    assert windows == (None,) * 28 + (4096,) * 2
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=1e4),
+          rope_scaling=dict(type="linear", factor=3.0)),
+     r"rope_parameters \(default\) and rope_scaling \(linear\) disagree"),
+    (dict(rope_parameters=dict(rope_type="linear", factor=2.0),
+          rope_scaling=dict(rope_type="linear", factor=3.0)), "disagree on factor"),
+    (dict(rope_theta=1e4, rope_parameters=dict(rope_type="default", rope_theta=5e5)),
+     r"rope_theta \(10000.0\) and rope_parameters' \(500000.0\) disagree"),
+])
+def test_both_rope_layouts_must_agree(fields, message):
+    """transformers 5 reads rope_scaling before rope_parameters, and the top-level theta;
+    jaxdec read rope_parameters': a file whose two layouts disagree made two models."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(dict(BASE, model_type="llama", **fields))
+    agreeing = dict(rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=1e4),
+                    rope_scaling=dict(type="linear", factor=3.0), rope_theta=1e4)
+    assert ModelConfig.from_hf(dict(BASE, model_type="llama", **agreeing)).rope.factor == 3.0
+
+
 def test_architecture_found_from_architectures_list():
     c = ModelConfig.from_hf(dict(BASE, model_type="custom", architectures=["Qwen2ForCausalLM"]))
     assert c.model_type == "qwen2"
