@@ -402,6 +402,10 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     # `rope_theta` and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, Mapping))
+    if nested:   # (read flat, they were ignored: default rope at theta 1e4)
+        raise ValueError(f"rope_parameters per layer type ({', '.join(nested)}) are not "
+                         "supported")
     # Both layouts in one file must agree (transformers 5 reads rope_scaling first and the
     # top-level theta; an earlier jaxdec read rope_parameters': two models from one file).
     kind = {name: d.get("rope_type") or d.get("type") or "default"

@@ -73,6 +73,8 @@ def test_missing_window_fields_take_transformers_defaults():
           rope_scaling=dict(rope_type="linear", factor=3.0)), "disagree on factor"),
     (dict(rope_theta=1e4, rope_parameters=dict(rope_type="default", rope_theta=5e5)),
      r"rope_theta \(10000.0\) and rope_parameters' \(500000.0\) disagree"),
+    (dict(rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6))),
+     r"rope_parameters per layer type \(full_attention\) are not supported"),
 ])
 def test_both_rope_layouts_must_agree(fields, message):
     """transformers 5 reads rope_scaling before rope_parameters, and the top-level theta;
