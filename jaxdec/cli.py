@@ -33,6 +33,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:   # jax's keys take 32 bits: 2**32 would be seed 0's key
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
 def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -125,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--corpus", default=None,
                          help="directory of text files (default: the standard library's sources)")
         sub.add_argument("--steps", type=_positive_int, default=None)
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=_seed, default=0)
         sub.add_argument("--dp", type=_positive_int, default=None,
                          help="data-parallel devices (default: as many of one process's "
                          "accelerators as divide the batch, or with several processes every "
@@ -172,7 +179,7 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
                      "(with --temperature)")
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
     gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
                      default="auto", help="attention implementation (auto, the default: the "
                      "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "

@@ -68,6 +68,14 @@ def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
+def test_seeds_are_32_bit(tokenized_checkpoint, capsys):
+    """jax's keys take 32 bits: seed 2**32 gave seed 0's key, larger ones an OverflowError."""
+    for seed in ("-1", str(2**32), str(10**20)):
+        with pytest.raises(SystemExit):
+            main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--seed", seed])
+        assert "--seed: must be in [0, 2**32)" in capsys.readouterr().err
+
+
 def test_max_new_tokens_must_be_positive(tokenized_checkpoint):
     with pytest.raises(SystemExit):
         main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--max-new-tokens", "0"])
