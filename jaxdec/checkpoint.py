@@ -34,7 +34,7 @@ from jaxdec import parallel
 from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
 from jaxdec.checks import check_bool, check_model, check_param_dtype
-from jaxdec.config import ModelConfig, read_json_object
+from jaxdec.config import ModelConfig, read_generation_config, read_json_object
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
 
@@ -367,7 +367,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     Returns:
       A Model whose params are placed with the mesh's sharding; `.tokenizer` is set when the
       directory has tokenizer.json, `.chat_template` when it has a chat template
-      (`jaxdec.chat.load_chat_template`).
+      (`jaxdec.chat.load_chat_template`), `.generation_config` (a dict) when it has
+      generation_config.json (`save_pretrained` writes it back).
     """
     directory = checkpoint_dir(path)
     config = ModelConfig.from_hf(directory)
@@ -421,7 +422,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     # Parameter by parameter from the memory-mapped files onto the mesh, converted there.
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
-                 chat_template=_chat_template(directory))
+                 chat_template=_chat_template(directory),
+                 generation_config=read_generation_config(directory, warn=False) or None)
 
 
 def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
@@ -587,10 +589,12 @@ def save_pretrained(
         hf_config = config.to_hf()
         hf_config["torch_dtype"] = written_dtype
         _write_json(os.path.join(staging, "config.json"), hf_config)
-        generation = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-                      "eos_token_id": hf_config["eos_token_id"]}
-        _write_json(os.path.join(staging, "generation_config.json"),
-                    {k: v for k, v in generation.items() if v is not None})
+        # The checkpoint's own settings (sampling defaults, ...) with the config's ids.
+        generation = dict(model.generation_config or {})
+        generation.update({k: v for k, v in (
+            ("bos_token_id", config.bos_token_id), ("pad_token_id", config.pad_token_id),
+            ("eos_token_id", hf_config["eos_token_id"])) if v is not None})
+        _write_json(os.path.join(staging, "generation_config.json"), generation)
         if model.tokenizer is not None:
             model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
         if tokenizer_config is not None:

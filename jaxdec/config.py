@@ -261,7 +261,7 @@ class ModelConfig:
         if not isinstance(source, Mapping):
             # What transformers' generate stops at: generation_config.json's ids (Llama 3
             # Instruct's end of turn, <|eot_id|>, is listed only there), then config.json's.
-            generation_eos = _ids(_read_generation_config(source).get("eos_token_id"))
+            generation_eos = _ids(read_generation_config(source).get("eos_token_id"))
             eos = generation_eos + tuple(t for t in eos if t not in generation_eos)
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         return cls(
@@ -360,9 +360,10 @@ def _ids(value) -> tuple:
     return () if value is None else (tuple(value) if isinstance(value, (list, tuple)) else (value,))
 
 
-def _read_generation_config(source) -> dict[str, Any]:
+def read_generation_config(source, *, warn: bool = True) -> dict[str, Any]:
     """The generation_config.json beside a config.json, or {} when there is none or it is not
-    a JSON object (transformers falls back to the model config then too: a warning here)."""
+    a JSON object (transformers falls back to the model config then too: a warning here,
+    unless not `warn`)."""
     path = os.fspath(source)
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     path = os.path.join(directory, "generation_config.json")
@@ -371,7 +372,8 @@ def _read_generation_config(source) -> dict[str, Any]:
     try:
         return read_json_object(path)
     except (OSError, ValueError) as e:
-        warnings.warn(f"ignoring {e}")
+        if warn:
+            warnings.warn(f"ignoring {e}")
         return {}
 
 

@@ -48,6 +48,9 @@ class Model:
         the pytree: inside jit it is None).
       chat_template: the checkpoint's `jaxdec.chat.ChatTemplate` (instruction-tuned
         checkpoints), else None; like the tokenizer, not part of the pytree.
+      generation_config: the checkpoint's generation_config.json (a dict: its sampling
+        defaults, stop ids, ...) or None; `save_pretrained` writes it back (jaxdec's own
+        sampling takes no defaults from it). Not part of the pytree.
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
         GPU/TPU for decode and verification over caches large enough for it to pay
@@ -63,6 +66,7 @@ class Model:
     mesh: Mesh
     tokenizer: Any = None
     chat_template: Any = None
+    generation_config: Any = None
     attention: AttentionImpl = AttentionImpl.AUTO
     matmul: MatmulImpl = MatmulImpl.XLA
 

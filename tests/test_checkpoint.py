@@ -137,6 +137,24 @@ def test_layers_share_their_compiled_conversions(tmp_path):
     assert compiles == [] and len(model.params["layers"]) == 5
 
 
+def test_generation_config_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
+    """generation_config.json's settings (sampling defaults: transformers' generate samples
+    with them) are written back by save_pretrained, with the config's ids; they were dropped
+    (an export generated greedily in transformers), and overwriting the source lost them."""
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    settings = dict(do_sample=True, temperature=0.6, top_p=0.9, repetition_penalty=1.3,
+                    eos_token_id=2)
+    json.dump(settings, open(os.path.join(directory, "generation_config.json"), "w"))
+    model = jaxdec.load_pretrained(directory)
+    assert model.generation_config == settings
+    for out in (tmp_path / "export", directory):
+        jaxdec.save_pretrained(model, out, overwrite=True)
+        theirs = transformers.GenerationConfig.from_pretrained(out)
+        assert (theirs.do_sample, theirs.temperature, theirs.top_p,
+                theirs.repetition_penalty) == (True, 0.6, 0.9, 1.3)
+        assert theirs.eos_token_id == model.config.eos_token_ids[0]
+
+
 def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
     make_tokenizer().save(os.path.join(directory, "tokenizer.json"))
