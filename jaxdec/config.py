@@ -430,6 +430,11 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
             f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
     kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    required = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    missing = [key for key in required if merged.get(key) is None]
+    if missing:   # (transformers refuses them too; they were read as defaults)
+        raise ValueError(f"config.json's {rope_type} rope scaling lacks {', '.join(missing)}")
     if rope_type in ("linear", "llama3"):
         kwargs["factor"] = float(merged.get("factor", 1.0))
     if rope_type in ("llama3", "yarn"):

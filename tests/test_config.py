@@ -75,8 +75,12 @@ def test_missing_window_fields_take_transformers_defaults():
      r"rope_theta \(10000.0\) and rope_parameters' \(500000.0\) disagree"),
     (dict(rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6))),
      r"rope_parameters per layer type \(full_attention\) are not supported"),
+    # Scalings without their settings (transformers refuses them; they read as defaults).
+    (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)),
+     "llama3 rope scaling lacks low_freq_factor, high_freq_factor"),
+    (dict(rope_scaling=dict(type="linear")), "linear rope scaling lacks factor"),
 ])
-def test_both_rope_layouts_must_agree(fields, message):
+def test_rope_settings_are_whole_and_agree(fields, message):
     """transformers 5 reads rope_scaling before rope_parameters, and the top-level theta;
     jaxdec read rope_parameters': a file whose two layouts disagree made two models."""
     with pytest.raises(ValueError, match=message):
