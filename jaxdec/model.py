@@ -111,14 +111,19 @@ def param_dtype(model: Model):
     return jax.tree.leaves(model.params)[0].dtype
 
 
+def _mesh_param_shapes(config: ModelConfig, mesh: Mesh) -> dict:
+    """The global shape of every parameter of a model of `config` on `mesh` (vocabulary
+    padded for tp, qkv in the mesh's groups)."""
+    fam = family(config)
+    return fam.param_shapes(config, vocab_size=parallel.padded_vocab(config, mesh),
+                            groups=fam.kv_groups(config, parallel.tp_size(mesh)))
+
+
 @functools.lru_cache(maxsize=64)
 def _expected_params(config: ModelConfig, mesh: Mesh):
     """(treedef, [(name, shape)]) of the params a model of `config` holds on `mesh`."""
-    fam = family(config)
-    shapes = fam.param_shapes(config, vocab_size=parallel.padded_vocab(config, mesh),
-                              groups=fam.kv_groups(config, parallel.tp_size(mesh)))
     flat, treedef = jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda x: isinstance(x, tuple))
+        _mesh_param_shapes(config, mesh), is_leaf=lambda x: isinstance(x, tuple))
     return treedef, [(jax.tree_util.keystr(path), shape) for path, shape in flat]
 
 
@@ -204,7 +209,7 @@ def init_model(
 def _padded_vocab_axis(name: str, shape: tuple, vocab_size: int) -> tuple[int, int] | None:
     """(axis, true size) of a leaf whose vocabulary axis is padded (tp padding: those rows or
     columns are zero), else None."""
-    axis = {"['embed']": 0, "['lm_head']": 1}.get(name)
+    axis = llama.VOCAB_AXES.get(name)
     if axis is None or shape[axis] <= vocab_size:
         return None
     return axis, vocab_size
@@ -242,13 +247,10 @@ def abstract_model(config: ModelConfig, *, dtype=jnp.float32, mesh: Mesh | None 
     dtype = check_param_dtype(dtype)
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
-    vocab = parallel.padded_vocab(config, mesh)
-    fam = family(config)
-    shapes = fam.param_shapes(config, vocab_size=vocab,
-                              groups=fam.kv_groups(config, parallel.tp_size(mesh)))
     params = jax.tree.map(
         lambda shape, sharding: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding),
-        shapes, param_shardings(config, mesh), is_leaf=lambda x: isinstance(x, tuple))
+        _mesh_param_shapes(config, mesh), param_shardings(config, mesh),
+        is_leaf=lambda x: isinstance(x, tuple))
     return Model(config=config, params=params, mesh=mesh)
 
 

@@ -77,6 +77,10 @@ def param_axes(config: ModelConfig) -> dict:
     return axes
 
 
+# The parameters with a vocabulary axis (tp pads it: `jaxdec.parallel.padded_vocab`): which.
+VOCAB_AXES = {"['embed']": 0, "['lm_head']": 1}
+
+
 def kv_groups(config: ModelConfig, tp: int = 1) -> int:
     """R, the groups of the fused qkv projection on a tp-way mesh: max(K, tp)."""
     return max(config.num_kv_heads, tp)
@@ -162,14 +166,13 @@ def init_params(
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(flat))
-    vocab_axes = {"['embed']": 0, "['lm_head']": 1}
     leaves = []
     for (path, shape), k in zip(flat, keys):
         name = jax.tree_util.keystr(path)
         leaf = init_leaf(leaf_kind(name), shape, k, dtype=dtype, std=std)
-        if name in vocab_axes and padded != config.vocab_size:
+        if name in VOCAB_AXES and padded != config.vocab_size:
             pad = [(0, 0)] * leaf.ndim
-            pad[vocab_axes[name]] = (0, padded - config.vocab_size)
+            pad[VOCAB_AXES[name]] = (0, padded - config.vocab_size)
             leaf = jnp.pad(leaf, pad)
         leaves.append(regroup(name, leaf, config, groups or config.num_kv_heads))
     return jax.tree.unflatten(treedef, leaves)

@@ -127,8 +127,7 @@ def train_draft(
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    target_path, out_path = (os.path.realpath(os.fspath(p)) for p in (target_dir, out))
-    if target_path == out_path or target_path.startswith(out_path + os.sep):
+    if loop.within(target_dir, out):
         raise ValueError(f"out={os.fspath(out)} holds the target {os.fspath(target_dir)}: the "
                          "draft needs a run directory of its own (starting it over would "
                          "delete the target)")

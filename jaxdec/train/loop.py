@@ -51,18 +51,23 @@ class Interrupted(RuntimeError):
         self.step = step
 
 
+def within(path, directory) -> bool:
+    """Whether `path` is `directory` or inside it (links resolved)."""
+    path, directory = (os.path.realpath(os.fspath(p)) for p in (path, directory))
+    return path == directory or path.startswith(directory + os.sep)
+
+
 def check_apart(out: str, corpus) -> None:
     """A ValueError when the run directory and the corpus directory overlap: the run's own
     files (its tokenizer, settings, checkpoints) would join the corpus, so a resumed run read
     other text than the first; a corpus inside the run directory would go with --force."""
     if corpus is None:
         return
-    a, b = (os.path.realpath(os.fspath(p)) for p in (out, corpus))
-    if a == b or a.startswith(b + os.sep):
+    if within(out, corpus):
         raise ValueError(f"out={os.fspath(out)} is inside the corpus {os.fspath(corpus)}: the "
                          "run's own files would be read as text (give the run a directory "
                          "outside it)")
-    if b.startswith(a + os.sep):
+    if within(corpus, out):
         raise ValueError(f"the corpus {os.fspath(corpus)} is inside out={os.fspath(out)}: "
                          "starting the run over (--force) would delete it")
 
