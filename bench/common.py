@@ -267,26 +267,28 @@ def measure_hbm(nbytes: int, *, passes: int = 8, trials: int = 5) -> dict[str, f
 
 def profile_kernels(run: Callable[[], object], *, top: int = 12) -> dict:
     """Runs `run()` once under the JAX profiler and sums the device's kernel time by kernel
-    name: {wall_s, kernel_s (summed over every device event), kernels: [{name, ms, calls}]
-    (the `top` longest in total)}, or {wall_s, error} when the trace has no device events
-    (a CPU, or a profiler without device tracing). The traced run is slower than a plain one:
-    use it to see where time goes, never as the timing."""
+    name: {run_s, kernel_s (summed over every device event), kernels: [{name, ms, calls}]
+    (the `top` longest in total)}, or {run_s, error} when the trace has no device events
+    (a CPU, or a profiler without device tracing). `run_s` is the traced call's wall time,
+    from its start until its result is ready: starting and stopping the profiler (seconds,
+    writing the trace) are outside it. The traced run is slower than a plain one: use it to
+    see where time goes, never as the timing."""
     import gzip
     import tempfile
 
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
             jax.block_until_ready(run())
-        wall = time.perf_counter() - start
+            run_s = time.perf_counter() - start
         traces = sorted(Path(tmp).rglob("perfetto_trace.json.gz"))
         if not traces:
-            return dict(wall_s=wall, error="the profiler wrote no perfetto trace")
+            return dict(run_s=round(run_s, 4), error="the profiler wrote no perfetto trace")
         with gzip.open(traces[-1], "rt") as f:
             trace = json.load(f)
-    return dict(wall_s=round(wall, 4), **summarize_trace(trace, top=top))
+    return dict(run_s=round(run_s, 4), **summarize_trace(trace, top=top))
 
 
 SHORT_KERNEL_US = 5.0  # a kernel this short is mostly launch and ramp, not work

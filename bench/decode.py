@@ -740,9 +740,14 @@ def _profile_text(profile: dict) -> str:
     if profile.get("events") is not None:
         counts = (f" {profile['events']} kernels ran, {profile['short_events']} of them shorter "
                   f"than {SHORT_KERNEL_US:g} us ({profile['short_s']:.3f} s in all).")
+    if profile.get("run_s") is not None:
+        of_wall = (f" of the call's {profile['run_s']:.3f} s wall (the rest: launch gaps and "
+                   "host work)")
+    else:  # records before 2026-11-29 timed the profiler's start and stop too ("wall_s")
+        of_wall = ""
     return (f"In one traced run (prefill and all steps) the device's kernels ran "
-            f"{profile['kernel_s']:.3f} s of {profile['wall_s']:.3f} s wall (the rest: launch "
-            f"gaps and host work).{counts} The longest kernels in total: {top}.")
+            f"{profile['kernel_s']:.3f} s{of_wall}.{counts} The longest kernels in total: "
+            f"{top}.")
 
 
 def _goal_line(record: dict | None) -> str:

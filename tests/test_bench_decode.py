@@ -62,7 +62,7 @@ def test_cpu_tiny_records(cpu_tiny_run):
         if r["impl"] == "jaxdec":  # compiled while the weights were drawn
             assert r["compile_ahead_s"] > 0 and r["first_call_compiles"] == 0
             # A traced run followed the timed ones; a CPU trace has no device kernels.
-            assert r["profile"]["wall_s"] > 0
+            assert r["profile"]["run_s"] > 0
             assert r["profile"]["error"] == "no device events in the trace"
 
 
@@ -84,8 +84,25 @@ def test_trace_summary_hand_computed():
     assert bench_common.summarize_trace(trace)["kernels"][1] == dict(
         name="tree_attention", ms=0.05, calls=2)
     assert "error" in bench_common.summarize_trace(trace["traceEvents"][:3])
-    text = bench._profile_text(dict(summary, wall_s=0.001))
+    text = bench._profile_text(dict(summary, run_s=0.001))
     assert "4 kernels ran, 1 of them shorter than 5 us (0.000 s in all)" in text
+    assert "of the call's 0.001 s wall" in text
+    # Older records timed the profiler's start and stop too: their wall time is not compared.
+    assert "wall" not in bench._profile_text(dict(summary, wall_s=4.6))
+
+
+def test_profile_times_the_call_not_the_profiler():
+    """`run_s` is the traced call's time: starting and stopping the profiler (which writes
+    the trace) are outside it."""
+    import time
+
+    step = jax.jit(lambda x: x + 1)
+    x = jax.numpy.zeros(4)
+    step(x).block_until_ready()  # compiled before the traced call
+    start = time.perf_counter()
+    profile = bench_common.profile_kernels(lambda: step(x))
+    total = time.perf_counter() - start
+    assert 0 < profile["run_s"] < total / 4
 
 
 def test_resume_runs_only_the_missing_impls(cpu_tiny_run, tmp_path):

@@ -71,7 +71,7 @@ def test_cpu_tiny_run(tmp_path):
         # One profiled run for the preset's profiled case (a CPU trace has no device events).
         if (r["batch"], r["context"], r["T"]) in spec["profile_cases"]:
             assert r["profile"]["calls"] == spec["inner"] * r["kv_copies"]
-            assert r["profile"]["wall_s"] > 0
+            assert r["profile"]["run_s"] > 0
         else:
             assert "profile" not in r
     table = (tmp_path / "kernels-cpu.md").read_text()
@@ -91,7 +91,7 @@ def test_cpu_tiny_run(tmp_path):
 
 def test_profile_lines_per_call():
     record = dict(batch=1, context=4096, T=64, impl="pallas", time_us=300.0, profile=dict(
-        wall_s=0.01, kernel_s=0.001, calls=4,
+        run_s=0.01, kernel_s=0.001, calls=4,
         kernels=[dict(name="tree_attention", ms=0.8, calls=4),
                  dict(name="fusion_combine", ms=0.12, calls=8)]))
     (line,) = bench._profile_lines([record])[3:]
