@@ -73,6 +73,28 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def newest(records: list[dict]) -> dict:
+    """The most recently measured record (ISO dates sort as text): a merged file's header
+    describes it, never merely the oldest row kept."""
+    return max(records, key=lambda r: str(r.get("date") or ""))
+
+
+def runs_note(records: list[dict], describe: Callable[[dict], str]) -> str:
+    """'' when every record came from one run (same date and commit); otherwise a sentence
+    naming each run, `describe(record)` of its first record and how many rows it gave,
+    newest first: results files merge calls, and each row is judged by its own run's
+    ceilings."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in records:
+        runs.setdefault((r.get("date"), r.get("commit")), []).append(r)
+    if len(runs) < 2:
+        return ""
+    ordered = sorted(runs.values(), key=lambda rows: str(rows[0].get("date") or ""),
+                     reverse=True)
+    return (f" The rows come from {len(runs)} runs, each row judged by its own run's figures: "
+            + "; ".join(f"{describe(rows[0])} ({len(rows)} rows)" for rows in ordered) + ".")
+
+
 def device_slug(name: str | None) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified."""
     if not name:

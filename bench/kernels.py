@@ -75,8 +75,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, profile_kernels, sources_digest, utc_now, versions,
-                          write_merged)
+                          measure_hbm, newest, profile_kernels, runs_note, sources_digest, utc_now,
+                          versions, write_merged)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -570,10 +570,16 @@ def _rotation(records: list[dict]) -> str:
             "cache (`kv_copies`), so reads come from HBM rather than a warm L2.")
 
 
+def _run_text(record: dict) -> str:
+    return (f"{record['date']} (jax {record.get('jax_version')}, commit {record.get('commit')}, "
+            f"HBM {record['hbm_gbps']:.0f} GB/s, matmul {record['matmul_peak_tflops']:.3g} "
+            "TFLOP/s)")
+
+
 def render_markdown(records: list[dict]) -> str:
     if not records:
         return "# Tree-attention kernel\n\nNo records.\n"
-    first = records[0]
+    first = newest(records)
     lines = [
         "# Tree-attention kernel vs XLA reference",
         "",
@@ -583,7 +589,7 @@ def render_markdown(records: list[dict]) -> str:
         f"HBM {first['hbm_gbps']:.0f} GB/s{_probes(first)}, matmul "
         f"{first['matmul_peak_tflops']:.3g} TFLOP/s. "
         "Times per call (us); roofline = max(bytes / HBM, FLOPs / matmul peak)."
-        + _floors(first) + _rotation(records),
+        + _floors(first) + _rotation(records) + runs_note(records, _run_text),
         "",
         "| batch | context | T | pallas us | reference us | roofline us | pallas / roofline "
         "| speedup vs reference | pallas HBM fraction | reference HBM fraction |",

@@ -46,7 +46,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa: E402
-                          measure_hbm, sources_digest, utc_now, versions, write_merged)
+                          measure_hbm, newest, runs_note, sources_digest, utc_now, versions,
+                          write_merged)
 
 KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 
@@ -221,7 +222,7 @@ def _fmt(value, spec=".1f"):
 
 
 def render_markdown(records: list[dict]) -> str:
-    first = records[0]
+    first = newest(records)
     impls = list(dict.fromkeys(r["impl"] for r in records))
     lines = [
         "# Decode's matrix-vector products: Pallas kernel vs XLA",
@@ -229,7 +230,9 @@ def render_markdown(records: list[dict]) -> str:
         f"Device {first['device']}, jax {first['jax_version']}, {first['date']}, preset "
         f"`{first['preset']}`, commit {first['commit']}; {first['dtype']}. HBM "
         f"{first['hbm_gbps']:.0f} GB/s measured in the same run ({first['hbm_method']}). "
-        "Times per call (us, the output's consumer included); roofline = weight bytes / HBM.",
+        "Times per call (us, the output's consumer included); roofline = weight bytes / HBM."
+        + runs_note(records, lambda r: f"{r['date']} (jax {r['jax_version']}, commit "
+                                       f"{r['commit']}, HBM {r['hbm_gbps']:.0f} GB/s)"),
         "",
         "| projection | rows | K x N | " + " | ".join(f"{i} us" for i in impls)
         + " | roofline us | " + " | ".join(f"{i} HBM fraction" for i in impls)

@@ -28,8 +28,11 @@ plan runs synthetic-8b as `pallas,reference`: the kernel on and off), run side b
 call (each batch size and temperature on every path before the next). `--budget-s` overrides
 the preset's time budget; runs it leaves out are recorded as skipped, and `--resume` runs only
 what the output file does not hold yet, measured with the current code (`spec_sources`, a hash of
-`SPECULATIVE_SOURCES`; training again: a trained preset's models do not outlive the call), so
-calls cut short by the device's limits add up to the whole table. Each record's speedup
+`SPECULATIVE_SOURCES`; training again: a trained preset's models do not outlive the call) and
+the same `--max-new-tokens`, so calls cut short by the device's limits add up to the whole
+table. It resumes a batch size and temperature whole: while any of its runs is missing, all
+of them run again beside plain decoding, so a speedup never divides by another call's plain
+run. Each record's speedup
 compares runs of one process (same models, same prompts).
 
 Programs compile ahead (`--compile-ahead THREADS`, on by default on an accelerator): every
@@ -72,7 +75,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (MODEL_SOURCES, RESULTS, CompileAhead,  # noqa: E402
                           counting_compiles, default_compile_workers, device_slug, git_commit,
-                          sources_digest, utc_now, versions, write_merged)
+                          newest, runs_note, sources_digest, utc_now, versions, write_merged)
 
 # The code a speculative run measures: decoding's and the loop's (drafters, verification,
 # trees). Records carry its hash (`spec_sources`); `--resume` and the device plan measure
@@ -217,8 +220,12 @@ def run_trained(preset: Preset, args, common, deadline, emit, measured):
     from bench import train as train_bench
 
     def pending(attention, batch, temperature):
-        return [m for m in preset.methods
-                if (attention, *method_label(m), batch, temperature) not in measured]
+        """A cell's methods, all of them while any is unmeasured: its speedups divide by the
+        plain run measured beside them, in the same run."""
+        if all((attention, *method_label(m), batch, temperature) in measured
+               for m in preset.methods):
+            return []
+        return list(preset.methods)
 
     cells = [(t, b, a, pending(a, b, t)) for t in preset.temperatures for b in preset.batches
              for a in args.attention]
@@ -367,11 +374,13 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
     prompts = rng.integers(0, config.vocab_size, (max(preset.batches), preset.prompt_tokens))
     longest_chain = max(preset.chains)
     gen = dict(max_new_tokens=preset.max_new_tokens, return_timings=True)
-    # (batch, attention, cells still to measure) in timing order: both paths per batch size.
-    groups = [(batch, attention, [(chain, rate) for chain in preset.chains
-                                  for rate in preset.rates
-                                  if (attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
-                                  not in measured])
+    # (batch, attention, runs to measure) in timing order: both paths per batch size. A
+    # group is measured whole while any of its runs is missing: its speedups divide by the
+    # plain run measured beside them, in the same run.
+    every = [(chain, rate) for chain in preset.chains for rate in preset.rates]
+    groups = [(batch, attention,
+               [] if all((attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
+                         in measured for chain, rate in every) else every)
               for batch in preset.batches for attention in args.attention]
 
     # The programs compile side by side (the rate is an argument: one program per chain).
@@ -590,9 +599,16 @@ def render_markdown(records: list[dict]) -> str:
     for preset, attention in groups:
         rows = [r for r in records
                 if r["preset"] == preset and r.get("attention", "auto") == attention]
-        first = rows[0]
+        first = newest(rows)
         lines += [f"## {preset}, attention {attention} ({first.get('date')}, "
-                  f"jax {first.get('jax_version')})", ""]
+                  f"jax {first.get('jax_version')}, {first.get('max_new_tokens')} new tokens)",
+                  ""]
+        merged = runs_note(rows, lambda r: f"{r.get('date')} (jax {r.get('jax_version')}, "
+                                           f"commit {r.get('commit')}, "
+                                           f"{r.get('max_new_tokens')} new tokens)")
+        if merged:
+            lines += [merged.strip() + " Speedups compare runs of one cell (batch, "
+                      "temperature) measured in the same run.", ""]
         notes = dict.fromkeys(r["attention_note"] for r in rows if r.get("attention_note"))
         if any(stale_oracle(r) for r in rows):
             notes[STALE_ORACLE_NOTE] = None
@@ -674,7 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the preset's)")
     parser.add_argument("--resume", action="store_true",
                         help="skip the runs already measured without error in the output file "
-                             "(a call cut short by its budget is finished by the next)")
+                             "with the same code and --max-new-tokens (a call cut short by its "
+                             "budget is finished by the next; a batch size and temperature "
+                             "with any run missing is measured again whole, plain decoding "
+                             "beside it)")
     from bench.train import add_shrink_arguments
 
     add_shrink_arguments(parser)  # for the trained presets' training
@@ -716,6 +735,7 @@ def main(argv=None) -> int:
         measured = {(r.get("attention", "auto"), r["method"], r.get("tree"), r["batch"],
                      r["temperature"]) for r in json.loads(path.read_text())
                     if r.get("preset") == args.preset and not r.get("error")
+                    and r.get("max_new_tokens") == preset.max_new_tokens
                     and not stale_oracle(r) and r.get("spec_sources") == common["spec_sources"]}
     run = run_trained if preset.kind == "trained" else run_synthetic
     run(preset, args, common, deadline, emit, measured)

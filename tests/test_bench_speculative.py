@@ -111,6 +111,46 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert [r["date"] for r in again if r["method"] == "plain"] != plain_date  # measured again
     assert "drafted plain decoding's continuation" not in (tmp_path /
                                                           "speculative-cpu.md").read_text()
+    # One run missing: the whole group runs again, plain decoding beside it (a kept row's
+    # speedup would divide by another call's plain run), and the table names both calls.
+    path.write_text(json.dumps(again[:-1]))
+    whole = _run(args, tmp_path)
+    assert len(whole) == 4 and not {r["date"] for r in whole} & {r["date"] for r in again}
+    # Rows of another --max-new-tokens are not this call's runs.
+    shorter = _run(args + ["--max-new-tokens", "12"], tmp_path)
+    assert sorted(r["max_new_tokens"] for r in shorter) == [12] * 4
+
+
+def test_tables_of_merged_runs_name_each_run():
+    sys.path.insert(0, str(REPO))
+    from bench import kernels, matvec, speculative
+    from bench.common import runs_note
+
+    old = dict(date="2026-01-01T00:00:00+00:00", commit="aaa", jax_version="0.9.0")
+    new = dict(date="2026-11-29T00:00:00+00:00", commit="bbb", jax_version="0.10.2")
+    assert runs_note([old, old], lambda r: r["commit"]) == ""
+    note = runs_note([old, new, new], lambda r: r["commit"])
+    assert note.index("bbb (2 rows)") < note.index("aaa (1 rows)")
+    rows = [dict(r, preset="p", attention="auto", method="plain", tree=None, batch=1,
+                 temperature=0.0, tau=1.0, tokens_per_s=1.0, speedup_vs_ar=1.0,
+                 max_new_tokens=24, device="cpu") for r in (old, new)]
+    table = speculative.render_markdown(rows)
+    assert "## p, attention auto (2026-11-29T00:00:00+00:00, jax 0.10.2, 24 new tokens)" in table
+    assert "2 runs" in table
+    base = dict(device="cpu", preset="p", dtype="bfloat16", hbm_gbps=1000.0, time_us=2.0,
+                roofline_us=1.0, hbm_fraction=0.5)
+    kernel_rows = [dict(base, **run, hbm_gbps=gbps, impl="pallas", batch=1, context=64, T=t,
+                        heads=4, kv_heads=2, head_dim=16, matmul_peak_tflops=1.0,
+                        vs_roofline=2.0, speedup_vs_reference=1.0)
+                   for run, gbps, t in ((old, 900.0, 1), (new, 1000.0, 4))]
+    table = kernels.render_markdown(kernel_rows)
+    assert "jax 0.10.2" in table.splitlines()[2] and "HBM 1000 GB/s" in table.splitlines()[2]
+    assert "HBM 900 GB/s" in table  # the older run's own ceiling, named
+    matvec_rows = [dict(base, **run, hbm_gbps=gbps, impl="pallas", projection=proj, rows=1,
+                        K=8, N=8, hbm_method="m")
+                   for run, gbps, proj in ((old, 900.0, "qkv"), (new, 1000.0, "o"))]
+    table = matvec.render_markdown(matvec_rows)
+    assert "commit bbb" in table.splitlines()[2] and "HBM 900 GB/s" in table
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
