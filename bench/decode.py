@@ -12,7 +12,8 @@ configuration, every batch size finished; jaxdec's only while the code a decode 
 unchanged: its records carry `model_sources`, a hash of it) and runs only the others, so a
 call cut short is finished by the next. Writes `decode-<device>.json` (a list of records, one
 per impl and batch size) and `decode-<device>.md` (a table) to `--out` (default
-`bench/results/`).
+`bench/results/`); a call replaces the rows of the impls it runs in its configuration (preset,
+context, new tokens) and keeps every other row, each other configuration a table of its own.
 
 What runs
   - `jaxdec`: `jaxdec.generate` on a model with random bf16 weights (`jaxdec.init_model`),
@@ -673,7 +674,7 @@ def render_markdown(records: list[dict], bandwidths: dict[str, float], meta: dic
         f"{meta['context']} cached tokens on average); median of {meta['repeats']} runs after "
         f"warm-up; tokens/s are decode tokens summed over the batch. {_runs_line(records)}",
         "",
-        "Memory bandwidth measured in this run: "
+        meta.get("bandwidth_label", "Memory bandwidth measured in this run") + ": "
         + (", ".join(f"{src} {_fmt_gbps(gbps)} GB/s" for src, gbps in sorted(bandwidths.items()))
            or "none")
         + (f"; the ceiling used is the best, {_fmt_gbps(ceiling)} GB/s." if ceiling else "."),
@@ -762,38 +763,78 @@ def _goal_line(record: dict | None) -> str:
             f"{met}.")
 
 
+CONFIG_FIELDS = ("preset", "context", "new_tokens")  # one table of the results file
+
+
+def _config(record: dict) -> tuple:
+    return tuple(record.get(k) for k in CONFIG_FIELDS)
+
+
 def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, float],
                   meta: dict) -> tuple[Path, Path]:
-    """Writes decode-<device>.json and .md; returns their paths."""
+    """Writes decode-<device>.json and .md; returns their paths. `records` (this call's
+    configuration) replace the file's rows of that configuration; rows of other
+    configurations (preset, context, new tokens) are kept, each configuration a table of its
+    own after this call's."""
     slug = device_slug(next((r["device"] for r in records if r["device"]), None))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
-    replace_text(json_path, json.dumps(records, indent=2) + "\n")
-    replace_text(md_path, render_markdown(records, bandwidths, meta))
+    this = {_config(r) for r in records}
+    others = [r for r in stored_records(json_path) if _config(r) not in this]
+    replace_text(json_path, json.dumps(records + others, indent=2) + "\n")
+    text = render_markdown(records, bandwidths, meta)
+    for config in dict.fromkeys(_config(r) for r in others):
+        text += "\n" + _earlier_table([r for r in others if _config(r) == config])
+    replace_text(md_path, text)
     return json_path, md_path
 
 
-def finished_records(out_dir: Path, preset: str, spec: dict) -> tuple[list[dict], float | None]:
-    """For --resume: the records in this device's output file of impls that finished every
-    batch size of the same configuration (jaxdec's: measured with today's `MODEL_SOURCES`),
-    and the bandwidth ceiling they were measured against (the merged table uses the best
-    ceiling of both calls)."""
+def _earlier_table(records: list[dict]) -> str:
+    """The table of an earlier call's configuration, from its stored records (each judged by
+    the ceiling stored with it), its headings a level down."""
+    first = records[0]
+    preset = PRESETS.get(first.get("preset"))
+    if preset is None:
+        return (f"## Preset `{first.get('preset')}` (no longer defined)\n\n{len(records)} rows "
+                "in the JSON file.\n")
+    meta = dict(model=preset.model, description=preset.description, preset=first["preset"],
+                context=first["context"], prompt_len=first.get("prompt_len"),
+                new_tokens=first["new_tokens"], repeats=first.get("repeats"),
+                batch_sizes=sorted({r["batch"] for r in records}))
+    ceiling = max((r["hbm_gbps"] for r in records if r.get("hbm_gbps")), default=None)
+    meta["bandwidth_label"] = "Memory bandwidth these rows were judged by"
+    text = render_markdown(records, {"their ceiling": ceiling} if ceiling else {}, meta)
+    return "\n".join("#" + line if line.startswith("#") else line
+                     for line in text.splitlines()) + "\n"
+
+
+def stored_records(path: Path) -> list[dict]:
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return records if isinstance(records, list) else []
+
+
+def kept_records(out_dir: Path, preset: str, spec: dict, impls, *,
+                 resume: bool) -> tuple[list[dict], float | None]:
+    """The rows of this device's output file that this call keeps in its configuration's
+    table: those of impls it does not run, and with `resume` those of impls that finished
+    every batch size (jaxdec's: measured with today's `MODEL_SOURCES`); and the best
+    bandwidth ceiling they were measured against (the merged table uses the best ceiling of
+    all calls)."""
     from bench.common import device_name
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    path = out_dir / f"decode-{device_slug(device_name(env))}.json"
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return [], None
-    model_sources = sources_digest(MODEL_SOURCES)
+    old = stored_records(out_dir / f"decode-{device_slug(device_name(env))}.json")
+    same = [r for r in old if _config(r) == (preset, spec["context"], spec["new_tokens"])]
+    kept = [r for r in same if r.get("impl") not in impls]
     # jaxdec's rows count only while the code a decode step runs is what they measured.
-    same = [r for r in old if r.get("preset") == preset and r.get("context") == spec["context"]
-            and r.get("new_tokens") == spec["new_tokens"]
-            and (r["impl"] not in JAXDEC_ATTENTION or r.get("model_sources") == model_sources)]
-    kept = []
-    for impl in dict.fromkeys(r["impl"] for r in same):
-        rows = {r["batch"]: r for r in same if r["impl"] == impl and r.get("error") is None}
+    current = [r for r in same if r.get("impl") in impls and (
+        r["impl"] not in JAXDEC_ATTENTION
+        or r.get("model_sources") == sources_digest(MODEL_SOURCES))]
+    for impl in dict.fromkeys(r["impl"] for r in current) if resume else ():
+        rows = {r["batch"]: r for r in current if r["impl"] == impl and r.get("error") is None}
         if set(spec["batch_sizes"]) <= set(rows):
             kept += [rows[b] for b in spec["batch_sizes"]]
     ceiling = max((r["hbm_gbps"] for r in kept if r.get("hbm_gbps")), default=None)
@@ -837,7 +878,9 @@ def parse_args(argv):
     parser.add_argument("--resume", action="store_true",
                         help="keep the impls the output file already holds for every batch size "
                              "(same preset, context and new tokens; jaxdec's only if measured "
-                             "with the same model code) and run only the others")
+                             "with the same model code) and run only the others (without it, "
+                             "the impls asked for run again; the file's other rows are kept "
+                             "either way)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", type=_impl_list, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -881,14 +924,14 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=git_commit(), **versions())
     meta = dict(spec, preset=args.preset, description=preset.description)
-    records, bandwidths, raw = [], {}, []
-    if args.resume:
-        raw, ceiling = finished_records(args.out, args.preset, spec)
-        if ceiling:
-            bandwidths["an earlier call's ceiling"] = ceiling
+    records, bandwidths = [], {}
+    impls = args.impls or preset.impls
+    raw, ceiling = kept_records(args.out, args.preset, spec, impls, resume=args.resume)
+    if ceiling:
+        bandwidths["an earlier call's ceiling"] = ceiling
     finished = {r["impl"] for r in raw}
     due = []
-    for impl in args.impls or preset.impls:
+    for impl in impls:
         if impl in finished:
             print(f"[decode bench] {impl}: already measured (--resume)", flush=True)
         else:

@@ -260,7 +260,11 @@ def speculative_step(preset: str, *extra: str, min_s: float, cap_s: float,
 
 def plan(name: str) -> list[Step]:
     if name == "gpu":
+        from bench.decode import PRESETS as DECODE_PRESETS
         from bench.speculative import ORACLE_TARGET
+
+        decode_h100 = dict(preset="h100", context=DECODE_PRESETS["h100"].context,
+                           new_tokens=DECODE_PRESETS["h100"].new_tokens)
 
         return [
             # The training issue sizes gpu-small at 3 minutes for target and draft: the one
@@ -322,18 +326,20 @@ def plan(name: str) -> list[Step]:
                  # every later call retry it: `--redo decode` runs what is missing or failed
                  # (--resume keeps the finished impls).
                  # jaxdec's rows are due again whenever the code a decode step runs changed.
-                 _all(_complete("decode", preset="h100", impl=("jaxdec", "jaxdec-reference")),
+                 # (Rows of the preset's own context and new tokens: the file keeps other
+                 # calls' configurations too.)
+                 _all(_complete("decode", **decode_h100, impl=("jaxdec", "jaxdec-reference")),
                       _all_rows("decode", "model_sources", common_sources_digest(MODEL_SOURCES),
-                                preset="h100",
+                                **decode_h100,
                                 impl=("jaxdec", "jaxdec-reference", "jaxdec-matvec",
                                       "jaxdec-cublas", "jaxdec-graphs")),
                       # The matrix-vector kernel, cuBLAS and command-buffer comparisons are
                       # wanted, but their failures are not retried.
-                      _complete("decode", preset="h100",
+                      _complete("decode", **decode_h100,
                                 impl=("jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs"),
                                 failures_count=True),
-                      _complete("decode", preset="h100", impl="hf-eager"),
-                      _complete("decode", preset="h100", impl="hf-compile",
+                      _complete("decode", **decode_h100, impl="hf-eager"),
+                      _complete("decode", **decode_h100, impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
         ]

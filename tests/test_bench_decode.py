@@ -149,8 +149,32 @@ def test_resume_drops_jaxdec_rows_of_other_model_code(tmp_path, monkeypatch):
     rows += [dict(row, impl="jaxdec-reference", batch=b) for b in spec["batch_sizes"]]
     monkeypatch.setattr(bench, "device_slug", lambda name: "cpu")
     (tmp_path / "decode-cpu.json").write_text(json.dumps(rows))
-    kept, _ = bench.finished_records(tmp_path, "cpu-tiny", spec)
+    impls = ("hf-eager", "jaxdec", "jaxdec-reference")
+    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, impls, resume=True)
     assert sorted({r["impl"] for r in kept}) == ["hf-eager", "jaxdec"]
+    # Without --resume the impls asked for run again; the others' rows stay.
+    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, ("jaxdec",), resume=False)
+    assert sorted({r["impl"] for r in kept}) == ["hf-eager", "jaxdec-reference"]
+
+
+def test_a_call_keeps_the_other_configurations_rows(cpu_tiny_run, tmp_path):
+    """A call with another context replaces its own configuration's rows only: the others
+    stay in the JSON file and get a table of their own."""
+    before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(before))
+    spec = bench.make_spec(bench.parse_args(["--preset", "cpu-tiny", "--context", "32"])[1],
+                           bench.PRESETS["cpu-tiny"])
+    meta = dict(spec, preset="cpu-tiny", description="tiny")
+    mine = [dict(r, context=32, prompt_len=spec["prompt_len"]) for r in before]
+    bench.write_outputs(tmp_path, mine, {"probe": 10.0}, meta)
+    after = json.loads((tmp_path / "decode-cpu.json").read_text())
+    assert sorted(r["context"] for r in after) == sorted([32] * len(mine) + [64] * len(before))
+    text = (tmp_path / "decode-cpu.md").read_text()
+    assert text.index("context 32 (prompt") < text.index("## Greedy decode") < text.index(
+        "context 64 (prompt")
+    assert "Memory bandwidth these rows were judged by: their ceiling" in text
+    bench.write_outputs(tmp_path, mine, {"probe": 10.0}, meta)  # its own rows replaced
+    assert len(json.loads((tmp_path / "decode-cpu.json").read_text())) == len(after)
 
 
 def test_cpu_tiny_markdown(cpu_tiny_run):

@@ -124,7 +124,8 @@ def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
     decode = next(s for s in device.plan("gpu") if s.name == "decode")
     path = tmp_path / "decode-h100.json"
     current = device.common_sources_digest(device.MODEL_SOURCES)
-    rows = [{"preset": "h100", "impl": impl, "batch": b, "model_sources": current}
+    config = {"preset": "h100", "context": 2048, "new_tokens": 128}
+    rows = [{**config, "impl": impl, "batch": b, "model_sources": current}
             for b in (1, 16)
             for impl in ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas",
                          "jaxdec-graphs", "hf-eager")]
@@ -133,10 +134,13 @@ def test_decode_is_done_once_hf_compile_was_tried(tmp_path):
     for error, done in (("timed out after 300 s", False),
                         ("skipped: the time budget (--budget-s) was used up", False),
                         ("worker exited with code 1", True), (None, True)):
-        tried = [{"preset": "h100", "impl": "hf-compile", "batch": b, "error": error}
+        tried = [{**config, "impl": "hf-compile", "batch": b, "error": error}
                  for b in (1, 16)]
         path.write_text(json.dumps(rows + tried))
         assert decode.done(tmp_path, "h100") is done, error
+        # Rows of another context (another call's table in the same file) do not count.
+        path.write_text(json.dumps([dict(r, context=32) for r in rows + tried]))
+        assert not decode.done(tmp_path, "h100")
     for i in (2, 3, 4):  # the matrix-vector kernel's, cuBLAS's, graphs' failures: not retried
         rows[i]["error"] = "worker exited with code 1"
     path.write_text(json.dumps(rows + tried))
