@@ -96,15 +96,20 @@ def runs_note(records: list[dict], describe: Callable[[dict], str]) -> str:
 
 
 def device_slug(name: str | None) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified."""
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified.
+    Variants that differ keep their mark: 'TPU v5 lite' -> 'v5e' (not 'TPU v5''s 'v5'),
+    'NVIDIA H100 PCIe' -> 'h100-pcie', 'NVIDIA H100 NVL' -> 'h100-nvl'."""
     if not name:
         return "unknown"
     lowered = name.lower()
     if lowered == "cpu" or lowered.startswith("cpu"):
         return "cpu"
-    for token in re.findall(r"[a-z0-9]+", lowered):
+    tokens = re.findall(r"[a-z0-9]+", lowered)
+    for token in tokens:
         if re.fullmatch(r"[a-z]+\d+[a-z]*", token) and not token.endswith("gb"):
-            return token
+            if "lite" in tokens:  # TPU v5e, v6e: device_kind 'TPU v5 lite'
+                return token + "e"
+            return "-".join([token] + [t for t in ("pcie", "nvl") if t in tokens])
     return re.sub(r"[^a-z0-9]+", "-", lowered).strip("-")
 
 

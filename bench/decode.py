@@ -890,8 +890,8 @@ def parse_args(argv):
 
 def make_spec(args, preset: Preset) -> dict:
     """What every worker needs, as JSON; validates the overrides."""
-    context = args.context or preset.context
-    new_tokens = args.new_tokens or preset.new_tokens
+    context = preset.context if args.context is None else args.context
+    new_tokens = preset.new_tokens if args.new_tokens is None else args.new_tokens
     prompt_len = context - new_tokens // 2
     if new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (decode speed needs steps after the first)")

@@ -74,6 +74,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -298,7 +299,7 @@ def plan(name: str) -> list[Step]:
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
                                 hbm_method=HBM_METHOD),
                       _every_case("kernels", preset="h100",
-                                  cases=lambda slug: kernel_cases("h100", slug in HOPPER_SLUGS),
+                                  cases=lambda slug: kernel_cases("h100", slug.split("-")[0] in HOPPER_SLUGS),
                                   hbm_method=HBM_METHOD),
                       # the kernels' rows are due again whenever their code changed
                       _all_rows("kernels", "kernel_sources", _tree_attention_sources(),
@@ -415,13 +416,16 @@ def verbose_outcomes(lines: list[str]) -> dict[str, int]:
     counts = dict(passed=0, failed=0, errors=0, skipped=0)
     words = dict(PASSED="passed", FAILED="failed", ERROR="errors", SKIPPED="skipped")
     for line in lines:
-        if "::" not in line:
-            continue
-        for word, key in words.items():
-            if f" {word}" in line:
-                counts[key] += 1
-                break
+        # A test's line names it first, then its outcome; the short summary's lines
+        # ("FAILED path::test - message") give the outcome first and would count it twice.
+        match = VERBOSE_LINE.match(line)
+        if match:
+            counts[words[match.group(1)]] += 1
     return counts
+
+
+# `path::test OUTCOME`, after the log's stamps (`[+3.1 s]`, `[group N]`).
+VERBOSE_LINE = re.compile(r"^(?:\[[^\]]*\]\s*)*[^\s\[][^\s]*::\S.*?\s(PASSED|FAILED|ERROR|SKIPPED)\b")
 
 
 def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
@@ -572,14 +576,16 @@ def main(argv=None) -> int:
             return 2
     steps = plan(args.plan)
     names = [s.name for s in steps]
-    for flag in ("only", "redo"):
-        chosen = [n for n in (getattr(args, flag) or "").split(",") if n and n != "all"]
-        unknown = sorted(set(chosen) - set(names))
+    for flag in ("only", "redo"):  # step names, in the order given; 'all': every step
+        chosen = list(dict.fromkeys(n.strip() for n in (getattr(args, flag) or "").split(",")
+                                    if n.strip()))
+        unknown = sorted(set(chosen) - set(names) - {"all"})
         if unknown:
             parser.error(f"--{flag}: unknown steps {unknown}; steps: {', '.join(names)}")
+        setattr(args, flag, names if "all" in chosen else chosen)
     if args.only:
         by_name = {s.name: s for s in steps}
-        steps = [by_name[n] for n in dict.fromkeys(filter(None, args.only.split(",")))]
+        steps = [by_name[n] for n in args.only]
     if args.list:
         for s in steps:
             print(f"{s.name:18s} min {s.min_s:>4.0f} s, cap {s.cap_s:>4.0f} s: "
@@ -600,7 +606,7 @@ def main(argv=None) -> int:
 def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
     for path in args.results.glob(f"*-{slug}.*"):
         shutil.copy(path, work / path.name)
-    redo = set(names) if args.redo == "all" else set(filter(None, args.redo.split(",")))
+    redo = set(args.redo)
     log(f"[device] {device} ({slug}), plan {args.plan}, budget {args.budget_s:.0f} s, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     summary, packed = [], []

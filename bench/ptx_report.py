@@ -12,10 +12,12 @@ resources:
     pip install triton    # its wheel bundles LLVM and ptxas: no CUDA toolkit, no GPU
     python bench/ptx_report.py [--preset h100] [--out bench/results]
 
-It writes `ptx-sm90a.json` (one record per case, tiling and program) and a Markdown table.
+It writes `ptx-sm_90a.json` (one record per case, tiling and program; another preset than h100:
+`ptx-sm_90a-<preset>.json`) and a Markdown table.
 With `--mosaic` it compiles the Hopper kernel (`tree_attention/hopper.py`, Mosaic GPU)
 instead, through jax's own pipeline for a compile-only H100 (jax >= 0.11 and
-`jax-cuda12-plugin[with-cuda]`, no GPU), and writes `mosaic-sm_90a.json/.md`.
+`jax-cuda12-plugin[with-cuda]`, no GPU), and writes `mosaic-sm_90a.json/.md` (named the same
+way).
 Static facts only: how fast a program runs is for `bench/kernels.py` on the device to say.
 (The Triton of the `triton` package is not the one bundled in jaxlib, which compiles the
 same IR on the device; the two may differ in detail, never in kind: a spill or a shared
@@ -36,11 +38,25 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, utc_now, versions  # noqa: E402
+from bench.common import git_commit, replace_text, utc_now, versions  # noqa: E402
 
 TARGET = "sm_90a"
 SHARED_LIMIT = 227 * 1024  # an H100 program's most dynamic shared memory
+SHARED_PER_CORE = 228 * 1024  # shared memory per multiprocessor ...
+SHARED_RESERVED = 1024  # ... of which each resident program takes this much for the system
 REGISTER_FILE = 64 * 1024  # 32-bit registers per multiprocessor
+REGISTER_UNIT = 256  # registers are given to a warp in units of this many
+MAX_WARPS, MAX_PROGRAMS = 64, 32  # resident on one multiprocessor at most
+
+
+def programs_per_core(registers: int, num_warps: int, shared: int) -> int:
+    """Programs (thread blocks) one H100 multiprocessor holds at once, the least of what
+    its registers (given to each warp in `REGISTER_UNIT`s), shared memory, warp slots and
+    program slots allow (CUDA's occupancy rules for compute capability 9.0)."""
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = (REGISTER_FILE // per_warp) // num_warps
+    by_shared = SHARED_PER_CORE // (shared + SHARED_RESERVED) if shared else MAX_PROGRAMS
+    return min(by_registers, by_shared, MAX_WARPS // num_warps, MAX_PROGRAMS)
 
 
 @contextlib.contextmanager
@@ -108,13 +124,10 @@ def compile_program(program: dict, workdir: Path) -> dict:
     log = proc.stderr
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    threads = 32 * program["num_warps"]
     shared = int(kernel.metadata.shared)
     return dict(
         registers=registers, spill_bytes=sum(spills), shared_bytes=shared,
-        # programs one multiprocessor holds at once: by registers, shared memory, threads
-        programs_per_core=min(REGISTER_FILE // (registers * threads),
-                              SHARED_LIMIT // shared if shared else 32, 2048 // threads),
+        programs_per_core=programs_per_core(registers, program["num_warps"], shared),
         wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
         async_copies=ptx.count("cp.async"),
     )
@@ -420,8 +433,12 @@ def render_markdown(records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from bench import kernels
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="h100", help="a bench/kernels.py preset")
+    parser.add_argument("--preset", default="h100", choices=sorted(kernels.PRESETS),
+                        help="a bench/kernels.py preset (files of other presets than h100 "
+                             "name it: ptx-sm_90a-<preset>.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--mosaic", action="store_true",
                         help="the Hopper (Mosaic GPU) kernel instead, compiled by jax's own "
@@ -433,21 +450,29 @@ def main(argv=None) -> int:
         if reason:
             print(reason, file=sys.stderr)
             return 2
-        return _write(args.out, "mosaic", run_mosaic(args.preset), render_mosaic_markdown)
+        return _write(args.out, "mosaic", args.preset, run_mosaic(args.preset),
+                      render_mosaic_markdown)
     if importlib.util.find_spec("triton") is None:
         print("needs the triton package (pip install triton): it compiles the kernels' "
               "Triton IR for sm_90a", file=sys.stderr)
         return 2
-    return _write(args.out, "ptx", run(args.preset), render_markdown)
+    return _write(args.out, "ptx", args.preset, run(args.preset), render_markdown)
 
 
-def _write(out: Path, name: str, records: list[dict], render) -> int:
-    """`<name>-sm_90a.json` and its Markdown under `out`, the table printed too; the exit
-    status: 1 when a compile failed."""
+def output_stem(name: str, preset: str) -> str:
+    """`<name>-sm_90a` for the h100 preset (the committed report), `<name>-sm_90a-<preset>`
+    for another, so a small preset's run never replaces it."""
+    return f"{name}-{TARGET}" + ("" if preset == "h100" else f"-{preset}")
+
+
+def _write(out: Path, name: str, preset: str, records: list[dict], render) -> int:
+    """`output_stem`.json and its Markdown under `out`, each replaced whole, the table
+    printed too; the exit status: 1 when a compile failed."""
     out.mkdir(parents=True, exist_ok=True)
     table = render(records)
-    (out / f"{name}-{TARGET}.json").write_text(json.dumps(records, indent=1) + "\n")
-    (out / f"{name}-{TARGET}.md").write_text(table)
+    stem = output_stem(name, preset)
+    replace_text(out / f"{stem}.json", json.dumps(records, indent=1) + "\n")
+    replace_text(out / f"{stem}.md", table)
     print(table)
     return 1 if any(r["error"] for r in records) else 0
 

@@ -707,7 +707,16 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     overrides = {"methods": args.methods, "batches": args.batches,
                  "temperatures": args.temperatures, "max_new_tokens": args.max_new_tokens}
-    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v})
+    preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    for flag, values, lowest in (("--batches", preset.batches, 1),
+                                 ("--max-new-tokens", (preset.max_new_tokens,), 2),
+                                 ("--repeats", (args.repeats,), 1),
+                                 ("--temperatures", preset.temperatures, 0)):
+        if not values or min(values) < lowest:
+            parser.error(f"{flag} must be {'one or more values ' if len(values) != 1 else ''}"
+                         f">= {lowest}, got {','.join(map(str, values)) or 'none'}")
+    if not preset.methods:
+        parser.error("--methods names no method")
     if args.compile_ahead is None:
         args.compile_ahead = default_compile_workers()
     elif args.compile_ahead < 0:

@@ -151,7 +151,9 @@ def shrunk(preset, args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True, help="cpu-tiny, gpu-small or gpu-base")
+    from jaxdec.train.presets import PRESETS
+
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     add_shrink_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser

@@ -219,7 +219,9 @@ def test_a_step_faster_than_the_ceiling_is_an_error():
 
 @pytest.mark.parametrize("name, slug", [
     ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("cpu", "cpu"),
-    ("NVIDIA A100-SXM4-80GB", "a100"), (None, "unknown"),
+    ("NVIDIA A100-SXM4-80GB", "a100"), (None, "unknown"), ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H100 NVL", "h100-nvl"), ("TPU v5 lite", "v5e"), ("TPU v5", "v5"),
+    ("TPU v6 lite", "v6e"), ("TPU v4", "v4"),
 ])
 def test_device_slug(name, slug):
     assert bench.device_slug(name) == slug
@@ -247,3 +249,13 @@ def test_worker_units_share_one_jaxdec_process():
     (reference,) = bench.impl_records("jaxdec-reference", events, None, spec, {})
     assert kernel["error"] is None and kernel["tokens_per_s"] == 2.0 and kernel["device"] == "d"
     assert reference["error"] == "boom" and reference["device"] == "d"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--new-tokens", "0"], "--new-tokens must be >= 2"),
+    (["--context", "0"], "--context 0 is too short"),
+])
+def test_zero_overrides_are_refused_not_replaced(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "cpu-tiny", *flags])
+    assert message in capsys.readouterr().err

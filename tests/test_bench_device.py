@@ -75,6 +75,8 @@ def test_budget_and_step_names(tmp_path):
     assert [line.split()[0] for line in listing.splitlines()] == [s.name for s in device.plan("gpu")]
     listing = _drive("--list", "--only", "decode,gpu-tests,decode")  # --only's order, once each
     assert [line.split()[0] for line in listing.splitlines()] == ["decode", "gpu-tests"]
+    listing = _drive("--list", "--only", "all")  # every step, as --redo all
+    assert [line.split()[0] for line in listing.splitlines()] == [s.name for s in device.plan("gpu")]
 
 
 def test_a_bare_machine_installs_the_checkout_before_the_plan_imports_it(monkeypatch, tmp_path):
@@ -274,8 +276,11 @@ def test_a_stopped_test_run_counts_what_finished(tmp_path):
     lines = ["[+3.1 s] tests/t.py::TestA::test_x[chain-1] PASSED        [ 10%]\n",
              "[+9.0 s] tests/t.py::TestA::test_y FAILED                  [ 20%]\n",
              "[+9.5 s] tests/t.py::TestB::test_z SKIPPED (needs X)       [ 30%]\n",
-             "some other output PASSED\n"]
-    assert device.verbose_outcomes(lines) == dict(passed=1, failed=1, errors=0, skipped=1)
+             "some other output PASSED\n",
+             # the short summary repeats a failure: counted once
+             "[+9.9 s] [group 0] FAILED tests/t.py::TestA::test_y - assert 1 == 2\n",
+             "[+9.9 s] [group 1] tests/u.py::test_w[a b] ERROR                [ 40%]\n"]
+    assert device.verbose_outcomes(lines) == dict(passed=1, failed=1, errors=1, skipped=1)
     record = device.pytest_record(tmp_path / "missing.xml", "gpu", "dev", None, 120.0,
                                   "tests/t.py", lines)
     assert (record["passed"], record["failed"], record["skipped"]) == (1, 1, 1)

@@ -248,3 +248,19 @@ def test_attention_choices_and_a_note_in_the_table():
                   attention_note="Run as auto at commit x.")
     table = bench.render_markdown([record])
     assert "## p, attention pallas" in table and "\nRun as auto at commit x.\n" in table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 2, got 0"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--batches", "0"], "--batches must be >= 1, got 0"),
+    (["--temperatures", "0,-1"], "--temperatures must be one or more values >= 0, got 0.0,-1.0"),
+    (["--methods", ","], "--methods names no method"),
+])
+def test_bad_overrides_are_named_before_anything_runs(flags, message, capsys):
+    sys.path.insert(0, str(REPO))
+    from bench import speculative
+
+    with pytest.raises(SystemExit) as exit_info:
+        speculative.main(["--preset", "cpu-tiny", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -24,7 +24,7 @@ def test_cpu_tiny_preset_compiles_every_program(tmp_path):
     compiles: both programs of a tree-attention call (the kernel and its combine) and the
     matrix-vector products; the report is written."""
     assert ptx_report.main(["--preset", "cpu-tiny", "--out", str(tmp_path)]) == 0
-    table = (tmp_path / "ptx-sm_90a.md").read_text()
+    table = (tmp_path / "ptx-sm_90a-cpu-tiny.md").read_text()
     assert "0 failed to compile, 0 spill registers" in table
     assert "| tree_attention_combine |" in table
     assert "| qkv | 1 | 256 x 384 | default |" in table  # the matvec benchmark's cases too
@@ -69,3 +69,15 @@ def test_matvec_kernel_compiles_without_spills(rows):
     assert program["grid"] == [1, 48, 8] and record["spill_bytes"] == 0  # one matrix
     assert record["mma_sync"] > 0 and record["async_copies"] > 0
     assert record["programs_per_core"] >= 4
+
+
+def test_programs_per_core_hand_computed():
+    """CUDA's occupancy rules on an H100: registers go to warps in units of 256."""
+    # 37 registers x 32 threads = 1184, rounded to 1280 per warp: 51 warps, 12 programs of 4
+    # (not 65536 // (37 x 128) = 13).
+    assert ptx_report.programs_per_core(37, 4, 0) == 12
+    assert ptx_report.programs_per_core(32, 4, 0) == 16  # 64 warp slots / 4
+    assert ptx_report.programs_per_core(16, 1, 0) == 32  # the program slots
+    # 100 KiB of shared memory (+ 1 KiB the system keeps per program) of 228 KiB: 2.
+    assert ptx_report.programs_per_core(32, 4, 100 * 1024) == 2
+    assert ptx_report.programs_per_core(255, 8, 0) == 1  # 65536 // 8192 warps... / 8
