@@ -69,6 +69,9 @@ def run(preset: Preset) -> list[dict]:
     import jaxdec
     from jaxdec.models import layers
 
+    if jax.default_backend() != "cpu":  # the records say CPU: never time another backend
+        raise RuntimeError(f"this benchmark times the CPU, but jax runs on "
+                           f"{jax.default_backend()}: set JAX_PLATFORMS=cpu")
     config = jaxdec.ModelConfig(model_type="llama", **preset.model)
     stamp = dict(device=f"CPU ({os.cpu_count()} cores)", date=utc_now(), commit=git_commit(),
                  jax_version=versions()["jax_version"])
@@ -157,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    if "jax" not in sys.modules:  # on a machine with an accelerator too, time the CPU
+        os.environ["JAX_PLATFORMS"] = "cpu"
     records = run(PRESETS[args.preset])
     args.out.mkdir(parents=True, exist_ok=True)
     write_merged(args.out / "cpu-attention-cpu.json", records,
