@@ -77,6 +77,11 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"the chat template of {self.origin} refused the "
                                     f"conversation: {e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # The template's own code failed on this conversation (say, `length` of a field
+            # it expected to be a list).
+            raise ChatTemplateError(f"the chat template of {self.origin} failed on the "
+                                    f"conversation: {type(e).__name__}: {e}") from None
 
 
 def _check_messages(messages) -> list[dict]:
@@ -85,10 +90,16 @@ def _check_messages(messages) -> list[dict]:
                         f"dicts, got {type(messages).__name__}")
     out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message:
+        if callable(getattr(message, "model_dump", None)):  # a pydantic message (OpenAI SDK)
+            message = message.model_dump()
+        elif dataclasses.is_dataclass(message) and not isinstance(message, type):
+            message = dataclasses.asdict(message)
+        if not isinstance(message, Mapping) or message.get("role") is None:
             raise TypeError(f"messages[{i}] must be a dict with a 'role' (and usually "
                             f"'content'), got {message!r}")
-        message = dict(message)
+        # Fields set to None are left out, as transformers does: APIs send `tool_calls=None`
+        # or `content=None`, and templates test whether a field is there.
+        message = {k: v for k, v in message.items() if v is not None}
         # A model's reasoning under any of its names reaches the template under all the
         # names templates read (`reasoning_content`; gpt-oss's `thinking`), as transformers
         # passes it.
@@ -177,8 +188,10 @@ def _pick(template, origin: str) -> str:
 
 def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
     """The chat template of a checkpoint directory, or None when it has none: from
-    `chat_template.jinja`, else `chat_template.json`, else `tokenizer_config.json`'s
-    `chat_template` (where transformers looks, in that order), with the special tokens of
+    `chat_template.jinja`, else `tokenizer_config.json`'s `chat_template` (where
+    transformers' tokenizer looks, in that order), else `chat_template.json` (a processor's
+    file, which the tokenizer never reads: only for checkpoints with no other), with the
+    special tokens of
     `tokenizer_config.json` and `special_tokens_map.json` (the map's first, as transformers
     takes them)."""
     directory = os.fspath(directory)
@@ -199,10 +212,10 @@ def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
                 source, origin = f.read(), jinja_path
         except (OSError, UnicodeDecodeError) as e:
             raise ChatTemplateError(f"cannot read {jinja_path}: {e}") from None
-    elif os.path.isfile(json_path):
-        source, origin = _pick(_read_json(json_path).get("chat_template"), json_path), json_path
     elif config.get("chat_template") is not None:
         source, origin = _pick(config["chat_template"], config_path), config_path
+    elif os.path.isfile(json_path):
+        source, origin = _pick(_read_json(json_path).get("chat_template"), json_path), json_path
     else:
         return None
     _compile(source, origin)  # a broken template fails here, not at the first conversation

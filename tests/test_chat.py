@@ -1,5 +1,6 @@
 """Chat templates (jaxdec.chat) against transformers' apply_chat_template, and `--chat`."""
 
+import dataclasses
 import io
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 import transformers
 
 import jaxdec
-from jaxdec.chat import ChatTemplateError, encode_chat, load_chat_template
+from jaxdec.chat import ChatTemplate, ChatTemplateError, encode_chat, load_chat_template
 from jaxdec.cli import main
 from hf_models import make_tokenizer
 
@@ -159,6 +160,35 @@ def test_where_the_template_comes_from(tmp_path):
                                   {"name": "default", "template": HEADERS}], name="named")
     assert load_chat_template(named).source == HEADERS
     assert load_chat_template(_directory(tmp_path, name="none")) is None
+    # chat_template.json is a processor's file: transformers' tokenizer reads
+    # tokenizer_config.json's template, and the file only where there is no other.
+    for name, template in (("config_and_json", HEADERS), ("json_only", None)):
+        directory = _directory(tmp_path, template, name=name)
+        (directory / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
+        assert load_chat_template(directory).source == (template or CHATML)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "config_and_json"))
+    assert theirs.chat_template == HEADERS
+
+
+@dataclasses.dataclass
+class _Message:  # a message object, as an API client's
+    role: str
+    content: str
+    tool_calls: list | None = None
+
+
+def test_fields_set_to_none_are_left_out_as_transformers_does(tmp_path):
+    """APIs send `tool_calls=None`; transformers drops None fields (and takes message
+    objects), so a template testing for the field renders the plain turn."""
+    template = ("{% for m in messages %}{% if 'tool_calls' in m %}[calls {{ m.tool_calls | "
+                "length }}]{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    directory = _directory(tmp_path, template)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    conversation = [{"role": "user", "content": "hi", "tool_calls": None},
+                    _Message("assistant", "hello")]
+    text = load_chat_template(directory).render(conversation, add_generation_prompt=False)
+    assert text == "user: hi\nassistant: hello\n" == theirs.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=False)
 
 
 @pytest.mark.parametrize("template,message", [
@@ -182,6 +212,10 @@ def test_a_template_refusing_a_conversation_and_bad_messages(tmp_path):
             chat.render(messages)
     with pytest.raises(TypeError, match="add_generation_prompt"):
         chat.render(CONVERSATIONS[0], add_generation_prompt="yes")
+    # A template whose own code fails on a conversation is named, not a bare TypeError.
+    failing = ChatTemplate(source="{{ messages[0].content | length + 'x' }}", origin="t.jinja")
+    with pytest.raises(ChatTemplateError, match="t.jinja failed on the conversation: TypeError"):
+        failing.render(CONVERSATIONS[0])
 
 
 @pytest.fixture(scope="module")
