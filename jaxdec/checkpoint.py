@@ -282,16 +282,34 @@ def _resolve_dtype(dtype, config: ModelConfig):
 
 
 def load_tokenizer(directory: str):
-    """`tokenizers.Tokenizer` from `tokenizer.json`, or None when the directory has none."""
+    """`tokenizers.Tokenizer` from `tokenizer.json`, or None when the directory has none.
+
+    Truncation and padding saved in the file are switched off: transformers applies them
+    only to calls that ask for them, and a raw `encode` would otherwise cut prompts and
+    corpora short or pad them (an export writes the file without them)."""
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         return None
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises its own exception type
         raise CheckpointError(f"corrupt tokenizer file {path}: {e}") from None
+    return plain_tokenizer(tokenizer)
+
+
+def plain_tokenizer(tokenizer):
+    """`tokenizer` without truncation and padding: itself when it has neither, else a copy
+    with them switched off (the caller's object is left as it is)."""
+    if tokenizer.truncation is None and tokenizer.padding is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def hub_cache_dir() -> str:

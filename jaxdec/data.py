@@ -213,7 +213,10 @@ def encode(tokenizer, texts) -> np.ndarray:
     The latest two streams stay in memory, keyed by a digest of the tokenizer and the texts,
     so a draft distilled right after its target in the same process (the benchmarks do this)
     does not encode the same corpus again (about a minute for ~100 MB on two cores)."""
+    from jaxdec.checkpoint import plain_tokenizer
+
     texts = list(texts)
+    tokenizer = plain_tokenizer(tokenizer)  # never truncated or padded (a tokenizer.json may ask)
     digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
     for text in texts:
         raw = text.encode("utf-8", "surrogatepass")

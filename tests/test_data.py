@@ -126,6 +126,25 @@ def test_encode_separates_documents():
     assert data.encode(tokenizer, texts).tolist() == slow
 
 
+def test_a_tokenizer_saved_with_truncation_and_padding_neither_cuts_nor_pads(tmp_path):
+    """tokenizer.json may carry truncation and padding (tokenizers saves them): transformers
+    applies them only to calls asking for them, so jaxdec's encodes never do, and the
+    caller's tokenizer keeps its settings."""
+    from jaxdec.checkpoint import load_tokenizer
+
+    tokenizer = data.train_tokenizer(["ab cd ef gh"] * 10, 280)
+    eot = data.end_of_text_id(tokenizer)
+    text = "ab cd ef gh " * 4
+    full = tokenizer.encode(text, add_special_tokens=False).ids
+    tokenizer.enable_truncation(max_length=4)
+    tokenizer.enable_padding(length=64, pad_id=eot, pad_token="<|endoftext|>")
+    stream = data.encode(tokenizer, [text, "ab"])
+    assert stream.tolist() == full + [eot] + tokenizer.encode("ab").ids[:1] + [eot]
+    assert tokenizer.truncation is not None and tokenizer.padding is not None
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path)).encode(text, add_special_tokens=False).ids == full
+
+
 def test_encode_reuses_the_latest_streams():
     """A draft distilled after its target encodes the same corpus with the same tokenizer:
     the stream is reused (and read-only); other texts or another tokenizer are encoded."""
