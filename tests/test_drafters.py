@@ -215,6 +215,44 @@ def test_retrieval_proposes_continuations():
     assert int(np.sum(t.valid[0])) == 7
 
 
+def _root_children(drafter, rows):
+    proposal, _ = drafter.propose(_history(rows), jnp.array([row[-1] for row in rows]), None,
+                                  None, topology=drafter.default_topology(),
+                                  sampler=jaxdec.Greedy())
+    t = proposal.tree
+    return [sorted(int(t.tokens[b, i]) for i in range(t.num_nodes)
+                   if t.valid[b, i] and t.parents[b, i] == 0) for b in range(len(rows))]
+
+
+def test_retrieval_drafts_every_occurrence_when_there_are_few():
+    """Fewer occurrences than candidates: each is drafted once (the spread picked one twice
+    and skipped another); one ending the datastore gives way to a shorter n-gram."""
+    stream = np.array([1, 2, 1, 3, 0, 9, 5, 1, 6], np.int32)
+    drafter = Retrieval(stream, max_ngram=1, depth=1, num_candidates=4)
+    assert _root_children(drafter, [[8, 1]]) == [[2, 3, 6]]
+    stream = np.array([3, 1, 2, 7, 0, 5, 1, 2], np.int32)  # "1 2" last ends the datastore
+    for max_ngram in (2, 3):  # the ending occurrence sorts last, or first, in its range
+        drafter = Retrieval(stream, max_ngram=max_ngram, depth=2, num_candidates=1)
+        assert _root_children(drafter, [[5, 1, 2]]) == [[7]]
+    drafter = Retrieval(np.array([4, 5, 6, 1, 2], np.int32), max_ngram=2, depth=2)
+    assert _root_children(drafter, [[1, 2]]) == [[]]  # nothing follows "2" anywhere
+
+
+def test_spread_picks_hand_computed():
+    from jaxdec.drafters.retrieval import spread_picks
+
+    lo = jnp.array([10, 0, 0, 0], jnp.int32)
+    picks, have = spread_picks(lo, jnp.array([3, 2, 8, 0], jnp.int32), 4)
+    assert picks[:, :3].tolist()[:2] == [[10, 11, 12], [0, 1, 2]]
+    assert have.tolist() == [[True] * 3 + [False], [True] * 2 + [False] * 2, [True] * 4,
+                             [False] * 4]
+    assert picks[2].tolist() == [1, 3, 5, 7]  # the middles of 4 parts of 8
+    # A frequent n-gram of a large datastore: (2c + 1) * count would overflow int32.
+    count, C = 2**31 - 5, 63
+    picks, _ = spread_picks(jnp.zeros(1, jnp.int32), jnp.array([count], jnp.int32), C)
+    assert picks[0].tolist() == [(2 * c + 1) * count // (2 * C) for c in range(C)]
+
+
 def test_retrieval_from_texts(hf_checkpoints):
     from hf_models import make_tokenizer
 

@@ -143,14 +143,21 @@ class Retrieval(Drafter):
         n_used = jnp.zeros((B,), jnp.int32)
         for i, n in enumerate(ngrams):  # the longest n-gram that occurs wins
             lo_n, hi_n = bounds[i], bounds[len(widths) + i]
+            # An occurrence that ends the datastore has nothing to draft: left out, so a
+            # shorter n-gram with a continuation is tried instead. It is the suffix at
+            # size - n, first in its range (the sentinel sorts first) or, for the longest
+            # n-gram (ties ordered by position), last.
+            nonempty = hi_n > lo_n
+            ending = self.size - n
+            drop_lo = nonempty & (jnp.take(self.suffixes, jnp.clip(lo_n, 0, self.size - 1))
+                                  == ending)
+            drop_hi = nonempty & ~drop_lo & (
+                jnp.take(self.suffixes, jnp.clip(hi_n - 1, 0, self.size - 1)) == ending)
+            lo_n, hi_n = lo_n + drop_lo, hi_n - drop_hi
             take = (n_used == 0) & (hi_n > lo_n) & (history.length >= n)
             lo, hi = jnp.where(take, lo_n, lo), jnp.where(take, hi_n, hi)
             n_used = jnp.where(take, n, n_used)
-        C = self.num_candidates
-        count = hi - lo
-        c = jnp.arange(C, dtype=jnp.int32)[None, :]
-        picks = lo[:, None] + ((2 * c + 1) * count[:, None]) // (2 * C)
-        have = c < count[:, None]
+        picks, have = spread_picks(lo, hi - lo, self.num_candidates)
         starts = jnp.take(self.suffixes, jnp.clip(picks, 0, self.size - 1))
         # The continuation follows the matched n-gram: "ends" is the n-gram's last token.
         pos = (starts[:, :, None] + n_used[:, None, None]
@@ -165,6 +172,18 @@ class Retrieval(Drafter):
     def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
         del proposal, verdict
         return history.append(emitted_BL, n_commit_B)
+
+
+def spread_picks(lo_B, count_B, C: int):
+    """([B, C] suffix indices, [B, C] which are real) of `C` occurrences spread evenly over
+    each row's range [lo, lo + count): all of them when count <= C, else the middles of C
+    equal parts, floor((2c + 1) count / 2C), computed without overflowing int32 however
+    large the datastore."""
+    c = jnp.arange(C, dtype=jnp.int32)[None, :]
+    count = count_B[:, None]
+    whole, part = count // (2 * C), count % (2 * C)  # count = whole * 2C + part
+    spread = (2 * c + 1) * whole + ((2 * c + 1) * part) // (2 * C)
+    return lo_B[:, None] + jnp.where(count <= C, c, spread), c < count
 
 
 def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
