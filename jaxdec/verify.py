@@ -94,6 +94,14 @@ def verify(
       q_BNV: for IID / WITHOUT_REPLACEMENT, the drafter's distribution at each node.
       topology: for IID / WITHOUT_REPLACEMENT, the static tree shape (children by rank).
     """
+    try:
+        kind = ProposalKind(kind)  # its value ("without_replacement") names it too
+    except ValueError:
+        raise ValueError(f"kind must be a ProposalKind, one of "
+                         f"{[k.value for k in ProposalKind]}, got {kind!r}") from None
+    if not isinstance(sampler, (Greedy, Sampler)):
+        raise TypeError(f"sampler must be jaxdec.Greedy() or a jaxdec.Sampler, got "
+                        f"{type(sampler).__name__}")
     if sampler.is_greedy:
         next_BN = jnp.argmax(target_logits_BNV, axis=-1).astype(jnp.int32)
         return _walk_matching(tree, next_BN, max_depth)
@@ -151,10 +159,18 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
         q_base = _node_dists(q_BNV, cur)
         removed = jnp.zeros((B, V), q_base.dtype)
         moved = jnp.zeros((B,), bool)
+        # Without replacement, child j was drawn with children 0..j-1's tokens removed: past
+        # an invalid child (cut by the cache's end, or by its drafter) the later ones were
+        # drawn from a q this loop cannot rebuild, so they are left untested (lossless: the
+        # tested children are still draws without replacement, in order).
+        blocked = jnp.zeros((B,), bool)
         nxt = cur
         for j in range(K):
             child = children[cur, j]
-            exists = alive & ~moved & (child >= 0) & _node_rows(tree.valid, jnp.maximum(child, 0))
+            child_valid = _node_rows(tree.valid, jnp.maximum(child, 0))
+            exists = alive & ~moved & ~blocked & (child >= 0) & child_valid
+            if without_replacement:
+                blocked = blocked | ((child >= 0) & ~child_valid)
             x = _node_rows(tree.tokens, jnp.maximum(child, 0))
             q_j = _renormalize(q_base * (1 - removed), q_base) if without_replacement else q_base
             q_x = jnp.take_along_axis(q_j, x[:, None], axis=1)[:, 0]

@@ -202,6 +202,50 @@ def test_a_wrong_residual_fails_the_same_test(monkeypatch):
     assert _joint_p_value(x1, x2, sampler) < 1e-6
 
 
+@pytest.mark.parametrize("kind", [ProposalKind.WITHOUT_REPLACEMENT, ProposalKind.IID])
+def test_an_invalid_sibling_keeps_sampled_verification_lossless(kind):
+    """A child cut (the cache's end, a drafter) before a valid sibling drawn after it: without
+    replacement, that sibling was drawn with the cut one's token removed, so it must not be
+    tested against q with only the tested tokens removed (the first token's law was
+    [0.016, 0.31, 0.33, 0.34] for p = [0.1, 0.2, 0.3, 0.4])."""
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    q = np.array([0.85, 0.05, 0.05, 0.05])
+    topology = tree.from_parents([-1, 0, 0], ranks=[0, 1, 0])  # rank 0 is node 2
+    B = N_ROWS
+
+    @jax.jit
+    def first_tokens(key):
+        kd, kv = jax.random.split(key)
+        logq = jnp.log(jnp.asarray(q, jnp.float32))
+        draws = _draw_children(kd, jnp.broadcast_to(jnp.exp(logq), (B, 4)), 2, kind)
+        tokens = jnp.zeros((B, 3), jnp.int32).at[:, 2].set(draws[:, 0]).at[:, 1].set(draws[:, 1])
+        t = _tree_of(topology, tokens, jnp.broadcast_to(jnp.array([True, True, False]), (B, 3)))
+        v = verify.verify(t, jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (B, 3, 4)),
+                          sampler=Sampler(), key=kv, max_depth=1, kind=kind,
+                          q_BNV=jnp.broadcast_to(jnp.exp(logq), (B, 3, 4)), topology=topology)
+        return emitted_tokens(t, v)[:, 0]
+
+    counts = np.bincount(np.asarray(first_tokens(jax.random.PRNGKey(3))), minlength=4)
+    stat = float(np.sum((counts - B * p) ** 2 / (B * p)))
+    assert float(gammaincc(3 / 2, stat / 2)) > 1e-3, counts / B
+
+
+def test_a_kind_given_by_its_value_is_that_kind():
+    """`kind="without_replacement"` is the enum's value: it selects that rule (a string used
+    to fall through to the IID rule); an unknown kind or sampler is named."""
+    t = _tree_of(tree.chain(1), [[0, 1]])
+    logits, q = jnp.zeros((1, 2, 4)), jnp.full((1, 2, 4), 0.25)
+    args = dict(sampler=Sampler(), key=jax.random.PRNGKey(0), max_depth=1, q_BNV=q,
+                topology=tree.chain(1))
+    by_value = verify.verify(t, logits, kind="without_replacement", **args)
+    by_enum = verify.verify(t, logits, kind=ProposalKind.WITHOUT_REPLACEMENT, **args)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), by_value, by_enum))
+    with pytest.raises(ValueError, match="kind must be a ProposalKind"):
+        verify.verify(t, logits, kind="withoutreplacement", **args)
+    with pytest.raises(TypeError, match="sampler must be"):
+        verify.verify(t, logits, **dict(args, sampler="greedy"))
+
+
 def test_emitted_tokens_layout():
     t = _tree_of(tree.chain(2), [[9, 3, 4]])
     v = Verdict(path=jnp.array([[0, 1, 0]]), n_path=jnp.array([2]), bonus=jnp.array([7]))
