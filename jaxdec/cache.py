@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdec.checks import (check_bool, check_config, check_int, check_int_array,
                            check_param_dtype)
@@ -239,6 +240,28 @@ def cache_axes(config) -> Cache:
     )
 
 
+def _check_accepted_values(cache: Cache, accepted_slots, n_accepted) -> None:
+    """The ranges `commit` promises, where the values are known (outside a trace; inside
+    one, the caller's loop is trusted): 0 <= n_accepted <= N, lengths + n_accepted within
+    the cache, 0 <= accepted_slots."""
+    arrays = (accepted_slots, n_accepted, cache.lengths)
+    if any(isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
+           for x in arrays):
+        return
+    n = np.asarray(n_accepted)
+    N = accepted_slots.shape[1]
+    if n.size and (n.min() < 0 or n.max() > N):
+        raise ValueError(f"n_accepted must be in [0, {N}] (accepted_slots has {N} columns), "
+                         f"got {n.tolist()}")
+    if n.size and np.max(np.asarray(cache.lengths) + n) > cache.max_len:
+        raise ValueError(f"n_accepted {n.tolist()} would grow the lengths "
+                         f"{np.asarray(cache.lengths).tolist()} past the cache's "
+                         f"{cache.max_len} slots")
+    if accepted_slots.size and int(np.min(np.asarray(accepted_slots))) < 0:
+        raise ValueError("accepted_slots must be >= 0 (indices among the last forward's "
+                         "tokens)")
+
+
 def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array, *,
            prefix: bool = False) -> Cache:
     """Keeps the accepted path of the tokens written by the last forward.
@@ -272,6 +295,7 @@ def commit(cache: Cache, accepted_slots: jax.Array, n_accepted: jax.Array, *,
         )
     if n_accepted.shape != (cache.batch_size,):
         raise ValueError(f"n_accepted must be [{cache.batch_size}], got {n_accepted.shape}")
+    _check_accepted_values(cache, accepted_slots, n_accepted)
     layers = tuple(
         entry.commit(cache.lengths, accepted_slots, n_accepted, prefix) for entry in cache.layers
     )

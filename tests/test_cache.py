@@ -121,6 +121,17 @@ def test_a_prefix_path_commits_without_moving_anything():
     np.testing.assert_array_equal(moved.layers[0].v, kept.layers[0].v)
 
 
+def test_commit_refuses_lengths_past_the_cache():
+    layer = _filled_layer()
+    full = layer.k.shape[1]
+    cache = Cache(layers=(layer,), lengths=jnp.array([full - 1, 0]))
+    with pytest.raises(ValueError, match="past the cache's"):
+        commit(cache, jnp.zeros((2, 2), jnp.int32), jnp.array([2, 0]))
+    # Inside a trace the caller's loop is trusted (nothing to check there).
+    traced = jax.jit(commit)(cache, jnp.zeros((2, 2), jnp.int32), jnp.array([1, 0]))
+    assert traced.lengths.tolist() == [full, 0]
+
+
 def test_commit_rejects_bad_shapes():
     cache = Cache(layers=(_filled_layer(),), lengths=jnp.array([2, 3]))
     with pytest.raises(ValueError, match="accepted_slots"):
@@ -136,6 +147,9 @@ def test_commit_rejects_bad_shapes():
     ({"n_accepted": jnp.array([True, False])}, TypeError, "n_accepted must be an integer"),
     ({"n_accepted": ["1", "0"]}, TypeError, "n_accepted must be an integer array"),
     ({"prefix": "yes"}, TypeError, "prefix must be a bool"),
+    ({"n_accepted": [3, 1]}, ValueError, r"n_accepted must be in \[0, 2\]"),
+    ({"n_accepted": [-1, 1]}, ValueError, r"n_accepted must be in \[0, 2\]"),
+    ({"accepted_slots": [[0, -7], [1, 0]]}, ValueError, "accepted_slots must be >= 0"),
 ])
 def test_commit_rejects_bad_arguments(kwargs, error, match):
     """Each named before anything runs; nested lists and numpy integers are taken."""
