@@ -181,7 +181,9 @@ def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> 
     (which also rules out cycles), and there are at most MAX_NODES nodes. Ranks default to
     each node's order of appearance among its siblings.
     """
-    parents = [int(p) for p in parents]
+    if isinstance(parents, (str, bytes)) or not isinstance(parents, (Sequence, np.ndarray)):
+        raise TypeError(f"parents must be a list of parent indices, got {parents!r}")
+    parents = [_index("parents", p) for p in parents]
     if not parents:
         raise ValueError("a tree needs at least its root node")
     if len(parents) > MAX_NODES:
@@ -202,9 +204,14 @@ def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> 
         for p in parents[1:]:
             ranks.append(seen.get(p, 0))
             seen[p] = ranks[-1] + 1
-    ranks = [int(r) for r in ranks]
-    if len(ranks) != len(parents) or any(r < 0 for r in ranks):
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, (Sequence, np.ndarray)):
+        raise TypeError(f"ranks must be a list of child ranks, got {ranks!r}")
+    ranks = [_rank(r) for r in ranks]
+    if len(ranks) != len(parents):
         raise ValueError("ranks must be one non-negative int per node")
+    if max(ranks) >= MAX_NODES:  # a node's children table is as wide as its largest rank
+        raise ValueError(f"child ranks must be < {MAX_NODES} (a tree's most nodes), got "
+                         f"{max(ranks)}")
     siblings = {(p, r) for p, r in zip(parents[1:], ranks[1:])}
     if len(siblings) != len(parents) - 1:
         raise ValueError("two children of one node have the same rank")
@@ -279,6 +286,9 @@ def dynamic(depth: int, width: int = 4, nodes: int | None = None) -> DynamicTree
                          f"(the root and the nodes it drafts), got nodes={nodes}")
     if nodes > MAX_NODES:
         raise ValueError(f"a tree has at most {MAX_NODES} nodes, got nodes={nodes}")
+    if expanded > MAX_NODES:  # the draft runs these nodes every step
+        raise ValueError(f"dynamic(depth={depth}, width={width}) expands {expanded} nodes "
+                         f"(1 + (depth - 1) * width), more than {MAX_NODES}")
     return DynamicTree(depth=depth, width=width, nodes=nodes)
 
 
@@ -289,20 +299,38 @@ def _rank(c) -> int:
     return int(c)
 
 
+def _index(name: str, value) -> int:
+    """A node index (-1 for none): an int, numpy's too; floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be ints, got {value!r}")
+    return int(value)
+
+
+def _spec_int(text: str) -> int:
+    """A number of a tree spec: ASCII digits only (int() also takes "3_0" and other
+    scripts' digits)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"expected a number, got {text!r}")
+    return int(text)
+
+
 def parse(spec: str) -> Topology | DynamicTree:
     """A tree from a command-line spec: "chain:K", "kary:DEPTH:WIDTH",
     "dynamic:DEPTH[:WIDTH[:NODES]]" or a JSON choices list such as "[[0],[1],[0,0]]"."""
     import json
 
+    if not isinstance(spec, str):
+        raise TypeError(f"a tree spec is a string (chain:K, kary:D:W, dynamic:D[:W[:N]] or a "
+                        f"JSON choices list), got {spec!r}")
     kind, _, rest = spec.partition(":")
     try:
         if kind == "chain":
-            return chain(int(rest))
+            return chain(_spec_int(rest))
         if kind == "kary":
             depth, width = rest.split(":")
-            return kary(int(depth), int(width))
+            return kary(_spec_int(depth), _spec_int(width))
         if kind == "dynamic":
-            return dynamic(*(int(x) for x in rest.split(":", 2)))
+            return dynamic(*(_spec_int(x) for x in rest.split(":", 2)))
         return from_choices(json.loads(spec))
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"bad tree spec {spec!r} (chain:K, kary:D:W, dynamic:D[:W[:N]] or a "
@@ -338,6 +366,15 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
       cand_valid_BCD: which candidate tokens exist (a candidate's valid tokens are a prefix).
       num_nodes: N, the static node budget.
     """
+    num_nodes = check_int("num_nodes", num_nodes, minimum=2)
+    if num_nodes > MAX_NODES:
+        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got num_nodes={num_nodes}")
+    if getattr(cand_BCD, "ndim", None) != 3 or not jnp.issubdtype(cand_BCD.dtype, jnp.integer):
+        raise TypeError(f"candidates must be an integer [B, C, D] array, got "
+                        f"{getattr(cand_BCD, 'dtype', type(cand_BCD).__name__)} "
+                        f"{getattr(cand_BCD, 'shape', '')}")
+    if getattr(cand_valid_BCD, "shape", None) != cand_BCD.shape:
+        raise ValueError(f"cand_valid_BCD must have the candidates' shape {cand_BCD.shape}")
     B, C, D = cand_BCD.shape
     valid = jnp.cumprod(cand_valid_BCD.astype(jnp.int32), axis=2).astype(bool)
     # same[b, c', c, d]: candidates c' and c agree on tokens 0..d (and both exist there).

@@ -377,10 +377,12 @@ def _next_token_logits(model, context):
     return np.asarray(jaxdec.forward(model, _one_width(context))[0, len(context) - 1])
 
 
-def test_draft_model_topk_tree_follows_the_draft(loaded):
-    """Each drafted child is the parent's rank-th most likely token under the draft itself."""
+@pytest.mark.parametrize("topology", [tree.kary(2, 2), tree.from_choices([[1], [1, 0]])],
+                         ids=["kary", "chain-of-second-best"])
+def test_draft_model_topk_tree_follows_the_draft(loaded, topology):
+    """Each drafted child is the parent's rank-th most likely token under the draft itself
+    (a chain of other ranks than 0 too: it drafted the best token)."""
     model = loaded("llama-gqa")
-    topology = tree.kary(2, 2)
     prompt = [5, 9, 31, 2]
     drafter = DraftModel(model).prepare(model)
     state = drafter.init(jnp.array([prompt]), jnp.array([4]), max_len=16)
@@ -396,6 +398,18 @@ def test_draft_model_topk_tree_follows_the_draft(loaded):
         context = prompt + path[::-1][:-1]
         logits = _next_token_logits(model, context)
         assert tokens[node] == np.argsort(-logits)[topology.ranks[node]]
+
+
+def test_a_tree_wider_than_the_vocabulary_is_named(loaded):
+    model = loaded("llama-gqa")
+    V = model.config.vocab_size
+    drafter = DraftModel(model).prepare(model)
+    state = drafter.init(jnp.array([[5, 9]]), jnp.array([2]), max_len=16)
+    for topology in (tree.from_choices([[0], [V]]), tree.dynamic(2, V + 1)):
+        with pytest.raises(ValueError, match=f"tree: a node has {V + 1} children, more than "
+                                             f"the vocabulary's {V} tokens"):
+            drafter.propose(state, jnp.array([9]), state.cache.lengths, jax.random.PRNGKey(0),
+                            topology=topology, sampler=jaxdec.Greedy())
 
 
 @pytest.mark.parametrize("topology", [tree.chain(3), tree.kary(2, 2)], ids=["chain", "tree"])

@@ -56,10 +56,26 @@ def test_from_choices_medusa_style():
     ([-1, 1], "parents must come before"),  # its own parent
     ([-1] + [0] * tree.MAX_NODES, "at most"),
     ([], "at least its root"),
+    ([-1, 0.7, 1.9], "parents must be ints, got 0.7"),  # was truncated to [-1, 0, 1]
+    (["-1", "0"], "parents must be ints"),
 ])
 def test_invalid_trees(parents, match):
     with pytest.raises(ValueError, match=match):
         tree.from_parents(parents)
+
+
+def test_invalid_ranks_and_arguments():
+    for ranks, match in [([0, 0.5], "child ranks must be ints"), ([0, -1], "ints >= 0"),
+                         ([0, 5 * 10**7], "child ranks must be < 256"), ([0], "one")]:
+        with pytest.raises(ValueError, match=match):
+            tree.from_parents([-1, 0], ranks=ranks)
+    with pytest.raises(ValueError, match="must be < 256"):  # not a 1 GB children table first
+        tree.from_choices([[0], [5 * 10**7]])
+    with pytest.raises(TypeError, match="parents must be a list"):
+        tree.from_parents(None)
+    with pytest.raises(TypeError, match="ranks must be a list"):
+        tree.from_parents([-1, 0], ranks="01")
+    assert tree.from_parents(np.array([-1, 0, 0]), ranks=np.array([0, 1, 0])).ranks == (0, 1, 0)
 
 
 def test_builder_arguments_and_specs():
@@ -85,6 +101,12 @@ def test_builder_arguments_and_specs():
         tree.parse("star:3")
     with pytest.raises(TypeError, match="Topology"):
         tree.as_topology([0, 1])
+    for spec in ("chain:3_0", "chain:\u0663", "kary:2: 3", "chain:-1"):  # int() took the first two
+        with pytest.raises(ValueError, match="bad tree spec"):
+            tree.parse(spec)
+    for spec in (3, None):
+        with pytest.raises(TypeError, match="a tree spec is a string"):
+            tree.parse(spec)
 
 
 def test_dynamic_tree_budgets():
@@ -98,7 +120,8 @@ def test_dynamic_tree_budgets():
     assert tree.parse("dynamic:3:2") == spec
     assert tree.dynamic(3, 2, 2).num_nodes == 2  # the root and the draft's best node
     for args, match in [((0, 2), "depth"), ((2, 0), "width"), ((3, 2, 1), "takes 2 to 11 nodes"),
-                        ((3, 2, 12), "takes 2 to 11 nodes"), ((3, 12, 300), "at most 256")]:
+                        ((3, 2, 12), "takes 2 to 11 nodes"), ((3, 12, 300), "at most 256"),
+                        ((10**6, 1, 3), "expands 1000000 nodes")]:
         with pytest.raises(ValueError, match=match):
             tree.dynamic(*args)
     assert tree.parse("dynamic:3") == tree.dynamic(3)  # width 4
@@ -124,6 +147,18 @@ def test_trie_from_candidates_hand_computed():
     assert t.valid[0].all()
     expected = tree.from_parents([-1, 0, 0, 1, 2, 3, 3, 4]).ancestors
     np.testing.assert_array_equal(t.ancestors[0], expected)
+
+
+def test_trie_arguments_are_checked():
+    cands, valid, root = jnp.ones((1, 2, 2), jnp.int32), jnp.ones((1, 2, 2), bool), jnp.array([0])
+    for nodes, match in [(0, "num_nodes must be an int >= 2"), (2.5, "num_nodes"),
+                         (300, "at most 256 nodes")]:
+        with pytest.raises(ValueError, match=match):
+            tree.from_candidates(root, cands, valid, nodes)
+    with pytest.raises(TypeError, match="candidates must be an integer"):
+        tree.from_candidates(root, cands.astype(jnp.float32) + 0.5, valid, 4)
+    with pytest.raises(ValueError, match="cand_valid_BCD must have"):
+        tree.from_candidates(root, cands, valid[:, :1], 4)
 
 
 def test_trie_budget_keeps_the_shallow_nodes_and_skips_missing_tokens():

@@ -222,9 +222,15 @@ class DraftModel(Drafter):
     def propose(self, state: DraftState, root_B, lengths_B, key, *, topology: Topology,
                 sampler):
         kind = self.proposal_kind(sampler, topology)
+        vocab = self.target_vocab or self.model.config.vocab_size
+        if topology.max_children > vocab:  # top-k over the vocabulary cannot draft them
+            raise ValueError(f"tree: a node has {topology.max_children} children, more than "
+                             f"the vocabulary's {vocab} tokens")
         if isinstance(topology, DynamicTree):
             return self._propose_dynamic(state, root_B, lengths_B, topology)
-        if topology.is_chain:
+        # A chain of best tokens drafts one token a step; a chain of other ranks (the second
+        # best, ...) takes the tree path, which drafts each node's rank.
+        if topology.is_chain and not any(topology.ranks):
             return self._propose_chain(state, root_B, lengths_B, key, topology, kind, sampler)
         B, N, D = root_B.shape[0], topology.num_nodes, topology.max_depth
         template = topology.template(B)
