@@ -1,6 +1,7 @@
 """Training: loss goes down, resume is exact (also after a kill during a save), exports load
 in transformers, distillation raises acceptance, and bad input is refused."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -317,6 +318,14 @@ def test_output_directory_rules(trained, tmp_path):
         train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
     with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
+    # A preset of the same name with other settings does not continue the run silently.
+    retuned = dataclasses.replace(MICRO, target_learning_rate=0.5, batch_size=4)
+    with pytest.raises(ValueError, match=r"settings changed \(settings.batch_size, "
+                                         r"settings.target_learning_rate\)"):
+        train_lm(retuned, trained[0], resume=True, log=lambda _: None)
+    run_file = os.path.join(trained[0], loop.RUN_FILE)
+    assert json.load(open(run_file))["settings"] == loop.run_settings(MICRO)
+    assert len(json.load(open(run_file))["corpus_digest"]) == 16
     # A finished run resumed: its metrics as they were (they were measured again, as null).
     said = []
     metrics = os.path.join(trained[0], "metrics.json")
@@ -326,6 +335,29 @@ def test_output_directory_rules(trained, tmp_path):
     (foreign / "cut.json").write_text('{"steps": ')
     with pytest.raises(ValueError, match=r"cut.json is not valid JSON \(Expecting value"):
         loop.read_json(str(foreign / "cut.json"))
+    (foreign / "list.json").write_text('[1, 2]')
+    with pytest.raises(ValueError, match=r"list.json is not a jaxdec run file \(it holds a "
+                                         r"JSON list"):
+        loop.read_json(str(foreign / "list.json"))
+
+
+def test_a_damaged_checkpoint_is_named(trained, tmp_path):
+    """Its array data gone (a disk error, a partial copy): a ValueError naming the step and
+    what to do, not orbax's bare Exception and traceback."""
+    import glob
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    os.remove(run / "metrics.json")
+    latest = max(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    data_dirs = glob.glob(str(run / "checkpoints" / str(latest) / "**" / "d"), recursive=True)
+    assert data_dirs
+    for d in data_dirs:
+        shutil.rmtree(d)
+    with pytest.raises(ValueError, match=f"checkpoint of step {latest} .* cannot be read .* "
+                                         f"delete its directory"):
+        train_lm(MICRO, run, resume=True, log=lambda _: None)
 
 
 def test_all_process_checks_name_the_processes_that_differ(tmp_path, monkeypatch):
@@ -371,6 +403,11 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     (tmp_path / "corpus" / "b.py").write_text("y = 2\n")
     with pytest.raises(ValueError, match="corpus .* is too small: its 2 files hold 306 char"):
         train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus")
+    (tmp_path / "small").mkdir()  # one file held out, one to train on: no batch of 8 in it
+    for name in ("a.py", "b.py"):
+        (tmp_path / "small" / name).write_text("x = 1\n" * 117)
+    with pytest.raises(ValueError, match="about 5 sequences .* fewer than one batch of 8"):
+        train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "small")
     with pytest.raises(ValueError, match="a.py is a file: give a directory"):
         train_lm(MICRO, tmp_path / "b", corpus=tmp_path / "corpus" / "a.py")
     assert not (tmp_path / "b").exists()
@@ -412,7 +449,15 @@ def test_a_one_step_schedule():
                                     weight_decay=0.1, grad_clip=1.0)
     params = {"w": jnp.ones((2, 2))}
     updates, _ = optimizer.update({"w": jnp.ones((2, 2))}, optimizer.init(params), params)
-    assert np.isfinite(np.asarray(updates["w"])).all()
+    # The first (here only) step learns at the full rate: Adam's first step moves each weight
+    # by the rate, and decoupled weight decay by rate x 0.1 x w (at rate 0 it moved nothing,
+    # and a one-step run exported its initialisation).
+    np.testing.assert_allclose(np.asarray(updates["w"]), -1e-3 * 1.1, rtol=1e-4)
+    # A longer run's first step warms up at rate / warmup_steps.
+    optimizer = loop.make_optimizer(learning_rate=1e-3, steps=10, warmup_steps=4,
+                                    weight_decay=0.0, grad_clip=1.0)
+    updates, _ = optimizer.update({"w": jnp.ones((2, 2))}, optimizer.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["w"]), -1e-3 / 4, rtol=1e-4)
 
 
 def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):

@@ -197,6 +197,8 @@ def test_hopper_refuses_what_it_cannot_run():
         run(q, kv, window=16)
     with pytest.raises(ValueError, match="head_dim=32 must be a multiple of 64"):
         run(q[..., :32], kv[..., :32])
+    with pytest.raises(ValueError, match="head_dim=192 must be a power of two"):  # the tail's
+        run(jnp.zeros((1, 16, 4, 192), jnp.bfloat16), jnp.zeros((1, 128, 1, 192), jnp.bfloat16))
     with pytest.raises(ValueError, match="block_k=96 must be a positive multiple of 64"):
         run(q, kv, block_sizes=TA.HopperBlockSizes(block_k=96))
     with pytest.raises(ValueError, match="num_stages=1 must be at least 2"):

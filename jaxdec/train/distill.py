@@ -138,11 +138,13 @@ def train_draft(
         target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
     if target.tokenizer is None:
         raise ValueError(f"the target {target_dir} has no tokenizer.json for the draft to share")
-    run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
-           "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
-           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)
+    run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
+           "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
+           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
+           "corpus_digest": loop.corpus_digest(corpus_data),
+           "settings": loop.run_settings(preset)}
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
     if finished is not None:

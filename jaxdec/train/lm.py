@@ -62,10 +62,20 @@ def default_corpus(corpus, preset: Preset) -> data.Corpus:
     extra = ()
     if corpus is None and preset.site_packages and jax.default_backend() != "cpu":
         extra = tuple(data.site_packages_dirs())
-    # Held-out and training text for a few sequences each (~4 characters a token), so a
-    # small corpus fails here, before the run directory is touched, not after.
-    return data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes,
-                            min_chars=MIN_SEQUENCES * 4 * (preset.seq_len + 1))
+    # Held-out and training text for a few sequences each (~4 characters a token), and
+    # training text for a batch, so a small corpus fails here, before the run directory is
+    # touched, not after.
+    chars_per_sequence = 4 * (preset.seq_len + 1)
+    loaded = data.load_corpus(corpus, extra_dirs=extra, max_train_bytes=preset.max_train_bytes,
+                              min_chars=MIN_SEQUENCES * chars_per_sequence)
+    train_chars = sum(len(t) for t in loaded.train_texts)
+    if train_chars < preset.batch_size * chars_per_sequence:
+        raise ValueError(
+            f"the corpus {corpus} is too small for the {preset.name} preset: its training files "
+            f"hold {train_chars} characters, about {train_chars // chars_per_sequence} "
+            f"sequences of {preset.seq_len} tokens, fewer than one batch of "
+            f"{preset.batch_size} (about {preset.batch_size * chars_per_sequence} characters)")
+    return loaded
 
 
 def causal_logits(params, tokens_BT, *, config, mesh, dtype, logits_dtype=jnp.float32
@@ -182,7 +192,11 @@ def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: 
     state = new_train_state(params, optimizer, mesh)
     checkpoints = loop.Checkpoints(out)
     if resuming and checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
+        try:
+            state = checkpoints.restore(state)
+        except BaseException:
+            checkpoints.close()   # orbax's threads, ended before the error reaches the user
+            raise
         log(f"resuming from step {int(state['step'])}")
 
     def batch_at(step: int):
@@ -250,11 +264,13 @@ def train_lm(
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     mesh = loop.train_mesh(dp, preset.batch_size)
-    run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
-           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus))}
     phases = loop.Phases()
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`
+    run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
+           "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
+           "corpus_digest": loop.corpus_digest(corpus_data),
+           "settings": loop.run_settings(preset)}
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
     if finished is not None:

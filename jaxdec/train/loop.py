@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -80,10 +81,18 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
     """AdamW with linear warmup and cosine decay (to 10%), after global-norm clipping.
     Weight decay applies to matrices only (not to norms and biases)."""
     warmup_steps = max(1, warmup_steps)
-    schedule = optax.warmup_cosine_decay_schedule(  # (decay_steps counts the warmup's too)
+    warmup_cosine = optax.warmup_cosine_decay_schedule(  # (decay_steps counts the warmup's)
         init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
         decay_steps=max(steps, warmup_steps + 1), end_value=0.1 * learning_rate,
     )
+
+    def schedule(count):
+        # optax reads the rate before counting the update: step n takes the schedule's value
+        # at n + 1, so the first step learns (at learning_rate / warmup_steps; at 0 it was
+        # lost, and a one-step run exported its initialisation) and the last reaches the
+        # decay's end.
+        return warmup_cosine(count + 1)
+
     return optax.chain(
         optax.clip_by_global_norm(grad_clip),
         optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay,
@@ -215,14 +224,44 @@ def train_mesh(dp: int | None, batch_size: int):
     return parallel.make_mesh(dp=dp)
 
 
-def read_json(path: str):
-    """A JSON file of a run, or a ValueError naming it when it is not JSON (a file edited by
-    hand, or cut short)."""
+def read_json(path: str) -> dict:
+    """A JSON object file of a run, or a ValueError naming it when it is not one (a file
+    edited by hand, or cut short)."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a jaxdec run file (it holds a JSON "
+                         f"{type(value).__name__}, not an object)")
+    return value
+
+
+def run_settings(preset) -> dict:
+    """What a run record keeps of its preset beyond the name: every field a resumed run must
+    share (a preset of the same name with another rate or batch size, a jaxdec that retuned
+    it, would otherwise continue silently), and the learning-rate schedule's version."""
+    fields = dataclasses.asdict(preset)
+    fields.pop("description", None)
+    return json.loads(json.dumps(dict(fields, schedule=SCHEDULE)))  # as train.json reads back
+
+
+# Which learning-rate schedule a run follows (`make_optimizer`): runs of another never resume.
+SCHEDULE = "warmup-cosine, step n at n + 1"
+
+
+def corpus_digest(corpus) -> str:
+    """A hash of a corpus's files and texts (a resumed run must train on the same data: the
+    standard library of another Python is other data under the same name)."""
+    digest = hashlib.sha256()
+    for names, texts in ((corpus.train_files, corpus.train_texts),
+                         (corpus.heldout_files, corpus.heldout_texts)):
+        digest.update(len(names).to_bytes(8, "little"))
+        for text in texts:
+            raw = text.encode("utf-8", "surrogatepass")
+            digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest()[:16]
 
 
 def prepare_run(out: str, *, resume: bool, force: bool, run: dict) -> bool:
@@ -251,6 +290,18 @@ def compute_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def _changed(earlier: dict, run: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested ones as `settings.batch_size`."""
+    changed = []
+    for key in sorted(set(earlier) | set(run)):
+        a, b = earlier.get(key), run.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(prefix + key)
+    return changed
+
+
 def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> bool:
     """Creates or validates the run directory; returns True when resuming an earlier run.
 
@@ -264,8 +315,8 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
                 raise ValueError(f"{out} is not a jaxdec training directory (no {RUN_FILE})")
             earlier = read_json(run_file)
             if earlier != run:
-                changed = sorted(k for k in set(earlier) | set(run) if earlier.get(k) != run.get(k))
-                raise ValueError(f"cannot resume {out}: the run settings changed ({', '.join(changed)})")
+                raise ValueError(f"cannot resume {out}: the run settings changed "
+                                 f"({', '.join(_changed(earlier, run))})")
             return True
         if not force:
             raise ValueError(
@@ -340,12 +391,21 @@ class Checkpoints:
             return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
         except ValueError as e:
             if "shape" not in str(e):
-                raise
+                raise self._unreadable(step, e) from e
             raise ValueError(
                 f"the checkpoint of step {step} in {self.manager.directory} holds arrays of "
                 "other shapes than this run's train state (another model config, or an older "
                 "jaxdec, whose gate_up was [E, 2, F] and qkv [E, R, H/R + 2, D]); start the "
                 f"run in a new directory. orbax: {e}") from e
+        except Exception as e:  # orbax raises bare Exceptions for missing or cut array data
+            raise self._unreadable(step, e) from e
+
+    def _unreadable(self, step: int, error: Exception) -> ValueError:
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        return ValueError(
+            f"the checkpoint of step {step} in {self.manager.directory} cannot be read "
+            f"({type(error).__name__}: {first}): its files are damaged or missing; delete its "
+            f"directory ({step}) to resume from the checkpoint before it, or start the run over")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -512,6 +572,15 @@ def run_steps(
                 "no checkpoint was written yet")
         raise Interrupted(f"{label} interrupted; {kept}: rerun with --resume to continue",
                           step) from None
+    except BaseException:
+        # orbax's threads end (a checkpoint being written is finished) before the error
+        # reaches the caller: left running, they log tracebacks at the interpreter's exit.
+        progress.close()
+        try:
+            checkpoints.close()
+        except Exception:  # the first error is the one to report
+            pass
+        raise
     progress.close()
     checkpoints.close()
     return state, stats

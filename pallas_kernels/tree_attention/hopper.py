@@ -16,8 +16,8 @@ mask at all: `tree_attention_hopper` pairs it with the Triton kernel over the re
 under the tree mask, a few blocks of 64 slots), and `gpu._combine` merges both kernels'
 partials exactly. Grid (row tiles, splits, B x K).
 
-Shapes it takes (see `check_config`): bf16 or fp16, head_dim a multiple of 64, no sliding
-window. Only `Impl.MOSAIC_GPU` runs it (AUTO does not yet: untimed on a GPU so far); jax 0.11
+Shapes it takes (see `check_config`): bf16 or fp16, head_dim a power-of-two multiple of 64, no
+sliding window. Only `Impl.MOSAIC_GPU` runs it (AUTO does not yet: untimed on a GPU so far); jax 0.11
 and newer run it in Mosaic GPU's interpreter for tests (0.10's interpreter cannot take the
 transposed shared-memory operand of the scores' `wgmma`).
 """
@@ -92,6 +92,9 @@ def check_config(q_dtype, head_dim: int, num_slots: int, rows: int, window: int 
         return f"dtype {jnp.dtype(q_dtype).name}: the Hopper kernel takes bfloat16 or float16"
     if head_dim % 64:
         return f"head_dim={head_dim} must be a multiple of 64 (128-byte swizzled tiles)"
+    if head_dim & (head_dim - 1):  # the tail (`gpu.partials`, Triton) contracts over it
+        return (f"head_dim={head_dim} must be a power of two: the last block and the new "
+                "tokens run the Triton kernel, whose dot contraction needs one")
     if window is not None:
         return "sliding windows are not supported by the Hopper kernel"
     if sizes.block_k % 64 or sizes.block_k < 64:
