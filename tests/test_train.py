@@ -442,6 +442,20 @@ def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match, mo
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(checkpoint_every=0), "Preset.checkpoint_every must be an int >= 1"),
+    (dict(batch_size=0), "Preset.batch_size must be an int >= 1"),
+    (dict(seq_len=512), "seq_len=512 is longer than max_positions=256"),
+    (dict(warmup_fraction=1.0), r"warmup_fraction must be in \[0, 1\)"),
+    (dict(draft_learning_rate=-1e-3), "draft_learning_rate must be a number > 0"),
+])
+def test_bad_presets_are_named_when_made(change, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(MICRO, **change)
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        dataclasses.replace(MICRO.target, num_kv_heads=3)
+
+
 def test_a_one_step_schedule():
     """One step (its warmup is the whole run) builds and updates: the cosine part once asked
     optax for zero decay steps."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxdec.checks import check_int
 from jaxdec.config import ModelConfig
 
 
@@ -23,6 +24,14 @@ class Shape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check_int(f"Shape.{field.name}", getattr(self, field.name))
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"Shape: num_heads={self.num_heads} must divide hidden_size="
+                             f"{self.hidden_size}, and num_kv_heads={self.num_kv_heads} "
+                             "num_heads")
 
     def config(self, vocab_size: int, max_positions: int, eos_token_id: int) -> ModelConfig:
         return ModelConfig(
@@ -58,6 +67,30 @@ class Preset:
     max_train_bytes: int | None = None
     site_packages: bool = False  # on accelerators: add site-packages sources to the corpus
     eval_tokens: int = 65536  # held-out tokens evaluated at the end
+
+    def __post_init__(self):
+        """Bad settings are named here, not found as a division by zero mid-run."""
+        for name in ("vocab_size", "seq_len", "batch_size", "max_positions", "target_steps",
+                     "draft_steps", "checkpoint_every", "eval_tokens"):
+            check_int(f"Preset.{name}", getattr(self, name))
+        if self.max_train_bytes is not None:
+            check_int("Preset.max_train_bytes", self.max_train_bytes)
+        if self.seq_len > self.max_positions:
+            raise ValueError(f"Preset: seq_len={self.seq_len} is longer than max_positions="
+                             f"{self.max_positions} (the model's position limit)")
+        for name in ("target", "draft"):
+            if not isinstance(getattr(self, name), Shape):
+                raise TypeError(f"Preset.{name} must be a Shape, got {getattr(self, name)!r}")
+        for name, low, high in (("target_learning_rate", 0.0, None),
+                                ("draft_learning_rate", 0.0, None), ("grad_clip", 0.0, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"Preset.{name} must be a number > {low}, got {value!r}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"Preset.warmup_fraction must be in [0, 1), got "
+                             f"{self.warmup_fraction!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"Preset.weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
 PRESETS = {
