@@ -153,7 +153,8 @@ class Retrieval(Drafter):
                                   == ending)
             drop_hi = nonempty & ~drop_lo & (
                 jnp.take(self.suffixes, jnp.clip(hi_n - 1, 0, self.size - 1)) == ending)
-            lo_n, hi_n = lo_n + drop_lo, hi_n - drop_hi
+            lo_n = lo_n + drop_lo.astype(jnp.int32)
+            hi_n = hi_n - drop_hi.astype(jnp.int32)
             take = (n_used == 0) & (hi_n > lo_n) & (history.length >= n)
             lo, hi = jnp.where(take, lo_n, lo), jnp.where(take, hi_n, hi)
             n_used = jnp.where(take, n, n_used)
