@@ -31,7 +31,7 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
-from jaxdec.checks import check_bool, check_model, check_untraced, concrete_scalar
+from jaxdec.checks import check_bool, check_int, check_model, check_untraced, concrete_scalar
 from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -141,7 +141,7 @@ def generate_padded(
       tokens_BT: int32 prompts, right-padded to a common length T.
       prompt_lengths_B: int32 true prompt lengths (>= 1).
       cache: an empty cache (`jaxdec.init_cache`) with max_len >= T + max_new_tokens - 1.
-      key: PRNG key (unused by greedy sampling).
+      key: PRNG key (unused by greedy sampling, which also takes None).
       stop_tokens_BM: int32 stop ids per row, padded with -1 (None: no stop tokens).
       max_new_tokens: static number of tokens to produce per row.
       sampler: Greedy() (the default) or Sampler(...).
@@ -159,11 +159,35 @@ def generate_padded(
     """
     sampler = check_sampler(sampler)
     return_logprobs = check_bool("return_logprobs", return_logprobs)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    pad_id = _check_pad_id(pad_id)
+    if getattr(tokens_BT, "ndim", None) != 2:
+        raise ValueError(f"tokens_BT must be [batch, length], got "
+                         f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a jaxdec Cache (see init_cache), got "
+                        f"{type(cache).__name__}")
+    if cache.max_len < tokens_BT.shape[1] + max_new_tokens - 1:  # static shapes
+        raise ValueError(f"the cache's {cache.max_len} slots hold no prompt block of "
+                         f"{tokens_BT.shape[1]} tokens and {max_new_tokens} new tokens: "
+                         f"it needs max_len >= {tokens_BT.shape[1] + max_new_tokens - 1}")
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("key is needed to sample (greedy decoding takes None)")
+        key = jax.random.PRNGKey(0)
     row_keys = _row_keys(key, tokens_BT.shape[0])
     first, first_logprob, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys,
                                            sampler, return_logprobs)
     return _decode(model, first, cache, row_keys, stop_tokens_BM, max_new_tokens=max_new_tokens,
                    sampler=sampler, pad_id=pad_id, stream=stream, first_logprob_B=first_logprob)
+
+
+def _check_pad_id(pad_id) -> int:
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    if not -2**31 <= pad_id < 2**31:  # the output buffers are int32
+        raise ValueError(f"pad_id must fit int32, got {pad_id}")
+    return int(pad_id)
 
 
 def _row_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -489,11 +513,24 @@ def generate(
 def output_capacity(batch: "Batch", max_new_tokens: int, prompt_width: int | None = None) -> int:
     """The output buffers' columns for a program over `batch`'s cache and prompts of
     `prompt_width` slots (default: the batch's bucket): as many tokens as the cache has room
-    for after them, so the program does not depend on `max_new_tokens` (the loop's bound is
-    traced); `max_new_tokens` itself where a bucket wider than its prompts leaves less room
-    in that count (then the cache still holds every token: `prepare_batch` checked it)."""
+    for after the shortest prompt this width serves, so the program does not depend on
+    `max_new_tokens` (the loop's bound is traced): every `max_new_tokens` the cache has room
+    for fits (`prepare_batch` checked the room for the longest prompt)."""
     width = batch.tokens.shape[1] if prompt_width is None else prompt_width
-    return max(max_new_tokens, batch.max_len - width + 1)
+    return max(max_new_tokens, batch.max_len - shortest_for_width(width) + 1)
+
+
+def shortest_for_width(width: int) -> int:
+    """The shortest prompt whose block is `width` slots wide: the least n whose bucket is at
+    least `width` (a width capped at max_len serves the prompts of the bucket past it)."""
+    lo, hi = 1, max(1, width)
+    while lo < hi:  # bucket_length grows with n
+        mid = (lo + hi) // 2
+        if bucket_length(mid) >= width:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,8 +626,7 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     attention_kernel(model.attention, parallel.platform(model.mesh))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise TypeError(f"pad_id must be an int, got {pad_id!r}")
+    _check_pad_id(pad_id)
     prompts = _check_prompts(prompts, config.vocab_size)
     longest = max(len(p) for p in prompts)
     needed = longest + max_new_tokens
@@ -604,7 +640,9 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     if max_len is None:
         max_len = bucket + max_new_tokens + extra_slots
         max_len = -(-max_len // CACHE_SLOT_MULTIPLE) * CACHE_SLOT_MULTIPLE
-    elif isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < needed - 1:
+    elif isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"max_len must be an int, got {max_len!r}")
+    elif max_len < needed - 1:
         raise ValueError(
             f"max_len={max_len!r} is too small: the longest prompt ({longest}) + max_new_tokens "
             f"({max_new_tokens}) needs {needed - 1} cache slots"

@@ -363,7 +363,11 @@ def cache_free_attention(config: ModelConfig, tp: int, dtype) -> AttentionImpl:
 
 
 def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN):
-    """Static shape checks, raised while tracing (before anything compiles)."""
+    """Static shape and dtype checks, raised while tracing (before anything compiles)."""
+    for name, value in (("tokens", tokens_BT), ("positions", positions_BT),
+                        ("logits_indices", logits_indices_BN)):
+        if value is not None and not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise TypeError(f"{name} must be integers, got {jnp.result_type(value)}")
     if tokens_BT.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}")
     B, T = tokens_BT.shape
@@ -371,16 +375,37 @@ def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logit
         raise ValueError(f"positions shape {positions_BT.shape} != tokens shape {(B, T)}")
     if mask_BTT is not None and mask_BTT.shape != (B, T, T):
         raise ValueError(f"mask must be [batch, T, T] = {(B, T, T)}, got {mask_BTT.shape}")
+    if mask_BTT is not None and jnp.result_type(mask_BTT) != jnp.bool_:
+        raise TypeError(f"mask must be bool, got {jnp.result_type(mask_BTT)}")
     if logits_indices_BN is not None and (
         logits_indices_BN.ndim != 2 or logits_indices_BN.shape[0] != B
     ):
         raise ValueError(f"logits_indices must be [batch={B}, N], got {logits_indices_BN.shape}")
-    if cache is not None and cache.batch_size != B:
-        raise ValueError(f"cache batch {cache.batch_size} != tokens batch {B}")
+    if cache is not None:
+        _check_cache(model, cache, B)
     if B % parallel.dp_size(model.mesh):
         raise ValueError(
             f"batch size {B} is not a multiple of the mesh's dp={parallel.dp_size(model.mesh)}"
         )
+
+
+def _check_cache(model: Model, cache, batch: int) -> None:
+    """The cache is one `init_cache` makes for this model and batch on its mesh."""
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a jaxdec Cache (see init_cache), got "
+                        f"{type(cache).__name__}")
+    config = model.config
+    want = parallel.cache_kv_heads(config, model.mesh), config.head_dim
+    if len(cache.layers) != config.num_layers:
+        raise ValueError(f"the cache has {len(cache.layers)} layers, the model "
+                         f"{config.num_layers}: make it with init_cache(model.config, ...)")
+    shape = cache.layers[0].k.shape
+    if (len(shape) != 4 or shape[0] != batch or shape[2:] != want
+            or cache.lengths.shape != (batch,)):
+        raise ValueError(
+            f"the cache's layers are {tuple(shape)} with lengths {tuple(cache.lengths.shape)}; "
+            f"this call needs [batch={batch}, slots, kv_heads={want[0]}, head_dim={want[1]}]: "
+            "make it with init_cache(model.config, batch, max_len, mesh=model.mesh)")
 
 
 def forward(model: Model, tokens: jax.Array) -> jax.Array:

@@ -448,16 +448,18 @@ def attention(
     """
     if not isinstance(impl, AttentionImpl):
         raise TypeError(f"impl must be an AttentionImpl, got {impl!r}")
-    if q_BTHD.shape[2] % k_BSKD.shape[2]:
-        raise ValueError(
-            f"query heads {q_BTHD.shape[2]} are not a multiple of KV heads {k_BSKD.shape[2]}"
-        )
+    if window is not None and (isinstance(window, bool) or not isinstance(
+            window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     T = q_BTHD.shape[1]
     cached = lengths_B is not None
     if not cached:
-        if impl is AttentionImpl.CUDNN and mask_BTT is None:
+        if q_BTHD.ndim == 4 and impl is AttentionImpl.CUDNN and mask_BTT is None:
             return fused_causal(q_BTHD, k_BSKD, v_BSKD, window=window)
         lengths_B = jnp.zeros(q_BTHD.shape[:1], jnp.int32)
+    # The shapes the kernels and the reference take, named before anything is traced.
+    tree_attention.common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT,
+                                       mask_BTT)
     kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached, dtype=q_BTHD.dtype)
     if kernel != (tree_attention.Impl.BLOCKED, False):
         # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program) as its values;

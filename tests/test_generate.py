@@ -57,7 +57,7 @@ def test_one_program_serves_every_max_new_tokens_of_a_cache(loaded):
     prompts = _prompts((5, 11), seed=3)
     jaxdec.generate(model, prompts, max_new_tokens=3, max_len=40, return_logprobs=True)
     _compiles.clear()
-    counts = (1, 9, 25)
+    counts = (1, 9, 25, 30)  # 30: all the room the longest prompt (11 of bucket 16) leaves
     runs = [jaxdec.generate(model, prompts, max_new_tokens=n, max_len=40, return_logprobs=True)
             for n in counts]
     assert _compiles == []
@@ -78,9 +78,9 @@ def test_one_program_serves_every_max_new_tokens_of_a_cache(loaded):
     jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=4, **spec)
     _compiles.clear()
     runs = [jaxdec.speculative_generate(model, drafter, prompts, max_new_tokens=n, **spec)
-            for n in (2, 17)]
+            for n in (2, 17, 38)]
     assert _compiles == []
-    for n, got in zip((2, 17), runs):
+    for n, got in zip((2, 17, 38), runs):
         assert got.tokens.shape == (2, n)
         np.testing.assert_array_equal(
             got.tokens, jaxdec.generate(model, prompts, max_new_tokens=n).tokens)
@@ -440,6 +440,32 @@ def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, ma
     assert _compiles == []
 
 
+def test_generate_padded_checks_what_it_is_given(loaded):
+    """Its cache must hold the prompt block and every new token (a short one returned wrong
+    tokens with full counts); max_new_tokens, pad_id and key are named; greedy takes None."""
+    model = loaded(VARIANT)
+    tokens, lengths = np.ones((2, 16), np.int32), np.array([3, 9], np.int32)
+    run = functools.partial(jaxdec.generate_padded, model, tokens, lengths)
+    with pytest.raises(ValueError, match="the cache's 18 slots hold no prompt block of 16 "
+                                         "tokens and 8 new tokens: it needs max_len >= 23"):
+        run(jaxdec.init_cache(model.config, 2, 18), jax.random.PRNGKey(0), max_new_tokens=8)
+    cache = jaxdec.init_cache(model.config, 2, 32)
+    for kwargs, error, match in [
+            (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
+            (dict(max_new_tokens=4.0), ValueError, "max_new_tokens must be an int"),
+            (dict(max_new_tokens=4, pad_id=2**40), ValueError, "pad_id must fit int32"),
+            (dict(max_new_tokens=4, sampler=jaxdec.Sampler()), ValueError, "key is needed")]:
+        with pytest.raises(error, match=match):
+            run(cache, None, **kwargs)
+    (out, _), _ = run(cache, None, max_new_tokens=4)
+    np.testing.assert_array_equal(out, run(jaxdec.init_cache(model.config, 2, 32),
+                                           jax.random.PRNGKey(5), max_new_tokens=4)[0][0])
+    with pytest.raises(ValueError, match="pad_id must fit int32"):
+        jaxdec.generate(model, [[1, 2]], max_new_tokens=2, pad_id=2**40)
+    with pytest.raises(TypeError, match="max_len must be an int, got 30.0"):
+        jaxdec.generate(model, [[1, 2]], max_new_tokens=2, max_len=30.0)
+
+
 def test_inside_jit_generate_names_the_traced_argument(loaded):
     """`generate` runs its own program and reads it on the host: inside a user's jit it says
     so (and what to jit instead) rather than failing deep in a host conversion; 0-d arrays
@@ -572,8 +598,28 @@ def test_forward_with_cache_shape_errors(loaded):
         forward_with_cache(model, tokens, positions[:, :2], cache)
     with pytest.raises(ValueError, match=r"mask must be \[batch, T, T\]"):
         forward_with_cache(model, tokens, positions, cache, mask_BTT=jnp.ones((2, 3, 2), bool))
-    with pytest.raises(ValueError, match="cache batch 1 != tokens batch 2"):
+    with pytest.raises(ValueError, match=r"the cache's layers are \(1, 8, .*this call needs "
+                                         r"\[batch=2"):
         forward_with_cache(model, tokens, positions, jaxdec.init_cache(model.config, 1, 8))
+    # A cache of another model (head dim, KV heads, layers) or none at all is named.
+    import dataclasses
+
+    other = dataclasses.replace(model.config, head_dim=model.config.head_dim * 2)
+    with pytest.raises(ValueError, match="head_dim=.*init_cache\\(model.config"):
+        forward_with_cache(model, tokens, positions, jaxdec.init_cache(other, 2, 8))
+    fewer = dataclasses.replace(model.config, num_layers=1, layer_windows=(None,))
+    with pytest.raises(ValueError, match="the cache has 1 layers"):
+        forward_with_cache(model, tokens, positions, jaxdec.init_cache(fewer, 2, 8))
+    with pytest.raises(TypeError, match="cache must be a jaxdec Cache"):
+        forward_with_cache(model, tokens, positions, {"k": 0})
+    # Integer tokens, positions and logit indices, a bool mask: fractional positions ran.
+    for kwargs, match in [(dict(tokens_BT=tokens + 0.5), "tokens must be integers"),
+                          (dict(positions_BT=positions + 0.5), "positions must be integers"),
+                          (dict(logits_indices_BN=jnp.zeros((2, 1))), "logits_indices must be"),
+                          (dict(mask_BTT=jnp.ones((2, 3, 3))), "mask must be bool")]:
+        with pytest.raises(TypeError, match=match):
+            forward_with_cache(model, **{"tokens_BT": tokens, "positions_BT": positions,
+                                         "cache": cache, **kwargs})
     dp_model = jaxdec.Model(config=model.config, params=model.params,
                             mesh=jaxdec.make_mesh(dp=2))
     with pytest.raises(ValueError, match="not a multiple of the mesh's dp=2"):

@@ -306,6 +306,14 @@ def test_attention_rejects_bad_arguments():
         L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]))
     with pytest.raises(TypeError, match="AttentionImpl"):
         L.attention(jnp.zeros((1, 1, 2, 4)), kv, kv, jnp.array([0]), jnp.array([[0]]), impl="fast")
+    q = jnp.zeros((1, 1, 2, 4))
+    for window in (0, -3, 2.5, True):  # 0 attended to every slot
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]), window=window)
+    with pytest.raises(ValueError, match=r"q must be \[B, T, H, D\] and k \[B, S, K, D\]"):
+        L.attention(q, kv[0], kv[0], jnp.array([0]), jnp.array([[0]]))
+    with pytest.raises(ValueError, match=r"lengths must be \[1\]"):
+        L.attention(q, kv, kv, jnp.array([0, 0]), jnp.array([[0]]))
 
 
 def test_attention_gradients_match_the_plain_reference():
