@@ -2,7 +2,8 @@
 
 A drafter proposes a token tree per row and step; `jaxdec.speculative_generate` verifies the
 trees with the target inside one jitted loop, so whatever a drafter proposes, greedy output
-is exactly `jaxdec.generate`'s (and sampled output follows the target's distribution). This
+is exactly `jaxdec.generate`'s (and sampled output follows the target's distribution, for
+children drafted deterministically as here, or drawn from the `q` the drafter returns). This
 one drafts from a fixed list of phrases: wherever a phrase holds the row's latest token, the
 tokens after it there are a candidate continuation. Here the phrases are answers the model
 gave before (a cache of past answers), so asking again is drafted almost whole.

@@ -345,7 +345,8 @@ def _chat(args) -> None:
         raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no room "
                          f"for a message beside --max-new-tokens {args.max_new_tokens}")
     # The conversation's caches (a draft model's too) are kept between turns: each turn
-    # prefills only its own tokens.
+    # prefills only its own tokens (and the last reply's again where its text encodes to
+    # other tokens than the model produced: the template renders text).
     session = jaxdec.PrefixCache(model, max_len=limit, drafter=drafter, tree=topology)
     stop = () if args.ignore_eos else model.config.eos_token_ids
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]

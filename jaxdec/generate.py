@@ -75,10 +75,12 @@ class GenerateResult:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """Decode throughput over all rows (tokens after the first / decode_s)."""
-        if self.decode_s is None or self.decode_s <= 0:
+        """Decode throughput over all rows (tokens after the first / decode_s); None where
+        untimed or no row decoded past its first token (nothing to measure)."""
+        decoded = int(np.sum(np.maximum(self.lengths - 1, 0)))
+        if self.decode_s is None or self.decode_s <= 0 or decoded == 0:
             return None
-        return float(np.sum(np.maximum(self.lengths - 1, 0)) / self.decode_s)
+        return float(decoded / self.decode_s)
 
     def to_lists(self) -> list[list[int]]:
         """Each row's generated tokens, without padding."""

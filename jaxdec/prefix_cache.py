@@ -169,7 +169,11 @@ class PrefixCache:
                         capacity=capacity, sampler=sampler, pad_id=pad_id, stream=dispatch,
                         timed=return_timings, logprobs=return_logprobs, continued=continued)
                 else:
-                    whole = (batch.tokens, batch.lengths) if continued else None
+                    # The whole prompts the drafter resumes from, max_len wide: one program
+                    # whatever the conversation's length (its bucket recompiled it).
+                    padded = np.zeros((self.rows, self.max_len), np.int32)
+                    padded[:, :batch.tokens.shape[1]] = batch.tokens
+                    whole = (padded, batch.lengths) if continued else None
                     outputs, stats, cache, drafter_state, stamps = _spec_program(
                         self.model, self.drafter, tokens, rest, cache, key, batch.stop, limit,
                         stream_id, whole, drafter_state if continued else None,

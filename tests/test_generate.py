@@ -262,6 +262,27 @@ def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, mo
     assert session.generate(first, max_new_tokens=2).tokens.shape == (1, 2)
 
 
+def test_a_speculative_session_compiles_two_programs_whatever_its_length(loaded):
+    """With a drafter, a session's programs do not depend on the conversation's length either
+    (the whole prompts the drafter resumes from were its bucket wide: a program per bucket
+    of the conversation): turns whose new tokens stay in one bucket compile nothing after
+    the second, as the conversation grows past 16, 32 and 64 tokens."""
+    model = loaded(VARIANT)
+    session = jaxdec.PrefixCache(model, drafter=jaxdec.drafters.PromptLookup(),
+                                 tree=jaxdec.tree.chain(2), max_len=128)
+    rs = np.random.RandomState(6)
+    prompt = rs.randint(3, 97, 10).tolist()
+    compiled = []
+    for turn in range(9):
+        _compiles.clear()
+        result = session.generate(prompt, max_new_tokens=4)
+        compiled.append(len(_compiles))
+        np.testing.assert_array_equal(
+            result.tokens, jaxdec.generate(model, [prompt], max_new_tokens=4).tokens)
+        prompt = prompt + result.to_lists()[0] + rs.randint(3, 97, 4).tolist()
+    assert len(prompt) > 70 and compiled[2:] == [0] * 7, compiled
+
+
 @pytest.mark.parametrize("dp", [1, 2])
 def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch):
     """Three rows (four on a dp = 2 mesh), each its own conversation: every call returns
