@@ -57,10 +57,11 @@ class RopeConfig:
             raise ValueError(
                 f"rope_type={self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
             )
-        if self.theta <= 0:
-            raise ValueError(f"rope theta must be positive, got {self.theta}")
-        if self.rope_type != "default" and self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if not (math.isfinite(self.theta) and self.theta > 0):
+            raise ValueError(f"rope theta must be positive and finite, got {self.theta}")
+        if self.rope_type != "default" and not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"rope scaling factor must be positive and finite, got "
+                             f"{self.factor}")
         if self.rope_type in ("llama3", "yarn"):
             if self.original_max_position_embeddings is None:
                 raise ValueError(f"{self.rope_type} rope scaling needs "
@@ -272,7 +273,7 @@ class ModelConfig:
             head_dim=int(head_dim),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_max_positions(hf, model_type),
             layer_windows=_windows_from_hf(hf, model_type, num_layers),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
@@ -399,6 +400,16 @@ def read_json_object(path: str) -> dict[str, Any]:
     return value
 
 
+# transformers' defaults where a config.json leaves max_position_embeddings out (LlamaConfig,
+# MistralConfig, Qwen2Config).
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+
+
+def _max_positions(hf: Mapping[str, Any], model_type) -> int:
+    value = hf.get("max_position_embeddings")
+    return int(DEFAULT_MAX_POSITIONS.get(model_type, 2048) if value is None else value)
+
+
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     # transformers 5 keeps theta and scaling together in `rope_parameters`; 4.x has top-level
     # `rope_theta` and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
@@ -443,7 +454,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         kwargs["original_max_position_embeddings"] = int(
             hf.get("original_max_position_embeddings")
             or merged.get("original_max_position_embeddings")
-            or hf.get("max_position_embeddings", 8192 if rope_type == "llama3" else 4096))
+            or _max_positions(hf, hf.get("model_type")))
     if rope_type == "llama3":
         kwargs.update(
             low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
@@ -452,7 +463,7 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     if rope_type == "yarn":
         factor = merged.get("factor")
         if factor is None:  # DeepSeek-V3's way: the ratio of the two contexts
-            factor = (hf.get("max_position_embeddings", 4096)
+            factor = (_max_positions(hf, hf.get("model_type"))
                       / kwargs["original_max_position_embeddings"])
         attention_factor = merged.get("attention_factor")
         mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")

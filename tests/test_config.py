@@ -27,6 +27,27 @@ def test_llama_v4_layout_with_legacy_rope_scaling():
     assert not (c.qkv_bias or c.o_bias or c.mlp_bias or c.tie_word_embeddings)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_a_missing_max_position_embeddings_is_transformers_default(model_type):
+    """transformers' per-model default (jaxdec read 4096 for all; llama3's and YaRN's
+    original context followed it)."""
+    import transformers
+
+    hf = dict(BASE, model_type=model_type)
+    config = ModelConfig.from_hf(hf)
+    theirs = transformers.AutoConfig.for_model(**hf)
+    assert config.max_positions == theirs.max_position_embeddings
+    yarn = ModelConfig.from_hf(dict(hf, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    assert yarn.rope.original_max_position_embeddings == theirs.max_position_embeddings
+
+
+@pytest.mark.parametrize("field, value", [("theta", float("nan")), ("theta", float("inf")),
+                                          ("factor", float("nan"))])
+def test_non_finite_rope_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match="positive and finite"):
+        RopeConfig(rope_type="linear", **{"factor": 2.0, field: value})
+
+
 def test_v5_rope_parameters_and_explicit_head_dim():
     hf = dict(BASE, model_type="mistral", head_dim=32, sliding_window=4096,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -127,9 +148,9 @@ def test_yarn_as_qwen25_documents_it():
 
 
 @pytest.mark.parametrize("extra,rope", [
-    # No original context anywhere: the model's own.
+    # No original context anywhere: the model's own (none here: LlamaConfig's default).
     (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
-     dict(factor=2.0, original_max_position_embeddings=4096)),
+     dict(factor=2.0, original_max_position_embeddings=2048)),
     # A top-level original context wins (transformers' order).
     (dict(original_max_position_embeddings=1024, rope_scaling={
         "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}),
