@@ -192,6 +192,14 @@ def _check_pad_id(pad_id) -> int:
     return int(pad_id)
 
 
+def _padding_rows(batch: int, rows) -> jax.Array:
+    """[batch] bool: the rows past the first `rows` (the copies filling a batch to the mesh's
+    dp; none when `rows` is None)."""
+    if rows is None:
+        return jnp.zeros((batch,), bool)
+    return jnp.arange(batch, dtype=jnp.int32) >= rows
+
+
 def _row_keys(key: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
 
@@ -218,10 +226,12 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logpr
 
 
 def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, sampler, pad_id,
-            stream, stream_args=(), first_logprob_B=None, limit=None):
+            stream, stream_args=(), first_logprob_B=None, limit=None, rows=None):
     """The decode `lax.while_loop`: runs until every row stopped or produced `limit` tokens
     (a traced int of at most N = `max_new_tokens`, the output buffers' static width: one
-    program serves every limit; None: N).
+    program serves every limit; None: N). `rows` (traced; None: all): the real rows, the
+    first ones; the others (copies filling the batch to the mesh's dp) start stopped, so
+    they never keep the loop running.
     `stream` is called as stream(*stream_args, step, tokens, active). With `first_logprob_B`
     (the first token's log-probability) the loop records every token's and returns
     (tokens, lengths, logprobs)."""
@@ -240,7 +250,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         step=jnp.int32(1), last_BT=first_B[:, None], cache=as_bits(cache) if bits else cache,
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
         n_gen_B=jnp.ones((B,), jnp.int32),
-        done_B=_is_stop(first_B, stop_tokens_BM) | (limit <= 1),
+        done_B=_is_stop(first_B, stop_tokens_BM) | (limit <= 1) | _padding_rows(B, rows),
         logprobs_BN=None if first_logprob_B is None else
         jnp.zeros((B, N), jnp.float32).at[:, 0].set(first_logprob_B),
     )
@@ -399,7 +409,7 @@ def read_timings(stamps) -> dict:
     donate_argnames=("cache",),
 )
 def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capacity, sampler,
-             pad_id, stream, timed, logprobs=False, continued=False):
+             pad_id, stream, timed, logprobs=False, continued=False, rows=None):
     """`generate_padded` producing `limit` tokens a row (traced) into buffers of `capacity`
     columns (`output_capacity`), optionally with two host timestamps read from inside the program:
     the prefill waits on the first, the second waits on the first tokens and the decode loop
@@ -422,7 +432,7 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capa
     result = _decode(model, first, cache, row_keys, stop, max_new_tokens=capacity,
                      sampler=sampler, pad_id=pad_id, stream=stream,
                      stream_args=() if stream_id is None else (stream_id,),
-                     first_logprob_B=first_logprob, limit=limit)
+                     first_logprob_B=first_logprob, limit=limit, rows=rows)
     return result, stamps
 
 
@@ -500,7 +510,7 @@ def generate(
                 np.int32(max_new_tokens))
         settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,
                         pad_id=pad_id, stream=dispatch, timed=return_timings,
-                        logprobs=return_logprobs)
+                        logprobs=return_logprobs, rows=np.int32(batch.size))
         if compile_only:
             return _program.lower(*args, **settings).compile()
         (outputs, _), stamps = _program(*args, **settings)

@@ -24,9 +24,9 @@ from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter
-from jaxdec.generate import (_host_clock, after_clock, check_compile_only, output_capacity,
-                             prepare_batch, python_ints, read_timings, registered_stream,
-                             token_logprobs)
+from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_compile_only,
+                             output_capacity, prepare_batch, python_ints, read_timings,
+                             registered_stream, token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import Topology, TokenTree, ancestor_mask, as_topology
@@ -137,6 +137,7 @@ def speculative_padded(
     return_logprobs: bool = False,
     resume: Resume | None = None,
     limit: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ):
     """The jittable speculative program on right-padded prompts (see `speculative_generate`).
 
@@ -150,6 +151,8 @@ def speculative_padded(
     prefix of the prompts: `tokens_BT` / `prompt_lengths_B` are then what follows it (see
     `Resume`). `limit` (traced, at most `max_new_tokens`, the output buffers' static width)
     is the tokens a row produces (None: max_new_tokens): one program serves every limit.
+    `rows` (traced; None: all): the real rows, the first ones; the others (copies filling the
+    batch to the mesh's dp) start stopped, so they never keep the loop running.
     Returns ((tokens, lengths), statistics arrays, cache, the drafter's final state,
     timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
     """
@@ -193,7 +196,7 @@ def speculative_padded(
     state = _State(
         step=jnp.int32(0), root_B=root, cache=cache, drafter_state=drafter_state,
         out_BN=jnp.full((B, max_new_tokens), pad_id, jnp.int32),
-        n_gen_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool),
+        n_gen_B=jnp.zeros((B,), jnp.int32), done_B=_padding_rows(B, rows),
         row_steps_B=jnp.zeros((B,), jnp.int32),
         depth_hits_BD=jnp.zeros((B, depth), jnp.int32), seconds=jnp.zeros((2,), jnp.float32),
         logprobs_BN=jnp.zeros((B, max_new_tokens), jnp.float32) if return_logprobs else None,
@@ -368,7 +371,7 @@ def _check_state(drafter, method: str, got, want) -> None:
 )
 def _program(target, drafter, tokens, lengths, cache, key, stop, limit, stream_id=None,
              prompts=None, drafter_state=None, *, capacity, sampler, topology, pad_id, timed,
-             profile, stream=None, logprobs=False):
+             profile, stream=None, logprobs=False, rows=None):
     """`speculative_padded` producing `limit` tokens a row (traced) into buffers of
     `capacity` columns (`jaxdec.generate.output_capacity`); given the whole `prompts`
     (tokens, lengths), it resumes from them and `drafter_state` (donated: a draft model's
@@ -378,7 +381,8 @@ def _program(target, drafter, tokens, lengths, cache, key, stop, limit, stream_i
                               max_new_tokens=capacity, sampler=sampler, topology=topology,
                               pad_id=pad_id, stream=stream, timed=timed, profile=profile,
                               stream_args=() if stream_id is None else (stream_id,),
-                              return_logprobs=logprobs, resume=resume, limit=limit)
+                              return_logprobs=logprobs, resume=resume, limit=limit,
+                              rows=rows)
 
 
 def speculative_generate(
@@ -462,7 +466,8 @@ def speculative_generate(
                 np.int32(max_new_tokens), stream_id)
         settings = dict(capacity=output_capacity(batch, max_new_tokens), sampler=sampler,
                         topology=topology, pad_id=pad_id, stream=dispatch,
-                        timed=return_timings, profile=profile, logprobs=return_logprobs)
+                        timed=return_timings, profile=profile, logprobs=return_logprobs,
+                        rows=np.int32(batch.size))
         if compile_only:
             return _program.lower(*args, **settings).compile()
         outputs, stats, _, _, stamps = _program(*args, **settings)

@@ -189,6 +189,25 @@ def test_streaming_callback_sees_each_steps_new_tokens(loaded, unrelated_draft):
     assert compiles[0] == 0 and sum(again) == result.lengths.sum()
 
 
+def test_rows_filling_a_dp_batch_never_keep_the_loop_running(hf_checkpoints):
+    """On a dp = 2 mesh one prompt runs as 2 rows, the second a copy: sampled, it drew its
+    own tokens and could run on after the real row stopped (steps counted, streams called
+    with nothing to stream). Now it starts stopped: the loops end with the real row."""
+    model = jaxdec.load_pretrained(hf_checkpoints(TARGET)[0], mesh=jaxdec.make_mesh(dp=2))
+    sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), stop_tokens=list(range(3, 40)),
+                   max_new_tokens=24)
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        active = []
+        jaxdec.generate(model, [[5, 9, 2]], key=key,
+                        stream=lambda step, tokens, live: active.append(bool(live.any())),
+                        **sampled)
+        assert all(active), active
+        spec = jaxdec.speculative_generate(model, DraftModel(model), [[5, 9, 2]], key=key,
+                                           tree=tree.chain(2), **sampled)
+        assert spec.stats.steps == spec.stats.row_steps[0]
+
+
 def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
     """On a dp = 2 mesh 3 prompts run as 4 rows; both loops' streams see the 3. A stream's
     exception reaches the caller as itself."""
