@@ -41,7 +41,9 @@ class SpecStats:
       steps: loop iterations (target forwards after the prefill).
       tau: mean tokens emitted per verification step and row (accepted drafts + 1; a step
         that max_new_tokens or a stop token cut short counts the tokens it kept).
-      acceptance_by_depth: [D] fraction of row-steps that accepted a node at depth d = 1..D.
+      acceptance_by_depth: [D] fraction of row-steps that accepted and kept a node at depth
+        d = 1..D (a draft that a stop token or max_new_tokens cut off does not count, as in
+        tau: tau <= 1 + sum(acceptance_by_depth), equal where no step lost its bonus token).
       row_steps: [B] verification steps per row.
       draft_s, verify_s: seconds spent drafting and verifying (None unless profiled).
     """
@@ -266,7 +268,10 @@ def speculative_padded(
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
         levels = jnp.arange(1, depth + 1, dtype=jnp.int32)
-        hits = active[:, None] & (verdict.n_path[:, None] > levels[None, :])
+        # Depth d counts where its draft was accepted and kept (emitted token d - 1): as
+        # tau, a step that a stop token or max_new_tokens cut short counts what it kept.
+        hits = (active[:, None] & (verdict.n_path[:, None] > levels[None, :])
+                & (keep[:, None] >= levels[None, :]))
         return _State(
             step=s.step + 1, root_B=jnp.where(keep > 0, last, s.root_B), cache=new_cache,
             drafter_state=dstate, out_BN=out, n_gen_B=n_gen, done_B=done,

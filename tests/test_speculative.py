@@ -119,6 +119,22 @@ def test_stop_tokens_and_the_end_of_the_cache(loaded):
     assert spec.lengths[1] == 16 and spec.lengths[0] < 16
 
 
+def test_acceptance_counts_only_the_drafts_kept(loaded):
+    """The target drafting for itself accepts every draft; drafts that max_new_tokens or a
+    stop token cut off do not count (they did: [1, 1, 1, 1] where two tokens were kept)."""
+    model = loaded(TARGET)
+    prompt = _prompts(lengths=(6,))
+    spec = jaxdec.speculative_generate(model, DraftModel(model), prompt, max_new_tokens=2,
+                                       tree=tree.chain(4))
+    assert spec.stats.tau == 2.0
+    np.testing.assert_array_equal(spec.stats.acceptance_by_depth, [1, 1, 0, 0])
+    first = int(jaxdec.generate(model, prompt, max_new_tokens=1).tokens[0, 0])
+    spec = jaxdec.speculative_generate(model, DraftModel(model), prompt, max_new_tokens=8,
+                                       tree=tree.chain(4), stop_tokens=[first])
+    assert spec.stats.tau == 1.0
+    np.testing.assert_array_equal(spec.stats.acceptance_by_depth, [1, 0, 0, 0])
+
+
 def _random_choices(rs, nodes: int, max_depth: int = 4) -> list[list[int]]:
     """A random Medusa-style tree: each node the next child of a node drawn at random."""
     paths, children = [()], {(): 0}
