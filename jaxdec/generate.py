@@ -590,7 +590,10 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
     runtime error of its own). On one device it ends the program there and then; on a mesh
     of `devices` > 1 the program runs to its end with the stream silent, and the exception
     is raised then: a callback failing on one device leaves the others waiting in a
-    collective, and the process is aborted (seen with jax 0.10.2's CPU devices)."""
+    collective, and the process is aborted (seen with jax 0.10.2's CPU devices). A stream
+    with a `call_finished()` method has it called once the call's steps were all delivered
+    (`TextStream` then knows the next call's steps count from 0 again, whatever order a
+    mesh delivers them in)."""
     if stream is None:
         yield None, None
         return
@@ -622,6 +625,9 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
         logger.removeFilter(_not_stream_raised)
     if raised:
         raise raised[0]
+    finished = getattr(stream, "call_finished", None)
+    if callable(finished):  # every step of this call was delivered (a TextStream's cue)
+        finished()
 
 
 def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pad_id: int,

@@ -31,7 +31,7 @@ class TextStream:
     first token with and without the new tokens (so a decoder that treats a sequence's first
     token specially, as SentencePiece does its leading space, sees the same start both times).
     A stream passed to several calls in turn continues its text with each (a call's steps
-    count from 0 again).
+    count from 0 again: jaxdec's calls tell it when one ends, `call_finished`).
 
     Args:
       tokenizer: anything with `decode(ids) -> str` (a `tokenizers.Tokenizer`, a model's
@@ -56,21 +56,36 @@ class TextStream:
 
     def __call__(self, step, tokens, counts) -> None:
         tokens, counts = np.asarray(tokens), np.asarray(counts)
+        if self.row >= tokens.shape[0]:
+            raise ValueError(f"TextStream(row={self.row}) shows a row of a batch of "
+                             f"{tokens.shape[0]}")
         if tokens.ndim == 1:  # generate: one token, kept while the row is active
             new = [int(tokens[self.row])] if counts[self.row] else []
         else:
             new = tokens[self.row, : int(counts[self.row])].tolist()
         step = int(step)
-        if step < self._next_step:  # a later call's step (its steps count from 0 again)
-            self._next_step = 0
+        if step < self._next_step:  # a later call's step (under your own jit, where no call
+            self._next_step = 0     # tells it one ended)
         self._pending[step] = new
         while self._next_step in self._pending:
             self.tokens += self._pending.pop(self._next_step)
             self._next_step += 1
         self._show()
 
+    def call_finished(self) -> None:
+        """A call's steps have all arrived (`generate` and `speculative_generate` call this
+        when they return): anything still waiting for an earlier step is taken in step
+        order, and the next call's steps count from 0."""
+        for step in sorted(self._pending):
+            self.tokens += self._pending.pop(step)
+        self._next_step = 0
+        self._show()
+
     def close(self) -> None:
-        """Writes what is still held back (text ending inside a character)."""
+        """Writes what is still held back (text ending inside a character, steps still out of
+        order)."""
+        for step in sorted(self._pending):
+            self.tokens += self._pending.pop(step)
         self._show(last=True)
 
     def _show(self, last: bool = False) -> None:

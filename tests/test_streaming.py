@@ -92,6 +92,45 @@ def test_one_stream_over_several_calls():
     assert "".join(written) == stream.text == "añb€"
 
 
+@pytest.mark.parametrize("first, second, order", [("a", "cde", (1, 0, 2)),
+                                                  ("ab", "cdef", (2, 0, 1, 3))])
+def test_a_call_ends_the_steps_of_the_one_before(first, second, order):
+    """On a mesh a second call's step can arrive before its step 0, with a number the first
+    call also reached: without the end of the first call told (`call_finished`, which
+    jaxdec's calls send) it was taken as the first call's, and text came out reordered or
+    lost ('adc' for 'acde')."""
+    written = []
+    stream = TextStream(Bytes(), write=written.append)
+    for step, char in enumerate(first):
+        stream(step, np.array([ord(char)]), np.array([True]))
+    stream.call_finished()
+    for step in order:
+        stream(step, np.array([ord(second[step])]), np.array([True]))
+    stream.call_finished()
+    stream.close()
+    assert "".join(written) == first + second
+
+
+def test_jaxdec_calls_tell_a_stream_when_they_end(loaded):
+    model = loaded("llama-gqa")
+    events = []
+
+    class Recorder:
+        def __call__(self, step, tokens, active):
+            events.append(int(step))
+
+        def call_finished(self):
+            events.append("end")
+
+    with pytest.raises(ValueError, match=r"TextStream\(row=3\) shows a row of a batch of 1"):
+        jaxdec.generate(model, [[5, 9, 2]], max_new_tokens=3,
+                        stream=TextStream(Bytes(), row=3))
+    jaxdec.generate(model, [[5, 9, 2]], max_new_tokens=3, stream=Recorder())
+    jaxdec.speculative_generate(model, jaxdec.drafters.PromptLookup(), [[5, 9, 2]],
+                                max_new_tokens=3, stream=Recorder())
+    assert events.count("end") == 2 and events[:4] == [0, 1, 2, "end"] and events[-1] == "end"
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="decode"):
         TextStream(object())
