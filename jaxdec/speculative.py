@@ -45,7 +45,9 @@ class SpecStats:
         d = 1..D (a draft that a stop token or max_new_tokens cut off does not count, as in
         tau: tau <= 1 + sum(acceptance_by_depth), equal where no step lost its bonus token).
       row_steps: [B] verification steps per row.
-      draft_s, verify_s: seconds spent drafting and verifying (None unless profiled).
+      draft_s, verify_s: seconds spent drafting (`propose`), and verifying with all that
+        follows in a step (the target's forward, verification, the cache's commit, the
+        drafter's `update`) (None unless profiled).
     """
 
     steps: int
@@ -264,7 +266,9 @@ def speculative_padded(
         done = s.done_B | (active & stopped & (keep > 0)) | (n_gen >= limit)
         seconds = s.seconds
         if profile:
-            t2 = _clock(emitted, keep)
+            # After the commit and the drafter's update too (the step's whole rest).
+            t2 = _clock(emitted, keep, *[x.reshape(-1)[:1]
+                                         for x in jax.tree.leaves((new_cache, dstate))])
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
         levels = jnp.arange(1, depth + 1, dtype=jnp.int32)
