@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -313,13 +314,18 @@ def plain_tokenizer(tokenizer):
 
 
 def hub_cache_dir() -> str:
-    """Where Hugging Face tools keep downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub,
-    else ~/.cache/huggingface/hub (huggingface_hub's order; nothing is created)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    """Where Hugging Face tools keep downloaded models: $HF_HUB_CACHE (or its older name
+    $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    (huggingface_hub's order, `~` and `$VARIABLES` expanded; nothing is created)."""
+    def expand(path: str) -> str:
+        return os.path.expandvars(os.path.expanduser(path))
+
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return expand(hub)
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
+    return os.path.join(expand(home), "hub")
 
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
@@ -603,15 +609,18 @@ def save_pretrained(
     staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
     try:
+        hf_config = config.to_hf()  # a config no checkpoint can express fails before the weights
         _write_weights(staging, sizes, fetch, max_shard_bytes)
-        hf_config = config.to_hf()
         hf_config["torch_dtype"] = written_dtype
         _write_json(os.path.join(staging, "config.json"), hf_config)
         # The checkpoint's own settings (sampling defaults, ...) with the config's ids.
+        # (Ids it names stay its own: transformers' generate reads them, not config.json's.)
         generation = dict(model.generation_config or {})
-        generation.update({k: v for k, v in (
-            ("bos_token_id", config.bos_token_id), ("pad_token_id", config.pad_token_id),
-            ("eos_token_id", hf_config["eos_token_id"])) if v is not None})
+        for key, value in (("bos_token_id", config.bos_token_id),
+                           ("pad_token_id", config.pad_token_id),
+                           ("eos_token_id", hf_config["eos_token_id"])):
+            if generation.get(key) is None and value is not None:
+                generation[key] = value
         _write_json(os.path.join(staging, "generation_config.json"), generation)
         if model.tokenizer is not None:
             model.tokenizer.save(os.path.join(staging, "tokenizer.json"))
@@ -697,12 +706,23 @@ def _write_weights(directory: str, sizes: dict[str, int], fetch: Callable[[str],
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
 
 
+# The weight files a save replaces (transformers' names); other files in the target stay.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+
+
 def _move_files_into(staging: str, target: str) -> None:
     new = sorted(os.listdir(staging), key=lambda name: name == "config.json")
-    for name in os.listdir(target):
-        stale_weights = name.startswith("model") and (name.endswith(".safetensors") or
-                                                      name == INDEX_FILE)
-        if stale_weights and name not in new:
+    stale = {name for name in os.listdir(target) if _WEIGHT_FILE.fullmatch(name)}
+    index = os.path.join(target, INDEX_FILE)
+    if os.path.isfile(index):  # and the shards the old index names, whatever their names
+        try:
+            stale |= {os.path.basename(f) for f in read_json_object(index)
+                      .get("weight_map", {}).values() if isinstance(f, str)}
+        except (OSError, ValueError, AttributeError):
+            pass
+        stale.add(INDEX_FILE)
+    for name in sorted(stale):
+        if name not in new and os.path.isfile(os.path.join(target, name)):
             os.remove(os.path.join(target, name))
     for name in new:
         os.replace(os.path.join(staging, name), os.path.join(target, name))

@@ -153,6 +153,28 @@ def test_generation_config_travels_with_the_checkpoint(hf_checkpoints, tmp_path)
         assert (theirs.do_sample, theirs.temperature, theirs.top_p,
                 theirs.repetition_penalty) == (True, 0.6, 0.9, 1.3)
         assert theirs.eos_token_id == model.config.eos_token_ids[0]
+    # Ids it names stay its own (config.json's eos joined them: transformers' generate then
+    # stopped at another token), missing ones come from the config.
+    settings = dict(eos_token_id=5, pad_token_id=9)
+    json.dump(settings, open(os.path.join(directory, "generation_config.json"), "w"))
+    out = jaxdec.save_pretrained(jaxdec.load_pretrained(directory), tmp_path / "ids")
+    theirs = transformers.GenerationConfig.from_pretrained(out)
+    assert (theirs.eos_token_id, theirs.pad_token_id) == (5, 9)
+
+
+def test_a_config_no_checkpoint_can_express_fails_before_the_weights(loaded, tmp_path,
+                                                                     monkeypatch):
+    """A config its model type cannot write (here a window on one Mistral layer; Qwen2's on
+    other layers than a suffix load through layer_types the same way): refused before any
+    weight is converted (after all of them, minutes on a large model)."""
+    import jaxdec.checkpoint as checkpoint
+
+    model = loaded("llama-gqa")
+    config = dataclasses.replace(model.config, model_type="mistral",
+                                 layer_windows=(8,) + (None,) * (model.config.num_layers - 1))
+    monkeypatch.setattr(checkpoint, "_write_weights", lambda *a: pytest.fail("wrote weights"))
+    with pytest.raises(ValueError, match="Mistral applies one sliding window to every layer"):
+        checkpoint.save_pretrained(dataclasses.replace(model, config=config), tmp_path / "q")
 
 
 def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
@@ -230,6 +252,13 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
     assert sorted(os.listdir(target)) == ["config.json", "generation_config.json",
                                           "model.safetensors", "precious.txt"]
     _params_equal(jaxdec.load_pretrained(target).params, loaded("llama-gqa").params)
+    # Only transformers' weight file names are replaced: the user's model_ema.safetensors
+    # was deleted as stale.
+    shutil.copy(os.path.join(target, "model.safetensors"),
+                os.path.join(target, "model_ema.safetensors"))
+    jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=True)
+    assert "model_ema.safetensors" in os.listdir(target)
+    os.remove(os.path.join(target, "model_ema.safetensors"))
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
@@ -264,6 +293,13 @@ def test_load_a_model_from_the_hugging_face_cache(hf_checkpoints, loaded, tmp_pa
     assert checkpoint_dir("org/tiny") == checkpoint_dir(repo) == snapshot
     assert checkpoint_dir(snapshot) == snapshot
     _params_equal(jaxdec.load_pretrained("org/tiny").params, loaded("llama-gqa").params)
+    # huggingface_hub's older variable, and variables in the paths, as it reads them.
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))
+    assert hub_cache_dir() == str(tmp_path / "legacy")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE")
+    monkeypatch.setenv("JAXDEC_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", "$JAXDEC_TEST_ROOT")
+    assert hub_cache_dir() == str(tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(FileNotFoundError, match=r"nor is 'org/tiny' a model in the Hugging "
                        r"Face cache \(.*elsewhere\); jaxdec downloads nothing"):
