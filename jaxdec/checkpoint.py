@@ -711,7 +711,15 @@ _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
 
 
 def _move_files_into(staging: str, target: str) -> None:
-    new = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+    """Moves an export from `staging` into the existing directory `target` so that, stopped at
+    any point, `target` loads as the old model or the new one, never a mix or nothing:
+
+    - new shards never take an old file's name (renamed in staging where they would), so
+      the old index keeps reading old shards while the new ones arrive;
+    - one rename commits the weights: `model.safetensors` (a single file wins over an index,
+      for transformers and jaxdec), or the new index, then the old single file removed;
+    - then the other files (config.json last), then the old weights no longer named.
+    Files that are not transformers' weights stay (see `save_pretrained`)."""
     stale = {name for name in os.listdir(target) if _WEIGHT_FILE.fullmatch(name)}
     index = os.path.join(target, INDEX_FILE)
     if os.path.isfile(index):  # and the shards the old index names, whatever their names
@@ -721,8 +729,37 @@ def _move_files_into(staging: str, target: str) -> None:
         except (OSError, ValueError, AttributeError):
             pass
         stale.add(INDEX_FILE)
-    for name in sorted(stale):
-        if name not in new and os.path.isfile(os.path.join(target, name)):
-            os.remove(os.path.join(target, name))
-    for name in new:
+    if os.path.isfile(os.path.join(staging, INDEX_FILE)):
+        shards = _fresh_shard_names(staging, set(os.listdir(target)))
+        for name in shards:
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+        os.replace(os.path.join(staging, INDEX_FILE), index)
+        if os.path.isfile(os.path.join(target, SINGLE_FILE)):
+            os.remove(os.path.join(target, SINGLE_FILE))
+        placed = set(shards) | {INDEX_FILE}
+    else:
+        os.replace(os.path.join(staging, SINGLE_FILE), os.path.join(target, SINGLE_FILE))
+        placed = {SINGLE_FILE}
+    rest = sorted(set(os.listdir(staging)) - placed, key=lambda name: name == "config.json")
+    for name in rest:
         os.replace(os.path.join(staging, name), os.path.join(target, name))
+    for name in sorted(stale - placed):
+        if os.path.isfile(os.path.join(target, name)):
+            os.remove(os.path.join(target, name))
+
+
+def _fresh_shard_names(staging: str, taken: set[str]) -> list[str]:
+    """The staged shards' names, each renamed (and the staged index rewritten) where the
+    target already has a file of that name: `model-00001-of-00003.<tag>.safetensors`."""
+    index_path = os.path.join(staging, INDEX_FILE)
+    index = read_json_object(index_path)
+    shards = sorted(set(index["weight_map"].values()))
+    if not set(shards) & taken:
+        return shards
+    tag = os.path.basename(staging).rsplit("-", 1)[-1][:8]
+    renamed = {name: name.replace(".safetensors", f".{tag}.safetensors") for name in shards}
+    for old, new in renamed.items():
+        os.replace(os.path.join(staging, old), os.path.join(staging, new))
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    _write_json(index_path, index)
+    return sorted(renamed.values())

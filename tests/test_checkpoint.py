@@ -162,6 +162,63 @@ def test_generation_config_travels_with_the_checkpoint(hf_checkpoints, tmp_path)
     assert (theirs.eos_token_id, theirs.pad_token_id) == (5, 9)
 
 
+class _FailingOs:
+    """The `os` module, but `replace` and `remove` raise once `budget` of them ran."""
+
+    def __init__(self, budget):
+        self.budget = budget
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def _spend(self, call, *args):
+        if self.budget == 0:
+            raise KeyboardInterrupt("stopped mid-save")
+        self.budget -= 1
+        return call(*args)
+
+    def replace(self, *args):
+        return self._spend(os.replace, *args)
+
+    def remove(self, *args):
+        return self._spend(os.remove, *args)
+
+
+@pytest.mark.parametrize("old_shards, new_shards", [(True, True), (False, True), (True, False)],
+                         ids=["shards-over-shards", "shards-over-one", "one-over-shards"])
+def test_an_overwrite_stopped_anywhere_loads_the_old_or_the_new_model(
+        loaded, tmp_path, monkeypatch, old_shards, new_shards):
+    """Killed mid-move, an export over an older one left a mix of both models' shards (or no
+    weights): every stopping point now leaves one of the two."""
+    import jaxdec.checkpoint as checkpoint
+
+    old = loaded("llama-gqa")
+    new = dataclasses.replace(old, params=jax.tree.map(lambda x: x * 0.5, old.params))
+    small = 16 * 1024  # several shards
+    first = tmp_path / "first"
+    jaxdec.save_pretrained(old, first, max_shard_bytes=small if old_shards else 2**40)
+    for budget in range(200):
+        target = tmp_path / f"stopped{budget}"
+        shutil.copytree(first, target)
+        monkeypatch.setattr(checkpoint, "os", _FailingOs(budget))
+        try:
+            jaxdec.save_pretrained(new, target, overwrite=True,
+                                   max_shard_bytes=small if new_shards else 2**40)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(checkpoint, "os", os)
+        params = jaxdec.load_pretrained(target).params
+        same = [jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params,
+                                          m.params)) for m in (old, new)]
+        assert any(same), f"stopped after {budget} moves: a mix of both models"
+        shutil.rmtree(target)
+        if finished:
+            assert same[1]
+            break
+    assert finished
+
+
 def test_a_config_no_checkpoint_can_express_fails_before_the_weights(loaded, tmp_path,
                                                                      monkeypatch):
     """A config its model type cannot write (here a window on one Mistral layer; Qwen2's on
