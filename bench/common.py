@@ -124,6 +124,16 @@ def device_name(env: dict | None = None) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
+def read_records(path: Path) -> list[dict]:
+    """The JSON list of records at `path`, or [] where there is none (missing, cut short, not
+    a list)."""
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return records if isinstance(records, list) else []
+
+
 def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -> list[dict]:
     """The records already in `path` (if any) with those matching a new record on `key` (one
     field or several) replaced, so runs made in separate calls (one preset, or one subset of

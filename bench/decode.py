@@ -126,7 +126,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
-                          replace_text, versions)
+                          read_records, replace_text, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
          "hf-eager", "hf-compile")
@@ -780,7 +780,7 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
     this = {_config(r) for r in records}
-    others = [r for r in stored_records(json_path) if _config(r) not in this]
+    others = [r for r in read_records(json_path) if _config(r) not in this]
     replace_text(json_path, json.dumps(records + others, indent=2) + "\n")
     text = render_markdown(records, bandwidths, meta)
     for config in dict.fromkeys(_config(r) for r in others):
@@ -808,14 +808,6 @@ def _earlier_table(records: list[dict]) -> str:
                      for line in text.splitlines()) + "\n"
 
 
-def stored_records(path: Path) -> list[dict]:
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return records if isinstance(records, list) else []
-
-
 def kept_records(out_dir: Path, preset: str, spec: dict, impls, *,
                  resume: bool) -> tuple[list[dict], float | None]:
     """The rows of this device's output file that this call keeps in its configuration's
@@ -826,7 +818,7 @@ def kept_records(out_dir: Path, preset: str, spec: dict, impls, *,
     from bench.common import device_name
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    old = stored_records(out_dir / f"decode-{device_slug(device_name(env))}.json")
+    old = read_records(out_dir / f"decode-{device_slug(device_name(env))}.json")
     same = [r for r in old if _config(r) == (preset, spec["context"], spec["new_tokens"])]
     kept = [r for r in same if r.get("impl") not in impls]
     # jaxdec's rows count only while the code a decode step runs is what they measured.

@@ -90,22 +90,14 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
-    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, utc_now,
-    versions, write_merged)
+    HBM_METHOD, MODEL_SOURCES, RESULTS, device_name, device_slug, git_commit, read_records,
+    utc_now, versions, write_merged)
 from bench.common import sources_digest as common_sources_digest  # noqa: E402
 from bench.pytest_shards import NO_TESTS_COLLECTED, parse_finished  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ARCHIVE = "results.tar.gz"
-
-
-def _records(path: Path) -> list[dict]:
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return records if isinstance(records, list) else []
 
 
 TIME_ERRORS = ("skipped", "timed out")  # how a benchmark records a run its budget cut
@@ -123,7 +115,7 @@ def _complete(file: str, *, failures_count: bool = False, **match) -> Callable[[
         return bool(error) and (not failures_count or str(error).startswith(TIME_ERRORS))
 
     def done(results: Path, slug: str) -> bool:
-        rows = [r for r in _records(results / f"{file}-{slug}.json")
+        rows = [r for r in read_records(results / f"{file}-{slug}.json")
                 if all(r.get(k) in values for k, values in wanted.items())]
         if not rows or any(blocks(r.get("error")) for r in rows):
             return False
@@ -138,7 +130,7 @@ def _all_rows(file: str, field: str, value, **match) -> Callable[[Path, str], bo
     wanted = {k: v if isinstance(v, tuple) else (v,) for k, v in match.items()}
 
     def done(results: Path, slug: str) -> bool:
-        return all(r.get(field) == value for r in _records(results / f"{file}-{slug}.json")
+        return all(r.get(field) == value for r in read_records(results / f"{file}-{slug}.json")
                    if all(r.get(k) in values for k, values in wanted.items()))
 
     return done
@@ -151,7 +143,7 @@ def _every_case(file: str, *, cases: Callable[[str], set[tuple]],
     cases keep older records, stays due)."""
     def done(results: Path, slug: str) -> bool:
         have = {(r.get("impl"), r.get("batch"), r.get("context"), r.get("T"))
-                for r in _records(results / f"{file}-{slug}.json")
+                for r in read_records(results / f"{file}-{slug}.json")
                 if all(r.get(k) == v for k, v in match.items())}
         return cases(slug) <= have
 
@@ -299,7 +291,8 @@ def plan(name: str) -> list[Step]:
                  _all(_complete("kernels", preset="h100", impl=("pallas", "reference"),
                                 hbm_method=HBM_METHOD),
                       _every_case("kernels", preset="h100",
-                                  cases=lambda slug: kernel_cases("h100", slug.split("-")[0] in HOPPER_SLUGS),
+                                  cases=lambda slug: kernel_cases(
+                                      "h100", slug.split("-")[0] in HOPPER_SLUGS),
                                   hbm_method=HBM_METHOD),
                       # the kernels' rows are due again whenever their code changed
                       _all_rows("kernels", "kernel_sources", _tree_attention_sources(),
@@ -425,7 +418,8 @@ def verbose_outcomes(lines: list[str]) -> dict[str, int]:
 
 
 # `path::test OUTCOME`, after the log's stamps (`[+3.1 s]`, `[group N]`).
-VERBOSE_LINE = re.compile(r"^(?:\[[^\]]*\]\s*)*[^\s\[][^\s]*::\S.*?\s(PASSED|FAILED|ERROR|SKIPPED)\b")
+VERBOSE_LINE = re.compile(r"^(?:\[[^\]]*\]\s*)*"  # the stamps
+                          r"[^\s\[][^\s]*::\S.*?\s(PASSED|FAILED|ERROR|SKIPPED)\b")
 
 
 def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
