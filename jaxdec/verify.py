@@ -149,7 +149,12 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     B, N, V = p_BNV.shape
     children = jnp.asarray(topology.children)  # [N, K] static table
     K = children.shape[1]
-    uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (max_depth, K, B), jnp.float32)
+    # Row b's numbers come from (key, b) alone, as generate's per-row keys: a row samples the
+    # same tokens whatever the batch it runs in (or the rows a mesh's dp adds).
+    base = jax.random.fold_in(key, 0)
+    uniforms = jax.vmap(lambda b: jax.random.uniform(jax.random.fold_in(base, b),
+                                                     (max_depth, K), jnp.float32))(
+        jnp.arange(B, dtype=jnp.int32)).transpose(1, 2, 0)  # [max_depth, K, B]
     cur = jnp.zeros((B,), jnp.int32)
     alive = jnp.ones((B,), bool)
     residual_BV = _node_dists(p_BNV, cur)

@@ -224,6 +224,26 @@ def test_rows_filling_a_dp_batch_never_keep_the_loop_running(hf_checkpoints):
         assert spec.stats.steps == spec.stats.row_steps[0]
 
 
+@pytest.mark.parametrize("topology", [tree.chain(3), tree.kary(2, 2)], ids=["iid", "wr"])
+def test_a_sampled_row_is_the_same_in_any_batch(hf_checkpoints, topology):
+    """A row's sampled tokens depend on the key and the row, as generate's do: not on the rows
+    beside it or the rows a mesh's dp adds (verification's numbers were drawn batch-last)."""
+    path = hf_checkpoints(TARGET)[0]
+    prompts = _prompts()
+    sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(7),
+                   max_new_tokens=24, tree=topology)
+    runs = []
+    for mesh, rows in ((None, prompts[:1]), (None, prompts), (jaxdec.make_mesh(dp=2),
+                                                              prompts[:1])):
+        model = jaxdec.load_pretrained(path, mesh=mesh)
+        # A draft near the target: acceptance turns on verification's random numbers.
+        near = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 0.8, model.params))
+        runs.append(jaxdec.speculative_generate(model, DraftModel(near), rows,
+                                                **sampled).tokens[0])
+    np.testing.assert_array_equal(runs[1], runs[0])
+    np.testing.assert_array_equal(runs[2], runs[0])
+
+
 def test_streaming_sees_only_the_callers_rows(hf_checkpoints):
     """On a dp = 2 mesh 3 prompts run as 4 rows; both loops' streams see the 3. A stream's
     exception reaches the caller as itself."""
