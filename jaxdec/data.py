@@ -206,6 +206,15 @@ _ENCODED: dict[str, np.ndarray] = {}  # the latest `encode` results, by content 
 _ENCODED_KEPT = 2  # a corpus's training and held-out streams
 
 
+def texts_digest(texts, digest):
+    """`digest` (a hashlib object) updated with each text, its length first (so ["ab", "c"]
+    and ["a", "bc"] differ); returns it."""
+    for text in texts:
+        raw = text.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest
+
+
 def encode(tokenizer, texts) -> np.ndarray:
     """One int32 token stream (read-only): each text followed by the end-of-text token (when
     the tokenizer has one).
@@ -217,11 +226,7 @@ def encode(tokenizer, texts) -> np.ndarray:
 
     texts = list(texts)
     tokenizer = plain_tokenizer(tokenizer)  # never truncated or padded (a tokenizer.json may ask)
-    digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
-    for text in texts:
-        raw = text.encode("utf-8", "surrogatepass")
-        digest.update(len(raw).to_bytes(8, "little") + raw)
-    key = digest.hexdigest()
+    key = texts_digest(texts, hashlib.sha256(tokenizer.to_str().encode("utf-8"))).hexdigest()
     if key in _ENCODED:
         return _ENCODED[key]
     eot = end_of_text_id(tokenizer, required=False)

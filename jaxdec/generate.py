@@ -32,7 +32,7 @@ from jax.experimental import io_callback
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import check_bool, check_int, check_model, check_untraced, concrete_scalar
-from jaxdec.model import Model, forward_with_cache, is_abstract, param_dtype
+from jaxdec.model import Model, check_cache, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 
@@ -166,9 +166,7 @@ def generate_padded(
     if getattr(tokens_BT, "ndim", None) != 2:
         raise ValueError(f"tokens_BT must be [batch, length], got "
                          f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
-    if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be a jaxdec Cache (see init_cache), got "
-                        f"{type(cache).__name__}")
+    check_cache(model, cache, tokens_BT.shape[0])
     if cache.max_len < tokens_BT.shape[1] + max_new_tokens - 1:  # static shapes
         raise ValueError(f"the cache's {cache.max_len} slots hold no prompt block of "
                          f"{tokens_BT.shape[1]} tokens and {max_new_tokens} new tokens: "

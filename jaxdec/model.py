@@ -382,14 +382,14 @@ def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logit
     ):
         raise ValueError(f"logits_indices must be [batch={B}, N], got {logits_indices_BN.shape}")
     if cache is not None:
-        _check_cache(model, cache, B)
+        check_cache(model, cache, B)
     if B % parallel.dp_size(model.mesh):
         raise ValueError(
             f"batch size {B} is not a multiple of the mesh's dp={parallel.dp_size(model.mesh)}"
         )
 
 
-def _check_cache(model: Model, cache, batch: int) -> None:
+def check_cache(model: Model, cache, batch: int) -> None:
     """The cache is one `init_cache` makes for this model and batch on its mesh."""
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be a jaxdec Cache (see init_cache), got "

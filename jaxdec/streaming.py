@@ -76,17 +76,20 @@ class TextStream:
         """A call's steps have all arrived (`generate` and `speculative_generate` call this
         when they return): anything still waiting for an earlier step is taken in step
         order, and the next call's steps count from 0."""
-        for step in sorted(self._pending):
-            self.tokens += self._pending.pop(step)
+        self._take_waiting()
         self._next_step = 0
         self._show()
 
     def close(self) -> None:
         """Writes what is still held back (text ending inside a character, steps still out of
         order)."""
+        self._take_waiting()
+        self._show(last=True)
+
+    def _take_waiting(self) -> None:
+        """The steps still waiting for an earlier one, taken in step order."""
         for step in sorted(self._pending):
             self.tokens += self._pending.pop(step)
-        self._show(last=True)
 
     def _show(self, last: bool = False) -> None:
         before = self.tokenizer.decode(self.tokens[self._start:self._shown])

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxdec import parallel
+from jaxdec import data, parallel
 from jaxdec.checks import check_bool, check_int
 from jaxdec.train.presets import PRESETS, Preset, get_preset
 
@@ -252,15 +252,12 @@ SCHEDULE = "warmup-cosine, step n at n + 1"
 
 
 def corpus_digest(corpus) -> str:
-    """A hash of a corpus's files and texts (a resumed run must train on the same data: the
-    standard library of another Python is other data under the same name)."""
+    """A hash of a corpus's training and held-out texts (a resumed run must train on the same
+    data: the standard library of another Python is other data under the same name)."""
     digest = hashlib.sha256()
-    for names, texts in ((corpus.train_files, corpus.train_texts),
-                         (corpus.heldout_files, corpus.heldout_texts)):
-        digest.update(len(names).to_bytes(8, "little"))
-        for text in texts:
-            raw = text.encode("utf-8", "surrogatepass")
-            digest.update(len(raw).to_bytes(8, "little") + raw)
+    for texts in (corpus.train_texts, corpus.heldout_texts):
+        digest.update(len(texts).to_bytes(8, "little"))
+        data.texts_digest(texts, digest)
     return digest.hexdigest()[:16]
 
 
