@@ -47,8 +47,13 @@ _SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_), "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64), "C64": np.dtype(np.complex64),
 }
+# Other dtypes the format names (F8_E8M0, F4, F6_*: scales and packed quantized weights)
+# have no numpy dtype: their tensors are listed with the dtype's name and refused only if a
+# parameter is one of them. Their sizes in bits, to check the data offsets still.
+_UNREADABLE_DTYPE_BITS = {"F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 _MAX_HEADER_BYTES = 100 * 2**20
 # Which axis of our layout is the vocabulary (padded to a multiple of tp).
 _VOCAB_ROWS = {"model.embed_tokens.weight": 0, "lm_head.weight": 1}
@@ -68,6 +73,9 @@ class CheckpointError(ValueError):
 
 
 class _TensorInfo:
+    """One tensor of a safetensors file: `dtype` is a numpy dtype, or the format's name for
+    one numpy lacks (read() refuses those)."""
+
     __slots__ = ("path", "dtype", "shape", "offset", "nbytes")
 
     def __init__(self, path, dtype, shape, offset, nbytes):
@@ -75,6 +83,8 @@ class _TensorInfo:
 
     def read(self) -> np.ndarray:
         """A read-only memory-mapped view of the tensor."""
+        if not isinstance(self.dtype, np.dtype):
+            raise CheckpointError(f"{self.path}: jaxdec cannot read {self.dtype} tensors")
         if self.nbytes == 0:
             return np.zeros(self.shape, self.dtype)
         raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.offset, shape=(self.nbytes,))
@@ -110,17 +120,24 @@ def read_safetensors_index(path: str) -> dict[str, _TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) or info["dtype"]
+            bits = dtype.itemsize * 8 if isinstance(dtype, np.dtype) else _UNREADABLE_DTYPE_BITS[
+                dtype]
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise corrupt(f"bad entry for tensor {name!r}: {info!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = -(-math.prod(shape) * bits // 8)
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise corrupt(f"tensor {name!r} {shape} {info['dtype']} has data offsets "
                           f"{[begin, end]} outside the {data_size} data bytes or of the wrong size")
         tensors[name] = _TensorInfo(path, dtype, shape, data_start + begin, nbytes)
     return tensors
+
+
+def _abridged(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_stored_copy(head: _TensorInfo, embed: _TensorInfo, directory: str) -> None:
@@ -148,10 +165,16 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
         return read_safetensors_index(single_path)
     if os.path.exists(index_path):
         try:
-            with open(index_path) as f:
+            with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"corrupt index {index_path}: {e!r}") from None
+        if not (isinstance(weight_map, dict) and all(
+                isinstance(f, str) and f and os.path.basename(f) == f
+                for f in weight_map.values())):
+            raise CheckpointError(
+                f"corrupt index {index_path}: its weight_map must map tensor names to the "
+                f"names of shard files in the same directory, got {_abridged(weight_map)}")
         tensors = {}
         for file in sorted(set(weight_map.values())):
             found = read_safetensors_index(os.path.join(directory, file))
@@ -468,7 +491,8 @@ def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
             info = tensors.get(name)
             if info is not None and info.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(
-                    f"tensor {name!r} in {directory} is {info.dtype.name}; jaxdec loads float "
+                    f"tensor {name!r} in {directory} is "
+                    f"{getattr(info.dtype, 'name', info.dtype)}; jaxdec loads float "
                     "weights (float32, bfloat16, float16), not quantized ones: use the model's "
                     "unquantized checkpoint")
 

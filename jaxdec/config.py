@@ -232,13 +232,10 @@ class ModelConfig:
                 + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
             )
         def required_int(field: str) -> int:
-            if field not in hf:
-                raise ValueError(f"config.json is missing the required field {field!r}")
-            value = hf[field]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                    isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"config.json's {field} must be an integer, got {value!r}")
-            return int(value)
+            if hf.get(field) is None:
+                raise ValueError(f"config.json is missing the required field {field!r}"
+                                 + (" (it is null)" if field in hf else ""))
+            return _hf_int(hf, field, minimum=1)
 
         hidden = required_int("hidden_size")
         heads = required_int("num_attention_heads")
@@ -247,13 +244,14 @@ class ModelConfig:
             "intermediate_size": required_int("intermediate_size"),
             "num_layers": required_int("num_hidden_layers"),
         }
-        head_dim = hf.get("head_dim") or hidden // heads
-        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        # (transformers' attention reads `head_dim or hidden // heads`)
+        head_dim = _hf_int(hf, "head_dim", None) or hidden // heads
+        if _hf_number(hf, "partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         num_layers = required["num_layers"]
         if model_type == "llama":
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-            mlp_bias = bool(hf.get("mlp_bias", False))
+            qkv_bias = o_bias = _hf_bool(hf, "attention_bias", False)
+            mlp_bias = _hf_bool(hf, "mlp_bias", False)
         elif model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:  # mistral
@@ -264,26 +262,26 @@ class ModelConfig:
             # Instruct's end of turn, <|eot_id|>, is listed only there), then config.json's.
             generation_eos = _ids(read_generation_config(source).get("eos_token_id"))
             eos = generation_eos + tuple(t for t in eos if t not in generation_eos)
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        dtype = _hf_dtype(hf)
         return cls(
             model_type=model_type,
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=_hf_int(hf, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6),
             rope=_rope_from_hf(hf),
             max_position_embeddings=_max_positions(hf, model_type),
             layer_windows=_windows_from_hf(hf, model_type, num_layers),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False),
             hidden_act=hf.get("hidden_act", "silu"),
-            bos_token_id=hf.get("bos_token_id"),
+            bos_token_id=_hf_int(hf, "bos_token_id", None, minimum=None),
             eos_token_ids=eos,
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=str(dtype).replace("torch.", ""),
+            pad_token_id=_hf_int(hf, "pad_token_id", None, minimum=None),
+            dtype=dtype,
             **required,
         )
 
@@ -361,6 +359,71 @@ def _ids(value) -> tuple:
     return () if value is None else (tuple(value) if isinstance(value, (list, tuple)) else (value,))
 
 
+# Typed reads of config.json fields. transformers keeps what it reads as given, so a string
+# "false" or a fractional head count fails (or, as a truthy flag, silently changes the model)
+# only far from the file; here it is a ValueError naming the field.
+_MISSING = object()
+
+
+def _hf_value(hf: Mapping[str, Any], field: str, default):
+    value = hf.get(field)
+    if value is None:
+        if default is _MISSING:
+            raise ValueError(f"config.json is missing the required field {field!r}")
+        return default, False
+    return value, True
+
+
+def _hf_int(hf: Mapping[str, Any], field: str, default=_MISSING, *, minimum: int | None = 0,
+            label: str = "config.json's"):
+    """hf[field] as an int (a JSON number with no fraction), `default` when absent or null."""
+    value, present = _hf_value(hf, field, default)
+    if not present:
+        return value
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not value.is_integer())
+            or (minimum is not None and value < minimum)):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{label} {field} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
+def _hf_number(hf: Mapping[str, Any], field: str, default=_MISSING, *,
+               label: str = "config.json's"):
+    """hf[field] as a finite float, `default` when absent or null."""
+    value, present = _hf_value(hf, field, default)
+    if not present:
+        return value
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value)):
+        raise ValueError(f"{label} {field} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _hf_bool(hf: Mapping[str, Any], field: str, default: bool, *,
+             label: str = "config.json's") -> bool:
+    """hf[field] as a bool (JSON true/false), `default` when absent or null."""
+    value, present = _hf_value(hf, field, default)
+    if present and not isinstance(value, bool):
+        raise ValueError(f"{label} {field} must be true or false, got {value!r}")
+    return value
+
+
+def _hf_dtype(hf: Mapping[str, Any]) -> str:
+    """The checkpoint's declared dtype name ("dtype", or transformers 4's "torch_dtype"),
+    float32 when there is none; one that names no float dtype ("auto") is warned about and
+    read as float32, what transformers loads by default."""
+    value = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    name = str(value).replace("torch.", "")
+    try:
+        return check_param_dtype(name, held=False).name
+    except (TypeError, ValueError):
+        field = "dtype" if hf.get("dtype") else "torch_dtype"
+        warnings.warn(f"config.json's {field}={value!r} names no floating-point dtype: the "
+                      "default dtype is float32 (load_pretrained's dtype= chooses another)")
+        return "float32"
+
+
 def read_generation_config(source, *, warn: bool = True) -> dict[str, Any]:
     """The generation_config.json beside a config.json, or {} when there is none or it is not
     a JSON object (transformers falls back to the model config then too: a warning here,
@@ -406,15 +469,20 @@ DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 
 
 def _max_positions(hf: Mapping[str, Any], model_type) -> int:
-    value = hf.get("max_position_embeddings")
-    return int(DEFAULT_MAX_POSITIONS.get(model_type, 2048) if value is None else value)
+    return _hf_int(hf, "max_position_embeddings", DEFAULT_MAX_POSITIONS.get(model_type, 2048))
+
+
+_ROPE = "config.json's rope scaling"
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     # transformers 5 keeps theta and scaling together in `rope_parameters`; 4.x has top-level
     # `rope_theta` and an optional `rope_scaling` dict whose type key is `rope_type` or `type`.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
+    params, scaling = ({} if hf.get(name) is None else hf[name]
+                       for name in ("rope_parameters", "rope_scaling"))
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config.json's {name} must be an object or null, got {value!r}")
     nested = sorted(k for k, v in params.items() if isinstance(v, Mapping))
     if nested:   # (read flat, they were ignored: default rope at theta 1e4)
         raise ValueError(f"rope_parameters per layer type ({', '.join(nested)}) are not "
@@ -434,48 +502,50 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         raise ValueError(f"config.json's rope_theta ({hf['rope_theta']!r}) and rope_parameters' "
                          f"({params['rope_theta']!r}) disagree: keep one")
     merged = {**scaling, **params}
-    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = _hf_number(merged, "rope_theta", None, label=_ROPE)
+    theta = _hf_number(hf, "rope_theta", 10000.0) if theta is None else theta
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
-    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    kwargs: dict[str, Any] = {"theta": theta, "rope_type": rope_type}
     required = {"linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
     missing = [key for key in required if merged.get(key) is None]
     if missing:   # (transformers refuses them too; they were read as defaults)
         raise ValueError(f"config.json's {rope_type} rope scaling lacks {', '.join(missing)}")
     if rope_type in ("linear", "llama3"):
-        kwargs["factor"] = float(merged.get("factor", 1.0))
+        kwargs["factor"] = _hf_number(merged, "factor", label=_ROPE)
     if rope_type in ("llama3", "yarn"):
         # transformers' order: a top-level value (as Phi-3 writes it), the scaling dict's, the
         # model's context.
-        kwargs["original_max_position_embeddings"] = int(
-            hf.get("original_max_position_embeddings")
-            or merged.get("original_max_position_embeddings")
+        kwargs["original_max_position_embeddings"] = (
+            _hf_int(hf, "original_max_position_embeddings", None)
+            or _hf_int(merged, "original_max_position_embeddings", None, label=_ROPE)
             or _max_positions(hf, hf.get("model_type")))
     if rope_type == "llama3":
         kwargs.update(
-            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            low_freq_factor=_hf_number(merged, "low_freq_factor", label=_ROPE),
+            high_freq_factor=_hf_number(merged, "high_freq_factor", label=_ROPE),
         )
     if rope_type == "yarn":
-        factor = merged.get("factor")
+        factor = _hf_number(merged, "factor", None, label=_ROPE)
         if factor is None:  # DeepSeek-V3's way: the ratio of the two contexts
             factor = (_max_positions(hf, hf.get("model_type"))
                       / kwargs["original_max_position_embeddings"])
-        attention_factor = merged.get("attention_factor")
-        mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")
+        attention_factor, mscale, mscale_all_dim = (
+            _hf_number(merged, name, None, label=_ROPE)
+            for name in ("attention_factor", "mscale", "mscale_all_dim"))
         if attention_factor is None and mscale and mscale_all_dim:
-            attention_factor = (_yarn_mscale(float(factor), float(mscale))
-                                / _yarn_mscale(float(factor), float(mscale_all_dim)))
+            attention_factor = (_yarn_mscale(factor, mscale)
+                                / _yarn_mscale(factor, mscale_all_dim))
         kwargs.update(
-            factor=float(factor),
-            beta_fast=float(merged.get("beta_fast") or 32.0),
-            beta_slow=float(merged.get("beta_slow") or 1.0),
-            attention_factor=None if attention_factor is None else float(attention_factor),
-            truncate=bool(merged.get("truncate", True)),
+            factor=factor,
+            beta_fast=_hf_number(merged, "beta_fast", None, label=_ROPE) or 32.0,
+            beta_slow=_hf_number(merged, "beta_slow", None, label=_ROPE) or 1.0,
+            attention_factor=attention_factor,
+            truncate=_hf_bool(merged, "truncate", True, label=_ROPE),
         )
     return RopeConfig(**kwargs)
 
@@ -509,17 +579,20 @@ def _windows_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int):
     window = hf.get("sliding_window", DEFAULT_SLIDING_WINDOW)
     if model_type == "llama" or window is None:
         return (None,) * num_layers
-    window = int(window)
+    window = _hf_int({"sliding_window": window}, "sliding_window", minimum=1)
     if model_type == "mistral":
         return (window,) * num_layers
     # qwen2: the window applies only with use_sliding_window, to the layers named by
     # layer_types (transformers 5) or else to those from max_window_layers on.
-    if not hf.get("use_sliding_window", False):
+    if not _hf_bool(hf, "use_sliding_window", False):
         return (None,) * num_layers
     layer_types = hf.get("layer_types")
     if layer_types is not None:
+        if not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+            raise ValueError(f"config.json's layer_types must be a list of strings, got "
+                             f"{layer_types!r}")
         if len(layer_types) != num_layers:
             raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    first = int(hf.get("max_window_layers", DEFAULT_QWEN2_MAX_WINDOW_LAYERS))
+    first = _hf_int(hf, "max_window_layers", DEFAULT_QWEN2_MAX_WINDOW_LAYERS)
     return tuple(window if i >= first else None for i in range(num_layers))

@@ -524,3 +524,69 @@ def test_quantized_checkpoints_are_refused(hf_checkpoints, tmp_path):
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=f"'{name}' in .* is float8_e4m3fn"):
         jaxdec.load_pretrained(fp8)
+
+
+def _append_raw_tensor(path, name, dtype_name, shape, nbytes):
+    """Rewrites a safetensors file with one more tensor of a dtype numpy may lack."""
+    import struct
+
+    data = open(path, "rb").read()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    body = data[8 + length:]
+    header[name] = {"dtype": dtype_name, "shape": list(shape),
+                    "data_offsets": [len(body), len(body) + nbytes]}
+    raw = json.dumps(header).encode()
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + body + b"\x01" * nbytes)
+
+
+def test_tensors_of_other_dtypes_the_format_names(hf_checkpoints, loaded, tmp_path):
+    """An unused tensor of a dtype the format names (U16, U32, F8_E8M0 scales, packed F4) is
+    ignored with the other unexpected tensors (such a file was "corrupt"); a parameter of one
+    is refused, naming it."""
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    path = os.path.join(directory, "model.safetensors")
+    for name, dtype, shape, nbytes in [("extra.u16", "U16", (3,), 6), ("extra.u32", "U32", (2,), 8),
+                                       ("extra.scales", "F8_E8M0", (4,), 4),
+                                       ("extra.packed", "F4", (3,), 2)]:
+        _append_raw_tensor(path, name, dtype, shape, nbytes)
+    with pytest.warns(UserWarning, match="ignoring 4 unexpected tensors"):
+        model = jaxdec.load_pretrained(directory)
+    np.testing.assert_array_equal(np.asarray(jaxdec.forward(model, [[1, 2, 3]])),
+                                  np.asarray(jaxdec.forward(loaded("llama-gqa"), [[1, 2, 3]])))
+
+    from jaxdec.checkpoint import read_safetensors_index
+    # The offsets of a packed dtype are checked still (3 F4 values are 2 bytes, not 1).
+    bad = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "bad")
+    _append_raw_tensor(os.path.join(bad, "model.safetensors"), "extra.packed", "F4", (3,), 1)
+    with pytest.raises(CheckpointError, match="'extra.packed'.*of the wrong size"):
+        read_safetensors_index(os.path.join(bad, "model.safetensors"))
+
+    quantized = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "quantized")
+    path = os.path.join(quantized, "model.safetensors")
+    tensors = {k: np.array(v.read()) for k, v in read_safetensors_index(path).items()}
+    name = "model.layers.0.self_attn.o_proj.weight"
+    from safetensors.numpy import save_file
+    save_file({k: v.view(np.uint32) if k == name else v for k, v in tensors.items()}, path)
+    with pytest.raises(CheckpointError, match=f"'{name}' in .* is uint32"):
+        jaxdec.load_pretrained(quantized)
+    save_file({k: v for k, v in tensors.items() if k != name}, path)
+    _append_raw_tensor(path, name, "F4", tensors[name].shape, tensors[name].size // 2)
+    with pytest.raises(CheckpointError, match=f"'{name}' in .* is F4"):
+        jaxdec.load_pretrained(quantized)
+
+
+@pytest.mark.parametrize("weight_map", [
+    ["model-00001-of-00002.safetensors"], {"model.norm.weight": 3},
+    {"model.norm.weight": "../elsewhere/model.safetensors"}, {"model.norm.weight": ""}])
+def test_a_malformed_index_is_named(hf_checkpoints, tmp_path, weight_map):
+    """An index whose weight_map is no map of names to shard files in the directory: a
+    CheckpointError naming the index (a list failed in .values(); a path outside the
+    directory was read)."""
+    directory = _copy(hf_checkpoints("llama-gqa")[0], tmp_path / "ckpt")
+    os.remove(os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with pytest.raises(CheckpointError, match="corrupt index .*index.json: its weight_map must "
+                                              "map tensor names to the names of shard files"):
+        jaxdec.load_pretrained(directory)

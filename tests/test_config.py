@@ -219,11 +219,71 @@ def test_missing_field_is_named():
     with pytest.raises(ValueError, match="intermediate_size"):
         ModelConfig.from_hf(hf)
     # A field that is there but no integer is named too (int(None) named nothing).
-    for bad in (None, "64", 64.5, True):
-        with pytest.raises(ValueError, match=f"config.json's vocab_size must be an integer, "
-                                             f"got {re.escape(repr(bad))}"):
+    for bad in ("64", 64.5, True, 0):
+        with pytest.raises(ValueError, match=f"config.json's vocab_size must be an integer "
+                                             f">= 1, got {re.escape(repr(bad))}"):
             ModelConfig.from_hf(dict(BASE, model_type="llama", vocab_size=bad))
+    with pytest.raises(ValueError, match="missing the required field 'vocab_size' .it is null"):
+        ModelConfig.from_hf(dict(BASE, model_type="llama", vocab_size=None))
     assert ModelConfig.from_hf(dict(BASE, model_type="llama", vocab_size=64.0)).vocab_size == 64
+
+
+@pytest.mark.parametrize("fields,message", [
+    # A flag written as a string was truthy: "false" turned biases, tied embeddings and
+    # Qwen2's sliding windows on.
+    (dict(attention_bias="false"), "attention_bias must be true or false, got 'false'"),
+    (dict(mlp_bias=0), "mlp_bias must be true or false, got 0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(model_type="qwen2", use_sliding_window="false", sliding_window=8),
+     "use_sliding_window must be true or false"),
+    # Sizes with a fraction or as strings were truncated or parsed (2.5 KV heads became 2).
+    (dict(num_key_value_heads=2.5), "num_key_value_heads must be an integer >= 0, got 2.5"),
+    (dict(num_key_value_heads="2"), "num_key_value_heads must be an integer"),
+    (dict(head_dim=8.5), "head_dim must be an integer"),
+    (dict(max_position_embeddings="4096"), "max_position_embeddings must be an integer"),
+    (dict(model_type="mistral", sliding_window=2.5), "sliding_window must be an integer >= 1"),
+    (dict(model_type="mistral", sliding_window="8"), "sliding_window must be an integer >= 1"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8,
+          max_window_layers="1"), "max_window_layers must be an integer"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, layer_types="ab"),
+     "layer_types must be a list of strings"),
+    (dict(bos_token_id="1"), "bos_token_id must be an integer, got '1'"),
+    (dict(pad_token_id=1.5), "pad_token_id must be an integer"),
+    # Numbers as strings failed inside float() without naming the field.
+    (dict(rms_norm_eps="x"), "rms_norm_eps must be a finite number, got 'x'"),
+    (dict(rope_theta="1e4"), "rope_theta must be a finite number"),
+    (dict(partial_rotary_factor="0.5"), "partial_rotary_factor must be a finite number"),
+    (dict(rope_scaling=[1]), "rope_scaling must be an object or null, got \\[1\\]"),
+    (dict(rope_parameters="yarn"), "rope_parameters must be an object or null"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor="2")),
+     "rope scaling factor must be a finite number, got '2'"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, mscale="1", mscale_all_dim=1)),
+     "rope scaling mscale must be a finite number"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0, truncate="no")),
+     "rope scaling truncate must be true or false"),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=2, low_freq_factor="1",
+                            high_freq_factor=4, original_max_position_embeddings=64)),
+     "rope scaling low_freq_factor must be a finite number"),
+    (dict(rope_scaling=dict(rope_type="llama3", factor=2, low_freq_factor=1,
+                            high_freq_factor=4, original_max_position_embeddings=64.5)),
+     "rope scaling original_max_position_embeddings must be an integer"),
+    (dict(num_key_value_heads=0), "num_kv_heads must be an int >= 1, got 0"),
+])
+def test_malformed_config_fields_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**BASE, "model_type": "llama", **fields})
+
+
+def test_a_dtype_that_names_no_float_is_read_as_float32():
+    with pytest.warns(UserWarning, match="torch_dtype='auto' names no floating-point dtype"):
+        assert ModelConfig.from_hf({**BASE, "model_type": "llama",
+                                    "torch_dtype": "auto"}).dtype == "float32"
+    assert ModelConfig.from_hf({**BASE, "model_type": "llama",
+                                "dtype": "torch.bfloat16"}).dtype == "bfloat16"
+    # transformers' own reading of a null head_dim and a null KV head count.
+    config = ModelConfig.from_hf({**BASE, "model_type": "llama", "head_dim": None,
+                                  "num_key_value_heads": None})
+    assert (config.head_dim, config.num_kv_heads) == (8, 8)
 
 
 @pytest.mark.parametrize("change,match", [
