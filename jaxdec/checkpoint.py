@@ -582,7 +582,8 @@ def save_pretrained(
 
     With several processes (`jax.distributed`, a mesh over several hosts) every process calls
     it: the tensors are gathered from all of them, process 0 writes the directory (on its
-    filesystem) and each call returns once it is written.
+    filesystem) and each call returns once it is written; where process 0 fails (an existing
+    directory, a full disk) it raises its error and the others a RuntimeError saying so.
     """
     check_model(model)
     if not isinstance(path, (str, os.PathLike)):
@@ -594,10 +595,19 @@ def save_pretrained(
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     writer = jax.process_index() == 0  # the others gather with it and write nothing
-    if writer and os.path.exists(target) and os.listdir(target) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
-    tokenizer_config = _tokenizer_config(model, target) if writer else None
     config = model.config
+    # What process 0 refuses it refuses before any gather, and tells the others (who would
+    # otherwise wait in their first gather for it).
+    try:
+        if writer and os.path.exists(target) and os.listdir(target) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
+        tokenizer_config = _tokenizer_config(model, target) if writer else None
+        hf_config = config.to_hf()  # a config no checkpoint can express fails before the weights
+    except Exception:
+        _process_zero_succeeded(False)
+        raise
+    if not _process_zero_succeeded(True):
+        raise RuntimeError(f"process 0 refused to write {target} (its error says why)")
     table = _param_table(config)
     flat = {jax.tree_util.keystr(p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
@@ -613,8 +623,10 @@ def save_pretrained(
             owners[name], sizes[name] = path_str, math.prod(shape) * itemsize
     written_dtype = str(np.dtype(dtype if dtype is not None else flat["['embed']"].dtype))
     converted: dict[str, jax.Array] = {}  # an entry's other tensors, until their shard
+    fetched: set[str] = set()
 
     def fetch(name: str) -> np.ndarray:
+        fetched.add(name)
         if name not in converted:
             path_str = owners[name]
             entry = table[path_str]
@@ -627,15 +639,16 @@ def save_pretrained(
     if not writer:
         for name in sizes:  # in the writer's order: each gather is a collective
             fetch(name)
-        _all_processes_reach("jaxdec.save_pretrained")
+        if not _process_zero_succeeded(True):
+            raise RuntimeError(f"process 0 failed to write {target} (its error says why)")
         return target
-    exists = os.path.isdir(target)
-    parent = target if exists else os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
+    staging = None
     try:
-        hf_config = config.to_hf()  # a config no checkpoint can express fails before the weights
+        exists = os.path.isdir(target)
+        parent = target if exists else os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
         _write_weights(staging, sizes, fetch, max_shard_bytes)
         hf_config["torch_dtype"] = written_dtype
         _write_json(os.path.join(staging, "config.json"), hf_config)
@@ -660,9 +673,19 @@ def save_pretrained(
             _move_files_into(staging, target)
         else:
             os.replace(staging, target)
+    except Exception:
+        if jax.process_count() > 1:
+            # The others gather every tensor with this process, in this order: the gathers
+            # are finished with them, then they are told.
+            for name in sizes:
+                if name not in fetched:
+                    fetch(name)
+            _process_zero_succeeded(False)
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _all_processes_reach("jaxdec.save_pretrained")
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    _process_zero_succeeded(True)
     return target
 
 
@@ -673,12 +696,14 @@ def _umask() -> int:
     return mask
 
 
-def _all_processes_reach(name: str) -> None:
-    """A barrier across the processes of a multi-process run (none with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _process_zero_succeeded(ok: bool) -> bool:
+    """Process 0's `ok` in every process of a multi-process run (a collective: every process
+    calls it at the same point), `ok` itself with one process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(name)
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
 def _tokenizer_config(model: Model, target: str) -> dict | None:

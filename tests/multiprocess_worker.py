@@ -41,5 +41,32 @@ jaxdec.generate(model, PROMPTS, max_new_tokens=4, stream=lambda *args: calls.app
 results["stream_calls"] = len(calls)
 jaxdec.save_pretrained(model, export_dir, overwrite=True)
 results["export_listed"] = sorted(os.listdir(export_dir)) if jax.process_index() == 0 else None
+
+# Process 0 refusing (an existing directory) or failing midway (a full disk) raises there and
+# a RuntimeError in process 1, which waited for it in a gather before.
+failures = []
+try:
+    jaxdec.save_pretrained(model, export_dir)
+except Exception as e:  # noqa: BLE001 (what each process raised is the result)
+    failures.append(type(e).__name__)
+if jax.process_index() == 0:
+    import safetensors.numpy
+
+    written = []
+
+    def full_disk(tensors, path, **kwargs):
+        if written:
+            raise OSError("No space left on device")
+        written.append(path)
+        real_save_file(tensors, path, **kwargs)
+
+    real_save_file, safetensors.numpy.save_file = safetensors.numpy.save_file, full_disk
+try:
+    jaxdec.save_pretrained(model, export_dir, overwrite=True, max_shard_bytes=50_000)
+except Exception as e:  # noqa: BLE001
+    failures.append(type(e).__name__)
+results["export_failures"] = failures
+results["export_listed_after_failures"] = (sorted(os.listdir(export_dir))
+                                           if jax.process_index() == 0 else None)
 with open(out, "w") as f:
     json.dump(results, f)

@@ -96,6 +96,9 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
     model = one_process[0]
     expected = jaxdec.save_pretrained(model, tmp_path / "one")
     assert results[0]["export_listed"] == sorted(os.listdir(expected))
+    assert [r["export_failures"] for r in results] == [["FileExistsError", "OSError"],
+                                                       ["RuntimeError", "RuntimeError"]]
+    assert results[0]["export_listed_after_failures"] == results[0]["export_listed"]
     for name in os.listdir(expected):
         if name.endswith(".safetensors"):
             got = load_file(os.path.join(export, name))
