@@ -564,7 +564,7 @@ def save_pretrained(
 ) -> str:
     """Writes `model` as an HF directory that transformers and `load_pretrained` both load.
 
-    Files are written to a temporary folder first. A new directory appears atomically (the
+    Files are written to a temporary folder first, and flushed to the disk. A new directory appears atomically (the
     folder is renamed into place); into an existing one (`overwrite=True`) each file moves
     atomically, weights first and config.json last, so that stopped at any point the
     directory loads as the old model or the new one (`_move_files_into`); the old weight files
@@ -669,10 +669,14 @@ def save_pretrained(
             if os.path.isfile(os.path.join(target, TEMPLATE_FILE)):
                 with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
                     f.write(model.chat_template.source)
+        # On the disk before any rename: a rename is atomic, but a crash soon after one may
+        # otherwise leave the renamed files empty.
+        _flush_to_disk(staging)
         if exists:
             _move_files_into(staging, target)
         else:
             os.replace(staging, target)
+        _flush_to_disk(target if exists else parent, files=False)
     except Exception:
         if jax.process_count() > 1:
             # The others gather every tensor with this process, in this order: the gathers
@@ -687,6 +691,29 @@ def save_pretrained(
             shutil.rmtree(staging, ignore_errors=True)
     _process_zero_succeeded(True)
     return target
+
+
+def _flush_to_disk(directory: str, *, files: bool = True) -> None:
+    """The files in `directory` (with `files`), then its entries, written through to the disk
+    (where the system allows fsync on a directory)."""
+    for name in sorted(os.listdir(directory)) if files else ():
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # (Windows opens no directory)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -184,6 +184,47 @@ class _FailingOs:
         return self._spend(os.remove, *args)
 
 
+class _SyncCheckingOs:
+    """The `os` module, recording which paths were fsync'ed; a rename of a file not synced
+    (or into a directory whose entries are not synced at the end) fails the test."""
+
+    def __init__(self):
+        self.fds, self.synced = {}, []
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, flags, *args):
+        fd = os.open(path, flags, *args)
+        self.fds[fd] = os.path.abspath(path)
+        return fd
+
+    def fsync(self, fd):
+        self.synced.append(self.fds[fd])
+        return os.fsync(fd)
+
+    def replace(self, src, dst):
+        files = [os.path.join(src, f) for f in os.listdir(src)] if os.path.isdir(src) else [src]
+        assert all(os.path.abspath(f) in self.synced for f in files), f"{src} not on the disk"
+        return os.replace(src, dst)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_export_is_on_the_disk_before_it_is_renamed_into_place(loaded, tmp_path, monkeypatch,
+                                                                  overwrite):
+    import jaxdec.checkpoint as checkpoint
+
+    target = tmp_path / "export"
+    if overwrite:
+        jaxdec.save_pretrained(loaded("llama-gqa"), target)
+    recorder = _SyncCheckingOs()
+    monkeypatch.setattr(checkpoint, "os", recorder)
+    jaxdec.save_pretrained(loaded("llama-gqa"), target, overwrite=overwrite,
+                           max_shard_bytes=16 * 1024)
+    # The directory the renames changed, at the end.
+    assert recorder.synced[-1] == str(target if overwrite else tmp_path)
+
+
 @pytest.mark.parametrize("old_shards, new_shards", [(True, True), (False, True), (True, False)],
                          ids=["shards-over-shards", "shards-over-one", "one-over-shards"])
 def test_an_overwrite_stopped_anywhere_loads_the_old_or_the_new_model(
