@@ -269,6 +269,23 @@ def test_retrieval_from_texts(hf_checkpoints):
         Retrieval.from_texts(["hello world"], None)
 
 
+
+def test_retrieval_from_texts_checks_its_settings_before_encoding(monkeypatch):
+    """Bad settings are named before the corpus is encoded (minutes on a large one), not
+    after."""
+    from hf_models import make_tokenizer
+
+    from jaxdec import data
+
+    monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("encoded first"))
+    with pytest.raises(ValueError, match="depth must be an int >= 1, got 0"):
+        Retrieval.from_texts(["hello world"], make_tokenizer(), depth=0)
+    with pytest.raises(ValueError, match="min_ngram=3 exceeds max_ngram=2"):
+        Retrieval.from_texts(["hello world"], make_tokenizer(), max_ngram=2, min_ngram=3)
+    with pytest.raises(TypeError, match="from_texts: got an unexpected keyword argument 'dept'"):
+        Retrieval.from_texts(["hello world"], make_tokenizer(), dept=3)
+
+
 def test_retrieval_from_a_directory(tmp_path):
     """Every readable file, one alone too (a datastore holds nothing out)."""
     from hf_models import make_tokenizer

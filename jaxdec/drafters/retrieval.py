@@ -9,6 +9,7 @@ continuations are picked more often, are merged into one tree by shared prefix.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -73,6 +74,14 @@ class Retrieval(Drafter):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError("tokenizer must be a tokenizers.Tokenizer (the target's: "
                             f"model.tokenizer), got {type(tokenizer).__name__}")
+        # The settings before the encoding (minutes on a large corpus).
+        try:
+            settings = inspect.signature(cls).bind(None, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"Retrieval.from_texts: {e}") from None
+        settings.apply_defaults()
+        lookup_settings(*(settings.arguments[name] for name in (
+            "max_ngram", "min_ngram", "depth", "num_candidates")))
         stream = data.encode(tokenizer, texts)
         if stream.size < 2:
             raise ValueError("the retrieval corpus encodes to fewer than 2 tokens")
