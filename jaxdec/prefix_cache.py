@@ -137,6 +137,8 @@ class PrefixCache:
             check_proposal(self.drafter.proposal_kind(sampler, self.topology), self.topology)
         batch = prepare_batch(self.model, prompts, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
+        if self.drafter is not None:
+            self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
         ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
         kept = [self._kept(b, row) for b, row in enumerate(ids)]
         # One block of the rows' rest, as wide as `generate`'s prompt block for the longest

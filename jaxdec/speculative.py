@@ -467,6 +467,7 @@ def speculative_generate(
     batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                           pad_id=pad_id, max_len=max_len, extra_slots=topology.num_nodes)
     drafter = drafter.prepare(target)
+    drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
     key = jax.random.key(0) if key is None else key

@@ -341,6 +341,29 @@ def test_draft_model_is_placed_on_a_mesh_once():
     assert drafter.prepare(on_one).model is draft  # already on that mesh: nothing copied
 
 
+def test_a_draft_model_run_past_its_positions_warns():
+    """A run reaching past the draft model's positions (a short-context draft for a
+    long-context target) warns, naming both, and stays exact; one within them does not."""
+    import warnings
+
+    config = jaxdec.ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                                max_position_embeddings=64)
+    target = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    drafter = DraftModel(jaxdec.init_model(config.replace(max_position_embeddings=12),
+                                           jax.random.PRNGKey(1)))
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    with pytest.warns(UserWarning, match="reaches position 14, past the draft model's 12 "
+                                         "positions") as caught:
+        got = jaxdec.speculative_generate(target, drafter, prompts, max_new_tokens=8)
+    assert caught[0].filename == __file__  # the caller's line
+    want = jaxdec.generate(target, prompts, max_new_tokens=8)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxdec.speculative_generate(target, drafter, prompts, max_new_tokens=6)
+
+
 def test_draft_model_checks_a_target_tokenizer_once(loaded, monkeypatch):
     """The vocabularies are compared once per target tokenizer, not on every call."""
     from jaxdec.drafters import draft_model

@@ -64,6 +64,11 @@ class Drafter:
         del target
         return self
 
+    def check_reach(self, positions: int) -> None:
+        """Called before each run whose sequences reach `positions` tokens: a drafter that
+        drafts poorly past some position warns (verification keeps the output exact)."""
+        del positions
+
     def proposal_kind(self, sampler, topology: Topology) -> ProposalKind:
         """How `propose` chooses children for this sampler and tree (deterministic unless a
         subclass samples them)."""

@@ -31,6 +31,7 @@ extra unused rows): extra draft entries are masked, missing ones are never propo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,15 @@ class DraftModel(Drafter):
         prepared = self._replace(model=draft, target_vocab=target.config.vocab_size)
         self._placed[key] = (target.tokenizer, prepared)
         return prepared
+
+    def check_reach(self, positions: int) -> None:
+        config = self.model.config
+        if positions > config.max_positions:
+            warnings.warn(
+                f"this run reaches position {positions}, past the draft model's "
+                f"{config.max_positions} positions ({config.describe_max_positions()}): it "
+                "drafts from positions it was not trained for (the output stays exact; "
+                "fewer drafts may be accepted)", stacklevel=3)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):
         """The draft's cache with every prompt token but the last (like the target's)."""
