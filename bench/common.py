@@ -232,13 +232,15 @@ class CompileAhead:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         start = time.perf_counter()
         done, pending = concurrent.futures.wait(list(self.jobs.values()), timeout=timeout)
-        for future in pending:
-            future.cancel()
+        # A job not started is dropped; one compiling cannot be stopped (XLA holds it) and
+        # runs on beside the first timed calls: said, so their figures can be read so.
+        running = sum(1 for future in pending if not future.cancel())
         self._restore_switch_interval()
         failed = sum(1 for f in done if not f.cancelled() and f.exception() is not None)
         self.log(f"compile-ahead: {len(done) - failed} of {len(self.jobs)} programs compiled "
-                 f"({failed} failed, {len(pending)} left to the timed calls), waited "
-                 f"{time.perf_counter() - start:.1f} s")
+                 f"({failed} failed, {len(pending)} left to the timed calls"
+                 + (f", {running} of them still compiling beside the first timed runs"
+                    if running else "") + f"), waited {time.perf_counter() - start:.1f} s")
 
     def seconds(self, key: Hashable) -> float | None:
         """Wall seconds the job for `key` took (None: no job, or it failed or never ran)."""
