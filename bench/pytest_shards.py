@@ -6,8 +6,8 @@ CPU core, while the lent machine has 16 (the 35 tests took 298 s in one process 
 
     python bench/pytest_shards.py --group FILE[,FILE...] [--group ...] -- PYTEST_ARGS
 
-Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` among them is this
-run's merged report (each process writes its own beside it). The processes share the GPU:
+Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` (or `--junitxml PATH`)
+among them is this run's merged report (each process writes its own beside it). The processes share the GPU:
 each sees XLA_PYTHON_CLIENT_PREALLOCATE=false (jax otherwise claims most of the card's memory
 for the first process). Their output lines are printed as they come, after `[group N]`; a
 group's end is printed as `[group N] finished, exit code C after S s: FILES` (`finished_line`;
@@ -49,12 +49,22 @@ def parse_finished(line: str) -> dict | None:
                 seconds=float(match.group(3)), files=match.group(4).split())
 
 
+_JUNIT_OPTIONS = ("--junitxml", "--junit-xml")  # pytest's two spellings
+
+
 def split_junit(pytest_args: list[str]) -> tuple[list[str], Path | None]:
-    """PYTEST_ARGS without `--junitxml=PATH`, and PATH (None when absent)."""
+    """PYTEST_ARGS without the junit report's option (`--junitxml=PATH` or `--junitxml PATH`,
+    also spelt `--junit-xml`), and PATH (None when absent; the last one given counts, as in
+    pytest)."""
     rest, junit = [], None
-    for arg in pytest_args:
-        if arg.startswith("--junitxml="):
-            junit = Path(arg.split("=", 1)[1])
+    args = iter(pytest_args)
+    for arg in args:
+        option, equals, value = arg.partition("=")
+        if option in _JUNIT_OPTIONS:
+            value = value if equals else next(args, None)
+            if not value:
+                raise ValueError(f"{option} needs a path")
+            junit = Path(value)
         else:
             rest.append(arg)
     return rest, junit
@@ -80,6 +90,9 @@ def run(groups: list[list[str]], pytest_args: list[str]) -> int:
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
     parts = [None if junit is None else junit.with_name(f"{junit.stem}.group{i}{junit.suffix}")
              for i in range(len(groups))]
+    for part in parts:  # an earlier run's part would be merged as this one's
+        if part is not None:
+            part.unlink(missing_ok=True)
     lock = threading.Lock()
     codes = [None] * len(groups)
 
@@ -124,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     groups = [[f for f in g.split(",") if f] for g in args.group]
     if any(not g for g in groups):
         parser.error("every --group names at least one test file")
+    try:
+        split_junit(pytest_args)
+    except ValueError as e:
+        parser.error(str(e))
     return run(groups, pytest_args)
 
 

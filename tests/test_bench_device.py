@@ -381,6 +381,20 @@ def test_sharded_pytest_merges_the_groups_reports(tmp_path):
     assert "tests/test_b.py tests/test_c.py " in table and "(exit code 1)" in table
     assert not list(tmp_path.glob("*.partial"))
 
+    # The option's other form; an earlier run's part file is not merged as this run's (here
+    # group 1's process dies before writing its own).
+    (tests / "test_dies.py").write_text("import os\nos._exit(3)\n")
+    stale = tmp_path / "other.group1.xml"
+    stale.write_text((tmp_path / "report.group0.xml").read_text())
+    proc = shards("--group", "tests/test_a.py", "--group", "tests/test_dies.py", "--",
+                  "-q", "-p", "no:cacheprovider", "--junit-xml", str(tmp_path / "other.xml"),
+                  "-k", "two")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    record = device.pytest_record(tmp_path / "other.xml", "cpu", "dev", 3, 1.0, "tests",
+                                  proc.stdout.splitlines())
+    assert (record["passed"], record["failed"]) == (1, 0)
+    proc = shards("--group", "tests/test_a.py", "--", "--junitxml")
+    assert proc.returncode == 2 and "--junitxml needs a path" in proc.stderr
     proc = shards("--group", "tests/test_a.py", "--group", "tests/test_b.py", "--",
                   "-q", "-p", "no:cacheprovider", "-k", "one")
     assert proc.returncode == 0, proc.stdout + proc.stderr  # test_b.py: nothing selected
