@@ -331,11 +331,14 @@ def profile_kernels(run: Callable[[], object], *, top: int = 12) -> dict:
 
 
 SHORT_KERNEL_US = 5.0  # a kernel this short is mostly launch and ramp, not work
+# Lines of a device's trace whose events span other lines' (not kernels of their own).
+SPANNING_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework Ops",
+                  "Framework Name Scope", "Source code")
 
 
 def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
     """Kernel time by name from a Chrome/perfetto trace: complete events ("X", microseconds)
-    of the processes named "/device:..." (the GPU's or TPU's streams). Also counts every
+    of the processes named "/device:..." (the GPU's streams, the TPU's "XLA Ops" line). Also counts every
     device event (`events`) and those under `SHORT_KERNEL_US` (`short_events`, `short_s`):
     many short kernels per step is overhead that fusion, not bandwidth, removes."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -346,10 +349,23 @@ def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
 
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                and is_device(str(e.get("args", {}).get("name", "")))}
+    # A TPU's process has lines that span other lines' events ("XLA Modules": a whole
+    # program; "Steps"): only its "XLA Ops" line is kernels. A GPU's lines are its streams.
+    threads = {(e.get("pid"), e.get("tid")): str(e.get("args", {}).get("name", ""))
+               for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e.get("pid") in devices}
+    with_ops = {pid for (pid, _), name in threads.items() if name == "XLA Ops"}
+
+    def is_kernel(e) -> bool:
+        pid, line = e.get("pid"), threads.get((e.get("pid"), e.get("tid")), "")
+        if pid in with_ops:
+            return line == "XLA Ops"
+        return line not in SPANNING_LINES
+
     totals: dict[str, list] = {}
     short = [0, 0.0]  # kernels under SHORT_KERNEL_US: how many, their summed microseconds
     for e in events:
-        if e.get("ph") == "X" and e.get("pid") in devices:
+        if e.get("ph") == "X" and e.get("pid") in devices and is_kernel(e):
             entry = totals.setdefault(e.get("name", "?"), [0.0, 0])
             dur = float(e.get("dur", 0))
             entry[0] += dur

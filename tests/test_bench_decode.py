@@ -91,6 +91,33 @@ def test_trace_summary_hand_computed():
     assert "wall" not in bench._profile_text(dict(summary, wall_s=4.6))
 
 
+def test_trace_summary_of_a_tpu_layout_counts_its_ops_line_only():
+    """A TPU's trace has an "XLA Modules" line spanning the ops of its "XLA Ops" line (and
+    "Steps"): summed together every kernel counted twice (or more)."""
+    trace = {"traceEvents": [
+        {"ph": "M", "pid": 3, "name": "process_name", "args": {"name": "/device:TPU:0"}},
+        {"ph": "M", "pid": 3, "tid": 1, "name": "thread_name", "args": {"name": "Steps"}},
+        {"ph": "M", "pid": 3, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "M", "pid": 3, "tid": 3, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 3, "tid": 1, "name": "0", "dur": 400.0},
+        {"ph": "X", "pid": 3, "tid": 2, "name": "jit_generate(123)", "dur": 380.0},
+        {"ph": "X", "pid": 3, "tid": 3, "name": "fusion.1", "dur": 300.0},
+        {"ph": "X", "pid": 3, "tid": 3, "name": "tree_attention", "dur": 70.0},
+    ]}
+    summary = bench_common.summarize_trace(trace)
+    assert summary["kernel_s"] == 0.00037 and summary["events"] == 2
+    assert [k["name"] for k in summary["kernels"]] == ["fusion.1", "tree_attention"]
+    # A device without an ops line (a GPU's streams): every line but the spanning ones.
+    gpu = {"traceEvents": [
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name", "args": {"name": "Stream #13"}},
+        {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
+        {"ph": "X", "pid": 7, "tid": 1, "name": "gemm_fusion", "dur": 30.0},
+        {"ph": "X", "pid": 7, "tid": 2, "name": "jit_generate(1)", "dur": 35.0},
+    ]}
+    assert bench_common.summarize_trace(gpu)["kernel_s"] == 0.00003
+
+
 def test_profile_times_the_call_not_the_profiler():
     """`run_s` is the traced call's time: starting and stopping the profiler (which writes
     the trace) are outside it."""
