@@ -263,11 +263,17 @@ class ModelConfig:
             generation_eos = _ids(read_generation_config(source).get("eos_token_id"))
             eos = generation_eos + tuple(t for t in eos if t not in generation_eos)
         dtype = _hf_dtype(hf)
+        hidden_act = hf.get("hidden_act", "silu")
+        hidden_act = "silu" if hidden_act == "swish" else hidden_act  # transformers' other name
         return cls(
             model_type=model_type,
             hidden_size=hidden,
             num_heads=heads,
-            num_kv_heads=_hf_int(hf, "num_key_value_heads", heads),
+            # transformers: a missing field is the model type's default (Mistral's 8,
+            # Qwen2's 32), a null one the query heads.
+            num_kv_heads=(_hf_int(hf, "num_key_value_heads", heads)
+                          if "num_key_value_heads" in hf
+                          else DEFAULT_KV_HEADS.get(model_type, heads)),
             head_dim=head_dim,
             rms_norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6),
             rope=_rope_from_hf(hf),
@@ -277,7 +283,7 @@ class ModelConfig:
             o_bias=o_bias,
             mlp_bias=mlp_bias,
             tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", False),
-            hidden_act=hf.get("hidden_act", "silu"),
+            hidden_act=hidden_act,
             bos_token_id=_hf_int(hf, "bos_token_id", None, minimum=None),
             eos_token_ids=eos,
             pad_token_id=_hf_int(hf, "pad_token_id", None, minimum=None),
@@ -466,6 +472,8 @@ def read_json_object(path: str) -> dict[str, Any]:
 # transformers' defaults where a config.json leaves max_position_embeddings out (LlamaConfig,
 # MistralConfig, Qwen2Config).
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+# ... and num_key_value_heads (LlamaConfig's is the query heads').
+DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32}
 
 
 def _max_positions(hf: Mapping[str, Any], model_type) -> int:
@@ -494,14 +502,26 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
     if len(set(kind.values())) > 1:
         raise ValueError(f"config.json's rope_parameters ({kind['rope_parameters']}) and "
                          f"rope_scaling ({kind['rope_scaling']}) disagree: keep one")
-    for key in sorted((params.keys() & scaling.keys()) - {"rope_type", "type"}):
-        if params[key] != scaling[key]:
-            raise ValueError(f"config.json's rope_parameters and rope_scaling disagree on "
-                             f"{key} ({params[key]!r} and {scaling[key]!r}): keep one")
-    if "rope_theta" in params and "rope_theta" in hf and params["rope_theta"] != hf["rope_theta"]:
-        raise ValueError(f"config.json's rope_theta ({hf['rope_theta']!r}) and rope_parameters' "
-                         f"({params['rope_theta']!r}) disagree: keep one")
-    merged = {**scaling, **params}
+    if params and scaling:
+        # transformers reads rope_scaling and the top-level theta then (4.x knows no
+        # rope_parameters; 5.x takes `rope_scaling or rope_parameters`): whatever
+        # rope_parameters says beyond them would be ignored there, so it must agree.
+        merged = {**scaling, "rope_theta": hf.get("rope_theta", 10000.0)}
+        for key in sorted(set(params) - {"rope_type", "type"}):
+            if key not in merged or params[key] != merged[key]:
+                said = (f"{merged[key]!r}" if key in merged else "nothing") + (
+                    " (the top-level rope_theta or its default)" if key == "rope_theta" else "")
+                raise ValueError(
+                    f"config.json's rope_parameters gives {key}={params[key]!r} where "
+                    f"rope_scaling, which transformers reads, gives {said}: keep one")
+    else:
+        if ("rope_theta" in params and "rope_theta" in hf
+                and params["rope_theta"] != hf["rope_theta"]):
+            raise ValueError(f"config.json's rope_theta ({hf['rope_theta']!r}) and "
+                             f"rope_parameters' ({params['rope_theta']!r}) disagree: keep one")
+        merged = {**scaling, **params}
+    if _hf_number(merged, "partial_rotary_factor", 1.0, label=_ROPE) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
     theta = _hf_number(merged, "rope_theta", None, label=_ROPE)
     theta = _hf_number(hf, "rope_theta", 10000.0) if theta is None else theta
     rope_type = merged.get("rope_type") or merged.get("type") or "default"

@@ -41,6 +41,21 @@ def test_a_missing_max_position_embeddings_is_transformers_default(model_type):
     assert yarn.rope.original_max_position_embeddings == theirs.max_position_embeddings
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_missing_kv_heads_and_swish_read_as_transformers_reads_them(model_type):
+    """A missing num_key_value_heads is the model type's default (Mistral's 8, Qwen2's 32;
+    jaxdec read the query heads), a null one the query heads; "swish" is SiLU."""
+    import transformers
+
+    hf = dict(BASE, model_type=model_type, num_attention_heads=32, hidden_size=256)
+    del hf["num_key_value_heads"]
+    theirs = transformers.AutoConfig.for_model(**hf)
+    assert ModelConfig.from_hf(hf).num_kv_heads == theirs.num_key_value_heads
+    assert ModelConfig.from_hf(dict(hf, num_key_value_heads=None)).num_kv_heads == 32
+    assert ModelConfig.from_hf(dict(BASE, model_type=model_type,
+                                    hidden_act="swish")).hidden_act == "silu"
+
+
 @pytest.mark.parametrize("field, value", [("theta", float("nan")), ("theta", float("inf")),
                                           ("factor", float("nan"))])
 def test_non_finite_rope_settings_are_refused(field, value):
@@ -91,7 +106,19 @@ def test_missing_window_fields_take_transformers_defaults():
           rope_scaling=dict(type="linear", factor=3.0)),
      r"rope_parameters \(default\) and rope_scaling \(linear\) disagree"),
     (dict(rope_parameters=dict(rope_type="linear", factor=2.0),
-          rope_scaling=dict(rope_type="linear", factor=3.0)), "disagree on factor"),
+          rope_scaling=dict(rope_type="linear", factor=3.0)),
+     "rope_parameters gives factor=2.0 where rope_scaling, which transformers reads, gives 3.0"),
+    # What only rope_parameters says is ignored by transformers when rope_scaling is there:
+    # a theta (it reads the top-level one, here its default) or an attention factor.
+    (dict(rope_scaling=dict(rope_type="linear", factor=3.0),
+          rope_parameters=dict(rope_type="linear", factor=3.0, rope_theta=5e5)),
+     r"gives rope_theta=500000.0 where rope_scaling, which transformers reads, gives 10000.0 "
+     r"\(the top-level rope_theta or its default\)"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=3.0),
+          rope_parameters=dict(rope_type="yarn", factor=3.0, attention_factor=0.5)),
+     "gives attention_factor=0.5 where rope_scaling, which transformers reads, gives nothing"),
+    (dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5)),
+     "partial_rotary_factor != 1 is not supported"),
     (dict(rope_theta=1e4, rope_parameters=dict(rope_type="default", rope_theta=5e5)),
      r"rope_theta \(10000.0\) and rope_parameters' \(500000.0\) disagree"),
     (dict(rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e6))),

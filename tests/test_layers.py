@@ -57,6 +57,22 @@ def test_pre_projection_norm_factors_only_a_few_tokens():
                                    atol=1e-5)
 
 
+def test_float16_is_never_factored():
+    """fp16 ends at 65504: a residual entry of 3e4 under a gain of 4 is finite normalised but
+    not as `weight * x` (every logit was NaN in short forwards and decode steps)."""
+    x = jnp.full((1, 2, 8), 1.0, jnp.float16).at[0, 0, 3].set(3e4)
+    g = jnp.full((8,), 4.0, jnp.float16)
+    w = jnp.eye(8, dtype=jnp.float16)
+    h, inv_rms = L.pre_projection_norm(x, g, 1e-5)
+    assert inv_rms is None
+    out = L.project("bte,ef->btf", h, w, inv_rms)
+    assert bool(jnp.isfinite(out).all())
+    np.testing.assert_allclose(np.asarray(out, np.float32),
+                               np.asarray(L.rms_norm(x, g, 1e-5), np.float32))
+    assert L.pre_projection_norm(x.astype(jnp.bfloat16), g.astype(jnp.bfloat16), 1e-5)[1] \
+        is not None  # bf16's range holds it: factored
+
+
 @pytest.mark.parametrize("tokens,limit,size", [
     (4096, 4096, None),  # at most the limit: whole
     (5120, 4096, 2560),  # a 5120-token prompt bucket: two chunks
@@ -200,6 +216,49 @@ def test_rope_inv_freq_yarn_hand_computed():
                                (1 - 0.45907) * 0.01 + 0.45907 * 0.01 / 4, rtol=1e-5)
     assert loose.attention_scale == 0.5
     assert RopeConfig(rope_type="linear", factor=4.0).attention_scale == 1.0
+
+
+@pytest.mark.parametrize("rope", [
+    RopeConfig(theta=500000.0),
+    RopeConfig(theta=10000.0, rope_type="linear", factor=3.0),
+    # Llama 3.1's settings; Qwen2.5's long-context YaRN; a YaRN of other settings.
+    RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=8192),
+    RopeConfig(theta=1000000.0, rope_type="yarn", factor=4.0,
+               original_max_position_embeddings=32768),
+    RopeConfig(theta=10000.0, rope_type="yarn", factor=2.5, beta_fast=16.0, beta_slow=2.0,
+               original_max_position_embeddings=2048, truncate=False),
+], ids=["default", "linear", "llama3", "yarn-qwen2.5", "yarn-loose"])
+def test_rope_inv_freq_is_transformers_float32_computation(rope):
+    """The frequencies transformers computes (in float32), most to the bit, the others within
+    an ulp (a float64 computation was closer to the exact values and up to 3e-7 from the
+    model's: logits 1.4e-4 apart at position 3000)."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jaxdec.config import _rope_to_hf
+
+    head_dim = 128
+    params = dict(_rope_to_hf(rope) or {"rope_type": "default"}, rope_theta=rope.theta)
+    if rope.original_max_position_embeddings:
+        params["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    config = transformers.LlamaConfig(
+        hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+        rope_parameters=params,
+        max_position_embeddings=4 * (rope.original_max_position_embeddings or 2048))
+    assert config.rope_parameters == params
+    if rope.rope_type == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        theirs, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    else:
+        theirs, _ = ROPE_INIT_FUNCTIONS[rope.rope_type](config, "cpu")
+    theirs = theirs.numpy()
+    ours = L.rope_inv_freq(rope, head_dim)
+    assert theirs.dtype == ours.dtype == np.float32
+    ulps = np.abs(ours.view(np.int32) - theirs.view(np.int32))
+    # (torch's float32 power is vectorised and may be an ulp from the correctly rounded one
+    # jaxdec computes)
+    assert ulps.max() <= 1 and (ulps == 0).mean() > 0.9, ulps
 
 
 def test_apply_rope_rotates_half_pairs():
