@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec import parallel
 from jaxdec.checks import (check_bool, check_config, check_int, check_int_array,
                            check_param_dtype)
 
@@ -178,6 +179,7 @@ class Cache:
         return dataclasses.replace(self, **changes)
 
 
+@parallel.runs_on_model_mesh(lambda a: a["mesh"])
 def init_cache(
     config,
     batch_size: int,
@@ -196,13 +198,15 @@ def init_cache(
     KV heads are sharded over the `tp` mesh axis. When tp exceeds the model's KV heads, each
     shard holds the one KV head its query heads read, so the cache has max(K, tp) heads.
     """
-    from jaxdec import parallel
 
     check_config(config)
     batch_size, max_len = check_int("batch_size", batch_size), check_int("max_len", max_len)
     dtype = check_param_dtype(dtype)  # an integer cache would truncate every key and value
     mesh = parallel.resolve_mesh(mesh)
     parallel.check_divisibility(config, mesh)
+    if batch_size % parallel.dp_size(mesh):
+        raise ValueError(f"batch_size={batch_size} is not a multiple of the mesh's "
+                         f"dp={parallel.dp_size(mesh)} (the cache's rows are split dp ways)")
     heads = parallel.cache_kv_heads(config, mesh)
     shape = (batch_size, max_len, heads, config.head_dim)
     shardings = parallel.shardings(mesh, cache_axes(config), config)

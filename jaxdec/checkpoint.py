@@ -403,6 +403,7 @@ def _snapshot(repo: str) -> str:
         "pass the snapshot directory you want")
 
 
+@parallel.runs_on_model_mesh(lambda a: a["mesh"])
 def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     """Loads an HF safetensors directory (Llama, Mistral, Qwen2 families).
 
@@ -554,6 +555,7 @@ def _exporter(recipe: _Entry, vocab_axis: int | None, vocab_size: int, dtype) ->
 # ------------------------------------------------------------------------------ export
 
 
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def save_pretrained(
     model: Model,
     path: str | os.PathLike,

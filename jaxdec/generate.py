@@ -122,6 +122,7 @@ def _is_stop(tokens_B: jax.Array, stop_BM: jax.Array) -> jax.Array:
     return jnp.any(tokens_B[:, None] == stop_BM, axis=-1)
 
 
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def generate_padded(
     model: Model,
     tokens_BT: jax.Array,
@@ -434,6 +435,7 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capa
     return result, stamps
 
 
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def generate(
     model: Model,
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
@@ -502,7 +504,7 @@ def generate(
                           pad_id=pad_id, max_len=max_len)
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
-    key = jax.random.key(0) if key is None else key
+    key = jax.random.key(0) if key is None else parallel.onto_mesh(key, model.mesh)
     with registered_stream(stream, batch, devices=model.mesh.size) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id,
                 np.int32(max_new_tokens))

@@ -165,6 +165,7 @@ def param_shardings(config: ModelConfig, mesh: Mesh):
     return parallel.shardings(mesh, family(config).param_axes(config), config)
 
 
+@parallel.runs_on_model_mesh(lambda a: a["mesh"])
 def init_model(
     config: ModelConfig, key: jax.Array, *, dtype=jnp.float32, mesh: Mesh | None = None,
     std: float = 0.02,
@@ -264,6 +265,7 @@ def _batch_axis(mesh: Mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("check_vma", "fresh", "prefill"))
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def forward_with_cache(
     model: Model,
     tokens_BT: jax.Array,
@@ -408,6 +410,7 @@ def check_cache(model: Model, cache, batch: int) -> None:
             "make it with init_cache(model.config, batch, max_len, mesh=model.mesh)")
 
 
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
@@ -438,7 +441,10 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
             f"tokens length {tokens.shape[1]} exceeds the model's {model.config.max_positions} "
             f"positions ({model.config.describe_max_positions()})"
         )
-    return _causal_logits(model, jnp.asarray(tokens, jnp.int32))
+    # Concrete ids go from the host (where they were checked): ids on other devices (another
+    # model's output) would be refused by the program over this model's mesh.
+    return _causal_logits(model, jnp.asarray(tokens, jnp.int32) if ids is None
+                          else ids.astype(np.int32))
 
 
 @jax.jit

@@ -11,11 +11,14 @@ name to a mesh axis for a given model and mesh.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import functools
+import inspect
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdec.checks import check_int
 
@@ -35,10 +38,14 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
         so that no process is handed a mesh of another's devices alone.
     """
     tp, dp = check_int("tp", tp), check_int("dp", dp)
-    if devices is not None and (isinstance(devices, (str, bytes)) or not all(
-            isinstance(d, jax.Device) for d in devices)):
-        raise TypeError(f"devices must be a sequence of jax devices (jax.devices()), got "
-                        f"{devices!r}")
+    if devices is not None:
+        given = devices
+        devices = None if isinstance(devices, (str, bytes)) else list(devices)
+        if devices is None or not all(isinstance(d, jax.Device) for d in devices):
+            raise TypeError(f"devices must be a sequence of jax devices (jax.devices()), got "
+                            f"{given!r}")
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"devices lists a device more than once: {devices}")
     if devices is None:
         local = jax.process_count() > 1 and dp * tp <= jax.local_device_count()
         devices = jax.local_devices() if local else jax.devices()
@@ -59,6 +66,15 @@ def put_on_mesh(array, sharding: jax.sharding.Sharding) -> jax.Array:
         return jax.device_put(array, sharding)
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """`x` (a small array: a key) replicated over `mesh` where it lies on a device outside it
+    (another model's), as it is otherwise: a program over the mesh refuses such an argument."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not (
+            x.sharding.device_set <= set(mesh.devices.flat)):
+        return jax.device_put(x, NamedSharding(mesh, P()))
+    return x
 
 
 def to_host(x) -> np.ndarray:
@@ -85,9 +101,74 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
             f"mesh axes {unknown} are not understood; jaxdec meshes use the axes {_MESH_AXES} "
             "(a missing axis counts as size 1)"
         )
-    if TP not in mesh.axis_names:
-        mesh = Mesh(mesh.devices[..., None], (*mesh.axis_names, TP))
+    devices, names = mesh.devices, mesh.axis_names
+    if TP not in names:
+        devices, names = devices[..., None], (*names, TP)
+    if len(set(devices.flat)) != devices.size:
+        raise ValueError(f"mesh lists a device more than once: {list(devices.flat)}")
+    # jaxdec's programs shard by hand (shard_map, explicit shardings): its axes are Auto.
+    # A mesh of Explicit axes (jax.make_mesh's default) is the same devices.
+    if names != mesh.axis_names or any(t != AxisType.Auto for t in mesh.axis_types):
+        mesh = Mesh(devices, names, axis_types=(AxisType.Auto,) * len(names))
     return mesh
+
+
+def runs_on_model_mesh(mesh_of: Callable[[dict], Any]):
+    """Decorator for jaxdec's entry points: where the caller set a context mesh of their own
+    (`jax.set_mesh`), the call runs with the model's mesh as the context instead; the model's
+    programs name their own mesh, which the context's must match. `mesh_of` gets the call's
+    bound arguments and returns the model's mesh (a Model's or a `mesh=` argument's; None:
+    one device). Inside `jax.jit` the context cannot change: a different one is an error
+    naming both."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            if jax.sharding.get_abstract_mesh().empty:
+                return fn(*args, **kwargs)
+            try:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                mesh = resolve_mesh(mesh_of(bound.arguments))
+            except Exception:  # (the call itself names what is wrong)
+                return fn(*args, **kwargs)
+            with _model_mesh_context(mesh, fn.__qualname__):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+@contextlib.contextmanager
+def _model_mesh_context(mesh: Mesh, caller: str):
+    if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        try:
+            same = jax.sharding.get_mesh() == mesh
+        except ValueError:  # inside jax.jit, where the abstract mesh is what counts
+            same = True
+        if same:
+            yield
+            return
+    try:
+        manager = jax.set_mesh(mesh)
+        manager.__enter__()
+    except ValueError:  # inside jax.jit: the context stays the caller's
+        manager = None
+    if manager is None:
+        if jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
+            raise ValueError(
+                f"{caller} runs on its model's mesh {dict(mesh.shape)}, but is traced under "
+                f"jax.jit with another context mesh ({jax.sharding.get_abstract_mesh()}): set "
+                "the model's mesh around the jitted call (with jax.set_mesh(model.mesh): ...), or "
+                "call it outside the other mesh's context")
+        yield  # (the same shape: what the programs check)
+        return
+    try:
+        yield
+    finally:
+        manager.__exit__(None, None, None)
 
 
 def platform(mesh: Mesh) -> str:

@@ -56,6 +56,7 @@ class PrefixCache:
         but the last token, which was never fed back); with `rows` > 1 one such list a row.
     """
 
+    @parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
     def __init__(self, model: Model, max_len: int, *, drafter: Drafter | None = None,
                  tree: Topology | None = None, rows: int = 1):
         check_model(model)
@@ -112,6 +113,7 @@ class PrefixCache:
                             f"{str(prompt)[:40]}")
         return list(prompt)
 
+    @parallel.runs_on_model_mesh(lambda a: a["self"].model.mesh)
     def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: Greedy | Sampler | None = None, key: jax.Array | None = None,
                  stop_tokens=(), pad_id: int = 0, stream: Callable | None = None,
@@ -159,7 +161,7 @@ class PrefixCache:
         # Until the call returns: the caches are donated to it.
         self._tokens = [[] for _ in range(self.rows)]
         self._drafter_state, self._drafter_held = None, None
-        key = jax.random.key(0) if key is None else key
+        key = jax.random.key(0) if key is None else parallel.onto_mesh(key, self.model.mesh)
         # The session's programs depend on the rest's width, not on max_new_tokens.
         limit, capacity = np.int32(max_new_tokens), output_capacity(batch, max_new_tokens, width)
         try:

@@ -121,6 +121,7 @@ class Resume:
     drafter_state: object = None
 
 
+@parallel.runs_on_model_mesh(lambda a: a["target"].mesh)
 def speculative_padded(
     target: Model,
     drafter: Drafter,
@@ -394,6 +395,7 @@ def _program(target, drafter, tokens, lengths, cache, key, stop, limit, stream_i
                               rows=rows)
 
 
+@parallel.runs_on_model_mesh(lambda a: a["target"].mesh)
 def speculative_generate(
     target: Model,
     drafter: Drafter,
@@ -470,7 +472,7 @@ def speculative_generate(
     drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
-    key = jax.random.key(0) if key is None else key
+    key = jax.random.key(0) if key is None else parallel.onto_mesh(key, target.mesh)
     with registered_stream(stream, batch, devices=target.mesh.size) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
                 np.int32(max_new_tokens), stream_id)

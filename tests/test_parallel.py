@@ -5,6 +5,7 @@ import dataclasses
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -97,6 +98,74 @@ def test_your_own_mesh(hf_checkpoints, reference):
         jaxdec.forward(dataclasses.replace(model, mesh=dp_only), tokens)
 
 
+def test_meshes_of_explicit_axes(hf_checkpoints, reference):
+    """jax.make_mesh's meshes (Explicit axes by default) are taken as the same devices with
+    jaxdec's Auto axes (accepted, then every forward failed inside shard_map; a dp x tp one
+    failed to load)."""
+    tokens, ref_logits, ref_tokens = reference
+    mesh = jax.make_mesh((2, 2), ("dp", "tp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    model = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0], mesh=mesh)
+    assert model.mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
+    assert list(model.mesh.devices.flat) == list(mesh.devices.flat)
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    np.testing.assert_array_equal(
+        jaxdec.generate(model, PROMPTS, max_new_tokens=16).tokens, ref_tokens)
+
+
+def test_calls_inside_another_context_mesh(hf_checkpoints, loaded, reference):
+    """A caller's own context mesh (jax.set_mesh) around jaxdec's calls: they run on their
+    model's mesh (every call failed: "the context mesh ... should match the mesh passed to
+    shard_map"); inside the caller's jax.jit, where the context cannot change, an error says
+    what to do."""
+    tokens, ref_logits, ref_tokens = reference
+    model = loaded("llama-gqa")
+    user = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(user):
+        np.testing.assert_allclose(np.asarray(jaxdec.forward(model, tokens)), ref_logits,
+                                   rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+        np.testing.assert_array_equal(
+            jaxdec.generate(model, PROMPTS, max_new_tokens=16).tokens, ref_tokens)
+        on_two = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0],
+                                        mesh=jaxdec.make_mesh(tp=2))
+        np.testing.assert_array_equal(
+            jaxdec.speculative_generate(on_two, jaxdec.drafters.PromptLookup(), PROMPTS,
+                                        max_new_tokens=16).tokens, ref_tokens)
+        assert jaxdec.init_cache(model.config, 2, 16).lengths.shape == (2,)
+        with pytest.raises(ValueError, match="forward runs on its model's mesh .* traced under "
+                                             "jax.jit with another context mesh"):
+            jax.jit(lambda t: jaxdec.forward(model, t))(jnp.asarray(tokens))
+    with jax.set_mesh(model.mesh):  # the model's own: fine inside jit too
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(lambda t: jaxdec.forward(model, t))(jnp.asarray(tokens))),
+            ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+
+
+def test_arrays_on_other_devices_are_taken(hf_checkpoints, loaded, reference):
+    """Ids and keys another model left on its devices: forward took only ids on its own
+    devices, and a key committed elsewhere failed every sampled call ("incompatible
+    devices")."""
+    tokens, ref_logits, _ = reference
+    elsewhere = jaxdec.load_pretrained(hf_checkpoints("llama-gqa")[0],
+                                       mesh=jaxdec.make_mesh(tp=2, devices=jax.devices()[4:]))
+    on_zero = jax.device_put(jnp.asarray(tokens), jax.devices()[0])
+    np.testing.assert_allclose(np.asarray(jaxdec.forward(elsewhere, on_zero)), ref_logits,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    sampler = jaxdec.Sampler(temperature=1.0)
+    key = jax.device_put(jax.random.key(3), jax.devices()[0])
+    want = jaxdec.generate(loaded("llama-gqa"), PROMPTS, max_new_tokens=8, sampler=sampler,
+                           key=jax.random.key(3)).tokens
+    np.testing.assert_array_equal(
+        jaxdec.generate(elsewhere, PROMPTS, max_new_tokens=8, sampler=sampler, key=key).tokens,
+        want)
+    np.testing.assert_array_equal(jaxdec.speculative_generate(
+        elsewhere, jaxdec.drafters.PromptLookup(), PROMPTS, max_new_tokens=8, sampler=sampler,
+        key=key).tokens.shape, want.shape)
+    session = jaxdec.PrefixCache(elsewhere, 64)
+    assert len(session.generate(PROMPTS[0], max_new_tokens=4, sampler=sampler,
+                                key=key).tokens[0]) == 4
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -128,6 +197,18 @@ def test_bad_meshes():
         jaxdec.make_mesh(tp=0)
     with pytest.raises(TypeError, match="devices must be a sequence of jax devices"):
         jaxdec.make_mesh(tp=2, devices="cpu")
+    # An iterator (was read up by the check: "exceeds the 0 available devices"); a device
+    # listed twice (failed in loading).
+    assert jaxdec.make_mesh(tp=2, devices=iter(jax.devices()[2:])).devices.size == 2
+    with pytest.raises(ValueError, match="devices lists a device more than once"):
+        jaxdec.make_mesh(tp=2, dp=2, devices=jax.devices()[:2] * 2)
+    with pytest.raises(ValueError, match="mesh lists a device more than once"):
+        jaxdec.parallel.resolve_mesh(Mesh(np.array(jax.devices()[:2] * 2).reshape(2, 2),
+                                          ("dp", "tp")))
+    config = jaxdec.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="batch_size=3 is not a multiple of the mesh's dp=2"):
+        jaxdec.init_cache(config, 3, 16, mesh=jaxdec.make_mesh(dp=2))
     assert jaxdec.make_mesh(tp=2, devices=jax.devices()[2:]).devices.flat[0] == jax.devices()[2]
     with pytest.raises(ValueError, match="not understood"):
         jaxdec.parallel.resolve_mesh(Mesh(np.array(jax.devices()[:2]), ("model",)))
