@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxdec import parallel
+from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import check_bool, check_int, check_model, check_untraced, concrete_scalar
 from jaxdec.model import Model, check_cache, forward_with_cache, is_abstract, param_dtype
@@ -167,6 +167,8 @@ def generate_padded(
     if getattr(tokens_BT, "ndim", None) != 2:
         raise ValueError(f"tokens_BT must be [batch, length], got "
                          f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
+    _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM)
+    key = check_key(key)
     check_cache(model, cache, tokens_BT.shape[0])
     if cache.max_len < tokens_BT.shape[1] + max_new_tokens - 1:  # static shapes
         raise ValueError(f"the cache's {cache.max_len} slots hold no prompt block of "
@@ -176,11 +178,42 @@ def generate_padded(
         if not sampler.is_greedy:
             raise ValueError("key is needed to sample (greedy decoding takes None)")
         key = jax.random.PRNGKey(0)
-    row_keys = _row_keys(key, tokens_BT.shape[0])
+    row_keys = sampling.row_keys(key, tokens_BT.shape[0])
     first, first_logprob, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys,
                                            sampler, return_logprobs)
     return _decode(model, first, cache, row_keys, stop_tokens_BM, max_new_tokens=max_new_tokens,
                    sampler=sampler, pad_id=pad_id, stream=stream, first_logprob_B=first_logprob)
+
+
+def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) -> None:
+    """generate_padded's arrays: shapes and integer dtypes always; where they hold values
+    (called eagerly), lengths in [1, T] (a length of 0 or past T ran and returned tokens from
+    no prompt or from padding) and the prompts' ids inside the vocabulary."""
+    B, T = tokens_BT.shape
+    for name, array, shape in (("tokens_BT", tokens_BT, (B, T)),
+                               ("prompt_lengths_B", prompt_lengths_B, (B,)),
+                               ("stop_tokens_BM", stop_tokens_BM, None)):
+        if array is None and name == "stop_tokens_BM":
+            continue
+        dtype, got = getattr(array, "dtype", None), getattr(array, "shape", None)
+        if dtype is None or dtype == bool or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer array, got "
+                            f"{type(array).__name__}{'' if dtype is None else f' of {dtype}'}")
+        if (got != shape) if shape else (len(got) != 2 or got[0] != B):
+            raise ValueError(f"{name} must be {list(shape) if shape else f'[{B}, M]'} "
+                             f"(tokens_BT is [{B}, {T}]), got shape {tuple(got)}")
+    try:
+        ids, lengths = np.asarray(tokens_BT), np.asarray(prompt_lengths_B)
+    except jax.errors.TracerArrayConversionError:  # under the caller's jit
+        return
+    if lengths.size and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"prompt_lengths_B must be in [1, {T}] (tokens_BT's length), got "
+                         f"{lengths.tolist()}")
+    vocab = model.config.vocab_size
+    prompt = ids[np.arange(T)[None, :] < lengths[:, None]]  # (the padding may be anything)
+    if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
+        raise ValueError(f"tokens_BT has ids outside [0, {vocab}): "
+                         f"{prompt[(prompt < 0) | (prompt >= vocab)][:5].tolist()}")
 
 
 def _check_pad_id(pad_id) -> int:
@@ -197,10 +230,6 @@ def _padding_rows(batch: int, rows) -> jax.Array:
     if rows is None:
         return jnp.zeros((batch,), bool)
     return jnp.arange(batch, dtype=jnp.int32) >= rows
-
-
-def _row_keys(key: jax.Array, batch: int) -> jax.Array:
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
 
 
 def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logprobs=False,
@@ -415,7 +444,7 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capa
     on it (data dependencies both ways, so no ordered effect is needed), and compile and
     dispatch time are excluded. `continued`: the prompts follow the cache's contents (see
     `_prefill`)."""
-    row_keys = _row_keys(key, tokens.shape[0])
+    row_keys = sampling.row_keys(key, tokens.shape[0])
     clock = jax.ShapeDtypeStruct((2,), jnp.int32)
     stamps = None
     if timed:

@@ -143,6 +143,13 @@ def check_sampler(sampler) -> Greedy | Sampler:
     return sampler
 
 
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """[batch] keys, row b's from (key, b) alone: a row draws the same numbers whatever the
+    batch it runs in (and whatever jax_threefry_partitionable says, unlike a split of
+    `batch` keys)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch, dtype=jnp.int32))
+
+
 def check_key(key, *, required: bool = False) -> jax.Array | None:
     """`key` as a typed PRNG key (None stays None unless `required`): a typed key
     (`jax.random.key(seed)`) as it is, a raw one (`jax.random.PRNGKey(seed)`: the default

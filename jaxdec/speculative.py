@@ -359,7 +359,12 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size
                          f"the topology's nodes, the target's vocabulary), got "
                          f"{None if proposal.q is None else tuple(proposal.q.shape)}")
     _check_state(drafter, "propose", new_state, state)
-    return proposal, new_state
+    # Integer ids of any width (jax's default int is int64 with jax_enable_x64) as the
+    # loop's int32.
+    tree = dataclasses.replace(proposal.tree, tokens=proposal.tree.tokens.astype(jnp.int32),
+                               parents=proposal.tree.parents.astype(jnp.int32),
+                               depth=proposal.tree.depth.astype(jnp.int32))
+    return dataclasses.replace(proposal, tree=tree), new_state
 
 
 def _check_state(drafter, method: str, got, want) -> None:

@@ -29,7 +29,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
-from jaxdec.sampling import Greedy, Sampler
+from jaxdec.sampling import Greedy, Sampler, row_keys
 from jaxdec.tree import Topology, TokenTree
 
 
@@ -108,7 +108,7 @@ def verify(
     p_BNV = sampler.probs(target_logits_BNV)
     if kind == ProposalKind.DETERMINISTIC:
         B, N, V = p_BNV.shape
-        keys = jax.random.split(key, (B, N))
+        keys = jax.vmap(lambda k: jax.random.split(k, N))(row_keys(key, B))
         draws = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p))))(keys, p_BNV)
         return _walk_matching(tree, draws.astype(jnp.int32), max_depth)
     if q_BNV is None or topology is None:
@@ -151,10 +151,8 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     K = children.shape[1]
     # Row b's numbers come from (key, b) alone, as generate's per-row keys: a row samples the
     # same tokens whatever the batch it runs in (or the rows a mesh's dp adds).
-    base = jax.random.fold_in(key, 0)
-    uniforms = jax.vmap(lambda b: jax.random.uniform(jax.random.fold_in(base, b),
-                                                     (max_depth, K), jnp.float32))(
-        jnp.arange(B, dtype=jnp.int32)).transpose(1, 2, 0)  # [max_depth, K, B]
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (max_depth, K), jnp.float32))(
+        row_keys(jax.random.fold_in(key, 0), B)).transpose(1, 2, 0)  # [max_depth, K, B]
     cur = jnp.zeros((B,), jnp.int32)
     alive = jnp.ones((B,), bool)
     residual_BV = _node_dists(p_BNV, cur)
@@ -177,7 +175,17 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
             if without_replacement:
                 blocked = blocked | ((child >= 0) & ~child_valid)
             x = _node_rows(tree.tokens, jnp.maximum(child, 0))
-            q_j = _renormalize(q_base * (1 - removed), q_base) if without_replacement else q_base
+            left = q_base * (1 - removed) if without_replacement else q_base
+            q_j = _renormalize(left, q_base) if without_replacement else q_base
+            # A child q gives no probability (left to draw) was not drawn from q: Gumbel-top-k
+            # wider than q's support fills the rest with such tokens, and one tested as
+            # u * 0 < r_x was accepted whenever p had it (first-token law [.05, .05, .9, 0,
+            # 0, 0] for p = [.05, .05, .3, .2, .2, .2], q = [.5, .5, 0, 0, 0, 0], 4
+            # children). It is invalid; without replacement so are the later siblings.
+            drawable = jnp.take_along_axis(left, x[:, None], axis=1)[:, 0] > 0
+            if without_replacement:
+                blocked = blocked | (exists & ~drawable)
+            exists = exists & drawable
             q_x = jnp.take_along_axis(q_j, x[:, None], axis=1)[:, 0]
             r_x = jnp.take_along_axis(r, x[:, None], axis=1)[:, 0]
             accept = exists & (uniforms[level, j] * q_x < r_x)
@@ -197,7 +205,7 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
         residual_BV = jnp.where(alive[:, None], _node_dists(p_BNV, cur), residual_BV)
     path = jnp.stack(path, axis=1)
     n_path = 1 + jnp.sum(jnp.cumprod(path[:, 1:] > 0, axis=1), axis=1)
-    keys = jax.random.split(jax.random.fold_in(key, 1), B)
+    keys = row_keys(jax.random.fold_in(key, 1), B)
     bonus = jax.vmap(lambda k, r: jax.random.categorical(k, jnp.log(r)))(keys, residual_BV)
     return Verdict(path=path, n_path=n_path.astype(jnp.int32), bonus=bonus.astype(jnp.int32))
 

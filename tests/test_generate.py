@@ -481,6 +481,34 @@ def test_generate_padded_checks_what_it_is_given(loaded):
     (out, _), _ = run(cache, None, max_new_tokens=4)
     np.testing.assert_array_equal(out, run(jaxdec.init_cache(model.config, 2, 32),
                                            jax.random.PRNGKey(5), max_new_tokens=4)[0][0])
+    # Keys, prompts, lengths and stop ids are named (jax.random's messages, or wrong tokens
+    # from a length of 0 or past the block, from float ids truncated, from ids past the
+    # vocabulary embedded as zeros).
+    fresh = lambda: jaxdec.init_cache(model.config, 2, 32)  # noqa: E731
+    for args, error, match in [
+            ((tokens, lengths, 0), TypeError, "key must be one PRNG key"),
+            ((tokens, lengths, jax.random.split(jax.random.key(0), 2)), TypeError,
+             "key must be one PRNG key"),
+            ((tokens, np.array([0, 9]), None), ValueError,
+             r"prompt_lengths_B must be in \[1, 16\] \(tokens_BT's length\), got \[0, 9\]"),
+            ((tokens, np.array([3, 17]), None), ValueError, "prompt_lengths_B must be in"),
+            ((tokens, lengths[:1], None), ValueError,
+             r"prompt_lengths_B must be \[2\] \(tokens_BT is \[2, 16\]\), got shape \(1,\)"),
+            ((tokens + 0.5, lengths, None), TypeError, "tokens_BT must be an integer array"),
+            ((tokens, lengths.astype(np.float32), None), TypeError,
+             "prompt_lengths_B must be an integer array"),
+            ((tokens.at[1, 2].set(500) if False else np.where(np.arange(16) == 2, 500, tokens)
+              .astype(np.int32), lengths, None), ValueError,
+             r"tokens_BT has ids outside \[0, 97\): \[500, 500\]")]:
+        with pytest.raises(error, match=match):
+            jaxdec.generate_padded(model, *args[:2], fresh(), args[2], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"stop_tokens_BM must be \[2, M\]"):
+        jaxdec.generate_padded(model, tokens, lengths, fresh(), None, np.array([1, 2]),
+                               max_new_tokens=4)
+    # Padding past a row's length may be anything (-1 here).
+    padded = np.where(np.arange(16)[None] < lengths[:, None], tokens, -1).astype(np.int32)
+    np.testing.assert_array_equal(
+        jaxdec.generate_padded(model, padded, lengths, fresh(), None, max_new_tokens=4)[0][0], out)
     with pytest.raises(ValueError, match="pad_id must fit int32"):
         jaxdec.generate(model, [[1, 2]], max_new_tokens=2, pad_id=2**40)
     with pytest.raises(TypeError, match="max_len must be an int, got 30.0"):

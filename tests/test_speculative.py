@@ -224,10 +224,18 @@ def test_rows_filling_a_dp_batch_never_keep_the_loop_running(hf_checkpoints):
         assert spec.stats.steps == spec.stats.row_steps[0]
 
 
+@pytest.mark.parametrize("partitionable", [True, False], ids=["", "threefry-unpartitionable"])
 @pytest.mark.parametrize("topology", [tree.chain(3), tree.kary(2, 2)], ids=["iid", "wr"])
-def test_a_sampled_row_is_the_same_in_any_batch(hf_checkpoints, topology):
+def test_a_sampled_row_is_the_same_in_any_batch(hf_checkpoints, topology, partitionable):
     """A row's sampled tokens depend on the key and the row, as generate's do: not on the rows
-    beside it or the rows a mesh's dp adds (verification's numbers were drawn batch-last)."""
+    beside it or the rows a mesh's dp adds (verification's numbers were drawn batch-last;
+    with jax_threefry_partitionable off, the draft's children, the bonus tokens and
+    deterministic drafts' draws still were, from keys split batch-wide)."""
+    with jax.threefry_partitionable(partitionable):
+        _same_row_in_any_batch(hf_checkpoints, topology)
+
+
+def _same_row_in_any_batch(hf_checkpoints, topology):
     path = hf_checkpoints(TARGET)[0]
     prompts = _prompts()
     sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(7),
@@ -591,6 +599,8 @@ class _RepeatRoot(Drafter):
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens[:, :-1])
         if self.mistake == "float":
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.float32))
+        if self.mistake == "int16":  # (x64 makes jnp's default ints int64: the same case)
+            drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.int16))
         kind = ProposalKind.IID if self.mistake == "kind" else ProposalKind.DETERMINISTIC
         proposal = Proposal(tree=drafted, q=None, kind=kind, chain=True)
         if self.mistake == "tuple":
@@ -613,6 +623,10 @@ def test_a_drafter_of_your_own(loaded):
         out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(offset)), prompts,
                                           max_new_tokens=12)
         np.testing.assert_array_equal(out.tokens, plain.tokens)
+    # Ids of another integer width are taken (the loop's carry refused them).
+    out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), "int16"), prompts,
+                                      max_new_tokens=12)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
     for mistake, error, match in [
         ("tuple", TypeError, r"_RepeatRoot.propose must return \(Proposal, state\)"),
         ("shape", ValueError, r"tree.tokens has shape \(3, 3\), expected \(3, 4\)"),

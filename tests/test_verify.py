@@ -230,6 +230,37 @@ def test_an_invalid_sibling_keeps_sampled_verification_lossless(kind):
     assert float(gammaincc(3 / 2, stat / 2)) > 1e-3, counts / B
 
 
+@pytest.mark.parametrize("kind", [ProposalKind.WITHOUT_REPLACEMENT, ProposalKind.IID])
+def test_children_q_cannot_draw_are_never_accepted(kind):
+    """Children q gives no probability: Gumbel-top-k wider than q's support fills the rest
+    with such tokens (here the lowest ids past the support, ties at -inf), and a drafter of
+    one's own may propose them. They were accepted whenever p had them (u * 0 < p(x)): the
+    first token's law was [.05, .05, .9, 0, 0, 0] for p = [.05, .05, .3, .2, .2, .2]."""
+    p = np.array([0.05, 0.05, 0.3, 0.2, 0.2, 0.2])
+    q = np.array([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    topology = tree.kary(1, 4)
+    B = N_ROWS
+
+    @jax.jit
+    def first_tokens(key):
+        kd, kv = jax.random.split(key)
+        qs = jnp.broadcast_to(jnp.asarray(q, jnp.float32), (B, 6))
+        draws = _draw_children(kd, qs, 4, ProposalKind.WITHOUT_REPLACEMENT)
+        if kind == ProposalKind.IID:  # two draws from q, then tokens it cannot draw
+            draws = jnp.concatenate([_draw_children(kd, qs, 2, kind), draws[:, 2:]], axis=1)
+        tokens = jnp.zeros((B, 5), jnp.int32).at[:, 1:].set(draws)
+        t = _tree_of(topology, tokens)
+        v = verify.verify(t, jnp.broadcast_to(jnp.log(jnp.asarray(p, jnp.float32)), (B, 5, 6)),
+                          sampler=Sampler(), key=kv, max_depth=1, kind=kind,
+                          q_BNV=jnp.broadcast_to(jnp.asarray(q, jnp.float32), (B, 5, 6)),
+                          topology=topology)
+        return emitted_tokens(t, v)[:, 0]
+
+    counts = np.bincount(np.asarray(first_tokens(jax.random.PRNGKey(3))), minlength=6)
+    stat = float(np.sum((counts - B * p) ** 2 / (B * p)))
+    assert float(gammaincc(5 / 2, stat / 2)) > 1e-3, counts / B
+
+
 def test_a_kind_given_by_its_value_is_that_kind():
     """`kind="without_replacement"` is the enum's value: it selects that rule (a string used
     to fall through to the IID rule); an unknown kind or sampler is named."""

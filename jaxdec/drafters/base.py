@@ -65,8 +65,9 @@ class Drafter:
         return self
 
     def check_reach(self, positions: int) -> None:
-        """Called before each run whose sequences reach `positions` tokens: a drafter that
-        drafts poorly past some position warns (verification keeps the output exact)."""
+        """Called by speculative_generate and PrefixCache.generate before each run whose
+        sequences reach `positions` tokens: a drafter that drafts poorly past some position
+        warns (verification keeps the output exact; stacklevel=4 names their caller)."""
         del positions
 
     def proposal_kind(self, sampler, topology: Topology) -> ProposalKind:

@@ -44,6 +44,7 @@ from jaxdec.model import (Model, check_params, family, forward_with_cache, is_ab
                           param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
                          chain)
+from jaxdec.sampling import row_keys
 from jaxdec.verify import ProposalKind
 
 PROPOSALS = ("auto", "topk", "iid", "without_replacement")
@@ -164,7 +165,7 @@ class DraftModel(Drafter):
                 f"this run reaches position {positions}, past the draft model's "
                 f"{config.max_positions} positions ({config.describe_max_positions()}): it "
                 "drafts from positions it was not trained for (the output stays exact; "
-                "fewer drafts may be accepted)", stacklevel=3)
+                "fewer drafts may be accepted)", stacklevel=4)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int):
         """The draft's cache with every prompt token but the last (like the target's)."""
@@ -220,11 +221,14 @@ class DraftModel(Drafter):
             return cand.astype(jnp.int32), scores > -jnp.inf, None
         probs = sampler.probs(logits)
         log_probs = jnp.log(probs)
+        # Row b's draws from (key, b) alone: a row's drafts do not depend on its batch.
+        keys = row_keys(key, logits.shape[0])
         if kind == ProposalKind.IID:
-            B, M = logits.shape[:2]
-            cand = jax.random.categorical(key, log_probs[:, :, None, :], shape=(B, M, K))
+            cand = jax.vmap(lambda k, lp: jax.random.categorical(
+                k, lp[:, None, :], shape=(lp.shape[0], K)))(keys, log_probs)
         else:  # Gumbel-top-k: K distinct draws in sampling order
-            gumbel = jax.random.gumbel(key, log_probs.shape, jnp.float32)
+            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, log_probs.shape[1:], jnp.float32))(
+                keys)
             cand = jax.lax.top_k(log_probs + gumbel, K)[1]
         ok = jnp.take_along_axis(probs, cand, axis=2) > 0
         return cand.astype(jnp.int32), ok, probs
