@@ -182,8 +182,10 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
     gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
                      default="auto", help="attention implementation (auto, the default: the "
-                     "Pallas tree-attention kernel on GPU/TPU where a layer's cache holds at "
-                     "least 4 MiB, else the jnp reference)")
+                     "Pallas tree-attention kernel on GPU/TPU for decode and verification "
+                     "where a layer's cache holds at least 4 MiB, cuDNN's for a GPU's prompt; "
+                     "on a CPU a cache of 512 slots or more walked in blocks; else the jnp "
+                     "reference: see jaxdec.AttentionImpl)")
     gen.add_argument("--ignore-eos", action="store_true",
                      help="do not stop at the checkpoint's end-of-sequence ids (those of its "
                      "generation_config.json and config.json)")
@@ -465,7 +467,10 @@ def _drafter(args, model):
     from jaxdec import drafters
 
     if args.draft:
-        draft = jaxdec.load_pretrained(args.draft, dtype=args.dtype, mesh=model.mesh)
+        try:
+            draft = jaxdec.load_pretrained(args.draft, dtype=args.dtype, mesh=model.mesh)
+        except (ValueError, TypeError, OSError) as e:  # said of the draft, not the model
+            raise ValueError(f"--draft {args.draft}: {e}") from None
         return drafters.DraftModel(draft.with_attention(model.attention))
     if args.prompt_lookup:
         return drafters.PromptLookup()
@@ -566,6 +571,13 @@ def _demo(args) -> None:
     run_demo(preset=args.preset, max_new_tokens=args.max_new_tokens)
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether a runtime error is XLA's failed allocation (a JaxRuntimeError saying so)."""
+    text = str(error)
+    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxdec.train.loop import Interrupted
 
@@ -582,6 +594,15 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE
     except (ValueError, TypeError, OSError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # A model or batch too big for the machine: a common mistake, not a crash.
+        if not (isinstance(e, MemoryError) or _out_of_memory(e)):
+            raise
+        where = "host" if isinstance(e, MemoryError) else "device"
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"jaxdec: error: out of {where} memory ({first}): try a smaller model, batch "
+              "or context, or --tp over more devices", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"jaxdec: {e}", file=sys.stderr)

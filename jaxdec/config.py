@@ -15,7 +15,9 @@ import os
 import warnings
 from typing import Any, Mapping
 
-from jaxdec.checks import check_int, check_param_dtype
+import numpy as np
+
+from jaxdec.checks import check_bool, check_int, check_param_dtype, concrete_scalar
 
 # model_type -> HF architecture class name. The Llama family shares one implementation.
 SUPPORTED_ARCHITECTURES = {
@@ -53,6 +55,21 @@ class RopeConfig:
     truncate: bool = True
 
     def __post_init__(self):
+        # Numbers as Python numbers (a 0-d array is unhashable: the config is a static
+        # argument, and failed only at the first traced call).
+        for name in ("theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast",
+                     "beta_slow", "attention_factor"):
+            value = concrete_scalar(name, getattr(self, name))
+            if value is None and name == "attention_factor":
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise ValueError(f"rope {name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.original_max_position_embeddings is not None:
+            object.__setattr__(self, "original_max_position_embeddings", check_int(
+                "original_max_position_embeddings", self.original_max_position_embeddings,
+                minimum=0))
+        object.__setattr__(self, "truncate", check_bool("rope truncate", self.truncate))
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"rope_type={self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
@@ -169,6 +186,9 @@ class ModelConfig:
             raise ValueError(
                 f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
             )
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
+            # (a string "no" was truthy: a model with biases)
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         object.__setattr__(self, "eos_token_ids", tuple(
             check_int("eos_token_ids entries", t, minimum=0) for t in self.eos_token_ids))
         if not isinstance(self.rope, RopeConfig):

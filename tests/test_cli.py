@@ -48,11 +48,48 @@ def test_bad_arguments(tokenized_checkpoint, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_draft_that_does_not_load_is_named(tokenized_checkpoint, tmp_path, capsys):
+    """The draft's errors say they are the draft's (a tp not dividing its heads read as the
+    target's)."""
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
+                 "--draft", str(tmp_path / "nope")]) == 2
+    assert f"--draft {tmp_path / 'nope'}: " in capsys.readouterr().err
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU has no Pallas kernel")
 def test_pallas_attention_is_refused_on_cpu(tokenized_checkpoint, capsys):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
                  "--attention", "pallas"]) == 2
     assert "no Pallas kernel for the 'cpu' platform" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    """A model or batch too big for the machine: one line and exit code 2 (a traceback and
+    exit code 1 before); other runtime errors stay tracebacks (they are bugs)."""
+    import jaxdec.cli as cli
+
+    def oom(args):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory allocating 8405385924 bytes.\nmore detail")
+
+    monkeypatch.setattr(cli, "_generate", oom)
+    assert main(["generate", "--model", "x", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdec: error: out of device memory (RESOURCE_EXHAUSTED: Out of "
+                          "memory allocating 8405385924 bytes.): try a smaller model")
+    def host_oom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "_generate", host_oom)
+    assert main(["generate", "--model", "x", "--prompt", "x"]) == 2
+    assert "out of host memory (MemoryError)" in capsys.readouterr().err
+
+    def bug(args):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(cli, "_generate", bug)
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["generate", "--model", "x", "--prompt", "x"])
 
 
 def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):

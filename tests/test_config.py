@@ -325,6 +325,8 @@ def test_a_dtype_that_names_no_float_is_read_as_float32():
     (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number > 0"),
     (dict(rms_norm_eps=0.0), "rms_norm_eps must be a finite number > 0"),
     (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a finite number > 0"),
+    (dict(qkv_bias="no"), "qkv_bias must be a bool, got 'no'"),  # (was truthy: biases)
+    (dict(tie_word_embeddings=1), "tie_word_embeddings must be a bool"),
 ])
 def test_invalid_configs(change, match):
     kwargs = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
@@ -332,6 +334,24 @@ def test_invalid_configs(change, match):
     kwargs.update(change)
     with pytest.raises((ValueError, TypeError), match=match):
         ModelConfig(**kwargs)
+
+
+def test_rope_settings_are_stored_as_python_numbers():
+    """0-d arrays (a setting computed with jnp) are stored as Python numbers: the config is
+    a static argument (an array's hash failed at the first traced call); a non-number is
+    named."""
+    import jax.numpy as jnp
+
+    rope = RopeConfig(theta=jnp.float32(1e4), rope_type="yarn", factor=np.float64(2.0),
+                      original_max_position_embeddings=np.int64(64))
+    assert rope == RopeConfig(theta=1e4, rope_type="yarn", factor=2.0,
+                              original_max_position_embeddings=64)
+    assert hash(rope) == hash(RopeConfig(theta=1e4, rope_type="yarn", factor=2.0,
+                                         original_max_position_embeddings=64))
+    with pytest.raises(ValueError, match="rope factor must be a number, got '2'"):
+        RopeConfig(rope_type="linear", factor="2")
+    with pytest.raises(TypeError, match="rope truncate must be a bool"):
+        RopeConfig(truncate="no")
 
 
 def test_dtype_is_stored_by_name():

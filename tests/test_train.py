@@ -481,6 +481,22 @@ def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):
         train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d", objective="js")
 
 
+def test_a_draft_is_not_trained_past_its_targets_positions(trained, tmp_path):
+    """A preset of sequences longer than the target's positions is refused (the target ran,
+    and the draft was trained, past them; the draft was exported claiming the shorter
+    context), as train_lm refuses one longer than its own model's."""
+    import shutil
+
+    target = shutil.copytree(trained[0], tmp_path / "short")
+    config = json.loads((target / "config.json").read_text())
+    config["max_position_embeddings"] = MICRO.seq_len - 1
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"preset {MICRO.name}'s sequences of {MICRO.seq_len} "
+                                         "tokens are longer than the target's"):
+        train_draft(target, MICRO, tmp_path / "d", log=lambda _: None)
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_draft_never_runs_in_its_targets_directory(trained):
     """Starting a draft's run over (force) deletes its directory: one that holds the target
     (the target's own, or a parent of it) is refused before anything is read or written."""

@@ -138,6 +138,11 @@ def train_draft(
         target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
     if target.tokenizer is None:
         raise ValueError(f"the target {target_dir} has no tokenizer.json for the draft to share")
+    if preset.seq_len > target.config.max_positions:
+        # (the target would be run, and the draft trained, at positions the target has not)
+        raise ValueError(f"preset {preset.name}'s sequences of {preset.seq_len} tokens are "
+                         f"longer than the target's {target.config.max_positions} positions: "
+                         "choose a preset of shorter sequences")
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)
     run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
