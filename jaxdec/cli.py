@@ -224,6 +224,7 @@ def _generate(args) -> None:
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json to encode {source} with")
     if args.chat:
+        _template_unreadable(args.model, model)
         messages = [{"role": "user", "content": text}]
         if args.system is not None:
             messages.insert(0, {"role": "system", "content": args.system})
@@ -337,6 +338,7 @@ def _chat(args) -> None:
     model = model.with_attention(args.attention)
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json")
+    _template_unreadable(args.model, model)
     if model.chat_template is None:
         raise ValueError(f"{args.model} has no chat template (chat_template.jinja, or "
                          "chat_template in tokenizer_config.json): `jaxdec chat` needs an "
@@ -460,6 +462,20 @@ def _prompt_text(args) -> tuple[str, str, str]:
         raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text: {e}") from None
     except IsADirectoryError:
         raise ValueError(f"--prompt-file {args.prompt_file} is a directory") from None
+
+
+def _template_unreadable(path: str, model) -> None:
+    """A ValueError saying why when the checkpoint has a chat template that would not load
+    (load_pretrained loads the model without it, warning; it read as no template at all)."""
+    if model.chat_template is not None:
+        return
+    from jaxdec.chat import ChatTemplateError, load_chat_template
+    from jaxdec.checkpoint import checkpoint_dir
+
+    try:
+        load_chat_template(checkpoint_dir(path))
+    except ChatTemplateError as e:
+        raise ValueError(f"{path}'s chat template cannot be used: {e}") from None
 
 
 def _drafter(args, model):

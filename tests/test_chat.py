@@ -250,13 +250,19 @@ def test_load_and_save_keep_the_template(chat_checkpoint, tmp_path):
     assert (target / "tokenizer_config.json").read_text() == "{not json"
 
 
-def test_a_broken_template_does_not_stop_the_model_loading(chat_checkpoint, tmp_path):
+def test_a_broken_template_does_not_stop_the_model_loading(chat_checkpoint, tmp_path, capsys):
     directory = tmp_path / "broken"
     shutil.copytree(chat_checkpoint, directory)
     (directory / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.warns(UserWarning, match="loading without a chat template.*does not compile"):
         model = jaxdec.load_pretrained(directory)
     assert model.chat_template is None and model.tokenizer is not None
+    # Chatting with it names the template's fault, not a missing template.
+    for command in (["generate", "--prompt", "x", "--chat"], ["chat"]):
+        with pytest.warns(UserWarning):
+            assert main([command[0], "--model", str(directory), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "chat template cannot be used" in err and "does not compile" in err, err
 
 
 def test_cli_chat_prints_the_reply(chat_checkpoint, capsys):
