@@ -36,9 +36,10 @@ def _member(kind, value, name: str):
         raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """A loaded model.
+    """A loaded model. Models compare (and hash) by identity: their arrays have no single
+    truth value (a generated `==` raised "the truth value of an array is ambiguous").
 
     Attributes:
       config: the static ModelConfig.
@@ -55,7 +56,8 @@ class Model:
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
         GPU/TPU for decode and verification over caches large enough for it to pay
         (`layers.AUTO_KERNEL_MIN_KV_BYTES`, else the reference) and, on GPU, cuDNN's fused
-        attention for causal blocks without a cache (training); the jnp reference on CPU.
+        attention for causal blocks without a cache (training); on CPU, a cache of
+        `layers.BLOCKED_MIN_SLOTS` or more walked in blocks, else the jnp reference.
       matmul: how the layers' projections run (static; `jaxdec.models.layers.MatmulImpl`):
         XLA's product, or (experimental) a Pallas matrix-vector kernel for decode steps on
         GPU.

@@ -99,6 +99,16 @@ def test_one_program_serves_every_max_new_tokens_of_a_cache(loaded):
             got.tokens, jaxdec.generate(model, prompts[1:], max_new_tokens=n).tokens)
 
 
+def test_models_compare_by_identity(loaded):
+    """A generated `==` compared the params' arrays ("truth value ... is ambiguous"); a model
+    is itself, and a hashable key (a dict of compiled things per model)."""
+    import copy
+
+    model = loaded(VARIANT)
+    twin = copy.deepcopy(model)
+    assert model == model and model != twin and {model: 1, twin: 2}[model] == 1
+
+
 def test_bucket_lengths():
     assert [bucket_length(n) for n in (1, 16, 17, 1000, 1024, 1025, 5000)] == [
         16, 16, 32, 1024, 1024, 2048, 5120]
