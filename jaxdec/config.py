@@ -526,7 +526,12 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
         # transformers reads rope_scaling and the top-level theta then (4.x knows no
         # rope_parameters; 5.x takes `rope_scaling or rope_parameters`): whatever
         # rope_parameters says beyond them would be ignored there, so it must agree.
-        merged = {**scaling, "rope_theta": hf.get("rope_theta", 10000.0)}
+        top = hf.get("rope_theta")
+        merged = {**scaling, "rope_theta": 10000.0 if top is None else top}
+        if scaling.get("rope_theta", merged["rope_theta"]) != merged["rope_theta"]:
+            raise ValueError(f"config.json's rope_scaling gives rope_theta="
+                             f"{scaling['rope_theta']!r} where the top level gives "
+                             f"{merged['rope_theta']!r} (or its default): keep one")
         for key in sorted(set(params) - {"rope_type", "type"}):
             if key not in merged or params[key] != merged[key]:
                 said = (f"{merged[key]!r}" if key in merged else "nothing") + (
