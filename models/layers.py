@@ -416,8 +416,9 @@ def attention_kernel(impl: AttentionImpl, platform: str | None = None
     if kernel is None:
         if impl is AttentionImpl.PALLAS:
             raise ValueError(
-                f"attention=PALLAS: no Pallas kernel for the {platform!r} platform "
-                "(use AUTO, REFERENCE, or PALLAS_INTERPRET to run the kernel interpreted)"
+                f"attention=PALLAS: no Pallas kernel for the {platform!r} platform (use "
+                "\"auto\", \"reference\", or \"pallas_interpret\" to run the kernel "
+                "interpreted; AttentionImpl.AUTO, ... in Python)"
             )
         return None
     return kernel, False
