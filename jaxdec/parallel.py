@@ -144,8 +144,9 @@ def runs_on_model_mesh(mesh_of: Callable[[dict], Any]):
 @contextlib.contextmanager
 def _model_mesh_context(mesh: Mesh, caller: str):
     if jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        get_mesh = getattr(jax.sharding, "get_mesh", None)  # (jax >= 0.10's)
         try:
-            same = jax.sharding.get_mesh() == mesh
+            same = get_mesh is None or get_mesh() == mesh
         except ValueError:  # inside jax.jit, where the abstract mesh is what counts
             same = True
         if same:
