@@ -195,7 +195,7 @@ def init_model(
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         fam.param_shapes(config, vocab_size=vocab), is_leaf=is_shape)
     shardings = treedef.flatten_up_to(param_shardings(config, mesh))
-    keys = jax.random.split(key, len(flat))
+    keys = jax.random.split(parallel.onto_mesh(key, mesh), len(flat))
     groups = fam.kv_groups(config, parallel.tp_size(mesh))
     leaves = []
     for (path, shape), sharding, k in zip(flat, shardings, keys):

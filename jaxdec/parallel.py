@@ -70,9 +70,14 @@ def put_on_mesh(array, sharding: jax.sharding.Sharding) -> jax.Array:
 
 def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
     """`x` (a small array: a key) replicated over `mesh` where it lies on a device outside it
-    (another model's), as it is otherwise: a program over the mesh refuses such an argument."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not (
-            x.sharding.device_set <= set(mesh.devices.flat)):
+    (another model's) or on another mesh (one made under a caller's `jax.set_mesh` carries
+    that mesh in its type in newer jax), as it is otherwise: a program over the mesh refuses
+    such an argument."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return x
+    sharding = x.sharding
+    if not sharding.device_set <= set(mesh.devices.flat) or (
+            isinstance(sharding, NamedSharding) and sharding.mesh != mesh):
         return jax.device_put(x, NamedSharding(mesh, P()))
     return x
 
