@@ -338,9 +338,9 @@ SPANNING_LINES = ("XLA Modules", "Steps", "XLA TraceMe", "Framework Ops",
 
 def summarize_trace(trace: dict | list, *, top: int = 12) -> dict:
     """Kernel time by name from a Chrome/perfetto trace: complete events ("X", microseconds)
-    of the processes named "/device:..." (the GPU's streams, the TPU's "XLA Ops" line). Also counts every
-    device event (`events`) and those under `SHORT_KERNEL_US` (`short_events`, `short_s`):
-    many short kernels per step is overhead that fusion, not bandwidth, removes."""
+    of the processes named "/device:..." (the GPU's streams, the TPU's "XLA Ops" line). Also
+    counts every device event (`events`) and those under `SHORT_KERNEL_US` (`short_events`,
+    `short_s`): many short kernels per step is overhead that fusion, not bandwidth, removes."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
 
     def is_device(name: str) -> bool:  # "/device:GPU:0", or a GPU/TPU named another way

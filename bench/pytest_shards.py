@@ -6,10 +6,11 @@ CPU core, while the lent machine has 16 (the 35 tests took 298 s in one process 
 
     python bench/pytest_shards.py --group FILE[,FILE...] [--group ...] -- PYTEST_ARGS
 
-Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` (or `--junitxml PATH`)
-among them is this run's merged report (each process writes its own beside it). The processes share the GPU:
-each sees XLA_PYTHON_CLIENT_PREALLOCATE=false (jax otherwise claims most of the card's memory
-for the first process). Their output lines are printed as they come, after `[group N]`; a
+Every group's process gets PYTEST_ARGS and its files; a `--junitxml=PATH` (or
+`--junitxml PATH`) among them is this run's merged report (each process writes its own beside
+it). The processes share the GPU: each sees XLA_PYTHON_CLIENT_PREALLOCATE=false (jax
+otherwise claims most of the card's memory for the first process). Their output lines are
+printed as they come, after `[group N]`; a
 group's end is printed as `[group N] finished, exit code C after S s: FILES` (`finished_line`;
 `bench/device.py` reads it back with `parse_finished`: each group's time in the record, and
 whether the Hopper kernel's group failed, also when the run is stopped at its limit). The

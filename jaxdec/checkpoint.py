@@ -566,9 +566,10 @@ def save_pretrained(
 ) -> str:
     """Writes `model` as an HF directory that transformers and `load_pretrained` both load.
 
-    Files are written to a temporary folder first, and flushed to the disk. A new directory appears atomically (the
-    folder is renamed into place); into an existing one (`overwrite=True`) each file moves
-    atomically, weights first and config.json last, so that stopped at any point the
+    Files are written to a temporary folder first and flushed to the disk. A new directory
+    appears atomically (the folder is renamed into place); into an existing one
+    (`overwrite=True`) each file moves atomically, weights first and config.json last, so
+    that stopped at any point the
     directory loads as the old model or the new one (`_move_files_into`); the old weight files
     (transformers' names, and the shards the old index names) are removed, and other files
     (e.g. training checkpoints) are kept, as transformers' save_pretrained does.
