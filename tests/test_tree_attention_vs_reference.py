@@ -588,7 +588,7 @@ def test_pallas_impl_is_refused_without_a_kernel_backend():
         pytest.skip("CPU only")
     q = jnp.zeros((1, 1, 2, 16))
     kv = jnp.zeros((1, 16, 1, 16))
-    with pytest.raises(ValueError, match="PALLAS_INTERPRET"):
+    with pytest.raises(ValueError, match="\"pallas_interpret\" to run the kernel interpreted; AttentionImpl.AUTO"):
         L.attention(q, kv, kv, jnp.array([0]), jnp.array([[0]]), impl=L.AttentionImpl.PALLAS)
     config = jaxdec.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
                                 num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
