@@ -61,6 +61,15 @@ def check_int_array(name: str, value) -> jax.Array:
     return jnp.asarray(array, jnp.int32)
 
 
+def check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
+    """A ValueError naming `name` and the first offenders where the host ids `ids` (any
+    integer width) fall outside [0, vocab_size)."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"{name} has ids outside [0, {vocab_size}): {bad[:5].tolist()}")
+
+
 def _describe(value) -> str:
     dtype = getattr(value, "dtype", None)
     return f"{type(value).__name__} of {dtype}" if dtype is not None else repr(value)

@@ -31,7 +31,8 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
-from jaxdec.checks import check_bool, check_int, check_model, check_untraced, concrete_scalar
+from jaxdec.checks import (check_bool, check_ids, check_int, check_model, check_untraced,
+                           concrete_scalar)
 from jaxdec.model import Model, check_cache, forward_with_cache, is_abstract, param_dtype
 from jaxdec.models.layers import attention_kernel
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -209,11 +210,9 @@ def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) ->
     if lengths.size and (lengths.min() < 1 or lengths.max() > T):
         raise ValueError(f"prompt_lengths_B must be in [1, {T}] (tokens_BT's length), got "
                          f"{lengths.tolist()}")
-    vocab = model.config.vocab_size
-    prompt = ids[np.arange(T)[None, :] < lengths[:, None]]  # (the padding may be anything)
-    if prompt.size and (prompt.min() < 0 or prompt.max() >= vocab):
-        raise ValueError(f"tokens_BT has ids outside [0, {vocab}): "
-                         f"{prompt[(prompt < 0) | (prompt >= vocab)][:5].tolist()}")
+    # (the padding may be anything)
+    check_ids("tokens_BT", ids[np.arange(T)[None, :] < lengths[:, None]],
+              model.config.vocab_size)
 
 
 def _check_pad_id(pad_id) -> int:
@@ -341,10 +340,7 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             raise TypeError(f"prompts[{i}] must be a flat list of integer token ids")
         if row.size == 0:
             raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
-        bad = row[(row < 0) | (row >= vocab_size)]
-        if bad.size:
-            raise ValueError(
-                f"prompts[{i}] has token ids outside [0, {vocab_size}): {bad[:5].tolist()}")
+        check_ids(f"prompts[{i}]", row, vocab_size)
         checked.append(row.tolist())
     return checked
 

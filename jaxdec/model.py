@@ -19,7 +19,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, cache_axes
-from jaxdec.checks import check_config, check_model, check_param_dtype
+from jaxdec.checks import check_config, check_ids, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
 from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, attention_kernel,
@@ -434,10 +434,8 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
         ids = np.asarray(tokens)
     except jax.errors.TracerArrayConversionError:  # traced by the caller's jit
         ids = None
-    vocab = model.config.vocab_size
-    if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        bad = ids[(ids < 0) | (ids >= vocab)]
-        raise ValueError(f"tokens has ids outside [0, {vocab}): {bad[:5].tolist()}")
+    if ids is not None:
+        check_ids("tokens", ids, model.config.vocab_size)
     if tokens.shape[1] > model.config.max_positions:
         raise ValueError(
             f"tokens length {tokens.shape[1]} exceeds the model's {model.config.max_positions} "

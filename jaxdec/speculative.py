@@ -317,7 +317,6 @@ def _consistent(proposal: Proposal, topology) -> Proposal:
         tree = dataclasses.replace(template, tokens=tree.tokens, valid=valid)
         return dataclasses.replace(proposal, tree=tree, chain=proposal.chain and topology.is_chain)
     parents = jnp.broadcast_to(index - 1, (B, N)) if proposal.chain else tree.parents
-    parents = parents.astype(jnp.int32)
     earlier = (parents >= 0) & (parents < index)
     valid &= earlier | (index == 0)
     parents = jnp.where(earlier, parents, -1)
