@@ -42,8 +42,9 @@ class PrefixCache:
 
     With `rows` = R > 1 the session holds R conversations decoded together: each call takes
     R prompts (a list of token-id lists) and returns what `jaxdec.generate(model, prompts,
-    ...)` returns, each row keeping what it shares with its own cache. R must be a multiple
-    of the mesh's dp (with one row, dp = 1: the mesh may be tensor-parallel).
+    ...)` returns, each row keeping what it shares with its own cache. On a mesh with
+    data parallelism (dp > 1) the cache holds R rounded up to a multiple of dp rows, as
+    `generate` pads its batch: the extra rows prefill one token and decode nothing.
 
     With a `drafter` (`jaxdec.drafters.DraftModel`, `PromptLookup`, `Retrieval` or your own)
     each call decodes speculatively and returns what `jaxdec.speculative_generate(model,
@@ -63,10 +64,6 @@ class PrefixCache:
         max_len, rows = python_ints(max_len=max_len, rows=rows)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be an int >= 1, got {rows!r}")
-        dp = parallel.dp_size(model.mesh)
-        if rows % dp:
-            raise ValueError(f"rows={rows} is not a multiple of the model's mesh's dp={dp} "
-                             "(each data-parallel device holds an equal share of the rows)")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
             raise ValueError(f"max_len must be an int >= 2, got {max_len!r}")
         if max_len > model.config.max_positions:
@@ -76,6 +73,9 @@ class PrefixCache:
         if drafter is None and tree is not None:
             raise ValueError("tree is the shape of a drafter's proposals: it needs a drafter")
         self.model, self.max_len, self.rows = model, max_len, rows
+        # Each data-parallel device holds an equal share of the cache's rows.
+        dp = parallel.dp_size(model.mesh)
+        self._slots = -(-rows // dp) * dp
         self.drafter = None if drafter is None else drafter.prepare(model)
         self.topology = None if drafter is None else (
             drafter.default_topology() if tree is None else as_topology(tree))
@@ -87,7 +87,7 @@ class PrefixCache:
 
     def _reset(self) -> None:
         """Empty caches (and no drafter state): the next call prefills its prompts whole."""
-        self.cache = init_cache(self.model.config, self.rows, self.max_len,
+        self.cache = init_cache(self.model.config, self._slots, self.max_len,
                                 dtype=param_dtype(self.model), mesh=self.model.mesh)
         self._tokens: list[list[int]] = [[] for _ in range(self.rows)]
         self._drafter_state, self._drafter_held = None, None
@@ -143,6 +143,10 @@ class PrefixCache:
             self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
         ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
         kept = [self._kept(b, row) for b, row in enumerate(ids)]
+        # The rows filling the cache to the mesh's dp prefill one token afresh and start
+        # stopped (the programs' `rows`): they never widen the block or run the loop.
+        filler = self._slots - self.rows
+        ids, kept = ids + [ids[0][-1:]] * filler, kept + [0] * filler
         # One block of the rows' rest, as wide as `generate`'s prompt block for the longest
         # rest (its bucket, at most max_len), so a session compiles no more programs than
         # `generate` does. A row whose kept tokens leave the block less room prefills more of
@@ -151,7 +155,7 @@ class PrefixCache:
         longest = max(len(row) - k for row, k in zip(ids, kept))
         width = min(bucket_length(longest), self.max_len)
         kept = [min(k, self.max_len - width) for k in kept]
-        tokens = np.zeros((self.rows, width), np.int32)
+        tokens = np.zeros((self._slots, width), np.int32)
         for b, (row, k) in enumerate(zip(ids, kept)):
             tokens[b, : len(row) - k] = row[k:]
         rest = np.array([len(row) - k for row, k in zip(ids, kept)], np.int32)
@@ -171,19 +175,22 @@ class PrefixCache:
                     ((outputs, cache), stamps) = _program(
                         self.model, tokens, rest, cache, key, batch.stop, stream_id, limit,
                         capacity=capacity, sampler=sampler, pad_id=pad_id, stream=dispatch,
-                        timed=return_timings, logprobs=return_logprobs, continued=continued)
+                        timed=return_timings, logprobs=return_logprobs, continued=continued,
+                        rows=np.int32(self.rows))
                 else:
                     # The whole prompts the drafter resumes from, max_len wide: one program
                     # whatever the conversation's length (its bucket recompiled it).
-                    padded = np.zeros((self.rows, self.max_len), np.int32)
-                    padded[:, :batch.tokens.shape[1]] = batch.tokens
-                    whole = (padded, batch.lengths) if continued else None
+                    padded = np.zeros((self._slots, self.max_len), np.int32)
+                    for b, row in enumerate(ids):
+                        padded[b, :len(row)] = row
+                    lengths = np.array([len(row) for row in ids], np.int32)
+                    whole = (padded, lengths) if continued else None
                     outputs, stats, cache, drafter_state, stamps = _spec_program(
                         self.model, self.drafter, tokens, rest, cache, key, batch.stop, limit,
                         stream_id, whole, drafter_state if continued else None,
                         capacity=capacity, sampler=sampler, topology=self.topology,
                         pad_id=pad_id, stream=dispatch, timed=return_timings,
-                        profile=profile, logprobs=return_logprobs)
+                        profile=profile, logprobs=return_logprobs, rows=np.int32(self.rows))
                 outputs = jax.block_until_ready(outputs)
         except BaseException:  # the donated caches may be gone: start the next call afresh
             self._reset()
@@ -193,7 +200,7 @@ class PrefixCache:
         # Each cache holds its row's prompt and every new token but the last.
         held = parallel.to_host(cache.lengths)
         self._tokens = [(row + produced[b, :counts[b]].tolist())[:held[b]]
-                        for b, row in enumerate(ids)]
+                        for b, row in enumerate(ids[:self.rows])]
         if self.drafter is not None:
             drafter_held = self.drafter.held_length(drafter_state)
             if drafter_held is not None:
@@ -201,8 +208,8 @@ class PrefixCache:
                 self._drafter_held = parallel.to_host(drafter_held).tolist()
             return spec_result(outputs, stats, stamps, rows=self.rows, columns=max_new_tokens,
                                profile=profile)
-        columns = (slice(None), slice(0, max_new_tokens))
-        return GenerateResult(tokens=produced[columns], lengths=counts,
+        columns = (slice(0, self.rows), slice(0, max_new_tokens))
+        return GenerateResult(tokens=produced[columns], lengths=counts[:self.rows],
                               logprobs=parallel.to_host(outputs[2])[columns]
                               if return_logprobs else None,
                               **read_timings(stamps))

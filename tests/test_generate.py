@@ -293,9 +293,10 @@ def test_a_speculative_session_compiles_two_programs_whatever_its_length(loaded)
     assert len(prompt) > 70 and compiled[2:] == [0] * 7, compiled
 
 
-@pytest.mark.parametrize("dp", [1, 2])
-def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch):
-    """Three rows (four on a dp = 2 mesh), each its own conversation: every call returns
+@pytest.mark.parametrize("dp,rows", [(1, 3), (2, 4), (2, 3)])
+def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, rows, monkeypatch):
+    """Three rows (on a dp = 2 mesh, four and three: the cache then holds a fourth row that
+    decodes nothing), each its own conversation: every call returns
     `generate`'s tokens and logprobs for the whole prompts; each row keeps what it shares with
     its own cache (a row's next turn, a row that diverges, a row that starts over), and a row
     whose kept tokens leave the block less room prefills more of its prompt again."""
@@ -311,7 +312,6 @@ def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch)
     monkeypatch.setattr(module, "_program", spy)
     model = loaded(VARIANT) if dp == 1 else jaxdec.load_pretrained(
         hf_checkpoints(VARIANT)[0], mesh=jaxdec.make_mesh(dp=dp))
-    rows = 3 if dp == 1 else 4
     session = jaxdec.PrefixCache(model, max_len=80, rows=rows)
     rs = np.random.RandomState(6)
     prompts = [rs.randint(3, 97, n).tolist() for n in (9, 4, 13, 6)[:rows]]
@@ -332,9 +332,32 @@ def test_a_prefix_cache_of_several_rows(loaded, hf_checkpoints, dp, monkeypatch)
     # row 1 its 2 common ones, row 2 nothing, row 3 all but its last; the block is the longest
     # rest's (40) bucket, 64. The third: row 2's 50 new tokens (bucket 64) leave row 0 room
     # for 16 of its 20 cached ones. Every block is a bucket (no program of its own).
-    assert fed[1][0] == [13, 2, 0, 5][:rows] and fed[1][2] == 64
-    assert fed[2][0] == [16, 4, 0, 5][:rows] and fed[2][2] == 64
-    assert fed[2][1] == [23 - 16, 1, 50, 1][:rows]
+    # The dp filler row (rows = 3 on dp = 2) prefills row 0's last token afresh every call.
+    filler = [[0], [1]] if dp * rows == 6 else [[], []]
+    assert fed[1][0] == [13, 2, 0, 5][:rows] + filler[0] and fed[1][2] == 64
+    assert fed[2][0] == [16, 4, 0, 5][:rows] + filler[0] and fed[2][2] == 64
+    assert fed[2][1] == [23 - 16, 1, 50, 1][:rows] + filler[1]
+
+
+def test_a_one_row_session_on_a_data_parallel_mesh(hf_checkpoints):
+    """One conversation on a dp = 2 mesh (the cache's second row fills the mesh), with a draft
+    model keeping its own cache: each sampled turn is `speculative_generate`'s, and a stream
+    sees the conversation's row only."""
+    model = jaxdec.load_pretrained(hf_checkpoints(VARIANT)[0], mesh=jaxdec.make_mesh(dp=2))
+    drafter, tree = jaxdec.drafters.DraftModel(model), jaxdec.tree.chain(3)
+    session = jaxdec.PrefixCache(model, max_len=64, drafter=drafter, tree=tree)
+    prompt = np.random.RandomState(8).randint(3, 97, 11).tolist()
+    for turn in range(2):
+        seen = []
+        sampled = dict(sampler=jaxdec.Sampler(temperature=1.0), key=jax.random.PRNGKey(turn))
+        got = session.generate(prompt, max_new_tokens=7, stream=lambda *a: seen.append(a),
+                               **sampled)
+        want = jaxdec.speculative_generate(model, drafter, [prompt], max_new_tokens=7, tree=tree,
+                                           max_len=64, **sampled)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        assert {a[1].shape[0] for a in seen} == {1}
+        prompt = prompt + got.to_lists()[0] + [5, 6]
+    assert len(session.tokens) == 11 + 7 + 2 + 7 - 1
 
 
 def test_prefix_cache_bad_arguments(loaded):
@@ -343,9 +366,6 @@ def test_prefix_cache_bad_arguments(loaded):
         jaxdec.PrefixCache(model, max_len=1)
     with pytest.raises(ValueError, match="exceeds the model's"):
         jaxdec.PrefixCache(model, max_len=10**6)
-    dp_model = dataclasses.replace(model, mesh=jaxdec.make_mesh(dp=2))
-    with pytest.raises(ValueError, match="rows=1 is not a multiple of the model's mesh's dp=2"):
-        jaxdec.PrefixCache(dp_model, max_len=16)
     with pytest.raises(ValueError, match="rows must be an int >= 1"):
         jaxdec.PrefixCache(model, max_len=16, rows=0)
     with pytest.raises(TypeError, match="prompts must be 2 lists of token ids"):
