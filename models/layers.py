@@ -522,6 +522,9 @@ def _kernel_with_reference_grad(kernel, window, q, k, v, lengths, positions, mas
     """The Pallas kernel forward; gradients (training on short sequences) come from the
     reference, whose result the kernel's equals."""
     impl, interpret = kernel
+    if impl is tree_attention.Impl.BLOCKED:  # (k, v may be a bf16 cache's bits: see above)
+        return tree_attention.blocked.tree_attention_blocked(
+            q, k, v, lengths, positions, mask_BTT=mask, window=window)
     return tree_attention.tree_attention(
         q, k, v, lengths, positions, mask_BTT=mask, window=window, impl=impl,
         interpret=interpret,

@@ -531,8 +531,11 @@ def test_dispatch_and_bad_arguments():
         np.testing.assert_array_equal(TA.tree_attention(**case), reference_of(case))
         with pytest.raises(ValueError, match="no Pallas kernel for the 'cpu' platform"):
             L.attention_kernel(L.AttentionImpl.PALLAS)
-    with pytest.raises(TypeError, match="Impl"):
-        TA.tree_attention(**case, impl="triton")
+    with pytest.raises(TypeError, match="Impl or one of"):
+        TA.tree_attention(**case, impl="flash")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="on a CPU pass interpret=True"):
+            TA.tree_attention(**case, impl="triton")
     with pytest.raises(ValueError, match="window must be a positive int"):
         TA.tree_attention(**{**case, "window": 0})
     np.testing.assert_array_equal(TA.tree_attention(**{**case, "window": np.int64(4)}),
@@ -545,6 +548,82 @@ def test_dispatch_and_bad_arguments():
     with pytest.raises(ValueError, match="not a multiple of KV heads"):
         TA.tree_attention(**{**case, "k_BSKD": jnp.zeros((1, 32, 3, 16)),
                              "v_BSKD": jnp.zeros((1, 32, 3, 16))})
+
+
+def test_entry_point_inputs_and_edges():
+    """What the entry point takes and refuses before tracing (dtypes, a cache too short for
+    the new tokens, block sizes), and its edges: no new tokens, a window wider than any
+    position, a query that sees nothing (zeros everywhere), new tokens past the cache's
+    end (dropped, as the reference drops them: the Mosaic kernel read a block past it)."""
+    case = make_case(B=2, T=3, K=1, G=2, D=16, S=32, tree="star", window=None,
+                     dtype=jnp.float32, seed=0)
+    impls = [dict(impl=TA.Impl.REFERENCE), dict(impl=TA.Impl.BLOCKED),
+             dict(impl=TA.Impl.TRITON, interpret=True,
+                  block_sizes=TA.BlockSizes(block_k=16, block_m=16))]
+    # strings name implementations; lists are arrays
+    np.testing.assert_array_equal(TA.tree_attention(**case, impl="blocked"),
+                                  TA.tree_attention(**case, impl=TA.Impl.BLOCKED))
+    np.testing.assert_array_equal(
+        TA.tree_attention(**{**case, "lengths_B": case["lengths_B"].tolist()}),
+        TA.tree_attention(**case))
+    bad = [({"q_BTHD": case["q_BTHD"].astype(jnp.int8)}, TypeError, "q must be bf16"),
+           ({"v_BSKD": case["v_BSKD"].astype(jnp.bfloat16)}, TypeError,
+            "share one dtype, got q float32, k float32, v bfloat16"),
+           ({"lengths_B": case["lengths_B"] + 0.5}, TypeError, "lengths must be integers"),
+           ({"positions_BT": case["positions_BT"] * 1.0}, TypeError, "positions must be int"),
+           ({"mask_BTT": case["mask_BTT"].astype(jnp.int32)}, TypeError, "mask must be bool"),
+           ({"k_BSKD": case["k_BSKD"][:, :2], "v_BSKD": case["v_BSKD"][:, :2]}, ValueError,
+            "2 slots cannot hold the 3 new tokens")]
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            TA.tree_attention(**{**case, **change})
+    for field in ("block_k", "block_m", "num_warps", "num_stages"):
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
+            TA.BlockSizes(**{field: 0})
+    empty = {**case, "q_BTHD": case["q_BTHD"][:, :0], "positions_BT": case["positions_BT"][:, :0],
+             "mask_BTT": case["mask_BTT"][:, :0, :0]}
+    for kw in impls:
+        assert TA.tree_attention(**empty, **kw).shape == (2, 0, 2, 16)
+    # A window past int32 is no window at all.
+    for kw in impls:
+        np.testing.assert_allclose(TA.tree_attention(**{**case, "window": 2**40}, **kw),
+                                   TA.tree_attention(**case, **kw), rtol=1e-6, atol=1e-6)
+    # Node 1 sees nothing (its own slot hidden, no cache): zeros in every implementation.
+    lonely = {**case, "lengths_B": jnp.array([0, 5]),
+              "positions_BT": jnp.array([[0, 1, 1], [5, 6, 6]]),
+              "mask_BTT": jnp.array([[[1, 0, 0], [0, 0, 0], [1, 0, 1]]] * 2, bool)}
+    want = np.asarray(TA.tree_attention(**lonely, impl=TA.Impl.REFERENCE))
+    assert not want[0, 1].any() and want[1, 1].any() and want[0, [0, 2]].all()
+    for kw in impls[1:]:
+        np.testing.assert_allclose(TA.tree_attention(**lonely, **kw), want, rtol=1e-5, atol=1e-6)
+    # New tokens past the end (length + T > S) under a window: what fits is attended.
+    D = 128
+    past = make_case(B=1, T=6, K=1, G=2, D=D, S=64, tree="chain", window=20,
+                     dtype=jnp.float32, seed=1)
+    past = {**past, "lengths_B": jnp.array([61]), "positions_BT": 61 + jnp.arange(6)[None]}
+    want = TA.tree_attention(**past, impl=TA.Impl.REFERENCE)
+    got = TA.tree_attention(**past, impl=TA.Impl.MOSAIC, interpret=True,
+                            block_sizes=TA.BlockSizes(block_k=16))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_entry_point_gradients_through_a_kernel_are_the_references():
+    """`tree_attention` itself differentiates (it crashed inside Pallas): a kernel's
+    gradient is the reference's."""
+    case = make_case(B=2, T=4, K=1, G=2, D=16, S=32, tree="random", window=None,
+                     dtype=jnp.float32, seed=4)
+    rest = {n: case[n] for n in ("lengths_B", "positions_BT", "mask_BTT")}
+
+    def loss(q, k, v, **kw):
+        return jnp.sum(jnp.sin(TA.tree_attention(q, k, v, **rest, **kw)))
+
+    args = (case["q_BTHD"], case["k_BSKD"], case["v_BSKD"])
+    got = jax.grad(functools.partial(loss, impl=TA.Impl.TRITON, interpret=True,
+                                     block_sizes=TA.BlockSizes(block_k=16, block_m=16)),
+                   argnums=(0, 1, 2))(*args)
+    want = jax.grad(functools.partial(loss, impl=TA.Impl.REFERENCE), argnums=(0, 1, 2))(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_entry_point_kernel_gradients_come_from_the_reference():

@@ -8,14 +8,17 @@ over the KV cache, with a GPU (Triton) and a TPU (Mosaic) variant and a jnp refe
 under a trace) when it supports the shapes (see `unsupported_reason`) and the reference
 otherwise; naming a kernel runs it or raises. `Impl.MOSAIC_GPU` (hopper.py, a Mosaic GPU
 kernel for Hopper, written for verification of 16 or more tokens) runs only when named.
-`interpret=True` runs a kernel through Pallas's interpreter (any backend, for tests).
-`Impl.BLOCKED` (blocked.py) is jnp too, walking the cache a block at a time up to the rows'
-furthest slot: the models' CPU path over long caches.
+`interpret=True` runs a named kernel through Pallas's interpreter (any backend, for tests;
+AUTO on a CPU has no kernel and runs the reference). `Impl.BLOCKED` (blocked.py) is jnp too,
+walking the cache a block at a time up to the rows' furthest slot: the models' CPU path over
+long caches. Every implementation computes the same function (see `tree_attention`), and
+gradients through a kernel are the reference's.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -135,22 +138,32 @@ def tree_attention(
 ) -> jax.Array:
     """T new queries per row against the KV cache, under a tree (or causal) mask.
 
+    Scores are q . k / sqrt(D), softmax in fp32. A query that sees no key at all (its own
+    slot hidden by the mask, nothing cached) gets zeros.
+
     Args:
       q_BTHD: queries, already rotated; bf16, fp16 or fp32 (fp32 accumulation throughout).
-      k_BSKD, v_BSKD: one layer's cache, the new tokens' K/V written at slots
-        [length, length + T); K divides H.
-      lengths_B: int32 cached tokens per row before the new ones.
-      positions_BT: int32 positions of the new tokens (length + depth in a tree).
+      k_BSKD, v_BSKD: one layer's cache, in the queries' dtype, the new tokens' K/V written at
+        slots [length, length + T), which must lie inside the cache (length + T <= S); K
+        divides H. Slots no query sees must hold finite values (zeros, or keys and values
+        written before): they are multiplied by zero, and 0 * inf is NaN.
+      lengths_B: integer cached tokens per row before the new ones.
+      positions_BT: integer positions of the new tokens (length + depth in a tree).
       mask_BTT: bool, new token t sees new token u when mask[b, t, u] (causal when None).
       window: sliding-window size, or None.
-      impl: see `Impl`; interpret: run the kernel in Pallas's interpreter.
+      impl: an `Impl` or its value ("auto", "reference", "triton", ...); interpret: run a
+        named kernel in Pallas's interpreter.
       block_sizes: kernel tiling: a `BlockSizes` (defaults from `default_block_sizes`), or a
         `HopperBlockSizes` for `Impl.MOSAIC_GPU`.
     Returns:
-      [B, T, H, D] in the query dtype.
+      [B, T, H, D] in the query dtype. Differentiable: a kernel's gradient is the
+      reference's (the kernels have no backward pass of their own).
     """
+    if isinstance(impl, str) and impl in {i.value for i in Impl}:
+        impl = Impl(impl)
     if not isinstance(impl, Impl):
-        raise TypeError(f"impl must be a tree_attention.Impl, got {impl!r}")
+        raise TypeError(f"impl must be a tree_attention.Impl or one of "
+                        f"{[i.value for i in Impl]}, got {impl!r}")
     sizes_type = HopperBlockSizes if impl is Impl.MOSAIC_GPU else BlockSizes
     if block_sizes is not None and not isinstance(block_sizes, sizes_type):
         raise TypeError(f"block_sizes must be a {sizes_type.__name__} for impl={impl.value}, "
@@ -158,8 +171,18 @@ def tree_attention(
     if window is not None and (isinstance(window, bool) or not isinstance(
             window, (int, np.integer)) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    window = None if window is None else int(window)
+    # Positions are int32: a wider window hides nothing more (a huge one is "no window").
+    window = None if window is None else min(int(window), 2**31 - 1)
+    q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT = (
+        x if isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(x)
+        for x in (q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT))
+    if mask_BTT is not None and not isinstance(mask_BTT, (jax.Array, np.ndarray)):
+        mask_BTT = jnp.asarray(mask_BTT)
     common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
+    common.check_dtypes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
+    B, T, H, D = q_BTHD.shape
+    if T == 0:
+        return jnp.zeros((B, 0, H, D), q_BTHD.dtype)
     if impl is Impl.AUTO:
         kernel = backend_kernel(platform_of(q_BTHD))
         if kernel is not None and unsupported_reason(
@@ -180,15 +203,39 @@ def tree_attention(
                                 dtype=q_BTHD.dtype, window=window)
     if reason is not None:
         raise ValueError(f"tree_attention impl={impl.value}: {reason}")
+    if not interpret and (platform_of(q_BTHD) or jax.default_backend()) == "cpu":
+        raise ValueError(f"tree_attention impl={impl.value} is a Pallas kernel for "
+                         f"{'a TPU' if impl is Impl.MOSAIC else 'a GPU'}: on a CPU pass "
+                         "interpret=True (Pallas's interpreter) or impl='reference'")
+    if impl is not Impl.MOSAIC_GPU:
+        block_sizes = block_sizes or default_block_sizes(
+            impl, k_BSKD.shape[1], q_shape=q_BTHD.shape, num_kv_heads=k_BSKD.shape[2],
+            dtype=q_BTHD.dtype)
+    return _kernel(impl, window, block_sizes or HopperBlockSizes(), interpret, q_BTHD, k_BSKD,
+                   v_BSKD, lengths_B, positions_BT, mask_BTT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _kernel(impl, window, block_sizes, interpret, q, k, v, lengths, positions, mask):
+    """A Pallas kernel's forward; its gradient is the reference's (`_kernel_bwd`)."""
     if impl is Impl.MOSAIC_GPU:
-        return hopper.tree_attention_hopper(
-            q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
-            sizes=block_sizes or HopperBlockSizes(), interpret=interpret)
-    block_sizes = block_sizes or default_block_sizes(
-        impl, k_BSKD.shape[1], q_shape=q_BTHD.shape, num_kv_heads=k_BSKD.shape[2],
-        dtype=q_BTHD.dtype)
+        return hopper.tree_attention_hopper(q, k, v, lengths, positions, mask,
+                                            sizes=block_sizes, interpret=interpret)
     fn = gpu.tree_attention_gpu if impl is Impl.TRITON else tpu.tree_attention_tpu
-    return fn(
-        q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT,
-        window=window, block_sizes=block_sizes, interpret=interpret,
-    )
+    return fn(q, k, v, lengths, positions, mask, window=window, block_sizes=block_sizes,
+              interpret=interpret)
+
+
+def _kernel_fwd(impl, window, block_sizes, interpret, q, k, v, lengths, positions, mask):
+    out = _kernel(impl, window, block_sizes, interpret, q, k, v, lengths, positions, mask)
+    return out, (q, k, v, lengths, positions, mask)
+
+
+def _kernel_bwd(impl, window, block_sizes, interpret, saved, g):
+    q, k, v, lengths, positions, mask = saved
+    _, vjp = jax.vjp(lambda q, k, v: tree_attention_reference(
+        q, k, v, lengths, positions, mask_BTT=mask, window=window), q, k, v)
+    return (*vjp(g), None, None, None)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)

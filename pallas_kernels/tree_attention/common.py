@@ -52,6 +52,10 @@ class BlockSizes:
 
     def __post_init__(self):
         check_num_splits(self.num_splits)
+        for name in ("block_k", "block_m", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def check_num_splits(num_splits) -> None:
@@ -99,6 +103,31 @@ def check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT) -> N
         raise ValueError(f"positions must be {(B, T)}, got {positions_BT.shape}")
     if mask_BTT is not None and mask_BTT.shape != (B, T, T):
         raise ValueError(f"mask must be {(B, T, T)}, got {mask_BTT.shape}")
+    if T > k_BSKD.shape[1]:
+        raise ValueError(f"the cache's {k_BSKD.shape[1]} slots cannot hold the {T} new tokens "
+                         "(their keys and values sit at slots [length, length + T))")
+
+
+FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def check_dtypes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT) -> None:
+    """The entry point's dtypes: q, k and v one of bf16 / fp16 / fp32 (fp64 under x64),
+    integer lengths and positions, a bool mask."""
+    dtypes = {name: jnp.dtype(x.dtype) for name, x in
+              (("q", q_BTHD), ("k", k_BSKD), ("v", v_BSKD))}
+    floats = set(map(jnp.dtype, FLOAT_DTYPES)) | {jnp.dtype(jnp.float64)}
+    for name, dtype in dtypes.items():
+        if dtype not in floats:
+            raise TypeError(f"{name} must be bf16, fp16 or fp32, got {dtype}")
+    if len(set(dtypes.values())) > 1:
+        raise TypeError("q, k and v must share one dtype, got "
+                        + ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items()))
+    for name, x in (("lengths", lengths_B), ("positions", positions_BT)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers, got {x.dtype}")
+    if mask_BTT is not None and mask_BTT.dtype != jnp.bool_:
+        raise TypeError(f"mask must be bool, got {mask_BTT.dtype}")
 
 
 def num_rows(T: int, G: int, multiple: int) -> int:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Large but finite: a query that sees no key at all (a padding row) gets a uniform
-# distribution instead of NaNs, and exp(MASKED - max) underflows to exactly 0 otherwise.
+# Large but finite: a query that sees no key at all gets a uniform distribution instead of
+# NaNs (its output is then set to zeros, as the kernels' is), and exp(MASKED - max)
+# underflows to exactly 0 otherwise.
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
@@ -86,7 +87,7 @@ def tree_attention_reference(
       mask_BTT: bool, which new tokens each new token sees (causal when None).
       window: sliding-window size, or None.
     Returns:
-      [B, T, H, D] in the query dtype.
+      [B, T, H, D] in the query dtype; zeros for a query that sees no key.
     """
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -100,4 +101,6 @@ def tree_attention_reference(
     out = jnp.einsum(
         "bkgts,bskd->btkgd", probs.astype(v_BSKD.dtype), v_BSKD, preferred_element_type=jnp.float32
     )
+    sees_BT = jnp.any(visible_BTS, axis=-1)
+    out = jnp.where(sees_BT[:, :, None, None, None], out, 0.0)
     return out.reshape(B, T, H, D).astype(q_BTHD.dtype)

@@ -155,6 +155,9 @@ def tree_attention_tpu(
 
     packed = common.pack_inputs(q_BTHD, lengths_B, positions_BT, mask_BTT, num_kv_heads=K,
                                 rows=rows, window=window, block_k=bk)
+    # New tokens past the cache's end (length + T > S) are not in it: no block past the
+    # last is read (a block index past it would be an out-of-bounds copy on a TPU).
+    hi_B = jnp.minimum(packed.hi_B, S)
     pos_BM1 = packed.pos_BM[..., None]  # per-row vectors as [M, 1] columns
     words_BMW = packed.words_BWM.transpose(0, 2, 1)
     k_BSX = k_BSKD.reshape(B, S, K * D)  # free: contiguous
@@ -205,7 +208,7 @@ def tree_attention_tpu(
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="tree_attention",
-    )(packed.lengths_B, packed.lo_B, packed.hi_B, packed.q_BKMD, k_BSX, v_BSX, pos_BM1,
+    )(packed.lengths_B, packed.lo_B, hi_B, packed.q_BKMD, k_BSX, v_BSX, pos_BM1,
       words_BMW)
     out = common.combine(o, m[..., 0], l[..., 0])
     return common.unpack_output(out, T, H).astype(q_BTHD.dtype)
