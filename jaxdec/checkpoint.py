@@ -669,7 +669,8 @@ def save_pretrained(
         if tokenizer_config is not None:
             _write_json(os.path.join(staging, TOKENIZER_CONFIG), tokenizer_config)
             # A template file in the target would be read before tokenizer_config.json's.
-            if os.path.isfile(os.path.join(target, TEMPLATE_FILE)):
+            if model.chat_template is not None and os.path.isfile(
+                    os.path.join(target, TEMPLATE_FILE)):
                 with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
                     f.write(model.chat_template.source)
         # On the disk before any rename: a rename is atomic, but a crash soon after one may
@@ -739,10 +740,23 @@ def _process_zero_succeeded(ok: bool) -> bool:
 def _tokenizer_config(model: Model, target: str) -> dict | None:
     """What save_pretrained writes to tokenizer_config.json (where transformers 4.x and 5.x
     both read a chat template): the model's chat template and special tokens, over the
-    target's own file when it has one (its other fields kept), or None without a template."""
-    if model.chat_template is None:
-        return None
+    target's own file when it has one (its other fields kept). Without a template, a model
+    with a tokenizer writes its config's special tokens (bos, eos, pad) where the target has
+    no such file; else None."""
     path = os.path.join(target, TOKENIZER_CONFIG)
+    if model.chat_template is None:
+        if model.tokenizer is None or os.path.exists(path):
+            return None
+        # Without one (a model jaxdec trained), the config's special tokens, so that
+        # transformers' tokenizer knows them (its eos, bos and pad tokens were None).
+        config, special = model.config, {}
+        for name, ids in (("bos_token", [config.bos_token_id]),
+                          ("eos_token", list(config.eos_token_ids)[:1]),
+                          ("pad_token", [config.pad_token_id])):
+            token = None if ids in ([], [None]) else model.tokenizer.id_to_token(ids[0])
+            if token is not None:
+                special[name] = token
+        return dict(special, tokenizer_class="PreTrainedTokenizerFast") if special else None
     existing = {}
     if os.path.isfile(path):
         try:

@@ -611,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # (a RuntimeError: before the memory errors' clause)
+        print(f"jaxdec: {e}", file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as e:
         # A model or batch too big for the machine: a common mistake, not a crash.
         if not (isinstance(e, MemoryError) or _out_of_memory(e)):
@@ -620,9 +623,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxdec: error: out of {where} memory ({first}): try a smaller model, batch "
               "or context, or --tp over more devices", file=sys.stderr)
         return 2
-    except Interrupted as e:
-        print(f"jaxdec: {e}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print("\njaxdec: interrupted", file=sys.stderr)
         return 130

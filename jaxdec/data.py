@@ -111,7 +111,8 @@ def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, 
         files = _walk(root, None, {"__pycache__"})
     texts = {f: t for f in sorted(files) if (t := _read_text(f)) is not None}
     if not texts:
-        raise ValueError(f"the corpus {root} has no readable text files")
+        raise ValueError(f"the corpus {root} has no readable text files (of its {len(files)} "
+                         "files none is UTF-8 text)")
     return root, texts
 
 

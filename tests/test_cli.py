@@ -91,6 +91,17 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="something else"):
         main(["generate", "--model", "x", "--prompt", "x"])
 
+    # An interrupted training run (a RuntimeError too) is one line and exit code 130.
+    from jaxdec.train import Interrupted
+
+    def interrupted(args):
+        raise Interrupted("train lm cpu-tiny interrupted; the checkpoint at step 40 is intact")
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert main(["train", "lm", "--preset", "cpu-tiny", "--out", "o"]) == 130
+    assert capsys.readouterr().err == ("jaxdec: train lm cpu-tiny interrupted; the checkpoint "
+                                       "at step 40 is intact\n")
+
 
 def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2

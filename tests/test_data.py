@@ -74,7 +74,8 @@ def test_extra_dirs_only_add_training_files(tmp_path):
 
 @pytest.mark.parametrize("files,match", [
     ({}, "no readable text files"),
-    ({"a.bin": b"\x00\xff\x00"}, "no readable text files"),
+    ({"a.bin": b"\x00\xff\x00", "latin.txt": "caf\xe9".encode("latin-1")},
+     r"no readable text files \(of its 2 files none is UTF-8 text\)"),
     ({"only.txt": "one file"}, "at least 2 readable files"),
 ])
 def test_bad_corpora(tmp_path, files, match):

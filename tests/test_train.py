@@ -54,6 +54,12 @@ def test_export_loads_in_transformers_with_equal_logits(trained):
         ref = hf(torch.tensor(tokens)).logits.numpy()
     ours = np.asarray(jaxdec.forward(model, tokens))
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
+    # transformers' tokenizer knows the special tokens (they were None: no padding).
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs.eos_token == theirs.bos_token == theirs.pad_token == "<|endoftext|>"
+    text = "import os\nprint(os.getcwd())\n"
+    assert theirs(text)["input_ids"] == model.tokenizer.encode(text).ids
+    assert len(set(map(len, theirs([text, "x"], padding=True)["input_ids"]))) == 1
 
 
 _KILL_DURING_SAVE = """
@@ -314,6 +320,14 @@ def test_output_directory_rules(trained, tmp_path):
     with pytest.raises(ValueError, match="not a jaxdec training directory"):
         train_lm(MICRO, foreign, resume=True, log=lambda _: None)
     assert (foreign / "notes.txt").read_text() == "precious"
+    # A train.json of the user's own (a dataset's) does not make the directory jaxdec's.
+    for record in ('[{"text": "a"}]', '{"split": "train"}', '{"kind": "lm"', "\xff"):
+        (foreign / "train.json").write_text(record)
+        for flags, match in ((dict(force=True), "refusing to delete .* not a jaxdec run record"),
+                             (dict(resume=True), "not a jaxdec training directory")):
+            with pytest.raises(ValueError, match=match):
+                train_lm(MICRO, foreign, log=lambda _: None, **flags)
+    assert (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(ValueError, match="notes.txt is a file: the run directory"):
         train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
     with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
@@ -495,6 +509,33 @@ def test_a_draft_is_not_trained_past_its_targets_positions(trained, tmp_path):
                                          "tokens are longer than the target's"):
         train_draft(target, MICRO, tmp_path / "d", log=lambda _: None)
     assert not (tmp_path / "d").exists()
+
+
+def test_a_draft_resumes_only_against_the_target_it_started_with(trained, tmp_path):
+    """A target retrained in place is another target: resuming its draft's run is refused
+    (it continued, distilling the new target into a draft half trained on the old one). A
+    tokenizer with more tokens than the target's vocabulary is refused before the run
+    directory is made (ids past it were trained on, the loss NaN)."""
+    import shutil
+
+    target = shutil.copytree(trained[0], tmp_path / "target",
+                             ignore=shutil.ignore_patterns("checkpoints"))
+    first = train_draft(target, MICRO, tmp_path / "d", steps=2, log=lambda _: None)
+    assert train_draft(target, MICRO, tmp_path / "d", steps=2, resume=True,
+                       log=lambda _: None) == first
+    model = jaxdec.load_pretrained(target)
+    retrained = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.01, model.params))
+    jaxdec.save_pretrained(retrained, target, overwrite=True)
+    with pytest.raises(ValueError, match=r"settings changed \(target_digest\)"):
+        train_draft(target, MICRO, tmp_path / "d", steps=2, resume=True, log=lambda _: None)
+
+    model.tokenizer.add_tokens([f"<extra{i}>" for i in range(3)])
+    words = model.tokenizer.get_vocab_size(with_added_tokens=True)
+    model.tokenizer.save(str(target / "tokenizer.json"))
+    with pytest.raises(ValueError, match=f"tokenizer has {words} tokens, more than its "
+                                         f"config.json's vocab_size={words - 3}"):
+        train_draft(target, MICRO, tmp_path / "e", steps=2, log=lambda _: None)
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_draft_never_runs_in_its_targets_directory(trained):

@@ -14,6 +14,8 @@ before (at initialisation, or from `init`) and after distillation.
 from __future__ import annotations
 
 import functools
+import glob
+import hashlib
 import os
 from typing import Callable
 
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdec import data
-from jaxdec.checkpoint import load_pretrained, save_pretrained
+from jaxdec.checkpoint import checkpoint_dir, load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
 from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, check_same_data,
@@ -95,6 +97,24 @@ def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: s
     return step
 
 
+# The files that make a target what it is (its weights, config and tokenizer).
+TARGET_FILES = ("config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def target_digest(target_dir) -> str:
+    """A hash of a target checkpoint's files (`TARGET_FILES`): a resumed draft run must
+    distill the target it started with."""
+    digest = hashlib.sha256()
+    paths = sorted({path for pattern in TARGET_FILES
+                    for path in glob.glob(os.path.join(checkpoint_dir(target_dir), pattern))})
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def train_draft(
     target_dir: str | os.PathLike,
     preset: str | Preset,
@@ -138,6 +158,13 @@ def train_draft(
         target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
     if target.tokenizer is None:
         raise ValueError(f"the target {target_dir} has no tokenizer.json for the draft to share")
+    # (before the run directory is made: a refused run leaves nothing behind)
+    words = target.tokenizer.get_vocab_size(with_added_tokens=True)
+    if words > target.config.vocab_size:
+        raise ValueError(f"the target {target_dir}'s tokenizer has {words} tokens, more than "
+                         f"its config.json's vocab_size={target.config.vocab_size}: ids past "
+                         "it have no embedding (is tokenizer.json another model's?)")
+    eot = data.end_of_text_id(target.tokenizer)
     if preset.seq_len > target.config.max_positions:
         # (the target would be run, and the draft trained, at positions the target has not)
         raise ValueError(f"preset {preset.name}'s sequences of {preset.seq_len} tokens are "
@@ -147,6 +174,8 @@ def train_draft(
         corpus_data = default_corpus(corpus, preset)
     run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
            "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
+           # A target retrained (or given another tokenizer) in place is another target.
+           "target_digest": target_digest(target_dir),
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
            "corpus_digest": loop.corpus_digest(corpus_data),
            "settings": loop.run_settings(preset)}
@@ -157,7 +186,6 @@ def train_draft(
     with phases("encode"):
         dataset = build_dataset(target.tokenizer, corpus_data, preset)
     check_same_data(dataset)
-    eot = data.end_of_text_id(target.tokenizer)
     draft_config = preset.draft.config(
         target.config.vocab_size, target.config.max_position_embeddings, eot)
 

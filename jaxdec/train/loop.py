@@ -224,6 +224,21 @@ def train_mesh(dp: int | None, batch_size: int):
     return parallel.make_mesh(dp=dp)
 
 
+RUN_KINDS = ("lm", "draft")
+
+
+def is_run_record(path: str) -> bool:
+    """Whether `path` is a run record jaxdec wrote: a JSON object of a known kind and preset
+    (a directory is deleted with --force only then)."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(value, dict) and value.get("kind") in RUN_KINDS
+            and isinstance(value.get("preset"), str) and "steps" in value)
+
+
 def read_json(path: str) -> dict:
     """A JSON object file of a run, or a ValueError naming it when it is not one (a file
     edited by hand, or cut short)."""
@@ -310,6 +325,9 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
         if resume:
             if not os.path.exists(run_file):
                 raise ValueError(f"{out} is not a jaxdec training directory (no {RUN_FILE})")
+            if not is_run_record(run_file):
+                raise ValueError(f"{out} is not a jaxdec training directory (its {RUN_FILE} "
+                                 "is not a jaxdec run record)")
             earlier = read_json(run_file)
             if earlier != run:
                 raise ValueError(f"cannot resume {out}: the run settings changed "
@@ -322,6 +340,9 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
             )
         if not os.path.exists(run_file):
             raise ValueError(f"refusing to delete {out}: jaxdec did not create it (no {RUN_FILE})")
+        if not is_run_record(run_file):  # (a dataset's train.json, say)
+            raise ValueError(f"refusing to delete {out}: jaxdec did not create it (its "
+                             f"{RUN_FILE} is not a jaxdec run record)")
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     tmp = run_file + ".tmp"
