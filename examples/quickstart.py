@@ -66,10 +66,12 @@ def run_demo(config: jaxdec.ModelConfig, directory: str, args) -> None:
     lengths = np.array([len(p) for p in prompts], np.int32)
     run = jax.jit(functools.partial(jaxdec.generate_padded, max_new_tokens=args.new_tokens),
                   donate_argnames="cache")
-    cache = jaxdec.init_cache(config, len(prompts), 16 + args.new_tokens, mesh=model.mesh)
+    cache = jaxdec.init_cache(config, len(prompts), 16 + args.new_tokens,
+                              dtype=model.dtype, mesh=model.mesh)
     (out, n_generated), cache = run(model, tokens, lengths, cache, jax.random.PRNGKey(0))
     start = time.perf_counter()
-    cache = jaxdec.init_cache(config, len(prompts), 16 + args.new_tokens, mesh=model.mesh)
+    cache = jaxdec.init_cache(config, len(prompts), 16 + args.new_tokens,
+                              dtype=model.dtype, mesh=model.mesh)
     (out, n_generated), cache = run(model, tokens, lengths, cache, jax.random.PRNGKey(0))
     jax.block_until_ready(out)
     print(f"your own jit: {time.perf_counter() - start:.3f} s for {int(jnp.sum(n_generated))} tokens, "

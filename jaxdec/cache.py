@@ -189,7 +189,8 @@ def init_cache(
     mesh=None,
     abstract: bool = False,
 ) -> Cache:
-    """Allocates an empty cache (zeros, lengths 0), placed with the mesh's sharding.
+    """Allocates an empty cache (zeros, lengths 0), placed with the mesh's sharding. `dtype`
+    must be the model's (`model.dtype`: a model refuses a cache of another dtype).
 
     With `abstract=True` every leaf is a `jax.ShapeDtypeStruct` (shape, dtype, sharding; no
     memory), what a program compiled ahead (`compile_only=True`) needs; the allocation's own

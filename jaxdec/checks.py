@@ -30,7 +30,8 @@ def check_untraced(function: str, **arguments) -> None:
                 f"{function} cannot run inside a jax transformation (jit, vmap, grad): its "
                 f"argument {name!r} is traced. It compiles and runs its own program and reads "
                 "the results on the host: call it outside (it is one compiled program "
-                "already), or jit jaxdec.generate_padded, the pure form of plain decoding")
+                "already), or jit its pure form: jaxdec.generate_padded for plain decoding, "
+                "jaxdec.speculative.speculative_padded for speculative decoding")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -139,6 +139,8 @@ def generate_padded(
     return_logprobs: bool = False,
 ):
     """Generates from right-padded prompts; pure and jittable (jit with the cache donated).
+    Called outside jit it runs one compiled program too (compiled once per shapes and static
+    arguments; the cache is then not donated).
 
     Args:
       model: the Model (a pytree; its config and mesh are static).
@@ -179,11 +181,29 @@ def generate_padded(
         if not sampler.is_greedy:
             raise ValueError("key is needed to sample (greedy decoding takes None)")
         key = jax.random.PRNGKey(0)
+    arrays = (model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
+    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
+                    stream=stream, return_logprobs=return_logprobs)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+        return _generate_padded(*arrays, **settings)
+    # Called eagerly: one compiled program (op by op, the loop's while was compiled anew in
+    # every call: its body is a new function each time).
+    return _generate_padded_program(*arrays, **settings)
+
+
+def _generate_padded(model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, *,
+                     max_new_tokens, sampler, pad_id, stream, return_logprobs):
+    """`generate_padded` on checked arguments."""
     row_keys = sampling.row_keys(key, tokens_BT.shape[0])
     first, first_logprob, cache = _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys,
                                            sampler, return_logprobs)
     return _decode(model, first, cache, row_keys, stop_tokens_BM, max_new_tokens=max_new_tokens,
                    sampler=sampler, pad_id=pad_id, stream=stream, first_logprob_B=first_logprob)
+
+
+_generate_padded_program = jax.jit(
+    _generate_padded,
+    static_argnames=("max_new_tokens", "sampler", "pad_id", "stream", "return_logprobs"))
 
 
 def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) -> None:
@@ -475,7 +495,7 @@ def generate(
     return_timings: bool = False,
     return_logprobs: bool = False,
     compile_only: bool = False,
-) -> GenerateResult | None:
+) -> GenerateResult | jax.stages.Compiled:
     """Generates continuations of ragged prompts with one compiled program.
 
     Args:
@@ -529,7 +549,7 @@ def generate(
                           pad_id=pad_id, max_len=max_len)
     cache = init_cache(model.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(model), mesh=model.mesh, abstract=compile_only)
-    key = jax.random.key(0) if key is None else parallel.onto_mesh(key, model.mesh)
+    key = parallel.onto_mesh(jax.random.key(0) if key is None else key, model.mesh)
     with registered_stream(stream, batch, devices=model.mesh.size) as (dispatch, stream_id):
         args = (model, batch.tokens, batch.lengths, cache, key, batch.stop, stream_id,
                 np.int32(max_new_tokens))

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdec import parallel
-from jaxdec.cache import Cache, cache_axes
+from jaxdec.cache import BF16_BITS, Cache, cache_axes
 from jaxdec.checks import check_config, check_ids, check_model, check_param_dtype
 from jaxdec.config import ModelConfig
 from jaxdec.models import llama
@@ -71,6 +71,12 @@ class Model:
     generation_config: Any = None
     attention: AttentionImpl = AttentionImpl.AUTO
     matmul: MatmulImpl = MatmulImpl.XLA
+
+    @property
+    def dtype(self):
+        """The parameters' dtype: a cache for this model holds keys and values in it
+        (`init_cache(model.config, ..., dtype=model.dtype)`)."""
+        return param_dtype(self)
 
     def with_attention(self, attention: "AttentionImpl | str") -> "Model":
         """This model with another attention implementation ("auto", "reference", "pallas",
@@ -403,7 +409,13 @@ def check_cache(model: Model, cache, batch: int) -> None:
     if len(cache.layers) != config.num_layers:
         raise ValueError(f"the cache has {len(cache.layers)} layers, the model "
                          f"{config.num_layers}: make it with init_cache(model.config, ...)")
-    shape = cache.layers[0].k.shape
+    shape, dtype = cache.layers[0].k.shape, jnp.dtype(cache.layers[0].k.dtype)
+    want_dtype = jnp.dtype(param_dtype(model))
+    # (inside jaxdec's CPU programs a bf16 cache travels as its bits: `jaxdec.cache.as_bits`)
+    if dtype != want_dtype and not (dtype == BF16_BITS and want_dtype == jnp.bfloat16):
+        raise TypeError(f"the cache holds {dtype} keys and values, the model's parameters are "
+                        f"{want_dtype}: make it with init_cache(model.config, ..., "
+                        "dtype=model.dtype)")
     if (len(shape) != 4 or shape[0] != batch or shape[2:] != want
             or cache.lengths.shape != (batch,)):
         raise ValueError(

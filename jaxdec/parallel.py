@@ -71,14 +71,20 @@ def put_on_mesh(array, sharding: jax.sharding.Sharding) -> jax.Array:
 def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
     """`x` (a small array: a key) replicated over `mesh` where it lies on a device outside it
     (another model's) or on another mesh (one made under a caller's `jax.set_mesh` carries
-    that mesh in its type in newer jax), as it is otherwise: a program over the mesh refuses
-    such an argument."""
+    that mesh in its type in newer jax): a program over the mesh refuses such an argument.
+    In one process, replicated over `mesh` wherever it lies (one compiled program whatever
+    the key's placement)."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return x
-    sharding = x.sharding
+    sharding, replicated = x.sharding, NamedSharding(mesh, P())
     if not sharding.device_set <= set(mesh.devices.flat) or (
             isinstance(sharding, NamedSharding) and sharding.mesh != mesh):
-        return jax.device_put(x, NamedSharding(mesh, P()))
+        return jax.device_put(x, replicated)
+    # In one process, always the one placement: a program's inputs' placements are part of
+    # what it was compiled for (a key made by jax.random.key, one device_put on a device and
+    # one on the mesh compiled three programs).
+    if mesh.devices.size == len(mesh.local_devices) and sharding != replicated:
+        return jax.device_put(x, replicated)
     return x
 
 

@@ -165,7 +165,7 @@ class PrefixCache:
         # Until the call returns: the caches are donated to it.
         self._tokens = [[] for _ in range(self.rows)]
         self._drafter_state, self._drafter_held = None, None
-        key = jax.random.key(0) if key is None else parallel.onto_mesh(key, self.model.mesh)
+        key = parallel.onto_mesh(jax.random.key(0) if key is None else key, self.model.mesh)
         # The session's programs depend on the rest's width, not on max_new_tokens.
         limit, capacity = np.int32(max_new_tokens), output_capacity(batch, max_new_tokens, width)
         try:

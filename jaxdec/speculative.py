@@ -74,11 +74,16 @@ class SpeculativeResult:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
+        """Decode throughput over all rows (every token / decode_s: the prefill here stops
+        before the prompts' last tokens, so the first new token is the loop's too; plain
+        decoding's prefill makes it: `GenerateResult` counts the tokens after the first);
+        None where untimed."""
         if not self.decode_s:
             return None
         return float(np.sum(self.lengths) / self.decode_s)
 
     def to_lists(self) -> list[list[int]]:
+        """Each row's new tokens as a list (up to and with its stop token)."""
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
@@ -417,7 +422,7 @@ def speculative_generate(
     profile: bool = False,
     return_logprobs: bool = False,
     compile_only: bool = False,
-) -> SpeculativeResult | None:
+) -> SpeculativeResult | jax.stages.Compiled:
     """Generates with speculative decoding; same outputs as `jaxdec.generate` (greedy: the
     same tokens; sampling: the same distribution), fewer target forwards.
 
@@ -476,7 +481,7 @@ def speculative_generate(
     drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)
-    key = jax.random.key(0) if key is None else parallel.onto_mesh(key, target.mesh)
+    key = parallel.onto_mesh(jax.random.key(0) if key is None else key, target.mesh)
     with registered_stream(stream, batch, devices=target.mesh.size) as (dispatch, stream_id):
         args = (target, drafter, batch.tokens, batch.lengths, cache, key, batch.stop,
                 np.int32(max_new_tokens), stream_id)

@@ -49,6 +49,26 @@ def test_no_recompilation_within_a_bucket(loaded):
     assert _compiles
 
 
+def test_where_a_key_lies_compiles_nothing(loaded):
+    """A key made by jax.random.key, put on a device or replicated over the model's mesh is
+    one program (each placement compiled its own), in generate and a PrefixCache."""
+    model = loaded(VARIANT)
+    sampler = jaxdec.Sampler(temperature=0.9)
+    key = jax.random.key(5)
+    placed = [key, jax.device_put(key, jax.devices()[0]),
+              jax.device_put(key, jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec()))]
+    want = jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=4, sampler=sampler, key=key)
+    session = jaxdec.PrefixCache(model, max_len=32)
+    for _ in range(2):  # its first call's program and the one continuing a cache
+        session.generate(_prompts((5,))[0], max_new_tokens=4, sampler=sampler, key=key)
+    _compiles.clear()
+    for each in placed:
+        got = jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=4, sampler=sampler, key=each)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        session.generate(_prompts((5,))[0], max_new_tokens=4, sampler=sampler, key=each)
+    assert _compiles == []
+
+
 def test_one_program_serves_every_max_new_tokens_of_a_cache(loaded):
     """With max_len given, max_new_tokens is a bound the loop reads at run time, not a shape:
     another count compiles nothing and gives the tokens (and log-probabilities) of a default
@@ -455,6 +475,15 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     np.testing.assert_array_equal(again, out)
     np.testing.assert_allclose(logprobs, jaxdec.generate(
         model, prompts, max_new_tokens=6, return_logprobs=True).logprobs, rtol=1e-6)
+    # Called eagerly: one program, compiled once (the loop compiled again in every call).
+    jaxdec.generate_padded(model, tokens, lengths, jaxdec.init_cache(model.config, 2, 32), None,
+                           max_new_tokens=6)
+    _compiles.clear()
+    (eager, _), eager_cache = jaxdec.generate_padded(
+        model, tokens, lengths, jaxdec.init_cache(model.config, 2, 32), None, max_new_tokens=6)
+    assert _compiles == []
+    np.testing.assert_array_equal(eager, out)
+    np.testing.assert_array_equal(eager_cache.lengths, lengths + 5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -500,6 +529,12 @@ def test_generate_padded_checks_what_it_is_given(loaded):
     with pytest.raises(ValueError, match="the cache's 18 slots hold no prompt block of 16 "
                                          "tokens and 8 new tokens: it needs max_len >= 23"):
         run(jaxdec.init_cache(model.config, 2, 18), jax.random.PRNGKey(0), max_new_tokens=8)
+    # A cache of another dtype than the model's (twice the memory a bf16 model needs, and
+    # not generate's numerics) is named.
+    assert model.dtype == jnp.float32
+    with pytest.raises(TypeError, match="the cache holds bfloat16 keys and values, the model's "
+                                        r"parameters are float32: .*dtype=model.dtype"):
+        run(jaxdec.init_cache(model.config, 2, 32, dtype=jnp.bfloat16), None, max_new_tokens=4)
     cache = jaxdec.init_cache(model.config, 2, 32)
     for kwargs, error, match in [
             (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),
