@@ -218,6 +218,7 @@ def _generate(args) -> None:
         raise ValueError("--prompt-file -: several processes cannot share standard input; "
                          "give every process the prompt (--prompt, or a file each can read)")
     text, echo, source = _prompt_text(args)
+    _check_files(args, f"to encode {source} with")
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     model = model.with_attention(args.attention)
@@ -333,6 +334,7 @@ def _chat(args) -> None:
     sampler, topology = _decoding_settings(args)
     if args.system is not None:
         _utf8(args.system, "--system")
+    _check_files(args)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype,
                                    mesh=jaxdec.make_mesh(tp=args.tp))
     model = model.with_attention(args.attention)
@@ -476,6 +478,25 @@ def _template_unreadable(path: str, model) -> None:
         load_chat_template(checkpoint_dir(path))
     except ChatTemplateError as e:
         raise ValueError(f"{path}'s chat template cannot be used: {e}") from None
+
+
+def _check_files(args, purpose: str = "") -> None:
+    """What the model, the draft and the retrieval corpus lack, said before any checkpoint is
+    loaded (an 8B model loads for minutes)."""
+    from jaxdec.checkpoint import checkpoint_dir
+
+    directory = checkpoint_dir(args.model)
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise ValueError(f"{args.model} has no tokenizer.json" + (f" {purpose}" if purpose else ""))
+    if args.draft:
+        try:
+            checkpoint_dir(args.draft)
+        except (ValueError, TypeError, OSError) as e:
+            raise ValueError(f"--draft {args.draft}: {e}") from None
+    if args.retrieval and not os.path.isdir(args.retrieval):
+        raise ValueError(f"--retrieval {args.retrieval} "
+                         + ("is a file: give a directory of text files"
+                            if os.path.exists(args.retrieval) else "does not exist"))
 
 
 def _drafter(args, model):

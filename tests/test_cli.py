@@ -103,17 +103,29 @@ def test_out_of_memory_is_one_line(monkeypatch, capsys):
                                        "at step 40 is intact\n")
 
 
-def test_missing_model_and_tokenizer(hf_checkpoints, tmp_path, capsys):
+def test_missing_model_and_tokenizer(hf_checkpoints, tokenized_checkpoint, tmp_path, capsys,
+                                     monkeypatch):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
     config = os.path.join(hf_checkpoints("llama-gqa")[0], "config.json")
     assert main(["generate", "--model", config, "--prompt", "x"]) == 2
     assert "config.json is a file" in capsys.readouterr().err
-    assert main(["generate", "--model", hf_checkpoints("llama-gqa")[0], "--prompt", "x",
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
                  "--dtype", "float64"]) == 2
     assert "dtype=float64 needs jax's 64-bit mode" in capsys.readouterr().err
-    assert main(["generate", "--model", hf_checkpoints("llama-gqa")[0], "--prompt", "x"]) == 2
-    assert "no tokenizer.json" in capsys.readouterr().err
+    # What the model, draft and corpus lack is said before any checkpoint loads (an 8B
+    # model loads for minutes first).
+    monkeypatch.setattr(jaxdec, "load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    for command in ("generate", "chat"):
+        prompt = ["--prompt", "x"] if command == "generate" else []
+        assert main([command, "--model", hf_checkpoints("llama-gqa")[0], *prompt]) == 2
+        assert "no tokenizer.json" in capsys.readouterr().err
+        for flags, said in ((["--retrieval", str(tmp_path / "corpus")], "does not exist"),
+                            (["--retrieval", config], "is a file: give a directory"),
+                            (["--draft", str(tmp_path / "d")], "does not exist")):
+            assert main([command, "--model", tokenized_checkpoint, *prompt, *flags]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"jaxdec: error: {flags[0]} {flags[1]}") and said in err, err
 
 
 def test_seeds_are_32_bit(tokenized_checkpoint, capsys):
