@@ -578,6 +578,7 @@ def save_pretrained(
       model: the Model to export.
       path: target directory; must not exist (or be empty) unless `overwrite`.
       dtype: dtype of the written tensors (default: the params' dtype).
+      overwrite: write into an existing non-empty directory (see above).
       max_shard_bytes: above this size the weights are split into shards with an index; the
         host holds one shard's tensors at a time.
     Returns:

@@ -129,10 +129,17 @@ class ModelConfig:
       layer_windows: per layer, the sliding-window size (a query at position p sees keys at
         positions > p - window) or None for full causal attention.
       qkv_bias / o_bias / mlp_bias: which projections carry a bias.
+      rms_norm_eps: the RMSNorm epsilon.
+      rope: the rotary embedding (`RopeConfig`: theta and scaling).
+      max_position_embeddings: the positions the model serves (`max_positions` adds what
+        rope scaling extends).
       tie_word_embeddings: the output projection is the embedding matrix (no `lm_head`).
+      hidden_act: the MLP's activation ("silu"; HF's name).
+      bos_token_id, pad_token_id: the checkpoint's ids, or None.
       eos_token_ids: the checkpoint's end-of-sequence ids (the CLI's default stop tokens):
         `from_hf` of a directory takes those of its generation_config.json and config.json.
-      dtype: the checkpoint's dtype name, the default dtype when loading.
+      dtype: the checkpoint's dtype name, the default dtype when `load_pretrained` reads it
+        (`init_model` takes its own `dtype` argument).
     """
 
     model_type: str = "llama"

@@ -356,6 +356,9 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
         if isinstance(prompt, (str, bytes)):
             raise TypeError(f"prompts[{i}] is a string; tokenize it first (token-id lists)")
         row = np.asarray(prompt)
+        if row.ndim == 0 and np.issubdtype(row.dtype, np.integer):  # one prompt, unwrapped
+            raise TypeError(f"prompts must be a list of prompts, each a list of token ids; got "
+                            f"a list of ints (one prompt is [ids]: prompts=[{str(prompts)[:30]}])")
         if row.ndim != 1 or not (row.size == 0 or np.issubdtype(row.dtype, np.integer)):
             raise TypeError(f"prompts[{i}] must be a flat list of integer token ids")
         if row.size == 0:

@@ -72,6 +72,20 @@ class Model:
     attention: AttentionImpl = AttentionImpl.AUTO
     matmul: MatmulImpl = MatmulImpl.XLA
 
+    def __repr__(self) -> str:
+        # (the generated one printed every parameter's values: 48K characters for a 2M model)
+        leaves = jax.tree.leaves(self.params)
+        count = sum(int(np.prod(x.shape)) for x in leaves)
+        dtypes = sorted({str(x.dtype) for x in leaves})
+        mesh = ", ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
+        tokenizer = (None if self.tokenizer is None else
+                     f"<{self.tokenizer.get_vocab_size()} tokens>"
+                     if hasattr(self.tokenizer, "get_vocab_size") else type(self.tokenizer).__name__)
+        return (f"Model(config={self.config!r}, params=<{count:,} {'/'.join(dtypes)}>, "
+                f"mesh=<{mesh}>, tokenizer={tokenizer}, "
+                f"chat_template={'<template>' if self.chat_template is not None else None}, "
+                f"attention={self.attention.value!r}, matmul={self.matmul.value!r})")
+
     @property
     def dtype(self):
         """The parameters' dtype: a cache for this model holds keys and values in it
@@ -429,7 +443,8 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     """Full causal forward from position 0 without a cache: logits [B, T, V] (fp32).
 
     Works eagerly or inside your own `jax.jit` (where the ids' range cannot be checked: an id
-    outside the vocabulary embeds as zeros). On a data-parallel mesh any batch size works (the
+    outside the vocabulary embeds as zeros; eagerly, ids on a device are read back to the host
+    for that check, a wait for the device: inside jit there is none). On a data-parallel mesh any batch size works (the
     rows are padded to a multiple of dp inside, as `generate` pads its batch).
     """
     check_model(model)

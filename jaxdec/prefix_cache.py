@@ -19,7 +19,7 @@ from jaxdec.model import Model, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.speculative import SpeculativeResult, spec_result
 from jaxdec.speculative import _program as _spec_program
-from jaxdec.tree import Topology, as_topology
+from jaxdec.tree import DynamicTree, Topology, as_topology
 from jaxdec.verify import check_proposal
 
 
@@ -59,7 +59,7 @@ class PrefixCache:
 
     @parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
     def __init__(self, model: Model, max_len: int, *, drafter: Drafter | None = None,
-                 tree: Topology | None = None, rows: int = 1):
+                 tree: Topology | DynamicTree | None = None, rows: int = 1):
         check_model(model)
         max_len, rows = python_ints(max_len=max_len, rows=rows)
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
@@ -80,6 +80,12 @@ class PrefixCache:
         self.topology = None if drafter is None else (
             drafter.default_topology() if tree is None else as_topology(tree))
         self._reset()
+
+    def __repr__(self) -> str:
+        held = [len(t) for t in self._tokens]
+        return (f"PrefixCache(max_len={self.max_len}, rows={self.rows}, "
+                f"holding={held[0] if self.rows == 1 else held} tokens, "
+                f"drafter={self.drafter!r})")
 
     @property
     def tokens(self) -> list[int] | list[list[int]]:

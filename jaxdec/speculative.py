@@ -29,7 +29,7 @@ from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_comp
                              registered_stream, token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
-from jaxdec.tree import Topology, TokenTree, ancestor_mask, as_topology
+from jaxdec.tree import DynamicTree, Topology, TokenTree, ancestor_mask, as_topology
 from jaxdec.verify import ProposalKind, check_proposal, emitted_tokens, verify
 
 
@@ -413,7 +413,7 @@ def speculative_generate(
     max_new_tokens: int,
     sampler: Greedy | Sampler | None = None,
     key: jax.Array | None = None,
-    tree: Topology | None = None,
+    tree: Topology | DynamicTree | None = None,
     stop_tokens=(),
     pad_id: int = 0,
     max_len: int | None = None,

@@ -618,3 +618,22 @@ def test_draft_model_dynamic_tree_against_brute_force(loaded):
             want_slots = [1 + expanded.index(p) if p in expanded else 0 for p in paths]
             want_slots[0] = 1
             np.testing.assert_array_equal(np.asarray(proposal.slots)[b], want_slots)
+
+
+def test_reprs_are_short_and_say_what_matters(loaded):
+    """A Model's repr printed every parameter's values (48K characters for the demo's 2M
+    target); drafters and sessions had only their addresses."""
+    model = loaded("llama-gqa")
+    text = repr(model)
+    count = sum(x.size for x in jax.tree.leaves(model.params))
+    assert len(text) < 1500 and f"params=<{count:,} float32>" in text
+    assert "mesh=<dp=1, tp=1>" in text and "attention='auto'" in text
+    lookup = jaxdec.drafters.PromptLookup(depth=4)
+    assert repr(lookup) == ("PromptLookup(max_ngram=3, min_ngram=1, depth=4, "
+                            "num_candidates=3)")
+    assert repr(jaxdec.drafters.Retrieval(np.arange(50))).startswith("Retrieval(<50 tokens>")
+    assert repr(jaxdec.drafters.DraftModel(model)).startswith(
+        f"DraftModel(<{model.config.num_layers} layers")
+    session = jaxdec.PrefixCache(model, max_len=32, drafter=lookup)
+    session.generate([3, 4, 5], max_new_tokens=3)
+    assert repr(session) == f"PrefixCache(max_len=32, rows=1, holding=5 tokens, drafter={lookup!r})"

@@ -494,6 +494,7 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([], {}, TypeError, "non-empty list"),
     ("hello", {}, TypeError, "non-empty list"),
     (["hello"], {}, TypeError, "tokenize it first"),
+    ([1, 2, 3], {}, TypeError, r"got a list of ints \(one prompt is \[ids\]: prompts=\[\[1, 2, 3\]\]\)"),
     ([[1, 200]], {}, ValueError, r"outside \[0, 97\)"),
     ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     ([[1, 2]], dict(max_new_tokens=2048), ValueError, "max_position_embeddings"),

@@ -76,9 +76,13 @@ class DraftModel(Drafter):
         is kept, as long as this object lives, for the calls after it).
       proposal: how children are chosen (see the module docstring).
       tree: the default tree when `speculative_generate` gets none (chain(4)).
+      target_vocab: the target's vocabulary size, which the proposals' distributions span
+        (a draft of a padded vocabulary masks its extra entries); `prepare` sets it from the
+        target, so leave it None.
     """
 
-    def __init__(self, model: Model, *, proposal: str = "auto", tree: Topology | None = None,
+    def __init__(self, model: Model, *, proposal: str = "auto",
+                 tree: Topology | DynamicTree | None = None,
                  target_vocab: int | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"DraftModel needs a jaxdec Model, got {type(model).__name__}")
@@ -93,6 +97,11 @@ class DraftModel(Drafter):
         self.target_vocab = target_vocab
         # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
         self._placed = {}
+
+    def __repr__(self) -> str:
+        return (f"DraftModel(<{self.model.config.num_layers} layers, "
+                f"{self.model.config.hidden_size} wide, {self.model.dtype}>, "
+                f"proposal={self.proposal!r}, tree={self.tree!r})")
 
     def _replace(self, **changes) -> "DraftModel":
         fields = dict(model=self.model, proposal=self.proposal, tree=self.tree,

@@ -32,6 +32,10 @@ class PromptLookup(Drafter):
     def _settings(self):
         return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
 
+    def __repr__(self) -> str:
+        return (f"PromptLookup(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}, "
+                f"depth={self.depth}, num_candidates={self.num_candidates})")
+
     def __eq__(self, other):
         return type(other) is type(self) and other._settings() == self._settings()
 

@@ -103,6 +103,11 @@ class Retrieval(Drafter):
     def _settings(self):
         return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
 
+    def __repr__(self) -> str:
+        return (f"Retrieval(<{self.size:,} tokens>, max_ngram={self.max_ngram}, "
+                f"min_ngram={self.min_ngram}, depth={self.depth}, "
+                f"num_candidates={self.num_candidates})")
+
     def default_topology(self) -> Topology:
         return candidates_topology(self.num_candidates, self.depth)
 
