@@ -620,11 +620,11 @@ def save_pretrained(
     # Every tensor's size is known before any is converted, so the shards are planned first
     # and each is converted, written and let go in turn: the host holds one shard's tensors
     # (at most max_shard_bytes, or one tensor), never the whole model.
-    owners, sizes = {}, {}  # HF name -> our param path, and its bytes as written
+    owners, tensors = {}, {}  # HF name -> our param path, and (dtype, shape) as written
     for path_str, entry in table.items():
-        itemsize = np.dtype(dtype if dtype is not None else flat[path_str].dtype).itemsize
+        written = np.dtype(dtype if dtype is not None else flat[path_str].dtype)
         for name, shape in zip(entry.hf_names, entry.hf_shapes):
-            owners[name], sizes[name] = path_str, math.prod(shape) * itemsize
+            owners[name], tensors[name] = path_str, (written, tuple(shape))
     written_dtype = str(np.dtype(dtype if dtype is not None else flat["['embed']"].dtype))
     converted: dict[str, jax.Array] = {}  # an entry's other tensors, until their shard
     fetched: set[str] = set()
@@ -641,7 +641,7 @@ def save_pretrained(
         return np.ascontiguousarray(parallel.to_host(converted.pop(name)))
 
     if not writer:
-        for name in sizes:  # in the writer's order: each gather is a collective
+        for name in tensors:  # in the writer's order: each gather is a collective
             fetch(name)
         if not _process_zero_succeeded(True):
             raise RuntimeError(f"process 0 failed to write {target} (its error says why)")
@@ -653,7 +653,7 @@ def save_pretrained(
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
-        _write_weights(staging, sizes, fetch, max_shard_bytes)
+        _write_weights(staging, tensors, fetch, max_shard_bytes)
         hf_config["torch_dtype"] = written_dtype
         _write_json(os.path.join(staging, "config.json"), hf_config)
         # The checkpoint's own settings (sampling defaults, ...) with the config's ids.
@@ -686,7 +686,7 @@ def save_pretrained(
         if jax.process_count() > 1:
             # The others gather every tensor with this process, in this order: the gathers
             # are finished with them, then they are told.
-            for name in sizes:
+            for name in tensors:
                 if name not in fetched:
                     fetch(name)
             _process_zero_succeeded(False)
@@ -775,13 +775,14 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def _write_weights(directory: str, sizes: dict[str, int], fetch: Callable[[str], np.ndarray],
-                   max_shard_bytes: int) -> None:
-    """Writes the tensors named by `sizes` (name -> bytes, in order) as one safetensors file,
-    or as shards of at most `max_shard_bytes` (a bigger tensor alone) with an index; each
-    shard's tensors are fetched (`fetch(name)`) only when it is written."""
-    from safetensors.numpy import save_file
-
+def _write_weights(directory: str, tensors: dict[str, tuple[np.dtype, tuple]],
+                   fetch: Callable[[str], np.ndarray], max_shard_bytes: int) -> None:
+    """Writes the tensors named by `tensors` (name -> (dtype, shape), in order) as one
+    safetensors file, or as shards of at most `max_shard_bytes` (a bigger tensor alone) with
+    an index. Each file's header is written first (every size is known) and its tensors one
+    at a time, each fetched (`fetch(name)`) when it is written and let go after: the host
+    holds one tensor, not a shard (5 GiB by default)."""
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
     for name, nbytes in sizes.items():
@@ -792,14 +793,41 @@ def _write_weights(directory: str, sizes: dict[str, int], fetch: Callable[[str],
         size += nbytes
     files = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    metadata = {"format": "pt"}  # transformers expects the torch layout tag
     for file, names in zip(files, shards):
-        save_file({name: fetch(name) for name in names}, os.path.join(directory, file),
-                  metadata=metadata)
+        _write_safetensors(os.path.join(directory, file), {n: tensors[n] for n in names}, fetch)
     if len(shards) > 1:
         weight_map = {name: file for file, names in zip(files, shards) for name in names}
         _write_json(os.path.join(directory, INDEX_FILE),
                     {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _write_safetensors(path: str, tensors: dict[str, tuple[np.dtype, tuple]],
+                       fetch: Callable[[str], np.ndarray]) -> None:
+    """One safetensors file (the format: an 8-byte little-endian header size, the JSON header
+    padded with spaces to a multiple of 8 bytes, then the tensors' bytes at the offsets it
+    names), written a tensor at a time in `tensors`' order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # (transformers wants "pt")
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, (dtype, shape) in tensors.items():
+            array = fetch(name)
+            if array.dtype != dtype or array.shape != shape:  # (a bug: the header says so)
+                raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got "
+                                     f"{array.dtype}{list(array.shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            del array  # before the next is fetched
 
 
 # The weight files a save replaces (transformers' names); other files in the target stay.

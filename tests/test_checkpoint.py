@@ -84,34 +84,35 @@ def test_loading_casts_as_numpy_does_and_takes_64_bit_tensors(hf_checkpoints, lo
     _params_equal(jaxdec.load_pretrained(out).params, fp32)
 
 
-def test_export_brings_one_shard_at_a_time_to_the_host(loaded, tmp_path, monkeypatch):
-    """A sharded export copies a shard's tensors off the devices only when it writes that
-    shard: the host never holds more than one shard (at most max_shard_bytes, or one
-    tensor)."""
-    import safetensors.numpy
+def test_export_brings_one_tensor_at_a_time_to_the_host(loaded, tmp_path, monkeypatch):
+    """An export copies a tensor off the devices only when it writes it, and lets it go
+    before the next: the host holds one tensor (it held a whole shard, 5 GiB by default),
+    sharded or not; the files load as the model."""
+    import weakref
+
+    import safetensors
 
     from jaxdec import parallel
 
-    copied, written = [], []
-    to_host, save_file = parallel.to_host, safetensors.numpy.save_file
+    alive, to_host = [], parallel.to_host
 
-    def counting_get(x):
-        copied.append(x.shape)
-        return to_host(x)
+    def one_at_a_time(x):
+        assert not [ref for ref in alive if ref() is not None], "an earlier tensor is held"
+        host = to_host(x)
+        alive.append(weakref.ref(host))
+        return host
 
-    def checking_save(tensors, path, metadata=None):
-        written.append(len(tensors))
-        assert len(copied) == sum(written)  # this shard's tensors, and no later one's
-        assert sum(t.nbytes for t in tensors.values()) <= 64 * 1024 or len(tensors) == 1
-        save_file(tensors, path, metadata=metadata)
-
-    monkeypatch.setattr(parallel, "to_host", counting_get)
-    monkeypatch.setattr(safetensors.numpy, "save_file", checking_save)
+    monkeypatch.setattr(parallel, "to_host", one_at_a_time)
     model = loaded("llama-bias")
-    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
-    monkeypatch.undo()
-    assert len(written) > 2 and sum(written) == len(copied)
-    _params_equal(jaxdec.load_pretrained(out).params, model.params)
+    for name, shard_bytes in (("sharded", 64 * 1024), ("single", 2**30)):
+        alive.clear()
+        out = jaxdec.save_pretrained(model, tmp_path / name, max_shard_bytes=shard_bytes)
+        files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
+        assert len(files) > 2 if name == "sharded" else files == ["model.safetensors"]
+        stored = sum(len(safetensors.safe_open(os.path.join(out, f), "np").keys())
+                     for f in files)
+        assert len(alive) == stored  # each tensor copied once
+        _params_equal(jaxdec.load_pretrained(out).params, model.params)
 
 
 def test_layers_share_their_compiled_conversions(tmp_path):

@@ -488,6 +488,15 @@ def test_a_one_step_schedule():
     np.testing.assert_allclose(np.asarray(updates["w"]), -1e-3 / 4, rtol=1e-4)
 
 
+def test_a_draft_of_an_unfinished_target_says_so(tmp_path):
+    """It said "no config.json" of a target still training (or stopped)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.json").write_text('{"kind": "lm", "preset": "x", "steps": 9}')
+    with pytest.raises(ValueError, match="is a training run that has not finished"):
+        train_draft(tmp_path / "run", MICRO, tmp_path / "d", log=lambda _: None)
+    assert not (tmp_path / "d").exists()
+
+
 def test_draft_needs_a_tokenizer(hf_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         train_draft(hf_checkpoints("llama-gqa")[0], MICRO, tmp_path / "d")

@@ -154,6 +154,11 @@ def train_draft(
     mesh = loop.train_mesh(dp, preset.batch_size)
     dtype = loop.compute_dtype()
     phases = loop.Phases()
+    directory = os.fspath(target_dir)
+    if (os.path.isfile(os.path.join(directory, loop.RUN_FILE))
+            and not os.path.isfile(os.path.join(directory, "config.json"))):
+        raise ValueError(f"the target {directory} is a training run that has not finished (it "
+                         "exports its model when it does): continue it with --resume first")
     with phases("load target"):
         target = load_pretrained(target_dir, dtype=jnp.float32, mesh=mesh)
     if target.tokenizer is None:
