@@ -512,7 +512,11 @@ def _drafter(args, model):
     if args.prompt_lookup:
         return drafters.PromptLookup()
     if args.retrieval:
-        return drafters.Retrieval.from_directory(args.retrieval, model.tokenizer)
+        from jaxdec.demo import jaxdec_home
+
+        # (kept between runs: a large corpus takes a minute to encode and sort)
+        return drafters.Retrieval.from_directory(
+            args.retrieval, model.tokenizer, cache_dir=os.path.join(jaxdec_home(), "retrieval"))
     return None
 
 

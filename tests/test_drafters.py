@@ -286,6 +286,37 @@ def test_retrieval_from_texts_checks_its_settings_before_encoding(monkeypatch):
         Retrieval.from_texts(["hello world"], make_tokenizer(), dept=3)
 
 
+def test_retrieval_datastores_are_kept_in_a_cache_dir(tmp_path, monkeypatch):
+    """With cache_dir a datastore is built once: a later call with the same texts, tokenizer
+    and settings reads it back (the same tokens and suffix order, nothing encoded); other
+    texts or settings build their own; a damaged entry is built again."""
+    from hf_models import make_tokenizer
+
+    from jaxdec import data
+
+    tokenizer, texts = make_tokenizer(), ["the quick brown fox", "hello world", "the quick"]
+    fresh = Retrieval.from_texts(texts, tokenizer, max_ngram=3)
+    built = Retrieval.from_texts(texts, tokenizer, max_ngram=3, cache_dir=tmp_path)
+    (folder,) = os.listdir(tmp_path)
+    encode = data.encode
+    monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("encoded again"))
+    for store in (built, Retrieval.from_texts(texts, tokenizer, max_ngram=3, depth=6,
+                                              cache_dir=tmp_path)):
+        np.testing.assert_array_equal(store.tokens, fresh.tokens)
+        np.testing.assert_array_equal(store.suffixes, fresh.suffixes)
+        assert store._max_id == fresh._max_id
+    monkeypatch.setattr(data, "encode", encode)
+    Retrieval.from_texts(texts[:2], tokenizer, max_ngram=3, cache_dir=tmp_path)
+    Retrieval.from_texts(texts, tokenizer, max_ngram=2, cache_dir=tmp_path)
+    assert len(os.listdir(tmp_path)) == 3
+    (tmp_path / folder / "suffixes.npy").write_bytes(b"cut short")
+    again = Retrieval.from_texts(texts, tokenizer, max_ngram=3, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.suffixes, fresh.suffixes)
+    monkeypatch.setattr(data, "encode", lambda *a: pytest.fail("encoded again"))
+    mended = Retrieval.from_texts(texts, tokenizer, max_ngram=3, cache_dir=tmp_path)
+    np.testing.assert_array_equal(mended.suffixes, fresh.suffixes)
+
+
 def test_retrieval_from_a_directory(tmp_path):
     """Every readable file, one alone too (a datastore holds nothing out)."""
     from hf_models import make_tokenizer

@@ -9,8 +9,12 @@ continuations are picked more often, are merged into one tree by shared prefix.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +63,14 @@ class Retrieval(Drafter):
         self._placed = {}  # mesh -> this datastore on its devices
 
     @classmethod
-    def from_texts(cls, texts, tokenizer, **kwargs) -> "Retrieval":
-        """A datastore of `texts` encoded with `tokenizer` (end-of-text between documents)."""
+    def from_texts(cls, texts, tokenizer, *, cache_dir: str | os.PathLike | None = None,
+                   **kwargs) -> "Retrieval":
+        """A datastore of `texts` encoded with `tokenizer` (end-of-text between documents).
+
+        With `cache_dir`, the encoded stream and its suffix order are kept there (in a folder
+        named by a digest of the texts, the tokenizer and the settings they depend on) and
+        read back by a later call with the same ones, instead of encoding and sorting again
+        (the CLI keeps them under `$JAXDEC_HOME/retrieval`)."""
         from tokenizers import Tokenizer
 
         from jaxdec import data
@@ -82,15 +92,24 @@ class Retrieval(Drafter):
         settings.apply_defaults()
         lookup_settings(*(settings.arguments[name] for name in (
             "max_ngram", "min_ngram", "depth", "num_candidates")))
-        stream = data.encode(tokenizer, texts)
-        if stream.size < 2:
-            raise ValueError("the retrieval corpus encodes to fewer than 2 tokens")
-        return cls(stream, **kwargs)
+        if cache_dir is None:
+            return cls(_encoded(texts, tokenizer), **kwargs)
+        width, tail = settings.arguments["max_ngram"], settings.arguments["depth"]
+        digest = data.texts_digest(texts, hashlib.sha256(
+            f"{CACHE_FORMAT} {width} {tail} ".encode() + tokenizer.to_str().encode("utf-8")))
+        folder = os.path.join(os.fspath(cache_dir), digest.hexdigest()[:32])
+        cached = _read_cached(folder)
+        if cached is not None:
+            return cls(cached["tokens"], _suffixes=cached["suffixes"],
+                       _max_id=cached["max_id"], **kwargs)
+        drafter = cls(_encoded(texts, tokenizer), **kwargs)
+        _write_cached(folder, drafter)
+        return drafter
 
     @classmethod
     def from_directory(cls, path, tokenizer, **kwargs) -> "Retrieval":
         """A datastore of every readable text file under `path` (`.py` files of the standard
-        library when path is None)."""
+        library when path is None); `kwargs` as `from_texts` takes them."""
         from jaxdec import data
 
         _, texts = data.read_texts(None if path is None else os.fspath(path))
@@ -187,6 +206,60 @@ class Retrieval(Drafter):
     def update(self, history: History, proposal, verdict, n_commit_B, emitted_BL) -> History:
         del proposal, verdict
         return history.append(emitted_BL, n_commit_B)
+
+
+CACHE_FORMAT = "jaxdec-retrieval-1"  # names what a cached datastore's files hold
+
+
+def _encoded(texts, tokenizer) -> np.ndarray:
+    from jaxdec import data
+
+    stream = data.encode(tokenizer, texts)
+    if stream.size < 2:
+        raise ValueError("the retrieval corpus encodes to fewer than 2 tokens")
+    return stream
+
+
+def _read_cached(folder: str) -> dict | None:
+    """A datastore `_write_cached` wrote to `folder` (memory-mapped), or None where there is
+    none or it is not whole (then it is built again)."""
+    try:
+        with open(os.path.join(folder, "datastore.json")) as f:
+            meta = json.load(f)
+        if meta.get("format") != CACHE_FORMAT:
+            return None
+        tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
+        suffixes = np.load(os.path.join(folder, "suffixes.npy"), mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if (tokens.dtype != np.int32 or suffixes.dtype != np.int32 or tokens.ndim != 1
+            or suffixes.shape != (meta.get("size"),)):
+        return None
+    return dict(tokens=tokens, suffixes=suffixes, max_id=int(meta["max_id"]))
+
+
+def _write_cached(folder: str, drafter: "Retrieval") -> None:
+    """Writes the datastore into `folder`, whole or not at all (a folder renamed into place);
+    a cache that cannot be written (a read-only disk) is only a slower next call."""
+    parent = os.path.dirname(folder)
+    staging = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+        np.save(os.path.join(staging, "tokens.npy"), np.asarray(drafter.tokens, np.int32))
+        np.save(os.path.join(staging, "suffixes.npy"), np.asarray(drafter.suffixes, np.int32))
+        with open(os.path.join(staging, "datastore.json"), "w") as f:
+            json.dump({"format": CACHE_FORMAT, "size": drafter.size,
+                       "max_id": drafter._max_id}, f)
+        if os.path.isdir(folder):  # not whole (`_read_cached` read none from it)
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)  # (another process may have written it first)
+        staging = None
+    except OSError:
+        pass
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def spread_picks(lo_B, count_B, C: int):
