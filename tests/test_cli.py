@@ -144,7 +144,9 @@ def test_max_new_tokens_must_be_positive(tokenized_checkpoint):
 @pytest.mark.parametrize("method", [["--draft", "SELF", "--tree", "kary:2:2"], ["--prompt-lookup"],
                                     ["--retrieval", "CORPUS", "--tree", "chain:3"],
                                     ["--draft", "SELF", "--tree", "dynamic:3:2"]])
-def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, method):
+def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, method,
+                                     monkeypatch):
+    monkeypatch.setenv("JAXDEC_HOME", str(tmp_path / "home"))
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
@@ -158,6 +160,8 @@ def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, me
     text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
     assert text == plain_text  # greedy: the same continuation
     assert "tokens per target forward" in stats
+    if "--retrieval" in method:  # the datastore is kept for the next run
+        assert len(os.listdir(tmp_path / "home" / "retrieval")) == 1
 
 
 @pytest.mark.parametrize("method", [[], ["--prompt-lookup"]], ids=["plain", "speculative"])
