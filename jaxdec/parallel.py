@@ -74,7 +74,7 @@ def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
     that mesh in its type in newer jax): a program over the mesh refuses such an argument.
     In one process, replicated over `mesh` wherever it lies (one compiled program whatever
     the key's placement)."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not _runs_here(mesh):
         return x
     sharding, replicated = x.sharding, NamedSharding(mesh, P())
     if not sharding.device_set <= set(mesh.devices.flat) or (
@@ -86,6 +86,16 @@ def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
     if mesh.devices.size == len(mesh.local_devices) and sharding != replicated:
         return jax.device_put(x, replicated)
     return x
+
+
+def _runs_here(mesh: Mesh) -> bool:
+    """Whether `mesh`'s devices are this runtime's (not a topology's that programs are only
+    compiled for: `jaxdec.abstract_model`'s TPU meshes on a CPU machine, say)."""
+    device = mesh.devices.flat[0]
+    try:
+        return device in jax.devices(device.platform)
+    except RuntimeError:  # no such backend here
+        return False
 
 
 def to_host(x) -> np.ndarray:

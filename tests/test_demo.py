@@ -49,7 +49,8 @@ def test_demo_resumes_an_interrupted_training(micro, tmp_path, monkeypatch):
         calls.append(resume)
         if len(calls) == 1:
             os.makedirs(out)
-            open(os.path.join(out, "train.json"), "w").write("{}")
+            open(os.path.join(out, "train.json"), "w").write(
+                '{"kind": "lm", "preset": "earlier", "steps": 1}')
             raise demo.loop.Interrupted("train lm interrupted; ...: rerun with --resume", 40)
         return real(preset, out, resume=resume, log=log)
 

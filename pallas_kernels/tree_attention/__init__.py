@@ -203,7 +203,8 @@ def tree_attention(
                                 dtype=q_BTHD.dtype, window=window)
     if reason is not None:
         raise ValueError(f"tree_attention impl={impl.value}: {reason}")
-    if not interpret and (platform_of(q_BTHD) or jax.default_backend()) == "cpu":
+    # (Arrays on a CPU only: a trace may be compiled for another platform, a TPU's say.)
+    if not interpret and platform_of(q_BTHD) == "cpu":
         raise ValueError(f"tree_attention impl={impl.value} is a Pallas kernel for "
                          f"{'a TPU' if impl is Impl.MOSAIC else 'a GPU'}: on a CPU pass "
                          "interpret=True (Pallas's interpreter) or impl='reference'")
