@@ -22,6 +22,18 @@ import numpy as np
 from jaxdec.checks import check_int, concrete_scalar
 
 
+# Draws take jax.random's "high" mode (two 32-bit words a uniform): with one word, float32
+# Gumbel noise never reaches tokens of probability below ~1e-7 (a tail of 20000 such tokens
+# holding 3e-4 of the mass was drawn once in 200k draws, not ~60 times), so draws would
+# not follow `probs` (which lossless verification assumes of every draw).
+DRAW_MODE = "high"
+
+
+def draw(key: jax.Array, log_probs: jax.Array, **kwargs) -> jax.Array:
+    """`jax.random.categorical` over the last axis, exact also for tiny probabilities."""
+    return jax.random.categorical(key, log_probs, mode=DRAW_MODE, **kwargs)
+
+
 def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim == 0:
@@ -29,7 +41,7 @@ def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
 
     def one(row, k):
         p = probs_fn(row)
-        return jax.random.categorical(k, jnp.log(p)).astype(jnp.int32)
+        return draw(k, jnp.log(p)).astype(jnp.int32)
 
     if logits.ndim == 1:
         return one(logits, key)
@@ -80,7 +92,10 @@ class Sampler:
             return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
         for name in ("temperature", "top_k", "top_p", "min_p"):
-            object.__setattr__(self, name, concrete_scalar(name, getattr(self, name)))
+            value = concrete_scalar(name, getattr(self, name))
+            if isinstance(value, np.generic) and jnp.issubdtype(value.dtype, jnp.floating):
+                value = float(value)  # (bf16 scalars are no numbers.Real)
+            object.__setattr__(self, name, value)
         t = self.temperature
         if not real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")

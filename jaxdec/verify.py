@@ -29,6 +29,7 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from jaxdec import sampling
 from jaxdec.sampling import Greedy, Sampler, row_keys
 from jaxdec.tree import Topology, TokenTree
 
@@ -109,7 +110,7 @@ def verify(
     if kind == ProposalKind.DETERMINISTIC:
         B, N, V = p_BNV.shape
         keys = jax.vmap(lambda k: jax.random.split(k, N))(row_keys(key, B))
-        draws = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p))))(keys, p_BNV)
+        draws = jax.vmap(jax.vmap(lambda k, p: sampling.draw(k, jnp.log(p))))(keys, p_BNV)
         return _walk_matching(tree, draws.astype(jnp.int32), max_depth)
     if q_BNV is None or topology is None:
         raise ValueError(f"{kind} verification needs the draft distributions and the topology")
@@ -206,7 +207,7 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     path = jnp.stack(path, axis=1)
     n_path = 1 + jnp.sum(jnp.cumprod(path[:, 1:] > 0, axis=1), axis=1)
     keys = row_keys(jax.random.fold_in(key, 1), B)
-    bonus = jax.vmap(lambda k, r: jax.random.categorical(k, jnp.log(r)))(keys, residual_BV)
+    bonus = jax.vmap(lambda k, r: sampling.draw(k, jnp.log(r)))(keys, residual_BV)
     return Verdict(path=path, n_path=n_path.astype(jnp.int32), bonus=bonus.astype(jnp.int32))
 
 

@@ -100,6 +100,14 @@ def test_bad_arguments_are_named(kwargs, name):
         Sampler(**kwargs)
 
 
+def test_bf16_numbers_are_numbers():
+    """A bf16 scalar (a bf16 model's computed temperature, say) was refused as not a number,
+    with its own value in the message."""
+    half = jnp.asarray(0.5, jnp.bfloat16)
+    sampler = Sampler(temperature=half, top_p=jnp.bfloat16(0.5), min_p=half[()])
+    assert sampler == Sampler(temperature=0.5, top_p=0.5, min_p=0.5)
+
+
 def test_numpy_numbers_are_stored_as_python_numbers():
     """A Sampler is a static argument: numpy scalars (a computed temperature, say) are taken
     and stored as Python numbers, so equal settings are one compiled program."""
@@ -142,3 +150,37 @@ def test_concrete_arrays_are_taken_and_traced_ones_refused():
         jax.jit(lambda t: Sampler(temperature=t).probs(LOGITS))(0.5)
     with pytest.raises(ValueError, match="top_k"):
         Sampler(top_k=jnp.zeros(2, jnp.int32))
+
+
+def test_every_draw_resolves_tiny_probabilities(monkeypatch):
+    """Every categorical draw (plain sampling, a draft model's children, verification's
+    deterministic draws and bonus tokens) takes jax.random's "high" mode: with one 32-bit
+    word per uniform, float32 Gumbel noise never exceeds ~16.6, so a token whose logit is
+    17 below the top one was drawn 0.17 times as often as its probability says, one 19
+    below (p ~ 5.6e-9) never: the draws did not follow `probs`."""
+    import jaxdec
+    from jaxdec import sampling
+
+    modes = []
+
+    def spy(real):
+        def call(*args, mode=None, **kwargs):
+            modes.append(mode)
+            return real(*args, mode=mode, **kwargs)
+        return call
+
+    for name in ("categorical", "gumbel"):
+        monkeypatch.setattr(jax.random, name, spy(getattr(jax.random, name)))
+    logits = jnp.array([0.0, -19.0])
+    assert int(Sampler(temperature=1.0).sample(logits, jax.random.key(0))) == 0
+    config = jaxdec.ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
+    model = jaxdec.init_model(config, jax.random.key(0))
+    # (a chain's children are drawn independently, a k-ary tree's without replacement)
+    for drafter, tree in ((jaxdec.drafters.DraftModel(model), jaxdec.tree.chain(2)),
+                          (jaxdec.drafters.DraftModel(model), jaxdec.tree.kary(1, 2)),
+                          (jaxdec.drafters.PromptLookup(), None)):
+        jaxdec.speculative_generate(model, drafter, [[1, 2, 1, 2]], max_new_tokens=3,
+                                    sampler=Sampler(temperature=1.0), tree=tree,
+                                    key=jax.random.key(1))
+    assert len(modes) >= 5 and set(modes) == {sampling.DRAW_MODE} == {"high"}

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdec import parallel
+from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, check_params, family, forward_with_cache, is_abstract,
@@ -233,10 +233,11 @@ class DraftModel(Drafter):
         # Row b's draws from (key, b) alone: a row's drafts do not depend on its batch.
         keys = row_keys(key, logits.shape[0])
         if kind == ProposalKind.IID:
-            cand = jax.vmap(lambda k, lp: jax.random.categorical(
+            cand = jax.vmap(lambda k, lp: sampling.draw(
                 k, lp[:, None, :], shape=(lp.shape[0], K)))(keys, log_probs)
         else:  # Gumbel-top-k: K distinct draws in sampling order
-            gumbel = jax.vmap(lambda k: jax.random.gumbel(k, log_probs.shape[1:], jnp.float32))(
+            gumbel = jax.vmap(lambda k: jax.random.gumbel(
+                k, log_probs.shape[1:], jnp.float32, mode=sampling.DRAW_MODE))(
                 keys)
             cand = jax.lax.top_k(log_probs + gumbel, K)[1]
         ok = jnp.take_along_axis(probs, cand, axis=2) > 0
