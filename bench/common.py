@@ -134,20 +134,40 @@ def read_records(path: Path) -> list[dict]:
     return records if isinstance(records, list) else []
 
 
+TIME_ERRORS = ("skipped", "timed out")  # how a benchmark records a run its budget cut
+
+
+def keep_measured(old: list[dict], new: list[dict], ident: Callable[[dict], tuple]) -> list[dict]:
+    """`new` with each record that its time budget cut (an error of `TIME_ERRORS`) replaced by
+    the measured record it would displace (same `ident`, no error), marked with the cut
+    attempt's error: a call that ran out of time never erases figures an earlier call
+    measured (they stay, stale where the code changed, until a measurement replaces them)."""
+    measured = {ident(r): r for r in old if r.get("error") is None}
+    kept = []
+    for r in new:
+        earlier = measured.get(ident(r))
+        if earlier is not None and str(r.get("error") or "").startswith(TIME_ERRORS):
+            r = dict(earlier, last_attempt_error=r["error"], last_attempt_date=r.get("date"))
+        kept.append(r)
+    return kept
+
+
 def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -> list[dict]:
     """The records already in `path` (if any) with those matching a new record on `key` (one
     field or several) replaced, so runs made in separate calls (one preset, or one subset of
-    methods, per device call) accumulate in one file."""
+    methods, per device call) accumulate in one file; a new record its time budget cut does
+    not replace a measured one (`keep_measured`)."""
     fields = (key,) if isinstance(key, str) else tuple(key)
 
     def ident(r):
         return tuple(r.get(f) for f in fields)
 
-    kept = []
+    kept, old = [], []
     if path.exists():
+        old = json.loads(path.read_text())
         new_keys = {ident(r) for r in records}
-        kept = [r for r in json.loads(path.read_text()) if ident(r) not in new_keys]
-    return kept + records
+        kept = [r for r in old if ident(r) not in new_keys]
+    return kept + keep_measured(old, records, ident)
 
 
 def replace_text(path: Path, text: str) -> None:

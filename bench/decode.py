@@ -126,7 +126,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
-                          read_records, replace_text, versions)
+                          keep_measured, read_records, replace_text, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
          "hf-eager", "hf-compile")
@@ -780,7 +780,11 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
     this = {_config(r) for r in records}
-    others = [r for r in read_records(json_path) if _config(r) not in this]
+    old = read_records(json_path)
+    others = [r for r in old if _config(r) not in this]
+    # A row this call's budget cut keeps the figures an earlier call measured (stale ones
+    # too: `kept_records` left them out, and a time-out must not erase them).
+    records = keep_measured(old, records, lambda r: (_config(r), r.get("impl"), r.get("batch")))
     replace_text(json_path, json.dumps(records + others, indent=2) + "\n")
     text = render_markdown(records, bandwidths, meta)
     for config in dict.fromkeys(_config(r) for r in others):
@@ -904,6 +908,10 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker, json.loads(args.spec), args.events)
+    # A stop (bench/device.py signals the step's process group) unwinds through
+    # `run_worker`'s cleanup: the worker, in a session of its own, would outlive it, holding
+    # the accelerator.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     preset = PRESETS[args.preset]
     try:
         spec = make_spec(args, preset)

@@ -235,9 +235,17 @@ def call_floors(spec) -> dict[str, float]:
     def block(q):  # tied to the chain's queries, so the calls stay in order
         return jnp.broadcast_to(q[0, 0, 0, 0].astype(jnp.float32), (8, 128))
 
+    # Named for a GPU, as the kernels are: without it jax 0.10 lowered a GPU pallas_call
+    # through Mosaic GPU (Hopper only), jax 0.11 through Triton.
+    params = None
+    if jax.default_backend() in ("gpu", "cuda", "rocm"):
+        from jax.experimental.pallas import triton as plgpu
+
+        params = plgpu.CompilerParams()
+
     def pallas(q, *_):
         out = pl.pallas_call(_floor_kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-                             interpret=spec["interpret"])(block(q))
+                             interpret=spec["interpret"], compiler_params=params)(block(q))
         return out[None, None]
 
     def xla(q, *_):
@@ -366,10 +374,13 @@ def case_cost(batch, context, T, spec) -> tuple[int, int]:
 
 
 def run(preset: str, spec: dict, emit, on_case=lambda records: None,
-        compile_ahead: int = 0) -> list[dict]:
+        compile_ahead: int = 0, budget_s: float | None = None) -> list[dict]:
     """Every case of a preset; `on_case(records so far)` after each (so a run cut off by the
     device call's time limit keeps what it measured). `compile_ahead` threads compile every
-    case's programs first, side by side (nothing is timed until they are done)."""
+    case's programs first, side by side (nothing is timed until they are done). With
+    `budget_s`, the compiles ahead stop at half of it (the rest compile at their first call)
+    and the cases left at its end are recorded as skipped."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     import jax
     import jax.numpy as jnp
 
@@ -403,7 +414,7 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
     for key, program in programs.items():
         shapes = case_shapes(*key[:3], spec)
         ahead.submit(key, lambda program=program, shapes=shapes: program.lower(*shapes).compile())
-    ahead.wait()
+    ahead.wait(None if deadline is None else deadline - budget_s / 2)
     ahead.close()
 
     hbm_probes = measure_hbm(spec["hbm_bytes"])
@@ -425,6 +436,14 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
     for batch, context, T in cases:
         nbytes, flops = case_cost(batch, context, T, spec)
         roofline_s = max(nbytes / (hbm_gbps * 1e9), flops / (peak_tflops * 1e12))
+        if deadline is not None and time.monotonic() > deadline:
+            records += [dict(meta, impl=name, batch=batch, context=context, T=T, bytes=nbytes,
+                             flops=flops, roofline_us=roofline_s * 1e6, time_us=None,
+                             hbm_fraction=None, error="skipped: time budget used up")
+                        for name in case_impls(batch, context, T, spec)]
+            emit(f"B={batch} context={context} T={T}: skipped (time budget used up)")
+            on_case(records)
+            continue
         inputs = case_inputs(batch, context, T, spec)
         times, by_impl = {}, {}
         for name in case_impls(batch, context, T, spec):
@@ -671,6 +690,9 @@ def parse_args(argv):
     parser.add_argument("--no-hopper", action="store_true",
                         help="leave the Hopper (Mosaic GPU) kernel out (bench/device.py passes "
                              "it when the kernel failed its GPU tests in the same call)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run: the compiles ahead stop at half of "
+                             "it, the cases left at its end are recorded as skipped")
     parser.add_argument("--compile-ahead", type=int, metavar="THREADS",
                         help="threads that compile every case's programs before any is timed "
                              "(0: each compiles at its first call; default: half the CPU "
@@ -693,9 +715,12 @@ def main(argv=None) -> int:
     workers = default_compile_workers() if args.compile_ahead is None else args.compile_ahead
     if workers < 0:
         raise SystemExit(f"--compile-ahead must be >= 0, got {workers}")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise SystemExit(f"--budget-s must be positive, got {args.budget_s}")
     out = args.out
     records = run(args.preset, spec, lambda line: print(line, flush=True),
-                  on_case=lambda so_far: write_outputs(out, list(so_far)), compile_ahead=workers)
+                  on_case=lambda so_far: write_outputs(out, list(so_far)), compile_ahead=workers,
+                  budget_s=args.budget_s)
     path = write_outputs(args.out, records)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0 if all(r.get("error") is None for r in records) else 1

@@ -204,6 +204,32 @@ def test_a_call_keeps_the_other_configurations_rows(cpu_tiny_run, tmp_path):
     assert len(json.loads((tmp_path / "decode-cpu.json").read_text())) == len(after)
 
 
+def test_a_timed_out_row_keeps_the_figures_it_would_replace(cpu_tiny_run, tmp_path):
+    """A call whose budget cut a run (stale rows due again, then timed out) keeps the
+    earlier figures in the file, marked with the attempt: it replaced them with the error
+    (the README's headline numbers lost from bench/results/ by one short device call)."""
+    before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(before))
+    meta = dict(bench.make_spec(bench.parse_args(["--preset", "cpu-tiny"])[1],
+                                bench.PRESETS["cpu-tiny"]), preset="cpu-tiny", description="tiny")
+    cut = [dict(r, tokens_per_s=None, error="timed out after 1 s") if r["impl"] == "jaxdec"
+           else r for r in before]
+    bench.write_outputs(tmp_path, cut, {"probe": 10.0}, meta)
+    after = json.loads((tmp_path / "decode-cpu.json").read_text())
+    assert len(after) == len(before)
+    for old, new in zip(before, after):
+        if old["impl"] == "jaxdec":
+            assert new["tokens_per_s"] == old["tokens_per_s"] and new["error"] is None
+            assert new["last_attempt_error"] == "timed out after 1 s"
+        else:
+            assert new == old
+    # A failure that is not one of time is the finding: it replaces the row.
+    failed = [dict(r, error="RuntimeError('boom')") for r in before]
+    bench.write_outputs(tmp_path, failed, {"probe": 10.0}, meta)
+    assert all(r["error"] == "RuntimeError('boom')"
+               for r in json.loads((tmp_path / "decode-cpu.json").read_text()))
+
+
 def test_cpu_tiny_markdown(cpu_tiny_run):
     text = (cpu_tiny_run / "decode-cpu.md").read_text()
     assert "| impl | batch | tokens/s |" in text

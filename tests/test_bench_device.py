@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -178,6 +179,33 @@ def test_a_stopped_step_takes_its_children_with_it(tmp_path):
         pytest.fail("the step's child process outlived the step")
 
 
+def test_a_stopped_decode_step_takes_its_worker_with_it(tmp_path):
+    """bench/decode.py's worker runs in a session of its own: stopping the step (its
+    process group) left the worker running, holding the accelerator."""
+    def workers():
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "--worker" in text and '"repeats": 97731' in text:
+                found.append(cmdline.parent.name)
+        return found
+
+    lines = []
+    env = dict(user_env(), PYTHONUNBUFFERED="1")
+    argv = [sys.executable, str(REPO / "bench" / "decode.py"), "--preset", "cpu-tiny",
+            "--repeats", "97731", "--out", str(tmp_path)]
+    started = time.monotonic()
+    code, _ = device.run_command(argv, 12, lines.append, env)
+    assert code is None and time.monotonic() - started < 60
+    orphans = workers()  # (its 97731 repeats would keep an orphan busy for minutes)
+    for pid in orphans:
+        os.kill(int(pid), signal.SIGKILL)
+    assert not orphans, "the decode worker outlived its step"
+
+
 def test_kernel_changes_make_the_device_tests_due_again(tmp_path):
     step = next(s for s in device.plan("gpu") if s.name == "gpu-tests")
     record = dict(plan="gpu", passed=40, error=None, sources=device.sources_digest())
@@ -330,6 +358,43 @@ def test_a_failing_hopper_kernel_is_left_out_of_the_benchmark(tmp_path):
     from bench import kernels
 
     assert kernels.parse_args(["--no-hopper"]).no_hopper
+
+
+def test_the_hopper_kernel_waits_for_its_tests_and_a_missing_commit_is_said(
+        tmp_path, monkeypatch):
+    """A step that times the Hopper kernel gets --no-hopper unless the GPU tests of today's
+    sources passed (committed, or in this call): a call with too little time left for the
+    tests ran the kernel untested. A call that knows no commit says so."""
+    import argparse
+    import shutil
+
+    monkeypatch.setattr(device, "git_commit", lambda: None)
+    echo = device.Step("kernels", ("-c", "import sys; print('argv', sys.argv[1:])"),
+                       lambda results, slug: False, min_s=0, cap_s=60,
+                       without_hopper=("--no-hopper",))
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def call(tests=None):
+        if tests is not None:
+            (results / "gpu-tests-h200.json").write_text(json.dumps([tests]))
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        lines = []
+        args = argparse.Namespace(budget_s=120, redo=[], plan="gpu", results=results,
+                                  out=tmp_path / "out")
+        args.out.mkdir(exist_ok=True)
+        device.run_steps(args, [echo], ["kernels"], "NVIDIA H200", "h200", work,
+                         lines.append, dict(os.environ), time.monotonic())
+        return "\n".join(lines)
+
+    untested = call()
+    assert "WARNING: no commit known" in untested
+    assert "argv ['--no-hopper']" in untested and "have not passed for these sources" in untested
+    passed = dict(plan="gpu", device="NVIDIA H200", sources=device.sources_digest(), error=None)
+    assert "argv []" in call(passed)
+    assert "argv ['--no-hopper']" in call(dict(passed, sources="older tests"))
 
 
 def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):

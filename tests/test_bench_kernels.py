@@ -89,6 +89,29 @@ def test_cpu_tiny_run(tmp_path):
     assert all(r["compile_ahead_s"] is None and r["first_call_compiles"] > 0 for r in again)
 
 
+def test_a_budget_records_the_cases_it_leaves_out_and_keeps_what_was_measured(tmp_path):
+    """With --budget-s the cases past it are recorded as skipped (it wrote nothing until
+    every program had compiled, and a device step stopped then kept nothing); a skipped case
+    never replaces the measured record of an earlier call."""
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1"]) == 0
+    measured = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1",
+                       "--budget-s", "1e-9"]) == 1
+    after = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert len(after) == len(measured)
+    by_key = {tuple(r[k] for k in bench.KEY): r for r in after}
+    for r in measured:
+        kept = by_key[tuple(r[k] for k in bench.KEY)]
+        assert kept["time_us"] == r["time_us"] and kept["error"] is None
+        assert kept["last_attempt_error"] == "skipped: time budget used up"
+    (tmp_path / "kernels-cpu.json").unlink()
+    assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1",
+                       "--budget-s", "1e-9"]) == 1
+    skipped = json.loads((tmp_path / "kernels-cpu.json").read_text())
+    assert len(skipped) == len(measured) and all(
+        r["error"] == "skipped: time budget used up" and r["time_us"] is None for r in skipped)
+
+
 def test_profile_lines_per_call():
     record = dict(batch=1, context=4096, T=64, impl="pallas", time_us=300.0, profile=dict(
         run_s=0.01, kernel_s=0.001, calls=4,

@@ -96,6 +96,17 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
         tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
     assert _run(args, tmp_path) == done  # nothing left to run
+    # Rows of older code are due again; a call out of time keeps their figures (it replaced
+    # them with its skip rows).
+    path = tmp_path / "speculative-cpu.json"
+    older = [dict(r, spec_sources="older code") for r in done]
+    path.write_text(json.dumps(older))
+    cut = _run(args + ["--budget-s", "0"], tmp_path, returncode=1)
+    assert [dict(r, last_attempt_error=None, last_attempt_date=None) for r in cut] == [
+        dict(r, last_attempt_error=None, last_attempt_date=None) for r in older]
+    assert {r["last_attempt_error"] for r in cut if r["method"] != "plain"} == {
+        "skipped: time budget used up"}
+    path.write_text(json.dumps(done))
     # Oracle rows from before the permutation target, and rows measured with other code (the
     # plain row here), are measured again.
     path = tmp_path / "speculative-cpu.json"
