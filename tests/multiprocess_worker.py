@@ -50,17 +50,18 @@ try:
 except Exception as e:  # noqa: BLE001 (what each process raised is the result)
     failures.append(type(e).__name__)
 if jax.process_index() == 0:
-    import safetensors.numpy
+    import jaxdec.checkpoint
 
     written = []
 
-    def full_disk(tensors, path, **kwargs):
+    def full_disk(path, tensors, fetch):
         if written:
             raise OSError("No space left on device")
         written.append(path)
-        real_save_file(tensors, path, **kwargs)
+        real_write(path, tensors, fetch)
 
-    real_save_file, safetensors.numpy.save_file = safetensors.numpy.save_file, full_disk
+    real_write, jaxdec.checkpoint._write_safetensors = (jaxdec.checkpoint._write_safetensors,
+                                                        full_disk)
 try:
     jaxdec.save_pretrained(model, export_dir, overwrite=True, max_shard_bytes=50_000)
 except Exception as e:  # noqa: BLE001

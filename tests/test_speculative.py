@@ -808,7 +808,10 @@ def test_the_step_updates_the_caches_in_place():
     config = SMALL.replace(num_layers=2)
     target = jaxdec.abstract_model(config)
     drafter = DraftModel(jaxdec.abstract_model(config.replace(num_layers=1))).prepare(target)
-    cache = rf"= \w+\[1,\d+,{config.num_kv_heads},{config.head_dim}\]\{{[\d,]*\}}"
+    # (a cache's dtype: its values', or a bf16 cache's bits on a CPU; not the u32 random bits
+    # of a draw that happens to have its shape)
+    cache = (rf"= (?:f32|bf16|f16|u16)\[1,\d+,{config.num_kv_heads},{config.head_dim}\]"
+             r"\{[\d,]*\}")
     for topology, scatters in ((tree.kary(2, 2), 2 * (2 + 1)), (tree.chain(3), 0)):
         batch = prepare_batch(target, [PROMPT], max_new_tokens=8, stop_tokens=(), pad_id=0,
                               max_len=None, extra_slots=topology.num_nodes)
