@@ -152,6 +152,19 @@ def keep_measured(old: list[dict], new: list[dict], ident: Callable[[dict], tupl
     return kept
 
 
+def kept_note(records: list[dict], describe: Callable[[dict], str]) -> str:
+    """A Markdown note naming the rows `keep_measured` kept (their figures an earlier call's,
+    the last attempt cut for time), or "" without any."""
+    kept = [r for r in records if r.get("last_attempt_error")]
+    if not kept:
+        return ""
+    return ("\nKept from earlier calls (the last attempt ran out of time; their figures are "
+            "the earlier measurement's, with its commit): " + "; ".join(
+                f"{describe(r)} (measured at {r.get('commit') or '?'}, attempt "
+                f"{r.get('last_attempt_date') or '?'}: {r['last_attempt_error']})"
+                for r in kept) + ".\n")
+
+
 def merge_records(path: Path, records: list[dict], key: str | tuple[str, ...]) -> list[dict]:
     """The records already in `path` (if any) with those matching a new record on `key` (one
     field or several) replaced, so runs made in separate calls (one preset, or one subset of
@@ -186,7 +199,10 @@ def write_merged(path: Path, records: list[dict], key: str | tuple[str, ...],
     replaced whole (`replace_text`), and returns the merged records."""
     merged = merge_records(path, records, key)
     replace_text(path, json.dumps(merged, indent=indent) + "\n")
-    replace_text(path.with_suffix(".md"), render(merged))
+    fields = (key,) if isinstance(key, str) else tuple(key)
+    replace_text(path.with_suffix(".md"), render(merged) + kept_note(
+        merged, lambda r: ", ".join(f"{f}={r.get(f)}" for f in fields
+                                    if f not in ("device", "preset", "kernel", "plan"))))
     return merged
 
 

@@ -126,7 +126,8 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
                           default_compile_workers, device_slug, git_commit, measure_hbm,
                           MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
-                          keep_measured, read_records, replace_text, versions)
+                          keep_measured, kept_note, read_records, replace_text,
+                          versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
          "hf-eager", "hf-compile")
@@ -786,7 +787,8 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     # too: `kept_records` left them out, and a time-out must not erase them).
     records = keep_measured(old, records, lambda r: (_config(r), r.get("impl"), r.get("batch")))
     replace_text(json_path, json.dumps(records + others, indent=2) + "\n")
-    text = render_markdown(records, bandwidths, meta)
+    text = render_markdown(records, bandwidths, meta) + kept_note(
+        records, lambda r: f"{r.get('impl')} batch {r.get('batch')}")
     for config in dict.fromkeys(_config(r) for r in others):
         text += "\n" + _earlier_table([r for r in others if _config(r) == config])
     replace_text(md_path, text)

@@ -223,6 +223,8 @@ def test_a_timed_out_row_keeps_the_figures_it_would_replace(cpu_tiny_run, tmp_pa
             assert new["last_attempt_error"] == "timed out after 1 s"
         else:
             assert new == old
+    assert "Kept from earlier calls" in (tmp_path / "decode-cpu.md").read_text()
+    assert "jaxdec batch 1 (measured at" in (tmp_path / "decode-cpu.md").read_text()
     # A failure that is not one of time is the finding: it replaces the row.
     failed = [dict(r, error="RuntimeError('boom')") for r in before]
     bench.write_outputs(tmp_path, failed, {"probe": 10.0}, meta)

@@ -200,6 +200,7 @@ def test_a_stopped_decode_step_takes_its_worker_with_it(tmp_path):
     started = time.monotonic()
     code, _ = device.run_command(argv, 12, lines.append, env)
     assert code is None and time.monotonic() - started < 60
+    assert any("[decode jaxdec" in line for line in lines), lines  # its worker had started
     orphans = workers()  # (its 97731 repeats would keep an orphan busy for minutes)
     for pid in orphans:
         os.kill(int(pid), signal.SIGKILL)
@@ -395,6 +396,13 @@ def test_the_hopper_kernel_waits_for_its_tests_and_a_missing_commit_is_said(
     passed = dict(plan="gpu", device="NVIDIA H200", sources=device.sources_digest(), error=None)
     assert "argv []" in call(passed)
     assert "argv ['--no-hopper']" in call(dict(passed, sources="older tests"))
+    # Another group's failure says nothing of the Hopper kernel; its own group's does.
+    groups = [dict(files=["tests/test_layers.py"], exit_code=1),
+              dict(files=["tests/test_tree_attention_hopper.py"], exit_code=0)]
+    failing = dict(passed, error="pytest exit code 1: 1 failed", groups=groups)
+    assert "argv []" in call(failing)
+    groups[1]["exit_code"] = 1
+    assert "argv ['--no-hopper']" in call(failing)
 
 
 def test_matvec_step_is_due_again_when_the_kernel_changes(tmp_path):

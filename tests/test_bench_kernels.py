@@ -104,6 +104,8 @@ def test_a_budget_records_the_cases_it_leaves_out_and_keeps_what_was_measured(tm
         kept = by_key[tuple(r[k] for k in bench.KEY)]
         assert kept["time_us"] == r["time_us"] and kept["error"] is None
         assert kept["last_attempt_error"] == "skipped: time budget used up"
+    note = (tmp_path / "kernels-cpu.md").read_text()
+    assert "Kept from earlier calls" in note and "impl=pallas, batch=1" in note
     (tmp_path / "kernels-cpu.json").unlink()
     assert bench.main(["--preset", "cpu-tiny", "--out", str(tmp_path), "--inner", "1",
                        "--budget-s", "1e-9"]) == 1

@@ -309,6 +309,11 @@ def test_retrieval_datastores_are_kept_in_a_cache_dir(tmp_path, monkeypatch):
     Retrieval.from_texts(texts[:2], tokenizer, max_ngram=3, cache_dir=tmp_path)
     Retrieval.from_texts(texts, tokenizer, max_ngram=2, cache_dir=tmp_path)
     assert len(os.listdir(tmp_path)) == 3
+    for meta in ('{"format": "jaxdec-retrieval-1", "size": 3}', "[1, 2]"):  # by hand
+        (tmp_path / folder / "datastore.json").write_text(meta)
+        np.testing.assert_array_equal(
+            Retrieval.from_texts(texts, tokenizer, max_ngram=3, cache_dir=tmp_path).suffixes,
+            fresh.suffixes)
     (tmp_path / folder / "suffixes.npy").write_bytes(b"cut short")
     again = Retrieval.from_texts(texts, tokenizer, max_ngram=3, cache_dir=tmp_path)
     np.testing.assert_array_equal(again.suffixes, fresh.suffixes)

@@ -532,6 +532,14 @@ def test_a_draft_resumes_only_against_the_target_it_started_with(trained, tmp_pa
     first = train_draft(target, MICRO, tmp_path / "d", steps=2, log=lambda _: None)
     assert train_draft(target, MICRO, tmp_path / "d", steps=2, resume=True,
                        log=lambda _: None) == first
+    # A record from before the digest resumes (against what the target is now).
+    written = (tmp_path / "d" / "train.json").read_text()
+    record = json.loads(written)
+    del record["target_digest"]
+    (tmp_path / "d" / "train.json").write_text(json.dumps(record))
+    assert train_draft(target, MICRO, tmp_path / "d", steps=2, resume=True,
+                       log=lambda _: None) == first
+    (tmp_path / "d" / "train.json").write_text(written)
     model = jaxdec.load_pretrained(target)
     retrained = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.01, model.params))
     jaxdec.save_pretrained(retrained, target, overwrite=True)

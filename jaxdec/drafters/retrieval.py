@@ -226,7 +226,8 @@ def _read_cached(folder: str) -> dict | None:
     try:
         with open(os.path.join(folder, "datastore.json")) as f:
             meta = json.load(f)
-        if meta.get("format") != CACHE_FORMAT:
+        if (not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT
+                or not isinstance(meta.get("max_id"), int)):
             return None
         tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
         suffixes = np.load(os.path.join(folder, "suffixes.npy"), mmap_mode="r")
@@ -235,7 +236,7 @@ def _read_cached(folder: str) -> dict | None:
     if (tokens.dtype != np.int32 or suffixes.dtype != np.int32 or tokens.ndim != 1
             or suffixes.shape != (meta.get("size"),)):
         return None
-    return dict(tokens=tokens, suffixes=suffixes, max_id=int(meta["max_id"]))
+    return dict(tokens=tokens, suffixes=suffixes, max_id=meta["max_id"])
 
 
 def _write_cached(folder: str, drafter: "Retrieval") -> None:

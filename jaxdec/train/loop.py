@@ -225,6 +225,8 @@ def train_mesh(dp: int | None, batch_size: int):
 
 
 RUN_KINDS = ("lm", "draft")
+# Run-record fields added after runs were made with records without them.
+ADDED_LATER = ("target_digest",)
 
 
 def is_run_record(path: str) -> bool:
@@ -329,6 +331,8 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
                 raise ValueError(f"{out} is not a jaxdec training directory (its {RUN_FILE} "
                                  "is not a jaxdec run record)")
             earlier = read_json(run_file)
+            # (a field records gained later is no change where an older record lacks it)
+            run = {k: v for k, v in run.items() if k in earlier or k not in ADDED_LATER}
             if earlier != run:
                 raise ValueError(f"cannot resume {out}: the run settings changed "
                                  f"({', '.join(_changed(earlier, run))})")
