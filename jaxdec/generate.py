@@ -139,8 +139,8 @@ def generate_padded(
     return_logprobs: bool = False,
 ):
     """Generates from right-padded prompts; pure and jittable (jit with the cache donated).
-    Called outside jit it runs one compiled program too (compiled once per shapes and static
-    arguments; the cache is then not donated).
+    Called outside jit without a stream it runs one compiled program too (compiled once per
+    shapes and static arguments; the cache is then not donated).
 
     Args:
       model: the Model (a pytree; its config and mesh are static).
@@ -184,7 +184,10 @@ def generate_padded(
     arrays = (model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
                     stream=stream, return_logprobs=return_logprobs)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arrays)):
+    if stream is not None or any(isinstance(leaf, jax.core.Tracer)
+                                 for leaf in jax.tree.leaves(arrays)):
+        # (a stream would be a static argument of the eager program: one compiled program
+        # kept per function, and a function that cannot be hashed refused)
         return _generate_padded(*arrays, **settings)
     # Called eagerly: one compiled program (op by op, the loop's while was compiled anew in
     # every call: its body is a new function each time).

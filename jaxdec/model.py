@@ -75,8 +75,8 @@ class Model:
     def __repr__(self) -> str:
         # (the generated one printed every parameter's values: 48K characters for a 2M model)
         leaves = jax.tree.leaves(self.params)
-        count = sum(int(np.prod(x.shape)) for x in leaves)
-        dtypes = sorted({str(x.dtype) for x in leaves})
+        count = sum(int(np.prod(getattr(x, "shape", ()))) for x in leaves)
+        dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in leaves})
         mesh = ", ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
         tokenizer = (None if self.tokenizer is None else
                      f"<{self.tokenizer.get_vocab_size()} tokens>"

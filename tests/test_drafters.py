@@ -663,6 +663,7 @@ def test_reprs_are_short_and_say_what_matters(loaded):
     text = repr(model)
     count = sum(x.size for x in jax.tree.leaves(model.params))
     assert len(text) < 1500 and f"params=<{count:,} float32>" in text
+    assert " int>, mesh=" in repr(jax.tree.map(lambda x: 0, model))  # never raises
     assert "mesh=<dp=1, tp=1>" in text and "attention='auto'" in text
     lookup = jaxdec.drafters.PromptLookup(depth=4)
     assert repr(lookup) == ("PromptLookup(max_ngram=3, min_ngram=1, depth=4, "

@@ -485,6 +485,22 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     np.testing.assert_array_equal(eager, out)
     np.testing.assert_array_equal(eager_cache.lengths, lengths + 5)
 
+    # A stream is any host function, one that cannot be hashed too (a dataclass's instance:
+    # a static argument of the eager program refused it).
+    @dataclasses.dataclass
+    class Collector:
+        steps: list
+
+        def __call__(self, step, tokens, active):
+            self.steps.append(int(step))
+
+    seen = Collector([])
+    (streamed, _), _ = jaxdec.generate_padded(model, tokens, lengths,
+                                              jaxdec.init_cache(model.config, 2, 32), None,
+                                              max_new_tokens=6, stream=seen)
+    np.testing.assert_array_equal(streamed, out)
+    assert sorted(seen.steps) == list(range(6))
+
 
 # ----------------------------------------------------------------------------- bad input
 

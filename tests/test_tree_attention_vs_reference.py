@@ -578,6 +578,7 @@ def test_entry_point_inputs_and_edges():
     for field in ("block_k", "block_m", "num_warps", "num_stages"):
         with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
             TA.BlockSizes(**{field: 0})
+    assert TA.BlockSizes(block_k=np.int64(128)) == TA.BlockSizes(block_k=128)
     empty = {**case, "q_BTHD": case["q_BTHD"][:, :0], "positions_BT": case["positions_BT"][:, :0],
              "mask_BTT": case["mask_BTT"][:, :0, :0]}
     for kw in impls:

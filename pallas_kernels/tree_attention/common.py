@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_QUERIES = 128  # new tokens per row the kernels accept (4 mask words)
 
@@ -54,8 +56,10 @@ class BlockSizes:
         check_num_splits(self.num_splits)
         for name in ("block_k", "block_m", "num_warps", "num_stages"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                    or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))  # (numpy ints as Python ints)
 
 
 def check_num_splits(num_splits) -> None:
