@@ -78,9 +78,10 @@ class Model:
         count = sum(int(np.prod(getattr(x, "shape", ()))) for x in leaves)
         dtypes = sorted({str(getattr(x, "dtype", type(x).__name__)) for x in leaves})
         mesh = ", ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
-        tokenizer = (None if self.tokenizer is None else
-                     f"<{self.tokenizer.get_vocab_size()} tokens>"
-                     if hasattr(self.tokenizer, "get_vocab_size") else type(self.tokenizer).__name__)
+        tokenizer = self.tokenizer
+        if tokenizer is not None:
+            tokenizer = (f"<{tokenizer.get_vocab_size()} tokens>"
+                         if hasattr(tokenizer, "get_vocab_size") else type(tokenizer).__name__)
         return (f"Model(config={self.config!r}, params=<{count:,} {'/'.join(dtypes)}>, "
                 f"mesh=<{mesh}>, tokenizer={tokenizer}, "
                 f"chat_template={'<template>' if self.chat_template is not None else None}, "
@@ -444,8 +445,9 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
 
     Works eagerly or inside your own `jax.jit` (where the ids' range cannot be checked: an id
     outside the vocabulary embeds as zeros; eagerly, ids on a device are read back to the host
-    for that check, a wait for the device: inside jit there is none). On a data-parallel mesh any batch size works (the
-    rows are padded to a multiple of dp inside, as `generate` pads its batch).
+    for that check, a wait for the device: inside jit there is none). On a data-parallel mesh
+    any batch size works (the rows are padded to a multiple of dp inside, as `generate` pads
+    its batch).
     """
     check_model(model)
     if not isinstance(tokens, jax.Array):  # host ids: checked at their own width (int64 too)

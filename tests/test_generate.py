@@ -56,7 +56,8 @@ def test_where_a_key_lies_compiles_nothing(loaded):
     sampler = jaxdec.Sampler(temperature=0.9)
     key = jax.random.key(5)
     placed = [key, jax.device_put(key, jax.devices()[0]),
-              jax.device_put(key, jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec()))]
+              jax.device_put(key, jax.sharding.NamedSharding(model.mesh,
+                                                             jax.sharding.PartitionSpec()))]
     want = jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=4, sampler=sampler, key=key)
     session = jaxdec.PrefixCache(model, max_len=32)
     for _ in range(2):  # its first call's program and the one continuing a cache
@@ -510,7 +511,8 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     ([], {}, TypeError, "non-empty list"),
     ("hello", {}, TypeError, "non-empty list"),
     (["hello"], {}, TypeError, "tokenize it first"),
-    ([1, 2, 3], {}, TypeError, r"got a list of ints \(one prompt is \[ids\]: prompts=\[\[1, 2, 3\]\]\)"),
+    ([1, 2, 3], {}, TypeError,
+     r"got a list of ints \(one prompt is \[ids\]: prompts=\[\[1, 2, 3\]\]\)"),
     ([[1, 200]], {}, ValueError, r"outside \[0, 97\)"),
     ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     ([[1, 2]], dict(max_new_tokens=2048), ValueError, "max_position_embeddings"),

@@ -145,8 +145,9 @@ def tree_attention(
       q_BTHD: queries, already rotated; bf16, fp16 or fp32 (fp32 accumulation throughout).
       k_BSKD, v_BSKD: one layer's cache, in the queries' dtype, the new tokens' K/V written at
         slots [length, length + T) (those past the cache's end are not in it: a tree larger
-        than the room left, whose nodes there are never accepted); K divides H. Slots no query sees must hold finite values (zeros, or keys and values
-        written before): they are multiplied by zero, and 0 * inf is NaN.
+        than the room left, whose nodes there are never accepted); K divides H. Slots no
+        query sees must hold finite values (zeros, or keys and values written before): they
+        are multiplied by zero, and 0 * inf is NaN.
       lengths_B: integer cached tokens per row before the new ones.
       positions_BT: integer positions of the new tokens (length + depth in a tree).
       mask_BTT: bool, new token t sees new token u when mask[b, t, u] (causal when None).
