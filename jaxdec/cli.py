@@ -207,6 +207,7 @@ def _generate(args) -> None:
     import jax
 
     import jaxdec
+    from jaxdec.streaming import continuation
 
     distributed = _join_processes(args)  # before anything starts jax's backends
     sampler, topology = _decoding_settings(args)  # checked before loading anything
@@ -243,9 +244,12 @@ def _generate(args) -> None:
     # holding the mesh's first device: process 0's, as jax orders devices by process).
     say = _printer()
     stream = None
+    # The continuation of a prompt shown before it is decoded after the prompt's ids (a
+    # SentencePiece decoder drops a text's leading space: "hello" "world").
+    context = prompt if echo else None
     if args.stream:
         say(echo, end="", flush=True)
-        stream = jaxdec.TextStream(model.tokenizer)
+        stream = jaxdec.TextStream(model.tokenizer, context=context)
     started = time.perf_counter()
     if drafter is None:
         result = jaxdec.generate(model, [prompt], stream=stream, **common)
@@ -255,7 +259,8 @@ def _generate(args) -> None:
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     if stream is None:
-        say(echo + model.tokenizer.decode(tokens))
+        say(echo + (continuation(model.tokenizer, context, tokens) if context else
+                    model.tokenizer.decode(tokens)))
     else:
         stream.close()
         say(flush=True)
@@ -454,9 +459,10 @@ def _prompt_text(args) -> tuple[str, str, str]:
         return _utf8(args.prompt, "--prompt"), args.prompt, "--prompt"
     if args.prompt_file == "-":
         _keep_undecodable_bytes(sys.stdin)
-        return _utf8(sys.stdin.read(), "the standard input"), "", "the standard input"
+        text = _utf8(sys.stdin.read(), "the standard input").removeprefix("\ufeff")  # (BOM)
+        return text, "", "the standard input"
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
+        with open(args.prompt_file, encoding="utf-8-sig") as f:  # (a BOM is no text)
             return f.read(), "", f"--prompt-file {args.prompt_file}"
     except FileNotFoundError:
         raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist") from None

@@ -18,6 +18,15 @@ import numpy as np
 from jaxdec.checks import check_int
 
 
+def continuation(tokenizer, context, tokens) -> str:
+    """The text of `tokens` continuing `context` (ids shown before them): what a `TextStream`
+    with that context writes in all (a SentencePiece decoder would drop the leading space of
+    `tokens` decoded alone)."""
+    lead = [int(t) for t in np.asarray(context).reshape(-1)[-TextStream.CONTEXT_TOKENS:]]
+    before, after = tokenizer.decode(lead), tokenizer.decode(lead + list(tokens))
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(list(tokens))
+
+
 class TextStream:
     """Decodes one row's tokens as they arrive and hands the new text to `write` (by default
     printed to `file`, or stdout, and flushed).
@@ -39,13 +48,22 @@ class TextStream:
       row: the batch row to show.
       write: called with each new piece of text (default: print it to `file`).
       file: where the default `write` prints (default: sys.stdout).
+      context: the ids the text continues (the row's prompt), when it is shown before it: the
+        first piece is then decoded after them (a SentencePiece decoder drops the leading
+        space of a text's first word: "hello" + "world" where the whole reads "hello
+        world"). None: the text stands alone (a chat's reply).
     """
 
+    # Context tokens the first piece is decoded after (enough for a decoder's look-behind).
+    CONTEXT_TOKENS = 4
+
     def __init__(self, tokenizer, *, row: int = 0, write: Callable[[str], object] | None = None,
-                 file: TextIO | None = None):
+                 file: TextIO | None = None, context=None):
         if not callable(getattr(tokenizer, "decode", None)):
             raise TypeError(f"tokenizer must have a decode(ids) method, got {tokenizer!r}")
         self.tokenizer, self.row = tokenizer, check_int("row", row, minimum=0)
+        self._context = [] if context is None else [
+            int(t) for t in np.asarray(context).reshape(-1)[-self.CONTEXT_TOKENS:]]
         self._write = write or (lambda text: print(text, end="", flush=True,
                                                    file=file or sys.stdout))
         self.tokens: list[int] = []  # the row's tokens so far, in order
@@ -92,8 +110,10 @@ class TextStream:
             self.tokens += self._pending.pop(step)
 
     def _show(self, last: bool = False) -> None:
-        before = self.tokenizer.decode(self.tokens[self._start:self._shown])
-        after = self.tokenizer.decode(self.tokens[self._start:])
+        # The window of the first piece's tokens is decoded after the context too.
+        lead = self._context if self._start == 0 else []
+        before = self.tokenizer.decode(lead + self.tokens[self._start:self._shown])
+        after = self.tokenizer.decode(lead + self.tokens[self._start:])
         if len(after) > len(before) and (last or not after.endswith("\ufffd")):
             piece = after[len(before):]
             self._write(piece)

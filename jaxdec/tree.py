@@ -220,7 +220,10 @@ def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> 
 
 def chain(k: int) -> Topology:
     """A chain of k draft tokens (k + 1 nodes with the root)."""
-    return from_parents([-1] + list(range(check_int("chain length", k))))
+    k = check_int("chain length", k)
+    if k + 1 > MAX_NODES:  # before a list of k parents is made (10**23 overflowed)
+        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got chain({k}): {k + 1}")
+    return from_parents([-1] + list(range(k)))
 
 
 def kary(depth: int, width: int) -> Topology:

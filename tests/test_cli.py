@@ -201,10 +201,12 @@ def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, mon
                  "--max-new-tokens", "5", "--ignore-eos"]) == 0
     echoed = capsys.readouterr().out
     continuation = echoed[:echoed.rindex("\n[")][len(text):]
-    path = tmp_path / "prompt.txt"
+    path, bom = tmp_path / "prompt.txt", tmp_path / "bom.txt"
     path.write_text(text)
-    for source in (str(path), "-"):
-        monkeypatch.setattr("sys.stdin", io.StringIO(text))
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # (a BOM is not the prompt's text)
+    for source, given in ((str(path), text), (str(bom), text), ("-", text),
+                          ("-", "\ufeff" + text)):
+        monkeypatch.setattr("sys.stdin", io.StringIO(given))
         assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", source,
                      "--max-new-tokens", "5", "--ignore-eos"]) == 0
         out = capsys.readouterr().out

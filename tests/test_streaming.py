@@ -63,6 +63,35 @@ def test_a_decoder_that_strips_the_first_space():
     assert "".join(written) == Metaspace().decode(ids)
 
 
+def test_a_continuation_shown_after_its_prompt_keeps_its_leading_space():
+    """With the prompt's ids as context the first word's space stays ("hello world", where
+    the CLI printed the prompt and then "world"); the pieces add up to the whole decoded
+    after the prompt, as `continuation` gives it, also when the steps bring several tokens."""
+    from jaxdec.streaming import continuation
+
+    pieces = ["\u2581hello", "\u2581world", "\u2581of", "\u2581f", "ast", "<s>"]
+
+    class Metaspace:
+        def decode(self, ids):
+            return "".join(pieces[i] for i in ids if i != 5).replace("\u2581", " ").lstrip(" ")
+
+    prompt, new = [5, 0], [1, 2, 3, 4]
+    whole = Metaspace().decode(prompt + new)
+    assert whole == "hello world of fast"
+    assert continuation(Metaspace(), prompt, new) == " world of fast"
+    for chunks in ([[t] for t in new], [new[:3], new[3:]]):
+        written = []
+        stream = TextStream(Metaspace(), write=written.append, context=prompt)
+        for step, chunk in enumerate(chunks):
+            stream(step, np.array([chunk + [0] * (3 - len(chunk))]), np.array([len(chunk)]))
+        stream.close()
+        assert "hello" + "".join(written) == whole
+    alone = TextStream(Metaspace(), write=written.append)  # a reply standing alone
+    written.clear()
+    alone(0, np.array([new[:1]]), np.array([1]))
+    assert written == ["world"]
+
+
 def test_with_both_loops(tokenized_checkpoint):
     """A new TextStream per call: each shows its own call's text, the row's decoded output."""
     model = jaxdec.load_pretrained(tokenized_checkpoint)

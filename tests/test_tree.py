@@ -87,6 +87,9 @@ def test_builder_arguments_and_specs():
         tree.kary(8, 3)
     with pytest.raises(ValueError, match="more than 256 nodes"):
         tree.kary(10**6, 2)  # at once: the count stops past MAX_NODES
+    for spec in (lambda: tree.chain(10**23), lambda: tree.parse("chain:" + "9" * 23)):
+        with pytest.raises(ValueError, match="at most 256 nodes"):  # (an OverflowError)
+            spec()
     with pytest.raises(ValueError, match="at least one path"):
         tree.from_choices([])
     with pytest.raises(ValueError, match="bad tree spec.*at least one path"):
