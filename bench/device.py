@@ -475,9 +475,9 @@ def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
     kernel that hangs the card looks like this), or their group's process ending with an
     error (`bench/pytest_shards.py` prints each group's end)."""
     started = any(f"{HOPPER_TESTS}.py::" in line for line in lines)
-    ends = [g for g in group_ends(lines) if f"tests/{HOPPER_TESTS}.py" in g["files"]]
-    if ends:
-        return not any(g["exit_code"] in (0, NO_TESTS_COLLECTED) for g in ends)
+    passed = hopper_group_passed(group_ends(lines))
+    if passed is not None:
+        return not passed
     if code is None:
         return started
     try:
@@ -490,6 +490,13 @@ def hopper_failed(junit: Path, lines: list[str], code: int | None) -> bool:
                for case in root.iter("testcase"))
 
 
+def hopper_group_passed(groups: list[dict]) -> bool | None:
+    """Whether the group of a sharded run that held the Hopper kernel's tests ended well;
+    None where no such group ended."""
+    ends = [g for g in groups if f"tests/{HOPPER_TESTS}.py" in g.get("files", ())]
+    return any(g.get("exit_code") in (0, NO_TESTS_COLLECTED) for g in ends) if ends else None
+
+
 def hopper_tested(results: Path, slug: str, plan_name: str) -> bool:
     """Whether the GPU tests of today's sources passed the Hopper kernel's on this device:
     a record of the plan with no error, or one whose Hopper group ended well (another
@@ -497,11 +504,7 @@ def hopper_tested(results: Path, slug: str, plan_name: str) -> bool:
     for record in read_records(results / f"gpu-tests-{slug}.json"):
         if record.get("plan") != plan_name or record.get("sources") != sources_digest():
             continue
-        if record.get("error") is None:
-            return True
-        if any(f"tests/{HOPPER_TESTS}.py" in g.get("files", ())
-               and g.get("exit_code") in (0, NO_TESTS_COLLECTED)
-               for g in record.get("groups", ())):
+        if record.get("error") is None or hopper_group_passed(record.get("groups", ())):
             return True
     return False
 

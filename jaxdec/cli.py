@@ -489,6 +489,7 @@ def _template_unreadable(path: str, model) -> None:
 def _check_files(args, purpose: str = "") -> None:
     """What the model, the draft and the retrieval corpus lack, said before any checkpoint is
     loaded (an 8B model loads for minutes)."""
+    from jaxdec import data
     from jaxdec.checkpoint import checkpoint_dir
 
     directory = checkpoint_dir(args.model)
@@ -499,10 +500,8 @@ def _check_files(args, purpose: str = "") -> None:
             checkpoint_dir(args.draft)
         except (ValueError, TypeError, OSError) as e:
             raise ValueError(f"--draft {args.draft}: {e}") from None
-    if args.retrieval and not os.path.isdir(args.retrieval):
-        raise ValueError(f"--retrieval {args.retrieval} "
-                         + ("is a file: give a directory of text files"
-                            if os.path.exists(args.retrieval) else "does not exist"))
+    if args.retrieval:
+        data.check_corpus_dir(args.retrieval, f"--retrieval {args.retrieval}")
 
 
 def _drafter(args, model):

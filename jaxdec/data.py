@@ -96,6 +96,14 @@ def split_heldout(files: list[str], root: str, fraction: float = HELDOUT_FRACTIO
     return ordered[n_heldout:], ordered[:n_heldout]
 
 
+def check_corpus_dir(root: str, name: str) -> None:
+    """A ValueError, saying `name` (how the caller calls the corpus), unless `root` is a
+    directory."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{name} is a file: give a directory of text files"
+                         if os.path.exists(root) else f"{name} does not exist")
+
+
 def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, str]]:
     """(the corpus's root, {path: text} of its files, in path order): every file under
     `corpus` readable as UTF-8 text, or the interpreter's standard-library `.py` files
@@ -105,9 +113,7 @@ def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, 
         files = _walk(root, ".py", {"site-packages", "dist-packages", "__pycache__"})
     else:
         root = os.fspath(corpus)
-        if not os.path.isdir(root):
-            raise ValueError(f"corpus {root} is a file: give a directory of text files"
-                             if os.path.exists(root) else f"corpus directory {root} does not exist")
+        check_corpus_dir(root, f"corpus {root}")
         files = _walk(root, None, {"__pycache__"})
     texts = {f: t for f in sorted(files) if (t := _read_text(f)) is not None}
     if not texts:
