@@ -48,7 +48,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, utc_now, versions, write_merged  # noqa: E402
+from bench.common import git_commit, out_dir, utc_now, versions, write_merged  # noqa: E402
 
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin loads without CUDA
 
@@ -484,7 +484,7 @@ def render_markdown(records: list[dict]) -> str:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="h100", choices=sorted(presets()))
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=out_dir, default=None,
                         help="write census-<device>.json and .md here (default: print only); "
                              "records of other presets already there are kept")
     return parser.parse_args(argv)

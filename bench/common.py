@@ -95,6 +95,20 @@ def runs_note(records: list[dict], describe: Callable[[dict], str]) -> str:
             + "; ".join(f"{describe(rows[0])} ({len(rows)} rows)" for rows in ordered) + ".")
 
 
+def out_dir(value: str) -> Path:
+    """An argparse `type` for a benchmark's `--out`: a directory, or a path one can be made
+    at, refused up front (a file there failed the first write, after the measuring)."""
+    import argparse
+
+    path = Path(value)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{existing} is not writable")
+    return path
+
+
 def device_slug(name: str | None) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; otherwise the name, slugified.
     Variants that differ keep their mark: 'TPU v5 lite' -> 'v5e' (not 'TPU v5''s 'v5'),
@@ -134,7 +148,9 @@ def read_records(path: Path) -> list[dict]:
     return records if isinstance(records, list) else []
 
 
-TIME_ERRORS = ("skipped", "timed out")  # how a benchmark records a run its budget cut
+# How a benchmark's error starts where its time budget cut a run (skipped; stopped at a time
+# limit; only part of it recorded before the stop).
+TIME_ERRORS = ("skipped", "timed out", "unfinished")
 
 
 def keep_measured(old: list[dict], new: list[dict], ident: Callable[[dict], tuple]) -> list[dict]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, utc_now, versions, write_merged  # noqa: E402
+from bench.common import git_commit, out_dir, utc_now, versions, write_merged  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,7 @@ def same_column(record: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:  # on a machine with an accelerator too, time the CPU
         os.environ["JAX_PLATFORMS"] = "cpu"

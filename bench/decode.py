@@ -119,15 +119,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (CompileAhead, counting_compiles,  # noqa: E402
-                          default_compile_workers, device_slug, git_commit, measure_hbm,
-                          MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
-                          keep_measured, kept_note, read_records, replace_text,
-                          versions)
+from bench.common import (  # noqa: E402
+    CompileAhead, counting_compiles, default_compile_workers, device_name, device_slug, git_commit,
+    measure_hbm, out_dir, MODEL_SOURCES, profile_kernels, SHORT_KERNEL_US, sources_digest,
+    keep_measured, kept_note, read_records, replace_text, versions)
 
 IMPLS = ("jaxdec", "jaxdec-reference", "jaxdec-matvec", "jaxdec-cublas", "jaxdec-graphs",
          "hf-eager", "hf-compile")
@@ -595,7 +594,8 @@ def _read_events(path: str) -> list[dict]:
 def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
                  common: dict) -> list[dict]:
     """One record per batch size from a worker's events (without the bandwidth fields): the
-    events naming `impl`, and those naming no impl (the worker's, e.g. its device)."""
+    events naming `impl`, and those naming no impl (the worker's, e.g. its device; without
+    one, as when the worker died before it said, `common`'s device)."""
     events = [e for e in events if e.get("impl") in (None, impl)]
     env = next((e for e in events if e["event"] == "env"), {})
     results = {e["batch"]: e for e in events if e["event"] == "result"}
@@ -604,7 +604,8 @@ def impl_records(impl: str, events: list[dict], failure: str | None, spec: dict,
     steps = spec["new_tokens"] - 1
     records = []
     for batch in spec["batch_sizes"]:
-        record = dict(impl=impl, batch=batch, **common, device=env.get("device"),
+        record = dict(impl=impl, batch=batch, **common)
+        record.update(device=env.get("device") or common.get("device"),
                       tokens_per_s=None, step_ms=None, prefill_s=None, decode_s=None,
                       param_bytes=None, error=None, notes=None)
         result = results.get(batch)
@@ -772,11 +773,12 @@ def _config(record: dict) -> tuple:
 
 
 def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, float],
-                  meta: dict) -> tuple[Path, Path]:
+                  meta: dict, pending: Sequence[str] = ()) -> tuple[Path, Path]:
     """Writes decode-<device>.json and .md; returns their paths. `records` (this call's
-    configuration) replace the file's rows of that configuration; rows of other
-    configurations (preset, context, new tokens) are kept, each configuration a table of its
-    own after this call's."""
+    configuration) replace the file's rows of that configuration, but those of the impls
+    still `pending` in this call (kept as they are until their run replaces them); rows of
+    other configurations (preset, context, new tokens) are kept, each configuration a table
+    of its own after this call's."""
     slug = device_slug(next((r["device"] for r in records if r["device"]), None))
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"decode-{slug}.json", out_dir / f"decode-{slug}.md"
@@ -786,6 +788,7 @@ def write_outputs(out_dir: Path, records: list[dict], bandwidths: dict[str, floa
     # A row this call's budget cut keeps the figures an earlier call measured (stale ones
     # too: `kept_records` left them out, and a time-out must not erase them).
     records = keep_measured(old, records, lambda r: (_config(r), r.get("impl"), r.get("batch")))
+    records += [r for r in old if _config(r) in this and r.get("impl") in pending]
     replace_text(json_path, json.dumps(records + others, indent=2) + "\n")
     text = render_markdown(records, bandwidths, meta) + kept_note(
         records, lambda r: f"{r.get('impl')} batch {r.get('batch')}")
@@ -814,17 +817,14 @@ def _earlier_table(records: list[dict]) -> str:
                      for line in text.splitlines()) + "\n"
 
 
-def kept_records(out_dir: Path, preset: str, spec: dict, impls, *,
-                 resume: bool) -> tuple[list[dict], float | None]:
+def kept_records(out_dir: Path, preset: str, spec: dict, impls, *, resume: bool,
+                 device: str) -> tuple[list[dict], float | None]:
     """The rows of this device's output file that this call keeps in its configuration's
     table: those of impls it does not run, and with `resume` those of impls that finished
     every batch size (jaxdec's: measured with today's `MODEL_SOURCES`); and the best
     bandwidth ceiling they were measured against (the merged table uses the best ceiling of
-    all calls)."""
-    from bench.common import device_name
-
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    old = read_records(out_dir / f"decode-{device_slug(device_name(env))}.json")
+    all calls). `device`: the name of the device the workers run on."""
+    old = read_records(out_dir / f"decode-{device_slug(device)}.json")
     same = [r for r in old if _config(r) == (preset, spec["context"], spec["new_tokens"])]
     kept = [r for r in same if r.get("impl") not in impls]
     # jaxdec's rows count only while the code a decode step runs is what they measured.
@@ -879,7 +879,7 @@ def parse_args(argv):
                              "with the same model code) and run only the others (without it, "
                              "the impls asked for run again; the file's other rows are kept "
                              "either way)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", type=_impl_list, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--events", help=argparse.SUPPRESS)
@@ -924,11 +924,14 @@ def main(argv=None) -> int:
     common = dict(context=spec["context"], prompt_len=spec["prompt_len"],
                   new_tokens=spec["new_tokens"], preset=args.preset, repeats=spec["repeats"],
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=git_commit(), **versions())
+                  commit=git_commit(), **versions(),
+                  # (as the workers see it: the worker's own name is recorded where it said)
+                  device=device_name({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}))
     meta = dict(spec, preset=args.preset, description=preset.description)
     records, bandwidths = [], {}
     impls = args.impls or preset.impls
-    raw, ceiling = kept_records(args.out, args.preset, spec, impls, resume=args.resume)
+    raw, ceiling = kept_records(args.out, args.preset, spec, impls, resume=args.resume,
+                                device=common["device"])
     if ceiling:
         bandwidths["an earlier call's ceiling"] = ceiling
     finished = {r["impl"] for r in raw}
@@ -938,7 +941,8 @@ def main(argv=None) -> int:
             print(f"[decode bench] {impl}: already measured (--resume)", flush=True)
         else:
             due.append(impl)
-    for unit in worker_units(due):
+    units = worker_units(due)
+    for i, unit in enumerate(units):
         label = ",".join(unit)
         left = None if deadline is None else deadline - time.monotonic()
         print(f"[decode bench] {label}: batch sizes {spec['batch_sizes']}, context "
@@ -956,7 +960,10 @@ def main(argv=None) -> int:
         for impl in unit:
             raw += impl_records(impl, events, failure, spec, common)
         records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
-        write_outputs(args.out, records, bandwidths, meta)  # after every worker
+        # After every worker (a call stopped later keeps what it measured; the impls it has
+        # still to run keep their rows until then).
+        write_outputs(args.out, records, bandwidths, meta,
+                      pending=[impl for later in units[i + 1:] for impl in later])
     records = [add_roofline(r, spec["model"], hbm_ceiling(bandwidths)) for r in raw]
     if not records:
         print("[decode bench] nothing to run", flush=True)

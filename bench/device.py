@@ -91,7 +91,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (  # noqa: E402
     HBM_METHOD, MODEL_SOURCES, RESULTS, TIME_ERRORS, device_name, device_slug, git_commit,
-    read_records, utc_now, versions, write_merged)
+    out_dir, read_records, utc_now, versions, write_merged)
 from bench.common import sources_digest as common_sources_digest  # noqa: E402
 from bench.pytest_shards import NO_TESTS_COLLECTED, parse_finished  # noqa: E402
 
@@ -553,7 +553,7 @@ def pack(work: Path, slug: str, out: Path, committed: Path) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plan", default="gpu", choices=("gpu", "cpu-tiny"))
-    parser.add_argument("--out", type=Path, help="where the archive, log and summary go")
+    parser.add_argument("--out", type=out_dir, help="where the archive, log and summary go")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall time for all steps (default 540: a device call allows 600)")
     parser.add_argument("--results", type=Path, default=RESULTS,

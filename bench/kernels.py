@@ -73,10 +73,10 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (HBM_METHOD, RESULTS, CompileAhead,  # noqa: E402
-                          counting_compiles, default_compile_workers, device_slug, git_commit,
-                          measure_hbm, newest, profile_kernels, runs_note, sources_digest, utc_now,
-                          versions, write_merged)
+from bench.common import (  # noqa: E402
+    HBM_METHOD, RESULTS, CompileAhead, counting_compiles, default_compile_workers, device_slug,
+    git_commit, measure_hbm, newest, out_dir, profile_kernels, runs_note, sources_digest, utc_now,
+    versions, write_merged)
 
 PRESETS = {
     "h100": dict(batches=(1, 8), contexts=(1024, 4096, 16384, 65536), queries=(1, 16, 64),
@@ -684,7 +684,7 @@ def write_outputs(out_dir: Path, records: list[dict]) -> Path:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="h100")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=out_dir, default=RESULTS)
     parser.add_argument("--inner", type=int, help="calls per timed loop")
     parser.add_argument("--trials", type=int, help="timed loops (best is kept)")
     parser.add_argument("--no-hopper", action="store_true",

@@ -45,9 +45,9 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (HBM_METHOD, RESULTS, device_slug, git_commit,  # noqa: E402
-                          measure_hbm, newest, runs_note, sources_digest, utc_now, versions,
-                          write_merged)
+from bench.common import (  # noqa: E402
+    HBM_METHOD, RESULTS, device_slug, git_commit, measure_hbm, newest, out_dir, runs_note,
+    sources_digest, utc_now, versions, write_merged)
 
 KERNEL_SOURCES = ("pallas_kernels/matvec",)  # records name the version of the kernel they ran
 
@@ -286,7 +286,7 @@ def write_outputs(out_dir: Path, records: list[dict]) -> Path:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="h100", choices=sorted(PRESETS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=out_dir, default=RESULTS)
     return parser.parse_args(argv)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import git_commit, replace_text, utc_now, versions  # noqa: E402
+from bench.common import git_commit, out_dir, replace_text, utc_now, versions  # noqa: E402
 
 TARGET = "sm_90a"
 SHARED_LIMIT = 227 * 1024  # an H100 program's most dynamic shared memory
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="h100", choices=sorted(kernels.PRESETS),
                         help="a bench/kernels.py preset (files of other presets than h100 "
                              "name it: ptx-sm_90a-<preset>.json)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=out_dir, default=Path(__file__).parent / "results")
     parser.add_argument("--mosaic", action="store_true",
                         help="the Hopper (Mosaic GPU) kernel instead, compiled by jax's own "
                              "pipeline: needs jax >= 0.11 and the CUDA plugin (no GPU); "

@@ -73,9 +73,9 @@ from jaxdec.verify import ProposalKind
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (MODEL_SOURCES, RESULTS, CompileAhead,  # noqa: E402
-                          counting_compiles, default_compile_workers, device_slug, git_commit,
-                          newest, runs_note, sources_digest, utc_now, versions, write_merged)
+from bench.common import (  # noqa: E402
+    MODEL_SOURCES, RESULTS, CompileAhead, counting_compiles, default_compile_workers, device_slug,
+    git_commit, newest, out_dir, runs_note, sources_digest, utc_now, versions, write_merged)
 
 # The code a speculative run measures: decoding's and the loop's (drafters, verification,
 # trees). Records carry its hash (`spec_sources`); `--resume` and the device plan measure
@@ -382,6 +382,9 @@ def run_synthetic(preset: Preset, args, common, deadline, emit, measured):
                [] if all((attention, f"oracle@{rate}", f"chain({chain})", batch, 0.0)
                          in measured for chain, rate in every) else every)
               for batch in preset.batches for attention in args.attention]
+    if not any(cells for *_, cells in groups):
+        print("every run of this preset is already measured (--resume)", flush=True)
+        return
 
     # The programs compile side by side (the rate is an argument: one program per chain).
     ahead = CompileAhead(args.compile_ahead)
@@ -697,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.train import add_shrink_arguments
 
     add_shrink_arguments(parser)  # for the trained presets' training
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=out_dir, default=RESULTS)
     return parser
 
 
@@ -748,7 +751,10 @@ def main(argv=None) -> int:
                     and not stale_oracle(r) and r.get("spec_sources") == common["spec_sources"]}
     run = run_trained if preset.kind == "trained" else run_synthetic
     run(preset, args, common, deadline, emit, measured)
-    print(path.with_suffix(".md").read_text())
+    if not records and path.exists():  # all measured before: the table from the JSON alone
+        write_merged(path, [], RECORD_KEY, render_markdown)
+    if path.with_suffix(".md").exists():
+        print(path.with_suffix(".md").read_text())
     return 0 if all(not r.get("error") for r in records) else 1
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.census import decode_loop  # noqa: E402
-from bench.common import git_commit, utc_now, versions, write_merged  # noqa: E402
+from bench.common import git_commit, out_dir, utc_now, versions, write_merged  # noqa: E402
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside another libtpu process
 
@@ -195,7 +195,7 @@ def render_markdown(records: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tpu", choices=sorted(PRESETS))
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=out_dir, default=None,
                         help="write tpu-compile.json and .md here (default: print only); "
                              "records of other cases already there are kept")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -35,14 +35,15 @@ from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (RESULTS, device_slug, git_commit, utc_now, versions,  # noqa: E402
-                          write_merged)
+from bench.common import (  # noqa: E402
+    RESULTS, device_slug, git_commit, out_dir, utc_now, versions, write_merged)
 
 
 def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> dict:
     """Trains the target then the draft under `work`; returns the record. `on_target` gets
     the record once the target is trained (its throughput, MFU and held-out loss; `error`
-    says the draft is still to come), so a run stopped during the draft keeps those."""
+    says the draft is still to come), so a run stopped during the draft keeps those (where
+    no complete record of the preset was measured before: that one is kept, `keep_measured`)."""
     import jax
 
     from jaxdec.train import train_draft, train_lm
@@ -63,7 +64,7 @@ def run(preset, work: Path, on_target: Callable[[dict], None] | None = None) -> 
         "compile_ahead_workers": 0,
         "device": jax.devices()[0].device_kind, "date": utc_now(), "commit": git_commit(),
         **versions(),
-        "error": "the draft was not trained: the run stopped after the target",
+        "error": "unfinished: the draft was not trained (the run stopped after the target)",
     }
     if on_target is not None:
         on_target(dict(record))
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     add_shrink_arguments(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=out_dir, default=RESULTS)
     return parser
 
 

@@ -174,13 +174,13 @@ def test_resume_drops_jaxdec_rows_of_other_model_code(tmp_path, monkeypatch):
             for impl, extra in (("hf-eager", {}), ("jaxdec", dict(model_sources=current)),
                                 ("jaxdec-reference", dict(model_sources="0" * 16)))]
     rows += [dict(row, impl="jaxdec-reference", batch=b) for b in spec["batch_sizes"]]
-    monkeypatch.setattr(bench, "device_slug", lambda name: "cpu")
     (tmp_path / "decode-cpu.json").write_text(json.dumps(rows))
     impls = ("hf-eager", "jaxdec", "jaxdec-reference")
-    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, impls, resume=True)
+    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, impls, resume=True, device="cpu")
     assert sorted({r["impl"] for r in kept}) == ["hf-eager", "jaxdec"]
     # Without --resume the impls asked for run again; the others' rows stay.
-    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, ("jaxdec",), resume=False)
+    kept, _ = bench.kept_records(tmp_path, "cpu-tiny", spec, ("jaxdec",), resume=False,
+                                 device="cpu")
     assert sorted({r["impl"] for r in kept}) == ["hf-eager", "jaxdec-reference"]
 
 
@@ -230,6 +230,25 @@ def test_a_timed_out_row_keeps_the_figures_it_would_replace(cpu_tiny_run, tmp_pa
     bench.write_outputs(tmp_path, failed, {"probe": 10.0}, meta)
     assert all(r["error"] == "RuntimeError('boom')"
                for r in json.loads((tmp_path / "decode-cpu.json").read_text()))
+
+
+def test_a_call_whose_workers_never_ran_writes_its_devices_file(cpu_tiny_run, tmp_path):
+    """With no worker's word of its device (the budget used up before any started), the
+    skipped rows go to the device's file, keeping its figures (they went to
+    decode-unknown.json, headed "an unknown device"), those of every impl (the write after
+    the first worker dropped the rows of the impls still to run: their figures were lost)."""
+    before = json.loads((cpu_tiny_run / "decode-cpu.json").read_text())
+    (tmp_path / "decode-cpu.json").write_text(json.dumps(before))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "cpu-tiny", "--budget-s", "0",
+                           "--out", str(tmp_path)],
+                          env=user_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decode-cpu.json", "decode-cpu.md"]
+    after = json.loads((tmp_path / "decode-cpu.json").read_text())
+    assert [r["tokens_per_s"] for r in after] == [r["tokens_per_s"] for r in before]
+    assert {r["last_attempt_error"] for r in after} == {
+        "skipped: the time budget (--budget-s) was used up"}
+    assert "on cpu" in (tmp_path / "decode-cpu.md").read_text()
 
 
 def test_cpu_tiny_markdown(cpu_tiny_run):

@@ -473,3 +473,21 @@ def test_sharded_pytest_merges_the_groups_reports(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr  # test_b.py: nothing selected
     proc = shards("--group", "tests/test_a.py,", "--group", ",")
     assert proc.returncode == 2 and "names at least one test file" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["census", "cpu_attention", "decode", "device", "kernels",
+                                    "matvec", "ptx_report", "speculative", "tpu_compile", "train"])
+def test_every_benchmark_refuses_an_out_that_is_no_directory(script, tmp_path, capsys):
+    """Before measuring anything (kernels, matvec and decode measured, compiled ahead and ran
+    a first case before their first write failed on the file)."""
+    import importlib
+
+    main = importlib.import_module(f"bench.{script}").main
+    (tmp_path / "file").write_text("mine")
+    for out, message in ((tmp_path / "file", "is not a directory"),
+                         (tmp_path / "file" / "sub", "is not a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--out", str(out)])
+        assert exit_info.value.code == 2
+        assert f"argument --out: {tmp_path / 'file'} {message}" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"

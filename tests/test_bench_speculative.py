@@ -96,6 +96,9 @@ def test_resume_finishes_what_the_budget_left_out(tmp_path):
     assert {tuple(r.get(k) for k in RECORD_KEY) for r in done} >= {
         tuple(r.get(k) for k in RECORD_KEY) for r in skipped}
     assert _run(args, tmp_path) == done  # nothing left to run
+    (tmp_path / "speculative-cpu.md").unlink()  # only the JSON copied in (the device call's)
+    assert _run(args, tmp_path) == done
+    assert "| oracle@" in (tmp_path / "speculative-cpu.md").read_text()
     # Rows of older code are due again; a call out of time keeps their figures (it replaced
     # them with its skip rows).
     path = tmp_path / "speculative-cpu.json"

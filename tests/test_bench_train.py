@@ -71,8 +71,19 @@ def test_a_run_stopped_during_the_draft_keeps_the_targets_figures(tmp_path, monk
     (record,) = json.loads((tmp_path / "train-cpu.json").read_text())
     assert record["tokens_per_s"] > 0 and record["mfu"] > 0 and record["heldout_loss"] > 0
     assert record["matmul_peak_tflops"] > 0 and "draft_params" not in record
-    assert record["error"].startswith("the draft was not trained")
+    assert record["error"].startswith("unfinished: the draft was not trained")
     assert "the draft was not trained" in (tmp_path / "train-cpu.md").read_text()
+    # A complete record measured before is kept (the stopped run's attempt named beside it).
+    complete = dict(record, acceptance_after=0.37, draft_seconds=34.0, error=None,
+                    date="2026-11-27T00:00:00+00:00")
+    (tmp_path / "train-cpu.json").write_text(json.dumps([complete]))
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--preset", MICRO.name, "--steps", "3", "--eval-tokens", "1024",
+                          "--out", str(tmp_path)])
+    (kept,) = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert kept == dict(complete, last_attempt_error=record["error"],
+                        last_attempt_date=kept["last_attempt_date"])
+    assert kept["last_attempt_date"] > complete["date"]
 
 
 def test_merge_records(tmp_path):
