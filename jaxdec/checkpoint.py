@@ -178,7 +178,10 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
         tensors = {}
         for file in sorted(set(weight_map.values())):
             found = read_safetensors_index(os.path.join(directory, file))
-            tensors.update({k: v for k, v in found.items() if weight_map.get(k) == file})
+            # A tensor from the shard the index names for it; one the index leaves out is
+            # read too (as transformers reads every tensor of the shards it lists).
+            tensors.update({k: v for k, v in found.items() if weight_map.get(k) == file
+                            or (k not in weight_map and k not in tensors)})
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{index_path} lists tensors its shards lack: {missing[:5]}")
@@ -429,6 +432,10 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     groups = llama.kv_groups(config, parallel.tp_size(mesh))
 
     _refuse_quantized(directory, tensors, table)
+    tied_head_only = (config.tie_word_embeddings and "lm_head.weight" in tensors
+                      and "model.embed_tokens.weight" not in tensors)
+    if tied_head_only:  # the shared matrix stored as the head alone (transformers takes it)
+        tensors["model.embed_tokens.weight"] = tensors["lm_head.weight"]
     for entry in table.values():
         for name, shape in zip(entry.hf_names, entry.hf_shapes):
             info = tensors.get(name)
@@ -439,11 +446,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
                     f"tensor {name!r} has shape {info.shape}, expected {shape} from config.json"
                 )
     known = {n for e in table.values() for n in e.hf_names}
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+    if config.tie_word_embeddings and "lm_head.weight" in tensors and not tied_head_only:
         # Some tied checkpoints store the shared matrix twice; one whose copy differs is two
         # models (transformers uses the stored head, jaxdec tied the embedding).
         _check_stored_copy(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"],
                            directory)
+    if config.tie_word_embeddings:
         known.add("lm_head.weight")
     unexpected = sorted(n for n in tensors if n not in known and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:

@@ -369,9 +369,11 @@ class ModelConfig:
         elif (self.qkv_bias, self.o_bias, self.mlp_bias) != (self.model_type == "qwen2", False, False):
             raise ValueError(f"{self.model_type} checkpoints cannot express these bias settings")
         if self.model_type == "mistral":
-            if window is not None and any(w is None for w in self.layer_windows):
-                raise ValueError("Mistral applies one sliding window to every layer")
             hf["sliding_window"] = window
+            if window is not None and None in self.layer_windows:
+                # Read by transformers 5 as a Ministral config (4.x reads no layer_types).
+                hf["layer_types"] = ["full_attention" if w is None else "sliding_attention"
+                                     for w in self.layer_windows]
         elif self.model_type == "qwen2":
             hf["sliding_window"] = window
             hf["use_sliding_window"] = window is not None
@@ -632,19 +634,25 @@ def _windows_from_hf(hf: Mapping[str, Any], model_type: str, num_layers: int):
     if model_type == "llama" or window is None:
         return (None,) * num_layers
     window = _hf_int({"sliding_window": window}, "sliding_window", minimum=1)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if not (isinstance(layer_types, list)
+                and all(t in ("full_attention", "sliding_attention") for t in layer_types)):
+            raise ValueError(f"config.json's layer_types must be a list of 'full_attention' and "
+                             f"'sliding_attention', got {layer_types!r}")
+        if len(layer_types) != num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
     if model_type == "mistral":
-        return (window,) * num_layers
+        # With layer_types, transformers 5 reads a Mistral config as Ministral's (the same
+        # layers, the window on the layers it names); without, every layer has the window.
+        if layer_types is None:
+            return (window,) * num_layers
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
     # qwen2: the window applies only with use_sliding_window, to the layers named by
     # layer_types (transformers 5) or else to those from max_window_layers on.
     if not _hf_bool(hf, "use_sliding_window", False):
         return (None,) * num_layers
-    layer_types = hf.get("layer_types")
     if layer_types is not None:
-        if not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
-            raise ValueError(f"config.json's layer_types must be a list of strings, got "
-                             f"{layer_types!r}")
-        if len(layer_types) != num_layers:
-            raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     first = _hf_int(hf, "max_window_layers", DEFAULT_QWEN2_MAX_WINDOW_LAYERS)
     return tuple(window if i >= first else None for i in range(num_layers))

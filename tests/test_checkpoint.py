@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -263,16 +264,15 @@ def test_an_overwrite_stopped_anywhere_loads_the_old_or_the_new_model(
 
 def test_a_config_no_checkpoint_can_express_fails_before_the_weights(loaded, tmp_path,
                                                                      monkeypatch):
-    """A config its model type cannot write (here a window on one Mistral layer; Qwen2's on
-    other layers than a suffix load through layer_types the same way): refused before any
+    """A config its model type cannot write (here two window sizes): refused before any
     weight is converted (after all of them, minutes on a large model)."""
     import jaxdec.checkpoint as checkpoint
 
     model = loaded("llama-gqa")
     config = dataclasses.replace(model.config, model_type="mistral",
-                                 layer_windows=(8,) + (None,) * (model.config.num_layers - 1))
+                                 layer_windows=(8, 4) + (None,) * (model.config.num_layers - 2))
     monkeypatch.setattr(checkpoint, "_write_weights", lambda *a: pytest.fail("wrote weights"))
-    with pytest.raises(ValueError, match="Mistral applies one sliding window to every layer"):
+    with pytest.raises(ValueError, match=r"cannot express several window sizes \[4, 8\]"):
         checkpoint.save_pretrained(dataclasses.replace(model, config=config), tmp_path / "q")
 
 
@@ -504,6 +504,26 @@ def test_a_tied_checkpoints_stored_head_must_be_the_embedding(hf_checkpoints, tm
     with pytest.raises(CheckpointError, match="ties the embeddings .* stores an lm_head.weight "
                                               "that differs"):
         jaxdec.load_pretrained(directory)
+    # The shared matrix stored as the head alone is the embedding too (as transformers
+    # reads it; "model.embed_tokens.weight is missing" before), without a warning.
+    head_only = {k: v for k, v in tensors.items() if k != "model.embed_tokens.weight"}
+    save_file({**head_only, "lm_head.weight": tensors["model.embed_tokens.weight"]}, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = jaxdec.load_pretrained(directory)
+    np.testing.assert_array_equal(np.asarray(jaxdec.forward(model, [[1, 2, 3]])), want)
+
+
+def test_a_tensor_the_index_leaves_out_is_read_from_its_shard(loaded, tmp_path):
+    """transformers reads every tensor of the shards an index lists: one the weight_map
+    omits loads too (jaxdec called it missing from the directory)."""
+    model = loaded("llama-gqa")
+    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    del index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    json.dump(index, open(index_path, "w"))
+    _params_equal(jaxdec.load_pretrained(out).params, model.params)
 
 
 def test_a_single_file_wins_over_an_index_beside_it(hf_checkpoints, loaded, tmp_path):

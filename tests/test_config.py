@@ -276,7 +276,7 @@ def test_missing_field_is_named():
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8,
           max_window_layers="1"), "max_window_layers must be an integer"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, layer_types="ab"),
-     "layer_types must be a list of strings"),
+     "layer_types must be a list of .full_attention. and .sliding_attention."),
     (dict(bos_token_id="1"), "bos_token_id must be an integer, got '1'"),
     (dict(pad_token_id=1.5), "pad_token_id must be an integer"),
     # Numbers as strings failed inside float() without naming the field.

@@ -1,6 +1,8 @@
 """Parity with Hugging Face transformers on random checkpoints: fp32 logits and greedy
 continuations of a ragged batch (HF runs the left-padded batch)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,46 @@ def test_yarn_frequencies_and_scale_vs_transformers(rope_scaling):
     rope = jaxdec.ModelConfig.from_hf(hf).rope
     np.testing.assert_allclose(L.rope_inv_freq(rope, 128), inv_freq.numpy(), rtol=1e-6)
     assert rope.attention_scale == pytest.approx(scale, rel=1e-6)
+
+
+def test_mistral_config_with_layer_types_vs_transformers(tmp_path):
+    """A Mistral config.json with layer_types (transformers 5 reads it as Ministral's: the
+    window on the layers named "sliding_attention") computes transformers' logits, and
+    exports so that transformers reads the same model back (jaxdec gave every layer the
+    window: logits off by ~1)."""
+    import json
+
+    config = transformers.MinistralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        initializer_range=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = transformers.MinistralForCausalLM(config).eval()
+    reference.save_pretrained(str(tmp_path / "ckpt"), safe_serialization=True)
+    path = tmp_path / "ckpt" / "config.json"
+    hf = json.loads(path.read_text())
+    hf.update(model_type="mistral", architectures=["MistralForCausalLM"])
+    path.write_text(json.dumps(hf))
+
+    model = jaxdec.load_pretrained(tmp_path / "ckpt")
+    assert model.config.layer_windows == (None, 4, None)
+    tokens = _tokens(2, 12)
+    with torch.no_grad():
+        ref = reference(torch.tensor(tokens)).logits.numpy()
+    assert _relative_error(np.asarray(jaxdec.forward(model, tokens)), ref) < 1e-4
+    out = jaxdec.save_pretrained(model, tmp_path / "export")
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(again).__name__ == "MinistralForCausalLM"
+    with torch.no_grad():
+        assert _relative_error(again(torch.tensor(tokens)).logits.numpy(), ref) < 1e-4
+    assert jaxdec.load_pretrained(out).config.layer_windows == (None, 4, None)
+    # A uniform window exports as plain Mistral (transformers 4.x reads no layer_types).
+    uniform = dataclasses.replace(model.config, layer_windows=(4, 4, 4))
+    assert "layer_types" not in uniform.to_hf()
+    # Types transformers does not know are refused, not read as full attention.
+    hf["layer_types"] = ["full_attention", "chunked_attention", "full_attention"]
+    path.write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="layer_types must be a list of 'full_attention' and"):
+        jaxdec.load_pretrained(tmp_path / "ckpt")
