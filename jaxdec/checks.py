@@ -24,14 +24,20 @@ def check_untraced(function: str, **arguments) -> None:
     """A TypeError naming `function` and the argument when any argument (a pytree: a model,
     prompts, a key) holds a traced value: a function that compiles and runs its own program
     and reads its results on the host cannot run inside jit (or vmap, grad)."""
+    advice = ("It compiles and runs its own program and reads the results on the host: call "
+              "it outside (it is one compiled program already), or jit its pure form: "
+              "jaxdec.generate_padded for plain decoding, jaxdec.speculative.speculative_padded "
+              "for speculative decoding")
     for name, value in arguments.items():
         if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value)):
             raise TypeError(
                 f"{function} cannot run inside a jax transformation (jit, vmap, grad): its "
-                f"argument {name!r} is traced. It compiles and runs its own program and reads "
-                "the results on the host: call it outside (it is one compiled program "
-                "already), or jit its pure form: jaxdec.generate_padded for plain decoding, "
-                "jaxdec.speculative.speculative_padded for speculative decoding")
+                f"argument {name!r} is traced. {advice}")
+    # Arguments closed over by a jitted function are not traced, but an array made here is
+    # (iota: made on the device, no host transfer).
+    if isinstance(jax.lax.iota(jnp.int32, 1), jax.core.Tracer):
+        raise TypeError(f"{function} cannot run inside jax.jit (the call is traced, closed "
+                        f"over arguments too). {advice}")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

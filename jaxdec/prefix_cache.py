@@ -17,7 +17,7 @@ from jaxdec.generate import (GenerateResult, _program, bucket_length, output_cap
                              prepare_batch, python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
-from jaxdec.speculative import SpeculativeResult, spec_result
+from jaxdec.speculative import SpeculativeResult, proposal_kind, spec_result
 from jaxdec.speculative import _program as _spec_program
 from jaxdec.tree import DynamicTree, Topology, as_topology
 from jaxdec.verify import check_proposal
@@ -142,7 +142,7 @@ class PrefixCache:
             raise TypeError("stream must be callable")
         prompts = self._prompts(prompt)
         if self.drafter is not None:
-            check_proposal(self.drafter.proposal_kind(sampler, self.topology), self.topology)
+            check_proposal(proposal_kind(self.drafter, sampler, self.topology), self.topology)
         batch = prepare_batch(self.model, prompts, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
         if self.drafter is not None:

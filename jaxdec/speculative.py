@@ -30,7 +30,7 @@ from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_comp
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import DynamicTree, Topology, TokenTree, ancestor_mask, as_topology
-from jaxdec.verify import ProposalKind, check_proposal, emitted_tokens, verify
+from jaxdec.verify import ProposalKind, as_kind, check_proposal, emitted_tokens, verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +169,7 @@ def speculative_padded(
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
     limit = max_new_tokens if limit is None else limit
-    kind = drafter.proposal_kind(sampler, topology)
+    kind = proposal_kind(drafter, sampler, topology)
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
     ordered = target.mesh.size == 1
     tokens_BT = tokens_BT.astype(jnp.int32)
@@ -193,6 +193,7 @@ def speculative_padded(
         drafter_state = drafter.resume(resume.drafter_state, resume.tokens_BT.astype(jnp.int32),
                                        resume.lengths_B.astype(jnp.int32), tokens_BT, start_B,
                                        max_len=cache.max_len)
+    _check_carried(drafter, "init" if resume is None else "resume", drafter_state)
     if timed:  # after both prefills: depend on one element of every cache array
         done = [x.reshape(-1)[:1] for x in jax.tree.leaves((cache, drafter_state))]
         stamps.append(_clock(*done))
@@ -332,6 +333,12 @@ def _consistent(proposal: Proposal, topology) -> Proposal:
     return dataclasses.replace(proposal, tree=tree)
 
 
+def proposal_kind(drafter, sampler, topology) -> ProposalKind:
+    """`drafter.proposal_kind(sampler, topology)` as a ProposalKind (its value too)."""
+    return as_kind(drafter.proposal_kind(sampler, topology),
+                   f"{type(drafter).__name__}.proposal_kind()")
+
+
 def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size: int):
     """What `drafter.propose` returned, checked while the loop traces: a drafter of your own
     that returns the wrong thing gets an error naming it and what was expected."""
@@ -354,8 +361,9 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size
         if (dtype != jnp.bool_) if masks else not jnp.issubdtype(dtype, jnp.integer):
             raise TypeError(f"{name}: tree.{field} is {dtype}, expected "
                             f"{'bool' if masks else 'integers'}")
-    if proposal.kind is not kind:
-        raise ValueError(f"{name} returned a {proposal.kind} proposal where its proposal_kind "
+    returned_kind = as_kind(proposal.kind, f"{name}'s Proposal.kind")
+    if returned_kind is not kind:
+        raise ValueError(f"{name} returned a {returned_kind} proposal where its proposal_kind "
                          f"said {kind} (verification follows proposal_kind)")
     if kind is not ProposalKind.DETERMINISTIC and (
             proposal.q is None or tuple(proposal.q.shape) != (B, N, vocab_size)):
@@ -368,7 +376,16 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size
     tree = dataclasses.replace(proposal.tree, tokens=proposal.tree.tokens.astype(jnp.int32),
                                parents=proposal.tree.parents.astype(jnp.int32),
                                depth=proposal.tree.depth.astype(jnp.int32))
-    return dataclasses.replace(proposal, tree=tree), new_state
+    return dataclasses.replace(proposal, tree=tree, kind=returned_kind), new_state
+
+
+def _check_carried(drafter, method: str, state) -> None:
+    """The loop carries a drafter's state: its leaves must be arrays (or numbers)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)):
+            raise TypeError(f"{type(drafter).__name__}.{method} returned a state the loop cannot "
+                            f"carry: its leaf {jax.tree_util.keystr(path) or '(the state)'} is "
+                            f"a {type(leaf).__name__} (a state's leaves must be arrays)")
 
 
 def _check_state(drafter, method: str, got, want) -> None:
@@ -473,7 +490,7 @@ def speculative_generate(
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
     topology = drafter.default_topology() if tree is None else as_topology(tree)
-    kind = drafter.proposal_kind(sampler, topology)
+    kind = proposal_kind(drafter, sampler, topology)
     check_proposal(kind, topology)
     batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                           pad_id=pad_id, max_len=max_len, extra_slots=topology.num_nodes)

@@ -95,11 +95,7 @@ def verify(
       q_BNV: for IID / WITHOUT_REPLACEMENT, the drafter's distribution at each node.
       topology: for IID / WITHOUT_REPLACEMENT, the static tree shape (children by rank).
     """
-    try:
-        kind = ProposalKind(kind)  # its value ("without_replacement") names it too
-    except ValueError:
-        raise ValueError(f"kind must be a ProposalKind, one of "
-                         f"{[k.value for k in ProposalKind]}, got {kind!r}") from None
+    kind = as_kind(kind)
     if not isinstance(sampler, (Greedy, Sampler)):
         raise TypeError(f"sampler must be jaxdec.Greedy() or a jaxdec.Sampler, got "
                         f"{type(sampler).__name__}")
@@ -183,7 +179,9 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
             # u * 0 < r_x was accepted whenever p had it (first-token law [.05, .05, .9, 0,
             # 0, 0] for p = [.05, .05, .3, .2, .2, .2], q = [.5, .5, 0, 0, 0, 0], 4
             # children). It is invalid; without replacement so are the later siblings.
-            drawable = jnp.take_along_axis(left, x[:, None], axis=1)[:, 0] > 0
+            # (An id outside [0, V) neither: a negative one read q's last token's mass.)
+            drawable = ((x >= 0) & (x < V)
+                        & (jnp.take_along_axis(left, x[:, None], axis=1)[:, 0] > 0))
             if without_replacement:
                 blocked = blocked | (exists & ~drawable)
             exists = exists & drawable
@@ -219,6 +217,16 @@ def emitted_tokens(tree: TokenTree, verdict: Verdict) -> jax.Array:
     out = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], axis=1)
     index = jnp.arange(L, dtype=jnp.int32)[None, :]
     return jnp.where(index == verdict.n_path[:, None] - 1, verdict.bonus[:, None], out)
+
+
+def as_kind(kind, name: str = "kind") -> ProposalKind:
+    """`kind` as a ProposalKind (its value, "without_replacement", names it too), or a
+    ValueError naming `name`."""
+    try:
+        return ProposalKind(kind)
+    except ValueError:
+        raise ValueError(f"{name} must be a ProposalKind, one of "
+                         f"{[k.value for k in ProposalKind]}, got {kind!r}") from None
 
 
 def check_proposal(kind: ProposalKind, topology: Topology | None) -> None:

@@ -610,7 +610,7 @@ def test_inside_jit_generate_names_the_traced_argument(loaded):
     with pytest.raises(TypeError, match=inside + "'prompts'"):
         jax.jit(lambda p: jaxdec.generate(model, p, max_new_tokens=2).tokens)(
             jnp.array([[1, 2]]))
-    with pytest.raises(TypeError, match="max_new_tokens must be a concrete number"):
+    with pytest.raises(TypeError, match="jaxdec.generate cannot run inside jax.jit"):
         jax.jit(lambda n: jaxdec.generate(model, [[1, 2]], max_new_tokens=n).tokens)(2)
     with pytest.raises(TypeError, match="jaxdec.speculative_generate " + inside + "'prompts'"):
         jax.jit(lambda p: jaxdec.speculative_generate(
@@ -619,6 +619,15 @@ def test_inside_jit_generate_names_the_traced_argument(loaded):
     session = jaxdec.PrefixCache(model, max_len=16)
     with pytest.raises(TypeError, match="PrefixCache.generate " + inside + "'prompt'"):
         jax.jit(lambda p: session.generate(p, max_new_tokens=2).tokens)(jnp.array([1, 2]))
+    # Nothing traced (every argument closed over), the call still inside jit.
+    closed = r"cannot run inside jax.jit \(the call is traced, closed over arguments too\)"
+    with pytest.raises(TypeError, match="jaxdec.generate " + closed + ".*generate_padded"):
+        jax.jit(lambda x: x + jaxdec.generate(model, [[1, 2]], max_new_tokens=2).tokens)(0)
+    with pytest.raises(TypeError, match="jaxdec.speculative_generate " + closed):
+        jax.jit(lambda x: x + jaxdec.speculative_generate(
+            model, jaxdec.drafters.PromptLookup(), [[1, 2]], max_new_tokens=2).tokens)(0)
+    with pytest.raises(TypeError, match="PrefixCache.generate " + closed):
+        jax.jit(lambda x: x + session.generate([1, 2], max_new_tokens=2).tokens)(0)
     np.testing.assert_array_equal(
         jaxdec.generate(model, [[1, 2]], max_new_tokens=jnp.int32(3), pad_id=np.array(0)).tokens,
         jaxdec.generate(model, [[1, 2]], max_new_tokens=3).tokens)

@@ -588,6 +588,8 @@ class _RepeatRoot(Drafter):
         return tree.chain(3)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len):
+        if self.mistake == "str_state":
+            return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32), "note": "hello"}
         return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32)}
 
     def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
@@ -601,7 +603,8 @@ class _RepeatRoot(Drafter):
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.float32))
         if self.mistake == "int16":  # (x64 makes jnp's default ints int64: the same case)
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.int16))
-        kind = ProposalKind.IID if self.mistake == "kind" else ProposalKind.DETERMINISTIC
+        kind = {"kind": ProposalKind.IID, "kind_value": "deterministic",
+                "kind_name": "DETERMINISTIC"}.get(self.mistake, ProposalKind.DETERMINISTIC)
         proposal = Proposal(tree=drafted, q=None, kind=kind, chain=True)
         if self.mistake == "tuple":
             return proposal
@@ -623,10 +626,13 @@ def test_a_drafter_of_your_own(loaded):
         out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(offset)), prompts,
                                           max_new_tokens=12)
         np.testing.assert_array_equal(out.tokens, plain.tokens)
-    # Ids of another integer width are taken (the loop's carry refused them).
-    out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), "int16"), prompts,
-                                      max_new_tokens=12)
-    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    # Ids of another integer width are taken (the loop's carry refused them), and a kind
+    # given by its value (the error read "a deterministic proposal where its proposal_kind
+    # said ProposalKind.DETERMINISTIC").
+    for fine in ("int16", "kind_value"):
+        out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), fine), prompts,
+                                          max_new_tokens=12)
+        np.testing.assert_array_equal(out.tokens, plain.tokens)
     for mistake, error, match in [
         ("tuple", TypeError, r"_RepeatRoot.propose must return \(Proposal, state\)"),
         ("shape", ValueError, r"tree.tokens has shape \(3, 3\), expected \(3, 4\)"),
@@ -634,12 +640,24 @@ def test_a_drafter_of_your_own(loaded):
         ("kind", ValueError, "returned a ProposalKind.IID proposal where its proposal_kind"),
         ("state", TypeError, r"_RepeatRoot.propose returned a state unlike init's.*float32"),
         ("update", TypeError, r"_RepeatRoot.update returned a state unlike init's"),
+        ("kind_name", ValueError, r"_RepeatRoot.propose's Proposal.kind must be a ProposalKind"),
+        # (the while loop said "Argument 'hello' of type str is not a valid JAX type")
+        ("str_state", TypeError, r"_RepeatRoot.init returned a state the loop cannot carry: its "
+                                 r"leaf \['note'\] is a str"),
     ]:
         with pytest.raises(error, match=match):
             jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), mistake), prompts,
                                         max_new_tokens=4)
     with pytest.raises(NotImplementedError, match="_RepeatRoot has no default tree: pass tree="):
         Drafter.default_topology(_RepeatRoot(jnp.int32(0)))   # the base class's
+
+    class Unregistered(_RepeatRoot):  # (a subclass is a type of its own to jax's registry)
+        pass
+
+    # jax's error asked for static_argnums of jaxdec's own program.
+    with pytest.raises(TypeError, match="Unregistered is not a registered pytree: .*"
+                                        "register_dataclass"):
+        jaxdec.speculative_generate(model, Unregistered(jnp.int32(0)), prompts, max_new_tokens=4)
 
 
 @jax.tree_util.register_dataclass

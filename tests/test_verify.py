@@ -261,6 +261,20 @@ def test_children_q_cannot_draw_are_never_accepted(kind):
     assert float(gammaincc(5 / 2, stat / 2)) > 1e-3, counts / B
 
 
+@pytest.mark.parametrize("kind", [ProposalKind.WITHOUT_REPLACEMENT, ProposalKind.IID])
+def test_sampled_children_outside_the_vocabulary_are_never_accepted(kind):
+    """A drafter of one's own marking ids outside [0, V) valid (-1 as "no draft", say): a
+    negative id read q's mass of the last token, was accepted and reached the output (and,
+    -1 being the stop list's padding, stopped its row); ids >= V were already refused."""
+    V = 4
+    t = _tree_of(tree.kary(1, 2), [[0, -1, V]] * 64)
+    v = verify.verify(t, jnp.zeros((64, 3, V)), sampler=Sampler(), key=jax.random.PRNGKey(0),
+                      max_depth=1, kind=kind, q_BNV=jnp.full((64, 3, V), 1.0 / V),
+                      topology=tree.kary(1, 2))
+    np.testing.assert_array_equal(v.n_path, 1)
+    assert np.all((np.asarray(v.bonus) >= 0) & (np.asarray(v.bonus) < V))
+
+
 def test_a_kind_given_by_its_value_is_that_kind():
     """`kind="without_replacement"` is the enum's value: it selects that rule (a string used
     to fall through to the IID rule); an unknown kind or sampler is named."""

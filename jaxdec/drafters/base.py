@@ -13,6 +13,9 @@ length + depth[i]. `update` receives the accepted path and how many of its nodes
 committed (n_commit: the root and the first n_commit - 1 accepted nodes), plus the tokens the
 step emitted (the first n_commit of `emitted_BL`). A `jaxdec.PrefixCache` starts its calls
 after the first with `resume` instead of `init` (by default the same thing).
+
+B is the loop's batch: on a mesh whose dp does not divide the prompts, the prompts and then
+filler rows (to a multiple of dp; they decode nothing).
 """
 
 from __future__ import annotations
@@ -104,8 +107,17 @@ class Drafter:
 
 
 def check_drafter(drafter, *, optional: bool = False) -> None:
-    """A TypeError naming what was given unless `drafter` is a Drafter (or, `optional`, None)."""
-    if isinstance(drafter, Drafter) or (optional and drafter is None):
+    """A TypeError naming what was given unless `drafter` is a Drafter registered as a pytree
+    (or, `optional`, None)."""
+    if optional and drafter is None:
+        return
+    if isinstance(drafter, Drafter):
+        if any(leaf is drafter for leaf in jax.tree.leaves(drafter)):  # not a pytree node
+            raise TypeError(
+                f"{type(drafter).__name__} is not a registered pytree: the speculative loop "
+                "takes a drafter as an argument of its jitted program, so register it (e.g. "
+                "@jax.tree_util.register_dataclass on a dataclass, its arrays fields and its "
+                "settings static fields; see examples/custom_drafter.py)")
         return
     raise TypeError(
         f"drafter must be {'None or ' if optional else ''}a jaxdec.drafters drafter "
