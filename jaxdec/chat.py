@@ -58,13 +58,42 @@ class ChatTemplate:
     origin: str = dataclasses.field(default="<string>", compare=False)
 
     def render(self, messages: Sequence[Mapping[str, Any]], *,
-               add_generation_prompt: bool = True, **variables) -> str:
+               add_generation_prompt: bool | None = None,
+               continue_final_message: bool | str = False, **variables) -> str:
         """The prompt text for `messages` (dicts with "role" and "content"), ending with the
-        opening of the assistant's turn when `add_generation_prompt`. `variables` reach the
-        template as they are (tools=..., documents=..., a template's own switches)."""
+        opening of the assistant's turn when `add_generation_prompt` (by default, unless
+        `continue_final_message`). With `continue_final_message` the text ends with the last
+        message's content (or the field it names, e.g. "reasoning_content"), its turn left
+        open for the model to continue (a reply's start given in an assistant message), as
+        transformers' option of that name does. `variables` reach the template as they are
+        (tools=..., documents=..., a template's own switches)."""
         messages = _check_messages(messages)
+        if not isinstance(continue_final_message, (bool, str)):
+            raise TypeError(f"continue_final_message must be a bool or a message field's name, "
+                            f"got {continue_final_message!r}")
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
         if not isinstance(add_generation_prompt, bool):
             raise TypeError(f"add_generation_prompt must be a bool, got {add_generation_prompt!r}")
+        if not continue_final_message:
+            return self._render(messages, add_generation_prompt, variables)
+        if add_generation_prompt:
+            raise ValueError("add_generation_prompt and continue_final_message exclude each "
+                             "other: one opens a new assistant turn, the other continues the "
+                             "last message")
+        messages[-1] = _marked(messages[-1], "content" if continue_final_message is True
+                               else continue_final_message, self.source)
+        text = self._render(messages, add_generation_prompt, variables)
+        at = text.rfind(_CONTINUE_MARK.strip())
+        if at < 0:
+            raise ChatTemplateError(
+                f"continue_final_message: the chat template of {self.origin} does not write "
+                "the last message's text as given, so it cannot be left open")
+        # The template kept the mark's trailing space: the text before it is the message's
+        # as given (trailing whitespace too); else it trimmed the message, and so do we.
+        return text[:at] if text.startswith(_CONTINUE_MARK, at) else text[:at].rstrip()
+
+    def _render(self, messages, add_generation_prompt: bool, variables) -> str:
         import jinja2
 
         template = _compile(self.source, self.origin)
@@ -82,6 +111,39 @@ class ChatTemplate:
             # it expected to be a list).
             raise ChatTemplateError(f"the chat template of {self.origin} failed on the "
                                     f"conversation: {type(e).__name__}: {e}") from None
+
+
+# Appended to the text a continued message ends with, to find where the template wrote its
+# end (its trailing space tells whether the template trimmed the message).
+_CONTINUE_MARK = "<|jaxdec-continue-here|> "
+
+
+def _marked(message: dict, field: str, source: str) -> dict:
+    """`message` with `_CONTINUE_MARK` after the text of `field` (in its last text block,
+    where the field holds a list of blocks; in every name of the reasoning where `field` is
+    one of them)."""
+    value = message.get(field)
+    if value is None:
+        raise ValueError(f"continue_final_message: the last message has no {field!r} to continue")
+    fields = [f for f in _REASONING_FIELDS if message.get(f) == value] if (
+        field in _REASONING_FIELDS) else [field]
+    if not any(f in source for f in fields):
+        raise ValueError(f"continue_final_message: the chat template never reads {field!r}")
+    message = dict(message)
+    if isinstance(value, (list, tuple)):
+        blocks = [dict(b) if isinstance(b, Mapping) else b for b in value]
+        last = next((b for b in reversed(blocks) if isinstance(b, dict) and "text" in b), None)
+        if last is None:
+            raise ValueError(f"continue_final_message: the last message's {field!r} has no text "
+                             "block to continue")
+        last["text"] = str(last["text"]) + _CONTINUE_MARK
+        message[field] = blocks
+    elif isinstance(value, str):
+        for f in fields:
+            message[f] = value + _CONTINUE_MARK
+    else:
+        raise ValueError(f"continue_final_message: the last message's {field!r} is no text")
+    return message
 
 
 def _check_messages(messages) -> list[dict]:
@@ -223,10 +285,12 @@ def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
 
 
 def encode_chat(model, messages: Sequence[Mapping[str, Any]], *,
-                add_generation_prompt: bool = True, **variables) -> list[int]:
+                add_generation_prompt: bool | None = None,
+                continue_final_message: bool | str = False, **variables) -> list[int]:
     """The token ids of `messages` laid out by the model's chat template (see
-    `ChatTemplate.render`), encoded without the tokenizer's own special tokens (the template
-    writes them)."""
+    `ChatTemplate.render`: by default ending with the assistant turn's opening, or with
+    `continue_final_message` the last message left open), encoded without the tokenizer's
+    own special tokens (the template writes them)."""
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("the model has no tokenizer (tokenizer.json) to encode the chat with")
     if getattr(model, "chat_template", None) is None:
@@ -234,5 +298,5 @@ def encode_chat(model, messages: Sequence[Mapping[str, Any]], *,
                          "chat_template in tokenizer_config.json): it is not a chat model, "
                          "or its checkpoint lacks the file")
     text = model.chat_template.render(messages, add_generation_prompt=add_generation_prompt,
-                                      **variables)
+                                      continue_final_message=continue_final_message, **variables)
     return model.tokenizer.encode(text, add_special_tokens=False).ids

@@ -89,7 +89,9 @@ class PrefixCache:
 
     @property
     def tokens(self) -> list[int] | list[list[int]]:
-        return self._tokens[0] if self.rows == 1 else [list(t) for t in self._tokens]
+        """What the cache holds (a list of ids; with `rows`, one per row): a copy, so a next
+        turn built on it (`prompt = session.tokens; prompt += ...`) leaves the record alone."""
+        return list(self._tokens[0]) if self.rows == 1 else [list(t) for t in self._tokens]
 
     def _reset(self) -> None:
         """Empty caches (and no drafter state): the next call prefills its prompts whole."""

@@ -149,6 +149,61 @@ def test_reasoning_reaches_the_template_under_each_name(tmp_path):
             conversation, tokenize=False, add_generation_prompt=False)
 
 
+@pytest.mark.parametrize("template", [HEADERS, CHATML], ids=["headers", "chatml"])
+@pytest.mark.parametrize("reply", ["the lazy", "the lazy ", [{"type": "text", "text": "the "},
+                                                             {"type": "text", "text": "lazy"}]])
+def test_a_final_message_continued_as_transformers_does(tmp_path, template, reply):
+    """`continue_final_message` leaves the last message open (the start of a reply, for the
+    model to go on from): it closed the turn, and opened another (jaxdec's default
+    add_generation_prompt; transformers refuses the pair). A template that trims the message
+    (HEADERS) drops its trailing space; one that writes it as given keeps it. Content blocks
+    (the last text block continued), a reasoning field by name, and the refusals too."""
+    directory = _directory(tmp_path, template.replace("{{ m.content }}", "{% if m.content is "
+                           "string %}{{ m.content }}{% else %}{% for b in m.content %}"
+                           "{{ b.text }}{% endfor %}{% endif %}"))
+    messages = CONVERSATIONS[0] + [{"role": "assistant", "content": reply}]
+    if template == HEADERS and not isinstance(reply, str):
+        return  # (its trim filter takes strings only)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    want = theirs.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    ours = load_chat_template(directory)
+    assert ours.render(messages, continue_final_message=True) == want
+    assert want.endswith("lazy" if template == HEADERS else "".join(
+        [reply] if isinstance(reply, str) else [b["text"] for b in reply]))
+    ids = encode_chat(_Model(directory), messages, continue_final_message=True)
+    assert ids == list(getattr(ids_ := theirs.apply_chat_template(
+        messages, tokenize=True, continue_final_message=True), "input_ids", ids_))
+    assert messages[-1]["content"] == reply  # the caller's messages untouched
+    with pytest.raises(ValueError, match="add_generation_prompt and continue_final_message "
+                                         "exclude each other"):
+        ours.render(messages, continue_final_message=True, add_generation_prompt=True)
+    with pytest.raises(TypeError, match="continue_final_message must be a bool"):
+        ours.render(messages, continue_final_message=1)
+
+
+def test_a_final_messages_field_continued_by_name(tmp_path):
+    template = ("{% for m in messages %}{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}\n{% endfor %}")
+    directory = _directory(tmp_path, template)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    ours = load_chat_template(directory)
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "reasoning": "let me"}]
+    text = ours.render(messages, continue_final_message="reasoning_content")
+    assert text == "q\n<think>let me" == theirs.apply_chat_template(
+        messages, tokenize=False, continue_final_message="reasoning_content")
+    with pytest.raises(ValueError, match="the chat template never reads 'tool_calls'"):
+        ours.render(messages + [{"role": "assistant", "content": "x", "tool_calls": "c"}],
+                    continue_final_message="tool_calls")
+    with pytest.raises(ValueError, match="the last message has no 'content' to continue"):
+        ours.render([{"role": "assistant"}], continue_final_message=True)
+    cut = ChatTemplate("{% for m in messages %}{{ m.content[:3] }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match="does not write the last message's text as "
+                                                "given"):
+        cut.render(messages[:1] + [{"role": "assistant", "content": "abcdef"}],
+                   continue_final_message=True)
+
+
 def test_where_the_template_comes_from(tmp_path):
     """chat_template.jinja before tokenizer_config.json's; a list of named templates gives
     its "default"; none: None."""

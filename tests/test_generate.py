@@ -277,6 +277,9 @@ def test_a_prefix_cache_prefills_only_what_is_new(loaded, hf_checkpoints, tp, mo
         np.testing.assert_array_equal(result.tokens, want.tokens)
         np.testing.assert_allclose(result.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
         assert session.tokens == prompt + result.to_lists()[0][:-1]
+        held = session.tokens
+        held += [1, 2, 3]  # a copy: the record of what the cache holds is the session's
+        assert session.tokens == prompt + result.to_lists()[0][:-1]
         following = [
             prompt + result.to_lists()[0] + rs.randint(3, 97, 4).tolist(),  # the next turn
             prompt[:7] + [5, 6, 7],  # diverges after 7 tokens
