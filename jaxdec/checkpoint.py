@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 import warnings
@@ -34,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdec import parallel
 from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
-from jaxdec.checks import check_bool, check_model, check_param_dtype
+from jaxdec.checks import check_bool, check_int, check_model, check_param_dtype
 from jaxdec.config import ModelConfig, read_generation_config, read_json_object
 from jaxdec.model import Model, param_shardings
 from jaxdec.models import llama
@@ -109,12 +110,19 @@ def read_safetensors_index(path: str) -> dict[str, _TensorInfo]:
         if header_len > min(size - 8, _MAX_HEADER_BYTES):
             raise corrupt(f"header length {header_len} does not fit the file ({size} bytes)")
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise corrupt(f"header is not JSON ({e})") from None
+            header = json.loads(f.read(header_len), object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as e:  # (JSON, UTF-8, a name twice, nesting)
+            raise corrupt(f"header is not JSON of unique names ({_abridged(e)})") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     data_start, data_size = 8 + header_len, size - 8 - header_len
+
+    def naturals(values) -> tuple[int, ...]:  # JSON integers >= 0 (no floats, bools, text)
+        if not (isinstance(values, list) and all(
+                type(v) is int and v >= 0 for v in values)):
+            raise TypeError
+        return tuple(values)
+
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -123,16 +131,35 @@ def read_safetensors_index(path: str) -> dict[str, _TensorInfo]:
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) or info["dtype"]
             bits = dtype.itemsize * 8 if isinstance(dtype, np.dtype) else _UNREADABLE_DTYPE_BITS[
                 dtype]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape = naturals(info["shape"])
+            begin, end = naturals(info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad entry for tensor {name!r}: {info!r}") from None
+            raise corrupt(f"bad entry for tensor {name!r}: {_abridged(info)}") from None
         nbytes = -(-math.prod(shape) * bits // 8)
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise corrupt(f"tensor {name!r} {shape} {info['dtype']} has data offsets "
                           f"{[begin, end]} outside the {data_size} data bytes or of the wrong size")
         tensors[name] = _TensorInfo(path, dtype, shape, data_start + begin, nbytes)
+    # The tensors tile the data section, as the format (and the safetensors library) wants:
+    # one overlapping another read its bytes as a tensor of its own, silently.
+    covered = 0
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].offset, item[1].nbytes)):
+        if info.offset - data_start != covered:
+            raise corrupt(f"tensor {name!r} starts at data byte {info.offset - data_start}, "
+                          f"where the tensors before it end at {covered} (overlap or gap)")
+        covered += info.nbytes
+    if covered != data_size:
+        raise corrupt(f"its tensors cover {covered} of its {data_size} data bytes")
     return tensors
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object's dict, or a ValueError for a name given twice (json keeps the last)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        names = [k for k, _ in pairs]
+        raise ValueError(f"{next(k for k in names if names.count(k) > 1)!r} given twice")
+    return out
 
 
 def _abridged(value, limit: int = 200) -> str:
@@ -159,6 +186,10 @@ def _check_stored_copy(head: _TensorInfo, embed: _TensorInfo, directory: str) ->
 def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
+    for path in (single_path, index_path):
+        if os.path.islink(path) and not os.path.exists(path):  # a cache's blob gone
+            raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): an "
+                                    "interrupted download, or a pruned cache?")
     # A single file wins over an index beside it, as transformers reads them (such a pair is
     # a copy's leftovers: jaxdec's export removes the other form).
     if os.path.exists(single_path):
@@ -580,7 +611,9 @@ def save_pretrained(
     that stopped at any point the
     directory loads as the old model or the new one (`_move_files_into`); the old weight files
     (transformers' names, and the shards the old index names) are removed, and other files
-    (e.g. training checkpoints) are kept, as transformers' save_pretrained does.
+    (e.g. training checkpoints) are kept, as transformers' save_pretrained does. What an
+    export killed midway left (its hidden `.jaxdec-export-*` folder, shards no index names)
+    the next export into the same place removes.
 
     Args:
       model: the Model to export.
@@ -604,8 +637,10 @@ def save_pretrained(
         dtype = check_param_dtype(dtype)
     overwrite = check_bool("overwrite", overwrite)
     target = os.path.abspath(os.fspath(path))
-    if max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if isinstance(max_shard_bytes, str):  # transformers' max_shard_size="5GB"
+        raise TypeError(f"max_shard_bytes must be a number of bytes (an int), got "
+                        f"{max_shard_bytes!r}")
+    max_shard_bytes = check_int("max_shard_bytes", max_shard_bytes)
     writer = jax.process_index() == 0  # the others gather with it and write nothing
     config = model.config
     # What process 0 refuses it refuses before any gather, and tells the others (who would
@@ -659,7 +694,8 @@ def save_pretrained(
         exists = os.path.isdir(target)
         parent = target if exists else os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".jaxdec-export-", dir=parent)
+        _remove_dead_staging(parent)
+        staging = tempfile.mkdtemp(prefix=_staging_prefix(), dir=parent)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
         _write_weights(staging, tensors, fetch, max_shard_bytes)
         hf_config["torch_dtype"] = written_dtype
@@ -838,8 +874,37 @@ def _write_safetensors(path: str, tensors: dict[str, tuple[np.dtype, tuple]],
             del array  # before the next is fetched
 
 
-# The weight files a save replaces (transformers' names); other files in the target stay.
-_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+# The weight files a save replaces (transformers' names, and the shards `_fresh_shard_names`
+# tags: a move stopped midway left them unnamed by any index); other files stay.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5}(\.\w+)?)?\.safetensors")
+
+
+def _staging_prefix() -> str:
+    """An export's staging folder's name before mkdtemp's suffix: it names the host and the
+    process, so that a later export can tell a killed one's folder (`_remove_dead_staging`)."""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    return f".jaxdec-export-{host}-{os.getpid()}-"
+
+
+def _remove_dead_staging(parent: str) -> None:
+    """Removes from `parent` the staging folders of exports on this host whose process is
+    gone (killed before its folder was moved into place: a whole copy of the weights)."""
+    prefix = _staging_prefix().rsplit("-", 2)[0] + "-"  # this host's
+    for name in os.listdir(parent):
+        # (the pid, then mkdtemp's suffix, which has no "-": not another host's "host-2")
+        rest = re.fullmatch(r"(\d+)-[^-]+", name[len(prefix):]) if name.startswith(prefix) else None
+        if rest and not _process_alive(int(rest[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's: alive)
+        return True
+    return True
 
 
 def _move_files_into(staging: str, target: str) -> None:

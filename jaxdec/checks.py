@@ -103,7 +103,8 @@ def check_config(config) -> None:
 def check_param_dtype(dtype, *, held: bool = True) -> np.dtype:
     """`dtype` (a name or a type) as the floating-point dtype parameters or a cache are held
     in: a TypeError for what is no dtype, a ValueError for one that is not floating point
-    (integer weights or keys would truncate every value) or, for arrays to be `held` in it,
+    (integer weights or keys would truncate every value), a float8/float4 format or, for
+    arrays to be `held` in it,
     a 64-bit one without jax's 64-bit mode (jax would quietly hold float32)."""
     if dtype is None:  # (jnp.dtype(None) is float64)
         raise TypeError("dtype=None is not a dtype: pass float32, bfloat16 or float16")
@@ -114,6 +115,11 @@ def check_param_dtype(dtype, *, held: bool = True) -> np.dtype:
     if not jnp.issubdtype(resolved, jnp.floating):
         raise ValueError(f"dtype={resolved.name} is not floating point (float32, bfloat16 or "
                          "float16)")
+    if resolved.name not in ("float32", "bfloat16", "float16", "float64"):
+        # (float8 and float4 formats: quantizations, which a checkpoint exported in them
+        # cannot even express to transformers)
+        raise ValueError(f"dtype={resolved.name} is no dtype jaxdec holds parameters or "
+                         "caches in: pass float32, bfloat16 or float16")
     if held and resolved.itemsize == 8 and not jax.config.jax_enable_x64:
         raise ValueError(f"dtype={resolved.name} needs jax's 64-bit mode (jax.config.update("
                          "'jax_enable_x64', True)), without which arrays are float32: pass "

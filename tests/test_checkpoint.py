@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -227,6 +228,37 @@ def test_an_export_is_on_the_disk_before_it_is_renamed_into_place(loaded, tmp_pa
     assert recorder.synced[-1] == str(target if overwrite else tmp_path)
 
 
+def test_an_export_clears_what_killed_exports_left(loaded, tmp_path):
+    """A process killed during an export left its staging folder (a whole copy of the
+    weights) and, killed while moving shards, shards no index names: the next export into
+    the directory removes them (not a live export's folder, nor the user's files)."""
+    import subprocess
+    import sys
+
+    from jaxdec.checkpoint import _staging_prefix
+
+    old = loaded("llama-gqa")
+    target = tmp_path / "export"
+    jaxdec.save_pretrained(old, target, max_shard_bytes=16 * 1024)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host_prefix = _staging_prefix().rsplit("-", 2)[0]
+    dead = target / f"{host_prefix}-{gone.pid}-abc_12"
+    live = target / f"{_staging_prefix()}xyz"  # this process: alive
+    other_host = target / f"{host_prefix}-2-{gone.pid}-abc"  # host "<this>-2"
+    for folder in (dead, live, other_host):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"copy")
+    (target / "model-00001-of-00009.k3x9_ab.safetensors").write_bytes(b"orphan")
+    (target / "notes.txt").write_text("mine")
+    new = dataclasses.replace(old, params=jax.tree.map(lambda x: x * 0.5, old.params))
+    jaxdec.save_pretrained(new, target, overwrite=True, max_shard_bytes=16 * 1024)
+    names = set(os.listdir(target))
+    assert dead.name not in names and "model-00001-of-00009.k3x9_ab.safetensors" not in names
+    assert {live.name, other_host.name, "notes.txt"} <= names
+    _params_equal(jaxdec.load_pretrained(target).params, new.params)
+
+
 @pytest.mark.parametrize("old_shards, new_shards", [(True, True), (False, True), (True, False)],
                          ids=["shards-over-shards", "shards-over-one", "one-over-shards"])
 def test_an_overwrite_stopped_anywhere_loads_the_old_or_the_new_model(
@@ -327,7 +359,19 @@ def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tm
             ((loaded("llama-gqa"), target), dict(overwrite="yes"), TypeError,
              "overwrite must be a bool"),
             ((loaded("llama-gqa"), target), dict(overwrite=True, dtype="int8"), ValueError,
-             "dtype=int8 is not floating point")]:
+             "dtype=int8 is not floating point"),
+            # (written with torch_dtype float8_e4m3fn: neither transformers nor jaxdec loaded
+            # it; float8_e4m3fnuz raised a bare KeyError)
+            ((loaded("llama-gqa"), target), dict(overwrite=True, dtype="float8_e4m3fn"),
+             ValueError, "dtype=float8_e4m3fn is no dtype jaxdec holds parameters"),
+            ((loaded("llama-gqa"), target), dict(overwrite=True, dtype="float8_e4m3fnuz"),
+             ValueError, "dtype=float8_e4m3fnuz is no dtype"),
+            ((loaded("llama-gqa"), target), dict(overwrite=True, max_shard_bytes="5GB"),
+             TypeError, "max_shard_bytes must be a number of bytes"),
+            ((loaded("llama-gqa"), target), dict(overwrite=True, max_shard_bytes=float("nan")),
+             ValueError, "max_shard_bytes must be an int >= 1, got nan"),
+            ((loaded("llama-gqa"), target), dict(overwrite=True, max_shard_bytes=0),
+             ValueError, "max_shard_bytes must be an int >= 1, got 0")]:
         with pytest.raises(error, match=match):
             jaxdec.save_pretrained(*args, **kwargs)
     # An edited leaf of the right size but the wrong shape (a transposed weight) would be
@@ -443,6 +487,12 @@ def test_missing_directory_and_files(hf_checkpoints, tmp_path, monkeypatch):
     os.remove(os.path.join(directory, "model.safetensors"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         jaxdec.load_pretrained(directory)
+    # A Hugging Face cache's link to a blob that is gone (it said "no model.safetensors ...;
+    # found [..., 'model.safetensors']").
+    os.symlink("../../blobs/0123abcd", os.path.join(directory, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is a broken link \(to "
+                                                r"../../blobs/0123abcd\): an interrupted"):
+        jaxdec.load_pretrained(directory)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage-header", "short"])
@@ -459,6 +509,49 @@ def test_corrupt_safetensors(hf_checkpoints, tmp_path, damage):
     open(path, "wb").write(data)
     with pytest.raises(CheckpointError, match="corrupt safetensors file"):
         jaxdec.load_pretrained(directory)
+
+
+def _with_header(path, header_text: str, data: bytes) -> None:
+    raw = header_text.encode()
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+
+
+A = '"a": {"dtype": "F32", "shape": %s, "data_offsets": %s}'
+B = '"b": {"dtype": "F32", "shape": [2], "data_offsets": %s}'
+
+
+@pytest.mark.parametrize("header,data,message", [
+    # Overlapping, gapped or trailing bytes, a name twice: the safetensors library refuses
+    # them all; jaxdec read the overlap as a tensor of its own (wrong weights, silently).
+    ("{%s, %s}" % (A % ("[2]", "[0, 8]"), B % "[4, 12]"), 16, "overlap or gap"),
+    ("{%s, %s}" % (A % ("[2]", "[0, 8]"), B % "[12, 20]"), 20, "overlap or gap"),
+    ("{%s}" % A % ("[2]", "[0, 8]"), 12, "its tensors cover 8 of its 12 data bytes"),
+    ("{%s, %s}" % (A % ("[2]", "[0, 8]"), A % ("[2]", "[8, 16]")), 16, "'a' given twice"),
+    # Shapes and offsets are JSON integers >= 0 (2.9 was read as 2, "2" and true as 2, 1).
+    ("{%s}" % A % ("[2.9]", "[0, 8]"), 8, "bad entry for tensor 'a'"),
+    ("{%s}" % A % ('["2"]', "[0, 8]"), 8, "bad entry for tensor 'a'"),
+    ("{%s}" % A % ("[true, 2]", "[0, 8]"), 8, "bad entry for tensor 'a'"),
+    ("{%s}" % A % ("[-2, -1]", "[0, 8]"), 8, "bad entry for tensor 'a'"),
+    # (These escaped as OverflowError, ValueError and RecursionError, naming no file.)
+    ("{%s}" % A % ("[2]", "[0, Infinity]"), 8, "bad entry for tensor 'a'"),
+    ("{%s}" % A % ("[2]", "[0, %s]" % ("9" * 5000)), 8, "header is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, 0, "header is not JSON"),
+])
+def test_a_damaged_header_is_refused(tmp_path, header, data, message):
+    from safetensors.numpy import load_file
+
+    from jaxdec.checkpoint import read_safetensors_index
+
+    path = str(tmp_path / "model.safetensors")
+    _with_header(path, header, b"\0" * data)
+    with pytest.raises(CheckpointError, match=f"corrupt safetensors file {re.escape(path)}: "
+                                              f".*{message}"):
+        read_safetensors_index(path)
+    with pytest.raises(Exception):  # noqa: B017 (the library refuses it too)
+        load_file(path)
+    _with_header(path, "{%s, %s}" % (A % ("[2]", "[0, 8]"), B % "[8, 16]"), b"\0" * 16)
+    assert set(read_safetensors_index(path)) == {"a", "b"} == set(load_file(path))
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(hf_checkpoints, tmp_path):
