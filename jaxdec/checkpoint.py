@@ -628,7 +628,7 @@ def save_pretrained(
     With several processes (`jax.distributed`, a mesh over several hosts) every process calls
     it: the tensors are gathered from all of them, process 0 writes the directory (on its
     filesystem) and each call returns once it is written; where process 0 fails (an existing
-    directory, a full disk) it raises its error and the others a RuntimeError saying so.
+    directory, a full disk) it raises its error and the others `parallel.ProcessFailed` saying so.
     """
     check_model(model)
     if not isinstance(path, (str, os.PathLike)):
@@ -654,7 +654,8 @@ def save_pretrained(
         _process_zero_succeeded(False)
         raise
     if not _process_zero_succeeded(True):
-        raise RuntimeError(f"process 0 refused to write {target} (its error says why)")
+        raise parallel.ProcessFailed(f"process 0 refused to write {target} (its error says "
+                                     "why)")
     table = _param_table(config)
     flat = {jax.tree_util.keystr(p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
@@ -687,7 +688,8 @@ def save_pretrained(
         for name in tensors:  # in the writer's order: each gather is a collective
             fetch(name)
         if not _process_zero_succeeded(True):
-            raise RuntimeError(f"process 0 failed to write {target} (its error says why)")
+            raise parallel.ProcessFailed(f"process 0 failed to write {target} (its error "
+                                         "says why)")
         return target
     staging = None
     try:

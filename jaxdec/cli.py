@@ -206,42 +206,51 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
 def _generate(args) -> None:
     import jax
 
+    import numpy as np
+
     import jaxdec
+    from jaxdec import parallel
     from jaxdec.streaming import continuation
 
     distributed = _join_processes(args)  # before anything starts jax's backends
-    sampler, topology = _decoding_settings(args)  # checked before loading anything
-    if args.system is not None and not args.chat:
-        raise ValueError("--system needs --chat")
-    if args.system is not None:
-        _utf8(args.system, "--system")
-    if distributed and args.prompt_file == "-":
-        raise ValueError("--prompt-file -: several processes cannot share standard input; "
-                         "give every process the prompt (--prompt, or a file each can read)")
-    text, echo, source = _prompt_text(args)
-    _check_files(args, f"to encode {source} with")
+    # (With several processes, an error in one raises in all: `parallel.together`.)
+    with parallel.together("checking its options and files"):
+        sampler, topology = _decoding_settings(args)  # checked before loading anything
+        if args.system is not None and not args.chat:
+            raise ValueError("--system needs --chat")
+        if args.system is not None:
+            _utf8(args.system, "--system")
+        if distributed and args.prompt_file == "-":
+            raise ValueError("--prompt-file -: several processes cannot share standard input; "
+                             "give every process the prompt (--prompt, or a file each can read)")
+        text, echo, source = _prompt_text(args)
+        _check_files(args, f"to encode {source} with")
     mesh = jaxdec.make_mesh(tp=args.tp)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     model = model.with_attention(args.attention)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json to encode {source} with")
-    if args.chat:
-        _template_unreadable(args.model, model)
-        messages = [{"role": "user", "content": text}]
-        if args.system is not None:
-            messages.insert(0, {"role": "system", "content": args.system})
-        prompt, echo = jaxdec.chat.encode_chat(model, messages), ""
-    else:
-        prompt = model.tokenizer.encode(text).ids
-    if not prompt:
-        raise ValueError(f"{source} encodes to no tokens")
+    with parallel.together("encoding the prompt"):
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json to encode {source} with")
+        if args.chat:
+            _template_unreadable(args.model, model)
+            messages = [{"role": "user", "content": text}]
+            if args.system is not None:
+                messages.insert(0, {"role": "system", "content": args.system})
+            prompt, echo = jaxdec.chat.encode_chat(model, messages), ""
+        else:
+            prompt = model.tokenizer.encode(text).ids
+        if not prompt:
+            raise ValueError(f"{source} encodes to no tokens")
+    # Each process places its own part of the inputs: another prompt would decode nonsense.
+    parallel.check_same_everywhere(np.asarray(prompt, np.int64).tobytes(), "the prompt")
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler,
                   key=jax.random.PRNGKey(args.seed),
                   stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
                   return_timings=True)
     drafter = _drafter(args, model)
     # Every process runs the program; process 0 prints (a stream's calls come to the process
-    # holding the mesh's first device: process 0's, as jax orders devices by process).
+    # holding the mesh's first device: where each process has a mesh of its own devices,
+    # every process's).
     say = _printer()
     stream = None
     # The continuation of a prompt shown before it is decoded after the prompt's ids (a
@@ -249,7 +258,7 @@ def _generate(args) -> None:
     context = prompt if echo else None
     if args.stream:
         say(echo, end="", flush=True)
-        stream = jaxdec.TextStream(model.tokenizer, context=context)
+        stream = jaxdec.TextStream(model.tokenizer, context=context, write=_stream_writer())
     started = time.perf_counter()
     if drafter is None:
         result = jaxdec.generate(model, [prompt], stream=stream, **common)
@@ -272,7 +281,7 @@ def _generate(args) -> None:
     facts += [f"prefill {result.prefill_s * 1e3:.1f} ms",
               f"{wall:.1f} s wall including compilation"]
     if distributed:
-        facts.append(f"{jax.process_count()} processes, {mesh.devices.size} devices")
+        facts.append(_processes_note(mesh))
     say("[" + ", ".join(facts) + "]")
 
 
@@ -281,6 +290,24 @@ def _printer():
     import jax
 
     return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
+
+
+def _stream_writer():
+    """A `TextStream`'s writer: its default (print) in process 0, nothing in the others."""
+    import jax
+
+    return None if jax.process_index() == 0 else (lambda text: None)
+
+
+def _processes_note(mesh) -> str:
+    """How the processes shared the work: one mesh over them, or each a mesh of its own
+    devices (where --tp fits one process's devices: each decodes alone)."""
+    import jax
+
+    if len(mesh.local_devices) == mesh.devices.size:
+        return (f"{jax.process_count()} processes, each decoding alone on {mesh.devices.size} "
+                f"of its own devices")
+    return f"{jax.process_count()} processes, {mesh.devices.size} devices"
 
 
 def _join_processes(args) -> bool:
@@ -334,27 +361,30 @@ def _chat(args) -> None:
     import jax
 
     import jaxdec
+    from jaxdec import parallel
 
     distributed = _join_processes(args)  # before anything starts jax's backends
-    sampler, topology = _decoding_settings(args)
-    if args.system is not None:
-        _utf8(args.system, "--system")
-    _check_files(args)
+    with parallel.together("checking its options and files"):
+        sampler, topology = _decoding_settings(args)
+        if args.system is not None:
+            _utf8(args.system, "--system")
+        _check_files(args)
     model = jaxdec.load_pretrained(args.model, dtype=args.dtype,
                                    mesh=jaxdec.make_mesh(tp=args.tp))
     model = model.with_attention(args.attention)
-    if model.tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer.json")
-    _template_unreadable(args.model, model)
-    if model.chat_template is None:
-        raise ValueError(f"{args.model} has no chat template (chat_template.jinja, or "
-                         "chat_template in tokenizer_config.json): `jaxdec chat` needs an "
-                         "instruction-tuned checkpoint; `jaxdec generate` continues text")
+    with parallel.together("checking the model"):
+        if model.tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json")
+        _template_unreadable(args.model, model)
+        if model.chat_template is None:
+            raise ValueError(f"{args.model} has no chat template (chat_template.jinja, or "
+                             "chat_template in tokenizer_config.json): `jaxdec chat` needs an "
+                             "instruction-tuned checkpoint; `jaxdec generate` continues text")
+        limit = min(args.max_context, model.config.max_positions)
+        if limit <= args.max_new_tokens:
+            raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no "
+                             f"room for a message beside --max-new-tokens {args.max_new_tokens}")
     drafter = _drafter(args, model)
-    limit = min(args.max_context, model.config.max_positions)
-    if limit <= args.max_new_tokens:
-        raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no room "
-                         f"for a message beside --max-new-tokens {args.max_new_tokens}")
     # The conversation's caches (a draft model's too) are kept between turns: each turn
     # prefills only its own tokens (and the last reply's again where its text encodes to
     # other tokens than the model produced: the template renders text).
@@ -371,7 +401,12 @@ def _chat(args) -> None:
     for turn in itertools.count():
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline() if lead else None
+        try:
+            line = sys.stdin.readline() if lead else None
+        except KeyboardInterrupt:  # the others wait for the next message: they end too
+            if distributed:
+                _from_process_0("")
+            raise
         if line and not _is_utf8(line):  # refused (a blank line: every process skips it)
             say("[not UTF-8 text: the message is skipped]", file=sys.stderr, flush=True)
             line = "\n"
@@ -399,7 +434,7 @@ def _chat(args) -> None:
             del turns[:2]
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        stream = jaxdec.TextStream(model.tokenizer)
+        stream = jaxdec.TextStream(model.tokenizer, write=_stream_writer())
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
@@ -537,36 +572,38 @@ def _bench(args) -> None:
     import jax
 
     import jaxdec
-    from jaxdec import benchmark
+    from jaxdec import benchmark, parallel
     from jaxdec.checkpoint import checkpoint_dir
     from jaxdec.checks import check_param_dtype
     from jaxdec.model import param_dtype
     from jaxdec.parallel import check_divisibility
 
     distributed = _join_processes(args)  # before anything starts jax's backends
-    if args.new_tokens < 2:
-        raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
-    benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
-    if args.json:   # checked before the benchmark runs (its records would be lost)
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if os.path.isdir(args.json):
-            raise ValueError(f"--json {args.json} is a directory: give a file path")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ValueError(f"--json {args.json}: {folder} is not a writable directory")
-    mesh = jaxdec.make_mesh(tp=args.tp)
+    with parallel.together("checking its options and files"):
+        if args.new_tokens < 2:
+            raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
+        benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
+        # Checked before the benchmark runs (its records would be lost), where it is written.
+        if args.json and (not distributed or jax.process_index() == 0):
+            folder = os.path.dirname(os.path.abspath(args.json))
+            if os.path.isdir(args.json):
+                raise ValueError(f"--json {args.json} is a directory: give a file path")
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"--json {args.json}: {folder} is not a writable directory")
+        mesh = jaxdec.make_mesh(tp=args.tp)
+        if args.model:
+            directory = checkpoint_dir(args.model)
+            config = jaxdec.ModelConfig.from_hf(directory)
+        elif args.shape:
+            config, name = benchmark.SHAPES[args.shape], f"{args.shape} shape"
+        else:
+            config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
+        check_divisibility(config, mesh)
+        benchmark.check_positions(config, args.context, args.new_tokens)
+        if args.dtype is not None:
+            check_param_dtype(args.dtype)
     # Every process measures and decodes; process 0 prints and writes --json.
     say = _printer()
-    if args.model:
-        directory = checkpoint_dir(args.model)
-        config = jaxdec.ModelConfig.from_hf(directory)
-    elif args.shape:
-        config, name = benchmark.SHAPES[args.shape], f"{args.shape} shape"
-    else:
-        config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
-    check_divisibility(config, mesh)
-    benchmark.check_positions(config, args.context, args.new_tokens)
-    if args.dtype is not None:
-        check_param_dtype(args.dtype)
     # Measured first, while the weights do not yet take the devices' memory.
     bandwidths = benchmark.memory_bandwidth()
     if args.model:
@@ -625,6 +662,7 @@ def _out_of_memory(error: RuntimeError) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxdec.parallel import ProcessFailed
     from jaxdec.train.loop import Interrupted
 
     args = _parser().parse_args(argv)
@@ -641,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:
         print(f"jaxdec: error: {e}", file=sys.stderr)
         return 2
+    except ProcessFailed as e:  # (a RuntimeError: before the memory errors' clause)
+        print(f"jaxdec: error: {e}", file=sys.stderr)
+        return 1
     except Interrupted as e:  # (a RuntimeError: before the memory errors' clause)
         print(f"jaxdec: {e}", file=sys.stderr)
         return 130

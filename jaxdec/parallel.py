@@ -55,7 +55,68 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
             f"dp * tp = {dp} * {tp} = {dp * tp} exceeds the {len(devices)} available devices"
         )
     grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
+    mine = jax.process_index()
+    if jax.process_count() > 1 and all(d in jax.devices() for d in grid.flat) and not any(
+            d.process_index == mine for d in grid.flat):
+        raise ValueError(
+            f"the mesh's devices are all other processes' (process {mine} has none of them): "
+            "every process runs a mesh's programs on its own devices in it; pass devices "
+            "that include this process's (jax.local_devices(), or the processes' together)")
     return Mesh(grid, _MESH_AXES)
+
+
+class ProcessFailed(RuntimeError):
+    """Another process of a multi-process run (`jax.distributed`) failed: its output says
+    why. Raised in the others where they would otherwise wait for it in a collective."""
+
+
+def from_every_process(value: int) -> np.ndarray:
+    """Every process's int32 `value`, in process order (a collective: all must call it;
+    with one process, just `value`)."""
+    if jax.process_count() == 1:
+        return np.array([value], np.int32)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
+
+
+@contextlib.contextmanager
+def together(what: str):
+    """Runs the block in every process of a multi-process run, then has them agree on it: an
+    error in one (a file its host lacks, say) raises there, and `ProcessFailed` in the
+    others, at the block's end, instead of that process exiting while the others wait for it
+    in jax's next collective (minutes, then jax's traceback; or for ever). The block must
+    not itself run collectives. With one process: the block alone."""
+    if jax.process_count() == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (re-raised below, once the others know)
+        error = e
+    failed = from_every_process(error is not None)
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ProcessFailed(f"process {int(np.argmax(failed))} failed while {what} (its "
+                            "output says why)")
+
+
+def check_same_everywhere(value: bytes, what: str,
+                          advice: str = "every process must give the same") -> None:
+    """A ValueError in every process of a multi-process run unless all hold the same
+    `value` (compared by checksum): each process places its own part of a program's inputs,
+    so inputs that differ between them compute nonsense, silently."""
+    if jax.process_count() == 1:
+        return
+    import zlib
+
+    digests = from_every_process(zlib.crc32(value) - 2**31)
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"{what} differs between processes (process 0's and those of "
+                         f"processes {differ}): {advice}")
 
 
 def put_on_mesh(array, sharding: jax.sharding.Sharding) -> jax.Array:

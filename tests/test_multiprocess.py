@@ -97,7 +97,7 @@ def test_export_is_written_once_and_equals_one_process_export(two_processes, one
     expected = jaxdec.save_pretrained(model, tmp_path / "one")
     assert results[0]["export_listed"] == sorted(os.listdir(expected))
     assert [r["export_failures"] for r in results] == [["FileExistsError", "OSError"],
-                                                       ["RuntimeError", "RuntimeError"]]
+                                                       ["ProcessFailed", "ProcessFailed"]]
     assert results[0]["export_listed_after_failures"] == results[0]["export_listed"]
     for name in os.listdir(expected):
         if name.endswith(".safetensors"):
@@ -148,34 +148,41 @@ def test_training_over_two_processes(tmp_path):
     assert any("exported to" in line for line in results[0]["lines"])
     assert results[1]["lines"] == []
     assert results[0]["again"].startswith("ValueError: output directory")
-    assert results[1]["again"].startswith("RuntimeError: process 0 failed while preparing")
+    assert results[1]["again"].startswith("ProcessFailed: process 0 failed while preparing")
 
 
-def _cli_in_two_processes(args_of, stdin: str | None = None) -> list[str]:
-    """`jaxdec` (`python -m jaxdec.cli`) in two processes joined by --coordinator, two CPU
-    devices each; `args_of(i)`: process i's arguments; `stdin`: process 0's standard input
-    (process 1's is empty). Their standard outputs."""
+def _cli_workers(args_of, stdin) -> list[subprocess.Popen]:
+    """`jaxdec` (`python -m jaxdec.cli`) started in two processes joined by --coordinator,
+    two CPU devices each; `args_of(i)`: process i's arguments; `stdin`: process 0's standard
+    input (a file, or subprocess.PIPE; process 1's is empty)."""
     port = str(_free_port())
     env = dict(user_env(), JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    return [subprocess.Popen(
+        [sys.executable, "-m", "jaxdec.cli", *args_of(i), "--coordinator",
+         f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=stdin if i == 0 else subprocess.DEVNULL, text=True) for i in range(2)]
+
+
+def _cli_in_two_processes(args_of, stdin: str | None = None, returncodes=(0, 0),
+                          timeout: float = 300) -> list[str] | list[tuple[str, str]]:
+    """`_cli_workers` run to their end (`stdin`: process 0's standard input text): their
+    standard outputs; with other `returncodes` than success, (stdout, stderr) each."""
     with tempfile.TemporaryFile("w+", encoding="utf-8") as messages:
         messages.write(stdin or "")
         messages.seek(0)
-        workers = [subprocess.Popen(
-            [sys.executable, "-m", "jaxdec.cli", *args_of(i), "--coordinator",
-             f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=messages if i == 0 else subprocess.DEVNULL, text=True) for i in range(2)]
+        workers = _cli_workers(args_of, messages)
     try:
-        outputs = [worker.communicate(timeout=300) for worker in workers]
+        outputs = [worker.communicate(timeout=timeout) for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
-    for i, (worker, (_, err)) in enumerate(zip(workers, outputs)):
-        assert worker.returncode == 0, f"process {i} failed:\n{err[-3000:]}"
+    for i, (worker, (_, err), want) in enumerate(zip(workers, outputs, returncodes)):
+        assert worker.returncode == want, f"process {i}: rc {worker.returncode}:\n{err[-3000:]}"
     # gloo's C++ logs its connections to standard output (from threads: pieces of its lines
     # interleave), all before jaxdec prints
-    return [out for out, _ in outputs]
+    return [out for out, _ in outputs] if tuple(returncodes) == (0, 0) else outputs
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -201,12 +208,72 @@ def test_cli_bench_over_two_processes(tokenized_checkpoint, tmp_path):
     --json, process 1 neither."""
     outputs = _cli_in_two_processes(lambda i: [
         "bench", "--model", tokenized_checkpoint, "--batch-sizes", "2", "--context", "40",
-        "--new-tokens", "4", "--repeats", "1", "--tp", "4", "--json", str(tmp_path / f"{i}.json")])
+        "--new-tokens", "4", "--repeats", "1", "--tp", "4", "--json",
+        str(tmp_path / "0.json") if i == 0 else "/nonexistent/1.json"])
     assert "in 2 processes" in outputs[0] and "tokens/s" in outputs[0], outputs[0]
     assert "tokens" not in outputs[1], outputs[1]
     (record,) = json.loads((tmp_path / "0.json").read_text())
     assert record["devices"] == 4 and record["batch"] == 2
-    assert not (tmp_path / "1.json").exists()
+    # (Process 1 writes no --json: its own, a folder only process 0's host has, is not
+    # checked there; it refused it, and process 0 waited 2 minutes for it.)
+
+
+def test_cli_an_error_in_one_process_ends_every_process(tokenized_checkpoint, tmp_path):
+    """A check that fails in one process only (a model directory its host lacks, a prompt
+    another process was not given) ends every process at once with an error: the other
+    waited in jax's next collective (2 minutes, then jax's traceback; or for ever)."""
+    base = ["generate", "--prompt", "hello the fox", "--max-new-tokens", "2", "--tp", "4"]
+    outputs = _cli_in_two_processes(lambda i: base + [
+        "--model", tokenized_checkpoint if i == 0 else str(tmp_path / "nope")],
+        returncodes=(1, 2), timeout=90)
+    assert "process 1 failed while checking its options and files" in outputs[0][1]
+    assert "nope does not exist" in outputs[1][1]
+    outputs = _cli_in_two_processes(lambda i: base[:2] + ["hello the fox" if i == 0 else
+                                                          "the lazy dog"] + base[3:] + [
+        "--model", tokenized_checkpoint], returncodes=(2, 2), timeout=90)
+    for _, err in outputs:
+        assert "the prompt differs between processes (process 0's and those of processes [1])" \
+            in err, err
+
+
+def test_cli_processes_decoding_alone_print_once(tokenized_checkpoint):
+    """--tp within one process's devices: each process decodes on a mesh of its own; process
+    0 alone prints (process 1 printed the streamed text too) and says so."""
+    outputs = _cli_in_two_processes(lambda i: [
+        "generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+        "--max-new-tokens", "4", "--ignore-eos", "--tp", "1", "--stream"])
+    assert "2 processes, each decoding alone on 1 of its own devices" in outputs[0]
+    assert "hello the fox" not in outputs[1] and "tokens" not in outputs[1], outputs[1]
+
+
+def test_cli_chat_interrupted_in_process_0_ends_every_process(tokenized_checkpoint, tmp_path):
+    """Ctrl-C while process 0 waits for a message: the others, waiting for it, end too (they
+    waited 5 minutes, then aborted)."""
+    import shutil
+    import signal
+    import time
+
+    from test_chat import HEADERS, SPECIAL
+
+    directory = tmp_path / "chat"
+    shutil.copytree(tokenized_checkpoint, directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        dict(SPECIAL, chat_template=HEADERS)))
+    workers = _cli_workers(lambda i: ["chat", "--model", str(directory), "--max-new-tokens",
+                                      "2", "--ignore-eos", "--tp", "4"], subprocess.PIPE)
+    try:
+        workers[0].stdin.write("the fox\n")
+        workers[0].stdin.flush()
+        deadline = time.monotonic() + 120
+        while "tokens" not in workers[0].stderr.readline():  # the first reply's summary
+            assert time.monotonic() < deadline and workers[0].poll() is None
+        workers[0].send_signal(signal.SIGINT)  # waiting for the next message
+        codes = [worker.wait(timeout=60) for worker in workers]
+        errors = [worker.stderr.read() for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert codes == [130, 0] and "jaxdec: interrupted" in errors[0], errors
 
 
 def test_cli_chat_over_two_processes(tokenized_checkpoint, tmp_path, capsys, monkeypatch):

@@ -216,6 +216,16 @@ def test_bad_meshes():
         jaxdec.parallel.resolve_mesh("tp=2")
 
 
+def test_a_mesh_of_other_processes_devices_alone(monkeypatch):
+    """With several processes, a mesh holding none of this process's devices is named (the
+    first load failed in jax's make_array_from_callback, naming neither)."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # the devices here are process 0's
+    with pytest.raises(ValueError, match=r"the mesh's devices are all other processes' "
+                                         r"\(process 1 has none of them\)"):
+        jaxdec.make_mesh(tp=2, devices=jax.devices()[:2])
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tree_forward_and_commit_under_tp(tp, hf_checkpoints, loaded):
     """Verification-style forward (tree mask) and `commit` on a head-sharded cache give the

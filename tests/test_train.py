@@ -17,6 +17,7 @@ import transformers
 from jax.experimental import io_callback
 
 import jaxdec
+from jaxdec import parallel
 from jaxdec.train import Interrupted, loop, train_draft, train_lm
 from train_presets import MICRO
 
@@ -386,23 +387,24 @@ def test_all_process_checks_name_the_processes_that_differ(tmp_path, monkeypatch
             return np.array([value, *others(value)], np.int32)
         return gather
 
-    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v]))
+    monkeypatch.setattr(parallel, "from_every_process", gathered(lambda v: [v, v]))
     loop.check_same_everywhere(b"the corpus", "the training data")
-    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v + 1]))
+    monkeypatch.setattr(parallel, "from_every_process", gathered(lambda v: [v, v + 1]))
     with pytest.raises(ValueError, match=r"the training data differs between processes "
-                                         r"\(process 0's and \[2\]'s\)"):
+                                         r"\(process 0's and those of processes \[2\]\): "
+                                         r"every host must read the same corpus"):
         loop.check_same_everywhere(b"the corpus", "the training data")
     assert sent[0] == sent[1]  # a checksum of the value, the same in every call
 
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [0, v]))
+    monkeypatch.setattr(parallel, "from_every_process", gathered(lambda v: [0, v]))
     with pytest.raises(ValueError, match=r"process\(es\) \[0, 1, 2\] do not see"):
         loop.check_shared_directory(str(run))  # nobody sees it: process 0 prepared nothing
     (run / loop.RUN_FILE).write_text("{}")
     with pytest.raises(ValueError, match=r"process\(es\) \[1\] do not see the run directory"):
         loop.check_shared_directory(str(run))
-    monkeypatch.setattr(loop, "_from_every_process", gathered(lambda v: [v, v]))
+    monkeypatch.setattr(parallel, "from_every_process", gathered(lambda v: [v, v]))
     loop.check_shared_directory(str(run))
 
 

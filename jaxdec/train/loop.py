@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from typing import Any, Callable
 
 import jax
@@ -167,35 +166,21 @@ def on_lead(fn: Callable[[], int | None], what: str) -> int:
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"process 0 failed while {what} (its output says why)")
+        raise parallel.ProcessFailed(f"process 0 failed while {what} (its output says why)")
     return result
-
-
-def _from_every_process(value: int) -> np.ndarray:
-    """Every process's int32 `value`, in process order (a collective: all must call it)."""
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)
 
 
 def check_same_everywhere(value: bytes, what: str) -> None:
     """Raises in every process unless all processes hold the same `value` (by checksum)."""
-    if jax.process_count() == 1:
-        return
-
-    digests = _from_every_process(zlib.crc32(value) - 2**31)
-    differ = [i for i, d in enumerate(digests) if d != digests[0]]
-    if differ:
-        raise ValueError(f"{what} differs between processes (process 0's and {differ}'s): every "
-                         "host must read the same corpus (the same Python, or --corpus on a "
-                         "shared directory)")
+    parallel.check_same_everywhere(value, what, "every host must read the same corpus (the "
+                                                "same Python, or --corpus on a shared directory)")
 
 
 def check_shared_directory(out: str) -> None:
     """Raises in every process unless each sees the run directory process 0 prepared."""
     if jax.process_count() == 1:
         return
-    sees = _from_every_process(os.path.exists(os.path.join(out, RUN_FILE)))
+    sees = parallel.from_every_process(os.path.exists(os.path.join(out, RUN_FILE)))
     blind = [i for i, s in enumerate(sees) if not s]
     if blind:
         raise ValueError(f"process(es) {blind} do not see the run directory {out} that process "
