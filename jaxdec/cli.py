@@ -22,19 +22,48 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 import time
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # (argparse said "invalid _positive_int value")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _positive_int(text: str, minimum: int = 1) -> int:
+    value = _int(text)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
 
 
+def _process_id(text: str) -> int:
+    return _positive_int(text, minimum=0)
+
+
+def _new_tokens(text: str) -> int:  # (the first comes from the prefill)
+    return _positive_int(text, minimum=2)
+
+
+# The parameter dtypes the commands take, and the short names people write for them.
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+           "fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",
+           "f16": "float16", "half": "float16"}
+
+
+def _dtype(text: str) -> str:
+    if text not in _DTYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected float32, bfloat16 or float16 (or fp32, bf16, fp16), got {text!r}")
+    return _DTYPES[text]
+
+
 def _seed(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if not 0 <= value < 2**32:   # jax's keys take 32 bits: 2**32 would be seed 0's key
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
@@ -101,11 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="rows decoded together, e.g. 1,16 (default 1)")
     bench.add_argument("--context", type=_positive_int, default=2048,
                        help="average cached tokens a decode step attends to (default 2048)")
-    bench.add_argument("--new-tokens", type=_positive_int, default=128,
+    bench.add_argument("--new-tokens", type=_new_tokens, default=128,
                        help="tokens produced per row (default 128)")
-    bench.add_argument("--dtype", default=None,
-                       help="parameter dtype (default: the checkpoint's; bfloat16 for random "
-                       "weights)")
+    bench.add_argument("--dtype", type=_dtype, default=None,
+                       help="parameter dtype: float32, bfloat16 or float16 (default: the "
+                       "checkpoint's; bfloat16 for random weights)")
     bench.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
     bench.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
                        default="auto", help="attention implementation (default auto)")
@@ -117,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="train (once) and run jaxdec's demo models")
     demo.add_argument("--preset", default=None,
                       help="cpu-tiny on CPUs, gpu-small on accelerators (default)")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    demo.add_argument("--max-new-tokens", type=_new_tokens, default=64,
+                      help="tokens each continuation produces (default 64)")
 
     train = commands.add_parser("train", help="train a language model or distil a draft")
     kinds = train.add_subparsers(dest="kind", required=True)
@@ -156,7 +186,7 @@ def _cluster_options(command: argparse.ArgumentParser) -> None:
                          help="process 0's address (implies --distributed; with "
                          "--num-processes and --process-id, for clusters jax does not detect)")
     cluster.add_argument("--num-processes", type=_positive_int, default=None, metavar="N")
-    cluster.add_argument("--process-id", type=int, default=None, metavar="I")
+    cluster.add_argument("--process-id", type=_process_id, default=None, metavar="I")
 
 
 def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -178,7 +208,9 @@ def _decoding_options(gen: argparse.ArgumentParser, *, max_new_tokens: int) -> N
                      help="drop tokens less likely than this fraction of the most likely one "
                      "(with --temperature)")
     gen.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree")
-    gen.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    gen.add_argument("--dtype", type=_dtype, default=None,
+                     help="parameter dtype: float32, bfloat16 or float16 (default: the "
+                     "checkpoint's)")
     gen.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     gen.add_argument("--attention", choices=("auto", "reference", "pallas", "pallas_interpret"),
                      default="auto", help="attention implementation (auto, the default: the "
@@ -256,15 +288,18 @@ def _generate(args) -> None:
     # The continuation of a prompt shown before it is decoded after the prompt's ids (a
     # SentencePiece decoder drops a text's leading space: "hello" "world").
     context = prompt if echo else None
+    ctrl_c = _CtrlC(stop=not distributed)
     if args.stream:
         say(echo, end="", flush=True)
-        stream = jaxdec.TextStream(model.tokenizer, context=context, write=_stream_writer())
+        stream = jaxdec.TextStream(model.tokenizer, context=context,
+                                   write=_stream_writer(ctrl_c))
     started = time.perf_counter()
-    if drafter is None:
-        result = jaxdec.generate(model, [prompt], stream=stream, **common)
-    else:
-        result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
-                                             stream=stream, **common)
+    with ctrl_c:
+        if drafter is None:
+            result = jaxdec.generate(model, [prompt], stream=stream, **common)
+        else:
+            result = jaxdec.speculative_generate(model, drafter, [prompt], tree=topology,
+                                                 stream=stream, **common)
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     if stream is None:
@@ -282,7 +317,7 @@ def _generate(args) -> None:
               f"{wall:.1f} s wall including compilation"]
     if distributed:
         facts.append(_processes_note(mesh))
-    say("[" + ", ".join(facts) + "]")
+    say("[" + ", ".join(facts) + "]", file=sys.stderr)  # (the text alone on stdout)
 
 
 def _printer():
@@ -292,11 +327,81 @@ def _printer():
     return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
 
 
-def _stream_writer():
-    """A `TextStream`'s writer: its default (print) in process 0, nothing in the others."""
+def _stream_writer(ctrl_c: "_CtrlC"):
+    """A `TextStream`'s writer: print in process 0, nothing in the others; each piece first
+    asks `ctrl_c` whether to stop."""
     import jax
 
-    return None if jax.process_index() == 0 else (lambda text: None)
+    lead = jax.process_index() == 0
+
+    def write(text: str) -> None:
+        ctrl_c.check()
+        if lead:
+            print(text, end="", flush=True)
+
+    return write
+
+
+class _Stopped(Exception):
+    """Raised in a stream's writer to end a decode Ctrl-C interrupted."""
+
+
+class _CtrlC:
+    """Ctrl-C during a decode (a context). Python runs its SIGINT handler in the main thread,
+    which waits in XLA until the whole decode ends (a streamed reply went on to
+    --max-new-tokens); the signal's wakeup fd, though, is written at once: a stream's writer,
+    called from the decode's callbacks, reads it and, with `stop`, raises to end the decode
+    within a step. Leaving the context after a Ctrl-C raises KeyboardInterrupt (one line,
+    exit 130). With several processes `stop` is False (the others would wait in the
+    decode's collectives): the decode ends, then the interrupt."""
+
+    def __init__(self, stop: bool):
+        self.stop, self.hit, self._fds = stop, False, None
+
+    def __enter__(self) -> "_CtrlC":
+        import signal
+        import threading
+
+        self.hit = False
+        if threading.current_thread() is threading.main_thread():  # (signals: main only)
+            self._fds = os.pipe()
+            for fd in self._fds:
+                os.set_blocking(fd, False)
+            self._old_fd = signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)
+            self._old_handler = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.hit = True
+
+    def check(self) -> None:
+        import signal
+
+        if self._fds is not None:
+            try:
+                if signal.SIGINT in os.read(self._fds[0], 512):  # (signal numbers, as bytes)
+                    self.hit = True
+            except BlockingIOError:
+                pass
+        if self.hit and self.stop:
+            raise _Stopped("interrupted")
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        import signal
+
+        if self._fds is not None:
+            try:
+                self.stop = False
+                self.check()
+            finally:
+                signal.set_wakeup_fd(self._old_fd)
+                signal.signal(signal.SIGINT, self._old_handler)
+                for fd in self._fds:
+                    os.close(fd)
+                self._fds = None
+        if self.hit:  # (in place of the decode's error: the stop raised in its callback)
+            raise KeyboardInterrupt from None
+        return False
 
 
 def _processes_note(mesh) -> str:
@@ -349,8 +454,13 @@ def _decoding_settings(args):
     if args.temperature == 0:
         sampler = jaxdec.Greedy()
     else:
-        sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
-                                 top_p=args.top_p, min_p=args.min_p)
+        try:
+            sampler = jaxdec.Sampler(temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, min_p=args.min_p)
+        except ValueError as e:  # said of the flags ("top_p must be ..." of --top-p)
+            raise ValueError(re.sub(r"\b(temperature|top_k|top_p|min_p)\b",
+                                    lambda m: "--" + m[1].replace("_", "-"),
+                                    str(e).replace(" or None", ""))) from None
     topology = jaxdec.tree.parse(args.tree) if args.tree else None
     if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
@@ -434,11 +544,18 @@ def _chat(args) -> None:
             del turns[:2]
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        stream = jaxdec.TextStream(model.tokenizer, write=_stream_writer())
+        ctrl_c = _CtrlC(stop=not distributed)
+        stream = jaxdec.TextStream(model.tokenizer, write=_stream_writer(ctrl_c))
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
-        result = session.generate(prompt, **common)
+        try:
+            with ctrl_c:
+                result = session.generate(prompt, **common)
+        except KeyboardInterrupt:  # (after the turn, with several processes: end them too)
+            if distributed and lead:
+                _from_process_0("")
+            raise
         stream.close()
         say(flush=True)
         tokens = result.to_lists()[0]
@@ -536,7 +653,7 @@ def _check_files(args, purpose: str = "") -> None:
         except (ValueError, TypeError, OSError) as e:
             raise ValueError(f"--draft {args.draft}: {e}") from None
     if args.retrieval:
-        data.check_corpus_dir(args.retrieval, f"--retrieval {args.retrieval}")
+        data.check_corpus_dir(args.retrieval, f"--retrieval {args.retrieval}", texts=True)
 
 
 def _drafter(args, model):
@@ -580,10 +697,10 @@ def _bench(args) -> None:
 
     distributed = _join_processes(args)  # before anything starts jax's backends
     with parallel.together("checking its options and files"):
-        if args.new_tokens < 2:
-            raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
         benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
         # Checked before the benchmark runs (its records would be lost), where it is written.
+        if args.json == "-":  # (a file named "-" was written)
+            raise ValueError("--json -: give a file path (the table goes to standard output)")
         if args.json and (not distributed or jax.process_index() == 0):
             folder = os.path.dirname(os.path.abspath(args.json))
             if os.path.isdir(args.json):
@@ -668,6 +785,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     run = {"generate": _generate, "chat": _chat, "bench": _bench, "train": _train,
            "demo": _demo}[args.command]
+    import warnings
+
+    # A library's warning in one line, as the errors are (not its source file and line).
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"jaxdec: warning: {message}\n"
     try:
         run(args)
         sys.stdout.flush()   # here, where a closed pipe can be told from an error
@@ -686,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxdec: {e}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C inside a callback, which XLA wrapped
+            print("\njaxdec: interrupted", file=sys.stderr)
+            return 130
         # A model or batch too big for the machine: a common mistake, not a crash.
         if not (isinstance(e, MemoryError) or _out_of_memory(e)):
             raise
@@ -697,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\njaxdec: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

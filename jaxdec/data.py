@@ -96,12 +96,15 @@ def split_heldout(files: list[str], root: str, fraction: float = HELDOUT_FRACTIO
     return ordered[n_heldout:], ordered[:n_heldout]
 
 
-def check_corpus_dir(root: str, name: str) -> None:
+def check_corpus_dir(root: str, name: str, *, texts: bool = False) -> None:
     """A ValueError, saying `name` (how the caller calls the corpus), unless `root` is a
-    directory."""
+    directory (with `texts`: one holding a readable text file, found without reading the
+    rest)."""
     if not os.path.isdir(root):
         raise ValueError(f"{name} is a file: give a directory of text files"
                          if os.path.exists(root) else f"{name} does not exist")
+    if texts and not any(_read_text(f) is not None for f in _walk(root, None, {"__pycache__"})):
+        raise ValueError(f"{name} has no readable text files (none is UTF-8 text)")
 
 
 def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, str]]:

@@ -98,6 +98,11 @@ def run_demo(
     if check_int("max_new_tokens", max_new_tokens) < 2:   # a decode speed needs a step
         raise ValueError(f"max_new_tokens must be >= 2 (the first token comes from the "
                          f"prefill), got {max_new_tokens}")
+    positions = get_preset(preset or default_preset()).max_positions
+    if prompt_tokens + max_new_tokens > positions:  # before minutes of training, not after
+        raise ValueError(f"max_new_tokens={max_new_tokens} + the demo's {prompt_tokens}-token "
+                         f"prompts exceed the {preset or default_preset()} models' {positions} "
+                         f"positions")
     preset = get_preset(preset or default_preset()).name
     home = home or jaxdec_home()
     target_dir, draft_dir = ensure_demo_models(preset, home, log)

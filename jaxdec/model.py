@@ -437,6 +437,13 @@ def check_cache(model: Model, cache, batch: int) -> None:
             f"the cache's layers are {tuple(shape)} with lengths {tuple(cache.lengths.shape)}; "
             f"this call needs [batch={batch}, slots, kv_heads={want[0]}, head_dim={want[1]}]: "
             "make it with init_cache(model.config, batch, max_len, mesh=model.mesh)")
+    k = cache.layers[0].k
+    if isinstance(k, jax.Array) and not isinstance(k, jax.core.Tracer) and (
+            k.sharding.device_set != set(model.mesh.devices.flat)):  # (jax's error named neither)
+        raise ValueError(
+            f"the cache lies on {len(k.sharding.device_set)} device(s), not on the model's mesh "
+            f"of {model.mesh.devices.size}: make it with init_cache(model.config, batch, "
+            "max_len, mesh=model.mesh)")
 
 
 @parallel.runs_on_model_mesh(lambda a: a["model"].mesh)

@@ -51,9 +51,9 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
         devices = jax.local_devices() if local else jax.devices()
     devices = list(devices)
     if dp * tp > len(devices):
-        raise ValueError(
-            f"dp * tp = {dp} * {tp} = {dp * tp} exceeds the {len(devices)} available devices"
-        )
+        asked = f"tp={tp}" if dp == 1 else f"dp={dp}" if tp == 1 else \
+            f"dp * tp = {dp} * {tp} = {dp * tp}"
+        raise ValueError(f"{asked} exceeds the {len(devices)} available devices")
     grid = np.array(devices[: dp * tp], dtype=object).reshape(dp, tp)
     mine = jax.process_index()
     if jax.process_count() > 1 and all(d in jax.devices() for d in grid.flat) and not any(

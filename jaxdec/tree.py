@@ -330,8 +330,10 @@ def parse(spec: str) -> Topology | DynamicTree:
         if kind == "chain":
             return chain(_spec_int(rest))
         if kind == "kary":
-            depth, width = rest.split(":")
-            return kary(_spec_int(depth), _spec_int(width))
+            parts = rest.split(":")
+            if len(parts) != 2:  # (it said "not enough values to unpack")
+                raise ValueError(f"kary takes DEPTH:WIDTH, got {rest!r}")
+            return kary(*(_spec_int(x) for x in parts))
         if kind == "dynamic":
             return dynamic(*(_spec_int(x) for x in rest.split(":", 2)))
         return from_choices(json.loads(spec))

@@ -151,15 +151,20 @@ def test_cli_bench_from_a_config(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--shape", "tiny", "--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--shape", "tiny", "--new-tokens", "1"], "argument --new-tokens: must be >= 2, got 1"),
     (["--shape", "tiny", "--context", "3", "--new-tokens", "8"], "context=3 leaves no prompt"),
     (["--shape", "tiny", "--tp", "3"], "tp=3 does not divide"),
     (["--config", "/nonexistent/dir"], "nonexistent"),
     (["--model", "/nonexistent/dir"], "does not exist"),
-    (["--shape", "tiny", "--dtype", "int8"], "dtype"),
+    (["--shape", "tiny", "--dtype", "int8"], "argument --dtype: expected float32, bfloat16 or "
+                                             "float16 (or fp32, bf16, fp16), got 'int8'"),
 ])
 def test_cli_bench_bad_arguments(capsys, args, message):
-    assert main(["bench", *args]) == 2
+    try:
+        code = main(["bench", *args])
+    except SystemExit as e:  # (argparse's refusals)
+        code = e.code
+    assert code == 2
     assert message in capsys.readouterr().err
 
 
@@ -167,6 +172,7 @@ def test_cli_bench_bad_arguments(capsys, args, message):
     (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: /nonexistent is not a "
                                         "writable directory"),
     (["--json", "."], "--json . is a directory"),
+    (["--json", "-"], "--json -: give a file path"),
     (["--context", "100000"], "positions, beyond the model's"),
 ])
 def test_cli_bench_refuses_before_measuring(capsys, monkeypatch, args, message):

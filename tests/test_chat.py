@@ -324,7 +324,7 @@ def test_cli_chat_prints_the_reply(chat_checkpoint, capsys):
     assert main(["generate", "--model", str(chat_checkpoint), "--prompt", "the fox",
                  "--system", "be brief", "--chat", "--max-new-tokens", "5",
                  "--ignore-eos"]) == 0
-    reply = capsys.readouterr().out.strip().split("\n")[-2]
+    reply = capsys.readouterr().out.strip().split("\n")[-1]
     model = jaxdec.load_pretrained(chat_checkpoint)
     ids = encode_chat(model, [{"role": "system", "content": "be brief"},
                               {"role": "user", "content": "the fox"}])

@@ -17,7 +17,9 @@ def test_generate_prints_the_continuation_and_speed(tokenized_checkpoint, capsys
     """Through the (interpreted) attention kernel: the reference path's continuation."""
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
                  "--max-new-tokens", "6", "--ignore-eos", "--attention", "pallas_interpret"]) == 0
-    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    captured = capsys.readouterr()
+    text, stats = captured.out.strip().split("\n")[-1], captured.err.strip().split("\n")[-1]
+    assert captured.out == text + "\n"  # the text alone (the numbers on standard error)
     model = jaxdec.load_pretrained(tokenized_checkpoint)
     ids = model.tokenizer.encode("hello the fox").ids
     expected = jaxdec.generate(model, [ids], max_new_tokens=6).tokens[0]
@@ -29,13 +31,14 @@ def test_generate_sampling_with_tp(tokenized_checkpoint, capsys):
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "quick brown",
                  "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9",
                  "--top-k", "20", "--tp", "2", "--seed", "3"]) == 0
-    assert "tokens/s" in capsys.readouterr().out
+    assert "tokens/s" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature", "-1"], "temperature"),
-    (["--temperature", "1", "--top-p", "1.5"], "top_p"),
-    (["--temperature", "1", "--top-k", "0"], "top_k"),
+    # (said of the flags: "top_p must be in (0, 1]" named Sampler's argument)
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--temperature", "1", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--temperature", "1", "--top-k", "0"], "--top-k must be"),
     (["--tp", "3"], "tp=3 does not divide"),
     # Greedy decoding would ignore them (silently: the output was the greedy text).
     (["--top-p", "0.9"], "--top-p shapes sampling: give --temperature > 0 too"),
@@ -110,9 +113,11 @@ def test_missing_model_and_tokenizer(hf_checkpoints, tokenized_checkpoint, tmp_p
     config = os.path.join(hf_checkpoints("llama-gqa")[0], "config.json")
     assert main(["generate", "--model", config, "--prompt", "x"]) == 2
     assert "config.json is a file" in capsys.readouterr().err
-    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
-                 "--dtype", "float64"]) == 2
-    assert "dtype=float64 needs jax's 64-bit mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # (argparse: named with the choices)
+        main(["generate", "--model", tokenized_checkpoint, "--prompt", "x", "--dtype", "bf"])
+    assert refused.value.code == 2
+    assert ("argument --dtype: expected float32, bfloat16 or float16 (or fp32, bf16, fp16), "
+            "got 'bf'") in capsys.readouterr().err
     # What the model, draft and corpus lack is said before any checkpoint loads (an 8B
     # model loads for minutes first).
     monkeypatch.setattr(jaxdec, "load_pretrained", lambda *a, **k: pytest.fail("loaded"))
@@ -120,8 +125,12 @@ def test_missing_model_and_tokenizer(hf_checkpoints, tokenized_checkpoint, tmp_p
         prompt = ["--prompt", "x"] if command == "generate" else []
         assert main([command, "--model", hf_checkpoints("llama-gqa")[0], *prompt]) == 2
         assert "no tokenizer.json" in capsys.readouterr().err
+        (tmp_path / "binary").mkdir(exist_ok=True)  # (said after the model loaded)
+        (tmp_path / "binary" / "a.bin").write_bytes(b"\xff\x00" * 8)
         for flags, said in ((["--retrieval", str(tmp_path / "corpus")], "does not exist"),
                             (["--retrieval", config], "is a file: give a directory"),
+                            (["--retrieval", str(tmp_path / "binary")],
+                             "has no readable text files"),
                             (["--draft", str(tmp_path / "d")], "does not exist")):
             assert main([command, "--model", tokenized_checkpoint, *prompt, *flags]) == 2
             err = capsys.readouterr().err
@@ -155,9 +164,10 @@ def test_generate_speculative_methods(tokenized_checkpoint, tmp_path, capsys, me
     base = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
             "--max-new-tokens", "6", "--ignore-eos"]
     assert main(base) == 0
-    plain_text = capsys.readouterr().out.strip().split("\n")[-2]
+    plain_text = capsys.readouterr().out.strip().split("\n")[-1]
     assert main(base + method) == 0
-    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    captured = capsys.readouterr()
+    text, stats = captured.out.strip().split("\n")[-1], captured.err.strip().split("\n")[-1]
     assert text == plain_text  # greedy: the same continuation
     assert "tokens per target forward" in stats
     if "--retrieval" in method:  # the datastore is kept for the next run
@@ -169,7 +179,7 @@ def test_streamed_text_is_the_printed_text(tokenized_checkpoint, capsys, monkeyp
     base = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
             "--max-new-tokens", "8", "--ignore-eos", *method]
     assert main(base) == 0
-    printed = capsys.readouterr().out.strip().split("\n")[-2]
+    printed = capsys.readouterr().out.strip().split("\n")[-1]
     pieces = []
     real_print = print
 
@@ -179,7 +189,8 @@ def test_streamed_text_is_the_printed_text(tokenized_checkpoint, capsys, monkeyp
 
     monkeypatch.setattr("builtins.print", spy)
     assert main(base + ["--stream"]) == 0
-    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
+    captured = capsys.readouterr()
+    text, stats = captured.out.strip().split("\n")[-1], captured.err.strip().split("\n")[-1]
     assert text == printed and "8 tokens" in stats
     assert len([piece for piece in pieces if piece]) > 2  # the prompt, then piece by piece
 
@@ -200,7 +211,7 @@ def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, mon
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", text,
                  "--max-new-tokens", "5", "--ignore-eos"]) == 0
     echoed = capsys.readouterr().out
-    continuation = echoed[:echoed.rindex("\n[")][len(text):]
+    continuation = echoed[:-1][len(text):]
     path, bom = tmp_path / "prompt.txt", tmp_path / "bom.txt"
     path.write_text(text)
     bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # (a BOM is not the prompt's text)
@@ -209,8 +220,8 @@ def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, mon
         monkeypatch.setattr("sys.stdin", io.StringIO(given))
         assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", source,
                      "--max-new-tokens", "5", "--ignore-eos"]) == 0
-        out = capsys.readouterr().out
-        assert out[:out.rindex("\n[")] == continuation and "5 tokens" in out
+        captured = capsys.readouterr()
+        assert captured.out[:-1] == continuation and "5 tokens" in captured.err
 
 
 @pytest.mark.parametrize("content,message", [
@@ -274,3 +285,57 @@ def test_os_errors_and_ctrl_c_are_one_line(tokenized_checkpoint, tmp_path, capsy
     monkeypatch.setattr(cli, "_chat", ctrl_c)
     assert main(["chat", "--model", tokenized_checkpoint]) == 130
     assert capsys.readouterr().err.endswith("jaxdec: interrupted\n")
+
+
+def test_ctrl_c_stops_a_streamed_decode_within_a_step(tokenized_checkpoint):
+    """Ctrl-C while the text streams: the decode ends at once, one line, exit 130 (it ran on
+    to --max-new-tokens, Python's handler waiting for XLA; or, landing in the stream's
+    callback, gave XLA's traceback and exit 1)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "jaxdec.cli", "generate", "--model", tokenized_checkpoint,
+         "--prompt", "hello the fox", "--max-new-tokens", "2000", "--ignore-eos", "--stream"],
+        env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    printed = bytearray()
+    reader = threading.Thread(target=lambda: [printed.extend(chunk) for chunk in iter(
+        lambda: worker.stdout.read1(64), b"")], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(printed) < 40:  # well into the decode (the prompt is 13 characters)
+            assert time.monotonic() < deadline and worker.poll() is None, worker.stderr.read()
+            time.sleep(0.01)
+        at_signal = len(printed)
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 130
+        reader.join(timeout=10)
+        err = worker.stderr.read().decode()
+    finally:
+        worker.kill()
+    assert err.strip().splitlines()[-1] == "jaxdec: interrupted" and "Traceback" not in err, err
+    assert len(printed) - at_signal < 200, (at_signal, len(printed))  # a few steps at most
+
+
+def test_a_warning_is_one_line(tokenized_checkpoint, tmp_path):
+    """A library's warning reads as the errors do (it showed jaxdec's source file and line)."""
+    import shutil
+    import subprocess
+    import sys
+
+    directory = tmp_path / "model"
+    shutil.copytree(tokenized_checkpoint, directory)
+    (directory / "generation_config.json").write_text("{not json")
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxdec.cli", "generate", "--model", str(directory), "--prompt",
+         "hello", "--max-new-tokens", "2"], env=user_env(), capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "generation_config.json" in line]
+    assert warned and all(line.startswith("jaxdec: warning: ignoring ") for line in warned), \
+        done.stderr
+    assert ".py:" not in done.stderr, done.stderr

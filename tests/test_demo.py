@@ -75,3 +75,12 @@ def test_home_and_preset_defaults(monkeypatch):
     monkeypatch.delenv("JAXDEC_HOME")
     assert demo.jaxdec_home().endswith(os.path.join(".cache", "jaxdec"))
     assert demo.default_preset() == "cpu-tiny"
+
+
+def test_a_continuation_past_the_models_positions_is_refused_before_training(micro, tmp_path,
+                                                                             monkeypatch):
+    """(It was refused by generate, after minutes of training.)"""
+    monkeypatch.setattr(demo, "ensure_demo_models", lambda *a: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=f"max_new_tokens=300 \\+ the demo's 48-token prompts "
+                                         f"exceed the {micro} models' 256 positions"):
+        demo.run_demo(preset=micro, home=str(tmp_path), max_new_tokens=300, log=lambda _: None)

@@ -557,6 +557,12 @@ def test_generate_padded_checks_what_it_is_given(loaded):
     with pytest.raises(TypeError, match="the cache holds bfloat16 keys and values, the model's "
                                         r"parameters are float32: .*dtype=model.dtype"):
         run(jaxdec.init_cache(model.config, 2, 32, dtype=jnp.bfloat16), None, max_new_tokens=4)
+    # A cache of the right shapes off the model's mesh (on a tp mesh, one made without mesh=;
+    # jax's error named neither).
+    elsewhere = jax.device_put(jaxdec.init_cache(model.config, 2, 32), jax.devices()[1])
+    with pytest.raises(ValueError, match="the cache lies on 1 device.s., not on the model's "
+                                         "mesh of 1: .*mesh=model.mesh"):
+        run(elsewhere, None, max_new_tokens=4)
     cache = jaxdec.init_cache(model.config, 2, 32)
     for kwargs, error, match in [
             (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1"),

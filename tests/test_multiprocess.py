@@ -166,9 +166,11 @@ def _cli_workers(args_of, stdin) -> list[subprocess.Popen]:
 
 
 def _cli_in_two_processes(args_of, stdin: str | None = None, returncodes=(0, 0),
-                          timeout: float = 300) -> list[str] | list[tuple[str, str]]:
+                          timeout: float = 300, both: bool = False
+                          ) -> list[str] | list[tuple[str, str]]:
     """`_cli_workers` run to their end (`stdin`: process 0's standard input text): their
-    standard outputs; with other `returncodes` than success, (stdout, stderr) each."""
+    standard outputs; with `both` or other `returncodes` than success, (stdout, stderr)
+    each."""
     with tempfile.TemporaryFile("w+", encoding="utf-8") as messages:
         messages.write(stdin or "")
         messages.seek(0)
@@ -182,7 +184,7 @@ def _cli_in_two_processes(args_of, stdin: str | None = None, returncodes=(0, 0),
         assert worker.returncode == want, f"process {i}: rc {worker.returncode}:\n{err[-3000:]}"
     # gloo's C++ logs its connections to standard output (from threads: pieces of its lines
     # interleave), all before jaxdec prints
-    return [out for out, _ in outputs] if tuple(returncodes) == (0, 0) else outputs
+    return [out for out, _ in outputs] if tuple(returncodes) == (0, 0) and not both else outputs
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -194,13 +196,13 @@ def test_cli_generate_over_two_processes(tokenized_checkpoint, capsys, stream):
     args = ["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
             "--max-new-tokens", "6", "--ignore-eos", "--tp", "4", "--temperature", "0.7",
             "--seed", "2"] + ["--stream"] * stream
-    outputs = _cli_in_two_processes(lambda i: args)
+    outputs = _cli_in_two_processes(lambda i: args, both=True)
     assert main(args) == 0
-    text, stats = capsys.readouterr().out.strip().split("\n")[-2:]
-    got_text, got_stats = outputs[0].splitlines()[-2:]
+    text = capsys.readouterr().out.strip().split("\n")[-1]
+    got_text, got_stats = outputs[0][0].splitlines()[-1], outputs[0][1].splitlines()[-1]
     assert got_text == text and "6 tokens" in got_stats, outputs[0]
     assert "2 processes, 4 devices" in got_stats
-    assert "tokens" not in outputs[1] and text not in outputs[1], outputs[1]
+    assert "tokens" not in "".join(outputs[1]) and text not in outputs[1][0], outputs[1]
 
 
 def test_cli_bench_over_two_processes(tokenized_checkpoint, tmp_path):
@@ -241,9 +243,10 @@ def test_cli_processes_decoding_alone_print_once(tokenized_checkpoint):
     0 alone prints (process 1 printed the streamed text too) and says so."""
     outputs = _cli_in_two_processes(lambda i: [
         "generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
-        "--max-new-tokens", "4", "--ignore-eos", "--tp", "1", "--stream"])
-    assert "2 processes, each decoding alone on 1 of its own devices" in outputs[0]
-    assert "hello the fox" not in outputs[1] and "tokens" not in outputs[1], outputs[1]
+        "--max-new-tokens", "4", "--ignore-eos", "--tp", "1", "--stream"], both=True)
+    assert "2 processes, each decoding alone on 1 of its own devices" in outputs[0][1]
+    assert "hello the fox" in outputs[0][0]
+    assert "hello the fox" not in outputs[1][0] and "tokens" not in "".join(outputs[1])
 
 
 def test_cli_chat_interrupted_in_process_0_ends_every_process(tokenized_checkpoint, tmp_path):

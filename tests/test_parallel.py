@@ -191,8 +191,10 @@ def test_kv_heads_and_tp_must_divide_one_another():
 
 
 def test_bad_meshes():
-    with pytest.raises(ValueError, match="exceeds the 8 available devices"):
+    with pytest.raises(ValueError, match=r"dp \* tp = 4 \* 4 = 16 exceeds the 8 available"):
         jaxdec.make_mesh(tp=4, dp=4)
+    with pytest.raises(ValueError, match="^tp=16 exceeds the 8 available devices"):
+        jaxdec.make_mesh(tp=16)  # (the CLI, which has no --dp, said "dp * tp = 1 * 16")
     with pytest.raises(ValueError, match="tp must be an int >= 1, got 0"):
         jaxdec.make_mesh(tp=0)
     with pytest.raises(TypeError, match="devices must be a sequence of jax devices"):

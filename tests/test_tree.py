@@ -107,6 +107,9 @@ def test_builder_arguments_and_specs():
     for spec in ("chain:3_0", "chain:\u0663", "kary:2: 3", "chain:-1"):  # int() took the first two
         with pytest.raises(ValueError, match="bad tree spec"):
             tree.parse(spec)
+    for spec in ("kary:2", "kary:2:3:4"):  # ("not enough values to unpack")
+        with pytest.raises(ValueError, match="bad tree spec.*: kary takes DEPTH:WIDTH, got"):
+            tree.parse(spec)
     for spec in (3, None):
         with pytest.raises(TypeError, match="a tree spec is a string"):
             tree.parse(spec)
