@@ -292,8 +292,8 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
     ordered = model.mesh.size == 1
     if stream is not None:
-        jax.debug.callback(stream, *stream_args, jnp.int32(0), first_B, jnp.ones((B,), bool),
-                           ordered=ordered)
+        parallel.host_callback(stream, model.mesh, *stream_args, jnp.int32(0), first_B,
+                               jnp.ones((B,), bool), ordered=ordered)
     # On a CPU the loop carries a bf16 cache as its bits (see `jaxdec.cache.as_bits`).
     bits = parallel.platform(model.mesh) == "cpu"
     state = _LoopState(
@@ -316,7 +316,8 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
         token = _draw(sampler, logits[:, 0], _step_keys(row_keys, s.step))
         token = jnp.where(active, token, pad_id)
         if stream is not None:
-            jax.debug.callback(stream, *stream_args, s.step, token, active, ordered=ordered)
+            parallel.host_callback(stream, model.mesh, *stream_args, s.step, token, active,
+                                   ordered=ordered)
         done = s.done_B | _is_stop(token, stop_tokens_BM) | (s.step + 1 >= limit)
         logprobs = s.logprobs_BN
         if logprobs is not None:

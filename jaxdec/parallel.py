@@ -149,6 +149,18 @@ def onto_mesh(x: jax.Array, mesh: Mesh) -> jax.Array:
     return x
 
 
+def host_callback(function: Callable, mesh: Mesh, *args, ordered: bool = False) -> None:
+    """`jax.debug.callback(function, *args)` inside a program over `mesh`, its array
+    arguments first gathered whole over the mesh (an all-gather XLA plans; it otherwise
+    moved each dp-split array to one device itself and warned of an "involuntary full
+    rematerialization" at every compile)."""
+    if mesh.size > 1:
+        whole = NamedSharding(mesh, P())
+        args = tuple(jax.lax.with_sharding_constraint(a, whole) if isinstance(a, jax.Array)
+                     else a for a in args)
+    jax.debug.callback(function, *args, ordered=ordered)
+
+
 def _runs_here(mesh: Mesh) -> bool:
     """Whether `mesh`'s devices are this runtime's (not a topology's that programs are only
     compiled for: `jaxdec.abstract_model`'s TPU meshes on a CPU machine, say)."""

@@ -254,7 +254,8 @@ def speculative_padded(
         keep = jnp.where(active, keep, 0)
         if stream is not None:
             new = jnp.where(index < keep[:, None], emitted, pad_id)
-            jax.debug.callback(stream, *stream_args, s.step, new, keep, ordered=ordered)
+            parallel.host_callback(stream, target.mesh, *stream_args, s.step, new, keep,
+                                   ordered=ordered)
 
         slots = s.n_gen_B[:, None] + index
         slots = jnp.where(index < keep[:, None], slots, max_new_tokens)
