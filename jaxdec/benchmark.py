@@ -38,6 +38,8 @@ _LLAMA3_ROPE = dict(theta=500000.0, rope_type="llama3", low_freq_factor=1.0,
 # Random-weight models of public checkpoints' shapes (`jaxdec bench --shape NAME`): the
 # speed of a model depends on its shape and dtype, not on its weights' values.
 SHAPES: dict[str, ModelConfig] = {
+    # (llama3-8b and -70b: Llama 3.1's configs, 131072 positions with llama3 rope scaling;
+    # Llama 3's have 8192 and no scaling: the same weights, so the same speed.)
     "llama3-8b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -147,6 +149,7 @@ def memory_bandwidth(nbytes: int | None = None, *, passes: int = 8, trials: int 
     if nbytes is None:
         nbytes = (1 << 30) if jax.default_backend() != "cpu" else (64 << 20)
     nbytes = check_int("nbytes", nbytes)
+    passes, trials = check_int("passes", passes), check_int("trials", trials)
     if nbytes < 4:
         raise ValueError(f"nbytes must be >= 4 (one fp32 value), got {nbytes}")
     x = jnp.ones((nbytes // 4,), jnp.float32)
@@ -211,7 +214,9 @@ def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = 204
 
     Each record: batch, context, new_tokens, prompt_len, tokens_per_s (decode tokens over all
     rows per second), step_ms, prefill_s, decode_s, compile_s (the first call's extra time),
-    weight_bytes, kv_bytes, bytes_per_step (`decode_step_bytes`), achieved_gbps
+    weight_bytes, kv_bytes, bytes_per_step (`decode_step_bytes`, for the batch padded to a
+    multiple of the mesh's dp as `generate` pads it, each of dp replicas reading the
+    weights, the KV averaged over the steps, each layer's up to its window), achieved_gbps
     (bytes_per_step / step time), bandwidth_gbps (per device, times the mesh's devices: the
     limit), fraction (achieved / limit), roofline_tokens_per_s (batch x limit /
     bytes_per_step), and the device, devices, dtype, attention, jax_version and date.
@@ -271,23 +276,45 @@ def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = 204
         prefill_s = statistics.median(r[0] for r in runs)
         decode_s = statistics.median(r[1] for r in runs)
         step_s = decode_s / (new_tokens - 1)
-        # Each of dp replicas reads the weights (the embedding rows of its own batch rows);
-        # the KV cache is read once over the mesh.
-        need = decode_step_bytes(model.config, batch, context, dtype=dtype, tp=model.tp)
+        # `generate` pads the batch to a multiple of dp (rows that decode too). Each of dp
+        # replicas reads the weights (the embedding rows of its own rows); the KV cache is
+        # read once over the mesh, each layer's up to its window, averaged over the steps.
+        padded = -(-batch // dp) * dp
+        need = decode_step_bytes(model.config, padded, context, dtype=dtype, tp=model.tp)
         rows = 0 if model.config.tie_word_embeddings else \
-            batch * model.config.hidden_size * dtype.itemsize
+            padded * model.config.hidden_size * dtype.itemsize
         weights = (need.weights - rows) * dp + rows
-        per_step = weights + need.kv
+        kv = _mean_kv_bytes(model.config, padded, prompt_len, new_tokens, dtype=dtype,
+                            tp=model.tp)
+        per_step = weights + kv
         achieved = per_step / step_s / 1e9
         records.append(dict(
             batch=batch, context=context, new_tokens=new_tokens, prompt_len=prompt_len,
             tokens_per_s=batch * (new_tokens - 1) / decode_s, step_ms=step_s * 1e3,
             prefill_s=prefill_s, decode_s=decode_s,
             compile_s=max(first_s - sum(first), 0.0),
-            weight_bytes=weights, kv_bytes=need.kv, bytes_per_step=per_step,
+            weight_bytes=weights, kv_bytes=kv, bytes_per_step=per_step,
             achieved_gbps=achieved, bandwidth_gbps=limit_gbps, fraction=achieved / limit_gbps,
             roofline_tokens_per_s=batch * limit_gbps * 1e9 / per_step, **common))
     return records
+
+
+def _mean_kv_bytes(config: ModelConfig, batch: int, prompt_len: int, new_tokens: int, *,
+                   dtype, tp: int) -> float:
+    """The KV bytes a decode step of `decode_speed`'s runs reads, averaged over its steps:
+    step j (1 .. new_tokens - 1) attends to prompt_len + j keys, up to each layer's window
+    (the window of the average context counted up to 14% more)."""
+    steps = np.arange(1, new_tokens) + prompt_len
+    keys = sum(float(np.minimum(steps, window or steps[-1]).mean())
+               for window in config.layer_windows)
+    per_key = decode_step_bytes(config, batch, 1, dtype=dtype, tp=tp).kv / config.num_layers
+    return keys * per_key
+
+
+def _figure(value: float) -> str:
+    """A table's number: whole from 100 on, else 3 significant digits (a tiny model's
+    GB/step read 0.000)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def format_table(records: Sequence[dict]) -> str:
@@ -296,9 +323,9 @@ def format_table(records: Sequence[dict]) -> str:
               "of limit", "limit tokens/s")
     rows = [(str(r["batch"]), str(r["context"]), f"{r['tokens_per_s']:.1f}",
              f"{r['step_ms']:.2f}", f"{r['prefill_s'] * 1e3:.1f}",
-             f"{r['bytes_per_step'] / 1e9:.3f}", f"{r['achieved_gbps']:.0f}",
+             _figure(r["bytes_per_step"] / 1e9), _figure(r["achieved_gbps"]),
              f"{r['fraction']:.1%}", f"{r['roofline_tokens_per_s']:.1f}") for r in records]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)

@@ -108,6 +108,33 @@ def test_decode_speed_records(tiny_model):
     assert benchmark.format_table(records).count("\n") == 2
 
 
+def test_decode_speed_counts_padded_rows_and_windows_over_the_steps():
+    """On a dp mesh the batch is padded to a multiple of dp (rows that decode and read too:
+    the roofline of batch 1 on dp=2 was 41% too high at a long context); a window's keys
+    are averaged over the steps (the window of the average context counted up to 14% more)."""
+    config = dataclasses.replace(TINY, layer_windows=(4, None))
+    model = jaxdec.init_model(config, jax.random.PRNGKey(0), dtype=jnp.bfloat16,
+                              mesh=jaxdec.make_mesh(dp=2))
+    (r,) = benchmark.decode_speed(model, (1,), context=24, new_tokens=6, repeats=1,
+                                  bandwidth_gbps=10.0)
+    # Steps attend to 22 .. 26 keys: layer 0 reads its 4, layer 1 24 on average; 2 rows.
+    per_key = 2 * 2 * TINY.num_kv_heads * TINY.head_dim * 2  # k and v, 2 rows, bf16
+    assert r["kv_bytes"] == pytest.approx((4 + 24) * per_key)
+    one = benchmark.decode_step_bytes(config, 2, 24)
+    assert r["weight_bytes"] == 2 * one.weights - 2 * TINY.hidden_size * 2  # 2 replicas
+    assert r["roofline_tokens_per_s"] == pytest.approx(
+        1 * 10e9 * 2 / (r["weight_bytes"] + r["kv_bytes"]))
+    assert benchmark._mean_kv_bytes(config, 1, 2048, 4096, dtype=jnp.bfloat16, tp=1) \
+        == pytest.approx((4 + 2048 + 2048) * per_key / 2)
+
+
+def test_format_table_of_nothing_and_of_small_figures():
+    assert benchmark.format_table([]).split() == [
+        "batch", "context", "tokens/s", "step", "ms", "prefill", "ms", "GB/step", "GB/s", "of",
+        "limit", "limit", "tokens/s"]  # (it raised TypeError)
+    assert benchmark._figure(0.000181) == "0.000181" and benchmark._figure(2451.3) == "2451"
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(batch_sizes=()), "batch_sizes must be a non-empty sequence"),
     (dict(batch_sizes=(1, 0)), "batch_sizes must be an int >= 1"),
@@ -131,6 +158,12 @@ def test_decode_speed_needs_weights():
 def test_memory_bandwidth_probes():
     probes = benchmark.memory_bandwidth(1 << 20, passes=2, trials=1)
     assert sorted(probes) == ["sum", "x + 1"] and all(v > 0 for v in probes.values())
+    # (-1 gave negative bandwidths, 2.5 ran 2 passes counted as 2.5, 0 divided by zero)
+    for kwargs, message in ((dict(passes=-1), "passes must be an int >= 1"),
+                            (dict(passes=2.5), "passes must be an int"),
+                            (dict(trials=0), "trials must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            benchmark.memory_bandwidth(1 << 20, **kwargs)
 
 
 def test_cli_bench_from_a_config(tmp_path, capsys):
