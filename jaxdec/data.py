@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import sysconfig
+import threading
 
 import numpy as np
 
@@ -213,6 +214,7 @@ def end_of_text_id(tokenizer, *, required: bool = True) -> int | None:
 
 
 _ENCODED: dict[str, np.ndarray] = {}  # the latest `encode` results, by content digest
+_ENCODED_LOCK = threading.Lock()  # (threads encoding at once raced its reads and evictions)
 _ENCODED_KEPT = 2  # a corpus's training and held-out streams
 ENCODE_BATCH = 256  # texts handed to the tokenizer at once (its threads share them)
 
@@ -238,8 +240,9 @@ def encode(tokenizer, texts) -> np.ndarray:
     texts = list(texts)
     tokenizer = plain_tokenizer(tokenizer)  # never truncated or padded (a tokenizer.json may ask)
     key = texts_digest(texts, hashlib.sha256(tokenizer.to_str().encode("utf-8"))).hexdigest()
-    if key in _ENCODED:
-        return _ENCODED[key]
+    with _ENCODED_LOCK:
+        if key in _ENCODED:
+            return _ENCODED[key]
     eot = end_of_text_id(tokenizer, required=False)
     pieces = []
     # `encode_batch_fast` (tokenizers >= 0.20) skips the character offsets we never read:
@@ -254,9 +257,10 @@ def encode(tokenizer, texts) -> np.ndarray:
                 pieces.append(np.array([eot], np.int32))
     tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
     tokens.flags.writeable = False
-    _ENCODED[key] = tokens
-    while len(_ENCODED) > _ENCODED_KEPT:
-        del _ENCODED[next(iter(_ENCODED))]
+    with _ENCODED_LOCK:
+        _ENCODED[key] = tokens
+        while len(_ENCODED) > _ENCODED_KEPT:
+            del _ENCODED[next(iter(_ENCODED))]
     return tokens
 
 

@@ -16,6 +16,7 @@ independent randomness and a run is reproducible from its key.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -645,27 +646,32 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
     collective, and the process is aborted (seen with jax 0.10.2's CPU devices). A stream
     with a `call_finished()` method has it called once the call's steps were all delivered
     (`TextStream` then knows the next call's steps count from 0 again, whatever order a
-    mesh delivers them in)."""
+    mesh delivers them in). The stream runs in the caller's context variables
+    (`contextvars`: a server's request-scoped state), though on a thread of the runtime's,
+    not the caller's (a `threading.local` is not there); it must not itself run jax
+    computations (jaxdec's calls among them): with several threads' calls, the runtime's
+    threads may all be waiting for each other."""
     if stream is None:
         yield None, None
         return
     stream_id = next(_STREAM_IDS) % (2**31 - 1)
     size = batch.size
     raised: list[Exception] = []
+    context = contextvars.copy_context()
 
     def call(step, *rows):
         if raised:
             return
         try:
-            stream(step, *(x[:size] for x in rows))
+            context.copy().run(stream, step, *(x[:size] for x in rows))
         except Exception as error:
             raised.append(error)
             if devices == 1:
                 raise _StreamRaised from None
 
     _STREAMS[stream_id] = call
-    logger = logging.getLogger("jax._src.debugging")
-    logger.addFilter(_not_stream_raised)
+    # (kept: removed at a call's end, it went while other threads' calls still needed it)
+    logging.getLogger("jax._src.debugging").addFilter(_not_stream_raised)
     try:
         yield _call_stream, np.int32(stream_id)
     except Exception:
@@ -674,7 +680,6 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
         raise
     finally:
         del _STREAMS[stream_id]
-        logger.removeFilter(_not_stream_raised)
     if raised:
         raise raised[0]
     finished = getattr(stream, "call_finished", None)

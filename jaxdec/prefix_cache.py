@@ -3,6 +3,8 @@ its cache holds prefills only the rest, with plain or speculative decoding."""
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -21,6 +23,23 @@ from jaxdec.speculative import SpeculativeResult, proposal_kind, spec_result
 from jaxdec.speculative import _program as _spec_program
 from jaxdec.tree import DynamicTree, Topology, as_topology
 from jaxdec.verify import check_proposal
+
+
+def _one_call_at_a_time(method):
+    """A session's calls read and replace its cache: a second call while one runs (another
+    thread's) is refused, not run against a cache the first one is changing (errors from
+    deep inside, a reset session, or another conversation's tokens, silently)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this PrefixCache is decoding another call: a session decodes one "
+                               "call at a time (one session per thread, or wait for the call)")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._busy.release()
+
+    return guarded
 
 
 class PrefixCache:
@@ -52,6 +71,9 @@ class PrefixCache:
     greedy: `generate`'s tokens); a draft model keeps its own cache between calls too
     (`Drafter.resume`).
 
+    A session decodes one call at a time: a call while another runs (from another thread)
+    raises RuntimeError.
+
     Attributes:
       tokens: the token ids the cache holds, in order (the last call's prompt and its output
         but the last token, which was never fed back); with `rows` > 1 one such list a row.
@@ -79,6 +101,7 @@ class PrefixCache:
         self.drafter = None if drafter is None else drafter.prepare(model)
         self.topology = None if drafter is None else (
             drafter.default_topology() if tree is None else as_topology(tree))
+        self._busy = threading.Lock()
         self._reset()
 
     def __repr__(self) -> str:
@@ -122,6 +145,7 @@ class PrefixCache:
         return list(prompt)
 
     @parallel.runs_on_model_mesh(lambda a: a["self"].model.mesh)
+    @_one_call_at_a_time
     def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: Greedy | Sampler | None = None, key: jax.Array | None = None,
                  stop_tokens=(), pad_id: int = 0, stream: Callable | None = None,

@@ -163,6 +163,30 @@ def test_encode_reuses_the_latest_streams():
     np.testing.assert_array_equal(data.encode(tokenizer, ["ab", "cd"]), first)
 
 
+def test_encode_from_several_threads():
+    """Its kept streams are shared by the process's threads (their reads and evictions raced:
+    "dictionary changed size during iteration", KeyError)."""
+    import concurrent.futures
+    import sys
+
+    from hf_models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    corpora = [[f"the quick brown fox {i} jumps over the lazy dog {j}" for j in range(3)]
+               for i in range(8)]
+    want = [data.encode(tokenizer, corpus).copy() for corpus in corpora]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the race failed ~1 call in 250
+    try:
+        for _ in range(80):  # threads starting together, each time
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda i: data.encode(tokenizer, corpora[i % 8]), range(32)))
+            for i, stream in enumerate(got):
+                np.testing.assert_array_equal(stream, want[i % 8])
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_pack_hand_computed():
     packed = data.pack(np.arange(10, dtype=np.int32), 3)
     np.testing.assert_array_equal(packed, [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]])

@@ -225,6 +225,49 @@ def test_a_streams_exception_reaches_the_caller_as_itself(loaded, caplog):
     assert steps == list(range(7))
 
 
+def test_streams_of_several_threads(loaded, caplog):
+    """Calls from several threads: each stream sees its caller's context variables (a
+    server's request state; the runtime's threads run most steps, where they were gone),
+    its own rows, and raises to its own caller; jax's log of a failed callback stays quiet
+    while other calls run (the filter went with the first call to end)."""
+    import concurrent.futures
+    import contextvars
+
+    request = contextvars.ContextVar("request", default=None)
+    model = loaded(VARIANT)
+    want = jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7).tokens
+
+    class Enough(Exception):
+        pass
+
+    def call(i):
+        request.set(i)
+        seen = []
+
+        def stream(step, tokens, active):
+            seen.append((request.get(), tokens.tolist()))
+            if i % 2 and step == 3:
+                raise Enough(i)
+
+        try:
+            out = jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7, stream=stream)
+        except Enough as e:
+            return "raised", e.args[0], seen
+        return "done", out.tokens, seen
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(8)))
+    for i, (how, what, seen) in enumerate(results):
+        assert {who for who, _ in seen} == {i}
+        if i % 2:
+            assert (how, what, len(seen)) == ("raised", i, 4)
+        else:
+            assert how == "done" and len(seen) == 7
+            np.testing.assert_array_equal(what, want)
+            np.testing.assert_array_equal(np.array([t for _, t in seen]).T, want)
+    assert not any("callback failed" in record.getMessage() for record in caplog.records)
+
+
 @pytest.mark.parametrize("sampler", [None, jaxdec.Sampler(temperature=0.7, top_p=0.9)],
                          ids=["greedy", "sampled"])
 def test_logprobs_are_the_models(loaded, sampler):
@@ -409,6 +452,29 @@ def test_prefix_cache_bad_arguments(loaded):
         jaxdec.generate(model, [list(range(3, 9))], max_new_tokens=2).tokens)
     with pytest.raises(TypeError, match="return_logprobs must be a bool"):
         session.generate([1, 2], max_new_tokens=2, return_logprobs=1)
+
+
+def test_a_prefix_cache_decodes_one_call_at_a_time(loaded):
+    """A call while another runs (here from that call's stream, as another thread's would
+    come) is refused and leaves the running call alone (two threads' calls failed deep
+    inside, or one decoded the other's cache, silently)."""
+    model = loaded(VARIANT)
+    session = jaxdec.PrefixCache(model, max_len=32)
+    refused = []
+
+    def stream(step, *_):
+        if step == 1:
+            with pytest.raises(RuntimeError, match="this PrefixCache is decoding another call"):
+                session.generate([7, 8], max_new_tokens=2)
+            refused.append(step)
+
+    got = session.generate([1, 2, 3], max_new_tokens=4, stream=stream)
+    assert refused == [1]
+    np.testing.assert_array_equal(
+        got.tokens, jaxdec.generate(model, [[1, 2, 3]], max_new_tokens=4).tokens)
+    again = session.generate([1, 2, 3] + got.to_lists()[0] + [5], max_new_tokens=2)
+    np.testing.assert_array_equal(again.tokens, jaxdec.generate(
+        model, [[1, 2, 3] + got.to_lists()[0] + [5]], max_new_tokens=2).tokens)
 
 
 def test_timings(loaded):
