@@ -57,6 +57,22 @@ def test_a_lookup_default_tree_too_big_names_its_settings():
                                                               max_new_tokens=3).tokens)
 
 
+def test_lookup_settings_past_what_a_step_can_use():
+    """An n-gram length past MAX_NGRAM (a huge one compiled for ever; Retrieval's failed in
+    numpy), a depth or a candidate count past a tree's nodes (Retrieval padded its datastore
+    with `depth` sentinels: 0.4 GiB for 10**8) are refused when the drafter is made."""
+    from jaxdec.drafters.base import MAX_NGRAM
+
+    for make in (PromptLookup, lambda **k: Retrieval(np.arange(10), **k)):
+        with pytest.raises(ValueError, match=f"max_ngram={MAX_NGRAM + 1} exceeds {MAX_NGRAM}"):
+            make(max_ngram=MAX_NGRAM + 1)
+        with pytest.raises(ValueError, match="depth=256 exceeds a tree's 255 nodes"):
+            make(depth=256)
+        with pytest.raises(ValueError, match="num_candidates=10000 exceeds a tree's 255"):
+            make(num_candidates=10**4)
+    assert PromptLookup(max_ngram=MAX_NGRAM, depth=255).depth == 255
+
+
 def test_prompt_lookup_prefers_the_longest_ngram_and_stops_at_the_end():
     # Last 2 tokens "5 6" occur once (followed by 5 6 ...); "6" alone occurs more often.
     history = _history([[6, 0, 5, 6, 5, 6]])
@@ -375,6 +391,9 @@ def test_draft_model_is_placed_on_a_mesh_once():
     assert drafter.prepare(on_two) is placed
     assert placed.prepare(on_two).model is placed.model  # already there: not copied again
     assert drafter.prepare(on_one).model is draft  # already on that mesh: nothing copied
+    for bad in (-5, 2.5, "x", True):  # (taken, and ignored: prepare sets it)
+        with pytest.raises(ValueError, match="target_vocab must be an int >= 1"):
+            DraftModel(draft, target_vocab=bad)
 
 
 def test_a_draft_model_run_past_its_positions_warns():

@@ -174,10 +174,22 @@ def history_capacity(prompt_bucket: int, max_new_tokens: int) -> int:
     return int(prompt_bucket + max_new_tokens + 1)
 
 
+# The longest n-gram a lookup drafter matches: each length is a search of its own in the
+# compiled step (compile time grows with it: 15 s at 24 on a CPU; a huge one never finished).
+MAX_NGRAM = 64
+
+
 def lookup_settings(max_ngram, min_ngram, depth, num_candidates) -> tuple[int, int, int, int]:
     """Validated settings of an n-gram lookup drafter (PromptLookup, Retrieval)."""
     settings = (check_int("max_ngram", max_ngram), check_int("min_ngram", min_ngram),
                 check_int("depth", depth), check_int("num_candidates", num_candidates))
+    if settings[0] > MAX_NGRAM:
+        raise ValueError(f"max_ngram={max_ngram} exceeds {MAX_NGRAM} (each length is searched "
+                         "in the compiled step)")
     if settings[1] > settings[0]:
         raise ValueError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
+    for name, value in (("depth", settings[2]), ("num_candidates", settings[3])):
+        if value > MAX_NODES - 1:  # (a depth of 10**8 was a datastore padding of 0.4 GiB)
+            raise ValueError(f"{name}={value} exceeds a tree's {MAX_NODES - 1} nodes below its "
+                             "root")
     return settings

@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
+from jaxdec.checks import check_int
 from jaxdec.drafters.base import Drafter, Proposal
 from jaxdec.model import (Model, check_params, family, forward_with_cache, is_abstract,
                           param_dtype, param_shardings)
@@ -94,7 +95,8 @@ class DraftModel(Drafter):
         self.model = model
         self.proposal = proposal
         self.tree = tree
-        self.target_vocab = target_vocab
+        self.target_vocab = None if target_vocab is None else check_int("target_vocab",
+                                                                        target_vocab)
         # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
         self._placed = {}
 

@@ -22,6 +22,9 @@ class PromptLookup(Drafter):
       max_ngram, min_ngram: the n-gram lengths matched, longest first.
       depth: tokens per candidate continuation (the tree's depth).
       num_candidates: matches merged into the tree (the most recent ones).
+
+    depth and num_candidates shape the default tree (`default_topology`); a `tree=` given
+    to the call replaces it: the candidates then fill its nodes, as deep as it goes.
     """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, depth: int = 6,

@@ -35,6 +35,9 @@ class Retrieval(Drafter):
       depth: tokens per candidate continuation.
       num_candidates: occurrences whose continuations are merged into the tree.
 
+    depth and num_candidates shape the default tree (`default_topology`); a `tree=` given
+    to the call replaces it: the candidates then fill its nodes, as deep as it goes.
+
     The datastore is copied onto a target's devices by the first `speculative_generate` on
     its mesh and kept there (as long as this object lives) for the calls after it.
     """
