@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import struct
 import tempfile
 import warnings
@@ -186,8 +185,11 @@ def _check_stored_copy(head: _TensorInfo, embed: _TensorInfo, directory: str) ->
 def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
     index_path = os.path.join(directory, INDEX_FILE)
     single_path = os.path.join(directory, SINGLE_FILE)
+    # (the one read: a single file wins over an index, even a broken link to one)
     for path in (single_path, index_path):
-        if os.path.islink(path) and not os.path.exists(path):  # a cache's blob gone
+        if os.path.exists(path):
+            break
+        if os.path.islink(path):  # a cache's blob gone
             raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): an "
                                     "interrupted download, or a pruned cache?")
     # A single file wins over an index beside it, as transformers reads them (such a pair is
@@ -640,6 +642,8 @@ def save_pretrained(
     if isinstance(max_shard_bytes, str):  # transformers' max_shard_size="5GB"
         raise TypeError(f"max_shard_bytes must be a number of bytes (an int), got "
                         f"{max_shard_bytes!r}")
+    if isinstance(max_shard_bytes, float) and max_shard_bytes.is_integer():
+        max_shard_bytes = int(max_shard_bytes)  # (5e9 is a number of bytes too)
     max_shard_bytes = check_int("max_shard_bytes", max_shard_bytes)
     writer = jax.process_index() == 0  # the others gather with it and write nothing
     config = model.config
@@ -691,13 +695,13 @@ def save_pretrained(
             raise parallel.ProcessFailed(f"process 0 failed to write {target} (its error "
                                          "says why)")
         return target
-    staging = None
+    staging = lock = None
     try:
         exists = os.path.isdir(target)
         parent = target if exists else os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         _remove_dead_staging(parent)
-        staging = tempfile.mkdtemp(prefix=_staging_prefix(), dir=parent)
+        staging, lock = _new_staging(parent)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would go with it into place
         _write_weights(staging, tensors, fetch, max_shard_bytes)
         hf_config["torch_dtype"] = written_dtype
@@ -720,6 +724,8 @@ def save_pretrained(
                     os.path.join(target, TEMPLATE_FILE)):
                 with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
                     f.write(model.chat_template.source)
+        _unlock_staging(staging, lock)  # (its lock file is not the model's)
+        lock = None
         # On the disk before any rename: a rename is atomic, but a crash soon after one may
         # otherwise leave the renamed files empty.
         _flush_to_disk(staging)
@@ -740,6 +746,7 @@ def save_pretrained(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+            _unlock_staging(staging, lock)
     _process_zero_succeeded(True)
     return target
 
@@ -881,32 +888,65 @@ def _write_safetensors(path: str, tensors: dict[str, tuple[np.dtype, tuple]],
 _WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5}(\.\w+)?)?\.safetensors")
 
 
-def _staging_prefix() -> str:
-    """An export's staging folder's name before mkdtemp's suffix: it names the host and the
-    process, so that a later export can tell a killed one's folder (`_remove_dead_staging`)."""
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
-    return f".jaxdec-export-{host}-{os.getpid()}-"
+_STAGING = ".jaxdec-export-"  # an export's staging folder, beside or in its target
+_STAGING_LOCK = ".lock"  # in it: locked (flock) while its export runs
+
+
+def _new_staging(parent: str) -> tuple[str, int | None]:
+    """(a new staging folder in `parent`, the descriptor of its lock file, locked): made
+    under another name, locked, then renamed, so that no staging folder is seen without its
+    lock held until `_unlock_staging` (without flock, as on Windows: no lock, and the
+    folder is never taken for a killed export's)."""
+    made = tempfile.mkdtemp(prefix=".jaxdec-new-", dir=parent)
+    fd = None
+    try:
+        import fcntl
+
+        fd = os.open(os.path.join(made, _STAGING_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    staging = os.path.join(parent, _STAGING + os.path.basename(made)[len(".jaxdec-new-"):])
+    os.rename(made, staging)
+    return staging, fd
+
+
+def _unlock_staging(staging: str, fd: int | None) -> None:
+    """Removes the lock file (while it is held: a folder without one is never removed by
+    another export) and releases the lock."""
+    if fd is not None:
+        try:
+            os.remove(os.path.join(staging, _STAGING_LOCK))
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _remove_dead_staging(parent: str) -> None:
-    """Removes from `parent` the staging folders of exports on this host whose process is
-    gone (killed before its folder was moved into place: a whole copy of the weights)."""
-    prefix = _staging_prefix().rsplit("-", 2)[0] + "-"  # this host's
-    for name in os.listdir(parent):
-        # (the pid, then mkdtemp's suffix, which has no "-": not another host's "host-2")
-        rest = re.fullmatch(r"(\d+)-[^-]+", name[len(prefix):]) if name.startswith(prefix) else None
-        if rest and not _process_alive(int(rest[1])):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
+    """Removes from `parent` the staging folders of exports killed before their folder was
+    moved into place (a whole copy of the weights): those whose lock file no process holds.
+    (A lock, not a process id: containers writing to one volume see other pid namespaces.)"""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # (another user's: alive)
-        return True
-    return True
+        import fcntl
+    except ImportError:
+        return
+    for name in os.listdir(parent):
+        if not name.startswith(_STAGING):
+            continue
+        folder = os.path.join(parent, name)
+        try:
+            fd = os.open(os.path.join(folder, _STAGING_LOCK), os.O_RDWR)
+        except OSError:  # none: an export finishing (or one of an older jaxdec)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: that export runs
+            os.close(fd)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
 
 
 def _move_files_into(staging: str, target: str) -> None:

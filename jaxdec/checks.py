@@ -36,8 +36,9 @@ def check_untraced(function: str, **arguments) -> None:
     # Arguments closed over by a jitted function are not traced, but an array made here is
     # (iota: made on the device, no host transfer).
     if isinstance(jax.lax.iota(jnp.int32, 1), jax.core.Tracer):
-        raise TypeError(f"{function} cannot run inside jax.jit (the call is traced, closed "
-                        f"over arguments too). {advice}")
+        raise TypeError(f"{function} cannot run inside jax.jit (or another trace: "
+                        f"eval_shape, ...; the call is traced, closed over arguments too). "
+                        f"{advice}")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

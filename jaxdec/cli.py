@@ -291,8 +291,7 @@ def _generate(args) -> None:
     ctrl_c = _CtrlC(stop=not distributed)
     if args.stream:
         say(echo, end="", flush=True)
-        stream = jaxdec.TextStream(model.tokenizer, context=context,
-                                   write=_stream_writer(ctrl_c))
+        stream = _text_stream(model.tokenizer, ctrl_c, context=context)
     started = time.perf_counter()
     with ctrl_c:
         if drafter is None:
@@ -327,19 +326,21 @@ def _printer():
     return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
 
 
-def _stream_writer(ctrl_c: "_CtrlC"):
-    """A `TextStream`'s writer: print in process 0, nothing in the others; each piece first
-    asks `ctrl_c` whether to stop."""
+def _text_stream(tokenizer, ctrl_c: "_CtrlC", **kwargs):
+    """A `TextStream` printing in process 0 (nothing in the others) that asks `ctrl_c`
+    whether to stop at every step (steps that print nothing, too: special tokens, a
+    character's first bytes)."""
     import jax
 
+    import jaxdec
+
+    class Stream(jaxdec.TextStream):
+        def __call__(self, *args):
+            ctrl_c.check()
+            return super().__call__(*args)
+
     lead = jax.process_index() == 0
-
-    def write(text: str) -> None:
-        ctrl_c.check()
-        if lead:
-            print(text, end="", flush=True)
-
-    return write
+    return Stream(tokenizer, write=None if lead else (lambda text: None), **kwargs)
 
 
 class _Stopped(Exception):
@@ -349,9 +350,10 @@ class _Stopped(Exception):
 class _CtrlC:
     """Ctrl-C during a decode (a context). Python runs its SIGINT handler in the main thread,
     which waits in XLA until the whole decode ends (a streamed reply went on to
-    --max-new-tokens); the signal's wakeup fd, though, is written at once: a stream's writer,
-    called from the decode's callbacks, reads it and, with `stop`, raises to end the decode
-    within a step. Leaving the context after a Ctrl-C raises KeyboardInterrupt (one line,
+    --max-new-tokens); the signal's wakeup fd, though, is written at once: a stream, called
+    from the decode's callbacks, reads it and, with `stop`, raises to end the decode within
+    a step (on one device: on a mesh of several, jaxdec runs the program to its end with the
+    stream silent). Leaving the context after a Ctrl-C raises KeyboardInterrupt (one line,
     exit 130). With several processes `stop` is False (the others would wait in the
     decode's collectives): the decode ends, then the interrupt."""
 
@@ -545,16 +547,18 @@ def _chat(args) -> None:
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
         ctrl_c = _CtrlC(stop=not distributed)
-        stream = jaxdec.TextStream(model.tokenizer, write=_stream_writer(ctrl_c))
+        stream = _text_stream(model.tokenizer, ctrl_c)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
         try:
             with ctrl_c:
                 result = session.generate(prompt, **common)
-        except KeyboardInterrupt:  # (after the turn, with several processes: end them too)
-            if distributed and lead:
-                _from_process_0("")
+        except KeyboardInterrupt:
+            # (after the turn, with several processes: the others end too, where it reached
+            # them as well as where it did not: each takes part in the end's broadcast)
+            if distributed:
+                _from_process_0("" if lead else None)
             raise
         stream.close()
         say(flush=True)

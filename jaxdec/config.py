@@ -454,8 +454,9 @@ def _hf_dtype(hf: Mapping[str, Any]) -> str:
         return check_param_dtype(name, held=False).name
     except (TypeError, ValueError):
         field = "dtype" if hf.get("dtype") else "torch_dtype"
-        warnings.warn(f"config.json's {field}={value!r} names no floating-point dtype: the "
-                      "default dtype is float32 (load_pretrained's dtype= chooses another)")
+        warnings.warn(f"config.json's {field}={value!r} names no dtype jaxdec holds parameters "
+                      "in (float32, bfloat16, float16): the default dtype is float32 "
+                      "(load_pretrained's dtype= chooses another)")
         return "float32"
 
 

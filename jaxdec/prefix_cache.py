@@ -104,6 +104,15 @@ class PrefixCache:
         self._busy = threading.Lock()
         self._reset()
 
+    def __getstate__(self) -> dict:  # (copy.deepcopy: a conversation branched)
+        state = dict(self.__dict__)
+        del state["_busy"]  # a lock is no state: the copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
     def __repr__(self) -> str:
         held = [len(t) for t in self._tokens]
         return (f"PrefixCache(max_len={self.max_len}, rows={self.rows}, "

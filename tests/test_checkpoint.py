@@ -48,7 +48,7 @@ def test_export_round_trip_through_transformers(variant, loaded, tmp_path):
 
 def test_sharded_index_and_dtype(loaded, tmp_path):
     model = loaded("llama-gqa")
-    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    out = jaxdec.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024.0)
     files = os.listdir(out)
     assert "model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 2
@@ -231,31 +231,37 @@ def test_an_export_is_on_the_disk_before_it_is_renamed_into_place(loaded, tmp_pa
 def test_an_export_clears_what_killed_exports_left(loaded, tmp_path):
     """A process killed during an export left its staging folder (a whole copy of the
     weights) and, killed while moving shards, shards no index names: the next export into
-    the directory removes them (not a live export's folder, nor the user's files)."""
-    import subprocess
-    import sys
+    the directory removes them; not a running export's folder (its lock file held: by
+    another container too, whose pids are not this one's), nor one without a lock file, nor
+    the user's files."""
+    import fcntl
 
-    from jaxdec.checkpoint import _staging_prefix
+    from jaxdec.checkpoint import _STAGING, _STAGING_LOCK
 
     old = loaded("llama-gqa")
     target = tmp_path / "export"
     jaxdec.save_pretrained(old, target, max_shard_bytes=16 * 1024)
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    host_prefix = _staging_prefix().rsplit("-", 2)[0]
-    dead = target / f"{host_prefix}-{gone.pid}-abc_12"
-    live = target / f"{_staging_prefix()}xyz"  # this process: alive
-    other_host = target / f"{host_prefix}-2-{gone.pid}-abc"  # host "<this>-2"
-    for folder in (dead, live, other_host):
+    folders = {kind: target / f"{_STAGING}{kind}" for kind in ("dead", "live", "unlocked")}
+    for kind, folder in folders.items():
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"copy")
+        if kind != "unlocked":
+            (folder / _STAGING_LOCK).write_bytes(b"")
+    held = os.open(folders["live"] / _STAGING_LOCK, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
     (target / "model-00001-of-00009.k3x9_ab.safetensors").write_bytes(b"orphan")
     (target / "notes.txt").write_text("mine")
     new = dataclasses.replace(old, params=jax.tree.map(lambda x: x * 0.5, old.params))
-    jaxdec.save_pretrained(new, target, overwrite=True, max_shard_bytes=16 * 1024)
+    try:
+        jaxdec.save_pretrained(new, target, overwrite=True, max_shard_bytes=16 * 1024)
+    finally:
+        os.close(held)
     names = set(os.listdir(target))
-    assert dead.name not in names and "model-00001-of-00009.k3x9_ab.safetensors" not in names
-    assert {live.name, other_host.name, "notes.txt"} <= names
+    assert folders["dead"].name not in names
+    assert "model-00001-of-00009.k3x9_ab.safetensors" not in names
+    assert {folders["live"].name, folders["unlocked"].name, "notes.txt"} <= names
+    assert not any(n.startswith((_STAGING, ".jaxdec-new-")) for n in names
+                   - {folders["live"].name, folders["unlocked"].name})  # its own went
     _params_equal(jaxdec.load_pretrained(target).params, new.params)
 
 
@@ -493,6 +499,11 @@ def test_missing_directory_and_files(hf_checkpoints, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"model.safetensors is a broken link \(to "
                                                 r"../../blobs/0123abcd\): an interrupted"):
         jaxdec.load_pretrained(directory)
+    # A broken link to an index beside a single file is not read (the single file wins).
+    os.remove(os.path.join(directory, "model.safetensors"))
+    shutil.copy(os.path.join(hf_checkpoints("llama-gqa")[0], "model.safetensors"), directory)
+    os.symlink("../../blobs/4567", os.path.join(directory, "model.safetensors.index.json"))
+    assert jaxdec.load_pretrained(directory).config.num_layers == 2
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage-header", "short"])

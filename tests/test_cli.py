@@ -339,3 +339,24 @@ def test_a_warning_is_one_line(tokenized_checkpoint, tmp_path):
     assert warned and all(line.startswith("jaxdec: warning: ignoring ") for line in warned), \
         done.stderr
     assert ".py:" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_is_seen_at_steps_that_print_nothing():
+    """The stop is asked at every step, not only where text is printed (special tokens, a
+    character's first bytes: a decode of them ran on to its end)."""
+    import signal
+
+    import numpy as np
+
+    from hf_models import make_tokenizer
+    from jaxdec import cli
+
+    ctrl_c = cli._CtrlC(stop=True)
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c:
+            stream = cli._text_stream(make_tokenizer(), ctrl_c)
+            stream(np.int32(0), np.array([4]), np.array([True]))  # "a"
+            os.kill(os.getpid(), signal.SIGINT)  # (the handler notes it; nothing raised)
+            with pytest.raises(cli._Stopped):
+                stream(np.int32(1), np.array([0]), np.array([True]))  # a special token: ""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

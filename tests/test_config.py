@@ -305,7 +305,8 @@ def test_malformed_config_fields_are_named(fields, message):
 
 
 def test_a_dtype_that_names_no_float_is_read_as_float32():
-    with pytest.warns(UserWarning, match="torch_dtype='auto' names no floating-point dtype"):
+    with pytest.warns(UserWarning, match="torch_dtype='auto' names no dtype jaxdec holds "
+                                         "parameters in"):
         assert ModelConfig.from_hf({**BASE, "model_type": "llama",
                                     "torch_dtype": "auto"}).dtype == "float32"
     assert ModelConfig.from_hf({**BASE, "model_type": "llama",

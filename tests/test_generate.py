@@ -475,6 +475,16 @@ def test_a_prefix_cache_decodes_one_call_at_a_time(loaded):
     again = session.generate([1, 2, 3] + got.to_lists()[0] + [5], max_new_tokens=2)
     np.testing.assert_array_equal(again.tokens, jaxdec.generate(
         model, [[1, 2, 3] + got.to_lists()[0] + [5]], max_new_tokens=2).tokens)
+    # A conversation branched by a deep copy (the lock made it fail: "cannot pickle
+    # '_thread.lock' object"): each branch its own session.
+    import copy
+
+    branch = copy.deepcopy(session)
+    follow = session.tokens + again.to_lists()[0]
+    for s in (branch, session):
+        np.testing.assert_array_equal(s.generate(follow + [9], max_new_tokens=2).tokens,
+                                      jaxdec.generate(model, [follow + [9]],
+                                                      max_new_tokens=2).tokens)
 
 
 def test_timings(loaded):
@@ -695,7 +705,7 @@ def test_inside_jit_generate_names_the_traced_argument(loaded):
     with pytest.raises(TypeError, match="PrefixCache.generate " + inside + "'prompt'"):
         jax.jit(lambda p: session.generate(p, max_new_tokens=2).tokens)(jnp.array([1, 2]))
     # Nothing traced (every argument closed over), the call still inside jit.
-    closed = r"cannot run inside jax.jit \(the call is traced, closed over arguments too\)"
+    closed = r"cannot run inside jax.jit \(or another trace: .*closed over arguments too\)"
     with pytest.raises(TypeError, match="jaxdec.generate " + closed + ".*generate_padded"):
         jax.jit(lambda x: x + jaxdec.generate(model, [[1, 2]], max_new_tokens=2).tokens)(0)
     with pytest.raises(TypeError, match="jaxdec.speculative_generate " + closed):

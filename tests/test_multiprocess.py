@@ -232,7 +232,7 @@ def test_cli_an_error_in_one_process_ends_every_process(tokenized_checkpoint, tm
     assert "nope does not exist" in outputs[1][1]
     outputs = _cli_in_two_processes(lambda i: base[:2] + ["hello the fox" if i == 0 else
                                                           "the lazy dog"] + base[3:] + [
-        "--model", tokenized_checkpoint], returncodes=(2, 2), timeout=90)
+        "--model", tokenized_checkpoint], returncodes=(2, 2), timeout=240)
     for _, err in outputs:
         assert "the prompt differs between processes (process 0's and those of processes [1])" \
             in err, err
@@ -249,9 +249,11 @@ def test_cli_processes_decoding_alone_print_once(tokenized_checkpoint):
     assert "hello the fox" not in outputs[1][0] and "tokens" not in "".join(outputs[1])
 
 
-def test_cli_chat_interrupted_in_process_0_ends_every_process(tokenized_checkpoint, tmp_path):
+@pytest.mark.parametrize("where", ["process 0, waiting", "every process, mid-reply"])
+def test_cli_chat_interrupted_ends_every_process(tokenized_checkpoint, tmp_path, where):
     """Ctrl-C while process 0 waits for a message: the others, waiting for it, end too (they
-    waited 5 minutes, then aborted)."""
+    waited 5 minutes, then aborted). Ctrl-C to every process (a terminal's process group)
+    during a reply: all end after it (process 1 ended, process 0 waited for it for ever)."""
     import shutil
     import signal
     import time
@@ -262,21 +264,29 @@ def test_cli_chat_interrupted_in_process_0_ends_every_process(tokenized_checkpoi
     shutil.copytree(tokenized_checkpoint, directory)
     (directory / "tokenizer_config.json").write_text(json.dumps(
         dict(SPECIAL, chat_template=HEADERS)))
+    waiting = where == "process 0, waiting"
     workers = _cli_workers(lambda i: ["chat", "--model", str(directory), "--max-new-tokens",
-                                      "2", "--ignore-eos", "--tp", "4"], subprocess.PIPE)
+                                      "2" if waiting else "300", "--ignore-eos", "--tp", "4",
+                                      "--max-context", "512"], subprocess.PIPE)
     try:
         workers[0].stdin.write("the fox\n")
         workers[0].stdin.flush()
-        deadline = time.monotonic() + 120
-        while "tokens" not in workers[0].stderr.readline():  # the first reply's summary
-            assert time.monotonic() < deadline and workers[0].poll() is None
-        workers[0].send_signal(signal.SIGINT)  # waiting for the next message
-        codes = [worker.wait(timeout=60) for worker in workers]
+        deadline = time.monotonic() + 240
+        if waiting:
+            while "tokens" not in workers[0].stderr.readline():  # the first reply's summary
+                assert time.monotonic() < deadline and workers[0].poll() is None
+            workers[0].send_signal(signal.SIGINT)
+        else:
+            time.sleep(3)  # (the turn compiles, then decodes: the signals come within it)
+            for worker in workers:
+                worker.send_signal(signal.SIGINT)
+        codes = [worker.wait(timeout=180) for worker in workers]
         errors = [worker.stderr.read() for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
-    assert codes == [130, 0] and "jaxdec: interrupted" in errors[0], errors
+    assert codes == ([130, 0] if waiting else [130, 130]), errors
+    assert "jaxdec: interrupted" in errors[0], errors
 
 
 def test_cli_chat_over_two_processes(tokenized_checkpoint, tmp_path, capsys, monkeypatch):
