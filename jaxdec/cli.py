@@ -23,7 +23,9 @@ import argparse
 import itertools
 import os
 import re
+import signal
 import sys
+import threading
 import time
 
 
@@ -357,15 +359,12 @@ class _CtrlC:
     exit 130). With several processes `stop` is False (the others would wait in the
     decode's collectives): the decode ends, then the interrupt."""
 
-    def __init__(self, stop: bool):
-        self.stop, self.hit, self._fds = stop, False, None
+    def __init__(self, stop: bool, listen: bool = True):
+        self.stop, self.listen, self.hit, self._fds = stop, listen, False, None
 
     def __enter__(self) -> "_CtrlC":
-        import signal
-        import threading
-
         self.hit = False
-        if threading.current_thread() is threading.main_thread():  # (signals: main only)
+        if self.listen and threading.current_thread() is threading.main_thread():  # (main only)
             self._fds = os.pipe()
             for fd in self._fds:
                 os.set_blocking(fd, False)
@@ -377,8 +376,6 @@ class _CtrlC:
         self.hit = True
 
     def check(self) -> None:
-        import signal
-
         if self._fds is not None:
             try:
                 if signal.SIGINT in os.read(self._fds[0], 512):  # (signal numbers, as bytes)
@@ -389,8 +386,6 @@ class _CtrlC:
             raise _Stopped("interrupted")
 
     def __exit__(self, kind, error, traceback) -> bool:
-        import signal
-
         if self._fds is not None:
             try:
                 self.stop = False
@@ -510,12 +505,29 @@ def _chat(args) -> None:
     say = _printer()
     interactive = lead and sys.stdin.isatty()
     _keep_undecodable_bytes(sys.stdin)
+    # With several processes, process 0 reads the messages and takes Ctrl-C, and the others
+    # end when it hands them the end of the input (a terminal's Ctrl-C reaches every
+    # process: one ending alone left the others waiting in a collective). In process 0 it
+    # ends the chat at once while it reads, else once the others can be told: the turn ends.
+    deferred = {"reading": False, "hit": False}
+    if distributed and threading.current_thread() is threading.main_thread():
+        def on_ctrl_c(signum, frame):
+            if deferred["reading"]:
+                raise KeyboardInterrupt
+            deferred["hit"] = True
+
+        signal.signal(signal.SIGINT, on_ctrl_c if lead else signal.SIG_IGN)
     for turn in itertools.count():
         if interactive:
             print("> ", end="", flush=True)
         try:
+            if deferred["hit"]:
+                raise KeyboardInterrupt
+            deferred["reading"] = True
             line = sys.stdin.readline() if lead else None
+            deferred["reading"] = False
         except KeyboardInterrupt:  # the others wait for the next message: they end too
+            deferred["reading"] = False
             if distributed:
                 _from_process_0("")
             raise
@@ -546,7 +558,7 @@ def _chat(args) -> None:
             del turns[:2]
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        ctrl_c = _CtrlC(stop=not distributed)
+        ctrl_c = _CtrlC(stop=not distributed, listen=lead)
         stream = _text_stream(model.tokenizer, ctrl_c)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
@@ -554,11 +566,9 @@ def _chat(args) -> None:
         try:
             with ctrl_c:
                 result = session.generate(prompt, **common)
-        except KeyboardInterrupt:
-            # (after the turn, with several processes: the others end too, where it reached
-            # them as well as where it did not: each takes part in the end's broadcast)
+        except KeyboardInterrupt:  # (process 0's, after the turn: the others end too)
             if distributed:
-                _from_process_0("" if lead else None)
+                _from_process_0("")
             raise
         stream.close()
         say(flush=True)
