@@ -558,18 +558,15 @@ def _chat(args) -> None:
             del turns[:2]
             say("[the oldest exchange no longer fits: dropped]", file=sys.stderr)
             prompt = jaxdec.chat.encode_chat(model, opening + turns)
-        ctrl_c = _CtrlC(stop=not distributed, listen=lead)
+        # (with several processes the handler above notes a Ctrl-C: the chat ends at the
+        # next message)
+        ctrl_c = _CtrlC(stop=True, listen=not distributed)
         stream = _text_stream(model.tokenizer, ctrl_c)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)
-        try:
-            with ctrl_c:
-                result = session.generate(prompt, **common)
-        except KeyboardInterrupt:  # (process 0's, after the turn: the others end too)
-            if distributed:
-                _from_process_0("")
-            raise
+        with ctrl_c:
+            result = session.generate(prompt, **common)
         stream.close()
         say(flush=True)
         tokens = result.to_lists()[0]
