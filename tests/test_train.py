@@ -87,7 +87,8 @@ def test_kill_during_save_then_resume_is_exact(trained, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     # The save of step 16 never completed: step 8 is the latest loadable checkpoint.
-    assert loop.Checkpoints(str(out)).latest_step() == 8
+    with loop.Checkpoints(str(out)) as checkpoints:
+        assert checkpoints.latest_step() == 8
     with pytest.raises(ValueError, match="--resume"):
         train_lm(MICRO, out, log=lambda _: None)
     resumed = train_lm(MICRO, out, resume=True, log=lambda _: None)
@@ -180,7 +181,8 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(Interrupted, match="step 4 is intact"):
         loop.run_steps(state, step_fn, batch_at, total_steps=10, checkpoints=checkpoints,
                        checkpoint_every=2, tokens_per_step=1, label="toy")
-    restored = loop.Checkpoints(str(tmp_path)).restore(state)
+    with loop.Checkpoints(str(tmp_path)) as checkpoints:
+        restored = checkpoints.restore(state)
     assert int(restored["step"]) == 4
     fresh = {"step": jnp.int32(0), "params": {"w": jnp.zeros(3)}}   # (state was donated)
     with pytest.raises(Interrupted, match="no checkpoint was written yet") as raised:
@@ -190,8 +192,14 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
     assert raised.value.step is None
     np.testing.assert_array_equal(restored["params"]["w"], 4)
     other = {"step": jnp.int32(0), "params": {"w": jnp.zeros(4)}}  # e.g. another layout
-    with pytest.raises(ValueError, match="step 4 in .* holds arrays of other shapes"):
-        loop.Checkpoints(str(tmp_path)).restore(other)
+    with loop.Checkpoints(str(tmp_path)) as checkpoints, \
+            pytest.raises(ValueError, match=r"(?s)step 4 in .* holds arrays of other shapes.*"
+                          r"at params/w it holds shape \[3\], this run shape \[4\]"):
+        checkpoints.restore(other)   # (found before orbax reads an array)
+    renamed = {"step": jnp.int32(0), "params": {"v": jnp.zeros(3)}}
+    with loop.Checkpoints(str(tmp_path)) as checkpoints, \
+            pytest.raises(ValueError, match=r"at params/v it holds no array, this run shape"):
+        checkpoints.restore(renamed)
 
 
 def test_cross_entropy_matches_optax_values_and_gradients():

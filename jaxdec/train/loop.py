@@ -371,7 +371,8 @@ class Checkpoints:
     """orbax checkpoints of a train state under `<out>/checkpoints`.
 
     orbax writes each step to a temporary directory and renames it when complete, so a kill
-    during a save leaves the previous checkpoint as the latest one.
+    during a save leaves the previous checkpoint as the latest one. orbax runs threads of its
+    own: `close()` (or a `with` block) finishes a save under way and ends them.
     """
 
     def __init__(self, out: str, *, keep: int = 2):
@@ -381,6 +382,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(out, CHECKPOINTS)),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True),
+            item_handlers=ocp.StandardCheckpointHandler(),  # (which lets item_metadata read)
         )
 
     def latest_step(self) -> int | None:
@@ -395,17 +397,32 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
         step = self.latest_step()
         try:
+            saved = _leaf_shapes(self.manager.item_metadata(step).tree)
+        except Exception as e:  # no or damaged metadata
+            raise self._unreadable(step, e) from e
+        # Checked before orbax reads any array: a restore that fails part way leaves reads of
+        # the other arrays pending in orbax's threads.
+        wanted = _leaf_shapes(target)
+        if saved != wanted:
+            leaf = min(set(saved.items()) ^ set(wanted.items()))[0]
+            raise self._other_shapes(step, f"at {leaf} it holds "
+                                     f"{_described(saved.get(leaf))}, this run "
+                                     f"{_described(wanted.get(leaf))}")
+        try:
             return self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
         except ValueError as e:
             if "shape" not in str(e):
                 raise self._unreadable(step, e) from e
-            raise ValueError(
-                f"the checkpoint of step {step} in {self.manager.directory} holds arrays of "
-                "other shapes than this run's train state (another model config, or an older "
-                "jaxdec, whose gate_up was [E, 2, F] and qkv [E, R, H/R + 2, D]); start the "
-                f"run in a new directory. orbax: {e}") from e
+            raise self._other_shapes(step, f"orbax: {e}") from e
         except Exception as e:  # orbax raises bare Exceptions for missing or cut array data
             raise self._unreadable(step, e) from e
+
+    def _other_shapes(self, step: int, detail: str) -> ValueError:
+        return ValueError(
+            f"the checkpoint of step {step} in {self.manager.directory} holds arrays of other "
+            "shapes than this run's train state (another model config, or an older jaxdec, "
+            "whose gate_up was [E, 2, F] and qkv [E, R, H/R + 2, D]); start the run in a new "
+            f"directory ({detail})")
 
     def _unreadable(self, step: int, error: Exception) -> ValueError:
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
@@ -417,6 +434,28 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path: shape} of a pytree's arrays, with paths spelt alike for a train state and the
+    metadata orbax keeps of it (which holds the state's named tuples as dicts)."""
+    def name(key):
+        for field in ("key", "name", "idx"):
+            if hasattr(key, field):
+                return str(getattr(key, field))
+        return str(key)
+    return {"/".join(map(name, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _described(shape: tuple[int, ...] | None) -> str:
+    return "no array" if shape is None else f"shape {list(shape)}"
 
 
 # --------------------------------------------------------------------------- the loop
