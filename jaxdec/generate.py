@@ -34,8 +34,8 @@ from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import (check_bool, check_ids, check_int, check_model, check_untraced,
                            concrete_scalar)
-from jaxdec.model import Model, check_cache, forward_with_cache, is_abstract, param_dtype
-from jaxdec.models.layers import attention_kernel
+from jaxdec.model import (Model, check_attention, check_cache, forward_with_cache, is_abstract,
+                          param_dtype)
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 
 MIN_BUCKET = 16
@@ -698,7 +698,7 @@ def prepare_batch(model: Model, prompts, *, max_new_tokens: int, stop_tokens, pa
     check_model(model)
     config = model.config
     # An unavailable kernel is refused before tracing.
-    attention_kernel(model.attention, parallel.platform(model.mesh))
+    check_attention(model)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     _check_pad_id(pad_id)

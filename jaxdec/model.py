@@ -24,6 +24,7 @@ from jaxdec.config import ModelConfig
 from jaxdec.models import llama
 from jaxdec.models.layers import (GPU_BACKENDS, AttentionImpl, MatmulImpl, attention_kernel,
                                   fused_causal_usable, use_platform)
+from jaxdec.pallas_kernels import tree_attention
 from jaxdec.sampling import check_key
 
 
@@ -132,6 +133,32 @@ def family(config: ModelConfig):
 def param_dtype(model: Model):
     """The dtype of the model's parameters (and so of its caches)."""
     return jax.tree.leaves(model.params)[0].dtype
+
+
+# A cache any kernel's tiling takes: `check_attention` asks the kernel about the model's heads
+# and dtype at this size, so only what no call could change refuses it.
+_PROBE_SLOTS = 4096
+
+
+def check_attention(model: Model) -> None:
+    """A ValueError, before anything is traced, where the model's attention names a Pallas
+    kernel ("pallas", "pallas_interpret") its devices lack or that cannot take its heads
+    (head dim, dtype): a named kernel is not quietly replaced by the reference, as AUTO's
+    is. (Per call, shapes a kernel does not tile still run the reference: a long prompt's
+    causal prefill, a cache smaller than one block.)"""
+    kernel = attention_kernel(model.attention, parallel.platform(model.mesh))
+    if kernel is None or model.attention not in (AttentionImpl.PALLAS,
+                                                 AttentionImpl.PALLAS_INTERPRET):
+        return
+    c = model.config
+    reason = tree_attention.unsupported_reason(
+        kernel[0], (1, 1, c.num_heads, c.head_dim), (1, _PROBE_SLOTS, c.num_kv_heads, c.head_dim),
+        dtype=param_dtype(model))
+    if reason is not None:
+        raise ValueError(
+            f"attention={model.attention.value!r}: the {kernel[0].value} kernel cannot take "
+            f"this model ({reason}); use \"auto\" (the kernel where it can run, else the "
+            "reference) or \"reference\"")
 
 
 def _mesh_param_shapes(config: ModelConfig, mesh: Mesh) -> dict:
@@ -346,6 +373,7 @@ def forward_with_cache(
         in_specs.append(optional[name][1])
 
     attention, platform = model.attention, parallel.platform(mesh)
+    check_attention(model)
     if attention is AttentionImpl.CUDNN and platform not in GPU_BACKENDS:
         raise ValueError(f"attention=CUDNN needs a GPU, not the model's {platform!r} devices "
                          "(use AUTO or REFERENCE)")

@@ -57,13 +57,26 @@ def loaded(hf_checkpoints):
 
 
 @pytest.fixture(scope="session")
-def tokenized_checkpoint(hf_checkpoints, tmp_path_factory):
-    """The llama-gqa checkpoint plus a tokenizer.json (for the CLI and README tests)."""
+def tokenized(hf_checkpoints, tmp_path_factory):
+    """name -> a copy of that checkpoint plus a tokenizer.json (for the CLI), cached."""
     import shutil
 
     from hf_models import make_tokenizer
 
-    directory = tmp_path_factory.mktemp("tokenized") / "model"
-    shutil.copytree(hf_checkpoints("llama-gqa")[0], directory)
-    make_tokenizer().save(str(directory / "tokenizer.json"))
-    return str(directory)
+    directories = {}
+
+    def get(name):
+        if name not in directories:
+            directory = tmp_path_factory.mktemp("tokenized") / name
+            shutil.copytree(hf_checkpoints(name)[0], directory)
+            make_tokenizer().save(str(directory / "tokenizer.json"))
+            directories[name] = str(directory)
+        return directories[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tokenized_checkpoint(tokenized):
+    """The llama-gqa checkpoint plus a tokenizer.json (for the CLI and README tests)."""
+    return tokenized("llama-gqa")

@@ -13,14 +13,19 @@ from jaxdec.cli import main
 from runenv import user_env
 
 
-def test_generate_prints_the_continuation_and_speed(tokenized_checkpoint, capsys):
-    """Through the (interpreted) attention kernel: the reference path's continuation."""
-    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "hello the fox",
+def test_generate_prints_the_continuation_and_speed(tokenized, tokenized_checkpoint, capsys):
+    """Through the (interpreted) attention kernel (a model of head dim 16; the kernel cannot
+    take 8): the reference path's continuation."""
+    checkpoint = tokenized("mistral-window")
+    assert main(["generate", "--model", checkpoint, "--prompt", "hello the fox",
                  "--max-new-tokens", "6", "--ignore-eos", "--attention", "pallas_interpret"]) == 0
     captured = capsys.readouterr()
     text, stats = captured.out.strip().split("\n")[-1], captured.err.strip().split("\n")[-1]
     assert captured.out == text + "\n"  # the text alone (the numbers on standard error)
-    model = jaxdec.load_pretrained(tokenized_checkpoint)
+    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
+                 "--attention", "pallas_interpret"]) == 2
+    assert "the triton kernel cannot take this model (head_dim=8" in capsys.readouterr().err
+    model = jaxdec.load_pretrained(checkpoint)
     ids = model.tokenizer.encode("hello the fox").ids
     expected = jaxdec.generate(model, [ids], max_new_tokens=6).tokens[0]
     assert text == "hello the fox" + model.tokenizer.decode(expected.tolist())

@@ -136,6 +136,11 @@ def test_fp16_model_compiles_through_the_reference():
     compiled = jaxdec.generate(tpu_model(1, jnp.float16, "auto"), PROMPTS, max_new_tokens=8,
                                compile_only=True)
     assert kernel_calls(compiled) == 0
+    # The kernel named: refused before tracing, not quietly replaced by the reference.
+    with pytest.raises(ValueError, match=r"the mosaic kernel cannot take this model \(dtype "
+                       "float16 is not supported on TPUs"):
+        jaxdec.generate(tpu_model(1, jnp.float16, "pallas"), PROMPTS, max_new_tokens=8,
+                        compile_only=True)
 
 
 def test_programs_compile_for_a_slice_of_four_hosts():

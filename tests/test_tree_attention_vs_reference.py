@@ -644,21 +644,41 @@ def test_entry_point_kernel_gradients_come_from_the_reference():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_model_with_the_kernel_decodes_like_the_reference(loaded):
+def test_model_with_the_kernel_decodes_like_the_reference(loaded, monkeypatch):
     """Generate and tree speculative decoding with the (interpreted) kernel give the same
-    greedy tokens as the reference path, on a ragged batch and under tp = 2."""
-    model = loaded("llama-gqa")
+    greedy tokens as the reference path, on a ragged batch, with a sliding window (6 slots,
+    head dim 16); the kernel really runs. A model whose heads the kernel cannot take is
+    refused rather than quietly run through the reference."""
+    traced = []
+
+    def counted(*args, **kwargs):
+        traced.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    kernel = TA.gpu.tree_attention_gpu
+    monkeypatch.setattr(TA.gpu, "tree_attention_gpu", counted)
+    model = loaded("mistral-window")
     prompts = [[3, 17, 9, 22, 5], [8, 1], [40, 41, 42]]
     want = jaxdec.generate(model, prompts, max_new_tokens=6).tokens
+    assert not traced
     kernel_model = model.with_attention("pallas_interpret")
     assert kernel_model.attention is jaxdec.AttentionImpl.PALLAS_INTERPRET
     np.testing.assert_array_equal(jaxdec.generate(kernel_model, prompts, max_new_tokens=6).tokens,
                                   want)
+    assert len(traced) >= model.config.num_layers  # (the decode step's, and the prefill's)
+    traced.clear()
     spec = jaxdec.speculative_generate(kernel_model, jaxdec.drafters.DraftModel(kernel_model),
                                        prompts, max_new_tokens=6, tree=jaxdec.tree.kary(2, 2))
     np.testing.assert_array_equal(spec.tokens, want)
+    assert (1 + 2 + 4) in {shape[1] for shape in traced}  # the target verifying the tree
     with pytest.raises(ValueError, match="attention must be one of"):
         model.with_attention("flash")
+    narrow = loaded("llama-gqa").with_attention("pallas_interpret")  # head dim 8
+    for call in (lambda: jaxdec.generate(narrow, prompts, max_new_tokens=2),
+                 lambda: jaxdec.forward(narrow, jnp.array(prompts[:1]))):
+        with pytest.raises(ValueError, match=r"attention='pallas_interpret': the triton kernel "
+                           r"cannot take this model \(head_dim=8 must be a power of two"):
+            call()
 
 
 def test_pallas_impl_is_refused_without_a_kernel_backend():
