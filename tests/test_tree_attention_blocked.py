@@ -96,6 +96,19 @@ def test_blocks_past_the_rows_and_before_the_window_are_never_read(window):
     assert not np.isfinite(np.asarray(reference_of(poisoned))).all()
 
 
+def test_a_window_past_another_rows_tokens_still_walks_them():
+    """Positions ahead of slots (the function takes any; jaxdec's models keep position =
+    slot): a window starting past one row's new tokens, set by another row's positions, does
+    not skip that row's own slots."""
+    case = make_case(B=2, T=3, K=1, G=2, D=8, S=1024, tree="chain", window=4,
+                     dtype=jnp.float32, seed=11)
+    case["lengths_B"] = jnp.array([600, 100], jnp.int32)
+    case["positions_BT"] = jnp.array([[600, 601, 602], [900, 901, 902]], jnp.int32)
+    want = reference_of(case)
+    assert np.abs(np.asarray(want[1])).max() > 0.1
+    np.testing.assert_allclose(run_blocked(case, 256), want, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_walks_long_caches_in_blocks_on_a_cpu():
     """On a CPU, AUTO takes BLOCKED for a cache of BLOCKED_MIN_SLOTS or more, the reference
     below it, for the cache-free case (the keys are the new tokens') and when REFERENCE is

@@ -9,8 +9,9 @@ row's length + T), keeping an online softmax in fp32 as the GPU kernel does, so 
 what the rows hold. The visibility rule is the reference's (`reference.slots_visibility`);
 the results equal the reference's up to fp32 summation order (with bf16 values, up to bf16
 rounding too: the probabilities are rounded per block, unnormalised, before the product with
-the values, the reference's once normalised), except for a query that sees no key at all (only possible for a tree node that sees neither the prefix nor itself), which
-gets zeros here, as from the kernels, and the mean of every value from the reference.
+the values, the reference's once normalised). A query that sees no key at all (only possible for a tree
+node that sees neither the prefix nor itself) gets zeros, as from the reference and the
+kernels.
 
 The cache may also be a bf16 cache's bits (uint16, as `jaxdec.cache.as_bits` carries one
 through a CPU program): each block is sliced from the bits and read as bf16.
@@ -51,11 +52,13 @@ def tree_attention_blocked(
     lengths_B = lengths_B.astype(jnp.int32)
     positions_BT = positions_BT.astype(jnp.int32)
     # The slots some query may see: [lo, hi). A cached slot's position is its index, so a
-    # window hides every slot more than `window - 1` behind the earliest query.
+    # window hides every slot more than `window - 1` behind the earliest query; the new
+    # tokens' own slots (from each row's length on) are walked whatever their positions.
     hi = jnp.minimum(jnp.max(lengths_B) + T, S)
     lo = jnp.zeros((), jnp.int32)
     if window is not None:
-        lo = jnp.clip(jnp.min(positions_BT) - (window - 1), 0, hi) // C * C
+        lo = jnp.minimum(jnp.min(positions_BT) - (window - 1), jnp.min(lengths_B))
+        lo = jnp.clip(lo, 0, hi) // C * C
     count = (hi - lo + (C - 1)) // C
     iota_C = jnp.arange(C, dtype=jnp.int32)
 
