@@ -90,12 +90,31 @@ def test_bad_input():
                   block_sizes=MV.BlockSizes(block_n=32, block_k=16, num_splits=3))
     with pytest.raises(ValueError, match="auto"):
         MV.matvec(x, w, impl="cublas")
+    for field in ("block_n", "block_k", "num_warps", "num_stages"):  # (0 divided by)
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1"):
+            MV.BlockSizes(**{field: 0})
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1 or None"):
+        MV.BlockSizes(num_splits=0)  # 0 is no "choose for me"
+    assert MV.BlockSizes(block_n=np.int64(64)) == MV.BlockSizes(block_n=64)
+    with pytest.raises(ValueError, match=r"x \[1, 0\] @ w \[0, 32\] is empty"):
+        MV.matvec(x[:, :0], w[:0], impl="triton", interpret=True)
 
 
-def test_auto_is_the_reference_without_a_gpu():
+def test_auto_is_the_reference_without_a_gpu_or_where_the_kernel_does_not_tile():
     x, w = jnp.ones((2, 64), jnp.float32), jnp.ones((64, 32), jnp.float32)
     if jax.default_backend() == "cpu":
         assert "pallas" not in str(jax.make_jaxpr(lambda x, w: MV.matvec(x, w))(x, w))
+    # AUTO with interpret=True (a GPU's choices): the kernel where it tiles the shapes,
+    # the reference for 17 rows, N = 48 or K = 0 (explicit TRITON refuses those).
+    sizes = MV.BlockSizes(block_n=32, block_k=16)
+    assert "pallas" in str(jax.make_jaxpr(lambda x, w: MV.matvec(
+        x, w, interpret=True, block_sizes=sizes))(x, w))
+    for x, w in [(jnp.ones((17, 64)), w), (x, jnp.ones((64, 48))), (x[:, :0], w[:0])]:
+        jaxpr = str(jax.make_jaxpr(lambda x, w: MV.matvec(x, w, interpret=True,
+                                                          block_sizes=sizes))(x, w))
+        assert "pallas" not in jaxpr
+        np.testing.assert_array_equal(MV.matvec(x, w, interpret=True, block_sizes=sizes),
+                                      MV.matvec_reference(x, w))
 
 
 @pytest.mark.parametrize("rows,K,N,lead", [(1, 4096, 6144, ()), (16, 14336, 4096, ()),

@@ -583,6 +583,18 @@ def test_entry_point_inputs_and_edges():
              "mask_BTT": case["mask_BTT"][:, :0, :0]}
     for kw in impls:
         assert TA.tree_attention(**empty, **kw).shape == (2, 0, 2, 16)
+    # No rows, or a cache of no slots (no key to see): zeros, as from the reference.
+    no_rows = {name: x[:0] for name, x in case.items() if name != "window"}
+    no_slots = {**case, "k_BSKD": case["k_BSKD"][:, :0], "v_BSKD": case["v_BSKD"][:, :0],
+                "lengths_B": jnp.zeros(2, jnp.int32)}
+    for kw in impls:
+        assert TA.tree_attention(**no_rows, **kw).shape == (0, 3, 2, 16)
+        np.testing.assert_array_equal(TA.tree_attention(**no_slots, **kw),
+                                      np.zeros((2, 3, 2, 16)))
+    # unsupported_reason names a kernel as tree_attention does (AUTO is none).
+    assert "head_dim=24" in TA.unsupported_reason("triton", (1, 1, 8, 24), (1, 64, 2, 24))
+    with pytest.raises(ValueError, match="not AUTO, which picks among them"):
+        TA.unsupported_reason("auto", (1, 1, 8, 16), (1, 64, 2, 16))
     # A window past int32 is no window at all.
     for kw in impls:
         np.testing.assert_allclose(TA.tree_attention(**{**case, "window": 2**40}, **kw),

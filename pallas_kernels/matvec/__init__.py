@@ -21,6 +21,7 @@ import jax
 
 from jaxdec.pallas_kernels.matvec.gpu import ROWS, BlockSizes, default_num_splits
 from jaxdec.pallas_kernels.matvec.reference import matvec_reference
+from jaxdec.pallas_kernels.tree_attention.common import gpu_core_count
 
 __all__ = ["BlockSizes", "Impl", "ROWS", "default_num_splits", "matvec", "matvec_reference",
            "unsupported_reason"]
@@ -29,7 +30,7 @@ __all__ = ["BlockSizes", "Impl", "ROWS", "default_num_splits", "matvec", "matvec
 class Impl(enum.Enum):
     """Which implementation `matvec` runs."""
 
-    AUTO = "auto"  # the kernel on a GPU, else the reference
+    AUTO = "auto"  # the kernel on a GPU where it tiles the shapes, else the reference
     REFERENCE = "reference"  # jnp (XLA's product)
     TRITON = "triton"  # gpu.py (CUDA, or interpret)
 
@@ -54,8 +55,10 @@ def matvec(x_MK: jax.Array, w: jax.Array, *, impl: Impl | str = Impl.AUTO,
     Args:
       x_MK: at most `ROWS` (16) rows for the kernel; any dtype jnp.dot takes.
       w: the weights [K, N] or [G, K, N], same dtype as x.
-      impl: AUTO (the kernel on a GPU, the reference elsewhere), REFERENCE or TRITON.
-      interpret: run the kernel through Pallas's interpreter (tests, any backend).
+      impl: AUTO (the kernel on a GPU where it tiles the shapes, the reference elsewhere),
+        REFERENCE or TRITON (a ValueError for shapes it does not tile).
+      interpret: run the kernel through Pallas's interpreter (tests, any backend; under AUTO,
+        as on a GPU).
       block_sizes: the kernel's tiling (defaults: `BlockSizes()`).
       num_cores: multiprocessors the split count is chosen for (default: the GPU's, 132
         without one).
@@ -71,12 +74,15 @@ def matvec(x_MK: jax.Array, w: jax.Array, *, impl: Impl | str = Impl.AUTO,
         raise ValueError(f"x {x_MK.shape} and w {w.shape} do not share K")
     if x_MK.dtype != w.dtype:
         raise TypeError(f"x is {x_MK.dtype} and w {w.dtype}: the kernel takes one dtype")
-    if impl is Impl.AUTO:
-        impl = Impl.TRITON if jax.default_backend() == "gpu" or interpret else Impl.REFERENCE
+    if impl is Impl.AUTO:  # the kernel where it runs and tiles the shapes
+        kernel = (jax.default_backend() == "gpu" or interpret) and unsupported_reason(
+            x_MK.shape[0], x_MK.shape[1], w.shape[-1], block_sizes,
+            num_cores or (132 if interpret else gpu_core_count()),
+            groups=w.shape[0] if w.ndim == 3 else 1) is None
+        impl = Impl.TRITON if kernel else Impl.REFERENCE
     if impl is Impl.REFERENCE:
         return matvec_reference(x_MK, w)
     from jaxdec.pallas_kernels.matvec import gpu
-    from jaxdec.pallas_kernels.tree_attention.common import gpu_core_count
 
     cores = num_cores or (132 if interpret else gpu_core_count())
     return gpu.matvec_gpu(x_MK, w, block_sizes=block_sizes or BlockSizes(),

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxdec.pallas_kernels.tree_attention.common import _is_pow2
+from jaxdec.pallas_kernels.tree_attention.common import _is_pow2, check_num_splits
 
 ROWS = 16  # the matrix units' smallest tile: fewer rows are padded to it
 
@@ -41,6 +43,15 @@ class BlockSizes:
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 4
+
+    def __post_init__(self):
+        check_num_splits(self.num_splits)
+        for name in ("block_n", "block_k", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                    or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))  # (numpy ints as Python ints)
 
 
 def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132,
@@ -67,6 +78,8 @@ def check_config(M: int, K: int, N: int, sizes: BlockSizes, num_splits: int) -> 
             return f"{name}={value} must be a power of two >= 16 (Triton dot shapes)"
     if M > ROWS:
         return f"{M} rows: the kernel takes at most {ROWS} (a decode step's tokens)"
+    if K < 1 or N < 1:
+        return f"x [{M}, {K}] @ w [{K}, {N}] is empty"
     if N % sizes.block_n:
         return f"N={N} is not a multiple of block_n={sizes.block_n}"
     if K % (num_splits * sizes.block_k):

@@ -103,11 +103,25 @@ def default_block_sizes(impl: Impl, num_slots: int, *, q_shape=None, num_kv_head
     return BlockSizes(block_k=block_k, num_stages=num_stages)
 
 
+def _impl(impl) -> Impl:
+    """An `Impl`, or its value ("auto", "reference", "triton", ...), as an `Impl`."""
+    if isinstance(impl, str) and impl in {i.value for i in Impl}:
+        impl = Impl(impl)
+    if not isinstance(impl, Impl):
+        raise TypeError(f"impl must be a tree_attention.Impl or one of "
+                        f"{[i.value for i in Impl]}, got {impl!r}")
+    return impl
+
+
 def unsupported_reason(impl: Impl, q_shape, k_shape, block_sizes=None, *, dtype=None,
                        window: int | None = None) -> str | None:
-    """Why a kernel cannot run these shapes (None when it can). `dtype` (the queries'; None:
-    not checked) matters to `Impl.MOSAIC` (no fp16) and `Impl.MOSAIC_GPU`, `window` to the
-    latter only."""
+    """Why a kernel (an `Impl` or its value) cannot run these shapes (None when it can).
+    `dtype` (the queries'; None: not checked) matters to `Impl.MOSAIC` (no fp16) and
+    `Impl.MOSAIC_GPU`, `window` to the latter only."""
+    impl = _impl(impl)
+    if impl is Impl.AUTO:
+        raise ValueError("unsupported_reason asks about one implementation (triton, mosaic, "
+                         "mosaic_gpu, ...), not AUTO, which picks among them")
     T, H, D = q_shape[1], q_shape[2], q_shape[3]
     S = k_shape[1]
     if impl in (Impl.REFERENCE, Impl.BLOCKED):  # jnp: any shapes
@@ -160,11 +174,7 @@ def tree_attention(
       [B, T, H, D] in the query dtype. Differentiable: a kernel's gradient is the
       reference's (the kernels have no backward pass of their own).
     """
-    if isinstance(impl, str) and impl in {i.value for i in Impl}:
-        impl = Impl(impl)
-    if not isinstance(impl, Impl):
-        raise TypeError(f"impl must be a tree_attention.Impl or one of "
-                        f"{[i.value for i in Impl]}, got {impl!r}")
+    impl = _impl(impl)
     sizes_type = HopperBlockSizes if impl is Impl.MOSAIC_GPU else BlockSizes
     if block_sizes is not None and not isinstance(block_sizes, sizes_type):
         raise TypeError(f"block_sizes must be a {sizes_type.__name__} for impl={impl.value}, "
@@ -182,8 +192,8 @@ def tree_attention(
     common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
     common.check_dtypes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT, mask_BTT)
     B, T, H, D = q_BTHD.shape
-    if T == 0:
-        return jnp.zeros((B, 0, H, D), q_BTHD.dtype)
+    if B == 0 or T == 0 or k_BSKD.shape[1] == 0:  # nothing to compute, or no key to see
+        return jnp.zeros((B, T, H, D), q_BTHD.dtype)
     if impl is Impl.AUTO:
         kernel = backend_kernel(platform_of(q_BTHD))
         if kernel is not None and unsupported_reason(
