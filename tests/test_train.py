@@ -202,6 +202,33 @@ def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):
         checkpoints.restore(renamed)
 
 
+def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
+    """Ctrl-C inside a checkpoint's save is raised once orbax has taken the save (cut part
+    way, orbax logged a failed finalize and forgot the step it then wrote all the same), and
+    the step an interruption names is read from the disk."""
+    import signal
+
+    state = {"step": jnp.int32(0), "params": {"w": jnp.zeros(3)}}
+    with loop.Checkpoints(str(tmp_path)) as checkpoints:
+        save = checkpoints.manager.save
+
+        def interrupted_save(*args, **kwargs):
+            signal.raise_signal(signal.SIGINT)   # (Python runs the handler right here)
+            return save(*args, **kwargs)
+
+        checkpoints.manager.save = interrupted_save
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save(4, state)
+        checkpoints.manager.save = save
+        checkpoints.manager.wait_until_finished()
+        with loop.Checkpoints(str(tmp_path)) as other:  # a save this manager did not see
+            other.save(8, state)
+        assert checkpoints.saved_step() == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with loop.Checkpoints(str(tmp_path)) as checkpoints:
+        assert checkpoints.manager.all_steps() == [4, 8]
+
+
 def test_cross_entropy_matches_optax_values_and_gradients():
     """The hand-written gradient ((softmax - onehot) * g) equals autodiff of optax's loss."""
     import optax

@@ -23,7 +23,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -389,7 +391,16 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+        # Ctrl-C waits for the save's start (orbax's save, cut part way, logs a failed
+        # finalize and forgets the step, whose checkpoint is then written all the same).
+        with _interrupts_deferred():
+            self.manager.save(step, args=self._ocp.args.StandardSave(state))
+
+    def saved_step(self) -> int | None:
+        """The latest complete checkpoint on disk, read again (after `close`: a save that was
+        finishing when the run stopped counts)."""
+        self.manager.reload()
+        return self.manager.latest_step()
 
     def restore(self, like: Any) -> Any:
         """The latest checkpoint, with the structure, dtypes and shardings of `like`."""
@@ -440,6 +451,24 @@ class Checkpoints:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt when the block ends. Only in
+    the main thread with Python's own SIGINT handler installed; elsewhere nothing changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -613,7 +642,7 @@ def run_steps(
         except Exception:   # its input, donated: nothing runs
             pass
         checkpoints.close()
-        step = checkpoints.latest_step()
+        step = checkpoints.saved_step()
         kept = (f"the checkpoint at step {step} is intact" if step is not None else
                 "no checkpoint was written yet")
         raise Interrupted(f"{label} interrupted; {kept}: rerun with --resume to continue",
