@@ -178,14 +178,19 @@ def load_corpus(
 TOKENIZER_SAMPLE_CHARS = 16 * 2**20
 
 
+# The smallest byte-level vocabulary: the 256 bytes, END_OF_TEXT and one merge.
+MIN_VOCAB_SIZE = 258
+
+
 def train_tokenizer(texts, vocab_size: int, *, sample_chars: int | None = TOKENIZER_SAMPLE_CHARS):
     """A byte-level BPE tokenizer (every byte sequence encodes; id 0 is END_OF_TEXT), trained
     on every k-th text, k the smallest stride that brings the texts within `sample_chars`
     characters (all of them when None)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 + 1:
-        raise ValueError(f"a byte-level vocabulary needs more than 257 entries, got {vocab_size}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"a byte-level vocabulary needs at least {MIN_VOCAB_SIZE} entries (256 "
+                         f"bytes, end-of-text and a merge), got {vocab_size}")
     texts = list(texts)
     total = sum(map(len, texts))
     if sample_chars is not None and total > sample_chars:

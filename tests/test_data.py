@@ -99,7 +99,7 @@ def test_byte_level_tokenizer_round_trips_anything():
     assert data.end_of_text_id(tokenizer) == 0
     for text in ["def g(y):  # unseen ✓ ünïcode\n\treturn {'k': [1, 2]}", "\x01\x7f"]:
         assert tokenizer.decode(tokenizer.encode(text).ids) == text
-    with pytest.raises(ValueError, match="more than 257"):
+    with pytest.raises(ValueError, match="needs at least 258 entries"):
         data.train_tokenizer(texts, 100)
 
 

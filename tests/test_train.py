@@ -499,12 +499,15 @@ def test_bad_training_arguments_touch_nothing(tmp_path, kwargs, error, match, mo
     (dict(seq_len=512), "seq_len=512 is longer than max_positions=256"),
     (dict(warmup_fraction=1.0), r"warmup_fraction must be in \[0, 1\)"),
     (dict(draft_learning_rate=-1e-3), "draft_learning_rate must be a number > 0"),
+    (dict(vocab_size=200), "vocab_size must be >= 258"),  # (found after out was written)
 ])
 def test_bad_presets_are_named_when_made(change, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(MICRO, **change)
-    with pytest.raises(ValueError, match="num_kv_heads=3"):
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads"):
         dataclasses.replace(MICRO.target, num_kv_heads=3)
+    with pytest.raises(ValueError, match="hidden_size / num_heads = 36 / 4, must be even"):
+        dataclasses.replace(MICRO.target, hidden_size=36, num_kv_heads=1)
 
 
 def test_a_one_step_schedule():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxdec.checks import check_int
+from jaxdec.data import MIN_VOCAB_SIZE
 from jaxdec.config import ModelConfig
 
 
@@ -30,8 +31,12 @@ class Shape:
             check_int(f"Shape.{field.name}", getattr(self, field.name))
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"Shape: num_heads={self.num_heads} must divide hidden_size="
-                             f"{self.hidden_size}, and num_kv_heads={self.num_kv_heads} "
-                             "num_heads")
+                             f"{self.hidden_size}, and num_kv_heads={self.num_kv_heads} must "
+                             "divide num_heads")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"Shape: the head dim, hidden_size / num_heads = {self.hidden_size}"
+                             f" / {self.num_heads}, must be even (rotary embeddings rotate "
+                             "pairs)")
 
     def config(self, vocab_size: int, max_positions: int, eos_token_id: int) -> ModelConfig:
         return ModelConfig(
@@ -75,6 +80,10 @@ class Preset:
             check_int(f"Preset.{name}", getattr(self, name))
         if self.max_train_bytes is not None:
             check_int("Preset.max_train_bytes", self.max_train_bytes)
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"Preset.vocab_size must be >= {MIN_VOCAB_SIZE} (a byte-level "
+                             f"vocabulary: 256 bytes, end-of-text and a merge), got "
+                             f"{self.vocab_size}")
         if self.seq_len > self.max_positions:
             raise ValueError(f"Preset: seq_len={self.seq_len} is longer than max_positions="
                              f"{self.max_positions} (the model's position limit)")
