@@ -366,12 +366,18 @@ def test_output_directory_rules(trained, tmp_path):
     assert (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(ValueError, match="notes.txt is a file: the run directory"):
         train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
-    with pytest.raises(ValueError, match=r"settings changed \(steps\)"):
+    with pytest.raises(ValueError, match=r"settings changed \(steps: 24 in the run, 99 now\): "
+                                         "resume with the run's own"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"settings changed \(dp: 1 in the run, 2 now\)"):
+        train_lm(MICRO, trained[0], dp=2, resume=True, log=lambda _: None)
+    with pytest.raises(ValueError, match="resume=True continues the run in out, force=True"):
+        train_lm(MICRO, trained[0], resume=True, force=True, log=lambda _: None)
     # A preset of the same name with other settings does not continue the run silently.
     retuned = dataclasses.replace(MICRO, target_learning_rate=0.5, batch_size=4)
-    with pytest.raises(ValueError, match=r"settings changed \(settings.batch_size, "
-                                         r"settings.target_learning_rate\)"):
+    with pytest.raises(ValueError, match=r"settings changed \(settings.batch_size: 8 in the "
+                                         r"run, 4 now; settings.target_learning_rate: 0.005 "
+                                         r"in the run, 0.5 now\)"):
         train_lm(retuned, trained[0], resume=True, log=lambda _: None)
     run_file = os.path.join(trained[0], loop.RUN_FILE)
     assert json.load(open(run_file))["settings"] == loop.run_settings(MICRO)
@@ -583,7 +589,7 @@ def test_a_draft_resumes_only_against_the_target_it_started_with(trained, tmp_pa
     model = jaxdec.load_pretrained(target)
     retrained = dataclasses.replace(model, params=jax.tree.map(lambda x: x * 1.01, model.params))
     jaxdec.save_pretrained(retrained, target, overwrite=True)
-    with pytest.raises(ValueError, match=r"settings changed \(target_digest\)"):
+    with pytest.raises(ValueError, match=r"settings changed \(target_digest: \""):
         train_draft(target, MICRO, tmp_path / "d", steps=2, resume=True, log=lambda _: None)
 
     model.tokenizer.add_tokens([f"<extra{i}>" for i in range(3)])

@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdec import data
+from jaxdec import data, parallel
 from jaxdec.checkpoint import checkpoint_dir, load_pretrained, save_pretrained
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
@@ -183,7 +183,9 @@ def train_draft(
            "target_digest": target_digest(target_dir),
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
            "corpus_digest": loop.corpus_digest(corpus_data),
-           "settings": loop.run_settings(preset)}
+           "settings": loop.run_settings(preset),
+           # (the gradients' sum is ordered by it: a resume elsewhere would not be exact)
+           "dp": parallel.dp_size(mesh)}
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
     if finished is not None:

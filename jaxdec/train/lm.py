@@ -272,7 +272,9 @@ def train_lm(
     run = {"kind": "lm", "preset": preset.name, "steps": steps, "seed": seed,
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
            "corpus_digest": loop.corpus_digest(corpus_data),
-           "settings": loop.run_settings(preset)}
+           "settings": loop.run_settings(preset),
+           # (the gradients' sum is ordered by it: a resume elsewhere would not be exact)
+           "dp": parallel.dp_size(mesh)}
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)
     if finished is not None:

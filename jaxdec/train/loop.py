@@ -130,6 +130,9 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
                          "directory (new, or an earlier run's)")
     check_bool("resume", resume)
     check_bool("force", force)
+    if resume and force:
+        raise ValueError("resume=True continues the run in out, force=True deletes it: pass "
+                         "one of them")
     seed = check_int("seed", seed, minimum=0)
     if seed >= 2**32:   # jax's keys take 32 bits: larger seeds would repeat smaller ones
         raise ValueError(f"seed must be < 2**32, got {seed}")
@@ -213,7 +216,7 @@ def train_mesh(dp: int | None, batch_size: int):
 
 RUN_KINDS = ("lm", "draft")
 # Run-record fields added after runs were made with records without them.
-ADDED_LATER = ("target_digest",)
+ADDED_LATER = ("target_digest", "dp")
 
 
 def is_run_record(path: str) -> bool:
@@ -292,14 +295,18 @@ def compute_dtype():
 
 
 def _changed(earlier: dict, run: dict, prefix: str = "") -> list[str]:
-    """The keys whose values differ, nested ones as `settings.batch_size`."""
+    """The settings whose values differ, each as `settings.batch_size: 16 in the run, 8 now`."""
+    def shown(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
     changed = []
     for key in sorted(set(earlier) | set(run)):
         a, b = earlier.get(key), run.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _changed(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(prefix + key)
+            changed.append(f"{prefix}{key}: {shown(a)} in the run, {shown(b)} now")
     return changed
 
 
@@ -322,7 +329,8 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
             run = {k: v for k, v in run.items() if k in earlier or k not in ADDED_LATER}
             if earlier != run:
                 raise ValueError(f"cannot resume {out}: the run settings changed "
-                                 f"({', '.join(_changed(earlier, run))})")
+                                 f"({'; '.join(_changed(earlier, run))}): resume with the "
+                                 "run's own")
             return True
         if not force:
             raise ValueError(
