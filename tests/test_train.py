@@ -229,6 +229,22 @@ def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
         assert checkpoints.manager.all_steps() == [4, 8]
 
 
+def test_a_diverged_run_is_said_and_its_metrics_stay_json(tmp_path):
+    """A non-finite held-out loss warns, its perplexity does not overflow math.exp, and the
+    metrics file holds null for it (strict JSON readers refuse NaN)."""
+    import math
+
+    assert loop.perplexity(1.0) == pytest.approx(math.e)
+    assert loop.perplexity(1e4) == math.inf and math.isnan(loop.perplexity(math.nan))
+    with pytest.warns(RuntimeWarning, match="train lm p: the held-out loss is nan: the training "
+                                            "diverged .* a lower learning rate"):
+        loop.warn_if_diverged(math.nan, "train lm p")
+    path = str(tmp_path / "metrics.json")
+    loop.write_json(path, {"loss": math.nan, "ppl": math.inf, "rows": [1.5, -math.inf]})
+    assert json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(c)) == {
+        "loss": None, "ppl": None, "rows": [1.5, None]}
+
+
 def test_cross_entropy_matches_optax_values_and_gradients():
     """The hand-written gradient ((softmax - onehot) * g) equals autodiff of optax's loss."""
     import optax
@@ -366,6 +382,8 @@ def test_output_directory_rules(trained, tmp_path):
     assert (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(ValueError, match="notes.txt is a file: the run directory"):
         train_lm(MICRO, foreign / "notes.txt", force=True, log=lambda _: None)
+    with pytest.raises(ValueError, match="out='' names no directory"):
+        train_lm(MICRO, "", log=lambda _: None)
     with pytest.raises(ValueError, match=r"settings changed \(steps: 24 in the run, 99 now\): "
                                          "resume with the run's own"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)

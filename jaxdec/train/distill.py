@@ -216,6 +216,7 @@ def train_draft(
         after = evaluate_acceptance(target, state["params"], dataset.heldout, **evaluate)
         draft_loss = evaluate_lm(state["params"], dataset.heldout, config=draft_config,
                                  mesh=mesh, batch_size=preset.batch_size, dtype=dtype)
+    loop.warn_if_diverged(draft_loss, f"train draft {preset.name}")
     with phases("attention probe, matmul peak"):
         attention, peak = (attention_used(draft_config, mesh, dtype),
                            loop.measure_matmul_peak(dtype))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from typing import Callable
 
@@ -319,6 +318,7 @@ def train_lm(
 
     with phases("eval"):
         heldout_loss = evaluate_lm(state["params"], dataset.heldout, **evaluate)
+    loop.warn_if_diverged(heldout_loss, f"train lm {preset.name}")
     flops = loop.training_flops_per_token(config, preset.seq_len)
     with phases("attention probe, matmul peak"):
         attention, peak = attention_used(config, mesh, dtype), loop.measure_matmul_peak(dtype)
@@ -326,7 +326,7 @@ def train_lm(
         "kind": "lm", "preset": preset.name, "params": int(n_params), "steps": steps,
         "train_tokens_seen": steps * preset.batch_size * preset.seq_len,
         "heldout_loss_before": initial_loss, "heldout_loss": heldout_loss,
-        "heldout_ppl": math.exp(heldout_loss),
+        "heldout_ppl": loop.perplexity(heldout_loss),
         "heldout_tokens": int(dataset.heldout[:, 1:].size),
         "attention": attention,
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,

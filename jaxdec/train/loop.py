@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -125,6 +126,8 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
     steps = check_int("steps", getattr(preset, steps_field) if steps is None else steps)
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a directory path (str or os.PathLike), got {out!r}")
+    if not os.fspath(out):
+        raise ValueError("out='' names no directory: pass the run directory's path")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out={os.fspath(out)} is a file: the run directory must be a "
                          "directory (new, or an earlier run's)")
@@ -669,6 +672,19 @@ def run_steps(
     return state, stats
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf past a float's range (math.exp raises there)."""
+    return math.exp(loss) if loss < 709 else (loss if math.isnan(loss) else math.inf)
+
+
+def warn_if_diverged(loss: float, label: str) -> None:
+    """A RuntimeWarning where the trained model's held-out loss is not finite."""
+    if not math.isfinite(loss):
+        warnings.warn(f"{label}: the held-out loss is {loss}: the training diverged (the "
+                      "exported parameters are what it left); train again with a lower "
+                      "learning rate", RuntimeWarning, stacklevel=3)
+
+
 # --------------------------------------------------------------------------- FLOPs and MFU
 
 
@@ -726,11 +742,21 @@ def measure_matmul_peak(dtype=None, *, size: int | None = None) -> float:
 
 def write_json(path: str, obj: Any) -> None:
     """Atomically (a temporary file renamed into place); with several processes, process 0
-    writes."""
+    writes. Non-finite numbers (a diverged run's loss) are written as null: strict JSON."""
     if not is_lead():
         return
+
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(strict(obj), f, indent=2, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
