@@ -245,6 +245,21 @@ def test_a_diverged_run_is_said_and_its_metrics_stay_json(tmp_path):
         "loss": None, "ppl": None, "rows": [1.5, None]}
 
 
+def test_a_corpus_short_in_tokens_is_named(tmp_path):
+    """Text that encodes to fewer tokens than the size check's guess (4 characters a token):
+    the split, its files and what to do are named (it was `data.pack`'s bare count)."""
+    from jaxdec import data
+    from jaxdec.train.lm import build_dataset
+
+    for i in range(6):
+        (tmp_path / f"notes{i}.rst").write_text(("=" * 76 + "\n") * 10)
+    corpus = data.load_corpus(tmp_path)
+    tokenizer = data.train_tokenizer(corpus.train_texts, 1024)
+    with pytest.raises(ValueError, match=r"the corpus's held-out text \(1 file\) encodes to "
+                       r"\d+ tokens, fewer than one sequence of 33: give a corpus of more text"):
+        build_dataset(tokenizer, corpus, MICRO)
+
+
 def test_cross_entropy_matches_optax_values_and_gradients():
     """The hand-written gradient ((softmax - onehot) * g) equals autodiff of optax's loss."""
     import optax

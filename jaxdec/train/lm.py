@@ -40,9 +40,19 @@ class Dataset:
 
 
 def build_dataset(tokenizer, corpus: data.Corpus, preset: Preset) -> Dataset:
-    heldout = data.pack(data.encode(tokenizer, corpus.heldout_texts), preset.seq_len)
+    def packed(texts, split: str, files) -> np.ndarray:
+        tokens = data.encode(tokenizer, texts)
+        if len(tokens) <= preset.seq_len:  # (the size check before guessed 4 characters a
+            raise ValueError(                # token; repetitive text encodes to fewer)
+                f"the corpus's {split} text ({len(files)} file{'s' * (len(files) != 1)}) "
+                f"encodes to {len(tokens)} "
+                f"tokens, fewer than one sequence of {preset.seq_len + 1}: give a corpus of "
+                "more text, and start the run over (--force)")
+        return data.pack(tokens, preset.seq_len)
+
+    heldout = packed(corpus.heldout_texts, "held-out", corpus.heldout_files)
     return Dataset(
-        train=data.pack(data.encode(tokenizer, corpus.train_texts), preset.seq_len),
+        train=packed(corpus.train_texts, "training", corpus.train_files),
         heldout=heldout[: max(1, preset.eval_tokens // preset.seq_len)],
         train_files=len(corpus.train_files), heldout_files=len(corpus.heldout_files),
     )
