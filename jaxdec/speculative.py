@@ -134,7 +134,7 @@ def speculative_padded(
     prompt_lengths_B: jax.Array,
     cache: Cache,
     key: jax.Array,
-    stop_tokens_BM: jax.Array,
+    stop_tokens_BM: jax.Array | None,
     *,
     max_new_tokens: int,
     sampler: Greedy | Sampler,
@@ -163,12 +163,22 @@ def speculative_padded(
     is the tokens a row produces (None: max_new_tokens): one program serves every limit.
     `rows` (traced; None: all): the real rows, the first ones; the others (copies filling the
     batch to the mesh's dp) start stopped, so they never keep the loop running.
+    `stop_tokens_BM`: int32 stop ids per row, padded with -1 (None: no stop tokens). The
+    cache (`jaxdec.init_cache`) needs max_len >= T + max_new_tokens - 1; room for the tree
+    past that (max_len + its nodes) saves the last steps from drafting into no slots.
     Returns ((tokens, lengths), statistics arrays, cache, the drafter's final state,
     timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
     """
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
+    if limit is None and resume is None and cache.max_len < T + max_new_tokens - 1:
+        # (static shapes; past the end, the committed tokens would be lost, not refused)
+        raise ValueError(f"the cache's {cache.max_len} slots hold no prompt block of {T} "
+                         f"tokens and {max_new_tokens} new tokens: it needs max_len >= "
+                         f"{T + max_new_tokens - 1}")
     limit = max_new_tokens if limit is None else limit
+    if stop_tokens_BM is None:
+        stop_tokens_BM = jnp.full((B, 1), -1, jnp.int32)
     kind = proposal_kind(drafter, sampler, topology)
     # Ordered callbacks exist only on one device; elsewhere the step index tells the order.
     ordered = target.mesh.size == 1

@@ -342,6 +342,19 @@ def test_target_cache_equals_plain_decoding(loaded, topology):
         for b, n in enumerate(np.asarray(plain_cache.lengths)):
             np.testing.assert_allclose(got.k[b, :n], want.k[b, :n], rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got.v[b, :n], want.v[b, :n], rtol=1e-5, atol=1e-5)
+    if topology.is_chain:
+        return
+    # As generate_padded: no stop ids as None, and a cache without room for the prompt block
+    # and the new tokens refused (its last tokens came out wrong); exactly that room suffices
+    # (the tree's nodes past the end are never accepted).
+    width = batch.tokens.shape[1]
+    (tight_out, _), *_ = spec_run(model, drafter, batch.tokens, batch.lengths,
+                                  jaxdec.init_cache(model.config, 3, width + 11), key, None)
+    np.testing.assert_array_equal(tight_out, plain_out)
+    with pytest.raises(ValueError, match=f"the cache's {width + 10} slots hold no prompt block "
+                       f"of {width} tokens and 12 new tokens: it needs max_len >= {width + 11}"):
+        spec_run(model, drafter, batch.tokens, batch.lengths,
+                 jaxdec.init_cache(model.config, 3, width + 10), key, batch.stop)
 
 
 # ------------------------------------------------------------------- lossless sampling
