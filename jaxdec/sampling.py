@@ -34,6 +34,16 @@ def draw(key: jax.Array, log_probs: jax.Array, **kwargs) -> jax.Array:
     return jax.random.categorical(key, log_probs, mode=DRAW_MODE, **kwargs)
 
 
+def fine_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """float32 uniforms in [0, 1) on a grid of 2**-46 (rounded to float32 above 2**-23), from
+    two words each as DRAW_MODE's draws: `jax.random.uniform`'s grid of 2**-23 makes
+    `u < t` hold with probability 2**-23 for every 0 < t < 2**-23 (a draft token the
+    target gives a millionth of the draft's probability was accepted at 1.2e-7, not 1e-12)."""
+    coarse, fine = jax.random.uniform(key, (2, *shape), jnp.float32)
+    return jnp.minimum(coarse + fine * jnp.float32(2.0**-23),  # (the sum may round up to 1)
+                       jnp.nextafter(jnp.float32(1), jnp.float32(0)))
+
+
 def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim == 0:

@@ -148,7 +148,7 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     K = children.shape[1]
     # Row b's numbers come from (key, b) alone, as generate's per-row keys: a row samples the
     # same tokens whatever the batch it runs in (or the rows a mesh's dp adds).
-    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (max_depth, K), jnp.float32))(
+    uniforms = jax.vmap(lambda k: sampling.fine_uniform(k, (max_depth, K)))(
         row_keys(jax.random.fold_in(key, 0), B)).transpose(1, 2, 0)  # [max_depth, K, B]
     cur = jnp.zeros((B,), jnp.int32)
     alive = jnp.ones((B,), bool)
@@ -187,7 +187,8 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
             exists = exists & drawable
             q_x = jnp.take_along_axis(q_j, x[:, None], axis=1)[:, 0]
             r_x = jnp.take_along_axis(r, x[:, None], axis=1)[:, 0]
-            accept = exists & (uniforms[level, j] * q_x < r_x)
+            # min(1, r / q): r >= q always (u * q, rounded, could reach r = q).
+            accept = exists & ((r_x >= q_x) | (uniforms[level, j] * q_x < r_x))
             nxt = jnp.where(accept, child, nxt)
             moved = moved | accept
             rejected = exists & ~accept

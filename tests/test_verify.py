@@ -100,6 +100,35 @@ def test_certain_draft_is_always_accepted_by_rejection_sampling():
     np.testing.assert_array_equal(v.bonus, 3)
 
 
+def test_acceptance_resolves_ratios_below_float32_uniforms(monkeypatch):
+    """Acceptance tests u * q(x) < p(x) with u on a grid of 2**-46 (`sampling.fine_uniform`):
+    on jax.random.uniform's grid of 2**-23 a draft token with p / q = 1e-12 was accepted
+    whenever u was 0, 2**-23 of the time (100 million rows: 8 acceptances, 1e-4 expected).
+    p >= q accepts whatever u rounds to."""
+    from jaxdec import sampling
+
+    u = np.asarray(sampling.fine_uniform(jax.random.key(0), (1 << 20,)))
+    assert u.dtype == np.float32 and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 2e-3
+    small = u[u < 2.0**-10]            # ~1024 of them, each on the fine grid, not 2**-23's
+    assert 900 < small.size < 1150 and np.mean(small * 2.0**23 % 1 != 0) > 0.99
+    assert sampling.fine_uniform(jax.random.key(0), (3,)).shape == (3,)
+
+    def accepted(ratio, u, q=0.5):
+        monkeypatch.setattr(sampling, "fine_uniform",
+                            lambda key, shape: jnp.full(shape, u, jnp.float32))
+        t = _tree_of(tree.chain(1), [[0, 1]])
+        p_node = jnp.array([1 - ratio * q, ratio * q], jnp.float32)
+        logits = jnp.log(jnp.stack([p_node, p_node]))[None]
+        v = verify.verify(t, logits, sampler=Sampler(), key=jax.random.PRNGKey(0), max_depth=1,
+                          kind=ProposalKind.IID, q_BNV=jnp.full((1, 2, 2), q, jnp.float32),
+                          topology=tree.chain(1))
+        return int(v.n_path[0]) == 2
+
+    assert accepted(2.0**-30, 2.0**-31) and not accepted(2.0**-30, 2.0**-29)
+    assert accepted(1.0, np.nextafter(np.float32(1), np.float32(0)))
+
+
 # ------------------------------------------------------------- statistical losslessness
 
 V = 6
