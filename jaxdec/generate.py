@@ -56,6 +56,15 @@ def bucket_length(n: int) -> int:
     return -(-n // _POW2_BUCKETS_UP_TO) * _POW2_BUCKETS_UP_TO
 
 
+def own_arrays(result, *names: str) -> None:
+    """A result's numpy fields as arrays of its own, writable (a jax array's host value is a
+    read-only view of it: replacing the pad ids in place failed)."""
+    for name in names:
+        value = getattr(result, name)
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            object.__setattr__(result, name, value.copy())
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
     """Output of `generate`.
@@ -74,6 +83,9 @@ class GenerateResult:
     prefill_s: float | None = None
     decode_s: float | None = None
     logprobs: np.ndarray | None = None
+
+    def __post_init__(self):
+        own_arrays(self, "tokens", "lengths", "logprobs")
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -141,7 +153,9 @@ def generate_padded(
 ):
     """Generates from right-padded prompts; pure and jittable (jit with the cache donated).
     Called outside jit without a stream it runs one compiled program too (compiled once per
-    shapes and static arguments; the cache is then not donated).
+    shapes and static arguments; the cache is then not donated); with a stream, outside jit,
+    it runs op by op and its decode loop compiles in every call (jit it with the stream
+    static, or use `generate`).
 
     Args:
       model: the Model (a pytree; its config and mesh are static).

@@ -25,7 +25,7 @@ from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter
 from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_compile_only,
-                             output_capacity, prepare_batch, python_ints, read_timings,
+                             output_capacity, own_arrays, prepare_batch, python_ints, read_timings,
                              registered_stream, token_logprobs)
 from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
@@ -71,6 +71,9 @@ class SpeculativeResult:
     prefill_s: float | None = None
     decode_s: float | None = None
     logprobs: np.ndarray | None = None
+
+    def __post_init__(self):
+        own_arrays(self, "tokens", "lengths", "logprobs")
 
     @property
     def decode_tokens_per_s(self) -> float | None:
