@@ -676,7 +676,7 @@ def _drafter(args, model):
             draft = jaxdec.load_pretrained(args.draft, dtype=args.dtype, mesh=model.mesh)
         except (ValueError, TypeError, OSError) as e:  # said of the draft, not the model
             raise ValueError(f"--draft {args.draft}: {e}") from None
-        return drafters.DraftModel(draft.with_attention(model.attention))
+        return drafters.DraftModel(_draft_attention(draft, model.attention))
     if args.prompt_lookup:
         return drafters.PromptLookup()
     if args.retrieval:
@@ -686,6 +686,23 @@ def _drafter(args, model):
         return drafters.Retrieval.from_directory(
             args.retrieval, model.tokenizer, cache_dir=os.path.join(jaxdec_home(), "retrieval"))
     return None
+
+
+def _draft_attention(draft, attention):
+    """The draft with the target's attention, or with "auto" (with a warning) where that
+    names a kernel which cannot take the draft's heads (a TPU target of head dim 128, a draft
+    of 64): the target keeps its kernel."""
+    import warnings
+
+    from jaxdec.model import attention_refusal
+
+    refusal = attention_refusal(draft.with_attention(attention))
+    if refusal is not None:
+        refusal = refusal.replace("take it", "take the draft")
+        warnings.warn(f"--attention {attention.value}: {refusal}; the draft attends with "
+                      "\"auto\"", stacklevel=2)
+        return draft.with_attention("auto")
+    return draft.with_attention(attention)
 
 
 def _shape_names() -> list[str]:

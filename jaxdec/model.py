@@ -140,25 +140,32 @@ def param_dtype(model: Model):
 _PROBE_SLOTS = 4096
 
 
-def check_attention(model: Model) -> None:
-    """A ValueError, before anything is traced, where the model's attention names a Pallas
-    kernel ("pallas", "pallas_interpret") its devices lack or that cannot take its heads
-    (head dim, dtype): a named kernel is not quietly replaced by the reference, as AUTO's
-    is. (Per call, shapes a kernel does not tile still run the reference: a long prompt's
-    causal prefill, a cache smaller than one block.)"""
+def attention_refusal(model: Model) -> str | None:
+    """Why the Pallas kernel the model's attention names ("pallas", "pallas_interpret")
+    cannot take its heads (head dim, dtype), as "the <kernel> kernel: <reason>"; None where
+    it can or none is named (an unavailable kernel raises `attention_kernel`'s ValueError)."""
     kernel = attention_kernel(model.attention, parallel.platform(model.mesh))
     if kernel is None or model.attention not in (AttentionImpl.PALLAS,
                                                  AttentionImpl.PALLAS_INTERPRET):
-        return
+        return None
     c = model.config
     reason = tree_attention.unsupported_reason(
         kernel[0], (1, 1, c.num_heads, c.head_dim), (1, _PROBE_SLOTS, c.num_kv_heads, c.head_dim),
         dtype=param_dtype(model))
-    if reason is not None:
-        raise ValueError(
-            f"attention={model.attention.value!r}: the {kernel[0].value} kernel cannot take "
-            f"this model ({reason}); use \"auto\" (the kernel where it can run, else the "
-            "reference) or \"reference\"")
+    return None if reason is None else f"the {kernel[0].value} kernel cannot take it ({reason})"
+
+
+def check_attention(model: Model, what: str = "this model") -> None:
+    """A ValueError, before anything is traced, where the model's attention names a Pallas
+    kernel ("pallas", "pallas_interpret") its devices lack or that cannot take its heads
+    (head dim, dtype): a named kernel is not quietly replaced by the reference, as AUTO's
+    is. (Per call, shapes a kernel does not tile still run the reference: a long prompt's
+    causal prefill, a cache smaller than one block.) `what`: the model, in the message."""
+    refusal = attention_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"attention={model.attention.value!r} for {what}: {refusal}; use "
+                         "\"auto\" (the kernel where it can run, else the reference) or "
+                         "\"reference\"")
 
 
 def _mesh_param_shapes(config: ModelConfig, mesh: Mesh) -> dict:

@@ -24,7 +24,15 @@ def test_generate_prints_the_continuation_and_speed(tokenized, tokenized_checkpo
     assert captured.out == text + "\n"  # the text alone (the numbers on standard error)
     assert main(["generate", "--model", tokenized_checkpoint, "--prompt", "x",
                  "--attention", "pallas_interpret"]) == 2
-    assert "the triton kernel cannot take this model (head_dim=8" in capsys.readouterr().err
+    assert ("attention='pallas_interpret' for this model: the triton kernel cannot take it "
+            "(head_dim=8") in capsys.readouterr().err
+    # A draft the kernel cannot take attends with "auto"; the target keeps the kernel.
+    with pytest.warns(UserWarning, match=r"--attention pallas_interpret: the triton kernel "
+                      r"cannot take the draft \(head_dim=8.*; the draft attends with \"auto\""):
+        assert main(["generate", "--model", checkpoint, "--prompt", "hello the fox",
+                     "--max-new-tokens", "6", "--ignore-eos", "--attention", "pallas_interpret",
+                     "--draft", tokenized_checkpoint]) == 0
+    assert capsys.readouterr().out.strip() == text
     model = jaxdec.load_pretrained(checkpoint)
     ids = model.tokenizer.encode("hello the fox").ids
     expected = jaxdec.generate(model, [ids], max_new_tokens=6).tokens[0]

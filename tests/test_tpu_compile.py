@@ -137,7 +137,8 @@ def test_fp16_model_compiles_through_the_reference():
                                compile_only=True)
     assert kernel_calls(compiled) == 0
     # The kernel named: refused before tracing, not quietly replaced by the reference.
-    with pytest.raises(ValueError, match=r"the mosaic kernel cannot take this model \(dtype "
+    with pytest.raises(ValueError, match=r"for this model: the mosaic kernel cannot take it "
+                       r"\(dtype "
                        "float16 is not supported on TPUs"):
         jaxdec.generate(tpu_model(1, jnp.float16, "pallas"), PROMPTS, max_new_tokens=8,
                         compile_only=True)

@@ -688,9 +688,13 @@ def test_model_with_the_kernel_decodes_like_the_reference(loaded, monkeypatch):
     narrow = loaded("llama-gqa").with_attention("pallas_interpret")  # head dim 8
     for call in (lambda: jaxdec.generate(narrow, prompts, max_new_tokens=2),
                  lambda: jaxdec.forward(narrow, jnp.array(prompts[:1]))):
-        with pytest.raises(ValueError, match=r"attention='pallas_interpret': the triton kernel "
-                           r"cannot take this model \(head_dim=8 must be a power of two"):
+        with pytest.raises(ValueError, match=r"attention='pallas_interpret' for this model: the "
+                           r"triton kernel cannot take it \(head_dim=8 must be a power of two"):
             call()
+    with pytest.raises(ValueError, match=r"attention='pallas_interpret' for the draft model: "
+                                         r"the triton kernel cannot take it \(head_dim=8"):
+        jaxdec.speculative_generate(kernel_model, jaxdec.drafters.DraftModel(narrow), prompts,
+                                    max_new_tokens=2)
 
 
 def test_pallas_impl_is_refused_without_a_kernel_backend():

@@ -41,8 +41,8 @@ from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checks import check_int
 from jaxdec.drafters.base import Drafter, Proposal
-from jaxdec.model import (Model, check_params, family, forward_with_cache, is_abstract,
-                          param_dtype, param_shardings)
+from jaxdec.model import (Model, check_attention, check_params, family, forward_with_cache,
+                          is_abstract, param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
                          chain)
 from jaxdec.sampling import row_keys
@@ -139,6 +139,7 @@ class DraftModel(Drafter):
         if prepared is not None and checked is target.tokenizer:
             return prepared
         check_vocabularies(target, draft)
+        check_attention(draft, "the draft model")  # (before the program traces it)
         if prepared is not None:
             self._placed[key] = (target.tokenizer, prepared)
             return prepared
