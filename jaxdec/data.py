@@ -106,7 +106,7 @@ def check_corpus_dir(root: str, name: str, *, texts: bool = False) -> None:
                          if os.path.exists(root) else f"{name} does not exist")
     if texts and not any(_read_text(f) is not None for f in _walk(root, None, {"__pycache__"})):
         raise ValueError(f"{name} has no readable text files (none is UTF-8 text with "
-                         "something besides whitespace)")
+                         "something besides whitespace and no NUL bytes)")
 
 
 def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, str]]:
@@ -123,7 +123,8 @@ def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, 
     texts = {f: t for f in sorted(files) if (t := _read_text(f)) is not None}
     if not texts:
         raise ValueError(f"the corpus {root} has no readable text files (of its {len(files)} "
-                         "files none is UTF-8 text with something besides whitespace)")
+                         "files none is UTF-8 text with something besides whitespace and no "
+                         "NUL bytes)")
     return root, texts
 
 

@@ -57,6 +57,9 @@ class SpecStats:
     draft_s: float | None = None
     verify_s: float | None = None
 
+    def __post_init__(self):
+        own_arrays(self, "acceptance_by_depth", "row_steps")
+
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeResult:

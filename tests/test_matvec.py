@@ -96,6 +96,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_splits must be an int >= 1 or None"):
         MV.BlockSizes(num_splits=0)  # 0 is no "choose for me"
     assert MV.BlockSizes(block_n=np.int64(64)) == MV.BlockSizes(block_n=64)
+    assert type(MV.BlockSizes(num_splits=np.int64(2)).num_splits) is int
     with pytest.raises(ValueError, match=r"x \[1, 0\] @ w \[0, 32\] is empty"):
         MV.matvec(x[:, :0], w[:0], impl="triton", interpret=True)
 

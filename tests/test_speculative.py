@@ -75,9 +75,11 @@ def test_greedy_is_token_identical_to_generate(name, loaded, unrelated_draft):
     np.testing.assert_array_equal(spec.lengths, plain.lengths)
     # The target's log-probabilities where verification read its logits: decode's.
     np.testing.assert_allclose(spec.logprobs, plain.logprobs, rtol=1e-4, atol=1e-4)
-    for result in (plain, spec):   # arrays of the result's own (they were read-only views)
-        assert all(getattr(result, name).flags.writeable
-                   for name in ("tokens", "lengths", "logprobs"))
+    for result, names in ((plain, ("tokens", "lengths", "logprobs")),
+                          (spec, ("tokens", "lengths", "logprobs")),
+                          (spec.stats, ("acceptance_by_depth", "row_steps"))):
+        # arrays of the result's own (they were read-only views of jax arrays)
+        assert all(getattr(result, name).flags.writeable for name in names)
     stats = spec.stats
     assert stats.steps == stats.row_steps.max() and 1 <= stats.tau
     # tau: the tokens produced per step (a last step cut by max_new_tokens counts what it kept).

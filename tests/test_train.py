@@ -219,6 +219,15 @@ def test_ctrl_c_during_a_save_waits_for_it(tmp_path):
         checkpoints.manager.save = interrupted_save
         with pytest.raises(KeyboardInterrupt):
             checkpoints.save(4, state)
+
+        def hung_save(*args, **kwargs):   # a second Ctrl-C ends a save that does not return
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("the second Ctrl-C did not interrupt")
+
+        checkpoints.manager.save = hung_save
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save(6, state)
         checkpoints.manager.save = save
         checkpoints.manager.wait_until_finished()
         with loop.Checkpoints(str(tmp_path)) as other:  # a save this manager did not see
@@ -402,8 +411,11 @@ def test_output_directory_rules(trained, tmp_path):
     with pytest.raises(ValueError, match=r"settings changed \(steps: 24 in the run, 99 now\): "
                                          "resume with the run's own"):
         train_lm(MICRO, trained[0], steps=99, resume=True, log=lambda _: None)
-    with pytest.raises(ValueError, match=r"settings changed \(dp: 1 in the run, 2 now\)"):
-        train_lm(MICRO, trained[0], dp=2, resume=True, log=lambda _: None)
+    # Another dp (another machine): a warning, then the run (here finished: its metrics).
+    with pytest.warns(RuntimeWarning, match=r"resuming .* with dp: 1 in the run, 2 now: the "
+                      "gradients' sums are ordered by it"):
+        assert train_lm(MICRO, trained[0], dp=2, resume=True, log=lambda _: None) == \
+            trained[1]
     with pytest.raises(ValueError, match="resume=True continues the run in out, force=True"):
         train_lm(MICRO, trained[0], resume=True, force=True, log=lambda _: None)
     # A preset of the same name with other settings does not continue the run silently.

@@ -543,6 +543,7 @@ def test_dispatch_and_bad_arguments():
     for sizes in (TA.BlockSizes, TA.HopperBlockSizes):  # 0 is no "choose for me"
         with pytest.raises(ValueError, match="num_splits must be an int >= 1 or None"):
             sizes(num_splits=0)
+        assert sizes(num_splits=np.int64(2)).num_splits == 2   # a Python int
     with pytest.raises(ValueError, match="mask must be"):
         TA.tree_attention(**{**case, "mask_BTT": case["mask_BTT"][:, :2]})
     with pytest.raises(ValueError, match="not a multiple of KV heads"):
@@ -591,6 +592,13 @@ def test_entry_point_inputs_and_edges():
         assert TA.tree_attention(**no_rows, **kw).shape == (0, 3, 2, 16)
         np.testing.assert_array_equal(TA.tree_attention(**no_slots, **kw),
                                       np.zeros((2, 3, 2, 16)))
+    # The models' entry point too, where AUTO walks a long cache in blocks on a CPU.
+    long = jnp.zeros((2, L.BLOCKED_MIN_SLOTS, 1, 16))
+    for q in (case["q_BTHD"][:0], case["q_BTHD"][:, :0]):
+        B, T = q.shape[:2]
+        out = L.attention(q, long[:B], long[:B], jnp.zeros(B, jnp.int32),
+                          jnp.zeros((B, T), jnp.int32))
+        assert out.shape == (B, T, 2, 16)
     # unsupported_reason names a kernel as tree_attention does (AUTO is none).
     assert "head_dim=24" in TA.unsupported_reason("triton", (1, 1, 8, 24), (1, 64, 2, 24))
     with pytest.raises(ValueError, match="not AUTO, which picks among them"):

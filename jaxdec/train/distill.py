@@ -184,7 +184,7 @@ def train_draft(
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),
            "corpus_digest": loop.corpus_digest(corpus_data),
            "settings": loop.run_settings(preset),
-           # (the gradients' sum is ordered by it: a resume elsewhere would not be exact)
+           # (the gradients' sum is ordered by it: a resume with another warns)
            "dp": parallel.dp_size(mesh)}
     resuming = loop.prepare_run(out, resume=resume, force=force, run=run)
     finished = loop.finished_run(out, resuming=resuming, resume=resume, log=log)

@@ -220,6 +220,9 @@ def train_mesh(dp: int | None, batch_size: int):
 RUN_KINDS = ("lm", "draft")
 # Run-record fields added after runs were made with records without them.
 ADDED_LATER = ("target_digest", "dp")
+# Run-record fields of the machine, not the run: a resume with others warns (exact only with
+# the same ones) rather than refuses (a run may move to a machine of fewer devices).
+LAYOUT = ("dp",)
 
 
 def is_run_record(path: str) -> bool:
@@ -330,10 +333,17 @@ def prepare_output_dir(out: str, *, resume: bool, force: bool, run: dict) -> boo
             earlier = read_json(run_file)
             # (a field records gained later is no change where an older record lacks it)
             run = {k: v for k, v in run.items() if k in earlier or k not in ADDED_LATER}
+            moved = {k: run.pop(k) for k in LAYOUT if k in run}
+            layout = {k: earlier.pop(k) for k in LAYOUT if k in earlier}
             if earlier != run:
                 raise ValueError(f"cannot resume {out}: the run settings changed "
                                  f"({'; '.join(_changed(earlier, run))}): resume with the "
                                  "run's own")
+            if any(k in layout and layout[k] != v for k, v in moved.items()):
+                warnings.warn(f"resuming {out} with {'; '.join(_changed(layout, moved))}: "
+                              "the gradients' sums are ordered by it, so the parameters "
+                              "differ from an uninterrupted run's by rounding",
+                              RuntimeWarning, stacklevel=2)
             return True
         if not force:
             raise ValueError(
@@ -466,14 +476,21 @@ class Checkpoints:
 
 @contextlib.contextmanager
 def _interrupts_deferred():
-    """Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt when the block ends. Only in
-    the main thread with Python's own SIGINT handler installed; elsewhere nothing changes."""
+    """Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt when the block ends, a
+    second one at once (a save hung on its filesystem stays interruptible). Only in the main
+    thread with Python's own SIGINT handler installed; elsewhere nothing changes."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+
+    def note(*_):
+        if received:
+            raise KeyboardInterrupt
+        received.append(True)
+
+    previous = signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:

@@ -45,7 +45,7 @@ class BlockSizes:
     num_stages: int = 4
 
     def __post_init__(self):
-        check_num_splits(self.num_splits)
+        object.__setattr__(self, "num_splits", check_num_splits(self.num_splits))
         for name in ("block_n", "block_k", "num_warps", "num_stages"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \

@@ -46,6 +46,8 @@ def tree_attention_blocked(
     fewer). Returns [B, T, H, D] in the query dtype."""
     B, T, H, D = q_BTHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    if B == 0 or T == 0 or S == 0:  # nothing to compute, or no key to see
+        return jnp.zeros((B, T, H, D), q_BTHD.dtype)
     G = H // K
     C = min(block, S)
     q_BTKGD = q_BTHD.reshape(B, T, K, G, D)

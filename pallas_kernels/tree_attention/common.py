@@ -53,7 +53,7 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        check_num_splits(self.num_splits)
+        object.__setattr__(self, "num_splits", check_num_splits(self.num_splits))
         for name in ("block_k", "block_m", "num_warps", "num_stages"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
@@ -62,13 +62,16 @@ class BlockSizes:
             object.__setattr__(self, name, int(value))  # (numpy ints as Python ints)
 
 
-def check_num_splits(num_splits) -> None:
-    """A ValueError unless `num_splits` is None (chosen from the shapes) or an int >= 1 (0
-    would otherwise read as None)."""
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(
-            num_splits, int) or num_splits < 1):
+def check_num_splits(num_splits) -> int | None:
+    """`num_splits` as a Python int, or None (chosen from the shapes); a ValueError for
+    anything else, 0 included (it would otherwise read as None)."""
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, (bool, np.bool_)) or not isinstance(
+            num_splits, numbers.Integral) or num_splits < 1:
         raise ValueError(f"num_splits must be an int >= 1 or None (chosen from the shapes), "
                          f"got {num_splits!r}")
+    return int(num_splits)
 
 
 def cdiv(a: jax.Array, b: int) -> jax.Array:

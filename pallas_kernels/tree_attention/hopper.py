@@ -65,7 +65,7 @@ class HopperBlockSizes:
     pingpong: bool = False
 
     def __post_init__(self):
-        common.check_num_splits(self.num_splits)
+        object.__setattr__(self, "num_splits", common.check_num_splits(self.num_splits))
 
 
 def shared_memory_bytes(head_dim: int, rows: int, sizes: HopperBlockSizes) -> int:
