@@ -119,6 +119,20 @@ class TestHopperInterpret(HopperSuite):
         assert not interpret_pallas_call.get_races().races_found
 
 
+@pytest.mark.skipif(not hopper.interpret_supported(),
+                    reason=f"Mosaic GPU's interpreter in jax {jax.__version__} cannot run the "
+                           "kernel (jax >= 0.11 can)")
+def test_interpreting_under_x64_is_refused_by_name():
+    """jax 0.12's interpreter gave the memory warpgroup's loop int64 carries under x64: an
+    MLIR verifier error from a callback thread; now a NotImplementedError saying so."""
+    case = make_case(B=1, T=16, K=1, G=4, D=64, S=200, tree="random", window=None,
+                     dtype=jnp.bfloat16, seed=0)
+    args = [case[k] for k in ("q_BTHD", "k_BSKD", "v_BSKD", "lengths_B", "positions_BT")]
+    with jax.enable_x64(True), pytest.raises(NotImplementedError,
+                                             match="interpret mode fails under jax_enable_x64"):
+        TA.tree_attention(*args, mask_BTT=case["mask_BTT"], impl="mosaic_gpu", interpret=True)
+
+
 @pytest.mark.gpu_only
 @pytest.mark.skipif(not _on_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 class TestHopperOnGPU(HopperSuite):

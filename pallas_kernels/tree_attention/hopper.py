@@ -16,8 +16,8 @@ mask at all: `tree_attention_hopper` pairs it with the Triton kernel over the re
 under the tree mask, a few blocks of 64 slots), and `gpu._combine` merges both kernels'
 partials exactly. Grid (row tiles, splits, B x K).
 
-Shapes it takes (see `check_config`): bf16 or fp16, head_dim a power-of-two multiple of 64, no
-sliding window. Only `Impl.MOSAIC_GPU` runs it (AUTO does not yet: untimed on a GPU so far); jax 0.11
+Shapes it takes (see `check_config`): bf16 or fp16, head_dim 64 or 128 (a power-of-two
+multiple of 64 whose tiles fit in shared memory: 256's do at no tiling), no sliding window. Only `Impl.MOSAIC_GPU` runs it (AUTO does not yet: untimed on a GPU so far); jax 0.11
 and newer run it in Mosaic GPU's interpreter for tests (0.10's interpreter cannot take the
 transposed shared-memory operand of the scores' `wgmma`).
 """
@@ -139,6 +139,12 @@ def _interpret_params(interpret):
         raise NotImplementedError(
             f"the Hopper tree-attention kernel's interpret mode needs jax >= 0.11 "
             f"(this is {jax.__version__}); on CPU use impl=TRITON with interpret=True")
+    if jax.config.jax_enable_x64:  # (compiled for a GPU, x64 is fine: see the tests)
+        raise NotImplementedError(
+            "the Hopper tree-attention kernel's interpret mode fails under jax_enable_x64 "
+            "(jax 0.12's Mosaic GPU interpreter gives its memory warpgroup's loop int64 "
+            "carries, which MLIR's verifier refuses); interpret it with x64 off, or use "
+            "impl=TRITON with interpret=True")
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams() if interpret is True else interpret
