@@ -90,7 +90,8 @@ def render_markdown(records: list[dict]) -> str:
         f"# Training: targets and distilled drafts on {', '.join(devices)}",
         "",
         "MFU = model FLOPs per second (6 per matmul weight per token plus attention) / the bf16 "
-        "matmul peak measured in the same run. Acceptance = held-out mean of sum_v min(p, q).",
+        "matmul peak measured in the same run (one device's, times the devices). Acceptance = "
+        "held-out mean of sum_v min(p, q) (speculative sampling's at temperature 1).",
         "",
         "compile threads: programs compiling beside the training (bench/speculative.py compiles "
         "its grid while its models train; they share the CPU and Python's interpreter lock "

@@ -127,7 +127,7 @@ def run_demo(
     log("")
     log(f"jaxdec demo: {preset} target ({target_metrics['params'] / 1e6:.1f}M parameters, "
         f"held-out perplexity {target_metrics['heldout_ppl']:.1f}), draft "
-        f"({draft_metrics['params'] / 1e6:.1f}M, held-out expected acceptance "
+        f"({draft_metrics['params'] / 1e6:.1f}M, held-out expected acceptance at temperature 1 "
         f"{draft_metrics['acceptance_after']:.2f}), {len(prompts)} held-out prompts of "
         f"{prompt_tokens} tokens, up to {max_new_tokens} new tokens, greedy, on "
         f"{jax.devices()[0].device_kind}")

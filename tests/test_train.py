@@ -269,6 +269,21 @@ def test_a_corpus_short_in_tokens_is_named(tmp_path):
         build_dataset(tokenizer, corpus, MICRO)
 
 
+def test_mfu_is_over_every_device_of_the_run():
+    """tokens/s is the whole mesh's, the peak one device's: MFU divides by peak x devices (it
+    was overstated dp-fold); a call that ran no step says its throughput is unmeasured."""
+    from jaxdec.train.lm import throughput
+
+    stats = loop.LoopStats(timed_steps=10, timed_seconds=2.0, compile_seconds=1.234)
+    said = []
+    got = throughput(stats, 100, 6.0, 1000.0, 2, said.append)
+    assert got == {"tokens_per_s": 500.0, "mfu": 1.5, "matmul_peak_tflops": 1e-9,
+                   "devices": 2, "compile_seconds": 1.23}
+    assert throughput(loop.LoopStats(), 100, 6.0, 1000.0, 2, said.append) == {
+        "tokens_per_s": None, "mfu": None}
+    assert said == ["tokens/s and MFU not measured: this call ran no training step"]
+
+
 def test_cross_entropy_matches_optax_values_and_gradients():
     """The hand-written gradient ((softmax - onehot) * g) equals autodiff of optax's loss."""
     import optax

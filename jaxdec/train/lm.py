@@ -230,12 +230,17 @@ def attention_used(config, mesh, dtype) -> str:
 
 
 def throughput(stats: loop.LoopStats, tokens_per_step: int, flops_per_token: float,
-               peak: float) -> dict:
+               peak: float, devices: int, log: Callable[[str], None]) -> dict:
+    """The run's tokens/s (all its devices together) and MFU: model FLOPs per second over
+    the `devices`' peak (`peak` is one device's, measured); None where this call ran no step
+    (a resume of a run whose steps were all done)."""
     if not stats.timed_steps:
+        log("tokens/s and MFU not measured: this call ran no training step")
         return {"tokens_per_s": None, "mfu": None}
     tokens_per_s = stats.timed_steps * tokens_per_step / stats.timed_seconds
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak,
-            "matmul_peak_tflops": peak / 1e12,
+    return {"tokens_per_s": tokens_per_s,
+            "mfu": tokens_per_s * flops_per_token / (peak * devices),
+            "matmul_peak_tflops": peak / 1e12, "devices": devices,
             "compile_seconds": round(stats.compile_seconds, 2)}
 
 
@@ -340,7 +345,8 @@ def train_lm(
         "heldout_tokens": int(dataset.heldout[:, 1:].size),
         "attention": attention,
         "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-        **throughput(stats, preset.batch_size * preset.seq_len, flops, peak),
+        **throughput(stats, preset.batch_size * preset.seq_len, flops, peak,
+                     mesh.devices.size, log),
     }
     with phases("export"):
         save_pretrained(Model(config=config, params=state["params"], mesh=mesh,
