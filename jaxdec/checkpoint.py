@@ -580,6 +580,37 @@ def _converter(recipe: _Entry, dtype, groups: int, vocab_axis: int | None, vocab
     return jax.jit(convert, out_shardings=sharding)
 
 
+def _check_kv_copies(model) -> None:
+    """A ValueError where a KV head's copies differ: on a mesh of tp > KV heads each shard
+    holds its own copy of a KV head's projection, gradients do not tie them (each copy gets
+    its shard's share), and the export would keep the first copy of a model that no longer
+    computes what any checkpoint can hold."""
+    config = model.config
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+        name = jax.tree_util.keystr(path)
+        if not llama.is_grouped(name):
+            continue
+        view = (llama.qkv_view(leaf, config.num_heads, config.head_dim) if leaf.ndim == 2
+                else leaf)  # (the flat weight [E, R (H/R + 2) D]; a bias is [R, H/R + 2, D])
+        groups, K = view.shape[-3], config.num_kv_heads
+        if groups == K:
+            return  # (every qkv leaf has the same groups)
+        if not bool(_kv_copies_agree(view, K)):
+            raise ValueError(
+                f"model.params{name}: the copies of a KV head differ (on this mesh of tp="
+                f"{model.tp} > {K} KV heads each shard keeps its own copy, and gradients do "
+                "not tie them: each gets its shard's share), so no checkpoint holds this "
+                f"model; train on a mesh of tp <= {K} (data parallelism is exact), or set "
+                "each head's copies to their mean before saving")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _kv_copies_agree(view, kv_heads: int) -> jax.Array:
+    kv = view[..., view.shape[-2] - 2:, :]  # [..., R, 2, D]: each group's k and v
+    kv = kv.reshape(*kv.shape[:-3], kv_heads, kv.shape[-3] // kv_heads, 2, kv.shape[-1])
+    return jnp.all(kv == kv[..., :1, :, :])
+
+
 @functools.lru_cache(maxsize=256)
 def _exporter(recipe: _Entry, vocab_axis: int | None, vocab_size: int, dtype) -> Callable:
     """The compiled conversion of one parameter into its HF tensors: the vocabulary's padding
@@ -645,6 +676,7 @@ def save_pretrained(
     if isinstance(max_shard_bytes, float) and max_shard_bytes.is_integer():
         max_shard_bytes = int(max_shard_bytes)  # (5e9 is a number of bytes too)
     max_shard_bytes = check_int("max_shard_bytes", max_shard_bytes)
+    _check_kv_copies(model)
     writer = jax.process_index() == 0  # the others gather with it and write nothing
     config = model.config
     # What process 0 refuses it refuses before any gather, and tells the others (who would

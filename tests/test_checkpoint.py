@@ -84,6 +84,19 @@ def test_loading_casts_as_numpy_does_and_takes_64_bit_tensors(hf_checkpoints, lo
     tp = jaxdec.load_pretrained(directory, dtype=jnp.float32, mesh=jaxdec.make_mesh(tp=8))
     out = jaxdec.save_pretrained(tp, tmp_path / "export")
     _params_equal(jaxdec.load_pretrained(out).params, fp32)
+    # A KV head's copies made to differ (as a gradient step on this mesh does: each copy gets
+    # its shard's share) are refused, not exported as the first copy.
+    from jaxdec.models import llama
+
+    layer = tp.params["layers"][0]
+    name = "qkv" if "qkv" in layer else next(k for k in layer if k.startswith("qkv"))
+    view = llama.qkv_view(layer[name], tp.config.num_heads, tp.config.head_dim)
+    moved = view.at[..., 1, -2, :].add(1.0).reshape(layer[name].shape)
+    params = dict(tp.params, layers=[dict(layer, **{name: moved}), *tp.params["layers"][1:]])
+    with pytest.raises(ValueError, match=r"model.params\['layers'\]\[0\]\['qkv.*'\]: the copies "
+                       r"of a KV head differ \(on this mesh of tp=8 > \d KV heads"):
+        jaxdec.save_pretrained(dataclasses.replace(tp, params=params), tmp_path / "diverged")
+    assert not os.path.exists(tmp_path / "diverged")
 
 
 def test_export_brings_one_tensor_at_a_time_to_the_host(loaded, tmp_path, monkeypatch):
