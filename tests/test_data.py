@@ -76,7 +76,7 @@ def test_extra_dirs_only_add_training_files(tmp_path):
     ({}, "no readable text files"),
     ({"a.bin": b"\x00\xff\x00", "latin.txt": "caf\xe9".encode("latin-1")},
      r"no readable text files \(of its 2 files none is UTF-8 text with something besides "
-     "whitespace and no NUL bytes\)"),
+     r"whitespace and no NUL bytes\)"),
     ({"empty.txt": "", "blank.txt": " \n\t\n"}, r"of its 2 files none is UTF-8 text with"),
     ({"only.txt": "one file"}, "at least 2 readable files"),
 ])
