@@ -317,6 +317,15 @@ def is_abstract(tree) -> bool:
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
+def check_runnable(model: Model, name: str = "model") -> None:
+    """A ValueError where the model holds shapes only: it compiles programs, never runs them
+    (inside a `.lower` its leaves are tracers and it passes)."""
+    if is_abstract(model):
+        raise ValueError(f"the {name}'s params are shapes only (jaxdec.abstract_model): it "
+                         "can compile programs (compile_only=True, or jax.jit(...).lower), not "
+                         "run them")
+
+
 def _batch_axis(mesh: Mesh):
     return parallel.DP if parallel.DP in mesh.axis_names else None
 
@@ -424,6 +433,7 @@ def cache_free_attention(config: ModelConfig, tp: int, dtype) -> AttentionImpl:
 
 def _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN):
     """Static shape and dtype checks, raised while tracing (before anything compiles)."""
+    check_runnable(model)
     for name, value in (("tokens", tokens_BT), ("positions", positions_BT),
                         ("logits_indices", logits_indices_BN)):
         if value is not None and not jnp.issubdtype(jnp.result_type(value), jnp.integer):
@@ -466,6 +476,10 @@ def check_cache(model: Model, cache, batch: int) -> None:
         raise TypeError(f"the cache holds {dtype} keys and values, the model's parameters are "
                         f"{want_dtype}: make it with init_cache(model.config, ..., "
                         "dtype=model.dtype)")
+    lengths_dtype = jnp.dtype(getattr(cache.lengths, "dtype", np.float64))
+    if lengths_dtype != jnp.int32:  # (a cast of the whole cache pytree casts them too)
+        raise TypeError(f"the cache's lengths must be int32, got {lengths_dtype} (a "
+                        "jax.tree.map over the cache changes them too: cast its layers only)")
     if (len(shape) != 4 or shape[0] != batch or shape[2:] != want
             or cache.lengths.shape != (batch,)):
         raise ValueError(
@@ -492,6 +506,7 @@ def forward(model: Model, tokens: jax.Array) -> jax.Array:
     its batch).
     """
     check_model(model)
+    check_runnable(model)
     if not isinstance(tokens, jax.Array):  # host ids: checked at their own width (int64 too)
         tokens = np.asarray(tokens)
     if tokens.ndim != 2:

@@ -633,6 +633,13 @@ def test_generate_padded_checks_what_it_is_given(loaded):
     with pytest.raises(TypeError, match="the cache holds bfloat16 keys and values, the model's "
                                         r"parameters are float32: .*dtype=model.dtype"):
         run(jaxdec.init_cache(model.config, 2, 32, dtype=jnp.bfloat16), None, max_new_tokens=4)
+    # Lengths cast with the rest of the cache (a jax.tree.map over it) are named.
+    for dtype in (jnp.float32, jnp.int8):
+        cast = jax.tree.map(lambda x: x.astype(dtype) if x.ndim == 1 else x,
+                            jaxdec.init_cache(model.config, 2, 32))
+        with pytest.raises(TypeError, match=f"the cache's lengths must be int32, got "
+                                            f"{jnp.dtype(dtype).name}"):
+            run(cast, None, max_new_tokens=4)
     # A cache of the right shapes off the model's mesh (on a tp mesh, one made without mesh=;
     # jax's error named neither).
     elsewhere = jax.device_put(jaxdec.init_cache(model.config, 2, 32), jax.devices()[1])
@@ -939,6 +946,8 @@ def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(l
     assert _compiles == [] and result.tokens.shape == (2, 11)  # ...once, for the real call
     with pytest.raises(ValueError, match="model's params are shapes only"):
         jaxdec.generate(abstract, prompts, max_new_tokens=4)
+    with pytest.raises(ValueError, match="model's params are shapes only"):  # (jax's TypeError)
+        jaxdec.forward(abstract, np.ones((1, 3), np.int32))
     with pytest.raises(TypeError, match="compile_only must be a bool"):
         jaxdec.generate(model, prompts, max_new_tokens=4, compile_only="yes")
     with pytest.raises(TypeError, match="config must be a jaxdec ModelConfig"):
