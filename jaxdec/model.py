@@ -142,8 +142,9 @@ _PROBE_SLOTS = 4096
 
 def attention_refusal(model: Model) -> str | None:
     """Why the Pallas kernel the model's attention names ("pallas", "pallas_interpret")
-    cannot take its heads (head dim, dtype), as "the <kernel> kernel: <reason>"; None where
-    it can or none is named (an unavailable kernel raises `attention_kernel`'s ValueError)."""
+    cannot take its heads (head dim, dtype), as "the <kernel> kernel cannot take it
+    (<reason>)"; None where it can or none is named (an unavailable kernel raises
+    `attention_kernel`'s ValueError)."""
     kernel = attention_kernel(model.attention, parallel.platform(model.mesh))
     if kernel is None or model.attention not in (AttentionImpl.PALLAS,
                                                  AttentionImpl.PALLAS_INTERPRET):
@@ -160,7 +161,8 @@ def check_attention(model: Model, what: str = "this model") -> None:
     kernel ("pallas", "pallas_interpret") its devices lack or that cannot take its heads
     (head dim, dtype): a named kernel is not quietly replaced by the reference, as AUTO's
     is. (Per call, shapes a kernel does not tile still run the reference: a long prompt's
-    causal prefill, a cache smaller than one block.) `what`: the model, in the message."""
+    causal prefill, a cache smaller than one block, on a TPU one of slots off multiples of
+    8.) `what`: the model, in the message."""
     refusal = attention_refusal(model)
     if refusal is not None:
         raise ValueError(f"attention={model.attention.value!r} for {what}: {refusal}; use "
