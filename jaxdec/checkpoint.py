@@ -36,7 +36,7 @@ from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
 from jaxdec.checks import check_bool, check_int, check_model, check_param_dtype
 from jaxdec.config import ModelConfig, read_generation_config, read_json_object
-from jaxdec.model import Model, param_shardings
+from jaxdec.model import Model, check_runnable, param_shardings
 from jaxdec.models import llama
 
 SINGLE_FILE = "model.safetensors"
@@ -664,6 +664,7 @@ def save_pretrained(
     directory, a full disk) it raises its error and the others `parallel.ProcessFailed` saying so.
     """
     check_model(model)
+    check_runnable(model, "be saved")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a directory path (str or os.PathLike), got {path!r}")
     if dtype is not None:

@@ -319,13 +319,13 @@ def is_abstract(tree) -> bool:
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
-def check_runnable(model: Model, name: str = "model") -> None:
+def check_runnable(model: Model, cannot: str = "run them") -> None:
     """A ValueError where the model holds shapes only: it compiles programs, never runs them
     (inside a `.lower` its leaves are tracers and it passes)."""
     if is_abstract(model):
-        raise ValueError(f"the {name}'s params are shapes only (jaxdec.abstract_model): it "
-                         "can compile programs (compile_only=True, or jax.jit(...).lower), not "
-                         "run them")
+        raise ValueError("the model's params are shapes only (jaxdec.abstract_model): it can "
+                         "compile programs (compile_only=True, or jax.jit(...).lower), not "
+                         f"{cannot}")
 
 
 def _batch_axis(mesh: Mesh):

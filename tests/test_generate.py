@@ -948,6 +948,8 @@ def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(l
         jaxdec.generate(abstract, prompts, max_new_tokens=4)
     with pytest.raises(ValueError, match="model's params are shapes only"):  # (jax's TypeError)
         jaxdec.forward(abstract, np.ones((1, 3), np.int32))
+    with pytest.raises(ValueError, match="shapes only .* not be saved"):  # (an AttributeError)
+        jaxdec.save_pretrained(abstract, "never-written")
     with pytest.raises(TypeError, match="compile_only must be a bool"):
         jaxdec.generate(model, prompts, max_new_tokens=4, compile_only="yes")
     with pytest.raises(TypeError, match="config must be a jaxdec ModelConfig"):
