@@ -252,7 +252,13 @@ def _model_mesh_context(mesh: Mesh, caller: str):
     except ValueError:  # inside jax.jit: the context stays the caller's
         manager = None
     if manager is None:
-        if jax.sharding.get_abstract_mesh() != mesh.abstract_mesh:
+        context = jax.sharding.get_abstract_mesh()
+        if getattr(context, "manual_axes", ()):
+            raise ValueError(
+                f"{caller} cannot run inside a shard_map (here over the manual axes "
+                f"{tuple(context.manual_axes)}): it runs its own over its model's mesh; call "
+                "it outside the shard_map (under jax.jit is fine)")
+        if context != mesh.abstract_mesh:
             raise ValueError(
                 f"{caller} runs on its model's mesh {dict(mesh.shape)}, but is traced under "
                 f"jax.jit with another context mesh ({jax.sharding.get_abstract_mesh()}): set "

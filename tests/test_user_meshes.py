@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jaxdec
 
@@ -42,3 +43,10 @@ def test_calls_under_a_callers_mesh_give_what_they_give_outside_it():
         with pytest.raises(ValueError, match="forward runs on its model's mesh .* traced under "
                                              "jax.jit with another context mesh"):
             jax.jit(lambda t: jaxdec.forward(one, t))(jnp.ones((1, 3), jnp.int32))
+    # Inside a shard_map of one's own (even over the model's mesh, whose context the advice
+    # above sets already): said so.
+    inner = jax.jit(jax.shard_map(lambda t: jaxdec.forward(two, t), mesh=two.mesh,
+                                  in_specs=P(), out_specs=P()))
+    with pytest.raises(ValueError, match=r"forward cannot run inside a shard_map \(here over "
+                                         r"the manual axes"):
+        inner(jnp.ones((1, 3), jnp.int32))
