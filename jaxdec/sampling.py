@@ -140,9 +140,14 @@ class Sampler:
         probs = jax.nn.softmax(logits, axis=-1)
         if self.top_p is not None and self.top_p < 1:
             desc = -jnp.sort(-probs, axis=-1)
-            mass_before = jnp.cumsum(desc, axis=-1) - desc
+            # A token is kept while the mass from it on (summed smallest first, as
+            # transformers sums: the mass before it, summed largest first, rounds by a few
+            # ulp near 1 and moved the cut-off by a token or more in large vocabularies)
+            # exceeds 1 - top_p; the first is always kept.
+            mass_from = jnp.cumsum(desc[..., ::-1], axis=-1)[..., ::-1]
+            n_kept = jnp.maximum(jnp.sum(mass_from > jnp.float32(1 - self.top_p), axis=-1,
+                                         keepdims=True), 1)
             # The smallest kept probability: the last token needed to reach top_p.
-            n_kept = jnp.sum(mass_before < self.top_p, axis=-1, keepdims=True)
             threshold = jnp.take_along_axis(desc, n_kept - 1, axis=-1)
             probs = jnp.where(probs >= threshold, probs, 0.0)
         if self.min_p is not None and self.min_p > 0:
