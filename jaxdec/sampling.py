@@ -88,6 +88,10 @@ class Sampler:
       top_p: keep the smallest set of most likely tokens whose mass reaches top_p, in (0, 1],
         or None.
       min_p: keep tokens with probability >= min_p * (the top probability), in [0, 1], or None.
+
+    Settings that change nothing are dropped (top_p=1 and min_p=0 become None; at temperature
+    0 the truncations do), so samplers of one distribution are equal: a static argument, a
+    Sampler compiles a program per distinct value.
     """
 
     temperature: float = 1.0
@@ -119,6 +123,10 @@ class Sampler:
         for name in ("top_p", "min_p"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float(getattr(self, name)))
+        no_op = {"top_p": 1.0, "min_p": 0.0}
+        for name in ("top_k", "top_p", "min_p"):
+            if self.temperature == 0 or (name in no_op and getattr(self, name) == no_op[name]):
+                object.__setattr__(self, name, None)
 
     @property
     def is_greedy(self) -> bool:

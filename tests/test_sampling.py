@@ -59,6 +59,18 @@ def test_top_p_cut_off_is_the_exact_nucleus():
                                   Sampler(top_k=1).probs(LOGITS) > 0)
 
 
+def test_settings_that_change_nothing_are_dropped():
+    """Samplers of one distribution are equal (a static argument: one compiled program each;
+    a slider moved to top_p=1 or temperature 0 compiled another)."""
+    for same, base in [(Sampler(top_p=1.0), Sampler()), (Sampler(min_p=0.0), Sampler()),
+                       (Sampler(top_p=np.float32(1), min_p=0, temperature=0.5),
+                        Sampler(temperature=0.5)),
+                       (Sampler(temperature=0, top_k=3, top_p=0.5, min_p=0.1),
+                        Sampler(temperature=0))]:
+        assert same == base and hash(same) == hash(base)
+    assert Sampler(top_p=0.5).top_p == 0.5 and Sampler(top_p=1.0).top_p is None
+
+
 def test_probs_batched_and_greedy_sample():
     logits = jnp.stack([LOGITS, LOGITS[::-1]])
     np.testing.assert_allclose(Sampler(top_k=1).probs(logits), [[1, 0, 0, 0], [0, 0, 0, 1]])
