@@ -458,7 +458,7 @@ def _decoding_settings(args):
             raise ValueError(re.sub(r"\b(temperature|top_k|top_p|min_p)\b",
                                     lambda m: "--" + m[1].replace("_", "-"),
                                     str(e).replace(" or None", ""))) from None
-    topology = jaxdec.tree.parse(args.tree) if args.tree else None
+    topology = jaxdec.tree.parse(args.tree) if args.tree is not None else None
     if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
     return sampler, topology

@@ -99,8 +99,8 @@ class PrefixCache:
         dp = parallel.dp_size(model.mesh)
         self._slots = -(-rows // dp) * dp
         self.drafter = None if drafter is None else drafter.prepare(model)
-        self.topology = None if drafter is None else (
-            drafter.default_topology() if tree is None else as_topology(tree))
+        self.topology = None if drafter is None else as_topology(
+            drafter.default_topology() if tree is None else tree)
         self._busy = threading.Lock()
         self._reset()
 

@@ -506,7 +506,7 @@ def speculative_generate(
     return_logprobs = check_bool("return_logprobs", return_logprobs)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be callable")
-    topology = drafter.default_topology() if tree is None else as_topology(tree)
+    topology = as_topology(drafter.default_topology() if tree is None else tree)
     kind = proposal_kind(drafter, sampler, topology)
     check_proposal(kind, topology)
     batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,

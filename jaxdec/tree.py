@@ -283,15 +283,19 @@ def dynamic(depth: int, width: int = 4, nodes: int | None = None) -> DynamicTree
     depth, width = check_int("depth", depth), check_int("width", width)
     expanded = 1 + (depth - 1) * width
     drafted = 1 + width + (depth - 1) * width**2
-    nodes = min(expanded + width, drafted) if nodes is None else check_int("nodes", nodes)
+    if expanded > MAX_NODES:  # the draft runs these nodes every step (whatever `nodes`)
+        raise ValueError(f"dynamic(depth={depth}, width={width}) expands {expanded} nodes "
+                         f"(1 + (depth - 1) * width), more than a tree's {MAX_NODES}: pass "
+                         "a smaller depth or width")
+    given = nodes is not None
+    nodes = check_int("nodes", nodes) if given else min(expanded + width, drafted)
+    said = f"nodes={nodes}" if given else f"nodes (default {nodes}: expanded + width)"
     if not 2 <= nodes <= drafted:
         raise ValueError(f"dynamic(depth={depth}, width={width}) takes 2 to {drafted} nodes "
                          f"(the root and the nodes it drafts), got nodes={nodes}")
     if nodes > MAX_NODES:
-        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got nodes={nodes}")
-    if expanded > MAX_NODES:  # the draft runs these nodes every step
-        raise ValueError(f"dynamic(depth={depth}, width={width}) expands {expanded} nodes "
-                         f"(1 + (depth - 1) * width), more than {MAX_NODES}")
+        raise ValueError(f"a tree has at most {MAX_NODES} nodes, got {said}: pass nodes <= "
+                         f"{MAX_NODES}")
     return DynamicTree(depth=depth, width=width, nodes=nodes)
 
 

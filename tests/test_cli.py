@@ -214,6 +214,8 @@ def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
     assert "--tree needs a speculative method" in capsys.readouterr().err
     assert main(base + ["--prompt-lookup", "--tree", "star"]) == 2
     assert "bad tree spec" in capsys.readouterr().err
+    assert main(base + ["--prompt-lookup", "--tree", ""]) == 2  # (an empty $TREE: no tree)
+    assert "bad tree spec ''" in capsys.readouterr().err
 
 
 

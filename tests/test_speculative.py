@@ -559,6 +559,23 @@ def test_typed_and_raw_keys_draw_the_same_tokens(loaded):
                                     key=jax.random.split(jax.random.key(0), 2))
 
 
+def test_a_draft_models_default_tree_is_no_part_of_the_program(loaded):
+    """Drafters that differ only in a default tree the call replaces share one compiled
+    program (it was static data of the drafter: a compile each); a tree built by hand with
+    list fields works as the default too (it failed in jit: unhashable)."""
+    model = loaded(TARGET)
+    run = functools.partial(jaxdec.speculative_generate, model, prompts=_prompts(),
+                            max_new_tokens=5, tree=tree.chain(3))
+    want = run(DraftModel(model)).tokens
+    with counting_compiles() as compiles:
+        for default in (tree.kary(2, 2), tree.chain(5)):
+            np.testing.assert_array_equal(run(DraftModel(model, tree=default)).tokens, want)
+    assert compiles[0] == 0
+    by_hand = tree.Topology(parents=[-1, 0, 1, 2], ranks=[0, 0, 0, 0])
+    np.testing.assert_array_equal(jaxdec.speculative_generate(
+        model, DraftModel(model, tree=by_hand), _prompts(), max_new_tokens=5).tokens, want)
+
+
 def _every_entry_point(model):
     """Tokens of generate and speculative_generate in the paths a JAX mode can break."""
     sampler = jaxdec.Sampler(temperature=1.0)

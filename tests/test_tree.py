@@ -127,7 +127,11 @@ def test_dynamic_tree_budgets():
     assert tree.dynamic(3, 2, 2).num_nodes == 2  # the root and the draft's best node
     for args, match in [((0, 2), "depth"), ((2, 0), "width"), ((3, 2, 1), "takes 2 to 11 nodes"),
                         ((3, 2, 12), "takes 2 to 11 nodes"), ((3, 12, 300), "at most 256"),
-                        ((10**6, 1, 3), "expands 1000000 nodes")]:
+                        ((10**6, 1, 3), "expands 1000000 nodes"),
+                        ((1, 300), r"got nodes \(default 301: expanded \+ width\): pass nodes "
+                                   "<= 256"),
+                        ((14, 20, 256), "expands 261 nodes .* pass a smaller depth or width"),
+                        ((14, 20), "expands 261 nodes")]:  # (its default nodes was blamed)
         with pytest.raises(ValueError, match=match):
             tree.dynamic(*args)
     assert tree.parse("dynamic:3") == tree.dynamic(3)  # width 4

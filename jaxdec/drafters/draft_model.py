@@ -90,11 +90,10 @@ class DraftModel(Drafter):
         check_params(model)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-        if tree is not None:
-            as_topology(tree)  # a TypeError for anything but a tree, at construction
         self.model = model
         self.proposal = proposal
-        self.tree = tree
+        # (validated, and with hashable fields: a Topology built by hand may hold lists)
+        self.tree = None if tree is None else as_topology(tree)
         self.target_vocab = None if target_vocab is None else check_int("target_vocab",
                                                                         target_vocab)
         # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
@@ -554,10 +553,14 @@ def check_vocabularies(target: Model, draft: Model) -> None:
 def _unflatten(aux, children) -> DraftModel:
     draft = object.__new__(DraftModel)  # no validation: leaves may be tracers or placeholders
     (draft.model,) = children
-    draft.proposal, draft.tree, draft.target_vocab = aux
+    draft.proposal, draft.target_vocab = aux
+    draft.tree = None
     draft._placed = {}
     return draft
 
 
+# The default tree is not in the pytree's static data: the program is given its tree
+# (`default_topology` is read on the host before), so drafters of other default trees share
+# one compiled program; an unflattened copy (inside a program, after jax.tree.map) has none.
 jax.tree_util.register_pytree_node(
-    DraftModel, lambda d: ((d.model,), (d.proposal, d.tree, d.target_vocab)), _unflatten)
+    DraftModel, lambda d: ((d.model,), (d.proposal, d.target_vocab)), _unflatten)
