@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxdec.pallas_kernels.tree_attention.common import _is_pow2, check_num_splits
+from jaxdec.pallas_kernels.tree_attention.common import _is_pow2, check_tiling
 
 ROWS = 16  # the matrix units' smallest tile: fewer rows are padded to it
 
@@ -45,13 +43,7 @@ class BlockSizes:
     num_stages: int = 4
 
     def __post_init__(self):
-        object.__setattr__(self, "num_splits", check_num_splits(self.num_splits))
-        for name in ("block_n", "block_k", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-                    or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-            object.__setattr__(self, name, int(value))  # (numpy ints as Python ints)
+        check_tiling(self, ("block_n", "block_k", "num_warps", "num_stages"))
 
 
 def default_num_splits(K: int, N: int, sizes: BlockSizes, num_cores: int = 132,

@@ -53,13 +53,20 @@ class BlockSizes:
     num_stages: int = 2
 
     def __post_init__(self):
-        object.__setattr__(self, "num_splits", check_num_splits(self.num_splits))
-        for name in ("block_k", "block_m", "num_warps", "num_stages"):
-            value = getattr(self, name)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
-                    or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-            object.__setattr__(self, name, int(value))  # (numpy ints as Python ints)
+        check_tiling(self, ("block_k", "block_m", "num_warps", "num_stages"))
+
+
+def check_tiling(sizes, names: tuple[str, ...]) -> None:
+    """A frozen tiling dataclass's fields checked in place: `num_splits` by
+    `check_num_splits`, each of `names` an int >= 1 (a ValueError naming it); numpy ints are
+    stored as Python ints."""
+    object.__setattr__(sizes, "num_splits", check_num_splits(sizes.num_splits))
+    for name in names:
+        value = getattr(sizes, name)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+                or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        object.__setattr__(sizes, name, int(value))
 
 
 def check_num_splits(num_splits) -> int | None:
