@@ -478,6 +478,11 @@ def attention(
     tree_attention.common.check_shapes(q_BTHD, k_BSKD, v_BSKD, lengths_B, positions_BT,
                                        mask_BTT)
     kernel = kernel_for(impl, q_BTHD.shape, k_BSKD, cached=cached, dtype=q_BTHD.dtype)
+    if kernel == (tree_attention.Impl.BLOCKED, False) and mask_BTT is None and T > query_chunk:
+        # A long causal block over a cache (a prefill continuing a PrefixCache's): in query
+        # chunks below, each walking the keys in blocks, as a fresh prefill does (all T
+        # queries at once held T x block scores: memory growing with the prompt).
+        kernel = None
     if kernel != (tree_attention.Impl.BLOCKED, False):
         # A bf16 cache's bits (`jaxdec.cache.as_bits`, inside a CPU program) as its values;
         # the blocked path reads the bits block by block.

@@ -125,6 +125,33 @@ def test_auto_walks_long_caches_in_blocks_on_a_cpu():
         assert L.kernel_for(L.AttentionImpl.AUTO, q, long) != (TA.Impl.BLOCKED, False)
 
 
+def test_a_long_prefill_over_a_cache_attends_in_query_chunks(monkeypatch):
+    """A prefill continuing a cache of BLOCKED_MIN_SLOTS or more (a PrefixCache's next turn)
+    attends 512 queries at a time, as a fresh one does (all of its queries at once held
+    queries x block scores: 676 MB at 16K tokens, growing with the prompt), with the whole
+    sequence's logits."""
+    from jaxdec.model import forward_with_cache
+
+    seen = []
+    monkeypatch.setattr(blocked, "tree_attention_blocked", lambda q, *a, **k: seen.append(
+        q.shape[1]) or TREE_ATTENTION_BLOCKED(q, *a, **k))
+    config = jaxdec.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                                max_position_embeddings=2048)
+    model = jaxdec.init_model(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 700), 0, 64)
+    cache = jaxdec.init_cache(config, 1, 1024)
+    first, rest = tokens[:, :100], tokens[:, 100:]
+    _, _, cache = forward_with_cache(model, first, jnp.arange(100)[None], cache, fresh=True)
+    cache = cache.replace(lengths=jnp.array([100], jnp.int32))  # (the caller commits)
+    seen.clear()
+    logits, _, _ = forward_with_cache(model, rest, jnp.arange(100, 700)[None], cache,
+                                      prefill=True)
+    assert seen and max(seen) == 512
+    np.testing.assert_allclose(logits, jaxdec.forward(model, tokens)[:, 100:], rtol=1e-4,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_generate_over_a_long_cache_matches_the_reference(tp, hf_checkpoints, monkeypatch):
     """Greedy decoding of a ragged batch with a cache of 1024 slots (AUTO: blocked) gives the
