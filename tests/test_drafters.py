@@ -377,6 +377,24 @@ def test_retrieval_copies_its_datastore_once_per_mesh():
             datastore.prepare(small)
 
 
+@pytest.mark.parametrize("make", [lambda: PromptLookup(max_ngram=2),
+                                  lambda: Retrieval(np.array([1, 2, 3, 1, 2, 4], np.int32),
+                                                    max_ngram=2)],
+                         ids=["prompt-lookup", "retrieval"])
+def test_a_lookup_drafters_settings_are_fixed_when_made(make):
+    """An assignment to a setting is refused by name (a Retrieval's datastore is sorted and
+    padded for its max_ngram and depth, and copied onto each mesh with its settings: a
+    changed one half-applied); the pytree round trip keeps them."""
+    drafter = make()
+    for name in ("max_ngram", "min_ngram", "depth", "num_candidates"):
+        with pytest.raises(AttributeError, match=f"{name} is fixed when it is made"):
+            setattr(drafter, name, 1)
+    assert drafter.max_ngram == 2 and drafter.depth == 6
+    rebuilt = jax.tree.map(lambda x: x, drafter)
+    assert rebuilt._settings() == drafter._settings() == (2, 1, 6, drafter.num_candidates)
+    assert rebuilt.default_topology().num_nodes == drafter.default_topology().num_nodes
+
+
 def test_draft_model_is_placed_on_a_mesh_once():
     """A draft loaded on other devices than the target's is copied onto the target's mesh by
     the first call and the copy reused by the calls after it."""

@@ -170,6 +170,33 @@ class History:
         return jnp.take_along_axis(self.tokens, idx, axis=1)
 
 
+class LookupDrafter(Drafter):
+    """The settings an n-gram lookup drafter (PromptLookup, Retrieval) is made with, fixed
+    from then on: they are the static data of its compiled programs, a Retrieval's datastore
+    is laid out for them (its suffix order, its padding, its copies on each mesh), and an
+    assignment to one would half-apply. Make a new drafter to change one."""
+
+    SETTINGS = ("max_ngram", "min_ngram", "depth", "num_candidates")
+
+    def _set_settings(self, settings: tuple) -> None:
+        for name, value in zip(self.SETTINGS, settings):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        if name in self.SETTINGS:
+            raise AttributeError(
+                f"{type(self).__name__}'s {name} is fixed when it is made (its compiled "
+                "programs and data are built for it): make a new drafter, e.g. "
+                f"{type(self).__name__}(..., {name}={value!r})")
+        super().__setattr__(name, value)
+
+    def _settings(self) -> tuple[int, int, int, int]:
+        return tuple(getattr(self, name) for name in self.SETTINGS)
+
+    def default_topology(self) -> Topology:
+        return candidates_topology(self.num_candidates, self.depth)
+
+
 def history_capacity(prompt_bucket: int, max_new_tokens: int) -> int:
     return int(prompt_bucket + max_new_tokens + 1)
 

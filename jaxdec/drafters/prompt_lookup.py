@@ -11,13 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
-                                  lookup_settings)
+from jaxdec.drafters.base import History, LookupDrafter, Proposal, lookup_settings
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
 
 
-class PromptLookup(Drafter):
+class PromptLookup(LookupDrafter):
     """Args:
       max_ngram, min_ngram: the n-gram lengths matched, longest first.
       depth: tokens per candidate continuation (the tree's depth).
@@ -25,15 +24,12 @@ class PromptLookup(Drafter):
 
     depth and num_candidates shape the default tree (`default_topology`); a `tree=` given
     to the call replaces it: the candidates then fill its nodes, as deep as it goes.
+    The settings are fixed once made (a new drafter changes one).
     """
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, depth: int = 6,
                  num_candidates: int = 3):
-        self.max_ngram, self.min_ngram, self.depth, self.num_candidates = lookup_settings(
-            max_ngram, min_ngram, depth, num_candidates)
-
-    def _settings(self):
-        return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
+        self._set_settings(lookup_settings(max_ngram, min_ngram, depth, num_candidates))
 
     def __repr__(self) -> str:
         return (f"PromptLookup(max_ngram={self.max_ngram}, min_ngram={self.min_ngram}, "
@@ -44,9 +40,6 @@ class PromptLookup(Drafter):
 
     def __hash__(self):
         return hash((type(self), self._settings()))
-
-    def default_topology(self) -> Topology:
-        return candidates_topology(self.num_candidates, self.depth)
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> History:
         return History.from_prompts(tokens_BT, prompt_lengths_B, max_len + 1)

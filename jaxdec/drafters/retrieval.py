@@ -21,14 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdec.drafters.base import (Drafter, History, Proposal, candidates_topology,
-                                  lookup_settings)
+from jaxdec.drafters.base import History, LookupDrafter, Proposal, lookup_settings
 from jaxdec.parallel import put_on_mesh
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
 
 
-class Retrieval(Drafter):
+class Retrieval(LookupDrafter):
     """Args:
       tokens: the datastore, a 1-D array of token ids (see `from_texts`, `from_directory`).
       max_ngram, min_ngram: the context n-gram lengths looked up, longest first.
@@ -37,6 +36,7 @@ class Retrieval(Drafter):
 
     depth and num_candidates shape the default tree (`default_topology`); a `tree=` given
     to the call replaces it: the candidates then fill its nodes, as deep as it goes.
+    The settings are fixed once made (a new drafter changes one).
 
     The datastore is copied onto a target's devices by the first `speculative_generate` on
     its mesh and kept there (as long as this object lives) for the calls after it.
@@ -46,8 +46,7 @@ class Retrieval(Drafter):
                  num_candidates: int = 4, _suffixes=None, _max_id: int | None = None):
         # `_suffixes` (and `_max_id`, the largest id) are given only when the suffix order is
         # already built (see `prepare`).
-        self.max_ngram, self.min_ngram, self.depth, self.num_candidates = lookup_settings(
-            max_ngram, min_ngram, depth, num_candidates)
+        self._set_settings(lookup_settings(max_ngram, min_ngram, depth, num_candidates))
         if _suffixes is None:  # built on the host from a token stream
             stream = np.asarray(tokens)
             if stream.ndim != 1 or stream.size < 2 or not np.issubdtype(stream.dtype, np.integer):
@@ -122,16 +121,10 @@ class Retrieval(Drafter):
     def size(self) -> int:
         return int(self.suffixes.shape[0])
 
-    def _settings(self):
-        return (self.max_ngram, self.min_ngram, self.depth, self.num_candidates)
-
     def __repr__(self) -> str:
         return (f"Retrieval(<{self.size:,} tokens>, max_ngram={self.max_ngram}, "
                 f"min_ngram={self.min_ngram}, depth={self.depth}, "
                 f"num_candidates={self.num_candidates})")
-
-    def default_topology(self) -> Topology:
-        return candidates_topology(self.num_candidates, self.depth)
 
     def prepare(self, target) -> "Retrieval":
         """Checks the ids against the target and copies the datastore onto its mesh, once
@@ -352,7 +345,7 @@ def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
 def _unflatten(aux, children) -> Retrieval:
     drafter = object.__new__(Retrieval)  # no validation: leaves may be tracers or placeholders
     drafter.tokens, drafter.suffixes = children
-    drafter.max_ngram, drafter.min_ngram, drafter.depth, drafter.num_candidates = aux
+    drafter._set_settings(aux)
     drafter._max_id, drafter._placed = None, {}
     return drafter
 
