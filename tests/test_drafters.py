@@ -395,6 +395,25 @@ def test_a_lookup_drafters_settings_are_fixed_when_made(make):
     assert rebuilt.default_topology().num_nodes == drafter.default_topology().num_nodes
 
 
+def test_a_draft_models_settings_are_fixed_when_made():
+    """A DraftModel keeps the copy it placed on each mesh: a model or proposal assigned
+    afterwards would have been ignored by the next call on that mesh (the old copy's)."""
+    config = jaxdec.ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8)
+    target = jaxdec.init_model(config, jax.random.PRNGKey(0))
+    draft_model = jaxdec.init_model(config, jax.random.PRNGKey(1))
+    drafter = DraftModel(draft_model, tree=tree.chain(2))
+    placed = drafter.prepare(target)
+    for name, value in (("model", target), ("proposal", "iid"), ("tree", tree.chain(3)),
+                        ("target_vocab", 7)):
+        with pytest.raises(AttributeError, match=f"{name} is fixed when it is made"):
+            setattr(drafter, name, value)
+    assert drafter.prepare(target) is placed and drafter.proposal == "auto"
+    rebuilt = jax.tree.map(lambda x: x, placed)
+    assert (rebuilt.proposal, rebuilt.target_vocab, rebuilt.tree) == ("auto", placed.target_vocab,
+                                                                       None)
+
+
 def test_draft_model_is_placed_on_a_mesh_once():
     """A draft loaded on other devices than the target's is copied onto the target's mesh by
     the first call and the copy reused by the calls after it."""

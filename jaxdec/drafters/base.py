@@ -170,25 +170,32 @@ class History:
         return jnp.take_along_axis(self.tokens, idx, axis=1)
 
 
-class LookupDrafter(Drafter):
-    """The settings an n-gram lookup drafter (PromptLookup, Retrieval) is made with, fixed
-    from then on: they are the static data of its compiled programs, a Retrieval's datastore
-    is laid out for them (its suffix order, its padding, its copies on each mesh), and an
-    assignment to one would half-apply. Make a new drafter to change one."""
+class FixedSettings:
+    """A drafter whose settings (`SETTINGS`, set by `_set_settings`) are fixed once it is
+    made: they are the static data of its compiled programs, and what it prepares for a
+    target (a datastore laid out for them, a draft model placed on a mesh) is kept per mesh
+    with them, so an assignment to one would half-apply. Make a new drafter to change one."""
 
-    SETTINGS = ("max_ngram", "min_ngram", "depth", "num_candidates")
+    SETTINGS: tuple[str, ...] = ()
 
-    def _set_settings(self, settings: tuple) -> None:
-        for name, value in zip(self.SETTINGS, settings):
+    def _set_settings(self, values) -> None:
+        for name, value in zip(self.SETTINGS, values, strict=True):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
         if name in self.SETTINGS:
             raise AttributeError(
                 f"{type(self).__name__}'s {name} is fixed when it is made (its compiled "
-                "programs and data are built for it): make a new drafter, e.g. "
-                f"{type(self).__name__}(..., {name}={value!r})")
+                "programs, and what it prepared for a target, are built for it): make a new "
+                f"drafter, {type(self).__name__}(..., {name}=...)")
         super().__setattr__(name, value)
+
+
+class LookupDrafter(FixedSettings, Drafter):
+    """The settings an n-gram lookup drafter (PromptLookup, Retrieval) shares, fixed when
+    made (a Retrieval's datastore is sorted and padded for max_ngram and depth)."""
+
+    SETTINGS = ("max_ngram", "min_ngram", "depth", "num_candidates")
 
     def _settings(self) -> tuple[int, int, int, int]:
         return tuple(getattr(self, name) for name in self.SETTINGS)

@@ -40,7 +40,7 @@ import numpy as np
 from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checks import check_int
-from jaxdec.drafters.base import Drafter, Proposal
+from jaxdec.drafters.base import Drafter, FixedSettings, Proposal
 from jaxdec.model import (Model, check_attention, check_params, family, forward_with_cache,
                           is_abstract, param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
@@ -68,7 +68,7 @@ class DraftState:
     previous: jax.Array
 
 
-class DraftModel(Drafter):
+class DraftModel(FixedSettings, Drafter):
     """Drafts with a (small) jaxdec Model that shares the target's tokenizer.
 
     Args:
@@ -80,7 +80,10 @@ class DraftModel(Drafter):
       target_vocab: the target's vocabulary size, which the proposals' distributions span
         (a draft of a padded vocabulary masks its extra entries); `prepare` sets it from the
         target, so leave it None.
+    The settings are fixed once made (a new DraftModel changes one).
     """
+
+    SETTINGS = ("model", "proposal", "tree", "target_vocab")  # fixed when made
 
     def __init__(self, model: Model, *, proposal: str = "auto",
                  tree: Topology | DynamicTree | None = None,
@@ -90,12 +93,12 @@ class DraftModel(Drafter):
         check_params(model)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-        self.model = model
-        self.proposal = proposal
-        # (validated, and with hashable fields: a Topology built by hand may hold lists)
-        self.tree = None if tree is None else as_topology(tree)
-        self.target_vocab = None if target_vocab is None else check_int("target_vocab",
-                                                                        target_vocab)
+        if target_vocab is not None:
+            target_vocab = check_int("target_vocab", target_vocab)
+        # (the tree validated, and with hashable fields: a Topology built by hand may hold
+        # lists)
+        self._set_settings((model, proposal, None if tree is None else as_topology(tree),
+                            target_vocab))
         # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
         self._placed = {}
 
@@ -552,9 +555,9 @@ def check_vocabularies(target: Model, draft: Model) -> None:
 
 def _unflatten(aux, children) -> DraftModel:
     draft = object.__new__(DraftModel)  # no validation: leaves may be tracers or placeholders
-    (draft.model,) = children
-    draft.proposal, draft.target_vocab = aux
-    draft.tree = None
+    (model,) = children
+    proposal, target_vocab = aux
+    draft._set_settings((model, proposal, None, target_vocab))
     draft._placed = {}
     return draft
 
