@@ -14,14 +14,17 @@ written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +38,7 @@ from jaxdec import parallel
 from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
 from jaxdec.checks import check_bool, check_int, check_model, check_param_dtype
-from jaxdec.config import ModelConfig, read_generation_config, read_json_object
+from jaxdec.config import ModelConfig, read_generation_config, read_json_object, unreachable
 from jaxdec.model import Model, check_runnable, param_shardings
 from jaxdec.models import llama
 
@@ -190,8 +193,7 @@ def _checkpoint_tensors(directory: str) -> dict[str, _TensorInfo]:
         if os.path.exists(path):
             break
         if os.path.islink(path):  # a cache's blob gone
-            raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): an "
-                                    "interrupted download, or a pruned cache?")
+            raise unreachable(path)
     # A single file wins over an index beside it, as transformers reads them (such a pair is
     # a copy's leftovers: jaxdec's export removes the other form).
     if os.path.exists(single_path):
@@ -640,9 +642,12 @@ def save_pretrained(
 
     Files are written to a temporary folder first and flushed to the disk. A new directory
     appears atomically (the folder is renamed into place); into an existing one
-    (`overwrite=True`) each file moves atomically, weights first and config.json last, so
-    that stopped at any point the
-    directory loads as the old model or the new one (`_move_files_into`); the old weight files
+    (`overwrite=True`) each file moves atomically, weights first, then config.json
+    (`_move_files_into`; Ctrl-C waits for the moves), so that stopped at any point the
+    directory loads as the old model or the new one, but for the moment between the weights'
+    rename and config.json's: a crash there (a kill, a power cut) leaves the new weights
+    beside the old config.json (an export of the same architecture loads as the new weights
+    read with the old settings: export again, or into a new directory); the old weight files
     (transformers' names, and the shards the old index names) are removed, and other files
     (e.g. training checkpoints) are kept, as transformers' save_pretrained does. What an
     export killed midway left (its hidden `.jaxdec-export-*` folder, shards no index names)
@@ -650,7 +655,8 @@ def save_pretrained(
 
     Args:
       model: the Model to export.
-      path: target directory; must not exist (or be empty) unless `overwrite`.
+      path: target directory (`~` expanded); must not exist (or be empty) unless
+        `overwrite`.
       dtype: dtype of the written tensors (default: the params' dtype).
       overwrite: write into an existing non-empty directory (see above).
       max_shard_bytes: above this size the weights are split into shards with an index (the
@@ -670,7 +676,7 @@ def save_pretrained(
     if dtype is not None:
         dtype = check_param_dtype(dtype)
     overwrite = check_bool("overwrite", overwrite)
-    target = os.path.abspath(os.fspath(path))
+    target = os.path.abspath(os.path.expanduser(os.fspath(path)))  # (`~` as load_pretrained)
     if isinstance(max_shard_bytes, str):  # transformers' max_shard_size="5GB"
         raise TypeError(f"max_shard_bytes must be a number of bytes (an int), got "
                         f"{max_shard_bytes!r}")
@@ -683,6 +689,8 @@ def save_pretrained(
     # What process 0 refuses it refuses before any gather, and tells the others (who would
     # otherwise wait in their first gather for it).
     try:
+        if writer and os.path.isdir(target):
+            _remove_dead_staging(target)  # (a killed export's: the folder is empty without)
         if writer and os.path.exists(target) and os.listdir(target) and not overwrite:
             raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True)")
         tokenizer_config = _tokenizer_config(model, target) if writer else None
@@ -763,7 +771,8 @@ def save_pretrained(
         # otherwise leave the renamed files empty.
         _flush_to_disk(staging)
         if exists:
-            _move_files_into(staging, target)
+            with interrupts_deferred():  # (renames: Ctrl-C waits microseconds)
+                _move_files_into(staging, target)
         else:
             os.replace(staging, target)
         _flush_to_disk(target if exists else parent, files=False)
@@ -782,6 +791,31 @@ def save_pretrained(
             _unlock_staging(staging, lock)
     _process_zero_succeeded(True)
     return target
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt when the block ends, a
+    second one at once (a save hung on its filesystem stays interruptible). Only in the main
+    thread with Python's own SIGINT handler installed; elsewhere nothing changes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+
+    def note(*_):
+        if received:
+            raise KeyboardInterrupt
+        received.append(True)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _flush_to_disk(directory: str, *, files: bool = True) -> None:
@@ -984,13 +1018,15 @@ def _remove_dead_staging(parent: str) -> None:
 
 def _move_files_into(staging: str, target: str) -> None:
     """Moves an export from `staging` into the existing directory `target` so that, stopped at
-    any point, `target` loads as the old model or the new one, never a mix or nothing:
+    any point, `target` loads as the old model or the new one, never a mix or nothing (but
+    for the new weights beside the old config.json, after a crash between two renames):
 
     - new shards never take an old file's name (renamed in staging where they would), so
       the old index keeps reading old shards while the new ones arrive;
     - one rename commits the weights: `model.safetensors` (a single file wins over an index,
       for transformers and jaxdec), or the new index, then the old single file removed;
-    - then the other files (config.json last), then the old weights no longer named.
+    - then config.json (the next rename: the weights' settings), the other files, and the
+      old weights no longer named are removed.
     Files that are not transformers' weights stay (see `save_pretrained`)."""
     stale = {name for name in os.listdir(target) if _WEIGHT_FILE.fullmatch(name)}
     index = os.path.join(target, INDEX_FILE)
@@ -1012,7 +1048,7 @@ def _move_files_into(staging: str, target: str) -> None:
     else:
         os.replace(os.path.join(staging, SINGLE_FILE), os.path.join(target, SINGLE_FILE))
         placed = {SINGLE_FILE}
-    rest = sorted(set(os.listdir(staging)) - placed, key=lambda name: name == "config.json")
+    rest = sorted(set(os.listdir(staging)) - placed, key=lambda name: name != "config.json")
     for name in rest:
         os.replace(os.path.join(staging, name), os.path.join(target, name))
     for name in sorted(stale - placed):

@@ -283,11 +283,12 @@ class ModelConfig:
             qkv_bias, o_bias, mlp_bias = True, False, False
         else:  # mistral
             qkv_bias = o_bias = mlp_bias = False
-        eos = _ids(hf.get("eos_token_id"))
+        eos = _ids(hf, "eos_token_id")
         if not isinstance(source, Mapping):
             # What transformers' generate stops at: generation_config.json's ids (Llama 3
             # Instruct's end of turn, <|eot_id|>, is listed only there), then config.json's.
-            generation_eos = _ids(read_generation_config(source).get("eos_token_id"))
+            generation_eos = _ids(read_generation_config(source), "eos_token_id",
+                                  label="generation_config.json's")
             eos = generation_eos + tuple(t for t in eos if t not in generation_eos)
         dtype = _hf_dtype(hf)
         hidden_act = hf.get("hidden_act", "silu")
@@ -390,8 +391,16 @@ class ModelConfig:
         return hf
 
 
-def _ids(value) -> tuple:
-    return () if value is None else (tuple(value) if isinstance(value, (list, tuple)) else (value,))
+def _ids(hf: Mapping[str, Any], field: str, *, label: str = "config.json's") -> tuple:
+    """hf[field], a token id or a list of them (null: none), as a tuple of ints."""
+    value = hf.get(field)
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if any(v is None for v in values):
+        raise ValueError(f"{label} {field} must be a token id (an integer >= 0) or a list of "
+                         f"them, got {value!r}")
+    return tuple(_hf_int({field: v}, field, label=label) for v in values)
 
 
 # Typed reads of config.json fields. transformers keeps what it reads as given, so a string
@@ -482,8 +491,24 @@ def _read_hf_config(source) -> dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json at {path}")
+        raise unreachable(path) or FileNotFoundError(f"no config.json at {path}")
     return read_json_object(path)
+
+
+def unreachable(path: str) -> OSError | None:
+    """Why a path that `os.path.exists` denies is there but cannot be read (a broken link: a
+    pruned cache's blob; a folder on the way that may not be searched), or None: absent."""
+    if os.path.islink(path):
+        return FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)}): an "
+                                 "interrupted download, or a pruned cache?")
+    try:
+        os.stat(path)
+    except PermissionError as e:
+        return PermissionError(f"{path} cannot be reached ({e.strerror}): check the "
+                               "permissions of the folders on its way")
+    except OSError:
+        pass
+    return None
 
 
 def read_json_object(path: str) -> dict[str, Any]:

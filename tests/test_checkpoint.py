@@ -313,6 +313,63 @@ def test_an_overwrite_stopped_anywhere_loads_the_old_or_the_new_model(
     assert finished
 
 
+def test_ctrl_c_during_an_overwrites_moves_waits_for_them(loaded, tmp_path, monkeypatch):
+    """Ctrl-C between the weights' rename and config.json's left the new weights beside the
+    old config.json, which loaded silently as a model never trained (the staging folder,
+    the new config.json in it, removed): the moves finish, then KeyboardInterrupt."""
+    import signal
+
+    import jaxdec.checkpoint as checkpoint
+
+    old = loaded("llama-gqa")
+    new = dataclasses.replace(old, params=jax.tree.map(lambda x: x * 0.5, old.params),
+                              config=dataclasses.replace(old.config, rms_norm_eps=1e-3))
+    target = tmp_path / "export"
+    jaxdec.save_pretrained(old, target)
+
+    class InterruptingOs:
+        interrupted = False
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def replace(self, *args):  # Ctrl-C as the first file (the weights) moves
+            if not self.interrupted:
+                self.interrupted = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return os.replace(*args)
+
+    monkeypatch.setattr(checkpoint, "os", InterruptingOs())
+    with pytest.raises(KeyboardInterrupt):
+        jaxdec.save_pretrained(new, target, overwrite=True)
+    monkeypatch.setattr(checkpoint, "os", os)
+    reloaded = jaxdec.load_pretrained(target)
+    assert reloaded.config.rms_norm_eps == 1e-3
+    _params_equal(reloaded.params, new.params)
+    assert not [n for n in os.listdir(target) if n.startswith(checkpoint._STAGING)]
+
+
+def test_a_killed_export_into_an_empty_directory_does_not_block_the_next(loaded, tmp_path):
+    """The staging folder a killed export left in an empty directory made the same call
+    again fail ("exists and is not empty"); it is removed first. `~` is the user's home as
+    for load_pretrained (a literal `./~` folder was made)."""
+    from jaxdec.checkpoint import _STAGING, _STAGING_LOCK
+
+    home = tmp_path / "home"
+    target = home / "export"
+    dead = target / f"{_STAGING}dead"
+    dead.mkdir(parents=True)
+    (dead / _STAGING_LOCK).write_bytes(b"")
+    (dead / "model.safetensors").write_bytes(b"copy")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        patch.chdir(tmp_path)
+        assert jaxdec.save_pretrained(loaded("llama-gqa"), "~/export") == str(target)
+        assert not (tmp_path / "~").exists()
+        _params_equal(jaxdec.load_pretrained("~/export").params, loaded("llama-gqa").params)
+    assert _STAGING + "dead" not in os.listdir(target)
+
+
 def test_a_config_no_checkpoint_can_express_fails_before_the_weights(loaded, tmp_path,
                                                                      monkeypatch):
     """A config its model type cannot write (here two window sizes): refused before any

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import re
 
 import numpy as np
@@ -393,6 +394,12 @@ def test_config_is_hashable_static_argument():
 def test_missing_and_corrupt_config_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_hf(tmp_path)
+    # A Hugging Face cache's link to a pruned blob was "no config.json".
+    os.symlink("../blobs/0123abcd", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"config.json is a broken link \(to "
+                                                r"../blobs/0123abcd\): an interrupted"):
+        ModelConfig.from_hf(tmp_path)
+    os.remove(tmp_path / "config.json")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_hf(tmp_path)
@@ -412,6 +419,18 @@ def test_stop_ids_from_generation_config(tmp_path):
     assert ModelConfig.from_hf(tmp_path).eos_token_ids == (126, 100)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True}))
     assert ModelConfig.from_hf(tmp_path).eos_token_ids == (100,)
+    # An id that is no integer was refused later, by ModelConfig, naming neither file.
+    for where in ("config.json", "generation_config.json"):
+        for bad in ("2", [126, None], 1.5, True):
+            fields = {"eos_token_id": bad}
+            (tmp_path / "generation_config.json").write_text(json.dumps(
+                fields if where != "config.json" else {}))
+            (tmp_path / "config.json").write_text(json.dumps(dict(
+                BASE, model_type="llama", **(fields if where == "config.json" else {}))))
+            with pytest.raises(ValueError, match=f"^{where}'s eos_token_id must be"):
+                ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(BASE, model_type="llama",
+                                                          eos_token_id=100)))
     for broken in ("{not json", "[1, 2]"):
         (tmp_path / "generation_config.json").write_text(broken)
         with pytest.warns(UserWarning, match="ignoring .*generation_config.json"):

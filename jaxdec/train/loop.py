@@ -23,9 +23,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 import warnings
 from typing import Any, Callable
@@ -37,6 +35,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdec import data, parallel
+from jaxdec.checkpoint import interrupts_deferred
 from jaxdec.checks import check_bool, check_int
 from jaxdec.train.presets import PRESETS, Preset, get_preset
 
@@ -128,6 +127,7 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
         raise TypeError(f"out must be a directory path (str or os.PathLike), got {out!r}")
     if not os.fspath(out):
         raise ValueError("out='' names no directory: pass the run directory's path")
+    out = os.path.expanduser(os.fspath(out))  # (`~` as load_pretrained reads the result)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out={os.fspath(out)} is a file: the run directory must be a "
                          "directory (new, or an earlier run's)")
@@ -141,7 +141,7 @@ def check_run(preset, out, *, steps, steps_field: str, resume, force, seed, log)
         raise ValueError(f"seed must be < 2**32, got {seed}")
     if not callable(log):
         raise TypeError(f"log must be callable (it is given each progress line), got {log!r}")
-    return preset, os.fspath(out), steps, seed
+    return preset, out, steps, seed
 
 
 def is_lead() -> bool:
@@ -414,7 +414,7 @@ class Checkpoints:
     def save(self, step: int, state: Any) -> None:
         # Ctrl-C waits for the save's start (orbax's save, cut part way, logs a failed
         # finalize and forgets the step, whose checkpoint is then written all the same).
-        with _interrupts_deferred():
+        with interrupts_deferred():
             self.manager.save(step, args=self._ocp.args.StandardSave(state))
 
     def saved_step(self) -> int | None:
@@ -472,31 +472,6 @@ class Checkpoints:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt when the block ends, a
-    second one at once (a save hung on its filesystem stays interruptible). Only in the main
-    thread with Python's own SIGINT handler installed; elsewhere nothing changes."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    received = []
-
-    def note(*_):
-        if received:
-            raise KeyboardInterrupt
-        received.append(True)
-
-    previous = signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
