@@ -453,8 +453,9 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     Returns:
       A Model whose params are placed with the mesh's sharding; `.tokenizer` is set when the
       directory has tokenizer.json, `.chat_template` when it has a chat template
-      (`jaxdec.chat.load_chat_template`), `.generation_config` (a dict) when it has
-      generation_config.json (`save_pretrained` writes it back).
+      (`jaxdec.chat.load_chat_template`), `.generation_config` and `.tokenizer_config`
+      (dicts) when it has generation_config.json and tokenizer_config.json
+      (`save_pretrained` writes them back).
     """
     directory = checkpoint_dir(path)
     config = ModelConfig.from_hf(directory)
@@ -514,7 +515,18 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
     return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
                  chat_template=_chat_template(directory),
-                 generation_config=read_generation_config(directory, warn=False) or None)
+                 generation_config=read_generation_config(directory, warn=False) or None,
+                 tokenizer_config=_read_tokenizer_config(directory))
+
+
+def _read_tokenizer_config(directory: str) -> dict | None:
+    """The directory's tokenizer_config.json, or None where it has none or it is no JSON
+    object (loading the chat template names that)."""
+    path = os.path.join(directory, TOKENIZER_CONFIG)
+    try:
+        return read_json_object(path) if os.path.isfile(path) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _refuse_quantized(directory: str, tensors: dict[str, _TensorInfo],
@@ -860,13 +872,19 @@ def _process_zero_succeeded(ok: bool) -> bool:
 
 def _tokenizer_config(model: Model, target: str) -> dict | None:
     """What save_pretrained writes to tokenizer_config.json (where transformers 4.x and 5.x
-    both read a chat template): the model's chat template and special tokens, over the
-    target's own file when it has one (its other fields kept). Without a template, a model
-    with a tokenizer writes its config's special tokens (bos, eos, pad) where the target has
-    no such file; else None."""
+    both read a chat template): the target's own file, else the model's `tokenizer_config`
+    (the one it was loaded with: transformers' tokenizer settings, such as its padding side),
+    with the model's chat template and special tokens over it. A model with neither file
+    nor template but a tokenizer writes its config's special tokens (bos, eos, pad); a target
+    with a file and a model without a template: None (the file is kept as it is)."""
     path = os.path.join(target, TOKENIZER_CONFIG)
     if model.chat_template is None:
-        if model.tokenizer is None or os.path.exists(path):
+        if os.path.exists(path):
+            return None
+        if isinstance(model.tokenizer_config, dict):
+            # (a template it names is one the model was given without: not written back)
+            return {k: v for k, v in model.tokenizer_config.items() if k != "chat_template"}
+        if model.tokenizer is None:
             return None
         # Without one (a model jaxdec trained), the config's special tokens, so that
         # transformers' tokenizer knows them (its eos, bos and pad tokens were None).
@@ -878,7 +896,7 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
             if token is not None:
                 special[name] = token
         return dict(special, tokenizer_class="PreTrainedTokenizerFast") if special else None
-    existing = {}
+    existing = model.tokenizer_config if isinstance(model.tokenizer_config, dict) else {}
     if os.path.isfile(path):
         try:
             existing = read_json_object(path)

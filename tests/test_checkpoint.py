@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -391,6 +392,21 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     assert model.tokenizer.decode(model.tokenizer.encode("hello the fox").ids) == "hello the fox"
     out = jaxdec.save_pretrained(model, tmp_path / "export")
     assert jaxdec.load_pretrained(out).tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    # transformers' tokenizer settings travel too (a new directory got the special tokens
+    # alone: transformers' tokenizer of the export padded on the right, not the left); a
+    # template the model was given without is not written back.
+    settings = dict(padding_side="left", model_max_length=77, eos_token="</s>",
+                    chat_template="{{ messages[0]['content'] }}")
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps(settings))
+    model = dataclasses.replace(jaxdec.load_pretrained(directory), chat_template=None)
+    assert model.tokenizer_config == settings
+    out = jaxdec.save_pretrained(model, tmp_path / "again")
+    written = json.loads((Path(out) / "tokenizer_config.json").read_text())
+    assert written == {k: v for k, v in settings.items() if k != "chat_template"}
+    with_template = jaxdec.load_pretrained(directory)
+    written = json.loads(Path(jaxdec.save_pretrained(with_template, tmp_path / "third"),
+                              "tokenizer_config.json").read_text())
+    assert written == settings
 
 
 def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):
