@@ -17,7 +17,7 @@ from jaxdec.checks import check_bool, check_model, check_untraced
 from jaxdec.drafters.base import Drafter, check_drafter
 from jaxdec.generate import (GenerateResult, _program, bucket_length, output_capacity,
                              prepare_batch, python_ints, read_timings, registered_stream)
-from jaxdec.model import Model, param_dtype
+from jaxdec.model import Model, is_abstract, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.speculative import SpeculativeResult, proposal_kind, spec_result
 from jaxdec.speculative import _program as _spec_program
@@ -75,8 +75,10 @@ class PrefixCache:
     raises RuntimeError.
 
     Attributes:
-      tokens: the token ids the cache holds, in order (the last call's prompt and its output
-        but the last token, which was never fed back); with `rows` > 1 one such list a row.
+      tokens: the conversation's token ids, in order (the last completed call's prompt and
+        its output but the last token, which was never fed back: what the cache holds); with
+        `rows` > 1 one such list a row. A call that fails part way leaves the record and
+        empties the caches (the next call prefills its prompt whole).
     """
 
     @parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
@@ -92,6 +94,11 @@ class PrefixCache:
             raise ValueError(f"max_len={max_len} exceeds the model's {model.config.max_positions} "
                              f"positions ({model.config.describe_max_positions()})")
         check_drafter(drafter, optional=True)
+        for name, value in (("model", model), ("drafter", drafter)):
+            if value is not None and is_abstract(value):
+                raise ValueError(f"the {name}'s params are shapes only (jaxdec.abstract_model): "
+                                 "a PrefixCache runs its calls (compile programs ahead with "
+                                 "generate's or speculative_generate's compile_only=True)")
         if drafter is None and tree is not None:
             raise ValueError("tree is the shape of a drafter's proposals: it needs a drafter")
         self.model, self.max_len, self.rows = model, max_len, rows
@@ -121,15 +128,20 @@ class PrefixCache:
 
     @property
     def tokens(self) -> list[int] | list[list[int]]:
-        """What the cache holds (a list of ids; with `rows`, one per row): a copy, so a next
-        turn built on it (`prompt = session.tokens; prompt += ...`) leaves the record alone."""
-        return list(self._tokens[0]) if self.rows == 1 else [list(t) for t in self._tokens]
+        """The conversation so far (a list of ids; with `rows`, one per row): the last
+        completed call's prompt and its output but the last token, which is what the cache
+        holds. A copy, so a next turn built on it (`prompt = session.tokens; prompt += ...`)
+        leaves the record alone. A call that fails part way (a `stream` raising to cancel,
+        Ctrl-C) loses the caches it was given: the record stays, and the next call prefills
+        its prompt whole."""
+        return list(self._record[0]) if self.rows == 1 else [list(t) for t in self._record]
 
     def _reset(self) -> None:
         """Empty caches (and no drafter state): the next call prefills its prompts whole."""
         self.cache = init_cache(self.model.config, self._slots, self.max_len,
                                 dtype=param_dtype(self.model), mesh=self.model.mesh)
-        self._tokens: list[list[int]] = [[] for _ in range(self.rows)]
+        self._tokens: list[list[int]] = [[] for _ in range(self.rows)]  # what the cache holds
+        self._record = self._tokens  # (`tokens`)
         self._drafter_state, self._drafter_held = None, None
 
     def _prompts(self, prompt) -> list:
@@ -234,7 +246,9 @@ class PrefixCache:
                         profile=profile, logprobs=return_logprobs, rows=np.int32(self.rows))
                 outputs = jax.block_until_ready(outputs)
         except BaseException:  # the donated caches may be gone: start the next call afresh
+            record = self._record
             self._reset()
+            self._record = record
             raise
         self.cache = cache
         produced, counts = parallel.to_host(outputs[0]), parallel.to_host(outputs[1])
@@ -242,6 +256,7 @@ class PrefixCache:
         held = parallel.to_host(cache.lengths)
         self._tokens = [(row + produced[b, :counts[b]].tolist())[:held[b]]
                         for b, row in enumerate(ids[:self.rows])]
+        self._record = self._tokens
         if self.drafter is not None:
             drafter_held = self.drafter.held_length(drafter_state)
             if drafter_held is not None:

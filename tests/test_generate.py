@@ -452,6 +452,36 @@ def test_prefix_cache_bad_arguments(loaded):
         jaxdec.generate(model, [list(range(3, 9))], max_new_tokens=2).tokens)
     with pytest.raises(TypeError, match="return_logprobs must be a bool"):
         session.generate([1, 2], max_new_tokens=2, return_logprobs=1)
+    # Shapes only: refused when made (the first call compiled, then failed inside jax).
+    abstract = jaxdec.abstract_model(model.config)
+    with pytest.raises(ValueError, match="the model's params are shapes only"):
+        jaxdec.PrefixCache(abstract, max_len=16)
+    with pytest.raises(ValueError, match="the drafter's params are shapes only"):
+        jaxdec.PrefixCache(model, max_len=16, drafter=DraftModel(abstract))
+
+
+def test_a_cancelled_call_keeps_the_sessions_conversation(loaded):
+    """A stream raising to cancel a call loses the caches it was given; the session's record
+    stays (it was emptied: a next turn built from `session.tokens` dropped the whole
+    conversation, silently), and the next call prefills its prompt whole."""
+    model = loaded(VARIANT)
+    session = jaxdec.PrefixCache(model, max_len=48)
+    first = session.generate([1, 2, 3, 4], max_new_tokens=4)
+    held = session.tokens
+    assert held == [1, 2, 3, 4] + first.to_lists()[0][:3]
+
+    class Cancel(Exception):
+        pass
+
+    def stream(step, *_):
+        raise Cancel
+
+    with pytest.raises(Cancel):
+        session.generate(held + [first.to_lists()[0][3], 9], max_new_tokens=4, stream=stream)
+    assert session.tokens == held and "holding=0 tokens" in repr(session)
+    follow = session.tokens + [first.to_lists()[0][3], 5]
+    np.testing.assert_array_equal(session.generate(follow, max_new_tokens=3).tokens,
+                                  jaxdec.generate(model, [follow], max_new_tokens=3).tokens)
 
 
 def test_a_prefix_cache_decodes_one_call_at_a_time(loaded):
