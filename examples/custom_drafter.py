@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxdec
-from jaxdec.drafters import Drafter, Proposal, candidates_topology
-from jaxdec.verify import ProposalKind
+from jaxdec.drafters import Drafter, Proposal, ProposalKind, candidates_topology
 
 
 @jax.tree_util.register_dataclass

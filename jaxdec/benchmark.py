@@ -186,6 +186,16 @@ def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> l
     return rng.integers(0, vocab_size, (batch, length)).tolist()
 
 
+DEFAULT_CONTEXT = 2048
+
+
+def default_context(config, new_tokens: int) -> int:
+    """`DEFAULT_CONTEXT`, or less where the model's positions end before a benchmark of it
+    and `new_tokens` would."""
+    room = config.max_positions - (new_tokens - new_tokens // 2)  # (see `prompt_length`)
+    return max(1, min(DEFAULT_CONTEXT, room))
+
+
 def check_positions(config, context: int, new_tokens: int) -> None:
     """A ValueError unless a benchmark of `context` and `new_tokens` fits the config's
     positions."""
@@ -197,7 +207,7 @@ def check_positions(config, context: int, new_tokens: int) -> None:
             f"the model's {limit} ({config.describe_max_positions()})")
 
 
-def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = 2048,
+def decode_speed(model, batch_sizes: Sequence[int] = (1,), *, context: int = DEFAULT_CONTEXT,
                  new_tokens: int = 128, warmup: int = 1, repeats: int = 3,
                  bandwidth_gbps: float | None = None) -> list[dict]:
     """Greedy decode speed of `model` (a `jaxdec.Model`), one record per batch size.

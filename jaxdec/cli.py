@@ -130,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                       "describes")
     bench.add_argument("--batch-sizes", type=_positive_ints, default=(1,),
                        help="rows decoded together, e.g. 1,16 (default 1)")
-    bench.add_argument("--context", type=_positive_int, default=2048,
-                       help="average cached tokens a decode step attends to (default 2048)")
+    bench.add_argument("--context", type=_positive_int, default=None,
+                       help="average cached tokens a decode step attends to (default 2048, "
+                       "or as many as the model's positions leave room for)")
     bench.add_argument("--new-tokens", type=_new_tokens, default=128,
                        help="tokens produced per row (default 128)")
     bench.add_argument("--dtype", type=_dtype, default=None,
@@ -725,7 +726,8 @@ def _bench(args) -> None:
 
     distributed = _join_processes(args)  # before anything starts jax's backends
     with parallel.together("checking its options and files"):
-        benchmark.prompt_length(args.context, args.new_tokens)  # a clear error before loading
+        if args.context is not None:  # a clear error before loading
+            benchmark.prompt_length(args.context, args.new_tokens)
         # Checked before the benchmark runs (its records would be lost), where it is written.
         if args.json == "-":  # (a file named "-" was written)
             raise ValueError("--json -: give a file path (the table goes to standard output)")
@@ -744,6 +746,8 @@ def _bench(args) -> None:
         else:
             config, name = jaxdec.ModelConfig.from_hf(args.config), f"shape of {args.config}"
         check_divisibility(config, mesh)
+        if args.context is None:  # (a model of 2048 positions cannot take 2048 and more)
+            args.context = benchmark.default_context(config, args.new_tokens)
         benchmark.check_positions(config, args.context, args.new_tokens)
         if args.dtype is not None:
             check_param_dtype(args.dtype)

@@ -219,6 +219,21 @@ def test_cli_bench_refuses_before_measuring(capsys, monkeypatch, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_cli_bench_fits_its_default_context_to_the_models_positions(tmp_path, capsys):
+    """The default --context is 2048 where the positions allow: a model of 2048 positions
+    (Llama 1, TinyLlama) was refused the benchmark its README command names."""
+    config_dir = tmp_path / "shape"
+    config_dir.mkdir()
+    (config_dir / "config.json").write_text(json.dumps(
+        dataclasses.replace(TINY, max_position_embeddings=64).to_hf()))
+    out = tmp_path / "records.json"
+    assert main(["bench", "--config", str(config_dir), "--new-tokens", "7", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["context"] == 64 - 4 and record["prompt_len"] + 7 == 64
+    assert benchmark.default_context(TINY.replace(max_position_embeddings=10**6), 128) == 2048
+
+
 def test_cli_bench_unknown_shape(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--shape", "llama-9000"])

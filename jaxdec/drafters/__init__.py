@@ -6,5 +6,7 @@ from jaxdec.drafters.base import Drafter, Proposal, candidates_topology
 from jaxdec.drafters.draft_model import DraftModel
 from jaxdec.drafters.prompt_lookup import PromptLookup
 from jaxdec.drafters.retrieval import Retrieval
+from jaxdec.verify import ProposalKind  # (a Proposal's kind: a drafter of your own names one)
 
-__all__ = ["DraftModel", "Drafter", "PromptLookup", "Proposal", "Retrieval", "candidates_topology"]
+__all__ = ["DraftModel", "Drafter", "PromptLookup", "Proposal", "ProposalKind", "Retrieval",
+           "candidates_topology"]
