@@ -786,7 +786,15 @@ def save_pretrained(
             with interrupts_deferred():  # (renames: Ctrl-C waits microseconds)
                 _move_files_into(staging, target)
         else:
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except OSError as e:
+                if not os.path.isdir(target):
+                    raise
+                raise FileExistsError(
+                    f"{target} appeared while this export was writing (another save to the "
+                    "same path?): it was left as the other one made it; save again with "
+                    "overwrite=True to replace it") from e
         _flush_to_disk(target if exists else parent, files=False)
     except Exception:
         if jax.process_count() > 1:

@@ -3,6 +3,7 @@ its cache holds prefills only the rest, with plain or speculative decoding."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import threading
 from typing import Callable, Sequence
@@ -72,7 +73,8 @@ class PrefixCache:
     (`Drafter.resume`).
 
     A session decodes one call at a time: a call while another runs (from another thread)
-    raises RuntimeError.
+    raises RuntimeError. `copy.deepcopy(session)` (or `copy.copy`) branches the conversation:
+    a session of its own caches and record, sharing the model and drafter.
 
     Attributes:
       tokens: the conversation's token ids, in order (the last completed call's prompt and
@@ -111,7 +113,7 @@ class PrefixCache:
         self._busy = threading.Lock()
         self._reset()
 
-    def __getstate__(self) -> dict:  # (copy.deepcopy: a conversation branched)
+    def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_busy"]  # a lock is no state: the copy gets its own
         return state
@@ -119,6 +121,21 @@ class PrefixCache:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._busy = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> "PrefixCache":
+        """A branch of the conversation: its own caches and record, the same model and
+        drafter (a copy of their weights was a whole model's more memory per branch)."""
+        for shared in (self.model, self.drafter, self.topology):
+            memo[id(shared)] = shared
+        branch = object.__new__(type(self))
+        memo[id(self)] = branch
+        branch.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return branch
+
+    def __copy__(self) -> "PrefixCache":
+        """As `copy.deepcopy`: two sessions cannot share caches (each call donates its own;
+        the other's next call failed inside XLA on a deleted buffer)."""
+        return self.__deepcopy__({})
 
     def __repr__(self) -> str:
         held = [len(t) for t in self._tokens]

@@ -439,6 +439,26 @@ def test_a_new_export_directory_has_the_mode_a_new_directory_gets(loaded, tmp_pa
     assert os.stat(out).st_mode == os.stat(tmp_path / "plain").st_mode
 
 
+def test_a_directory_another_save_made_meanwhile_is_named(loaded, tmp_path, monkeypatch):
+    """Two saves to one new path at once: the later rename failed with a bare OSError
+    ("Directory not empty"); the first one's directory is left whole."""
+    import jaxdec.checkpoint as checkpoint
+
+    target = tmp_path / "same"
+    write = checkpoint._write_weights
+
+    def racing(*args):
+        write(*args)
+        target.mkdir()
+        (target / "config.json").write_text("{}")  # the other save's, finished first
+
+    monkeypatch.setattr(checkpoint, "_write_weights", racing)
+    with pytest.raises(FileExistsError, match="appeared while this export was writing"):
+        jaxdec.save_pretrained(loaded("llama-gqa"), target)
+    assert os.listdir(target) == ["config.json"]
+    assert [n for n in os.listdir(tmp_path) if n != "same"] == []
+
+
 def test_save_refuses_a_non_empty_directory_and_leaves_no_temporaries(loaded, tmp_path):
     target = tmp_path / "out"
     target.mkdir()

@@ -375,6 +375,12 @@ def test_retrieval_copies_its_datastore_once_per_mesh():
     for datastore in (drafter, placed, jax.tree.map(lambda x: x, placed)):
         with pytest.raises(ValueError, match="encoded with the target's tokenizer"):
             datastore.prepare(small)
+    # The copies of the two meshes used last are kept (a drafter tried on mesh after mesh
+    # kept a copy on each, on the same devices, as long as it lived).
+    on_dp = jaxdec.init_model(config, jax.random.PRNGKey(0), mesh=jaxdec.make_mesh(dp=2))
+    assert drafter.prepare(on_dp).tokens.sharding.mesh == on_dp.mesh
+    assert len(drafter._placed) == 2 and drafter.prepare(on_two) is other
+    assert drafter.prepare(target) is not placed  # the oldest: copied again
 
 
 @pytest.mark.parametrize("make", [lambda: PromptLookup(max_ngram=2),

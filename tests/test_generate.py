@@ -509,9 +509,13 @@ def test_a_prefix_cache_decodes_one_call_at_a_time(loaded):
     # '_thread.lock' object"): each branch its own session.
     import copy
 
-    branch = copy.deepcopy(session)
+    branch, shallow = copy.deepcopy(session), copy.copy(session)
+    # (sharing the model: a branch copied every weight; a shallow copy shared the donated
+    # cache, and the other session's next call failed inside XLA)
+    assert branch.model is session.model is shallow.model
+    assert branch.cache.layers[0].k is not session.cache.layers[0].k
     follow = session.tokens + again.to_lists()[0]
-    for s in (branch, session):
+    for s in (branch, shallow, session):
         np.testing.assert_array_equal(s.generate(follow + [9], max_new_tokens=2).tokens,
                                       jaxdec.generate(model, [follow + [9]],
                                                       max_new_tokens=2).tokens)

@@ -20,6 +20,7 @@ filler rows (to a multiple of dp; they decode nothing).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -168,6 +169,33 @@ class History:
         """[B, n]: the last n tokens of each row (clipped at the start)."""
         idx = jnp.clip(self.length[:, None] - n + jnp.arange(n, dtype=jnp.int32)[None, :], 0, None)
         return jnp.take_along_axis(self.tokens, idx, axis=1)
+
+
+class PlacedCopies:
+    """What a drafter prepared for targets' meshes (its datastore, or its draft model, copied
+    onto their devices), by key, the `MAX_KEPT` most recently used kept: a drafter tried on
+    one mesh after another (a notebook trying layouts) held a copy for each, on the same
+    devices, as long as it lived."""
+
+    MAX_KEPT = 2
+
+    def __init__(self):
+        self._entries = collections.OrderedDict()
+
+    def get(self, key, default=None):
+        if key not in self._entries:
+            return default
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX_KEPT:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class FixedSettings:

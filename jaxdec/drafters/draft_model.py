@@ -40,7 +40,7 @@ import numpy as np
 from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checks import check_int
-from jaxdec.drafters.base import Drafter, FixedSettings, Proposal
+from jaxdec.drafters.base import Drafter, FixedSettings, PlacedCopies, Proposal
 from jaxdec.model import (Model, check_attention, check_params, family, forward_with_cache,
                           is_abstract, param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
@@ -74,7 +74,7 @@ class DraftModel(FixedSettings, Drafter):
     Args:
       model: the draft Model (e.g. from `jaxdec train draft`). Load it on the target's mesh
         (`mesh=target.mesh`); otherwise the first call on a mesh copies it there (and the copy
-        is kept, as long as this object lives, for the calls after it).
+        is kept for the calls after it: those of the two meshes used last).
       proposal: how children are chosen (see the module docstring).
       tree: the default tree when `speculative_generate` gets none (chain(4)).
       target_vocab: the target's vocabulary size, which the proposals' distributions span
@@ -100,7 +100,7 @@ class DraftModel(FixedSettings, Drafter):
         self._set_settings((model, proposal, None if tree is None else as_topology(tree),
                             target_vocab))
         # (mesh, target vocabulary) -> (the target tokenizer checked, the draft prepared)
-        self._placed = {}
+        self._placed = PlacedCopies()
 
     def __repr__(self) -> str:
         return (f"DraftModel(<{self.model.config.num_layers} layers, "
@@ -133,7 +133,8 @@ class DraftModel(FixedSettings, Drafter):
 
     def prepare(self, target: Model) -> "DraftModel":
         """Checks the vocabularies and places the draft on the target's mesh, once per mesh
-        and target tokenizer: later calls get the same copy (where both models carry a
+        and target tokenizer (those of the two meshes used last kept): later calls get the
+        same copy (where both models carry a
         tokenizer, the check compares them: 0.6 s for 128K entries on a CPU core)."""
         draft = self.model
         key = (target.mesh, target.config.vocab_size)
@@ -558,7 +559,7 @@ def _unflatten(aux, children) -> DraftModel:
     (model,) = children
     proposal, target_vocab = aux
     draft._set_settings((model, proposal, None, target_vocab))
-    draft._placed = {}
+    draft._placed = PlacedCopies()
     return draft
 
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdec.drafters.base import History, LookupDrafter, Proposal, lookup_settings
+from jaxdec.drafters.base import (History, LookupDrafter, PlacedCopies, Proposal,
+                                  lookup_settings)
 from jaxdec.parallel import put_on_mesh
 from jaxdec.tree import Topology, from_candidates
 from jaxdec.verify import ProposalKind
@@ -39,7 +40,7 @@ class Retrieval(LookupDrafter):
     The settings are fixed once made (a new drafter changes one).
 
     The datastore is copied onto a target's devices by the first `speculative_generate` on
-    its mesh and kept there (as long as this object lives) for the calls after it.
+    its mesh and kept there for the calls after it (those of the two meshes used last).
     """
 
     def __init__(self, tokens, *, max_ngram: int = 4, min_ngram: int = 1, depth: int = 6,
@@ -62,7 +63,7 @@ class Retrieval(LookupDrafter):
         self.tokens = tokens
         self.suffixes = _suffixes
         self._max_id = _max_id
-        self._placed = {}  # mesh -> this datastore on its devices
+        self._placed = PlacedCopies()  # mesh -> this datastore on its devices
 
     @classmethod
     def from_texts(cls, texts, tokenizer, *, cache_dir: str | os.PathLike | None = None,
@@ -346,7 +347,7 @@ def _unflatten(aux, children) -> Retrieval:
     drafter = object.__new__(Retrieval)  # no validation: leaves may be tracers or placeholders
     drafter.tokens, drafter.suffixes = children
     drafter._set_settings(aux)
-    drafter._max_id, drafter._placed = None, {}
+    drafter._max_id, drafter._placed = None, PlacedCopies()
     return drafter
 
 
