@@ -209,6 +209,8 @@ def from_parents(parents: Sequence[int], ranks: Sequence[int] | None = None) -> 
     ranks = [_rank(r) for r in ranks]
     if len(ranks) != len(parents):
         raise ValueError("ranks must be one non-negative int per node")
+    if ranks[0] != 0:  # (a tree of another root rank drafted the same, compiled its own)
+        raise ValueError(f"the root has no siblings: its rank must be 0, got {ranks[0]}")
     if max(ranks) >= MAX_NODES:  # a node's children table is as wide as its largest rank
         raise ValueError(f"child ranks must be < {MAX_NODES} (a tree's most nodes), got "
                          f"{max(ranks)}")

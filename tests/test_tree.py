@@ -66,7 +66,8 @@ def test_invalid_trees(parents, match):
 
 def test_invalid_ranks_and_arguments():
     for ranks, match in [([0, 0.5], "child ranks must be ints"), ([0, -1], "ints >= 0"),
-                         ([0, 5 * 10**7], "child ranks must be < 256"), ([0], "one")]:
+                         ([0, 5 * 10**7], "child ranks must be < 256"), ([0], "one"),
+                         ([3, 0], "the root has no siblings: its rank must be 0, got 3")]:
         with pytest.raises(ValueError, match=match):
             tree.from_parents([-1, 0], ranks=ranks)
     with pytest.raises(ValueError, match="must be < 256"):  # not a 1 GB children table first
