@@ -288,9 +288,10 @@ def _generate(args) -> None:
     # every process's).
     say = _printer()
     stream = None
-    # The continuation of a prompt shown before it is decoded after the prompt's ids (a
-    # SentencePiece decoder drops a text's leading space: "hello" "world").
-    context = prompt if echo else None
+    # The continuation of a prompt (shown before it, or the user's file) is decoded after
+    # the prompt's ids (a SentencePiece decoder drops a text's leading space: "hello"
+    # "world"); a chat reply, as transformers' chat decodes it, alone.
+    context = None if args.chat else prompt
     ctrl_c = _CtrlC(stop=not distributed)
     if args.stream:
         say(echo, end="", flush=True)

@@ -222,21 +222,23 @@ def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
 def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, monkeypatch):
     """A long prompt (a document for prompt lookup) comes from a file; only the continuation
     is printed: the same as the continuation of --prompt with that text."""
-    text = "hello the fox\nquick brown"
-    assert main(["generate", "--model", tokenized_checkpoint, "--prompt", text,
-                 "--max-new-tokens", "5", "--ignore-eos"]) == 0
-    echoed = capsys.readouterr().out
-    continuation = echoed[:-1][len(text):]
-    path, bom = tmp_path / "prompt.txt", tmp_path / "bom.txt"
-    path.write_text(text)
-    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # (a BOM is not the prompt's text)
-    for source, given in ((str(path), text), (str(bom), text), ("-", text),
-                          ("-", "\ufeff" + text)):
-        monkeypatch.setattr("sys.stdin", io.StringIO(given))
-        assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", source,
+    # (The second's continuation begins with a word: decoded alone, a SentencePiece decoder
+    # dropped its leading space, "the quickfox" for "the quick fox".)
+    for text in ("hello the fox\nquick brown", "the quick"):
+        assert main(["generate", "--model", tokenized_checkpoint, "--prompt", text,
                      "--max-new-tokens", "5", "--ignore-eos"]) == 0
-        captured = capsys.readouterr()
-        assert captured.out[:-1] == continuation and "5 tokens" in captured.err
+        echoed = capsys.readouterr().out
+        continuation = echoed[:-1][len(text):]
+        path, bom = tmp_path / "prompt.txt", tmp_path / "bom.txt"
+        path.write_text(text)
+        bom.write_bytes(b"\xef\xbb\xbf" + text.encode())  # (a BOM is not the prompt's text)
+        for source, given, stream in ((str(path), text, []), (str(bom), text, ["--stream"]),
+                                      ("-", text, []), ("-", "\ufeff" + text, [])):
+            monkeypatch.setattr("sys.stdin", io.StringIO(given))
+            assert main(["generate", "--model", tokenized_checkpoint, "--prompt-file", source,
+                         "--max-new-tokens", "5", "--ignore-eos", *stream]) == 0
+            captured = capsys.readouterr()
+            assert captured.out[:-1] == continuation and "5 tokens" in captured.err
 
 
 @pytest.mark.parametrize("content,message", [
