@@ -167,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--steps", type=_positive_int, default=None)
         sub.add_argument("--seed", type=_seed, default=0)
         sub.add_argument("--dp", type=_positive_int, default=None,
-                         help="data-parallel devices (default: as many of one process's "
-                         "accelerators as divide the batch, or with several processes every "
-                         "device; 1 CPU)")
+                         help="data-parallel devices (default: a resumed run's own where "
+                         "the machine has them; as many of one process's accelerators as "
+                         "divide the batch, or with several processes every device; 1 CPU)")
         again = sub.add_mutually_exclusive_group()
         again.add_argument("--resume", action="store_true", help="continue the run in --out")
         again.add_argument("--force", action="store_true", help="delete the run in --out first")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,9 @@ def test_resume_on_a_data_parallel_mesh(tmp_path):
     shutil.rmtree(out / "checkpoints" / str(MICRO.target_steps))
     os.remove(out / "metrics.json")   # (written last: a finished run is not resumed)
     lines = []
-    again = train_lm(MICRO, out, dp=2, resume=True, log=lines.append)
+    with warnings.catch_warnings():  # (no dp given: the run's own, not the CPU default of 1,
+        warnings.simplefilter("error", RuntimeWarning)  # which warned and was inexact)
+        again = train_lm(MICRO, out, resume=True, log=lines.append)
     assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every}" in lines
     for a, b in zip(jax.tree.leaves(jaxdec.load_pretrained(out).params), weights):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -143,7 +146,7 @@ def test_divergences_hand_computed():
 
 
 def test_seconds_per_pass_drops_the_fixed_cost():
-    """A loop whose passes each sleep 20 ms on the host, behind a 60 ms fixed cost per call:
+    """A loop whose passes each sleep 20 ms on the host, behind a 200 ms fixed cost per call:
     the per-pass time excludes the fixed cost (an average over one call would not)."""
     def nap(seconds):
         time.sleep(float(seconds))
@@ -154,14 +157,14 @@ def test_seconds_per_pass_drops_the_fixed_cost():
 
     @jax.jit
     def program(n, x):
-        x = sleep(jnp.float32(0.06), x)  # the fixed cost
+        x = sleep(jnp.float32(0.2), x)  # the fixed cost
         return jax.lax.fori_loop(0, n, lambda _, x: sleep(jnp.float32(0.02), x), x)
 
     seconds = loop.seconds_per_pass(program, jnp.float32(0), passes=2, trials=2)
-    # 20 ms per pass; averaging one call of 4 passes would give (60 + 80) / 4 = 35 ms. The
+    # 20 ms per pass; averaging one call of 4 passes would give (200 + 80) / 4 = 70 ms. The
     # difference of two timed calls carries both calls' noise (a loaded CI machine measured
-    # 17.9 ms once), hence the wide lower bound.
-    assert 0.015 < seconds < 0.03
+    # 17.9 ms once, and over 30 ms beside a 60 ms fixed cost), hence the wide bounds.
+    assert 0.012 < seconds < 0.045
 
 
 def test_ctrl_c_keeps_the_last_checkpoint(tmp_path):

@@ -151,7 +151,7 @@ def train_draft(
         raise ValueError(f"out={os.fspath(out)} holds the target {os.fspath(target_dir)}: the "
                          "draft needs a run directory of its own (starting it over would "
                          "delete the target)")
-    mesh = loop.train_mesh(dp, preset.batch_size)
+    mesh = loop.train_mesh(dp, preset.batch_size, resume_from=out if resume else None)
     dtype = loop.compute_dtype()
     phases = loop.Phases()
     directory = os.fspath(target_dir)

@@ -266,9 +266,9 @@ def train_lm(
       resume: continue the run in `out` from its last checkpoint.
       force: delete an earlier run in `out` and start over.
       seed: initialisation and data-order seed.
-      dp: data-parallel degree, a divisor of the preset's batch size (default: every device
-        of several processes; on one process's accelerators as many as divide the batch;
-        1 on CPUs).
+      dp: data-parallel degree, a divisor of the preset's batch size (default: a resumed
+        run's own where this machine has the devices; every device of several processes;
+        on one process's accelerators as many as divide the batch; 1 on CPUs).
       log: called with each progress line (with several processes, in process 0 only).
 
     With several processes (`jax.distributed`) every process makes the same call; `out` must
@@ -279,7 +279,7 @@ def train_lm(
                                               force=force, seed=seed, log=log)
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
-    mesh = loop.train_mesh(dp, preset.batch_size)
+    mesh = loop.train_mesh(dp, preset.batch_size, resume_from=out if resume else None)
     phases = loop.Phases()
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)  # validate it before touching `out`

@@ -196,11 +196,15 @@ def check_shared_directory(out: str) -> None:
                          "shares (NFS, a mounted bucket)")
 
 
-def train_mesh(dp: int | None, batch_size: int):
+def train_mesh(dp: int | None, batch_size: int, *, resume_from: str | None = None):
     """A data-parallel mesh whose devices each take an equal share of a batch of `batch_size`
-    sequences. By default: with several processes every device (each process holding a part
-    of every batch); on one process's accelerators as many as divide the batch (all of them,
+    sequences. By default: a run resumed (`resume_from`, its directory) on one process, the
+    dp it recorded where the machine has the devices (a resume on another dp is exact only
+    up to rounding); with several processes every device (each process holding a part of
+    every batch); on one process's accelerators as many as divide the batch (all of them,
     unless their count does not divide it); one CPU device."""
+    if dp is None and resume_from is not None and jax.process_count() == 1:
+        dp = _recorded_dp(resume_from, batch_size)
     if dp is not None:
         dp = check_int("dp", dp)
     else:
@@ -215,6 +219,18 @@ def train_mesh(dp: int | None, batch_size: int):
         raise ValueError(f"dp={dp} does not divide the batch of {batch_size} sequences (each "
                          "data-parallel device takes an equal share): pass a dp that does")
     return parallel.make_mesh(dp=dp)
+
+
+def _recorded_dp(out: str, batch_size: int) -> int | None:
+    """The dp the run in `out` recorded, where this machine can take it; else None."""
+    try:
+        recorded = read_json(os.path.join(out, RUN_FILE)).get("dp")
+    except (OSError, ValueError):
+        return None
+    if (isinstance(recorded, int) and not isinstance(recorded, bool)
+            and 1 <= recorded <= jax.device_count() and batch_size % recorded == 0):
+        return recorded
+    return None
 
 
 RUN_KINDS = ("lm", "draft")
