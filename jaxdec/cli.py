@@ -463,6 +463,11 @@ def _decoding_settings(args):
     topology = jaxdec.tree.parse(args.tree) if args.tree is not None else None
     if topology is not None and not (args.draft or args.prompt_lookup or args.retrieval):
         raise ValueError("--tree needs a speculative method: --draft, --prompt-lookup or --retrieval")
+    if (args.draft and args.temperature > 0 and isinstance(topology, jaxdec.tree.Topology)
+            and not topology.ranks_contiguous):  # (refused before the models load)
+        raise ValueError(f"--tree {args.tree}: at --temperature > 0 the draft model samples "
+                         "each node's children, which must then be ranked 0..m-1 (this tree "
+                         "skips a rank); give such a tree, or --temperature 0")
     return sampler, topology
 
 

@@ -216,6 +216,12 @@ def test_tree_needs_a_method_and_a_valid_spec(tokenized_checkpoint, capsys):
     assert "bad tree spec" in capsys.readouterr().err
     assert main(base + ["--prompt-lookup", "--tree", ""]) == 2  # (an empty $TREE: no tree)
     assert "bad tree spec ''" in capsys.readouterr().err
+    # Sampled children of a tree that skips a rank: refused before loading (it was after
+    # both models loaded, in the library's words).
+    assert main(["generate", "--model", "/nonexistent", "--draft", "/nonexistent", "--prompt",
+                 "x", "--tree", "[[1]]", "--temperature", "0.7"]) == 2
+    assert "--tree [[1]]: at --temperature > 0 the draft model samples" in \
+        capsys.readouterr().err
 
 
 
