@@ -396,7 +396,7 @@ def _ids(hf: Mapping[str, Any], field: str, *, label: str = "config.json's") -> 
     value = hf.get(field)
     if value is None:
         return ()
-    values = value if isinstance(value, list) else [value]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
     if any(v is None for v in values):
         raise ValueError(f"{label} {field} must be a token id (an integer >= 0) or a list of "
                          f"them, got {value!r}")
