@@ -491,7 +491,9 @@ def _program(model, tokens, lengths, cache, key, stop, stream_id, limit, *, capa
     first, first_logprob, cache = _prefill(model, tokens, lengths, cache, row_keys, sampler,
                                            logprobs, continued)
     if timed:
-        stamps = jnp.stack([start, io_callback(_host_clock, clock, first)])
+        # (on the first tokens' largest: one scalar however the rows are laid out; the rows
+        # themselves, dp-sharded, were gathered whole for the callback, which XLA warned of)
+        stamps = jnp.stack([start, io_callback(_host_clock, clock, jnp.max(first))])
         # The decode loop waits on that stamp too: with nothing depending on it, the GPU
         # runtime ran the callback after the loop (decode_s was then ~0, prefill_s the total).
         first = after_clock(stamps[1], first)

@@ -115,7 +115,11 @@ def _elapsed(start, end) -> jax.Array:
 
 
 def _clock(*deps):
-    return io_callback(_host_clock, jax.ShapeDtypeStruct((2,), jnp.int32), *deps)
+    """A host timestamp read once `deps` are computed. The callback is given one scalar of
+    each (an array's largest: dp-split rows given whole were gathered onto one device first,
+    with an XLA warning at every compile; a cache array's first element is what is passed)."""
+    scalars = [jnp.max(d) if d.ndim else d for d in deps]
+    return io_callback(_host_clock, jax.ShapeDtypeStruct((2,), jnp.int32), *scalars)
 
 
 @jax.tree_util.register_dataclass
@@ -211,7 +215,7 @@ def speculative_padded(
                                        max_len=cache.max_len)
     _check_carried(drafter, "init" if resume is None else "resume", drafter_state)
     if timed:  # after both prefills: depend on one element of every cache array
-        done = [x.reshape(-1)[:1] for x in jax.tree.leaves((cache, drafter_state))]
+        done = [x[(0,) * x.ndim] for x in jax.tree.leaves((cache, drafter_state))]
         stamps.append(_clock(*done))
         root = after_clock(stamps[-1], root)  # the loop waits on it (see generate's _program)
 
@@ -291,7 +295,7 @@ def speculative_padded(
         seconds = s.seconds
         if profile:
             # After the commit and the drafter's update too (the step's whole rest).
-            t2 = _clock(emitted, keep, *[x.reshape(-1)[:1]
+            t2 = _clock(emitted, keep, *[x[(0,) * x.ndim]
                                          for x in jax.tree.leaves((new_cache, dstate))])
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
