@@ -430,13 +430,16 @@ def _join_processes(args) -> bool:
             0 <= args.process_id < args.num_processes):
         raise ValueError(f"--process-id must be in [0, {args.num_processes}), "
                          f"got {args.process_id}")
+    given = [flag for flag, value in (("--coordinator", args.coordinator),
+                                      ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id)) if value is not None]
     try:
         jax.distributed.initialize(*explicit)
     except ValueError as e:
         raise ValueError(
-            f"--distributed: {e} jax found no cluster to read the processes from (a Cloud "
-            "TPU slice, SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS): give "
-            "--coordinator, --num-processes and --process-id") from e
+            f"{' '.join(given) or '--distributed'}: {e} jax found no cluster to read the rest "
+            "from (a Cloud TPU slice, SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS): "
+            "give --coordinator, --num-processes and --process-id") from e
     return True
 
 

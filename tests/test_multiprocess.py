@@ -322,7 +322,9 @@ def test_cli_cluster_options_are_checked(tokenized_checkpoint, tmp_path, capsys,
             }[command]
     for extra, message in ((["--coordinator", "localhost:1"], "needs --num-processes"),
                            (["--coordinator", "localhost:1", "--num-processes", "2",
-                             "--process-id", "2"], r"--process-id must be in \[0, 2\)")):
+                             "--process-id", "2"], r"--process-id must be in \[0, 2\)"),
+                           # (it named --distributed, which was not given)
+                           (["--process-id", "0"], "--process-id: .* jax found no cluster")):
         assert main(base + extra) == 2
         assert re.search(message, capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "run")
