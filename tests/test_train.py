@@ -629,6 +629,25 @@ def test_a_draft_is_not_trained_past_its_targets_positions(trained, tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_a_draft_carries_its_targets_special_ids(trained, tmp_path):
+    """A target whose bos, eos and pad ids are not all its end of text (an HF checkpoint's
+    1, 2 and 0 say) gave a draft whose three ids were the end of text; the draft shares the
+    target's tokenizer, and now its ids and tokenizer settings."""
+    import shutil
+
+    target = shutil.copytree(trained[0], tmp_path / "target",
+                             ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((target / "config.json").read_text())
+    config.update(bos_token_id=1, pad_token_id=0, eos_token_id=[config["eos_token_id"], 3])
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "tokenizer_config.json").write_text(json.dumps({"padding_side": "left"}))
+    train_draft(target, MICRO, tmp_path / "d", steps=1, log=lambda _: None)
+    draft, wanted = jaxdec.load_pretrained(tmp_path / "d"), jaxdec.load_pretrained(target)
+    assert (draft.config.bos_token_id, draft.config.pad_token_id, draft.config.eos_token_ids) \
+        == (1, 0, wanted.config.eos_token_ids) and 3 in wanted.config.eos_token_ids
+    assert draft.tokenizer_config["padding_side"] == "left"
+
+
 def test_a_draft_resumes_only_against_the_target_it_started_with(trained, tmp_path):
     """A target retrained in place is another target: resuming its draft's run is refused
     (it continued, distilling the new target into a draft half trained on the old one). A

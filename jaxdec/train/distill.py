@@ -193,8 +193,12 @@ def train_draft(
     with phases("encode"):
         dataset = build_dataset(target.tokenizer, corpus_data, preset)
     check_same_data(dataset)
+    # (the target's special ids: the draft shares its tokenizer; a target of other ids than
+    # its end of text, bos 1 and pad 0 say, gave a draft whose ids were all the end of text)
     draft_config = preset.draft.config(
-        target.config.vocab_size, target.config.max_position_embeddings, eot)
+        target.config.vocab_size, target.config.max_position_embeddings, eot).replace(
+            bos_token_id=target.config.bos_token_id, eos_token_ids=target.config.eos_token_ids,
+            pad_token_id=target.config.pad_token_id)
 
     with phases("init"):
         draft = init_model(draft_config, jax.random.PRNGKey(seed + 1), mesh=mesh)
@@ -234,7 +238,8 @@ def train_draft(
     }
     with phases("export"):
         save_pretrained(Model(config=draft_config, params=state["params"], mesh=mesh,
-                              tokenizer=target.tokenizer), out, overwrite=True)
+                              tokenizer=target.tokenizer,
+                              tokenizer_config=target.tokenizer_config), out, overwrite=True)
     metrics["phase_seconds"] = phases.as_dict()
     loop.write_json(os.path.join(out, loop.METRICS_FILE), metrics)
     log(f"held-out expected acceptance (temperature 1) after distillation: {after:.3f} "
