@@ -117,7 +117,7 @@ def read_texts(corpus: str | os.PathLike | None = None) -> tuple[str, dict[str, 
         root = stdlib_dir()
         files = _walk(root, ".py", {"site-packages", "dist-packages", "__pycache__"})
     else:
-        root = os.fspath(corpus)
+        root = os.path.expanduser(os.fspath(corpus))
         check_corpus_dir(root, f"corpus {root}")
         files = _walk(root, None, {"__pycache__"})
     texts = {f: t for f in sorted(files) if (t := _read_text(f)) is not None}

@@ -691,6 +691,12 @@ def test_a_draft_never_runs_in_its_targets_directory(trained):
     for out in (target, os.path.dirname(target)):
         with pytest.raises(ValueError, match="holds the target"):
             train_draft(target, MICRO, out, force=True, log=lambda _: None)
+    # Both given from `~` (out was expanded, the target not: the run deleted the target).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", os.path.dirname(target))
+        with pytest.raises(ValueError, match="holds the target"):
+            train_draft(f"~/{os.path.basename(target)}", MICRO,
+                        f"~/{os.path.basename(target)}", force=True, log=lambda _: None)
     assert sorted(os.listdir(target)) == before
 
 

@@ -143,6 +143,9 @@ def train_draft(
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="draft_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    # (`~` expanded as in out: compared with out below, a `~/lm` target read as `./~/lm`
+    # was not found inside an out of the same name, which --force then deleted)
+    target_dir = os.path.expanduser(os.fspath(target_dir))
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:

@@ -54,8 +54,9 @@ class Interrupted(RuntimeError):
 
 
 def within(path, directory) -> bool:
-    """Whether `path` is `directory` or inside it (links resolved)."""
-    path, directory = (os.path.realpath(os.fspath(p)) for p in (path, directory))
+    """Whether `path` is `directory` or inside it (`~` expanded, links resolved)."""
+    path, directory = (os.path.realpath(os.path.expanduser(os.fspath(p)))
+                       for p in (path, directory))
     return path == directory or path.startswith(directory + os.sep)
 
 
