@@ -625,6 +625,9 @@ class _RepeatRoot(Drafter):
     def init(self, tokens_BT, prompt_lengths_B, *, max_len):
         if self.mistake == "str_state":
             return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32), "note": "hello"}
+        if self.mistake == "empty":  # (no mistake: a buffer of no columns yet)
+            return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32),
+                    "buffer": jnp.zeros((tokens_BT.shape[0], 0), jnp.int32)}
         return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32)}
 
     def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
@@ -645,7 +648,7 @@ class _RepeatRoot(Drafter):
             return proposal
         if self.mistake == "state":
             return proposal, {"steps": state["steps"].astype(jnp.float32)}
-        return proposal, {"steps": state["steps"] + 1}
+        return proposal, {**state, "steps": state["steps"] + 1}
 
     def update(self, state, proposal, verdict, n_commit_B, emitted_BL):
         return {} if self.mistake == "update" else state
@@ -668,6 +671,11 @@ def test_a_drafter_of_your_own(loaded):
         out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), fine), prompts,
                                           max_new_tokens=12)
         np.testing.assert_array_equal(out.tokens, plain.tokens)
+    # A state array of no elements, timed and profiled (the clocks' wait on one element of
+    # each array indexed past its end).
+    out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), "empty"), prompts,
+                                      max_new_tokens=12, return_timings=True, profile=True)
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
     for mistake, error, match in [
         ("tuple", TypeError, r"_RepeatRoot.propose must return \(Proposal, state\)"),
         ("shape", ValueError, r"tree.tokens has shape \(3, 3\), expected \(3, 4\)"),
