@@ -777,11 +777,12 @@ def save_pretrained(
                     os.path.join(target, TEMPLATE_FILE)):
                 with open(os.path.join(staging, TEMPLATE_FILE), "w", encoding="utf-8") as f:
                     f.write(model.chat_template.source)
+        # On the disk before any rename: a rename is atomic, but a crash soon after one may
+        # otherwise leave the renamed files empty. (Still locked meanwhile: a kill during
+        # the flush, minutes for a large model, leaves a folder the next export removes.)
+        _flush_to_disk(staging)
         _unlock_staging(staging, lock)  # (its lock file is not the model's)
         lock = None
-        # On the disk before any rename: a rename is atomic, but a crash soon after one may
-        # otherwise leave the renamed files empty.
-        _flush_to_disk(staging)
         if exists:
             with interrupts_deferred():  # (renames: Ctrl-C waits microseconds)
                 _move_files_into(staging, target)

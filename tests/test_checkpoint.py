@@ -350,6 +350,25 @@ def test_ctrl_c_during_an_overwrites_moves_waits_for_them(loaded, tmp_path, monk
     assert not [n for n in os.listdir(target) if n.startswith(checkpoint._STAGING)]
 
 
+def test_an_export_is_locked_while_it_is_flushed(loaded, tmp_path, monkeypatch):
+    """The lock was released before the staging folder's flush (minutes for a large model):
+    an export killed then left a folder no later export removed (a whole copy of the
+    weights, and a directory "not empty" for the same call)."""
+    import jaxdec.checkpoint as checkpoint
+
+    flush, locked = checkpoint._flush_to_disk, []
+
+    def checking(directory, **kwargs):
+        if os.path.basename(directory).startswith(checkpoint._STAGING):
+            locked.append(os.path.exists(os.path.join(directory, checkpoint._STAGING_LOCK)))
+        return flush(directory, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_flush_to_disk", checking)
+    jaxdec.save_pretrained(loaded("llama-gqa"), tmp_path / "out")
+    assert locked == [True]
+    assert not os.path.exists(tmp_path / "out" / checkpoint._STAGING_LOCK)
+
+
 def test_a_killed_export_into_an_empty_directory_does_not_block_the_next(loaded, tmp_path):
     """The staging folder a killed export left in an empty directory made the same call
     again fail ("exists and is not empty"); it is removed first. `~` is the user's home as
