@@ -892,7 +892,8 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
             return None
         if isinstance(model.tokenizer_config, dict):
             # (a template it names is one the model was given without: not written back)
-            return {k: v for k, v in model.tokenizer_config.items() if k != "chat_template"}
+            return {k: v for k, v in _carried(model.tokenizer_config).items()
+                    if k != "chat_template"}
         if model.tokenizer is None:
             return None
         # Without one (a model jaxdec trained), the config's special tokens, so that
@@ -905,7 +906,8 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
             if token is not None:
                 special[name] = token
         return dict(special, tokenizer_class="PreTrainedTokenizerFast") if special else None
-    existing = model.tokenizer_config if isinstance(model.tokenizer_config, dict) else {}
+    existing = (_carried(model.tokenizer_config) if isinstance(model.tokenizer_config, dict)
+                else {})
     if os.path.isfile(path):
         try:
             existing = read_json_object(path)
@@ -914,6 +916,15 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
                              "would be written over it; move it away first") from None
     return dict(existing, **model.chat_template.special_tokens,
                 chat_template=model.chat_template.source)
+
+
+def _carried(tokenizer_config: dict) -> dict:
+    """A loaded tokenizer_config.json as an export writes it: without a tokenizer of custom
+    code (`auto_map`, and its `tokenizer_class`), whose .py files the export does not hold
+    (transformers then failed to load it; without them it reads tokenizer.json)."""
+    if "auto_map" not in tokenizer_config:
+        return dict(tokenizer_config)
+    return {k: v for k, v in tokenizer_config.items() if k not in ("auto_map", "tokenizer_class")}
 
 
 def _write_json(path: str, obj: Any) -> None:

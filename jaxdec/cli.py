@@ -757,6 +757,10 @@ def _bench(args) -> None:
         check_divisibility(config, mesh)
         if args.context is None:  # (a model of 2048 positions cannot take 2048 and more)
             args.context = benchmark.default_context(config, args.new_tokens)
+            if args.context <= args.new_tokens // 2:
+                raise ValueError(f"--new-tokens {args.new_tokens} leaves no room for a prompt "
+                                 f"in the model's {config.max_positions} positions: give "
+                                 "fewer")
         benchmark.check_positions(config, args.context, args.new_tokens)
         if args.dtype is not None:
             check_param_dtype(args.dtype)

@@ -53,10 +53,6 @@ class Model:
       generation_config: the checkpoint's generation_config.json (a dict: its sampling
         defaults, stop ids, ...) or None; `save_pretrained` writes it back (jaxdec's own
         sampling takes no defaults from it). Not part of the pytree.
-      tokenizer_config: the checkpoint's tokenizer_config.json (a dict: transformers'
-        tokenizer settings, such as its padding side) or None; `save_pretrained` writes it
-        back into a directory that has none (the chat template and special tokens its
-        own). Not part of the pytree.
       attention: which attention implementation the forward runs (static; see
         `jaxdec.models.layers.AttentionImpl`): AUTO uses the Pallas tree-attention kernel on
         GPU/TPU for decode and verification over caches large enough for it to pay
@@ -66,6 +62,10 @@ class Model:
       matmul: how the layers' projections run (static; `jaxdec.models.layers.MatmulImpl`):
         XLA's product, or (experimental) a Pallas matrix-vector kernel for decode steps on
         GPU.
+      tokenizer_config: the checkpoint's tokenizer_config.json (a dict: transformers'
+        tokenizer settings, such as its padding side) or None; `save_pretrained` writes it
+        back into a directory that has none (the chat template and special tokens its
+        own). Not part of the pytree.
     """
 
     config: ModelConfig
@@ -74,9 +74,9 @@ class Model:
     tokenizer: Any = None
     chat_template: Any = None
     generation_config: Any = None
-    tokenizer_config: Any = None
     attention: AttentionImpl = AttentionImpl.AUTO
     matmul: MatmulImpl = MatmulImpl.XLA
+    tokenizer_config: Any = None  # (last: Models built positionally keep their meaning)
 
     def __repr__(self) -> str:
         # (the generated one printed every parameter's values: 48K characters for a 2M model)

@@ -232,6 +232,9 @@ def test_cli_bench_fits_its_default_context_to_the_models_positions(tmp_path, ca
     (record,) = json.loads(out.read_text())
     assert record["context"] == 64 - 4 and record["prompt_len"] + 7 == 64
     assert benchmark.default_context(TINY.replace(max_position_embeddings=10**6), 128) == 2048
+    assert main(["bench", "--config", str(config_dir), "--new-tokens", "120"]) == 2
+    assert ("--new-tokens 120 leaves no room for a prompt in the model's 64 positions"
+            in capsys.readouterr().err)
 
 
 def test_cli_bench_unknown_shape(capsys):

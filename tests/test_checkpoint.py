@@ -426,6 +426,15 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
     written = json.loads(Path(jaxdec.save_pretrained(with_template, tmp_path / "third"),
                               "tokenizer_config.json").read_text())
     assert written == settings
+    # A tokenizer of custom code: its .py files are not exported, so neither is the code's
+    # name (transformers failed to load the export; without it, it reads tokenizer.json).
+    custom = dict(settings, auto_map={"AutoTokenizer": [None, "tokenization_my.MyTokenizer"]},
+                  tokenizer_class="MyTokenizer")
+    (Path(directory) / "tokenizer_config.json").write_text(json.dumps(custom))
+    written = json.loads(Path(jaxdec.save_pretrained(jaxdec.load_pretrained(directory),
+                                                     tmp_path / "fourth"),
+                              "tokenizer_config.json").read_text())
+    assert written == settings
 
 
 def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):

@@ -141,7 +141,7 @@ def test_training_over_two_processes(tmp_path):
             np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-3, atol=1e-5,
                                        err_msg=f"{kind} {name}")
         assert sorted(os.listdir(tmp_path / "two" / kind)) == sorted(os.listdir(one / kind))
-    assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every}" in \
+    assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every} on dp=4" in \
         results[0]["lines"]
     assert results[0]["resumed"]["heldout_loss"] == pytest.approx(
         expected["lm"]["heldout_loss"], rel=1e-4)

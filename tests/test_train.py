@@ -115,7 +115,7 @@ def test_resume_on_a_data_parallel_mesh(tmp_path):
     with warnings.catch_warnings():  # (no dp given: the run's own, not the CPU default of 1,
         warnings.simplefilter("error", RuntimeWarning)  # which warned and was inexact)
         again = train_lm(MICRO, out, resume=True, log=lines.append)
-    assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every}" in lines
+    assert f"resuming from step {MICRO.target_steps - MICRO.checkpoint_every} on dp=2" in lines
     for a, b in zip(jax.tree.leaves(jaxdec.load_pretrained(out).params), weights):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert again["heldout_loss"] == first["heldout_loss"]

@@ -208,7 +208,8 @@ def train_params(params, make_step: Callable, *, preset: Preset, learning_rate: 
         except BaseException:
             checkpoints.close()   # orbax's threads, ended before the error reaches the user
             raise
-        log(f"resuming from step {int(state['step'])}")
+        # (dp: the run's own by default, where the machine has the devices; see train_mesh)
+        log(f"resuming from step {int(state['step'])} on dp={parallel.dp_size(mesh)}")
 
     def batch_at(step: int):
         rows = loop.batch_indices(step, num_sequences=len(dataset.train),
