@@ -672,7 +672,7 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
         return
     stream_id = next(_STREAM_IDS) % (2**31 - 1)
     size = batch.size
-    raised: list[Exception] = []
+    raised: list[BaseException] = []
     context = contextvars.copy_context()
 
     def call(step, *rows):
@@ -680,7 +680,7 @@ def registered_stream(stream: Callable | None, batch: Batch, *, devices: int):
             return
         try:
             context.copy().run(stream, step, *(x[:size] for x in rows))
-        except Exception as error:
+        except BaseException as error:  # (KeyboardInterrupt to cancel, too)
             raised.append(error)
             if devices == 1:
                 raise _StreamRaised from None

@@ -219,6 +219,12 @@ def test_a_streams_exception_reaches_the_caller_as_itself(loaded, caplog):
         jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7, stream=stop_at_step_2)
     assert raised.value.args == (2,)
     assert not any("callback failed" in record.getMessage() for record in caplog.records)
+
+    def interrupt(step, tokens, active):  # (cancelling as Ctrl-C does: jax's INTERNAL error)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7, stream=interrupt)
     steps = []
     jaxdec.generate(model, _prompts((3, 5)), max_new_tokens=7,
                     stream=lambda step, tokens, active: steps.append(int(step)))
