@@ -293,9 +293,10 @@ def _generate(args) -> None:
     # "world"); a chat reply, as transformers' chat decodes it, alone.
     context = None if args.chat else prompt
     ctrl_c = _CtrlC(stop=not distributed)
+    shown = _Shown(model.tokenizer, common["stop_tokens"])
     if args.stream:
         say(echo, end="", flush=True)
-        stream = _text_stream(model.tokenizer, ctrl_c, context=context)
+        stream = _text_stream(shown, ctrl_c, context=context)
     started = time.perf_counter()
     with ctrl_c:
         if drafter is None:
@@ -306,8 +307,7 @@ def _generate(args) -> None:
     wall = time.perf_counter() - started
     tokens = result.to_lists()[0]
     if stream is None:
-        say(echo + (continuation(model.tokenizer, context, tokens) if context else
-                    model.tokenizer.decode(tokens)))
+        say(echo + (continuation(shown, context, tokens) if context else shown.decode(tokens)))
     else:
         stream.close()
         say(flush=True)
@@ -328,6 +328,19 @@ def _printer():
     import jax
 
     return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
+
+
+class _Shown:
+    """A tokenizer as the CLI prints with it: the stop ids a reply ends on left out (a
+    tokenizer.json that does not mark the end-of-sequence token special printed its text,
+    where transformers, which the configs name it to, skips it)."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self._tokenizer, self._stop = tokenizer, frozenset(int(t) for t in stop_ids)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self._tokenizer.decode([int(t) for t in ids if int(t) not in self._stop],
+                                      **kwargs)
 
 
 def _text_stream(tokenizer, ctrl_c: "_CtrlC", **kwargs):
@@ -571,7 +584,7 @@ def _chat(args) -> None:
         # (with several processes the handler above notes a Ctrl-C: the chat ends at the
         # next message)
         ctrl_c = _CtrlC(stop=True, listen=not distributed)
-        stream = _text_stream(model.tokenizer, ctrl_c)
+        stream = _text_stream(_Shown(model.tokenizer, stop), ctrl_c)
         common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop,
                       key=jax.random.fold_in(jax.random.PRNGKey(args.seed), turn),
                       stream=stream, return_timings=True)

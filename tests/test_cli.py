@@ -1,6 +1,8 @@
 """The `jaxdec generate` command."""
 
+import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -245,6 +247,34 @@ def test_prompt_from_a_file_or_stdin(tokenized_checkpoint, tmp_path, capsys, mon
                          "--max-new-tokens", "5", "--ignore-eos", *stream]) == 0
             captured = capsys.readouterr()
             assert captured.out[:-1] == continuation and "5 tokens" in captured.err
+
+
+def test_an_end_of_sequence_token_not_marked_special_is_not_printed(tokenized_checkpoint,
+                                                                   tmp_path, capsys):
+    """A tokenizer.json that does not mark the end-of-sequence token special (as some
+    fine-tunes ship it; transformers skips it, its configs naming it): the reply ended on
+    it printed its text, streamed or not."""
+    model = jaxdec.load_pretrained(tokenized_checkpoint)
+    eos = model.config.eos_token_ids[0]
+    prompt = model.tokenizer.encode("the quick").ids
+    greedy = jaxdec.generate(model, [prompt], max_new_tokens=4).to_lists()[0]
+    head = model.params["lm_head"]  # (eos swapped with the greedy second token: it ends there)
+    params = dict(model.params, lm_head=head.at[:, [eos, greedy[1]]].set(
+        head[:, [greedy[1], eos]]))
+    directory = tmp_path / "eos"
+    jaxdec.save_pretrained(dataclasses.replace(model, params=params), directory)
+    spec = json.loads((directory / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        token["special"] = token["id"] != eos and token["special"]
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    reply = jaxdec.generate(jaxdec.load_pretrained(directory), [prompt], max_new_tokens=4,
+                            stop_tokens=[eos]).to_lists()[0]
+    assert reply[-1] == eos
+    for stream in ([], ["--stream"]):
+        assert main(["generate", "--model", str(directory), "--prompt", "the quick",
+                     "--max-new-tokens", "4", *stream]) == 0
+        captured = capsys.readouterr()
+        assert "</s>" not in captured.out and f"{len(reply)} tokens" in captured.err
 
 
 @pytest.mark.parametrize("content,message", [
