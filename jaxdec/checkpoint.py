@@ -513,10 +513,31 @@ def load_pretrained(path: str | os.PathLike, *, dtype=None, mesh=None) -> Model:
 
     # Parameter by parameter from the memory-mapped files onto the mesh, converted there.
     params = jax.tree_util.tree_map_with_path(place, param_shardings(config, mesh))
-    return Model(config=config, params=params, mesh=mesh, tokenizer=load_tokenizer(directory),
+    tokenizer = load_tokenizer(directory)
+    _warn_past_the_vocabulary(directory, config, tokenizer)
+    return Model(config=config, params=params, mesh=mesh, tokenizer=tokenizer,
                  chat_template=_chat_template(directory),
                  generation_config=read_generation_config(directory, warn=False) or None,
                  tokenizer_config=_read_tokenizer_config(directory))
+
+
+def _warn_past_the_vocabulary(directory: str, config: ModelConfig, tokenizer) -> None:
+    """Warns where the checkpoint names ids its model has no row for: tokenizer tokens past
+    config.json's vocab_size (a prompt holding one is refused), end-of-sequence ids past it
+    (the model never emits them; the CLI then stops on the others). A vocabulary larger
+    than the tokenizer's (Qwen2's padding) is fine."""
+    V = config.vocab_size
+    words = None if tokenizer is None else tokenizer.get_vocab_size(with_added_tokens=True)
+    if words is not None and words > V:
+        warnings.warn(f"{directory}: its tokenizer has {words} tokens, more than config.json's "
+                      f"vocab_size {V}: text encoding to the ids past it cannot be given to "
+                      "the model (was a token added without resizing the embeddings?)",
+                      stacklevel=3)
+    past = [t for t in config.eos_token_ids if t >= V]
+    if past:
+        warnings.warn(f"{directory}: its end-of-sequence ids {past} are past config.json's "
+                      f"vocab_size {V}: the model never emits them (give stop_tokens without "
+                      "them)", stacklevel=3)
 
 
 def _read_tokenizer_config(directory: str) -> dict | None:

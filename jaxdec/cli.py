@@ -280,7 +280,7 @@ def _generate(args) -> None:
     parallel.check_same_everywhere(np.asarray(prompt, np.int64).tobytes(), "the prompt")
     common = dict(max_new_tokens=args.max_new_tokens, sampler=sampler,
                   key=jax.random.PRNGKey(args.seed),
-                  stop_tokens=() if args.ignore_eos else model.config.eos_token_ids,
+                  stop_tokens=() if args.ignore_eos else _eos_ids(model),
                   return_timings=True)
     drafter = _drafter(args, model)
     # Every process runs the program; process 0 prints (a stream's calls come to the process
@@ -328,6 +328,12 @@ def _printer():
     import jax
 
     return print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
+
+
+def _eos_ids(model) -> tuple[int, ...]:
+    """The checkpoint's end-of-sequence ids that the model can emit (load_pretrained warned of
+    the others, past its vocabulary, which `generate` refuses as stop tokens)."""
+    return tuple(t for t in model.config.eos_token_ids if t < model.config.vocab_size)
 
 
 class _Shown:
@@ -519,7 +525,7 @@ def _chat(args) -> None:
     # prefills only its own tokens (and the last reply's again where its text encodes to
     # other tokens than the model produced: the template renders text).
     session = jaxdec.PrefixCache(model, max_len=limit, drafter=drafter, tree=topology)
-    stop = () if args.ignore_eos else model.config.eos_token_ids
+    stop = () if args.ignore_eos else _eos_ids(model)
     opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     turns: list[dict] = []  # the user's and the model's messages, in order
     # Process 0 reads the messages and prints (a stream's calls come to the process holding

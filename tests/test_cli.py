@@ -277,6 +277,36 @@ def test_an_end_of_sequence_token_not_marked_special_is_not_printed(tokenized_ch
         assert "</s>" not in captured.out and f"{len(reply)} tokens" in captured.err
 
 
+def test_ids_past_the_models_vocabulary_are_named_at_load(tokenized_checkpoint, tmp_path,
+                                                            capsys):
+    """A tokenizer of more tokens than config.json's vocab_size, an eos id past it: named
+    when loaded (the CLI said "stop_tokens has ids outside [0, 97)" of a stop list the user
+    never gave); the CLI stops on the ids the model can emit."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    directory = shutil.copytree(tokenized_checkpoint, tmp_path / "ckpt")
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer.add_tokens(["<extra0>", "<extra1>"])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 98]
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "generation_config.json").write_text("{}")
+    with pytest.warns(UserWarning) as warned:
+        jaxdec.load_pretrained(directory)
+    messages = [str(w.message) for w in warned]
+    assert any("its tokenizer has 99 tokens, more than config.json's vocab_size 97" in m
+               for m in messages)
+    assert any("its end-of-sequence ids [98] are past config.json's vocab_size 97" in m
+               for m in messages)
+    with pytest.warns(UserWarning):
+        assert main(["generate", "--model", str(directory), "--prompt", "the quick",
+                     "--max-new-tokens", "3"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content,message", [
     (None, "does not exist"), (b"\xff\xfe\x00", "is not UTF-8 text"), (b"", "encodes to no tokens")])
 def test_bad_prompt_file(tokenized_checkpoint, tmp_path, capsys, content, message):
