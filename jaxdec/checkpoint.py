@@ -940,12 +940,15 @@ def _tokenizer_config(model: Model, target: str) -> dict | None:
 
 
 def _carried(tokenizer_config: dict) -> dict:
-    """A loaded tokenizer_config.json as an export writes it: without a tokenizer of custom
-    code (`auto_map`, and its `tokenizer_class`), whose .py files the export does not hold
-    (transformers then failed to load it; without them it reads tokenizer.json)."""
+    """A loaded tokenizer_config.json as an export writes it: a tokenizer of custom code
+    (`auto_map`), whose .py files the export does not hold (transformers then failed to load
+    it), replaced by transformers' generic one, which reads tokenizer.json."""
     if "auto_map" not in tokenizer_config:
         return dict(tokenizer_config)
-    return {k: v for k, v in tokenizer_config.items() if k not in ("auto_map", "tokenizer_class")}
+    # (transformers 4 without a class picks one by model_type, LlamaTokenizerFast, which
+    # adds a bos of its own: the generic class reads tokenizer.json as it is)
+    return dict({k: v for k, v in tokenizer_config.items() if k != "auto_map"},
+                tokenizer_class="PreTrainedTokenizerFast")
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -1030,9 +1033,10 @@ def _new_staging(parent: str) -> tuple[str, int | None]:
 
         fd = os.open(os.path.join(made, _STAGING_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
-    except (ImportError, OSError):
+    except (ImportError, OSError):  # (a filesystem without flock: some NFS and FUSE mounts)
         if fd is not None:
             os.close(fd)
+            os.remove(os.path.join(made, _STAGING_LOCK))  # (it went into the export)
         fd = None
     staging = os.path.join(parent, _STAGING + os.path.basename(made)[len(".jaxdec-new-"):])
     os.rename(made, staging)
@@ -1069,6 +1073,9 @@ def _remove_dead_staging(parent: str) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # held: that export runs
+            os.close(fd)
+            continue
+        if os.fstat(fd).st_nlink == 0:  # unlinked by its export as it unlocked: finishing
             os.close(fd)
             continue
         shutil.rmtree(folder, ignore_errors=True)

@@ -692,7 +692,8 @@ def _check_files(args, purpose: str = "") -> None:
             checkpoint_dir(args.draft)
         except (ValueError, TypeError, OSError) as e:
             raise ValueError(f"--draft {args.draft}: {e}") from None
-    if args.retrieval:
+    if args.retrieval:  # (`~` as Retrieval.from_directory: --retrieval=~/x, unexpanded)
+        args.retrieval = os.path.expanduser(args.retrieval)
         data.check_corpus_dir(args.retrieval, f"--retrieval {args.retrieval}", texts=True)
 
 

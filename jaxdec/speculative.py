@@ -215,7 +215,8 @@ def speculative_padded(
                                        max_len=cache.max_len)
     _check_carried(drafter, "init" if resume is None else "resume", drafter_state)
     if timed:  # after both prefills: depend on one element of every cache array
-        done = [x[(0,) * x.ndim] for x in jax.tree.leaves((cache, drafter_state)) if x.size]
+        done = [x[(0,) * x.ndim] for x in jax.tree.leaves((cache, drafter_state))
+                if getattr(x, "size", 0)]  # (no wait on an empty array or a number)
         stamps.append(_clock(*done))
         root = after_clock(stamps[-1], root)  # the loop waits on it (see generate's _program)
 
@@ -297,7 +298,7 @@ def speculative_padded(
             # After the commit and the drafter's update too (the step's whole rest).
             t2 = _clock(emitted, keep, *[x[(0,) * x.ndim]
                                          for x in jax.tree.leaves((new_cache, dstate))
-                                         if x.size])  # (an empty array holds no work)
+                                         if getattr(x, "size", 0)])  # (see above)
             seconds = seconds + jnp.stack([_elapsed(t0, t1), _elapsed(t1, t2)])
             last = after_clock(t2, last)  # the next step waits on the stamp
         levels = jnp.arange(1, depth + 1, dtype=jnp.int32)

@@ -369,6 +369,20 @@ def test_an_export_is_locked_while_it_is_flushed(loaded, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "out" / checkpoint._STAGING_LOCK)
 
 
+def test_an_export_where_locks_are_not_supported(loaded, tmp_path, monkeypatch):
+    """A filesystem without flock (some NFS and FUSE mounts): the lock file made before the
+    lock failed went into the exported directory."""
+    import fcntl
+
+    def unsupported(*args):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    for overwrite in (False, True):
+        out = jaxdec.save_pretrained(loaded("llama-gqa"), tmp_path / "out", overwrite=overwrite)
+        assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
 def test_a_killed_export_into_an_empty_directory_does_not_block_the_next(loaded, tmp_path):
     """The staging folder a killed export left in an empty directory made the same call
     again fail ("exists and is not empty"); it is removed first. `~` is the user's home as
@@ -427,14 +441,16 @@ def test_tokenizer_travels_with_the_checkpoint(hf_checkpoints, tmp_path):
                               "tokenizer_config.json").read_text())
     assert written == settings
     # A tokenizer of custom code: its .py files are not exported, so neither is the code's
-    # name (transformers failed to load the export; without it, it reads tokenizer.json).
+    # name (transformers failed to load the export); transformers' generic class reads
+    # tokenizer.json (without a class, transformers 4 picked LlamaTokenizerFast, which adds
+    # a bos of its own).
     custom = dict(settings, auto_map={"AutoTokenizer": [None, "tokenization_my.MyTokenizer"]},
                   tokenizer_class="MyTokenizer")
     (Path(directory) / "tokenizer_config.json").write_text(json.dumps(custom))
     written = json.loads(Path(jaxdec.save_pretrained(jaxdec.load_pretrained(directory),
                                                      tmp_path / "fourth"),
                               "tokenizer_config.json").read_text())
-    assert written == settings
+    assert written == dict(settings, tokenizer_class="PreTrainedTokenizerFast")
 
 
 def test_params_are_placed_with_the_mesh_sharding(hf_checkpoints, loaded, tmp_path):

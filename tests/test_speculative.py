@@ -625,9 +625,9 @@ class _RepeatRoot(Drafter):
     def init(self, tokens_BT, prompt_lengths_B, *, max_len):
         if self.mistake == "str_state":
             return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32), "note": "hello"}
-        if self.mistake == "empty":  # (no mistake: a buffer of no columns yet)
+        if self.mistake == "empty":  # (no mistake: a buffer of no columns yet, a number)
             return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32),
-                    "buffer": jnp.zeros((tokens_BT.shape[0], 0), jnp.int32)}
+                    "buffer": jnp.zeros((tokens_BT.shape[0], 0), jnp.int32), "scale": 1.0}
         return {"steps": jnp.zeros(tokens_BT.shape[:1], jnp.int32)}
 
     def propose(self, state, root_B, lengths_B, key, *, topology, sampler):
@@ -671,8 +671,8 @@ def test_a_drafter_of_your_own(loaded):
         out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), fine), prompts,
                                           max_new_tokens=12)
         np.testing.assert_array_equal(out.tokens, plain.tokens)
-    # A state array of no elements, timed and profiled (the clocks' wait on one element of
-    # each array indexed past its end).
+    # A state array of no elements and a number, timed and profiled (the clocks' wait on one
+    # element of each array indexed past its end, and read a number's size).
     out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), "empty"), prompts,
                                       max_new_tokens=12, return_timings=True, profile=True)
     np.testing.assert_array_equal(out.tokens, plain.tokens)

@@ -512,6 +512,22 @@ def test_all_process_checks_name_the_processes_that_differ(tmp_path, monkeypatch
     loop.check_shared_directory(str(run))
 
 
+def test_a_corpus_given_from_home_is_recorded_whole(tmp_path, monkeypatch):
+    """`~/texts` was read (expanded) but recorded as `<cwd>/~/texts`: a resume naming the
+    same corpus another way was refused as another corpus."""
+    import json as json_module
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(os.path.dirname(json_module.__file__), tmp_path / "texts",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    first = train_lm(MICRO, tmp_path / "run", corpus="~/texts", steps=1, log=lambda _: None)
+    record = json.loads((tmp_path / "run" / loop.RUN_FILE).read_text())
+    assert record["corpus"] == str(tmp_path / "texts")
+    assert train_lm(MICRO, tmp_path / "run", corpus=tmp_path / "texts", steps=1, resume=True,
+                    log=lambda _: None) == first
+
+
 def test_unknown_preset_and_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match="valid presets: cpu-tiny, gpu-small, gpu-base"):
         train_lm("huge", tmp_path / "a")

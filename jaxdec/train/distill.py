@@ -101,6 +101,13 @@ def make_distill_step(target: Model, draft_config, mesh, optimizer, objective: s
 TARGET_FILES = ("config.json", "tokenizer.json", "*.safetensors", "*.safetensors.index.json")
 
 
+def _target_record(target_dir: str) -> str:
+    """How a run records its target: a directory's absolute path, or a Hugging Face cache id
+    ("org/name") as given (its path relative to the working directory named nothing, and a
+    resume from another directory was refused)."""
+    return os.path.abspath(target_dir) if os.path.isdir(target_dir) else target_dir
+
+
 def target_digest(target_dir) -> str:
     """A hash of a target checkpoint's files (`TARGET_FILES`): a resumed draft run must
     distill the target it started with."""
@@ -146,6 +153,8 @@ def train_draft(
     # (`~` expanded as in out: compared with out below, a `~/lm` target read as `./~/lm`
     # was not found inside an out of the same name, which --force then deleted)
     target_dir = os.path.expanduser(os.fspath(target_dir))
+    if corpus is not None:  # (`~` as out: recorded, and compared on resume, expanded)
+        corpus = os.path.expanduser(os.fspath(corpus))
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:
@@ -181,7 +190,7 @@ def train_draft(
     with phases("corpus"):
         corpus_data = default_corpus(corpus, preset)
     run = {"kind": "draft", "preset": preset.name, "steps": steps, "seed": seed,
-           "objective": objective, "target": os.path.abspath(os.fspath(target_dir)),
+           "objective": objective, "target": _target_record(target_dir),
            # A target retrained (or given another tokenizer) in place is another target.
            "target_digest": target_digest(target_dir),
            "corpus": None if corpus is None else os.path.abspath(os.fspath(corpus)),

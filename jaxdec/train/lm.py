@@ -278,6 +278,8 @@ def train_lm(
     preset, out, steps, seed = loop.check_run(preset, out, steps=steps,
                                               steps_field="target_steps", resume=resume,
                                               force=force, seed=seed, log=log)
+    if corpus is not None:  # (`~` as out: recorded, and compared on resume, expanded)
+        corpus = os.path.expanduser(os.fspath(corpus))
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     mesh = loop.train_mesh(dp, preset.batch_size, resume_from=out if resume else None)
