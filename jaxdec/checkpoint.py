@@ -532,12 +532,12 @@ def _warn_past_the_vocabulary(directory: str, config: ModelConfig, tokenizer) ->
         warnings.warn(f"{directory}: its tokenizer has {words} tokens, more than config.json's "
                       f"vocab_size {V}: text encoding to the ids past it cannot be given to "
                       "the model (was a token added without resizing the embeddings?)",
-                      stacklevel=3)
+                      stacklevel=4)
     past = [t for t in config.eos_token_ids if t >= V]
     if past:
         warnings.warn(f"{directory}: its end-of-sequence ids {past} are past config.json's "
                       f"vocab_size {V}: the model never emits them (give stop_tokens without "
-                      "them)", stacklevel=3)
+                      "them)", stacklevel=4)  # (the caller of load_pretrained)
 
 
 def _read_tokenizer_config(directory: str) -> dict | None:
