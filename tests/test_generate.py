@@ -220,7 +220,7 @@ def test_a_streams_exception_reaches_the_caller_as_itself(loaded, caplog):
     assert raised.value.args == (2,)
     assert not any("callback failed" in record.getMessage() for record in caplog.records)
 
-    def interrupt(step, tokens, active):  # (cancelling as Ctrl-C does: jax's INTERNAL error)
+    def interrupt(step, tokens, active):  # (a BaseException: it came as jax's INTERNAL error)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
