@@ -445,7 +445,11 @@ def pytest_record(junit: Path, plan_name: str, device: str, code: int | None,
         seen = verbose_outcomes(lines)
         passed = seen["passed"]
         counts.update(failures=seen["failed"], errors=seen["errors"], skipped=seen["skipped"])
-        error = f"stopped at its time limit ({passed} passed before it)"
+        if counts["failures"] or counts["errors"]:  # a finding: no earlier record hides it
+            error = (f"stopped at its time limit ({passed} passed, {counts['failures']} failed, "
+                     f"{counts['errors']} errors before it)")
+        else:  # only cut short: an earlier complete record of these sources stays
+            error = f"timed out: stopped at its time limit ({passed} passed before it)"
     elif code != 0 or counts["failures"] or counts["errors"] or passed <= 0:
         error = (f"pytest exit code {code}: {counts['failures']} failed, {counts['errors']} "
                  f"errors, {passed} passed")
@@ -669,8 +673,8 @@ def run_steps(args, steps, names, device, slug, work, log, env, started) -> int:
                 record = pytest_record(junit, args.plan, device, code, seconds,
                                        suite_files(step.argv), lines)
                 path = work / f"gpu-tests-{slug}.json"
-                # One record per version of the tested sources: a run cut short does not
-                # replace what an earlier version's complete run showed.
+                # One record per version of the tested sources: a run cut short with no
+                # failure does not replace what a complete run of them showed.
                 write_merged(path, [record], ("plan", "device", "sources"),
                              render_tests_markdown)
                 hopper_broken = hopper_broken or hopper_failed(junit, lines, code)

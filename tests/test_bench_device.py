@@ -14,7 +14,7 @@ from runenv import user_env
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench import device  # noqa: E402
+from bench import common, device  # noqa: E402
 
 
 def _drive(*args, returncode=0):
@@ -313,7 +313,19 @@ def test_a_stopped_test_run_counts_what_finished(tmp_path):
     record = device.pytest_record(tmp_path / "missing.xml", "gpu", "dev", None, 120.0,
                                   "tests/t.py", lines)
     assert (record["passed"], record["failed"], record["skipped"]) == (1, 1, 1)
-    assert record["error"] == "stopped at its time limit (1 passed before it)"
+    assert record["error"] == "stopped at its time limit (1 passed, 1 failed, 1 errors before it)"
+
+    # Cut short with no failure: a complete passing record of the same sources is kept.
+    passing = device.pytest_record(tmp_path / "missing.xml", "gpu", "dev", None, 60.0,
+                                   "tests/t.py", lines[:1])
+    assert passing["error"] == "timed out: stopped at its time limit (1 passed before it)"
+    path = tmp_path / "gpu-tests-dev.json"
+    complete = dict(passing, passed=40, error=None, date="earlier")
+    path.write_text(json.dumps([complete]))
+    for cut, kept in ((passing, True), (record, False)):
+        merged = common.merge_records(path, [cut], ("plan", "device", "sources"))
+        assert len(merged) == 1 and (merged[0]["passed"] == 40) == kept
+        assert merged[0].get("last_attempt_error") == (cut["error"] if kept else None)
 
     stamped = []
     device.run_command([sys.executable, "-c", "print('a')"], 30, stamped.append,
