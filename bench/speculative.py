@@ -720,6 +720,20 @@ def main(argv=None) -> int:
                          f">= {lowest}, got {','.join(map(str, values)) or 'none'}")
     if not preset.methods:
         parser.error("--methods names no method")
+    if preset.kind == "synthetic":  # random weights, an oracle drafter, greedy: no training
+        from bench.train import SHRINK_FLAGS
+
+        ignored = [name for name in ("methods", "temperatures", "target", "draft", *SHRINK_FLAGS)
+                   if getattr(args, name) is not None]
+        if ignored:
+            parser.error(f"{', '.join('--' + n.replace('_', '-') for n in ignored)} do not apply "
+                         f"to the synthetic preset {args.preset} (random weights, oracle "
+                         f"drafters, greedy decoding)")
+    for flag, directory in (("--target", args.target), ("--draft", args.draft)):
+        if directory is not None and not (Path(directory).expanduser() / "config.json").is_file():
+            parser.error(f"{flag} {directory}: no config.json there (a trained model directory)")
+    if args.budget_s is not None and not args.budget_s >= 0:  # 0: every run recorded skipped
+        parser.error(f"--budget-s must be >= 0, got {args.budget_s}")
     if args.compile_ahead is None:
         args.compile_ahead = default_compile_workers()
     elif args.compile_ahead < 0:

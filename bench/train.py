@@ -136,12 +136,28 @@ def _phases(seconds: dict) -> str:
     return ", ".join(f"{name} {s:.1f}" for name, s in seconds.items())
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+SHRINK_FLAGS = ("steps", "draft_steps", "max_train_bytes", "eval_tokens")
+
+
 def add_shrink_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that shrink a training preset (tests run CPU presets in seconds with them)."""
-    parser.add_argument("--steps", type=int, help="override the target's training steps")
-    parser.add_argument("--draft-steps", type=int, help="override the draft's training steps")
-    parser.add_argument("--max-train-bytes", type=int, help="override the corpus budget")
-    parser.add_argument("--eval-tokens", type=int, help="override the held-out tokens evaluated")
+    parser.add_argument("--steps", type=positive_int, help="override the target's training steps")
+    parser.add_argument("--draft-steps", type=positive_int,
+                        help="override the draft's training steps")
+    parser.add_argument("--max-train-bytes", type=positive_int, help="override the corpus budget")
+    parser.add_argument("--eval-tokens", type=positive_int,
+                        help="override the held-out tokens evaluated")
 
 
 def shrunk(preset, args):

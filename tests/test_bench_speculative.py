@@ -271,6 +271,12 @@ def test_attention_choices_and_a_note_in_the_table():
     (["--batches", "0"], "--batches must be >= 1, got 0"),
     (["--temperatures", "0,-1"], "--temperatures must be one or more values >= 0, got 0.0,-1.0"),
     (["--methods", ","], "--methods names no method"),
+    (["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    (["--draft-steps", "x"], "argument --draft-steps: expected an integer, got 'x'"),
+    (["--budget-s", "-5"], "--budget-s must be >= 0, got -5.0"),
+    (["--target", "/nonexistent"], "--target /nonexistent: no config.json there"),
+    (["--preset", "synthetic-tiny", "--temperatures", "1", "--steps", "3"],
+     "--temperatures, --steps do not apply to the synthetic preset synthetic-tiny"),
 ])
 def test_bad_overrides_are_named_before_anything_runs(flags, message, capsys):
     sys.path.insert(0, str(REPO))
