@@ -48,12 +48,13 @@ Roofline, with both ceilings measured in the same run:
     bytes  = K and V of the context + T slots (2 * B * (context + T) * K * D * 2)
              + queries and outputs (2 * B * T * H * D * 2)
     flops  = 4 * B * T * H * (context + T) * D          (Q K^T and P V)
-    roofline_us  = max(bytes / hbm_bandwidth, flops / bf16_matmul_peak)
+    roofline_us  = max(bytes / hbm_bandwidth, flops / matmul_peak)
     hbm_fraction = bytes / time / hbm_bandwidth
 HBM bandwidth: the better of `bench.common.measure_hbm`'s probes over a 1 GiB array (`x + 1`,
 read + write, and a read-only `sum`, each timed per pass inside one jitted loop, so dispatch
-and synchronization drop out; records carry both as `hbm_probes`); matmul peak: 8192^3 bf16
-products on random data, timed per product the same way (`measure_matmul_peak`).
+and synchronization drop out; records carry both as `hbm_probes`); matmul peak: 8192^3
+products on random data (in the preset's dtype), timed per product the same way
+(`measure_matmul_peak`).
 
 Call floors (`call_floor_us`, measured in the same run and the same timed loop): what a call
 that does almost nothing costs there, a one-block Pallas kernel and one XLA fusion. Where a
@@ -419,11 +420,12 @@ def run(preset: str, spec: dict, emit, on_case=lambda records: None,
 
     hbm_probes = measure_hbm(spec["hbm_bytes"])
     hbm_gbps = max(hbm_probes.values())
-    peak_tflops = measure_matmul_peak(jnp.dtype("bfloat16"), size=spec["matmul_size"]) / 1e12
+    # in the preset's dtype (bf16 on the devices; the CPU preset's fp32 runs at another peak)
+    peak_tflops = measure_matmul_peak(jnp.dtype(spec["dtype"]), size=spec["matmul_size"]) / 1e12
     floors = call_floors(spec)
     emit(f"ceilings: HBM {hbm_gbps:.0f} GB/s (" + ", ".join(
         f"{name} {gbps:.0f}" for name, gbps in hbm_probes.items())
-        + f"), bf16 matmul {peak_tflops:.0f} TFLOP/s; call floors: Pallas "
+        + f"), {spec['dtype']} matmul {peak_tflops:.3g} TFLOP/s; call floors: Pallas "
         f"{floors['pallas']:.1f} us, XLA {floors['xla']:.1f} us")
     meta = dict(preset=preset, kernel="tree_attention", device=jax.devices()[0].device_kind,
                 dtype=spec["dtype"], heads=spec["heads"], kv_heads=spec["kv_heads"],
