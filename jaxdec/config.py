@@ -25,7 +25,7 @@ SUPPORTED_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
@@ -40,7 +40,9 @@ class RopeConfig:
     divided by `factor`, those turning more than `beta_fast` times are kept, a linear ramp
     between (its ends rounded outwards when `truncate`); cos and sin are multiplied by
     `attention_factor`, by default 0.1 ln(factor) + 1). "llama3" and "yarn" need
-    `original_max_position_embeddings`, the context the model was trained at.
+    `original_max_position_embeddings`, the context the model was trained at. "dynamic"
+    (dynamic NTK) is plain RoPE up to max_position_embeddings, the longest sequence served
+    (transformers raises theta by `factor` only for longer ones); `factor` is kept for export.
     """
 
     theta: float = 10000.0
@@ -224,7 +226,18 @@ class ModelConfig:
     def describe_max_positions(self) -> str:
         """Where `max_positions` comes from, for error messages."""
         if self.max_positions == self.max_position_embeddings:
-            return f"max_position_embeddings={self.max_position_embeddings}"
+            said = f"max_position_embeddings={self.max_position_embeddings}"
+            if self.rope.rope_type == "dynamic":
+                said += ("; dynamic NTK scaling past it, a theta that changes with the "
+                         "sequence's length, is not implemented")
+            elif self.rope.rope_type == "linear":
+                # (some long-context checkpoints keep the original context there, the
+                # trained one in another field)
+                said += (f"; a checkpoint trained longer with its linear RoPE factor "
+                         f"{self.rope.factor:g} takes more positions once its config says so: "
+                         f"dataclasses.replace(model, config=model.config.replace("
+                         f"max_position_embeddings=...))")
+            return said
         return (f"YaRN's factor {self.rope.factor:g} x original_max_position_embeddings "
                 f"{self.rope.original_max_position_embeddings}")
 
@@ -252,6 +265,16 @@ class ModelConfig:
             archs = hf.get("architectures") or []
             by_arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
             model_type = next((by_arch[a] for a in archs if a in by_arch), model_type)
+            named = hf.get("model_type")
+            if named is not None and model_type in SUPPORTED_ARCHITECTURES:
+                # (a fine-tune's renamed model_type, or another model transformers builds
+                # differently: what it computes beyond the named class is not reproduced)
+                warnings.warn(
+                    f"config.json's model_type {named!r} is not one jaxdec implements; loading "
+                    f"it as {model_type} because its architectures name "
+                    f"{SUPPORTED_ARCHITECTURES[model_type]} (transformers builds models by "
+                    f"model_type: where {named!r} computes something else, the logits differ)",
+                    stacklevel=2)
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture: model_type={hf.get('model_type')!r}, "
@@ -590,12 +613,12 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
             f"rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
         )
     kwargs: dict[str, Any] = {"theta": theta, "rope_type": rope_type}
-    required = {"linear": ("factor",),
+    required = {"linear": ("factor",), "dynamic": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
     missing = [key for key in required if merged.get(key) is None]
     if missing:   # (transformers refuses them too; they were read as defaults)
         raise ValueError(f"config.json's {rope_type} rope scaling lacks {', '.join(missing)}")
-    if rope_type in ("linear", "llama3"):
+    if rope_type in ("linear", "llama3", "dynamic"):
         kwargs["factor"] = _hf_number(merged, "factor", label=_ROPE)
     if rope_type in ("llama3", "yarn"):
         # transformers' order: a top-level value (as Phi-3 writes it), the scaling dict's, the

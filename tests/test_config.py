@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -143,8 +144,19 @@ def test_rope_settings_are_whole_and_agree(fields, message):
 
 
 def test_architecture_found_from_architectures_list():
-    c = ModelConfig.from_hf(dict(BASE, model_type="custom", architectures=["Qwen2ForCausalLM"]))
+    """A model_type jaxdec does not know, with a class it does: loaded as that class, with a
+    warning (transformers goes by model_type, and may build another model); no model_type at
+    all takes the class silently."""
+    with pytest.warns(UserWarning, match="model_type 'custom' is not one jaxdec implements; "
+                                         "loading it as qwen2"):
+        c = ModelConfig.from_hf(dict(BASE, model_type="custom",
+                                     architectures=["Qwen2ForCausalLM"]))
     assert c.model_type == "qwen2"
+    hf = {k: v for k, v in BASE.items() if k != "model_type"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ModelConfig.from_hf(dict(hf, architectures=["MistralForCausalLM"])).model_type \
+            == "mistral"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
@@ -162,9 +174,26 @@ def test_unsupported_architecture_lists_supported_ones():
 
 
 def test_unsupported_rope_type_is_named():
-    with pytest.raises(ValueError, match="'dynamic' is not supported.*yarn"):
+    with pytest.raises(ValueError, match="'longrope' is not supported.*yarn"):
         ModelConfig.from_hf(dict(BASE, model_type="llama", rope_scaling={
-            "rope_type": "dynamic", "factor": 4.0}))
+            "rope_type": "longrope", "factor": 4.0}))
+
+
+def test_linear_and_dynamic_rope_limits_say_what_they_are():
+    """Past max_position_embeddings: dynamic NTK's longer sequences are not implemented; a
+    linear factor's checkpoint may have been trained longer than its config says (the error
+    names how to say so)."""
+    hf = dict(BASE, model_type="llama", max_position_embeddings=64)
+    dynamic = ModelConfig.from_hf(dict(hf, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert dynamic.max_positions == 64 and dynamic.rope.factor == 2.0
+    assert "dynamic NTK scaling past it" in dynamic.describe_max_positions()
+    assert ModelConfig.from_hf(dynamic.to_hf()) == dynamic
+    with pytest.raises(ValueError, match="dynamic rope scaling lacks factor"):
+        ModelConfig.from_hf(dict(hf, rope_scaling={"rope_type": "dynamic"}))
+    linear = ModelConfig.from_hf(dict(hf, rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    assert linear.max_positions == 64
+    assert "linear RoPE factor 4" in linear.describe_max_positions()
+    assert "max_position_embeddings=..." in linear.describe_max_positions()
 
 
 def test_yarn_as_qwen25_documents_it():

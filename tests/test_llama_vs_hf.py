@@ -170,3 +170,35 @@ def test_mistral_config_with_layer_types_vs_transformers(tmp_path):
     path.write_text(json.dumps(hf))
     with pytest.raises(ValueError, match="layer_types must be a list of 'full_attention' and"):
         jaxdec.load_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("rope_scaling", [{"rope_type": "dynamic", "factor": 4.0},
+                                          {"rope_type": "linear", "factor": 4.0}])
+def test_dynamic_and_linear_rope_at_their_limits_vs_transformers(rope_scaling, tmp_path):
+    """Dynamic NTK up to max_position_embeddings (16) is plain RoPE: transformers' logits.
+    A linear-factor checkpoint trained past its config's max_position_embeddings (as some
+    long-context ones are) runs longer once its config says so, as the limit's error tells."""
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        rope_scaling=rope_scaling, initializer_range=0.25)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(str(tmp_path), safe_serialization=True)
+    model = jaxdec.load_pretrained(tmp_path)
+    assert model.config.rope.rope_type == rope_scaling["rope_type"]
+    tokens = _tokens(2, 16)
+    with torch.no_grad():
+        ref = reference(torch.tensor(tokens)).logits.numpy()
+    assert _relative_error(np.asarray(jaxdec.forward(model, tokens)), ref) < 1e-4
+    longer = _tokens(2, 40)
+    with pytest.raises(ValueError, match="exceeds the model's 16 positions") as refused:
+        jaxdec.forward(model, longer)
+    if rope_scaling["rope_type"] == "linear":
+        assert "model.config.replace(max_position_embeddings=...)" in str(refused.value)
+        model = dataclasses.replace(model, config=model.config.replace(
+            max_position_embeddings=64))
+        with torch.no_grad():
+            ref = reference(torch.tensor(longer)).logits.numpy()
+        assert _relative_error(np.asarray(jaxdec.forward(model, longer)), ref) < 1e-4
