@@ -393,7 +393,12 @@ def _check_stop_tokens(stop_tokens, batch: int, vocab_size: int) -> np.ndarray:
         raise TypeError("stop_tokens must be token ids, or one list of ids per prompt; got a "
                         "string (tokenize it first)")
     if isinstance(stop_tokens, (np.ndarray, jax.Array)):
-        stop_tokens = np.asarray(stop_tokens).tolist()  # an int, a list or a list of lists
+        array = np.asarray(stop_tokens)
+        stop_tokens = array.tolist()  # an int, a list or a list of lists
+        if array.ndim in (1, 2) and np.issubdtype(array.dtype, np.integer):
+            # -1 pads rows with fewer ids (as `generate_padded`'s stop_tokens_BM)
+            stop_tokens = ([[t for t in row if t != -1] for row in stop_tokens] if array.ndim == 2
+                           else [t for t in stop_tokens if t != -1])
     if isinstance(stop_tokens, (int, np.integer)) and not isinstance(stop_tokens, bool):
         stop_tokens = [stop_tokens]  # one id (as a config's eos_token_id often is)
     try:
@@ -532,7 +537,8 @@ def generate(
       key: one PRNG key for sampling, `jax.random.key(seed)` or `jax.random.PRNGKey(seed)`
         (default PRNGKey(0)); rows draw independent randomness from it.
       stop_tokens: ids that end a row (the stop token is kept): one id or a list shared by
-        all rows, or one list per row (a [batch, M] array too).
+        all rows, or one list per row (a [batch, M] array too, padded with -1 where rows
+        have fewer ids).
       pad_id: written after a row stops.
       max_len: cache capacity, at least the longest prompt + max_new_tokens - 1 (the last
         new token is never fed back) (default: the prompt bucket + max_new_tokens, rounded up

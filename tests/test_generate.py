@@ -176,6 +176,12 @@ def test_stop_tokens_shared_and_per_row(loaded):
     rows = jaxdec.generate(model, prompts, max_new_tokens=12,
                            stop_tokens=jnp.array([[stop_a], [stop_b]]))
     assert rows.lengths.tolist() == [first_a + 1, first_b + 1]
+    # An array's rows padded with -1 (generate_padded's stop_tokens_BM): row 0 has none.
+    padded = jaxdec.generate(model, prompts, max_new_tokens=12,
+                             stop_tokens=np.array([[-1, -1], [stop_b, -1]]))
+    assert padded.lengths.tolist() == [12, first_b + 1]
+    with pytest.raises(ValueError, match=r"outside \[0, .*\[-1\]"):  # lists: no padding
+        jaxdec.generate(model, prompts, max_new_tokens=12, stop_tokens=[[-1], [stop_b]])
 
 
 def test_single_new_token_and_full_rows(loaded):
