@@ -34,8 +34,8 @@ from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import (check_bool, check_ids, check_int, check_model, check_untraced,
                            concrete_scalar)
-from jaxdec.model import (Model, check_attention, check_cache, forward_with_cache, is_abstract,
-                          param_dtype)
+from jaxdec.model import (Model, check_attention, check_cache, is_abstract, param_dtype,
+                          run_forward)
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 
 MIN_BUCKET = 16
@@ -195,7 +195,7 @@ def generate_padded(
     if key is None:
         if not sampler.is_greedy:
             raise ValueError("key is needed to sample (greedy decoding takes None)")
-        key = jax.random.PRNGKey(0)
+        key = jax.random.key(0)  # (typed, as check_key makes every key: one program)
     arrays = (model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
                     stream=stream, return_logprobs=return_logprobs)
@@ -206,7 +206,24 @@ def generate_padded(
         return _generate_padded(*arrays, **settings)
     # Called eagerly: one compiled program (op by op, the loop's while was compiled anew in
     # every call: its body is a new function each time).
-    return _generate_padded_program(*arrays, **settings)
+    return _generate_padded_program(*on_model_devices(model.mesh, *arrays), **settings)
+
+
+def on_model_devices(mesh, *arrays):
+    """`arrays` with each jax Array that lies on other devices than the mesh's (another
+    model's output on one device) as its host copy (a small array of ids) or, for a key,
+    replicated over the mesh: a program over the mesh refused it."""
+    devices = set(mesh.devices.flat)
+
+    def placed(x):
+        if (not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer)
+                or x.sharding.device_set == devices or not x.is_fully_addressable):
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return parallel.onto_mesh(x, mesh)
+        return np.asarray(x)
+
+    return tuple(placed(x) if isinstance(x, jax.Array) else x for x in arrays)
 
 
 def _generate_padded(model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, *,
@@ -227,7 +244,7 @@ _generate_padded_program = jax.jit(
 def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) -> None:
     """generate_padded's arrays: shapes and integer dtypes always; where they hold values
     (called eagerly), lengths in [1, T] (a length of 0 or past T ran and returned tokens from
-    no prompt or from padding) and the prompts' ids inside the vocabulary."""
+    no prompt or from padding) and the prompts' and stop ids inside the vocabulary."""
     B, T = tokens_BT.shape
     for name, array, shape in (("tokens_BT", tokens_BT, (B, T)),
                                ("prompt_lengths_B", prompt_lengths_B, (B,)),
@@ -251,6 +268,15 @@ def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) ->
     # (the padding may be anything)
     check_ids("tokens_BT", ids[np.arange(T)[None, :] < lengths[:, None]],
               model.config.vocab_size)
+    if stop_tokens_BM is not None:
+        try:
+            stops = np.asarray(stop_tokens_BM)
+        except jax.errors.TracerArrayConversionError:
+            return
+        bad = stops[(stops < -1) | (stops >= model.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"stop_tokens_BM has ids outside [0, {model.config.vocab_size}) "
+                             f"(-1 pads): {sorted(set(bad.tolist()))[:5]}")
 
 
 def _check_pad_id(pad_id) -> int:
@@ -281,7 +307,7 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logpr
     start_B = cache.lengths if continued else jnp.zeros((B,), jnp.int32)
     positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cache = cache.replace(lengths=start_B)
-    logits, _, cache = forward_with_cache(
+    logits, _, cache = run_forward(
         model, tokens_BT.astype(jnp.int32), positions_BT, cache,
         logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=not continued, prefill=True,
     )
@@ -325,7 +351,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
 
     def body(s: _LoopState):
         active = ~s.done_B
-        logits, _, cache = forward_with_cache(model, s.last_BT, s.cache.lengths[:, None], s.cache)
+        logits, _, cache = run_forward(model, s.last_BT, s.cache.lengths[:, None], s.cache)
         # Stopped rows keep their length, so their (ignored) writes stay in range.
         cache = cache.replace(lengths=s.cache.lengths + active.astype(jnp.int32))
         token = _draw(sampler, logits[:, 0], _step_keys(row_keys, s.step))

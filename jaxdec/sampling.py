@@ -171,14 +171,15 @@ class Sampler:
 
 
 def check_sampler(sampler) -> Greedy | Sampler:
-    """`sampler` itself (Greedy when None); a TypeError for anything else."""
+    """`sampler` itself (Greedy when None, or a Sampler at temperature 0: the same tokens, one
+    compiled program); a TypeError for anything else."""
     if sampler is None:
         return Greedy()
     if not isinstance(sampler, (Greedy, Sampler)):
         raise TypeError(
             f"sampler must be jaxdec.Greedy() or jaxdec.Sampler(...), got {type(sampler).__name__}"
         )
-    return sampler
+    return Greedy() if sampler.is_greedy else sampler
 
 
 def row_keys(key: jax.Array, batch: int) -> jax.Array:

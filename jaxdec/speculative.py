@@ -22,12 +22,13 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
-from jaxdec.checks import check_bool, check_untraced
+from jaxdec.checks import check_bool, check_int, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter
-from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_compile_only,
+from jaxdec.generate import (_check_pad_id, _check_padded_prompts, _host_clock, _padding_rows,
+                             after_clock, check_compile_only, on_model_devices,
                              output_capacity, own_arrays, prepare_batch, python_ints, read_timings,
                              registered_stream, token_logprobs)
-from jaxdec.model import Model, forward_with_cache, param_dtype
+from jaxdec.model import Model, check_cache, param_dtype, run_forward
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import DynamicTree, Topology, TokenTree, ancestor_mask, as_topology
 from jaxdec.verify import ProposalKind, as_kind, check_proposal, emitted_tokens, verify
@@ -143,12 +144,12 @@ def speculative_padded(
     tokens_BT: jax.Array,
     prompt_lengths_B: jax.Array,
     cache: Cache,
-    key: jax.Array,
+    key: jax.Array | None,
     stop_tokens_BM: jax.Array | None,
     *,
     max_new_tokens: int,
-    sampler: Greedy | Sampler,
-    topology: Topology,
+    sampler: Greedy | Sampler | None,
+    topology: Topology | DynamicTree,
     pad_id: int = 0,
     stream: Callable | None = None,
     timed: bool = False,
@@ -178,7 +179,51 @@ def speculative_padded(
     past that (max_len + its nodes) saves the last steps from drafting into no slots.
     Returns ((tokens, lengths), statistics arrays, cache, the drafter's final state,
     timestamps or None); with `return_logprobs`, (tokens, lengths, logprobs) first.
+
+    Its arguments are checked as `jaxdec.generate_padded`'s (their values too where it is
+    called eagerly; `key` may be None for greedy decoding). Called outside jit without a
+    stream, it runs one compiled program (compiled once per shapes and static arguments).
     """
+    sampler = check_sampler(sampler)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    pad_id = _check_pad_id(pad_id)
+    timed, profile, return_logprobs = (check_bool(name, value) for name, value in (
+        ("timed", timed), ("profile", profile), ("return_logprobs", return_logprobs)))
+    if stream is not None and not callable(stream):
+        raise TypeError("stream must be callable")
+    check_drafter(drafter)
+    if not isinstance(topology, (Topology, DynamicTree)):
+        raise TypeError("topology must be a jaxdec.tree Topology (chain, kary, from_choices) "
+                        f"or DynamicTree (dynamic), got {topology!r}")
+    check_proposal(proposal_kind(drafter, sampler, topology), topology)
+    if getattr(tokens_BT, "ndim", None) != 2:
+        raise ValueError(f"tokens_BT must be [batch, length], got "
+                         f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
+    _check_padded_prompts(target, tokens_BT, prompt_lengths_B, stop_tokens_BM)
+    check_cache(target, cache, tokens_BT.shape[0])
+    key = check_key(key)
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("key is needed to sample (greedy decoding takes None)")
+        key = jax.random.key(0)
+    arrays = (target, drafter, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
+    settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
+                    pad_id=pad_id, stream=stream, timed=timed, profile=profile,
+                    stream_args=stream_args, return_logprobs=return_logprobs, resume=resume,
+                    limit=limit, rows=rows)
+    if stream is not None or any(isinstance(leaf, jax.core.Tracer)
+                                 for leaf in jax.tree.leaves((arrays, resume, limit, rows))):
+        return _speculative_padded(*arrays, **settings)
+    # Called eagerly: one compiled program (op by op, the loop compiled anew in every call).
+    del settings["stream"], settings["stream_args"]
+    return _speculative_padded_program(*on_model_devices(target.mesh, *arrays), **settings)
+
+
+def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key,
+                        stop_tokens_BM, *, max_new_tokens, sampler, topology, pad_id=0,
+                        stream=None, timed=False, profile=False, stream_args=(),
+                        return_logprobs=False, resume=None, limit=None, rows=None):
+    """`speculative_padded` on checked arguments."""
     B, T = tokens_BT.shape
     N, depth = topology.num_nodes, topology.max_depth
     if limit is None and resume is None and cache.max_len < T + max_new_tokens - 1:
@@ -202,9 +247,9 @@ def speculative_padded(
 
     start_B = jnp.zeros((B,), jnp.int32) if resume is None else cache.lengths
     positions = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    _, _, cache = forward_with_cache(target, tokens_BT, positions, cache.replace(lengths=start_B),
-                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
-                                     fresh=resume is None, prefill=True)
+    _, _, cache = run_forward(target, tokens_BT, positions, cache.replace(lengths=start_B),
+                              logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                              fresh=resume is None, prefill=True)
     cache = cache.replace(lengths=start_B + prompt_lengths_B - 1)
     root = jnp.take_along_axis(tokens_BT, (prompt_lengths_B - 1)[:, None], axis=1)[:, 0]
     if resume is None:
@@ -257,7 +302,7 @@ def speculative_padded(
         if profile:
             t1 = _clock(tree.tokens)
             tree = dataclasses.replace(tree, tokens=after_clock(t1, tree.tokens))
-        logits, _, written = forward_with_cache(
+        logits, _, written = run_forward(
             target, tree.tokens, tree.positions(s.cache.lengths), s.cache,
             mask_BTT=tree.ancestors)
         verdict = verify(tree, logits, sampler=sampler, key=jax.random.fold_in(step_key, 1),
@@ -436,12 +481,18 @@ def _program(target, drafter, tokens, lengths, cache, key, stop, limit, stream_i
     (tokens, lengths), it resumes from them and `drafter_state` (donated: a draft model's
     cache is updated in place)."""
     resume = None if prompts is None else Resume(*prompts, drafter_state=drafter_state)
-    return speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
+    return _speculative_padded(target, drafter, tokens, lengths, cache, key, stop,
                               max_new_tokens=capacity, sampler=sampler, topology=topology,
                               pad_id=pad_id, stream=stream, timed=timed, profile=profile,
                               stream_args=() if stream_id is None else (stream_id,),
                               return_logprobs=logprobs, resume=resume, limit=limit,
                               rows=rows)
+
+
+_speculative_padded_program = jax.jit(
+    _speculative_padded,
+    static_argnames=("max_new_tokens", "sampler", "topology", "pad_id", "timed", "profile",
+                     "return_logprobs"))
 
 
 @parallel.runs_on_model_mesh(lambda a: a["target"].mesh)

@@ -43,7 +43,19 @@ def test_no_recompilation_within_a_bucket(loaded):
     jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=6)
     _compiles.clear()
     jaxdec.generate(model, _prompts((12, 7), seed=1), max_new_tokens=6, stop_tokens=[4, 5])
+    # A Sampler at temperature 0 is greedy decoding: the same program.
+    jaxdec.generate(model, _prompts((5, 2)), max_new_tokens=6,
+                    sampler=jaxdec.Sampler(temperature=0.0, top_k=3))
     assert _compiles == []
+    # generate_padded called eagerly: greedy without a key is the program a key runs.
+    tokens, lengths = jnp.zeros((2, 16), jnp.int32).at[:, :2].set(3), jnp.array([2, 2])
+    cache = jaxdec.init_cache(model.config, 2, 21)
+    want = jaxdec.generate_padded(model, tokens, lengths, cache, jax.random.key(1),
+                                  max_new_tokens=6)[0]
+    _compiles.clear()
+    got = jaxdec.generate_padded(model, tokens, lengths, cache, None, max_new_tokens=6)[0]
+    assert _compiles == []
+    np.testing.assert_array_equal(got[0], want[0])
     # A new bucket compiles (the counter works).
     jaxdec.generate(model, _prompts((20, 7)), max_new_tokens=6)
     assert _compiles

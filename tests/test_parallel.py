@@ -164,6 +164,22 @@ def test_arrays_on_other_devices_are_taken(hf_checkpoints, loaded, reference):
     session = jaxdec.PrefixCache(elsewhere, 64)
     assert len(session.generate(PROMPTS[0], max_new_tokens=4, sampler=sampler,
                                 key=key).tokens[0]) == 4
+    # The padded forms called eagerly (their jitted program refused them).
+    from jaxdec.generate import prepare_batch
+
+    batch = prepare_batch(elsewhere, PROMPTS, max_new_tokens=8, stop_tokens=(), pad_id=0,
+                          max_len=None)
+    arrays = [jax.device_put(x, jax.devices()[0]) for x in (batch.tokens, batch.lengths)]
+    cache = jaxdec.init_cache(elsewhere.config, 3, batch.max_len, mesh=elsewhere.mesh)
+    (out, _), _ = jaxdec.generate_padded(elsewhere, *arrays, cache, key, max_new_tokens=8,
+                                         sampler=sampler)
+    np.testing.assert_array_equal(out, want)
+    drafter = jaxdec.drafters.PromptLookup().prepare(elsewhere)
+    (out, _), *_ = jaxdec.speculative.speculative_padded(
+        elsewhere, drafter, *arrays, jaxdec.init_cache(elsewhere.config, 3, batch.max_len + 8,
+                                                       mesh=elsewhere.mesh),
+        key, None, max_new_tokens=8, sampler=sampler, topology=jaxdec.tree.chain(2))
+    assert out.shape == want.shape
 
 
 # ----------------------------------------------------------------------------- bad input

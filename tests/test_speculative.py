@@ -360,6 +360,28 @@ def test_target_cache_equals_plain_decoding(loaded, topology):
                        f"of {width} tokens and 12 new tokens: it needs max_len >= {width + 11}"):
         spec_run(model, drafter, batch.tokens, batch.lengths,
                  jaxdec.init_cache(model.config, 3, width + 10), key, batch.stop)
+    # Called eagerly: generate_padded's checks of the values (a length of 0 and an id past
+    # the vocabulary ran and returned tokens), greedy without a key, one compiled program.
+    def eager(tokens=batch.tokens, lengths=batch.lengths, **settings):
+        return speculative_padded(
+            model, drafter, tokens, lengths, jaxdec.init_cache(model.config, 3, 48), None,
+            batch.stop, **{"max_new_tokens": 12, "sampler": None, "topology": topology,
+                           **settings})
+
+    with pytest.raises(ValueError, match=r"prompt_lengths_B must be in \[1, "):
+        eager(lengths=np.where(np.arange(3) == 0, 0, batch.lengths))
+    with pytest.raises(ValueError, match=r"tokens_BT has ids outside \[0, 97\)"):
+        eager(tokens=jnp.asarray(batch.tokens).at[0, 0].set(999))
+    with pytest.raises(TypeError, match="topology must be a jaxdec.tree Topology"):
+        eager(topology=[[0], [1]])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
+        eager(max_new_tokens=0)
+    with pytest.raises(ValueError, match="key is needed to sample"):
+        eager(sampler=jaxdec.Sampler(temperature=1.0))
+    np.testing.assert_array_equal(eager()[0][0], plain_out)
+    with counting_compiles() as compiles:
+        np.testing.assert_array_equal(eager()[0][0], plain_out)
+    assert compiles[0] == 0
 
 
 # ------------------------------------------------------------------- lossless sampling
