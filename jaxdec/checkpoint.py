@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdec import parallel
 from jaxdec.chat import (TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplateError,
                          load_chat_template)
-from jaxdec.checks import check_bool, check_int, check_model, check_param_dtype
+from jaxdec.checks import check_bool, check_int, check_model, check_param_dtype, check_path
 from jaxdec.config import ModelConfig, read_generation_config, read_json_object, unreachable
 from jaxdec.model import Model, check_runnable, param_shardings
 from jaxdec.models import llama
@@ -394,10 +394,7 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
     model's folder in the Hugging Face cache, `models--org--name`, resolves to the snapshot its
     `refs/main` names), else `path` read as a model id ("org/name") of a model already in the
     Hugging Face cache (`hub_cache_dir`): its main snapshot. jaxdec downloads nothing."""
-    text = os.fspath(path)
-    if not isinstance(text, str):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    text = os.path.expanduser(text)
+    text = check_path("path", path)
     if os.path.isdir(text):
         return _snapshot(text) if _is_cached_repo(text) else text
     cache = hub_cache_dir()

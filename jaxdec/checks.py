@@ -41,6 +41,18 @@ def check_untraced(function: str, **arguments) -> None:
                         f"{advice}")
 
 
+def check_path(name: str, value) -> str:
+    """`value` (a str or os.PathLike naming a file or directory) as a str with `~` expanded, or
+    a TypeError naming `name` (`os.fspath`'s own error named no argument)."""
+    import os
+
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str or os.PathLike (a path), got "
+                        f"{type(value).__name__}")
+    return os.path.expanduser(text)
+
+
 def check_int(name: str, value, minimum: int = 1) -> int:
     """`value` as a Python int (numpy integers and 0-d integer arrays too: sizes and static
     arguments are hashed and compared by value and type), or a ValueError naming `name` for

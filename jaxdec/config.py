@@ -193,13 +193,19 @@ class ModelConfig:
         object.__setattr__(self, "layer_windows", windows)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(
-                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
+                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} "
+                "layers (config.replace(num_layers=...) keeps a uniform window)"
             )
         for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
             # (a string "no" was truthy: a model with biases)
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
+        eos = self.eos_token_ids
+        if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
+            eos = (eos,)  # one id, as config.json's eos_token_id often is
+        elif isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__"):
+            raise TypeError(f"eos_token_ids must be token ids (a tuple of ints), got {eos!r}")
         object.__setattr__(self, "eos_token_ids", tuple(
-            check_int("eos_token_ids entries", t, minimum=0) for t in self.eos_token_ids))
+            check_int("eos_token_ids entries", t, minimum=0) for t in eos))
         if not isinstance(self.rope, RopeConfig):
             raise TypeError(f"rope must be a jaxdec.RopeConfig, got {type(self.rope).__name__}")
         eps = self.rms_norm_eps

@@ -400,7 +400,10 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, (str, bytes)):
             raise TypeError(f"prompts[{i}] is a string; tokenize it first (token-id lists)")
-        row = np.asarray(prompt)
+        try:
+            row = np.asarray(prompt)
+        except ValueError:  # ragged: a list inside a prompt
+            raise TypeError(f"prompts[{i}] must be a flat list of integer token ids") from None
         if row.ndim == 0 and np.issubdtype(row.dtype, np.integer):  # one prompt, unwrapped
             raise TypeError(f"prompts must be a list of prompts, each a list of token ids; got "
                             f"a list of ints (one prompt is [ids]: prompts=[{str(prompts)[:30]}])")

@@ -44,10 +44,18 @@ def fine_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
                        jnp.nextafter(jnp.float32(1), jnp.float32(0)))
 
 
-def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
+def _logits(logits) -> jax.Array:
+    """`logits` as an array with a vocabulary axis (a ValueError naming it otherwise)."""
     logits = jnp.asarray(logits)
     if logits.ndim == 0:
-        raise ValueError("logits must have a vocabulary axis")
+        raise ValueError("logits must have a vocabulary axis (the last), got a scalar")
+    return logits
+
+
+def _sample_rows(probs_fn, logits: jax.Array, key: jax.Array) -> jax.Array:
+    logits = _logits(logits)
+    if key is None:
+        raise ValueError("key is needed to sample (jax.random.key(seed))")
 
     def one(row, k):
         p = probs_fn(row)
@@ -66,12 +74,12 @@ class Greedy:
     """Always the most likely token (the first one on ties, as `argmax`)."""
 
     def probs(self, logits: jax.Array) -> jax.Array:
-        logits = jnp.asarray(logits)
+        logits = _logits(logits)
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
 
     def sample(self, logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
         del key
-        return jnp.argmax(jnp.asarray(logits), axis=-1).astype(jnp.int32)
+        return jnp.argmax(_logits(logits), axis=-1).astype(jnp.int32)
 
     @property
     def is_greedy(self) -> bool:
@@ -134,7 +142,7 @@ class Sampler:
 
     def probs(self, logits: jax.Array) -> jax.Array:
         """The processed distribution [..., V] (fp32, sums to 1)."""
-        logits = jnp.asarray(logits).astype(jnp.float32)
+        logits = _logits(logits).astype(jnp.float32)
         if self.is_greedy:
             return Greedy().probs(logits)
         # Shifted by the row's max before the division: compiled, x / t and max(x / t) may

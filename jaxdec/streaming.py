@@ -62,8 +62,15 @@ class TextStream:
         if not callable(getattr(tokenizer, "decode", None)):
             raise TypeError(f"tokenizer must have a decode(ids) method, got {tokenizer!r}")
         self.tokenizer, self.row = tokenizer, check_int("row", row, minimum=0)
-        self._context = [] if context is None else [
-            int(t) for t in np.asarray(context).reshape(-1)[-self.CONTEXT_TOKENS:]]
+        ids = np.zeros((0,), np.int32) if context is None else (
+            None if isinstance(context, (str, bytes)) else np.asarray(context))
+        if ids is None or ids.size and (ids.dtype == bool
+                                        or not np.issubdtype(ids.dtype, np.integer)):
+            raise TypeError(f"context must be token ids (the prompt's), got {context!r:.60}")
+        self._context = [int(t) for t in ids.reshape(-1)[-self.CONTEXT_TOKENS:]]
+        if write is not None and not callable(write):
+            raise TypeError(f"write must be callable (it gets each new piece of text), got "
+                            f"{write!r:.60}")
         self._write = write or (lambda text: print(text, end="", flush=True,
                                                    file=file or sys.stdout))
         self.tokens: list[int] = []  # the row's tokens so far, in order

@@ -387,6 +387,9 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     if getattr(cand_valid_BCD, "shape", None) != cand_BCD.shape:
         raise ValueError(f"cand_valid_BCD must have the candidates' shape {cand_BCD.shape}")
     B, C, D = cand_BCD.shape
+    if getattr(root_B, "shape", None) != (B,):
+        raise ValueError(f"root_B must be [B] = [{B}] (the candidates' rows), got "
+                         f"{getattr(root_B, 'shape', type(root_B).__name__)}")
     valid = jnp.cumprod(cand_valid_BCD.astype(jnp.int32), axis=2).astype(bool)
     # same[b, c', c, d]: candidates c' and c agree on tokens 0..d (and both exist there).
     eq = (cand_BCD[:, :, None, :] == cand_BCD[:, None, :, :]) & valid[:, :, None, :] & valid[:, None, :, :]
@@ -434,6 +437,11 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
 def ancestor_mask(parents_BN: jax.Array, valid_BN: jax.Array) -> jax.Array:
     """bool [B, N, N] from per-row parents (parents before children; invalid nodes see only
     themselves)."""
+    if getattr(parents_BN, "ndim", None) != 2 or getattr(valid_BN, "shape", None) != \
+            parents_BN.shape:
+        raise ValueError(f"parents_BN and valid_BN must both be [B, N], got "
+                         f"{getattr(parents_BN, 'shape', None)} and "
+                         f"{getattr(valid_BN, 'shape', None)}")
     B, N = parents_BN.shape
     parents = jnp.where(valid_BN, parents_BN, -1)
     # Reachability over "self or parent" edges, by squaring: after k squarings a row holds

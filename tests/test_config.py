@@ -407,6 +407,8 @@ def test_numpy_integers_are_stored_as_python_ints():
     assert numpy == ModelConfig(**kwargs) and hash(numpy) == hash(ModelConfig(**kwargs))
     assert type(numpy.hidden_size) is int and type(numpy.layer_windows[0]) is int
     assert type(numpy.eos_token_ids[0]) is int
+    # one id, as config.json's eos_token_id often is
+    assert ModelConfig(**kwargs | dict(eos_token_ids=np.int64(2))) == ModelConfig(**kwargs)
     for change, match in [(dict(hidden_size=16.0), "hidden_size must be an int >= 1"),
                           (dict(num_layers=True), "num_layers must be an int >= 1"),
                           (dict(layer_windows=(0, None)), "sliding window"),

@@ -650,6 +650,7 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
     (["hello"], {}, TypeError, "tokenize it first"),
     ([1, 2, 3], {}, TypeError,
      r"got a list of ints \(one prompt is \[ids\]: prompts=\[\[1, 2, 3\]\]\)"),
+    ([[1, [2]]], {}, TypeError, r"prompts\[0\] must be a flat list of integer token ids"),
     ([[1, 200]], {}, ValueError, r"outside \[0, 97\)"),
     ([[1, 2]], dict(max_new_tokens=0), ValueError, "max_new_tokens"),
     ([[1, 2]], dict(max_new_tokens=2048), ValueError, "max_position_embeddings"),
@@ -670,6 +671,7 @@ def test_generate_padded_under_your_own_jit_with_donation(loaded):
 def test_bad_input_is_rejected_before_tracing(loaded, prompts, kwargs, error, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     model = loaded(VARIANT)  # outside the counted span: only generate's own work counts
+    jax.lax.iota(jnp.int32, 1)  # (a process's first iota compiles: check_untraced makes one)
     _compiles.clear()
     with pytest.raises(error, match=match):
         jaxdec.generate(model, prompts, **kwargs)
@@ -1024,6 +1026,11 @@ def test_compile_only_on_an_abstract_model_then_the_real_call_compiles_nothing(l
     (lambda c: jaxdec.init_model(c, jax.random.key(0), std=0.0), ValueError,
      "std must be a finite number > 0"),
     (lambda c: jaxdec.abstract_model(c, dtype="fp32"), TypeError, "dtype='fp32' is not a dtype"),
+    (lambda c: jaxdec.load_pretrained(3), TypeError,
+     r"path must be a str or os.PathLike \(a path\), got int"),
+    (lambda c: dataclasses.replace(c, num_layers=2), ValueError,
+     r"config.replace\(num_layers=...\) keeps a uniform window"),
+    (lambda c: c.replace(eos_token_ids="2"), TypeError, "eos_token_ids must be token ids"),
 ])
 def test_model_constructors_refuse_bad_arguments(call, error, match):
     """Refused before any program is traced."""

@@ -1,6 +1,8 @@
 """Samplers: processed distributions against hand-computed ones, sampled frequencies against
 `probs()` (chi-square), and argument validation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,15 @@ def test_batch_rows_draw_independent_randomness():
 def test_bad_arguments_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Sampler(**kwargs)
+
+
+def test_a_sample_without_a_key_or_a_vocabulary_axis_is_named():
+    with pytest.raises(ValueError, match="key is needed to sample"):
+        Sampler().sample(jnp.zeros((2, 5)), None)
+    for call in (Sampler().probs, functools.partial(Sampler().sample, key=jax.random.key(0)),
+                 Greedy().sample, Greedy().probs):
+        with pytest.raises(ValueError, match="logits must have a vocabulary axis"):
+            call(jnp.float32(1))
 
 
 def test_bf16_numbers_are_numbers():

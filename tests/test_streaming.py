@@ -167,3 +167,10 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match="row must be an int >= 0"):
             TextStream(Bytes(), row=row)
     assert type(TextStream(Bytes(), row=np.int64(1)).row) is int  # a numpy row index: taken
+    # A context of text (a digit string was read as one id) or of floats (truncated)
+    for context in ("hello", "123", [1.9, 2.7]):
+        with pytest.raises(TypeError, match="context must be token ids"):
+            TextStream(Bytes(), context=context)
+    assert TextStream(Bytes(), context=[]).tokens == []
+    with pytest.raises(TypeError, match="write must be callable"):  # (not at the first step)
+        TextStream(Bytes(), write="out.txt")

@@ -559,6 +559,7 @@ def test_unknown_preset_and_bad_corpus(tmp_path):
     (dict(seed=-1), ValueError, "seed must be an int >= 0"),
     (dict(seed=2**32), ValueError, r"seed must be < 2\*\*32"),   # its key would be seed 0's
     (dict(corpus="."), ValueError, "is inside the corpus"),   # out = tmp_path / "run"
+    (dict(corpus=5), TypeError, r"corpus must be a str or os.PathLike \(a path\), got int"),
     (dict(out="."), ValueError, "starting the run over .* would delete it"),
     (dict(dp=0), ValueError, "dp must be an int >= 1"),
     (dict(dp=3), ValueError, "dp=3 does not divide the batch of 8 sequences"),

@@ -170,6 +170,10 @@ def test_trie_arguments_are_checked():
         tree.from_candidates(root, cands.astype(jnp.float32) + 0.5, valid, 4)
     with pytest.raises(ValueError, match="cand_valid_BCD must have"):
         tree.from_candidates(root, cands, valid[:, :1], 4)
+    with pytest.raises(ValueError, match=r"root_B must be \[B\] = \[1\] .*got \(3,\)"):
+        tree.from_candidates(jnp.zeros(3, jnp.int32), cands, valid, 4)
+    with pytest.raises(ValueError, match="parents_BN and valid_BN must both be"):
+        tree.ancestor_mask(jnp.array([-1, 0]), jnp.array([True, True]))
 
 
 def test_trie_budget_keeps_the_shallow_nodes_and_skips_missing_tokens():

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxdec import data, parallel
 from jaxdec.checkpoint import checkpoint_dir, load_pretrained, save_pretrained
+from jaxdec.checks import check_path
 from jaxdec.model import Model, init_model
 from jaxdec.train import loop
 from jaxdec.train.lm import (attention_used, build_dataset, causal_logits, check_same_data,
@@ -152,9 +153,9 @@ def train_draft(
                                               force=force, seed=seed, log=log)
     # (`~` expanded as in out: compared with out below, a `~/lm` target read as `./~/lm`
     # was not found inside an out of the same name, which --force then deleted)
-    target_dir = os.path.expanduser(os.fspath(target_dir))
+    target_dir = check_path("target_dir", target_dir)
     if corpus is not None:  # (`~` as out: recorded, and compared on resume, expanded)
-        corpus = os.path.expanduser(os.fspath(corpus))
+        corpus = check_path("corpus", corpus)
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     if objective not in OBJECTIVES:

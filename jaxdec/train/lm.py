@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdec import data, parallel
 from jaxdec.checkpoint import load_tokenizer, save_pretrained
+from jaxdec.checks import check_path
 from jaxdec.model import Model, cache_free_attention, forward_with_cache, init_model
 from jaxdec.models.layers import AttentionImpl, use_platform
 from jaxdec.train import loop
@@ -279,7 +280,7 @@ def train_lm(
                                               steps_field="target_steps", resume=resume,
                                               force=force, seed=seed, log=log)
     if corpus is not None:  # (`~` as out: recorded, and compared on resume, expanded)
-        corpus = os.path.expanduser(os.fspath(corpus))
+        corpus = check_path("corpus", corpus)
     loop.check_apart(out, corpus)
     log = loop.lead_log(log)
     mesh = loop.train_mesh(dp, preset.batch_size, resume_from=out if resume else None)
