@@ -385,6 +385,8 @@ def forward_with_cache(
 
 def _check_room(cache: Cache, T: int) -> None:
     """Where the cache's lengths are known (outside a trace): room for T more tokens."""
+    if not isinstance(cache, Cache):  # (named by the forward's checks)
+        return
     lengths = cache.lengths
     if isinstance(lengths, jax.core.Tracer) or not getattr(lengths, "is_fully_addressable", True):
         return
@@ -457,6 +459,13 @@ def run_forward(model: Model, tokens_BT: jax.Array, positions_BT: jax.Array,
     if logits.shape[-1] != config.vocab_size:
         logits = logits[..., : config.vocab_size]
     return logits, hidden, cache
+
+
+# Ahead-of-time use (`forward_with_cache.lower(...)`), as a jitted function offers: the
+# program's (its lengths are abstract there: nothing to check).
+forward_with_cache.lower = run_forward.lower
+forward_with_cache.trace = run_forward.trace
+forward_with_cache.eval_shape = run_forward.eval_shape
 
 
 def cache_free_attention(config: ModelConfig, tp: int, dtype) -> AttentionImpl:
