@@ -260,12 +260,12 @@ def load_chat_template(directory: str | os.PathLike) -> ChatTemplate | None:
     config_path = os.path.join(directory, TOKENIZER_CONFIG)
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
     # Older checkpoints name some special tokens in special_tokens_map.json only; where both
-    # files name one, transformers takes the map's.
+    # files name one, transformers takes the map's (a null there too: no such token).
     map_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
     tokens_map = _read_json(map_path) if os.path.isfile(map_path) else {}
     special = {name: text for name in _SPECIAL_TOKENS
-               if (text := _token_text(tokens_map.get(name))) is not None
-               or (text := _token_text(config.get(name))) is not None}
+               if (text := _token_text((tokens_map if name in tokens_map else config)
+                                       .get(name))) is not None}
     jinja_path = os.path.join(directory, TEMPLATE_FILE)
     json_path = os.path.join(directory, TEMPLATE_JSON)
     if os.path.isfile(jinja_path):

@@ -518,15 +518,20 @@ def _chat(args) -> None:
                              "instruction-tuned checkpoint; `jaxdec generate` continues text")
         limit = min(args.max_context, model.config.max_positions)
         if limit <= args.max_new_tokens:
-            raise ValueError(f"--max-context {limit} (at most the model's positions) leaves no "
-                             f"room for a message beside --max-new-tokens {args.max_new_tokens}")
+            what = (f"--max-context {limit}" if limit == args.max_context else
+                    f"the model's {limit} positions")
+            raise ValueError(f"{what} leave{'s' if limit == args.max_context else ''} no room "
+                             f"for a message beside --max-new-tokens {args.max_new_tokens}")
+        opening = [] if args.system is None else [{"role": "system", "content": args.system}]
+        # A template refusing the opening (roles without a system one) is told now, not once
+        # the first message is typed.
+        jaxdec.chat.encode_chat(model, opening + [{"role": "user", "content": "Hello"}])
     drafter = _drafter(args, model)
     # The conversation's caches (a draft model's too) are kept between turns: each turn
     # prefills only its own tokens (and the last reply's again where its text encodes to
     # other tokens than the model produced: the template renders text).
     session = jaxdec.PrefixCache(model, max_len=limit, drafter=drafter, tree=topology)
     stop = () if args.ignore_eos else _eos_ids(model)
-    opening = [] if args.system is None else [{"role": "system", "content": args.system}]
     turns: list[dict] = []  # the user's and the model's messages, in order
     # Process 0 reads the messages and prints (a stream's calls come to the process holding
     # the mesh's first device: process 0's); every process runs every turn's program.
@@ -560,6 +565,8 @@ def _chat(args) -> None:
             if distributed:
                 _from_process_0("")
             raise
+        if turn == 0 and line:
+            line = line.removeprefix("\ufeff")  # (a byte-order mark is no text)
         if line and not _is_utf8(line):  # refused (a blank line: every process skips it)
             say("[not UTF-8 text: the message is skipped]", file=sys.stderr, flush=True)
             line = "\n"
@@ -608,10 +615,14 @@ def _chat(args) -> None:
 
 
 def _keep_undecodable_bytes(stream) -> None:
-    """Bytes of a text stream that are not UTF-8 (its encoding) read as surrogate escapes, as
-    the command line's do, instead of raising mid-read: `_is_utf8` then tells."""
+    """A text stream read as UTF-8, as files are (a Windows pipe's cp1252 turned messages into
+    other text), its bytes that are not UTF-8 as surrogate escapes, as the command line's
+    are, instead of raising mid-read: `_is_utf8` then tells."""
     if hasattr(stream, "reconfigure"):
-        stream.reconfigure(errors="surrogateescape")
+        try:
+            stream.reconfigure(encoding="utf-8", errors="surrogateescape")
+        except (OSError, ValueError):  # (io.UnsupportedOperation: some of it already read)
+            stream.reconfigure(errors="surrogateescape")
 
 
 def _is_utf8(text: str) -> bool:
@@ -855,6 +866,10 @@ def main(argv: list[str] | None = None) -> int:
     # A library's warning in one line, as the errors are (not its source file and line).
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"jaxdec: warning: {message}\n"
+    if hasattr(sys.stdout, "reconfigure"):
+        # Text the output's encoding cannot hold (an emoji on a cp1252 pipe) printed as "?"
+        # rather than ending the command (a chat's whole conversation) mid-reply.
+        sys.stdout.reconfigure(errors="replace")
     try:
         run(args)
         sys.stdout.flush()   # here, where a closed pipe can be told from an error

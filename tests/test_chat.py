@@ -131,6 +131,14 @@ def test_tools_and_documents_are_none_unless_given(tmp_path):
                                                   add_generation_prompt=False, **extra)
     assert text.startswith("<s>[TOOLS]") and "\\u00fc" in text and text.endswith("<other>")
     assert ours.render(CONVERSATIONS[0]) == "<s>[INST] hello the quick fox[/INST]<other>"
+    # A token the map sets to null has none (tokenizer_config.json's is not taken).
+    config["bos_token"] = "<s>"
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"bos_token": None}))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    assert load_chat_template(directory).render(CONVERSATIONS[0]) == \
+        theirs.apply_chat_template(CONVERSATIONS[0], tokenize=False) == \
+        "[INST] hello the quick fox[/INST]</s>"
 
 
 def test_reasoning_reaches_the_template_under_each_name(tmp_path):
@@ -340,9 +348,54 @@ def test_cli_chat_errors(chat_checkpoint, tokenized_checkpoint, capsys):
     assert "no chat template" in capsys.readouterr().err
     assert main(["chat", "--model", str(chat_checkpoint), "--max-context", "64",
                  "--max-new-tokens", "64"]) == 2
-    assert "--max-context 64 (at most the model's positions) leaves no room" in \
+    assert "--max-context 64 leaves no room for a message beside --max-new-tokens 64" in \
         capsys.readouterr().err
+    positions = jaxdec.ModelConfig.from_hf(chat_checkpoint).max_positions
+    assert main(["chat", "--model", str(chat_checkpoint), "--max-new-tokens",
+                 str(positions)]) == 2
+    assert f"the model's {positions} positions leave no room" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(tokenized_checkpoint, "tokenizer_config.json"))
+
+
+def test_cli_chat_refuses_a_system_message_the_template_does_not_take(chat_checkpoint, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Told before the first message is read (it was lost with the chat's end)."""
+    directory = tmp_path / "no-system"
+    shutil.copytree(chat_checkpoint, directory)
+    refusing = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not "
+                "supported') }}{% endif %}" + HEADERS)
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        dict(SPECIAL, chat_template=refusing)))
+    read = []
+    monkeypatch.setattr("sys.stdin", _Lines(read, "the fox\n"))
+    assert main(["chat", "--model", str(directory), "--system", "be brief"]) == 2
+    assert "System role not supported" in capsys.readouterr().err and read == []
+
+
+class _Lines(io.StringIO):
+    """Standard input noting each line read."""
+
+    def __init__(self, read, text):
+        super().__init__(text)
+        self.read_lines = read
+
+    def readline(self, *args):
+        line = super().readline(*args)
+        self.read_lines.append(line)
+        return line
+
+
+def test_cli_chat_reads_utf8_whatever_the_locale_says(chat_checkpoint, capsys, monkeypatch):
+    """Standard input as UTF-8 (a Windows pipe's cp1252 turned the message into other text,
+    and printing a reply's character cp1252 lacks ended the chat), its byte-order mark no
+    part of the first message."""
+    raw = io.BytesIO("\ufeffthe fox \u00e9\U0001f600\n".encode("utf-8"))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(raw, encoding="cp1252"))
+    assert main(["chat", "--model", str(chat_checkpoint), "--system", "be brief",
+                 "--max-new-tokens", "4", "--ignore-eos"]) == 0
+    model = jaxdec.load_pretrained(chat_checkpoint)
+    assert capsys.readouterr().out.split("\n")[0] == _replies(
+        model, "be brief", ["the fox \u00e9\U0001f600"], 4)[0]
 
 
 def _replies(model, system, lines, max_new_tokens):
