@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 from jaxdec import parallel
 from jaxdec.cache import init_cache
 from jaxdec.checks import check_bool, check_model, check_untraced
-from jaxdec.drafters.base import Drafter, check_drafter
+from jaxdec.drafters.base import Drafter, check_drafter, prepared
 from jaxdec.generate import (GenerateResult, _program, bucket_length, output_capacity,
                              prepare_batch, python_ints, read_timings, registered_stream)
 from jaxdec.model import Model, is_abstract, param_dtype
@@ -107,7 +108,7 @@ class PrefixCache:
         # Each data-parallel device holds an equal share of the cache's rows.
         dp = parallel.dp_size(model.mesh)
         self._slots = -(-rows // dp) * dp
-        self.drafter = None if drafter is None else drafter.prepare(model)
+        self.drafter = None if drafter is None else prepared(drafter, model)
         self.topology = None if drafter is None else as_topology(
             drafter.default_topology() if tree is None else tree)
         self._busy = threading.Lock()
@@ -210,7 +211,13 @@ class PrefixCache:
         batch = prepare_batch(self.model, prompts, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
         if self.drafter is not None:
-            self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
+            # Its warnings (stacklevel=4, as speculative_generate calls it) name the caller of
+            # this method, behind one more wrapper (`_one_call_at_a_time`).
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
+            for warning in caught:
+                warnings.warn(warning.message, warning.category, stacklevel=4)
         ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
         kept = [self._kept(b, row) for b, row in enumerate(ids)]
         # The rows filling the cache to the mesh's dp prefill one token afresh and start
@@ -277,8 +284,18 @@ class PrefixCache:
         if self.drafter is not None:
             drafter_held = self.drafter.held_length(drafter_state)
             if drafter_held is not None:
+                held = np.asarray(parallel.to_host(drafter_held))
+                if held.shape != (cache.batch_size,) or not np.issubdtype(held.dtype,
+                                                                          np.integer):
+                    record = self._record
+                    self._reset()  # (the next call starts afresh)
+                    self._record = record
+                    raise TypeError(
+                        f"{type(self.drafter).__name__}.held_length must return int [rows] = "
+                        f"[{cache.batch_size}] (each row's tokens its state holds), got "
+                        f"{held.dtype} {list(held.shape)}")
                 self._drafter_state = drafter_state
-                self._drafter_held = parallel.to_host(drafter_held).tolist()
+                self._drafter_held = held.tolist()
             return spec_result(outputs, stats, stamps, rows=self.rows, columns=max_new_tokens,
                                profile=profile)
         columns = (slice(0, self.rows), slice(0, max_new_tokens))

@@ -23,7 +23,7 @@ from jax.experimental import io_callback
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
 from jaxdec.checks import check_bool, check_int, check_untraced
-from jaxdec.drafters.base import Drafter, Proposal, check_drafter
+from jaxdec.drafters.base import Drafter, Proposal, check_drafter, prepared
 from jaxdec.generate import (_check_pad_id, _check_padded_prompts, _host_clock, _padding_rows,
                              after_clock, check_compile_only, on_model_devices,
                              output_capacity, own_arrays, prepare_batch, python_ints, read_timings,
@@ -293,7 +293,7 @@ def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key
             topology=topology, sampler=sampler), s.drafter_state, B, N, kind,
             target.config.vocab_size)
         if not _own_propose(drafter):
-            proposal = _consistent(proposal, topology)
+            proposal = _normalised_q(_consistent(proposal, topology))
         tree = proposal.tree
         # Nodes past the cache's end are never accepted: near the end the tree is shallower.
         room = s.cache.lengths[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :] < s.cache.max_len
@@ -401,6 +401,17 @@ def _consistent(proposal: Proposal, topology) -> Proposal:
     return dataclasses.replace(proposal, tree=tree)
 
 
+def _normalised_q(proposal: Proposal) -> Proposal:
+    """A drafter of your own's q as distributions (each node's row non-negative, summing to 1
+    where anything is drawable): top-k-masked probabilities left unnormalised had nearly every
+    draft accepted, far from the target's distribution."""
+    if proposal.q is None or proposal.kind is ProposalKind.DETERMINISTIC:
+        return proposal
+    q = jnp.maximum(proposal.q.astype(jnp.float32), 0.0)
+    total = jnp.sum(q, axis=-1, keepdims=True)
+    return dataclasses.replace(proposal, q=q / jnp.where(total > 0, total, 1.0))
+
+
 def proposal_kind(drafter, sampler, topology) -> ProposalKind:
     """`drafter.proposal_kind(sampler, topology)` as a ProposalKind (its value too)."""
     return as_kind(drafter.proposal_kind(sampler, topology),
@@ -417,6 +428,12 @@ def _checked_proposal(drafter, returned, state, B: int, N: int, kind, vocab_size
     if not isinstance(proposal, Proposal):
         raise TypeError(f"{name} must return a jaxdec.drafters.Proposal first, got "
                         f"{type(proposal).__name__}")
+    if not isinstance(proposal.tree, TokenTree):
+        raise TypeError(f"{name}: Proposal.tree must be a jaxdec.tree.TokenTree (from "
+                        f"from_candidates, or a topology's template), got "
+                        f"{type(proposal.tree).__name__}")
+    # (numpy fields, a fixed tree's, as the loop's arrays)
+    proposal = dataclasses.replace(proposal, tree=jax.tree.map(jnp.asarray, proposal.tree))
     expected = dict(tokens=(B, N), parents=(B, N), depth=(B, N), valid=(B, N),
                     ancestors=(B, N, N))
     for field, shape in expected.items():
@@ -568,7 +585,7 @@ def speculative_generate(
     check_proposal(kind, topology)
     batch = prepare_batch(target, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
                           pad_id=pad_id, max_len=max_len, extra_slots=topology.num_nodes)
-    drafter = drafter.prepare(target)
+    drafter = prepared(drafter, target)
     drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
     cache = init_cache(target.config, batch.tokens.shape[0], batch.max_len,
                        dtype=param_dtype(target), mesh=target.mesh, abstract=compile_only)

@@ -387,6 +387,9 @@ def from_candidates(root_B: jax.Array, cand_BCD: jax.Array, cand_valid_BCD: jax.
     if getattr(cand_valid_BCD, "shape", None) != cand_BCD.shape:
         raise ValueError(f"cand_valid_BCD must have the candidates' shape {cand_BCD.shape}")
     B, C, D = cand_BCD.shape
+    if not C or not D:
+        raise ValueError(f"cand_BCD {cand_BCD.shape} holds no candidate tokens (C and D must be "
+                         ">= 1; a drafter with nothing to propose marks them invalid)")
     if getattr(root_B, "shape", None) != (B,):
         raise ValueError(f"root_B must be [B] = [{B}] (the candidates' rows), got "
                          f"{getattr(root_B, 'shape', type(root_B).__name__)}")

@@ -457,6 +457,11 @@ def test_a_draft_model_run_past_its_positions_warns():
     assert caught[0].filename == __file__  # the caller's line
     want = jaxdec.generate(target, prompts, max_new_tokens=8)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+    session = jaxdec.PrefixCache(target, 32, drafter=drafter, rows=2)
+    with pytest.warns(UserWarning, match="past the draft model's 12 positions") as caught:
+        got = session.generate(prompts, max_new_tokens=8)
+    assert caught[0].filename == __file__  # a PrefixCache's caller too
+    np.testing.assert_array_equal(got.tokens, want.tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jaxdec.speculative_generate(target, drafter, prompts, max_new_tokens=6)

@@ -663,6 +663,15 @@ class _RepeatRoot(Drafter):
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.float32))
         if self.mistake == "int16":  # (x64 makes jnp's default ints int64: the same case)
             drafted = dataclasses.replace(drafted, tokens=drafted.tokens.astype(jnp.int16))
+        if self.mistake == "numpy":  # a fixed tree of numpy arrays: a chain of zeros
+            N = D + 1
+            drafted = tree.TokenTree(
+                tokens=np.zeros((B, N), np.int32),
+                parents=np.tile(np.arange(N, dtype=np.int32) - 1, (B, 1)),
+                depth=np.tile(np.arange(N, dtype=np.int32), (B, 1)),
+                valid=np.ones((B, N), bool), ancestors=np.tile(np.tri(N, dtype=bool), (B, 1, 1)))
+        if self.mistake == "dict":
+            drafted = dataclasses.asdict(drafted)
         kind = {"kind": ProposalKind.IID, "kind_value": "deterministic",
                 "kind_name": "DETERMINISTIC"}.get(self.mistake, ProposalKind.DETERMINISTIC)
         proposal = Proposal(tree=drafted, q=None, kind=kind, chain=True)
@@ -674,6 +683,12 @@ class _RepeatRoot(Drafter):
 
     def update(self, state, proposal, verdict, n_commit_B, emitted_BL):
         return {} if self.mistake == "update" else state
+
+    def prepare(self, target):
+        return None if self.mistake == "prepare" else self
+
+    def held_length(self, state):
+        return jnp.min(state["steps"]) if self.mistake == "held" else None
 
 
 def test_a_drafter_of_your_own(loaded):
@@ -689,7 +704,7 @@ def test_a_drafter_of_your_own(loaded):
     # Ids of another integer width are taken (the loop's carry refused them), and a kind
     # given by its value (the error read "a deterministic proposal where its proposal_kind
     # said ProposalKind.DETERMINISTIC").
-    for fine in ("int16", "kind_value"):
+    for fine in ("int16", "kind_value", "numpy"):
         out = jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), fine), prompts,
                                           max_new_tokens=12)
         np.testing.assert_array_equal(out.tokens, plain.tokens)
@@ -706,6 +721,8 @@ def test_a_drafter_of_your_own(loaded):
         ("state", TypeError, r"_RepeatRoot.propose returned a state unlike init's.*float32"),
         ("update", TypeError, r"_RepeatRoot.update returned a state unlike init's"),
         ("kind_name", ValueError, r"_RepeatRoot.propose's Proposal.kind must be a ProposalKind"),
+        ("dict", TypeError, r"_RepeatRoot.propose: Proposal.tree must be a jaxdec.tree.TokenTree"
+                            r" \(from from_candidates, or a topology's template\), got dict"),
         # (the while loop said "Argument 'hello' of type str is not a valid JAX type")
         ("str_state", TypeError, r"_RepeatRoot.init returned a state the loop cannot carry: its "
                                  r"leaf \['note'\] is a str"),
@@ -713,8 +730,23 @@ def test_a_drafter_of_your_own(loaded):
         with pytest.raises(error, match=match):
             jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), mistake), prompts,
                                         max_new_tokens=4)
+    # A prepare that returns nothing (a PrefixCache decoded plainly, without the drafter)
+    with pytest.raises(TypeError, match="_RepeatRoot.prepare must return the drafter to run"):
+        jaxdec.speculative_generate(model, _RepeatRoot(jnp.int32(0), "prepare"), prompts,
+                                    max_new_tokens=4)
+    with pytest.raises(TypeError, match="_RepeatRoot.prepare must return the drafter to run"):
+        jaxdec.PrefixCache(model, 64, drafter=_RepeatRoot(jnp.int32(0), "prepare"))
+    # A held_length of another shape than [rows] is named (its next call failed indexing an
+    # int, and every call after it), each call's.
+    session = jaxdec.PrefixCache(model, 64, drafter=_RepeatRoot(jnp.int32(0), "held"))
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"_RepeatRoot.held_length must return int \[rows\] "
+                                            r"= \[1\] .*got int32 \[\]"):
+            session.generate(prompts[0], max_new_tokens=4)
     with pytest.raises(NotImplementedError, match="_RepeatRoot has no default tree: pass tree="):
         Drafter.default_topology(_RepeatRoot(jnp.int32(0)))   # the base class's
+    with pytest.raises(NotImplementedError, match=r"_RepeatRoot must implement update\(state, "):
+        Drafter.update(_RepeatRoot(jnp.int32(0)), {}, None, None, None, None)
 
     class Unregistered(_RepeatRoot):  # (a subclass is a type of its own to jax's registry)
         pass
@@ -783,7 +815,7 @@ def test_a_drafters_tree_is_verified_as_its_parents_say(loaded):
 @dataclasses.dataclass(frozen=True)
 class _UniformChain(Drafter):
     """Sampled drafts: a chain of tokens drawn uniformly (q uniform). `mistake` (static)
-    spoils the tree's structure, or gives q a vocabulary of 1."""
+    spoils the tree's structure, gives q a vocabulary of 1, or scales it (sums of 0.01)."""
 
     vocab: int = dataclasses.field(metadata=dict(static=True))
     mistake: str = dataclasses.field(default="", metadata=dict(static=True))
@@ -806,7 +838,8 @@ class _UniformChain(Drafter):
             parents=dict(parents=jnp.zeros_like(drafted.parents)),
         ).get(self.mistake, {})
         drafted = dataclasses.replace(drafted, **spoilt)
-        q = jnp.full((B, N, 1 if self.mistake == "vocab" else self.vocab), 1 / self.vocab)
+        q = jnp.full((B, N, 1 if self.mistake == "vocab" else self.vocab),
+                     (0.01 if self.mistake == "scaled" else 1.0) / self.vocab)
         return Proposal(tree=drafted, q=q, kind=self.proposal_kind(sampler, topology),
                         chain=True), state
 
@@ -816,16 +849,17 @@ class _UniformChain(Drafter):
 
 def test_sampled_children_are_verified_on_the_topology(loaded):
     """A drafter of one's own drawing its children: the tree's structure is the static
-    topology's whatever the drafter says (the same tokens as with a right tree), and q must
-    cover the target's vocabulary (a q of one entry broadcast, and the output was not the
-    target's distribution)."""
+    topology's whatever the drafter says (the same tokens as with a right tree), q is taken
+    as a distribution (rows scaled by 0.01, as a top-k mask's probabilities left
+    unnormalised, had nearly every draft accepted), and must cover the target's vocabulary
+    (a q of one entry broadcast, and the output was not the target's distribution)."""
     model = loaded(TARGET)
     V = model.config.vocab_size
     run = functools.partial(jaxdec.speculative_generate, model, prompts=_prompts(),
                             max_new_tokens=10, sampler=jaxdec.Sampler(temperature=2.0),
                             key=jax.random.key(3))
     right = run(_UniformChain(V))
-    for mistake in ("depth", "parents"):
+    for mistake in ("depth", "parents", "scaled"):
         np.testing.assert_array_equal(run(_UniformChain(V, mistake)).tokens, right.tokens,
                                       err_msg=mistake)
     with pytest.raises(ValueError, match=rf"_UniformChain.propose: sampled children need q "

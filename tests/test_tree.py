@@ -172,6 +172,9 @@ def test_trie_arguments_are_checked():
         tree.from_candidates(root, cands, valid[:, :1], 4)
     with pytest.raises(ValueError, match=r"root_B must be \[B\] = \[1\] .*got \(3,\)"):
         tree.from_candidates(jnp.zeros(3, jnp.int32), cands, valid, 4)
+    for shape in ((1, 0, 2), (1, 2, 0)):  # (numpy's empty-argmax error)
+        with pytest.raises(ValueError, match=r"holds no candidate tokens \(C and D must be"):
+            tree.from_candidates(root, jnp.zeros(shape, jnp.int32), jnp.zeros(shape, bool), 4)
     with pytest.raises(ValueError, match="parents_BN and valid_BN must both be"):
         tree.ancestor_mask(jnp.array([-1, 0]), jnp.array([True, True]))
 

@@ -46,7 +46,8 @@ class Proposal:
     parents and `valid` only: depth and ancestors are derived from the parents (a parent
     must be an earlier node, else the node is never accepted) and `chain` makes the tree a
     chain; sampled children take the topology's structure. q must be [B, N, the target's
-    vocabulary], the distribution the children were really drawn from."""
+    vocabulary], the distribution the children were really drawn from (each node's row is
+    normalised to sum to 1, its negative entries taken as 0)."""
 
     tree: TokenTree
     q: jax.Array | None
@@ -81,7 +82,11 @@ class Drafter:
         return ProposalKind.DETERMINISTIC
 
     def init(self, tokens_BT, prompt_lengths_B, *, max_len: int) -> Any:
-        raise NotImplementedError
+        """The drafter's state for right-padded prompts (tokens [B, T], lengths [B]): the
+        loop carries it from step to step (arrays as leaves)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement init(tokens_BT, "
+                                  "prompt_lengths_B, *, max_len) (its state for the prompts; "
+                                  "a drafter with none returns ())")
 
     def resume(self, state, tokens_BT, prompt_lengths_B, new_BT, kept_B, *,
                max_len: int) -> Any:
@@ -101,10 +106,26 @@ class Drafter:
         return None
 
     def propose(self, state, root_B, lengths_B, key, *, topology: Topology, sampler):
-        raise NotImplementedError
+        """(Proposal, state): a tree of `topology`'s nodes per row, rooted at `root_B`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement propose(state, root_B, "
+                                  "lengths_B, key, *, topology, sampler) -> (Proposal, state)")
 
     def update(self, state, proposal: Proposal, verdict, n_commit_B, emitted_BL):
-        raise NotImplementedError
+        """The state after verification kept `n_commit_B` tokens per row."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update(state, proposal, "
+                                  "verdict, n_commit_B, emitted_BL) -> state (a drafter "
+                                  "with nothing to update returns state)")
+
+
+def prepared(drafter: "Drafter", target) -> "Drafter":
+    """`drafter.prepare(target)`, checked: a Drafter (a `prepare` of your own that returns
+    nothing, say, is named: a PrefixCache decoded without its drafter)."""
+    ready = drafter.prepare(target)
+    if not isinstance(ready, Drafter):
+        raise TypeError(f"{type(drafter).__name__}.prepare must return the drafter to run (self, "
+                        f"or a prepared copy), got {type(ready).__name__}")
+    check_drafter(ready)
+    return ready
 
 
 def check_drafter(drafter, *, optional: bool = False) -> None:
