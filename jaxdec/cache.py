@@ -49,13 +49,20 @@ def _pytree_dataclass(cls):
 BF16_BITS = jnp.uint16
 
 
+def _bitcast(x, dtype):
+    """`x` bitcast to `dtype` (of the same width); an abstract array (`init_cache(...,
+    abstract=True)`'s) stays abstract, in the new dtype."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return jax.lax.bitcast_convert_type(x, dtype)
+
+
 def as_bits(tree):
     """`tree` (any pytree) with every `KVLayer`'s bf16 keys and values as their uint16 bits
     (free: a bitcast); other entries unchanged."""
     def bits(entry):
         if isinstance(entry, KVLayer) and entry.k.dtype == jnp.bfloat16:
-            return KVLayer(k=jax.lax.bitcast_convert_type(entry.k, BF16_BITS),
-                           v=jax.lax.bitcast_convert_type(entry.v, BF16_BITS))
+            return KVLayer(k=_bitcast(entry.k, BF16_BITS), v=_bitcast(entry.v, BF16_BITS))
         return entry
 
     return jax.tree.map(bits, tree, is_leaf=lambda x: isinstance(x, KVLayer))
@@ -65,7 +72,7 @@ def as_floats(tree):
     """The inverse of `as_bits`: bits caches back to bf16."""
     def floats(entry):
         if isinstance(entry, KVLayer) and entry.k.dtype == BF16_BITS:
-            return KVLayer(k=bits_as_bf16(entry.k), v=bits_as_bf16(entry.v))
+            return KVLayer(k=_bitcast(entry.k, jnp.bfloat16), v=_bitcast(entry.v, jnp.bfloat16))
         return entry
 
     return jax.tree.map(floats, tree, is_leaf=lambda x: isinstance(x, KVLayer))

@@ -47,7 +47,9 @@ class Model:
       params: the param pytree, placed with the mesh's sharding (see jaxdec.models.llama).
       mesh: the ("dp", "tp") mesh the params live on.
       tokenizer: a `tokenizers.Tokenizer` when the checkpoint has tokenizer.json (not part of
-        the pytree: inside jit it is None).
+        the pytree: inside jit it is None, and so in any Model rebuilt from the leaves,
+        `jax.tree.map`'s or `jax.device_put`'s: replace `params` with
+        `dataclasses.replace` to keep it and the fields below).
       chat_template: the checkpoint's `jaxdec.chat.ChatTemplate` (instruction-tuned
         checkpoints), else None; like the tokenizer, not part of the pytree.
       generation_config: the checkpoint's generation_config.json (a dict: its sampling
@@ -223,6 +225,17 @@ def check_params(model: Model) -> None:
             raise ValueError(
                 f"model.params{name} has shape {tuple(leaf_shape)}; model.config on a "
                 f"tp={parallel.tp_size(model.mesh)} mesh needs {shape}")
+    # (a model moved with jax.device_put keeps its mesh: every program refused its params)
+    devices = set(model.mesh.devices.flat)
+    for leaf, (name, _) in zip(leaves, expected):
+        if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+                and not leaf.sharding.device_set <= devices):
+            on, mesh = (sorted(d.id for d in where) for where in (leaf.sharding.device_set,
+                                                                   devices))
+            raise ValueError(
+                f"model.params{name} lie on devices {on}, outside model.mesh's {mesh} "
+                "(jax.device_put moves the params, not the mesh): load the model onto the "
+                "devices wanted (load_pretrained(..., mesh=jaxdec.make_mesh(devices=...)))")
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh):

@@ -84,6 +84,15 @@ def test_a_bf16_cache_as_bits_writes_and_commits_the_same_bits():
             want = commit(Cache(layers=(as_bf16,), lengths=start), slots, n)
             got = as_floats(commit(Cache(layers=(written,), lengths=start), slots, n))
             np.testing.assert_array_equal(bits16(got.layers[0].k), bits16(want.layers[0].k))
+    # An abstract cache (ahead-of-time compiles) as its abstract bits, and back.
+    config = jaxdec.ModelConfig(vocab_size=16, hidden_size=16, intermediate_size=32,
+                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+    abstract = jaxdec.init_cache(config, 1, 8, dtype=jnp.bfloat16, abstract=True)
+    carried = as_bits(abstract)
+    assert jax.tree.map(lambda x: x.dtype, carried) == jax.tree.map(
+        lambda x: x.dtype, jax.eval_shape(as_bits, abstract))
+    assert carried.layers[0].k.sharding == abstract.layers[0].k.sharding
+    assert as_floats(carried).layers[0].v.dtype == jnp.bfloat16
 
 
 def test_commit_hand_computed():

@@ -849,6 +849,10 @@ def test_params_that_do_not_fit_the_config_are_refused(loaded):
         (lambda p: p["layers"].pop(), ValueError,
          r"do not match model.config: missing \['layers'\]\[1\]\['attn_norm'\]"),
         (lambda p: p.update(extra=jnp.ones(3)), ValueError, r"unexpected \['extra'\]"),
+        # moved with jax.device_put: the mesh stays (every program failed in jax's dispatch)
+        (lambda p: p.update(embed=jax.device_put(p["embed"], jax.devices()[1])), ValueError,
+         r"model.params\['embed'\] lie on devices \[1\], outside model.mesh's \[0\] "
+         r"\(jax.device_put moves the params, not the mesh\)"),
     ]
     for change, error, message in cases:
         bad = edited(change)
