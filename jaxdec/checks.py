@@ -41,6 +41,20 @@ def check_untraced(function: str, **arguments) -> None:
                         f"{advice}")
 
 
+def warn_caller(message: str, category=UserWarning) -> None:
+    """`warnings.warn(message)` attributed to the first frame outside jaxdec: the user's line
+    whichever of jaxdec's functions (and how many) lie between."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2  # (stacklevel 2: the frame calling this function)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
 def check_path(name: str, value) -> str:
     """`value` (a str or os.PathLike naming a file or directory) as a str with `~` expanded, or
     a TypeError naming `name` (`os.fspath`'s own error named no argument)."""

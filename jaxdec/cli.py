@@ -615,14 +615,20 @@ def _chat(args) -> None:
 
 
 def _keep_undecodable_bytes(stream) -> None:
-    """A text stream read as UTF-8, as files are (a Windows pipe's cp1252 turned messages into
-    other text), its bytes that are not UTF-8 as surrogate escapes, as the command line's
-    are, instead of raising mid-read: `_is_utf8` then tells."""
-    if hasattr(stream, "reconfigure"):
-        try:
-            stream.reconfigure(encoding="utf-8", errors="surrogateescape")
-        except (OSError, ValueError):  # (io.UnsupportedOperation: some of it already read)
-            stream.reconfigure(errors="surrogateescape")
+    """A text stream's bytes that are not text (in its encoding) read as surrogate escapes, as
+    the command line's are, instead of raising mid-read: `_is_utf8` then tells. Piped or
+    redirected it is read as UTF-8, as files are (a Windows pipe's cp1252 turned messages into
+    other text); a terminal keeps its own encoding (what its keyboard types)."""
+    if not hasattr(stream, "reconfigure"):
+        return
+    try:
+        piped = not stream.isatty()
+    except (OSError, ValueError):
+        piped = True
+    try:
+        stream.reconfigure(errors="surrogateescape", **({"encoding": "utf-8"} if piped else {}))
+    except (OSError, ValueError):  # (io.UnsupportedOperation: some of it already read)
+        stream.reconfigure(errors="surrogateescape")
 
 
 def _is_utf8(text: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxdec.checks import check_bool, check_int, check_param_dtype, concrete_scalar
+from jaxdec.checks import check_bool, check_int, check_param_dtype, concrete_scalar, warn_caller
 
 # model_type -> HF architecture class name. The Llama family shares one implementation.
 SUPPORTED_ARCHITECTURES = {
@@ -199,8 +199,8 @@ class ModelConfig:
         for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings"):
             # (a string "no" was truthy: a model with biases)
             object.__setattr__(self, name, check_bool(name, getattr(self, name)))
-        eos = self.eos_token_ids
-        if isinstance(eos, (int, np.integer)) and not isinstance(eos, bool):
+        eos = () if self.eos_token_ids is None else self.eos_token_ids
+        if np.ndim(eos) == 0 and not isinstance(eos, (str, bytes)):
             eos = (eos,)  # one id, as config.json's eos_token_id often is
         elif isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__"):
             raise TypeError(f"eos_token_ids must be token ids (a tuple of ints), got {eos!r}")
@@ -275,12 +275,11 @@ class ModelConfig:
             if named is not None and model_type in SUPPORTED_ARCHITECTURES:
                 # (a fine-tune's renamed model_type, or another model transformers builds
                 # differently: what it computes beyond the named class is not reproduced)
-                warnings.warn(
+                warn_caller(
                     f"config.json's model_type {named!r} is not one jaxdec implements; loading "
                     f"it as {model_type} because its architectures name "
                     f"{SUPPORTED_ARCHITECTURES[model_type]} (transformers builds models by "
-                    f"model_type: where {named!r} computes something else, the logits differ)",
-                    stacklevel=2)
+                    f"model_type: where {named!r} computes something else, the logits differ)")
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture: model_type={hf.get('model_type')!r}, "

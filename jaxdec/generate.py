@@ -34,8 +34,8 @@ from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, as_bits, as_floats, init_cache
 from jaxdec.checks import (check_bool, check_ids, check_int, check_model, check_untraced,
                            concrete_scalar)
-from jaxdec.model import (Model, check_attention, check_cache, is_abstract, param_dtype,
-                          run_forward)
+from jaxdec.model import (Model, check_attention, check_cache, forward_with_cache, is_abstract,
+                          param_dtype)
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 
 MIN_BUCKET = 16
@@ -307,7 +307,7 @@ def _prefill(model, tokens_BT, prompt_lengths_B, cache, row_keys, sampler, logpr
     start_B = cache.lengths if continued else jnp.zeros((B,), jnp.int32)
     positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cache = cache.replace(lengths=start_B)
-    logits, _, cache = run_forward(
+    logits, _, cache = forward_with_cache(
         model, tokens_BT.astype(jnp.int32), positions_BT, cache,
         logits_indices_BN=(prompt_lengths_B - 1)[:, None], fresh=not continued, prefill=True,
     )
@@ -351,7 +351,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
 
     def body(s: _LoopState):
         active = ~s.done_B
-        logits, _, cache = run_forward(model, s.last_BT, s.cache.lengths[:, None], s.cache)
+        logits, _, cache = forward_with_cache(model, s.last_BT, s.cache.lengths[:, None], s.cache)
         # Stopped rows keep their length, so their (ignored) writes stay in range.
         cache = cache.replace(lengths=s.cache.lengths + active.astype(jnp.int32))
         token = _draw(sampler, logits[:, 0], _step_keys(row_keys, s.step))

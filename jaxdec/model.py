@@ -350,6 +350,8 @@ def _batch_axis(mesh: Mesh):
     return parallel.DP if parallel.DP in mesh.axis_names else None
 
 
+@functools.partial(jax.jit, static_argnames=("check_vma", "fresh", "prefill"))
+@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
 def forward_with_cache(
     model: Model,
     tokens_BT: jax.Array,
@@ -367,9 +369,9 @@ def forward_with_cache(
     Jitted (and inlined when called inside your own jit). Runs the family's per-shard forward
     (`jaxdec.models.llama.forward`) under `jax.shard_map` on the model's mesh. New K/V are
     written at each row's current length; lengths are not advanced (see `jaxdec.cache.commit`).
-    Called eagerly, a block that would run past the cache's end is refused (inside a trace
-    the slots past the end are not written, and the tokens there see none of their own keys
-    and values: keep lengths + T <= max_len).
+    Slots past the cache's end are not written (a finished row held at max_len, a padded
+    block's padding): a token there sees none of its own keys and values, and its logits are
+    not the model's, so keep each row's real tokens within max_len.
 
     Args:
       model: the Model.
@@ -389,36 +391,6 @@ def forward_with_cache(
     Returns:
       (logits [B, N or T, V] fp32, hidden [B, T, E] after the final norm, cache).
     """
-    if cache is not None and hasattr(tokens_BT, "shape"):
-        _check_room(cache, tokens_BT.shape[-1])
-    return run_forward(model, tokens_BT, positions_BT, cache, mask_BTT=mask_BTT,
-                       logits_indices_BN=logits_indices_BN, check_vma=check_vma, fresh=fresh,
-                       prefill=prefill)
-
-
-def _check_room(cache: Cache, T: int) -> None:
-    """Where the cache's lengths are known (outside a trace): room for T more tokens."""
-    if not isinstance(cache, Cache):  # (named by the forward's checks)
-        return
-    lengths = cache.lengths
-    if isinstance(lengths, jax.core.Tracer) or not getattr(lengths, "is_fully_addressable", True):
-        return
-    try:
-        longest = int(np.max(np.asarray(lengths), initial=0))
-    except (TypeError, ValueError):  # (not an array of numbers: the checks name it)
-        return
-    if longest + T > cache.max_len:
-        raise ValueError(f"{T} new tokens at the cache's lengths (up to {longest}) run past "
-                         f"its {cache.max_len} slots: make it with a larger max_len")
-
-
-@functools.partial(jax.jit, static_argnames=("check_vma", "fresh", "prefill"))
-@parallel.runs_on_model_mesh(lambda a: a["model"].mesh)
-def run_forward(model: Model, tokens_BT: jax.Array, positions_BT: jax.Array,
-                cache: Cache | None, *, mask_BTT=None, logits_indices_BN=None,
-                check_vma: bool = True, fresh: bool = False, prefill: bool | None = None):
-    """`forward_with_cache` without its check of the cache's room (jaxdec's own loops write
-    a tree's nodes past the end near it: they are never accepted)."""
     config, mesh = model.config, model.mesh
     _check_forward_shapes(model, tokens_BT, positions_BT, cache, mask_BTT, logits_indices_BN)
     # (int64 ids, under jax_enable_x64, met int32 offsets in the embedding lookup: an error
@@ -472,13 +444,6 @@ def run_forward(model: Model, tokens_BT: jax.Array, positions_BT: jax.Array,
     if logits.shape[-1] != config.vocab_size:
         logits = logits[..., : config.vocab_size]
     return logits, hidden, cache
-
-
-# Ahead-of-time use (`forward_with_cache.lower(...)`), as a jitted function offers: the
-# program's (its lengths are abstract there: nothing to check).
-forward_with_cache.lower = run_forward.lower
-forward_with_cache.trace = run_forward.trace
-forward_with_cache.eval_shape = run_forward.eval_shape
 
 
 def cache_free_attention(config: ModelConfig, tp: int, dtype) -> AttentionImpl:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -184,7 +183,6 @@ class PrefixCache:
         return list(prompt)
 
     @parallel.runs_on_model_mesh(lambda a: a["self"].model.mesh)
-    @_one_call_at_a_time
     def generate(self, prompt: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: Greedy | Sampler | None = None, key: jax.Array | None = None,
                  stop_tokens=(), pad_id: int = 0, stream: Callable | None = None,
@@ -210,14 +208,16 @@ class PrefixCache:
             check_proposal(proposal_kind(self.drafter, sampler, self.topology), self.topology)
         batch = prepare_batch(self.model, prompts, max_new_tokens=max_new_tokens,
                               stop_tokens=stop_tokens, pad_id=pad_id, max_len=self.max_len)
-        if self.drafter is not None:
-            # Its warnings (stacklevel=4, as speculative_generate calls it) name the caller of
-            # this method, behind one more wrapper (`_one_call_at_a_time`).
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
-            for warning in caught:
-                warnings.warn(warning.message, warning.category, stacklevel=4)
+        if self.drafter is not None:  # (here: its warnings name this method's caller)
+            self.drafter.check_reach(int(batch.lengths.max()) + max_new_tokens)
+        return self._run(batch, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
+                         pad_id=pad_id, stream=stream, return_timings=return_timings,
+                         return_logprobs=return_logprobs, profile=profile)
+
+    @_one_call_at_a_time
+    def _run(self, batch, *, max_new_tokens, sampler, key, pad_id, stream, return_timings,
+             return_logprobs, profile):
+        """`generate` on its checked arguments and prepared batch, against the caches."""
         ids = [batch.tokens[b, : batch.lengths[b]].tolist() for b in range(self.rows)]
         kept = [self._kept(b, row) for b, row in enumerate(ids)]
         # The rows filling the cache to the mesh's dp prefill one token afresh and start

@@ -28,7 +28,7 @@ from jaxdec.generate import (_check_pad_id, _check_padded_prompts, _host_clock, 
                              after_clock, check_compile_only, on_model_devices,
                              output_capacity, own_arrays, prepare_batch, python_ints, read_timings,
                              registered_stream, token_logprobs)
-from jaxdec.model import Model, check_cache, param_dtype, run_forward
+from jaxdec.model import Model, check_cache, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import DynamicTree, Topology, TokenTree, ancestor_mask, as_topology
 from jaxdec.verify import ProposalKind, as_kind, check_proposal, emitted_tokens, verify
@@ -247,9 +247,9 @@ def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key
 
     start_B = jnp.zeros((B,), jnp.int32) if resume is None else cache.lengths
     positions = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    _, _, cache = run_forward(target, tokens_BT, positions, cache.replace(lengths=start_B),
-                              logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
-                              fresh=resume is None, prefill=True)
+    _, _, cache = forward_with_cache(target, tokens_BT, positions, cache.replace(lengths=start_B),
+                                     logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                                     fresh=resume is None, prefill=True)
     cache = cache.replace(lengths=start_B + prompt_lengths_B - 1)
     root = jnp.take_along_axis(tokens_BT, (prompt_lengths_B - 1)[:, None], axis=1)[:, 0]
     if resume is None:
@@ -302,7 +302,7 @@ def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key
         if profile:
             t1 = _clock(tree.tokens)
             tree = dataclasses.replace(tree, tokens=after_clock(t1, tree.tokens))
-        logits, _, written = run_forward(
+        logits, _, written = forward_with_cache(
             target, tree.tokens, tree.positions(s.cache.lengths), s.cache,
             mask_BTT=tree.ancestors)
         verdict = verify(tree, logits, sampler=sampler, key=jax.random.fold_in(step_key, 1),

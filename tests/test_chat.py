@@ -385,6 +385,23 @@ class _Lines(io.StringIO):
         return line
 
 
+def test_a_terminal_keeps_its_encoding():
+    """What a terminal's keyboard types is in its own encoding (a Latin-1 terminal's "café"
+    read as UTF-8 was refused as no text); pipes are read as UTF-8."""
+    from jaxdec.cli import _keep_undecodable_bytes
+
+    class Terminal(io.BytesIO):
+        def isatty(self):
+            return True
+
+    typed = io.TextIOWrapper(Terminal("caf\u00e9\n".encode("latin-1")), encoding="latin-1")
+    _keep_undecodable_bytes(typed)
+    assert typed.encoding == "latin-1" and typed.readline() == "caf\u00e9\n"
+    piped = io.TextIOWrapper(io.BytesIO("caf\u00e9\n".encode("utf-8")), encoding="latin-1")
+    _keep_undecodable_bytes(piped)
+    assert piped.encoding == "utf-8" and piped.readline() == "caf\u00e9\n"
+
+
 def test_cli_chat_reads_utf8_whatever_the_locale_says(chat_checkpoint, capsys, monkeypatch):
     """Standard input as UTF-8 (a Windows pipe's cp1252 turned the message into other text,
     and printing a reply's character cp1252 lacks ended the chat), its byte-order mark no

@@ -148,10 +148,10 @@ def test_architecture_found_from_architectures_list():
     warning (transformers goes by model_type, and may build another model); no model_type at
     all takes the class silently."""
     with pytest.warns(UserWarning, match="model_type 'custom' is not one jaxdec implements; "
-                                         "loading it as qwen2"):
+                                         "loading it as qwen2") as caught:
         c = ModelConfig.from_hf(dict(BASE, model_type="custom",
                                      architectures=["Qwen2ForCausalLM"]))
-    assert c.model_type == "qwen2"
+    assert c.model_type == "qwen2" and caught[0].filename == __file__  # the caller's line
     hf = {k: v for k, v in BASE.items() if k != "model_type"}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -408,7 +408,8 @@ def test_numpy_integers_are_stored_as_python_ints():
     assert type(numpy.hidden_size) is int and type(numpy.layer_windows[0]) is int
     assert type(numpy.eos_token_ids[0]) is int
     # one id, as config.json's eos_token_id often is
-    assert ModelConfig(**kwargs | dict(eos_token_ids=np.int64(2))) == ModelConfig(**kwargs)
+    for one in (np.int64(2), np.array(2), 2):
+        assert ModelConfig(**kwargs | dict(eos_token_ids=one)) == ModelConfig(**kwargs)
     for change, match in [(dict(hidden_size=16.0), "hidden_size must be an int >= 1"),
                           (dict(num_layers=True), "num_layers must be an int >= 1"),
                           (dict(layer_windows=(0, None)), "sliding window"),

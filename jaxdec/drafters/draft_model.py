@@ -41,8 +41,8 @@ from jaxdec import parallel, sampling
 from jaxdec.cache import Cache, commit, init_cache
 from jaxdec.checks import check_int
 from jaxdec.drafters.base import Drafter, FixedSettings, PlacedCopies, Proposal
-from jaxdec.model import (Model, check_attention, check_params, family, is_abstract,
-                          param_dtype, param_shardings, run_forward)
+from jaxdec.model import (Model, check_attention, check_params, family, forward_with_cache,
+                          is_abstract, param_dtype, param_shardings)
 from jaxdec.tree import (DynamicTree, TokenTree, Topology, ancestor_mask, as_topology,
                          chain)
 from jaxdec.sampling import row_keys
@@ -206,9 +206,9 @@ class DraftModel(FixedSettings, Drafter):
             start_B[:, None] + offsets
         if start_B is not None:
             cache = cache.replace(lengths=start_B)
-        _, _, cache = run_forward(self.model, tokens_BT, positions, cache,
-                                  logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
-                                  fresh=start_B is None, prefill=True)
+        _, _, cache = forward_with_cache(self.model, tokens_BT, positions, cache,
+                                         logits_indices_BN=jnp.zeros((B, 1), jnp.int32),
+                                         fresh=start_B is None, prefill=True)
         zeros = jnp.zeros((B,), jnp.int32)
         return DraftState(cache=cache.replace(lengths=(prompt_lengths_B - 1).astype(jnp.int32)),
                           pending=zeros, previous=zeros)
@@ -296,7 +296,7 @@ class DraftModel(FixedSettings, Drafter):
             # forward over the loop-invariant `cache` would copy the whole cache every level.
             tokens, valid, q, written = carry
             rows = jnp.broadcast_to(1 + level_nodes[ell], (B, level_nodes.shape[1]))
-            logits, _, written = run_forward(
+            logits, _, written = forward_with_cache(
                 self.model, jnp.concatenate([first, tokens], axis=1), positions, written,
                 mask_BTT=mask, logits_indices_BN=rows)
             cand, ok, probs = self._children(logits, jax.random.fold_in(key, ell), kind, K,
@@ -356,7 +356,7 @@ class DraftModel(FixedSettings, Drafter):
             # This level's nodes (level 0: the root, its row repeated).
             live = (ell > 0) | (jnp.arange(W) == 0)
             nodes = jnp.where(live, start + jnp.arange(W, dtype=jnp.int32), 0)
-            logits, _, written = run_forward(
+            logits, _, written = forward_with_cache(
                 self.model, jnp.concatenate([first, tokens], axis=1), positions, written,
                 mask_BTT=mask, logits_indices_BN=jnp.broadcast_to(1 + nodes, (B, W)))
             logp = jax.nn.log_softmax(self._target_logits(logits).astype(jnp.float32), axis=-1)
@@ -463,7 +463,7 @@ class DraftModel(FixedSettings, Drafter):
         # forward sees it]; it reads the root's logits only.
         first = jnp.stack([jnp.where(pending == 1, state.previous, root_B), root_B], axis=1)
         positions = state.cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None, :]
-        logits, _, cache = run_forward(
+        logits, _, cache = forward_with_cache(
             self.model, first, positions, state.cache,
             logits_indices_BN=pending[:, None] if D else jnp.zeros((B, 0), jnp.int32))
         tokens = template.tokens.at[:, 0].set(root_B.astype(template.tokens.dtype))
@@ -478,8 +478,8 @@ class DraftModel(FixedSettings, Drafter):
             tokens, valid, q, written = carry
             length = (lengths_B + ell).astype(state.cache.lengths.dtype)
             node = jax.lax.dynamic_slice_in_dim(tokens, ell, 1, axis=1)
-            logits, _, written = run_forward(self.model, node, length[:, None],
-                                             written.replace(lengths=length))
+            logits, _, written = forward_with_cache(self.model, node, length[:, None],
+                                                    written.replace(lengths=length))
             tokens, valid, q = draft(ell, logits, tokens, valid, q)
             return tokens, valid, q, written
 
