@@ -42,15 +42,21 @@ def check_untraced(function: str, **arguments) -> None:
 
 
 def warn_caller(message: str, category=UserWarning) -> None:
-    """`warnings.warn(message)` attributed to the first frame outside jaxdec: the user's line
-    whichever of jaxdec's functions (and how many) lie between."""
+    """`warnings.warn(message)` attributed to the first frame outside jaxdec (and Python's
+    frozen modules, `os.walk`'s calling back): the user's line whichever of jaxdec's
+    functions (and how many) lie between."""
     import os
     import sys
     import warnings
 
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def inside(frame) -> bool:
+        name = frame.f_code.co_filename
+        return name.startswith("<frozen ") or os.path.abspath(name).startswith(package)
+
     frame, level = sys._getframe(1), 2  # (stacklevel 2: the frame calling this function)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and inside(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

@@ -49,17 +49,28 @@ def site_packages_dirs() -> list[str]:
 
 
 def _walk(root: str, suffix: str | None, skip_dirs: set[str]) -> list[str]:
+    """The regular files under `root` (links to them too; not named pipes or devices, whose
+    reads wait for a writer), in path order, with `suffix` where given; hidden directories,
+    `skip_dirs` and links to directories are not entered, and a directory that cannot be
+    listed is skipped with a warning naming it."""
+    from jaxdec.checks import warn_caller
+
+    def unlisted(error: OSError) -> None:
+        warn_caller(f"skipped {error.filename} (it cannot be listed: {error.strerror})")
+
     found = []
-    for directory, subdirs, files in os.walk(root):
+    for directory, subdirs, files in os.walk(root, onerror=unlisted):
         subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs and not d.startswith("."))
-        found += [os.path.join(directory, f) for f in sorted(files)
-                  if suffix is None or f.endswith(suffix)]
+        found += [path for f in sorted(files) if suffix is None or f.endswith(suffix)
+                  if os.path.isfile(path := os.path.join(directory, f))]
     return found
 
 
 def _file_key(path: str, root: str) -> str:
-    """A stable pseudo-random sort key: the hash of the path relative to its corpus root."""
-    return hashlib.sha1(os.path.relpath(path, root).encode()).hexdigest()
+    """A stable pseudo-random sort key: the hash of the path relative to its corpus root (a
+    name's bytes that are not UTF-8 as they are)."""
+    relative = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
+    return hashlib.sha1(relative).hexdigest()
 
 
 def _read_text(path: str) -> str | None:
@@ -139,7 +150,8 @@ def load_corpus(
     """Lists, splits and reads a corpus.
 
     Args:
-      corpus: a directory of text files (every file readable as UTF-8 text counts), or None
+      corpus: a directory of text files (every file readable as UTF-8 text counts; hidden
+        directories and links to directories are not entered), or None
         for the interpreter's standard-library `.py` files (site-packages excluded).
       extra_dirs: more directories whose `.py` files join the training set only (e.g. the
         site-packages sources on accelerators); the held-out files come from `corpus` alone.

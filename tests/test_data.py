@@ -46,6 +46,33 @@ def test_directory_corpus_skips_unreadable_files(tmp_path):
     assert again.heldout_files == corpus.heldout_files
 
 
+def test_odd_entries_in_a_corpus(tmp_path, monkeypatch):
+    """A name that is not UTF-8 is read (its held-out key failed to encode), a named pipe is
+    not opened (reading it waited for a writer for ever), and a directory that cannot be
+    listed is named in a warning (it dropped out of the corpus silently)."""
+    files = {f"doc{i}.txt": f"text number {i}\n" for i in range(4)}
+    files["locked/secret.txt"] = "unseen\n"
+    _write(tmp_path, files)
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt")  # (Latin-1 bytes)
+    with open(odd, "w") as f:
+        f.write("a latin-1 name\n")
+    os.mkfifo(tmp_path / "pipe.txt")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.warns(UserWarning, match=r"skipped .*locked \(it cannot be listed: "
+                                         r"Permission denied\)") as caught:
+        corpus = data.load_corpus(tmp_path)
+    assert caught[0].filename == __file__
+    names = {os.path.relpath(f, tmp_path) for f in corpus.train_files + corpus.heldout_files}
+    assert names == {f"doc{i}.txt" for i in range(4)} | {os.fsdecode(b"caf\xe9.txt")}
+
+
 def test_short_heldout_files_make_way_for_more(tmp_path):
     """With `min_chars` the held-out set grows, in path-hash order, until it holds that much
     text (the files first picked may be one-liners); a corpus too small for both sides is

@@ -228,7 +228,7 @@ def _read_cached(folder: str) -> dict | None:
             return None
         tokens = np.load(os.path.join(folder, "tokens.npy"), mmap_mode="r")
         suffixes = np.load(os.path.join(folder, "suffixes.npy"), mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # (EOFError: an empty file)
         return None
     if (tokens.dtype != np.int32 or suffixes.dtype != np.int32 or tokens.ndim != 1
             or suffixes.shape != (meta.get("size"),)):
