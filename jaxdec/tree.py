@@ -343,9 +343,9 @@ def parse(spec: str) -> Topology | DynamicTree:
         if kind == "dynamic":
             return dynamic(*(_spec_int(x) for x in rest.split(":", 2)))
         return from_choices(json.loads(spec))
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"bad tree spec {spec!r} (chain:K, kary:D:W, dynamic:D[:W[:N]] or a "
-                         f"JSON choices list): {e}") from None
+    except (ValueError, TypeError, RecursionError) as e:  # (RecursionError: JSON nested deep)
+        raise ValueError(f"bad tree spec {spec[:60]!r} (chain:K, kary:D:W, dynamic:D[:W[:N]] or "
+                         f"a JSON choices list): {e}") from None
 
 
 def as_topology(tree) -> Topology | DynamicTree:

@@ -95,6 +95,8 @@ def test_builder_arguments_and_specs():
         tree.from_choices([])
     with pytest.raises(ValueError, match="bad tree spec.*at least one path"):
         tree.parse("[]")
+    with pytest.raises(ValueError, match=r"bad tree spec '\[\[\[.*maximum recursion depth"):
+        tree.parse("[" * 100_000 + "]" * 100_000)  # (json's RecursionError)
     with pytest.raises(ValueError, match="tree is the root alone"):
         tree.as_topology(tree.from_parents([-1]))
     assert tree.parse("chain:5") == tree.chain(5) == tree.chain(np.int64(5))  # numpy ints too
