@@ -178,24 +178,14 @@ def generate_padded(
       ((tokens, lengths, logprobs [B, max_new_tokens] float32), cache): the cache holds every
       produced token except the last one of each row.
     """
-    sampler = check_sampler(sampler)
+    sampler, max_new_tokens, pad_id, key = check_padded_call(
+        model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, sampler=sampler,
+        max_new_tokens=max_new_tokens, pad_id=pad_id)
     return_logprobs = check_bool("return_logprobs", return_logprobs)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
-    pad_id = _check_pad_id(pad_id)
-    if getattr(tokens_BT, "ndim", None) != 2:
-        raise ValueError(f"tokens_BT must be [batch, length], got "
-                         f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
-    _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM)
-    key = check_key(key)
-    check_cache(model, cache, tokens_BT.shape[0])
     if cache.max_len < tokens_BT.shape[1] + max_new_tokens - 1:  # static shapes
         raise ValueError(f"the cache's {cache.max_len} slots hold no prompt block of "
                          f"{tokens_BT.shape[1]} tokens and {max_new_tokens} new tokens: "
                          f"it needs max_len >= {tokens_BT.shape[1] + max_new_tokens - 1}")
-    if key is None:
-        if not sampler.is_greedy:
-            raise ValueError("key is needed to sample (greedy decoding takes None)")
-        key = jax.random.key(0)  # (typed, as check_key makes every key: one program)
     arrays = (model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id,
                     stream=stream, return_logprobs=return_logprobs)
@@ -207,6 +197,27 @@ def generate_padded(
     # Called eagerly: one compiled program (op by op, the loop's while was compiled anew in
     # every call: its body is a new function each time).
     return _generate_padded_program(*on_model_devices(model.mesh, *arrays), **settings)
+
+
+def check_padded_call(model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, *,
+                      sampler, max_new_tokens, pad_id):
+    """The checks `generate_padded` and `jaxdec.speculative.speculative_padded` share:
+    (sampler, max_new_tokens, pad_id, key) checked, the key made for greedy decoding without
+    one (typed, as `check_key` makes every key: one program)."""
+    sampler = check_sampler(sampler)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    pad_id = _check_pad_id(pad_id)
+    if getattr(tokens_BT, "ndim", None) != 2:
+        raise ValueError(f"tokens_BT must be [batch, length], got "
+                         f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
+    _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM)
+    key = check_key(key)
+    check_cache(model, cache, tokens_BT.shape[0])
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("key is needed to sample (greedy decoding takes None)")
+        key = jax.random.key(0)
+    return sampler, max_new_tokens, pad_id, key
 
 
 def on_model_devices(mesh, *arrays):
@@ -223,7 +234,7 @@ def on_model_devices(mesh, *arrays):
             return parallel.onto_mesh(x, mesh)
         return np.asarray(x)
 
-    return tuple(placed(x) if isinstance(x, jax.Array) else x for x in arrays)
+    return tuple(map(placed, arrays))
 
 
 def _generate_padded(model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, *,
@@ -273,10 +284,7 @@ def _check_padded_prompts(model, tokens_BT, prompt_lengths_B, stop_tokens_BM) ->
             stops = np.asarray(stop_tokens_BM)
         except jax.errors.TracerArrayConversionError:
             return
-        bad = stops[(stops < -1) | (stops >= model.config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"stop_tokens_BM has ids outside [0, {model.config.vocab_size}) "
-                             f"(-1 pads): {sorted(set(bad.tolist()))[:5]}")
+        check_ids("stop_tokens_BM", stops[stops != -1], model.config.vocab_size)  # (-1 pads)
 
 
 def _check_pad_id(pad_id) -> int:

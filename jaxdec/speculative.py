@@ -22,13 +22,13 @@ from jax.experimental import io_callback
 
 from jaxdec import parallel
 from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
-from jaxdec.checks import check_bool, check_int, check_untraced
+from jaxdec.checks import check_bool, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter, prepared
-from jaxdec.generate import (_check_pad_id, _check_padded_prompts, _host_clock, _padding_rows,
-                             after_clock, check_compile_only, on_model_devices,
+from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_compile_only,
+                             check_padded_call, on_model_devices,
                              output_capacity, own_arrays, prepare_batch, python_ints, read_timings,
                              registered_stream, token_logprobs)
-from jaxdec.model import Model, check_cache, forward_with_cache, param_dtype
+from jaxdec.model import Model, forward_with_cache, param_dtype
 from jaxdec.sampling import Greedy, Sampler, check_key, check_sampler
 from jaxdec.tree import DynamicTree, Topology, TokenTree, ancestor_mask, as_topology
 from jaxdec.verify import ProposalKind, as_kind, check_proposal, emitted_tokens, verify
@@ -184,9 +184,9 @@ def speculative_padded(
     called eagerly; `key` may be None for greedy decoding). Called outside jit without a
     stream, it runs one compiled program (compiled once per shapes and static arguments).
     """
-    sampler = check_sampler(sampler)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens)
-    pad_id = _check_pad_id(pad_id)
+    sampler, max_new_tokens, pad_id, key = check_padded_call(
+        target, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, sampler=sampler,
+        max_new_tokens=max_new_tokens, pad_id=pad_id)
     timed, profile, return_logprobs = (check_bool(name, value) for name, value in (
         ("timed", timed), ("profile", profile), ("return_logprobs", return_logprobs)))
     if stream is not None and not callable(stream):
@@ -196,16 +196,6 @@ def speculative_padded(
         raise TypeError("topology must be a jaxdec.tree Topology (chain, kary, from_choices) "
                         f"or DynamicTree (dynamic), got {topology!r}")
     check_proposal(proposal_kind(drafter, sampler, topology), topology)
-    if getattr(tokens_BT, "ndim", None) != 2:
-        raise ValueError(f"tokens_BT must be [batch, length], got "
-                         f"{getattr(tokens_BT, 'shape', type(tokens_BT).__name__)}")
-    _check_padded_prompts(target, tokens_BT, prompt_lengths_B, stop_tokens_BM)
-    check_cache(target, cache, tokens_BT.shape[0])
-    key = check_key(key)
-    if key is None:
-        if not sampler.is_greedy:
-            raise ValueError("key is needed to sample (greedy decoding takes None)")
-        key = jax.random.key(0)
     arrays = (target, drafter, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM)
     settings = dict(max_new_tokens=max_new_tokens, sampler=sampler, topology=topology,
                     pad_id=pad_id, stream=stream, timed=timed, profile=profile,

@@ -741,6 +741,10 @@ def test_generate_padded_checks_what_it_is_given(loaded):
     with pytest.raises(ValueError, match=r"stop_tokens_BM must be \[2, M\]"):
         jaxdec.generate_padded(model, tokens, lengths, fresh(), None, np.array([1, 2]),
                                max_new_tokens=4)
+    # Stop ids past the vocabulary (never matched: generate refuses them too); -1 pads.
+    with pytest.raises(ValueError, match=r"stop_tokens_BM has ids outside \[0, 97\): \[500\]"):
+        jaxdec.generate_padded(model, tokens, lengths, fresh(), None,
+                               np.array([[500, -1], [3, -1]], np.int32), max_new_tokens=4)
     # Padding past a row's length may be anything (-1 here).
     padded = np.where(np.arange(16)[None] < lengths[:, None], tokens, -1).astype(np.int32)
     np.testing.assert_array_equal(
