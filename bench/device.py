@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import re
@@ -583,17 +582,25 @@ def main(argv=None) -> int:
              if not f.startswith("--xla_force_host_platform_device_count")]
     if flags:
         env["XLA_FLAGS"] = " ".join(flags)
-    # Before the plan, which imports the library (its `jaxdec.models` maps to the checkout's
-    # models/ folder only once installed; the checkout's own jaxdec/ folder imports without).
-    try:
-        importlib.metadata.distribution("jaxdec")
-    except importlib.metadata.PackageNotFoundError:  # a bare machine: install the checkout
+    # Before the plan, which imports the library: its `jaxdec.models` maps to the checkout's
+    # models/ folder only once installed (the checkout's own jaxdec/ folder imports without,
+    # and a stale jaxdec.egg-info in the checkout passes for an install), so try the import.
+    importable = subprocess.run([PY, "-c", "import jaxdec.models"], cwd=REPO, env=env,
+                                capture_output=True).returncode == 0
+    if not importable:
+        if os.environ.get("JAXDEC_DEVICE_INSTALLED"):
+            log("[device] jaxdec.models does not import even after installing the checkout")
+            return 2
         log("[device] installing jaxdec (editable, no dependencies)")
         code, _ = run_command([PY, "-m", "pip", "install", "-q", "--no-deps",
                                "--no-build-isolation", "-e", "."], 300, log, env)
         if code != 0:
             log("[device] pip install failed")
             return 2
+        # The install's import hook (a .pth file) is read only when an interpreter starts:
+        # this one would still miss `jaxdec.models`, so start over in a fresh one.
+        sys.stdout.flush()
+        os.execve(PY, [PY, *sys.argv], dict(os.environ, JAXDEC_DEVICE_INSTALLED="1"))
     steps = plan(args.plan)
     names = [s.name for s in steps]
     for flag in ("only", "redo"):  # step names, in the order given; 'all': every step
