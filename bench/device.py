@@ -600,7 +600,9 @@ def main(argv=None) -> int:
         # The install's import hook (a .pth file) is read only when an interpreter starts:
         # this one would still miss `jaxdec.models`, so start over in a fresh one.
         sys.stdout.flush()
-        os.execve(PY, [PY, *sys.argv], dict(os.environ, JAXDEC_DEVICE_INSTALLED="1"))
+        args_again = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        os.execve(PY, [PY, str(Path(__file__).resolve()), *args_again],
+                  dict(os.environ, JAXDEC_DEVICE_INSTALLED="1"))
     steps = plan(args.plan)
     names = [s.name for s in steps]
     for flag in ("only", "redo"):  # step names, in the order given; 'all': every step

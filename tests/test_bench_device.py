@@ -80,29 +80,58 @@ def test_budget_and_step_names(tmp_path):
     assert [line.split()[0] for line in listing.splitlines()] == [s.name for s in device.plan("gpu")]
 
 
-def test_a_bare_machine_installs_the_checkout_before_the_plan_imports_it(monkeypatch, tmp_path):
-    """The plan imports the library (whose `jaxdec.models` resolves only once installed): on a
-    machine without jaxdec the editable install comes first, and its failure stops the call."""
-    calls, pip_code = [], [0]
+def test_a_bare_machine_installs_the_checkout_then_starts_again(monkeypatch, tmp_path):
+    """The plan imports the library, whose `jaxdec.models` resolves only through the editable
+    install's import hook, which an interpreter reads at start-up: where `import jaxdec.models`
+    fails, the checkout is installed and the script starts again in a fresh interpreter (with
+    the same arguments); a failed install, or an import still failing after one, stops it."""
+    calls, pip_code, importable = [], [0], [False]
 
-    def missing(name):
-        raise device.importlib.metadata.PackageNotFoundError(name)
+    class Started(Exception):
+        pass
+
+    real_run = device.subprocess.run
+
+    def run(argv, *args, **kwargs):
+        if argv[1:] == ["-c", "import jaxdec.models"]:
+            calls.append("import?")
+            return subprocess.CompletedProcess(argv, 0 if importable[0] else 1)
+        return real_run(argv, *args, **kwargs)
 
     def install(argv, timeout_s, log, env, stamp=False):
         calls.append("install" if argv[1:4] == ["-m", "pip", "install"] else argv)
         return pip_code[0], 0.0
 
+    def execve(path, argv, env):
+        calls.append(("execve", argv[1:], env.get("JAXDEC_DEVICE_INSTALLED")))
+        raise Started
+
     real_plan = device.plan
-    monkeypatch.setattr(device.importlib.metadata, "distribution", missing)
+    monkeypatch.delenv("JAXDEC_DEVICE_INSTALLED", raising=False)
+    monkeypatch.setattr(device.subprocess, "run", run)
     monkeypatch.setattr(device, "run_command", install)
+    monkeypatch.setattr(device.os, "execve", execve)
     monkeypatch.setattr(device, "plan", lambda name: calls.append("plan") or real_plan(name))
-    assert device.main(["--list"]) == 0
-    assert calls == ["install", "plan"]
+    with pytest.raises(Started):
+        device.main(["--list", "--only", "decode"])
+    assert calls == ["import?", "install",
+                     ("execve", [str(REPO / "bench" / "device.py"), "--list", "--only", "decode"],
+                      "1")]
+    calls.clear()  # the fresh interpreter, where the import still fails: no second install
+    monkeypatch.setenv("JAXDEC_DEVICE_INSTALLED", "1")
+    assert device.main(["--out", str(tmp_path)]) == 2
+    assert calls == ["import?"]
+    assert "even after installing" in (tmp_path / "device-log.txt").read_text()
     calls.clear()
+    monkeypatch.delenv("JAXDEC_DEVICE_INSTALLED")
     pip_code[0] = 1
     assert device.main(["--out", str(tmp_path)]) == 2
-    assert calls == ["install"]
+    assert calls == ["import?", "install"]
     assert "pip install failed" in (tmp_path / "device-log.txt").read_text()
+    calls.clear()  # installed: straight to the plan
+    importable[0] = True
+    assert device.main(["--list"]) == 0
+    assert calls == ["import?", "plan"]
 
 
 def test_completeness_rule(tmp_path):
