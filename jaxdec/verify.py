@@ -34,6 +34,10 @@ from jaxdec.sampling import Greedy, Sampler, row_keys
 from jaxdec.tree import Topology, TokenTree
 
 
+# Loops of at most this many iterations (children, or levels x children) are unrolled.
+_UNROLL = 8
+
+
 class ProposalKind(enum.Enum):
     """How a drafter chose each node's children (verification must know)."""
 
@@ -143,6 +147,10 @@ def _walk_matching(tree: TokenTree, next_BN: jax.Array, max_depth: int) -> Verdi
 
 def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth: int, *,
                          without_replacement: bool) -> Verdict:
+    """The walk down the tree as two loops, levels then each node's children in rank order,
+    rolled where long (a Python loop over depth x children compiled one copy of the body per
+    child: a sampled chain(64) took minutes) and unrolled where short (each loop iteration on a
+    GPU is a kernel launch or more)."""
     B, N, V = p_BNV.shape
     children = jnp.asarray(topology.children)  # [N, K] static table
     K = children.shape[1]
@@ -150,23 +158,22 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     # same tokens whatever the batch it runs in (or the rows a mesh's dp adds).
     uniforms = jax.vmap(lambda k: sampling.fine_uniform(k, (max_depth, K)))(
         row_keys(jax.random.fold_in(key, 0), B)).transpose(1, 2, 0)  # [max_depth, K, B]
-    cur = jnp.zeros((B,), jnp.int32)
-    alive = jnp.ones((B,), bool)
-    residual_BV = _node_dists(p_BNV, cur)
-    path = [cur]
-    for level in range(max_depth):
-        r = _node_dists(p_BNV, cur)
+
+    def take(x_BV, x_B):
+        return jnp.take_along_axis(x_BV, x_B[:, None], axis=1)[:, 0]
+
+    def level_step(level, carry):
+        cur, alive, residual_BV, path = carry
         q_base = _node_dists(q_BNV, cur)
-        removed = jnp.zeros((B, V), q_base.dtype)
-        moved = jnp.zeros((B,), bool)
         # Without replacement, child j was drawn with children 0..j-1's tokens removed: past
         # an invalid child (cut by the cache's end, or by its drafter) the later ones were
         # drawn from a q this loop cannot rebuild, so they are left untested (lossless: the
         # tested children are still draws without replacement, in order).
-        blocked = jnp.zeros((B,), bool)
-        nxt = cur
-        for j in range(K):
-            child = children[cur, j]
+        node_children = jnp.take(children, cur, axis=0)  # [B, K]
+
+        def child_step(j, inner):
+            r, removed, moved, blocked, nxt = inner
+            child = jax.lax.dynamic_index_in_dim(node_children, j, axis=1, keepdims=False)
             child_valid = _node_rows(tree.valid, jnp.maximum(child, 0))
             exists = alive & ~moved & ~blocked & (child >= 0) & child_valid
             if without_replacement:
@@ -180,30 +187,42 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
             # 0, 0] for p = [.05, .05, .3, .2, .2, .2], q = [.5, .5, 0, 0, 0, 0], 4
             # children). It is invalid; without replacement so are the later siblings.
             # (An id outside [0, V) neither: a negative one read q's last token's mass.)
-            drawable = ((x >= 0) & (x < V)
-                        & (jnp.take_along_axis(left, x[:, None], axis=1)[:, 0] > 0))
+            drawable = (x >= 0) & (x < V) & (take(left, x) > 0)
             if without_replacement:
                 blocked = blocked | (exists & ~drawable)
             exists = exists & drawable
-            q_x = jnp.take_along_axis(q_j, x[:, None], axis=1)[:, 0]
-            r_x = jnp.take_along_axis(r, x[:, None], axis=1)[:, 0]
+            q_x, r_x = take(q_j, x), take(r, x)
             # min(1, r / q): r >= q always (u * q, rounded, could reach r = q).
-            accept = exists & ((r_x >= q_x) | (uniforms[level, j] * q_x < r_x))
+            u = jax.lax.dynamic_index_in_dim(uniforms[level], j, axis=0, keepdims=False)
+            accept = exists & ((r_x >= q_x) | (u * q_x < r_x))
             nxt = jnp.where(accept, child, nxt)
             moved = moved | accept
             rejected = exists & ~accept
             r = jnp.where(rejected[:, None], _residual(r, q_j), r)
             if without_replacement:
-                removed = jnp.where(exists[:, None], removed + jax.nn.one_hot(x, V, dtype=removed.dtype),
-                                    removed)
+                removed = jnp.where(exists[:, None],
+                                    removed + jax.nn.one_hot(x, V, dtype=removed.dtype), removed)
+            return r, removed, moved, blocked, nxt
+
+        no = jnp.zeros((B,), bool)
+        removed = jnp.zeros((B, V) if without_replacement else (B, 0), q_base.dtype)
+        r, _, moved, _, nxt = jax.lax.fori_loop(
+            0, K, child_step, (_node_dists(p_BNV, cur), removed, no, no, cur),
+            unroll=K <= _UNROLL)
         # A row that stops here draws its bonus from what is left of p at its node.
         residual_BV = jnp.where((alive & ~moved)[:, None], r, residual_BV)
         alive = alive & moved
         cur = jnp.where(moved, nxt, cur)
-        path.append(jnp.where(moved, cur, 0))
+        path = path.at[:, level + 1].set(jnp.where(moved, cur, 0))
         # Rows that keep going take p at their new node as the bonus distribution for now.
         residual_BV = jnp.where(alive[:, None], _node_dists(p_BNV, cur), residual_BV)
-    path = jnp.stack(path, axis=1)
+        return cur, alive, residual_BV, path
+
+    cur = jnp.zeros((B,), jnp.int32)
+    carry = (cur, jnp.ones((B,), bool), _node_dists(p_BNV, cur),
+             jnp.zeros((B, max_depth + 1), jnp.int32))
+    _, _, residual_BV, path = jax.lax.fori_loop(0, max_depth, level_step, carry,
+                                                unroll=max_depth * K <= _UNROLL)
     n_path = 1 + jnp.sum(jnp.cumprod(path[:, 1:] > 0, axis=1), axis=1)
     keys = row_keys(jax.random.fold_in(key, 1), B)
     bonus = jax.vmap(lambda k, r: sampling.draw(k, jnp.log(r)))(keys, residual_BV)

@@ -100,6 +100,52 @@ def test_certain_draft_is_always_accepted_by_rejection_sampling():
     np.testing.assert_array_equal(v.bonus, 3)
 
 
+@pytest.mark.parametrize("kind", [ProposalKind.IID, ProposalKind.WITHOUT_REPLACEMENT])
+def test_sampled_walks_past_the_unrolled_lengths(kind):
+    """The walk is rolled into loops beyond a few levels or children: a chain of 20 certain
+    levels rejected at the 14th (its token has no target probability), and a star of 12
+    children where only the 11th has any, walk as by hand."""
+    V = 16
+    drafted = np.arange(21) % 8  # node i's token; the target's certain next token below
+    target_next = np.roll(drafted, -1)
+    target_next[13] = 9  # at node 13 the target wants 9, the draft proposed drafted[14]
+    t = _tree_of(tree.chain(20), [drafted] * 2)
+    logits = jnp.log(jax.nn.one_hot(jnp.asarray([target_next] * 2), V) + 1e-30)
+    q = jax.nn.one_hot(jnp.asarray([target_next] * 2), V).at[:, 13].set(
+        jax.nn.one_hot(drafted[14], V))
+    v = verify.verify(t, logits, sampler=Sampler(), key=jax.random.PRNGKey(0), max_depth=20,
+                      kind=kind, q_BNV=q, topology=tree.chain(20))
+    np.testing.assert_array_equal(v.n_path, 14)
+    np.testing.assert_array_equal(v.path[:, :14], [np.arange(14)] * 2)
+    np.testing.assert_array_equal(v.path[:, 14:], 0)
+    np.testing.assert_array_equal(v.bonus, 9)
+
+    star = tree.kary(1, 12)
+    t = _tree_of(star, [[15] + list(range(12))] * 2)
+    logits = jnp.log(jax.nn.one_hot(jnp.full((2, 13), 10), V) + 1e-30)
+    q = jnp.broadcast_to(jnp.where(jnp.arange(V) < 12, 1 / 12, 0.0), (2, 13, V))
+    v = verify.verify(t, logits, sampler=Sampler(), key=jax.random.PRNGKey(1), max_depth=1,
+                      kind=kind, q_BNV=q, topology=star)
+    np.testing.assert_array_equal(v.path, [[0, 11]] * 2)
+    np.testing.assert_array_equal(v.n_path, 2)
+    np.testing.assert_array_equal(v.bonus, 10)  # the certain token after token 10
+
+
+def test_sampled_verification_program_does_not_grow_with_depth():
+    """The walk is a loop over levels, not one copy of its body per level (a sampled
+    chain(64) compiled for minutes): chain(64)'s program is about as large as chain(16)'s."""
+    sizes = {}
+    for depth in (16, 64):
+        topology = tree.chain(depth)
+        t = topology.template(2)
+        fn = jax.jit(lambda logits, q, key: verify.verify(
+            t, logits, sampler=Sampler(), key=key, max_depth=depth, kind=ProposalKind.IID,
+            q_BNV=q, topology=topology))
+        shape = jax.ShapeDtypeStruct((2, depth + 1, 8), jnp.float32)
+        sizes[depth] = len(fn.lower(shape, shape, jax.random.key(0)).as_text())
+    assert sizes[64] < 1.2 * sizes[16], sizes
+
+
 def test_acceptance_resolves_ratios_below_float32_uniforms(monkeypatch):
     """Acceptance tests u * q(x) < p(x) with u on a grid of 2**-46 (`sampling.fine_uniform`):
     on jax.random.uniform's grid of 2**-23 a draft token with p / q = 1e-12 was accepted
