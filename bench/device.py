@@ -585,11 +585,13 @@ def main(argv=None) -> int:
     # Before the plan, which imports the library: its `jaxdec.models` maps to the checkout's
     # models/ folder only once installed (the checkout's own jaxdec/ folder imports without,
     # and a stale jaxdec.egg-info in the checkout passes for an install), so try the import.
-    importable = subprocess.run([PY, "-c", "import jaxdec.models"], cwd=REPO, env=env,
-                                capture_output=True).returncode == 0
-    if not importable:
+    check = subprocess.run([PY, "-c", "import jaxdec.models"], cwd=REPO, env=env,
+                           capture_output=True, text=True, errors="replace")
+    if check.returncode != 0:
         if os.environ.get("JAXDEC_DEVICE_INSTALLED"):
-            log("[device] jaxdec.models does not import even after installing the checkout")
+            last = (check.stderr.strip().splitlines() or ["(no output)"])[-1]
+            log(f"[device] jaxdec.models does not import even after installing the checkout: "
+                f"{last}")
             return 2
         log("[device] installing jaxdec (editable, no dependencies)")
         code, _ = run_command([PY, "-m", "pip", "install", "-q", "--no-deps",

@@ -95,7 +95,9 @@ def test_a_bare_machine_installs_the_checkout_then_starts_again(monkeypatch, tmp
     def run(argv, *args, **kwargs):
         if argv[1:] == ["-c", "import jaxdec.models"]:
             calls.append("import?")
-            return subprocess.CompletedProcess(argv, 0 if importable[0] else 1)
+            return subprocess.CompletedProcess(
+                argv, 0 if importable[0] else 1, "",
+                "" if importable[0] else "ModuleNotFoundError: No module named 'jaxdec.models'\n")
         return real_run(argv, *args, **kwargs)
 
     def install(argv, timeout_s, log, env, stamp=False):
@@ -121,7 +123,8 @@ def test_a_bare_machine_installs_the_checkout_then_starts_again(monkeypatch, tmp
     monkeypatch.setenv("JAXDEC_DEVICE_INSTALLED", "1")
     assert device.main(["--out", str(tmp_path)]) == 2
     assert calls == ["import?"]
-    assert "even after installing" in (tmp_path / "device-log.txt").read_text()
+    assert ("even after installing the checkout: ModuleNotFoundError: No module named "
+            "'jaxdec.models'") in (tmp_path / "device-log.txt").read_text()
     calls.clear()
     monkeypatch.delenv("JAXDEC_DEVICE_INSTALLED")
     pip_code[0] = 1
