@@ -11,22 +11,16 @@ hands back everything in one archive. Usage on the lent machine (one call):
 here: `tar -xzf <files_at>/results.tar.gz -C bench/results` and commit.
 
 Steps of the `gpu` plan, in order (first the steps whose figures can close an issue, the
-earliest issue first: the trainings (both measured on the H200); gpu-base's speculative rows,
-what the speculative issue still lacks (a whole call; no Pallas kernel runs at its caches);
-then the kernels' tests on the card, before any benchmark runs the kernels; the short kernels
-benchmark; gpu-small's speculative rows (re-measured: its code changed);
-the synthetic 8B regime (the speculative goal's, met) when its code changed;
-then decode's matrix-vector products and the decode re-measure, whose goal a measurement alone
-will not reach; `--only` takes the steps in the order it names them; `--list` prints them with
-their commands):
+earliest issue first: the trainings (both measured on the H200); then the kernels' tests on
+the card, before any benchmark runs the kernels; the short kernels benchmark and the decode
+re-measure (the kernel and foundation issues' goals, still open), then decode's
+matrix-vector products; last the speculative re-measures (that issue's figures are complete:
+they run when their code changed); `--only` takes the steps in the order it names them;
+`--list` prints them with their commands):
   train-gpu-small  bench/train.py --preset gpu-small: target and draft trained alone (its time
                    budget: 3 minutes for both models; a speculative step trains while its grid
                    compiles, which shares the CPU and the interpreter lock)
   train-gpu-base   the same for gpu-base (the training issue's MFU goal is gpu-base's)
-  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
-                   models again, beside its grid's compiles, and records that training too;
-                   AUTO only, so the grid fits beside training in one call: at these caches
-                   AUTO is the reference path)
   gpu-tests        the tests that need the card (`pytest -k OnGPU`, three processes side by
                    side: bench/pytest_shards.py): the tree-attention kernels
                    (Triton; Mosaic GPU on a Hopper) and the matrix-vector kernel compiled
@@ -37,16 +31,20 @@ their commands):
   kernels          bench/kernels.py --preset h100 (the Triton kernel, and on a Hopper the
                    Mosaic GPU one for T >= 16, vs XLA reference vs roofline; `--no-hopper`
                    when that kernel failed its tests earlier in the same call)
-  spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto (trains as
-                   spec-gpu-base does; AUTO only for the same reason)
-  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
-                   (the 8B target with a drafter of set acceptance: the speculative goal's
-                   regime, met at 83ff787; re-measured when its code changed)
-  matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
-                   kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
   decode           bench/decode.py --preset h100 (jaxdec with the kernel, with the reference
                    attention and with cuBLAS matmuls vs transformers; `--resume` keeps the
                    impls already measured)
+  matvec           bench/matvec.py --preset h100 (decode's matrix-vector products: the Pallas
+                   kernel vs XLA's fusions vs cuBLAS on a Llama-3-8B layer's projections)
+  spec-synthetic-8b  bench/speculative.py --preset synthetic-8b --attention pallas,reference
+                   (the 8B target with a drafter of set acceptance: the speculative goal's
+                   regime, met at 83ff787)
+  spec-gpu-base    bench/speculative.py --preset gpu-base --attention auto (trains the preset's
+                   models again, beside its grid's compiles, and records that training too;
+                   AUTO only, so the grid fits beside training in one call: at these caches
+                   AUTO is the reference path; a whole call)
+  spec-gpu-small   bench/speculative.py --preset gpu-small --attention auto (trains as
+                   spec-gpu-base does; AUTO only for the same reason)
   (The speculative steps are due again whenever the code they measure changed: their records
   carry `spec_sources`, a hash of `bench.speculative.SPECULATIVE_SOURCES`.)
 
@@ -267,18 +265,9 @@ def plan(name: str) -> list[Step]:
             Step("train-gpu-base", ("bench/train.py", "--preset", "gpu-base", "--out", "{out}"),
                  _complete("train", preset="gpu-base", compile_ahead_workers=0),
                  min_s=360, cap_s=560),
-            # gpu-base's rows are what the speculative issue still lacks (its goal was met in
-            # the synthetic regime, 83ff787; gpu-small's rows exist from a8f00e1): it fills a
-            # first call (its training alone took 342 s), so it comes before the kernels'
-            # tests: at its caches (~200 slots) AUTO runs the reference attention, no Pallas
-            # kernel, and its rows check their tokens against plain decoding themselves.
-            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
             # Correct first: the kernels on the card before the benchmarks that run them
-            # (due again whenever their sources change): they take the ~4 minutes a
-            # 15-minute lease leaves a second call, with the kernels benchmark where time is
-            # left (three processes: their time so far unmeasured); then gpu-small, AUTO
-            # only like gpu-base (the kernel on and off are compared where the kernel pays,
-            # synthetic-8b and decode), with room for synthetic-8b's re-measure.
+            # (due again whenever their sources change); then the kernels benchmark and
+            # decode, whose goals (the kernel issue's, the foundation's) are still open.
             Step("gpu-tests", sharded_pytest(GPU_TEST_GROUPS, "-v", "-p", "no:cacheprovider",
                                              "-k", "OnGPU"),
                  _complete("gpu-tests", plan="gpu", sources=sources_digest()),
@@ -301,21 +290,6 @@ def plan(name: str) -> list[Step]:
                  # 9d75f5d; 120 now, 168 with the Hopper kernel's): its budget stops the
                  # compiles ahead halfway and the cases at its end, writing every case.
                  min_s=150, cap_s=360, without_hopper=("--no-hopper",)),
-            # Its models trained in ~134 s alone (9d75f5d); the grid compiles beside them.
-            speculative_step("gpu-small", min_s=240, cap_s=560, attention=("auto",)),
-            # Due again whenever the code it runs changed (106 s on the H200 at 83ff787).
-            # Records from before the permutation target (their oracle drafted tokens the
-            # target no longer chose) do not count.
-            speculative_step("synthetic-8b", min_s=150, cap_s=560,
-                             oracle_target=ORACLE_TARGET),
-            # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
-            # an 8B layer's shapes (the decode profile's largest gap), before a model uses it.
-            Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
-                 _all(_complete("matvec", preset="h100", impl=("pallas", "xla", "xla-cublas"),
-                                projection=("qkv", "o", "gate_up", "down"), rows=(1, 16)),
-                      # due again whenever the kernel changed
-                      _all_rows("matvec", "kernel_sources", _matvec_sources(), preset="h100")),
-                 min_s=120, cap_s=240),
             Step("decode", ("bench/decode.py", "--preset", "h100", "--resume",
                             "--budget-s", "{budget}", "--out", "{out}"),
                  # hf-compile must have been tried, but a torch.compile failure does not make
@@ -338,6 +312,29 @@ def plan(name: str) -> list[Step]:
                       _complete("decode", **decode_h100, impl="hf-compile",
                                 failures_count=True)),
                  min_s=240, cap_s=540),
+            # Decode's matrix-vector products: our kernel against XLA's fusions and cuBLAS on
+            # an 8B layer's shapes (the decode profile's largest gap; decode's own
+            # `jaxdec-matvec` row runs the kernel in the whole step): a second call's size.
+            Step("matvec", ("bench/matvec.py", "--preset", "h100", "--out", "{out}"),
+                 _all(_complete("matvec", preset="h100", impl=("pallas", "xla", "xla-cublas"),
+                                projection=("qkv", "o", "gate_up", "down"), rows=(1, 16)),
+                      # due again whenever the kernel changed
+                      _all_rows("matvec", "kernel_sources", _matvec_sources(), preset="h100")),
+                 min_s=120, cap_s=240),
+            # The speculative issue's figures are complete (gpu-base's at 5c7f9c4, its goal
+            # met in the synthetic regime at 83ff787 and on gpu-base): these re-measures, due
+            # whenever the code a speculative step runs changed, come after the issues still
+            # open. synthetic-8b took 106 s on the H200 at 83ff787; records from before the
+            # permutation target (their oracle drafted tokens the target no longer chose) do
+            # not count.
+            speculative_step("synthetic-8b", min_s=150, cap_s=560,
+                             oracle_target=ORACLE_TARGET),
+            # A trained preset fills a call (gpu-base trained and ran its grid in 483 s at
+            # 5c7f9c4; gpu-small trained in ~134 s alone): at their caches (~200 slots) AUTO
+            # runs the reference attention, no Pallas kernel, and their rows check their
+            # tokens against plain decoding themselves.
+            speculative_step("gpu-base", min_s=480, cap_s=560, attention=("auto",)),
+            speculative_step("gpu-small", min_s=240, cap_s=560, attention=("auto",)),
         ]
     if name == "cpu-tiny":  # the same machinery on CPU presets, in well under a minute
         return [
