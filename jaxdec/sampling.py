@@ -149,10 +149,14 @@ class Sampler:
         # round apart, and at a tiny temperature that gap overflows exp (NaN probabilities).
         # A temperature below fp32's smallest normal number would be flushed to 0.
         t = max(self.temperature, float(np.finfo(np.float32).tiny))
-        logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / t
+        raw = logits
+        logits = (raw - jnp.max(raw, axis=-1, keepdims=True)) / t
         if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
-            logits = jnp.where(logits >= kth, logits, -jnp.inf)
+            # The cut on the logits as given: the shift can round two of them to one value
+            # (3, 1 and 1 - 2**-24 all but the first become -2), and the tie rule then kept
+            # a token outside the top k.
+            kth = jax.lax.top_k(raw, self.top_k)[0][..., -1:]
+            logits = jnp.where(raw >= kth, logits, -jnp.inf)
         probs = jax.nn.softmax(logits, axis=-1)
         if self.top_p is not None and self.top_p < 1:
             desc = -jnp.sort(-probs, axis=-1)

@@ -41,6 +41,16 @@ def test_ties_at_the_boundary_are_kept():
     np.testing.assert_allclose(Sampler(top_p=0.5).probs(logits), [0.4, 0.2, 0.2, 0.2], rtol=1e-6)
 
 
+def test_top_k_cuts_the_logits_as_given():
+    """Logits apart by an ulp stay apart: shifted by the maximum (3), 1 and 1 - 2**-24 both
+    round to -2, and the tie rule kept three tokens for top_k=2 (as transformers keeps two:
+    [0.8808, 0.1192, 0, 0])."""
+    logits = jnp.array([3.0, 1.0, np.nextafter(np.float32(1), np.float32(0)), 0.0], jnp.float32)
+    probs = Sampler(top_k=2).probs(logits)
+    np.testing.assert_allclose(probs, [1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0)), 0, 0],
+                               rtol=1e-6)
+
+
 def test_top_p_cut_off_is_the_exact_nucleus():
     """The mass before each token, summed in float64, decides the nucleus: float32 sums
     from the largest down rounded it by a few ulp near 1 and dropped (or kept) a token at
