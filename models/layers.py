@@ -150,7 +150,8 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """
     f32 = np.float32
     exponents = np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)
-    # (torch's float32 power is the float64 one rounded)
+    # (the float64 power rounded: torch's float32 power is that or, on some CPUs, 1 ulp off
+    # it; a few in 1520 theta / head_dim / scaling draws differed, by at most 5.5e-7)
     powers = (np.float64(rope.theta) ** exponents.astype(np.float64)).astype(f32)
     inv_freq = f32(1.0) / powers
     if rope.rope_type == "linear":
