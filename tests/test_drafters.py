@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import jaxdec
-from jaxdec import tree
+from jaxdec import Greedy, tree
 from jaxdec.drafters import DraftModel, PromptLookup, Retrieval
 from jaxdec.drafters.base import History, candidates_topology
-from jaxdec.drafters.prompt_lookup import _latest, _latest_match_ends
-from jaxdec.drafters.retrieval import _search, _suffix_order
+from jaxdec.drafters.prompt_lookup import MERGED_COUNT, _latest, _latest_match_ends
+from jaxdec.drafters.retrieval import UNROLLED_WIDTH, _search, _suffix_order
 from jaxdec.verify import ProposalKind
 
 
@@ -99,7 +99,7 @@ def _match_ends_by_hand(row, max_ngram, min_ngram):
 @pytest.mark.parametrize("capacity", [1, 2, 3, 9, 40])
 def test_prompt_lookup_match_ends_against_brute_force(capacity):
     rng = np.random.default_rng(capacity)
-    for max_ngram, min_ngram in [(3, 1), (4, 2), (1, 1)]:
+    for max_ngram, min_ngram in [(3, 1), (4, 2), (1, 1), (9, 2)]:
         rows = [list(rng.integers(0, 3, rng.integers(0, capacity + 1))) for _ in range(8)]
         history = _history(rows, capacity)
         ends = np.asarray(_latest_match_ends(history, max_ngram, min_ngram))
@@ -108,12 +108,13 @@ def test_prompt_lookup_match_ends_against_brute_force(capacity):
             assert set(np.flatnonzero(got)) == _match_ends_by_hand(row, max_ngram, min_ngram)
 
 
-@pytest.mark.parametrize("count", [1, 3, 5])
+@pytest.mark.parametrize("count", [1, 3, 5, MERGED_COUNT + 1])
 def test_prompt_lookup_latest_match_ends(count):
     """The `count` latest set positions of each row, latest first, -1 where a row has fewer
-    (rows with none, one, and many)."""
+    (rows with none, one, and many; merged lists, and `lax.top_k` beyond MERGED_COUNT)."""
     rng = np.random.default_rng(count)
-    ends = rng.random((6, 11)) < np.array([0.0, 0.05, 0.2, 0.5, 0.9, 1.0])[:, None]
+    width = 11 if count <= MERGED_COUNT else 2 * count
+    ends = rng.random((6, width)) < np.array([0.0, 0.05, 0.2, 0.5, 0.9, 1.0])[:, None]
     ends[1] = False
     ends[1, 4] = True
     got = np.asarray(_latest(jnp.asarray(ends), count))
@@ -165,12 +166,14 @@ def test_suffix_order_is_a_stable_lexicographic_sort(largest, width):
     np.testing.assert_array_equal(_suffix_order(padded, stream.size, width), expected)
 
 
+@pytest.mark.parametrize("n", [3, 12])  # compared token by token; and as one vector
 @pytest.mark.parametrize("size", [2, 7, 8, 9, 63, 64, 65, 700])
-def test_suffix_search_against_brute_force(size):
+def test_suffix_search_against_brute_force(size, n):
     """The 8-ary search's bounds equal counting the suffixes below the query (<= where
-    strict), for datastore sizes around the powers of 8 and queries of every width."""
+    strict), for datastore sizes around the powers of 8 and queries of every width (n-grams
+    longer than `UNROLLED_WIDTH` compare as one vector)."""
+    assert (n > UNROLLED_WIDTH) == (n == 12)
     rng = np.random.default_rng(size)
-    n = 3
     stream = rng.integers(0, 4, size).astype(np.int32)
     padded = np.concatenate([stream, np.full(n + 2, -1, np.int32)])
     order = _suffix_order(padded, size, n)
@@ -192,6 +195,25 @@ def test_suffix_search_against_brute_force(size):
             target = tuple(row[:w])
             want = sum(k <= target if strict[q] else k < target for k in keys)
             assert got[q, b] == want, (q, b)
+
+
+def test_retrieval_program_grows_linearly_with_max_ngram():
+    """Long n-grams compare as one vector: token by token, XLA's optimised step for
+    max_ngram=32 was 3.2x max_ngram=16's (14 MB, 45 s to compile on a CPU; 64 took 9
+    minutes and 12 GB)."""
+    size = {}
+    for n in (16, 32):
+        drafter = Retrieval(np.random.default_rng(0).integers(0, 64, 500), max_ngram=n)
+        topology = drafter.default_topology()
+        history = History(jnp.zeros((1, 40), jnp.int32), jnp.full((1,), 10, jnp.int32))
+
+        def propose(history, root, drafter=drafter, topology=topology):
+            return drafter.propose(history, root, root, None, topology=topology,
+                                   sampler=Greedy())[0].tree
+
+        size[n] = len(jax.jit(propose).lower(history, jnp.zeros((1,), jnp.int32))
+                      .compile().as_text())
+    assert size[32] < 2.2 * size[16], size
 
 
 def test_retrieval_search_compiles_quickly_with_xla_default_cpu_flags():

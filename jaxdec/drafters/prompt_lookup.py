@@ -60,34 +60,42 @@ class PromptLookup(LookupDrafter):
         return history.append(emitted_BL, n_commit_B)
 
 
-def _match_ends(history: History, n: int) -> jax.Array:
-    """bool [B, H]: position i ends an earlier occurrence of the row's last n tokens (and is
-    followed by at least one token)."""
+def _latest_match_ends(history: History, max_ngram: int, min_ngram: int) -> jax.Array:
+    """bool [B, H]: the positions that end an earlier occurrence of the row's last n tokens
+    (and are followed by at least one token), for the longest n (max_ngram down to min_ngram)
+    that occurs.
+
+    An n-gram's occurrences are the (n - 1)-gram's with one more token compared (the n-th
+    from the end), so each of the max_ngram tokens is compared once: comparing every n-gram
+    whole compiled max_ngram**2 / 2 comparisons (40 s at 64 on a CPU)."""
     tokens, length = history.tokens, history.length
     H = tokens.shape[1]
     i = jnp.arange(H, dtype=jnp.int32)[None, :]
-    query = history.last(n)
-    ok = (i >= n - 1) & (i <= length[:, None] - 2) & (length[:, None] >= n)
-    for j in range(n):
-        # tokens[i - shift] beside position i: the history shifted right by a static amount,
-        # an element-wise read (a gather at computed indices cost a CPU ~0.07 ms per n-gram
-        # token at 16K positions); the padding lands where `ok` is already False (i < n - 1).
-        shift = min(n - 1 - j, H)
+    query = history.last(max_ngram)  # [:, max_ngram - 1 - k]: the row's k-th token from its end
+    same = i <= length[:, None] - 2  # followed by a token
+    occurs = {}
+    for k in range(max_ngram):
+        # tokens[i - k] beside position i: the history shifted right by a static amount, an
+        # element-wise read (a gather at computed indices cost a CPU ~0.07 ms per n-gram
+        # token at 16K positions); the padding lands where i < k, which no n-gram of more
+        # than k tokens ending at i can use.
+        shift = min(k, H)
         earlier = jnp.pad(tokens[:, :H - shift], ((0, 0), (shift, 0)))
-        ok &= earlier == query[:, j:j + 1]
-    return ok
-
-
-def _latest_match_ends(history: History, max_ngram: int, min_ngram: int) -> jax.Array:
-    """The match ends of the longest n-gram (max_ngram down to min_ngram) that matches."""
-    ends = jnp.zeros(history.tokens.shape, bool)
-    found = jnp.zeros(history.tokens.shape[:1], bool)
+        same &= earlier == query[:, max_ngram - 1 - k:max_ngram - k]
+        n = k + 1
+        if n >= min_ngram:
+            occurs[n] = same & (i >= n - 1) & (length[:, None] >= n)
+    ends = jnp.zeros(tokens.shape, bool)
+    found = jnp.zeros(tokens.shape[:1], bool)
     for n in range(max_ngram, min_ngram - 1, -1):
-        matches = _match_ends(history, n)
-        take = ~found & jnp.any(matches, axis=1)
-        ends = jnp.where(take[:, None], matches, ends)
+        take = ~found & jnp.any(occurs[n], axis=1)
+        ends = jnp.where(take[:, None], occurs[n], ends)
         found = found | take
     return ends
+
+
+# The most candidates `_latest` finds by merging lists (beyond, by `lax.top_k`).
+MERGED_COUNT = 16
 
 
 def _latest(ends_BH, count: int) -> jax.Array:
@@ -98,6 +106,8 @@ def _latest(ends_BH, count: int) -> jax.Array:
     kernel on a GPU, like `lax.top_k`, which sorted the whole history on a CPU instead (1.2 ms
     a step at 16K positions)."""
     scores = jnp.where(ends_BH, jnp.arange(ends_BH.shape[1], dtype=jnp.int32)[None, :], -1)
+    if count > MERGED_COUNT:  # the merge's body grows as count**2 (255: 74 s to compile)
+        return jax.lax.top_k(scores, count)[0]
     none = jnp.full_like(scores, -1)
     lists = jax.lax.reduce((scores,) + (none,) * (count - 1), (jnp.int32(-1),) * count,
                            _merge_latest, (1,))

@@ -298,6 +298,10 @@ def _suffix_order(padded: np.ndarray, size: int, width: int) -> np.ndarray:
 # Probes per search step: a step narrows the range 8-fold, so a 25M-token datastore takes 9
 # steps (one kernel each on a GPU) instead of a binary search's 25.
 SEARCH_BRANCHES = 8
+# The longest n-gram a search compares token by token (unrolled: one fusion per probe on a
+# GPU); beyond it XLA's optimised program grew quadratically (max_ngram=32: 45 s to compile
+# on a CPU, 64: 9 minutes), so longer ones compare as one vector.
+UNROLLED_WIDTH = 8
 
 
 def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
@@ -323,12 +327,21 @@ def _search(tokens, suffixes, query_QBn, width_Q, *, strict):
 
     def below(index):  # the suffix at `index` < the query on its width (<= where strict)
         start = read(suffixes, jnp.minimum(index, size - 1))
-        # Token by token from the last: an earlier difference overrides a later one (no
-        # reduction over the n-gram, which would end a fusion).
-        order = jnp.zeros((Q, B), jnp.int32)
-        for j in reversed(range(n)):
-            diff = jnp.sign(read(tokens, start + j) - query_QBn[..., j])
-            order = jnp.where(compared[:, j, None] & (diff != 0), diff, order)
+        # Short n-grams token by token from the last: an earlier difference overrides a
+        # later one (no reduction over the n-gram, which would end a fusion). Longer ones as
+        # one vector, the first difference found by a reduction.
+        if n <= UNROLLED_WIDTH:
+            order = jnp.zeros((Q, B), jnp.int32)
+            for j in reversed(range(n)):
+                diff = jnp.sign(read(tokens, start + j) - query_QBn[..., j])
+                order = jnp.where(compared[:, j, None] & (diff != 0), diff, order)
+        else:
+            diff = jnp.sign(read(tokens, start[..., None]
+                                 + jnp.arange(n, dtype=jnp.int32)[None, None])
+                            - query_QBn)
+            diff = jnp.where(compared[:, None, :], diff, 0)  # [Q, B, n]
+            first = jnp.argmax(diff != 0, axis=-1)  # 0 where all are equal, and so is diff
+            order = jnp.take_along_axis(diff, first[..., None], axis=-1)[..., 0]
         return (index < size) & jnp.where(strict, order <= 0, order < 0)
 
     count = jnp.zeros((Q, B), jnp.int32)
