@@ -293,7 +293,7 @@ def _padded_vocab_axis(name: str, shape: tuple, vocab_size: int) -> tuple[int, i
     return axis, vocab_size
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=256)  # (bounded: a sweep over std or meshes kept every program)
 def _leaf_program(fam, kind: str, shape: tuple, dtype, std: float, sharding, zero_from,
                   regroup: tuple | None):
     """One leaf's draw, compiled once per distinct (kind, shape, sharding, ...); `regroup`:

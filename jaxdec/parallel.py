@@ -40,10 +40,15 @@ def make_mesh(tp: int = 1, dp: int = 1, *, devices: Sequence[jax.Device] | None 
     tp, dp = check_int("tp", tp), check_int("dp", dp)
     if devices is not None:
         given = devices
-        devices = None if isinstance(devices, (str, bytes)) else list(devices)
+        try:  # (one device, not in a list, is not iterable)
+            devices = None if isinstance(devices, (str, bytes)) else list(devices)
+        except TypeError:
+            devices = None
         if devices is None or not all(isinstance(d, jax.Device) for d in devices):
             raise TypeError(f"devices must be a sequence of jax devices (jax.devices()), got "
                             f"{given!r}")
+        if not devices:
+            raise ValueError("devices is empty: give at least dp * tp devices")
         if len(set(devices)) != len(devices):
             raise ValueError(f"devices lists a device more than once: {devices}")
     if devices is None:

@@ -215,6 +215,10 @@ def test_bad_meshes():
         jaxdec.make_mesh(tp=0)
     with pytest.raises(TypeError, match="devices must be a sequence of jax devices"):
         jaxdec.make_mesh(tp=2, devices="cpu")
+    with pytest.raises(TypeError, match="devices must be a sequence of jax devices"):
+        jaxdec.make_mesh(devices=jax.devices()[0])  # one device, not in a list
+    with pytest.raises(ValueError, match="devices is empty"):
+        jaxdec.make_mesh(devices=[])
     # An iterator (was read up by the check: "exceeds the 0 available devices"); a device
     # listed twice (failed in loading).
     assert jaxdec.make_mesh(tp=2, devices=iter(jax.devices()[2:])).devices.size == 2
