@@ -531,6 +531,10 @@ def test_a_draft_of_another_tokenizer_is_refused(loaded):
 def test_candidates_topology_budget():
     t = candidates_topology(3, 2)
     assert t.num_nodes == 7 and t.max_depth == 2 and t.max_children == 3
+    # (depth 0 gave chains of one token each; no candidates, the root alone)
+    for bad, name in [((2, 0), "depth"), ((0, 3), "num_candidates"), ((2.5, 2), "num_candidates")]:
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            candidates_topology(*bad)
 
 
 def _one_width(tokens, width=32):

@@ -150,6 +150,7 @@ def check_drafter(drafter, *, optional: bool = False) -> None:
 def candidates_topology(num_candidates: int, depth: int) -> Topology:
     """The node budget for C candidate continuations of D tokens: C disjoint chains under the
     root (the largest trie they can form)."""
+    num_candidates, depth = check_int("num_candidates", num_candidates), check_int("depth", depth)
     if 1 + num_candidates * depth > MAX_NODES:
         raise ValueError(f"num_candidates={num_candidates} x depth={depth} + the root is "
                          f"{1 + num_candidates * depth} nodes, more than a tree's {MAX_NODES}: "
