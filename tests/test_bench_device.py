@@ -106,10 +106,13 @@ def test_a_bare_machine_installs_the_checkout_then_starts_again(monkeypatch, tmp
 
     def execve(path, argv, env):
         calls.append(("execve", argv[1:], env.get("JAXDEC_DEVICE_INSTALLED")))
+        # the first interpreter's start: the install counts against the budget
+        assert 0 <= time.monotonic() - float(env["JAXDEC_DEVICE_STARTED"]) < 60
         raise Started
 
     real_plan = device.plan
     monkeypatch.delenv("JAXDEC_DEVICE_INSTALLED", raising=False)
+    monkeypatch.delenv("JAXDEC_DEVICE_STARTED", raising=False)
     monkeypatch.setattr(device.subprocess, "run", run)
     monkeypatch.setattr(device, "run_command", install)
     monkeypatch.setattr(device.os, "execve", execve)

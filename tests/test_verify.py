@@ -131,6 +131,18 @@ def test_sampled_walks_past_the_unrolled_lengths(kind):
     np.testing.assert_array_equal(v.bonus, 10)  # the certain token after token 10
 
 
+@pytest.mark.parametrize("kind", [ProposalKind.IID, ProposalKind.WITHOUT_REPLACEMENT])
+def test_sampled_verification_of_no_levels_is_the_bonus_alone(kind):
+    """max_depth 0 walks nothing: the root, and a bonus from p at the root."""
+    t = _tree_of(tree.chain(1), [[5, 1]] * 2)
+    logits = jnp.log(jax.nn.one_hot(jnp.full((2, 2), 3), 8) + 1e-30)
+    v = verify.verify(t, logits, sampler=Sampler(), key=jax.random.PRNGKey(0), max_depth=0,
+                      kind=kind, q_BNV=jnp.full((2, 2, 8), 1 / 8), topology=tree.chain(1))
+    np.testing.assert_array_equal(v.path, [[0], [0]])
+    np.testing.assert_array_equal(v.n_path, 1)
+    np.testing.assert_array_equal(v.bonus, 3)
+
+
 def test_sampled_verification_program_does_not_grow_with_depth():
     """The walk is a loop over levels, not one copy of its body per level (a sampled
     chain(64) compiled for minutes): chain(64)'s program is about as large as chain(16)'s."""
