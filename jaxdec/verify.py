@@ -158,7 +158,7 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
     # same tokens whatever the batch it runs in (or the rows a mesh's dp adds).
     uniforms = jax.vmap(lambda k: sampling.fine_uniform(k, (max(max_depth, 1), K)))(
         row_keys(jax.random.fold_in(key, 0), B)).transpose(1, 2, 0)  # [max_depth, K, B]
-    # (one level's even for max_depth 0: the loop traces its body though it never runs it)
+    # (At least one level's: the loop below traces its body even where it runs no level.)
 
     def take(x_BV, x_B):
         return jnp.take_along_axis(x_BV, x_B[:, None], axis=1)[:, 0]
