@@ -78,6 +78,13 @@ def as_floats(tree):
     return jax.tree.map(floats, tree, is_leaf=lambda x: isinstance(x, KVLayer))
 
 
+def carries_bits(tree) -> bool:
+    """Whether `tree` holds a `KVLayer` as bits (`as_bits`): what a program that carries bf16
+    caches as bits internally hands back as it was given."""
+    return any(isinstance(entry, KVLayer) and entry.k.dtype == BF16_BITS
+               for entry in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, KVLayer)))
+
+
 def bits_as_bf16(x: jax.Array) -> jax.Array:
     """A bits cache's array (uint16) as the bf16 values it holds; any other array as it is."""
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BF16_BITS else x

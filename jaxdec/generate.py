@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxdec import parallel, sampling
-from jaxdec.cache import Cache, as_bits, as_floats, init_cache
+from jaxdec.cache import Cache, as_bits, as_floats, carries_bits, init_cache
 from jaxdec.checks import (check_bool, check_ids, check_int, check_model, check_untraced,
                            concrete_scalar)
 from jaxdec.model import (Model, check_attention, check_cache, forward_with_cache, is_abstract,
@@ -345,6 +345,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
                                jnp.ones((B,), bool), ordered=ordered)
     # On a CPU the loop carries a bf16 cache as its bits (see `jaxdec.cache.as_bits`).
     bits = parallel.platform(model.mesh) == "cpu"
+    given_bits = carries_bits(cache)  # (handed back as bits: the caller's own loop's dtype)
     state = _LoopState(
         step=jnp.int32(1), last_BT=first_B[:, None], cache=as_bits(cache) if bits else cache,
         out_BN=jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(first_B),
@@ -382,7 +383,7 @@ def _decode(model, first_B, cache, row_keys, stop_tokens_BM, *, max_new_tokens, 
     outputs = (state.out_BN, state.n_gen_B)
     if state.logprobs_BN is not None:
         outputs += (state.logprobs_BN,)
-    return outputs, as_floats(state.cache) if bits else state.cache
+    return outputs, as_floats(state.cache) if bits and not given_bits else state.cache
 
 
 # -------------------------------------------------------------------- the host-side API

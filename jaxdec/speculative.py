@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxdec import parallel
-from jaxdec.cache import Cache, as_bits, as_floats, commit, init_cache
+from jaxdec.cache import Cache, as_bits, as_floats, carries_bits, commit, init_cache
 from jaxdec.checks import check_bool, check_untraced
 from jaxdec.drafters.base import Drafter, Proposal, check_drafter, prepared
 from jaxdec.generate import (_host_clock, _padding_rows, after_clock, check_compile_only,
@@ -258,6 +258,8 @@ def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key
     # On a CPU the loop carries bf16 caches (the target's, a draft model's) as their bits
     # (see `jaxdec.cache.as_bits`).
     bits = parallel.platform(target.mesh) == "cpu"
+    # (each handed back as it was given: the caller's own loop's dtype)
+    given_bits = carries_bits(cache), carries_bits(drafter_state)
     if bits:
         cache, drafter_state = as_bits((cache, drafter_state))
     state = _State(
@@ -353,8 +355,9 @@ def _speculative_padded(target, drafter, tokens_BT, prompt_lengths_B, cache, key
     stats = dict(steps=s.step, row_steps=s.row_steps_B,
                  depth_hits=s.depth_hits_BD, seconds=s.seconds)
     outputs = (s.out_BN, s.n_gen_B) + (() if s.logprobs_BN is None else (s.logprobs_BN,))
-    cache, drafter_state = as_floats((s.cache, s.drafter_state)) if bits else (s.cache,
-                                                                                s.drafter_state)
+    cache, drafter_state = (
+        part if given or not bits else as_floats(part)
+        for part, given in zip((s.cache, s.drafter_state), given_bits))
     return outputs, stats, cache, drafter_state, (jnp.stack(stamps) if timed else None)
 
 

@@ -1059,3 +1059,36 @@ def test_abstract_model_on_a_tp_mesh_matches_the_sharded_params(hf_checkpoints):
     _compiles.clear()
     jaxdec.generate(model, _prompts((11, 2), seed=6), max_new_tokens=5)
     assert _compiles == []
+
+
+def test_a_cache_comes_back_in_the_form_given():
+    """On a CPU the padded loops carry a bf16 cache as its bits (`as_bits`): a bits cache
+    given (a caller's own loop carrying one) comes back as bits (it came back as bf16, so a
+    loop around the call changed its carry's dtype), a bf16 one as bf16, the same values."""
+    from jaxdec.cache import BF16_BITS, as_bits, as_floats
+    from jaxdec.drafters import PromptLookup
+    from jaxdec.speculative import speculative_padded
+
+    config = jaxdec.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                max_position_embeddings=128)
+    model = jaxdec.init_model(config, jax.random.key(0), dtype=jnp.bfloat16, std=0.3)
+    tokens = jnp.asarray([[5, 6, 5, 6, 5, 0, 0, 0], [7, 8, 7, 8, 0, 0, 0, 0]], jnp.int32)
+    lengths = jnp.asarray([5, 4], jnp.int32)
+    runs = {
+        "generate_padded": lambda cache: jaxdec.generate_padded(
+            model, tokens, lengths, cache, None, max_new_tokens=6),
+        "speculative_padded": lambda cache: (lambda r: (r[0], r[2]))(speculative_padded(
+            model, PromptLookup(), tokens, lengths, cache, None, None, max_new_tokens=6,
+            sampler=None, topology=jaxdec.tree.chain(3))),
+    }
+    for name, run in runs.items():
+        fresh = jaxdec.init_cache(config, 2, 24, dtype=jnp.bfloat16)
+        (out_f, _), cache_f = run(fresh)
+        (out_b, _), cache_b = run(as_bits(fresh))
+        kv = lambda cache: {x.dtype for x in jax.tree.leaves(cache) if x.ndim > 1}  # noqa: E731
+        assert kv(cache_f) == {jnp.dtype(jnp.bfloat16)} and kv(cache_b) == {jnp.dtype(BF16_BITS)}, name
+        np.testing.assert_array_equal(out_b, out_f)
+        for got, want in zip(jax.tree.leaves(as_floats(cache_b)), jax.tree.leaves(cache_f)):
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.asarray(want, np.float32))
