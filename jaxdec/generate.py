@@ -176,7 +176,8 @@ def generate_padded(
     Returns:
       ((tokens [B, max_new_tokens], lengths [B]), cache), with `return_logprobs`
       ((tokens, lengths, logprobs [B, max_new_tokens] float32), cache): the cache holds every
-      produced token except the last one of each row.
+      produced token except the last one of each row (a cache given as bits, `as_bits`,
+      comes back as bits).
     """
     sampler, max_new_tokens, pad_id, key = check_padded_call(
         model, tokens_BT, prompt_lengths_B, cache, key, stop_tokens_BM, sampler=sampler,
