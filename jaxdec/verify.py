@@ -160,9 +160,6 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
         row_keys(jax.random.fold_in(key, 0), B)).transpose(1, 2, 0)  # [max_depth, K, B]
     # (At least one level's: the loop below traces its body even where it runs no level.)
 
-    def take(x_BV, x_B):
-        return jnp.take_along_axis(x_BV, x_B[:, None], axis=1)[:, 0]
-
     def level_step(level, carry):
         cur, alive, residual_BV, path = carry
         q_base = _node_dists(q_BNV, cur)
@@ -188,11 +185,11 @@ def _recursive_rejection(tree, p_BNV, q_BNV, topology: Topology, key, max_depth:
             # 0, 0] for p = [.05, .05, .3, .2, .2, .2], q = [.5, .5, 0, 0, 0, 0], 4
             # children). It is invalid; without replacement so are the later siblings.
             # (An id outside [0, V) neither: a negative one read q's last token's mass.)
-            drawable = (x >= 0) & (x < V) & (take(left, x) > 0)
+            drawable = (x >= 0) & (x < V) & (_node_rows(left, x) > 0)
             if without_replacement:
                 blocked = blocked | (exists & ~drawable)
             exists = exists & drawable
-            q_x, r_x = take(q_j, x), take(r, x)
+            q_x, r_x = _node_rows(q_j, x), _node_rows(r, x)  # (a row's entry at x)
             # min(1, r / q): r >= q always (u * q, rounded, could reach r = q).
             u = jax.lax.dynamic_index_in_dim(uniforms[level], j, axis=0, keepdims=False)
             accept = exists & ((r_x >= q_x) | (u * q_x < r_x))
